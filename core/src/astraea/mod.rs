@@ -1,0 +1,13 @@
+//! The Astraea planner (ASTRAEA.md steps 2, 3 and 5): global label
+//! statistics from the clients' reported counts, the augmentation and
+//! downsampling plan, and the greedy mediator assignment.
+//!
+//! Everything here works on label counts only: clients never send samples.
+
+pub mod mediator;
+pub mod plan;
+pub mod stats;
+
+pub use mediator::assign_mediators;
+pub use plan::{AugmentationPlan, PlanRule};
+pub use stats::GlobalStats;

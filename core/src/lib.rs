@@ -1,0 +1,27 @@
+//! Astraea's platform-free core, shared by the server, native clients and
+//! the browser client. It does no I/O beyond the dataset loaders.
+//!
+//! # Layout
+//! - [`data`]: the dataset type and its loaders (IDX, CIFAR binary, image
+//!   folders) and the catalogue of named datasets.
+//! - [`partition`]: seeded partitioners (IID, Dirichlet, pathological,
+//!   long-tail) and KL divergence to uniform.
+//! - [`augment`]: image transforms and the client side of the data plan.
+//! - [`model`]: the papers' CNN and its configuration.
+//! - [`weights`]: model weights as a flat `f32` vector with shapes.
+//! - [`train`]: local training (Adam, FedProx term) and evaluation.
+//! - [`astraea`]: the planner: global statistics, the augmentation plan,
+//!   greedy mediator assignment.
+//! - [`aggregate`]: the sample-weighted aggregation of updates.
+//! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
+#![warn(missing_docs)]
+
+pub mod aggregate;
+pub mod astraea;
+pub mod augment;
+pub mod data;
+pub mod model;
+pub mod partition;
+pub mod strategy;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,130 @@
+//! The papers' CNN, for any number of classes, input channels and image size.
+//!
+//! Layers (ASTRAEA.md): conv 12@5x5 stride 2 -> conv 18@3x3 stride 2 ->
+//! dropout 0.5 -> conv 24@2x2 -> dense 150 ReLU -> dense `num_classes`
+//! (softmax is folded into the loss). Valid padding throughout, so a 28x28
+//! input shrinks 28 -> 12 -> 5 -> 4; with 47 classes and one channel this is
+//! the papers' 68,873 parameters.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+/// Shape of the model: what a client and the server must agree on before
+/// weights can travel between them.
+#[derive(Config, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Number of output classes.
+    pub num_classes: usize,
+    /// Input channels (1 for MNIST-like data, 3 for CIFAR).
+    #[config(default = 1)]
+    pub channels: usize,
+    /// Input height in pixels.
+    #[config(default = 28)]
+    pub height: usize,
+    /// Input width in pixels.
+    #[config(default = 28)]
+    pub width: usize,
+    /// Dropout probability after the second convolution (the papers use 0.5).
+    #[config(default = 0.5)]
+    pub dropout: f64,
+}
+
+/// The papers' CNN.
+#[derive(Module, Debug)]
+pub struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    dropout: Dropout,
+    conv3: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// Spatial size after a valid convolution.
+fn conv_out(size: usize, kernel: usize, stride: usize) -> usize {
+    (size.saturating_sub(kernel)) / stride + 1
+}
+
+impl ModelConfig {
+    /// Side lengths of the last feature map, `[height, width]`.
+    pub fn feature_map(&self) -> [usize; 2] {
+        let f = |s: usize| conv_out(conv_out(conv_out(s, 5, 2), 3, 2), 2, 1);
+        [f(self.height), f(self.width)]
+    }
+
+    /// Number of values one input sample holds (`channels * height * width`).
+    pub fn sample_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Builds the model with fresh random weights on `device`.
+    pub fn init(&self, device: &Device) -> Cnn {
+        let [fh, fw] = self.feature_map();
+        Cnn {
+            conv1: Conv2dConfig::new([self.channels, 12], [5, 5])
+                .with_stride([2, 2])
+                .init(device),
+            conv2: Conv2dConfig::new([12, 18], [3, 3])
+                .with_stride([2, 2])
+                .init(device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            conv3: Conv2dConfig::new([18, 24], [2, 2]).init(device),
+            fc1: LinearConfig::new(24 * fh * fw, 150).init(device),
+            fc2: LinearConfig::new(150, self.num_classes).init(device),
+        }
+    }
+}
+
+impl Cnn {
+    /// Logits for a batch of images.
+    ///
+    /// # Shapes
+    /// - images: `[batch, channels, height, width]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = relu(self.conv1.forward(images)); // [b, 12, 12, 12]
+        let x = relu(self.conv2.forward(x)); // [b, 18, 5, 5]
+        let x = self.dropout.forward(x);
+        let x = relu(self.conv3.forward(x)); // [b, 24, 4, 4]
+        let [b, c, h, w] = x.dims();
+        let x = x.reshape([b, c * h * w]); // [b, 384]
+        let x = relu(self.fc1.forward(x)); // [b, 150]
+        self.fc2.forward(x) // [b, num_classes]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn papers_cnn_has_68873_parameters_for_47_classes() {
+        // Prepare
+        let device = Device::flex();
+        let config = ModelConfig::new(47);
+
+        // Execute
+        let model = config.init(&device);
+
+        // Assert
+        assert_eq!(config.feature_map(), [4, 4]);
+        assert_eq!(model.num_params(), 68_873);
+    }
+
+    #[test]
+    fn forward_gives_one_logit_per_class_for_colour_images() {
+        let device = Device::flex();
+        let config = ModelConfig::new(10)
+            .with_channels(3)
+            .with_height(32)
+            .with_width(32);
+        let model = config.init(&device);
+
+        let logits = model.forward(Tensor::zeros([2, 3, 32, 32], &device));
+
+        assert_eq!(config.feature_map(), [5, 5]);
+        assert_eq!(logits.dims(), [2, 10]);
+    }
+}

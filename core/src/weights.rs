@@ -1,0 +1,224 @@
+//! Model weights as one flat `f32` vector with named shapes: what travels on
+//! the wire and what the server aggregates, so neither needs tensors.
+
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Cnn, ModelConfig};
+
+/// Errors when weights do not fit a model.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WeightsError {
+    /// The vector has the wrong length for the model.
+    #[error("weights have {got} parameters, expected {expected}")]
+    WrongLength {
+        /// Parameters received.
+        got: usize,
+        /// Parameters the model has.
+        expected: usize,
+    },
+    /// A value is NaN or infinite.
+    #[error("weights contain a non-finite value at index {index}")]
+    NonFinite {
+        /// Index of the first bad value.
+        index: usize,
+    },
+    /// The shapes differ from the model's.
+    #[error("weight shapes differ from the model's at parameter {index} ({name})")]
+    ShapeMismatch {
+        /// Position of the first differing parameter.
+        index: usize,
+        /// Its name in the model.
+        name: String,
+    },
+}
+
+/// One parameter tensor's place in the flat vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamShape {
+    /// Dotted path in the module, e.g. `conv1.weight`.
+    pub name: String,
+    /// Dimensions of the tensor.
+    pub dims: Vec<usize>,
+}
+
+impl ParamShape {
+    /// Number of values in the tensor.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+/// A model's parameters, flattened in the module's visiting order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Weights {
+    /// Shapes of the parameters in order.
+    pub shapes: Vec<ParamShape>,
+    /// All values, parameter after parameter, each in row-major order.
+    pub values: Vec<f32>,
+}
+
+impl Weights {
+    /// Reads the parameters out of a model.
+    pub fn from_model(model: &Cnn) -> Self {
+        let mut collector = Collector::default();
+        model.visit(&mut collector);
+        Self {
+            shapes: collector.shapes,
+            values: collector.values,
+        }
+    }
+
+    /// Builds a model of `config` on `device` holding these weights.
+    pub fn to_model(&self, config: &ModelConfig, device: &Device) -> Result<Cnn, WeightsError> {
+        let model = config.init(device);
+        self.check_fits(&Weights::shapes_of(&model))?;
+        let mut loader = Loader {
+            values: &self.values,
+            offset: 0,
+        };
+        Ok(model.map(&mut loader))
+    }
+
+    /// Shapes of a model's parameters.
+    pub fn shapes_of(model: &Cnn) -> Vec<ParamShape> {
+        Weights::from_model(model).shapes
+    }
+
+    /// Checks that these weights fit `shapes` and hold only finite values.
+    pub fn check_fits(&self, shapes: &[ParamShape]) -> Result<(), WeightsError> {
+        let expected: usize = shapes.iter().map(ParamShape::numel).sum();
+        if self.values.len() != expected {
+            return Err(WeightsError::WrongLength {
+                got: self.values.len(),
+                expected,
+            });
+        }
+        if let Some(index) = self.shapes.iter().zip(shapes).position(|(a, b)| a != b) {
+            return Err(WeightsError::ShapeMismatch {
+                index,
+                name: shapes[index].name.clone(),
+            });
+        }
+        if let Some(index) = self.values.iter().position(|v| !v.is_finite()) {
+            return Err(WeightsError::NonFinite { index });
+        }
+        Ok(())
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// Visitor that appends every float parameter to a flat vector.
+#[derive(Default)]
+struct Collector {
+    path: Vec<String>,
+    shapes: Vec<ParamShape>,
+    values: Vec<f32>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        let dims = tensor.dims().to_vec();
+        let data = tensor.into_data();
+        self.values.extend(
+            data.convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("float parameters convert to f32"),
+        );
+        self.shapes.push(ParamShape {
+            name: self.path.join("."),
+            dims,
+        });
+    }
+}
+
+/// Mapper that replaces every float parameter with the next slice of a flat
+/// vector, in the same order [`Collector`] read them.
+struct Loader<'a> {
+    values: &'a [f32],
+    offset: usize,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        // A tensor made from data is a constant; marking the parameter as
+        // requiring gradients makes it a trainable leaf again on an autodiff
+        // device (and is only recorded on a plain one).
+        param
+            .map(|tensor| {
+                let shape = tensor.shape();
+                let numel = shape.num_elements();
+                let slice = &self.values[self.offset..self.offset + numel];
+                self.offset += numel;
+                Tensor::from_data(TensorData::new(slice.to_vec(), shape), &tensor.device())
+            })
+            .set_require_grad(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_round_trip_through_a_fresh_model() {
+        // Prepare
+        let device = Device::flex();
+        let config = ModelConfig::new(10);
+        let original = Weights::from_model(&config.init(&device));
+
+        // Execute
+        let reloaded = Weights::from_model(&original.to_model(&config, &device).unwrap());
+
+        // Assert
+        assert_eq!(original, reloaded);
+        assert_eq!(original.shapes[0].name, "conv1.weight");
+        assert_eq!(original.shapes[0].dims, vec![12, 1, 5, 5]);
+    }
+
+    #[test]
+    fn wrong_length_and_non_finite_weights_are_refused() {
+        let device = Device::flex();
+        let config = ModelConfig::new(10);
+        let good = Weights::from_model(&config.init(&device));
+        let mut short = good.clone();
+        short.values.pop();
+        let mut nan = good.clone();
+        nan.values[7] = f32::NAN;
+
+        let short_err = short.to_model(&config, &device).unwrap_err();
+        let nan_err = nan.to_model(&config, &device).unwrap_err();
+
+        assert_eq!(
+            short_err,
+            WeightsError::WrongLength {
+                got: good.len() - 1,
+                expected: good.len()
+            }
+        );
+        assert_eq!(nan_err, WeightsError::NonFinite { index: 7 });
+        assert_eq!(
+            short_err.to_string(),
+            format!("weights have {} parameters, expected {}", good.len() - 1, good.len())
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! Astraea's server crate: the `astraea` binary's commands as a library, so
+//! tests drive them directly.
+//!
+//! # Layout
+//! - [`simulate`]: the whole federation in one process (`astraea simulate`).
+//! - [`report`]: per-run CSVs, the comparison plot and the summary tables.
+//! - [`fetch_data`]: puts the datasets that ship offline into `data/`
+//!   (`astraea fetch-data`).
+#![warn(missing_docs)]
+
+pub mod fetch_data;
+pub mod report;
+pub mod simulate;

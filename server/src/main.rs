@@ -1,0 +1,229 @@
+//! The `astraea` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use astraea_core::astraea::PlanRule;
+use astraea_core::data::catalog::load_named;
+use astraea_core::partition::PartitionSpec;
+use astraea_server::report;
+use astraea_server::simulate::{self, RunSpec, SimConfig};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "astraea", version, about = "Self-balancing federated learning: simulate, serve, join")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs strategies side by side on a simulated federation.
+    Simulate(SimulateArgs),
+    /// Puts the datasets that ship offline (MNIST, Fashion-MNIST) into the data folder.
+    FetchData {
+        /// Where to put them.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Which datasets (mnist, fashion-mnist); all when empty.
+        datasets: Vec<String>,
+    },
+    /// Re-draws the plot and tables from CSVs written by earlier runs.
+    Report {
+        /// CSV files (one per run) to include.
+        #[arg(required = true)]
+        csv: Vec<PathBuf>,
+        /// Output PNG.
+        #[arg(long, default_value = "runs/comparison.png")]
+        plot: PathBuf,
+        /// Plot title.
+        #[arg(long, default_value = "Astraea vs baselines")]
+        title: String,
+        /// Accuracy target (percent) for rounds and bytes to reach it.
+        #[arg(long)]
+        target: Option<f64>,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Dataset: mnist, fashion-mnist, emnist-balanced, emnist-letters.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Folder holding the datasets.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
+    #[arg(long, default_value = "long-tail:10")]
+    partition: PartitionSpec,
+    /// K: clients in the federation.
+    #[arg(long, default_value_t = 500)]
+    clients: usize,
+    /// c: participants per round.
+    #[arg(long, default_value_t = 50)]
+    participants: usize,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
+    /// Runs, comma separated: fedavg-iid, fedavg, fedprox, astraea, astraea-aug, astraea-sched.
+    #[arg(long, value_delimiter = ',', default_value = "fedavg,astraea")]
+    strategies: Vec<String>,
+    /// Seeds, comma separated; every strategy runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    seeds: Vec<u64>,
+    /// gamma: most clients per mediator.
+    #[arg(long, default_value_t = 10)]
+    gamma: usize,
+    /// E: local epochs per visit.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// E_m: passes of a mediator over its clients per round.
+    #[arg(long, default_value_t = 2)]
+    mediator_passes: usize,
+    /// tau_d of the z-score plan.
+    #[arg(long, default_value_t = 3.5)]
+    tau_d: f64,
+    /// Use the older ICCD plan with this alpha instead of the z-score plan.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 20)]
+    batch: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// FedProx mu.
+    #[arg(long, default_value_t = 0.01)]
+    prox_mu: f64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output folder for CSVs, the plot and the summary.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Accuracy target in percent for "rounds / bytes to reach"; default: the best accuracy of the first run.
+    #[arg(long)]
+    target: Option<f64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Simulate(args) => simulate_command(args),
+        Command::FetchData { data_dir, datasets } => {
+            astraea_server::fetch_data::fetch_data(&data_dir, &datasets)
+        }
+        Command::Report {
+            csv,
+            plot,
+            title,
+            target,
+        } => {
+            let runs = csv
+                .iter()
+                .map(|path| history_from_csv(path))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            report::plot_runs(&plot, &runs, &title)?;
+            println!("{}", report::summary_table(&runs, target.map(|t| t / 100.0)));
+            println!("plot: {}", plot.display());
+            Ok(())
+        }
+    }
+}
+
+fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = SimConfig {
+        dataset: args.dataset.clone(),
+        data_dir: args.data_dir.clone(),
+        partition: args.partition.clone(),
+        clients: args.clients,
+        participants: args.participants,
+        rounds: args.rounds,
+        gamma: args.gamma,
+        local_epochs: args.epochs,
+        mediator_passes: args.mediator_passes,
+        plan_rule: match args.alpha {
+            Some(alpha) => PlanRule::Alpha { alpha },
+            None => PlanRule::ZScore { tau_d: args.tau_d },
+        },
+        batch_size: args.batch,
+        learning_rate: args.lr,
+        prox_mu: args.prox_mu,
+        threads,
+        out_dir: args.out.clone(),
+        target_accuracy: args.target.map(|t| t / 100.0),
+    };
+    let mut specs = Vec::new();
+    for &seed in &args.seeds {
+        for name in &args.strategies {
+            specs.push(RunSpec::parse(name, seed).map_err(anyhow::Error::msg)?);
+        }
+    }
+    if specs.is_empty() {
+        bail!("no runs: give at least one strategy and one seed");
+    }
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    std::fs::create_dir_all(&config.out_dir)
+        .with_context(|| format!("creating {}", config.out_dir.display()))?;
+    eprintln!(
+        "{}: {} training / {} test samples, {} classes; {} runs of {} rounds, K = {}, c = {}, {} threads",
+        config.dataset,
+        train.len(),
+        test.len(),
+        train.num_classes(),
+        specs.len(),
+        config.rounds,
+        config.clients,
+        config.participants,
+        threads
+    );
+    let progress = ProgressBar::new((specs.len() * config.rounds) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}")
+            .expect("template is valid")
+            .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    for spec in &specs {
+        let history = simulate::run(&config, spec, &train, &test, &progress)?;
+        let csv = config.out_dir.join(format!("{}-s{}.csv", spec.name(), spec.seed));
+        report::write_csv(&csv, &history)?;
+        runs.push(history);
+    }
+    progress.finish();
+    let title = format!("{} {} (K={}, c={})", config.dataset, args.partition, config.clients, config.participants);
+    let plot = config.out_dir.join("accuracy.png");
+    report::plot_runs(&plot, &runs, &title)?;
+    let target = config
+        .target_accuracy
+        .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
+    let table = report::summary_table(&runs, target);
+    std::fs::write(config.out_dir.join("summary.md"), report::markdown_table(&runs, target))?;
+    println!("{table}");
+    println!("wrote {} and {}", plot.display(), config.out_dir.join("summary.md").display());
+    Ok(())
+}
+
+/// A run's history read back from its CSV; the label is the file name
+/// (`astraea-s1`), the strategy and seed come from it.
+fn history_from_csv(path: &std::path::Path) -> anyhow::Result<report::RunHistory> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{} has no usable file name", path.display()))?;
+    let (strategy, seed) = match stem.rsplit_once("-s") {
+        Some((name, seed)) => (name.to_string(), seed.parse().unwrap_or(0)),
+        None => (stem.to_string(), 0),
+    };
+    Ok(report::RunHistory {
+        label: format!("{strategy} s{seed}"),
+        strategy,
+        seed,
+        rounds: report::read_csv(path)?,
+    })
+}

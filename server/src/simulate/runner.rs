@@ -1,0 +1,289 @@
+//! The simulated round loop: pick participants, let the strategy group
+//! them, run the groups' chains in parallel, aggregate, evaluate, record.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use astraea_core::partition::kl_to_uniform;
+use astraea_core::data::Dataset;
+use astraea_core::model::ModelConfig;
+use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant};
+use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
+use astraea_core::weights::Weights;
+use burn::prelude::*;
+use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+
+use super::config::{RunSpec, SimConfig};
+use super::federation::{ClientData, Federation};
+use super::traffic::{Traffic, plan_exchange_bytes};
+use crate::report::{RoundRecord, RunHistory};
+
+/// Mixes seeds so that each (run, round, client, pass) trains differently
+/// but reproducibly.
+fn mix(parts: &[u64]) -> u64 {
+    parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &p| {
+        (h ^ p).wrapping_mul(0x100_0000_01b3).rotate_left(17)
+    })
+}
+
+/// The model shape a dataset needs.
+pub fn model_config_for(data: &Dataset) -> ModelConfig {
+    ModelConfig::new(data.num_classes())
+        .with_channels(data.channels)
+        .with_height(data.height)
+        .with_width(data.width)
+}
+
+/// Runs one simulated federation from scratch and returns its history.
+pub fn run(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    test: &Dataset,
+    progress: &ProgressBar,
+) -> anyhow::Result<RunHistory> {
+    let start = Instant::now();
+    let partition = super::federation::partition_for(config, spec, train, test)
+        .with_context(|| format!("partitioning for {}", spec.label()))?;
+    let test = test.subset(&partition.test_indices);
+    let strategy = spec.strategy(config);
+    let raw_counts = Federation::raw_counts(train, &partition);
+    let plan = strategy.data_plan(&raw_counts);
+    let federation = Federation::build(train, &partition, plan, spec.seed)?;
+
+    let model_config = model_config_for(train);
+    let device = Device::flex();
+    device.seed(spec.seed);
+    let mut global = Weights::from_model(&model_config.init(&device));
+    let num_params = global.len();
+
+    // Every client reports its counts once; a planning strategy answers with
+    // its plan (and the client reports its post-plan counts again).
+    let mut traffic = Traffic::default();
+    let exchange = plan_exchange_bytes(train.num_classes());
+    let reports = if federation.plan.is_some() { 2 } else { 1 };
+    traffic.up += exchange * reports * config.clients as u64;
+    if federation.plan.is_some() {
+        traffic.down += exchange * config.clients as u64;
+    }
+
+    let train_config = TrainConfig {
+        epochs: config.local_epochs,
+        batch_size: config.batch_size,
+        learning_rate: config.learning_rate,
+        prox_mu: 0.0,
+        seed: 0,
+    };
+    let mut history = RunHistory {
+        label: spec.label(),
+        strategy: spec.name(),
+        seed: spec.seed,
+        rounds: Vec::with_capacity(config.rounds),
+    };
+    let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
+    for round in 1..=config.rounds {
+        let chosen = sample(
+            &mut rng,
+            federation.clients.len(),
+            config.participants.min(federation.clients.len()),
+        );
+        let participants: Vec<Participant> = chosen
+            .iter()
+            .map(|id| Participant {
+                id,
+                counts: federation.clients[id].counts.clone(),
+            })
+            .collect();
+        let round_plan = strategy.configure_round(&participants);
+        let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
+        for group in &round_plan.groups {
+            for _ in 0..group.passes * group.members.len() {
+                traffic.add_hop(num_params);
+            }
+        }
+        let round_train = TrainConfig {
+            prox_mu: round_plan.prox_mu,
+            ..train_config.clone()
+        };
+        let (results, failures) = run_groups(
+            &round_plan.groups,
+            &federation.clients,
+            &model_config,
+            &global,
+            &round_train,
+            config.threads,
+            mix(&[spec.seed, round as u64]),
+        );
+        if let Some(values) = strategy.aggregate(&global.values, &results, &failures) {
+            global.values = values;
+        }
+        let eval = evaluate_parallel(&model_config, &global, &test, config.threads)?;
+        history.rounds.push(RoundRecord {
+            round,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+            bytes_up: traffic.up,
+            bytes_down: traffic.down,
+            mean_kl,
+            wall_s: start.elapsed().as_secs_f64(),
+        });
+        progress.set_message(format!(
+            "{} round {round}: {:.2}%",
+            spec.label(),
+            eval.accuracy * 100.0
+        ));
+        progress.inc(1);
+    }
+    Ok(history)
+}
+
+/// Mean over groups of the KL to uniform of the group's combined counts.
+pub fn mean_group_kl(groups: &[Group], clients: &[ClientData]) -> f64 {
+    if groups.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = groups
+        .iter()
+        .map(|g| {
+            let mut combined = vec![0usize; clients[g.members[0]].counts.len()];
+            for &m in &g.members {
+                for (c, n) in combined.iter_mut().zip(&clients[m].counts) {
+                    *c += n;
+                }
+            }
+            kl_to_uniform(&combined)
+        })
+        .sum();
+    total / groups.len() as f64
+}
+
+/// Runs one group's chain: the model visits each member in order, `passes`
+/// times, starting from the global weights (ASTRAEA.md step 6).
+fn run_chain(
+    group: &Group,
+    clients: &[ClientData],
+    model_config: &ModelConfig,
+    global: &Weights,
+    train_config: &TrainConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<GroupResult, String> {
+    let mut weights = global.clone();
+    for pass in 0..group.passes {
+        for &member in &group.members {
+            let data = &clients[member];
+            let config = TrainConfig {
+                seed: mix(&[seed, member as u64, pass as u64]),
+                ..train_config.clone()
+            };
+            // FedProx anchors on the round's global model; its groups are
+            // single clients, so the incoming weights are the global ones.
+            let (next, _) = train::train(model_config, &weights, data.samples(), &config, device)
+                .map_err(|e| format!("client {member}: {e}"))?;
+            weights = next;
+        }
+    }
+    Ok(GroupResult {
+        group: 0,
+        weights: weights.values,
+        samples: group.members.iter().map(|&m| clients[m].len() as u64).sum(),
+    })
+}
+
+/// Runs the groups on `threads` workers, each taking the next group not yet
+/// started; groups are independent, like mediators on separate machines.
+fn run_groups(
+    groups: &[Group],
+    clients: &[ClientData],
+    model_config: &ModelConfig,
+    global: &Weights,
+    train_config: &TrainConfig,
+    threads: usize,
+    seed: u64,
+) -> (Vec<GroupResult>, Vec<GroupFailure>) {
+    let next = AtomicUsize::new(0);
+    let outcomes: Mutex<Vec<(usize, Result<GroupResult, String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                let device = Device::flex().autodiff();
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(group) = groups.get(index) else { break };
+                    let outcome = run_chain(
+                        group,
+                        clients,
+                        model_config,
+                        global,
+                        train_config,
+                        mix(&[seed, index as u64]),
+                        &device,
+                    );
+                    outcomes.lock().expect("no worker panicked").push((index, outcome));
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes.into_inner().expect("no worker panicked");
+    outcomes.sort_by_key(|(index, _)| *index);
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    for (group, outcome) in outcomes {
+        match outcome {
+            Ok(result) => results.push(GroupResult { group, ..result }),
+            Err(reason) => failures.push(GroupFailure { group, reason }),
+        }
+    }
+    (results, failures)
+}
+
+/// Evaluates on `threads` slices of the test set at once and combines them.
+pub fn evaluate_parallel(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    test: &Dataset,
+    threads: usize,
+) -> anyhow::Result<EvalStats> {
+    let n = test.len();
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let len = test.sample_len();
+    let parts: Vec<anyhow::Result<EvalStats>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|lo| {
+                let hi = (lo + per).min(n);
+                scope.spawn(move || {
+                    let data = Samples {
+                        images: &test.images[lo * len..hi * len],
+                        labels: &test.labels[lo..hi],
+                    };
+                    Ok(train::evaluate(model_config, weights, data, 500, &Device::flex())?)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("evaluation thread panicked"))
+            .collect()
+    });
+    let mut correct = 0.0;
+    let mut loss = 0.0;
+    let mut samples = 0;
+    for part in parts {
+        let part = part?;
+        correct += part.accuracy * part.samples as f64;
+        loss += part.loss * part.samples as f64;
+        samples += part.samples;
+    }
+    let denom = samples.max(1) as f64;
+    Ok(EvalStats {
+        accuracy: correct / denom,
+        loss: loss / denom,
+        samples,
+    })
+}
