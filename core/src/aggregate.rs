@@ -119,7 +119,13 @@ mod tests {
         let nan = aggregator.fold(&[1.0, f32::INFINITY, 1.0], 5);
         aggregator.fold(&[2.0, 2.0, 2.0], 5).unwrap();
 
-        assert_eq!(short, Err(AggregateError::WrongLength { got: 2, expected: 3 }));
+        assert_eq!(
+            short,
+            Err(AggregateError::WrongLength {
+                got: 2,
+                expected: 3
+            })
+        );
         assert_eq!(nan, Err(AggregateError::NonFinite { index: 1 }));
         assert_eq!(aggregator.finish().unwrap(), vec![2.0, 2.0, 2.0]);
     }

@@ -216,7 +216,8 @@ pub fn evaluate(
             .int()
             .sum()
             .into_scalar::<i64>();
-        loss_sum += f64::from(cross_entropy(logits, targets).into_scalar::<f32>()) * chunk.len() as f64;
+        loss_sum +=
+            f64::from(cross_entropy(logits, targets).into_scalar::<f32>()) * chunk.len() as f64;
     }
     let n = data.len().max(1) as f64;
     Ok(EvalStats {
@@ -253,12 +254,24 @@ mod tests {
         let device = Device::flex();
         let initial = Weights::from_model(&config.init(&device));
         let (images, labels) = halves(200);
-        let data = Samples { images: &images, labels: &labels };
-        let train_config = TrainConfig { epochs: 2, ..TrainConfig::default() };
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let train_config = TrainConfig {
+            epochs: 2,
+            ..TrainConfig::default()
+        };
 
         // Execute
-        let (trained, stats) =
-            train(&config, &initial, data, &train_config, &device.clone().autodiff()).unwrap();
+        let (trained, stats) = train(
+            &config,
+            &initial,
+            data,
+            &train_config,
+            &device.clone().autodiff(),
+        )
+        .unwrap();
         let eval = evaluate(&config, &trained, data, 64, &device).unwrap();
 
         // Assert
@@ -275,16 +288,31 @@ mod tests {
         let device = Device::flex();
         let initial = Weights::from_model(&config.init(&device));
         let (images, labels) = halves(100);
-        let data = Samples { images: &images, labels: &labels };
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
         let distance = |w: &Weights| -> f64 {
-            w.values.iter().zip(&initial.values).map(|(a, b)| f64::from(a - b).powi(2)).sum()
+            w.values
+                .iter()
+                .zip(&initial.values)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum()
         };
         let ad = device.clone().autodiff();
 
         let (free, _) = train(&config, &initial, data, &TrainConfig::default(), &ad).unwrap();
-        let prox_config = TrainConfig { prox_mu: 100.0, ..TrainConfig::default() };
+        let prox_config = TrainConfig {
+            prox_mu: 100.0,
+            ..TrainConfig::default()
+        };
         let (held, _) = train(&config, &initial, data, &prox_config, &ad).unwrap();
 
-        assert!(distance(&held) < distance(&free), "{} !< {}", distance(&held), distance(&free));
+        assert!(
+            distance(&held) < distance(&free),
+            "{} !< {}",
+            distance(&held),
+            distance(&free)
+        );
     }
 }

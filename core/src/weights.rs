@@ -218,7 +218,11 @@ mod tests {
         assert_eq!(nan_err, WeightsError::NonFinite { index: 7 });
         assert_eq!(
             short_err.to_string(),
-            format!("weights have {} parameters, expected {}", good.len() - 1, good.len())
+            format!(
+                "weights have {} parameters, expected {}",
+                good.len() - 1,
+                good.len()
+            )
         );
     }
 }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "astraea", version, about = "Self-balancing federated learning: simulate, serve, join")]
+#[command(
+    name = "astraea",
+    version,
+    about = "Self-balancing federated learning: simulate, serve, join"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -125,7 +129,10 @@ fn main() -> anyhow::Result<()> {
                 .map(|path| history_from_csv(path))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             report::plot_runs(&plot, &runs, &title)?;
-            println!("{}", report::summary_table(&runs, target.map(|t| t / 100.0)));
+            println!(
+                "{}",
+                report::summary_table(&runs, target.map(|t| t / 100.0))
+            );
             println!("plot: {}", plot.display());
             Ok(())
         }
@@ -184,28 +191,42 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     );
     let progress = ProgressBar::new((specs.len() * config.rounds) as u64);
     progress.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}")
-            .expect("template is valid")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}",
+        )
+        .expect("template is valid")
+        .progress_chars("=> "),
     );
     let mut runs = Vec::new();
     for spec in &specs {
         let history = simulate::run(&config, spec, &train, &test, &progress)?;
-        let csv = config.out_dir.join(format!("{}-s{}.csv", spec.name(), spec.seed));
+        let csv = config
+            .out_dir
+            .join(format!("{}-s{}.csv", spec.name(), spec.seed));
         report::write_csv(&csv, &history)?;
         runs.push(history);
     }
     progress.finish();
-    let title = format!("{} {} (K={}, c={})", config.dataset, args.partition, config.clients, config.participants);
+    let title = format!(
+        "{} {} (K={}, c={})",
+        config.dataset, args.partition, config.clients, config.participants
+    );
     let plot = config.out_dir.join("accuracy.png");
     report::plot_runs(&plot, &runs, &title)?;
     let target = config
         .target_accuracy
         .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
     let table = report::summary_table(&runs, target);
-    std::fs::write(config.out_dir.join("summary.md"), report::markdown_table(&runs, target))?;
+    std::fs::write(
+        config.out_dir.join("summary.md"),
+        report::markdown_table(&runs, target),
+    )?;
     println!("{table}");
-    println!("wrote {} and {}", plot.display(), config.out_dir.join("summary.md").display());
+    println!(
+        "wrote {} and {}",
+        plot.display(),
+        config.out_dir.join("summary.md").display()
+    );
     Ok(())
 }
 

@@ -65,7 +65,9 @@ mod tests {
         // Assert
         assert_eq!(mediators, vec![vec![0, 2], vec![1, 3]]);
         for m in &mediators {
-            let combined: Vec<usize> = (0..2).map(|y| m.iter().map(|&i| counts[i][y]).sum()).collect();
+            let combined: Vec<usize> = (0..2)
+                .map(|y| m.iter().map(|&i| counts[i][y]).sum())
+                .collect();
             assert_eq!(kl_to_uniform(&combined), 0.0);
         }
     }
@@ -86,11 +88,16 @@ mod tests {
 
     #[test]
     fn every_participant_lands_in_exactly_one_mediator_of_at_most_gamma() {
-        let counts: Vec<Vec<usize>> = (0..23).map(|i| vec![i % 3, (i * 7) % 5, 1 + i % 2]).collect();
+        let counts: Vec<Vec<usize>> = (0..23)
+            .map(|i| vec![i % 3, (i * 7) % 5, 1 + i % 2])
+            .collect();
 
         let mediators = assign_mediators(&counts, 10);
 
-        assert_eq!(mediators.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 3]);
+        assert_eq!(
+            mediators.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 3]
+        );
         let mut all: Vec<usize> = mediators.concat();
         all.sort_unstable();
         assert_eq!(all, (0..23).collect::<Vec<_>>());

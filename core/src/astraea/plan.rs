@@ -83,7 +83,11 @@ impl AugmentationPlan {
 
     /// Expected class counts after applying the plan to `counts`.
     pub fn expected_counts(&self, counts: &[f64]) -> Vec<f64> {
-        counts.iter().zip(&self.ratios).map(|(c, r)| c * r).collect()
+        counts
+            .iter()
+            .zip(&self.ratios)
+            .map(|(c, r)| c * r)
+            .collect()
     }
 }
 

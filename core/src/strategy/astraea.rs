@@ -91,14 +91,29 @@ mod tests {
     fn rescheduling_groups_by_mediator_and_keeps_client_ids() {
         // Prepare: ids differ from positions to catch a mix-up.
         let participants = vec![
-            Participant { id: 40, counts: vec![10, 0] },
-            Participant { id: 41, counts: vec![10, 0] },
-            Participant { id: 42, counts: vec![0, 10] },
-            Participant { id: 43, counts: vec![0, 10] },
+            Participant {
+                id: 40,
+                counts: vec![10, 0],
+            },
+            Participant {
+                id: 41,
+                counts: vec![10, 0],
+            },
+            Participant {
+                id: 42,
+                counts: vec![0, 10],
+            },
+            Participant {
+                id: 43,
+                counts: vec![0, 10],
+            },
         ];
         let strategy = Astraea {
             augmentation: None,
-            rescheduling: Some(Rescheduling { gamma: 2, passes: 2 }),
+            rescheduling: Some(Rescheduling {
+                gamma: 2,
+                passes: 2,
+            }),
         };
 
         // Execute
@@ -106,8 +121,20 @@ mod tests {
 
         // Assert
         assert_eq!(strategy.name(), "astraea-sched");
-        assert_eq!(plan.groups[0], Group { members: vec![40, 42], passes: 2 });
-        assert_eq!(plan.groups[1], Group { members: vec![41, 43], passes: 2 });
+        assert_eq!(
+            plan.groups[0],
+            Group {
+                members: vec![40, 42],
+                passes: 2
+            }
+        );
+        assert_eq!(
+            plan.groups[1],
+            Group {
+                members: vec![41, 43],
+                passes: 2
+            }
+        );
     }
 
     #[test]
@@ -116,7 +143,10 @@ mod tests {
             augmentation: Some(PlanRule::Alpha { alpha: 0.67 }),
             rescheduling: None,
         };
-        let participants = vec![Participant { id: 1, counts: vec![1, 1] }];
+        let participants = vec![Participant {
+            id: 1,
+            counts: vec![1, 1],
+        }];
 
         let plan = strategy.data_plan(&[vec![10, 40], vec![0, 50]]).unwrap();
         let round = strategy.configure_round(&participants);

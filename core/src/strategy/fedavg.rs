@@ -57,8 +57,14 @@ mod tests {
     #[test]
     fn fedavg_trains_every_participant_alone_once() {
         let participants = vec![
-            Participant { id: 7, counts: vec![1, 0] },
-            Participant { id: 3, counts: vec![0, 1] },
+            Participant {
+                id: 7,
+                counts: vec![1, 0],
+            },
+            Participant {
+                id: 3,
+                counts: vec![0, 1],
+            },
         ];
 
         let plan = FedAvg.configure_round(&participants);

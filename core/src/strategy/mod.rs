@@ -152,7 +152,10 @@ impl std::str::FromStr for StrategyKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = StrategyKind::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown strategy {s:?}, expected one of {}", names.join(", "))
+                format!(
+                    "unknown strategy {s:?}, expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }

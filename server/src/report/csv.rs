@@ -14,10 +14,11 @@ use anyhow::{Context, bail};
 use super::RoundRecord;
 
 /// The header line, naming [`RoundRecord`]'s fields in the order each row lists them.
-pub const CSV_HEADER: &str = "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s";
+pub const CSV_HEADER: &str =
+    "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s,train_samples,train_s";
 
 /// Number of columns in [`CSV_HEADER`], checked on every row read back.
-const COLUMNS: usize = 7;
+const COLUMNS: usize = 9;
 
 /// Writes `history`'s rounds to `path` as CSV, creating missing parent directories so
 /// callers can name a fresh results folder directly.
@@ -47,8 +48,16 @@ fn to_csv(rounds: &[RoundRecord]) -> String {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{}",
-            r.round, r.accuracy, r.loss, r.bytes_up, r.bytes_down, r.mean_kl, r.wall_s
+            "{},{},{},{},{},{},{},{},{}",
+            r.round,
+            r.accuracy,
+            r.loss,
+            r.bytes_up,
+            r.bytes_down,
+            r.mean_kl,
+            r.wall_s,
+            r.train_samples,
+            r.train_s
         );
     }
     out
@@ -86,6 +95,8 @@ fn parse_row(line: &str) -> anyhow::Result<RoundRecord> {
         bytes_down: field(&fields, 4, "bytes_down")?,
         mean_kl: field(&fields, 5, "mean_kl")?,
         wall_s: field(&fields, 6, "wall_s")?,
+        train_samples: field(&fields, 7, "train_samples")?,
+        train_s: field(&fields, 8, "train_s")?,
     })
 }
 
@@ -150,7 +161,7 @@ mod tests {
 
     #[test]
     fn parse_tolerates_crlf_and_blank_lines() {
-        let text = format!("{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9\r\n\r\n");
+        let text = format!("{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9,40,0.5\r\n\r\n");
 
         let rounds = parse_csv(&text).unwrap();
 
@@ -160,8 +171,9 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_line_and_column() {
-        let bad_number =
-            format!("{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9\n2,abc,1.2,10,20,0.3,0.9\n");
+        let bad_number = format!(
+            "{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5\n2,abc,1.2,10,20,0.3,0.9,40,0.5\n"
+        );
         let short_row = format!("{CSV_HEADER}\n1,0.5\n");
 
         let bad_number = format!("{:#}", parse_csv(&bad_number).unwrap_err());
@@ -172,7 +184,7 @@ mod tests {
             bad_number.contains("line 3") && bad_number.contains("accuracy"),
             "{bad_number}"
         );
-        assert!(short_row.contains("2 columns, expected 7"), "{short_row}");
+        assert!(short_row.contains("2 columns, expected 9"), "{short_row}");
         assert!(bad_header.contains("expected `round,"), "{bad_header}");
     }
 }

@@ -39,6 +39,11 @@ pub struct RoundRecord {
     pub mean_kl: f64,
     /// Cumulative wall-clock seconds.
     pub wall_s: f64,
+    /// Cumulative samples processed by local training (each epoch and each
+    /// mediator pass counts), for the simulator's throughput.
+    pub train_samples: u64,
+    /// Cumulative seconds the round loop spent training (evaluation excluded).
+    pub train_s: f64,
 }
 
 impl RoundRecord {
@@ -88,6 +93,8 @@ pub(crate) mod fixtures {
                     bytes_down: 2_000_000 * round as u64,
                     mean_kl: 0.5 / round as f64,
                     wall_s: 0.75 * round as f64,
+                    train_samples: 1000 * round as u64,
+                    train_s: 0.5 * round as f64,
                 }
             })
             .collect();

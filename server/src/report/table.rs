@@ -21,6 +21,11 @@ pub struct RunSummary {
     pub reached: Option<(usize, u64)>,
     /// Mean over rounds of the per-round mean KL divergence; `None` without rounds.
     pub mean_kl: Option<f64>,
+    /// Wall-clock seconds per round, evaluation included; `None` without rounds.
+    pub seconds_per_round: Option<f64>,
+    /// Training throughput in samples per second of training time; `None`
+    /// when nothing was timed.
+    pub train_samples_per_s: Option<f64>,
 }
 
 /// Summarizes one run; `target_accuracy` is a fraction like the records' accuracy.
@@ -44,12 +49,17 @@ pub fn summarize(run: &RunHistory, target_accuracy: Option<f64>) -> RunSummary {
     });
     let mean_kl = (!run.rounds.is_empty())
         .then(|| run.rounds.iter().map(|r| r.mean_kl).sum::<f64>() / run.rounds.len() as f64);
+    let last = run.rounds.last();
     RunSummary {
         label: run.label.clone(),
         best,
-        final_accuracy: run.rounds.last().map(|r| r.accuracy),
+        final_accuracy: last.map(|r| r.accuracy),
         reached,
         mean_kl,
+        seconds_per_round: last.map(|r| r.wall_s / run.rounds.len() as f64),
+        train_samples_per_s: last
+            .filter(|r| r.train_s > 0.0)
+            .map(|r| r.train_samples as f64 / r.train_s),
     }
 }
 
@@ -124,6 +134,8 @@ fn summary_rows(runs: &[RunHistory], target: Option<f64>) -> Cells {
         header.push(format!("MB to {}%", trim_float(t * 100.0)));
     }
     header.push("mean KL".to_string());
+    header.push("s/round".to_string());
+    header.push("train samples/s".to_string());
     let rows = runs
         .iter()
         .map(|run| {
@@ -142,6 +154,8 @@ fn summary_rows(runs: &[RunHistory], target: Option<f64>) -> Cells {
                 ));
             }
             row.push(or_dash(s.mean_kl.map(|kl| format!("{kl:.4}"))));
+            row.push(or_dash(s.seconds_per_round.map(|t| format!("{t:.2}"))));
+            row.push(or_dash(s.train_samples_per_s.map(|t| format!("{t:.0}"))));
             row
         })
         .collect();
@@ -275,15 +289,16 @@ mod tests {
         );
         let fedavg: Vec<&str> = lines[2].split_whitespace().collect();
         let astraea: Vec<&str> = lines[3].split_whitespace().collect();
-        // label (3 words), best %, best round, final %, rounds to, MB to, mean KL
+        // label (3 words), best %, best round, final %, rounds to, MB to, mean KL,
+        // s/round, train samples/s
         assert_eq!(
             fedavg[3..],
-            ["50.00", "2", "50.00", "-", "-", "0.3750"],
+            ["50.00", "2", "50.00", "-", "-", "0.3750", "0.75", "2000"],
             "{table}"
         );
         assert_eq!(
             astraea[3..],
-            ["85.00", "2", "85.00", "2", "6.0", "0.3750"],
+            ["85.00", "2", "85.00", "2", "6.0", "0.3750", "0.75", "2000"],
             "{table}"
         );
         // Every line of the table has its columns aligned to the same width.
@@ -303,7 +318,7 @@ mod tests {
 
         assert!(!table.contains("rounds to"), "{table}");
         let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
-        assert_eq!(row, ["empty", "-", "-", "-", "-"]);
+        assert_eq!(row, ["empty", "-", "-", "-", "-", "-", "-"]);
     }
 
     #[test]
@@ -339,15 +354,16 @@ mod tests {
         let lines: Vec<&str> = md.lines().collect();
         assert_eq!(
             lines[0],
-            "| run | best % | best round | final % | rounds to 60% | MB to 60% | mean KL |"
+            "| run | best % | best round | final % | rounds to 60% | MB to 60% | mean KL \
+             | s/round | train samples/s |"
         );
         assert_eq!(
             lines[1],
-            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         assert_eq!(
             lines[2],
-            "| astraea seed 1 | 50.00 | 1 | 50.00 | - | - | 0.5000 |"
+            "| astraea seed 1 | 50.00 | 1 | 50.00 | - | - | 0.5000 | 0.75 | 2000 |"
         );
         assert!(md.contains("| astraea | 2 | 60.00 | 14.14 |"), "{md}");
     }

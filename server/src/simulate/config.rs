@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::partition::PartitionSpec;
-use astraea_core::strategy::{
-    Astraea, FedAvg, FedProx, Rescheduling, Strategy, StrategyKind,
-};
+use astraea_core::strategy::{Astraea, FedAvg, FedProx, Rescheduling, Strategy, StrategyKind};
 
 /// Settings shared by every run of one `simulate` invocation.
 #[derive(Debug, Clone)]
@@ -125,6 +123,10 @@ mod tests {
         assert!(iid.iid_reference);
         assert_eq!(iid.label(), "fedavg-iid s2");
         assert_eq!(astraea.strategy, StrategyKind::AstraeaRescheduling);
-        assert!(RunSpec::parse("fedsgd", 1).unwrap_err().contains("unknown strategy"));
+        assert!(
+            RunSpec::parse("fedsgd", 1)
+                .unwrap_err()
+                .contains("unknown strategy")
+        );
     }
 }

@@ -86,14 +86,7 @@ impl Federation {
     /// Label counts each client of `partition` holds before any plan: what
     /// clients report first (ASTRAEA.md step 1).
     pub fn raw_counts(train: &Dataset, partition: &Partition) -> Vec<Vec<usize>> {
-        partition
-            .clients
-            .iter()
-            .map(|indices| {
-                let labels: Vec<u32> = indices.iter().map(|&i| train.labels[i]).collect();
-                counts_of(&labels, train.num_classes())
-            })
-            .collect()
+        partition.client_counts(&train.labels, train.num_classes())
     }
 
     /// Gives each client its share of `train` and lets it apply `plan`,
@@ -115,7 +108,8 @@ impl Federation {
                 let (images, labels) = match &plan {
                     None => (local.images, local.labels),
                     Some(plan) => {
-                        let client_seed = seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(id as u64 + 1));
+                        let client_seed =
+                            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(id as u64 + 1));
                         let outcome =
                             apply_plan(&local.labels, &plan.ratios, &augment, client_seed)?;
                         materialise(

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use astraea_core::partition::kl_to_uniform;
 use astraea_core::data::Dataset;
 use astraea_core::model::ModelConfig;
+use astraea_core::partition::kl_to_uniform;
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
 use astraea_core::weights::Weights;
@@ -50,6 +50,22 @@ pub fn run(
     let start = Instant::now();
     let partition = super::federation::partition_for(config, spec, train, test)
         .with_context(|| format!("partitioning for {}", spec.label()))?;
+    let report = partition.report(&train.labels, train.num_classes());
+    progress.suspend(|| {
+        eprintln!(
+            "{}: {} samples on {} clients (sizes {}/{}/{} min/median/max), global counts {:?}, \
+         global KL {:.3}, mean client KL {:.3}",
+            spec.label(),
+            partition.num_samples(),
+            partition.clients.len(),
+            report.client_sizes.min,
+            report.client_sizes.median,
+            report.client_sizes.max,
+            report.global_counts,
+            report.global_kl,
+            report.mean_client_kl,
+        )
+    });
     let test = test.subset(&partition.test_indices);
     let strategy = spec.strategy(config);
     let raw_counts = Federation::raw_counts(train, &partition);
@@ -86,6 +102,7 @@ pub fn run(
         rounds: Vec::with_capacity(config.rounds),
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
+    let (mut train_samples, mut train_s) = (0u64, 0.0f64);
     for round in 1..=config.rounds {
         let chosen = sample(
             &mut rng,
@@ -110,7 +127,8 @@ pub fn run(
             prox_mu: round_plan.prox_mu,
             ..train_config.clone()
         };
-        let (results, failures) = run_groups(
+        let training = Instant::now();
+        let (results, failures, processed) = run_groups(
             &round_plan.groups,
             &federation.clients,
             &model_config,
@@ -122,6 +140,8 @@ pub fn run(
         if let Some(values) = strategy.aggregate(&global.values, &results, &failures) {
             global.values = values;
         }
+        train_samples += processed;
+        train_s += training.elapsed().as_secs_f64();
         let eval = evaluate_parallel(&model_config, &global, &test, config.threads)?;
         history.rounds.push(RoundRecord {
             round,
@@ -131,12 +151,19 @@ pub fn run(
             bytes_down: traffic.down,
             mean_kl,
             wall_s: start.elapsed().as_secs_f64(),
+            train_samples,
+            train_s,
         });
-        progress.set_message(format!(
+        let status = format!(
             "{} round {round}: {:.2}%",
             spec.label(),
             eval.accuracy * 100.0
-        ));
+        );
+        // Without a terminal the bar is hidden; keep a trace in the log.
+        if progress.is_hidden() && (round % 10 == 0 || round == config.rounds) {
+            eprintln!("{status}");
+        }
+        progress.set_message(status);
         progress.inc(1);
     }
     Ok(history)
@@ -172,8 +199,9 @@ fn run_chain(
     train_config: &TrainConfig,
     seed: u64,
     device: &Device,
-) -> Result<GroupResult, String> {
+) -> Result<(GroupResult, u64), String> {
     let mut weights = global.clone();
+    let mut processed = 0u64;
     for pass in 0..group.passes {
         for &member in &group.members {
             let data = &clients[member];
@@ -183,20 +211,24 @@ fn run_chain(
             };
             // FedProx anchors on the round's global model; its groups are
             // single clients, so the incoming weights are the global ones.
-            let (next, _) = train::train(model_config, &weights, data.samples(), &config, device)
-                .map_err(|e| format!("client {member}: {e}"))?;
+            let (next, stats) =
+                train::train(model_config, &weights, data.samples(), &config, device)
+                    .map_err(|e| format!("client {member}: {e}"))?;
             weights = next;
+            processed += stats.samples as u64;
         }
     }
-    Ok(GroupResult {
+    let result = GroupResult {
         group: 0,
         weights: weights.values,
         samples: group.members.iter().map(|&m| clients[m].len() as u64).sum(),
-    })
+    };
+    Ok((result, processed))
 }
 
 /// Runs the groups on `threads` workers, each taking the next group not yet
 /// started; groups are independent, like mediators on separate machines.
+/// Returns the results, the failures and the samples processed in training.
 fn run_groups(
     groups: &[Group],
     clients: &[ClientData],
@@ -205,16 +237,19 @@ fn run_groups(
     train_config: &TrainConfig,
     threads: usize,
     seed: u64,
-) -> (Vec<GroupResult>, Vec<GroupFailure>) {
+) -> (Vec<GroupResult>, Vec<GroupFailure>, u64) {
     let next = AtomicUsize::new(0);
-    let outcomes: Mutex<Vec<(usize, Result<GroupResult, String>)>> = Mutex::new(Vec::new());
+    type Outcome = Result<(GroupResult, u64), String>;
+    let outcomes: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let device = Device::flex().autodiff();
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(group) = groups.get(index) else { break };
+                    let Some(group) = groups.get(index) else {
+                        break;
+                    };
                     let outcome = run_chain(
                         group,
                         clients,
@@ -224,7 +259,10 @@ fn run_groups(
                         mix(&[seed, index as u64]),
                         &device,
                     );
-                    outcomes.lock().expect("no worker panicked").push((index, outcome));
+                    outcomes
+                        .lock()
+                        .expect("no worker panicked")
+                        .push((index, outcome));
                 }
             });
         }
@@ -233,13 +271,17 @@ fn run_groups(
     outcomes.sort_by_key(|(index, _)| *index);
     let mut results = Vec::new();
     let mut failures = Vec::new();
+    let mut processed = 0;
     for (group, outcome) in outcomes {
         match outcome {
-            Ok(result) => results.push(GroupResult { group, ..result }),
+            Ok((result, samples)) => {
+                results.push(GroupResult { group, ..result });
+                processed += samples;
+            }
             Err(reason) => failures.push(GroupFailure { group, reason }),
         }
     }
-    (results, failures)
+    (results, failures, processed)
 }
 
 /// Evaluates on `threads` slices of the test set at once and combines them.
@@ -262,7 +304,13 @@ pub fn evaluate_parallel(
                         images: &test.images[lo * len..hi * len],
                         labels: &test.labels[lo..hi],
                     };
-                    Ok(train::evaluate(model_config, weights, data, 500, &Device::flex())?)
+                    Ok(train::evaluate(
+                        model_config,
+                        weights,
+                        data,
+                        500,
+                        &Device::flex(),
+                    )?)
                 })
             })
             .collect();

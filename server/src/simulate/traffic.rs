@@ -43,6 +43,12 @@ mod tests {
     fn a_hop_moves_the_model_both_ways() {
         let mut traffic = Traffic::default();
         traffic.add_hop(1000);
-        assert_eq!(traffic, Traffic { up: 4256, down: 4256 });
+        assert_eq!(
+            traffic,
+            Traffic {
+                up: 4256,
+                down: 4256
+            }
+        );
     }
 }
