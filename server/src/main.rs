@@ -146,7 +146,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     let config = SimConfig {
         dataset: args.dataset.clone(),
         data_dir: args.data_dir.clone(),
-        partition: args.partition.clone(),
+        partition: args.partition,
         clients: args.clients,
         participants: args.participants,
         rounds: args.rounds,
