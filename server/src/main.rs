@@ -48,6 +48,9 @@ enum Command {
         /// Accuracy target (percent) for rounds and bytes to reach it.
         #[arg(long)]
         target: Option<f64>,
+        /// Also write the tables as Markdown here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
     },
 }
 
@@ -123,16 +126,14 @@ fn main() -> anyhow::Result<()> {
             plot,
             title,
             target,
+            markdown,
         } => {
             let runs = csv
                 .iter()
                 .map(|path| history_from_csv(path))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             report::plot_runs(&plot, &runs, &title)?;
-            println!(
-                "{}",
-                report::summary_table(&runs, target.map(|t| t / 100.0))
-            );
+            print_tables(&runs, target.map(|t| t / 100.0), markdown.as_deref())?;
             println!("plot: {}", plot.display());
             Ok(())
         }
@@ -216,17 +217,32 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     let target = config
         .target_accuracy
         .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
-    let table = report::summary_table(&runs, target);
-    std::fs::write(
-        config.out_dir.join("summary.md"),
-        report::markdown_table(&runs, target),
-    )?;
-    println!("{table}");
-    println!(
-        "wrote {} and {}",
-        plot.display(),
-        config.out_dir.join("summary.md").display()
-    );
+    let summary = config.out_dir.join("summary.md");
+    print_tables(&runs, target, Some(&summary))?;
+    println!("wrote {} and {}", plot.display(), summary.display());
+    Ok(())
+}
+
+/// Prints the per-run summary and, when a FedAvg run is among them, the
+/// comparison against it; optionally writes both as Markdown.
+fn print_tables(
+    runs: &[report::RunHistory],
+    target: Option<f64>,
+    markdown: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    println!("{}", report::summary_table(runs, target));
+    let comparison = report::compare(runs, "fedavg", "fedavg-iid");
+    if !comparison.is_empty() {
+        println!("{}", report::comparison_table(&comparison, "fedavg"));
+    }
+    if let Some(path) = markdown {
+        let mut text = report::markdown_table(runs, target);
+        if !comparison.is_empty() {
+            text.push('\n');
+            text.push_str(&report::comparison_markdown(&comparison, "fedavg"));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -5,14 +5,17 @@
 //!   without re-running the simulation.
 //! - [`plot`]: a PNG comparing runs, accuracy against rounds and against traffic.
 //! - [`table`]: aligned plain-text and Markdown summaries, plus a per-strategy mean ± std.
+//! - [`compare`]: each strategy against FedAvg: gain, imbalance loss recovered, KL, traffic.
 //!
 //! Architecture invariant: nothing here runs or changes a simulation; every function takes
 //! finished histories, so the reports can be rebuilt from CSV files alone.
 
+mod compare;
 mod csv;
 mod plot;
 mod table;
 
+pub use compare::{Comparison, compare, comparison_markdown, comparison_table};
 pub use csv::{CSV_HEADER, read_csv, write_csv};
 pub use plot::{FONT_PACKAGE, FONT_PATH, plot_runs};
 pub use table::{RunSummary, grouped_best, markdown_table, summarize, summary_table};

@@ -119,9 +119,9 @@ pub fn markdown_table(runs: &[RunHistory], target_accuracy: Option<f64>) -> Stri
 }
 
 /// Header and body cells of a table; column 0 is left-aligned text, the rest numbers.
-struct Cells {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
+pub(super) struct Cells {
+    pub(super) header: Vec<String>,
+    pub(super) rows: Vec<Vec<String>>,
 }
 
 /// The per-run table's cells, shared by both renderings.
@@ -179,7 +179,7 @@ fn group_rows(runs: &[RunHistory]) -> Option<Cells> {
 }
 
 /// Columns padded to their widest cell, a dashed rule under the header.
-fn render_plain(cells: &Cells) -> String {
+pub(super) fn render_plain(cells: &Cells) -> String {
     let widths = column_widths(cells);
     let line = |row: &[String]| {
         let padded: Vec<String> = row
@@ -206,7 +206,7 @@ fn render_plain(cells: &Cells) -> String {
 }
 
 /// A GitHub Markdown table with the numeric columns right-aligned.
-fn render_markdown(cells: &Cells) -> String {
+pub(super) fn render_markdown(cells: &Cells) -> String {
     let line = |row: &[String]| {
         let escaped: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
         format!("| {} |\n", escaped.join(" | "))
@@ -234,7 +234,7 @@ fn column_widths(cells: &Cells) -> Vec<usize> {
 }
 
 /// A fraction as a percentage with two decimals, enough to tell seeds apart.
-fn percent(fraction: f64) -> String {
+pub(super) fn percent(fraction: f64) -> String {
     format!("{:.2}", fraction * 100.0)
 }
 
@@ -245,7 +245,7 @@ fn trim_float(value: f64) -> String {
 }
 
 /// The cell text, or "-" for a value that does not exist (never reached, no rounds).
-fn or_dash(cell: Option<String>) -> String {
+pub(super) fn or_dash(cell: Option<String>) -> String {
     cell.unwrap_or_else(|| "-".to_string())
 }
 
