@@ -134,8 +134,63 @@ impl Federation {
         Ok(Self { clients, plan })
     }
 
+    /// Label counts summed over all clients.
+    pub fn global_counts(&self) -> Vec<usize> {
+        let mut total = vec![0; self.clients.first().map_or(0, |c| c.counts.len())];
+        for client in &self.clients {
+            for (t, c) in total.iter_mut().zip(&client.counts) {
+                *t += c;
+            }
+        }
+        total
+    }
+
     /// Total training samples over all clients.
     pub fn total_samples(&self) -> usize {
         self.clients.iter().map(ClientData::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 40 blank 2x2 images: 30 of class 0, 10 of class 1.
+    fn skewed() -> Dataset {
+        let labels: Vec<u32> = (0..40).map(|i| u32::from(i >= 30)).collect();
+        Dataset::new(
+            vec![0.5; 40 * 4],
+            labels,
+            1,
+            2,
+            2,
+            vec!["a".into(), "b".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn clients_apply_the_plan_to_their_own_share_only() {
+        // Prepare: two clients; the plan doubles class 1 and keeps class 0.
+        let train = skewed();
+        let partition = Partition {
+            clients: vec![(0..20).collect(), (20..40).collect()],
+            test_indices: vec![],
+        };
+        let plan = AugmentationPlan {
+            ratios: vec![1.0, 2.0],
+        };
+
+        // Execute
+        let raw = Federation::raw_counts(&train, &partition);
+        let federation = Federation::build(&train, &partition, Some(plan), 7).unwrap();
+
+        // Assert: R = 2 adds exactly one copy per class-1 sample.
+        assert_eq!(raw, vec![vec![20, 0], vec![10, 10]]);
+        assert_eq!(federation.clients[0].counts, vec![20, 0]);
+        assert_eq!(federation.clients[1].counts, vec![10, 20]);
+        assert_eq!(federation.clients[1].images.len(), 30 * 4);
+        assert_eq!(federation.global_counts(), vec![30, 20]);
+        assert_eq!(federation.total_samples(), 50);
     }
 }

@@ -71,6 +71,18 @@ pub fn run(
     let raw_counts = Federation::raw_counts(train, &partition);
     let plan = strategy.data_plan(&raw_counts);
     let federation = Federation::build(train, &partition, plan, spec.seed)?;
+    if let Some(plan) = &federation.plan {
+        let counts = federation.global_counts();
+        progress.suspend(|| {
+            eprintln!(
+                "{}: data plan R = {:.2?}; post-plan global counts {:?}, global KL {:.3}",
+                spec.label(),
+                plan.ratios,
+                counts,
+                kl_to_uniform(&counts)
+            )
+        });
+    }
 
     let model_config = model_config_for(train);
     let device = Device::flex();
@@ -334,4 +346,46 @@ pub fn evaluate_parallel(
         loss: loss / denom,
         samples,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(counts: Vec<usize>) -> ClientData {
+        ClientData {
+            images: vec![],
+            labels: vec![],
+            counts,
+        }
+    }
+
+    #[test]
+    fn group_kl_is_taken_over_the_combined_counts() {
+        // Prepare: clients 0 and 1 balance each other; client 2 is 3:1.
+        let clients = vec![client(vec![10, 0]), client(vec![0, 10]), client(vec![3, 1])];
+        let groups = vec![
+            Group {
+                members: vec![0, 1],
+                passes: 2,
+            },
+            Group {
+                members: vec![2],
+                passes: 1,
+            },
+        ];
+
+        // Execute
+        let kl = mean_group_kl(&groups, &clients);
+
+        // Assert: (0 + 0.130812) / 2.
+        assert!((kl - 0.130_812_035_941_137 / 2.0).abs() < 1e-12, "{kl}");
+    }
+
+    #[test]
+    fn seeds_differ_by_every_part() {
+        assert_ne!(mix(&[1, 2, 3]), mix(&[1, 2, 4]));
+        assert_ne!(mix(&[1, 2]), mix(&[2, 1]));
+        assert_eq!(mix(&[5, 6]), mix(&[5, 6]));
+    }
 }
