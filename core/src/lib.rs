@@ -14,6 +14,7 @@
 //!   greedy mediator assignment.
 //! - [`aggregate`]: the sample-weighted aggregation of updates.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
+//! - [`protocol`]: the messages and weight frames between server and clients.
 #![warn(missing_docs)]
 
 pub mod aggregate;
@@ -22,6 +23,7 @@ pub mod augment;
 pub mod data;
 pub mod model;
 pub mod partition;
+pub mod protocol;
 pub mod strategy;
 pub mod train;
 pub mod weights;

@@ -1,0 +1,296 @@
+//! JSON control messages. Every message is one text frame of the form
+//! `{"type": "...", ...}`; weights announced by a message follow it as
+//! binary frames.
+
+use serde::{Deserialize, Serialize};
+
+use super::frames::WeightEncoding;
+use crate::model::ModelConfig;
+
+/// The model a federation trains, as the server announces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Output classes.
+    pub num_classes: usize,
+    /// Input channels.
+    pub channels: usize,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Parameters in the flat weight vector.
+    pub params: usize,
+}
+
+impl ModelSpec {
+    /// The spec of a model configuration with `params` parameters.
+    pub fn new(config: &ModelConfig, params: usize) -> Self {
+        Self {
+            num_classes: config.num_classes,
+            channels: config.channels,
+            height: config.height,
+            width: config.width,
+            params,
+        }
+    }
+
+    /// The model configuration this spec describes.
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig::new(self.num_classes)
+            .with_channels(self.channels)
+            .with_height(self.height)
+            .with_width(self.width)
+    }
+}
+
+/// Where a client's training data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DataSource {
+    /// The client trains on its own data and reports its label counts.
+    Own {
+        /// Samples per class.
+        counts: Vec<usize>,
+    },
+    /// Demo mode: the server assigns a shard of a dataset both sides know.
+    Demo,
+}
+
+/// The shard of a named dataset the server assigns in demo mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    /// Dataset name (`mnist`, `fashion-mnist`, ...).
+    pub dataset: String,
+    /// Indices into the dataset's training set.
+    pub indices: Vec<usize>,
+}
+
+/// One hop of training the server asks of a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Hop within the round: position in the mediator's chain, over all passes.
+    pub hop: u32,
+    /// Local epochs (E).
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// FedProx proximal weight (0 for none).
+    pub prox_mu: f64,
+    /// Milliseconds the client has before the hop is skipped.
+    pub deadline_ms: u64,
+    /// Seed for shuffling and dropout.
+    pub seed: u64,
+    /// Encoding of the weight chunks that follow.
+    pub encoding: WeightEncoding,
+    /// Number of binary chunks that follow.
+    pub chunks: u32,
+}
+
+/// What a client sends back after a hop; its weights follow as chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateSpec {
+    /// Round of the task answered.
+    pub round: u32,
+    /// Hop of the task answered.
+    pub hop: u32,
+    /// Training samples the client holds (counted once per hop).
+    pub samples: u64,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Seconds the training took.
+    pub seconds: f64,
+    /// Encoding of the weight chunks that follow.
+    pub encoding: WeightEncoding,
+    /// Number of binary chunks that follow.
+    pub chunks: u32,
+}
+
+/// Why a peer is refused or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The text frame is not a known message.
+    Malformed,
+    /// The protocol versions differ.
+    Version,
+    /// A frame came that the state does not allow.
+    Unexpected,
+    /// Weights of the wrong size or shape.
+    Shape,
+    /// Weights with NaN or infinity.
+    NonFinite,
+    /// Weights whose norm is far above the others'.
+    Outlier,
+    /// A frame above the size limit.
+    TooLarge,
+    /// The client's data does not fit the model.
+    Data,
+    /// Anything else on the server's side.
+    Internal,
+}
+
+/// Messages a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ClientMessage {
+    /// First message: who the client is and what it trains on.
+    Join {
+        /// Protocol version the client speaks.
+        version: u32,
+        /// Compute backend (`flex`, `wgpu`, ...), for the dashboard.
+        backend: String,
+        /// Rough training speed in samples per second, if measured.
+        speed: Option<f64>,
+        /// Own data or a demo shard.
+        data: DataSource,
+    },
+    /// The client's label counts after applying the current plan.
+    Ready {
+        /// Samples per class.
+        counts: Vec<usize>,
+    },
+    /// Progress within a hop, for the dashboard.
+    Progress {
+        /// Round.
+        round: u32,
+        /// Hop.
+        hop: u32,
+        /// Batches done.
+        done: usize,
+        /// Batches in the hop.
+        total: usize,
+    },
+    /// A finished hop; weights follow.
+    Update(UpdateSpec),
+    /// The client gives up on a task or hit an error.
+    Error {
+        /// What kind.
+        code: ErrorCode,
+        /// Details.
+        message: String,
+    },
+    /// The client leaves on purpose.
+    Leave,
+}
+
+/// Messages the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage {
+    /// Answer to `join`.
+    Welcome {
+        /// Protocol version of the server.
+        version: u32,
+        /// The id the server gave the client.
+        client_id: u64,
+        /// The model.
+        model: ModelSpec,
+        /// The shard to load, in demo mode.
+        shard: Option<ShardSpec>,
+    },
+    /// The augmentation plan to apply to local data (R per class), then
+    /// answer with `ready`.
+    Plan {
+        /// R[y] per class.
+        ratios: Vec<f64>,
+        /// Seed for the client's augmentation draws.
+        seed: u64,
+    },
+    /// A hop to train; the weights follow.
+    Task(TaskSpec),
+    /// A round finished.
+    RoundDone {
+        /// Round number.
+        round: u32,
+        /// Test accuracy of the new global model.
+        accuracy: f64,
+        /// Test loss.
+        loss: f64,
+    },
+    /// The peer did something wrong; the connection closes after it.
+    Error {
+        /// What kind.
+        code: ErrorCode,
+        /// Details.
+        message: String,
+    },
+}
+
+impl ClientMessage {
+    /// The JSON text frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("messages always serialise")
+    }
+
+    /// Parses a text frame.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl ServerMessage {
+    /// The JSON text frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("messages always serialise")
+    }
+
+    /// Parses a text frame.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_json_with_a_type_tag() {
+        let join = ClientMessage::Join {
+            version: 1,
+            backend: "flex".into(),
+            speed: Some(1200.0),
+            data: DataSource::Own { counts: vec![3, 4] },
+        };
+        let error = ServerMessage::Error {
+            code: ErrorCode::NonFinite,
+            message: "update has a non-finite value at index 3".into(),
+        };
+
+        let join_text = join.to_json();
+        let error_text = error.to_json();
+
+        assert!(
+            join_text.starts_with(r#"{"type":"join","version":1"#),
+            "{join_text}"
+        );
+        assert!(
+            join_text.contains(r#""data":{"kind":"own","counts":[3,4]}"#),
+            "{join_text}"
+        );
+        assert!(
+            error_text.contains(r#""code":"non-finite""#),
+            "{error_text}"
+        );
+        assert_eq!(ClientMessage::from_json(&join_text).unwrap(), join);
+        assert_eq!(ServerMessage::from_json(&error_text).unwrap(), error);
+    }
+
+    #[test]
+    fn unknown_and_malformed_messages_are_errors() {
+        assert!(ClientMessage::from_json(r#"{"type":"teleport"}"#).is_err());
+        assert!(ClientMessage::from_json("not json").is_err());
+        assert!(ClientMessage::from_json(r#"{"type":"ready"}"#).is_err());
+    }
+
+    #[test]
+    fn model_spec_gives_back_its_configuration() {
+        let config = ModelConfig::new(47);
+        let spec = ModelSpec::new(&config, 68_873);
+        assert_eq!(spec.config(), config);
+    }
+}

@@ -1,0 +1,29 @@
+//! The wire protocol between the server and its clients (native or a browser
+//! tab), version [`PROTOCOL_VERSION`].
+//!
+//! Control messages travel as JSON text frames ([`ClientMessage`],
+//! [`ServerMessage`]); weights travel as binary frames ([`frames`]) that
+//! follow the message announcing them. `docs/PROTOCOL.md` describes the flow.
+//!
+//! - [`messages`]: the JSON messages.
+//! - [`frames`]: weight chunks (f32 or f16, little endian) and their
+//!   reassembly with size, shape and finiteness checks.
+//! - [`session`]: the client's side as a state machine without I/O.
+
+pub mod frames;
+pub mod messages;
+pub mod session;
+
+pub use frames::{
+    ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
+};
+pub use messages::{
+    ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+};
+pub use session::{ClientAction, ClientSession};
+
+/// Version spoken by this build; a server refuses a join with another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default largest WebSocket frame either side sends or accepts (1 MiB).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

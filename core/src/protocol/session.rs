@@ -1,0 +1,385 @@
+//! The client's side of the protocol as a state machine with no I/O: frames
+//! go in, actions come out. The native client and the browser client both
+//! drive it, so its logic is tested here once.
+
+use super::PROTOCOL_VERSION;
+use super::frames::{WeightAssembler, encode_chunks};
+use super::messages::{
+    ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+};
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientAction {
+    /// Send a text frame.
+    Send(ClientMessage),
+    /// Send these binary frames, in order.
+    SendBinary(Vec<Vec<u8>>),
+    /// Load this demo shard, then call [`ClientSession::data_ready`] with its counts.
+    LoadShard(ShardSpec),
+    /// Apply this plan to the local data, then call [`ClientSession::data_ready`].
+    ApplyPlan {
+        /// R[y] per class.
+        ratios: Vec<f64>,
+        /// Seed for the augmentation draws.
+        seed: u64,
+    },
+    /// Train on local data from these weights, then call [`ClientSession::trained`].
+    Train {
+        /// The task.
+        task: TaskSpec,
+        /// The weights to start from.
+        weights: Vec<f32>,
+    },
+    /// A round finished (for display).
+    RoundDone {
+        /// Round number.
+        round: u32,
+        /// Test accuracy.
+        accuracy: f64,
+    },
+    /// Close the connection: the server refused us or broke the protocol.
+    Close(String),
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    /// Join sent, waiting for the welcome.
+    Joining,
+    /// Welcomed; training or waiting for a task.
+    Member,
+    /// A task header arrived; its weight chunks are coming.
+    Receiving(TaskSpec),
+    /// Closed.
+    Closed,
+}
+
+/// The client's protocol state.
+#[derive(Debug)]
+pub struct ClientSession {
+    state: State,
+    model: Option<ModelSpec>,
+    client_id: Option<u64>,
+    assembler: Option<WeightAssembler>,
+    max_frame_bytes: usize,
+}
+
+impl ClientSession {
+    /// Starts a session; the returned actions send the join.
+    pub fn start(
+        backend: &str,
+        speed: Option<f64>,
+        data: DataSource,
+        max_frame_bytes: usize,
+    ) -> (Self, Vec<ClientAction>) {
+        let join = ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            backend: backend.to_string(),
+            speed,
+            data,
+        };
+        let session = Self {
+            state: State::Joining,
+            model: None,
+            client_id: None,
+            assembler: None,
+            max_frame_bytes,
+        };
+        (session, vec![ClientAction::Send(join)])
+    }
+
+    /// The id the server gave us, once welcomed.
+    pub fn client_id(&self) -> Option<u64> {
+        self.client_id
+    }
+
+    /// The model announced by the server, once welcomed.
+    pub fn model(&self) -> Option<&ModelSpec> {
+        self.model.as_ref()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn fail(&mut self, code: ErrorCode, message: String) -> Vec<ClientAction> {
+        self.state = State::Closed;
+        vec![
+            ClientAction::Send(ClientMessage::Error {
+                code,
+                message: message.clone(),
+            }),
+            ClientAction::Close(message),
+        ]
+    }
+
+    /// Handles a text frame from the server.
+    pub fn on_text(&mut self, text: &str) -> Vec<ClientAction> {
+        let message = match ServerMessage::from_json(text) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.fail(
+                    ErrorCode::Malformed,
+                    format!("malformed server message: {e}"),
+                );
+            }
+        };
+        match (&self.state, message) {
+            (_, ServerMessage::Error { code, message }) => {
+                self.state = State::Closed;
+                vec![ClientAction::Close(format!(
+                    "server error ({code:?}): {message}"
+                ))]
+            }
+            (
+                State::Joining,
+                ServerMessage::Welcome {
+                    version,
+                    client_id,
+                    model,
+                    shard,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return self.fail(
+                        ErrorCode::Version,
+                        format!("server speaks protocol {version}, this client {PROTOCOL_VERSION}"),
+                    );
+                }
+                self.client_id = Some(client_id);
+                self.model = Some(model);
+                self.state = State::Member;
+                shard.map(ClientAction::LoadShard).into_iter().collect()
+            }
+            (State::Member, ServerMessage::Plan { ratios, seed }) => {
+                vec![ClientAction::ApplyPlan { ratios, seed }]
+            }
+            (State::Member, ServerMessage::Task(task)) => {
+                let params = self.model.as_ref().map_or(0, |m| m.params);
+                self.assembler = Some(WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    self.max_frame_bytes,
+                ));
+                self.state = State::Receiving(task);
+                vec![]
+            }
+            (
+                _,
+                ServerMessage::RoundDone {
+                    round, accuracy, ..
+                },
+            ) => {
+                vec![ClientAction::RoundDone { round, accuracy }]
+            }
+            (state, message) => self.fail(
+                ErrorCode::Unexpected,
+                format!("unexpected {message:?} while {state:?}"),
+            ),
+        }
+    }
+
+    /// Handles a binary frame from the server.
+    pub fn on_binary(&mut self, frame: &[u8]) -> Vec<ClientAction> {
+        let State::Receiving(task) = &self.state else {
+            return self.fail(ErrorCode::Unexpected, "binary frame without a task".into());
+        };
+        let task = task.clone();
+        let assembler = self.assembler.as_mut().expect("receiving has an assembler");
+        match assembler.push(frame) {
+            Ok(None) => vec![],
+            Ok(Some(weights)) => {
+                self.assembler = None;
+                self.state = State::Member;
+                vec![ClientAction::Train { task, weights }]
+            }
+            Err(e) => self.fail(ErrorCode::Shape, format!("task weights: {e}")),
+        }
+    }
+
+    /// The local data is loaded or re-planned: report its label counts.
+    pub fn data_ready(&mut self, counts: Vec<usize>) -> Vec<ClientAction> {
+        vec![ClientAction::Send(ClientMessage::Ready { counts })]
+    }
+
+    /// A task finished: send the update header, then its weights.
+    pub fn trained(
+        &mut self,
+        task: &TaskSpec,
+        weights: &[f32],
+        samples: u64,
+        loss: f64,
+        seconds: f64,
+    ) -> Vec<ClientAction> {
+        let frames = encode_chunks(
+            task.round,
+            task.hop,
+            weights,
+            task.encoding,
+            self.max_frame_bytes,
+        );
+        let update = UpdateSpec {
+            round: task.round,
+            hop: task.hop,
+            samples,
+            loss,
+            seconds,
+            encoding: task.encoding,
+            chunks: frames.len() as u32,
+        };
+        vec![
+            ClientAction::Send(ClientMessage::Update(update)),
+            ClientAction::SendBinary(frames),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frames::WeightEncoding;
+
+    fn welcome(shard: Option<ShardSpec>) -> String {
+        ServerMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            client_id: 9,
+            model: ModelSpec {
+                num_classes: 2,
+                channels: 1,
+                height: 28,
+                width: 28,
+                params: 5,
+            },
+            shard,
+        }
+        .to_json()
+    }
+
+    fn task() -> TaskSpec {
+        TaskSpec {
+            round: 3,
+            hop: 1,
+            epochs: 1,
+            batch_size: 20,
+            learning_rate: 1e-3,
+            prox_mu: 0.0,
+            deadline_ms: 1000,
+            seed: 4,
+            encoding: WeightEncoding::F32,
+            chunks: 2,
+        }
+    }
+
+    #[test]
+    fn a_demo_client_joins_loads_its_shard_trains_and_answers() {
+        // Prepare
+        let (mut session, start) = ClientSession::start("flex", None, DataSource::Demo, 16 + 12);
+        let shard = ShardSpec {
+            dataset: "mnist".into(),
+            indices: vec![4, 8],
+        };
+
+        // Execute
+        let on_welcome = session.on_text(&welcome(Some(shard.clone())));
+        let on_ready = session.data_ready(vec![1, 1]);
+        let on_task = session.on_text(&ServerMessage::Task(task()).to_json());
+        let frames = encode_chunks(3, 1, &[0.1, 0.2, 0.3, 0.4, 0.5], WeightEncoding::F32, 28);
+        let first = session.on_binary(&frames[0]);
+        let second = session.on_binary(&frames[1]);
+        let answer = session.trained(&task(), &[1.0; 5], 2, 0.7, 0.1);
+
+        // Assert
+        assert!(matches!(
+            &start[0],
+            ClientAction::Send(ClientMessage::Join { version: 1, .. })
+        ));
+        assert_eq!(on_welcome, vec![ClientAction::LoadShard(shard)]);
+        assert_eq!(session.client_id(), Some(9));
+        assert_eq!(
+            on_ready,
+            vec![ClientAction::Send(ClientMessage::Ready {
+                counts: vec![1, 1]
+            })]
+        );
+        assert!(on_task.is_empty() && first.is_empty());
+        assert_eq!(
+            second,
+            vec![ClientAction::Train {
+                task: task(),
+                weights: vec![0.1, 0.2, 0.3, 0.4, 0.5]
+            }]
+        );
+        let ClientAction::Send(ClientMessage::Update(update)) = &answer[0] else {
+            panic!("{answer:?}")
+        };
+        assert_eq!(
+            (update.round, update.hop, update.samples, update.chunks),
+            (3, 1, 2, 2)
+        );
+        assert!(matches!(&answer[1], ClientAction::SendBinary(f) if f.len() == 2));
+    }
+
+    #[test]
+    fn a_plan_asks_the_client_to_rebuild_its_data() {
+        let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        session.on_text(&welcome(None));
+
+        let actions = session.on_text(
+            &ServerMessage::Plan {
+                ratios: vec![1.0, 2.5],
+                seed: 7,
+            }
+            .to_json(),
+        );
+
+        assert_eq!(
+            actions,
+            vec![ClientAction::ApplyPlan {
+                ratios: vec![1.0, 2.5],
+                seed: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn protocol_violations_close_the_session_with_an_error_frame() {
+        let (mut garbage, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        let (mut early, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        let (mut refused, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+
+        let garbage = garbage.on_text("{nope");
+        let early = early.on_binary(&[0; 20]);
+        let refused_actions = refused.on_text(
+            &ServerMessage::Error {
+                code: ErrorCode::Version,
+                message: "old".into(),
+            }
+            .to_json(),
+        );
+
+        assert!(matches!(
+            &garbage[0],
+            ClientAction::Send(ClientMessage::Error {
+                code: ErrorCode::Malformed,
+                ..
+            })
+        ));
+        assert!(matches!(garbage.last(), Some(ClientAction::Close(_))));
+        assert!(matches!(
+            &early[0],
+            ClientAction::Send(ClientMessage::Error {
+                code: ErrorCode::Unexpected,
+                ..
+            })
+        ));
+        assert!(
+            matches!(refused_actions.as_slice(), [ClientAction::Close(m)] if m.contains("old"))
+        );
+        assert!(refused.is_closed());
+    }
+}
