@@ -6,8 +6,11 @@ use anyhow::{Context, bail};
 use astraea_core::astraea::PlanRule;
 use astraea_core::data::catalog::load_named;
 use astraea_core::partition::PartitionSpec;
-use astraea_server::report;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_server::serve::{self, ServeConfig};
 use astraea_server::simulate::{self, RunSpec, SimConfig};
+use astraea_server::{client, report};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -34,6 +37,29 @@ enum Command {
         /// Which datasets (mnist, fashion-mnist); all when empty.
         datasets: Vec<String>,
     },
+    /// Serves a federation: clients join over WebSockets at /ws.
+    Serve(ServeArgs),
+    /// Joins a server as one native client (reconnects if the server restarts).
+    Client {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        server: String,
+        /// Folder holding the datasets (demo shards are loaded from here).
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Runs many native clients in one process.
+    Swarm {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        server: String,
+        /// Number of clients.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Re-draws the plot and tables from CSVs written by earlier runs.
     Report {
         /// CSV files (one per run) to include.
@@ -52,6 +78,79 @@ enum Command {
         #[arg(long)]
         markdown: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (0.0.0.0:8080 to accept other machines).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// Dataset of the demo shards and the test set.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Folder holding the datasets.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    max_train: Option<usize>,
+    /// How the training set is cut into demo shards.
+    #[arg(long, default_value = "long-tail:10")]
+    partition: PartitionSpec,
+    /// K: demo shards.
+    #[arg(long, default_value_t = 100)]
+    shards: usize,
+    /// c: participants per round.
+    #[arg(long, default_value_t = 20)]
+    participants: usize,
+    /// Ready clients needed before a round starts.
+    #[arg(long, default_value_t = 2)]
+    min_clients: usize,
+    /// Rounds to run.
+    #[arg(long, default_value_t = 50)]
+    rounds: u32,
+    /// fedavg, fedprox, astraea, astraea-aug or astraea-sched.
+    #[arg(long, default_value = "astraea")]
+    strategy: StrategyKind,
+    /// gamma: most clients per mediator.
+    #[arg(long, default_value_t = 10)]
+    gamma: usize,
+    /// E_m: passes of a mediator over its clients per round.
+    #[arg(long, default_value_t = 2)]
+    mediator_passes: usize,
+    /// tau_d of the z-score plan.
+    #[arg(long, default_value_t = 3.5)]
+    tau_d: f64,
+    /// Use the ICCD plan with this alpha instead.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// E: local epochs per hop.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 20)]
+    batch: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// FedProx mu.
+    #[arg(long, default_value_t = 0.01)]
+    prox_mu: f64,
+    /// Seconds a client has for one hop before it is skipped.
+    #[arg(long, default_value_t = 60.0)]
+    hop_deadline: f64,
+    /// Largest WebSocket frame in bytes.
+    #[arg(long, default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Send weights as f16 (half the traffic).
+    #[arg(long)]
+    f16: bool,
+    /// Seed of the shards, the initial model and participant sampling.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Folder of static files served at /.
+    #[arg(long, default_value = "static")]
+    static_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +217,27 @@ struct SimulateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Simulate(args) => simulate_command(args),
+        Command::Serve(args) => runtime()?.block_on(serve_command(args)),
+        Command::Client { server, data_dir } => runtime()?.block_on(async {
+            let options = client_options(server, data_dir, None);
+            let summary = client::run_client(options, Default::default()).await?;
+            println!("client done: {summary:?}");
+            Ok(())
+        }),
+        Command::Swarm {
+            server,
+            clients,
+            data_dir,
+        } => runtime()?.block_on(async {
+            let results = client::run_swarm(clients, client_options(server, data_dir, None)).await;
+            for (i, result) in results.iter().enumerate() {
+                match result {
+                    Ok(summary) => println!("client {i}: {summary:?}"),
+                    Err(e) => println!("client {i}: {e:#}"),
+                }
+            }
+            Ok(())
+        }),
         Command::FetchData { data_dir, datasets } => {
             astraea_server::fetch_data::fetch_data(&data_dir, &datasets)
         }
@@ -138,6 +258,84 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn client_options(
+    server: String,
+    data_dir: PathBuf,
+    max_attempts: Option<u32>,
+) -> client::ClientOptions {
+    client::ClientOptions {
+        url: server,
+        data_dir,
+        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
+        max_attempts,
+    }
+}
+
+async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig {
+        dataset: args.dataset,
+        data_dir: args.data_dir,
+        max_train: args.max_train,
+        partition: args.partition,
+        shards: args.shards,
+        participants: args.participants,
+        min_clients: args.min_clients,
+        rounds: args.rounds,
+        strategy: args.strategy,
+        settings: StrategySettings {
+            plan_rule: match args.alpha {
+                Some(alpha) => PlanRule::Alpha { alpha },
+                None => PlanRule::ZScore { tau_d: args.tau_d },
+            },
+            rescheduling: Rescheduling {
+                gamma: args.gamma,
+                passes: args.mediator_passes,
+            },
+            prox_mu: args.prox_mu,
+        },
+        epochs: args.epochs,
+        batch_size: args.batch,
+        learning_rate: args.lr,
+        hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
+        max_frame_bytes: args.max_frame_bytes,
+        encoding: if args.f16 {
+            WeightEncoding::F16
+        } else {
+            WeightEncoding::F32
+        },
+        seed: args.seed,
+        static_dir: args.static_dir,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| format!("binding {}", args.bind))?;
+    let address = listener.local_addr()?;
+    let running = serve::start(listener, config).await?;
+    println!("astraea serving on http://{address}/ (clients join at ws://{address}/ws)");
+    tokio::select! {
+        outcome = running.coordinator => {
+            outcome??;
+            println!("run finished; still serving the results, Ctrl-C to stop");
+            tokio::signal::ctrl_c().await?;
+        }
+        _ = tokio::signal::ctrl_c() => println!("stopping"),
+    }
+    Ok(())
 }
 
 fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {

@@ -219,7 +219,7 @@ impl WeightAssembler {
         }
         let width = self.encoding.value_bytes();
         let header = ChunkHeader::read(frame).ok_or(FrameError::Ragged { got: frame.len() })?;
-        if (frame.len() - HEADER_BYTES) % width != 0 {
+        if !(frame.len() - HEADER_BYTES).is_multiple_of(width) {
             return Err(FrameError::Ragged { got: frame.len() });
         }
         if (header.round, header.hop, header.index, header.count)
@@ -351,7 +351,7 @@ mod tests {
             })
         ));
         assert_eq!(
-            assembler.push(&vec![0u8; 65]),
+            assembler.push(&[0u8; 65]),
             Err(FrameError::TooLarge { got: 65, limit: 64 })
         );
         assert_eq!(

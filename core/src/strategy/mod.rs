@@ -143,6 +143,40 @@ impl StrategyKind {
     }
 }
 
+/// The knobs every strategy kind may read when it is built.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StrategySettings {
+    /// The augmentation rule (Astraea and its augmentation ablation).
+    pub plan_rule: crate::astraea::PlanRule,
+    /// Mediator size and passes (Astraea and its rescheduling ablation).
+    pub rescheduling: Rescheduling,
+    /// FedProx mu.
+    pub prox_mu: f64,
+}
+
+impl StrategyKind {
+    /// Builds the strategy this kind names.
+    pub fn build(self, settings: &StrategySettings) -> Box<dyn Strategy> {
+        match self {
+            StrategyKind::FedAvg => Box::new(FedAvg),
+            StrategyKind::FedProx => Box::new(FedProx {
+                mu: settings.prox_mu,
+            }),
+            StrategyKind::Astraea => {
+                Box::new(Astraea::full(settings.plan_rule, settings.rescheduling))
+            }
+            StrategyKind::AstraeaAugmentation => Box::new(Astraea {
+                augmentation: Some(settings.plan_rule),
+                rescheduling: None,
+            }),
+            StrategyKind::AstraeaRescheduling => Box::new(Astraea {
+                augmentation: None,
+                rescheduling: Some(settings.rescheduling),
+            }),
+        }
+    }
+}
+
 impl std::str::FromStr for StrategyKind {
     type Err = String;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::partition::PartitionSpec;
-use astraea_core::strategy::{Astraea, FedAvg, FedProx, Rescheduling, Strategy, StrategyKind};
+use astraea_core::strategy::{Rescheduling, Strategy, StrategyKind, StrategySettings};
 
 /// Settings shared by every run of one `simulate` invocation.
 #[derive(Debug, Clone)]
@@ -91,22 +91,20 @@ impl RunSpec {
 
     /// Builds the strategy object for this run.
     pub fn strategy(&self, config: &SimConfig) -> Box<dyn Strategy> {
-        let rescheduling = Rescheduling {
-            gamma: config.gamma,
-            passes: config.mediator_passes,
-        };
-        match self.strategy {
-            StrategyKind::FedAvg => Box::new(FedAvg),
-            StrategyKind::FedProx => Box::new(FedProx { mu: config.prox_mu }),
-            StrategyKind::Astraea => Box::new(Astraea::full(config.plan_rule, rescheduling)),
-            StrategyKind::AstraeaAugmentation => Box::new(Astraea {
-                augmentation: Some(config.plan_rule),
-                rescheduling: None,
-            }),
-            StrategyKind::AstraeaRescheduling => Box::new(Astraea {
-                augmentation: None,
-                rescheduling: Some(rescheduling),
-            }),
+        self.strategy.build(&config.strategy_settings())
+    }
+}
+
+impl SimConfig {
+    /// The strategy knobs of this configuration.
+    pub fn strategy_settings(&self) -> StrategySettings {
+        StrategySettings {
+            plan_rule: self.plan_rule,
+            rescheduling: Rescheduling {
+                gamma: self.gamma,
+                passes: self.mediator_passes,
+            },
+            prox_mu: self.prox_mu,
         }
     }
 }

@@ -1,0 +1,49 @@
+//! What a served run is made of.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use astraea_core::partition::PartitionSpec;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::{StrategyKind, StrategySettings};
+
+/// Settings of one served run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Dataset of the demo shards and of the server's test set.
+    pub dataset: String,
+    /// Folder holding the datasets.
+    pub data_dir: PathBuf,
+    /// Use only the first this many training samples (small demos, tests).
+    pub max_train: Option<usize>,
+    /// How the training set is cut into demo shards.
+    pub partition: PartitionSpec,
+    /// K: demo shards; the n-th client to join gets shard n mod K.
+    pub shards: usize,
+    /// c: participants per round.
+    pub participants: usize,
+    /// Clients that must be ready before a round starts.
+    pub min_clients: usize,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// The strategy.
+    pub strategy: StrategyKind,
+    /// Its knobs.
+    pub settings: StrategySettings,
+    /// Local epochs per hop (E).
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Time a client has for one hop before it is skipped.
+    pub hop_deadline: Duration,
+    /// Largest WebSocket frame accepted or sent.
+    pub max_frame_bytes: usize,
+    /// Encoding of the weights the server sends.
+    pub encoding: WeightEncoding,
+    /// Seed of the partition, the initial model and participant sampling.
+    pub seed: u64,
+    /// Folder of static files served at `/`.
+    pub static_dir: PathBuf,
+}

@@ -1,0 +1,341 @@
+//! The round loop of a served run. Each round it picks c ready clients, lets
+//! the strategy group them, hosts every group's chain itself — the model goes
+//! to a client, comes back, goes to the next — with the groups in parallel,
+//! then aggregates, evaluates on the test set and records the round.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use astraea_core::data::Dataset;
+use astraea_core::model::ModelConfig;
+use astraea_core::partition::kl_to_uniform;
+use astraea_core::protocol::{ModelSpec, ServerMessage, TaskSpec, encode_chunks};
+use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
+use astraea_core::train::{self, Samples};
+use astraea_core::weights::Weights;
+use burn::prelude::*;
+use futures_util::future::join_all;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use tokio::sync::oneshot;
+
+use super::config::ServeConfig;
+use super::state::{AppState, HopReply, MediatorStatus, Outbound, Pending, Phase};
+use crate::report::RoundRecord;
+use crate::simulate::runner::model_config_for;
+
+/// What the server holds of the data: the shards' indices and the test set.
+pub struct ServerData {
+    /// The model trained.
+    pub model: ModelSpec,
+    /// Its configuration.
+    pub model_config: ModelConfig,
+    /// Training-set indices per demo shard.
+    pub shards: Vec<Vec<usize>>,
+    /// The balanced test set the server evaluates on.
+    pub test: Arc<Dataset>,
+}
+
+impl ServerData {
+    /// Cuts the training set into shards and keeps the balanced test set.
+    pub fn prepare(config: &ServeConfig, train: Dataset, test: Dataset) -> anyhow::Result<Self> {
+        let train = match config.max_train {
+            Some(n) if n < train.len() => train.subset(&(0..n).collect::<Vec<_>>()),
+            _ => train,
+        };
+        let partition = config
+            .partition
+            .build(
+                &train.labels,
+                &test.labels,
+                train.num_classes(),
+                config.shards,
+                config.seed,
+            )
+            .context("cutting the training set into shards")?;
+        let model_config = model_config_for(&train);
+        let params = Weights::shapes_of(&model_config.init(&Device::flex()))
+            .iter()
+            .map(|s| s.numel())
+            .sum();
+        Ok(Self {
+            model: ModelSpec::new(&model_config, params),
+            model_config,
+            shards: partition.clients,
+            test: Arc::new(test.subset(&partition.test_indices)),
+        })
+    }
+}
+
+/// Runs the configured number of rounds.
+pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
+    let config = &state.config;
+    let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
+    let device = Device::flex();
+    device.seed(config.seed);
+    let mut global = Weights::from_model(&data.model_config.init(&device));
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let start = Instant::now();
+    let mut planned = false;
+    for round in 1..=config.rounds {
+        wait_for_ready(&state, config.min_clients).await;
+        if !planned {
+            planned = true;
+            if send_plan(&state, strategy.as_ref()) {
+                wait_for_ready(&state, config.min_clients).await;
+            }
+        }
+        let participants = pick_participants(&state, config.participants, &mut rng);
+        let plan = strategy.configure_round(&participants);
+        let mediators: Vec<MediatorStatus> = plan
+            .groups
+            .iter()
+            .map(|g| MediatorStatus {
+                members: g.members.iter().map(|&m| m as u64).collect(),
+                kl: group_kl(g, &participants),
+            })
+            .collect();
+        let mean_kl = mediators.iter().map(|m| m.kl).sum::<f64>() / mediators.len().max(1) as f64;
+        {
+            let mut status = state.status();
+            status.phase = Phase::Training;
+            status.round = round;
+            status.mediators = mediators;
+        }
+        let chains = plan.groups.iter().enumerate().map(|(index, group)| {
+            run_chain(
+                state.clone(),
+                index,
+                group.clone(),
+                round,
+                global.values.clone(),
+                plan.prox_mu,
+            )
+        });
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        for outcome in join_all(chains).await {
+            match outcome {
+                Ok(result) => results.push(result),
+                Err(failure) => failures.push(failure),
+            }
+        }
+        if let Some(values) = strategy.aggregate(&global.values, &results, &failures) {
+            global.values = values;
+        }
+        let (model_config, weights, test) =
+            (data.model_config.clone(), global.clone(), data.test.clone());
+        let eval = tokio::task::spawn_blocking(move || {
+            let samples = Samples {
+                images: &test.images,
+                labels: &test.labels,
+            };
+            train::evaluate(&model_config, &weights, samples, 500, &Device::flex())
+        })
+        .await??;
+        let record = RoundRecord {
+            round: round as usize,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+            bytes_up: state.bytes_up.load(Ordering::Relaxed),
+            bytes_down: state.bytes_down.load(Ordering::Relaxed),
+            mean_kl,
+            wall_s: start.elapsed().as_secs_f64(),
+            train_samples: 0,
+            train_s: 0.0,
+        };
+        tracing::info!(
+            round,
+            accuracy = eval.accuracy,
+            failures = failures.len(),
+            "round done"
+        );
+        state.status().history.push(record);
+        let done = ServerMessage::RoundDone {
+            round,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+        };
+        for entry in state.clients().values() {
+            entry.send(&done);
+        }
+    }
+    state.status().phase = Phase::Finished;
+    Ok(())
+}
+
+/// Waits until at least `min` clients have usable counts.
+async fn wait_for_ready(state: &AppState, min: usize) {
+    loop {
+        let notified = state.changed.notified();
+        let ready = state
+            .clients()
+            .values()
+            .filter(|c| c.counts.is_some())
+            .count();
+        if ready >= min.max(1) {
+            return;
+        }
+        state.status().phase = Phase::Waiting;
+        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+    }
+}
+
+/// Computes the strategy's data plan from the clients' raw counts and sends
+/// it to them; returns whether a plan was sent. Clients joining later get it
+/// on their first `ready`.
+fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
+    let mut clients = state.clients();
+    let raw: Vec<Vec<usize>> = clients
+        .values()
+        .filter_map(|c| c.raw_counts.clone())
+        .collect();
+    let Some(plan) = strategy.data_plan(&raw) else {
+        return false;
+    };
+    state.status().plan = Some(plan.ratios.clone());
+    for (&id, entry) in clients.iter_mut() {
+        if entry.raw_counts.is_some() && !entry.plan_sent {
+            entry.plan_sent = true;
+            entry.counts = None;
+            entry.send(&ServerMessage::Plan {
+                ratios: plan.ratios.clone(),
+                seed: state.config.seed ^ id,
+            });
+        }
+    }
+    tracing::info!(ratios = ?plan.ratios, "data plan sent");
+    true
+}
+
+/// Draws up to `c` of the ready clients.
+fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Participant> {
+    let clients = state.clients();
+    let ready: Vec<Participant> = clients
+        .iter()
+        .filter_map(|(&id, entry)| {
+            entry.counts.clone().map(|counts| Participant {
+                id: id as usize,
+                counts,
+            })
+        })
+        .collect();
+    let n = c.min(ready.len());
+    let mut chosen: Vec<usize> = sample(rng, ready.len(), n).into_vec();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| ready[i].clone()).collect()
+}
+
+fn group_kl(group: &Group, participants: &[Participant]) -> f64 {
+    let mut combined: Vec<usize> = Vec::new();
+    for p in participants
+        .iter()
+        .filter(|p| group.members.contains(&p.id))
+    {
+        combined.resize(p.counts.len(), 0);
+        for (c, n) in combined.iter_mut().zip(&p.counts) {
+            *c += n;
+        }
+    }
+    kl_to_uniform(&combined)
+}
+
+/// Runs one group's chain; a member that leaves or misses its deadline is
+/// skipped and the chain goes on with the weights it had.
+async fn run_chain(
+    state: Arc<AppState>,
+    index: usize,
+    group: Group,
+    round: u32,
+    global: Vec<f32>,
+    prox_mu: f64,
+) -> Result<GroupResult, GroupFailure> {
+    let mut weights = global;
+    let mut samples = vec![None; group.members.len()];
+    let mut hop = 0u32;
+    for _ in 0..group.passes {
+        for (position, &member) in group.members.iter().enumerate() {
+            hop += 1;
+            let task = TaskSpec {
+                round,
+                hop: index as u32 * 10_000 + hop,
+                epochs: state.config.epochs,
+                batch_size: state.config.batch_size,
+                learning_rate: state.config.learning_rate,
+                prox_mu,
+                deadline_ms: state.config.hop_deadline.as_millis() as u64,
+                seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
+                encoding: state.config.encoding,
+                chunks: 0,
+            };
+            match run_hop(&state, member as u64, task, &weights).await {
+                Ok(reply) => {
+                    weights = reply.weights;
+                    samples[position] = Some(reply.samples);
+                }
+                Err(reason) => {
+                    state.status().skipped_hops += 1;
+                    tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
+                }
+            }
+        }
+    }
+    let trained: u64 = samples.iter().flatten().sum();
+    if samples.iter().all(Option::is_none) {
+        return Err(GroupFailure {
+            group: index,
+            reason: "every hop was skipped".into(),
+        });
+    }
+    Ok(GroupResult {
+        group: index,
+        weights,
+        samples: trained,
+    })
+}
+
+/// Sends one task and waits for its update, at most the hop deadline.
+async fn run_hop(
+    state: &AppState,
+    client: u64,
+    mut task: TaskSpec,
+    weights: &[f32],
+) -> Result<HopReply, String> {
+    let frames = encode_chunks(
+        task.round,
+        task.hop,
+        weights,
+        task.encoding,
+        state.config.max_frame_bytes,
+    );
+    task.chunks = frames.len() as u32;
+    let (reply_tx, reply_rx) = oneshot::channel();
+    {
+        let mut clients = state.clients();
+        let entry = clients
+            .get_mut(&client)
+            .ok_or("client left before its hop")?;
+        entry.pending = Some(Pending {
+            round: task.round,
+            hop: task.hop,
+            reply: reply_tx,
+        });
+        entry.send(&ServerMessage::Task(task.clone()));
+        for frame in frames {
+            let _ = entry.tx.send(Outbound::Binary(frame));
+        }
+    }
+    match tokio::time::timeout(state.config.hop_deadline, reply_rx).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(_)) => Err("client left or gave up during its hop".into()),
+        Err(_) => {
+            if let Some(entry) = state.clients().get_mut(&client) {
+                entry.pending = None;
+            }
+            Err(format!("no update within {:?}", state.config.hop_deadline))
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! `astraea serve`: the federation over WebSockets.
+//!
+//! - [`config`]: what a served run is made of.
+//! - [`state`]: the shared state: connected clients, the run's status.
+//! - [`connection`]: one client's WebSocket: parse, validate, forward.
+//! - [`coordinator`]: the round loop: pick participants, host the mediators'
+//!   chains, aggregate, evaluate.
+//! - [`app`]: the HTTP routes (`/ws`, `/api/status`, `/api/rounds`, static files).
+
+pub mod app;
+pub mod config;
+pub mod connection;
+pub mod coordinator;
+pub mod state;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use astraea_core::data::catalog::load_named;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use config::ServeConfig;
+pub use state::AppState;
+
+/// A server started by [`start`].
+pub struct Running {
+    /// The shared state, for tests and the binary's logs.
+    pub state: Arc<AppState>,
+    /// The HTTP server.
+    pub server: JoinHandle<()>,
+    /// The round loop; ends when the run has done its rounds.
+    pub coordinator: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Loads the data, then serves on `listener` and starts the round loop.
+pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    let data = coordinator::ServerData::prepare(&config, train, test)?;
+    let state = Arc::new(AppState::new(
+        config,
+        data.model.clone(),
+        data.shards.clone(),
+    ));
+    let router = app::app(state.clone());
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("http server stopped: {e}");
+        }
+    });
+    let coordinator = tokio::spawn(coordinator::run(state.clone(), data));
+    Ok(Running {
+        state,
+        server,
+        coordinator,
+    })
+}

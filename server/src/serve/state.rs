@@ -1,0 +1,185 @@
+//! The server's shared state: who is connected, what they hold, and how the
+//! run is going. Locks are held only for short bookkeeping, never across an
+//! await.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use astraea_core::protocol::{ModelSpec, ServerMessage};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::config::ServeConfig;
+use crate::report::RoundRecord;
+
+/// A frame queued for one client's socket.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A JSON text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+    /// Close the socket after what is queued.
+    Close,
+}
+
+/// A client's answer to one hop.
+#[derive(Debug)]
+pub struct HopReply {
+    /// The weights after training.
+    pub weights: Vec<f32>,
+    /// Samples the client trained on.
+    pub samples: u64,
+    /// Mean training loss.
+    pub loss: f64,
+}
+
+/// A hop the coordinator is waiting for.
+#[derive(Debug)]
+pub struct Pending {
+    /// Round of the task.
+    pub round: u32,
+    /// Hop of the task.
+    pub hop: u32,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<HopReply>,
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct ClientEntry {
+    /// Backend the client trains on.
+    pub backend: String,
+    /// Its socket's outgoing queue.
+    pub tx: mpsc::UnboundedSender<Outbound>,
+    /// Label counts before any plan, from its first `ready`.
+    pub raw_counts: Option<Vec<usize>>,
+    /// Label counts usable for scheduling: post-plan when a plan exists.
+    pub counts: Option<Vec<usize>>,
+    /// Whether the plan was sent to it.
+    pub plan_sent: bool,
+    /// The hop it is working on.
+    pub pending: Option<Pending>,
+}
+
+impl ClientEntry {
+    /// Queues a message; a closed socket is noticed by its own handler.
+    pub fn send(&self, message: &ServerMessage) {
+        let _ = self.tx.send(Outbound::Text(message.to_json()));
+    }
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Waiting for enough ready clients.
+    Waiting,
+    /// A round is running.
+    Training,
+    /// All rounds done.
+    Finished,
+}
+
+/// A mediator of the current round, for `/api/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MediatorStatus {
+    /// Client ids in chain order.
+    pub members: Vec<u64>,
+    /// KL to uniform of their combined counts.
+    pub kl: f64,
+}
+
+/// The run as `/api/status` and `/api/rounds` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStatus {
+    /// Phase.
+    pub phase: Phase,
+    /// Current (or last) round.
+    pub round: u32,
+    /// Rounds planned.
+    pub rounds: u32,
+    /// Strategy name.
+    pub strategy: String,
+    /// The augmentation plan, once computed.
+    pub plan: Option<Vec<f64>>,
+    /// The current round's mediators (or clients, for FedAvg).
+    pub mediators: Vec<MediatorStatus>,
+    /// Hops skipped because a client left or missed its deadline.
+    pub skipped_hops: u64,
+    /// The metrics history, one record per finished round.
+    pub history: Vec<RoundRecord>,
+}
+
+/// Everything the handlers and the coordinator share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The run's settings.
+    pub config: ServeConfig,
+    /// The model being trained.
+    pub model: ModelSpec,
+    /// Training-set indices of each demo shard.
+    pub shards: Vec<Vec<usize>>,
+    /// Connected clients by id.
+    pub clients: Mutex<BTreeMap<u64, ClientEntry>>,
+    /// The run.
+    pub status: Mutex<RunStatus>,
+    /// Signalled when a client joins, becomes ready or leaves.
+    pub changed: Notify,
+    /// Next client id.
+    next_id: AtomicU64,
+    /// Frames refused as malformed, misshapen, non-finite or too large.
+    pub rejections: AtomicU64,
+    /// Bytes received from clients.
+    pub bytes_up: AtomicU64,
+    /// Bytes sent to clients.
+    pub bytes_down: AtomicU64,
+}
+
+impl AppState {
+    /// Fresh state for a run.
+    pub fn new(config: ServeConfig, model: ModelSpec, shards: Vec<Vec<usize>>) -> Self {
+        let status = RunStatus {
+            phase: Phase::Waiting,
+            round: 0,
+            rounds: config.rounds,
+            strategy: config.strategy.as_str().to_string(),
+            plan: None,
+            mediators: vec![],
+            skipped_hops: 0,
+            history: vec![],
+        };
+        Self {
+            config,
+            model,
+            shards,
+            clients: Mutex::new(BTreeMap::new()),
+            status: Mutex::new(status),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+            rejections: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        }
+    }
+
+    /// A new client id.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Locks the client table.
+    pub fn clients(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientEntry>> {
+        self.clients
+            .lock()
+            .expect("no handler panics while holding the lock")
+    }
+
+    /// Locks the run status.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, RunStatus> {
+        self.status
+            .lock()
+            .expect("no handler panics while holding the lock")
+    }
+}

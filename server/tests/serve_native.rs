@@ -1,0 +1,265 @@
+//! A real server on 127.0.0.1:0 with real native clients over WebSockets,
+//! training on real MNIST shards.
+
+use std::path::Path;
+use std::time::Duration;
+
+use astraea_core::astraea::PlanRule;
+use astraea_core::partition::PartitionSpec;
+use astraea_core::protocol::{
+    ClientMessage, DataSource, ServerMessage, UpdateSpec, WeightEncoding, encode_chunks,
+};
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_server::client::{ClientOptions, run_swarm};
+use astraea_server::serve::state::Phase;
+use astraea_server::serve::{self, Running, ServeConfig};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+fn data_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
+
+fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
+    ServeConfig {
+        dataset: "mnist".into(),
+        data_dir: data_dir(),
+        max_train: Some(3000),
+        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
+        shards: clients,
+        participants: clients,
+        min_clients: clients,
+        rounds,
+        strategy,
+        settings: StrategySettings {
+            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+            rescheduling: Rescheduling {
+                gamma: 3,
+                passes: 2,
+            },
+            prox_mu: 0.01,
+        },
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 1e-3,
+        hop_deadline: Duration::from_secs(60),
+        max_frame_bytes: 64 * 1024,
+        encoding: WeightEncoding::F32,
+        seed: 3,
+        static_dir: std::env::temp_dir(),
+    }
+}
+
+async fn start(config: ServeConfig) -> (Running, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    (serve::start(listener, config).await.unwrap(), address)
+}
+
+fn options(address: &str) -> ClientOptions {
+    ClientOptions {
+        url: format!("ws://{address}/ws"),
+        data_dir: data_dir(),
+        max_frame_bytes: 64 * 1024,
+        max_attempts: Some(1),
+    }
+}
+
+/// A plain HTTP/1.1 GET over loopback; returns the body.
+async fn http_get(address: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
+    // Prepare
+    let (running, address) = start(config(StrategyKind::Astraea, 6, 3)).await;
+    let swarm = tokio::spawn(run_swarm(6, options(&address)));
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+    let status = http_get(&address, "/api/status").await;
+    let rounds = http_get(&address, "/api/rounds").await;
+    swarm.abort();
+
+    // Assert
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 3);
+    assert!(
+        history[2].accuracy > history[0].accuracy && history[2].accuracy > 0.3,
+        "accuracy by round: {:?}",
+        history.iter().map(|r| r.accuracy).collect::<Vec<_>>()
+    );
+    assert!(history[2].bytes_down > history[0].bytes_down);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["phase"], "finished");
+    assert_eq!(status["round"], 3);
+    assert_eq!(status["strategy"], "astraea");
+    assert_eq!(status["mediators"].as_array().unwrap().len(), 2);
+    assert!(status["plan"].as_array().is_some(), "{status}");
+    let rounds: serde_json::Value = serde_json::from_str(&rounds).unwrap();
+    assert_eq!(rounds.as_array().unwrap().len(), 3);
+    assert_eq!(running.state.status().phase, Phase::Finished);
+}
+
+/// Joins by hand and returns the socket after the welcome.
+async fn join(
+    address: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    let join = ClientMessage::Join {
+        version: 1,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Own {
+            counts: vec![5; 10],
+        },
+    };
+    socket
+        .send(Message::Text(join.to_json().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(welcome))) = socket.next().await else {
+        panic!("no welcome")
+    };
+    assert!(matches!(
+        ServerMessage::from_json(&welcome).unwrap(),
+        ServerMessage::Welcome { .. }
+    ));
+    socket
+}
+
+/// Reads frames until the server's error message; returns it.
+async fn next_error(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> ServerMessage {
+    while let Some(Ok(frame)) = socket.next().await {
+        if let Message::Text(text) = frame {
+            let message = ServerMessage::from_json(&text).unwrap();
+            if matches!(message, ServerMessage::Error { .. }) {
+                return message;
+            }
+        }
+    }
+    panic!("the server closed without an error frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_frame_and_a_drop() {
+    // Prepare: a server that never starts a round (it waits for 50 clients).
+    let mut cfg = config(StrategyKind::FedAvg, 50, 1);
+    cfg.min_clients = 50;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let update = |chunks: u32| {
+        ClientMessage::Update(UpdateSpec {
+            round: 1,
+            hop: 1,
+            samples: 5,
+            loss: 0.1,
+            seconds: 0.1,
+            encoding: WeightEncoding::F32,
+            chunks,
+        })
+        .to_json()
+    };
+
+    // Execute and assert, one kind of bad input after another.
+    let mut malformed = join(&address).await;
+    malformed
+        .send(Message::Text("{\"type\":\"teleport\"}".into()))
+        .await
+        .unwrap();
+    let ServerMessage::Error { code, .. } = next_error(&mut malformed).await else {
+        unreachable!()
+    };
+    assert_eq!(code, astraea_core::protocol::ErrorCode::Malformed);
+
+    let mut short = join(&address).await;
+    let frames = encode_chunks(1, 1, &vec![0.5; params - 1], WeightEncoding::F32, 64 * 1024);
+    short
+        .send(Message::Text(update(frames.len() as u32).into()))
+        .await
+        .unwrap();
+    for frame in frames {
+        short.send(Message::Binary(frame.into())).await.unwrap();
+    }
+    let ServerMessage::Error { code, message } = next_error(&mut short).await else {
+        unreachable!()
+    };
+    assert_eq!(code, astraea_core::protocol::ErrorCode::Shape, "{message}");
+    assert!(message.contains(&format!("expected {params}")), "{message}");
+
+    let mut nan = join(&address).await;
+    let mut values = vec![0.5; params];
+    values[10] = f32::NAN;
+    let frames = encode_chunks(1, 1, &values, WeightEncoding::F32, 64 * 1024);
+    nan.send(Message::Text(update(frames.len() as u32).into()))
+        .await
+        .unwrap();
+    // The server drops the client at the first bad chunk, so later sends
+    // may find the socket closed.
+    for frame in frames {
+        let _ = nan.send(Message::Binary(frame.into())).await;
+    }
+    let ServerMessage::Error { code, .. } = next_error(&mut nan).await else {
+        unreachable!()
+    };
+    assert_eq!(code, astraea_core::protocol::ErrorCode::NonFinite);
+
+    // Dropped clients are gone, and every refusal was counted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(running.state.clients().len(), 0);
+    assert_eq!(
+        running
+            .state
+            .rejections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert!(running.state.status().history.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_for_its_version_stops_without_retrying() {
+    let (_running, address) = start(config(StrategyKind::FedAvg, 2, 1)).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    let join = ClientMessage::Join {
+        version: 99,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Demo,
+    };
+
+    socket
+        .send(Message::Text(join.to_json().into()))
+        .await
+        .unwrap();
+    let error = next_error(&mut socket).await;
+
+    assert!(matches!(
+        error,
+        ServerMessage::Error {
+            code: astraea_core::protocol::ErrorCode::Version,
+            ..
+        }
+    ));
+}
