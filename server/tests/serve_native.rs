@@ -263,3 +263,45 @@ async fn a_client_refused_for_its_version_stops_without_retrying() {
         }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_in_the_middle_of_a_chain_is_skipped_and_the_round_completes() {
+    // Prepare: one mediator of four (three real clients and one that dies
+    // as soon as its task arrives), rescheduling only so no plan intervenes.
+    let mut cfg = config(StrategyKind::AstraeaRescheduling, 4, 1);
+    cfg.settings.rescheduling = Rescheduling {
+        gamma: 4,
+        passes: 2,
+    };
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let mut doomed = join(&address).await;
+
+    // Execute: wait for the doomed client's task, then vanish mid-chain.
+    loop {
+        match doomed.next().await {
+            Some(Ok(Message::Text(text)))
+                if matches!(ServerMessage::from_json(&text), Ok(ServerMessage::Task(_))) =>
+            {
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("socket ended before a task: {other:?}"),
+        }
+    }
+    drop(doomed);
+    tokio::time::timeout(Duration::from_secs(120), running.coordinator)
+        .await
+        .expect("the round completes without the vanished client")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+
+    // Assert
+    let status = running.state.status().clone();
+    assert_eq!(status.history.len(), 1);
+    assert!(status.skipped_hops >= 1, "skipped {}", status.skipped_hops);
+    assert_eq!(status.mediators.len(), 1);
+    assert_eq!(status.mediators[0].members.len(), 4);
+    assert!(status.history[0].accuracy > 0.1, "{:?}", status.history[0]);
+}
