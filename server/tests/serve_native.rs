@@ -305,3 +305,97 @@ async fn a_client_killed_in_the_middle_of_a_chain_is_skipped_and_the_round_compl
     assert_eq!(status.mediators[0].members.len(), 4);
     assert!(status.history[0].accuracy > 0.1, "{:?}", status.history[0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on() {
+    // Prepare: five honest clients and one that answers round 1 by echoing
+    // the weights and round 2 by pushing them 100 away in every coordinate.
+    let (running, address) = start(config(StrategyKind::FedAvg, 6, 2)).await;
+    let swarm = tokio::spawn(run_swarm(5, options(&address)));
+    let mut hostile = join(&address).await;
+    let params = running.state.model.params;
+
+    // Execute
+    let mut outcome = None;
+    while let Some(Ok(frame)) = hostile.next().await {
+        let Message::Text(text) = frame else { continue };
+        match ServerMessage::from_json(&text).unwrap() {
+            ServerMessage::Task(task) => {
+                let mut values = Vec::with_capacity(params);
+                let mut assembler = astraea_core::protocol::WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    64 * 1024,
+                );
+                while values.is_empty() {
+                    let Some(Ok(Message::Binary(chunk))) = hostile.next().await else {
+                        panic!("chunks")
+                    };
+                    if let Some(done) = assembler.push(&chunk).unwrap() {
+                        values = done;
+                    }
+                }
+                if task.round == 2 {
+                    values.iter_mut().for_each(|v| *v += 100.0);
+                }
+                let frames = encode_chunks(
+                    task.round,
+                    task.hop,
+                    &values,
+                    WeightEncoding::F32,
+                    64 * 1024,
+                );
+                let update = ClientMessage::Update(UpdateSpec {
+                    round: task.round,
+                    hop: task.hop,
+                    samples: 50,
+                    loss: 0.1,
+                    seconds: 0.1,
+                    encoding: WeightEncoding::F32,
+                    chunks: frames.len() as u32,
+                });
+                hostile
+                    .send(Message::Text(update.to_json().into()))
+                    .await
+                    .unwrap();
+                for frame in frames {
+                    hostile.send(Message::Binary(frame.into())).await.unwrap();
+                }
+            }
+            error @ ServerMessage::Error { .. } => {
+                outcome = Some(error);
+                break;
+            }
+            _ => {}
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), running.coordinator)
+        .await
+        .expect("round 2 completes without the hostile update")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+
+    // Assert
+    let Some(ServerMessage::Error { code, message }) = outcome else {
+        panic!("no error frame")
+    };
+    assert_eq!(code, astraea_core::protocol::ErrorCode::Outlier);
+    assert!(message.contains("median"), "{message}");
+    assert_eq!(
+        running
+            .state
+            .rejections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 2);
+    assert!(
+        history[1].accuracy > 0.2,
+        "the global model stayed sane: {history:?}"
+    );
+}

@@ -15,6 +15,7 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
+use super::guard::delta_norm;
 use super::state::{AppState, ClientEntry, HopReply, Outbound};
 
 /// Why a connection is closed by the server.
@@ -293,6 +294,22 @@ impl Connection {
         // A reply for an old round or hop is ignored.
         match entry.pending.take() {
             Some(p) if (p.round, p.hop) == (update.round, update.hop) => {
+                let norm = delta_norm(&weights, &p.sent);
+                if let Err(median) = self
+                    .state
+                    .guard
+                    .lock()
+                    .expect("no panic in the guard")
+                    .check(norm)
+                {
+                    // Dropping `p` fails the hop at once; the chain goes on.
+                    return Err(refuse(
+                        ErrorCode::Outlier,
+                        format!(
+                            "update rejected: it moved the weights by {norm:.3}, over 10x the median {median:.3} of recent updates"
+                        ),
+                    ));
+                }
                 let _ = p.reply.send(HopReply {
                     weights,
                     samples: update.samples,

@@ -322,6 +322,7 @@ async fn run_hop(
             round: task.round,
             hop: task.hop,
             reply: reply_tx,
+            sent: Arc::new(weights.to_vec()),
         });
         entry.send(&ServerMessage::Task(task.clone()));
         for frame in frames {

@@ -3,6 +3,7 @@
 //! - [`config`]: what a served run is made of.
 //! - [`state`]: the shared state: connected clients, the run's status.
 //! - [`connection`]: one client's WebSocket: parse, validate, forward.
+//! - [`guard`]: refuses updates whose norm is far above the recent ones.
 //! - [`coordinator`]: the round loop: pick participants, host the mediators'
 //!   chains, aggregate, evaluate.
 //! - [`app`]: the HTTP routes (`/ws`, `/api/status`, `/api/rounds`, static files).
@@ -11,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod connection;
 pub mod coordinator;
+pub mod guard;
 pub mod state;
 
 use std::sync::Arc;

@@ -44,6 +44,8 @@ pub struct Pending {
     pub hop: u32,
     /// Where the reply goes.
     pub reply: oneshot::Sender<HopReply>,
+    /// The weights sent, to measure how far the update moved them.
+    pub sent: std::sync::Arc<Vec<f32>>,
 }
 
 /// One connected client.
@@ -131,6 +133,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Frames refused as malformed, misshapen, non-finite or too large.
     pub rejections: AtomicU64,
+    /// Judges update norms against the recent ones.
+    pub guard: Mutex<super::guard::NormGuard>,
     /// Bytes received from clients.
     pub bytes_up: AtomicU64,
     /// Bytes sent to clients.
@@ -159,6 +163,7 @@ impl AppState {
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
             rejections: AtomicU64::new(0),
+            guard: Mutex::new(super::guard::NormGuard::default()),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
         }
