@@ -24,6 +24,9 @@ pub enum WeightsError {
         /// Index of the first bad value.
         index: usize,
     },
+    /// The bytes are not a readable safetensors file.
+    #[error("weights file is unreadable: {0}")]
+    Unreadable(String),
     /// The shapes differ from the model's.
     #[error("weight shapes differ from the model's at parameter {index} ({name})")]
     ShapeMismatch {
@@ -105,6 +108,59 @@ impl Weights {
             return Err(WeightsError::NonFinite { index });
         }
         Ok(())
+    }
+
+    /// The weights as a safetensors file: one F32 tensor per parameter,
+    /// named by its path in the module.
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let mut offset = 0;
+        let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(self.shapes.len());
+        for shape in &self.shapes {
+            let n = shape.numel();
+            let data = self.values[offset..offset + n]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            offset += n;
+            bytes.push((shape.name.clone(), shape.dims.clone(), data));
+        }
+        let views = bytes.iter().map(|(name, dims, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, dims.clone(), data)
+                    .expect("shape and byte length agree");
+            (name.clone(), view)
+        });
+        safetensors::serialize(views, None).expect("f32 tensors always serialise")
+    }
+
+    /// Reads weights for a model with `shapes` from a safetensors file.
+    pub fn from_safetensors(bytes: &[u8], shapes: &[ParamShape]) -> Result<Self, WeightsError> {
+        let file = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| WeightsError::Unreadable(e.to_string()))?;
+        let mut values = Vec::with_capacity(shapes.iter().map(ParamShape::numel).sum());
+        for (index, shape) in shapes.iter().enumerate() {
+            let mismatch = || WeightsError::ShapeMismatch {
+                index,
+                name: shape.name.clone(),
+            };
+            let tensor = file.tensor(&shape.name).map_err(|_| mismatch())?;
+            if tensor.dtype() != safetensors::Dtype::F32 || tensor.shape() != shape.dims.as_slice()
+            {
+                return Err(mismatch());
+            }
+            values.extend(
+                tensor
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        let weights = Self {
+            shapes: shapes.to_vec(),
+            values,
+        };
+        weights.check_fits(shapes)?;
+        Ok(weights)
     }
 
     /// Number of parameters.
@@ -193,6 +249,28 @@ mod tests {
         assert_eq!(original, reloaded);
         assert_eq!(original.shapes[0].name, "conv1.weight");
         assert_eq!(original.shapes[0].dims, vec![12, 1, 5, 5]);
+    }
+
+    #[test]
+    fn weights_round_trip_through_safetensors_and_misfits_are_refused() {
+        // Prepare
+        let device = Device::flex();
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&device));
+        let other = Weights::shapes_of(&ModelConfig::new(47).init(&device));
+
+        // Execute
+        let bytes = weights.to_safetensors();
+        let back = Weights::from_safetensors(&bytes, &weights.shapes).unwrap();
+        let misfit = Weights::from_safetensors(&bytes, &other).unwrap_err();
+        let garbage = Weights::from_safetensors(b"not a file", &weights.shapes).unwrap_err();
+
+        // Assert
+        assert_eq!(back, weights);
+        assert!(
+            matches!(misfit, WeightsError::ShapeMismatch { index: 8, .. }),
+            "{misfit}"
+        );
+        assert!(matches!(garbage, WeightsError::Unreadable(_)));
     }
 
     #[test]

@@ -151,6 +151,10 @@ struct ServeArgs {
     /// Folder of static files served at /.
     #[arg(long, default_value = "static")]
     static_dir: PathBuf,
+    /// Token for the admin actions (POST /api/admin/{pause,resume,stop}
+    /// with "Authorization: Bearer TOKEN"); without one they are refused.
+    #[arg(long, env = "ASTRAEA_ADMIN_TOKEN")]
+    admin_token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -320,6 +324,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         },
         seed: args.seed,
         static_dir: args.static_dir,
+        admin_token: args.admin_token,
     };
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await

@@ -48,6 +48,7 @@ fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
         encoding: WeightEncoding::F32,
         seed: 3,
         static_dir: std::env::temp_dir(),
+        admin_token: Some("s3cret".into()),
     }
 }
 
@@ -66,16 +67,49 @@ fn options(address: &str) -> ClientOptions {
     }
 }
 
-/// A plain HTTP/1.1 GET over loopback; returns the body.
-async fn http_get(address: &str, path: &str) -> String {
+/// A plain HTTP/1.1 request over loopback; returns the status and body.
+async fn http(address: &str, method: &str, path: &str, extra_header: &str) -> (u16, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{extra_header}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+/// A GET that must succeed; returns the body as text.
+async fn http_get(address: &str, path: &str) -> String {
+    let (status, body) = http(address, "GET", path, "").await;
+    assert_eq!(status, 200, "GET {path}");
+    String::from_utf8(body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,4 +432,66 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
         history[1].accuracy > 0.2,
         "the global model stayed sane: {history:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
+    // Prepare: a server waiting for clients that never come.
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+
+    // Execute
+    let (anonymous, _) = http(&address, "POST", "/api/admin/pause", "").await;
+    let (wrong, _) = http(
+        &address,
+        "POST",
+        "/api/admin/pause",
+        "Authorization: Bearer guess\r\n",
+    )
+    .await;
+    let (paused, body) = http(
+        &address,
+        "POST",
+        "/api/admin/pause",
+        "Authorization: Bearer s3cret\r\n",
+    )
+    .await;
+    let control_after_pause = running.state.control();
+    let (stopped, _) = http(
+        &address,
+        "POST",
+        "/api/admin/stop",
+        "Authorization: Bearer s3cret\r\n",
+    )
+    .await;
+    let (model_status, model) = http(&address, "GET", "/api/model", "").await;
+    let metrics = http_get(&address, "/metrics").await;
+
+    // Assert
+    assert_eq!(anonymous, 401);
+    assert_eq!(wrong, 401);
+    assert_eq!(paused, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(control_after_pause.paused && !control_after_pause.stopped);
+    assert_eq!(stopped, 200);
+    tokio::time::timeout(Duration::from_secs(10), running.coordinator)
+        .await
+        .expect("a stopped run ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(model_status, 200);
+    let shapes = running
+        .state
+        .global
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .shapes
+        .clone();
+    let weights = astraea_core::weights::Weights::from_safetensors(&model, &shapes).unwrap();
+    assert_eq!(weights.len(), running.state.model.params);
+    assert!(
+        metrics.contains("# TYPE astraea_rejections_total counter\nastraea_rejections_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("astraea_clients_connected 0"), "{metrics}");
 }

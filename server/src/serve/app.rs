@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use serde::Serialize;
 use tower_http::services::ServeDir;
 
@@ -23,6 +24,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/ws", get(websocket))
         .route("/api/status", get(status))
         .route("/api/rounds", get(rounds))
+        .route("/api/model", get(model))
+        .route("/metrics", get(metrics))
+        .route("/api/admin/{action}", post(admin))
         .fallback_service(ServeDir::new(static_dir))
         .with_state(state)
 }
@@ -90,4 +94,144 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<StatusBody> {
 
 async fn rounds(State(state): State<Arc<AppState>>) -> Json<Vec<RoundRecord>> {
     Json(state.status().history.clone())
+}
+
+/// The latest global model as a safetensors file.
+async fn model(State(state): State<Arc<AppState>>) -> Response {
+    let global = state.global.lock().expect("no panic with the lock").clone();
+    match global {
+        Some(weights) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"astraea.safetensors\"",
+                ),
+            ],
+            weights.to_safetensors(),
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no model yet").into_response(),
+    }
+}
+
+/// Prometheus text exposition of the run's counters and gauges.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let (clients, ready) = {
+        let clients = state.clients();
+        (
+            clients.len(),
+            clients.values().filter(|c| c.counts.is_some()).count(),
+        )
+    };
+    let status = state.status().clone();
+    let last = status.history.last();
+    let best = status.history.iter().map(|r| r.accuracy).reduce(f64::max);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "astraea_round",
+        "gauge",
+        "Current round.",
+        f64::from(status.round),
+    );
+    metric(
+        "astraea_clients_connected",
+        "gauge",
+        "Connected clients.",
+        clients as f64,
+    );
+    metric(
+        "astraea_clients_ready",
+        "gauge",
+        "Clients ready to train.",
+        ready as f64,
+    );
+    metric(
+        "astraea_mediators",
+        "gauge",
+        "Training groups of the current round.",
+        status.mediators.len() as f64,
+    );
+    metric(
+        "astraea_accuracy",
+        "gauge",
+        "Test accuracy after the last round.",
+        last.map_or(0.0, |r| r.accuracy),
+    );
+    metric(
+        "astraea_best_accuracy",
+        "gauge",
+        "Best test accuracy so far.",
+        best.unwrap_or(0.0),
+    );
+    metric(
+        "astraea_skipped_hops_total",
+        "counter",
+        "Hops skipped (client gone or late).",
+        status.skipped_hops as f64,
+    );
+    metric(
+        "astraea_rejections_total",
+        "counter",
+        "Frames refused as bad input.",
+        state.rejections.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_bytes_received_total",
+        "counter",
+        "Bytes received from clients.",
+        state.bytes_up.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_bytes_sent_total",
+        "counter",
+        "Bytes sent to clients.",
+        state.bytes_down.load(Ordering::Relaxed) as f64,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Admin actions (`pause`, `resume`, `stop`), for holders of the token.
+async fn admin(
+    State(state): State<Arc<AppState>>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(token) = state.config.admin_token.as_deref() else {
+        return (
+            StatusCode::FORBIDDEN,
+            "admin actions are disabled: start the server with --admin-token",
+        )
+            .into_response();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(token) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response();
+    }
+    {
+        let mut control = state.control.lock().expect("no panic with the lock");
+        match action.as_str() {
+            "pause" => control.paused = true,
+            "resume" | "start" => control.paused = false,
+            "stop" => control.stopped = true,
+            other => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!("unknown admin action {other:?}"),
+                )
+                    .into_response();
+            }
+        }
+    }
+    state.control_changed.notify_waiters();
+    tracing::info!(action, "admin action");
+    Json(state.control()).into_response()
 }

@@ -46,4 +46,6 @@ pub struct ServeConfig {
     pub seed: u64,
     /// Folder of static files served at `/`.
     pub static_dir: PathBuf,
+    /// Bearer token for the admin actions; `None` refuses them all.
+    pub admin_token: Option<String>,
 }

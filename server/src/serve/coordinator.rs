@@ -80,12 +80,20 @@ pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(config.seed);
     let start = Instant::now();
     let mut planned = false;
+    *state.global.lock().expect("no panic with the lock") = Some(Arc::new(global.clone()));
     for round in 1..=config.rounds {
-        wait_for_ready(&state, config.min_clients).await;
+        if !wait_while_paused(&state).await {
+            break;
+        }
+        if !wait_for_ready(&state, config.min_clients).await {
+            break;
+        }
         if !planned {
             planned = true;
-            if send_plan(&state, strategy.as_ref()) {
-                wait_for_ready(&state, config.min_clients).await;
+            if send_plan(&state, strategy.as_ref())
+                && !wait_for_ready(&state, config.min_clients).await
+            {
+                break;
             }
         }
         let participants = pick_participants(&state, config.participants, &mut rng);
@@ -126,6 +134,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
         if let Some(values) = strategy.aggregate(&global.values, &results, &failures) {
             global.values = values;
         }
+        *state.global.lock().expect("no panic with the lock") = Some(Arc::new(global.clone()));
         let (model_config, weights, test) =
             (data.model_config.clone(), global.clone(), data.test.clone());
         let eval = tokio::task::spawn_blocking(move || {
@@ -167,20 +176,45 @@ pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until at least `min` clients have usable counts.
-async fn wait_for_ready(state: &AppState, min: usize) {
+/// Waits while the admin has paused the run; `false` when it was stopped.
+async fn wait_while_paused(state: &AppState) -> bool {
     loop {
-        let notified = state.changed.notified();
+        let notified = state.control_changed.notified();
+        let control = state.control();
+        if control.stopped {
+            return false;
+        }
+        if !control.paused {
+            return true;
+        }
+        state.status().phase = Phase::Paused;
+        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+    }
+}
+
+/// Waits until at least `min` clients have usable counts; `false` when the
+/// admin stopped the run meanwhile.
+async fn wait_for_ready(state: &AppState, min: usize) -> bool {
+    loop {
+        let joined = state.changed.notified();
+        let controlled = state.control_changed.notified();
+        if state.control().stopped {
+            return false;
+        }
         let ready = state
             .clients()
             .values()
             .filter(|c| c.counts.is_some())
             .count();
         if ready >= min.max(1) {
-            return;
+            return true;
         }
         state.status().phase = Phase::Waiting;
-        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        tokio::select! {
+            _ = joined => {}
+            _ = controlled => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
     }
 }
 

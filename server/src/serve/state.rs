@@ -80,6 +80,8 @@ pub enum Phase {
     Waiting,
     /// A round is running.
     Training,
+    /// The admin paused the run; no round starts.
+    Paused,
     /// All rounds done.
     Finished,
 }
@@ -114,6 +116,15 @@ pub struct RunStatus {
     pub history: Vec<RoundRecord>,
 }
 
+/// What the admin has asked of the round loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Control {
+    /// No new round starts while paused.
+    pub paused: bool,
+    /// The run ends after the current round.
+    pub stopped: bool,
+}
+
 /// Everything the handlers and the coordinator share.
 #[derive(Debug)]
 pub struct AppState {
@@ -133,6 +144,12 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Frames refused as malformed, misshapen, non-finite or too large.
     pub rejections: AtomicU64,
+    /// The latest global model, for `/api/model`.
+    pub global: Mutex<Option<std::sync::Arc<astraea_core::weights::Weights>>>,
+    /// Pause and stop requests.
+    pub control: Mutex<Control>,
+    /// Signalled when the admin changes `control`.
+    pub control_changed: Notify,
     /// Judges update norms against the recent ones.
     pub guard: Mutex<super::guard::NormGuard>,
     /// Bytes received from clients.
@@ -164,6 +181,9 @@ impl AppState {
             next_id: AtomicU64::new(1),
             rejections: AtomicU64::new(0),
             guard: Mutex::new(super::guard::NormGuard::default()),
+            global: Mutex::new(None),
+            control: Mutex::new(Control::default()),
+            control_changed: Notify::new(),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
         }
@@ -179,6 +199,14 @@ impl AppState {
         self.clients
             .lock()
             .expect("no handler panics while holding the lock")
+    }
+
+    /// The admin's current requests.
+    pub fn control(&self) -> Control {
+        *self
+            .control
+            .lock()
+            .expect("no panic while holding the lock")
     }
 
     /// Locks the run status.
