@@ -155,6 +155,13 @@ struct ServeArgs {
     /// with "Authorization: Bearer TOKEN"); without one they are refused.
     #[arg(long, env = "ASTRAEA_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Folder for the SQLite database and the checkpoints; an unfinished run
+    /// found there is resumed from its last completed round.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Name of the run in the database.
+    #[arg(long, default_value = "default")]
+    run_name: String,
 }
 
 #[derive(clap::Args)]
@@ -325,6 +332,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         static_dir: args.static_dir,
         admin_token: args.admin_token,
+        state_dir: args.state_dir,
+        run_name: args.run_name,
     };
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await

@@ -49,6 +49,8 @@ fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
         seed: 3,
         static_dir: std::env::temp_dir(),
         admin_token: Some("s3cret".into()),
+        state_dir: None,
+        run_name: "test".into(),
     }
 }
 
@@ -114,8 +116,12 @@ async fn http_get(address: &str, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
-    // Prepare
-    let (running, address) = start(config(StrategyKind::Astraea, 6, 3)).await;
+    // Prepare: a durable run, so the database can be checked too.
+    let state_dir = std::env::temp_dir().join(format!("astraea-six-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let mut cfg = config(StrategyKind::Astraea, 6, 3);
+    cfg.state_dir = Some(state_dir.clone());
+    let (running, address) = start(cfg).await;
     let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
@@ -146,6 +152,17 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     let rounds: serde_json::Value = serde_json::from_str(&rounds).unwrap();
     assert_eq!(rounds.as_array().unwrap().len(), 3);
     assert_eq!(running.state.status().phase, Phase::Finished);
+    let db = rusqlite::Connection::open(state_dir.join("astraea.db")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |row| row.get(0)).unwrap() };
+    assert_eq!(count("SELECT COUNT(*) FROM rounds"), 3);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM mediators"),
+        6,
+        "two mediators a round"
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM clients"), 6);
+    assert_eq!(count("SELECT finished FROM runs"), 1);
+    let _ = std::fs::remove_dir_all(&state_dir);
 }
 
 /// Joins by hand and returns the socket after the welcome.
@@ -337,7 +354,13 @@ async fn a_client_killed_in_the_middle_of_a_chain_is_skipped_and_the_round_compl
     assert!(status.skipped_hops >= 1, "skipped {}", status.skipped_hops);
     assert_eq!(status.mediators.len(), 1);
     assert_eq!(status.mediators[0].members.len(), 4);
-    assert!(status.history[0].accuracy > 0.1, "{:?}", status.history[0]);
+    // The three live clients answered both passes: six updates came back.
+    let params = running.state.model.params as u64;
+    assert!(
+        status.history[0].bytes_up >= 6 * 4 * params,
+        "{:?}",
+        status.history[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,8 +451,10 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
     );
     let history = running.state.status().history.clone();
     assert_eq!(history.len(), 2);
+    // Had the +100 update been averaged in (50 of about 1,000 samples), every
+    // weight would have moved by about 5 and the test loss would explode.
     assert!(
-        history[1].accuracy > 0.2,
+        history[1].loss < 10.0,
         "the global model stayed sane: {history:?}"
     );
 }

@@ -48,4 +48,9 @@ pub struct ServeConfig {
     pub static_dir: PathBuf,
     /// Bearer token for the admin actions; `None` refuses them all.
     pub admin_token: Option<String>,
+    /// Folder of the database and checkpoints; `None` keeps nothing.
+    pub state_dir: Option<PathBuf>,
+    /// Name of the run in the database: an unfinished run of this name is
+    /// resumed from its last completed round.
+    pub run_name: String,
 }

@@ -101,6 +101,11 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
             Err(refusal) => {
                 state.rejections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client = ?connection.id, code = ?refusal.code, "{}", refusal.message);
+                let detail = format!(
+                    "client {:?}: {:?}: {}",
+                    connection.id, refusal.code, refusal.message
+                );
+                state.record(|store, run| store.event(run, None, "rejection", &detail));
                 let _ = connection.tx.send(Outbound::Text(
                     ServerMessage::Error {
                         code: refusal.code,
@@ -224,6 +229,14 @@ impl Connection {
         if let DataSource::Own { counts } = data {
             self.ready(id, counts)?;
         }
+        let backend = self
+            .state
+            .clients()
+            .get(&id)
+            .map(|c| c.backend.clone())
+            .unwrap_or_default();
+        self.state
+            .record(|store, run| store.client_joined(run, id, &backend));
         tracing::info!(client = id, "joined");
         self.state.changed.notify_waiters();
         Ok(())

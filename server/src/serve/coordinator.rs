@@ -37,6 +37,8 @@ pub struct ServerData {
     pub shards: Vec<Vec<usize>>,
     /// The balanced test set the server evaluates on.
     pub test: Arc<Dataset>,
+    /// The initial global model (seeded), served until round 1 ends.
+    pub initial: Weights,
 }
 
 impl ServerData {
@@ -57,12 +59,12 @@ impl ServerData {
             )
             .context("cutting the training set into shards")?;
         let model_config = model_config_for(&train);
-        let params = Weights::shapes_of(&model_config.init(&Device::flex()))
-            .iter()
-            .map(|s| s.numel())
-            .sum();
+        let device = Device::flex();
+        device.seed(config.seed);
+        let initial = Weights::from_model(&model_config.init(&device));
         Ok(Self {
-            model: ModelSpec::new(&model_config, params),
+            model: ModelSpec::new(&model_config, initial.len()),
+            initial,
             model_config,
             shards: partition.clients,
             test: Arc::new(test.subset(&partition.test_indices)),
@@ -70,18 +72,44 @@ impl ServerData {
     }
 }
 
-/// Runs the configured number of rounds.
-pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
+/// Runs the configured number of rounds, going on from `resumed` when the
+/// store held an unfinished run.
+pub async fn run(
+    state: Arc<AppState>,
+    data: ServerData,
+    resumed: Option<super::store::Resumed>,
+) -> anyhow::Result<()> {
     let config = &state.config;
     let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
-    let device = Device::flex();
-    device.seed(config.seed);
-    let mut global = Weights::from_model(&data.model_config.init(&device));
-    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut global = data.initial.clone();
     let start = Instant::now();
     let mut planned = false;
+    let mut first_round = 1;
+    if let Some(resumed) = resumed {
+        if let Some(weights) = resumed.weights {
+            global = weights;
+        }
+        if let Some(last) = resumed.history.last() {
+            first_round = last.round as u32 + 1;
+            state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
+            state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
+            let detail = format!("resumed after round {}", last.round);
+            tracing::info!("{detail}");
+            state.record(|store, run| store.event(run, Some(last.round as u32), "resume", &detail));
+        }
+        let mut status = state.status();
+        planned = resumed.plan.is_some();
+        status.plan = resumed.plan;
+        status.history = resumed.history;
+        status.skipped_hops = resumed.skipped_hops;
+        status.round = first_round - 1;
+    }
     *state.global.lock().expect("no panic with the lock") = Some(Arc::new(global.clone()));
-    for round in 1..=config.rounds {
+    for round in first_round..=config.rounds {
+        // Seeded per round, so a resumed run draws as the original would have.
+        let mut rng = StdRng::seed_from_u64(
+            config.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         if !wait_while_paused(&state).await {
             break;
         }
@@ -162,6 +190,11 @@ pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
             failures = failures.len(),
             "round done"
         );
+        let (skipped, mediators) = {
+            let status = state.status();
+            (status.skipped_hops, status.mediators.clone())
+        };
+        state.record(|store, run| store.save_round(run, &record, skipped, &mediators, &global));
         state.status().history.push(record);
         let done = ServerMessage::RoundDone {
             round,
@@ -173,6 +206,9 @@ pub async fn run(state: Arc<AppState>, data: ServerData) -> anyhow::Result<()> {
         }
     }
     state.status().phase = Phase::Finished;
+    if !state.control().stopped {
+        state.record(|store, run| store.finish(run));
+    }
     Ok(())
 }
 
@@ -231,6 +267,7 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
         return false;
     };
     state.status().plan = Some(plan.ratios.clone());
+    state.record(|store, run| store.save_plan(run, &plan.ratios));
     for (&id, entry) in clients.iter_mut() {
         if entry.raw_counts.is_some() && !entry.plan_sent {
             entry.plan_sent = true;
@@ -313,6 +350,8 @@ async fn run_chain(
                 Err(reason) => {
                     state.status().skipped_hops += 1;
                     tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
+                    let detail = format!("client {member} hop {hop}: {reason}");
+                    state.record(|store, run| store.event(run, Some(round), "skip", &detail));
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! - [`guard`]: refuses updates whose norm is far above the recent ones.
 //! - [`coordinator`]: the round loop: pick participants, host the mediators'
 //!   chains, aggregate, evaluate.
+//! - [`store`]: SQLite records and safetensors checkpoints; resume after a crash.
 //! - [`app`]: the HTTP routes (`/ws`, `/api/status`, `/api/rounds`, static files).
 
 pub mod app;
@@ -14,6 +15,7 @@ pub mod connection;
 pub mod coordinator;
 pub mod guard;
 pub mod state;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -40,18 +42,39 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
+    // The run's row exists before any client can join and be recorded.
+    let (store, resumed) = match &config.state_dir {
+        Some(dir) => {
+            let store = store::Store::open(dir)
+                .with_context(|| format!("opening the store in {}", dir.display()))?;
+            let resumed = store.resume_or_create(
+                &config.run_name,
+                &format!("{config:?}"),
+                &data.initial.shapes,
+            )?;
+            (Some(store), Some(resumed))
+        }
+        None => (None, None),
+    };
     let state = Arc::new(AppState::new(
         config,
         data.model.clone(),
         data.shards.clone(),
+        store,
     ));
+    if let Some(resumed) = &resumed {
+        state
+            .run_id
+            .store(resumed.run_id as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    *state.global.lock().expect("no panic with the lock") = Some(Arc::new(data.initial.clone()));
     let router = app::app(state.clone());
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!("http server stopped: {e}");
         }
     });
-    let coordinator = tokio::spawn(coordinator::run(state.clone(), data));
+    let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resumed));
     Ok(Running {
         state,
         server,

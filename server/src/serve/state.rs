@@ -150,6 +150,10 @@ pub struct AppState {
     pub control: Mutex<Control>,
     /// Signalled when the admin changes `control`.
     pub control_changed: Notify,
+    /// The database and checkpoints, when the run is durable.
+    pub store: Option<Mutex<super::store::Store>>,
+    /// The run's row in the database.
+    pub run_id: AtomicU64,
     /// Judges update norms against the recent ones.
     pub guard: Mutex<super::guard::NormGuard>,
     /// Bytes received from clients.
@@ -160,7 +164,12 @@ pub struct AppState {
 
 impl AppState {
     /// Fresh state for a run.
-    pub fn new(config: ServeConfig, model: ModelSpec, shards: Vec<Vec<usize>>) -> Self {
+    pub fn new(
+        config: ServeConfig,
+        model: ModelSpec,
+        shards: Vec<Vec<usize>>,
+        store: Option<super::store::Store>,
+    ) -> Self {
         let status = RunStatus {
             phase: Phase::Waiting,
             round: 0,
@@ -180,6 +189,8 @@ impl AppState {
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
             rejections: AtomicU64::new(0),
+            store: store.map(Mutex::new),
+            run_id: AtomicU64::new(0),
             guard: Mutex::new(super::guard::NormGuard::default()),
             global: Mutex::new(None),
             control: Mutex::new(Control::default()),
@@ -207,6 +218,21 @@ impl AppState {
             .control
             .lock()
             .expect("no panic while holding the lock")
+    }
+
+    /// Runs `f` on the store, if the run is durable; a failure is logged,
+    /// not fatal, for bookkeeping that must not stop training.
+    pub fn record(
+        &self,
+        f: impl FnOnce(&mut super::store::Store, i64) -> Result<(), super::store::StoreError>,
+    ) {
+        if let Some(store) = &self.store {
+            let run_id = self.run_id.load(Ordering::Relaxed) as i64;
+            let mut store = store.lock().expect("no panic while holding the store");
+            if let Err(e) = f(&mut store, run_id) {
+                tracing::error!("store: {e}");
+            }
+        }
     }
 
     /// Locks the run status.
