@@ -2,7 +2,9 @@
 //! `w_{r+1} = w_r + sum_m (n_m / n) * (w_m - w_r)`.
 //!
 //! The [`Aggregator`] folds one update at a time into a single running sum,
-//! so memory stays one model's worth however many updates arrive.
+//! so memory stays one model's worth however many updates arrive. Because
+//! the weights n_m / n sum to one, the rule equals the sample-weighted mean
+//! of the updates, which is what the sum accumulates.
 
 /// Errors while folding an update.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -26,7 +28,7 @@ pub enum AggregateError {
     Empty,
 }
 
-/// A running sample-weighted sum of deltas against one global model.
+/// A running sample-weighted sum of updates to one global model.
 #[derive(Debug, Clone)]
 pub struct Aggregator<'a> {
     global: &'a [f32],
@@ -53,12 +55,23 @@ impl<'a> Aggregator<'a> {
                 expected: self.global.len(),
             });
         }
-        if let Some(index) = weights.iter().position(|v| !v.is_finite()) {
+        // NaN and infinities are the values whose exponent bits are all
+        // set. OR-ing that test over the update has no early exit and no
+        // ordering constraint, so it vectorises and streams at memory speed;
+        // only a bad update pays for finding the index.
+        const EXPONENT: u32 = 0x7f80_0000;
+        let bad = weights.iter().fold(0u32, |acc, v| {
+            acc | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        });
+        if bad != 0 {
+            let index = weights.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(AggregateError::NonFinite { index });
         }
+        // Since the sample weights sum to 1, w + sum (n_m / n)(w_m - w) is
+        // sum (n_m / n) w_m: the running sum needs only the update itself.
         let n = samples as f32;
-        for ((acc, w), g) in self.sum.iter_mut().zip(weights).zip(self.global) {
-            *acc += n * (w - g);
+        for (acc, w) in self.sum.iter_mut().zip(weights) {
+            *acc += n * w;
         }
         self.samples += samples;
         Ok(())
@@ -69,18 +82,13 @@ impl<'a> Aggregator<'a> {
         self.samples
     }
 
-    /// The new global weights.
+    /// The new global weights: the sample-weighted mean of the updates.
     pub fn finish(self) -> Result<Vec<f32>, AggregateError> {
         if self.samples == 0 {
             return Err(AggregateError::Empty);
         }
         let inv = 1.0 / self.samples as f32;
-        Ok(self
-            .global
-            .iter()
-            .zip(self.sum)
-            .map(|(g, s)| g + s * inv)
-            .collect())
+        Ok(self.sum.into_iter().map(|s| s * inv).collect())
     }
 }
 

@@ -4,12 +4,14 @@
 //! # Layout
 //! - [`simulate`]: the whole federation in one process (`astraea simulate`).
 //! - [`serve`]: the federation over WebSockets (`astraea serve`).
+//! - [`bench`]: performance figures (`astraea bench`).
 //! - [`client`]: the native client and the swarm (`astraea client`, `astraea swarm`).
 //! - [`report`]: per-run CSVs, the comparison plot and the summary tables.
 //! - [`fetch_data`]: puts the datasets that ship offline into `data/`
 //!   (`astraea fetch-data`).
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod client;
 pub mod fetch_data;
 pub mod report;

@@ -60,6 +60,9 @@ enum Command {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Measures the server: aggregation, idle clients, coordination overhead.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Re-draws the plot and tables from CSVs written by earlier runs.
     Report {
         /// CSV files (one per run) to include.
@@ -77,6 +80,46 @@ enum Command {
         /// Also write the tables as Markdown here.
         #[arg(long)]
         markdown: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Aggregation throughput next to a plain memory copy.
+    Aggregate {
+        /// Parameters per update.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Updates folded per pass.
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+    },
+    /// Idle clients one server process holds, and its memory per client.
+    Idle {
+        /// Clients to join.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients joining at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Coordination overhead per round with echo clients.
+    Rounds {
+        /// Clients, all taking part.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Rounds timed.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Strategy.
+        #[arg(long, default_value = "fedavg")]
+        strategy: StrategyKind,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -228,6 +271,7 @@ struct SimulateArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Simulate(args) => simulate_command(args),
+        Command::Bench(bench) => runtime()?.block_on(bench_command(bench)),
         Command::Serve(args) => runtime()?.block_on(serve_command(args)),
         Command::Client { server, data_dir } => runtime()?.block_on(async {
             let options = client_options(server, data_dir, None);
@@ -271,6 +315,72 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
+    match bench {
+        BenchCommand::Aggregate { params, updates } => {
+            let b = astraea_server::bench::aggregate::run(params, updates, 5);
+            println!(
+                "| params | updates | fold GB/s | copy GB/s | fold / copy | aggregator state |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} MB |",
+                b.params,
+                b.updates,
+                b.fold_gbps,
+                b.copy_gbps,
+                b.fold_gbps / b.copy_gbps,
+                b.state_bytes as f64 / 1e6
+            );
+        }
+        BenchCommand::Idle {
+            clients,
+            concurrency,
+            data_dir,
+        } => {
+            let b = astraea_server::bench::idle::run(&data_dir, clients, concurrency).await?;
+            let per_client =
+                (b.rss_after.saturating_sub(b.rss_before)) as f64 / b.connected.max(1) as f64;
+            println!(
+                "| clients asked | connected | join s | server RSS before | after | per client |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.1} | {:.1} MB | {:.1} MB | {:.1} KB |",
+                b.requested,
+                b.connected,
+                b.join_s,
+                b.rss_before as f64 / 1e6,
+                b.rss_after as f64 / 1e6,
+                per_client / 1e3
+            );
+        }
+        BenchCommand::Rounds {
+            clients,
+            rounds,
+            strategy,
+            data_dir,
+        } => {
+            let b = astraea_server::bench::rounds::run(data_dir, clients, rounds, strategy).await?;
+            println!(
+                "| strategy | clients | rounds | s/round | evaluation s | coordination s/round | model transfers/round |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+                b.strategy.as_str(),
+                b.clients,
+                b.rounds,
+                b.round_s,
+                b.eval_s,
+                b.round_s - b.eval_s,
+                b.transfers
+            );
+        }
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -294,6 +404,7 @@ fn client_options(
         data_dir,
         max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         max_attempts,
+        echo: false,
     }
 }
 

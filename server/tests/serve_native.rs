@@ -66,6 +66,7 @@ fn options(address: &str) -> ClientOptions {
         data_dir: data_dir(),
         max_frame_bytes: 64 * 1024,
         max_attempts: Some(1),
+        echo: false,
     }
 }
 

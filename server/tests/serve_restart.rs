@@ -131,6 +131,7 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
         max_frame_bytes: 1 << 20,
         max_attempts: None,
+        echo: false,
     };
     let swarm = tokio::spawn(run_swarm(4, options));
 

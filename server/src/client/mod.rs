@@ -30,6 +30,9 @@ pub struct ClientOptions {
     /// Connection attempts before giving up (reconnecting with back-off
     /// after the server goes away); `None` tries for ever.
     pub max_attempts: Option<u32>,
+    /// Answer every task with the weights received, without training: for
+    /// benchmarks of the coordination alone.
+    pub echo: bool,
 }
 
 /// Training sets loaded once and shared by every client of a swarm.
@@ -175,16 +178,24 @@ async fn run_session(
                     let (images, labels) = (data.images.clone(), data.labels.clone());
                     let started = Instant::now();
                     let task_for_training = task.clone();
-                    let (trained, stats) = tokio::task::spawn_blocking(move || {
-                        train_hop(
-                            &model.config(),
-                            &task_for_training,
-                            weights,
-                            &images,
-                            &labels,
-                        )
-                    })
-                    .await??;
+                    let (trained, stats) = if options.echo {
+                        let stats = train::TrainStats {
+                            samples: labels.len(),
+                            ..Default::default()
+                        };
+                        (weights, stats)
+                    } else {
+                        tokio::task::spawn_blocking(move || {
+                            train_hop(
+                                &model.config(),
+                                &task_for_training,
+                                weights,
+                                &images,
+                                &labels,
+                            )
+                        })
+                        .await??
+                    };
                     summary.hops += 1;
                     summary.samples += stats.samples;
                     queue.extend(session.trained(

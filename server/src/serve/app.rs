@@ -33,8 +33,13 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let limit = state.config.max_frame_bytes;
+    // Small socket buffers: an idle volunteer costs the server kilobytes,
+    // not the 128 KiB a buffer holds by default; big frames still pass, the
+    // buffers grow while one is read or written.
     ws.max_frame_size(limit)
         .max_message_size(limit)
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| handle_socket(socket, state))
 }
 
