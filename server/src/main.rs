@@ -125,74 +125,78 @@ enum BenchCommand {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// A TOML file of these settings (keys as the flags without `--`, e.g.
+    /// `rounds = 100`); flags and ASTRAEA_* variables take precedence.
+    #[arg(long, env = "ASTRAEA_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on (0.0.0.0:8080 to accept other machines).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "ASTRAEA_BIND", default_value = "127.0.0.1:8080")]
     bind: String,
     /// Dataset of the demo shards and the test set.
-    #[arg(long, default_value = "mnist")]
+    #[arg(long, env = "ASTRAEA_DATASET", default_value = "mnist")]
     dataset: String,
     /// Folder holding the datasets.
-    #[arg(long, default_value = "data")]
+    #[arg(long, env = "ASTRAEA_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
     /// Use only the first N training samples.
-    #[arg(long)]
+    #[arg(long, env = "ASTRAEA_MAX_TRAIN")]
     max_train: Option<usize>,
     /// How the training set is cut into demo shards.
-    #[arg(long, default_value = "long-tail:10")]
+    #[arg(long, env = "ASTRAEA_PARTITION", default_value = "long-tail:10")]
     partition: PartitionSpec,
     /// K: demo shards.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "ASTRAEA_SHARDS", default_value_t = 100)]
     shards: usize,
     /// c: participants per round.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "ASTRAEA_PARTICIPANTS", default_value_t = 20)]
     participants: usize,
     /// Ready clients needed before a round starts.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "ASTRAEA_MIN_CLIENTS", default_value_t = 2)]
     min_clients: usize,
     /// Rounds to run.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "ASTRAEA_ROUNDS", default_value_t = 50)]
     rounds: u32,
     /// fedavg, fedprox, astraea, astraea-aug or astraea-sched.
-    #[arg(long, default_value = "astraea")]
+    #[arg(long, env = "ASTRAEA_STRATEGY", default_value = "astraea")]
     strategy: StrategyKind,
     /// gamma: most clients per mediator.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "ASTRAEA_GAMMA", default_value_t = 10)]
     gamma: usize,
     /// E_m: passes of a mediator over its clients per round.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "ASTRAEA_MEDIATOR_PASSES", default_value_t = 2)]
     mediator_passes: usize,
     /// tau_d of the z-score plan.
-    #[arg(long, default_value_t = 3.5)]
+    #[arg(long, env = "ASTRAEA_TAU_D", default_value_t = 3.5)]
     tau_d: f64,
     /// Use the ICCD plan with this alpha instead.
-    #[arg(long)]
+    #[arg(long, env = "ASTRAEA_ALPHA")]
     alpha: Option<f64>,
     /// E: local epochs per hop.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "ASTRAEA_EPOCHS", default_value_t = 1)]
     epochs: usize,
     /// Mini-batch size.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "ASTRAEA_BATCH", default_value_t = 20)]
     batch: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, env = "ASTRAEA_LR", default_value_t = 1e-3)]
     lr: f64,
     /// FedProx mu.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, env = "ASTRAEA_PROX_MU", default_value_t = 0.01)]
     prox_mu: f64,
     /// Seconds a client has for one hop before it is skipped.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, env = "ASTRAEA_HOP_DEADLINE", default_value_t = 60.0)]
     hop_deadline: f64,
     /// Largest WebSocket frame in bytes.
-    #[arg(long, default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
+    #[arg(long, env = "ASTRAEA_MAX_FRAME_BYTES", default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
     /// Send weights as f16 (half the traffic).
-    #[arg(long)]
+    #[arg(long, env = "ASTRAEA_F16")]
     f16: bool,
     /// Seed of the shards, the initial model and participant sampling.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "ASTRAEA_SEED", default_value_t = 1)]
     seed: u64,
     /// Folder of static files served at /.
-    #[arg(long, default_value = "static")]
+    #[arg(long, env = "ASTRAEA_STATIC_DIR", default_value = "static")]
     static_dir: PathBuf,
     /// Token for the admin actions (POST /api/admin/{pause,resume,stop}
     /// with "Authorization: Bearer TOKEN"); without one they are refused.
@@ -200,10 +204,10 @@ struct ServeArgs {
     admin_token: Option<String>,
     /// Folder for the SQLite database and the checkpoints; an unfinished run
     /// found there is resumed from its last completed round.
-    #[arg(long)]
+    #[arg(long, env = "ASTRAEA_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Name of the run in the database.
-    #[arg(long, default_value = "default")]
+    #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
     run_name: String,
 }
 
@@ -268,8 +272,55 @@ struct SimulateArgs {
     target: Option<f64>,
 }
 
+/// Adds `--key=value` for each setting of a `serve --config FILE` that is
+/// neither given as a flag nor set in the environment, so the precedence is
+/// flags, then ASTRAEA_* variables, then the file, then the defaults.
+fn args_with_config_file(mut args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if args.get(1).map(String::as_str) != Some("serve") {
+        return Ok(args);
+    }
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(String::from))
+        })
+        .or_else(|| std::env::var("ASTRAEA_CONFIG").ok());
+    let Some(path) = path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parsing {path}"))?;
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let env = format!("ASTRAEA_{}", key.replace('-', "_").to_uppercase());
+        let given = args
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+        if given || std::env::var_os(&env).is_some() {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Boolean(true) => {
+                args.insert(2, flag);
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => anyhow::bail!(
+                "{path}: setting {key} = {other:?} is not a string, number or boolean"
+            ),
+        };
+        args.insert(2, format!("{flag}={value}"));
+    }
+    Ok(args)
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let args = args_with_config_file(std::env::args().collect())?;
+    match Cli::parse_from(args).command {
         Command::Simulate(args) => simulate_command(args),
         Command::Bench(bench) => runtime()?.block_on(bench_command(bench)),
         Command::Serve(args) => runtime()?.block_on(serve_command(args)),
@@ -586,4 +637,43 @@ fn history_from_csv(path: &std::path::Path) -> anyhow::Result<report::RunHistory
         seed,
         rounds: report::read_csv(path)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_fills_in_what_the_flags_leave_out() {
+        // Prepare
+        let path = std::env::temp_dir().join(format!("astraea-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "rounds = 7\nmin_clients = 4\nf16 = true\nstrategy = \"fedavg\"\n",
+        )
+        .unwrap();
+        let args: Vec<String> = [
+            "astraea",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--rounds",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec();
+
+        // Execute
+        let args = args_with_config_file(args).unwrap();
+        let Command::Serve(serve) = Cli::parse_from(&args).command else {
+            panic!("not serve: {args:?}")
+        };
+
+        // Assert: the flag wins, the file fills the rest.
+        assert_eq!(serve.rounds, 3);
+        assert_eq!(serve.min_clients, 4);
+        assert!(serve.f16);
+        assert_eq!(serve.strategy, StrategyKind::FedAvg);
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -521,3 +521,35 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     );
     assert!(metrics.contains("astraea_clients_connected 0"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_above_the_limit_is_refused() {
+    // Prepare: the test server's limit is 64 KiB.
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let mut socket = join(&address).await;
+
+    // Execute
+    let _ = socket
+        .send(Message::Binary(vec![0u8; 200 * 1024].into()))
+        .await;
+    let error = next_error(&mut socket).await;
+
+    // Assert
+    let ServerMessage::Error { code, message } = error else {
+        unreachable!()
+    };
+    assert_eq!(
+        code,
+        astraea_core::protocol::ErrorCode::TooLarge,
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(running.state.clients().len(), 0);
+    assert_eq!(
+        running
+            .state
+            .rejections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
