@@ -72,9 +72,21 @@ fn options(address: &str) -> ClientOptions {
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
 async fn http(address: &str, method: &str, path: &str, extra_header: &str) -> (u16, Vec<u8>) {
+    http_with_body(address, method, path, extra_header, "").await
+}
+
+/// A request with a body.
+async fn http_with_body(
+    address: &str,
+    method: &str,
+    path: &str,
+    extra_header: &str,
+    body: &str,
+) -> (u16, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{extra_header}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{extra_header}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
@@ -489,6 +501,39 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
         "Authorization: Bearer s3cret\r\n",
     )
     .await;
+    let auth = "Authorization: Bearer s3cret\r\nContent-Type: application/json\r\n";
+    let (configure_anonymous, _) = http_with_body(
+        &address,
+        "POST",
+        "/api/admin/configure",
+        "",
+        r#"{"rounds":5}"#,
+    )
+    .await;
+    let (configured, settings) = http_with_body(
+        &address,
+        "POST",
+        "/api/admin/configure",
+        auth,
+        r#"{"rounds":5,"min_clients":2}"#,
+    )
+    .await;
+    let (nonsense, _) = http_with_body(
+        &address,
+        "POST",
+        "/api/admin/configure",
+        auth,
+        r#"{"participants":0}"#,
+    )
+    .await;
+    let (unknown, _) = http_with_body(
+        &address,
+        "POST",
+        "/api/admin/configure",
+        auth,
+        r#"{"colour":"red"}"#,
+    )
+    .await;
     let (model_status, model) = http(&address, "GET", "/api/model", "").await;
     let metrics = http_get(&address, "/metrics").await;
 
@@ -503,6 +548,14 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
         .expect("a stopped run ends")
         .unwrap()
         .unwrap();
+    assert_eq!(configure_anonymous, 401);
+    assert_eq!(configured, 200, "{}", String::from_utf8_lossy(&settings));
+    let settings: serde_json::Value = serde_json::from_slice(&settings).unwrap();
+    assert_eq!(settings["rounds"], 5);
+    assert_eq!(settings["min_clients"], 2);
+    assert_eq!(settings["participants"], 50, "untouched settings stay");
+    assert_eq!((nonsense, unknown), (400, 400));
+    assert_eq!(running.state.tunable().rounds, 5);
     assert_eq!(model_status, 200);
     let shapes = running
         .state

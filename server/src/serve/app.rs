@@ -14,7 +14,7 @@ use serde::Serialize;
 use tower_http::services::ServeDir;
 
 use super::connection::handle_socket;
-use super::state::{AppState, Phase};
+use super::state::{AppState, Phase, TunableChange};
 use crate::report::RoundRecord;
 
 /// The server's routes over `state`.
@@ -26,6 +26,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/rounds", get(rounds))
         .route("/api/model", get(model))
         .route("/metrics", get(metrics))
+        .route("/api/admin/configure", post(configure))
         .route("/api/admin/{action}", post(admin))
         .fallback_service(ServeDir::new(static_dir))
         .with_state(state)
@@ -85,7 +86,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Json<StatusBody> {
         phase: status.phase,
         strategy: status.strategy,
         round: status.round,
-        rounds: status.rounds,
+        rounds: state.tunable().rounds,
         clients,
         ready,
         mediators: status.mediators,
@@ -201,25 +202,63 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-/// Admin actions (`pause`, `resume`, `stop`), for holders of the token.
-async fn admin(
-    State(state): State<Arc<AppState>>,
-    Path(action): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// Whether the request carries the admin token; the refusal otherwise.
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(token) = state.config.admin_token.as_deref() else {
-        return (
+        return Err((
             StatusCode::FORBIDDEN,
             "admin actions are disabled: start the server with --admin-token",
         )
-            .into_response();
+            .into_response());
     };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if presented != Some(token) {
-        return (StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response();
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response());
+    }
+    Ok(())
+}
+
+/// `POST /api/admin/configure` with a JSON body changing any of `rounds`,
+/// `participants`, `min_clients`, `hop_deadline_s`; answers the settings now
+/// in force. They apply from the next round.
+async fn configure(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(refusal) = authorise(&state, &headers) {
+        return refusal;
+    }
+    let change: TunableChange = match serde_json::from_slice(&body) {
+        Ok(change) => change,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad settings: {e}")).into_response(),
+    };
+    let outcome = state
+        .tunable
+        .lock()
+        .expect("no panic with the lock")
+        .apply(change);
+    match outcome {
+        Ok(()) => {
+            state.control_changed.notify_waiters();
+            tracing::info!(?change, "run reconfigured");
+            Json(state.tunable()).into_response()
+        }
+        Err(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+    }
+}
+
+/// Admin actions (`pause`, `resume`, `stop`), for holders of the token.
+async fn admin(
+    State(state): State<Arc<AppState>>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorise(&state, &headers) {
+        return refusal;
     }
     {
         let mut control = state.control.lock().expect("no panic with the lock");

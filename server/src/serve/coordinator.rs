@@ -105,7 +105,8 @@ pub async fn run(
         status.round = first_round - 1;
     }
     *state.global.lock().expect("no panic with the lock") = Some(Arc::new(global.clone()));
-    for round in first_round..=config.rounds {
+    let mut round = first_round;
+    while round <= state.tunable().rounds {
         // Seeded per round, so a resumed run draws as the original would have.
         let mut rng = StdRng::seed_from_u64(
             config.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -113,18 +114,18 @@ pub async fn run(
         if !wait_while_paused(&state).await {
             break;
         }
-        if !wait_for_ready(&state, config.min_clients).await {
+        if !wait_for_ready(&state, state.tunable().min_clients).await {
             break;
         }
         if !planned {
             planned = true;
             if send_plan(&state, strategy.as_ref())
-                && !wait_for_ready(&state, config.min_clients).await
+                && !wait_for_ready(&state, state.tunable().min_clients).await
             {
                 break;
             }
         }
-        let participants = pick_participants(&state, config.participants, &mut rng);
+        let participants = pick_participants(&state, state.tunable().participants, &mut rng);
         let plan = strategy.configure_round(&participants);
         let mediators: Vec<MediatorStatus> = plan
             .groups
@@ -204,6 +205,7 @@ pub async fn run(
         for entry in state.clients().values() {
             entry.send(&done);
         }
+        round += 1;
     }
     state.status().phase = Phase::Finished;
     if !state.control().stopped {
@@ -337,7 +339,7 @@ async fn run_chain(
                 batch_size: state.config.batch_size,
                 learning_rate: state.config.learning_rate,
                 prox_mu,
-                deadline_ms: state.config.hop_deadline.as_millis() as u64,
+                deadline_ms: state.tunable().hop_deadline().as_millis() as u64,
                 seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
                 encoding: state.config.encoding,
                 chunks: 0,
@@ -402,14 +404,15 @@ async fn run_hop(
             let _ = entry.tx.send(Outbound::Binary(frame));
         }
     }
-    match tokio::time::timeout(state.config.hop_deadline, reply_rx).await {
+    let deadline = state.tunable().hop_deadline();
+    match tokio::time::timeout(deadline, reply_rx).await {
         Ok(Ok(reply)) => Ok(reply),
         Ok(Err(_)) => Err("client left or gave up during its hop".into()),
         Err(_) => {
             if let Some(entry) = state.clients().get_mut(&client) {
                 entry.pending = None;
             }
-            Err(format!("no update within {:?}", state.config.hop_deadline))
+            Err(format!("no update within {deadline:?}"))
         }
     }
 }

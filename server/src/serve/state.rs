@@ -125,6 +125,69 @@ pub struct Control {
     pub stopped: bool,
 }
 
+/// Settings the admin may change while the run goes on; the coordinator
+/// reads them at the start of every round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Tunable {
+    /// Rounds to run in all.
+    pub rounds: u32,
+    /// c: participants per round.
+    pub participants: usize,
+    /// Ready clients needed before a round starts.
+    pub min_clients: usize,
+    /// Seconds a client has for one hop.
+    pub hop_deadline_s: f64,
+}
+
+/// A partial change of [`Tunable`], as `POST /api/admin/configure` takes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunableChange {
+    /// New total of rounds.
+    pub rounds: Option<u32>,
+    /// New participants per round.
+    pub participants: Option<usize>,
+    /// New minimum of ready clients.
+    pub min_clients: Option<usize>,
+    /// New hop deadline in seconds.
+    pub hop_deadline_s: Option<f64>,
+}
+
+impl Tunable {
+    /// Applies a change, refusing values that cannot run.
+    pub fn apply(&mut self, change: TunableChange) -> Result<(), String> {
+        let mut next = *self;
+        if let Some(v) = change.rounds {
+            next.rounds = v;
+        }
+        if let Some(v) = change.participants {
+            next.participants = v;
+        }
+        if let Some(v) = change.min_clients {
+            next.min_clients = v;
+        }
+        if let Some(v) = change.hop_deadline_s {
+            next.hop_deadline_s = v;
+        }
+        if next.participants == 0 || next.min_clients == 0 {
+            return Err("participants and min_clients must be at least 1".into());
+        }
+        if !(next.hop_deadline_s.is_finite() && next.hop_deadline_s > 0.0) {
+            return Err(format!(
+                "hop_deadline_s must be a positive number, got {}",
+                next.hop_deadline_s
+            ));
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// The hop deadline as a duration.
+    pub fn hop_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.hop_deadline_s)
+    }
+}
+
 /// Everything the handlers and the coordinator share.
 #[derive(Debug)]
 pub struct AppState {
@@ -148,6 +211,8 @@ pub struct AppState {
     pub global: Mutex<Option<std::sync::Arc<astraea_core::weights::Weights>>>,
     /// Pause and stop requests.
     pub control: Mutex<Control>,
+    /// Settings the admin may change mid-run.
+    pub tunable: Mutex<Tunable>,
     /// Signalled when the admin changes `control`.
     pub control_changed: Notify,
     /// The database and checkpoints, when the run is durable.
@@ -180,6 +245,12 @@ impl AppState {
             skipped_hops: 0,
             history: vec![],
         };
+        let tunable = Tunable {
+            rounds: config.rounds,
+            participants: config.participants,
+            min_clients: config.min_clients,
+            hop_deadline_s: config.hop_deadline.as_secs_f64(),
+        };
         Self {
             config,
             model,
@@ -194,6 +265,7 @@ impl AppState {
             guard: Mutex::new(super::guard::NormGuard::default()),
             global: Mutex::new(None),
             control: Mutex::new(Control::default()),
+            tunable: Mutex::new(tunable),
             control_changed: Notify::new(),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
@@ -233,6 +305,14 @@ impl AppState {
                 tracing::error!("store: {e}");
             }
         }
+    }
+
+    /// The settings in force now.
+    pub fn tunable(&self) -> Tunable {
+        *self
+            .tunable
+            .lock()
+            .expect("no panic while holding the lock")
     }
 
     /// Locks the run status.
