@@ -203,20 +203,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 /// Whether the request carries the admin token; the refusal otherwise.
-fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
     let Some(token) = state.config.admin_token.as_deref() else {
         return Err((
             StatusCode::FORBIDDEN,
             "admin actions are disabled: start the server with --admin-token",
-        )
-            .into_response());
+        ));
     };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if presented != Some(token) {
-        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token").into_response());
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token"));
     }
     Ok(())
 }
@@ -230,7 +229,7 @@ async fn configure(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(refusal) = authorise(&state, &headers) {
-        return refusal;
+        return refusal.into_response();
     }
     let change: TunableChange = match serde_json::from_slice(&body) {
         Ok(change) => change,
@@ -258,7 +257,7 @@ async fn admin(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refusal) = authorise(&state, &headers) {
-        return refusal;
+        return refusal.into_response();
     }
     {
         let mut control = state.control.lock().expect("no panic with the lock");
