@@ -13,10 +13,10 @@
 //! | `close` | `reason` | close the socket and say why |
 
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
-use astraea_core::protocol::{ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec};
-use astraea_core::train::{self, Samples, TrainConfig};
-use astraea_core::weights::Weights;
-use burn::prelude::*;
+use astraea_core::protocol::{
+    ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, train_task,
+};
+use astraea_core::train::Samples;
 use js_sys::{Array, Float32Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 
@@ -236,37 +236,19 @@ impl WasmClient {
             .session
             .model()
             .ok_or_else(|| JsError::new("a task before the welcome"))?
-            .config();
+            .clone();
         let data = self
             .data
             .as_ref()
             .ok_or_else(|| JsError::new("a task before any data"))?;
         let (images, labels) = data.training_set();
-        let device = Device::flex();
-        let shapes = Weights::shapes_of(&model.init(&device));
         let start = js_sys::Date::now();
-        let config = TrainConfig {
-            epochs: task.epochs,
-            batch_size: task.batch_size,
-            learning_rate: task.learning_rate,
-            prox_mu: task.prox_mu,
-            seed: task.seed,
-        };
-        let (trained, stats) = train::train(
-            &model,
-            &Weights {
-                shapes,
-                values: weights,
-            },
-            Samples { images, labels },
-            &config,
-            &device.autodiff(),
-        )
-        .map_err(|e| JsError::new(&e.to_string()))?;
+        let (trained, stats) = train_task(&model, &task, weights, Samples { images, labels })
+            .map_err(|e| JsError::new(&e.to_string()))?;
         let seconds = (js_sys::Date::now() - start) / 1000.0;
         let actions = self.session.trained(
             &task,
-            &trained.values,
+            &trained,
             labels.len() as u64,
             stats.mean_loss,
             seconds,

@@ -20,7 +20,7 @@ pub use frames::{
 pub use messages::{
     ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
-pub use session::{ClientAction, ClientSession};
+pub use session::{ClientAction, ClientSession, train_task};
 
 /// Version spoken by this build; a server refuses a join with another.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -3,10 +3,14 @@
 //! drive it, so its logic is tested here once.
 
 use super::PROTOCOL_VERSION;
+use burn::prelude::*;
+
 use super::frames::{WeightAssembler, encode_chunks};
 use super::messages::{
     ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
+use crate::train::{self, Samples, TrainConfig, TrainStats};
+use crate::weights::{Weights, WeightsError};
 
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +241,33 @@ impl ClientSession {
             ClientAction::SendBinary(frames),
         ]
     }
+}
+
+/// Runs a task on `data` on the CPU (burn `flex`): the training every
+/// client does between `ClientAction::Train` and
+/// [`ClientSession::trained`].
+pub fn train_task(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let config = model.config();
+    let device = Device::flex();
+    let weights = Weights {
+        shapes: Weights::shapes_of(&config.init(&device)),
+        values,
+    };
+    let train_config = TrainConfig {
+        epochs: task.epochs,
+        batch_size: task.batch_size,
+        learning_rate: task.learning_rate,
+        prox_mu: task.prox_mu,
+        seed: task.seed,
+    };
+    let (trained, stats) =
+        train::train(&config, &weights, data, &train_config, &device.autodiff())?;
+    Ok((trained.values, stats))
 }
 
 #[cfg(test)]

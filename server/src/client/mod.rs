@@ -7,14 +7,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::Dataset;
 use astraea_core::data::catalog::load_named;
-use astraea_core::protocol::{ClientAction, ClientSession, DataSource, TaskSpec};
-use astraea_core::train::{self, Samples, TrainConfig};
-use astraea_core::weights::Weights;
-use burn::prelude::*;
+use astraea_core::protocol::{ClientAction, ClientSession, DataSource, train_task};
+use astraea_core::train::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -186,12 +184,14 @@ async fn run_session(
                         (weights, stats)
                     } else {
                         tokio::task::spawn_blocking(move || {
-                            train_hop(
-                                &model.config(),
+                            train_task(
+                                &model,
                                 &task_for_training,
                                 weights,
-                                &images,
-                                &labels,
+                                Samples {
+                                    images: &images,
+                                    labels: &labels,
+                                },
                             )
                         })
                         .await??
@@ -229,35 +229,6 @@ async fn run_session(
             _ => {}
         }
     }
-}
-
-/// One hop of local training on the CPU.
-fn train_hop(
-    config: &astraea_core::model::ModelConfig,
-    task: &TaskSpec,
-    values: Vec<f32>,
-    images: &[f32],
-    labels: &[u32],
-) -> anyhow::Result<(Vec<f32>, train::TrainStats)> {
-    let device = Device::flex();
-    let shapes = Weights::shapes_of(&config.init(&device));
-    let weights = Weights { shapes, values };
-    let train_config = TrainConfig {
-        epochs: task.epochs,
-        batch_size: task.batch_size,
-        learning_rate: task.learning_rate,
-        prox_mu: task.prox_mu,
-        seed: task.seed,
-    };
-    let (trained, stats) = train::train(
-        config,
-        &weights,
-        Samples { images, labels },
-        &train_config,
-        &device.autodiff(),
-    )
-    .context("training a hop")?;
-    Ok((trained.values, stats))
 }
 
 /// Runs `count` clients in this process, sharing the loaded datasets.
