@@ -13,6 +13,7 @@
 //! | `close` | `reason` | close the socket and say why |
 
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
+use astraea_core::data::shard::decode_shard;
 use astraea_core::protocol::{
     ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, train_task,
 };
@@ -198,6 +199,25 @@ impl WasmClient {
         let counts = data.counts();
         self.data = Some(data);
         actions_to_js(self.session.data_ready(counts))
+    }
+
+    /// Gives the client its demo shard as fetched from `/api/shard/{id}`
+    /// (the compact binary of `astraea_core::data::shard`); returns the
+    /// `ready` report.
+    pub fn set_shard(&mut self, bytes: &[u8]) -> Result<JsValue, JsError> {
+        let shard = decode_shard(bytes).map_err(|e| JsError::new(&e.to_string()))?;
+        let (channels, height, width, classes) = (
+            shard.channels,
+            shard.height,
+            shard.width,
+            shard.num_classes(),
+        );
+        self.set_data(shard.images, shard.labels, channels, height, width, classes)
+    }
+
+    /// The id the server gave this client, once welcomed (for the shard URL).
+    pub fn client_id(&self) -> Option<f64> {
+        self.session.client_id().map(|id| id as f64)
     }
 
     /// Applies the server's augmentation plan to the local data (seed as a

@@ -132,3 +132,30 @@ fn a_task_trains_on_the_cpu_backend_and_answers_with_an_update() {
     let sent = Array::from(&field(&Array::from(&answer).get(1), "frames"));
     assert_eq!(sent.length(), frames.len() as u32);
 }
+
+#[wasm_bindgen_test]
+fn a_demo_shard_fetched_as_bytes_becomes_the_local_data() {
+    // Prepare: a shard of three 28x28 images of classes 0, 1, 1.
+    let data = astraea_core::data::Dataset::new(
+        vec![0.5; 3 * 784],
+        vec![0, 1, 1],
+        1,
+        28,
+        28,
+        vec!["a".into(), "b".into()],
+    )
+    .unwrap();
+    let bytes = astraea_core::data::shard::encode_shard(&data);
+    let mut client = WasmClient::new("flex", 1 << 20, true);
+
+    // Execute
+    let ready = client.set_shard(&bytes).unwrap();
+    let broken = client.set_shard(&bytes[..10]);
+
+    // Assert
+    let text = field(&Array::from(&ready).get(0), "text")
+        .as_string()
+        .unwrap();
+    assert_eq!(text, r#"{"type":"ready","counts":[1,2]}"#);
+    assert!(broken.is_err());
+}

@@ -606,3 +606,26 @@ async fn a_frame_above_the_limit_is_refused() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
+    let (running, address) = start(config(StrategyKind::FedAvg, 5, 1)).await;
+
+    let (status, bytes) = http(&address, "GET", "/api/shard/2", "").await;
+    let (missing, _) = http(&address, "GET", "/api/shard/0", "").await;
+
+    assert_eq!(status, 200);
+    assert_eq!(missing, 404);
+    let shard = astraea_core::data::shard::decode_shard(&bytes).unwrap();
+    let indices = &running.state.shards[1];
+    assert_eq!(shard.len(), indices.len());
+    let expected: Vec<u32> = indices
+        .iter()
+        .map(|&i| running.state.train.labels[i])
+        .collect();
+    assert_eq!(shard.labels, expected);
+    assert!(
+        bytes.len() < 4 * shard.images.len(),
+        "a byte a pixel, not four"
+    );
+}

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod cifar;
 pub mod folder;
 pub mod idx;
+pub mod shard;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,9 @@ pub enum DataError {
         /// What is wrong, with the numbers.
         reason: String,
     },
+    /// A demo shard's bytes are not a shard.
+    #[error("shard: {0}")]
+    BadShard(String),
     /// An image file could not be decoded.
     #[error("cannot decode image {}: {source}", path.display())]
     Decode {

@@ -25,6 +25,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/status", get(status))
         .route("/api/rounds", get(rounds))
         .route("/api/model", get(model))
+        .route("/api/shard/{client}", get(shard))
         .route("/metrics", get(metrics))
         .route("/api/admin/configure", post(configure))
         .route("/api/admin/{action}", post(admin))
@@ -277,4 +278,16 @@ async fn admin(
     state.control_changed.notify_waiters();
     tracing::info!(action, "admin action");
     Json(state.control()).into_response()
+}
+
+/// A demo shard's samples in the compact binary of
+/// `astraea_core::data::shard`, for a tab that cannot read the dataset files.
+/// Client n gets shard n mod K, as its `welcome` said.
+async fn shard(State(state): State<Arc<AppState>>, Path(client): Path<u64>) -> Response {
+    if client == 0 || state.shards.is_empty() {
+        return (StatusCode::NOT_FOUND, "no such shard").into_response();
+    }
+    let indices = &state.shards[(client as usize - 1) % state.shards.len()];
+    let bytes = astraea_core::data::shard::encode_shard(&state.train.subset(indices));
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
 }

@@ -37,6 +37,8 @@ pub struct ServerData {
     pub shards: Vec<Vec<usize>>,
     /// The balanced test set the server evaluates on.
     pub test: Arc<Dataset>,
+    /// The training set the shards index, served to tabs in demo mode.
+    pub train: Arc<Dataset>,
     /// The initial global model (seeded), served until round 1 ends.
     pub initial: Weights,
 }
@@ -68,6 +70,7 @@ impl ServerData {
             model_config,
             shards: partition.clients,
             test: Arc::new(test.subset(&partition.test_indices)),
+            train: Arc::new(train),
         })
     }
 }

@@ -60,6 +60,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         config,
         data.model.clone(),
         data.shards.clone(),
+        data.train.clone(),
         store,
     ));
     if let Some(resumed) = &resumed {

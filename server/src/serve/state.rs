@@ -197,6 +197,8 @@ pub struct AppState {
     pub model: ModelSpec,
     /// Training-set indices of each demo shard.
     pub shards: Vec<Vec<usize>>,
+    /// The training set the shards index.
+    pub train: std::sync::Arc<astraea_core::data::Dataset>,
     /// Connected clients by id.
     pub clients: Mutex<BTreeMap<u64, ClientEntry>>,
     /// The run.
@@ -233,6 +235,7 @@ impl AppState {
         config: ServeConfig,
         model: ModelSpec,
         shards: Vec<Vec<usize>>,
+        train: std::sync::Arc<astraea_core::data::Dataset>,
         store: Option<super::store::Store>,
     ) -> Self {
         let status = RunStatus {
@@ -255,6 +258,7 @@ impl AppState {
             config,
             model,
             shards,
+            train,
             clients: Mutex::new(BTreeMap::new()),
             status: Mutex::new(status),
             changed: Notify::new(),
