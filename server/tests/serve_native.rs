@@ -502,38 +502,13 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     )
     .await;
     let auth = "Authorization: Bearer s3cret\r\nContent-Type: application/json\r\n";
-    let (configure_anonymous, _) = http_with_body(
-        &address,
-        "POST",
-        "/api/admin/configure",
-        "",
-        r#"{"rounds":5}"#,
-    )
-    .await;
-    let (configured, settings) = http_with_body(
-        &address,
-        "POST",
-        "/api/admin/configure",
-        auth,
-        r#"{"rounds":5,"min_clients":2}"#,
-    )
-    .await;
-    let (nonsense, _) = http_with_body(
-        &address,
-        "POST",
-        "/api/admin/configure",
-        auth,
-        r#"{"participants":0}"#,
-    )
-    .await;
-    let (unknown, _) = http_with_body(
-        &address,
-        "POST",
-        "/api/admin/configure",
-        auth,
-        r#"{"colour":"red"}"#,
-    )
-    .await;
+    let configure = |header: &'static str, body: &'static str| {
+        http_with_body(&address, "POST", "/api/admin/configure", header, body)
+    };
+    let (configure_anonymous, _) = configure("", r#"{"rounds":5}"#).await;
+    let (configured, settings) = configure(auth, r#"{"rounds":5,"min_clients":2}"#).await;
+    let (nonsense, _) = configure(auth, r#"{"participants":0}"#).await;
+    let (unknown, _) = configure(auth, r#"{"colour":"red"}"#).await;
     let (model_status, model) = http(&address, "GET", "/api/model", "").await;
     let metrics = http_get(&address, "/metrics").await;
 
