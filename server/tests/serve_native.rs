@@ -511,6 +511,7 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     let (unknown, _) = configure(auth, r#"{"colour":"red"}"#).await;
     let (model_status, model) = http(&address, "GET", "/api/model", "").await;
     let metrics = http_get(&address, "/metrics").await;
+    let status_page = http_get(&address, "/status").await;
 
     // Assert
     assert_eq!(anonymous, 401);
@@ -548,6 +549,7 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
         "{metrics}"
     );
     assert!(metrics.contains("astraea_clients_connected 0"), "{metrics}");
+    assert!(status_page.contains("/api/status"), "{status_page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     let static_dir = state.config.static_dir.clone();
     Router::new()
         .route("/ws", get(websocket))
+        .route("/status", get(status_page))
         .route("/api/status", get(status))
         .route("/api/rounds", get(rounds))
         .route("/api/model", get(model))
@@ -290,4 +291,9 @@ async fn shard(State(state): State<Arc<AppState>>, Path(client): Path<u64>) -> R
     let indices = &state.shards[(client as usize - 1) % state.shards.len()];
     let bytes = astraea_core::data::shard::encode_shard(&state.train.subset(indices));
     ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+/// A plain page that shows `/api/status`, served whatever is in `static/`.
+async fn status_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("status.html"))
 }
