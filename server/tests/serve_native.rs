@@ -301,7 +301,7 @@ async fn bad_input_gets_an_error_frame_and_a_drop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_refused_for_its_version_stops_without_retrying() {
+async fn a_join_with_another_protocol_version_is_refused() {
     let (_running, address) = start(config(StrategyKind::FedAvg, 2, 1)).await;
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
         .await
