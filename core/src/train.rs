@@ -5,7 +5,7 @@
 //! moves between clients, mediators and the server.
 
 use burn::module::{ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use rand::SeedableRng;
@@ -115,6 +115,22 @@ fn cross_entropy(logits: Tensor<2>, targets: Tensor<2, Int>) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, targets).mean().neg()
 }
 
+/// Where a visit is, reported after every optimiser step so a page can
+/// draw progress bars and a loss curve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepProgress {
+    /// Epoch of this step, from 0.
+    pub epoch: usize,
+    /// Epochs in the visit.
+    pub epochs: usize,
+    /// Mini-batch of this step within its epoch, from 0.
+    pub batch: usize,
+    /// Mini-batches per epoch.
+    pub batches: usize,
+    /// This step's training loss (cross-entropy).
+    pub loss: f32,
+}
+
 /// Trains `weights` on `data` for `config.epochs` epochs and returns the new
 /// weights. `device` must be an autodiff device (`Device::flex().autodiff()`).
 ///
@@ -127,45 +143,163 @@ pub fn train(
     config: &TrainConfig,
     device: &Device,
 ) -> Result<(Weights, TrainStats), WeightsError> {
-    let mut model = weights.to_model(model_config, device)?;
-    if data.is_empty() || config.epochs == 0 {
-        return Ok((weights.clone(), TrainStats::default()));
+    train_observed(model_config, weights, data, config, device, &mut |_| {})
+}
+
+/// [`train`], telling `observe` about every step.
+pub fn train_observed(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    device: &Device,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Weights, TrainStats), WeightsError> {
+    let mut visit = Visit::new(model_config, weights, data, config, device)?;
+    while let Some((loss, progress)) = visit.step() {
+        let loss = loss.into_scalar::<f32>();
+        visit.loss_sum += f64::from(loss);
+        observe(&StepProgress { loss, ..progress });
     }
-    device.seed(config.seed);
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut optimizer = AdamConfig::new().init();
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    let mut stats = TrainStats::default();
-    let mut loss_sum = 0.0;
-    for _ in 0..config.epochs {
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(config.batch_size.max(1)) {
-            let (images, targets) = batch_tensors(model_config, data, chunk, device);
-            let loss = cross_entropy(model.forward(images), targets);
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            let objective = if config.prox_mu > 0.0 {
-                let mut prox = ProxTerm {
-                    anchor: &weights.values,
-                    offset: 0,
-                    device,
-                    total: None,
-                };
-                model.visit(&mut prox);
-                match prox.total {
-                    Some(term) => loss + term.mul_scalar(config.prox_mu / 2.0),
-                    None => loss,
-                }
-            } else {
-                loss
-            };
-            let grads = GradientsParams::from_grads(objective.backward(), &model);
-            model = optimizer.step(config.learning_rate, model, grads);
-            stats.steps += 1;
-            stats.samples += chunk.len();
-        }
-    }
-    stats.mean_loss = loss_sum / stats.steps as f64;
+    let (model, stats) = visit.finish();
     Ok((Weights::from_model(&model), stats))
+}
+
+/// [`train_observed`] for devices that can only read back asynchronously:
+/// WebGPU in a browser. Every read awaits, so the page stays responsive.
+pub async fn train_async(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    device: &Device,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Weights, TrainStats), WeightsError> {
+    let mut visit = Visit::new(model_config, weights, data, config, device)?;
+    while let Some((loss, progress)) = visit.step() {
+        let loss = loss
+            .into_scalar_async::<f32>()
+            .await
+            .map_err(|e| WeightsError::Readback(format!("{e:?}")))?;
+        visit.loss_sum += f64::from(loss);
+        observe(&StepProgress { loss, ..progress });
+    }
+    let (model, stats) = visit.finish();
+    Ok((Weights::from_model_async(&model).await?, stats))
+}
+
+/// One visit of the model, step by step: the loop that [`train_observed`]
+/// and [`train_async`] drive, which differ only in how they read back.
+struct Visit<'a> {
+    model_config: &'a ModelConfig,
+    anchor: &'a Weights,
+    data: Samples<'a>,
+    config: &'a TrainConfig,
+    device: &'a Device,
+    model: Option<Cnn>,
+    optimizer: ModuleOptimizer,
+    rng: StdRng,
+    order: Vec<usize>,
+    epoch: usize,
+    batch: usize,
+    stats: TrainStats,
+    loss_sum: f64,
+}
+
+impl<'a> Visit<'a> {
+    fn new(
+        model_config: &'a ModelConfig,
+        anchor: &'a Weights,
+        data: Samples<'a>,
+        config: &'a TrainConfig,
+        device: &'a Device,
+    ) -> Result<Self, WeightsError> {
+        let model = anchor.to_model(model_config, device)?;
+        device.seed(config.seed);
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.shuffle(&mut rng);
+        Ok(Self {
+            model_config,
+            anchor,
+            data,
+            config,
+            device,
+            model: Some(model),
+            optimizer: AdamConfig::new().init(),
+            rng,
+            order,
+            epoch: 0,
+            batch: 0,
+            stats: TrainStats::default(),
+            loss_sum: 0.0,
+        })
+    }
+
+    fn batches(&self) -> usize {
+        self.data.len().div_ceil(self.config.batch_size.max(1))
+    }
+
+    /// Takes the next optimiser step; returns its (detached) loss and where
+    /// it was, or `None` once every epoch is done.
+    fn step(&mut self) -> Option<(Tensor<1>, StepProgress)> {
+        let batches = self.batches();
+        if batches == 0 || self.epoch >= self.config.epochs {
+            return None;
+        }
+        let size = self.config.batch_size.max(1);
+        let start = self.batch * size;
+        let chunk = &self.order[start..(start + size).min(self.order.len())];
+        let (images, targets) = batch_tensors(self.model_config, self.data, chunk, self.device);
+        let model = self
+            .model
+            .take()
+            .expect("a visit holds its model between steps");
+        let loss = cross_entropy(model.forward(images), targets);
+        let reported = loss.clone().detach();
+        let objective = if self.config.prox_mu > 0.0 {
+            let mut prox = ProxTerm {
+                anchor: &self.anchor.values,
+                offset: 0,
+                device: self.device,
+                total: None,
+            };
+            model.visit(&mut prox);
+            match prox.total {
+                Some(term) => loss + term.mul_scalar(self.config.prox_mu / 2.0),
+                None => loss,
+            }
+        } else {
+            loss
+        };
+        let grads = GradientsParams::from_grads(objective.backward(), &model);
+        self.model = Some(self.optimizer.step(self.config.learning_rate, model, grads));
+        self.stats.steps += 1;
+        self.stats.samples += chunk.len();
+        let progress = StepProgress {
+            epoch: self.epoch,
+            epochs: self.config.epochs,
+            batch: self.batch,
+            batches,
+            loss: 0.0,
+        };
+        self.batch += 1;
+        if self.batch == batches {
+            self.batch = 0;
+            self.epoch += 1;
+            self.order.shuffle(&mut self.rng);
+        }
+        Some((reported, progress))
+    }
+
+    /// The trained model and what the visit did.
+    fn finish(mut self) -> (Cnn, TrainStats) {
+        if self.stats.steps > 0 {
+            self.stats.mean_loss = self.loss_sum / self.stats.steps as f64;
+        }
+        let model = self.model.take().expect("a visit holds its model");
+        (model, self.stats)
+    }
 }
 
 /// Sum of squared distances of the model's parameters to an anchor (the
@@ -280,6 +414,84 @@ mod tests {
         assert_ne!(trained, initial);
         assert!(eval.accuracy > 0.95, "accuracy {}", eval.accuracy);
         assert_eq!(eval.samples, 200);
+    }
+
+    /// Polls a future to completion on this thread: enough for `flex`,
+    /// whose reads are ready at once.
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut context) {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn the_async_and_the_sync_visit_train_the_same_and_report_every_step() {
+        // No dropout: its masks come from the device's random stream, which
+        // tests running in parallel share.
+        let config = ModelConfig {
+            dropout: 0.0,
+            ..ModelConfig::new(2)
+        };
+        let device = Device::flex();
+        let initial = Weights::from_model(&config.init(&device));
+        let (images, labels) = halves(50);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let train_config = TrainConfig {
+            epochs: 2,
+            seed: 7,
+            ..TrainConfig::default()
+        };
+        let ad = device.autodiff();
+        let mut seen = Vec::new();
+
+        let (sync, sync_stats) =
+            train_observed(&config, &initial, data, &train_config, &ad, &mut |p| {
+                seen.push(*p)
+            })
+            .unwrap();
+        let (asynced, async_stats) = block_on(train_async(
+            &config,
+            &initial,
+            data,
+            &train_config,
+            &ad,
+            &mut |_| {},
+        ))
+        .unwrap();
+
+        assert_eq!(sync, asynced);
+        assert_eq!(sync_stats, async_stats);
+        // 50 samples in batches of 20: 3 steps an epoch, over 2 epochs.
+        let places: Vec<(usize, usize, usize)> =
+            seen.iter().map(|p| (p.epoch, p.batch, p.batches)).collect();
+        assert_eq!(
+            places,
+            vec![
+                (0, 0, 3),
+                (0, 1, 3),
+                (0, 2, 3),
+                (1, 0, 3),
+                (1, 1, 3),
+                (1, 2, 3)
+            ]
+        );
+        let mean = seen.iter().map(|p| f64::from(p.loss)).sum::<f64>() / 6.0;
+        assert!(
+            (mean - sync_stats.mean_loss).abs() < 1e-6,
+            "{mean} vs {}",
+            sync_stats.mean_loss
+        );
+        assert!(
+            seen.iter()
+                .all(|p| p.epochs == 2 && p.loss.is_finite() && p.loss > 0.0)
+        );
     }
 
     #[test]

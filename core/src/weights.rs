@@ -24,6 +24,9 @@ pub enum WeightsError {
         /// Index of the first bad value.
         index: usize,
     },
+    /// The device could not hand a tensor back (a lost WebGPU device).
+    #[error("the device could not read weights back: {0}")]
+    Readback(String),
     /// The bytes are not a readable safetensors file.
     #[error("weights file is unreadable: {0}")]
     Unreadable(String),
@@ -65,12 +68,42 @@ pub struct Weights {
 impl Weights {
     /// Reads the parameters out of a model.
     pub fn from_model(model: &Cnn) -> Self {
-        let mut collector = Collector::default();
-        model.visit(&mut collector);
+        let mut gather = Gather::default();
+        model.visit(&mut gather);
+        let values = match gather.flat.is_empty() {
+            true => Vec::new(),
+            false => Tensor::cat(gather.flat, 0)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("float parameters convert to f32"),
+        };
         Self {
-            shapes: collector.shapes,
-            values: collector.values,
+            shapes: gather.shapes,
+            values,
         }
+    }
+
+    /// Reads the parameters out of a model with one asynchronous read:
+    /// the only way on WebGPU in a browser, where a synchronous read back
+    /// cannot wait for the GPU.
+    pub async fn from_model_async(model: &Cnn) -> Result<Self, WeightsError> {
+        let mut gather = Gather::default();
+        model.visit(&mut gather);
+        let values = match gather.flat.is_empty() {
+            true => Vec::new(),
+            false => Tensor::cat(gather.flat, 0)
+                .into_data_async()
+                .await
+                .map_err(|e| WeightsError::Readback(format!("{e:?}")))?
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| WeightsError::Readback(format!("{e:?}")))?,
+        };
+        Ok(Self {
+            shapes: gather.shapes,
+            values,
+        })
     }
 
     /// Builds a model of `config` on `device` holding these weights.
@@ -84,9 +117,11 @@ impl Weights {
         Ok(model.map(&mut loader))
     }
 
-    /// Shapes of a model's parameters.
+    /// Shapes of a model's parameters. Reads no values: on WebGPU a synchronous read would fail.
     pub fn shapes_of(model: &Cnn) -> Vec<ParamShape> {
-        Weights::from_model(model).shapes
+        let mut gather = Gather::default();
+        model.visit(&mut gather);
+        gather.shapes
     }
 
     /// Checks that these weights fit `shapes` and hold only finite values.
@@ -174,15 +209,17 @@ impl Weights {
     }
 }
 
-/// Visitor that appends every float parameter to a flat vector.
+/// Visitor that flattens every float parameter onto the device, so that
+/// [`Weights::from_model`] and [`Weights::from_model_async`] read them
+/// back in one go.
 #[derive(Default)]
-struct Collector {
+struct Gather {
     path: Vec<String>,
     shapes: Vec<ParamShape>,
-    values: Vec<f32>,
+    flat: Vec<Tensor<1>>,
 }
 
-impl ModuleVisitor for Collector {
+impl ModuleVisitor for Gather {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -194,12 +231,8 @@ impl ModuleVisitor for Collector {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let tensor = param.val();
         let dims = tensor.dims().to_vec();
-        let data = tensor.into_data();
-        self.values.extend(
-            data.convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("float parameters convert to f32"),
-        );
+        let numel = dims.iter().product::<usize>();
+        self.flat.push(tensor.reshape([numel]));
         self.shapes.push(ParamShape {
             name: self.path.join("."),
             dims,
@@ -208,7 +241,7 @@ impl ModuleVisitor for Collector {
 }
 
 /// Mapper that replaces every float parameter with the next slice of a flat
-/// vector, in the same order [`Collector`] read them.
+/// vector, in the same order [`Gather`] read them.
 struct Loader<'a> {
     values: &'a [f32],
     offset: usize,

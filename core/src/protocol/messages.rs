@@ -88,6 +88,27 @@ pub struct TaskSpec {
     pub encoding: WeightEncoding,
     /// Number of binary chunks that follow.
     pub chunks: u32,
+    /// Where this hop sits, for the volunteer's page; absent from servers
+    /// that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<ChainPlace>,
+}
+
+/// A hop's place in its mediator's chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPlace {
+    /// The mediator, from 1, within the round.
+    pub mediator: u32,
+    /// Mediators in the round.
+    pub mediators: u32,
+    /// The client's position in the chain, from 1.
+    pub position: u32,
+    /// Clients in the chain.
+    pub members: u32,
+    /// The pass over the chain, from 1 (Astraea's E_m passes).
+    pub pass: u32,
+    /// Passes in all.
+    pub passes: u32,
 }
 
 /// What a client sends back after a hop; its weights follow as chunks.

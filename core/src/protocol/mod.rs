@@ -18,9 +18,10 @@ pub use frames::{
     ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
 };
 pub use messages::{
-    ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+    ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec,
+    TaskSpec, UpdateSpec,
 };
-pub use session::{ClientAction, ClientSession, train_task};
+pub use session::{ClientAction, ClientSession, train_task, train_task_async};
 
 /// Version spoken by this build; a server refuses a join with another.
 pub const PROTOCOL_VERSION: u32 = 1;

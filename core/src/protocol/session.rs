@@ -9,7 +9,7 @@ use super::frames::{WeightAssembler, encode_chunks};
 use super::messages::{
     ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
-use crate::train::{self, Samples, TrainConfig, TrainStats};
+use crate::train::{self, Samples, StepProgress, TrainConfig, TrainStats};
 use crate::weights::{Weights, WeightsError};
 
 /// What the driver must do next.
@@ -243,19 +243,16 @@ impl ClientSession {
     }
 }
 
-/// Runs a task on `data` on the CPU (burn `flex`): the training every
-/// client does between `ClientAction::Train` and
-/// [`ClientSession::trained`].
-pub fn train_task(
+/// What a task trains: the model's architecture, the weights it starts
+/// from, and the visit's settings.
+fn task_setup(
     model: &ModelSpec,
     task: &TaskSpec,
     values: Vec<f32>,
-    data: Samples<'_>,
-) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+) -> (crate::model::ModelConfig, Weights, TrainConfig) {
     let config = model.config();
-    let device = Device::flex();
     let weights = Weights {
-        shapes: Weights::shapes_of(&config.init(&device)),
+        shapes: Weights::shapes_of(&config.init(&Device::flex())),
         values,
     };
     let train_config = TrainConfig {
@@ -265,8 +262,40 @@ pub fn train_task(
         prox_mu: task.prox_mu,
         seed: task.seed,
     };
+    (config, weights, train_config)
+}
+
+/// Runs a task on `data` on the CPU (burn `flex`): the training every
+/// client does between `ClientAction::Train` and
+/// [`ClientSession::trained`]. `observe` hears of every step.
+pub fn train_task(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let (config, weights, train_config) = task_setup(model, task, values);
+    let device = Device::flex().autodiff();
     let (trained, stats) =
-        train::train(&config, &weights, data, &train_config, &device.autodiff())?;
+        train::train_observed(&config, &weights, data, &train_config, &device, observe)?;
+    Ok((trained.values, stats))
+}
+
+/// [`train_task`] on any device, reading back asynchronously (WebGPU in a
+/// browser); `device` is the plain device, made autodiff here.
+pub async fn train_task_async(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+    device: &Device,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let (config, weights, train_config) = task_setup(model, task, values);
+    let device = device.clone().autodiff();
+    let (trained, stats) =
+        train::train_async(&config, &weights, data, &train_config, &device, observe).await?;
     Ok((trained.values, stats))
 }
 
@@ -303,6 +332,7 @@ mod tests {
             seed: 4,
             encoding: WeightEncoding::F32,
             chunks: 2,
+            place: None,
         }
     }
 
