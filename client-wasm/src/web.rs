@@ -14,12 +14,20 @@
 
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::shard::decode_shard;
+use std::cell::RefCell;
+
+use astraea_core::model::ModelConfig;
 use astraea_core::protocol::{
     ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, train_task,
+    train_task_async,
 };
-use astraea_core::train::Samples;
-use js_sys::{Array, Float32Array, Object, Reflect, Uint8Array};
+use astraea_core::train::{Samples, StepProgress, TrainConfig, train_async, train_observed};
+use astraea_core::weights::Weights;
+use burn::prelude::Device;
+use js_sys::{Array, Float32Array, Function, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
+
+use crate::backend::{AdapterFacts, BackendKind, Preference, decide, needs_gpu_trial};
 
 /// The protocol version this client speaks.
 #[wasm_bindgen]
@@ -56,12 +64,200 @@ impl LocalData {
     }
 }
 
+/// The device a tab trains on, with the reason it was chosen and what
+/// the trial measured.
+#[wasm_bindgen]
+pub struct Backend {
+    kind: BackendKind,
+    device: Device,
+    adapter: String,
+    reason: String,
+    cpu_rate: Option<f64>,
+    gpu_rate: Option<f64>,
+}
+
+#[wasm_bindgen]
+impl Backend {
+    /// The CPU (burn `flex`), chosen without a trial.
+    pub fn cpu() -> Backend {
+        Backend {
+            kind: BackendKind::Cpu,
+            device: Device::flex(),
+            adapter: String::new(),
+            reason: "the CPU was asked for".into(),
+            cpu_rate: None,
+            gpu_rate: None,
+        }
+    }
+
+    /// `flex` or `webgpu`, as reported to the server.
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.kind.name().into()
+    }
+
+    /// The WebGPU adapter the browser offered, if any.
+    #[wasm_bindgen(getter)]
+    pub fn adapter(&self) -> String {
+        self.adapter.clone()
+    }
+
+    /// Why this backend: a sentence for the page.
+    #[wasm_bindgen(getter)]
+    pub fn reason(&self) -> String {
+        self.reason.clone()
+    }
+
+    /// Training samples per second the CPU trial measured.
+    #[wasm_bindgen(getter)]
+    pub fn cpu_rate(&self) -> Option<f64> {
+        self.cpu_rate
+    }
+
+    /// Training samples per second the WebGPU trial measured.
+    #[wasm_bindgen(getter)]
+    pub fn gpu_rate(&self) -> Option<f64> {
+        self.gpu_rate
+    }
+}
+
+/// Training samples per second of a few batches of the papers' CNN (batch
+/// 20, one warm-up step not counted: it compiles WebGPU's shaders).
+async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
+    const BATCH: usize = 20;
+    const STEPS: usize = 8;
+    let config = ModelConfig::new(10);
+    let weights = Weights::from_model(&config.init(&Device::flex()));
+    let images: Vec<f32> = (0..BATCH * STEPS * config.sample_len())
+        .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+        .collect();
+    let labels: Vec<u32> = (0..BATCH * STEPS).map(|i| (i % 10) as u32).collect();
+    let data = Samples {
+        images: &images,
+        labels: &labels,
+    };
+    let train_config = TrainConfig {
+        batch_size: BATCH,
+        ..TrainConfig::default()
+    };
+    let mut stamps = Vec::new();
+    let mut stamp = |_: &StepProgress| stamps.push(js_sys::Date::now());
+    let device = device.clone().autodiff();
+    match kind {
+        BackendKind::Cpu => {
+            train_observed(&config, &weights, data, &train_config, &device, &mut stamp)
+                .map_err(|e| e.to_string())?;
+        }
+        BackendKind::WebGpu => {
+            train_async(&config, &weights, data, &train_config, &device, &mut stamp)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let elapsed = (stamps[STEPS - 1] - stamps[0]).max(1.0) / 1000.0;
+    Ok(((STEPS - 1) * BATCH) as f64 / elapsed)
+}
+
+/// The page's WebGPU device, set up once (burn's runtime cannot be set up
+/// twice in one page), or why there is none.
+#[cfg(target_arch = "wasm32")]
+pub async fn webgpu_device() -> Result<Device, String> {
+    thread_local! {
+        static WEBGPU: RefCell<Option<Result<Device, String>>> = const { RefCell::new(None) };
+    }
+    if let Some(known) = WEBGPU.with(|cell| cell.borrow().clone()) {
+        return known;
+    }
+    let device = Device::wgpu_options()
+        .init_async()
+        .await
+        .map_err(|e| format!("WebGPU could not start: {e}"));
+    WEBGPU.with(|cell| *cell.borrow_mut() = Some(device.clone()));
+    device
+}
+
+/// Natively there is no WebGPU here: the native client trains on `flex`.
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn webgpu_device() -> Result<Device, String> {
+    Err("WebGPU exists only in the browser build".into())
+}
+
+/// Chooses the tab's backend. `preference` is `auto`, `cpu` or `webgpu`;
+/// the adapter is what `navigator.gpu.requestAdapter()` gave the page
+/// (its vendor, architecture and description, and its fallback flag), or
+/// `adapter_error` says why there is none (not a secure context, no
+/// WebGPU in this browser, no adapter).
+#[wasm_bindgen]
+pub async fn choose_backend(
+    preference: String,
+    adapter_label: String,
+    adapter_fallback: bool,
+    adapter_error: Option<String>,
+) -> Backend {
+    let preference = Preference::parse(&preference);
+    let mut adapter = match adapter_error {
+        Some(why) => Err(why),
+        None => Ok(AdapterFacts::new(&adapter_label, adapter_fallback)),
+    };
+    let cpu_device = Device::flex();
+    let cpu_rate = match preference {
+        Preference::Cpu => None,
+        _ => trial_rate(&cpu_device, BackendKind::Cpu).await.ok(),
+    };
+    let mut gpu = None;
+    if needs_gpu_trial(preference, &adapter) {
+        match webgpu_device().await {
+            Ok(device) => {
+                gpu = trial_rate(&device, BackendKind::WebGpu)
+                    .await
+                    .ok()
+                    .map(|rate| (device, rate));
+            }
+            Err(why) => adapter = Err(why),
+        }
+    }
+    let (kind, reason) = decide(
+        preference,
+        &adapter,
+        cpu_rate,
+        gpu.as_ref().map(|(_, rate)| *rate),
+    );
+    let gpu_rate = gpu.as_ref().map(|(_, rate)| *rate);
+    let device = match (kind, gpu) {
+        (BackendKind::WebGpu, Some((device, _))) => device,
+        (BackendKind::WebGpu, None) => match webgpu_device().await {
+            Ok(device) => device,
+            Err(why) => {
+                return Backend {
+                    kind: BackendKind::Cpu,
+                    device: cpu_device,
+                    adapter: adapter_label,
+                    reason: why,
+                    cpu_rate,
+                    gpu_rate,
+                };
+            }
+        },
+        (BackendKind::Cpu, _) => cpu_device,
+    };
+    Backend {
+        kind,
+        device,
+        adapter: adapter_label,
+        reason,
+        cpu_rate,
+        gpu_rate,
+    }
+}
+
 /// One tab's membership of a federation.
 #[wasm_bindgen]
 pub struct WasmClient {
-    session: ClientSession,
+    session: RefCell<ClientSession>,
     start: Vec<ClientAction>,
     data: Option<LocalData>,
+    kind: BackendKind,
+    device: Device,
 }
 
 fn set(object: &Object, key: &str, value: &JsValue) -> Result<(), JsError> {
@@ -131,20 +327,23 @@ fn actions_to_js(actions: Vec<ClientAction>) -> Result<JsValue, JsError> {
 
 #[wasm_bindgen]
 impl WasmClient {
-    /// A client that will train on `backend` (shown to the server) and
+    /// A client that will train on `backend` (named to the server) and
     /// accept frames up to `max_frame_bytes`; `demo` asks for a shard.
     #[wasm_bindgen(constructor)]
-    pub fn new(backend: &str, max_frame_bytes: usize, demo: bool) -> WasmClient {
+    pub fn new(backend: &Backend, max_frame_bytes: usize, demo: bool) -> WasmClient {
         let data = if demo {
             DataSource::Demo
         } else {
             DataSource::Own { counts: vec![] }
         };
-        let (session, start) = ClientSession::start(backend, None, data, max_frame_bytes);
+        let (session, start) =
+            ClientSession::start(backend.kind.name(), None, data, max_frame_bytes);
         WasmClient {
-            session,
+            session: RefCell::new(session),
             start,
             data: None,
+            kind: backend.kind,
+            device: backend.device.clone(),
         }
     }
 
@@ -155,12 +354,12 @@ impl WasmClient {
 
     /// Handles a text frame from the server.
     pub fn on_text(&mut self, text: &str) -> Result<JsValue, JsError> {
-        actions_to_js(self.session.on_text(text))
+        actions_to_js(self.session.get_mut().on_text(text))
     }
 
     /// Handles a binary frame from the server.
     pub fn on_binary(&mut self, frame: &[u8]) -> Result<JsValue, JsError> {
-        actions_to_js(self.session.on_binary(frame))
+        actions_to_js(self.session.get_mut().on_binary(frame))
     }
 
     /// Gives the client its local data (images `[C, H, W]` in `[0, 1]`,
@@ -198,7 +397,7 @@ impl WasmClient {
         };
         let counts = data.counts();
         self.data = Some(data);
-        actions_to_js(self.session.data_ready(counts))
+        actions_to_js(self.session.get_mut().data_ready(counts))
     }
 
     /// Gives the client its demo shard as fetched from `/api/shard/{id}`
@@ -215,9 +414,56 @@ impl WasmClient {
         self.set_data(shard.images, shard.labels, channels, height, width, classes)
     }
 
+    /// Adds samples the volunteer made (digits drawn on the page) to the
+    /// local data, each with its label; returns the new `ready` report.
+    /// They must have the shape of the data already loaded, and stay in the
+    /// tab like the rest.
+    pub fn add_samples(&mut self, images: Vec<f32>, labels: Vec<u32>) -> Result<JsValue, JsError> {
+        let data = self
+            .data
+            .as_mut()
+            .ok_or_else(|| JsError::new("samples added before any data"))?;
+        let sample_len = data.channels * data.height * data.width;
+        if labels.is_empty() || images.len() != labels.len() * sample_len {
+            return Err(JsError::new(&format!(
+                "{} values for {} labels; samples here are {}x{}x{}",
+                images.len(),
+                labels.len(),
+                data.channels,
+                data.height,
+                data.width
+            )));
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= data.num_classes) {
+            return Err(JsError::new(&format!(
+                "label {bad} is not below {} classes",
+                data.num_classes
+            )));
+        }
+        if images.iter().any(|v| !(0.0..=1.0).contains(v)) {
+            return Err(JsError::new("pixel values must lie in [0, 1]"));
+        }
+        data.images.extend_from_slice(&images);
+        data.labels.extend_from_slice(&labels);
+        if let Some((planned_images, planned_labels)) = &mut data.planned {
+            planned_images.extend_from_slice(&images);
+            planned_labels.extend_from_slice(&labels);
+        }
+        let counts = data.counts();
+        actions_to_js(self.session.get_mut().data_ready(counts))
+    }
+
+    /// Samples the tab trains on now, per class (after the plan).
+    pub fn label_counts(&self) -> Vec<u32> {
+        self.data
+            .as_ref()
+            .map(|d| d.counts().into_iter().map(|c| c as u32).collect())
+            .unwrap_or_default()
+    }
+
     /// The id the server gave this client, once welcomed (for the shard URL).
     pub fn client_id(&self) -> Option<f64> {
-        self.session.client_id().map(|id| id as f64)
+        self.session.borrow().client_id().map(|id| id as f64)
     }
 
     /// Applies the server's augmentation plan to the local data (seed as a
@@ -245,15 +491,24 @@ impl WasmClient {
         .map_err(|e| JsError::new(&e.to_string()))?;
         data.planned = Some(planned);
         let counts = data.counts();
-        actions_to_js(self.session.data_ready(counts))
+        actions_to_js(self.session.get_mut().data_ready(counts))
     }
 
-    /// Trains one hop on the tab's CPU and returns the update to send.
-    pub fn train(&mut self, task: &str, weights: Vec<f32>) -> Result<JsValue, JsError> {
+    /// Trains one hop on the tab's backend and returns the update to
+    /// send. `on_step` is called after every optimiser step with
+    /// `{epoch, epochs, batch, batches, loss}`, for progress bars and the
+    /// loss curve.
+    pub async fn train(
+        &self,
+        task: String,
+        weights: Vec<f32>,
+        on_step: Function,
+    ) -> Result<JsValue, JsError> {
         let task: TaskSpec =
-            serde_json::from_str(task).map_err(|e| JsError::new(&e.to_string()))?;
+            serde_json::from_str(&task).map_err(|e| JsError::new(&e.to_string()))?;
         let model = self
             .session
+            .borrow()
             .model()
             .ok_or_else(|| JsError::new("a task before the welcome"))?
             .clone();
@@ -262,11 +517,32 @@ impl WasmClient {
             .as_ref()
             .ok_or_else(|| JsError::new("a task before any data"))?;
         let (images, labels) = data.training_set();
+        let samples = Samples { images, labels };
+        let mut report = |step: &StepProgress| {
+            let object = Object::new();
+            let fields = [
+                ("epoch", step.epoch as f64),
+                ("epochs", step.epochs as f64),
+                ("batch", step.batch as f64),
+                ("batches", step.batches as f64),
+                ("loss", f64::from(step.loss)),
+            ];
+            for (key, value) in fields {
+                let _ = Reflect::set(&object, &key.into(), &value.into());
+            }
+            // A failing progress callback must not fail the training.
+            let _ = on_step.call1(&JsValue::NULL, &object);
+        };
         let start = js_sys::Date::now();
-        let (trained, stats) = train_task(&model, &task, weights, Samples { images, labels })
-            .map_err(|e| JsError::new(&e.to_string()))?;
+        let (trained, stats) = match self.kind {
+            BackendKind::Cpu => train_task(&model, &task, weights, samples, &mut report),
+            BackendKind::WebGpu => {
+                train_task_async(&model, &task, weights, samples, &self.device, &mut report).await
+            }
+        }
+        .map_err(|e| JsError::new(&e.to_string()))?;
         let seconds = (js_sys::Date::now() - start) / 1000.0;
-        let actions = self.session.trained(
+        let actions = self.session.borrow_mut().trained(
             &task,
             &trained,
             labels.len() as u64,

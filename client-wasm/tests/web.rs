@@ -1,13 +1,17 @@
 //! The browser client in a real headless Chromium (wasm-bindgen-test): the
-//! JavaScript boundary, and real training on the tab's CPU backend.
+//! JavaScript boundary, real training on the tab's CPU backend and on
+//! WebGPU (Chromium started with `--enable-unsafe-webgpu`, see
+//! webdriver.json: on a GPU-less machine a software adapter), and the two
+//! backends agreeing.
 #![cfg(target_arch = "wasm32")]
 
-use astraea_client::web::{WasmClient, protocol_version};
+use astraea_client::web::{Backend, WasmClient, protocol_version, webgpu_device};
 use astraea_core::model::ModelConfig;
 use astraea_core::protocol::{ModelSpec, ServerMessage, TaskSpec, WeightEncoding, encode_chunks};
+use astraea_core::train::{Samples, StepProgress, TrainConfig, train_async, train_observed};
 use astraea_core::weights::Weights;
 use burn::prelude::*;
-use js_sys::{Array, Float32Array, Reflect};
+use js_sys::{Array, Float32Array, Function, Reflect};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_test::*;
 
@@ -42,7 +46,7 @@ fn halves(n: usize) -> (Vec<f32>, Vec<u32>) {
 #[wasm_bindgen_test]
 fn the_join_crosses_the_js_boundary_as_a_plain_object() {
     // Prepare
-    let mut client = WasmClient::new("flex", 1 << 20, true);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
 
     // Execute
     let actions = client.start().unwrap();
@@ -60,11 +64,11 @@ fn the_join_crosses_the_js_boundary_as_a_plain_object() {
 }
 
 #[wasm_bindgen_test]
-fn a_task_trains_on_the_cpu_backend_and_answers_with_an_update() {
+async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_update() {
     // Prepare: welcome with a two-class model, local data, then a task.
     let config = ModelConfig::new(2);
     let initial = Weights::from_model(&config.init(&Device::flex()));
-    let mut client = WasmClient::new("flex", 1 << 16, false);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 16, false);
     client.start().unwrap();
     let welcome = ServerMessage::Welcome {
         version: 1,
@@ -86,6 +90,7 @@ fn a_task_trains_on_the_cpu_backend_and_answers_with_an_update() {
         seed: 9,
         encoding: WeightEncoding::F32,
         chunks: 0,
+        place: None,
     };
     let frames = encode_chunks(1, 1, &initial.values, WeightEncoding::F32, 1 << 16);
     let task = TaskSpec {
@@ -106,7 +111,11 @@ fn a_task_trains_on_the_cpu_backend_and_answers_with_an_update() {
     // Execute: what a page does with a `train` action.
     let weights = Float32Array::from(field(&train_action, "weights")).to_vec();
     let task_text = field(&train_action, "task").as_string().unwrap();
-    let answer = client.train(&task_text, weights).unwrap();
+    let on_step = Function::new_with_args(
+        "p",
+        "globalThis.steps = (globalThis.steps || []).concat([[p.epoch, p.batch, p.batches, p.loss]])",
+    );
+    let answer = client.train(task_text, weights, on_step).await.unwrap();
 
     // Assert
     assert_eq!(kinds(&ready), vec!["send"]);
@@ -131,6 +140,14 @@ fn a_task_trains_on_the_cpu_backend_and_answers_with_an_update() {
     assert!(loss.is_finite() && loss > 0.0, "{update}");
     let sent = Array::from(&field(&Array::from(&answer).get(1), "frames"));
     assert_eq!(sent.length(), frames.len() as u32);
+    // 60 samples in batches of 20 over 2 epochs: 6 steps, each reported.
+    let steps = Array::from(&field(&js_sys::global(), "steps"));
+    assert_eq!(steps.length(), 6);
+    let last = Array::from(&steps.get(5));
+    assert_eq!(last.get(0).as_f64(), Some(1.0));
+    assert_eq!(last.get(1).as_f64(), Some(2.0));
+    assert_eq!(last.get(2).as_f64(), Some(3.0));
+    assert!(last.get(3).as_f64().unwrap() > 0.0);
 }
 
 #[wasm_bindgen_test]
@@ -146,7 +163,7 @@ fn a_demo_shard_fetched_as_bytes_becomes_the_local_data() {
     )
     .unwrap();
     let bytes = astraea_core::data::shard::encode_shard(&data);
-    let mut client = WasmClient::new("flex", 1 << 20, true);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
 
     // Execute
     let ready = client.set_shard(&bytes).unwrap();
@@ -158,4 +175,108 @@ fn a_demo_shard_fetched_as_bytes_becomes_the_local_data() {
         .unwrap();
     assert_eq!(text, r#"{"type":"ready","counts":[1,2]}"#);
     assert!(broken.is_err());
+}
+
+#[wasm_bindgen_test]
+fn a_drawn_digit_joins_the_local_data_and_the_counts_report_it() {
+    // Prepare: a shard of one class-0 image, and a drawn class-1 image.
+    let data = astraea_core::data::Dataset::new(
+        vec![0.5; 784],
+        vec![0],
+        1,
+        28,
+        28,
+        vec!["a".into(), "b".into()],
+    )
+    .unwrap();
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
+    client
+        .set_shard(&astraea_core::data::shard::encode_shard(&data))
+        .unwrap();
+
+    // Execute
+    let ready = client.add_samples(vec![1.0; 784], vec![1]).unwrap();
+    let wrong_shape = client.add_samples(vec![1.0; 100], vec![1]);
+    let wrong_label = client.add_samples(vec![1.0; 784], vec![7]);
+
+    // Assert
+    let text = field(&Array::from(&ready).get(0), "text")
+        .as_string()
+        .unwrap();
+    assert_eq!(text, r#"{"type":"ready","counts":[1,1]}"#);
+    assert_eq!(client.label_counts(), vec![1, 1]);
+    assert!(wrong_shape.is_err() && wrong_label.is_err());
+}
+
+/// The two-class model without dropout: dropout draws its masks from each
+/// device's own random stream, so with it the backends could not agree.
+fn deterministic_model() -> ModelConfig {
+    ModelConfig {
+        dropout: 0.0,
+        ..ModelConfig::new(2)
+    }
+}
+
+#[wasm_bindgen_test]
+async fn a_training_step_runs_on_webgpu_and_agrees_with_the_cpu() {
+    // Prepare: the page's WebGPU device. No adapter fails the test: CI
+    // starts Chromium with --enable-unsafe-webgpu, which gives one.
+    let gpu = webgpu_device()
+        .await
+        .expect("a WebGPU adapter (Chromium with --enable-unsafe-webgpu)");
+    let config = deterministic_model();
+    let initial = Weights::from_model(&config.init(&Device::flex()));
+    let (images, labels) = halves(40);
+    let data = Samples {
+        images: &images,
+        labels: &labels,
+    };
+    let train_config = TrainConfig {
+        batch_size: 20,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let mut cpu_steps = Vec::new();
+    let mut gpu_steps = Vec::new();
+
+    // Execute: the same two steps on each backend.
+    let (cpu_weights, cpu_stats) = train_observed(
+        &config,
+        &initial,
+        data,
+        &train_config,
+        &Device::flex().autodiff(),
+        &mut |p: &StepProgress| cpu_steps.push(p.loss),
+    )
+    .unwrap();
+    let (gpu_weights, gpu_stats) = train_async(
+        &config,
+        &initial,
+        data,
+        &train_config,
+        &gpu.autodiff(),
+        &mut |p: &StepProgress| gpu_steps.push(p.loss),
+    )
+    .await
+    .unwrap();
+
+    // Assert: WebGPU really trained, and to the same losses. Tolerance:
+    // 1e-3 on each step's cross-entropy (about 0.7 here): float sums run in
+    // a different order on each backend, and Adam's first steps move every
+    // weight by about the learning rate whatever the gradient's size.
+    assert_eq!(gpu_stats.steps, 2);
+    assert_ne!(gpu_weights, initial);
+    assert!(gpu_weights.values.iter().all(|v| v.is_finite()));
+    assert_eq!(cpu_steps.len(), gpu_steps.len());
+    for (cpu, gpu) in cpu_steps.iter().zip(&gpu_steps) {
+        assert!((cpu - gpu).abs() < 1e-3, "CPU loss {cpu} vs WebGPU {gpu}");
+    }
+    assert!((cpu_stats.mean_loss - gpu_stats.mean_loss).abs() < 1e-3);
+    let largest_gap = cpu_weights
+        .values
+        .iter()
+        .zip(&gpu_weights.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(largest_gap < 5e-3, "weights differ by up to {largest_gap}");
 }
