@@ -209,6 +209,21 @@ struct ServeArgs {
     /// Name of the run in the database.
     #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
     run_name: String,
+    /// Serve HTTPS, so tabs on other machines get WebGPU (browsers give it
+    /// only to secure contexts): with --tls-cert/--tls-key, or a self-signed
+    /// certificate kept in the state dir (or ./tls).
+    #[arg(long, env = "ASTRAEA_TLS")]
+    tls: bool,
+    /// PEM certificate chain for --tls.
+    #[arg(long, env = "ASTRAEA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls.
+    #[arg(long, env = "ASTRAEA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The URL volunteers open, when behind a proxy (shown on the dashboard
+    /// and in its QR code).
+    #[arg(long, env = "ASTRAEA_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -493,16 +508,40 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         },
         seed: args.seed,
         static_dir: args.static_dir,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(serve::tls::TlsSource::Files { cert, key }),
+            _ if args.tls => Some(serve::tls::TlsSource::SelfSigned {
+                dir: args
+                    .state_dir
+                    .as_ref()
+                    .map_or_else(|| PathBuf::from("tls"), |d| d.join("tls")),
+            }),
+            _ => None,
+        },
         admin_token: args.admin_token,
         state_dir: args.state_dir,
         run_name: args.run_name,
+        public_url: args.public_url,
     };
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .with_context(|| format!("binding {}", args.bind))?;
     let address = listener.local_addr()?;
     let running = serve::start(listener, config).await?;
-    println!("astraea serving on http://{address}/ (clients join at ws://{address}/ws)");
+    let url = running.state.join_url.clone();
+    println!("astraea serving on {address}");
+    println!("  volunteers open   {url}");
+    println!("  the dashboard is  {url}dashboard");
+    if address.ip().is_loopback() {
+        println!(
+            "  (only this machine can join: --bind 0.0.0.0:{} accepts the LAN)",
+            address.port()
+        );
+    } else if !serve::tls::is_secure_origin(&url) {
+        println!(
+            "  (without --tls, tabs on other machines train on the CPU: browsers give WebGPU only to HTTPS pages)"
+        );
+    }
     tokio::select! {
         outcome = running.coordinator => {
             outcome??;

@@ -51,6 +51,8 @@ fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
         admin_token: Some("s3cret".into()),
         state_dir: None,
         run_name: "test".into(),
+        tls: None,
+        public_url: None,
     }
 }
 
@@ -511,7 +513,15 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     let (unknown, _) = configure(auth, r#"{"colour":"red"}"#).await;
     let (model_status, model) = http(&address, "GET", "/api/model", "").await;
     let metrics = http_get(&address, "/metrics").await;
-    let status_page = http_get(&address, "/status").await;
+    let dashboard_page = http_get(&address, "/dashboard").await;
+    let qr = http_get(&address, "/api/join-qr.svg").await;
+    let (mut feed, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/dashboard"))
+        .await
+        .unwrap();
+    let snapshot = match feed.next().await {
+        Some(Ok(Message::Text(text))) => text.to_string(),
+        other => panic!("no dashboard snapshot: {other:?}"),
+    };
 
     // Assert
     assert_eq!(anonymous, 401);
@@ -549,7 +559,13 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
         "{metrics}"
     );
     assert!(metrics.contains("astraea_clients_connected 0"), "{metrics}");
-    assert!(status_page.contains("/api/status"), "{status_page}");
+    assert!(dashboard_page.contains("/dashboard.js"), "{dashboard_page}");
+    assert!(qr.contains("<svg"), "{qr}");
+    let snapshot: serde_json::Value = serde_json::from_str(&snapshot).unwrap();
+    assert_eq!(snapshot["status"]["join_url"], format!("http://{address}/"));
+    assert_eq!(snapshot["status"]["settings"]["rounds"], 5);
+    assert_eq!(snapshot["status"]["stopped"], true);
+    assert!(snapshot["history"].is_array(), "{snapshot}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

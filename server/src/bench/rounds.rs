@@ -76,6 +76,8 @@ pub async fn run(
         admin_token: None,
         state_dir: None,
         run_name: "bench".into(),
+        tls: None,
+        public_url: None,
     };
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {

@@ -192,6 +192,7 @@ async fn run_session(
                                     images: &images,
                                     labels: &labels,
                                 },
+                                &mut |_| {},
                             )
                         })
                         .await??

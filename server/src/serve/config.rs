@@ -53,4 +53,9 @@ pub struct ServeConfig {
     /// Name of the run in the database: an unfinished run of this name is
     /// resumed from its last completed round.
     pub run_name: String,
+    /// Serve HTTPS with this certificate; `None` serves plain HTTP.
+    pub tls: Option<super::tls::TlsSource>,
+    /// The URL volunteers open, when the server cannot know it (behind a
+    /// proxy); by default it is made from the bound address.
+    pub public_url: Option<String>,
 }

@@ -217,6 +217,8 @@ impl Connection {
             counts: None,
             plan_sent: false,
             pending: None,
+            hops_done: 0,
+            samples_trained: 0,
         };
         entry.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
@@ -323,6 +325,9 @@ impl Connection {
                         ),
                     ));
                 }
+                entry.hops_done += 1;
+                entry.samples_trained +=
+                    update.samples * u64::from(self.state.config.epochs as u32);
                 let _ = p.reply.send(HopReply {
                     weights,
                     samples: update.samples,

@@ -11,7 +11,7 @@ use anyhow::Context;
 use astraea_core::data::Dataset;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
-use astraea_core::protocol::{ModelSpec, ServerMessage, TaskSpec, encode_chunks};
+use astraea_core::protocol::{ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks};
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
 use astraea_core::weights::Weights;
@@ -133,9 +133,16 @@ pub async fn run(
         let mediators: Vec<MediatorStatus> = plan
             .groups
             .iter()
-            .map(|g| MediatorStatus {
-                members: g.members.iter().map(|&m| m as u64).collect(),
-                kl: group_kl(g, &participants),
+            .map(|g| {
+                let counts = group_counts(g, &participants);
+                MediatorStatus {
+                    members: g.members.iter().map(|&m| m as u64).collect(),
+                    kl: kl_to_uniform(&counts),
+                    counts,
+                    hops: (g.members.len() * g.passes) as u32,
+                    hops_done: 0,
+                    current: None,
+                }
             })
             .collect();
         let mean_kl = mediators.iter().map(|m| m.kl).sum::<f64>() / mediators.len().max(1) as f64;
@@ -144,13 +151,16 @@ pub async fn run(
             status.phase = Phase::Training;
             status.round = round;
             status.mediators = mediators;
+            status.round_started = Some(Instant::now());
         }
+        let mediator_count = plan.groups.len() as u32;
         let chains = plan.groups.iter().enumerate().map(|(index, group)| {
             run_chain(
                 state.clone(),
                 index,
                 group.clone(),
                 round,
+                mediator_count,
                 global.values.clone(),
                 plan.prox_mu,
             )
@@ -305,7 +315,8 @@ fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Partic
     chosen.into_iter().map(|i| ready[i].clone()).collect()
 }
 
-fn group_kl(group: &Group, participants: &[Participant]) -> f64 {
+/// The combined label counts of a group: its label mix.
+fn group_counts(group: &Group, participants: &[Participant]) -> Vec<usize> {
     let mut combined: Vec<usize> = Vec::new();
     for p in participants
         .iter()
@@ -316,7 +327,7 @@ fn group_kl(group: &Group, participants: &[Participant]) -> f64 {
             *c += n;
         }
     }
-    kl_to_uniform(&combined)
+    combined
 }
 
 /// Runs one group's chain; a member that leaves or misses its deadline is
@@ -326,15 +337,17 @@ async fn run_chain(
     index: usize,
     group: Group,
     round: u32,
+    mediators: u32,
     global: Vec<f32>,
     prox_mu: f64,
 ) -> Result<GroupResult, GroupFailure> {
     let mut weights = global;
     let mut samples = vec![None; group.members.len()];
     let mut hop = 0u32;
-    for _ in 0..group.passes {
+    for pass in 0..group.passes {
         for (position, &member) in group.members.iter().enumerate() {
             hop += 1;
+            state.set_hop(index, Some(member as u64), hop - 1);
             let task = TaskSpec {
                 round,
                 hop: index as u32 * 10_000 + hop,
@@ -346,6 +359,14 @@ async fn run_chain(
                 seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
                 encoding: state.config.encoding,
                 chunks: 0,
+                place: Some(ChainPlace {
+                    mediator: index as u32 + 1,
+                    mediators,
+                    position: position as u32 + 1,
+                    members: group.members.len() as u32,
+                    pass: pass as u32 + 1,
+                    passes: group.passes as u32,
+                }),
             };
             match run_hop(&state, member as u64, task, &weights).await {
                 Ok(reply) => {
@@ -361,6 +382,7 @@ async fn run_chain(
             }
         }
     }
+    state.set_hop(index, None, hop);
     let trained: u64 = samples.iter().flatten().sum();
     if samples.iter().all(Option::is_none) {
         return Err(GroupFailure {

@@ -8,14 +8,19 @@
 //!   chains, aggregate, evaluate.
 //! - [`store`]: SQLite records and safetensors checkpoints; resume after a crash.
 //! - [`app`]: the HTTP routes (`/ws`, `/api/status`, `/api/rounds`, static files).
+//! - [`dashboard`]: the operator's live view (`/dashboard`, `/ws/dashboard`,
+//!   the join QR code).
+//! - [`tls`]: HTTPS (given or self-signed certificate) and the join URL.
 
 pub mod app;
 pub mod config;
 pub mod connection;
 pub mod coordinator;
+pub mod dashboard;
 pub mod guard;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -56,13 +61,24 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         }
         None => (None, None),
     };
-    let state = Arc::new(AppState::new(
+    let bound = listener.local_addr()?;
+    let join_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
+    let rustls = match &config.tls {
+        Some(source) => Some(tls::rustls_config(source).await?),
+        None => None,
+    };
+    let mut state = AppState::new(
         config,
         data.model.clone(),
         data.shards.clone(),
         data.train.clone(),
         store,
-    ));
+    );
+    state.join_url = join_url;
+    let state = Arc::new(state);
     if let Some(resumed) = &resumed {
         state
             .run_id
@@ -70,11 +86,22 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     }
     *state.global.lock().expect("no panic with the lock") = Some(Arc::new(data.initial.clone()));
     let router = app::app(state.clone());
-    let server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!("http server stopped: {e}");
+    let server = match rustls {
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("http server stopped: {e}");
+            }
+        }),
+        Some(rustls) => {
+            let listener = listener.into_std()?;
+            tokio::spawn(async move {
+                let server = axum_server::from_tcp_rustls(listener, rustls);
+                if let Err(e) = server.serve(router.into_make_service()).await {
+                    tracing::error!("https server stopped: {e}");
+                }
+            })
         }
-    });
+    };
     let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resumed));
     Ok(Running {
         state,

@@ -63,6 +63,10 @@ pub struct ClientEntry {
     pub plan_sent: bool,
     /// The hop it is working on.
     pub pending: Option<Pending>,
+    /// Hops it has answered.
+    pub hops_done: u64,
+    /// Samples it has trained on, over all its hops and epochs.
+    pub samples_trained: u64,
 }
 
 impl ClientEntry {
@@ -93,6 +97,14 @@ pub struct MediatorStatus {
     pub members: Vec<u64>,
     /// KL to uniform of their combined counts.
     pub kl: f64,
+    /// Their combined label counts: the mediator's label mix.
+    pub counts: Vec<usize>,
+    /// Hops in the chain (members times passes).
+    pub hops: u32,
+    /// Hops finished or skipped so far.
+    pub hops_done: u32,
+    /// The client training now, if any.
+    pub current: Option<u64>,
 }
 
 /// The run as `/api/status` and `/api/rounds` show it.
@@ -114,6 +126,9 @@ pub struct RunStatus {
     pub skipped_hops: u64,
     /// The metrics history, one record per finished round.
     pub history: Vec<RoundRecord>,
+    /// When the current round started, for its progress and the ETA.
+    #[serde(skip)]
+    pub round_started: Option<std::time::Instant>,
 }
 
 /// What the admin has asked of the round loop.
@@ -227,6 +242,10 @@ pub struct AppState {
     pub bytes_up: AtomicU64,
     /// Bytes sent to clients.
     pub bytes_down: AtomicU64,
+    /// The URL volunteers open (shown on the dashboard and as its QR code).
+    pub join_url: String,
+    /// When the server started, for the dashboard's clock.
+    pub started: std::time::Instant,
 }
 
 impl AppState {
@@ -247,6 +266,7 @@ impl AppState {
             mediators: vec![],
             skipped_hops: 0,
             history: vec![],
+            round_started: None,
         };
         let tunable = Tunable {
             rounds: config.rounds,
@@ -273,6 +293,8 @@ impl AppState {
             control_changed: Notify::new(),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            join_url: String::new(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -317,6 +339,15 @@ impl AppState {
             .tunable
             .lock()
             .expect("no panic while holding the lock")
+    }
+
+    /// Records that mediator `index` has finished `done` hops and is now
+    /// waiting on `current`.
+    pub fn set_hop(&self, index: usize, current: Option<u64>, done: u32) {
+        if let Some(mediator) = self.status().mediators.get_mut(index) {
+            mediator.current = current;
+            mediator.hops_done = done;
+        }
     }
 
     /// Locks the run status.

@@ -387,6 +387,10 @@ mod tests {
         let mediators = vec![MediatorStatus {
             members: vec![1, 2],
             kl: 0.1,
+            counts: vec![30, 10],
+            hops: 4,
+            hops_done: 4,
+            current: None,
         }];
         let run_id = {
             let mut store = Store::open(&dir).unwrap();
