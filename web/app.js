@@ -1,68 +1,169 @@
-// The volunteer page: Join and Leave, and what this tab is doing.
-const worker = new Worker('worker.js', { type: 'module' });
-const $ = (id) => document.getElementById(id);
-const accuracies = [];
-let samples = 0;
-let seconds = 0;
-let hops = 0;
+// The volunteer page: Join and Leave, and what this tab is doing. The
+// federation client runs in a Web Worker (worker.js), so training never
+// freezes the page. `window.astraea` holds the figures the page shows, for
+// the end-to-end tests and for anyone curious in the console.
+import { lineChart, duration } from '/chart.js';
 
-function draw() {
-  const canvas = $('curve');
-  const ctx = canvas.getContext('2d');
-  const { width, height } = canvas;
-  ctx.clearRect(0, 0, width, height);
-  ctx.strokeStyle = '#ddd';
-  for (let p = 0; p <= 100; p += 25) {
-    const y = height - (p / 100) * height;
-    ctx.beginPath(); ctx.moveTo(0, y); ctx.lineTo(width, y); ctx.stroke();
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const worker = new Worker('worker.js', { type: 'module' });
+const page = window.astraea = {
+  backend: null, clientId: null, firstStepMs: null, readyMs: null, steps: 0,
+  hops: 0, samples: 0, seconds: 0, losses: [], accuracies: [], drawn: 0, shardCached: null,
+};
+let counts = [];
+
+function drawCharts() {
+  const stride = Math.max(1, Math.ceil(page.losses.length / 600));
+  const points = [];
+  for (let i = 0; i < page.losses.length; i += stride) points.push([i + 1, page.losses[i]]);
+  lineChart($('loss-chart'), [{ label: 'training loss', color: '#ff7f0e', points }],
+    { yMin: 0, xLabel: 'step', empty: 'the loss of each training step' });
+  lineChart($('accuracy-chart'), [{ label: 'accuracy', color: '#d62728', points: page.accuracies.map(([r, a]) => [r, a * 100]) }],
+    { yMin: 0, yMax: 100, xLabel: 'round', yFormat: (v) => `${v.toFixed(0)} %`, empty: 'after the first round' });
+}
+
+function drawMix() {
+  const max = Math.max(1, ...counts);
+  $('mix').innerHTML = counts.map((c) => `<div style="height:${(c / max) * 100}%" title="${c}"></div>`).join('');
+  $('mix-labels').innerHTML = counts.map((_, i) => `<span>${i}</span>`).join('');
+  const select = $('digit');
+  if (select.options.length !== counts.length) {
+    select.innerHTML = counts.map((_, i) => `<option>${i}</option>`).join('');
   }
-  if (accuracies.length < 1) return;
-  ctx.strokeStyle = '#d62728';
-  ctx.lineWidth = 2;
-  ctx.beginPath();
-  accuracies.forEach((a, i) => {
-    const x = accuracies.length === 1 ? width / 2 : (i / (accuracies.length - 1)) * width;
-    const y = height - a * height;
-    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
-  });
-  ctx.stroke();
+}
+
+function banner(text, kind) {
+  const node = $('banner');
+  node.textContent = text || '';
+  node.className = text ? `banner ${kind}` : 'banner';
 }
 
 worker.onmessage = (event) => {
   const m = event.data;
   switch (m.type) {
     case 'status': $('status').textContent = m.text; break;
-    case 'data': $('data').textContent = `${m.samples} samples (never leave this tab)`; break;
-    case 'training': $('status').textContent = `training round ${m.round}, hop ${m.hop}`; break;
+    case 'backend': {
+      page.backend = m;
+      const name = m.name === 'webgpu' ? `WebGPU (${m.adapter || 'adapter'})` : 'CPU (burn flex, WebAssembly)';
+      const rates = [m.cpuRate && `CPU ${m.cpuRate.toFixed(0)}`, m.gpuRate && `WebGPU ${m.gpuRate.toFixed(0)}`].filter(Boolean);
+      $('backend').textContent = rates.length ? `${name}; trial: ${rates.join(', ')} samples/s` : name;
+      $('backend-reason').textContent = m.reason;
+      if (m.name !== 'webgpu' && !self.isSecureContext) {
+        banner('This page is not served over HTTPS, so the browser hides the GPU: this tab trains on the CPU. Ask the organiser for the https:// address (astraea serve --tls).', 'note');
+      }
+      break;
+    }
+    case 'connected': banner(''); $('status').textContent = 'connected, joining'; break;
+    case 'welcome': page.clientId = m.clientId; $('client').textContent = `#${m.clientId}`; break;
+    case 'data':
+      counts = m.counts;
+      page.shardCached = m.cached ?? page.shardCached;
+      page.readyMs = page.readyMs ?? performance.now();
+      $('data').textContent = `${counts.reduce((a, b) => a + b, 0)} samples (never leave this tab)`
+        + (m.cached === true ? ', from this browser\'s cache' : m.cached === false ? `, fetched (${(m.bytes / 1024).toFixed(0)} KiB)` : '')
+        + (m.drawn ? `, ${m.drawn} drawn by you` : '');
+      $('status').textContent = 'ready: waiting for a task';
+      drawMix();
+      break;
+    case 'plan':
+      counts = m.counts;
+      $('data').textContent = `${counts.reduce((a, b) => a + b, 0)} samples after the server's augmentation plan (made here, never sent)`;
+      drawMix();
+      break;
+    case 'task': {
+      $('status').textContent = `training round ${m.round}`;
+      $('round').textContent = m.round;
+      const p = m.place;
+      $('place').textContent = p
+        ? `${p.mediator} of ${p.mediators}; place ${p.position} of ${p.members} in its chain, pass ${p.pass} of ${p.passes}`
+        : 'a FedAvg participant';
+      break;
+    }
+    case 'step': {
+      page.steps += m.losses.length;
+      page.losses.push(...m.losses);
+      if (page.firstStepMs === null) page.firstStepMs = performance.now();
+      const done = (m.epoch * m.batches + m.batch + 1) / (m.epochs * m.batches);
+      $('epoch-text').textContent = `${m.epoch + 1} of ${m.epochs}`;
+      $('batch-text').textContent = `${m.batch + 1} of ${m.batches}`;
+      $('epoch-bar').style.width = `${(done * 100).toFixed(1)}%`;
+      $('batch-bar').style.width = `${(((m.batch + 1) / m.batches) * 100).toFixed(1)}%`;
+      $('eta').textContent = done < 1 ? `about ${duration((m.elapsed * (1 - done)) / done)} left` : 'done';
+      $('step-loss').textContent = `loss ${m.loss.toFixed(3)}`;
+      drawCharts();
+      break;
+    }
     case 'trained':
-      hops += 1; samples += m.samples; seconds += m.seconds;
+      page.hops += 1; page.samples += m.samples; page.seconds += m.seconds;
       $('contributed').textContent =
-        `${hops} hops, ${samples} samples, ${seconds.toFixed(1)} s (${(samples / Math.max(seconds, 1e-3)).toFixed(0)} samples/s)`;
-      $('status').textContent = `sent round ${m.round} update (loss ${m.loss.toFixed(3)})`;
+        `${page.hops} hops, ${page.samples} samples in ${duration(page.seconds)} (${(page.samples / Math.max(page.seconds, 1e-3)).toFixed(0)} samples/s)`;
+      $('status').textContent = `sent the round ${m.round} update (mean loss ${m.loss.toFixed(3)})`;
       break;
     case 'round':
-      accuracies.push(m.accuracy);
-      $('round').textContent = m.round;
-      $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} %`;
-      draw();
+      page.accuracies.push([m.round, m.accuracy]);
+      $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} % after round ${m.round}`;
+      drawCharts();
+      break;
+    case 'drawn':
+      page.drawn = m.count;
+      $('drawn').textContent = `${m.count} drawn digit${m.count === 1 ? '' : 's'} in this tab's data`;
       break;
     case 'disconnected':
-      $('status').textContent = `the server is gone; reconnecting in ${m.retryMs} ms`;
+      banner(`The server is gone; reconnecting in ${duration(m.retryMs / 1000)}…`, 'gone');
+      $('status').textContent = 'disconnected';
       break;
     case 'left': $('status').textContent = 'left the federation'; break;
     case 'error': $('status').textContent = `error: ${m.text}`; break;
   }
 };
 
-$('join').onclick = () => {
+function join() {
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-  worker.postMessage({ type: 'join', url });
+  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto' });
   $('join').disabled = true;
   $('leave').disabled = false;
-};
+  $('status').textContent = 'starting…';
+}
+
+$('join').onclick = join;
 $('leave').onclick = () => {
   worker.postMessage({ type: 'leave' });
   $('join').disabled = false;
   $('leave').disabled = true;
 };
-draw();
+
+// --- Drawing digits: white on black like MNIST, scaled down to 28x28. ---
+const pad = $('pad');
+const ink = pad.getContext('2d');
+function clearPad() { ink.fillStyle = 'black'; ink.fillRect(0, 0, pad.width, pad.height); }
+clearPad();
+let drawing = false;
+const at = (e) => {
+  const r = pad.getBoundingClientRect();
+  return [((e.clientX - r.left) / r.width) * pad.width, ((e.clientY - r.top) / r.height) * pad.height];
+};
+pad.onpointerdown = (e) => { drawing = true; pad.setPointerCapture(e.pointerId); ink.beginPath(); ink.moveTo(...at(e)); };
+pad.onpointermove = (e) => {
+  if (!drawing) return;
+  ink.strokeStyle = 'white'; ink.lineWidth = 16; ink.lineCap = 'round'; ink.lineJoin = 'round';
+  ink.lineTo(...at(e)); ink.stroke();
+};
+pad.onpointerup = () => { drawing = false; };
+$('clear').onclick = clearPad;
+$('add').onclick = () => {
+  const small = new OffscreenCanvas(28, 28);
+  const ctx = small.getContext('2d');
+  ctx.imageSmoothingQuality = 'high';
+  ctx.drawImage(pad, 0, 0, 28, 28);
+  const rgba = ctx.getImageData(0, 0, 28, 28).data;
+  const pixels = new Float32Array(28 * 28);
+  for (let i = 0; i < pixels.length; i += 1) pixels[i] = rgba[i * 4] / 255;
+  worker.postMessage({ type: 'add-sample', pixels, label: Number($('digit').value || 0) });
+  clearPad();
+};
+counts = new Array(10).fill(0);
+drawMix();
+drawCharts();
+window.addEventListener('resize', drawCharts);
+if (params.get('join') === '1') join();

@@ -1,37 +1,86 @@
-// The tab's federation client, off the page's thread: it owns the socket
-// and the WebAssembly client, and tells the page what happens.
-import init, { WasmClient } from './pkg/astraea_client.js';
+// The tab's federation client, off the page's thread: it owns the socket,
+// the WebAssembly client and the chosen backend, and tells the page what
+// happens. Training blocks this worker, never the page.
+import init, { WasmClient, choose_backend } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
+let backend = null;
 let leaving = false;
 let backoff = 250;
-// Frames are handled one after another, even across awaits (a shard fetch).
+let url = null;
+// Digits the volunteer drew, kept here until the tab has its data.
+const drawn = { images: [], labels: [] };
+// Frames are handled one after another, even across awaits (shard fetch, training).
 let queue = Promise.resolve();
 
-const say = (message) => postMessage(message);
+const say = (message, transfer) => postMessage(message, transfer || []);
 
-onmessage = async (event) => {
-  if (event.data.type === 'join') {
+onmessage = (event) => {
+  const m = event.data;
+  if (m.type === 'join') {
     leaving = false;
-    await init();
-    connect(event.data.url);
-  } else if (event.data.type === 'leave') {
+    url = m.url;
+    queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
+  } else if (m.type === 'leave') {
     leaving = true;
     if (socket) {
       socket.send(JSON.stringify({ type: 'leave' }));
       socket.close();
     }
+  } else if (m.type === 'add-sample') {
+    queue = queue.then(() => addSample(m.pixels, m.label))
+      .catch((e) => say({ type: 'error', text: String(e) }));
   }
 };
 
-function connect(url) {
-  client = new WasmClient('flex', 1 << 20, true);
+async function join(preference) {
+  if (!backend) {
+    const started = performance.now();
+    await init();
+    say({ type: 'status', text: 'choosing where to train…' });
+    backend = await pickBackend(preference);
+    say({
+      type: 'backend', name: backend.name, adapter: backend.adapter, reason: backend.reason,
+      cpuRate: backend.cpu_rate, gpuRate: backend.gpu_rate, ms: performance.now() - started,
+    });
+  }
+  connect();
+}
+
+/** What the browser offers for WebGPU, then the measured choice. */
+async function pickBackend(preference) {
+  let label = '';
+  let fallback = false;
+  let error = null;
+  if (!self.isSecureContext) {
+    error = 'this page is not a secure context (open it over HTTPS, or on localhost)';
+  } else if (!('gpu' in navigator)) {
+    error = 'this browser has no WebGPU';
+  } else {
+    try {
+      const adapter = await navigator.gpu.requestAdapter();
+      if (!adapter) {
+        error = 'the browser offered no adapter';
+      } else {
+        const info = adapter.info || {};
+        label = [info.vendor, info.architecture, info.description].filter(Boolean).join(' ') || 'unnamed adapter';
+        fallback = Boolean(adapter.isFallbackAdapter || info.isFallbackAdapter);
+      }
+    } catch (e) {
+      error = `asking for an adapter failed: ${e}`;
+    }
+  }
+  return choose_backend(preference || 'auto', label, fallback, error);
+}
+
+function connect() {
+  client = new WasmClient(backend, 1 << 20, true);
   socket = new WebSocket(url);
   socket.binaryType = 'arraybuffer';
   socket.onopen = () => {
     backoff = 250;
-    say({ type: 'status', text: 'connected, joining' });
+    say({ type: 'connected' });
     queue = queue.then(() => run(client.start()));
   };
   socket.onmessage = (frame) => {
@@ -39,6 +88,9 @@ function connect(url) {
       const actions = typeof frame.data === 'string'
         ? client.on_text(frame.data)
         : client.on_binary(new Uint8Array(frame.data));
+      if (typeof frame.data === 'string' && frame.data.includes('"welcome"')) {
+        say({ type: 'welcome', clientId: client.client_id() });
+      }
       return run(actions);
     }).catch((error) => say({ type: 'error', text: String(error) }));
   };
@@ -48,43 +100,121 @@ function connect(url) {
       return;
     }
     say({ type: 'disconnected', retryMs: backoff });
-    setTimeout(() => connect(url), backoff);
+    setTimeout(connect, backoff);
     backoff = Math.min(backoff * 2, 5000);
   };
+}
+
+async function addSample(pixels, label) {
+  if (client && client.label_counts().length) {
+    await run(client.add_samples(pixels, new Uint32Array([label])));
+    say({ type: 'data', counts: Array.from(client.label_counts()), drawn: drawn.labels.length + 1 });
+  }
+  drawn.images.push(pixels);
+  drawn.labels.push(label);
+  say({ type: 'drawn', count: drawn.labels.length });
+}
+
+// --- The shard cache: IndexedDB, so a reload does not fetch it again. ---
+
+function openCache() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open('astraea', 1);
+    request.onupgradeneeded = () => request.result.createObjectStore('shards');
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+function cacheOp(mode, op) {
+  return openCache().then((db) => new Promise((resolve, reject) => {
+    const request = op(db.transaction('shards', mode).objectStore('shards'));
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  }));
+}
+
+/** A key naming the shard's content: dataset, size and a hash of its indices. */
+function shardKey(dataset, indices) {
+  let hash = 0x811c9dc5;
+  for (const i of indices) {
+    hash ^= i;
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return `${dataset}:${indices.length}:${hash.toString(16)}`;
+}
+
+async function loadShard(action) {
+  const key = shardKey(action.dataset, action.indices);
+  let bytes = null;
+  try {
+    const cached = await cacheOp('readonly', (store) => store.get(key));
+    if (cached) bytes = new Uint8Array(cached);
+  } catch (e) { /* no IndexedDB (private mode): fetch every time */ }
+  const cached = bytes !== null;
+  if (!cached) {
+    say({ type: 'status', text: `fetching a shard of ${action.indices.length} samples` });
+    const response = await fetch(`/api/shard/${client.client_id()}`);
+    if (!response.ok) throw new Error(`shard: ${response.status} ${await response.text()}`);
+    bytes = new Uint8Array(await response.arrayBuffer());
+    try { await cacheOp('readwrite', (store) => store.put(bytes.buffer, key)); } catch (e) { /* see above */ }
+  }
+  await run(client.set_shard(bytes));
+  if (drawn.labels.length) {
+    const flat = new Float32Array(drawn.images.reduce((n, p) => n + p.length, 0));
+    let offset = 0;
+    for (const p of drawn.images) { flat.set(p, offset); offset += p.length; }
+    await run(client.add_samples(flat, new Uint32Array(drawn.labels)));
+  }
+  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length });
+}
+
+async function train(action) {
+  const task = JSON.parse(action.task);
+  say({ type: 'task', round: task.round, hop: task.hop, place: task.place || null, epochs: task.epochs });
+  const started = performance.now();
+  let lastPost = 0;
+  let losses = [];
+  const onStep = (p) => {
+    losses.push(p.loss);
+    const now = performance.now();
+    const last = p.epoch === p.epochs - 1 && p.batch === p.batches - 1;
+    // At most ~20 messages a second: a fast CPU takes hundreds of steps a second.
+    if (now - lastPost > 50 || last) {
+      lastPost = now;
+      say({ type: 'step', ...p, losses, elapsed: (now - started) / 1000 });
+      losses = [];
+    }
+  };
+  const answer = await client.train(action.task, action.weights, onStep);
+  const update = JSON.parse(answer[0].text);
+  say({
+    type: 'trained', round: task.round, samples: update.samples * task.epochs,
+    loss: update.loss, seconds: (performance.now() - started) / 1000,
+  });
+  await run(answer);
 }
 
 async function run(actions) {
   for (const action of actions) {
     switch (action.kind) {
       case 'send':
-        socket.send(action.text);
+        // A closed socket drops the message; the rejoin reports afresh.
+        if (socket.readyState === WebSocket.OPEN) socket.send(action.text);
         break;
       case 'send-binary':
-        for (const frame of action.frames) socket.send(frame);
+        if (socket.readyState === WebSocket.OPEN) for (const frame of action.frames) socket.send(frame);
         break;
-      case 'load-shard': {
-        say({ type: 'status', text: `loading a shard of ${action.indices.length} samples` });
-        const response = await fetch(`/api/shard/${client.client_id()}`);
-        const bytes = new Uint8Array(await response.arrayBuffer());
-        await run(client.set_shard(bytes));
-        say({ type: 'data', samples: action.indices.length });
+      case 'load-shard':
+        await loadShard(action);
         break;
-      }
       case 'apply-plan':
         await run(client.apply_plan(action.ratios, action.seed));
-        say({ type: 'status', text: 'augmentation plan applied' });
+        say({ type: 'plan', counts: Array.from(client.label_counts()) });
         break;
-      case 'train': {
-        const task = JSON.parse(action.task);
-        say({ type: 'training', round: task.round, hop: task.hop });
-        const started = performance.now();
-        const answer = client.train(action.task, action.weights);
-        const update = JSON.parse(answer[0].text);
-        say({ type: 'trained', round: task.round, samples: update.samples * task.epochs,
-              loss: update.loss, seconds: (performance.now() - started) / 1000 });
-        await run(answer);
+      case 'train':
+        await train(action);
         break;
-      }
       case 'round-done':
         say({ type: 'round', round: action.round, accuracy: action.accuracy });
         break;

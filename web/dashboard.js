@@ -1,0 +1,95 @@
+// The operator's dashboard: a snapshot of the run arrives over the
+// WebSocket every second (and when clients come and go); nothing reloads.
+import { lineChart, duration, bytes } from '/chart.js';
+
+const $ = (id) => document.getElementById(id);
+const percent = (v) => (v == null ? '–' : `${(v * 100).toFixed(2)} %`);
+let last = null;
+
+function connect() {
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const socket = new WebSocket(`${scheme}://${location.host}/ws/dashboard`);
+  socket.onopen = () => { $('gone').style.display = 'none'; };
+  socket.onmessage = (event) => {
+    last = JSON.parse(event.data);
+    render(last);
+  };
+  socket.onclose = () => {
+    $('gone').style.display = 'block';
+    setTimeout(connect, 1500);
+  };
+}
+
+function text(id, value) {
+  const node = $(id);
+  if (node.textContent !== value) node.textContent = value;
+}
+
+function mix(counts) {
+  const max = Math.max(1, ...counts);
+  return `<div class="mix" title="${counts.join(' · ')}">${
+    counts.map((c) => `<i style="height:${Math.max(2, (c / max) * 100)}%"></i>`).join('')}</div>`;
+}
+
+function render({ status, history }) {
+  const phase = $('phase');
+  phase.textContent = status.phase;
+  phase.className = `phase ${status.phase}`;
+  text('strategy', `strategy ${status.strategy}`);
+  text('round', `round ${status.round} of ${status.rounds}`);
+  text('clock', `up ${duration(status.uptime_s)}`);
+  const join = $('join-url');
+  if (join.textContent !== status.join_url) {
+    join.textContent = status.join_url;
+    join.href = status.join_url;
+  }
+  text('clients', String(status.clients));
+  text('ready', String(status.ready));
+  text('accuracy', percent(status.accuracy));
+  text('best', percent(status.best_accuracy));
+  text('traffic', `${bytes(status.bytes_up)} / ${bytes(status.bytes_down)}`);
+  text('skips', String(status.skipped_hops));
+  text('rejections', String(status.rejections));
+  text('eta', status.eta_s == null ? '–' : duration(status.eta_s));
+  $('progress').style.width = `${(status.round_progress * 100).toFixed(1)}%`;
+  text('progress-text', status.phase === 'training'
+    ? `${(status.round_progress * 100).toFixed(0)} % after ${duration(status.round_elapsed_s)}` : '');
+  const backends = Object.entries(status.backends).map(([name, n]) => `${n} on ${name === 'flex' ? 'CPU (flex)' : name}`);
+  text('backends', backends.length ? `Backends: ${backends.join(', ')}` : 'No clients yet.');
+  text('settings', `c = ${status.settings.participants} participants a round, at least ${status.settings.min_clients} ready to start, ${status.settings.hop_deadline_s} s a hop`
+    + (status.paused ? ' · paused' : '') + (status.stopped ? ' · stopping' : ''));
+
+  $('mediators').innerHTML = status.mediators.length
+    ? status.mediators.map((m, i) => `<tr><td>${i + 1}</td><td>${m.members.map((id) =>
+      (id === m.current ? `<span class="training-now">${id}</span>` : id)).join(' → ')}</td><td>${mix(m.counts)}</td><td>${m.kl.toFixed(3)}</td><td>${m.hops_done}/${m.hops}</td></tr>`).join('')
+    : '<tr><td colspan="5">no round yet</td></tr>';
+  $('client-list').innerHTML = status.client_list.length
+    ? status.client_list.map((c) => `<tr><td>${c.id}</td><td>${c.backend === 'flex' ? 'CPU' : c.backend}</td><td>${c.samples ?? '–'}</td><td>${c.hops}</td><td>${c.samples_trained}</td><td>${c.training ? '<span class="training-now">training</span>' : ''}</td></tr>`).join('')
+      + (status.clients > status.client_list.length ? `<tr><td colspan="6">… and ${status.clients - status.client_list.length} more</td></tr>` : '')
+    : '<tr><td colspan="6">nobody yet</td></tr>';
+
+  lineChart($('accuracy-chart'), [{ label: 'accuracy', color: '#d62728', points: history.map((r) => [r.round, r.accuracy * 100]) }],
+    { yMin: 0, yMax: 100, xLabel: 'round', yFormat: (v) => `${v.toFixed(0)} %`, empty: 'waiting for the first round' });
+  lineChart($('loss-chart'), [{ label: 'test loss', color: '#9467bd', points: history.map((r) => [r.round, r.loss]) }],
+    { yMin: 0, xLabel: 'round', empty: 'test loss by round' });
+  lineChart($('traffic-chart'), [{ label: 'accuracy', color: '#1f77b4', points: history.map((r) => [(r.bytes_up + r.bytes_down) / 1e6, r.accuracy * 100]) }],
+    { yMin: 0, yMax: 100, xLabel: 'MB moved', yFormat: (v) => `${v.toFixed(0)} %`, empty: 'accuracy by traffic' });
+  lineChart($('kl-chart'), [{ label: 'mean KL of the groups', color: '#2ca02c', points: history.map((r) => [r.round, r.mean_kl]) }],
+    { yMin: 0, xLabel: 'round', yFormat: (v) => v.toFixed(2), empty: 'label skew (KL to uniform) by round' });
+}
+
+$('token').value = localStorage.getItem('astraea-admin-token') || '';
+for (const button of document.querySelectorAll('[data-action]')) {
+  button.onclick = async () => {
+    const token = $('token').value.trim();
+    localStorage.setItem('astraea-admin-token', token);
+    const response = await fetch(`/api/admin/${button.dataset.action}`, {
+      method: 'POST', headers: { Authorization: `Bearer ${token}` },
+    });
+    $('admin-result').textContent = response.ok
+      ? `${button.dataset.action}: done`
+      : `${button.dataset.action}: ${response.status} ${await response.text()}`;
+  };
+}
+window.addEventListener('resize', () => last && render(last));
+connect();
