@@ -1,0 +1,281 @@
+//! End to end: a real server on loopback and real headless Chromium tabs
+//! (Debian's chromium through chromedriver) running the built volunteer page
+//! (`scripts/build-web`). Screenshots land in `artifacts/`.
+
+use std::time::Duration;
+
+use astraea_core::data::catalog::load_named;
+use astraea_core::train::{Samples, evaluate};
+use astraea_e2e::{
+    Chromedriver, artifact_dir, built_page, demo_config, page_figures, serve_on_loopback, text_of,
+    wait_until,
+};
+use astraea_server::serve::state::{Phase, TunableChange};
+use astraea_server::serve::tls::TlsSource;
+use burn::prelude::Device;
+
+/// Generous: the run takes well under a minute on two cores. The hop
+/// deadline is 600 s, so finishing at all shows that a closed tab was
+/// skipped at once rather than waited for.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tabs_finish_two_astraea_rounds_though_one_closes_mid_chain() -> anyhow::Result<()> {
+    // Prepare: the server (3 shards, mediators of at most 2, two passes), a
+    // dashboard, three volunteer tabs that join on opening.
+    built_page()?;
+    let (running, url) = serve_on_loopback(demo_config(3, 3000, 2, 2)).await?;
+    let state = running.state.clone();
+    let initial = state
+        .global
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("an initial model");
+    let driver = Chromedriver::start()?;
+    // With --enable-unsafe-webgpu the tabs see Chromium's software adapter,
+    // as a volunteer without a GPU would; they must train on the CPU.
+    let webgpu = ["--enable-unsafe-webgpu"];
+    let dashboard = driver.open(&[]).await?;
+    dashboard.goto(&format!("{url}dashboard")).await?;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let tab = driver.open(&webgpu).await?;
+        tab.goto(&format!("{url}?join=1")).await?;
+        tabs.push(tab);
+    }
+
+    // Execute: wait for a chain of two to be mid-way, with its second
+    // member training; close that tab.
+    wait_until("round 1 to start", RUN_LIMIT, || {
+        state.status().phase == Phase::Training
+    })
+    .await?;
+    // From now on two tabs are enough to start a round.
+    state
+        .tunable
+        .lock()
+        .unwrap()
+        .apply(TunableChange {
+            min_clients: Some(2),
+            ..TunableChange::default()
+        })
+        .map_err(anyhow::Error::msg)?;
+    let mut victim = None;
+    wait_until("a tab training mid-chain", RUN_LIMIT, || {
+        let status = state.status();
+        victim = status
+            .mediators
+            .iter()
+            .find(|m| m.members.len() >= 2 && m.hops_done >= 1 && m.current.is_some())
+            .and_then(|m| m.current);
+        victim.is_some()
+    })
+    .await?;
+    let victim = victim.expect("found above");
+    let mut closed = None;
+    for (index, tab) in tabs.iter().enumerate() {
+        if page_figures(tab).await?["clientId"].as_u64() == Some(victim) {
+            closed = Some(index);
+        }
+    }
+    let closed = tabs.remove(closed.expect("the training client is one of the tabs"));
+    closed.close().await?;
+    wait_until("the run to finish", RUN_LIMIT, || {
+        state.status().phase == Phase::Finished
+    })
+    .await?;
+    // The pages hear of the last round a moment after the server ends it.
+    let last_round = state.status().history.len();
+    for tab in &tabs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while page_figures(tab).await?["accuracies"]
+            .as_array()
+            .map(Vec::len)
+            != Some(last_round)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Assert: the run.
+    let status = state.status().clone();
+    assert_eq!(status.history.len(), 2, "two rounds recorded");
+    assert!(status.skipped_hops >= 1, "the closed tab's hop was skipped");
+    let (_, test) = load_named("mnist", &astraea_e2e::repo_root().join("data"))?;
+    let before = evaluate(
+        &running.state.model.config(),
+        &initial,
+        Samples {
+            images: &test.images,
+            labels: &test.labels,
+        },
+        500,
+        &Device::flex(),
+    )?;
+    let after = status.history.last().unwrap().accuracy;
+    assert!(
+        after > before.accuracy + 0.2,
+        "accuracy {:.3} -> {after:.3}",
+        before.accuracy
+    );
+    assert_eq!(state.clients().len(), 2, "the closed tab is gone");
+
+    // Assert: what the remaining pages show are the run's real numbers.
+    for tab in &tabs {
+        let page = page_figures(tab).await?;
+        assert_eq!(page["backend"]["name"], "flex", "{page}");
+        assert!(
+            !page["backend"]["reason"].as_str().unwrap_or("").is_empty(),
+            "{page}"
+        );
+        let accuracies: Vec<f64> = page["accuracies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| pair[1].as_f64().unwrap())
+            .collect();
+        let server: Vec<f64> = status.history.iter().map(|r| r.accuracy).collect();
+        assert_eq!(accuracies, server, "{page}");
+        let losses = page["losses"].as_array().unwrap();
+        assert!(!losses.is_empty(), "{page}");
+        assert!(
+            losses
+                .iter()
+                .all(|l| l.as_f64().is_some_and(|l| l.is_finite() && l > 0.0)),
+            "{page}"
+        );
+        assert!(page["hops"].as_u64().unwrap() >= 1, "{page}");
+        assert!(page["samples"].as_u64().unwrap() > 0, "{page}");
+        let shown = text_of(tab, "accuracy").await?;
+        let expected = format!("{:.2} %", server[1] * 100.0);
+        assert!(shown.starts_with(&expected), "{shown} vs {expected}");
+        assert!(text_of(tab, "contributed").await?.contains("hops"));
+        assert!(text_of(tab, "place").await?.contains(" of "));
+    }
+    let artifacts = artifact_dir()?;
+    std::fs::write(
+        artifacts.join("volunteer-page.png"),
+        tabs[0].screenshot().await?,
+    )?;
+    let expected = format!("{:.2} %", status.history[1].accuracy * 100.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while text_of(&dashboard, "accuracy").await? != expected && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(text_of(&dashboard, "accuracy").await?, expected);
+    assert_eq!(text_of(&dashboard, "clients").await?, "2");
+    std::fs::write(
+        artifacts.join("dashboard.png"),
+        dashboard.screenshot().await?,
+    )?;
+
+    // Clean up: the sessions, then (on drop) chromedriver's process group.
+    for tab in tabs {
+        tab.close().await?;
+    }
+    dashboard.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Result<()> {
+    // Prepare: the server makes its own certificate, as `--tls` does.
+    built_page()?;
+    let dir = std::env::temp_dir().join(format!("astraea-e2e-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = demo_config(1, 500, 1, 1);
+    config.tls = Some(TlsSource::SelfSigned { dir: dir.clone() });
+    let (running, url) = serve_on_loopback(config).await?;
+    let url = url.replacen("http://", "https://", 1);
+    let driver = Chromedriver::start()?;
+    // The test's browser accepts the certificate as a volunteer would by
+    // clicking through the warning.
+    let tab = driver.open(&["--ignore-certificate-errors"]).await?;
+
+    // Execute
+    tab.goto(&format!("{url}?join=1")).await?;
+    let state = running.state.clone();
+    wait_until("the tab to join over wss", Duration::from_secs(60), || {
+        state.clients().values().any(|c| c.counts.is_some())
+    })
+    .await?;
+
+    // Assert: a secure context (where browsers offer WebGPU), and the
+    // server's join URL says https.
+    let secure = tab
+        .execute("return window.isSecureContext;", vec![])
+        .await?;
+    assert_eq!(secure, serde_json::json!(true));
+    assert!(running.state.join_url.starts_with("https://127.0.0.1:"));
+    assert!(dir.join("cert.pem").exists() && dir.join("key.pem").exists());
+
+    tab.close().await?;
+    running.server.abort();
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET on loopback; the response's head, lower-cased.
+async fn head_of(url: &str, path: &str, headers: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(response.len());
+    Ok(String::from_utf8_lossy(&response[..end]).to_lowercase())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_served_with_its_types_and_gzipped_to_browsers_that_accept_it()
+-> anyhow::Result<()> {
+    built_page()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 500, 1, 1)).await?;
+
+    let wasm_gzip = head_of(
+        &url,
+        "/pkg/astraea_client_bg.wasm",
+        "Accept-Encoding: gzip\r\n",
+    )
+    .await?;
+    let wasm_plain = head_of(&url, "/pkg/astraea_client_bg.wasm", "").await?;
+    let script = head_of(&url, "/worker.js", "Accept-Encoding: gzip\r\n").await?;
+    let page = head_of(&url, "/", "").await?;
+
+    assert!(wasm_gzip.starts_with("http/1.1 200"), "{wasm_gzip}");
+    assert!(
+        wasm_gzip.contains("content-type: application/wasm"),
+        "{wasm_gzip}"
+    );
+    assert!(wasm_gzip.contains("content-encoding: gzip"), "{wasm_gzip}");
+    let length = |head: &str| -> u64 {
+        head.lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        length(&wasm_gzip) * 3 < length(&wasm_plain),
+        "gzipped {} vs {}",
+        length(&wasm_gzip),
+        length(&wasm_plain)
+    );
+    assert!(!wasm_plain.contains("content-encoding"), "{wasm_plain}");
+    assert!(script.contains("content-type: text/javascript"), "{script}");
+    assert!(page.contains("content-type: text/html"), "{page}");
+    running.server.abort();
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! `cargo run -p astraea-e2e --bin page-bench`: the browser client's
+//! figures, as a table. It needs the built page (`scripts/build-web`), the
+//! datasets (`astraea fetch-data`) and Debian's chromium and chromedriver.
+//!
+//! - the wasm's size, raw and gzipped;
+//! - from opening the page (with `?join=1`) to: backend chosen, data ready,
+//!   first training step; once with an empty shard cache and once after a
+//!   reload (shard from IndexedDB);
+//! - training samples per second in the tab on the CPU, on WebGPU (here
+//!   Chromium's software adapter), and in a native client on the same
+//!   model and shard.
+
+use std::time::{Duration, Instant};
+
+use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding, train_task};
+use astraea_core::train::Samples;
+use astraea_e2e::{Chromedriver, built_page, demo_config, page_figures, serve_on_loopback};
+use astraea_server::serve::state::Phase;
+
+/// One run of the page against a fresh one-tab server.
+struct PageRun {
+    backend: String,
+    reason: String,
+    backend_ms: f64,
+    ready_ms: f64,
+    first_step_ms: f64,
+    reload_first_step_ms: f64,
+    samples_per_s: f64,
+    trial_cpu: Option<f64>,
+    trial_gpu: Option<f64>,
+}
+
+async fn page_run(
+    driver: &Chromedriver,
+    query: &str,
+    flags: &[&str],
+    max_train: usize,
+) -> anyhow::Result<PageRun> {
+    // Two rounds, one tab: the tab trains two hops (E_m = 2) a round.
+    let (running, url) = serve_on_loopback(demo_config(1, max_train, 2, 1)).await?;
+    let tab = driver.open(flags).await?;
+    tab.goto(&format!("{url}?join=1&{query}")).await?;
+    let limit = Instant::now() + Duration::from_secs(900);
+    while running.state.status().phase != Phase::Finished {
+        anyhow::ensure!(Instant::now() < limit, "the run did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = page_figures(&tab).await?;
+    // A reload: same server, the shard now comes from IndexedDB.
+    tab.refresh().await?;
+    let mut reload_first_step_ms = f64::NAN;
+    let reload_limit = Instant::now() + Duration::from_secs(5);
+    // The finished run sends no more tasks: time to `ready` then.
+    while Instant::now() < reload_limit {
+        let again = page_figures(&tab).await?;
+        if let Some(ms) = again["readyMs"].as_f64() {
+            anyhow::ensure!(
+                again["shardCached"] == true,
+                "the reload fetched the shard again: {again}"
+            );
+            reload_first_step_ms = ms;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tab.close().await?;
+    running.server.abort();
+    let number = |key: &str| page[key].as_f64().unwrap_or(f64::NAN);
+    Ok(PageRun {
+        backend: page["backend"]["name"].as_str().unwrap_or("?").into(),
+        reason: page["backend"]["reason"].as_str().unwrap_or("").into(),
+        backend_ms: page["backend"]["ms"].as_f64().unwrap_or(f64::NAN),
+        ready_ms: number("readyMs"),
+        first_step_ms: number("firstStepMs"),
+        reload_first_step_ms,
+        samples_per_s: number("samples") / number("seconds"),
+        trial_cpu: page["backend"]["cpuRate"].as_f64(),
+        trial_gpu: page["backend"]["gpuRate"].as_f64(),
+    })
+}
+
+/// A native client's training speed on the same model and shard size.
+fn native_rate(max_train: usize) -> anyhow::Result<f64> {
+    let config = demo_config(1, max_train, 1, 1);
+    let (train, _) = astraea_core::data::catalog::load_named(&config.dataset, &config.data_dir)?;
+    let train = train.subset(&(0..max_train.min(train.len())).collect::<Vec<_>>());
+    let model_config = astraea_core::model::ModelConfig::new(train.num_classes());
+    let weights = astraea_core::weights::Weights::from_model(
+        &model_config.init(&burn::prelude::Device::flex()),
+    );
+    let model = ModelSpec::new(&model_config, weights.len());
+    let task = TaskSpec {
+        round: 1,
+        hop: 1,
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 1e-3,
+        prox_mu: 0.0,
+        deadline_ms: 60_000,
+        seed: 1,
+        encoding: WeightEncoding::F32,
+        chunks: 0,
+        place: None,
+    };
+    let samples = Samples {
+        images: &train.images,
+        labels: &train.labels,
+    };
+    // One warm-up hop, then three timed.
+    train_task(&model, &task, weights.values.clone(), samples, &mut |_| {})?;
+    let started = Instant::now();
+    for _ in 0..3 {
+        train_task(&model, &task, weights.values.clone(), samples, &mut |_| {})?;
+    }
+    Ok(3.0 * train.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let dir = built_page()?;
+    let wasm = std::fs::metadata(dir.join("pkg/astraea_client_bg.wasm"))?.len();
+    let gzipped = std::fs::metadata(dir.join("pkg/astraea_client_bg.wasm.gz"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let driver = Chromedriver::start()?;
+    let cpu = page_run(&driver, "backend=auto", &["--enable-unsafe-webgpu"], 2000).await?;
+    let webgpu = page_run(&driver, "backend=webgpu", &["--enable-unsafe-webgpu"], 100).await?;
+    let native = native_rate(2000)?;
+
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| wasm (astraea_client_bg.wasm) | {:.2} MB raw, {:.2} MB gzipped |",
+        wasm as f64 / 1e6,
+        gzipped as f64 / 1e6
+    );
+    for (name, run) in [("auto (chose CPU)", &cpu), ("WebGPU forced", &webgpu)] {
+        println!(
+            "| {name}: page open -> backend chosen / data ready / first step | {:.0} / {:.0} / {:.0} ms |",
+            run.backend_ms, run.ready_ms, run.first_step_ms
+        );
+        println!(
+            "| {name}: after a reload (shard from IndexedDB) -> data ready | {:.0} ms |",
+            run.reload_first_step_ms
+        );
+        println!(
+            "| {name}: backend, reason | {} — {} |",
+            run.backend, run.reason
+        );
+        println!(
+            "| {name}: trial CPU / WebGPU samples/s | {} / {} |",
+            run.trial_cpu.map_or("–".into(), |r| format!("{r:.0}")),
+            run.trial_gpu.map_or("–".into(), |r| format!("{r:.0}"))
+        );
+        println!(
+            "| {name}: training samples/s in the tab (whole hops) | {:.0} |",
+            run.samples_per_s
+        );
+    }
+    println!("| native client (flex), same model and shard | {native:.0} samples/s |");
+    println!("| tab CPU / native | {:.2}x |", cpu.samples_per_s / native);
+    Ok(())
+}
