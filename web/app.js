@@ -9,9 +9,17 @@ const params = new URLSearchParams(location.search);
 const worker = new Worker('worker.js', { type: 'module' });
 const page = window.astraea = {
   backend: null, clientId: null, firstStepMs: null, readyMs: null, steps: 0,
-  hops: 0, samples: 0, seconds: 0, losses: [], accuracies: [], drawn: 0, shardCached: null,
+  hops: 0, samples: 0, seconds: 0, loopSeconds: 0, losses: [], accuracies: [], drawn: 0, shardCached: null,
 };
 let counts = [];
+
+// Charts are redrawn at most once a frame, however many messages arrive.
+let chartsPending = false;
+function scheduleCharts() {
+  if (chartsPending) return;
+  chartsPending = true;
+  requestAnimationFrame(() => { chartsPending = false; drawCharts(); });
+}
 
 function drawCharts() {
   const stride = Math.max(1, Math.ceil(page.losses.length / 600));
@@ -91,11 +99,11 @@ worker.onmessage = (event) => {
       $('batch-bar').style.width = `${(((m.batch + 1) / m.batches) * 100).toFixed(1)}%`;
       $('eta').textContent = done < 1 ? `about ${duration((m.elapsed * (1 - done)) / done)} left` : 'done';
       $('step-loss').textContent = `loss ${m.loss.toFixed(3)}`;
-      drawCharts();
+      scheduleCharts();
       break;
     }
     case 'trained':
-      page.hops += 1; page.samples += m.samples; page.seconds += m.seconds;
+      page.hops += 1; page.samples += m.samples; page.seconds += m.seconds; page.loopSeconds += m.loopSeconds;
       $('contributed').textContent =
         `${page.hops} hops, ${page.samples} samples in ${duration(page.seconds)} (${(page.samples / Math.max(page.seconds, 1e-3)).toFixed(0)} samples/s)`;
       $('status').textContent = `sent the round ${m.round} update (mean loss ${m.loss.toFixed(3)})`;
@@ -103,7 +111,7 @@ worker.onmessage = (event) => {
     case 'round':
       page.accuracies.push([m.round, m.accuracy]);
       $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} % after round ${m.round}`;
-      drawCharts();
+      scheduleCharts();
       break;
     case 'drawn':
       page.drawn = m.count;

@@ -179,8 +179,9 @@ async function train(action) {
     losses.push(p.loss);
     const now = performance.now();
     const last = p.epoch === p.epochs - 1 && p.batch === p.batches - 1;
-    // At most ~20 messages a second: a fast CPU takes hundreds of steps a second.
-    if (now - lastPost > 50 || last) {
+    // At most ~8 messages a second: a fast CPU takes hundreds of steps a
+    // second, and every message costs the page a redraw on the same cores.
+    if (now - lastPost > 125 || last) {
       lastPost = now;
       say({ type: 'step', ...p, losses, elapsed: (now - started) / 1000 });
       losses = [];
@@ -189,7 +190,7 @@ async function train(action) {
   const answer = await client.train(action.task, action.weights, onStep);
   const update = JSON.parse(answer[0].text);
   say({
-    type: 'trained', round: task.round, samples: update.samples * task.epochs,
+    type: 'trained', round: task.round, samples: update.samples * task.epochs, loopSeconds: update.seconds,
     loss: update.loss, seconds: (performance.now() - started) / 1000,
   });
   await run(answer);
