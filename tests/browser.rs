@@ -45,8 +45,10 @@ async fn three_tabs_finish_two_astraea_rounds_though_one_closes_mid_chain() -> a
         tabs.push(tab);
     }
 
-    // Execute: wait for a chain of two to be mid-way, with its second
-    // member training; close that tab.
+    // Execute: wait for a chain of two to be mid-way, with a member
+    // training that has another hop to come in this chain; close that tab.
+    // Whether its current hop ends before the close or not, one of its hops
+    // must be skipped.
     wait_until("round 1 to start", RUN_LIMIT, || {
         state.status().phase == Phase::Training
     })
@@ -67,7 +69,12 @@ async fn three_tabs_finish_two_astraea_rounds_though_one_closes_mid_chain() -> a
         victim = status
             .mediators
             .iter()
-            .find(|m| m.members.len() >= 2 && m.hops_done >= 1 && m.current.is_some())
+            .find(|m| {
+                m.members.len() >= 2
+                    && m.hops_done >= 1
+                    && m.hops_done as usize + m.members.len() < m.hops as usize
+                    && m.current.is_some()
+            })
             .and_then(|m| m.current);
         victim.is_some()
     })
