@@ -226,24 +226,11 @@ async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Resu
     Ok(())
 }
 
-/// A plain HTTP/1.1 GET on loopback; the response's head, lower-cased.
+/// A GET on loopback; the response's head, lower-cased.
 async fn head_of(url: &str, path: &str, headers: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = url.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(response.len());
-    Ok(String::from_utf8_lossy(&response[..end]).to_lowercase())
+    let response = astraea_server::loopback::request(host, "GET", path, headers, "").await?;
+    Ok(response.head.to_lowercase())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

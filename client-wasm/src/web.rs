@@ -250,6 +250,16 @@ pub async fn choose_backend(
     }
 }
 
+/// Refuses a label that names no class.
+fn check_labels(labels: &[u32], num_classes: usize) -> Result<(), JsError> {
+    match labels.iter().find(|&&l| l as usize >= num_classes) {
+        Some(bad) => Err(JsError::new(&format!(
+            "label {bad} is not below {num_classes} classes"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// One tab's membership of a federation.
 #[wasm_bindgen]
 pub struct WasmClient {
@@ -381,11 +391,7 @@ impl WasmClient {
                 labels.len()
             )));
         }
-        if let Some(bad) = labels.iter().find(|&&l| l as usize >= num_classes) {
-            return Err(JsError::new(&format!(
-                "label {bad} is not below {num_classes} classes"
-            )));
-        }
+        check_labels(&labels, num_classes)?;
         let data = LocalData {
             images,
             labels,
@@ -434,12 +440,7 @@ impl WasmClient {
                 data.width
             )));
         }
-        if let Some(bad) = labels.iter().find(|&&l| l as usize >= data.num_classes) {
-            return Err(JsError::new(&format!(
-                "label {bad} is not below {} classes",
-                data.num_classes
-            )));
-        }
+        check_labels(&labels, data.num_classes)?;
         if images.iter().any(|v| !(0.0..=1.0).contains(v)) {
             return Err(JsError::new("pixel values must lie in [0, 1]"));
         }

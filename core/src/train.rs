@@ -157,9 +157,7 @@ pub fn train_observed(
 ) -> Result<(Weights, TrainStats), WeightsError> {
     let mut visit = Visit::new(model_config, weights, data, config, device)?;
     while let Some((loss, progress)) = visit.step() {
-        let loss = loss.into_scalar::<f32>();
-        visit.loss_sum += f64::from(loss);
-        observe(&StepProgress { loss, ..progress });
+        visit.record(loss.into_scalar::<f32>(), progress, observe);
     }
     let (model, stats) = visit.finish();
     Ok((Weights::from_model(&model), stats))
@@ -181,8 +179,7 @@ pub async fn train_async(
             .into_scalar_async::<f32>()
             .await
             .map_err(|e| WeightsError::Readback(format!("{e:?}")))?;
-        visit.loss_sum += f64::from(loss);
-        observe(&StepProgress { loss, ..progress });
+        visit.record(loss, progress, observe);
     }
     let (model, stats) = visit.finish();
     Ok((Weights::from_model_async(&model).await?, stats))
@@ -290,6 +287,17 @@ impl<'a> Visit<'a> {
             self.order.shuffle(&mut self.rng);
         }
         Some((reported, progress))
+    }
+
+    /// Counts a step's loss, read back, and tells the observer.
+    fn record(
+        &mut self,
+        loss: f32,
+        progress: StepProgress,
+        observe: &mut dyn FnMut(&StepProgress),
+    ) {
+        self.loss_sum += f64::from(loss);
+        observe(&StepProgress { loss, ..progress });
     }
 
     /// The trained model and what the visit did.

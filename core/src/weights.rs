@@ -68,42 +68,27 @@ pub struct Weights {
 impl Weights {
     /// Reads the parameters out of a model.
     pub fn from_model(model: &Cnn) -> Self {
-        let mut gather = Gather::default();
-        model.visit(&mut gather);
-        let values = match gather.flat.is_empty() {
-            true => Vec::new(),
-            false => Tensor::cat(gather.flat, 0)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("float parameters convert to f32"),
-        };
-        Self {
-            shapes: gather.shapes,
-            values,
-        }
+        let (shapes, flat) = Gather::flatten(model);
+        let values = flat
+            .map(|flat| f32_values(flat.into_data()).expect("float parameters convert to f32"))
+            .unwrap_or_default();
+        Self { shapes, values }
     }
 
     /// Reads the parameters out of a model with one asynchronous read:
     /// the only way on WebGPU in a browser, where a synchronous read back
     /// cannot wait for the GPU.
     pub async fn from_model_async(model: &Cnn) -> Result<Self, WeightsError> {
-        let mut gather = Gather::default();
-        model.visit(&mut gather);
-        let values = match gather.flat.is_empty() {
-            true => Vec::new(),
-            false => Tensor::cat(gather.flat, 0)
-                .into_data_async()
-                .await
-                .map_err(|e| WeightsError::Readback(format!("{e:?}")))?
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| WeightsError::Readback(format!("{e:?}")))?,
+        let (shapes, flat) = Gather::flatten(model);
+        let values = match flat {
+            Some(flat) => f32_values(
+                flat.into_data_async()
+                    .await
+                    .map_err(|e| WeightsError::Readback(format!("{e:?}")))?,
+            )?,
+            None => Vec::new(),
         };
-        Ok(Self {
-            shapes: gather.shapes,
-            values,
-        })
+        Ok(Self { shapes, values })
     }
 
     /// Builds a model of `config` on `device` holding these weights.
@@ -217,6 +202,24 @@ struct Gather {
     path: Vec<String>,
     shapes: Vec<ParamShape>,
     flat: Vec<Tensor<1>>,
+}
+
+impl Gather {
+    /// The model's parameter shapes, and all its values as one tensor on
+    /// its device (`None` for a model without parameters).
+    fn flatten(model: &Cnn) -> (Vec<ParamShape>, Option<Tensor<1>>) {
+        let mut gather = Gather::default();
+        model.visit(&mut gather);
+        let flat = (!gather.flat.is_empty()).then(|| Tensor::cat(gather.flat, 0));
+        (gather.shapes, flat)
+    }
+}
+
+/// Parameter values read back from the device, as `f32`.
+fn f32_values(data: TensorData) -> Result<Vec<f32>, WeightsError> {
+    data.convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| WeightsError::Readback(format!("{e:?}")))
 }
 
 impl ModuleVisitor for Gather {

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod client;
 pub mod fetch_data;
+pub mod loopback;
 pub mod report;
 pub mod serve;
 pub mod simulate;

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use astraea_server::client::{ClientOptions, run_swarm};
 use rusqlite::Connection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Kills the server process when the test ends, however it ends.
 struct Server(Child);
@@ -70,16 +69,10 @@ fn spawn_server(port: u16, state_dir: &Path) -> Server {
 
 /// GET over loopback; `None` while nothing listens.
 async fn get(port: u16, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    astraea_server::loopback::get(&format!("127.0.0.1:{port}"), path)
         .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+        .ok()
+        .map(|r| r.text())
 }
 
 /// Polls /api/status until `done` says so.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use astraea_core::protocol::{ClientMessage, DataSource, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt, stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What the idle benchmark measured.
@@ -51,15 +50,13 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
+/// The body of `GET path` from the server on `port`; `None` while nothing
+/// listens.
 async fn get(port: u16, path: &str) -> Option<String> {
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    crate::loopback::get(&format!("127.0.0.1:{port}"), path)
         .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    socket.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await.ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+        .ok()
+        .map(|r| r.text())
 }
 
 /// Starts a server that never begins a round, joins `clients` idle clients
