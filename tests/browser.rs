@@ -10,8 +10,8 @@ use astraea_e2e::{
     Chromedriver, artifact_dir, built_page, demo_config, page_figures, serve_on_loopback, text_of,
     wait_until,
 };
-use astraea_server::serve::state::{Phase, TunableChange};
-use astraea_server::serve::tls::TlsSource;
+use astraea_server::state::{Phase, TunableChange};
+use astraea_server::tls::TlsSource;
 use burn::prelude::Device;
 
 /// Generous: the run takes well under a minute on two cores. The hop

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding, train_task};
 use astraea_core::train::Samples;
 use astraea_e2e::{Chromedriver, built_page, demo_config, page_figures, serve_on_loopback};
-use astraea_server::serve::state::Phase;
+use astraea_server::state::Phase;
 
 /// One run of the page against a fresh one-tab server.
 struct PageRun {

@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use astraea_core::astraea::PlanRule;
 use astraea_core::protocol::WeightEncoding;
 use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
-use astraea_server::serve::{self, Running, ServeConfig};
+use astraea_server::{self as serve, Running, ServeConfig};
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use nix::sys::signal::{Signal, killpg};
@@ -139,6 +139,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         plan_rule: PlanRule::ZScore { tau_d: 3.5 },
         rescheduling: Rescheduling { gamma, passes: 2 },
         prox_mu: 0.0,
+        aggregation: Default::default(),
     };
     ServeConfig {
         dataset: "mnist".into(),
@@ -155,6 +156,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         batch_size: 20,
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(600),
+        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
         max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         encoding: WeightEncoding::F32,
         seed: 7,

@@ -108,6 +108,11 @@ worker.onmessage = (event) => {
         `${page.hops} hops, ${page.samples} samples in ${duration(page.seconds)} (${(page.samples / Math.max(page.seconds, 1e-3)).toFixed(0)} samples/s)`;
       $('status').textContent = `sent the round ${m.round} update (mean loss ${m.loss.toFixed(3)})`;
       break;
+    case 'ack':
+      $('status').textContent = m.outcome === 'accepted'
+        ? `the server took the round ${m.round} update`
+        : `the server did not take the round ${m.round} update (${m.outcome}${m.reason ? `: ${m.reason}` : ''})`;
+      break;
     case 'round':
       page.accuracies.push([m.round, m.accuracy]);
       $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} % after round ${m.round}`;

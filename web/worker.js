@@ -219,6 +219,10 @@ async function run(actions) {
       case 'round-done':
         say({ type: 'round', round: action.round, accuracy: action.accuracy });
         break;
+      case 'ack':
+        // What the server did with this tab's last update (accepted, stale, refused).
+        say({ type: 'ack', round: action.round, hop: action.hop, outcome: action.outcome, reason: action.reason });
+        break;
       case 'close':
         leaving = true;
         say({ type: 'error', text: action.reason });

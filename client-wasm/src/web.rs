@@ -325,6 +325,22 @@ fn actions_to_js(actions: Vec<ClientAction>) -> Result<JsValue, JsError> {
                 set(&object, "round", &round.into())?;
                 set(&object, "accuracy", &accuracy.into())?;
             }
+            ClientAction::Acknowledged {
+                round,
+                hop,
+                outcome,
+                reason,
+            } => {
+                set(&object, "kind", &"ack".into())?;
+                set(&object, "round", &round.into())?;
+                set(&object, "hop", &hop.into())?;
+                let outcome = serde_json::to_value(outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                set(&object, "outcome", &outcome.into())?;
+                set(&object, "reason", &reason.unwrap_or_default().into())?;
+            }
             ClientAction::Close(reason) => {
                 set(&object, "kind", &"close".into())?;
                 set(&object, "reason", &reason.into())?;

@@ -26,6 +26,19 @@ pub enum AggregateError {
     /// No update carried any samples.
     #[error("no update to aggregate (0 samples in total)")]
     Empty,
+    /// A robust aggregation rule's parameters are out of range.
+    #[error("invalid aggregation rule: {reason}")]
+    InvalidRule {
+        /// Which parameter, and its value.
+        reason: String,
+    },
+    /// The aggregate itself came out NaN or infinite (a weighted sum
+    /// overflowed, say); such a model is never returned.
+    #[error("aggregate has a non-finite value at index {index}")]
+    NonFiniteResult {
+        /// Index of the first bad value.
+        index: usize,
+    },
 }
 
 /// A running sample-weighted sum of updates to one global model.

@@ -13,17 +13,27 @@
 //! - [`astraea`]: the planner: global statistics, the augmentation plan,
 //!   greedy mediator assignment.
 //! - [`aggregate`]: the sample-weighted aggregation of updates.
+//! - [`attack`]: attacks a hostile client can mount, for robustness runs.
+//! - [`robust`]: Byzantine-robust aggregation rules (median, trimmed mean,
+//!   Krum, centered clipping) any strategy can use.
+//! - [`guard`]: the update guard: judges an update against the weights it
+//!   was sent (bounds, distance relative to the model, recent median).
+//! - [`metrics`]: what a run records each round, for every runner and report.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
 //! - [`protocol`]: the messages and weight frames between server and clients.
 #![warn(missing_docs)]
 
 pub mod aggregate;
 pub mod astraea;
+pub mod attack;
 pub mod augment;
 pub mod data;
+pub mod guard;
+pub mod metrics;
 pub mod model;
 pub mod partition;
 pub mod protocol;
+pub mod robust;
 pub mod strategy;
 pub mod train;
 pub mod weights;

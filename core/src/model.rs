@@ -48,6 +48,14 @@ fn conv_out(size: usize, kernel: usize, stride: usize) -> usize {
 }
 
 impl ModelConfig {
+    /// The papers' CNN sized for `data`: its classes, channels and image size.
+    pub fn for_dataset(data: &crate::data::Dataset) -> Self {
+        ModelConfig::new(data.num_classes())
+            .with_channels(data.channels)
+            .with_height(data.height)
+            .with_width(data.width)
+    }
+
     /// Side lengths of the last feature map, `[height, width]`.
     pub fn feature_map(&self) -> [usize; 2] {
         let f = |s: usize| conv_out(conv_out(conv_out(s, 5, 2), 3, 2), 2, 1);

@@ -1,20 +1,120 @@
-//! Astraea's server crate: the `astraea` binary's commands as a library, so
-//! tests drive them directly.
+//! `astraea-server`: the federation over WebSockets (`astraea serve`). Only
+//! serving lives here; the simulator, the native client, the benchmarks and
+//! the command line are crates of their own.
 //!
 //! # Layout
-//! - [`simulate`]: the whole federation in one process (`astraea simulate`).
-//! - [`serve`]: the federation over WebSockets (`astraea serve`).
-//! - [`bench`]: performance figures (`astraea bench`).
-//! - [`client`]: the native client and the swarm (`astraea client`, `astraea swarm`).
-//! - [`report`]: per-run CSVs, the comparison plot and the summary tables.
-//! - [`fetch_data`]: puts the datasets that ship offline into `data/`
-//!   (`astraea fetch-data`).
+//! - [`config`]: what a served run is made of.
+//! - [`state`]: the shared state: connected clients, the run's status.
+//! - [`connection`]: one client's WebSocket: parse, validate, forward.
+//! - [`guard`]: (re-exported from the core) refuses updates too far from
+//!   the model they were sent.
+//! - [`coordinator`]: the round loop: pick participants, host the mediators'
+//!   chains, aggregate, evaluate.
+//! - [`store`]: SQLite records and safetensors checkpoints; resume after a crash.
+//! - [`app`]: the HTTP routes (`/ws`, `/api/status`, `/api/rounds`, static files).
+//! - [`dashboard`]: the operator's live view (`/dashboard`, `/ws/dashboard`,
+//!   the join QR code).
+//! - [`tls`]: HTTPS (given or self-signed certificate) and the join URL.
+//! - [`loopback`]: a minimal HTTP/1.1 client for tests and benchmarks on
+//!   loopback.
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod client;
-pub mod fetch_data;
+pub mod app;
+/// The update guard lives in the core, so the simulator judges updates
+/// exactly as the server does.
+pub use astraea_core::guard;
+pub mod config;
+pub mod connection;
+pub mod coordinator;
+pub mod dashboard;
 pub mod loopback;
-pub mod report;
-pub mod serve;
-pub mod simulate;
+pub mod state;
+pub mod store;
+pub mod tls;
+use std::sync::Arc;
+
+use anyhow::Context;
+use astraea_core::data::catalog::load_named;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use config::ServeConfig;
+pub use state::AppState;
+
+/// A server started by [`start`].
+pub struct Running {
+    /// The shared state, for tests and the binary's logs.
+    pub state: Arc<AppState>,
+    /// The HTTP server.
+    pub server: JoinHandle<()>,
+    /// The round loop; ends when the run has done its rounds.
+    pub coordinator: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Loads the data, then serves on `listener` and starts the round loop.
+pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    let data = coordinator::ServerData::prepare(&config, train, test)?;
+    // The run's row exists before any client can join and be recorded.
+    let (store, resumed) = match &config.state_dir {
+        Some(dir) => {
+            let store = store::Store::open(dir)
+                .with_context(|| format!("opening the store in {}", dir.display()))?;
+            let resumed = store.resume_or_create(
+                &config.run_name,
+                &format!("{config:?}"),
+                &data.initial.shapes,
+            )?;
+            (Some(store), Some(resumed))
+        }
+        None => (None, None),
+    };
+    let bound = listener.local_addr()?;
+    let join_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
+    let rustls = match &config.tls {
+        Some(source) => Some(tls::rustls_config(source).await?),
+        None => None,
+    };
+    let mut state = AppState::new(
+        config,
+        data.model.clone(),
+        data.shards.clone(),
+        data.train.clone(),
+        store,
+    );
+    state.join_url = join_url;
+    let state = Arc::new(state);
+    if let Some(resumed) = &resumed {
+        state
+            .run_id
+            .store(resumed.run_id as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    *crate::state::lock(&state.global) = Some(Arc::new(data.initial.clone()));
+    let router = app::app(state.clone());
+    let server = match rustls {
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("http server stopped: {e}");
+            }
+        }),
+        Some(rustls) => {
+            let listener = listener.into_std()?;
+            tokio::spawn(async move {
+                let server = axum_server::from_tcp_rustls(listener, rustls);
+                if let Err(e) = server.serve(router.into_make_service()).await {
+                    tracing::error!("https server stopped: {e}");
+                }
+            })
+        }
+    };
+    let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resumed));
+    Ok(Running {
+        state,
+        server,
+        coordinator,
+    })
+}

@@ -1,75 +1,20 @@
 //! A real server on 127.0.0.1:0 with real native clients over WebSockets,
 //! training on real MNIST shards.
 
-use std::path::Path;
+mod support;
+
 use std::time::Duration;
 
-use astraea_core::astraea::PlanRule;
-use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::{
-    ClientMessage, DataSource, ServerMessage, UpdateSpec, WeightEncoding, encode_chunks,
+    ClientMessage, DataSource, PROTOCOL_VERSION, ServerMessage, UpdateSpec, WeightEncoding,
+    encode_chunks,
 };
-use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
-use astraea_server::client::{ClientOptions, run_swarm};
-use astraea_server::serve::state::Phase;
-use astraea_server::serve::{self, Running, ServeConfig};
+use astraea_core::strategy::{Rescheduling, StrategyKind};
+use astraea_native::run_swarm;
+use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
+use support::{config, join, next_error, options, start};
 use tokio_tungstenite::tungstenite::Message;
-
-fn data_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
-}
-
-fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
-    ServeConfig {
-        dataset: "mnist".into(),
-        data_dir: data_dir(),
-        max_train: Some(3000),
-        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
-        shards: clients,
-        participants: clients,
-        min_clients: clients,
-        rounds,
-        strategy,
-        settings: StrategySettings {
-            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-            rescheduling: Rescheduling {
-                gamma: 3,
-                passes: 2,
-            },
-            prox_mu: 0.01,
-        },
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
-        hop_deadline: Duration::from_secs(60),
-        max_frame_bytes: 64 * 1024,
-        encoding: WeightEncoding::F32,
-        seed: 3,
-        static_dir: std::env::temp_dir(),
-        admin_token: Some("s3cret".into()),
-        state_dir: None,
-        run_name: "test".into(),
-        tls: None,
-        public_url: None,
-    }
-}
-
-async fn start(config: ServeConfig) -> (Running, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    (serve::start(listener, config).await.unwrap(), address)
-}
-
-fn options(address: &str) -> ClientOptions {
-    ClientOptions {
-        url: format!("ws://{address}/ws"),
-        data_dir: data_dir(),
-        max_frame_bytes: 64 * 1024,
-        max_attempts: Some(1),
-        echo: false,
-    }
-}
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
 async fn http(address: &str, method: &str, path: &str, extra_header: &str) -> (u16, Vec<u8>) {
@@ -146,52 +91,6 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     assert_eq!(count("SELECT COUNT(*) FROM clients"), 6);
     assert_eq!(count("SELECT finished FROM runs"), 1);
     let _ = std::fs::remove_dir_all(&state_dir);
-}
-
-/// Joins by hand and returns the socket after the welcome.
-async fn join(
-    address: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
-    let join = ClientMessage::Join {
-        version: 1,
-        backend: "test".into(),
-        speed: None,
-        data: DataSource::Own {
-            counts: vec![5; 10],
-        },
-    };
-    socket
-        .send(Message::Text(join.to_json().into()))
-        .await
-        .unwrap();
-    let Some(Ok(Message::Text(welcome))) = socket.next().await else {
-        panic!("no welcome")
-    };
-    assert!(matches!(
-        ServerMessage::from_json(&welcome).unwrap(),
-        ServerMessage::Welcome { .. }
-    ));
-    socket
-}
-
-/// Reads frames until the server's error message; returns it.
-async fn next_error(
-    socket: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-) -> ServerMessage {
-    while let Some(Ok(frame)) = socket.next().await {
-        if let Message::Text(text) = frame {
-            let message = ServerMessage::from_json(&text).unwrap();
-            if matches!(message, ServerMessage::Error { .. }) {
-                return message;
-            }
-        }
-    }
-    panic!("the server closed without an error frame");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,7 +323,7 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
         panic!("no error frame")
     };
     assert_eq!(code, astraea_core::protocol::ErrorCode::Outlier);
-    assert!(message.contains("median"), "{message}");
+    assert!(message.contains("moved the weights"), "{message}");
     assert_eq!(
         running
             .state
@@ -571,14 +470,37 @@ async fn a_frame_above_the_limit_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
     let (running, address) = start(config(StrategyKind::FedAvg, 5, 1)).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Demo,
+    };
+    socket
+        .send(Message::Text(join.to_json().into()))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(welcome))) = socket.next().await else {
+        panic!("no welcome")
+    };
+    let ServerMessage::Welcome { client_id, .. } = ServerMessage::from_json(&welcome).unwrap()
+    else {
+        panic!("not a welcome: {welcome}")
+    };
 
-    let (status, bytes) = http(&address, "GET", "/api/shard/2", "").await;
+    let (status, bytes) = http(&address, "GET", &format!("/api/shard/{client_id}"), "").await;
     let (missing, _) = http(&address, "GET", "/api/shard/0", "").await;
+    // An id never issued (the bug: any id got a shard).
+    let (never_issued, _) = http(&address, "GET", "/api/shard/77", "").await;
 
     assert_eq!(status, 200);
     assert_eq!(missing, 404);
+    assert_eq!(never_issued, 404);
     let shard = astraea_core::data::shard::decode_shard(&bytes).unwrap();
-    let indices = &running.state.shards[1];
+    let indices = &running.state.shards[(client_id as usize - 1) % running.state.shards.len()];
     assert_eq!(shard.len(), indices.len());
     let expected: Vec<u32> = indices
         .iter()

@@ -35,7 +35,7 @@ impl WeightEncoding {
 }
 
 /// Errors while reassembling weights.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FrameError {
     /// A frame is larger than allowed.
     #[error("frame has {got} bytes, the limit is {limit}")]
@@ -185,7 +185,15 @@ pub struct WeightAssembler {
     encoding: WeightEncoding,
     max_frame_bytes: usize,
     values: Vec<f32>,
+    /// The first error: a transfer that failed stays failed, so no later
+    /// chunk can complete a vector holding a refused value.
+    failed: Option<FrameError>,
 }
+
+/// Values reserved up front at most: the rest grows as chunks arrive, so a
+/// peer announcing a huge model cannot make the receiver allocate it all
+/// before sending a byte.
+const MAX_RESERVED_VALUES: usize = 1 << 20;
 
 impl WeightAssembler {
     /// Expects `count` chunks of `expected` values in all for `round`/`hop`.
@@ -205,12 +213,25 @@ impl WeightAssembler {
             expected,
             encoding,
             max_frame_bytes,
-            values: Vec::with_capacity(expected),
+            values: Vec::with_capacity(expected.min(MAX_RESERVED_VALUES)),
+            failed: None,
         }
     }
 
     /// Takes the next frame; returns the weights once the last chunk is in.
+    /// After an error every later frame gets the same error.
     pub fn push(&mut self, frame: &[u8]) -> Result<Option<Vec<f32>>, FrameError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let outcome = self.accept(frame);
+        if let Err(error) = &outcome {
+            self.failed = Some(error.clone());
+        }
+        outcome
+    }
+
+    fn accept(&mut self, frame: &[u8]) -> Result<Option<Vec<f32>>, FrameError> {
         if frame.len() > self.max_frame_bytes {
             return Err(FrameError::TooLarge {
                 got: frame.len(),
@@ -354,8 +375,13 @@ mod tests {
             assembler.push(&[0u8; 65]),
             Err(FrameError::TooLarge { got: 65, limit: 64 })
         );
+        // A failed transfer stays failed, whatever comes next.
         assert_eq!(
             assembler.push(&[0u8; 5]),
+            Err(FrameError::TooLarge { got: 65, limit: 64 })
+        );
+        assert_eq!(
+            WeightAssembler::new(2, 5, 1, 3, WeightEncoding::F32, limit).push(&[0u8; 5]),
             Err(FrameError::Ragged { got: 5 })
         );
         assert_eq!(

@@ -148,10 +148,27 @@ pub enum ErrorCode {
     Outlier,
     /// A frame above the size limit.
     TooLarge,
-    /// The client's data does not fit the model.
+    /// The client's data does not fit the model, or it claims more
+    /// samples than the server knows it holds.
     Data,
+    /// A field lies outside the protocol's limits (`protocol::limits`).
+    Invalid,
     /// Anything else on the server's side.
     Internal,
+}
+
+/// What the server did with an update ([`ServerMessage::Ack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckOutcome {
+    /// The update passed every check and went on in its chain.
+    Accepted,
+    /// The update answered a hop that is no longer awaited (its deadline
+    /// passed, or the round moved on); it was dropped, the connection stays.
+    Stale,
+    /// The update broke a rule; an `error` frame follows and the connection
+    /// closes.
+    Refused,
 }
 
 /// Messages a client sends.
@@ -231,6 +248,18 @@ pub enum ServerMessage {
         accuracy: f64,
         /// Test loss.
         loss: f64,
+    },
+    /// What became of an update: sent once its last chunk has been judged.
+    Ack {
+        /// Round of the update.
+        round: u32,
+        /// Hop of the update.
+        hop: u32,
+        /// Whether it was taken.
+        outcome: AckOutcome,
+        /// Why not, when it was not taken.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// The peer did something wrong; the connection closes after it.
     Error {

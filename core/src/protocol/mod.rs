@@ -8,9 +8,14 @@
 //! - [`messages`]: the JSON messages.
 //! - [`frames`]: weight chunks (f32 or f16, little endian) and their
 //!   reassembly with size, shape and finiteness checks.
+//! - [`limits`]: the bounds on every number, string and list a client
+//!   sends, checked where a message enters the server.
 //! - [`session`]: the client's side as a state machine without I/O.
+//! - [`fuzz`]: structure-aware fuzzing of the decoders and the session.
 
 pub mod frames;
+pub mod fuzz;
+pub mod limits;
 pub mod messages;
 pub mod session;
 
@@ -18,13 +23,15 @@ pub use frames::{
     ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
 };
 pub use messages::{
-    ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec,
-    TaskSpec, UpdateSpec,
+    AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage,
+    ShardSpec, TaskSpec, UpdateSpec,
 };
 pub use session::{ClientAction, ClientSession, train_task, train_task_async};
 
 /// Version spoken by this build; a server refuses a join with another.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added the `ack` message, the `invalid` error code and the
+/// limits of [`limits`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

@@ -7,7 +7,8 @@ use burn::prelude::*;
 
 use super::frames::{WeightAssembler, encode_chunks};
 use super::messages::{
-    ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+    AckOutcome, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec,
+    TaskSpec, UpdateSpec,
 };
 use crate::train::{self, Samples, StepProgress, TrainConfig, TrainStats};
 use crate::weights::{Weights, WeightsError};
@@ -41,6 +42,17 @@ pub enum ClientAction {
         round: u32,
         /// Test accuracy.
         accuracy: f64,
+    },
+    /// The server said what became of an update (for display and logs).
+    Acknowledged {
+        /// Round of the update.
+        round: u32,
+        /// Hop of the update.
+        hop: u32,
+        /// Whether it was taken.
+        outcome: AckOutcome,
+        /// Why not, when it was not.
+        reason: Option<String>,
     },
     /// Close the connection: the server refused us or broke the protocol.
     Close(String),
@@ -108,8 +120,16 @@ impl ClientSession {
         self.state == State::Closed
     }
 
-    fn fail(&mut self, code: ErrorCode, message: String) -> Vec<ClientAction> {
+    fn fail(&mut self, code: ErrorCode, mut message: String) -> Vec<ClientAction> {
         self.state = State::Closed;
+        // The server refuses longer messages; cut at a character boundary.
+        if message.len() > super::limits::MAX_MESSAGE_BYTES {
+            let mut end = super::limits::MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
         vec![
             ClientAction::Send(ClientMessage::Error {
                 code,
@@ -121,6 +141,10 @@ impl ClientSession {
 
     /// Handles a text frame from the server.
     pub fn on_text(&mut self, text: &str) -> Vec<ClientAction> {
+        // A closed session says nothing more, whatever arrives.
+        if self.is_closed() {
+            return vec![];
+        }
         let message = match ServerMessage::from_json(text) {
             Ok(m) => m,
             Err(e) => {
@@ -181,6 +205,20 @@ impl ClientSession {
             ) => {
                 vec![ClientAction::RoundDone { round, accuracy }]
             }
+            (
+                State::Member | State::Receiving(_),
+                ServerMessage::Ack {
+                    round,
+                    hop,
+                    outcome,
+                    reason,
+                },
+            ) => vec![ClientAction::Acknowledged {
+                round,
+                hop,
+                outcome,
+                reason,
+            }],
             (state, message) => self.fail(
                 ErrorCode::Unexpected,
                 format!("unexpected {message:?} while {state:?}"),
@@ -190,6 +228,9 @@ impl ClientSession {
 
     /// Handles a binary frame from the server.
     pub fn on_binary(&mut self, frame: &[u8]) -> Vec<ClientAction> {
+        if self.is_closed() {
+            return vec![];
+        }
         let State::Receiving(task) = &self.state else {
             return self.fail(ErrorCode::Unexpected, "binary frame without a task".into());
         };
@@ -208,6 +249,9 @@ impl ClientSession {
 
     /// The local data is loaded or re-planned: report its label counts.
     pub fn data_ready(&mut self, counts: Vec<usize>) -> Vec<ClientAction> {
+        if self.is_closed() {
+            return vec![];
+        }
         vec![ClientAction::Send(ClientMessage::Ready { counts })]
     }
 
@@ -220,6 +264,9 @@ impl ClientSession {
         loss: f64,
         seconds: f64,
     ) -> Vec<ClientAction> {
+        if self.is_closed() {
+            return vec![];
+        }
         let frames = encode_chunks(
             task.round,
             task.hop,
@@ -357,7 +404,10 @@ mod tests {
         // Assert
         assert!(matches!(
             &start[0],
-            ClientAction::Send(ClientMessage::Join { version: 1, .. })
+            ClientAction::Send(ClientMessage::Join {
+                version: PROTOCOL_VERSION,
+                ..
+            })
         ));
         assert_eq!(on_welcome, vec![ClientAction::LoadShard(shard)]);
         assert_eq!(session.client_id(), Some(9));

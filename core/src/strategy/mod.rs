@@ -5,14 +5,17 @@
 
 mod astraea;
 mod fedavg;
+mod robust;
 
 pub use astraea::{Astraea, Rescheduling};
 pub use fedavg::{FedAvg, FedProx};
+pub use robust::Robust;
 
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregator;
 use crate::astraea::AugmentationPlan;
+use crate::robust::AggregationRule;
 
 /// A client taking part in a round, as the strategy sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,11 +155,27 @@ pub struct StrategySettings {
     pub rescheduling: Rescheduling,
     /// FedProx mu.
     pub prox_mu: f64,
+    /// How every kind combines its groups' results; anything but
+    /// [`AggregationRule::Mean`] wraps the strategy in [`Robust`].
+    pub aggregation: AggregationRule,
 }
 
 impl StrategyKind {
-    /// Builds the strategy this kind names.
+    /// Builds the strategy this kind names, wrapped in [`Robust`] unless
+    /// `settings.aggregation` is the plain mean.
     pub fn build(self, settings: &StrategySettings) -> Box<dyn Strategy> {
+        let strategy = self.build_plain(settings);
+        match settings.aggregation {
+            AggregationRule::Mean => strategy,
+            rule => Box::new(Robust {
+                inner: strategy,
+                rule,
+            }),
+        }
+    }
+
+    /// The strategy alone, with its own (sample-weighted) aggregation.
+    fn build_plain(self, settings: &StrategySettings) -> Box<dyn Strategy> {
         match self {
             StrategyKind::FedAvg => Box::new(FedAvg),
             StrategyKind::FedProx => Box::new(FedProx {

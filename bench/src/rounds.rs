@@ -1,0 +1,132 @@
+//! Coordination overhead per round: a real server on loopback with many
+//! echo clients (they answer each task with the weights they got), so a
+//! round's time is the server's own work: scheduling, sending and receiving
+//! every model, validating, aggregating, plus one evaluation, timed apart.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use astraea_core::astraea::PlanRule;
+use astraea_core::data::catalog::load_named;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_core::train::{self, Samples};
+use burn::prelude::*;
+
+use astraea_core::model::ModelConfig;
+use astraea_native::{ClientOptions, run_swarm};
+use astraea_server::{self as serve, ServeConfig};
+
+/// What the rounds benchmark measured.
+#[derive(Debug, Clone)]
+pub struct RoundsBench {
+    /// Strategy.
+    pub strategy: StrategyKind,
+    /// Clients, all taking part in every round.
+    pub clients: usize,
+    /// Rounds timed (the first, which waits for joins, is left out).
+    pub rounds: usize,
+    /// Mean seconds per round.
+    pub round_s: f64,
+    /// Seconds one evaluation of the test set takes.
+    pub eval_s: f64,
+    /// Model transfers (down and up) per round.
+    pub transfers: usize,
+}
+
+/// Runs `rounds + 1` rounds with `clients` echo clients.
+pub async fn run(
+    data_dir: PathBuf,
+    clients: usize,
+    rounds: u32,
+    strategy: StrategyKind,
+) -> anyhow::Result<RoundsBench> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let (train_set, test) = load_named("mnist", &data_dir).context("loading mnist")?;
+    let model_config = ModelConfig::for_dataset(&train_set);
+    let settings = StrategySettings {
+        plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+        rescheduling: Rescheduling {
+            gamma: 10,
+            passes: 2,
+        },
+        prox_mu: 0.0,
+        aggregation: Default::default(),
+    };
+    let config = ServeConfig {
+        dataset: "mnist".into(),
+        data_dir: data_dir.clone(),
+        max_train: Some(20 * clients),
+        partition: "iid".parse().map_err(anyhow::Error::msg)?,
+        shards: clients,
+        participants: clients,
+        min_clients: clients,
+        rounds: rounds + 1,
+        strategy,
+        settings,
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 1e-3,
+        hop_deadline: Duration::from_secs(120),
+        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
+        max_frame_bytes: 1 << 20,
+        encoding: WeightEncoding::F32,
+        seed: 1,
+        static_dir: std::env::temp_dir(),
+        admin_token: None,
+        state_dir: None,
+        run_name: "bench".into(),
+        tls: None,
+        public_url: None,
+    };
+    let running = serve::start(listener, config).await?;
+    let options = ClientOptions {
+        url: format!("ws://{address}/ws"),
+        data_dir,
+        max_frame_bytes: 1 << 20,
+        max_attempts: Some(1),
+        echo: true,
+        attack: None,
+    };
+    let swarm = tokio::spawn(run_swarm(clients, options));
+    running.coordinator.await??;
+    swarm.abort();
+    let history = running.state.status().history.clone();
+    let timed = &history[1..];
+    let round_s =
+        (timed.last().map_or(0.0, |r| r.wall_s) - history[0].wall_s) / timed.len().max(1) as f64;
+    let weights = running
+        .state
+        .global
+        .lock()
+        .expect("no panic")
+        .clone()
+        .expect("a model");
+    // An IID partition keeps the whole test set, as the server evaluates it.
+    let start = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let samples = Samples {
+            images: &test.images,
+            labels: &test.labels,
+        };
+        train::evaluate(&model_config, &weights, samples, 500, &Device::flex())
+    })
+    .await??;
+    let eval_s = start.elapsed().as_secs_f64();
+    let transfers = match strategy {
+        StrategyKind::FedAvg | StrategyKind::FedProx | StrategyKind::AstraeaAugmentation => {
+            2 * clients
+        }
+        _ => 2 * 2 * clients,
+    };
+    Ok(RoundsBench {
+        strategy,
+        clients,
+        rounds: timed.len(),
+        round_s,
+        eval_s,
+        transfers,
+    })
+}

@@ -1,0 +1,799 @@
+//! The `astraea` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use astraea_core::astraea::PlanRule;
+use astraea_core::attack::Attack;
+use astraea_core::data::catalog::load_named;
+use astraea_core::partition::PartitionSpec;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::robust::AggregationRule;
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_native as client;
+use astraea_server::{self as serve, ServeConfig};
+use astraea_sim::report;
+use astraea_sim::{self as simulate, RunSpec, SimConfig};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "astraea",
+    version,
+    about = "Self-balancing federated learning: simulate, serve, join"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs strategies side by side on a simulated federation.
+    Simulate(SimulateArgs),
+    /// Puts the datasets that ship offline (MNIST, Fashion-MNIST) into the data folder.
+    FetchData {
+        /// Where to put them.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Which datasets (mnist, fashion-mnist); all when empty.
+        datasets: Vec<String>,
+    },
+    /// Serves a federation: clients join over WebSockets at /ws.
+    Serve(ServeArgs),
+    /// Joins a server as one native client (reconnects if the server restarts).
+    Client {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        server: String,
+        /// Folder holding the datasets (demo shards are loaded from here).
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Runs many native clients in one process.
+    Swarm {
+        /// WebSocket URL of the server.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+        server: String,
+        /// Number of clients, attackers included.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// What the attackers do: sign-flip[:SCALE], scale[:FACTOR],
+        /// noise[:STD], label-flip, inflate-samples[:FACTOR].
+        #[arg(long)]
+        attack: Option<Attack>,
+        /// How many of the clients attack.
+        #[arg(long, default_value_t = 0)]
+        attackers: usize,
+    },
+    /// Measures the server: aggregation, idle clients, coordination overhead.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Re-draws the plot and tables from CSVs written by earlier runs.
+    Report {
+        /// CSV files (one per run) to include.
+        #[arg(required = true)]
+        csv: Vec<PathBuf>,
+        /// Output PNG.
+        #[arg(long, default_value = "runs/comparison.png")]
+        plot: PathBuf,
+        /// Plot title.
+        #[arg(long, default_value = "Astraea vs baselines")]
+        title: String,
+        /// Accuracy target (percent) for rounds and bytes to reach it.
+        #[arg(long)]
+        target: Option<f64>,
+        /// Also write the tables as Markdown here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Aggregation throughput next to a plain memory copy.
+    Aggregate {
+        /// Parameters per update.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Updates folded per pass.
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+    },
+    /// Idle clients one server process holds, and its memory per client.
+    Idle {
+        /// Clients to join.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients joining at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Structure-aware fuzzing of the protocol decoders: crashes found.
+    Fuzz {
+        /// Inputs to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        inputs: u64,
+        /// Seed of the first thread (thread t uses seed + t).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Coordination overhead per round with echo clients.
+    Rounds {
+        /// Clients, all taking part.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Rounds timed.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Strategy.
+        #[arg(long, default_value = "fedavg")]
+        strategy: StrategyKind,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML file of these settings (keys as the flags without `--`, e.g.
+    /// `rounds = 100`); flags and ASTRAEA_* variables take precedence.
+    #[arg(long, env = "ASTRAEA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (0.0.0.0:8080 to accept other machines).
+    #[arg(long, env = "ASTRAEA_BIND", default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// Dataset of the demo shards and the test set.
+    #[arg(long, env = "ASTRAEA_DATASET", default_value = "mnist")]
+    dataset: String,
+    /// Folder holding the datasets.
+    #[arg(long, env = "ASTRAEA_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Use only the first N training samples.
+    #[arg(long, env = "ASTRAEA_MAX_TRAIN")]
+    max_train: Option<usize>,
+    /// How the training set is cut into demo shards.
+    #[arg(long, env = "ASTRAEA_PARTITION", default_value = "long-tail:10")]
+    partition: PartitionSpec,
+    /// K: demo shards.
+    #[arg(long, env = "ASTRAEA_SHARDS", default_value_t = 100)]
+    shards: usize,
+    /// c: participants per round.
+    #[arg(long, env = "ASTRAEA_PARTICIPANTS", default_value_t = 20)]
+    participants: usize,
+    /// Ready clients needed before a round starts.
+    #[arg(long, env = "ASTRAEA_MIN_CLIENTS", default_value_t = 2)]
+    min_clients: usize,
+    /// Rounds to run.
+    #[arg(long, env = "ASTRAEA_ROUNDS", default_value_t = 50)]
+    rounds: u32,
+    /// fedavg, fedprox, astraea, astraea-aug or astraea-sched.
+    #[arg(long, env = "ASTRAEA_STRATEGY", default_value = "astraea")]
+    strategy: StrategyKind,
+    /// gamma: most clients per mediator.
+    #[arg(long, env = "ASTRAEA_GAMMA", default_value_t = 10)]
+    gamma: usize,
+    /// E_m: passes of a mediator over its clients per round.
+    #[arg(long, env = "ASTRAEA_MEDIATOR_PASSES", default_value_t = 2)]
+    mediator_passes: usize,
+    /// tau_d of the z-score plan.
+    #[arg(long, env = "ASTRAEA_TAU_D", default_value_t = 3.5)]
+    tau_d: f64,
+    /// Use the ICCD plan with this alpha instead.
+    #[arg(long, env = "ASTRAEA_ALPHA")]
+    alpha: Option<f64>,
+    /// E: local epochs per hop.
+    #[arg(long, env = "ASTRAEA_EPOCHS", default_value_t = 1)]
+    epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, env = "ASTRAEA_BATCH", default_value_t = 20)]
+    batch: usize,
+    /// Adam learning rate.
+    #[arg(long, env = "ASTRAEA_LR", default_value_t = 1e-3)]
+    lr: f64,
+    /// FedProx mu.
+    #[arg(long, env = "ASTRAEA_PROX_MU", default_value_t = 0.01)]
+    prox_mu: f64,
+    /// How strategies combine results: mean (FedAvg's weighted mean),
+    /// median, trimmed-mean[:TRIM], krum[:F], multi-krum[:F[:M]],
+    /// centered-clipping[:RADIUS[:ITERATIONS]].
+    #[arg(long, env = "ASTRAEA_AGGREGATION", default_value = "mean")]
+    aggregation: AggregationRule,
+    /// Seconds a client has for one hop before it is skipped.
+    #[arg(long, env = "ASTRAEA_HOP_DEADLINE", default_value_t = 60.0)]
+    hop_deadline: f64,
+    /// The update guard: an update may move the weights it was sent by at
+    /// most this many times their L2 norm.
+    #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO)]
+    max_update_ratio: f64,
+    /// Largest WebSocket frame in bytes.
+    #[arg(long, env = "ASTRAEA_MAX_FRAME_BYTES", default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Send weights as f16 (half the traffic).
+    #[arg(long, env = "ASTRAEA_F16")]
+    f16: bool,
+    /// Seed of the shards, the initial model and participant sampling.
+    #[arg(long, env = "ASTRAEA_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Folder of static files served at /.
+    #[arg(long, env = "ASTRAEA_STATIC_DIR", default_value = "static")]
+    static_dir: PathBuf,
+    /// Token for the admin actions (POST /api/admin/{pause,resume,stop}
+    /// with "Authorization: Bearer TOKEN"); without one they are refused.
+    #[arg(long, env = "ASTRAEA_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Folder for the SQLite database and the checkpoints; an unfinished run
+    /// found there is resumed from its last completed round.
+    #[arg(long, env = "ASTRAEA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Name of the run in the database.
+    #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
+    run_name: String,
+    /// Serve HTTPS, so tabs on other machines get WebGPU (browsers give it
+    /// only to secure contexts): with --tls-cert/--tls-key, or a self-signed
+    /// certificate kept in the state dir (or ./tls).
+    #[arg(long, env = "ASTRAEA_TLS")]
+    tls: bool,
+    /// PEM certificate chain for --tls.
+    #[arg(long, env = "ASTRAEA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls.
+    #[arg(long, env = "ASTRAEA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The URL volunteers open, when behind a proxy (shown on the dashboard
+    /// and in its QR code).
+    #[arg(long, env = "ASTRAEA_PUBLIC_URL")]
+    public_url: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Dataset: mnist, fashion-mnist, emnist-balanced, emnist-letters.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Folder holding the datasets.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
+    #[arg(long, default_value = "long-tail:10")]
+    partition: PartitionSpec,
+    /// K: clients in the federation.
+    #[arg(long, default_value_t = 500)]
+    clients: usize,
+    /// c: participants per round.
+    #[arg(long, default_value_t = 50)]
+    participants: usize,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
+    /// Runs, comma separated: fedavg-iid, fedavg, fedprox, astraea, astraea-aug, astraea-sched.
+    #[arg(long, value_delimiter = ',', default_value = "fedavg,astraea")]
+    strategies: Vec<String>,
+    /// Seeds, comma separated; every strategy runs once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    seeds: Vec<u64>,
+    /// gamma: most clients per mediator.
+    #[arg(long, default_value_t = 10)]
+    gamma: usize,
+    /// E: local epochs per visit.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// E_m: passes of a mediator over its clients per round.
+    #[arg(long, default_value_t = 2)]
+    mediator_passes: usize,
+    /// tau_d of the z-score plan.
+    #[arg(long, default_value_t = 3.5)]
+    tau_d: f64,
+    /// Use the older ICCD plan with this alpha instead of the z-score plan.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 20)]
+    batch: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// FedProx mu.
+    #[arg(long, default_value_t = 0.01)]
+    prox_mu: f64,
+    /// How strategies combine results: mean (FedAvg's weighted mean),
+    /// median, trimmed-mean[:TRIM], krum[:F], multi-krum[:F[:M]],
+    /// centered-clipping[:RADIUS[:ITERATIONS]].
+    #[arg(long, env = "ASTRAEA_AGGREGATION", default_value = "mean")]
+    aggregation: AggregationRule,
+    /// Hostile clients' attack: sign-flip[:SCALE], scale[:FACTOR],
+    /// noise[:STD], label-flip, inflate-samples[:FACTOR].
+    #[arg(long)]
+    attack: Option<Attack>,
+    /// Percent of the clients that attack (with --attack).
+    #[arg(long, default_value_t = 0.0)]
+    attackers: f64,
+    /// The update guard, as the server applies it: an update may move the
+    /// weights by at most this many times their norm.
+    #[arg(long, default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
+    max_update_ratio: f64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output folder for CSVs, the plot and the summary.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Accuracy target in percent for "rounds / bytes to reach"; default: the best accuracy of the first run.
+    #[arg(long)]
+    target: Option<f64>,
+}
+
+/// Adds `--key=value` for each setting of a `serve --config FILE` that is
+/// neither given as a flag nor set in the environment, so the precedence is
+/// flags, then ASTRAEA_* variables, then the file, then the defaults.
+fn args_with_config_file(mut args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if args.get(1).map(String::as_str) != Some("serve") {
+        return Ok(args);
+    }
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(String::from))
+        })
+        .or_else(|| std::env::var("ASTRAEA_CONFIG").ok());
+    let Some(path) = path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parsing {path}"))?;
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let env = format!("ASTRAEA_{}", key.replace('-', "_").to_uppercase());
+        let given = args
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+        if given || std::env::var_os(&env).is_some() {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Boolean(true) => {
+                args.insert(2, flag);
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => anyhow::bail!(
+                "{path}: setting {key} = {other:?} is not a string, number or boolean"
+            ),
+        };
+        args.insert(2, format!("{flag}={value}"));
+    }
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = args_with_config_file(std::env::args().collect())?;
+    match Cli::parse_from(args).command {
+        Command::Simulate(args) => simulate_command(args),
+        Command::Bench(bench) => runtime()?.block_on(bench_command(bench)),
+        Command::Serve(args) => runtime()?.block_on(serve_command(args)),
+        Command::Client { server, data_dir } => runtime()?.block_on(async {
+            let options = client_options(server, data_dir, None);
+            let summary = client::run_client(options, Default::default()).await?;
+            println!("client done: {summary:?}");
+            Ok(())
+        }),
+        Command::Swarm {
+            server,
+            clients,
+            data_dir,
+            attack,
+            attackers,
+        } => runtime()?.block_on(async {
+            if attackers > clients || (attackers > 0 && attack.is_none()) {
+                bail!("--attackers {attackers} needs --attack and at most --clients {clients}");
+            }
+            let honest = client_options(server, data_dir, None);
+            let hostile = client::ClientOptions {
+                attack,
+                ..honest.clone()
+            };
+            let (mut results, hostile_results) = tokio::join!(
+                client::run_swarm(clients - attackers, honest),
+                client::run_swarm(attackers, hostile),
+            );
+            results.extend(hostile_results);
+            for (i, result) in results.iter().enumerate() {
+                match result {
+                    Ok(summary) => println!("client {i}: {summary:?}"),
+                    Err(e) => println!("client {i}: {e:#}"),
+                }
+            }
+            Ok(())
+        }),
+        Command::FetchData { data_dir, datasets } => {
+            astraea_sim::fetch_data::fetch_data(&data_dir, &datasets)
+        }
+        Command::Report {
+            csv,
+            plot,
+            title,
+            target,
+            markdown,
+        } => {
+            let runs = csv
+                .iter()
+                .map(|path| history_from_csv(path))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            report::plot_runs(&plot, &runs, &title)?;
+            print_tables(&runs, target.map(|t| t / 100.0), markdown.as_deref())?;
+            println!("plot: {}", plot.display());
+            Ok(())
+        }
+    }
+}
+
+async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
+    match bench {
+        BenchCommand::Aggregate { params, updates } => {
+            let b = astraea_bench::aggregate::run(params, updates, 5);
+            println!(
+                "| params | updates | fold GB/s | copy GB/s | fold / copy | aggregator state |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} MB |",
+                b.params,
+                b.updates,
+                b.fold_gbps,
+                b.copy_gbps,
+                b.fold_gbps / b.copy_gbps,
+                b.state_bytes as f64 / 1e6
+            );
+        }
+        BenchCommand::Idle {
+            clients,
+            concurrency,
+            data_dir,
+        } => {
+            let b = astraea_bench::idle::run(&data_dir, clients, concurrency).await?;
+            let per_client =
+                (b.rss_after.saturating_sub(b.rss_before)) as f64 / b.connected.max(1) as f64;
+            println!(
+                "| clients asked | connected | join s | server RSS before | after | per client |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.1} | {:.1} MB | {:.1} MB | {:.1} KB |",
+                b.requested,
+                b.connected,
+                b.join_s,
+                b.rss_before as f64 / 1e6,
+                b.rss_after as f64 / 1e6,
+                per_client / 1e3
+            );
+        }
+        BenchCommand::Fuzz {
+            inputs,
+            seed,
+            threads,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let b = astraea_bench::fuzz::run(inputs, seed, threads);
+            print!("{}", astraea_bench::fuzz::table(&b));
+            if let Some(crash) = &b.report.first_crash {
+                println!("first crash: {crash}");
+            }
+        }
+        BenchCommand::Rounds {
+            clients,
+            rounds,
+            strategy,
+            data_dir,
+        } => {
+            let b = astraea_bench::rounds::run(data_dir, clients, rounds, strategy).await?;
+            println!(
+                "| strategy | clients | rounds | s/round | evaluation s | coordination s/round | model transfers/round |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+                b.strategy.as_str(),
+                b.clients,
+                b.rounds,
+                b.round_s,
+                b.eval_s,
+                b.round_s - b.eval_s,
+                b.transfers
+            );
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn client_options(
+    server: String,
+    data_dir: PathBuf,
+    max_attempts: Option<u32>,
+) -> client::ClientOptions {
+    client::ClientOptions {
+        url: server,
+        data_dir,
+        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
+        max_attempts,
+        echo: false,
+        attack: None,
+    }
+}
+
+async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig {
+        dataset: args.dataset,
+        data_dir: args.data_dir,
+        max_train: args.max_train,
+        partition: args.partition,
+        shards: args.shards,
+        participants: args.participants,
+        min_clients: args.min_clients,
+        rounds: args.rounds,
+        strategy: args.strategy,
+        settings: StrategySettings {
+            plan_rule: match args.alpha {
+                Some(alpha) => PlanRule::Alpha { alpha },
+                None => PlanRule::ZScore { tau_d: args.tau_d },
+            },
+            rescheduling: Rescheduling {
+                gamma: args.gamma,
+                passes: args.mediator_passes,
+            },
+            prox_mu: args.prox_mu,
+            aggregation: args.aggregation,
+        },
+        epochs: args.epochs,
+        batch_size: args.batch,
+        learning_rate: args.lr,
+        hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
+        max_update_ratio: args.max_update_ratio,
+        max_frame_bytes: args.max_frame_bytes,
+        encoding: if args.f16 {
+            WeightEncoding::F16
+        } else {
+            WeightEncoding::F32
+        },
+        seed: args.seed,
+        static_dir: args.static_dir,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(serve::tls::TlsSource::Files { cert, key }),
+            _ if args.tls => Some(serve::tls::TlsSource::SelfSigned {
+                dir: args
+                    .state_dir
+                    .as_ref()
+                    .map_or_else(|| PathBuf::from("tls"), |d| d.join("tls")),
+            }),
+            _ => None,
+        },
+        admin_token: args.admin_token.map(Into::into),
+        state_dir: args.state_dir,
+        run_name: args.run_name,
+        public_url: args.public_url,
+    };
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| format!("binding {}", args.bind))?;
+    let address = listener.local_addr()?;
+    let running = serve::start(listener, config).await?;
+    let url = running.state.join_url.clone();
+    println!("astraea serving on {address}");
+    println!("  volunteers open   {url}");
+    println!("  the dashboard is  {url}dashboard");
+    if address.ip().is_loopback() {
+        println!(
+            "  (only this machine can join: --bind 0.0.0.0:{} accepts the LAN)",
+            address.port()
+        );
+    } else if !serve::tls::is_secure_origin(&url) {
+        println!(
+            "  (without --tls, tabs on other machines train on the CPU: browsers give WebGPU only to HTTPS pages)"
+        );
+    }
+    tokio::select! {
+        outcome = running.coordinator => {
+            outcome??;
+            println!("run finished; still serving the results, Ctrl-C to stop");
+            tokio::signal::ctrl_c().await?;
+        }
+        _ = tokio::signal::ctrl_c() => println!("stopping"),
+    }
+    Ok(())
+}
+
+fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = SimConfig {
+        dataset: args.dataset.clone(),
+        data_dir: args.data_dir.clone(),
+        partition: args.partition,
+        clients: args.clients,
+        participants: args.participants,
+        rounds: args.rounds,
+        gamma: args.gamma,
+        local_epochs: args.epochs,
+        mediator_passes: args.mediator_passes,
+        plan_rule: match args.alpha {
+            Some(alpha) => PlanRule::Alpha { alpha },
+            None => PlanRule::ZScore { tau_d: args.tau_d },
+        },
+        batch_size: args.batch,
+        learning_rate: args.lr,
+        prox_mu: args.prox_mu,
+        aggregation: args.aggregation,
+        attack: args.attack,
+        attackers: args.attackers / 100.0,
+        max_update_ratio: args.max_update_ratio,
+        threads,
+        out_dir: args.out.clone(),
+        target_accuracy: args.target.map(|t| t / 100.0),
+    };
+    let mut specs = Vec::new();
+    for &seed in &args.seeds {
+        for name in &args.strategies {
+            specs.push(RunSpec::parse(name, seed).map_err(anyhow::Error::msg)?);
+        }
+    }
+    if specs.is_empty() {
+        bail!("no runs: give at least one strategy and one seed");
+    }
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    std::fs::create_dir_all(&config.out_dir)
+        .with_context(|| format!("creating {}", config.out_dir.display()))?;
+    eprintln!(
+        "{}: {} training / {} test samples, {} classes; {} runs of {} rounds, K = {}, c = {}, {} threads",
+        config.dataset,
+        train.len(),
+        test.len(),
+        train.num_classes(),
+        specs.len(),
+        config.rounds,
+        config.clients,
+        config.participants,
+        threads
+    );
+    let progress = ProgressBar::new((specs.len() * config.rounds) as u64);
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}",
+        )
+        .expect("template is valid")
+        .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    for spec in &specs {
+        let history = simulate::run(&config, spec, &train, &test, &progress)?;
+        let csv = config
+            .out_dir
+            .join(format!("{}-s{}.csv", spec.name(), spec.seed));
+        report::write_csv(&csv, &history)?;
+        runs.push(history);
+    }
+    progress.finish();
+    let title = format!(
+        "{} {} (K={}, c={})",
+        config.dataset, args.partition, config.clients, config.participants
+    );
+    let plot = config.out_dir.join("accuracy.png");
+    report::plot_runs(&plot, &runs, &title)?;
+    let target = config
+        .target_accuracy
+        .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
+    let summary = config.out_dir.join("summary.md");
+    print_tables(&runs, target, Some(&summary))?;
+    println!("wrote {} and {}", plot.display(), summary.display());
+    Ok(())
+}
+
+/// Prints the per-run summary and, when a FedAvg run is among them, the
+/// comparison against it; optionally writes both as Markdown.
+fn print_tables(
+    runs: &[report::RunHistory],
+    target: Option<f64>,
+    markdown: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    println!("{}", report::summary_table(runs, target));
+    let comparison = report::compare(runs, "fedavg", "fedavg-iid");
+    if !comparison.is_empty() {
+        println!("{}", report::comparison_table(&comparison, "fedavg"));
+    }
+    if let Some(path) = markdown {
+        let mut text = report::markdown_table(runs, target);
+        if !comparison.is_empty() {
+            text.push('\n');
+            text.push_str(&report::comparison_markdown(&comparison, "fedavg"));
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A run's history read back from its CSV; the label is the file name
+/// (`astraea-s1`), the strategy and seed come from it.
+fn history_from_csv(path: &std::path::Path) -> anyhow::Result<report::RunHistory> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{} has no usable file name", path.display()))?;
+    let (strategy, seed) = match stem.rsplit_once("-s") {
+        Some((name, seed)) => (name.to_string(), seed.parse().unwrap_or(0)),
+        None => (stem.to_string(), 0),
+    };
+    Ok(report::RunHistory {
+        label: format!("{strategy} s{seed}"),
+        strategy,
+        seed,
+        rounds: report::read_csv(path)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_fills_in_what_the_flags_leave_out() {
+        // Prepare
+        let path = std::env::temp_dir().join(format!("astraea-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "rounds = 7\nmin_clients = 4\nf16 = true\nstrategy = \"fedavg\"\n",
+        )
+        .unwrap();
+        let args: Vec<String> = [
+            "astraea",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--rounds",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec();
+
+        // Execute
+        let args = args_with_config_file(args).unwrap();
+        let Command::Serve(serve) = Cli::parse_from(&args).command else {
+            panic!("not serve: {args:?}")
+        };
+
+        // Assert: the flag wins, the file fills the rest.
+        assert_eq!(serve.rounds, 3);
+        assert_eq!(serve.min_clients, 4);
+        assert!(serve.f16);
+        assert_eq!(serve.strategy, StrategyKind::FedAvg);
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,177 @@
+//! The server process killed with SIGKILL mid-run and started again: the run
+//! resumes from its last completed round and nothing recorded is lost.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use astraea_native::{ClientOptions, run_swarm};
+use rusqlite::Connection;
+
+/// Kills the server process when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(port: u16, state_dir: &Path) -> Server {
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("server.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_astraea"))
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "--dataset",
+            "mnist",
+            "--max-train",
+            "3000",
+            "--partition",
+            "long-tail:10",
+        ])
+        .args([
+            "--shards",
+            "4",
+            "--participants",
+            "4",
+            "--min-clients",
+            "4",
+            "--rounds",
+            "8",
+        ])
+        .args([
+            "--strategy",
+            "astraea",
+            "--gamma",
+            "2",
+            "--hop-deadline",
+            "30",
+        ])
+        .args(["--run-name", "crash"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--static-dir")
+        .arg(state_dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Server(child)
+}
+
+/// GET over loopback; `None` while nothing listens.
+async fn get(port: u16, path: &str) -> Option<String> {
+    astraea_server::loopback::get(&format!("127.0.0.1:{port}"), path)
+        .await
+        .ok()
+        .map(|r| r.text())
+}
+
+/// Polls /api/status until `done` says so.
+async fn wait_for(port: u16, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(body) = get(port, "/api/status").await
+            && let Ok(status) = serde_json::from_str::<serde_json::Value>(&body)
+            && done(&status)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rounds_in_db(state_dir: &Path) -> Vec<(i64, f64)> {
+    let db = Connection::open(state_dir.join("astraea.db")).unwrap();
+    let mut statement = db
+        .prepare("SELECT round, accuracy FROM rounds ORDER BY round")
+        .unwrap();
+    statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
+    // Prepare: a durable server and four clients that reconnect for ever.
+    let state_dir: PathBuf =
+        std::env::temp_dir().join(format!("astraea-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let port = free_port();
+    let mut server = spawn_server(port, &state_dir);
+    let options = ClientOptions {
+        url: format!("ws://127.0.0.1:{port}/ws"),
+        data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        max_frame_bytes: 1 << 20,
+        max_attempts: None,
+        echo: false,
+        attack: None,
+    };
+    let swarm = tokio::spawn(run_swarm(4, options));
+
+    // Execute: kill -9 once two rounds are done, then start it again.
+    wait_for(port, "two rounds", |s| s["round"].as_u64() >= Some(3)).await;
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    let before = rounds_in_db(&state_dir);
+    server = spawn_server(port, &state_dir);
+    wait_for(port, "the run to finish", |s| s["phase"] == "finished").await;
+    swarm.abort();
+    drop(server);
+
+    // Assert
+    let after = rounds_in_db(&state_dir);
+    let log = std::fs::read_to_string(state_dir.join("server.log")).unwrap_or_default();
+    assert!(
+        before.len() >= 2,
+        "rounds before the kill: {before:?}\n{log}"
+    );
+    assert_eq!(
+        after.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>(),
+        "{log}"
+    );
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "rounds recorded before the kill are unchanged"
+    );
+    let db = Connection::open(state_dir.join("astraea.db")).unwrap();
+    let resumed: String = db
+        .query_row(
+            "SELECT detail FROM events WHERE kind = 'resume'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(resumed, format!("resumed after round {}", before.len()));
+    let mediators: i64 = db
+        .query_row("SELECT COUNT(*) FROM mediators", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mediators, 16, "two mediators of two for each of 8 rounds");
+    let checkpoints = std::fs::read_dir(state_dir.join("checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(checkpoints, 8);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}

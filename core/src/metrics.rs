@@ -1,0 +1,56 @@
+//! What a run records each round (accuracy, loss, traffic, time), shared by
+//! the simulator, the server and the reports.
+
+/// Bytes in one megabyte as the reports print it (decimal, 10^6), so traffic figures match
+/// what network tools and papers usually quote.
+pub const BYTES_PER_MB: f64 = 1e6;
+
+/// One row of a run's history.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RoundRecord {
+    /// Round number, 1-based, so the first row is the model after one round of training.
+    pub round: usize,
+    /// Top-1 accuracy on the balanced test set, a fraction in 0..1.
+    pub accuracy: f64,
+    /// Mean cross-entropy on the test set.
+    pub loss: f64,
+    /// Cumulative bytes sent clients -> server so far; cumulative so traffic is an x axis.
+    pub bytes_up: u64,
+    /// Cumulative bytes sent server -> clients so far.
+    pub bytes_down: u64,
+    /// Mean KL divergence to uniform of this round's training groups; how skewed the data
+    /// each aggregated update saw, the quantity Astraea's rescheduling tries to lower.
+    pub mean_kl: f64,
+    /// Cumulative wall-clock seconds.
+    pub wall_s: f64,
+    /// Cumulative samples processed by local training (each epoch and each
+    /// mediator pass counts), for the simulator's throughput.
+    pub train_samples: u64,
+    /// Cumulative seconds the round loop spent training (evaluation excluded).
+    pub train_s: f64,
+}
+
+impl RoundRecord {
+    /// Cumulative traffic in both directions, the cost a run pays for its accuracy.
+    pub fn traffic_bytes(&self) -> u64 {
+        self.bytes_up.saturating_add(self.bytes_down)
+    }
+
+    /// [`Self::traffic_bytes`] in megabytes ([`BYTES_PER_MB`]), as plots and tables show it.
+    pub fn traffic_mb(&self) -> f64 {
+        self.traffic_bytes() as f64 / BYTES_PER_MB
+    }
+}
+
+/// One simulation run: which strategy and seed, and what happened each round.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunHistory {
+    /// Name shown in legends and tables, e.g. "astraea seed 1".
+    pub label: String,
+    /// Strategy name; runs sharing it are grouped as seeds of one experiment.
+    pub strategy: String,
+    /// Seed the run used, kept so a table row can be reproduced.
+    pub seed: u64,
+    /// Rounds in order, one record per evaluated round.
+    pub rounds: Vec<RoundRecord>,
+}

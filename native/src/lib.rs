@@ -1,0 +1,285 @@
+//! `astraea-native`: the native client (`astraea client`) and many of them in one process
+//! (`astraea swarm`). It speaks the same protocol as a browser tab, driving
+//! `astraea-core`'s [`ClientSession`] and training on burn's `flex` device.
+#![warn(missing_docs)]
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use astraea_core::attack::Attack;
+use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
+use astraea_core::data::Dataset;
+use astraea_core::data::catalog::load_named;
+use astraea_core::protocol::{AckOutcome, ClientAction, ClientSession, DataSource, train_task};
+use astraea_core::train::{self, Samples};
+use futures_util::{SinkExt, StreamExt};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How a native client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`.
+    pub url: String,
+    /// Where the demo datasets are.
+    pub data_dir: PathBuf,
+    /// Largest frame sent or accepted.
+    pub max_frame_bytes: usize,
+    /// Connection attempts before giving up (reconnecting with back-off
+    /// after the server goes away); `None` tries for ever.
+    pub max_attempts: Option<u32>,
+    /// Answer every task with the weights received, without training: for
+    /// benchmarks of the coordination alone.
+    pub echo: bool,
+    /// Behave as an attacker (robustness runs); `None` is honest.
+    pub attack: Option<Attack>,
+}
+
+/// Training sets loaded once and shared by every client of a swarm.
+#[derive(Debug, Default)]
+pub struct DatasetCache {
+    train: Mutex<HashMap<String, Arc<Dataset>>>,
+}
+
+impl DatasetCache {
+    /// The training set of `name`, loading it on first use.
+    pub fn train(&self, name: &str, data_dir: &std::path::Path) -> anyhow::Result<Arc<Dataset>> {
+        let mut map = self.train.lock().expect("no panic while loading");
+        if let Some(data) = map.get(name) {
+            return Ok(data.clone());
+        }
+        let (train, _) = load_named(name, data_dir)?;
+        let train = Arc::new(train);
+        map.insert(name.to_string(), train.clone());
+        Ok(train)
+    }
+}
+
+/// What one client did before it stopped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientSummary {
+    /// Hops trained.
+    pub hops: usize,
+    /// Samples processed in training.
+    pub samples: usize,
+    /// Last accuracy the server announced.
+    pub last_accuracy: Option<f64>,
+    /// Updates the server acknowledged as accepted.
+    pub accepted: usize,
+    /// Updates the server acknowledged as stale (too late for their hop).
+    pub stale: usize,
+}
+
+/// How a session ended.
+enum Ended {
+    /// The socket closed or broke: worth reconnecting.
+    Disconnected(String),
+    /// The server refused us: reconnecting would not help.
+    Refused(String),
+}
+
+/// The client's local data: the shard as loaded, and the data it trains on
+/// after the current plan.
+struct LocalData {
+    original: Dataset,
+    images: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+/// Runs a client until it is refused or runs out of attempts, reconnecting
+/// with exponential back-off (0.25 s doubling to 5 s) when the server goes.
+pub async fn run_client(
+    options: ClientOptions,
+    cache: Arc<DatasetCache>,
+) -> anyhow::Result<ClientSummary> {
+    let mut summary = ClientSummary::default();
+    let mut backoff = Duration::from_millis(250);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match run_session(&options, &cache, &mut summary).await {
+            Ok(Ended::Refused(reason)) => bail!("refused by the server: {reason}"),
+            Ok(Ended::Disconnected(reason)) | Err(ReasonError(reason)) => {
+                if options.max_attempts.is_some_and(|max| attempt >= max) {
+                    tracing::info!("client stops after {attempt} attempts: {reason}");
+                    return Ok(summary);
+                }
+                tracing::info!("disconnected ({reason}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if summary.hops > 0 {
+            backoff = Duration::from_millis(250);
+        }
+    }
+}
+
+/// An error that ends a session but may pass on reconnecting.
+struct ReasonError(String);
+
+impl<E: std::fmt::Display> From<E> for ReasonError {
+    fn from(e: E) -> Self {
+        ReasonError(e.to_string())
+    }
+}
+
+async fn run_session(
+    options: &ClientOptions,
+    cache: &DatasetCache,
+    summary: &mut ClientSummary,
+) -> Result<Ended, ReasonError> {
+    let (socket, _) = tokio_tungstenite::connect_async(options.url.as_str()).await?;
+    let (mut sink, mut stream) = socket.split();
+    let (mut session, first) =
+        ClientSession::start("flex", None, DataSource::Demo, options.max_frame_bytes);
+    let mut queue: VecDeque<ClientAction> = first.into();
+    let mut local: Option<LocalData> = None;
+    loop {
+        while let Some(action) = queue.pop_front() {
+            match action {
+                ClientAction::Send(message) => {
+                    sink.send(Message::Text(message.to_json().into())).await?
+                }
+                ClientAction::SendBinary(frames) => {
+                    for frame in frames {
+                        sink.send(Message::Binary(frame.into())).await?;
+                    }
+                }
+                ClientAction::LoadShard(shard) => {
+                    let train = cache.train(&shard.dataset, &options.data_dir)?;
+                    let original = train.subset(&shard.indices);
+                    let counts = original.label_counts();
+                    local = Some(LocalData {
+                        images: original.images.clone(),
+                        labels: original.labels.clone(),
+                        original,
+                    });
+                    queue.extend(session.data_ready(counts));
+                }
+                ClientAction::ApplyPlan { ratios, seed } => {
+                    let data = local.as_mut().ok_or("a plan before any data")?;
+                    let d = &data.original;
+                    let outcome = apply_plan(&d.labels, &ratios, &AugmentConfig::default(), seed)?;
+                    let (images, labels) = materialise(
+                        &d.images,
+                        &d.labels,
+                        d.sample_len(),
+                        d.channels,
+                        d.height,
+                        d.width,
+                        &outcome,
+                    )?;
+                    data.images = images;
+                    data.labels = labels;
+                    let mut counts = vec![0; d.num_classes()];
+                    data.labels.iter().for_each(|&l| counts[l as usize] += 1);
+                    queue.extend(session.data_ready(counts));
+                }
+                ClientAction::Train { task, weights } => {
+                    let data = local.as_ref().ok_or("a task before any data")?;
+                    let model = session.model().ok_or("a task before the welcome")?.clone();
+                    let (images, mut labels) = (data.images.clone(), data.labels.clone());
+                    let attack = options.attack;
+                    if let Some(attack) = &attack {
+                        attack.poison_labels(&mut labels, model.num_classes);
+                    }
+                    let started = Instant::now();
+                    let task_for_training = task.clone();
+                    let sent = attack.map(|_| weights.clone());
+                    let trains = attack.is_none_or(|a| a.trains());
+                    let (mut trained, stats) = if options.echo || !trains {
+                        let stats = train::TrainStats {
+                            samples: labels.len(),
+                            ..Default::default()
+                        };
+                        (weights, stats)
+                    } else {
+                        tokio::task::spawn_blocking(move || {
+                            train_task(
+                                &model,
+                                &task_for_training,
+                                weights,
+                                Samples {
+                                    images: &images,
+                                    labels: &labels,
+                                },
+                                &mut |_| {},
+                            )
+                        })
+                        .await??
+                    };
+                    let mut samples = data.labels.len() as u64;
+                    if let (Some(attack), Some(sent)) = (attack, sent) {
+                        let mut rng = StdRng::seed_from_u64(task.seed);
+                        attack.poison_weights(&sent, &mut trained, &mut rng);
+                        samples = attack.claimed_samples(samples);
+                    }
+                    summary.hops += 1;
+                    summary.samples += stats.samples;
+                    queue.extend(session.trained(
+                        &task,
+                        &trained,
+                        samples,
+                        stats.mean_loss,
+                        started.elapsed().as_secs_f64(),
+                    ));
+                }
+                ClientAction::RoundDone { accuracy, .. } => summary.last_accuracy = Some(accuracy),
+                ClientAction::Acknowledged {
+                    round,
+                    hop,
+                    outcome,
+                    reason,
+                } => {
+                    match outcome {
+                        AckOutcome::Accepted => summary.accepted += 1,
+                        AckOutcome::Stale => summary.stale += 1,
+                        AckOutcome::Refused => {}
+                    }
+                    tracing::debug!(round, hop, ?outcome, ?reason, "update acknowledged");
+                }
+                ClientAction::Close(reason) => {
+                    let _ = sink.close().await;
+                    return Ok(Ended::Refused(reason));
+                }
+            }
+        }
+        let Some(frame) = stream.next().await else {
+            return Ok(Ended::Disconnected(
+                "the server closed the connection".into(),
+            ));
+        };
+        match frame? {
+            Message::Text(text) => queue.extend(session.on_text(text.as_str())),
+            Message::Binary(bytes) => queue.extend(session.on_binary(&bytes)),
+            Message::Close(_) => {
+                return Ok(Ended::Disconnected(
+                    "the server closed the connection".into(),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs `count` clients in this process, sharing the loaded datasets.
+pub async fn run_swarm(count: usize, options: ClientOptions) -> Vec<anyhow::Result<ClientSummary>> {
+    let cache = Arc::new(DatasetCache::default());
+    let handles: Vec<_> = (0..count)
+        .map(|_| tokio::spawn(run_client(options.clone(), cache.clone())))
+        .collect();
+    let mut results = Vec::with_capacity(count);
+    for handle in handles {
+        results.push(
+            handle
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("client task failed: {e}"))),
+        );
+    }
+    results
+}

@@ -1,0 +1,277 @@
+//! HTTP routes: the WebSocket endpoint, the JSON API and the static files.
+//! `app` is apart from serving so tests can call it directly.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use tower_http::services::ServeDir;
+
+use crate::config::Secret;
+use crate::connection::handle_socket;
+use crate::dashboard::{self, StatusBody, status_body};
+use crate::state::{AppState, TunableChange};
+use astraea_core::metrics::RoundRecord;
+
+/// The server's routes over `state`.
+pub fn app(state: Arc<AppState>) -> Router {
+    let static_dir = state.config.static_dir.clone();
+    Router::new()
+        .route("/ws", get(websocket))
+        .route(
+            "/status",
+            get(|| async { Redirect::permanent("/dashboard") }),
+        )
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/chart.js", get(dashboard::chart_script))
+        .route("/ws/dashboard", get(dashboard::feed))
+        .route("/api/join-qr.svg", get(dashboard::join_qr))
+        .route("/api/status", get(status))
+        .route("/api/rounds", get(rounds))
+        .route("/api/model", get(model))
+        .route("/api/shard/{client}", get(shard))
+        .route("/metrics", get(metrics))
+        .route("/api/admin/configure", post(configure))
+        .route("/api/admin/{action}", post(admin))
+        // Files built by scripts/build-web have gzipped twins: sent to
+        // browsers that accept gzip (the wasm shrinks from 14 MB to 2.7).
+        .fallback_service(ServeDir::new(static_dir).precompressed_gzip())
+        .with_state(state)
+}
+
+async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let limit = state.config.max_frame_bytes;
+    // Small socket buffers: an idle volunteer costs the server kilobytes,
+    // not the 128 KiB a buffer holds by default; big frames still pass, the
+    // buffers grow while one is read or written.
+    ws.max_frame_size(limit)
+        .max_message_size(limit)
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .on_upgrade(move |socket| handle_socket(socket, state))
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Json<StatusBody> {
+    Json(status_body(&state))
+}
+
+async fn rounds(State(state): State<Arc<AppState>>) -> Json<Vec<RoundRecord>> {
+    Json(state.status().history.clone())
+}
+
+/// The latest global model as a safetensors file.
+async fn model(State(state): State<Arc<AppState>>) -> Response {
+    let global = crate::state::lock(&state.global).clone();
+    match global {
+        Some(weights) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"astraea.safetensors\"",
+                ),
+            ],
+            weights.to_safetensors(),
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no model yet").into_response(),
+    }
+}
+
+/// Prometheus text exposition of the run's counters and gauges.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let (clients, ready) = {
+        let clients = state.clients();
+        (
+            clients.len(),
+            clients.values().filter(|c| c.counts.is_some()).count(),
+        )
+    };
+    let status = state.status().clone();
+    let last = status.history.last();
+    let best = status.history.iter().map(|r| r.accuracy).reduce(f64::max);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "astraea_round",
+        "gauge",
+        "Current round.",
+        f64::from(status.round),
+    );
+    metric(
+        "astraea_clients_connected",
+        "gauge",
+        "Connected clients.",
+        clients as f64,
+    );
+    metric(
+        "astraea_clients_ready",
+        "gauge",
+        "Clients ready to train.",
+        ready as f64,
+    );
+    metric(
+        "astraea_mediators",
+        "gauge",
+        "Training groups of the current round.",
+        status.mediators.len() as f64,
+    );
+    metric(
+        "astraea_accuracy",
+        "gauge",
+        "Test accuracy after the last round.",
+        last.map_or(0.0, |r| r.accuracy),
+    );
+    metric(
+        "astraea_best_accuracy",
+        "gauge",
+        "Best test accuracy so far.",
+        best.unwrap_or(0.0),
+    );
+    metric(
+        "astraea_skipped_hops_total",
+        "counter",
+        "Hops skipped (client gone or late).",
+        status.skipped_hops as f64,
+    );
+    metric(
+        "astraea_rejections_total",
+        "counter",
+        "Frames refused as bad input.",
+        state.rejections.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_departures_total",
+        "counter",
+        "Connections that ended without a refusal (closed, left or dropped).",
+        state.departures.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_stale_updates_total",
+        "counter",
+        "Updates that came after their hop was given up.",
+        state.stale_updates.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_dropped_rounds_total",
+        "counter",
+        "Rounds whose aggregate was refused; the previous model was kept.",
+        state.dropped_rounds.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_bytes_received_total",
+        "counter",
+        "Bytes received from clients.",
+        state.bytes_up.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_bytes_sent_total",
+        "counter",
+        "Bytes sent to clients.",
+        state.bytes_down.load(Ordering::Relaxed) as f64,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Whether the request carries the admin token; the refusal otherwise.
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let Some(token) = state.config.admin_token.as_ref().map(Secret::expose) else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "admin actions are disabled: start the server with --admin-token",
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(token) {
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token"));
+    }
+    Ok(())
+}
+
+/// `POST /api/admin/configure` with a JSON body changing any of `rounds`,
+/// `participants`, `min_clients`, `hop_deadline_s`; answers the settings now
+/// in force. They apply from the next round.
+async fn configure(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(refusal) = authorise(&state, &headers) {
+        return refusal.into_response();
+    }
+    let change: TunableChange = match serde_json::from_slice(&body) {
+        Ok(change) => change,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad settings: {e}")).into_response(),
+    };
+    let outcome = crate::state::lock(&state.tunable).apply(change);
+    match outcome {
+        Ok(()) => {
+            state.control_changed.notify_waiters();
+            tracing::info!(?change, "run reconfigured");
+            Json(state.tunable()).into_response()
+        }
+        Err(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+    }
+}
+
+/// Admin actions (`pause`, `resume`, `stop`), for holders of the token.
+async fn admin(
+    State(state): State<Arc<AppState>>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = authorise(&state, &headers) {
+        return refusal.into_response();
+    }
+    {
+        let mut control = crate::state::lock(&state.control);
+        match action.as_str() {
+            "pause" => control.paused = true,
+            "resume" | "start" => control.paused = false,
+            "stop" => control.stopped = true,
+            other => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!("unknown admin action {other:?}"),
+                )
+                    .into_response();
+            }
+        }
+    }
+    state.control_changed.notify_waiters();
+    tracing::info!(action, "admin action");
+    Json(state.control()).into_response()
+}
+
+/// A demo shard's samples in the compact binary of
+/// `astraea_core::data::shard`, for a tab that cannot read the dataset files.
+/// Client n gets shard (n - 1) mod K, as its `welcome` said; only while it
+/// is connected.
+async fn shard(State(state): State<Arc<AppState>>, Path(client): Path<u64>) -> Response {
+    // Only a connected client that was assigned a demo shard may fetch
+    // it: ids never issued, or of clients gone or on their own data, are
+    // refused.
+    let assigned = state
+        .clients()
+        .get(&client)
+        .is_some_and(|entry| entry.shard_counts.is_some());
+    if !assigned || state.shards.is_empty() {
+        return (StatusCode::NOT_FOUND, "no such shard").into_response();
+    }
+    let indices = &state.shards[(client as usize - 1) % state.shards.len()];
+    let bytes = astraea_core::data::shard::encode_shard(&state.train.subset(indices));
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}

@@ -1,0 +1,95 @@
+//! What a served run is made of.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use astraea_core::partition::PartitionSpec;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::{StrategyKind, StrategySettings};
+
+/// A value that must never be printed, logged or stored: its `Debug` shows
+/// `<redacted>`, so the run's configuration can be recorded as it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+/// Settings of one served run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Dataset of the demo shards and of the server's test set.
+    pub dataset: String,
+    /// Folder holding the datasets.
+    pub data_dir: PathBuf,
+    /// Use only the first this many training samples (small demos, tests).
+    pub max_train: Option<usize>,
+    /// How the training set is cut into demo shards.
+    pub partition: PartitionSpec,
+    /// K: demo shards; the n-th client to join gets shard n mod K.
+    pub shards: usize,
+    /// c: participants per round.
+    pub participants: usize,
+    /// Clients that must be ready before a round starts.
+    pub min_clients: usize,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// The strategy.
+    pub strategy: StrategyKind,
+    /// Its knobs.
+    pub settings: StrategySettings,
+    /// Local epochs per hop (E).
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Time a client has for one hop before it is skipped.
+    pub hop_deadline: Duration,
+    /// The update guard's bound: an update may move the weights it was sent
+    /// by at most this many times their L2 norm.
+    pub max_update_ratio: f64,
+    /// Largest WebSocket frame accepted or sent.
+    pub max_frame_bytes: usize,
+    /// Encoding of the weights the server sends.
+    pub encoding: WeightEncoding,
+    /// Seed of the partition, the initial model and participant sampling.
+    pub seed: u64,
+    /// Folder of static files served at `/`.
+    pub static_dir: PathBuf,
+    /// Bearer token for the admin actions; `None` refuses them all. Never
+    /// printed or stored (see [`Secret`]).
+    pub admin_token: Option<Secret>,
+    /// Folder of the database and checkpoints; `None` keeps nothing.
+    pub state_dir: Option<PathBuf>,
+    /// Name of the run in the database: an unfinished run of this name is
+    /// resumed from its last completed round.
+    pub run_name: String,
+    /// Serve HTTPS with this certificate; `None` serves plain HTTP.
+    pub tls: Option<crate::tls::TlsSource>,
+    /// The URL volunteers open, when the server cannot know it (behind a
+    /// proxy); by default it is made from the bound address.
+    pub public_url: Option<String>,
+}

@@ -1,0 +1,516 @@
+//! One client's WebSocket: a sender task drains the client's queue while
+//! this task parses what arrives, checks it, and hands finished hops to the
+//! coordinator. Anything malformed gets an error frame and the client is
+//! dropped; the global model never sees it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use astraea_core::protocol::{
+    AckOutcome, ClientMessage, DataSource, ErrorCode, FrameError, PROTOCOL_VERSION, ServerMessage,
+    ShardSpec, UpdateSpec, WeightAssembler, limits,
+};
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::state::{AppState, ClientEntry, HopReply, Outbound, lock};
+
+/// Why a connection is closed by the server.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Per-connection state.
+struct Connection {
+    state: Arc<AppState>,
+    tx: mpsc::UnboundedSender<Outbound>,
+    id: Option<u64>,
+    /// An update whose weight chunks are arriving.
+    incoming: Option<(UpdateSpec, WeightAssembler)>,
+}
+
+/// Serves one WebSocket until it closes, then forgets the client.
+pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let counter = state.clone();
+    let sender = tokio::spawn(async move {
+        while let Some(outbound) = rx.recv().await {
+            let message = match outbound {
+                Outbound::Text(text) => {
+                    counter
+                        .bytes_down
+                        .fetch_add(text.len() as u64, Ordering::Relaxed);
+                    Message::Text(text.into())
+                }
+                Outbound::Binary(bytes) => {
+                    counter
+                        .bytes_down
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    Message::Binary(bytes.into())
+                }
+                Outbound::Close => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    break;
+                }
+            };
+            if sink.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut connection = Connection {
+        state: state.clone(),
+        tx,
+        id: None,
+        incoming: None,
+    };
+    // A connection ends refused, or as a departure: a close frame, a
+    // leave, or a socket dropped without closing.
+    let mut refused = false;
+    while let Some(frame) = stream.next().await {
+        let outcome = match frame {
+            Ok(Message::Text(text)) => {
+                state
+                    .bytes_up
+                    .fetch_add(text.len() as u64, Ordering::Relaxed);
+                connection.on_text(text.as_str())
+            }
+            Ok(Message::Binary(bytes)) => {
+                state
+                    .bytes_up
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                connection.on_binary(&bytes)
+            }
+            Ok(Message::Close(_)) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) => match socket_error(e) {
+                // Oversized frames are refused by the socket before buffering.
+                Some(refusal) => Err(refusal),
+                // Anything else (a reset, a connection dropped without a
+                // close frame) is the client leaving.
+                None => Ok(false),
+            },
+        };
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(refusal) => {
+                refused = true;
+                state.rejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = ?connection.id, code = ?refusal.code, "{}", refusal.message);
+                let detail = format!(
+                    "client {:?}: {:?}: {}",
+                    connection.id, refusal.code, refusal.message
+                );
+                state.record(|store, run| store.event(run, None, "rejection", &detail));
+                let _ = connection.tx.send(Outbound::Text(
+                    ServerMessage::Error {
+                        code: refusal.code,
+                        message: refusal.message,
+                    }
+                    .to_json(),
+                ));
+                let _ = connection.tx.send(Outbound::Close);
+                break;
+            }
+        }
+    }
+    if !refused {
+        state.departures.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(id) = connection.id {
+        state.clients().remove(&id);
+        state.changed.notify_waiters();
+        tracing::info!(client = id, "left");
+    }
+    drop(connection);
+    let _ = tokio::time::timeout(Duration::from_secs(5), sender).await;
+}
+
+impl Connection {
+    /// Handles a text frame; `Ok(false)` ends the connection quietly.
+    fn on_text(&mut self, text: &str) -> Result<bool, Refusal> {
+        let message = ClientMessage::from_json(text)
+            .map_err(|e| refuse(ErrorCode::Malformed, format!("malformed message: {e}")))?;
+        message.validate().map_err(|e| {
+            refuse(
+                ErrorCode::Invalid,
+                format!("{} refused: {e}", message_name(&message)),
+            )
+        })?;
+        match (self.id, message) {
+            (
+                None,
+                ClientMessage::Join {
+                    version,
+                    backend,
+                    data,
+                    ..
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(refuse(
+                        ErrorCode::Version,
+                        format!("client speaks protocol {version}, server {PROTOCOL_VERSION}"),
+                    ));
+                }
+                self.join(backend, data)?;
+                Ok(true)
+            }
+            (Some(id), ClientMessage::Ready { counts }) => {
+                self.ready(id, counts)?;
+                Ok(true)
+            }
+            (Some(id), ClientMessage::Update(update)) => {
+                self.announce(id, update)?;
+                Ok(true)
+            }
+            (Some(_), ClientMessage::Progress { .. }) => Ok(true),
+            (Some(id), ClientMessage::Error { code, message }) => {
+                tracing::warn!(client = id, ?code, "client reported: {message}");
+                // Give up its hop at once instead of waiting for the deadline.
+                if let Some(entry) = self.state.clients().get_mut(&id) {
+                    entry.pending = None;
+                }
+                Ok(true)
+            }
+            (_, ClientMessage::Leave) => Ok(false),
+            (id, message) => Err(refuse(
+                ErrorCode::Unexpected,
+                format!(
+                    "unexpected {} {}",
+                    message_name(&message),
+                    if id.is_some() {
+                        "after join"
+                    } else {
+                        "before join"
+                    }
+                ),
+            )),
+        }
+    }
+
+    fn join(&mut self, backend: String, data: DataSource) -> Result<(), Refusal> {
+        let id = self.state.next_client_id();
+        let (shard, shard_counts) = match data {
+            DataSource::Demo if !self.state.shards.is_empty() => {
+                let indices =
+                    self.state.shards[(id as usize - 1) % self.state.shards.len()].clone();
+                // The server knows what a demo shard holds: its reports are
+                // checked against this.
+                let mut counts = vec![0; self.state.model.num_classes];
+                for &i in &indices {
+                    if let Some(c) = counts.get_mut(self.state.train.labels[i] as usize) {
+                        *c += 1;
+                    }
+                }
+                let spec = ShardSpec {
+                    dataset: self.state.config.dataset.clone(),
+                    indices,
+                };
+                (Some(spec), Some(counts))
+            }
+            DataSource::Demo => {
+                return Err(refuse(ErrorCode::Data, "this server has no demo shards"));
+            }
+            DataSource::Own { .. } => (None, None),
+        };
+        let entry = ClientEntry {
+            backend: backend.clone(),
+            tx: self.tx.clone(),
+            raw_counts: None,
+            shard_counts,
+            counts: None,
+            samples: 0,
+            plan_sent: false,
+            pending: None,
+            hops_done: 0,
+            samples_trained: 0,
+        };
+        entry.send(&ServerMessage::Welcome {
+            version: PROTOCOL_VERSION,
+            client_id: id,
+            model: self.state.model.clone(),
+            shard,
+        });
+        self.state.clients().insert(id, entry);
+        self.id = Some(id);
+        // An own-data client may give its counts with the join, or (an
+        // empty list) in its first `ready`.
+        if let DataSource::Own { counts } = data
+            && !counts.is_empty()
+        {
+            self.ready(id, counts)?;
+        }
+        self.state
+            .record(|store, run| store.client_joined(run, id, &backend));
+        tracing::info!(client = id, "joined");
+        self.state.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// A label-count report: the raw counts before the plan, post-plan
+    /// counts after it. Refused when it claims more samples than the client
+    /// can hold: its demo shard, or its first report, grown by the plan
+    /// (`limits::planned_upper_bounds`), plus a small allowance for
+    /// samples the volunteer adds.
+    fn ready(&mut self, id: u64, counts: Vec<usize>) -> Result<(), Refusal> {
+        let classes = self.state.model.num_classes;
+        if counts.len() != classes {
+            return Err(refuse(
+                ErrorCode::Data,
+                format!(
+                    "label counts have {} classes, the model {classes}",
+                    counts.len()
+                ),
+            ));
+        }
+        let samples = limits::checked_total(&counts)
+            .map_err(|e| refuse(ErrorCode::Invalid, format!("ready refused: {e}")))?;
+        let plan = self.state.status().plan.clone();
+        let mut clients = self.state.clients();
+        let Some(entry) = clients.get_mut(&id) else {
+            return Ok(());
+        };
+        // What the client is known to hold before any plan.
+        let known = entry.shard_counts.as_ref().or(entry.raw_counts.as_ref());
+        if let Some(known) = known {
+            let ratios = if entry.plan_sent {
+                plan.as_deref()
+            } else {
+                None
+            };
+            let upper = limits::planned_upper_bounds(known, ratios);
+            let excess = limits::excess_over(&counts, &upper);
+            if excess > limits::ADDED_SAMPLES_ALLOWANCE {
+                return Err(refuse(
+                    ErrorCode::Data,
+                    format!(
+                        "label counts claim {excess} samples more than this client can hold (at most {} may be added)",
+                        limits::ADDED_SAMPLES_ALLOWANCE
+                    ),
+                ));
+            }
+        }
+        if entry.plan_sent {
+            entry.counts = Some(counts);
+            entry.samples = samples;
+        } else {
+            // The first report fixes what the client holds before the plan;
+            // later ones are judged against it, so counts cannot creep up
+            // report by report.
+            if entry.raw_counts.is_none() {
+                entry.raw_counts = Some(counts.clone());
+            }
+            match plan {
+                Some(ratios) => {
+                    entry.plan_sent = true;
+                    entry.send(&ServerMessage::Plan {
+                        ratios,
+                        seed: self.state.config.seed ^ id,
+                    });
+                }
+                None => {
+                    entry.counts = Some(counts);
+                    entry.samples = samples;
+                }
+            }
+        }
+        drop(clients);
+        self.state.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// An update's header: its weights follow as binary chunks.
+    fn announce(&mut self, id: u64, update: UpdateSpec) -> Result<(), Refusal> {
+        let params = self.state.model.params;
+        {
+            let clients = self.state.clients();
+            let entry = clients.get(&id);
+            let awaited = entry
+                .and_then(|e| e.pending.as_ref())
+                .map(|p| (p.round, p.hop));
+            if let Some((previous, _)) = &self.incoming {
+                // Chunks of an earlier update never finished. If its hop is
+                // still awaited the client broke the protocol; otherwise the
+                // hop was given up and its half is dropped, so the client
+                // can answer its next task.
+                if awaited == Some((previous.round, previous.hop)) {
+                    return Err(refuse(
+                        ErrorCode::Unexpected,
+                        "update before the last one's weights",
+                    ));
+                }
+                tracing::debug!(
+                    client = id,
+                    round = previous.round,
+                    hop = previous.hop,
+                    "unfinished update dropped"
+                );
+            }
+            let holds = entry.map_or(0, |e| e.samples);
+            if update.samples > holds {
+                return Err(refuse(
+                    ErrorCode::Data,
+                    format!(
+                        "update claims {} samples, the client reported {holds}",
+                        update.samples
+                    ),
+                ));
+            }
+        }
+        if update.chunks == 0 || update.chunks as usize > params.max(1) {
+            return Err(refuse(
+                ErrorCode::Shape,
+                format!(
+                    "update announces {} chunks for {params} weights",
+                    update.chunks
+                ),
+            ));
+        }
+        let assembler = WeightAssembler::new(
+            update.round,
+            update.hop,
+            update.chunks,
+            params,
+            update.encoding,
+            self.state.config.max_frame_bytes,
+        );
+        self.incoming = Some((update, assembler));
+        Ok(())
+    }
+
+    /// Tells the client what became of its update.
+    fn acknowledge(&self, update: &UpdateSpec, outcome: AckOutcome, reason: Option<String>) {
+        let ack = ServerMessage::Ack {
+            round: update.round,
+            hop: update.hop,
+            outcome,
+            reason,
+        };
+        let _ = self.tx.send(Outbound::Text(ack.to_json()));
+    }
+
+    /// Handles a binary frame: the next chunk of an announced update.
+    fn on_binary(&mut self, frame: &[u8]) -> Result<bool, Refusal> {
+        let Some((update, assembler)) = self.incoming.as_mut() else {
+            return Err(refuse(
+                ErrorCode::Unexpected,
+                "binary frame without an update",
+            ));
+        };
+        let weights = match assembler.push(frame) {
+            Ok(None) => return Ok(true),
+            Ok(Some(weights)) => weights,
+            Err(e) => {
+                let code = match e {
+                    FrameError::NonFinite { .. } => ErrorCode::NonFinite,
+                    FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                    _ => ErrorCode::Shape,
+                };
+                let reason = format!("update rejected: {e}");
+                let update = update.clone();
+                self.incoming = None;
+                self.acknowledge(&update, AckOutcome::Refused, Some(reason.clone()));
+                return Err(refuse(code, reason));
+            }
+        };
+        let Some((update, _)) = self.incoming.take() else {
+            return Ok(true);
+        };
+        let Some(id) = self.id else {
+            return Ok(true);
+        };
+        let mut clients = self.state.clients();
+        let Some(entry) = clients.get_mut(&id) else {
+            return Ok(true);
+        };
+        // A reply for a hop no longer awaited is stale: dropped, said, kept
+        // apart from refusals.
+        let pending = match entry.pending.take() {
+            Some(p) if (p.round, p.hop) == (update.round, update.hop) => p,
+            other => {
+                entry.pending = other;
+                drop(clients);
+                self.state.stale_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    client = id,
+                    round = update.round,
+                    hop = update.hop,
+                    "stale update dropped"
+                );
+                let detail = format!("client {id} round {} hop {}", update.round, update.hop);
+                self.state
+                    .record(|store, run| store.event(run, Some(update.round), "stale", &detail));
+                self.acknowledge(
+                    &update,
+                    AckOutcome::Stale,
+                    Some("the hop was no longer awaited (late, or the round moved on)".into()),
+                );
+                return Ok(true);
+            }
+        };
+        if let Err(refusal) = lock(&self.state.guard).check(&pending.sent, &weights) {
+            // Dropping `pending` fails the hop at once; the chain goes on.
+            // Non-finite values never get here (the frame checks refuse
+            // them as `non-finite`); a finite value past the bound, a move
+            // too far for the model, or far above the median is an outlier.
+            let code = ErrorCode::Outlier;
+            let reason = format!("update rejected: {refusal}");
+            self.acknowledge(&update, AckOutcome::Refused, Some(reason.clone()));
+            return Err(refuse(code, reason));
+        }
+        entry.hops_done = entry.hops_done.saturating_add(1);
+        entry.samples_trained = entry.samples_trained.saturating_add(
+            update
+                .samples
+                .saturating_mul(self.state.config.epochs as u64),
+        );
+        let _ = pending.reply.send(HopReply {
+            weights,
+            samples: update.samples,
+            loss: update.loss,
+        });
+        drop(clients);
+        self.acknowledge(&update, AckOutcome::Accepted, None);
+        Ok(true)
+    }
+}
+
+/// The refusal a socket error deserves: only an oversized frame is the
+/// client's fault; `None` for a connection that simply went away.
+fn socket_error(error: axum::Error) -> Option<Refusal> {
+    use tokio_tungstenite::tungstenite::Error;
+    let inner = error.into_inner();
+    match inner.downcast_ref::<Error>() {
+        Some(Error::Capacity(e)) => {
+            Some(refuse(ErrorCode::TooLarge, format!("frame refused: {e}")))
+        }
+        _ => {
+            tracing::debug!("socket ended: {inner}");
+            None
+        }
+    }
+}
+
+fn message_name(message: &ClientMessage) -> &'static str {
+    match message {
+        ClientMessage::Join { .. } => "join",
+        ClientMessage::Ready { .. } => "ready",
+        ClientMessage::Progress { .. } => "progress",
+        ClientMessage::Update(_) => "update",
+        ClientMessage::Error { .. } => "error",
+        ClientMessage::Leave => "leave",
+    }
+}

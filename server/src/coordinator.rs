@@ -1,0 +1,504 @@
+//! The round loop of a served run. Each round it picks c ready clients, lets
+//! the strategy group them, hosts every group's chain itself — the model goes
+//! to a client, comes back, goes to the next — with the groups in parallel,
+//! then aggregates, evaluates on the test set and records the round.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use astraea_core::data::Dataset;
+use astraea_core::model::ModelConfig;
+use astraea_core::partition::kl_to_uniform;
+use astraea_core::protocol::limits::check_weights;
+use astraea_core::protocol::{ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks};
+use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
+use astraea_core::train::{self, Samples};
+use astraea_core::weights::Weights;
+use burn::prelude::*;
+use futures_util::future::join_all;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use tokio::sync::oneshot;
+
+use crate::config::ServeConfig;
+use crate::state::{AppState, HopReply, MediatorStatus, Outbound, Pending, Phase, lock};
+use astraea_core::metrics::RoundRecord;
+
+/// What the server holds of the data: the shards' indices and the test set.
+pub struct ServerData {
+    /// The model trained.
+    pub model: ModelSpec,
+    /// Its configuration.
+    pub model_config: ModelConfig,
+    /// Training-set indices per demo shard.
+    pub shards: Vec<Vec<usize>>,
+    /// The balanced test set the server evaluates on.
+    pub test: Arc<Dataset>,
+    /// The training set the shards index, served to tabs in demo mode.
+    pub train: Arc<Dataset>,
+    /// The initial global model (seeded), served until round 1 ends.
+    pub initial: Weights,
+}
+
+impl ServerData {
+    /// Cuts the training set into shards and keeps the balanced test set.
+    pub fn prepare(config: &ServeConfig, train: Dataset, test: Dataset) -> anyhow::Result<Self> {
+        let train = match config.max_train {
+            Some(n) if n < train.len() => train.subset(&(0..n).collect::<Vec<_>>()),
+            _ => train,
+        };
+        let partition = config
+            .partition
+            .build(
+                &train.labels,
+                &test.labels,
+                train.num_classes(),
+                config.shards,
+                config.seed,
+            )
+            .context("cutting the training set into shards")?;
+        let model_config = ModelConfig::for_dataset(&train);
+        let device = Device::flex();
+        device.seed(config.seed);
+        let initial = Weights::from_model(&model_config.init(&device));
+        Ok(Self {
+            model: ModelSpec::new(&model_config, initial.len()),
+            initial,
+            model_config,
+            shards: partition.clients,
+            test: Arc::new(test.subset(&partition.test_indices)),
+            train: Arc::new(train),
+        })
+    }
+}
+
+/// Runs the configured number of rounds, going on from `resumed` when the
+/// store held an unfinished run.
+pub async fn run(
+    state: Arc<AppState>,
+    data: ServerData,
+    resumed: Option<crate::store::Resumed>,
+) -> anyhow::Result<()> {
+    let config = &state.config;
+    let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
+    let mut global = data.initial.clone();
+    let start = Instant::now();
+    let mut planned = false;
+    let mut first_round = 1;
+    if let Some(resumed) = resumed {
+        if let Some(weights) = resumed.weights {
+            global = weights;
+        }
+        if let Some(last) = resumed.history.last() {
+            first_round = last.round as u32 + 1;
+            state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
+            state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
+            let detail = format!("resumed after round {}", last.round);
+            tracing::info!("{detail}");
+            state.record(|store, run| store.event(run, Some(last.round as u32), "resume", &detail));
+        }
+        let mut status = state.status();
+        planned = resumed.plan.is_some();
+        status.plan = resumed.plan;
+        status.history = resumed.history;
+        status.skipped_hops = resumed.skipped_hops;
+        lock(&state.guard).restore(&resumed.guard);
+        status.round = first_round - 1;
+    }
+    *crate::state::lock(&state.global) = Some(Arc::new(global.clone()));
+    let mut round = first_round;
+    while round <= state.tunable().rounds {
+        // Seeded per round, so a resumed run draws as the original would have.
+        let mut rng = StdRng::seed_from_u64(
+            config.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        if !wait_while_paused(&state).await {
+            break;
+        }
+        if !wait_for_ready(&state, state.tunable().min_clients).await {
+            break;
+        }
+        if !planned {
+            planned = true;
+            if send_plan(&state, strategy.as_ref())
+                && !wait_for_ready(&state, state.tunable().min_clients).await
+            {
+                break;
+            }
+        }
+        let participants = pick_participants(&state, state.tunable().participants, &mut rng);
+        let plan = strategy.configure_round(&participants);
+        let mediators: Vec<MediatorStatus> = plan
+            .groups
+            .iter()
+            .map(|g| {
+                let counts = group_counts(g, &participants);
+                MediatorStatus {
+                    members: g.members.iter().map(|&m| m as u64).collect(),
+                    kl: kl_to_uniform(&counts),
+                    counts,
+                    hops: (g.members.len() * g.passes) as u32,
+                    hops_done: 0,
+                    current: None,
+                }
+            })
+            .collect();
+        let mean_kl = mediators.iter().map(|m| m.kl).sum::<f64>() / mediators.len().max(1) as f64;
+        {
+            let mut status = state.status();
+            status.phase = Phase::Training;
+            status.round = round;
+            status.mediators = mediators;
+            status.round_started = Some(Instant::now());
+        }
+        let mediator_count = plan.groups.len() as u32;
+        let chains = plan.groups.iter().enumerate().map(|(index, group)| {
+            run_chain(
+                state.clone(),
+                index,
+                group.clone(),
+                round,
+                mediator_count,
+                global.values.clone(),
+                plan.prox_mu,
+            )
+        });
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        for outcome in join_all(chains).await {
+            match outcome {
+                Ok(result) => results.push(result),
+                Err(failure) => failures.push(failure),
+            }
+        }
+        let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            strategy.aggregate(&global.values, &results, &failures)
+        }));
+        let adopted = match candidate {
+            Ok(Some(values)) => match check_weights(&values) {
+                Ok(()) => Some(values),
+                Err(index) => {
+                    drop_round(
+                        &state,
+                        round,
+                        &format!(
+                            "the aggregate's weight {index} is {}, outside the bounds",
+                            values[index]
+                        ),
+                    );
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(_) => {
+                drop_round(&state, round, "aggregation panicked");
+                None
+            }
+        };
+        let previous = global.values.clone();
+        if let Some(values) = adopted {
+            global.values = values;
+        }
+        let mut eval = evaluate(&data, &global).await;
+        if !matches!(&eval, Ok(e) if e.loss.is_finite() && e.accuracy.is_finite()) {
+            // The new model cannot be evaluated (a panic, or a non-finite
+            // loss): keep the last one.
+            drop_round(
+                &state,
+                round,
+                "the new model did not evaluate to finite figures",
+            );
+            global.values = previous;
+            eval = evaluate(&data, &global).await;
+        }
+        let eval = eval?;
+        *lock(&state.global) = Some(Arc::new(global.clone()));
+        let record = RoundRecord {
+            round: round as usize,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+            bytes_up: state.bytes_up.load(Ordering::Relaxed),
+            bytes_down: state.bytes_down.load(Ordering::Relaxed),
+            mean_kl,
+            wall_s: start.elapsed().as_secs_f64(),
+            train_samples: 0,
+            train_s: 0.0,
+        };
+        tracing::info!(
+            round,
+            accuracy = eval.accuracy,
+            failures = failures.len(),
+            "round done"
+        );
+        let (skipped, mediators) = {
+            let status = state.status();
+            (status.skipped_hops, status.mediators.clone())
+        };
+        let guard = lock(&state.guard).history();
+        state.record(|store, run| {
+            store.save_round(run, &record, skipped, &mediators, &global, &guard)
+        });
+        state.status().history.push(record);
+        let done = ServerMessage::RoundDone {
+            round,
+            accuracy: eval.accuracy,
+            loss: eval.loss,
+        };
+        for entry in state.clients().values() {
+            entry.send(&done);
+        }
+        round += 1;
+    }
+    state.status().phase = Phase::Finished;
+    if !state.control().stopped {
+        state.record(|store, run| store.finish(run));
+    }
+    Ok(())
+}
+
+/// Evaluates `weights` on the server's balanced test set, off the async
+/// threads; a panic in evaluation is an error, not the end of the process.
+async fn evaluate(data: &ServerData, weights: &Weights) -> anyhow::Result<train::EvalStats> {
+    let (model_config, weights, test) = (
+        data.model_config.clone(),
+        weights.clone(),
+        data.test.clone(),
+    );
+    let eval = tokio::task::spawn_blocking(move || {
+        let samples = Samples {
+            images: &test.images,
+            labels: &test.labels,
+        };
+        train::evaluate(&model_config, &weights, samples, 500, &Device::flex())
+    })
+    .await
+    .context("evaluation panicked")??;
+    Ok(eval)
+}
+
+/// Records that round `round`'s aggregate was refused and the previous
+/// model kept.
+fn drop_round(state: &AppState, round: u32, reason: &str) {
+    state.dropped_rounds.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(round, "round dropped, previous model kept: {reason}");
+    state.record(|store, run| store.event(run, Some(round), "round-dropped", reason));
+}
+
+/// Waits while the admin has paused the run; `false` when it was stopped.
+async fn wait_while_paused(state: &AppState) -> bool {
+    loop {
+        let notified = state.control_changed.notified();
+        let control = state.control();
+        if control.stopped {
+            return false;
+        }
+        if !control.paused {
+            return true;
+        }
+        state.status().phase = Phase::Paused;
+        let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+    }
+}
+
+/// Waits until at least `min` clients have usable counts; `false` when the
+/// admin stopped the run meanwhile.
+async fn wait_for_ready(state: &AppState, min: usize) -> bool {
+    loop {
+        let joined = state.changed.notified();
+        let controlled = state.control_changed.notified();
+        if state.control().stopped {
+            return false;
+        }
+        let ready = state
+            .clients()
+            .values()
+            .filter(|c| c.counts.is_some())
+            .count();
+        if ready >= min.max(1) {
+            return true;
+        }
+        state.status().phase = Phase::Waiting;
+        tokio::select! {
+            _ = joined => {}
+            _ = controlled => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Computes the strategy's data plan from the clients' raw counts and sends
+/// it to them; returns whether a plan was sent. Clients joining later get it
+/// on their first `ready`.
+fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
+    let mut clients = state.clients();
+    let raw: Vec<Vec<usize>> = clients
+        .values()
+        .filter_map(|c| c.raw_counts.clone())
+        .collect();
+    let Some(plan) = strategy.data_plan(&raw) else {
+        return false;
+    };
+    state.status().plan = Some(plan.ratios.clone());
+    state.record(|store, run| store.save_plan(run, &plan.ratios));
+    for (&id, entry) in clients.iter_mut() {
+        if entry.raw_counts.is_some() && !entry.plan_sent {
+            entry.plan_sent = true;
+            entry.counts = None;
+            entry.send(&ServerMessage::Plan {
+                ratios: plan.ratios.clone(),
+                seed: state.config.seed ^ id,
+            });
+        }
+    }
+    tracing::info!(ratios = ?plan.ratios, "data plan sent");
+    true
+}
+
+/// Draws up to `c` of the ready clients.
+fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Participant> {
+    let clients = state.clients();
+    let ready: Vec<Participant> = clients
+        .iter()
+        .filter_map(|(&id, entry)| {
+            entry.counts.clone().map(|counts| Participant {
+                id: id as usize,
+                counts,
+            })
+        })
+        .collect();
+    let n = c.min(ready.len());
+    let mut chosen: Vec<usize> = sample(rng, ready.len(), n).into_vec();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| ready[i].clone()).collect()
+}
+
+/// The combined label counts of a group: its label mix.
+fn group_counts(group: &Group, participants: &[Participant]) -> Vec<usize> {
+    let mut combined: Vec<usize> = Vec::new();
+    for p in participants
+        .iter()
+        .filter(|p| group.members.contains(&p.id))
+    {
+        combined.resize(p.counts.len(), 0);
+        for (c, n) in combined.iter_mut().zip(&p.counts) {
+            *c += n;
+        }
+    }
+    combined
+}
+
+/// Runs one group's chain; a member that leaves or misses its deadline is
+/// skipped and the chain goes on with the weights it had.
+async fn run_chain(
+    state: Arc<AppState>,
+    index: usize,
+    group: Group,
+    round: u32,
+    mediators: u32,
+    global: Vec<f32>,
+    prox_mu: f64,
+) -> Result<GroupResult, GroupFailure> {
+    let mut weights = global;
+    let mut samples = vec![None; group.members.len()];
+    let mut hop = 0u32;
+    for pass in 0..group.passes {
+        for (position, &member) in group.members.iter().enumerate() {
+            hop += 1;
+            state.set_hop(index, Some(member as u64), hop - 1);
+            let task = TaskSpec {
+                round,
+                hop: index as u32 * 10_000 + hop,
+                epochs: state.config.epochs,
+                batch_size: state.config.batch_size,
+                learning_rate: state.config.learning_rate,
+                prox_mu,
+                deadline_ms: state.tunable().hop_deadline().as_millis() as u64,
+                seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
+                encoding: state.config.encoding,
+                chunks: 0,
+                place: Some(ChainPlace {
+                    mediator: index as u32 + 1,
+                    mediators,
+                    position: position as u32 + 1,
+                    members: group.members.len() as u32,
+                    pass: pass as u32 + 1,
+                    passes: group.passes as u32,
+                }),
+            };
+            match run_hop(&state, member as u64, task, &weights).await {
+                Ok(reply) => {
+                    weights = reply.weights;
+                    samples[position] = Some(reply.samples);
+                }
+                Err(reason) => {
+                    state.status().skipped_hops += 1;
+                    tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
+                    let detail = format!("client {member} hop {hop}: {reason}");
+                    state.record(|store, run| store.event(run, Some(round), "skip", &detail));
+                }
+            }
+        }
+    }
+    state.set_hop(index, None, hop);
+    let trained: u64 = samples.iter().flatten().sum();
+    if samples.iter().all(Option::is_none) {
+        return Err(GroupFailure {
+            group: index,
+            reason: "every hop was skipped".into(),
+        });
+    }
+    Ok(GroupResult {
+        group: index,
+        weights,
+        samples: trained,
+    })
+}
+
+/// Sends one task and waits for its update, at most the hop deadline.
+async fn run_hop(
+    state: &AppState,
+    client: u64,
+    mut task: TaskSpec,
+    weights: &[f32],
+) -> Result<HopReply, String> {
+    let frames = encode_chunks(
+        task.round,
+        task.hop,
+        weights,
+        task.encoding,
+        state.config.max_frame_bytes,
+    );
+    task.chunks = frames.len() as u32;
+    let (reply_tx, reply_rx) = oneshot::channel();
+    {
+        let mut clients = state.clients();
+        let entry = clients
+            .get_mut(&client)
+            .ok_or("client left before its hop")?;
+        entry.pending = Some(Pending {
+            round: task.round,
+            hop: task.hop,
+            reply: reply_tx,
+            sent: Arc::new(weights.to_vec()),
+        });
+        entry.send(&ServerMessage::Task(task.clone()));
+        for frame in frames {
+            let _ = entry.tx.send(Outbound::Binary(frame));
+        }
+    }
+    let deadline = state.tunable().hop_deadline();
+    match tokio::time::timeout(deadline, reply_rx).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(_)) => Err("client left or gave up during its hop".into()),
+        Err(_) => {
+            if let Some(entry) = state.clients().get_mut(&client) {
+                entry.pending = None;
+            }
+            Err(format!("no update within {deadline:?}"))
+        }
+    }
+}

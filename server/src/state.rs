@@ -1,0 +1,377 @@
+//! The server's shared state: who is connected, what they hold, and how the
+//! run is going. Locks are held only for short bookkeeping, never across an
+//! await.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use astraea_core::protocol::{ModelSpec, ServerMessage};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::ServeConfig;
+use astraea_core::metrics::RoundRecord;
+
+/// Locks `mutex`, going on past a poisoned lock: a panic in one connection
+/// or round must not take every later lock, and so the process, down with
+/// it. Every critical section here leaves its data consistent before any
+/// call that could panic.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A frame queued for one client's socket.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A JSON text frame.
+    Text(String),
+    /// A binary frame.
+    Binary(Vec<u8>),
+    /// Close the socket after what is queued.
+    Close,
+}
+
+/// A client's answer to one hop.
+#[derive(Debug)]
+pub struct HopReply {
+    /// The weights after training.
+    pub weights: Vec<f32>,
+    /// Samples the client trained on.
+    pub samples: u64,
+    /// Mean training loss.
+    pub loss: f64,
+}
+
+/// A hop the coordinator is waiting for.
+#[derive(Debug)]
+pub struct Pending {
+    /// Round of the task.
+    pub round: u32,
+    /// Hop of the task.
+    pub hop: u32,
+    /// Where the reply goes.
+    pub reply: oneshot::Sender<HopReply>,
+    /// The weights sent, to measure how far the update moved them.
+    pub sent: std::sync::Arc<Vec<f32>>,
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct ClientEntry {
+    /// Backend the client trains on.
+    pub backend: String,
+    /// Its socket's outgoing queue.
+    pub tx: mpsc::UnboundedSender<Outbound>,
+    /// Label counts before any plan: its demo shard's, which the server
+    /// knows, or an own-data client's first report.
+    pub raw_counts: Option<Vec<usize>>,
+    /// The demo shard's true label counts, when it has one: its reports
+    /// are checked against them.
+    pub shard_counts: Option<Vec<usize>>,
+    /// Label counts usable for scheduling: post-plan when a plan exists.
+    pub counts: Option<Vec<usize>>,
+    /// Samples in `counts`, summed: the most an update may claim.
+    pub samples: u64,
+    /// Whether the plan was sent to it.
+    pub plan_sent: bool,
+    /// The hop it is working on.
+    pub pending: Option<Pending>,
+    /// Hops it has answered.
+    pub hops_done: u64,
+    /// Samples it has trained on, over all its hops and epochs.
+    pub samples_trained: u64,
+}
+
+impl ClientEntry {
+    /// Queues a message; a closed socket is noticed by its own handler.
+    pub fn send(&self, message: &ServerMessage) {
+        let _ = self.tx.send(Outbound::Text(message.to_json()));
+    }
+}
+
+/// Where the run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Waiting for enough ready clients.
+    Waiting,
+    /// A round is running.
+    Training,
+    /// The admin paused the run; no round starts.
+    Paused,
+    /// All rounds done.
+    Finished,
+}
+
+/// A mediator of the current round, for `/api/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MediatorStatus {
+    /// Client ids in chain order.
+    pub members: Vec<u64>,
+    /// KL to uniform of their combined counts.
+    pub kl: f64,
+    /// Their combined label counts: the mediator's label mix.
+    pub counts: Vec<usize>,
+    /// Hops in the chain (members times passes).
+    pub hops: u32,
+    /// Hops finished or skipped so far.
+    pub hops_done: u32,
+    /// The client training now, if any.
+    pub current: Option<u64>,
+}
+
+/// The run as `/api/status` and `/api/rounds` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStatus {
+    /// Phase.
+    pub phase: Phase,
+    /// Current (or last) round.
+    pub round: u32,
+    /// Rounds planned.
+    pub rounds: u32,
+    /// Strategy name.
+    pub strategy: String,
+    /// The augmentation plan, once computed.
+    pub plan: Option<Vec<f64>>,
+    /// The current round's mediators (or clients, for FedAvg).
+    pub mediators: Vec<MediatorStatus>,
+    /// Hops skipped because a client left or missed its deadline.
+    pub skipped_hops: u64,
+    /// The metrics history, one record per finished round.
+    pub history: Vec<RoundRecord>,
+    /// When the current round started, for its progress and the ETA.
+    #[serde(skip)]
+    pub round_started: Option<std::time::Instant>,
+}
+
+/// What the admin has asked of the round loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Control {
+    /// No new round starts while paused.
+    pub paused: bool,
+    /// The run ends after the current round.
+    pub stopped: bool,
+}
+
+/// Settings the admin may change while the run goes on; the coordinator
+/// reads them at the start of every round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Tunable {
+    /// Rounds to run in all.
+    pub rounds: u32,
+    /// c: participants per round.
+    pub participants: usize,
+    /// Ready clients needed before a round starts.
+    pub min_clients: usize,
+    /// Seconds a client has for one hop.
+    pub hop_deadline_s: f64,
+}
+
+/// A partial change of [`Tunable`], as `POST /api/admin/configure` takes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunableChange {
+    /// New total of rounds.
+    pub rounds: Option<u32>,
+    /// New participants per round.
+    pub participants: Option<usize>,
+    /// New minimum of ready clients.
+    pub min_clients: Option<usize>,
+    /// New hop deadline in seconds.
+    pub hop_deadline_s: Option<f64>,
+}
+
+impl Tunable {
+    /// Applies a change, refusing values that cannot run.
+    pub fn apply(&mut self, change: TunableChange) -> Result<(), String> {
+        let mut next = *self;
+        if let Some(v) = change.rounds {
+            next.rounds = v;
+        }
+        if let Some(v) = change.participants {
+            next.participants = v;
+        }
+        if let Some(v) = change.min_clients {
+            next.min_clients = v;
+        }
+        if let Some(v) = change.hop_deadline_s {
+            next.hop_deadline_s = v;
+        }
+        if next.participants == 0 || next.min_clients == 0 {
+            return Err("participants and min_clients must be at least 1".into());
+        }
+        if !(next.hop_deadline_s.is_finite() && next.hop_deadline_s > 0.0) {
+            return Err(format!(
+                "hop_deadline_s must be a positive number, got {}",
+                next.hop_deadline_s
+            ));
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// The hop deadline as a duration.
+    pub fn hop_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.hop_deadline_s)
+    }
+}
+
+/// Everything the handlers and the coordinator share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The run's settings.
+    pub config: ServeConfig,
+    /// The model being trained.
+    pub model: ModelSpec,
+    /// Training-set indices of each demo shard.
+    pub shards: Vec<Vec<usize>>,
+    /// The training set the shards index.
+    pub train: std::sync::Arc<astraea_core::data::Dataset>,
+    /// Connected clients by id.
+    pub clients: Mutex<BTreeMap<u64, ClientEntry>>,
+    /// The run.
+    pub status: Mutex<RunStatus>,
+    /// Signalled when a client joins, becomes ready or leaves.
+    pub changed: Notify,
+    /// Next client id.
+    next_id: AtomicU64,
+    /// Frames refused as malformed, misshapen, non-finite, too large, out
+    /// of the protocol's limits, inflated or too far from the model.
+    pub rejections: AtomicU64,
+    /// Connections that ended without a refusal: a close frame, a leave, or
+    /// a socket dropped without closing (a departure, not a rejection).
+    pub departures: AtomicU64,
+    /// Updates that answered a hop no longer awaited (acknowledged stale).
+    pub stale_updates: AtomicU64,
+    /// Rounds whose aggregate was refused (non-finite, out of bounds, or a
+    /// panic while closing the round); the previous model was kept.
+    pub dropped_rounds: AtomicU64,
+    /// The latest global model, for `/api/model`.
+    pub global: Mutex<Option<std::sync::Arc<astraea_core::weights::Weights>>>,
+    /// Pause and stop requests.
+    pub control: Mutex<Control>,
+    /// Settings the admin may change mid-run.
+    pub tunable: Mutex<Tunable>,
+    /// Signalled when the admin changes `control`.
+    pub control_changed: Notify,
+    /// The database and checkpoints, when the run is durable.
+    pub store: Option<Mutex<crate::store::Store>>,
+    /// The run's row in the database.
+    pub run_id: AtomicU64,
+    /// Judges every update against the weights it was sent; its history
+    /// is saved with each completed round.
+    pub guard: Mutex<crate::guard::UpdateGuard>,
+    /// Bytes received from clients.
+    pub bytes_up: AtomicU64,
+    /// Bytes sent to clients.
+    pub bytes_down: AtomicU64,
+    /// The URL volunteers open (shown on the dashboard and as its QR code).
+    pub join_url: String,
+    /// When the server started, for the dashboard's clock.
+    pub started: std::time::Instant,
+}
+
+impl AppState {
+    /// Fresh state for a run.
+    pub fn new(
+        config: ServeConfig,
+        model: ModelSpec,
+        shards: Vec<Vec<usize>>,
+        train: std::sync::Arc<astraea_core::data::Dataset>,
+        store: Option<crate::store::Store>,
+    ) -> Self {
+        let status = RunStatus {
+            phase: Phase::Waiting,
+            round: 0,
+            rounds: config.rounds,
+            strategy: config.strategy.as_str().to_string(),
+            plan: None,
+            mediators: vec![],
+            skipped_hops: 0,
+            history: vec![],
+            round_started: None,
+        };
+        let tunable = Tunable {
+            rounds: config.rounds,
+            participants: config.participants,
+            min_clients: config.min_clients,
+            hop_deadline_s: config.hop_deadline.as_secs_f64(),
+        };
+        let guard = crate::guard::UpdateGuard::new(config.max_update_ratio, 10.0, 100, 5);
+        Self {
+            config,
+            model,
+            shards,
+            train,
+            clients: Mutex::new(BTreeMap::new()),
+            status: Mutex::new(status),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+            rejections: AtomicU64::new(0),
+            departures: AtomicU64::new(0),
+            stale_updates: AtomicU64::new(0),
+            dropped_rounds: AtomicU64::new(0),
+            store: store.map(Mutex::new),
+            run_id: AtomicU64::new(0),
+            guard: Mutex::new(guard),
+            global: Mutex::new(None),
+            control: Mutex::new(Control::default()),
+            tunable: Mutex::new(tunable),
+            control_changed: Notify::new(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            join_url: String::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// A new client id.
+    pub fn next_client_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Locks the client table.
+    pub fn clients(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientEntry>> {
+        lock(&self.clients)
+    }
+
+    /// The admin's current requests.
+    pub fn control(&self) -> Control {
+        *lock(&self.control)
+    }
+
+    /// Runs `f` on the store, if the run is durable; a failure is logged,
+    /// not fatal, for bookkeeping that must not stop training.
+    pub fn record(
+        &self,
+        f: impl FnOnce(&mut crate::store::Store, i64) -> Result<(), crate::store::StoreError>,
+    ) {
+        if let Some(store) = &self.store {
+            let run_id = self.run_id.load(Ordering::Relaxed) as i64;
+            let mut store = lock(store);
+            if let Err(e) = f(&mut store, run_id) {
+                tracing::error!("store: {e}");
+            }
+        }
+    }
+
+    /// The settings in force now.
+    pub fn tunable(&self) -> Tunable {
+        *lock(&self.tunable)
+    }
+
+    /// Records that mediator `index` has finished `done` hops and is now
+    /// waiting on `current`.
+    pub fn set_hop(&self, index: usize, current: Option<u64>, done: u32) {
+        if let Some(mediator) = self.status().mediators.get_mut(index) {
+            mediator.current = current;
+            mediator.hops_done = done;
+        }
+    }
+
+    /// Locks the run status.
+    pub fn status(&self) -> std::sync::MutexGuard<'_, RunStatus> {
+        lock(&self.status)
+    }
+}

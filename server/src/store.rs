@@ -1,0 +1,507 @@
+//! Durability: an embedded SQLite database (runs, rounds, clients, mediator
+//! assignments, events) and atomic safetensors checkpoints of the global
+//! model, so a killed server resumes from its last completed round.
+//!
+//! A round is committed in this order: the checkpoint file is written under
+//! a temporary name, synced and renamed; then the round's row and its
+//! mediators are inserted in one transaction naming that file. A crash
+//! between the two leaves an unreferenced checkpoint and the previous round
+//! as the last completed one, so nothing recorded is ever lost or half-done.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use astraea_core::weights::{ParamShape, Weights};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::state::MediatorStatus;
+use astraea_core::metrics::RoundRecord;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The file system failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What happened.
+        source: std::io::Error,
+    },
+    /// A checkpoint does not fit the model.
+    #[error("checkpoint {path} does not fit the model: {reason}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how
+/// many have run.
+const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        config TEXT NOT NULL,
+        plan TEXT,
+        finished INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL DEFAULT (datetime('now'))
+    );
+    CREATE TABLE rounds (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        round INTEGER NOT NULL,
+        accuracy REAL NOT NULL,
+        loss REAL NOT NULL,
+        bytes_up INTEGER NOT NULL,
+        bytes_down INTEGER NOT NULL,
+        mean_kl REAL NOT NULL,
+        wall_s REAL NOT NULL,
+        skipped_hops INTEGER NOT NULL,
+        checkpoint TEXT NOT NULL,
+        finished_at TEXT NOT NULL DEFAULT (datetime('now')),
+        PRIMARY KEY (run_id, round)
+    );
+    CREATE TABLE mediators (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        round INTEGER NOT NULL,
+        mediator INTEGER NOT NULL,
+        members TEXT NOT NULL,
+        kl REAL NOT NULL,
+        PRIMARY KEY (run_id, round, mediator)
+    );
+    CREATE TABLE clients (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        client_id INTEGER NOT NULL,
+        backend TEXT NOT NULL,
+        joined_at TEXT NOT NULL DEFAULT (datetime('now')),
+        left_at TEXT
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        round INTEGER,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at TEXT NOT NULL DEFAULT (datetime('now'))
+    );",
+    // 2: the update guard's history is saved with each round, so a restart
+    // does not reset it; configurations stored before secrets were redacted
+    // lose their admin token.
+    "ALTER TABLE rounds ADD COLUMN guard TEXT;
+    UPDATE runs SET config = '(redacted: stored before secrets were kept out)'
+        WHERE config LIKE '%admin_token: Some(%' AND config NOT LIKE '%admin_token: Some(<redacted>)%';",
+];
+
+/// A run as found in (or created in) the database.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The run's row id.
+    pub run_id: i64,
+    /// Rounds already completed, in order.
+    pub history: Vec<RoundRecord>,
+    /// The plan already sent, if any.
+    pub plan: Option<Vec<f64>>,
+    /// The global model after the last completed round, if any.
+    pub weights: Option<Weights>,
+    /// Skipped hops counted so far.
+    pub skipped_hops: u64,
+    /// The update guard's history as of the last completed round.
+    pub guard: Vec<f64>,
+}
+
+/// The database and the checkpoint folder.
+#[derive(Debug)]
+pub struct Store {
+    db: Connection,
+    checkpoints: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (or creates) `dir/astraea.db` and `dir/checkpoints/`, applying
+    /// any migration not yet applied.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let checkpoints = dir.join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).map_err(io(&checkpoints))?;
+        let db = Connection::open(dir.join("astraea.db"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        let applied: usize = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+            db.execute_batch(migration)?;
+            db.pragma_update(None, "user_version", version + 1)?;
+        }
+        Ok(Self { db, checkpoints })
+    }
+
+    /// The unfinished run called `name`, with what it completed, or a new
+    /// one. `config` is stored for the record.
+    pub fn resume_or_create(
+        &self,
+        name: &str,
+        config: &str,
+        shapes: &[ParamShape],
+    ) -> Result<Resumed, StoreError> {
+        let existing: Option<(i64, Option<String>)> = self
+            .db
+            .query_row(
+                "SELECT id, plan FROM runs WHERE name = ?1 AND finished = 0",
+                params![name],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((run_id, plan)) = existing else {
+            self.db.execute(
+                "INSERT INTO runs (name, config) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET config = ?2, finished = 0, plan = NULL",
+                params![name, config],
+            )?;
+            let run_id =
+                self.db
+                    .query_row("SELECT id FROM runs WHERE name = ?1", params![name], |r| {
+                        r.get(0)
+                    })?;
+            self.db
+                .execute("DELETE FROM rounds WHERE run_id = ?1", params![run_id])?;
+            self.db
+                .execute("DELETE FROM mediators WHERE run_id = ?1", params![run_id])?;
+            return Ok(Resumed {
+                run_id,
+                history: vec![],
+                plan: None,
+                weights: None,
+                skipped_hops: 0,
+                guard: vec![],
+            });
+        };
+        let mut statement = self.db.prepare(
+            "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard
+             FROM rounds WHERE run_id = ?1 ORDER BY round",
+        )?;
+        let rows = statement.query_map(params![run_id], |row| {
+            Ok((
+                RoundRecord {
+                    round: row.get::<_, i64>(0)? as usize,
+                    accuracy: row.get(1)?,
+                    loss: row.get(2)?,
+                    bytes_up: row.get::<_, i64>(3)? as u64,
+                    bytes_down: row.get::<_, i64>(4)? as u64,
+                    mean_kl: row.get(5)?,
+                    wall_s: row.get(6)?,
+                    train_samples: 0,
+                    train_s: 0.0,
+                },
+                row.get::<_, i64>(7)? as u64,
+                row.get::<_, String>(8)?,
+                row.get::<_, Option<String>>(9)?,
+            ))
+        })?;
+        let mut history = Vec::new();
+        let mut last = None;
+        for row in rows {
+            let (record, skipped, checkpoint, guard) = row?;
+            history.push(record);
+            last = Some((skipped, checkpoint, guard));
+        }
+        let guard = last
+            .as_ref()
+            .and_then(|(_, _, guard)| guard.as_deref())
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        let (skipped_hops, weights) = match last {
+            Some((skipped, file, _)) => {
+                let path = self.checkpoints.join(&file);
+                let bytes = std::fs::read(&path).map_err(io(&path))?;
+                let weights = Weights::from_safetensors(&bytes, shapes).map_err(|e| {
+                    StoreError::Checkpoint {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                (skipped, Some(weights))
+            }
+            None => (0, None),
+        };
+        Ok(Resumed {
+            run_id,
+            history,
+            plan: plan.and_then(|p| serde_json::from_str(&p).ok()),
+            weights,
+            skipped_hops,
+            guard,
+        })
+    }
+
+    /// Records the plan sent to the clients.
+    pub fn save_plan(&self, run_id: i64, ratios: &[f64]) -> Result<(), StoreError> {
+        let plan = serde_json::to_string(ratios).expect("numbers serialise");
+        self.db.execute(
+            "UPDATE runs SET plan = ?2 WHERE id = ?1",
+            params![run_id, plan],
+        )?;
+        Ok(())
+    }
+
+    /// Commits a completed round: checkpoint first, then its rows.
+    pub fn save_round(
+        &mut self,
+        run_id: i64,
+        record: &RoundRecord,
+        skipped_hops: u64,
+        mediators: &[MediatorStatus],
+        weights: &Weights,
+        guard: &[f64],
+    ) -> Result<(), StoreError> {
+        let file = format!("run{run_id}-round{:06}.safetensors", record.round);
+        let path = self.checkpoints.join(&file);
+        let temporary = self.checkpoints.join(format!("{file}.tmp"));
+        {
+            let mut out = std::fs::File::create(&temporary).map_err(io(&temporary))?;
+            out.write_all(&weights.to_safetensors())
+                .map_err(io(&temporary))?;
+            out.sync_all().map_err(io(&temporary))?;
+        }
+        std::fs::rename(&temporary, &path).map_err(io(&path))?;
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO rounds
+             (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                run_id,
+                record.round as i64,
+                record.accuracy,
+                record.loss,
+                record.bytes_up as i64,
+                record.bytes_down as i64,
+                record.mean_kl,
+                record.wall_s,
+                skipped_hops as i64,
+                file,
+                serde_json::to_string(guard).expect("numbers serialise")
+            ],
+        )?;
+        for (index, mediator) in mediators.iter().enumerate() {
+            tx.execute(
+                "INSERT OR REPLACE INTO mediators (run_id, round, mediator, members, kl)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    run_id,
+                    record.round as i64,
+                    index as i64,
+                    serde_json::to_string(&mediator.members).expect("ids serialise"),
+                    mediator.kl
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks the run finished, so a restart begins a new one.
+    pub fn finish(&self, run_id: i64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE runs SET finished = 1 WHERE id = ?1",
+            params![run_id],
+        )?;
+        Ok(())
+    }
+
+    /// Records an event (a skip, a rejection, a resume).
+    pub fn event(
+        &self,
+        run_id: i64,
+        round: Option<u32>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO events (run_id, round, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![run_id, round, kind, detail],
+        )?;
+        Ok(())
+    }
+
+    /// Records a client joining.
+    pub fn client_joined(
+        &self,
+        run_id: i64,
+        client_id: u64,
+        backend: &str,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO clients (run_id, client_id, backend) VALUES (?1, ?2, ?3)",
+            params![run_id, client_id as i64, backend],
+        )?;
+        Ok(())
+    }
+
+    /// Counts rows of a table for a run (for tests and the dashboard).
+    pub fn count(&self, table: &str, run_id: i64) -> Result<i64, StoreError> {
+        let allowed = ["rounds", "mediators", "clients", "events"];
+        assert!(allowed.contains(&table), "unknown table {table}");
+        Ok(self.db.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE run_id = ?1"),
+            params![run_id],
+            |row| row.get(0),
+        )?)
+    }
+
+    /// Events of a kind, as (round, detail).
+    pub fn events(
+        &self,
+        run_id: i64,
+        kind: &str,
+    ) -> Result<Vec<(Option<u32>, String)>, StoreError> {
+        let mut statement = self.db.prepare(
+            "SELECT round, detail FROM events WHERE run_id = ?1 AND kind = ?2 ORDER BY id",
+        )?;
+        let rows =
+            statement.query_map(params![run_id, kind], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use astraea_core::model::ModelConfig;
+    use burn::prelude::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("astraea-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn record(round: usize, accuracy: f64) -> RoundRecord {
+        RoundRecord {
+            round,
+            accuracy,
+            loss: 1.0,
+            bytes_up: 10 * round as u64,
+            bytes_down: 20 * round as u64,
+            mean_kl: 0.2,
+            wall_s: round as f64,
+            train_samples: 0,
+            train_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_reopened_store_resumes_the_unfinished_run_from_its_last_round() {
+        // Prepare
+        let dir = temp_dir("resume");
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        let mediators = vec![MediatorStatus {
+            members: vec![1, 2],
+            kl: 0.1,
+            counts: vec![30, 10],
+            hops: 4,
+            hops_done: 4,
+            current: None,
+        }];
+        let run_id = {
+            let mut store = Store::open(&dir).unwrap();
+            let run = store
+                .resume_or_create("demo", "{}", &weights.shapes)
+                .unwrap();
+            store.save_plan(run.run_id, &[1.0, 2.5]).unwrap();
+            store
+                .save_round(run.run_id, &record(1, 0.3), 0, &mediators, &weights, &[0.5])
+                .unwrap();
+            store
+                .save_round(
+                    run.run_id,
+                    &record(2, 0.5),
+                    1,
+                    &mediators,
+                    &weights,
+                    &[0.5, 0.75],
+                )
+                .unwrap();
+            run.run_id
+        };
+
+        // Execute: open again, as after a crash.
+        let store = Store::open(&dir).unwrap();
+        let resumed = store
+            .resume_or_create("demo", "{}", &weights.shapes)
+            .unwrap();
+
+        // Assert
+        assert_eq!(resumed.run_id, run_id);
+        assert_eq!(resumed.history, vec![record(1, 0.3), record(2, 0.5)]);
+        assert_eq!(resumed.plan, Some(vec![1.0, 2.5]));
+        assert_eq!(resumed.weights.as_ref(), Some(&weights));
+        assert_eq!(resumed.skipped_hops, 1);
+        assert_eq!(resumed.guard, vec![0.5, 0.75]);
+        assert_eq!(store.count("mediators", run_id).unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_token_stored_by_an_older_version_is_redacted_on_open() {
+        // Prepare: a database at schema 1 holding a configuration printed
+        // with its admin token (the bug: `format!("{config:?}")` stored it).
+        let dir = temp_dir("redact");
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let db = Connection::open(dir.join("astraea.db")).unwrap();
+            db.execute_batch(MIGRATIONS[0]).unwrap();
+            db.pragma_update(None, "user_version", 1).unwrap();
+            db.execute(
+                "INSERT INTO runs (name, config) VALUES ('old', 'ServeConfig { admin_token: Some(\"s3cret\") }')",
+                [],
+            )
+            .unwrap();
+        }
+
+        // Execute
+        let store = Store::open(&dir).unwrap();
+
+        // Assert
+        let config: String = store
+            .db
+            .query_row("SELECT config FROM runs WHERE name = 'old'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(!config.contains("s3cret"), "{config}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_finished_run_is_not_resumed() {
+        let dir = temp_dir("finished");
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        {
+            let mut store = Store::open(&dir).unwrap();
+            let run = store
+                .resume_or_create("demo", "{}", &weights.shapes)
+                .unwrap();
+            store
+                .save_round(run.run_id, &record(1, 0.3), 0, &[], &weights, &[])
+                .unwrap();
+            store.finish(run.run_id).unwrap();
+        }
+
+        let store = Store::open(&dir).unwrap();
+        let fresh = store
+            .resume_or_create("demo", "{}", &weights.shapes)
+            .unwrap();
+
+        assert!(fresh.history.is_empty() && fresh.weights.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

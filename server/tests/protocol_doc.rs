@@ -1,0 +1,510 @@
+//! `docs/PROTOCOL.md` against the code: every ```json block on the page is
+//! a message the protocol's types accept, exactly as they write it; every
+//! message type has an example; the limits table shows the constants'
+//! values; and a real server on 127.0.0.1:0 answers the page's client
+//! examples as the page says.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use astraea_core::astraea::PlanRule;
+use astraea_core::partition::PartitionSpec;
+use astraea_core::protocol::limits::{
+    ADDED_SAMPLES_ALLOWANCE, MAX_ABS_WEIGHT, MAX_BACKEND_BYTES, MAX_CLASSES, MAX_CLIENT_SAMPLES,
+    MAX_MESSAGE_BYTES, MAX_PROGRESS_BATCHES, MAX_SPEED, MAX_UPDATE_SECONDS,
+};
+use astraea_core::protocol::{
+    AckOutcome, ClientMessage, DEFAULT_MAX_FRAME_BYTES, DataSource, ErrorCode, PROTOCOL_VERSION,
+    ServerMessage, WeightEncoding, encode_chunks,
+};
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_server::{Running, ServeConfig};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
+
+/// Every `type` a client may send; [`client_kind`] keeps it complete.
+const CLIENT_KINDS: [&str; 6] = ["join", "ready", "progress", "update", "error", "leave"];
+/// Every `type` the server may send; [`server_kind`] keeps it complete.
+const SERVER_KINDS: [&str; 6] = ["welcome", "plan", "task", "ack", "round-done", "error"];
+
+/// The `type` of a client message. The match has no wildcard, so a new
+/// variant does not compile until it is named here and in [`CLIENT_KINDS`].
+fn client_kind(message: &ClientMessage) -> &'static str {
+    match message {
+        ClientMessage::Join { .. } => "join",
+        ClientMessage::Ready { .. } => "ready",
+        ClientMessage::Progress { .. } => "progress",
+        ClientMessage::Update(_) => "update",
+        ClientMessage::Error { .. } => "error",
+        ClientMessage::Leave => "leave",
+    }
+}
+
+/// The `type` of a server message (see [`client_kind`]).
+fn server_kind(message: &ServerMessage) -> &'static str {
+    match message {
+        ServerMessage::Welcome { .. } => "welcome",
+        ServerMessage::Plan { .. } => "plan",
+        ServerMessage::Task(_) => "task",
+        ServerMessage::Ack { .. } => "ack",
+        ServerMessage::RoundDone { .. } => "round-done",
+        ServerMessage::Error { .. } => "error",
+    }
+}
+
+/// The page's text.
+fn page() -> String {
+    std::fs::read_to_string(PAGE).unwrap_or_else(|e| panic!("reading {PAGE}: {e}"))
+}
+
+/// The contents of every ```json block, with the line it starts on.
+fn json_blocks(page: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (n, line) in page.lines().enumerate() {
+        match &mut open {
+            None if line.trim() == "```json" => open = Some((n + 1, String::new())),
+            None => {}
+            Some(_) if line.trim() == "```" => blocks.push(open.take().expect("open")),
+            Some((_, text)) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    assert!(open.is_none(), "a ```json block is not closed");
+    blocks
+}
+
+/// The page's examples, parsed.
+struct Examples {
+    client: Vec<(String, ClientMessage)>,
+    server: Vec<(String, ServerMessage)>,
+}
+
+impl Examples {
+    fn from_page() -> Self {
+        let mut examples = Examples {
+            client: Vec::new(),
+            server: Vec::new(),
+        };
+        for (line, text) in json_blocks(&page()) {
+            let text = text.trim().to_string();
+            let as_client = ClientMessage::from_json(&text);
+            let as_server = ServerMessage::from_json(&text);
+            assert!(
+                as_client.is_ok() || as_server.is_ok(),
+                "the example at line {line} is neither a client message ({:?}) nor a server message ({:?}):\n{text}",
+                as_client.err(),
+                as_server.err()
+            );
+            let written: Value = serde_json::from_str(&text).unwrap();
+            if let Some(version) = written.get("version") {
+                assert_eq!(version, PROTOCOL_VERSION, "line {line}");
+            }
+            if let Ok(message) = as_client {
+                assert_eq!(
+                    message.validate(),
+                    Ok(()),
+                    "the client example at line {line} breaks a limit"
+                );
+                // Exactly as the code writes it: no field left out or extra.
+                let canonical: Value = serde_json::from_str(&message.to_json()).unwrap();
+                assert_eq!(canonical, written, "line {line}");
+                examples.client.push((text.clone(), message));
+            }
+            if let Ok(message) = as_server {
+                let canonical: Value = serde_json::from_str(&message.to_json()).unwrap();
+                assert_eq!(canonical, written, "line {line}");
+                examples.server.push((text, message));
+            }
+        }
+        examples
+    }
+
+    /// The first client example of `kind` that `pick` accepts.
+    fn client(&self, kind: &str, pick: impl Fn(&ClientMessage) -> bool) -> (&str, &ClientMessage) {
+        self.client
+            .iter()
+            .find(|(_, m)| client_kind(m) == kind && pick(m))
+            .map(|(text, m)| (text.as_str(), m))
+            .unwrap_or_else(|| panic!("the page has no fitting {kind} example"))
+    }
+}
+
+/// Groups digits by thousands, as the page writes numbers.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn every_example_on_the_page_is_a_message_and_every_message_has_one() {
+    // Prepare and execute: parsing checks each block.
+    let examples = Examples::from_page();
+
+    // Assert
+    let client: BTreeSet<&str> = examples
+        .client
+        .iter()
+        .map(|(_, m)| client_kind(m))
+        .collect();
+    let server: BTreeSet<&str> = examples
+        .server
+        .iter()
+        .map(|(_, m)| server_kind(m))
+        .collect();
+    assert_eq!(client, BTreeSet::from(CLIENT_KINDS), "client examples");
+    assert_eq!(server, BTreeSet::from(SERVER_KINDS), "server examples");
+    let outcomes: BTreeSet<String> = examples
+        .server
+        .iter()
+        .filter_map(|(_, m)| match m {
+            ServerMessage::Ack { outcome, .. } => Some(format!("{outcome:?}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes.len(),
+        3,
+        "an ack example per outcome: {outcomes:?}"
+    );
+    let sources: BTreeSet<&str> = examples
+        .client
+        .iter()
+        .filter_map(|(_, m)| match m {
+            ClientMessage::Join {
+                data: DataSource::Demo,
+                ..
+            } => Some("demo"),
+            ClientMessage::Join {
+                data: DataSource::Own { .. },
+                ..
+            } => Some("own"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sources, BTreeSet::from(["demo", "own"]));
+}
+
+#[test]
+fn the_page_shows_the_version_and_every_limit_with_its_value() {
+    let page = page();
+    let rows = [
+        ("MAX_BACKEND_BYTES", thousands(MAX_BACKEND_BYTES as u64)),
+        ("MAX_MESSAGE_BYTES", thousands(MAX_MESSAGE_BYTES as u64)),
+        ("MAX_CLASSES", thousands(MAX_CLASSES as u64)),
+        ("MAX_CLIENT_SAMPLES", thousands(MAX_CLIENT_SAMPLES)),
+        ("MAX_PROGRESS_BATCHES", thousands(MAX_PROGRESS_BATCHES)),
+        ("MAX_SPEED", format!("{MAX_SPEED:e}")),
+        ("MAX_UPDATE_SECONDS", thousands(MAX_UPDATE_SECONDS as u64)),
+        ("MAX_ABS_WEIGHT", thousands(MAX_ABS_WEIGHT as u64)),
+        (
+            "ADDED_SAMPLES_ALLOWANCE",
+            thousands(ADDED_SAMPLES_ALLOWANCE),
+        ),
+        (
+            "DEFAULT_MAX_FRAME_BYTES",
+            thousands(DEFAULT_MAX_FRAME_BYTES as u64),
+        ),
+        (
+            "HEADER_BYTES",
+            astraea_core::protocol::frames::HEADER_BYTES.to_string(),
+        ),
+    ];
+
+    for (name, value) in rows {
+        let row = format!("| `{name}` | {value} |");
+        assert!(page.contains(&row), "the limits table lacks {row}");
+    }
+    assert!(
+        page.starts_with(&format!(
+            "# The Astraea wire protocol, version {PROTOCOL_VERSION}\n"
+        )),
+        "the title names another version"
+    );
+}
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
+}
+
+/// The settings of `serve_native.rs`'s tests.
+fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
+    ServeConfig {
+        dataset: "mnist".into(),
+        data_dir: data_dir(),
+        max_train: Some(3000),
+        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
+        shards: clients,
+        participants: clients,
+        min_clients: clients,
+        rounds,
+        strategy,
+        settings: StrategySettings {
+            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+            rescheduling: Rescheduling {
+                gamma: 3,
+                passes: 2,
+            },
+            prox_mu: 0.01,
+            aggregation: Default::default(),
+        },
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 1e-3,
+        hop_deadline: Duration::from_secs(60),
+        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
+        max_frame_bytes: 64 * 1024,
+        encoding: WeightEncoding::F32,
+        seed: 3,
+        static_dir: std::env::temp_dir(),
+        admin_token: Some("s3cret".into()),
+        state_dir: None,
+        run_name: "test".into(),
+        tls: None,
+        public_url: None,
+    }
+}
+
+async fn start(config: ServeConfig) -> (Running, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    (
+        astraea_server::start(listener, config).await.unwrap(),
+        address,
+    )
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(address: &str) -> Socket {
+    tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap()
+        .0
+}
+
+async fn send_text(socket: &mut Socket, text: &str) {
+    socket.send(Message::Text(text.into())).await.unwrap();
+}
+
+/// The next message from the server; `None` once the connection ends.
+async fn next_message(socket: &mut Socket) -> Option<ServerMessage> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("the server answers within 30 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                return Some(ServerMessage::from_json(&text).expect("the server's frame parses"));
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Every message until the server ends the connection.
+async fn drain(socket: &mut Socket) -> Vec<ServerMessage> {
+    let mut messages = Vec::new();
+    while let Some(message) = next_message(socket).await {
+        messages.push(message);
+    }
+    messages
+}
+
+fn is_error(message: &ServerMessage) -> bool {
+    matches!(message, ServerMessage::Error { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_server_answers_the_pages_client_examples_as_the_page_says() {
+    // Prepare: a server that never starts a round (it waits for 50 ready
+    // clients), so no plan or task comes between the examples, and the
+    // default frame limit the page's examples assume.
+    let examples = Examples::from_page();
+    let mut cfg = config(StrategyKind::FedAvg, 5, 1);
+    cfg.min_clients = 50;
+    cfg.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let (demo_join, _) = examples.client("join", |m| {
+        matches!(
+            m,
+            ClientMessage::Join {
+                data: DataSource::Demo,
+                ..
+            }
+        )
+    });
+    let (own_join, _) = examples.client("join", |m| {
+        matches!(
+            m,
+            ClientMessage::Join {
+                data: DataSource::Own { .. },
+                ..
+            }
+        )
+    });
+    let (ready, _) = examples.client("ready", |_| true);
+    let (progress, _) = examples.client("progress", |_| true);
+    let (update_text, update) = examples.client("update", |_| true);
+    let (error, _) = examples.client("error", |_| true);
+    let (leave, _) = examples.client("leave", |_| true);
+    let ClientMessage::Update(update) = update.clone() else {
+        unreachable!()
+    };
+    let page_model = examples
+        .server
+        .iter()
+        .find_map(|(_, m)| match m {
+            ServerMessage::Welcome { model, .. } => Some(model.clone()),
+            _ => None,
+        })
+        .expect("a welcome example");
+
+    // Execute, demo client: join, fetch the shard, ready, progress, an
+    // update (no task asked for it, so it is stale), error, leave.
+    let mut demo = connect(&address).await;
+    send_text(&mut demo, demo_join).await;
+    let demo_welcome = next_message(&mut demo).await;
+    let Some(ServerMessage::Welcome {
+        version,
+        client_id,
+        model,
+        shard: Some(shard),
+    }) = demo_welcome
+    else {
+        panic!("no welcome with a shard: {demo_welcome:?}")
+    };
+    let fetched = astraea_server::loopback::request(
+        &address,
+        "GET",
+        &format!("/api/shard/{client_id}"),
+        "",
+        "",
+    )
+    .await
+    .unwrap();
+    send_text(&mut demo, ready).await;
+    send_text(&mut demo, progress).await;
+    send_text(&mut demo, update_text).await;
+    let frames = encode_chunks(
+        update.round,
+        update.hop,
+        &vec![0.0; params],
+        update.encoding,
+        DEFAULT_MAX_FRAME_BYTES,
+    );
+    for frame in &frames {
+        demo.send(Message::Binary(frame.clone().into()))
+            .await
+            .unwrap();
+    }
+    send_text(&mut demo, error).await;
+    send_text(&mut demo, leave).await;
+    let demo_after = drain(&mut demo).await;
+
+    // Execute, own-data client: join, ready, progress, leave.
+    let mut own = connect(&address).await;
+    send_text(&mut own, own_join).await;
+    let own_welcome = next_message(&mut own).await;
+    send_text(&mut own, ready).await;
+    send_text(&mut own, progress).await;
+    send_text(&mut own, leave).await;
+    let own_after = drain(&mut own).await;
+
+    // Execute: the own-data join with a field past its limit, and with an
+    // older version.
+    let mut too_fast: Value = serde_json::from_str(own_join).unwrap();
+    too_fast["speed"] = Value::from(MAX_SPEED * 2.0);
+    let mut invalid = connect(&address).await;
+    send_text(&mut invalid, &too_fast.to_string()).await;
+    let invalid_answer = drain(&mut invalid).await;
+    let mut old: Value = serde_json::from_str(own_join).unwrap();
+    old["version"] = Value::from(PROTOCOL_VERSION - 1);
+    let mut older = connect(&address).await;
+    send_text(&mut older, &old.to_string()).await;
+    let older_answer = drain(&mut older).await;
+
+    // Assert: the demo client.
+    assert_eq!(version, PROTOCOL_VERSION);
+    assert_eq!(model, page_model, "the page's welcome shows MNIST's model");
+    assert_eq!(fetched.status, 200, "GET /api/shard/{client_id}");
+    let samples = astraea_core::data::shard::decode_shard(&fetched.body).unwrap();
+    assert_eq!(samples.len(), shard.indices.len());
+    assert_eq!(
+        frames.len() as u32,
+        update.chunks,
+        "the page's update announces the chunks MNIST needs at the default limit"
+    );
+    assert!(!demo_after.iter().any(is_error), "{demo_after:?}");
+    assert_eq!(
+        demo_after,
+        vec![ServerMessage::Ack {
+            round: update.round,
+            hop: update.hop,
+            outcome: AckOutcome::Stale,
+            reason: Some("the hop was no longer awaited (late, or the round moved on)".into()),
+        }]
+    );
+
+    // Assert: the own-data client.
+    assert!(
+        matches!(
+            &own_welcome,
+            Some(ServerMessage::Welcome { shard: None, model, .. }) if *model == page_model
+        ),
+        "{own_welcome:?}"
+    );
+    assert!(own_after.is_empty(), "{own_after:?}");
+
+    // Assert: the refusals.
+    assert!(
+        matches!(
+            invalid_answer.as_slice(),
+            [ServerMessage::Error {
+                code: ErrorCode::Invalid,
+                ..
+            }]
+        ),
+        "{invalid_answer:?}"
+    );
+    assert!(
+        matches!(
+            older_answer.as_slice(),
+            [ServerMessage::Error {
+                code: ErrorCode::Version,
+                ..
+            }]
+        ),
+        "{older_answer:?}"
+    );
+    let state = &running.state;
+    assert_eq!(state.rejections.load(Ordering::Relaxed), 2);
+    assert_eq!(state.stale_updates.load(Ordering::Relaxed), 1);
+    let mut departures = 0;
+    for _ in 0..50 {
+        departures = state.departures.load(Ordering::Relaxed);
+        if departures == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(departures, 2, "the two leaves are departures, not refusals");
+    assert!(state.status().history.is_empty());
+}

@@ -1,0 +1,286 @@
+//! Clients written against the protocol by strangers: each test is a
+//! third-party client that once stopped, stalled or took over the
+//! federation, against a real server on 127.0.0.1:0 with honest native
+//! clients beside it.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use astraea_core::protocol::{
+    AckOutcome, ClientMessage, DataSource, ErrorCode, PROTOCOL_VERSION, ServerMessage, TaskSpec,
+    UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
+};
+use astraea_core::strategy::StrategyKind;
+use astraea_native::run_swarm;
+use futures_util::{SinkExt, StreamExt};
+use support::{Socket, config, join, next_error, options, start};
+use tokio_tungstenite::tungstenite::Message;
+
+/// What a scripted client does with a task's weights.
+struct Answer {
+    /// The weights to send back.
+    values: Vec<f32>,
+    /// The samples to claim.
+    samples: u64,
+    /// Send only this many of the chunks (all when `None`).
+    chunks_sent: Option<usize>,
+}
+
+/// Answers tasks with `answer` until the server sends an error frame or
+/// closes; returns the error and the acks it got, in order.
+async fn play(
+    socket: &mut Socket,
+    params: usize,
+    mut answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer,
+) -> (Option<ServerMessage>, Vec<AckOutcome>) {
+    let mut acks = Vec::new();
+    while let Some(Ok(frame)) = socket.next().await {
+        let Message::Text(text) = frame else { continue };
+        match ServerMessage::from_json(&text).unwrap() {
+            ServerMessage::Task(task) => {
+                let mut assembler = WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    64 * 1024,
+                );
+                let weights = loop {
+                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                        panic!("the task's chunks did not come")
+                    };
+                    if let Some(done) = assembler.push(&chunk).unwrap() {
+                        break done;
+                    }
+                };
+                let reply = answer(&task, weights);
+                let frames = encode_chunks(
+                    task.round,
+                    task.hop,
+                    &reply.values,
+                    WeightEncoding::F32,
+                    64 * 1024,
+                );
+                let update = ClientMessage::Update(UpdateSpec {
+                    round: task.round,
+                    hop: task.hop,
+                    samples: reply.samples,
+                    loss: 0.1,
+                    seconds: 0.1,
+                    encoding: WeightEncoding::F32,
+                    chunks: frames.len() as u32,
+                });
+                let _ = socket.send(Message::Text(update.to_json().into())).await;
+                let sent = reply.chunks_sent.unwrap_or(frames.len());
+                for frame in frames.into_iter().take(sent) {
+                    let _ = socket.send(Message::Binary(frame.into())).await;
+                }
+            }
+            ServerMessage::Ack { outcome, .. } => acks.push(outcome),
+            error @ ServerMessage::Error { .. } => return (Some(error), acks),
+            _ => {}
+        }
+    }
+    (None, acks)
+}
+
+fn error_code(error: Option<ServerMessage>) -> ErrorCode {
+    match error {
+        Some(ServerMessage::Error { code, .. }) => code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Runs a FedAvg federation of three honest clients and one scripted one
+/// for `rounds` rounds; returns what the scripted one heard and the server.
+async fn with_three_honest(
+    rounds: u32,
+    hop_deadline: Duration,
+    answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer + Send + 'static,
+) -> (
+    Option<ServerMessage>,
+    Vec<AckOutcome>,
+    astraea_server::Running,
+) {
+    let mut cfg = config(StrategyKind::FedAvg, 4, rounds);
+    cfg.hop_deadline = hop_deadline;
+    let (mut running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let mut scripted = join(&address).await;
+    let played = tokio::spawn(async move { play(&mut scripted, params, answer).await });
+    tokio::time::timeout(Duration::from_secs(240), &mut running.coordinator)
+        .await
+        .expect("the run finishes despite the scripted client")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+    let (error, acks) = tokio::time::timeout(Duration::from_secs(5), played)
+        .await
+        .map(Result::unwrap)
+        .unwrap_or((None, vec![]));
+    (error, acks, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_claiming_u64_max_samples_is_refused_and_the_run_finishes() {
+    // The bug: `samples` of 18446744073709551615 overflowed in the
+    // connection task and a poisoned lock ended the process.
+    let (error, _, running) = with_three_honest(1, Duration::from_secs(60), |_, w| Answer {
+        values: w,
+        samples: u64::MAX,
+        chunks_sent: None,
+    })
+    .await;
+
+    assert_eq!(error_code(error), ErrorCode::Invalid);
+    assert_eq!(running.state.status().history.len(), 1);
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_beyond_what_a_client_reported_buy_no_weight() {
+    // The bug: `samples: 1000000000000` gave one client's update weight 1.
+    // Prepare: a server that waits for clients that never come; the
+    // client reported 5 samples in each of 10 classes.
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let header = |samples: u64| {
+        ClientMessage::Update(UpdateSpec {
+            round: 1,
+            hop: 1,
+            samples,
+            loss: 0.1,
+            seconds: 0.1,
+            encoding: WeightEncoding::F32,
+            chunks: 1,
+        })
+        .to_json()
+    };
+
+    // Execute
+    let mut huge = join(&address).await;
+    huge.send(Message::Text(header(1_000_000_000_000).into()))
+        .await
+        .unwrap();
+    let huge_error = next_error(&mut huge).await;
+    let mut one_more = join(&address).await;
+    one_more
+        .send(Message::Text(header(51).into()))
+        .await
+        .unwrap();
+    let one_more_error = next_error(&mut one_more).await;
+
+    // Assert
+    assert_eq!(error_code(Some(huge_error)), ErrorCode::Invalid);
+    assert_eq!(error_code(Some(one_more_error)), ErrorCode::Data);
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_update_of_a_run_with_a_huge_weight_is_refused_and_the_model_stays_finite() {
+    // The bug: with no outlier history yet, one weight of 1e35 was taken
+    // and the aggregate became non-finite, ending the server.
+    let (error, _, running) = with_three_honest(1, Duration::from_secs(60), |_, mut w| {
+        w[0] = 1e35;
+        Answer {
+            values: w,
+            samples: 50,
+            chunks_sent: None,
+        }
+    })
+    .await;
+
+    assert_eq!(error_code(error), ErrorCode::Outlier);
+    let global = astraea_server::state::lock(&running.state.global)
+        .clone()
+        .unwrap();
+    assert!(global.values.iter().all(|v| v.is_finite() && v.abs() < 1e4));
+    assert_eq!(running.state.status().history.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_update_does_not_block_the_clients_next_one() {
+    // The bug: an update announcing 2 chunks with only chunk 0 sent was
+    // skipped at the deadline, but its state survived and the next valid
+    // update was refused as `unexpected`.
+    let (error, acks, running) = with_three_honest(2, Duration::from_secs(3), |task, w| Answer {
+        values: w,
+        samples: 50,
+        chunks_sent: (task.round == 1).then_some(1),
+    })
+    .await;
+
+    assert!(error.is_none(), "refused: {error:?}");
+    assert_eq!(acks, vec![AckOutcome::Accepted]);
+    assert_eq!(running.state.status().history.len(), 2);
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_close_frame_is_a_departure() {
+    // The bug: it was counted as a rejection and logged as `too-large`.
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let socket = join(&address).await;
+
+    // Execute: drop the TCP stream under the WebSocket, no close frame.
+    drop(socket.into_inner());
+    for _ in 0..50 {
+        if running.state.departures.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Assert
+    assert_eq!(running.state.departures.load(Ordering::Relaxed), 1);
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 0);
+    assert_eq!(running.state.clients().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_past_their_limit_are_refused() {
+    // The bug: a 900 KB `backend` was accepted and /api/status grew to
+    // 1.8 MB.
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap();
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "x".repeat(1000),
+        speed: None,
+        data: DataSource::Demo,
+    };
+
+    socket
+        .send(Message::Text(join.to_json().into()))
+        .await
+        .unwrap();
+    let error = next_error(&mut socket).await;
+
+    assert_eq!(error_code(Some(error)), ErrorCode::Invalid);
+    assert_eq!(running.state.clients().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_is_never_stored() {
+    // The bug: the run's configuration was stored as a debug string with
+    // the admin token in plain text.
+    let state_dir = std::env::temp_dir().join(format!("astraea-secret-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let mut cfg = config(StrategyKind::FedAvg, 50, 1);
+    cfg.state_dir = Some(state_dir.clone());
+    let (_running, _address) = start(cfg).await;
+
+    let db = rusqlite::Connection::open(state_dir.join("astraea.db")).unwrap();
+    let stored: String = db
+        .query_row("SELECT config FROM runs", [], |row| row.get(0))
+        .unwrap();
+
+    assert!(stored.contains("admin_token"), "{stored}");
+    assert!(!stored.contains("s3cret"), "{stored}");
+    let _ = std::fs::remove_dir_all(&state_dir);
+}

@@ -1,0 +1,144 @@
+//! What a simulated run is made of.
+
+use std::path::PathBuf;
+
+use astraea_core::astraea::PlanRule;
+use astraea_core::attack::Attack;
+use astraea_core::partition::PartitionSpec;
+use astraea_core::robust::AggregationRule;
+use astraea_core::strategy::{Rescheduling, Strategy, StrategyKind, StrategySettings};
+
+/// Settings shared by every run of one `simulate` invocation.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Dataset name for `data::catalog::load_named` (`mnist`, `fashion-mnist`, ...).
+    pub dataset: String,
+    /// Folder the datasets live in (`data/` by default).
+    pub data_dir: PathBuf,
+    /// How the training set is spread over the clients.
+    pub partition: PartitionSpec,
+    /// K: clients in the federation.
+    pub clients: usize,
+    /// c: clients taking part in each round.
+    pub participants: usize,
+    /// Rounds to run.
+    pub rounds: usize,
+    /// gamma: most clients per mediator.
+    pub gamma: usize,
+    /// E: local epochs per visit.
+    pub local_epochs: usize,
+    /// E_m: passes of a mediator over its clients per round.
+    pub mediator_passes: usize,
+    /// The augmentation rule Astraea uses.
+    pub plan_rule: PlanRule,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// FedProx proximal weight mu.
+    pub prox_mu: f64,
+    /// How every strategy combines its groups' results (robust rules
+    /// against attackers).
+    pub aggregation: AggregationRule,
+    /// What hostile clients do; `None` runs an honest federation.
+    pub attack: Option<Attack>,
+    /// Share of the K clients that attack, in 0..=1 (seeded choice).
+    pub attackers: f64,
+    /// The server's update guard ratio (see `astraea_core::guard`): every
+    /// hop is judged as the server would, and a refused client is dropped
+    /// for the rest of the run.
+    pub max_update_ratio: f64,
+    /// Worker threads that run mediators (and evaluation) in parallel.
+    pub threads: usize,
+    /// Where CSVs, the plot and the summary go.
+    pub out_dir: PathBuf,
+    /// Accuracy (0..1) whose rounds and bytes to reach the summary reports.
+    pub target_accuracy: Option<f64>,
+}
+
+/// One run: a strategy on a partition with a seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunSpec {
+    /// The strategy.
+    pub strategy: StrategyKind,
+    /// Run FedAvg-style baseline on a balanced IID spread of the same number
+    /// of samples instead of the configured partition (the "no imbalance"
+    /// reference).
+    pub iid_reference: bool,
+    /// Seed for the partition, the model's initial weights, client sampling
+    /// and training.
+    pub seed: u64,
+}
+
+impl RunSpec {
+    /// Parses a run name: a strategy name, or `fedavg-iid` for the balanced
+    /// IID reference.
+    pub fn parse(name: &str, seed: u64) -> Result<Self, String> {
+        if name == "fedavg-iid" {
+            return Ok(Self {
+                strategy: StrategyKind::FedAvg,
+                iid_reference: true,
+                seed,
+            });
+        }
+        Ok(Self {
+            strategy: name.parse()?,
+            iid_reference: false,
+            seed,
+        })
+    }
+
+    /// The run's name, as parsed.
+    pub fn name(&self) -> String {
+        if self.iid_reference {
+            "fedavg-iid".into()
+        } else {
+            self.strategy.as_str().into()
+        }
+    }
+
+    /// A label for tables and legends, e.g. `astraea s1`.
+    pub fn label(&self) -> String {
+        format!("{} s{}", self.name(), self.seed)
+    }
+
+    /// Builds the strategy object for this run.
+    pub fn strategy(&self, config: &SimConfig) -> Box<dyn Strategy> {
+        self.strategy.build(&config.strategy_settings())
+    }
+}
+
+impl SimConfig {
+    /// The strategy knobs of this configuration.
+    pub fn strategy_settings(&self) -> StrategySettings {
+        StrategySettings {
+            plan_rule: self.plan_rule,
+            rescheduling: Rescheduling {
+                gamma: self.gamma,
+                passes: self.mediator_passes,
+            },
+            prox_mu: self.prox_mu,
+            aggregation: self.aggregation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names_parse_and_print_back() {
+        let iid = RunSpec::parse("fedavg-iid", 2).unwrap();
+        let astraea = RunSpec::parse("astraea-sched", 1).unwrap();
+
+        assert!(iid.iid_reference);
+        assert_eq!(iid.label(), "fedavg-iid s2");
+        assert_eq!(astraea.strategy, StrategyKind::AstraeaRescheduling);
+        assert!(
+            RunSpec::parse("fedsgd", 1)
+                .unwrap_err()
+                .contains("unknown strategy")
+        );
+    }
+}

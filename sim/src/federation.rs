@@ -1,0 +1,196 @@
+//! The simulated clients' data: the training set split by the partition,
+//! then each client's share reshaped by the strategy's data plan on the
+//! client's side (ASTRAEA.md step 4).
+
+use anyhow::Context;
+use astraea_core::astraea::AugmentationPlan;
+use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
+use astraea_core::data::Dataset;
+use astraea_core::partition::{Partition, balanced_iid_like};
+use astraea_core::train::Samples;
+
+use crate::config::{RunSpec, SimConfig};
+
+/// The partition a run trains on: the configured one, or for the IID
+/// reference a balanced IID spread of as many samples over as many clients,
+/// with the same test set.
+pub fn partition_for(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    test: &Dataset,
+) -> anyhow::Result<Partition> {
+    let partition = config.partition.build(
+        &train.labels,
+        &test.labels,
+        train.num_classes(),
+        config.clients,
+        spec.seed,
+    )?;
+    if spec.iid_reference {
+        return balanced_iid_like(&partition, &train.labels, train.num_classes(), spec.seed)
+            .context("building the balanced IID reference");
+    }
+    Ok(partition)
+}
+
+/// One simulated client's local data.
+#[derive(Debug, Clone)]
+pub struct ClientData {
+    /// Images, sample-major, `[C, H, W]` each.
+    pub images: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<u32>,
+    /// Label counts of this data: what the client reports.
+    pub counts: Vec<usize>,
+}
+
+impl ClientData {
+    /// The data as training input.
+    pub fn samples(&self) -> Samples<'_> {
+        Samples {
+            images: &self.images,
+            labels: &self.labels,
+        }
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the client has no data.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Every client's data, ready for the round loop.
+#[derive(Debug, Clone)]
+pub struct Federation {
+    /// Clients in id order.
+    pub clients: Vec<ClientData>,
+    /// The plan the clients applied, if any.
+    pub plan: Option<AugmentationPlan>,
+}
+
+fn counts_of(labels: &[u32], num_classes: usize) -> Vec<usize> {
+    let mut counts = vec![0; num_classes];
+    for &l in labels {
+        counts[l as usize] += 1;
+    }
+    counts
+}
+
+impl Federation {
+    /// Label counts each client of `partition` holds before any plan: what
+    /// clients report first (ASTRAEA.md step 1).
+    pub fn raw_counts(train: &Dataset, partition: &Partition) -> Vec<Vec<usize>> {
+        partition.client_counts(&train.labels, train.num_classes())
+    }
+
+    /// Gives each client its share of `train` and lets it apply `plan`,
+    /// seeded per client from `seed`.
+    pub fn build(
+        train: &Dataset,
+        partition: &Partition,
+        plan: Option<AugmentationPlan>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let augment = AugmentConfig::default();
+        let sample_len = train.sample_len();
+        let clients = partition
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(id, indices)| {
+                let local = train.subset(indices);
+                let (images, labels) = match &plan {
+                    None => (local.images, local.labels),
+                    Some(plan) => {
+                        let client_seed =
+                            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(id as u64 + 1));
+                        let outcome =
+                            apply_plan(&local.labels, &plan.ratios, &augment, client_seed)?;
+                        materialise(
+                            &local.images,
+                            &local.labels,
+                            sample_len,
+                            train.channels,
+                            train.height,
+                            train.width,
+                            &outcome,
+                        )?
+                    }
+                };
+                let counts = counts_of(&labels, train.num_classes());
+                Ok(ClientData {
+                    images,
+                    labels,
+                    counts,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { clients, plan })
+    }
+
+    /// Label counts summed over all clients.
+    pub fn global_counts(&self) -> Vec<usize> {
+        let mut total = vec![0; self.clients.first().map_or(0, |c| c.counts.len())];
+        for client in &self.clients {
+            for (t, c) in total.iter_mut().zip(&client.counts) {
+                *t += c;
+            }
+        }
+        total
+    }
+
+    /// Total training samples over all clients.
+    pub fn total_samples(&self) -> usize {
+        self.clients.iter().map(ClientData::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 40 blank 2x2 images: 30 of class 0, 10 of class 1.
+    fn skewed() -> Dataset {
+        let labels: Vec<u32> = (0..40).map(|i| u32::from(i >= 30)).collect();
+        Dataset::new(
+            vec![0.5; 40 * 4],
+            labels,
+            1,
+            2,
+            2,
+            vec!["a".into(), "b".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn clients_apply_the_plan_to_their_own_share_only() {
+        // Prepare: two clients; the plan doubles class 1 and keeps class 0.
+        let train = skewed();
+        let partition = Partition {
+            clients: vec![(0..20).collect(), (20..40).collect()],
+            test_indices: vec![],
+        };
+        let plan = AugmentationPlan {
+            ratios: vec![1.0, 2.0],
+        };
+
+        // Execute
+        let raw = Federation::raw_counts(&train, &partition);
+        let federation = Federation::build(&train, &partition, Some(plan), 7).unwrap();
+
+        // Assert: R = 2 adds exactly one copy per class-1 sample.
+        assert_eq!(raw, vec![vec![20, 0], vec![10, 10]]);
+        assert_eq!(federation.clients[0].counts, vec![20, 0]);
+        assert_eq!(federation.clients[1].counts, vec![10, 20]);
+        assert_eq!(federation.clients[1].images.len(), 30 * 4);
+        assert_eq!(federation.global_counts(), vec![30, 20]);
+        assert_eq!(federation.total_samples(), 50);
+    }
+}
