@@ -7,7 +7,9 @@
 
 use astraea_client::web::{Backend, WasmClient, protocol_version, webgpu_device};
 use astraea_core::model::ModelConfig;
-use astraea_core::protocol::{ModelSpec, ServerMessage, TaskSpec, WeightEncoding, encode_chunks};
+use astraea_core::protocol::{
+    ModelSpec, PROTOCOL_VERSION, ServerMessage, TaskSpec, WeightEncoding, encode_chunks,
+};
 use astraea_core::train::{Samples, StepProgress, TrainConfig, train_async, train_observed};
 use astraea_core::weights::Weights;
 use burn::prelude::*;
@@ -52,13 +54,15 @@ fn the_join_crosses_the_js_boundary_as_a_plain_object() {
     let actions = client.start().unwrap();
 
     // Assert
-    assert_eq!(protocol_version(), 1);
+    assert_eq!(protocol_version(), PROTOCOL_VERSION);
     assert_eq!(kinds(&actions), vec!["send"]);
     let text = field(&Array::from(&actions).get(0), "text")
         .as_string()
         .unwrap();
     assert!(
-        text.starts_with(r#"{"type":"join","version":1,"backend":"flex""#),
+        text.starts_with(&format!(
+            r#"{{"type":"join","version":{PROTOCOL_VERSION},"backend":"flex""#
+        )),
         "{text}"
     );
 }
@@ -71,7 +75,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
     let mut client = WasmClient::new(&Backend::cpu(), 1 << 16, false);
     client.start().unwrap();
     let welcome = ServerMessage::Welcome {
-        version: 1,
+        version: PROTOCOL_VERSION,
         client_id: 4,
         model: ModelSpec::new(&config, initial.len()),
         shard: None,

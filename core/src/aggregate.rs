@@ -1,4 +1,4 @@
-//! Weighted aggregation of mediator (or client) updates (ASTRAEA.md step 7):
+//! Weighted aggregation of mediator (or client) updates (docs/METHOD.md step 7):
 //! `w_{r+1} = w_r + sum_m (n_m / n) * (w_m - w_r)`.
 //!
 //! The [`Aggregator`] folds one update at a time into a single running sum,

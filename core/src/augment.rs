@@ -1,5 +1,5 @@
 //! Client-side data augmentation and downsampling: random affine transforms of images and the
-//! application of Astraea's per-class plan `R[y]` to a client's own samples (ASTRAEA.md step 4).
+//! application of Astraea's per-class plan `R[y]` to a client's own samples (docs/METHOD.md step 4).
 //!
 //! Images are `&[f32]` of `channels * height * width` values, channel-major, pixels in [0, 1].
 //! Transforms map each output pixel back into the input about the image centre and sample it

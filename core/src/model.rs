@@ -1,6 +1,6 @@
 //! The papers' CNN, for any number of classes, input channels and image size.
 //!
-//! Layers (ASTRAEA.md): conv 12@5x5 stride 2 -> conv 18@3x3 stride 2 ->
+//! Layers (docs/METHOD.md): conv 12@5x5 stride 2 -> conv 18@3x3 stride 2 ->
 //! dropout 0.5 -> conv 24@2x2 -> dense 150 ReLU -> dense `num_classes`
 //! (softmax is folded into the loss). Valid padding throughout, so a 28x28
 //! input shrinks 28 -> 12 -> 5 -> 4; with 47 classes and one channel this is

@@ -33,7 +33,7 @@ use crate::aggregate::{AggregateError, Aggregator};
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AggregationRule {
-    /// The sample-weighted mean (FedAvg, ASTRAEA.md step 7): the
+    /// The sample-weighted mean (FedAvg, docs/METHOD.md step 7): the
     /// [`Aggregator`]'s rule.
     #[default]
     Mean,

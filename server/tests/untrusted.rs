@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use astraea_core::protocol::{
@@ -29,13 +30,14 @@ struct Answer {
 }
 
 /// Answers tasks with `answer` until the server sends an error frame or
-/// closes; returns the error and the acks it got, in order.
+/// closes; returns the error. The acks it gets go to `acks`, in order, as
+/// they come (the socket may stay open after the run).
 async fn play(
     socket: &mut Socket,
     params: usize,
+    acks: Arc<Mutex<Vec<AckOutcome>>>,
     mut answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer,
-) -> (Option<ServerMessage>, Vec<AckOutcome>) {
-    let mut acks = Vec::new();
+) -> Option<ServerMessage> {
     while let Some(Ok(frame)) = socket.next().await {
         let Message::Text(text) = frame else { continue };
         match ServerMessage::from_json(&text).unwrap() {
@@ -79,12 +81,12 @@ async fn play(
                     let _ = socket.send(Message::Binary(frame.into())).await;
                 }
             }
-            ServerMessage::Ack { outcome, .. } => acks.push(outcome),
-            error @ ServerMessage::Error { .. } => return (Some(error), acks),
+            ServerMessage::Ack { outcome, .. } => acks.lock().unwrap().push(outcome),
+            error @ ServerMessage::Error { .. } => return Some(error),
             _ => {}
         }
     }
-    (None, acks)
+    None
 }
 
 fn error_code(error: Option<ServerMessage>) -> ErrorCode {
@@ -111,17 +113,21 @@ async fn with_three_honest(
     let params = running.state.model.params;
     let swarm = tokio::spawn(run_swarm(3, options(&address)));
     let mut scripted = join(&address).await;
-    let played = tokio::spawn(async move { play(&mut scripted, params, answer).await });
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let heard = acks.clone();
+    let played = tokio::spawn(async move { play(&mut scripted, params, heard, answer).await });
     tokio::time::timeout(Duration::from_secs(240), &mut running.coordinator)
         .await
         .expect("the run finishes despite the scripted client")
         .unwrap()
         .unwrap();
     swarm.abort();
-    let (error, acks) = tokio::time::timeout(Duration::from_secs(5), played)
+    // An error frame ends `play` at once; without one the socket stays open.
+    let error = tokio::time::timeout(Duration::from_secs(2), played)
         .await
         .map(Result::unwrap)
-        .unwrap_or((None, vec![]));
+        .unwrap_or(None);
+    let acks = acks.lock().unwrap().clone();
     (error, acks, running)
 }
 

@@ -1,6 +1,6 @@
 //! The simulated clients' data: the training set split by the partition,
 //! then each client's share reshaped by the strategy's data plan on the
-//! client's side (ASTRAEA.md step 4).
+//! client's side (docs/METHOD.md step 4).
 
 use anyhow::Context;
 use astraea_core::astraea::AugmentationPlan;
@@ -84,7 +84,7 @@ fn counts_of(labels: &[u32], num_classes: usize) -> Vec<usize> {
 
 impl Federation {
     /// Label counts each client of `partition` holds before any plan: what
-    /// clients report first (ASTRAEA.md step 1).
+    /// clients report first (docs/METHOD.md step 1).
     pub fn raw_counts(train: &Dataset, partition: &Partition) -> Vec<Vec<usize>> {
         partition.client_counts(&train.labels, train.num_classes())
     }

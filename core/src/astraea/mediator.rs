@@ -1,4 +1,4 @@
-//! Greedy mediator assignment (ASTRAEA.md step 5): group the round's
+//! Greedy mediator assignment (docs/METHOD.md step 5): group the round's
 //! participants so that each group's combined label mix is near uniform.
 
 use crate::partition::kl_to_uniform;

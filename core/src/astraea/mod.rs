@@ -1,4 +1,4 @@
-//! The Astraea planner (ASTRAEA.md steps 2, 3 and 5): global label
+//! The Astraea planner (docs/METHOD.md steps 2, 3 and 5): global label
 //! statistics from the clients' reported counts, the augmentation and
 //! downsampling plan, and the greedy mediator assignment.
 //!

@@ -1,4 +1,4 @@
-//! The augmentation and downsampling plan (ASTRAEA.md step 3): a ratio R[y]
+//! The augmentation and downsampling plan (docs/METHOD.md step 3): a ratio R[y]
 //! per class that each client applies to its own data.
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! Global label statistics (ASTRAEA.md step 2): C, mu, sigma and z-scores.
+//! Global label statistics (docs/METHOD.md step 2): C, mu, sigma and z-scores.
 
 /// The federation's global class distribution, as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]

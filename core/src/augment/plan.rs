@@ -1,4 +1,4 @@
-//! Applying Astraea's per-class plan `R[y]` to a client's own samples (ASTRAEA.md step 4):
+//! Applying Astraea's per-class plan `R[y]` to a client's own samples (docs/METHOD.md step 4):
 //! which originals to keep, which transformed copies to add, and the resulting data set.
 
 use rand::rngs::StdRng;
@@ -72,7 +72,7 @@ impl PlanOutcome {
     }
 
     /// Samples per class after the plan: the post-plan counts a client reports before mediator
-    /// rescheduling (ASTRAEA.md step 4).
+    /// rescheduling (docs/METHOD.md step 4).
     ///
     /// # Panics
     /// If an index is out of range for `labels` or a label not below `num_classes`; an outcome of

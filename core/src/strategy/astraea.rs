@@ -1,4 +1,4 @@
-//! Astraea: the augmentation plan (ASTRAEA.md steps 2-4) and mediator
+//! Astraea: the augmentation plan (docs/METHOD.md steps 2-4) and mediator
 //! rescheduling (steps 5-6), each of which can be switched off for the
 //! ablations.
 

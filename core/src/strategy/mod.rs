@@ -81,7 +81,7 @@ pub trait Strategy: Send + Sync {
     /// Combines the groups' results into the next global model; `None` when
     /// nothing usable came back (the runner keeps the old model).
     ///
-    /// The default is the sample-weighted average of ASTRAEA.md step 7, which
+    /// The default is the sample-weighted average of docs/METHOD.md step 7, which
     /// is FedAvg's rule too; results that do not fit are skipped.
     fn aggregate(
         &self,
