@@ -2,6 +2,8 @@
 //! (benchmarks measure; tests only assert behaviour).
 //!
 //! - [`aggregate`]: aggregation throughput next to a plain memory copy.
+//! - [`chaos`]: SIGKILLs of the server while clients train (rounds lost),
+//!   and clients vanishing mid-chain (rounds stalled).
 //! - [`fuzz`]: random structured inputs through the protocol decoders;
 //!   crashes found and inputs per second.
 //! - [`idle`]: idle WebSocket clients one server process holds, and its
@@ -11,6 +13,60 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod chaos;
 pub mod fuzz;
 pub mod idle;
 pub mod rounds;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use astraea_core::astraea::PlanRule;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_server::ServeConfig;
+
+/// A served MNIST run for the benchmarks: `shards` shards of an IID split,
+/// every shard taking part, mediators of 10 with two passes, nothing kept
+/// on disk; each benchmark changes what it measures.
+pub(crate) fn serve_config(
+    data_dir: PathBuf,
+    shards: usize,
+    rounds: u32,
+    strategy: StrategyKind,
+) -> ServeConfig {
+    ServeConfig {
+        dataset: "mnist".into(),
+        data_dir,
+        max_train: Some(20 * shards),
+        partition: astraea_core::partition::PartitionSpec::Iid,
+        shards,
+        participants: shards,
+        min_clients: shards,
+        rounds,
+        strategy,
+        settings: StrategySettings {
+            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+            rescheduling: Rescheduling {
+                gamma: 10,
+                passes: 2,
+            },
+            prox_mu: 0.0,
+            aggregation: Default::default(),
+        },
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 1e-3,
+        hop_deadline: Duration::from_secs(120),
+        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
+        max_frame_bytes: 1 << 20,
+        encoding: WeightEncoding::F32,
+        seed: 1,
+        static_dir: std::env::temp_dir(),
+        admin_token: None,
+        state_dir: None,
+        run_name: "bench".into(),
+        tls: None,
+        public_url: None,
+    }
+}

@@ -4,19 +4,17 @@
 //! every model, validating, aggregating, plus one evaluation, timed apart.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
-use astraea_core::astraea::PlanRule;
 use astraea_core::data::catalog::load_named;
-use astraea_core::protocol::WeightEncoding;
-use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_core::strategy::StrategyKind;
 use astraea_core::train::{self, Samples};
 use burn::prelude::*;
 
 use astraea_core::model::ModelConfig;
 use astraea_native::{ClientOptions, run_swarm};
-use astraea_server::{self as serve, ServeConfig};
+use astraea_server as serve;
 
 /// What the rounds benchmark measured.
 #[derive(Debug, Clone)]
@@ -46,41 +44,7 @@ pub async fn run(
     let address = listener.local_addr()?;
     let (train_set, test) = load_named("mnist", &data_dir).context("loading mnist")?;
     let model_config = ModelConfig::for_dataset(&train_set);
-    let settings = StrategySettings {
-        plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-        rescheduling: Rescheduling {
-            gamma: 10,
-            passes: 2,
-        },
-        prox_mu: 0.0,
-        aggregation: Default::default(),
-    };
-    let config = ServeConfig {
-        dataset: "mnist".into(),
-        data_dir: data_dir.clone(),
-        max_train: Some(20 * clients),
-        partition: "iid".parse().map_err(anyhow::Error::msg)?,
-        shards: clients,
-        participants: clients,
-        min_clients: clients,
-        rounds: rounds + 1,
-        strategy,
-        settings,
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
-        hop_deadline: Duration::from_secs(120),
-        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
-        max_frame_bytes: 1 << 20,
-        encoding: WeightEncoding::F32,
-        seed: 1,
-        static_dir: std::env::temp_dir(),
-        admin_token: None,
-        state_dir: None,
-        run_name: "bench".into(),
-        tls: None,
-        public_url: None,
-    };
+    let config = crate::serve_config(data_dir.clone(), clients, rounds + 1, strategy);
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
         url: format!("ws://{address}/ws"),
@@ -89,6 +53,7 @@ pub async fn run(
         max_attempts: Some(1),
         echo: true,
         attack: None,
+        vanish: 0.0,
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

@@ -116,6 +116,34 @@ enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Crash resilience: the server killed with SIGKILL at random moments
+    /// while clients train (rounds lost after each restart).
+    Kills {
+        /// SIGKILLs to deliver.
+        #[arg(long, default_value_t = 50)]
+        kills: usize,
+        /// Rounds of the run (more than the kills leave room to finish).
+        #[arg(long, default_value_t = 80)]
+        rounds: u32,
+        /// Seed of the kill times.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Clients vanishing mid-chain every round (rounds stalled).
+    Vanish {
+        /// Rounds to run.
+        #[arg(long, default_value_t = 100)]
+        rounds: u32,
+        /// Probability that a client vanishes on a given task.
+        #[arg(long, default_value_t = 0.2)]
+        share: f64,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Structure-aware fuzzing of the protocol decoders: crashes found.
     Fuzz {
         /// Inputs to run.
@@ -482,6 +510,35 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 per_client / 1e3
             );
         }
+        BenchCommand::Kills {
+            kills,
+            rounds,
+            seed,
+            data_dir,
+        } => {
+            let r = astraea_bench::chaos::kills(data_dir, kills, rounds, seed).await?;
+            println!("| SIGKILLs | rounds lost | rounds done / planned | finished | seconds |");
+            println!("|---:|---:|---:|---|---:|");
+            println!(
+                "| {} | {} | {} / {} | {} | {:.0} |",
+                r.kills, r.rounds_lost, r.rounds_done, r.rounds, r.finished, r.seconds
+            );
+        }
+        BenchCommand::Vanish {
+            rounds,
+            share,
+            data_dir,
+        } => {
+            let r = astraea_bench::chaos::vanish(data_dir, rounds, share).await?;
+            println!(
+                "| rounds | vanish share | rounds stalled | hops skipped | departures | mean round s | longest round s |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {share} | {} | {} | {} | {:.2} | {:.2} |",
+                r.rounds, r.stalled, r.skipped_hops, r.departures, r.mean_round_s, r.max_round_s
+            );
+        }
         BenchCommand::Fuzz {
             inputs,
             seed,
@@ -546,6 +603,7 @@ fn client_options(
         max_attempts,
         echo: false,
         attack: None,
+        vanish: 0.0,
     }
 }
 

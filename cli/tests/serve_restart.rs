@@ -126,6 +126,7 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         max_attempts: None,
         echo: false,
         attack: None,
+        vanish: 0.0,
     };
     let swarm = tokio::spawn(run_swarm(4, options));
 

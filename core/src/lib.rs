@@ -16,6 +16,8 @@
 //! - [`attack`]: attacks a hostile client can mount, for robustness runs.
 //! - [`robust`]: Byzantine-robust aggregation rules (median, trimmed mean,
 //!   Krum, centered clipping) any strategy can use.
+//! - [`export`]: the metadata an exported model carries (round, accuracy,
+//!   dataset, classes, configuration, input scaling, layouts).
 //! - [`guard`]: the update guard: judges an update against the weights it
 //!   was sent (bounds, distance relative to the model, recent median).
 //! - [`metrics`]: what a run records each round, for every runner and report.
@@ -28,6 +30,7 @@ pub mod astraea;
 pub mod attack;
 pub mod augment;
 pub mod data;
+pub mod export;
 pub mod guard;
 pub mod metrics;
 pub mod model;

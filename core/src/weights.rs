@@ -133,6 +133,15 @@ impl Weights {
     /// The weights as a safetensors file: one F32 tensor per parameter,
     /// named by its path in the module.
     pub fn to_safetensors(&self) -> Vec<u8> {
+        self.to_safetensors_with(None)
+    }
+
+    /// [`Self::to_safetensors`] with string metadata in the file's header
+    /// (see `export::ModelCard`).
+    pub fn to_safetensors_with(
+        &self,
+        metadata: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Vec<u8> {
         let mut offset = 0;
         let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(self.shapes.len());
         for shape in &self.shapes {
@@ -150,7 +159,8 @@ impl Weights {
                     .expect("shape and byte length agree");
             (name.clone(), view)
         });
-        safetensors::serialize(views, None).expect("f32 tensors always serialise")
+        let metadata = metadata.map(|m| m.into_iter().collect());
+        safetensors::serialize(views, metadata).expect("f32 tensors always serialise")
     }
 
     /// Reads weights for a model with `shapes` from a safetensors file.

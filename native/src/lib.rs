@@ -16,8 +16,8 @@ use astraea_core::data::catalog::load_named;
 use astraea_core::protocol::{AckOutcome, ClientAction, ClientSession, DataSource, train_task};
 use astraea_core::train::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio_tungstenite::tungstenite::Message;
 
 /// How a native client connects and behaves.
@@ -37,6 +37,10 @@ pub struct ClientOptions {
     pub echo: bool,
     /// Behave as an attacker (robustness runs); `None` is honest.
     pub attack: Option<Attack>,
+    /// Probability, per task, of vanishing mid-hop: the socket is dropped
+    /// without a close frame (a phone locking its screen, a tab closed) and
+    /// the client rejoins after its back-off. For chaos runs; 0 for none.
+    pub vanish: f64,
 }
 
 /// Training sets loaded once and shared by every client of a swarm.
@@ -181,6 +185,12 @@ async fn run_session(
                     queue.extend(session.data_ready(counts));
                 }
                 ClientAction::Train { task, weights } => {
+                    if options.vanish > 0.0
+                        && StdRng::seed_from_u64(task.seed ^ 0x7a15)
+                            .random_bool(options.vanish.min(1.0))
+                    {
+                        return Ok(Ended::Disconnected("vanished mid-hop".into()));
+                    }
                     let data = local.as_ref().ok_or("a task before any data")?;
                     let model = session.model().ok_or("a task before the welcome")?.clone();
                     let (images, mut labels) = (data.images.clone(), data.labels.clone());

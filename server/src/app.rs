@@ -65,21 +65,30 @@ async fn rounds(State(state): State<Arc<AppState>>) -> Json<Vec<RoundRecord>> {
     Json(state.status().history.clone())
 }
 
-/// The latest global model as a safetensors file.
+/// The latest global model as a safetensors file whose metadata says what
+/// it is (`export::ModelCard`); the file name and the `X-Astraea-Round`
+/// header name its round.
 async fn model(State(state): State<Arc<AppState>>) -> Response {
     let global = crate::state::lock(&state.global).clone();
     match global {
-        Some(weights) => (
-            [
-                (header::CONTENT_TYPE, "application/octet-stream"),
-                (
-                    header::CONTENT_DISPOSITION,
-                    "attachment; filename=\"astraea.safetensors\"",
-                ),
-            ],
-            weights.to_safetensors(),
-        )
-            .into_response(),
+        Some(weights) => {
+            let card = state.current_model_card();
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{}\"", card.file_name()),
+                    ),
+                    (
+                        header::HeaderName::from_static("x-astraea-round"),
+                        card.round.to_string(),
+                    ),
+                ],
+                card.export(&weights),
+            )
+                .into_response()
+        }
         None => (StatusCode::SERVICE_UNAVAILABLE, "no model yet").into_response(),
     }
 }

@@ -239,8 +239,9 @@ pub async fn run(
             (status.skipped_hops, status.mediators.clone())
         };
         let guard = lock(&state.guard).history();
+        let checkpoint = state.model_card(round, Some(eval.accuracy)).export(&global);
         state.record(|store, run| {
-            store.save_round(run, &record, skipped, &mediators, &global, &guard)
+            store.save_round(run, &record, skipped, &mediators, &checkpoint, &guard)
         });
         state.status().history.push(record);
         let done = ServerMessage::RoundDone {

@@ -87,6 +87,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         store,
     );
     state.join_url = join_url;
+    state.test_samples = data.test.len();
     let state = Arc::new(state);
     if let Some(resumed) = &resumed {
         state

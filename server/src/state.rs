@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use astraea_core::export::ModelCard;
 use astraea_core::protocol::{ModelSpec, ServerMessage};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -268,6 +269,9 @@ pub struct AppState {
     pub bytes_down: AtomicU64,
     /// The URL volunteers open (shown on the dashboard and as its QR code).
     pub join_url: String,
+    /// Samples in the balanced test set the server evaluates on (for the
+    /// exported model's card).
+    pub test_samples: usize,
     /// When the server started, for the dashboard's clock.
     pub started: std::time::Instant,
 }
@@ -322,7 +326,33 @@ impl AppState {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
+            test_samples: 0,
             started: std::time::Instant::now(),
+        }
+    }
+
+    /// The card an exported model of `round` with `accuracy` carries.
+    pub fn model_card(&self, round: u32, accuracy: Option<f64>) -> ModelCard {
+        ModelCard {
+            round,
+            accuracy,
+            evaluated_on: format!(
+                "{} balanced test set, {} samples",
+                self.config.dataset, self.test_samples
+            ),
+            dataset: self.config.dataset.clone(),
+            class_names: self.train.class_names.clone(),
+            model: self.model.config(),
+            strategy: self.status().strategy.clone(),
+        }
+    }
+
+    /// The card of the current global model: the last completed round's.
+    pub fn current_model_card(&self) -> ModelCard {
+        let last = self.status().history.last().map(|r| (r.round, r.accuracy));
+        match last {
+            Some((round, accuracy)) => self.model_card(round as u32, Some(accuracy)),
+            None => self.model_card(0, None),
         }
     }
 

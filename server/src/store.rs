@@ -252,14 +252,15 @@ impl Store {
         Ok(())
     }
 
-    /// Commits a completed round: checkpoint first, then its rows.
+    /// Commits a completed round: the checkpoint (a safetensors file, as
+    /// `export::ModelCard::export` writes it) first, then its rows.
     pub fn save_round(
         &mut self,
         run_id: i64,
         record: &RoundRecord,
         skipped_hops: u64,
         mediators: &[MediatorStatus],
-        weights: &Weights,
+        checkpoint: &[u8],
         guard: &[f64],
     ) -> Result<(), StoreError> {
         let file = format!("run{run_id}-round{:06}.safetensors", record.round);
@@ -267,8 +268,7 @@ impl Store {
         let temporary = self.checkpoints.join(format!("{file}.tmp"));
         {
             let mut out = std::fs::File::create(&temporary).map_err(io(&temporary))?;
-            out.write_all(&weights.to_safetensors())
-                .map_err(io(&temporary))?;
+            out.write_all(checkpoint).map_err(io(&temporary))?;
             out.sync_all().map_err(io(&temporary))?;
         }
         std::fs::rename(&temporary, &path).map_err(io(&path))?;
@@ -418,7 +418,14 @@ mod tests {
                 .unwrap();
             store.save_plan(run.run_id, &[1.0, 2.5]).unwrap();
             store
-                .save_round(run.run_id, &record(1, 0.3), 0, &mediators, &weights, &[0.5])
+                .save_round(
+                    run.run_id,
+                    &record(1, 0.3),
+                    0,
+                    &mediators,
+                    &weights.to_safetensors(),
+                    &[0.5],
+                )
                 .unwrap();
             store
                 .save_round(
@@ -426,7 +433,7 @@ mod tests {
                     &record(2, 0.5),
                     1,
                     &mediators,
-                    &weights,
+                    &weights.to_safetensors(),
                     &[0.5, 0.75],
                 )
                 .unwrap();
@@ -491,7 +498,14 @@ mod tests {
                 .resume_or_create("demo", "{}", &weights.shapes)
                 .unwrap();
             store
-                .save_round(run.run_id, &record(1, 0.3), 0, &[], &weights, &[])
+                .save_round(
+                    run.run_id,
+                    &record(1, 0.3),
+                    0,
+                    &[],
+                    &weights.to_safetensors(),
+                    &[],
+                )
                 .unwrap();
             store.finish(run.run_id).unwrap();
         }

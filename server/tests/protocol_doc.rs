@@ -4,25 +4,24 @@
 //! values; and a real server on 127.0.0.1:0 answers the page's client
 //! examples as the page says.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use astraea_core::astraea::PlanRule;
-use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::limits::{
     ADDED_SAMPLES_ALLOWANCE, MAX_ABS_WEIGHT, MAX_BACKEND_BYTES, MAX_CLASSES, MAX_CLIENT_SAMPLES,
     MAX_MESSAGE_BYTES, MAX_PROGRESS_BATCHES, MAX_SPEED, MAX_UPDATE_SECONDS,
 };
 use astraea_core::protocol::{
     AckOutcome, ClientMessage, DEFAULT_MAX_FRAME_BYTES, DataSource, ErrorCode, PROTOCOL_VERSION,
-    ServerMessage, WeightEncoding, encode_chunks,
+    ServerMessage, encode_chunks,
 };
-use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
-use astraea_server::{Running, ServeConfig};
+use astraea_core::strategy::StrategyKind;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use support::{Socket, config, connect, start};
 use tokio_tungstenite::tungstenite::Message;
 
 const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
@@ -235,67 +234,6 @@ fn the_page_shows_the_version_and_every_limit_with_its_value() {
         )),
         "the title names another version"
     );
-}
-
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data")
-}
-
-/// The settings of `serve_native.rs`'s tests.
-fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
-    ServeConfig {
-        dataset: "mnist".into(),
-        data_dir: data_dir(),
-        max_train: Some(3000),
-        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
-        shards: clients,
-        participants: clients,
-        min_clients: clients,
-        rounds,
-        strategy,
-        settings: StrategySettings {
-            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-            rescheduling: Rescheduling {
-                gamma: 3,
-                passes: 2,
-            },
-            prox_mu: 0.01,
-            aggregation: Default::default(),
-        },
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
-        hop_deadline: Duration::from_secs(60),
-        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
-        max_frame_bytes: 64 * 1024,
-        encoding: WeightEncoding::F32,
-        seed: 3,
-        static_dir: std::env::temp_dir(),
-        admin_token: Some("s3cret".into()),
-        state_dir: None,
-        run_name: "test".into(),
-        tls: None,
-        public_url: None,
-    }
-}
-
-async fn start(config: ServeConfig) -> (Running, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    (
-        astraea_server::start(listener, config).await.unwrap(),
-        address,
-    )
-}
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(address: &str) -> Socket {
-    tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap()
-        .0
 }
 
 async fn send_text(socket: &mut Socket, text: &str) {

@@ -13,7 +13,7 @@ use astraea_core::strategy::{Rescheduling, StrategyKind};
 use astraea_native::run_swarm;
 use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, join, next_error, options, start};
+use support::{config, connect, join, next_error, options, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
@@ -172,9 +172,7 @@ async fn bad_input_gets_an_error_frame_and_a_drop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_with_another_protocol_version_is_refused() {
     let (_running, address) = start(config(StrategyKind::FedAvg, 2, 1)).await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
+    let mut socket = connect(&address).await;
     let join = ClientMessage::Join {
         version: 99,
         backend: "test".into(),
@@ -421,6 +419,22 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
         .clone();
     let weights = astraea_core::weights::Weights::from_safetensors(&model, &shapes).unwrap();
     assert_eq!(weights.len(), running.state.model.params);
+    // The file says what it is (safetensors: an 8-byte length, then a JSON
+    // header whose `__metadata__` holds the card).
+    let header_len = u64::from_le_bytes(model[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&model[8..8 + header_len]).unwrap();
+    let card = &header["__metadata__"];
+    assert_eq!(card["round"], "0", "{card}");
+    assert_eq!(card["dataset"], "mnist");
+    assert!(card["evaluated_on"].as_str().unwrap().contains("samples"));
+    let classes: Vec<String> = serde_json::from_str(card["class_names"].as_str().unwrap()).unwrap();
+    assert_eq!(classes.len(), running.state.model.num_classes);
+    assert!(
+        card["linear_layout"]
+            .as_str()
+            .unwrap()
+            .contains("transpose")
+    );
     assert!(
         metrics.contains("# TYPE astraea_rejections_total counter\nastraea_rejections_total 0"),
         "{metrics}"
@@ -470,9 +484,7 @@ async fn a_frame_above_the_limit_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
     let (running, address) = start(config(StrategyKind::FedAvg, 5, 1)).await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
+    let mut socket = connect(&address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
         backend: "test".into(),

@@ -16,7 +16,7 @@ use astraea_core::protocol::{
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
 use futures_util::{SinkExt, StreamExt};
-use support::{Socket, config, join, next_error, options, start};
+use support::{Socket, config, connect, join, next_error, options, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What a scripted client does with a task's weights.
@@ -251,9 +251,7 @@ async fn strings_past_their_limit_are_refused() {
     // The bug: a 900 KB `backend` was accepted and /api/status grew to
     // 1.8 MB.
     let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
+    let mut socket = connect(&address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
         backend: "x".repeat(1000),

@@ -76,14 +76,21 @@ pub fn options(address: &str) -> ClientOptions {
         max_attempts: Some(1),
         echo: false,
         attack: None,
+        vanish: 0.0,
     }
+}
+
+/// Opens a WebSocket to the server's `/ws`.
+pub async fn connect(address: &str) -> Socket {
+    tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
+        .await
+        .unwrap()
+        .0
 }
 
 /// Joins by hand and returns the socket after the welcome.
 pub async fn join(address: &str) -> Socket {
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws"))
-        .await
-        .unwrap();
+    let mut socket = connect(address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
         backend: "test".into(),

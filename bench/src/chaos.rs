@@ -1,0 +1,247 @@
+//! `astraea bench chaos`: crash resilience, measured.
+//!
+//! - [`kills`]: the real server process is killed with SIGKILL at random
+//!   moments while native clients train, and started again on the same
+//!   state folder; after each restart no completed round may be missing,
+//!   and the run must still finish.
+//! - [`vanish`]: a share of the clients vanish mid-chain (socket dropped
+//!   without a close frame) every round and rejoin; no round may stall
+//!   waiting for them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use astraea_core::strategy::StrategyKind;
+use astraea_native::{ClientOptions, run_swarm};
+use astraea_server::{self as serve, ServeConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Clients in both chaos runs, and the server's shards.
+const CLIENTS: usize = 6;
+
+/// What the SIGKILL run measured.
+#[derive(Debug, Clone)]
+pub struct KillReport {
+    /// SIGKILLs delivered (each followed by a restart).
+    pub kills: usize,
+    /// Completed rounds visible before a kill and missing after the restart,
+    /// summed over kills (target 0).
+    pub rounds_lost: usize,
+    /// Rounds the run was configured for.
+    pub rounds: u32,
+    /// Rounds completed at the end.
+    pub rounds_done: usize,
+    /// Whether the run finished.
+    pub finished: bool,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// The server process; killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(
+    port: u16,
+    rounds: u32,
+    data_dir: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<Server> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("server.log"))?;
+    let shards = CLIENTS.to_string();
+    let rounds = rounds.to_string();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args(["--dataset", "mnist", "--max-train", "3000"])
+        .args(["--partition", "long-tail:10", "--shards", &shards])
+        .args(["--participants", &shards, "--min-clients", &shards])
+        .args(["--rounds", &rounds, "--strategy", "astraea", "--gamma", "3"])
+        .args(["--hop-deadline", "30", "--run-name", "chaos"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--static-dir")
+        .arg(state_dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the server")?;
+    Ok(Server(child))
+}
+
+/// `GET path` as JSON; `None` while nothing answers.
+async fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    let response = astraea_server::loopback::get(&format!("127.0.0.1:{port}"), path)
+        .await
+        .ok()?;
+    serde_json::from_str(&response.text()).ok()
+}
+
+/// The completed rounds the server reports, once it answers.
+async fn completed_rounds(port: u16) -> anyhow::Result<Vec<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(rounds) = get_json(port, "/api/rounds").await
+            && let Some(list) = rounds.as_array()
+        {
+            return Ok(list.iter().filter_map(|r| r["round"].as_u64()).collect());
+        }
+        if Instant::now() > deadline {
+            bail!("the server did not answer within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Kills and restarts the server `kills` times at random moments (0.3 to
+/// 3 s apart, seeded), then lets the run of `rounds` rounds finish.
+pub async fn kills(
+    data_dir: PathBuf,
+    kills: usize,
+    rounds: u32,
+    seed: u64,
+) -> anyhow::Result<KillReport> {
+    let started = Instant::now();
+    let state_dir = std::env::temp_dir().join(format!("astraea-chaos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = spawn_server(port, rounds, &data_dir, &state_dir)?;
+    let options = ClientOptions {
+        url: format!("ws://127.0.0.1:{port}/ws"),
+        data_dir: data_dir.clone(),
+        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
+        max_attempts: None,
+        echo: false,
+        attack: None,
+        vanish: 0.0,
+    };
+    let swarm = tokio::spawn(run_swarm(CLIENTS, options));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut delivered, mut lost) = (0, 0);
+    while delivered < kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..3000))).await;
+        let before = completed_rounds(port).await?;
+        if before.len() as u32 >= rounds {
+            break; // A finished run is not killed: a restart would begin anew.
+        }
+        drop(server); // SIGKILL, then wait for the process.
+        delivered += 1;
+        server = spawn_server(port, rounds, &data_dir, &state_dir)?;
+        let after = completed_rounds(port).await?;
+        lost += before.iter().filter(|r| !after.contains(r)).count();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60 * 30);
+    let mut finished = false;
+    let mut done = 0;
+    while Instant::now() < deadline {
+        if let Some(status) = get_json(port, "/api/status").await {
+            done = status["round"].as_u64().unwrap_or(0) as usize;
+            if status["phase"] == "finished" {
+                finished = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rounds_done = completed_rounds(port).await.map_or(done, |r| r.len());
+    swarm.abort();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(KillReport {
+        kills: delivered,
+        rounds_lost: lost,
+        rounds,
+        rounds_done,
+        finished,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What the vanishing-clients run measured.
+#[derive(Debug, Clone)]
+pub struct VanishReport {
+    /// Rounds run.
+    pub rounds: usize,
+    /// Rounds that took longer than the hop deadline, i.e. waited on a
+    /// client that was gone (target 0).
+    pub stalled: usize,
+    /// Hops skipped because their client vanished.
+    pub skipped_hops: u64,
+    /// Connections that ended as departures.
+    pub departures: u64,
+    /// Mean and longest round, in seconds.
+    pub mean_round_s: f64,
+    /// Longest round, in seconds.
+    pub max_round_s: f64,
+}
+
+/// Runs `rounds` Astraea rounds (mediators of 3, two passes) with [`CLIENTS`] native
+/// clients, each vanishing mid-hop with probability `share` per task.
+pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Result<VanishReport> {
+    let hop_deadline = Duration::from_secs(10);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let mut config = ServeConfig {
+        max_train: Some(3000),
+        partition: "long-tail:10".parse().map_err(anyhow::Error::msg)?,
+        min_clients: CLIENTS / 2,
+        hop_deadline,
+        run_name: "chaos".into(),
+        ..crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea)
+    };
+    config.settings.rescheduling.gamma = 3;
+    let running = serve::start(listener, config).await?;
+    let options = ClientOptions {
+        url: format!("ws://{address}/ws"),
+        data_dir,
+        max_frame_bytes: 1 << 20,
+        max_attempts: None,
+        echo: false,
+        attack: None,
+        vanish: share,
+    };
+    let swarm = tokio::spawn(run_swarm(CLIENTS, options));
+    running.coordinator.await??;
+    swarm.abort();
+    let history = running.state.status().history.clone();
+    let mut previous = 0.0;
+    let durations: Vec<f64> = history
+        .iter()
+        .map(|r| {
+            let d = r.wall_s - previous;
+            previous = r.wall_s;
+            d
+        })
+        .collect();
+    let skipped_hops = running.state.status().skipped_hops;
+    Ok(VanishReport {
+        rounds: history.len(),
+        stalled: durations
+            .iter()
+            .filter(|&&d| d > hop_deadline.as_secs_f64())
+            .count(),
+        skipped_hops,
+        departures: running
+            .state
+            .departures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        mean_round_s: durations.iter().sum::<f64>() / durations.len().max(1) as f64,
+        max_round_s: durations.iter().copied().fold(0.0, f64::max),
+    })
+}
