@@ -136,6 +136,15 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
     server.0.wait().unwrap();
     let before = rounds_in_db(&state_dir);
     server = spawn_server(port, &state_dir);
+    // The first answer after the restart already shows the completed
+    // rounds (the bug: the history was restored by the round loop after
+    // the server answered, so for a moment a resumed run looked empty).
+    let first_answer = loop {
+        if let Some(body) = get(port, "/api/rounds").await {
+            break serde_json::from_str::<serde_json::Value>(&body).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     wait_for(port, "the run to finish", |s| s["phase"] == "finished").await;
     swarm.abort();
     drop(server);
@@ -143,6 +152,10 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
     // Assert
     let after = rounds_in_db(&state_dir);
     let log = std::fs::read_to_string(state_dir.join("server.log")).unwrap_or_default();
+    assert!(
+        first_answer.as_array().unwrap().len() >= before.len(),
+        "first answer after the restart: {first_answer}\n{log}"
+    );
     assert!(
         before.len() >= 2,
         "rounds before the kill: {before:?}\n{log}"

@@ -76,40 +76,64 @@ impl ServerData {
     }
 }
 
-/// Runs the configured number of rounds, going on from `resumed` when the
-/// store held an unfinished run.
-pub async fn run(
-    state: Arc<AppState>,
-    data: ServerData,
+/// Where a run goes on from.
+pub struct Resume {
+    /// The global model: the initial one, or the last completed round's.
+    pub global: Weights,
+    /// The first round still to run.
+    pub first_round: u32,
+    /// Whether the data plan was already sent.
+    pub planned: bool,
+}
+
+/// Puts a resumed run back (history, plan, counters, the guard's history,
+/// the model) before anything is served, so no request sees a resumed run
+/// as empty; `None` starts from `initial`.
+pub fn restore(
+    state: &AppState,
+    initial: &Weights,
     resumed: Option<crate::store::Resumed>,
-) -> anyhow::Result<()> {
-    let config = &state.config;
-    let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
-    let mut global = data.initial.clone();
-    let start = Instant::now();
-    let mut planned = false;
-    let mut first_round = 1;
+) -> Resume {
+    let mut resume = Resume {
+        global: initial.clone(),
+        first_round: 1,
+        planned: false,
+    };
     if let Some(resumed) = resumed {
+        state.run_id.store(resumed.run_id as u64, Ordering::Relaxed);
         if let Some(weights) = resumed.weights {
-            global = weights;
+            resume.global = weights;
         }
         if let Some(last) = resumed.history.last() {
-            first_round = last.round as u32 + 1;
+            resume.first_round = last.round as u32 + 1;
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
             state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
             let detail = format!("resumed after round {}", last.round);
             tracing::info!("{detail}");
             state.record(|store, run| store.event(run, Some(last.round as u32), "resume", &detail));
         }
+        lock(&state.guard).restore(&resumed.guard);
         let mut status = state.status();
-        planned = resumed.plan.is_some();
+        resume.planned = resumed.plan.is_some();
         status.plan = resumed.plan;
         status.history = resumed.history;
         status.skipped_hops = resumed.skipped_hops;
-        lock(&state.guard).restore(&resumed.guard);
-        status.round = first_round - 1;
+        status.round = resume.first_round - 1;
     }
-    *crate::state::lock(&state.global) = Some(Arc::new(global.clone()));
+    *lock(&state.global) = Some(Arc::new(resume.global.clone()));
+    resume
+}
+
+/// Runs the configured number of rounds from `resume` (see [`restore`]).
+pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyhow::Result<()> {
+    let config = &state.config;
+    let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
+    let Resume {
+        mut global,
+        first_round,
+        mut planned,
+    } = resume;
+    let start = Instant::now();
     let mut round = first_round;
     while round <= state.tunable().rounds {
         // Seeded per round, so a resumed run draws as the original would have.

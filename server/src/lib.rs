@@ -89,12 +89,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     state.join_url = join_url;
     state.test_samples = data.test.len();
     let state = Arc::new(state);
-    if let Some(resumed) = &resumed {
-        state
-            .run_id
-            .store(resumed.run_id as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-    *crate::state::lock(&state.global) = Some(Arc::new(data.initial.clone()));
+    let resume = coordinator::restore(&state, &data.initial, resumed);
     let router = app::app(state.clone());
     let server = match rustls {
         None => tokio::spawn(async move {
@@ -112,7 +107,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             })
         }
     };
-    let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resumed));
+    let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resume));
     Ok(Running {
         state,
         server,
