@@ -143,6 +143,16 @@ impl Connection {
     fn on_text(&mut self, text: &str) -> Result<bool, Refusal> {
         let message = ClientMessage::from_json(text)
             .map_err(|e| refuse(ErrorCode::Malformed, format!("malformed message: {e}")))?;
+        // The version first: a client of another version may break limits
+        // it does not know, and should hear why it cannot join.
+        if let ClientMessage::Join { version, .. } = &message
+            && *version != PROTOCOL_VERSION
+        {
+            return Err(refuse(
+                ErrorCode::Version,
+                format!("client speaks protocol {version}, server {PROTOCOL_VERSION}"),
+            ));
+        }
         message.validate().map_err(|e| {
             refuse(
                 ErrorCode::Invalid,
@@ -150,21 +160,7 @@ impl Connection {
             )
         })?;
         match (self.id, message) {
-            (
-                None,
-                ClientMessage::Join {
-                    version,
-                    backend,
-                    data,
-                    ..
-                },
-            ) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(refuse(
-                        ErrorCode::Version,
-                        format!("client speaks protocol {version}, server {PROTOCOL_VERSION}"),
-                    ));
-                }
+            (None, ClientMessage::Join { backend, data, .. }) => {
                 self.join(backend, data)?;
                 Ok(true)
             }

@@ -378,6 +378,13 @@ async fn a_real_server_answers_the_pages_client_examples_as_the_page_says() {
     let mut older = connect(&address).await;
     send_text(&mut older, &old.to_string()).await;
     let older_answer = drain(&mut older).await;
+    // Another version that also breaks a limit hears about the version (it
+    // may not know the limits): the version is checked first.
+    let mut old_and_fast = too_fast.clone();
+    old_and_fast["version"] = Value::from(PROTOCOL_VERSION - 1);
+    let mut older_fast = connect(&address).await;
+    send_text(&mut older_fast, &old_and_fast.to_string()).await;
+    let older_fast_answer = drain(&mut older_fast).await;
 
     // Assert: the demo client.
     assert_eq!(version, PROTOCOL_VERSION);
@@ -432,8 +439,18 @@ async fn a_real_server_answers_the_pages_client_examples_as_the_page_says() {
         ),
         "{older_answer:?}"
     );
+    assert!(
+        matches!(
+            older_fast_answer.as_slice(),
+            [ServerMessage::Error {
+                code: ErrorCode::Version,
+                ..
+            }]
+        ),
+        "{older_fast_answer:?}"
+    );
     let state = &running.state;
-    assert_eq!(state.rejections.load(Ordering::Relaxed), 2);
+    assert_eq!(state.rejections.load(Ordering::Relaxed), 3);
     assert_eq!(state.stale_updates.load(Ordering::Relaxed), 1);
     let mut departures = 0;
     for _ in 0..50 {
