@@ -156,7 +156,7 @@ impl Connection {
         message.validate().map_err(|e| {
             refuse(
                 ErrorCode::Invalid,
-                format!("{} refused: {e}", message_name(&message)),
+                format!("{} refused: {e}", message.kind()),
             )
         })?;
         match (self.id, message) {
@@ -186,7 +186,7 @@ impl Connection {
                 ErrorCode::Unexpected,
                 format!(
                     "unexpected {} {}",
-                    message_name(&message),
+                    message.kind(),
                     if id.is_some() {
                         "after join"
                     } else {
@@ -497,16 +497,5 @@ fn socket_error(error: axum::Error) -> Option<Refusal> {
             tracing::debug!("socket ended: {inner}");
             None
         }
-    }
-}
-
-fn message_name(message: &ClientMessage) -> &'static str {
-    match message {
-        ClientMessage::Join { .. } => "join",
-        ClientMessage::Ready { .. } => "ready",
-        ClientMessage::Progress { .. } => "progress",
-        ClientMessage::Update(_) => "update",
-        ClientMessage::Error { .. } => "error",
-        ClientMessage::Leave => "leave",
     }
 }

@@ -26,35 +26,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
 
-/// Every `type` a client may send; [`client_kind`] keeps it complete.
+/// Every `type` a client may send (`ClientMessage::kind` names them).
 const CLIENT_KINDS: [&str; 6] = ["join", "ready", "progress", "update", "error", "leave"];
-/// Every `type` the server may send; [`server_kind`] keeps it complete.
+/// Every `type` the server may send (`ServerMessage::kind`).
 const SERVER_KINDS: [&str; 6] = ["welcome", "plan", "task", "ack", "round-done", "error"];
-
-/// The `type` of a client message. The match has no wildcard, so a new
-/// variant does not compile until it is named here and in [`CLIENT_KINDS`].
-fn client_kind(message: &ClientMessage) -> &'static str {
-    match message {
-        ClientMessage::Join { .. } => "join",
-        ClientMessage::Ready { .. } => "ready",
-        ClientMessage::Progress { .. } => "progress",
-        ClientMessage::Update(_) => "update",
-        ClientMessage::Error { .. } => "error",
-        ClientMessage::Leave => "leave",
-    }
-}
-
-/// The `type` of a server message (see [`client_kind`]).
-fn server_kind(message: &ServerMessage) -> &'static str {
-    match message {
-        ServerMessage::Welcome { .. } => "welcome",
-        ServerMessage::Plan { .. } => "plan",
-        ServerMessage::Task(_) => "task",
-        ServerMessage::Ack { .. } => "ack",
-        ServerMessage::RoundDone { .. } => "round-done",
-        ServerMessage::Error { .. } => "error",
-    }
-}
 
 /// The page's text.
 fn page() -> String {
@@ -130,7 +105,7 @@ impl Examples {
     fn client(&self, kind: &str, pick: impl Fn(&ClientMessage) -> bool) -> (&str, &ClientMessage) {
         self.client
             .iter()
-            .find(|(_, m)| client_kind(m) == kind && pick(m))
+            .find(|(_, m)| m.kind() == kind && pick(m))
             .map(|(text, m)| (text.as_str(), m))
             .unwrap_or_else(|| panic!("the page has no fitting {kind} example"))
     }
@@ -155,16 +130,8 @@ fn every_example_on_the_page_is_a_message_and_every_message_has_one() {
     let examples = Examples::from_page();
 
     // Assert
-    let client: BTreeSet<&str> = examples
-        .client
-        .iter()
-        .map(|(_, m)| client_kind(m))
-        .collect();
-    let server: BTreeSet<&str> = examples
-        .server
-        .iter()
-        .map(|(_, m)| server_kind(m))
-        .collect();
+    let client: BTreeSet<&str> = examples.client.iter().map(|(_, m)| m.kind()).collect();
+    let server: BTreeSet<&str> = examples.server.iter().map(|(_, m)| m.kind()).collect();
     assert_eq!(client, BTreeSet::from(CLIENT_KINDS), "client examples");
     assert_eq!(server, BTreeSet::from(SERVER_KINDS), "server examples");
     let outcomes: BTreeSet<String> = examples

@@ -271,6 +271,19 @@ pub enum ServerMessage {
 }
 
 impl ClientMessage {
+    /// Its `type` tag on the wire. The match names every variant, so a new
+    /// one does not compile until it has a tag here.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::Join { .. } => "join",
+            ClientMessage::Ready { .. } => "ready",
+            ClientMessage::Progress { .. } => "progress",
+            ClientMessage::Update(_) => "update",
+            ClientMessage::Error { .. } => "error",
+            ClientMessage::Leave => "leave",
+        }
+    }
+
     /// The JSON text frame.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("messages always serialise")
@@ -283,6 +296,18 @@ impl ClientMessage {
 }
 
 impl ServerMessage {
+    /// Its `type` tag on the wire (see [`ClientMessage::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Welcome { .. } => "welcome",
+            ServerMessage::Plan { .. } => "plan",
+            ServerMessage::Task(_) => "task",
+            ServerMessage::Ack { .. } => "ack",
+            ServerMessage::RoundDone { .. } => "round-done",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+
     /// The JSON text frame.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("messages always serialise")
