@@ -13,7 +13,6 @@ pub use robust::Robust;
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::Aggregator;
 use crate::astraea::AugmentationPlan;
 use crate::robust::AggregationRule;
 
@@ -89,13 +88,22 @@ pub trait Strategy: Send + Sync {
         results: &[GroupResult],
         _failures: &[GroupFailure],
     ) -> Option<Vec<f32>> {
-        let mut aggregator = Aggregator::new(global);
-        for result in results {
-            // A misfit result is dropped; the others still count.
-            let _ = aggregator.fold(&result.weights, result.samples);
-        }
-        aggregator.finish().ok()
+        aggregate_results(AggregationRule::Mean, global, results)
     }
+}
+
+/// The groups' results combined by `rule`; misfit results are skipped, and
+/// `None` comes back when none is usable or the aggregate is not finite.
+pub(crate) fn aggregate_results(
+    rule: AggregationRule,
+    global: &[f32],
+    results: &[GroupResult],
+) -> Option<Vec<f32>> {
+    let updates: Vec<(&[f32], u64)> = results
+        .iter()
+        .map(|r| (r.weights.as_slice(), r.samples))
+        .collect();
+    crate::robust::aggregate_with(rule, global, &updates).ok()
 }
 
 /// Every participant trains alone, from the global model, once.

@@ -3,10 +3,10 @@
 
 use super::{GroupFailure, GroupResult, Participant, RoundPlan, Strategy};
 use crate::astraea::AugmentationPlan;
-use crate::robust::{AggregationRule, aggregate_with};
+use crate::robust::AggregationRule;
 
 /// A strategy that plans data and rounds as `inner` does but combines the
-/// groups' results with `rule` ([`aggregate_with`]) instead of `inner`'s own
+/// groups' results with `rule` ([`crate::robust::aggregate_with`]) instead of `inner`'s own
 /// `aggregate`. [`StrategyKind::build`](super::StrategyKind::build) wraps a
 /// strategy in it for every rule but [`AggregationRule::Mean`].
 pub struct Robust {
@@ -38,11 +38,7 @@ impl Strategy for Robust {
         results: &[GroupResult],
         _failures: &[GroupFailure],
     ) -> Option<Vec<f32>> {
-        let updates: Vec<(&[f32], u64)> = results
-            .iter()
-            .map(|r| (r.weights.as_slice(), r.samples))
-            .collect();
-        aggregate_with(self.rule, global, &updates).ok()
+        super::aggregate_results(self.rule, global, results)
     }
 }
 
