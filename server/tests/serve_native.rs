@@ -13,7 +13,7 @@ use astraea_core::strategy::{Rescheduling, StrategyKind};
 use astraea_native::run_swarm;
 use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, connect, join, next_error, options, start};
+use support::{config, connect, join, next_error, options, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
@@ -180,10 +180,7 @@ async fn a_join_with_another_protocol_version_is_refused() {
         data: DataSource::Demo,
     };
 
-    socket
-        .send(Message::Text(join.to_json().into()))
-        .await
-        .unwrap();
+    send(&mut socket, &join).await;
     let error = next_error(&mut socket).await;
 
     assert!(matches!(
@@ -294,10 +291,7 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
                     encoding: WeightEncoding::F32,
                     chunks: frames.len() as u32,
                 });
-                hostile
-                    .send(Message::Text(update.to_json().into()))
-                    .await
-                    .unwrap();
+                send(&mut hostile, &update).await;
                 for frame in frames {
                     hostile.send(Message::Binary(frame.into())).await.unwrap();
                 }
@@ -491,10 +485,7 @@ async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
         speed: None,
         data: DataSource::Demo,
     };
-    socket
-        .send(Message::Text(join.to_json().into()))
-        .await
-        .unwrap();
+    send(&mut socket, &join).await;
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {
         panic!("no welcome")
     };

@@ -16,7 +16,7 @@ use astraea_core::protocol::{
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
 use futures_util::{SinkExt, StreamExt};
-use support::{Socket, config, connect, join, next_error, options, start};
+use support::{Socket, config, connect, join, next_error, options, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What a scripted client does with a task's weights.
@@ -259,10 +259,7 @@ async fn strings_past_their_limit_are_refused() {
         data: DataSource::Demo,
     };
 
-    socket
-        .send(Message::Text(join.to_json().into()))
-        .await
-        .unwrap();
+    send(&mut socket, &join).await;
     let error = next_error(&mut socket).await;
 
     assert_eq!(error_code(Some(error)), ErrorCode::Invalid);

@@ -88,6 +88,14 @@ pub async fn connect(address: &str) -> Socket {
         .0
 }
 
+/// Sends one client message as a text frame.
+pub async fn send(socket: &mut Socket, message: &ClientMessage) {
+    socket
+        .send(Message::Text(message.to_json().into()))
+        .await
+        .unwrap();
+}
+
 /// Joins by hand and returns the socket after the welcome.
 pub async fn join(address: &str) -> Socket {
     let mut socket = connect(address).await;
@@ -99,10 +107,7 @@ pub async fn join(address: &str) -> Socket {
             counts: vec![5; 10],
         },
     };
-    socket
-        .send(Message::Text(join.to_json().into()))
-        .await
-        .unwrap();
+    send(&mut socket, &join).await;
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {
         panic!("no welcome")
     };
