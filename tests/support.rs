@@ -157,6 +157,8 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(600),
         max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
+        validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
+        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
         max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         encoding: WeightEncoding::F32,
         seed: 7,

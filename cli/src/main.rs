@@ -245,6 +245,14 @@ struct ServeArgs {
     /// most this many times their L2 norm.
     #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO)]
     max_update_ratio: f64,
+    /// The guard's loss rule: samples of the training set kept to judge
+    /// each hop on (0: off).
+    #[arg(long, env = "ASTRAEA_VALIDATION_SAMPLES", default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
+    validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by at
+    /// most this many nats.
+    #[arg(long, env = "ASTRAEA_MAX_LOSS_INCREASE", default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
+    max_loss_increase: f64,
     /// Largest WebSocket frame in bytes.
     #[arg(long, env = "ASTRAEA_MAX_FRAME_BYTES", default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -351,6 +359,14 @@ struct SimulateArgs {
     /// weights by at most this many times their norm.
     #[arg(long, default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
     max_update_ratio: f64,
+    /// The guard's loss rule, as the server applies it: samples of the
+    /// validation set a hop is judged on (0: off).
+    #[arg(long, default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
+    validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by at
+    /// most this many nats.
+    #[arg(long, default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
+    max_loss_increase: f64,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -635,6 +651,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         learning_rate: args.lr,
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
         max_update_ratio: args.max_update_ratio,
+        validation_samples: args.validation_samples,
+        max_loss_increase: args.max_loss_increase,
         max_frame_bytes: args.max_frame_bytes,
         encoding: if args.f16 {
             WeightEncoding::F16
@@ -713,6 +731,8 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         attack: args.attack,
         attackers: args.attackers / 100.0,
         max_update_ratio: args.max_update_ratio,
+        validation_samples: args.validation_samples,
+        max_loss_increase: args.max_loss_increase,
         threads,
         out_dir: args.out.clone(),
         target_accuracy: args.target.map(|t| t / 100.0),

@@ -20,6 +20,8 @@
 //!   dataset, classes, configuration, input scaling, layouts).
 //! - [`guard`]: the update guard: judges an update against the weights it
 //!   was sent (bounds, distance relative to the model, recent median).
+//! - [`validation`]: the guard's loss rule: a hop may not raise the loss
+//!   on the server's validation samples by more than a tolerance (Zeno).
 //! - [`metrics`]: what a run records each round, for every runner and report.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
 //! - [`protocol`]: the messages and weight frames between server and clients.
@@ -39,4 +41,5 @@ pub mod protocol;
 pub mod robust;
 pub mod strategy;
 pub mod train;
+pub mod validation;
 pub mod weights;

@@ -172,6 +172,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.stale_updates.load(Ordering::Relaxed) as f64,
     );
     metric(
+        "astraea_loss_refusals_total",
+        "counter",
+        "Hops refused for raising the validation loss past the tolerance.",
+        state.loss_refusals.load(Ordering::Relaxed) as f64,
+    );
+    metric(
         "astraea_dropped_rounds_total",
         "counter",
         "Rounds whose aggregate was refused; the previous model was kept.",

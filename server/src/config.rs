@@ -71,6 +71,13 @@ pub struct ServeConfig {
     /// The update guard's bound: an update may move the weights it was sent
     /// by at most this many times their L2 norm.
     pub max_update_ratio: f64,
+    /// The guard's loss rule (`astraea_core::validation`): samples of the
+    /// training set the server keeps to judge hops on (seeded); 0 turns
+    /// the rule off.
+    pub validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by
+    /// at most this many nats.
+    pub max_loss_increase: f64,
     /// Largest WebSocket frame accepted or sent.
     pub max_frame_bytes: usize,
     /// Encoding of the weights the server sends.

@@ -473,13 +473,26 @@ impl Connection {
                 .samples
                 .saturating_mul(self.state.config.epochs as u64),
         );
-        let _ = pending.reply.send(HopReply {
-            weights,
-            samples: update.samples,
-            loss: update.loss,
-        });
+        // The chain acknowledges it once judged (the loss rule comes
+        // after these checks); a chain that has just given the hop up
+        // makes it stale.
+        let given_up = pending
+            .reply
+            .send(HopReply {
+                weights,
+                samples: update.samples,
+                loss: update.loss,
+            })
+            .is_err();
         drop(clients);
-        self.acknowledge(&update, AckOutcome::Accepted, None);
+        if given_up {
+            self.state.stale_updates.fetch_add(1, Ordering::Relaxed);
+            self.acknowledge(
+                &update,
+                AckOutcome::Stale,
+                Some("the hop was given up as it arrived".into()),
+            );
+        }
         Ok(true)
     }
 }

@@ -13,9 +13,12 @@ use astraea_core::data::Dataset;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::limits::check_weights;
-use astraea_core::protocol::{ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks};
+use astraea_core::protocol::{
+    AckOutcome, ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
+};
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
+use astraea_core::validation::LossCheck;
 use astraea_core::weights::Weights;
 use burn::prelude::*;
 use futures_util::future::join_all;
@@ -42,6 +45,9 @@ pub struct ServerData {
     pub train: Arc<Dataset>,
     /// The initial global model (seeded), served until round 1 ends.
     pub initial: Weights,
+    /// The guard's loss rule on validation samples drawn from the training
+    /// set; `None` when turned off.
+    pub loss_check: Option<Arc<LossCheck>>,
 }
 
 impl ServerData {
@@ -65,7 +71,19 @@ impl ServerData {
         let device = Device::flex();
         device.seed(config.seed);
         let initial = Weights::from_model(&model_config.init(&device));
+        let loss_check = (config.validation_samples > 0 && !train.is_empty()).then(|| {
+            let mut rng = StdRng::seed_from_u64(config.seed ^ 0x7a11d);
+            let count = config.validation_samples.min(train.len());
+            let picked = rand::seq::index::sample(&mut rng, train.len(), count).into_vec();
+            Arc::new(LossCheck::new(
+                model_config.clone(),
+                initial.shapes.clone(),
+                &train.subset(&picked),
+                config.max_loss_increase,
+            ))
+        });
         Ok(Self {
+            loss_check,
             model: ModelSpec::new(&model_config, initial.len()),
             initial,
             model_config,
@@ -428,6 +446,8 @@ async fn run_chain(
     prox_mu: f64,
 ) -> Result<GroupResult, GroupFailure> {
     let mut weights = global;
+    // The validation loss of `weights`, once the loss rule computed it.
+    let mut weights_loss = None;
     let mut samples = vec![None; group.members.len()];
     let mut hop = 0u32;
     for pass in 0..group.passes {
@@ -454,12 +474,41 @@ async fn run_chain(
                     passes: group.passes as u32,
                 }),
             };
-            match run_hop(&state, member as u64, task, &weights).await {
+            let wire_hop = task.hop;
+            let outcome = match run_hop(&state, member as u64, task, &weights).await {
+                Ok(reply) => judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
+                    .await
+                    .map(|()| reply)
+                    .inspect_err(|_| {
+                        state.loss_refusals.fetch_add(1, Ordering::Relaxed);
+                    }),
+                Err(skip) => Err(HopOutcome::Skipped(skip)),
+            };
+            // The client learns its update's fate once the chain has
+            // judged it.
+            let (ack, reason) = match &outcome {
+                Ok(_) => (Some(AckOutcome::Accepted), None),
+                Err(HopOutcome::Refused(reason)) => {
+                    (Some(AckOutcome::Refused), Some(reason.clone()))
+                }
+                Err(HopOutcome::Skipped(_)) => (None, None),
+            };
+            if let Some(outcome) = ack
+                && let Some(entry) = state.clients().get_mut(&(member as u64))
+            {
+                entry.send(&ServerMessage::Ack {
+                    round,
+                    hop: wire_hop,
+                    outcome,
+                    reason,
+                });
+            }
+            match outcome {
                 Ok(reply) => {
                     weights = reply.weights;
                     samples[position] = Some(reply.samples);
                 }
-                Err(reason) => {
+                Err(HopOutcome::Refused(reason) | HopOutcome::Skipped(reason)) => {
                     state.status().skipped_hops += 1;
                     tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
                     let detail = format!("client {member} hop {hop}: {reason}");
@@ -481,6 +530,50 @@ async fn run_chain(
         weights,
         samples: trained,
     })
+}
+
+/// Why a hop's update was not taken into the chain.
+enum HopOutcome {
+    /// No update came (the client left, or the deadline passed).
+    Skipped(String),
+    /// The update came and the loss rule refused it.
+    Refused(String),
+}
+
+/// The guard's loss rule on one hop from `sent` to `new`, off the async
+/// threads. `sent_loss` caches the validation loss of `sent`, and holds
+/// that of `new` once the hop is accepted (the chain's next `sent`).
+async fn judge_loss(
+    state: &AppState,
+    sent: &[f32],
+    sent_loss: &mut Option<f64>,
+    new: &[f32],
+) -> Result<(), HopOutcome> {
+    let Some(check) = state.loss_check.clone() else {
+        return Ok(());
+    };
+    let (known, sent, new) = (*sent_loss, sent.to_vec(), new.to_vec());
+    let losses = tokio::task::spawn_blocking(move || {
+        let device = Device::flex();
+        let loss = |values: &[f32]| check.loss(values, &device).unwrap_or(f64::INFINITY);
+        let before = known.unwrap_or_else(|| loss(&sent));
+        let after = loss(&new);
+        (before, after, check.judge(before, after))
+    })
+    .await;
+    match losses {
+        Ok((before, after, verdict)) => {
+            *sent_loss = Some(before);
+            verdict
+                .map_err(|refusal| HopOutcome::Refused(format!("update rejected: {refusal}")))?;
+            *sent_loss = Some(after);
+            Ok(())
+        }
+        // A panic while evaluating: the hop is not taken.
+        Err(e) => Err(HopOutcome::Refused(format!(
+            "update could not be judged: {e}"
+        ))),
+    }
 }
 
 /// Sends one task and waits for its update, at most the hop deadline.

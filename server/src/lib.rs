@@ -88,6 +88,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     );
     state.join_url = join_url;
     state.test_samples = data.test.len();
+    state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
     let resume = coordinator::restore(&state, &data.initial, resumed);
     let router = app::app(state.clone());

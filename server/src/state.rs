@@ -245,6 +245,11 @@ pub struct AppState {
     pub departures: AtomicU64,
     /// Updates that answered a hop no longer awaited (acknowledged stale).
     pub stale_updates: AtomicU64,
+    /// Hops refused by the guard's loss rule (acknowledged refused; the
+    /// client stays, the chain goes on without its hop).
+    pub loss_refusals: AtomicU64,
+    /// The guard's loss rule, when the server keeps validation samples.
+    pub loss_check: Option<std::sync::Arc<astraea_core::validation::LossCheck>>,
     /// Rounds whose aggregate was refused (non-finite, out of bounds, or a
     /// panic while closing the round); the previous model was kept.
     pub dropped_rounds: AtomicU64,
@@ -315,6 +320,8 @@ impl AppState {
             rejections: AtomicU64::new(0),
             departures: AtomicU64::new(0),
             stale_updates: AtomicU64::new(0),
+            loss_refusals: AtomicU64::new(0),
+            loss_check: None,
             dropped_rounds: AtomicU64::new(0),
             store: store.map(Mutex::new),
             run_id: AtomicU64::new(0),

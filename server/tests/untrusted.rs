@@ -208,6 +208,32 @@ async fn the_first_update_of_a_run_with_a_huge_weight_is_refused_and_the_model_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_honest_size_that_ruins_the_loss_is_refused_but_the_client_stays() {
+    // The open problem of issue 9: a harmful update small enough for the
+    // norm rules (here the output layer pushed towards one class, as a
+    // reversed honest update is) was taken. The loss rule refuses the hop;
+    // an honest client can break that rule too, so the client stays.
+    let (error, acks, running) = with_three_honest(1, Duration::from_secs(60), |_, mut w| {
+        let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
+        let biases = w.len() - 10;
+        w[biases + 3] += (0.5 * allowed).min(8.0) as f32;
+        Answer {
+            values: w,
+            samples: 50,
+            chunks_sent: None,
+        }
+    })
+    .await;
+
+    assert!(error.is_none(), "the client was sent away: {error:?}");
+    assert_eq!(acks, vec![AckOutcome::Refused]);
+    assert_eq!(running.state.loss_refusals.load(Ordering::Relaxed), 1);
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 0);
+    assert_eq!(running.state.status().history.len(), 1);
+    assert_eq!(running.state.status().skipped_hops, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_update_does_not_block_the_clients_next_one() {
     // The bug: an update announcing 2 chunks with only chunk 0 sent was
     // skipped at the deadline, but its state survived and the next valid

@@ -48,6 +48,13 @@ pub struct SimConfig {
     /// hop is judged as the server would, and a refused client is dropped
     /// for the rest of the run.
     pub max_update_ratio: f64,
+    /// The guard's loss rule (`astraea_core::validation`): samples of the
+    /// server's validation set (drawn from the training set, seeded); 0
+    /// turns the rule off.
+    pub validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by at
+    /// most this many nats.
+    pub max_loss_increase: f64,
     /// Worker threads that run mediators (and evaluation) in parallel.
     pub threads: usize,
     /// Where CSVs, the plot and the summary go.

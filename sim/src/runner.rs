@@ -14,6 +14,7 @@ use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
+use astraea_core::validation::LossCheck;
 use astraea_core::weights::Weights;
 use burn::prelude::*;
 use indicatif::ProgressBar;
@@ -110,7 +111,21 @@ pub fn run(
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
     let (mut train_samples, mut train_s) = (0u64, 0.0f64);
-    let defence = Defence::new(config, federation.clients.len(), spec.seed);
+    let loss_check = (config.validation_samples > 0).then(|| {
+        let mut draw = StdRng::seed_from_u64(mix(&[spec.seed, 0x7a11d]));
+        let picked = sample(
+            &mut draw,
+            train.len(),
+            config.validation_samples.min(train.len()),
+        );
+        LossCheck::new(
+            model_config.clone(),
+            global.shapes.clone(),
+            &train.subset(&picked.into_vec()),
+            config.max_loss_increase,
+        )
+    });
+    let defence = Defence::new(config, federation.clients.len(), spec.seed, loss_check);
     for round in 1..=config.rounds {
         let chosen = sample(
             &mut rng,
@@ -231,6 +246,9 @@ fn run_chain(
         defence,
     } = *context;
     let mut weights = global.clone();
+    // The validation loss of `weights`, once the loss rule has computed it.
+    let mut weights_loss = None;
+    let eval_device = Device::flex();
     let mut processed = 0u64;
     let mut taken = vec![None; group.members.len()];
     for pass in 0..group.passes {
@@ -275,6 +293,12 @@ fn run_chain(
                 defence.drop_client(member);
                 continue;
             }
+            // The loss rule refuses the hop only: an honest client's hop can
+            // fail it, so the client is not dropped (the server keeps its
+            // connection); the chain goes on from the weights it sent.
+            if !defence.loss_accepts(&weights, &mut weights_loss, &next, &eval_device) {
+                continue;
+            }
             weights = next;
             taken[position] = Some(claimed);
         }
@@ -291,19 +315,26 @@ fn run_chain(
 }
 
 /// What the simulated server knows of its clients' hostility: which clients
-/// attack (chosen once, seeded) and how, the update guard every hop passes,
-/// and the clients refused so far (dropped for the rest of the run, as the
-/// server drops a refused connection).
+/// attack (chosen once, seeded) and how, the update guard every hop passes
+/// (with its loss rule when there is a validation set), and the clients
+/// refused so far (dropped for the rest of the run, as the server drops a
+/// refused connection).
 pub struct Defence {
     attack: Option<Attack>,
     attackers: Vec<bool>,
     guard: Mutex<UpdateGuard>,
+    loss_check: Option<LossCheck>,
     dropped: Mutex<Vec<bool>>,
 }
 
 impl Defence {
     /// `round(attackers * clients)` attackers drawn with `seed`.
-    pub fn new(config: &SimConfig, clients: usize, seed: u64) -> Self {
+    pub fn new(
+        config: &SimConfig,
+        clients: usize,
+        seed: u64,
+        loss_check: Option<LossCheck>,
+    ) -> Self {
         let count = match config.attack {
             Some(_) => {
                 ((config.attackers.clamp(0.0, 1.0) * clients as f64).round() as usize).min(clients)
@@ -319,6 +350,7 @@ impl Defence {
             attack: config.attack,
             attackers,
             guard: Mutex::new(UpdateGuard::new(config.max_update_ratio, 10.0, 100, 5)),
+            loss_check,
             dropped: Mutex::new(vec![false; clients]),
         }
     }
@@ -343,6 +375,29 @@ impl Defence {
             .expect("no worker panicked")
             .check(sent, new)
             .is_ok()
+    }
+
+    /// The loss rule on one hop from `sent` to `new`. `sent_loss` holds the
+    /// validation loss of `sent` once computed, and that of `new` after an
+    /// accepted hop (the chain's next `sent`).
+    fn loss_accepts(
+        &self,
+        sent: &Weights,
+        sent_loss: &mut Option<f64>,
+        new: &Weights,
+        device: &Device,
+    ) -> bool {
+        let Some(check) = &self.loss_check else {
+            return true;
+        };
+        let before = *sent_loss
+            .get_or_insert_with(|| check.loss(&sent.values, device).unwrap_or(f64::INFINITY));
+        let after = check.loss(&new.values, device).unwrap_or(f64::INFINITY);
+        let accepted = check.judge(before, after).is_ok();
+        if accepted {
+            *sent_loss = Some(after);
+        }
+        accepted
     }
 
     /// Clients refused so far.

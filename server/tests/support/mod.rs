@@ -50,6 +50,8 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(60),
         max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
+        validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
+        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
         max_frame_bytes: 64 * 1024,
         encoding: WeightEncoding::F32,
         seed: 3,
