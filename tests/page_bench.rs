@@ -107,6 +107,7 @@ fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
         learning_rate: 1e-3,
         prox_mu: 0.0,
         deadline_ms: 60_000,
+        stall_ms: None,
         seed: 1,
         encoding: WeightEncoding::F32,
         chunks: 0,

@@ -156,6 +156,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         batch_size: 20,
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(600),
+        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
         validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
         max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,

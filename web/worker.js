@@ -174,10 +174,18 @@ async function train(action) {
   say({ type: 'task', round: task.round, hop: task.hop, place: task.place || null, epochs: task.epochs });
   const started = performance.now();
   let lastPost = 0;
+  let lastBeat = performance.now();
   let losses = [];
   const onStep = (p) => {
     losses.push(p.loss);
     const now = performance.now();
+    // The heartbeat, from the worker itself (the page's timers are
+    // throttled in a hidden tab): at most one a second, well inside the
+    // server's task.stall_ms.
+    if (now - lastBeat > 1000 && socket && socket.readyState === WebSocket.OPEN) {
+      lastBeat = now;
+      socket.send(p.progress);
+    }
     const last = p.epoch === p.epochs - 1 && p.batch === p.batches - 1;
     // At most ~8 messages a second: a fast CPU takes hundreds of steps a
     // second, and every message costs the page a redraw on the same cores.

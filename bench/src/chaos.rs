@@ -130,6 +130,8 @@ pub async fn kills(
         echo: false,
         attack: None,
         vanish: 0.0,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     };
     let swarm = tokio::spawn(run_swarm(CLIENTS, options));
     let mut rng = StdRng::seed_from_u64(seed);
@@ -215,6 +217,8 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
         echo: false,
         attack: None,
         vanish: share,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     };
     let swarm = tokio::spawn(run_swarm(CLIENTS, options));
     running.coordinator.await??;

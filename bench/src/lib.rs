@@ -58,6 +58,7 @@ pub(crate) fn serve_config(
         batch_size: 20,
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(120),
+        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
         validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
         max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,

@@ -54,6 +54,8 @@ pub async fn run(
         echo: true,
         attack: None,
         vanish: 0.0,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

@@ -238,9 +238,15 @@ struct ServeArgs {
     /// centered-clipping[:RADIUS[:ITERATIONS]].
     #[arg(long, env = "ASTRAEA_AGGREGATION", default_value = "mean")]
     aggregation: AggregationRule,
-    /// Seconds a client has for one hop before it is skipped.
+    /// Most seconds a client has for one hop before it is skipped; a client
+    /// of measured speed gets three times what its work needs, plus 5 s
+    /// (at least 10 s).
     #[arg(long, env = "ASTRAEA_HOP_DEADLINE", default_value_t = 60.0)]
     hop_deadline: f64,
+    /// Seconds without a heartbeat (`progress`) after which a training
+    /// client is skipped as stalled; 0 turns the rule off.
+    #[arg(long, env = "ASTRAEA_STALL_TIMEOUT", default_value_t = astraea_server::config::DEFAULT_STALL_TIMEOUT.as_secs_f64())]
+    stall_timeout: f64,
     /// The update guard: an update may move the weights it was sent by at
     /// most this many times their L2 norm.
     #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO)]
@@ -620,6 +626,8 @@ fn client_options(
         echo: false,
         attack: None,
         vanish: 0.0,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     }
 }
 
@@ -650,6 +658,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         batch_size: args.batch,
         learning_rate: args.lr,
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
+        stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
+            .context("--stall-timeout must be a finite, non-negative number of seconds")?,
         max_update_ratio: args.max_update_ratio,
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,

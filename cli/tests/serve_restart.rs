@@ -127,6 +127,8 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         echo: false,
         attack: None,
         vanish: 0.0,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     };
     let swarm = tokio::spawn(run_swarm(4, options));
 

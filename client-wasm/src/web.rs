@@ -18,8 +18,8 @@ use std::cell::RefCell;
 
 use astraea_core::model::ModelConfig;
 use astraea_core::protocol::{
-    ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, train_task,
-    train_task_async,
+    ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, progress_message,
+    train_task, train_task_async,
 };
 use astraea_core::train::{Samples, StepProgress, TrainConfig, train_async, train_observed};
 use astraea_core::weights::Weights;
@@ -513,8 +513,9 @@ impl WasmClient {
 
     /// Trains one hop on the tab's backend and returns the update to
     /// send. `on_step` is called after every optimiser step with
-    /// `{epoch, epochs, batch, batches, loss}`, for progress bars and the
-    /// loss curve.
+    /// `{epoch, epochs, batch, batches, loss, progress}`, for progress bars
+    /// and the loss curve; `progress` is the `progress` message's text, the
+    /// heartbeat the worker sends the server at least every second.
     pub async fn train(
         &self,
         task: String,
@@ -547,6 +548,9 @@ impl WasmClient {
             for (key, value) in fields {
                 let _ = Reflect::set(&object, &key.into(), &value.into());
             }
+            // The heartbeat to send when the page decides to (see worker.js).
+            let progress = progress_message(&task, step).to_json();
+            let _ = Reflect::set(&object, &"progress".into(), &progress.into());
             // A failing progress callback must not fail the training.
             let _ = on_step.call1(&JsValue::NULL, &object);
         };

@@ -91,6 +91,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         learning_rate: 1e-3,
         prox_mu: 0.0,
         deadline_ms: 60_000,
+        stall_ms: None,
         seed: 9,
         encoding: WeightEncoding::F32,
         chunks: 0,
@@ -105,11 +106,15 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         .on_text(&ServerMessage::Task(task).to_json())
         .unwrap();
     let mut train_action = JsValue::UNDEFINED;
+    let mut last_actions = JsValue::UNDEFINED;
     for frame in &frames {
         let actions = client.on_binary(frame).unwrap();
-        if let Some(action) = Array::from(&actions).iter().next() {
-            train_action = action;
+        for action in Array::from(&actions).iter() {
+            if field(&action, "kind").as_string().as_deref() == Some("train") {
+                train_action = action;
+            }
         }
+        last_actions = actions;
     }
 
     // Execute: what a page does with a `train` action.
@@ -123,6 +128,8 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
 
     // Assert
     assert_eq!(kinds(&ready), vec!["send"]);
+    // The first heartbeat of the hop goes out before training starts.
+    assert_eq!(kinds(&last_actions), vec!["send", "train"]);
     assert_eq!(field(&train_action, "kind").as_string().unwrap(), "train");
     assert_eq!(kinds(&answer), vec!["send", "send-binary"]);
     let update = field(&Array::from(&answer).get(0), "text")

@@ -13,7 +13,9 @@ use astraea_core::attack::Attack;
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::Dataset;
 use astraea_core::data::catalog::load_named;
-use astraea_core::protocol::{AckOutcome, ClientAction, ClientSession, DataSource, train_task};
+use astraea_core::protocol::{
+    AckOutcome, ClientAction, ClientSession, DataSource, progress_message, train_task,
+};
 use astraea_core::train::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -41,7 +43,18 @@ pub struct ClientOptions {
     /// without a close frame (a phone locking its screen, a tab closed) and
     /// the client rejoins after its back-off. For chaos runs; 0 for none.
     pub vanish: f64,
+    /// Probability, per task, of freezing mid-hop: after its first
+    /// heartbeat the client goes silent for `freeze_for` with its socket
+    /// open (a phone whose screen locked, a frozen tab), then trains and
+    /// answers late. For chaos runs; 0 for none.
+    pub freeze: f64,
+    /// How long a freeze lasts.
+    pub freeze_for: Duration,
 }
+
+/// Seconds between heartbeats (`progress`) while training: well inside
+/// any stall timeout a server would set.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Training sets loaded once and shared by every client of a swarm.
 #[derive(Debug, Default)]
@@ -191,6 +204,13 @@ async fn run_session(
                     {
                         return Ok(Ended::Disconnected("vanished mid-hop".into()));
                     }
+                    if options.freeze > 0.0
+                        && StdRng::seed_from_u64(task.seed ^ 0xf7ee2e)
+                            .random_bool(options.freeze.min(1.0))
+                    {
+                        tracing::info!(round = task.round, hop = task.hop, "frozen mid-hop");
+                        tokio::time::sleep(options.freeze_for).await;
+                    }
                     let data = local.as_ref().ok_or("a task before any data")?;
                     let model = session.model().ok_or("a task before the welcome")?.clone();
                     let (images, mut labels) = (data.images.clone(), data.labels.clone());
@@ -209,7 +229,11 @@ async fn run_session(
                         };
                         (weights, stats)
                     } else {
-                        tokio::task::spawn_blocking(move || {
+                        // Training runs on a blocking thread; its heartbeats
+                        // come back here to be sent while it runs.
+                        let (beat_tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
+                        let mut training = tokio::task::spawn_blocking(move || {
+                            let mut last = Instant::now();
                             train_task(
                                 &model,
                                 &task_for_training,
@@ -218,10 +242,23 @@ async fn run_session(
                                     images: &images,
                                     labels: &labels,
                                 },
-                                &mut |_| {},
+                                &mut |step| {
+                                    if last.elapsed() >= HEARTBEAT {
+                                        last = Instant::now();
+                                        let _ = beat_tx
+                                            .send(progress_message(&task_for_training, step));
+                                    }
+                                },
                             )
-                        })
-                        .await??
+                        });
+                        loop {
+                            tokio::select! {
+                                done = &mut training => break done??,
+                                Some(beat) = beats.recv() => {
+                                    sink.send(Message::Text(beat.to_json().into())).await?;
+                                }
+                            }
+                        }
                     };
                     let mut samples = data.labels.len() as u64;
                     if let (Some(attack), Some(sent)) = (attack, sent) {

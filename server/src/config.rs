@@ -7,6 +7,11 @@ use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::WeightEncoding;
 use astraea_core::strategy::{StrategyKind, StrategySettings};
 
+/// Default of [`ServeConfig::stall_timeout`]: clients send a heartbeat at
+/// least every second while training, so 8 s of silence is a frozen or
+/// vanished client, and a frozen tab costs its chain under 10 s.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// A value that must never be printed, logged or stored: its `Debug` shows
 /// `<redacted>`, so the run's configuration can be recorded as it is.
 #[derive(Clone, PartialEq, Eq)]
@@ -66,8 +71,13 @@ pub struct ServeConfig {
     pub batch_size: usize,
     /// Adam learning rate.
     pub learning_rate: f64,
-    /// Time a client has for one hop before it is skipped.
+    /// Most time a client has for one hop before it is skipped; a client
+    /// of known speed gets less (`state::hop_deadline`).
     pub hop_deadline: Duration,
+    /// Longest silence allowed during a hop: a client that sends no
+    /// `progress` (nor its update) for this long is skipped as stalled.
+    /// Zero turns the rule off.
+    pub stall_timeout: Duration,
     /// The update guard's bound: an update may move the weights it was sent
     /// by at most this many times their L2 norm.
     pub max_update_ratio: f64,

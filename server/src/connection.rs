@@ -160,8 +160,16 @@ impl Connection {
             )
         })?;
         match (self.id, message) {
-            (None, ClientMessage::Join { backend, data, .. }) => {
-                self.join(backend, data)?;
+            (
+                None,
+                ClientMessage::Join {
+                    backend,
+                    data,
+                    speed,
+                    ..
+                },
+            ) => {
+                self.join(backend, speed, data)?;
                 Ok(true)
             }
             (Some(id), ClientMessage::Ready { counts }) => {
@@ -172,7 +180,10 @@ impl Connection {
                 self.announce(id, update)?;
                 Ok(true)
             }
-            (Some(_), ClientMessage::Progress { .. }) => Ok(true),
+            (Some(id), ClientMessage::Progress { round, hop, .. }) => {
+                self.alive(id, round, hop);
+                Ok(true)
+            }
             (Some(id), ClientMessage::Error { code, message }) => {
                 tracing::warn!(client = id, ?code, "client reported: {message}");
                 // Give up its hop at once instead of waiting for the deadline.
@@ -197,7 +208,12 @@ impl Connection {
         }
     }
 
-    fn join(&mut self, backend: String, data: DataSource) -> Result<(), Refusal> {
+    fn join(
+        &mut self,
+        backend: String,
+        speed: Option<f64>,
+        data: DataSource,
+    ) -> Result<(), Refusal> {
         let id = self.state.next_client_id();
         let (shard, shard_counts) = match data {
             DataSource::Demo if !self.state.shards.is_empty() => {
@@ -233,7 +249,14 @@ impl Connection {
             pending: None,
             hops_done: 0,
             samples_trained: 0,
+            speed: None,
         };
+        // The join's speed (validated: finite, within the limits) is the
+        // prior until the server has timed a hop of its own.
+        let mut entry = entry;
+        if let Some(speed) = speed {
+            entry.observe_speed(speed);
+        }
         entry.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
             client_id: id,
@@ -329,7 +352,22 @@ impl Connection {
     }
 
     /// An update's header: its weights follow as binary chunks.
+    /// Notes a sign of life for the hop (`round`, `hop`) if it is the one
+    /// awaited from client `id`; any other is ignored.
+    fn alive(&self, id: u64, round: u32, hop: u32) {
+        if let Some(pending) = self
+            .state
+            .clients()
+            .get_mut(&id)
+            .and_then(|e| e.pending.as_mut())
+            .filter(|p| (p.round, p.hop) == (round, hop))
+        {
+            pending.alive = std::time::Instant::now();
+        }
+    }
+
     fn announce(&mut self, id: u64, update: UpdateSpec) -> Result<(), Refusal> {
+        self.alive(id, update.round, update.hop);
         let params = self.state.model.params;
         {
             let clients = self.state.clients();
@@ -400,11 +438,17 @@ impl Connection {
 
     /// Handles a binary frame: the next chunk of an announced update.
     fn on_binary(&mut self, frame: &[u8]) -> Result<bool, Refusal> {
-        let Some((update, assembler)) = self.incoming.as_mut() else {
+        let Some((round, hop)) = self.incoming.as_ref().map(|(u, _)| (u.round, u.hop)) else {
             return Err(refuse(
                 ErrorCode::Unexpected,
                 "binary frame without an update",
             ));
+        };
+        if let Some(id) = self.id {
+            self.alive(id, round, hop);
+        }
+        let Some((update, assembler)) = self.incoming.as_mut() else {
+            return Ok(true);
         };
         let weights = match assembler.push(frame) {
             Ok(None) => return Ok(true),

@@ -28,7 +28,9 @@ use rand::seq::index::sample;
 use tokio::sync::oneshot;
 
 use crate::config::ServeConfig;
-use crate::state::{AppState, HopReply, MediatorStatus, Outbound, Pending, Phase, lock};
+use crate::state::{
+    AppState, HopReply, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
+};
 use astraea_core::metrics::RoundRecord;
 
 /// What the server holds of the data: the shards' indices and the test set.
@@ -461,7 +463,9 @@ async fn run_chain(
                 batch_size: state.config.batch_size,
                 learning_rate: state.config.learning_rate,
                 prox_mu,
-                deadline_ms: state.tunable().hop_deadline().as_millis() as u64,
+                // Both set per client as the task goes out (`run_hop`).
+                deadline_ms: 0,
+                stall_ms: None,
                 seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
                 encoding: state.config.encoding,
                 chunks: 0,
@@ -475,13 +479,23 @@ async fn run_chain(
                 }),
             };
             let wire_hop = task.hop;
+            let sent_at = Instant::now();
             let outcome = match run_hop(&state, member as u64, task, &weights).await {
-                Ok(reply) => judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
-                    .await
-                    .map(|()| reply)
-                    .inspect_err(|_| {
-                        state.loss_refusals.fetch_add(1, Ordering::Relaxed);
-                    }),
+                Ok(reply) => {
+                    // The server's own timing of the hop, transfer
+                    // included: the speed its next deadline comes from.
+                    let work = reply.samples.saturating_mul(state.config.epochs as u64);
+                    let measured = work as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
+                    if let Some(entry) = state.clients().get_mut(&(member as u64)) {
+                        entry.observe_speed(measured);
+                    }
+                    judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
+                        .await
+                        .map(|()| reply)
+                        .inspect_err(|_| {
+                            state.loss_refusals.fetch_add(1, Ordering::Relaxed);
+                        })
+                }
                 Err(skip) => Err(HopOutcome::Skipped(skip)),
             };
             // The client learns its update's fate once the chain has
@@ -508,7 +522,15 @@ async fn run_chain(
                     weights = reply.weights;
                     samples[position] = Some(reply.samples);
                 }
-                Err(HopOutcome::Refused(reason) | HopOutcome::Skipped(reason)) => {
+                Err(HopOutcome::Refused(reason)) => {
+                    // Counted in `loss_refusals`, apart from skipped hops.
+                    tracing::warn!(client = member, round, hop, "hop refused: {reason}");
+                    let detail = format!("client {member} hop {hop}: {reason}");
+                    state.record(|store, run| {
+                        store.event(run, Some(round), "loss-refusal", &detail)
+                    });
+                }
+                Err(HopOutcome::Skipped(reason)) => {
                     state.status().skipped_hops += 1;
                     tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
                     let detail = format!("client {member} hop {hop}: {reason}");
@@ -576,7 +598,12 @@ async fn judge_loss(
     }
 }
 
-/// Sends one task and waits for its update, at most the hop deadline.
+/// Sends one task and waits for its update: at most the client's hop
+/// deadline (from its speed, see [`hop_deadline`]), and at most the stall
+/// timeout after its last sign of life (the task, a `progress`, the update
+/// or one of its chunks), so a frozen client costs its chain seconds, not
+/// the whole deadline, while a slow one that keeps reporting progress gets
+/// its time.
 async fn run_hop(
     state: &AppState,
     client: u64,
@@ -591,32 +618,69 @@ async fn run_hop(
         state.config.max_frame_bytes,
     );
     task.chunks = frames.len() as u32;
-    let (reply_tx, reply_rx) = oneshot::channel();
-    {
+    let stall = state.config.stall_timeout;
+    task.stall_ms = (!stall.is_zero()).then_some(stall.as_millis() as u64);
+    let (reply_tx, mut reply_rx) = oneshot::channel();
+    let started = Instant::now();
+    let deadline = {
         let mut clients = state.clients();
         let entry = clients
             .get_mut(&client)
             .ok_or("client left before its hop")?;
+        let work = entry.samples.saturating_mul(task.epochs as u64);
+        let deadline = hop_deadline(entry.speed, work, state.tunable().hop_deadline());
+        task.deadline_ms = deadline.as_millis() as u64;
         entry.pending = Some(Pending {
             round: task.round,
             hop: task.hop,
             reply: reply_tx,
             sent: Arc::new(weights.to_vec()),
+            alive: started,
         });
         entry.send(&ServerMessage::Task(task.clone()));
         for frame in frames {
             let _ = entry.tx.send(Outbound::Binary(frame));
         }
-    }
-    let deadline = state.tunable().hop_deadline();
-    match tokio::time::timeout(deadline, reply_rx).await {
-        Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(_)) => Err("client left or gave up during its hop".into()),
-        Err(_) => {
-            if let Some(entry) = state.clients().get_mut(&client) {
-                entry.pending = None;
+        deadline
+    };
+    let deadline_at = started + deadline;
+    // The last sign of life of this hop; `None` once the pending hop is
+    // gone (the update arrived, or the client left).
+    let alive = || {
+        state
+            .clients()
+            .get(&client)
+            .and_then(|e| e.pending.as_ref())
+            .filter(|p| (p.round, p.hop) == (task.round, task.hop))
+            .map(|p| p.alive)
+    };
+    loop {
+        let wake = match alive() {
+            Some(last) if !stall.is_zero() => (last + stall).min(deadline_at),
+            _ => deadline_at,
+        };
+        match tokio::time::timeout_at(wake.into(), &mut reply_rx).await {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(_)) => return Err("client left or gave up during its hop".into()),
+            Err(_) => {
+                let now = Instant::now();
+                let reason = if now >= deadline_at {
+                    format!("no update within {deadline:?}")
+                } else {
+                    match alive() {
+                        Some(last) if !stall.is_zero() && now >= last + stall => format!(
+                            "stalled: no progress for {:.1} s",
+                            now.duration_since(last).as_secs_f64()
+                        ),
+                        // It spoke since: wait on.
+                        _ => continue,
+                    }
+                };
+                if let Some(entry) = state.clients().get_mut(&client) {
+                    entry.pending = None;
+                }
+                return Err(reason);
             }
-            Err(format!("no update within {deadline:?}"))
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use astraea_core::export::ModelCard;
 use astraea_core::protocol::{ModelSpec, ServerMessage};
@@ -55,6 +56,9 @@ pub struct Pending {
     pub reply: oneshot::Sender<HopReply>,
     /// The weights sent, to measure how far the update moved them.
     pub sent: std::sync::Arc<Vec<f32>>,
+    /// The client's last sign of life during the hop: the task sent, then
+    /// each `progress`, `update` and chunk for this hop.
+    pub alive: std::time::Instant,
 }
 
 /// One connected client.
@@ -82,9 +86,43 @@ pub struct ClientEntry {
     pub hops_done: u64,
     /// Samples it has trained on, over all its hops and epochs.
     pub samples_trained: u64,
+    /// Its training speed in samples per second: the `speed` its join
+    /// stated (its backend trial), then as the server measured its hops
+    /// (samples times epochs over the time from task to update).
+    pub speed: Option<f64>,
+}
+
+/// The shortest hop deadline the server gives, whatever a client's speed.
+pub const MIN_HOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A hop's deadline from the client's speed: three times the time its
+/// measured speed needs for `work` samples (its samples times the epochs),
+/// plus 5 s for transfer and warm-up, within [`MIN_HOP_DEADLINE`] and
+/// `ceiling` (the operator's hop deadline). A client of unknown speed gets
+/// `ceiling`.
+pub fn hop_deadline(speed: Option<f64>, work: u64, ceiling: Duration) -> Duration {
+    let Some(speed) = speed.filter(|s| s.is_finite() && *s > 0.0) else {
+        return ceiling;
+    };
+    let seconds = 3.0 * work as f64 / speed + 5.0;
+    let deadline = Duration::try_from_secs_f64(seconds).unwrap_or(ceiling);
+    deadline.clamp(MIN_HOP_DEADLINE.min(ceiling), ceiling)
 }
 
 impl ClientEntry {
+    /// Folds one hop's measured speed (samples per second) into
+    /// [`ClientEntry::speed`]: an even mix of the old and the new, so a
+    /// client that slows down (a throttled phone) is seen within a few hops.
+    pub fn observe_speed(&mut self, measured: f64) {
+        if !(measured.is_finite() && measured > 0.0) {
+            return;
+        }
+        self.speed = Some(match self.speed {
+            Some(old) => 0.5 * old + 0.5 * measured,
+            None => measured,
+        });
+    }
+
     /// Queues a message; a closed socket is noticed by its own handler.
     pub fn send(&self, message: &ServerMessage) {
         let _ = self.tx.send(Outbound::Text(message.to_json()));

@@ -844,7 +844,7 @@ const NAMES: &[&str] = &[
     "type", "kind", "version", "backend", "speed", "data", "counts", "round", "hop", "done",
     "total", "samples", "loss", "seconds", "encoding", "chunks", "code", "message", "client_id",
     "model", "shard", "dataset", "indices", "ratios", "seed", "epochs", "batch_size",
-    "learning_rate", "prox_mu", "deadline_ms", "place", "mediator", "params", "join", "ready",
+    "learning_rate", "prox_mu", "deadline_ms", "stall_ms", "place", "mediator", "params", "join", "ready",
     "progress", "update", "error", "leave", "welcome", "plan", "task", "round-done", "own",
     "demo", "f32", "f16", "malformed", "non-finite", "ack", "outcome", "reason", "stale",
 ];
@@ -1109,6 +1109,7 @@ fn task_spec(rng: &mut StdRng, fit: Option<(usize, usize)>) -> TaskSpec {
         learning_rate: any_f64(rng),
         prox_mu: any_f64(rng),
         deadline_ms: any_u64(rng),
+        stall_ms: rng.random_bool(0.5).then(|| any_u64(rng)),
         seed: any_u64(rng),
         encoding,
         chunks,

@@ -80,8 +80,15 @@ pub struct TaskSpec {
     pub learning_rate: f64,
     /// FedProx proximal weight (0 for none).
     pub prox_mu: f64,
-    /// Milliseconds the client has before the hop is skipped.
+    /// Milliseconds the client has before the hop is skipped (the server
+    /// sets it from the client's measured speed, within its bounds).
     pub deadline_ms: u64,
+    /// Longest silence, in milliseconds, the server allows during the hop:
+    /// a `progress` (or the update) must come within this time of the task
+    /// and of each other, or the hop is skipped as stalled. Absent: no
+    /// such rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
     /// Seed for shuffling and dropout.
     pub seed: u64,
     /// Encoding of the weight chunks that follow.
@@ -191,7 +198,8 @@ pub enum ClientMessage {
         /// Samples per class.
         counts: Vec<usize>,
     },
-    /// Progress within a hop, for the dashboard.
+    /// Progress within a hop: the client's heartbeat (the server skips a
+    /// hop silent for longer than `task.stall_ms`) and the dashboard's bar.
     Progress {
         /// Round.
         round: u32,

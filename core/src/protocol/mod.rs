@@ -26,12 +26,13 @@ pub use messages::{
     AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage,
     ShardSpec, TaskSpec, UpdateSpec,
 };
-pub use session::{ClientAction, ClientSession, train_task, train_task_async};
+pub use session::{ClientAction, ClientSession, progress_message, train_task, train_task_async};
 
 /// Version spoken by this build; a server refuses a join with another.
 /// Version 2 added the `ack` message, the `invalid` error code and the
-/// limits of [`limits`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// limits of [`limits`]; version 3 made `progress` the client's heartbeat
+/// during a hop (`task.stall_ms`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

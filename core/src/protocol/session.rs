@@ -241,7 +241,12 @@ impl ClientSession {
             Ok(Some(weights)) => {
                 self.assembler = None;
                 self.state = State::Member;
-                vec![ClientAction::Train { task, weights }]
+                // The first heartbeat of the hop: the weights arrived and
+                // training starts.
+                vec![
+                    ClientAction::Send(starting_progress(&task)),
+                    ClientAction::Train { task, weights },
+                ]
             }
             Err(e) => self.fail(ErrorCode::Shape, format!("task weights: {e}")),
         }
@@ -312,6 +317,36 @@ fn task_setup(
     (config, weights, train_config)
 }
 
+/// The `progress` message for `task` after `step`: batches done over the
+/// whole hop (all epochs, this step included) out of the hop's total. A
+/// session sends one as the hop starts; the driver sends these after
+/// steps, often enough to stay under `task.stall_ms` (every second, say).
+pub fn progress_message(task: &TaskSpec, step: &StepProgress) -> ClientMessage {
+    let total = step.epochs.saturating_mul(step.batches);
+    let done = step
+        .epoch
+        .saturating_mul(step.batches)
+        .saturating_add(step.batch)
+        .saturating_add(1);
+    ClientMessage::Progress {
+        round: task.round,
+        hop: task.hop,
+        done: done.min(total),
+        total,
+    }
+}
+
+/// The `progress` message a session sends as its client starts `task` (0
+/// batches done; the total is not known yet, so 0).
+fn starting_progress(task: &TaskSpec) -> ClientMessage {
+    ClientMessage::Progress {
+        round: task.round,
+        hop: task.hop,
+        done: 0,
+        total: 0,
+    }
+}
+
 /// Runs a task on `data` on the CPU (burn `flex`): the training every
 /// client does between `ClientAction::Train` and
 /// [`ClientSession::trained`]. `observe` hears of every step.
@@ -376,6 +411,7 @@ mod tests {
             learning_rate: 1e-3,
             prox_mu: 0.0,
             deadline_ms: 1000,
+            stall_ms: None,
             seed: 4,
             encoding: WeightEncoding::F32,
             chunks: 2,
@@ -420,10 +456,18 @@ mod tests {
         assert!(on_task.is_empty() && first.is_empty());
         assert_eq!(
             second,
-            vec![ClientAction::Train {
-                task: task(),
-                weights: vec![0.1, 0.2, 0.3, 0.4, 0.5]
-            }]
+            vec![
+                ClientAction::Send(ClientMessage::Progress {
+                    round: 3,
+                    hop: 1,
+                    done: 0,
+                    total: 0
+                }),
+                ClientAction::Train {
+                    task: task(),
+                    weights: vec![0.1, 0.2, 0.3, 0.4, 0.5]
+                }
+            ]
         );
         let ClientAction::Send(ClientMessage::Update(update)) = &answer[0] else {
             panic!("{answer:?}")

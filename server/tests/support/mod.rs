@@ -4,15 +4,18 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::{
-    ClientMessage, DataSource, PROTOCOL_VERSION, ServerMessage, WeightEncoding,
+    AckOutcome, ClientMessage, DataSource, ErrorCode, PROTOCOL_VERSION, ServerMessage, TaskSpec,
+    UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
 };
 use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
 use astraea_native::ClientOptions;
+use astraea_native::run_swarm;
 use astraea_server::{self as serve, Running, ServeConfig};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -49,6 +52,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         batch_size: 20,
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(60),
+        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
         validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
         max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
@@ -79,6 +83,8 @@ pub fn options(address: &str) -> ClientOptions {
         echo: false,
         attack: None,
         vanish: 0.0,
+        freeze: 0.0,
+        freeze_for: std::time::Duration::ZERO,
     }
 }
 
@@ -131,4 +137,136 @@ pub async fn next_error(socket: &mut Socket) -> ServerMessage {
         }
     }
     panic!("the server closed without an error frame");
+}
+
+/// What a scripted client does with a task's weights.
+#[derive(Default)]
+pub struct Answer {
+    /// The weights to send back.
+    pub values: Vec<f32>,
+    /// The samples to claim.
+    pub samples: u64,
+    /// Send only this many of the chunks (all when `None`).
+    pub chunks_sent: Option<usize>,
+    /// Wait this long before answering: a slow client, or with no
+    /// heartbeat a frozen one.
+    pub delay: Duration,
+    /// While waiting, send a `progress` every 500 ms (alive but slow).
+    pub heartbeat: bool,
+}
+
+/// Answers tasks with `answer` until the server sends an error frame or
+/// closes; returns the error. The acks it gets go to `acks`, in order, as
+/// they come (the socket may stay open after the run).
+pub async fn play(
+    socket: &mut Socket,
+    params: usize,
+    acks: Arc<Mutex<Vec<AckOutcome>>>,
+    mut answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer,
+) -> Option<ServerMessage> {
+    while let Some(Ok(frame)) = socket.next().await {
+        let Message::Text(text) = frame else { continue };
+        match ServerMessage::from_json(&text).unwrap() {
+            ServerMessage::Task(task) => {
+                let mut assembler = WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    64 * 1024,
+                );
+                let weights = loop {
+                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                        panic!("the task's chunks did not come")
+                    };
+                    if let Some(done) = assembler.push(&chunk).unwrap() {
+                        break done;
+                    }
+                };
+                let reply = answer(&task, weights);
+                let waited = std::time::Instant::now();
+                while waited.elapsed() < reply.delay {
+                    let pause = Duration::from_millis(500).min(reply.delay - waited.elapsed());
+                    tokio::time::sleep(pause).await;
+                    if reply.heartbeat {
+                        let beat = ClientMessage::Progress {
+                            round: task.round,
+                            hop: task.hop,
+                            done: 0,
+                            total: 1,
+                        };
+                        let _ = socket.send(Message::Text(beat.to_json().into())).await;
+                    }
+                }
+                let frames = encode_chunks(
+                    task.round,
+                    task.hop,
+                    &reply.values,
+                    WeightEncoding::F32,
+                    64 * 1024,
+                );
+                let update = ClientMessage::Update(UpdateSpec {
+                    round: task.round,
+                    hop: task.hop,
+                    samples: reply.samples,
+                    loss: 0.1,
+                    seconds: 0.1,
+                    encoding: WeightEncoding::F32,
+                    chunks: frames.len() as u32,
+                });
+                let _ = socket.send(Message::Text(update.to_json().into())).await;
+                let sent = reply.chunks_sent.unwrap_or(frames.len());
+                for frame in frames.into_iter().take(sent) {
+                    let _ = socket.send(Message::Binary(frame.into())).await;
+                }
+            }
+            ServerMessage::Ack { outcome, .. } => acks.lock().unwrap().push(outcome),
+            error @ ServerMessage::Error { .. } => return Some(error),
+            _ => {}
+        }
+    }
+    None
+}
+
+pub fn error_code(error: Option<ServerMessage>) -> ErrorCode {
+    match error {
+        Some(ServerMessage::Error { code, .. }) => code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Runs a FedAvg federation of three honest clients and one scripted one
+/// for `rounds` rounds; returns what the scripted one heard and the server.
+pub async fn with_three_honest(
+    rounds: u32,
+    configure: impl FnOnce(&mut ServeConfig),
+    answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer + Send + 'static,
+) -> (
+    Option<ServerMessage>,
+    Vec<AckOutcome>,
+    astraea_server::Running,
+) {
+    let mut cfg = config(StrategyKind::FedAvg, 4, rounds);
+    configure(&mut cfg);
+    let (mut running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let mut scripted = join(&address).await;
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let heard = acks.clone();
+    let played = tokio::spawn(async move { play(&mut scripted, params, heard, answer).await });
+    tokio::time::timeout(Duration::from_secs(240), &mut running.coordinator)
+        .await
+        .expect("the run finishes despite the scripted client")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+    // An error frame ends `play` at once; without one the socket stays open.
+    let error = tokio::time::timeout(Duration::from_secs(2), played)
+        .await
+        .map(Result::unwrap)
+        .unwrap_or(None);
+    let acks = acks.lock().unwrap().clone();
+    (error, acks, running)
 }
