@@ -216,3 +216,45 @@ pub async fn text_of(tab: &Client, id: &str) -> anyhow::Result<String> {
         .map(str::to_string)
         .with_context(|| format!("no element #{id} on the page"))
 }
+
+/// Chromedriver's Chrome DevTools Protocol endpoint as a WebDriver command:
+/// `POST /session/{id}/goog/cdp/execute` with `{cmd, params}`.
+#[derive(Debug)]
+struct CdpCommand {
+    cmd: String,
+    params: serde_json::Value,
+}
+
+impl fantoccini::wd::WebDriverCompatibleCommand for CdpCommand {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        let body = serde_json::json!({ "cmd": self.cmd, "params": self.params });
+        (http::Method::POST, Some(body.to_string()))
+    }
+}
+
+/// Runs the DevTools command `cmd` with `params` on the tab (e.g.
+/// `Page.setWebLifecycleState` with `{"state": "frozen"}`); returns its
+/// result.
+pub async fn cdp(
+    tab: &Client,
+    cmd: &str,
+    params: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    tab.issue_cmd(CdpCommand {
+        cmd: cmd.into(),
+        params,
+    })
+    .await
+    .with_context(|| format!("CDP {cmd}"))
+}

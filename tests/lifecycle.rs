@@ -1,0 +1,98 @@
+//! The tab in the browser's real lifecycle: a page frozen mid-hop (CDP
+//! `Page.setWebLifecycleState`, what Chromium does to a hidden tab or a
+//! phone whose screen locked) falls silent, and the server moves its chain
+//! on after the stall timeout instead of the hop deadline.
+
+use std::time::{Duration, Instant};
+
+use astraea_e2e::{
+    Chromedriver, built_page, cdp, demo_config, page_figures, serve_on_loopback, wait_until,
+};
+use astraea_server::state::Phase;
+
+/// Generous for two cores; the hop deadline is 120 s, so a run that
+/// waited for the frozen tab would take far longer than the stall timeout.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_frozen_mid_hop_costs_its_chain_the_stall_timeout_not_the_deadline()
+-> anyhow::Result<()> {
+    // Prepare: three tabs in one mediator (two passes), a 120 s deadline
+    // and the default stall timeout (8 s).
+    built_page()?;
+    let mut config = demo_config(3, 3000, 1, 3);
+    config.hop_deadline = Duration::from_secs(120);
+    let stall = config.stall_timeout;
+    let (running, url) = serve_on_loopback(config).await?;
+    let state = running.state.clone();
+    let driver = Chromedriver::start()?;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let tab = driver.open(&[]).await?;
+        tab.goto(&format!("{url}?join=1")).await?;
+        tabs.push(tab);
+    }
+
+    // Execute: once the chain is under way, freeze the tab training now,
+    // in the first pass (so it has another hop to come even if this one
+    // ends before the freeze lands).
+    let mut victim = None;
+    wait_until("a tab training mid-chain", RUN_LIMIT, || {
+        let status = state.status();
+        victim = status
+            .mediators
+            .iter()
+            .find(|m| {
+                m.hops_done >= 1
+                    && m.hops_done as usize + m.members.len() < m.hops as usize
+                    && m.current.is_some()
+            })
+            .and_then(|m| m.current);
+        victim.is_some()
+    })
+    .await?;
+    let mut frozen = None;
+    for tab in &tabs {
+        if page_figures(tab).await?["clientId"].as_u64() == victim {
+            frozen = Some(tab);
+        }
+    }
+    let frozen = frozen.expect("the training client is one of the tabs");
+    cdp(
+        frozen,
+        "Page.setWebLifecycleState",
+        serde_json::json!({ "state": "frozen" }),
+    )
+    .await?;
+    let froze_at = Instant::now();
+    wait_until("the run to finish", RUN_LIMIT, || {
+        state.status().phase == Phase::Finished
+    })
+    .await?;
+    let after_freeze = froze_at.elapsed();
+
+    // Assert: the frozen tab's hops were skipped, each after the stall
+    // timeout: the round did not wait anywhere near the 120 s deadline
+    // (the frozen tab has at most two hops left: its current one and its
+    // second pass).
+    let status = state.status().clone();
+    assert_eq!(status.history.len(), 1);
+    assert!(status.skipped_hops >= 1, "no hop was skipped");
+    assert!(
+        after_freeze < Duration::from_secs(100),
+        "the run waited {after_freeze:?} after the freeze (stall timeout {stall:?})"
+    );
+
+    // Clean up: thaw the frozen page so its session closes.
+    cdp(
+        frozen,
+        "Page.setWebLifecycleState",
+        serde_json::json!({ "state": "active" }),
+    )
+    .await?;
+    for tab in tabs {
+        tab.close().await?;
+    }
+    running.server.abort();
+    Ok(())
+}
