@@ -373,6 +373,26 @@ struct SimulateArgs {
     /// most this many nats.
     #[arg(long, default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
     max_loss_increase: f64,
+    /// The clients' training speeds for the federation clock (samples/s):
+    /// uniform:SPEED or lognormal:MEDIAN:SPREAD (95th over 5th percentile;
+    /// lognormal:200:100 is a 100x spread).
+    #[arg(long, default_value = "uniform:200")]
+    speeds: astraea_sim::population::SpeedModel,
+    /// Probability, per hop, that a client freezes mid-hop (connected,
+    /// silent): it trains nothing and holds its chain for the stall
+    /// timeout (or the deadline).
+    #[arg(long, default_value_t = 0.0)]
+    freeze: f64,
+    /// Seconds every hop costs besides training (transfers, model set-up).
+    #[arg(long, default_value_t = 1.0)]
+    hop_overhead: f64,
+    /// The server's hop deadline, seconds, for the clock.
+    #[arg(long, default_value_t = 60.0)]
+    hop_deadline: f64,
+    /// The server's stall timeout, seconds, for the clock (0: no stall
+    /// rule; a frozen hop costs the deadline).
+    #[arg(long, default_value_t = 8.0)]
+    stall_timeout: f64,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -743,6 +763,13 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         max_update_ratio: args.max_update_ratio,
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,
+        population: astraea_sim::population::Population {
+            speeds: args.speeds,
+            freeze: args.freeze.clamp(0.0, 1.0),
+            overhead_s: args.hop_overhead.max(0.0),
+            hop_deadline_s: args.hop_deadline.max(0.0),
+            stall_timeout_s: args.stall_timeout.max(0.0),
+        },
         threads,
         out_dir: args.out.clone(),
         target_accuracy: args.target.map(|t| t / 100.0),

@@ -28,6 +28,12 @@ pub struct RoundRecord {
     pub train_samples: u64,
     /// Cumulative seconds the round loop spent training (evaluation excluded).
     pub train_s: f64,
+    /// Cumulative seconds on the federation's clock: what volunteers wait.
+    /// A served run's wall clock (as `wall_s`); in the simulator, the time
+    /// its population of clients would take (`astraea-sim`'s population
+    /// model), not the time the simulation took.
+    #[serde(default)]
+    pub clock_s: f64,
 }
 
 impl RoundRecord {

@@ -271,6 +271,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             wall_s: start.elapsed().as_secs_f64(),
             train_samples: 0,
             train_s: 0.0,
+            clock_s: start.elapsed().as_secs_f64(),
         };
         tracing::info!(
             round,

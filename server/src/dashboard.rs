@@ -297,6 +297,7 @@ mod tests {
             wall_s,
             train_samples: 0,
             train_s: 0.0,
+            clock_s: wall_s,
         }
     }
 

@@ -200,6 +200,7 @@ impl Store {
                     wall_s: row.get(6)?,
                     train_samples: 0,
                     train_s: 0.0,
+                    clock_s: row.get(6)?,
                 },
                 row.get::<_, i64>(7)? as u64,
                 row.get::<_, String>(8)?,
@@ -395,6 +396,7 @@ mod tests {
             wall_s: round as f64,
             train_samples: 0,
             train_s: 0.0,
+            clock_s: round as f64,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct SimConfig {
     /// The loss rule's tolerance: a hop may raise the validation loss by at
     /// most this many nats.
     pub max_loss_increase: f64,
+    /// The clients as machines, for the federation clock.
+    pub population: crate::population::Population,
     /// Worker threads that run mediators (and evaluation) in parallel.
     pub threads: usize,
     /// Where CSVs, the plot and the summary go.

@@ -10,6 +10,8 @@
 //! - [`federation`]: the clients' data after partitioning and the data plan.
 //! - [`runner`]: the round loop, with mediators in parallel on the cores.
 //! - [`traffic`]: bytes per hop as the protocol would send them.
+//! - [`population`]: the clients as machines (speeds, freezes, overhead)
+//!   and the federation clock they give.
 //! - [`report`]: per-run CSVs, the comparison plot and the summary tables.
 //! - [`fetch_data`]: puts the datasets that ship offline into `data/`
 //!   (`astraea fetch-data`).
@@ -18,6 +20,7 @@
 pub mod config;
 pub mod federation;
 pub mod fetch_data;
+pub mod population;
 pub mod report;
 pub mod runner;
 pub mod traffic;

@@ -24,6 +24,7 @@ use rand::seq::index::sample;
 
 use crate::config::{RunSpec, SimConfig};
 use crate::federation::{ClientData, Federation};
+use crate::population::Population;
 use crate::traffic::{Traffic, plan_exchange_bytes};
 use astraea_core::metrics::{RoundRecord, RunHistory};
 
@@ -110,7 +111,11 @@ pub fn run(
         rounds: Vec::with_capacity(config.rounds),
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
-    let (mut train_samples, mut train_s) = (0u64, 0.0f64);
+    let (mut train_samples, mut train_s, mut clock_s) = (0u64, 0.0f64, 0.0f64);
+    let speeds = config
+        .population
+        .speeds
+        .draw(federation.clients.len(), mix(&[spec.seed, 0x5eed5]));
     let loss_check = (config.validation_samples > 0).then(|| {
         let mut draw = StdRng::seed_from_u64(mix(&[spec.seed, 0x7a11d]));
         let picked = sample(
@@ -157,8 +162,10 @@ pub fn run(
             global: &global,
             train_config: &round_train,
             defence: &defence,
+            population: &config.population,
+            speeds: &speeds,
         };
-        let (results, failures, processed) = run_groups(
+        let (results, failures, processed, round_clock) = run_groups(
             &round_plan.groups,
             &context,
             config.threads,
@@ -172,6 +179,7 @@ pub fn run(
             global.values = values;
         }
         train_samples += processed;
+        clock_s += round_clock;
         train_s += training.elapsed().as_secs_f64();
         let eval = evaluate_parallel(&model_config, &global, &test, config.threads)?;
         history.rounds.push(RoundRecord {
@@ -184,6 +192,7 @@ pub fn run(
             wall_s: start.elapsed().as_secs_f64(),
             train_samples,
             train_s,
+            clock_s,
         });
         let status = format!(
             "{} round {round}: {:.2}%",
@@ -228,7 +237,14 @@ struct RoundContext<'a> {
     global: &'a Weights,
     train_config: &'a TrainConfig,
     defence: &'a Defence,
+    population: &'a Population,
+    /// Each client's training speed, samples per second.
+    speeds: &'a [f64],
 }
+
+/// What one chain gives: its result and the samples it trained (or why it
+/// failed), and the seconds it took on the federation's clock.
+type ChainOutcome = (Result<(GroupResult, u64), String>, f64);
 
 /// Runs one group's chain: the model visits each member in order, `passes`
 /// times, starting from the global weights (docs/METHOD.md, step 6).
@@ -237,6 +253,19 @@ fn run_chain(
     context: &RoundContext<'_>,
     seed: u64,
     device: &Device,
+) -> ChainOutcome {
+    let mut clock = 0.0;
+    let outcome = walk_chain(group, context, seed, device, &mut clock);
+    (outcome, clock)
+}
+
+/// [`run_chain`]'s walk; adds each hop's seconds to `clock`.
+fn walk_chain(
+    group: &Group,
+    context: &RoundContext<'_>,
+    seed: u64,
+    device: &Device,
+    clock: &mut f64,
 ) -> Result<(GroupResult, u64), String> {
     let RoundContext {
         clients,
@@ -244,6 +273,8 @@ fn run_chain(
         global,
         train_config,
         defence,
+        population,
+        speeds,
     } = *context;
     let mut weights = global.clone();
     // The validation loss of `weights`, once the loss rule has computed it.
@@ -258,6 +289,14 @@ fn run_chain(
             }
             let data = &clients[member];
             let seed = mix(&[seed, member as u64, pass as u64]);
+            // A frozen client trains nothing and holds the chain until the
+            // server gives up on it (the stall timeout, or the deadline).
+            if population.freezes(mix(&[seed, 0xf7ee2e])) {
+                *clock += population.frozen_hop_s();
+                continue;
+            }
+            let work = (data.len() as u64).saturating_mul(train_config.epochs as u64);
+            *clock += population.hop_s(work, speeds[member]);
             let config = TrainConfig {
                 seed,
                 ..train_config.clone()
@@ -413,16 +452,16 @@ impl Defence {
 
 /// Runs the groups on `threads` workers, each taking the next group not yet
 /// started; groups are independent, like mediators on separate machines.
-/// Returns the results, the failures and the samples processed in training.
+/// Returns the results, the failures, the samples processed in training
+/// and the round's seconds on the federation's clock (its slowest chain).
 fn run_groups(
     groups: &[Group],
     context: &RoundContext<'_>,
     threads: usize,
     seed: u64,
-) -> (Vec<GroupResult>, Vec<GroupFailure>, u64) {
+) -> (Vec<GroupResult>, Vec<GroupFailure>, u64, f64) {
     let next = AtomicUsize::new(0);
-    type Outcome = Result<(GroupResult, u64), String>;
-    let outcomes: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::new());
+    let outcomes: Mutex<Vec<(usize, ChainOutcome)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
@@ -446,7 +485,9 @@ fn run_groups(
     let mut results = Vec::new();
     let mut failures = Vec::new();
     let mut processed = 0;
-    for (group, outcome) in outcomes {
+    let mut slowest = 0.0f64;
+    for (group, (outcome, clock)) in outcomes {
+        slowest = slowest.max(clock);
         match outcome {
             Ok((result, samples)) => {
                 results.push(GroupResult { group, ..result });
@@ -455,7 +496,7 @@ fn run_groups(
             Err(reason) => failures.push(GroupFailure { group, reason }),
         }
     }
-    (results, failures, processed)
+    (results, failures, processed, slowest)
 }
 
 /// Evaluates on `threads` slices of the test set at once and combines them.

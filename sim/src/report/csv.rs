@@ -1,6 +1,6 @@
 //! One run's rounds to and from CSV, so a later command can re-plot without re-simulating.
 //!
-//! The format is fixed and tiny (seven numeric columns, no quoting), so plain `std::fmt`
+//! The format is fixed and tiny (ten numeric columns, no quoting), so plain `std::fmt`
 //! and `str::split` do the job without a CSV crate. Floats are written with `{}`, which
 //! prints the shortest text that parses back to the same `f64`, so a round trip is exact.
 
@@ -15,10 +15,10 @@ use super::RoundRecord;
 
 /// The header line, naming [`RoundRecord`]'s fields in the order each row lists them.
 pub const CSV_HEADER: &str =
-    "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s,train_samples,train_s";
+    "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s,train_samples,train_s,clock_s";
 
 /// Number of columns in [`CSV_HEADER`], checked on every row read back.
-const COLUMNS: usize = 9;
+const COLUMNS: usize = 10;
 
 /// Writes `history`'s rounds to `path` as CSV, creating missing parent directories so
 /// callers can name a fresh results folder directly.
@@ -48,7 +48,7 @@ fn to_csv(rounds: &[RoundRecord]) -> String {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{}",
             r.round,
             r.accuracy,
             r.loss,
@@ -57,7 +57,8 @@ fn to_csv(rounds: &[RoundRecord]) -> String {
             r.mean_kl,
             r.wall_s,
             r.train_samples,
-            r.train_s
+            r.train_s,
+            r.clock_s
         );
     }
     out
@@ -97,6 +98,7 @@ fn parse_row(line: &str) -> anyhow::Result<RoundRecord> {
         wall_s: field(&fields, 6, "wall_s")?,
         train_samples: field(&fields, 7, "train_samples")?,
         train_s: field(&fields, 8, "train_s")?,
+        clock_s: field(&fields, 9, "clock_s")?,
     })
 }
 
@@ -161,18 +163,19 @@ mod tests {
 
     #[test]
     fn parse_tolerates_crlf_and_blank_lines() {
-        let text = format!("{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9,40,0.5\r\n\r\n");
+        let text = format!("{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5\r\n\r\n");
 
         let rounds = parse_csv(&text).unwrap();
 
         assert_eq!(rounds.len(), 1);
         assert_eq!(rounds[0].bytes_down, 20);
+        assert_eq!(rounds[0].clock_s, 7.5);
     }
 
     #[test]
     fn parse_errors_name_the_line_and_column() {
         let bad_number = format!(
-            "{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5\n2,abc,1.2,10,20,0.3,0.9,40,0.5\n"
+            "{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5\n2,abc,1.2,10,20,0.3,0.9,40,0.5,9\n"
         );
         let short_row = format!("{CSV_HEADER}\n1,0.5\n");
 
@@ -184,7 +187,7 @@ mod tests {
             bad_number.contains("line 3") && bad_number.contains("accuracy"),
             "{bad_number}"
         );
-        assert!(short_row.contains("2 columns, expected 9"), "{short_row}");
+        assert!(short_row.contains("2 columns, expected 10"), "{short_row}");
         assert!(bad_header.contains("expected `round,"), "{bad_header}");
     }
 }

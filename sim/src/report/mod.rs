@@ -46,6 +46,7 @@ pub(crate) mod fixtures {
                     wall_s: 0.75 * round as f64,
                     train_samples: 1000 * round as u64,
                     train_s: 0.5 * round as f64,
+                    clock_s: 4.0 * round as f64,
                 }
             })
             .collect();

@@ -19,6 +19,9 @@ pub struct RunSummary {
     /// First round at or above the target accuracy, with the cumulative traffic (bytes) it
     /// had cost by then; `None` when no target was given or it was never reached.
     pub reached: Option<(usize, u64)>,
+    /// Seconds on the federation's clock (`RoundRecord::clock_s`) when the
+    /// target was first reached: the wall-clock time to accuracy.
+    pub reached_clock_s: Option<f64>,
     /// Mean over rounds of the per-round mean KL divergence; `None` without rounds.
     pub mean_kl: Option<f64>,
     /// Wall-clock seconds per round, evaluation included; `None` without rounds.
@@ -41,12 +44,8 @@ pub fn summarize(run: &RunHistory, target_accuracy: Option<f64>) -> RunSummary {
             Some((acc, _)) if r.accuracy <= acc => best,
             _ => Some((r.accuracy, r.round)),
         });
-    let reached = target_accuracy.and_then(|target| {
-        run.rounds
-            .iter()
-            .find(|r| r.accuracy >= target)
-            .map(|r| (r.round, r.traffic_bytes()))
-    });
+    let first = target_accuracy.and_then(|target| run.rounds.iter().find(|r| r.accuracy >= target));
+    let reached = first.map(|r| (r.round, r.traffic_bytes()));
     let mean_kl = (!run.rounds.is_empty())
         .then(|| run.rounds.iter().map(|r| r.mean_kl).sum::<f64>() / run.rounds.len() as f64);
     let last = run.rounds.last();
@@ -55,6 +54,7 @@ pub fn summarize(run: &RunHistory, target_accuracy: Option<f64>) -> RunSummary {
         best,
         final_accuracy: last.map(|r| r.accuracy),
         reached,
+        reached_clock_s: first.map(|r| r.clock_s),
         mean_kl,
         seconds_per_round: last.map(|r| r.wall_s / run.rounds.len() as f64),
         train_samples_per_s: last
@@ -98,7 +98,7 @@ pub fn grouped_best(runs: &[RunHistory]) -> Vec<(String, f64, f64, usize)> {
 /// An aligned plain-text table, one row per run; when several runs share a strategy a
 /// second table of mean ± std of best accuracy follows, because one seed alone can mislead.
 ///
-/// `target_accuracy` is a fraction; without it the two "to target" columns are left out.
+/// `target_accuracy` is a fraction; without it the three "to target" columns are left out.
 pub fn summary_table(runs: &[RunHistory], target_accuracy: Option<f64>) -> String {
     let mut out = render_plain(&summary_rows(runs, target_accuracy));
     if let Some(groups) = group_rows(runs) {
@@ -132,6 +132,7 @@ fn summary_rows(runs: &[RunHistory], target: Option<f64>) -> Cells {
     if let Some(t) = target {
         header.push(format!("rounds to {}%", trim_float(t * 100.0)));
         header.push(format!("MB to {}%", trim_float(t * 100.0)));
+        header.push(format!("clock s to {}%", trim_float(t * 100.0)));
     }
     header.push("mean KL".to_string());
     header.push("s/round".to_string());
@@ -152,6 +153,7 @@ fn summary_rows(runs: &[RunHistory], target: Option<f64>) -> Cells {
                     s.reached
                         .map(|(_, bytes)| format!("{:.1}", bytes as f64 / BYTES_PER_MB)),
                 ));
+                row.push(or_dash(s.reached_clock_s.map(|t| format!("{t:.0}"))));
             }
             row.push(or_dash(s.mean_kl.map(|kl| format!("{kl:.4}"))));
             row.push(or_dash(s.seconds_per_round.map(|t| format!("{t:.2}"))));
@@ -289,16 +291,16 @@ mod tests {
         );
         let fedavg: Vec<&str> = lines[2].split_whitespace().collect();
         let astraea: Vec<&str> = lines[3].split_whitespace().collect();
-        // label (3 words), best %, best round, final %, rounds to, MB to, mean KL,
-        // s/round, train samples/s
+        // label (3 words), best %, best round, final %, rounds to, MB to,
+        // clock s to, mean KL, s/round, train samples/s
         assert_eq!(
             fedavg[3..],
-            ["50.00", "2", "50.00", "-", "-", "0.3750", "0.75", "2000"],
+            ["50.00", "2", "50.00", "-", "-", "-", "0.3750", "0.75", "2000"],
             "{table}"
         );
         assert_eq!(
             astraea[3..],
-            ["85.00", "2", "85.00", "2", "6.0", "0.3750", "0.75", "2000"],
+            ["85.00", "2", "85.00", "2", "6.0", "8", "0.3750", "0.75", "2000"],
             "{table}"
         );
         // Every line of the table has its columns aligned to the same width.
@@ -354,16 +356,16 @@ mod tests {
         let lines: Vec<&str> = md.lines().collect();
         assert_eq!(
             lines[0],
-            "| run | best % | best round | final % | rounds to 60% | MB to 60% | mean KL \
-             | s/round | train samples/s |"
+            "| run | best % | best round | final % | rounds to 60% | MB to 60% | clock s to 60% \
+             | mean KL | s/round | train samples/s |"
         );
         assert_eq!(
             lines[1],
-            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         assert_eq!(
             lines[2],
-            "| astraea seed 1 | 50.00 | 1 | 50.00 | - | - | 0.5000 | 0.75 | 2000 |"
+            "| astraea seed 1 | 50.00 | 1 | 50.00 | - | - | - | 0.5000 | 0.75 | 2000 |"
         );
         assert!(md.contains("| astraea | 2 | 60.00 | 14.14 |"), "{md}");
     }
