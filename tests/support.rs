@@ -137,7 +137,11 @@ impl Drop for Chromedriver {
 pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -> ServeConfig {
     let settings = StrategySettings {
         plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-        rescheduling: Rescheduling { gamma, passes: 2 },
+        rescheduling: Rescheduling {
+            gamma,
+            passes: 2,
+            speed_weight: None,
+        },
         prox_mu: 0.0,
         aggregation: Default::default(),
     };

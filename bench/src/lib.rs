@@ -50,6 +50,7 @@ pub(crate) fn serve_config(
             rescheduling: Rescheduling {
                 gamma: 10,
                 passes: 2,
+                speed_weight: None,
             },
             prox_mu: 0.0,
             aggregation: Default::default(),

@@ -215,6 +215,11 @@ struct ServeArgs {
     /// E_m: passes of a mediator over its clients per round.
     #[arg(long, env = "ASTRAEA_MEDIATOR_PASSES", default_value_t = 2)]
     mediator_passes: usize,
+    /// Speed-aware mediators: balance the chains' expected times (measured
+    /// speeds times data sizes) against their label mix with this weight;
+    /// unset, mediators are the papers' greedy, blind to speed.
+    #[arg(long)]
+    speed_weight: Option<f64>,
     /// tau_d of the z-score plan.
     #[arg(long, env = "ASTRAEA_TAU_D", default_value_t = 3.5)]
     tau_d: f64,
@@ -334,6 +339,11 @@ struct SimulateArgs {
     /// E_m: passes of a mediator over its clients per round.
     #[arg(long, default_value_t = 2)]
     mediator_passes: usize,
+    /// Speed-aware mediators: balance the chains' expected times (measured
+    /// speeds times data sizes) against their label mix with this weight;
+    /// unset, mediators are the papers' greedy, blind to speed.
+    #[arg(long)]
+    speed_weight: Option<f64>,
     /// tau_d of the z-score plan.
     #[arg(long, default_value_t = 3.5)]
     tau_d: f64,
@@ -670,6 +680,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             rescheduling: Rescheduling {
                 gamma: args.gamma,
                 passes: args.mediator_passes,
+                speed_weight: args.speed_weight,
             },
             prox_mu: args.prox_mu,
             aggregation: args.aggregation,
@@ -763,6 +774,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         max_update_ratio: args.max_update_ratio,
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,
+        speed_weight: args.speed_weight,
         population: astraea_sim::population::Population {
             speeds: args.speeds,
             freeze: args.freeze.clamp(0.0, 1.0),

@@ -413,6 +413,10 @@ fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Partic
             entry.counts.clone().map(|counts| Participant {
                 id: id as usize,
                 counts,
+                // Its expected hop from its measured speed.
+                hop_seconds: entry.speed.map(|speed| {
+                    entry.samples.saturating_mul(state.config.epochs as u64) as f64 / speed
+                }),
             })
         })
         .collect();

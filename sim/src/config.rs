@@ -55,6 +55,8 @@ pub struct SimConfig {
     /// The loss rule's tolerance: a hop may raise the validation loss by at
     /// most this many nats.
     pub max_loss_increase: f64,
+    /// Speed-aware mediators' weight (`None`: the papers' greedy).
+    pub speed_weight: Option<f64>,
     /// The clients as machines, for the federation clock.
     pub population: crate::population::Population,
     /// Worker threads that run mediators (and evaluation) in parallel.
@@ -125,6 +127,7 @@ impl SimConfig {
             rescheduling: Rescheduling {
                 gamma: self.gamma,
                 passes: self.mediator_passes,
+                speed_weight: self.speed_weight,
             },
             prox_mu: self.prox_mu,
             aggregation: self.aggregation,

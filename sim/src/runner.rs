@@ -142,6 +142,14 @@ pub fn run(
             .map(|id| Participant {
                 id,
                 counts: federation.clients[id].counts.clone(),
+                // What a server would have measured of it.
+                hop_seconds: Some(
+                    config.population.hop_s(
+                        (federation.clients[id].len() as u64)
+                            .saturating_mul(config.local_epochs as u64),
+                        speeds[id],
+                    ),
+                ),
             })
             .collect();
         let round_plan = strategy.configure_round(&participants);

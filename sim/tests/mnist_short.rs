@@ -39,6 +39,7 @@ fn strategies_learn_on_a_long_tail_slice_of_mnist() {
         max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
         validation_samples: 0,
         population: astraea_sim::population::Population::default(),
+        speed_weight: None,
         max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
         threads: 2,
         out_dir: std::env::temp_dir(),

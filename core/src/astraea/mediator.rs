@@ -48,9 +48,142 @@ pub fn assign_mediators(counts: &[Vec<usize>], gamma: usize) -> Vec<Vec<usize>> 
     mediators
 }
 
+/// Speed-aware assignment: mediators whose label mixes are near uniform
+/// *and* whose chains take similar times, so no chain gathers the slow
+/// clients (a round waits for its slowest chain).
+///
+/// `seconds[i]` is participant i's expected hop time (its work over its
+/// measured speed; `None` when unknown, then taken as the median of the
+/// known ones). All `m = ceil(c / gamma)` mediators open at once; each step,
+/// the mediator with the least expected time that has room takes the
+/// unassigned client minimising `KL(combined + counts[i]) - weight *
+/// seconds[i] / T`, where `T` is the balanced chain time (total seconds over
+/// `m`). Slow clients are thus taken early by the least loaded chains and
+/// spread out, as in longest-processing-time-first scheduling (Graham
+/// 1969), while KL still picks complementary labels. `weight` is the
+/// trade-off: 0 balances times only through the order of filling, larger
+/// values trade label balance for time balance. With every time 0 (or
+/// unknown) it is [`assign_mediators`]: mediator 0 stays least loaded and
+/// fills first. Ties go to the lower index. O(c^2 N).
+///
+/// Returns mediators as [`assign_mediators`] does.
+pub fn assign_mediators_timed(
+    counts: &[Vec<usize>],
+    seconds: &[Option<f64>],
+    gamma: usize,
+    weight: f64,
+) -> Vec<Vec<usize>> {
+    let gamma = gamma.max(1);
+    let c = counts.len();
+    let num_classes = counts.first().map_or(0, Vec::len);
+    let mut known: Vec<f64> = seconds
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .collect();
+    known.sort_by(f64::total_cmp);
+    let fallback = known.get(known.len() / 2).copied().unwrap_or(0.0);
+    let time: Vec<f64> = (0..c)
+        .map(|i| {
+            seconds
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .unwrap_or(fallback)
+        })
+        .collect();
+    let m = c.div_ceil(gamma);
+    let balanced = time.iter().sum::<f64>() / m.max(1) as f64;
+    let weight = if weight.is_finite() { weight } else { 0.0 };
+    let mut members: Vec<Vec<usize>> = vec![Vec::with_capacity(gamma); m];
+    let mut combined = vec![vec![0usize; num_classes]; m];
+    let mut load = vec![0.0f64; m];
+    let mut unassigned: Vec<usize> = (0..c).collect();
+    let mut scratch = Vec::with_capacity(num_classes);
+    while !unassigned.is_empty() {
+        let Some(mediator) = (0..m)
+            .filter(|&j| members[j].len() < gamma)
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
+        else {
+            break;
+        };
+        let (slot, _) = unassigned
+            .iter()
+            .enumerate()
+            .map(|(slot, &i)| {
+                let kl = kl_of_sum(&combined[mediator], &counts[i], &mut scratch);
+                let pull = if balanced > 0.0 {
+                    weight * time[i] / balanced
+                } else {
+                    0.0
+                };
+                (slot, kl - pull)
+            })
+            .fold((0, f64::INFINITY), |best, cand| {
+                if cand.1 < best.1 { cand } else { best }
+            });
+        let chosen = unassigned.remove(slot);
+        for (total, n) in combined[mediator].iter_mut().zip(&counts[chosen]) {
+            *total += n;
+        }
+        load[mediator] += time[chosen];
+        members[mediator].push(chosen);
+    }
+    members.retain(|g| !g.is_empty());
+    members
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_times_the_timed_assignment_is_the_papers_greedy() {
+        let counts = vec![
+            vec![10, 0, 0],
+            vec![0, 10, 0],
+            vec![0, 0, 10],
+            vec![5, 5, 0],
+            vec![0, 5, 5],
+            vec![3, 3, 4],
+            vec![9, 1, 0],
+        ];
+        let unknown = vec![None; counts.len()];
+        assert_eq!(
+            assign_mediators_timed(&counts, &unknown, 3, 1.0),
+            assign_mediators(&counts, 3)
+        );
+    }
+
+    #[test]
+    fn slow_clients_are_spread_over_the_chains() {
+        // Prepare: 8 clients with the same labels, the first two 100x
+        // slower; mediators of 4. The paper's greedy puts both slow ones in
+        // the first chain (its time 2 x 100 + 2 against 4).
+        let counts = vec![vec![5, 5]; 8];
+        let mut seconds = vec![Some(100.0), Some(100.0)];
+        seconds.extend(vec![Some(1.0); 6]);
+
+        // Execute
+        let plain = assign_mediators(&counts, 4);
+        let timed = assign_mediators_timed(&counts, &seconds, 4, 1.0);
+
+        // Assert: each chain holds one slow client; everyone is placed once.
+        let slowest = |groups: &[Vec<usize>]| {
+            groups
+                .iter()
+                .map(|g| g.iter().map(|&i| seconds[i].unwrap()).sum::<f64>())
+                .fold(0.0, f64::max)
+        };
+        assert_eq!(slowest(&plain), 202.0);
+        assert_eq!(slowest(&timed), 103.0);
+        let mut all: Vec<usize> = timed.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        assert!(timed.iter().all(|g| g.len() <= 4));
+    }
 
     #[test]
     fn greedy_pairs_complementary_clients() {

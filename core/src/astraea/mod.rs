@@ -8,6 +8,6 @@ pub mod mediator;
 pub mod plan;
 pub mod stats;
 
-pub use mediator::assign_mediators;
+pub use mediator::{assign_mediators, assign_mediators_timed};
 pub use plan::{AugmentationPlan, PlanRule};
 pub use stats::GlobalStats;

@@ -3,7 +3,9 @@
 //! ablations.
 
 use super::{Group, Participant, RoundPlan, Strategy, singleton_groups};
-use crate::astraea::{AugmentationPlan, GlobalStats, PlanRule, assign_mediators};
+use crate::astraea::{
+    AugmentationPlan, GlobalStats, PlanRule, assign_mediators, assign_mediators_timed,
+};
 
 /// Astraea and its two ablations.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +23,10 @@ pub struct Rescheduling {
     pub gamma: usize,
     /// E_m: passes of the model over a mediator's clients per round (2).
     pub passes: usize,
+    /// Speed-aware mediators: the weight of chain-time balance against
+    /// label balance (`astraea::assign_mediators_timed`); `None` is the
+    /// papers' greedy, blind to speed.
+    pub speed_weight: Option<f64>,
 }
 
 impl Default for Rescheduling {
@@ -28,6 +34,7 @@ impl Default for Rescheduling {
         Self {
             gamma: 10,
             passes: 2,
+            speed_weight: None,
         }
     }
 }
@@ -67,7 +74,15 @@ impl Strategy for Astraea {
             Some(r) => {
                 let counts: Vec<Vec<usize>> =
                     participants.iter().map(|p| p.counts.clone()).collect();
-                assign_mediators(&counts, r.gamma)
+                let assigned = match r.speed_weight {
+                    None => assign_mediators(&counts, r.gamma),
+                    Some(weight) => {
+                        let seconds: Vec<Option<f64>> =
+                            participants.iter().map(|p| p.hop_seconds).collect();
+                        assign_mediators_timed(&counts, &seconds, r.gamma, weight)
+                    }
+                };
+                assigned
                     .into_iter()
                     .map(|members| Group {
                         members: members.into_iter().map(|i| participants[i].id).collect(),
@@ -94,18 +109,22 @@ mod tests {
             Participant {
                 id: 40,
                 counts: vec![10, 0],
+                hop_seconds: None,
             },
             Participant {
                 id: 41,
                 counts: vec![10, 0],
+                hop_seconds: None,
             },
             Participant {
                 id: 42,
                 counts: vec![0, 10],
+                hop_seconds: None,
             },
             Participant {
                 id: 43,
                 counts: vec![0, 10],
+                hop_seconds: None,
             },
         ];
         let strategy = Astraea {
@@ -113,6 +132,7 @@ mod tests {
             rescheduling: Some(Rescheduling {
                 gamma: 2,
                 passes: 2,
+                speed_weight: None,
             }),
         };
 
@@ -146,6 +166,7 @@ mod tests {
         let participants = vec![Participant {
             id: 1,
             counts: vec![1, 1],
+            hop_seconds: None,
         }];
 
         let plan = strategy.data_plan(&[vec![10, 40], vec![0, 50]]).unwrap();

@@ -60,10 +60,12 @@ mod tests {
             Participant {
                 id: 7,
                 counts: vec![1, 0],
+                hop_seconds: None,
             },
             Participant {
                 id: 3,
                 counts: vec![0, 1],
+                hop_seconds: None,
             },
         ];
 

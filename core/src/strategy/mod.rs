@@ -23,6 +23,9 @@ pub struct Participant {
     pub id: usize,
     /// Its label counts after the data plan was applied.
     pub counts: Vec<usize>,
+    /// Its expected hop time in seconds (its work over its measured speed),
+    /// for speed-aware mediators; `None` when unknown.
+    pub hop_seconds: Option<f64>,
 }
 
 /// A chain of clients that the model travels through in order, `passes`

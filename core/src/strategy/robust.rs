@@ -104,6 +104,7 @@ mod tests {
         let participants = vec![Participant {
             id: 5,
             counts: vec![3, 1],
+            hop_seconds: None,
         }];
 
         let strategy = StrategyKind::FedProx.build(&settings);

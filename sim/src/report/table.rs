@@ -295,12 +295,16 @@ mod tests {
         // clock s to, mean KL, s/round, train samples/s
         assert_eq!(
             fedavg[3..],
-            ["50.00", "2", "50.00", "-", "-", "-", "0.3750", "0.75", "2000"],
+            [
+                "50.00", "2", "50.00", "-", "-", "-", "0.3750", "0.75", "2000"
+            ],
             "{table}"
         );
         assert_eq!(
             astraea[3..],
-            ["85.00", "2", "85.00", "2", "6.0", "8", "0.3750", "0.75", "2000"],
+            [
+                "85.00", "2", "85.00", "2", "6.0", "8", "0.3750", "0.75", "2000"
+            ],
             "{table}"
         );
         // Every line of the table has its columns aligned to the same width.
