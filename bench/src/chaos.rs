@@ -197,6 +197,49 @@ pub struct VanishReport {
 /// clients, each vanishing mid-hop with probability `share` per task.
 pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Result<VanishReport> {
     let hop_deadline = Duration::from_secs(10);
+    let stall =
+        crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea).stall_timeout;
+    unreliable(data_dir, rounds, hop_deadline, stall, |options| {
+        options.vanish = share;
+    })
+    .await
+}
+
+/// Runs `rounds` Astraea rounds (mediators of 3, two passes) with [`CLIENTS`] native
+/// clients, each freezing mid-hop with probability `share` per task (silent for 30 s,
+/// socket open, then answering late), against a 120 s hop deadline and the stall
+/// timeout `stall` (zero: none, so a frozen hop costs the deadline). A round counts as
+/// stalled when it took longer than the stall timeout plus 30 s of honest work, i.e. it
+/// waited on a frozen client past the stall rule.
+pub async fn freeze(
+    data_dir: PathBuf,
+    rounds: u32,
+    share: f64,
+    stall: Duration,
+) -> anyhow::Result<VanishReport> {
+    unreliable(
+        data_dir,
+        rounds,
+        Duration::from_secs(120),
+        stall,
+        |options| {
+            options.freeze = share;
+            options.freeze_for = Duration::from_secs(30);
+        },
+    )
+    .await
+}
+
+/// A served run with unreliable native clients (`unreliable` sets how), its rounds
+/// timed from the server's history. A round is stalled when it took longer than the
+/// hop deadline, or with a stall timeout, longer than it plus 30 s.
+async fn unreliable(
+    data_dir: PathBuf,
+    rounds: u32,
+    hop_deadline: Duration,
+    stall: Duration,
+    unreliable: impl FnOnce(&mut ClientOptions),
+) -> anyhow::Result<VanishReport> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let mut config = ServeConfig {
@@ -204,22 +247,24 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
         partition: "long-tail:10".parse().map_err(anyhow::Error::msg)?,
         min_clients: CLIENTS / 2,
         hop_deadline,
+        stall_timeout: stall,
         run_name: "chaos".into(),
         ..crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea)
     };
     config.settings.rescheduling.gamma = 3;
     let running = serve::start(listener, config).await?;
-    let options = ClientOptions {
+    let mut options = ClientOptions {
         url: format!("ws://{address}/ws"),
         data_dir,
         max_frame_bytes: 1 << 20,
         max_attempts: None,
         echo: false,
         attack: None,
-        vanish: share,
+        vanish: 0.0,
         freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
+        freeze_for: Duration::ZERO,
     };
+    unreliable(&mut options);
     let swarm = tokio::spawn(run_swarm(CLIENTS, options));
     running.coordinator.await??;
     swarm.abort();
@@ -234,12 +279,14 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
         })
         .collect();
     let skipped_hops = running.state.status().skipped_hops;
+    let limit = if stall.is_zero() || stall >= hop_deadline {
+        hop_deadline.as_secs_f64()
+    } else {
+        stall.as_secs_f64() + 30.0
+    };
     Ok(VanishReport {
         rounds: history.len(),
-        stalled: durations
-            .iter()
-            .filter(|&&d| d > hop_deadline.as_secs_f64())
-            .count(),
+        stalled: durations.iter().filter(|&&d| d > limit).count(),
         skipped_hops,
         departures: running
             .state

@@ -69,6 +69,13 @@ enum Command {
         /// How many of the clients attack.
         #[arg(long, default_value_t = 0)]
         attackers: usize,
+        /// Probability, per task, that a client freezes mid-hop: silent,
+        /// socket open (a locked phone, a frozen tab), for --freeze-for.
+        #[arg(long, default_value_t = 0.0)]
+        freeze: f64,
+        /// Seconds a freeze lasts; the client then answers, late.
+        #[arg(long, default_value_t = 30.0)]
+        freeze_for: f64,
     },
     /// Measures the server: aggregation, idle clients, coordination overhead.
     #[command(subcommand)]
@@ -140,6 +147,22 @@ enum BenchCommand {
         /// Probability that a client vanishes on a given task.
         #[arg(long, default_value_t = 0.2)]
         share: f64,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Clients freezing mid-hop (silent, socket open) against a 120 s
+    /// deadline: what a frozen client costs its chain.
+    Freeze {
+        /// Rounds to run.
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        /// Probability that a client freezes on a given task.
+        #[arg(long, default_value_t = 0.1)]
+        share: f64,
+        /// The server's stall timeout in seconds (0: none, the deadline).
+        #[arg(long, default_value_t = 8.0)]
+        stall_timeout: f64,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -478,11 +501,18 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             attack,
             attackers,
+            freeze,
+            freeze_for,
         } => runtime()?.block_on(async {
             if attackers > clients || (attackers > 0 && attack.is_none()) {
                 bail!("--attackers {attackers} needs --attack and at most --clients {clients}");
             }
-            let honest = client_options(server, data_dir, None);
+            let honest = client::ClientOptions {
+                freeze: freeze.clamp(0.0, 1.0),
+                freeze_for: std::time::Duration::try_from_secs_f64(freeze_for)
+                    .context("--freeze-for must be a non-negative number of seconds")?,
+                ..client_options(server, data_dir, None)
+            };
             let hostile = client::ClientOptions {
                 attack,
                 ..honest.clone()
@@ -589,6 +619,24 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             println!(
                 "| {} | {share} | {} | {} | {} | {:.2} | {:.2} |",
                 r.rounds, r.stalled, r.skipped_hops, r.departures, r.mean_round_s, r.max_round_s
+            );
+        }
+        BenchCommand::Freeze {
+            rounds,
+            share,
+            stall_timeout,
+            data_dir,
+        } => {
+            let stall = std::time::Duration::try_from_secs_f64(stall_timeout)
+                .context("--stall-timeout must be a non-negative number of seconds")?;
+            let r = astraea_bench::chaos::freeze(data_dir, rounds, share, stall).await?;
+            println!(
+                "| rounds | freeze share | stall timeout s | rounds stalled | hops skipped | mean round s | longest round s |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {share} | {stall_timeout} | {} | {} | {:.2} | {:.2} |",
+                r.rounds, r.stalled, r.skipped_hops, r.mean_round_s, r.max_round_s
             );
         }
         BenchCommand::Fuzz {
