@@ -206,7 +206,7 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
 }
 
 /// Runs `rounds` Astraea rounds (mediators of 3, two passes) with [`CLIENTS`] native
-/// clients, each freezing mid-hop with probability `share` per task (silent for 30 s,
+/// clients, each freezing mid-hop with probability `share` per task (silent for 150 s,
 /// socket open, then answering late), against a 120 s hop deadline and the stall
 /// timeout `stall` (zero: none, so a frozen hop costs the deadline). A round counts as
 /// stalled when it took longer than the stall timeout plus 30 s of honest work, i.e. it
@@ -224,7 +224,7 @@ pub async fn freeze(
         stall,
         |options| {
             options.freeze = share;
-            options.freeze_for = Duration::from_secs(30);
+            options.freeze_for = Duration::from_secs(150);
         },
     )
     .await
