@@ -14,7 +14,7 @@ use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::Dataset;
 use astraea_core::data::catalog::load_named;
 use astraea_core::protocol::{
-    AckOutcome, ClientAction, ClientSession, DataSource, progress_message, train_task,
+    AckOutcome, ClientAction, ClientSession, DataSource, TaskSpec, progress_message, train_task,
 };
 use astraea_core::train::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
@@ -105,6 +105,18 @@ struct LocalData {
     original: Dataset,
     images: Vec<f32>,
     labels: Vec<u32>,
+}
+
+/// The seed of a chaos draw (vanish, freeze) for one task of one client:
+/// the task's seed, round, hop and the client's id hashed together. A task's
+/// seed alone XORs small numbers (hop, member), so tasks of one round
+/// shared draws and froze together.
+fn chaos_seed(task: &TaskSpec, client_id: Option<u64>, salt: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same draw on every run of this build.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (task.seed, task.round, task.hop, client_id, salt).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Runs a client until it is refused or runs out of attempts, reconnecting
@@ -199,13 +211,13 @@ async fn run_session(
                 }
                 ClientAction::Train { task, weights } => {
                     if options.vanish > 0.0
-                        && StdRng::seed_from_u64(task.seed ^ 0x7a15)
+                        && StdRng::seed_from_u64(chaos_seed(&task, session.client_id(), 0x7a15))
                             .random_bool(options.vanish.min(1.0))
                     {
                         return Ok(Ended::Disconnected("vanished mid-hop".into()));
                     }
                     if options.freeze > 0.0
-                        && StdRng::seed_from_u64(task.seed ^ 0xf7ee2e)
+                        && StdRng::seed_from_u64(chaos_seed(&task, session.client_id(), 0xf7ee2e))
                             .random_bool(options.freeze.min(1.0))
                     {
                         tracing::info!(round = task.round, hop = task.hop, "frozen mid-hop");
@@ -329,4 +341,45 @@ pub async fn run_swarm(count: usize, options: ClientOptions) -> Vec<anyhow::Resu
         );
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use astraea_core::protocol::WeightEncoding;
+
+    #[test]
+    fn chaos_draws_of_one_round_are_independent() {
+        // The bug: draws seeded by the task's seed alone (an XOR of the
+        // round, the chain-local hop and the member) repeated within a
+        // round, so a 10 % freeze froze most of a round's hops at once.
+        let task = |hop: u32, seed: u64| TaskSpec {
+            round: 3,
+            hop,
+            epochs: 1,
+            batch_size: 20,
+            learning_rate: 1e-3,
+            prox_mu: 0.0,
+            deadline_ms: 60_000,
+            stall_ms: None,
+            seed,
+            encoding: WeightEncoding::F32,
+            chunks: 1,
+            place: None,
+        };
+        let mut frozen = 0;
+        let mut seeds = std::collections::HashSet::new();
+        for client in 1..=40u64 {
+            for hop in 1..=6u32 {
+                // Seeds as the server makes them: small XORs that collide.
+                let seed = (3u64 << 32) ^ u64::from(hop) ^ client % 4;
+                let t = task(hop + 10_000 * (client as u32 % 3), seed);
+                let draw = chaos_seed(&t, Some(client), 0xf7ee2e);
+                seeds.insert(draw);
+                frozen += usize::from(StdRng::seed_from_u64(draw).random_bool(0.1));
+            }
+        }
+        assert_eq!(seeds.len(), 240);
+        assert!((10..=40).contains(&frozen), "{frozen} of 240 froze");
+    }
 }
