@@ -372,7 +372,7 @@ mod tests {
         for client in 1..=40u64 {
             for hop in 1..=6u32 {
                 // Seeds as the server makes them: small XORs that collide.
-                let seed = (3u64 << 32) ^ u64::from(hop) ^ client % 4;
+                let seed = (3u64 << 32) ^ u64::from(hop) ^ (client % 4);
                 let t = task(hop + 10_000 * (client as u32 % 3), seed);
                 let draw = chaos_seed(&t, Some(client), 0xf7ee2e);
                 seeds.insert(draw);
