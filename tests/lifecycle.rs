@@ -96,3 +96,54 @@ async fn a_tab_frozen_mid_hop_costs_its_chain_the_stall_timeout_not_the_deadline
     running.server.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
+    // The bug: a reload joined as a new client, with a new id and another
+    // shard, and the old registration lingered.
+    built_page()?;
+    // Two shards and two clients needed: one tab never starts a round.
+    let (running, url) = serve_on_loopback(demo_config(2, 3000, 1, 2)).await?;
+    let state = running.state.clone();
+    let driver = Chromedriver::start()?;
+    let tab = driver.open(&[]).await?;
+    tab.goto(&format!("{url}?join=1")).await?;
+    let first = wait_until_async("the tab's welcome", || async {
+        page_figures(&tab).await.ok()?["clientId"].as_u64()
+    })
+    .await?;
+
+    // Execute
+    tab.refresh().await?;
+    let again = wait_until_async("the reloaded tab's welcome", || async {
+        page_figures(&tab).await.ok()?["clientId"].as_u64()
+    })
+    .await?;
+
+    // Assert: the same id, one registration.
+    assert_eq!(again, first);
+    wait_until("the old connection to be gone", RUN_LIMIT, || {
+        state.clients().len() == 1
+    })
+    .await?;
+    assert!(state.clients().contains_key(&first));
+    tab.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
+/// Polls `probe` every 100 ms until it gives a value, for at most 120 s.
+async fn wait_until_async<T, F, Fut>(what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -63,7 +63,12 @@ worker.onmessage = (event) => {
       break;
     }
     case 'connected': banner(''); $('status').textContent = 'connected, joining'; break;
-    case 'welcome': page.clientId = m.clientId; $('client').textContent = `#${m.clientId}`; break;
+    case 'welcome':
+      page.clientId = m.clientId;
+      $('client').textContent = `#${m.clientId}`;
+      // A reload of this tab comes back as the same client (same shard).
+      try { if (m.resume) sessionStorage.setItem('astraea-resume', m.resume); } catch (e) { /* storage off */ }
+      break;
     case 'data':
       counts = m.counts;
       page.shardCached = m.cached ?? page.shardCached;
@@ -133,7 +138,9 @@ worker.onmessage = (event) => {
 
 function join() {
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto' });
+  let resume = null;
+  try { resume = sessionStorage.getItem('astraea-resume'); } catch (e) { /* storage off */ }
+  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto', resume });
   $('join').disabled = true;
   $('leave').disabled = false;
   $('status').textContent = 'starting…';

@@ -5,6 +5,7 @@ import init, { WasmClient, choose_backend } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
+let resumeToken = null;
 let backend = null;
 let leaving = false;
 let backoff = 250;
@@ -21,6 +22,8 @@ onmessage = (event) => {
   if (m.type === 'join') {
     leaving = false;
     url = m.url;
+    // The page keeps the token across reloads (sessionStorage).
+    resumeToken = m.resume || null;
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
   } else if (m.type === 'leave') {
     leaving = true;
@@ -75,7 +78,8 @@ async function pickBackend(preference) {
 }
 
 function connect() {
-  client = new WasmClient(backend, 1 << 20, true);
+  // Every reconnect asks to be the same client again.
+  client = new WasmClient(backend, 1 << 20, true, resumeToken);
   socket = new WebSocket(url);
   socket.binaryType = 'arraybuffer';
   socket.onopen = () => {
@@ -89,7 +93,8 @@ function connect() {
         ? client.on_text(frame.data)
         : client.on_binary(new Uint8Array(frame.data));
       if (typeof frame.data === 'string' && frame.data.includes('"welcome"')) {
-        say({ type: 'welcome', clientId: client.client_id() });
+        resumeToken = client.resume_token() || resumeToken;
+        say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken });
       }
       return run(actions);
     }).catch((error) => say({ type: 'error', text: String(error) }));

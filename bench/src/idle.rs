@@ -110,6 +110,7 @@ pub async fn run(data_dir: &Path, clients: usize, concurrency: usize) -> anyhow:
         data: DataSource::Own {
             counts: vec![1; 10],
         },
+        resume: None,
     }
     .to_json();
     let start = Instant::now();

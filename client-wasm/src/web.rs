@@ -354,16 +354,23 @@ fn actions_to_js(actions: Vec<ClientAction>) -> Result<JsValue, JsError> {
 #[wasm_bindgen]
 impl WasmClient {
     /// A client that will train on `backend` (named to the server) and
-    /// accept frames up to `max_frame_bytes`; `demo` asks for a shard.
+    /// accept frames up to `max_frame_bytes`; `demo` asks for a shard;
+    /// `resume` is the token of an earlier welcome (a reloaded tab keeps it
+    /// in `sessionStorage`), to come back as the same client.
     #[wasm_bindgen(constructor)]
-    pub fn new(backend: &Backend, max_frame_bytes: usize, demo: bool) -> WasmClient {
+    pub fn new(
+        backend: &Backend,
+        max_frame_bytes: usize,
+        demo: bool,
+        resume: Option<String>,
+    ) -> WasmClient {
         let data = if demo {
             DataSource::Demo
         } else {
             DataSource::Own { counts: vec![] }
         };
         let (session, start) =
-            ClientSession::start(backend.kind.name(), None, data, max_frame_bytes);
+            ClientSession::resuming(backend.kind.name(), None, data, max_frame_bytes, resume);
         WasmClient {
             session: RefCell::new(session),
             start,
@@ -481,6 +488,12 @@ impl WasmClient {
     /// The id the server gave this client, once welcomed (for the shard URL).
     pub fn client_id(&self) -> Option<f64> {
         self.session.borrow().client_id().map(|id| id as f64)
+    }
+
+    /// The token to come back with as this client after a reload or a
+    /// reconnect, once welcomed.
+    pub fn resume_token(&self) -> Option<String> {
+        self.session.borrow().resume_token().map(str::to_string)
     }
 
     /// Applies the server's augmentation plan to the local data (seed as a

@@ -48,7 +48,7 @@ fn halves(n: usize) -> (Vec<f32>, Vec<u32>) {
 #[wasm_bindgen_test]
 fn the_join_crosses_the_js_boundary_as_a_plain_object() {
     // Prepare
-    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true, None);
 
     // Execute
     let actions = client.start().unwrap();
@@ -72,13 +72,14 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
     // Prepare: welcome with a two-class model, local data, then a task.
     let config = ModelConfig::new(2);
     let initial = Weights::from_model(&config.init(&Device::flex()));
-    let mut client = WasmClient::new(&Backend::cpu(), 1 << 16, false);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 16, false, None);
     client.start().unwrap();
     let welcome = ServerMessage::Welcome {
         version: PROTOCOL_VERSION,
         client_id: 4,
         model: ModelSpec::new(&config, initial.len()),
         shard: None,
+        resume: None,
     };
     client.on_text(&welcome.to_json()).unwrap();
     let (images, labels) = halves(60);
@@ -174,7 +175,7 @@ fn a_demo_shard_fetched_as_bytes_becomes_the_local_data() {
     )
     .unwrap();
     let bytes = astraea_core::data::shard::encode_shard(&data);
-    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true, None);
 
     // Execute
     let ready = client.set_shard(&bytes).unwrap();
@@ -200,7 +201,7 @@ fn a_drawn_digit_joins_the_local_data_and_the_counts_report_it() {
         vec!["a".into(), "b".into()],
     )
     .unwrap();
-    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 20, true, None);
     client
         .set_shard(&astraea_core::data::shard::encode_shard(&data))
         .unwrap();

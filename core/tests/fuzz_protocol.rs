@@ -70,14 +70,22 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             },
         );
     prop_oneof![
-        (any::<u32>(), text(), option::of(number()), data).prop_map(
-            |(version, backend, speed, data)| ClientMessage::Join {
-                version,
-                backend,
-                speed,
-                data,
-            }
-        ),
+        (
+            any::<u32>(),
+            text(),
+            option::of(number()),
+            data,
+            option::of(text())
+        )
+            .prop_map(
+                |(version, backend, speed, data, resume)| ClientMessage::Join {
+                    version,
+                    backend,
+                    speed,
+                    data,
+                    resume,
+                }
+            ),
         vec(any::<usize>(), 0..6).prop_map(|counts| ClientMessage::Ready { counts }),
         any::<(u32, u32, usize, usize)>().prop_map(|(round, hop, done, total)| {
             ClientMessage::Progress {
@@ -153,14 +161,21 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         AckOutcome::Refused,
     ]);
     prop_oneof![
-        (any::<(u32, u64)>(), model, option::of(shard)).prop_map(
-            |((version, client_id), model, shard)| ServerMessage::Welcome {
-                version,
-                client_id,
-                model,
-                shard,
-            }
-        ),
+        (
+            any::<(u32, u64)>(),
+            model,
+            option::of(shard),
+            option::of(text())
+        )
+            .prop_map(|((version, client_id), model, shard, resume)| {
+                ServerMessage::Welcome {
+                    version,
+                    client_id,
+                    model,
+                    shard,
+                    resume,
+                }
+            }),
         (vec(number(), 0..6), any::<u64>())
             .prop_map(|(ratios, seed)| ServerMessage::Plan { ratios, seed }),
         task(any::<u32>()).prop_map(ServerMessage::Task),
@@ -344,6 +359,7 @@ fn session_case(params: usize, per: usize, welcomed: bool, events: &[Event]) -> 
                 params,
             },
             shard: None,
+            resume: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }
@@ -512,6 +528,7 @@ fn welcome(params: usize) -> String {
             params,
         },
         shard: None,
+        resume: None,
     }
     .to_json()
 }

@@ -128,9 +128,11 @@ pub async fn run_client(
     let mut summary = ClientSummary::default();
     let mut backoff = Duration::from_millis(250);
     let mut attempt = 0u32;
+    // The server's resume token: a reconnect comes back as the same client.
+    let mut resume = None;
     loop {
         attempt += 1;
-        match run_session(&options, &cache, &mut summary).await {
+        match run_session(&options, &cache, &mut summary, &mut resume).await {
             Ok(Ended::Refused(reason)) => bail!("refused by the server: {reason}"),
             Ok(Ended::Disconnected(reason)) | Err(ReasonError(reason)) => {
                 if options.max_attempts.is_some_and(|max| attempt >= max) {
@@ -161,11 +163,18 @@ async fn run_session(
     options: &ClientOptions,
     cache: &DatasetCache,
     summary: &mut ClientSummary,
+    resume: &mut Option<String>,
 ) -> Result<Ended, ReasonError> {
     let (socket, _) = tokio_tungstenite::connect_async(options.url.as_str()).await?;
     let (mut sink, mut stream) = socket.split();
-    let (mut session, first) =
-        ClientSession::start("flex", None, DataSource::Demo, options.max_frame_bytes);
+    let (session, first) = ClientSession::resuming(
+        "flex",
+        None,
+        DataSource::Demo,
+        options.max_frame_bytes,
+        resume.clone(),
+    );
+    let mut session = Resumable { session, resume };
     let mut queue: VecDeque<ClientAction> = first.into();
     let mut local: Option<LocalData> = None;
     loop {
@@ -322,6 +331,34 @@ async fn run_session(
                 ));
             }
             _ => {}
+        }
+    }
+}
+
+/// A session that hands its resume token back to the client when it ends,
+/// whichever way it ends.
+struct Resumable<'a> {
+    session: ClientSession,
+    resume: &'a mut Option<String>,
+}
+
+impl std::ops::Deref for Resumable<'_> {
+    type Target = ClientSession;
+    fn deref(&self) -> &ClientSession {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for Resumable<'_> {
+    fn deref_mut(&mut self) -> &mut ClientSession {
+        &mut self.session
+    }
+}
+
+impl Drop for Resumable<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.session.resume_token() {
+            *self.resume = Some(token.to_string());
         }
     }
 }

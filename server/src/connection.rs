@@ -15,7 +15,10 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::state::{AppState, ClientEntry, HopReply, Outbound, lock};
+use crate::state::{
+    AppState, ClientEntry, HopReply, MAX_PARKED, Outbound, Parked, RESUME_WINDOW, lock,
+    new_resume_token,
+};
 
 /// Why a connection is closed by the server.
 struct Refusal {
@@ -130,7 +133,23 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
         state.departures.fetch_add(1, Ordering::Relaxed);
     }
     if let Some(id) = connection.id {
-        state.clients().remove(&id);
+        // Kept a while, so that it can come back as itself; its hop (if
+        // any) is skipped at once as the pending reply is dropped.
+        if let Some(mut entry) = state.clients().remove(&id) {
+            entry.pending = None;
+            let mut parked = lock(&state.parked);
+            parked.retain(|_, p| p.since.elapsed() < RESUME_WINDOW);
+            if parked.len() < MAX_PARKED {
+                parked.insert(
+                    entry.resume_token.clone(),
+                    Parked {
+                        id,
+                        entry,
+                        since: std::time::Instant::now(),
+                    },
+                );
+            }
+        }
         state.changed.notify_waiters();
         tracing::info!(client = id, "left");
     }
@@ -166,10 +185,11 @@ impl Connection {
                     backend,
                     data,
                     speed,
+                    resume,
                     ..
                 },
             ) => {
-                self.join(backend, speed, data)?;
+                self.join(backend, speed, data, resume)?;
                 Ok(true)
             }
             (Some(id), ClientMessage::Ready { counts }) => {
@@ -213,7 +233,48 @@ impl Connection {
         backend: String,
         speed: Option<f64>,
         data: DataSource,
+        resume: Option<String>,
     ) -> Result<(), Refusal> {
+        // A known token within its window: the same client again, with
+        // its id, shard, counts and speed (its data must be of the same
+        // kind: a demo client comes back as a demo client).
+        let parked = resume.and_then(|token| {
+            let mut parked = lock(&self.state.parked);
+            parked.retain(|_, p| p.since.elapsed() < RESUME_WINDOW);
+            parked.remove(&token)
+        });
+        if let Some(Parked { id, mut entry, .. }) = parked
+            && matches!(data, DataSource::Demo) == entry.shard_counts.is_some()
+        {
+            entry.backend = backend.clone();
+            entry.tx = self.tx.clone();
+            // It reloads its data and reports again, as at its first join
+            // (and hears the plan again); until then it is not scheduled.
+            entry.counts = None;
+            entry.samples = 0;
+            entry.plan_sent = false;
+            let shard = entry.shard_counts.as_ref().map(|_| ShardSpec {
+                dataset: self.state.config.dataset.clone(),
+                indices: self.state.shards[(id as usize - 1) % self.state.shards.len()].clone(),
+            });
+            entry.send(&ServerMessage::Welcome {
+                version: PROTOCOL_VERSION,
+                client_id: id,
+                model: self.state.model.clone(),
+                shard,
+                resume: Some(entry.resume_token.clone()),
+            });
+            self.state.clients().insert(id, entry);
+            self.id = Some(id);
+            if let DataSource::Own { counts } = data
+                && !counts.is_empty()
+            {
+                self.ready(id, counts)?;
+            }
+            tracing::info!(client = id, "resumed");
+            self.state.changed.notify_waiters();
+            return Ok(());
+        }
         let id = self.state.next_client_id();
         let (shard, shard_counts) = match data {
             DataSource::Demo if !self.state.shards.is_empty() => {
@@ -250,6 +311,7 @@ impl Connection {
             hops_done: 0,
             samples_trained: 0,
             speed: None,
+            resume_token: new_resume_token(),
         };
         // The join's speed (validated: finite, within the limits) is the
         // prior until the server has timed a hop of its own.
@@ -262,6 +324,7 @@ impl Connection {
             client_id: id,
             model: self.state.model.clone(),
             shard,
+            resume: Some(entry.resume_token.clone()),
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);

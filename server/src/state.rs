@@ -90,6 +90,44 @@ pub struct ClientEntry {
     /// stated (its backend trial), then as the server measured its hops
     /// (samples times epochs over the time from task to update).
     pub speed: Option<f64>,
+    /// The secret it may rejoin with as itself (`join.resume`).
+    pub resume_token: String,
+}
+
+/// How long a departed client's place is kept for it to resume.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(600);
+
+/// Most departed clients kept at once (each holds its counts and shard
+/// indices); beyond it, a departure is not kept.
+pub const MAX_PARKED: usize = 10_000;
+
+/// A client that left, kept for [`RESUME_WINDOW`] so that it can come back
+/// as itself: same id, same shard, same counts, same measured speed.
+#[derive(Debug)]
+pub struct Parked {
+    /// Its id.
+    pub id: u64,
+    /// Its entry as it left (no pending hop).
+    pub entry: ClientEntry,
+    /// When it left.
+    pub since: std::time::Instant,
+}
+
+/// A fresh resume token: 128 bits from SipHash keyed with the process's
+/// OS-drawn hash keys (std's `RandomState`), hex.
+pub fn new_resume_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let half = |salt: u64| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(salt);
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 /// The shortest hop deadline the server gives, whatever a client's speed.
@@ -286,6 +324,8 @@ pub struct AppState {
     /// Hops refused by the guard's loss rule (acknowledged refused; the
     /// client stays, the chain goes on without its hop).
     pub loss_refusals: AtomicU64,
+    /// Departed clients by resume token, for [`RESUME_WINDOW`].
+    pub parked: Mutex<std::collections::HashMap<String, Parked>>,
     /// The guard's loss rule, when the server keeps validation samples.
     pub loss_check: Option<std::sync::Arc<astraea_core::validation::LossCheck>>,
     /// Rounds whose aggregate was refused (non-finite, out of bounds, or a
@@ -360,6 +400,7 @@ impl AppState {
             stale_updates: AtomicU64::new(0),
             loss_refusals: AtomicU64::new(0),
             loss_check: None,
+            parked: Mutex::new(std::collections::HashMap::new()),
             dropped_rounds: AtomicU64::new(0),
             store: store.map(Mutex::new),
             run_id: AtomicU64::new(0),

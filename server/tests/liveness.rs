@@ -66,3 +66,72 @@ async fn a_slow_client_that_keeps_reporting_progress_is_waited_for() {
     assert_eq!(acks, vec![AckOutcome::Accepted]);
     assert_eq!(running.state.status().skipped_hops, 0);
 }
+
+/// Joins as a demo client (optionally resuming) and returns the socket
+/// and its welcome's id, shard indices and resume token.
+async fn demo_join(
+    address: &str,
+    resume: Option<String>,
+) -> (support::Socket, u64, Vec<usize>, Option<String>) {
+    use astraea_core::protocol::{ClientMessage, DataSource, PROTOCOL_VERSION, ServerMessage};
+    use futures_util::StreamExt;
+    let mut socket = support::connect(address).await;
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Demo,
+        resume,
+    };
+    support::send(&mut socket, &join).await;
+    let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = socket.next().await else {
+        panic!("no welcome")
+    };
+    let ServerMessage::Welcome {
+        client_id,
+        shard: Some(shard),
+        resume,
+        ..
+    } = ServerMessage::from_json(&text).unwrap()
+    else {
+        panic!("not a demo welcome: {text}")
+    };
+    (socket, client_id, shard.indices, resume)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_with_its_token_is_the_same_client() {
+    // The bug: a reloaded tab or a dropped connection came back as a new
+    // client with a new id and a different shard, and the old one lingered
+    // until noticed.
+    let cfg = support::config(astraea_core::strategy::StrategyKind::FedAvg, 4, 1);
+    let (running, address) = support::start(cfg).await;
+    let state = running.state.clone();
+    let (socket, id, shard, token) = demo_join(&address, None).await;
+    let token = token.expect("a welcome gives a resume token");
+    let (other, other_id, other_shard, _) = demo_join(&address, None).await;
+    assert_ne!((other_id, &other_shard), (id, &shard));
+
+    // Execute: the first one's connection drops; it comes back with its
+    // token, and a stranger tries a token it made up.
+    drop(socket);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while state.clients().contains_key(&id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the departure was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_back, back_id, back_shard, back_token) = demo_join(&address, Some(token.clone())).await;
+    let (_stranger, stranger_id, _, stranger_token) =
+        demo_join(&address, Some("0123456789abcdef0123456789abcdef".into())).await;
+
+    // Assert: the same id, shard and token; no ghost; the stranger is new.
+    assert_eq!((back_id, &back_shard), (id, &shard));
+    assert_eq!(back_token.as_deref(), Some(token.as_str()));
+    assert_eq!(state.clients().len(), 3);
+    assert!(![id, other_id].contains(&stranger_id));
+    assert_ne!(stranger_token.as_deref(), Some(token.as_str()));
+    drop(other);
+}

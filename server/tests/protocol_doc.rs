@@ -292,6 +292,7 @@ async fn a_real_server_answers_the_pages_client_examples_as_the_page_says() {
         client_id,
         model,
         shard: Some(shard),
+        ..
     }) = demo_welcome
     else {
         panic!("no welcome with a shard: {demo_welcome:?}")

@@ -178,6 +178,7 @@ async fn a_join_with_another_protocol_version_is_refused() {
         backend: "test".into(),
         speed: None,
         data: DataSource::Demo,
+        resume: None,
     };
 
     send(&mut socket, &join).await;
@@ -485,6 +486,7 @@ async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
         backend: "test".into(),
         speed: None,
         data: DataSource::Demo,
+        resume: None,
     };
     send(&mut socket, &join).await;
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {

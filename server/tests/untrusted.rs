@@ -192,6 +192,7 @@ async fn strings_past_their_limit_are_refused() {
         backend: "x".repeat(1000),
         speed: None,
         data: DataSource::Demo,
+        resume: None,
     };
 
     send(&mut socket, &join).await;

@@ -1058,6 +1058,7 @@ fn client_message(rng: &mut StdRng) -> ClientMessage {
             backend: any_string(rng),
             speed: rng.random_bool(0.5).then(|| any_f64(rng)),
             data: any_data(rng),
+            resume: None,
         },
         1 => ClientMessage::Ready {
             counts: any_counts(rng),
@@ -1154,6 +1155,7 @@ fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessag
                 dataset: any_string(rng),
                 indices: any_counts(rng),
             }),
+            resume: None,
         },
         1 => ServerMessage::Plan {
             ratios: (0..rng.random_range(0..8)).map(|_| any_f64(rng)).collect(),
@@ -1294,6 +1296,7 @@ fn session_case(rng: &mut StdRng) -> SessionCase {
                 },
             },
             shard: None,
+            resume: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }

@@ -9,6 +9,8 @@ use super::messages::{ClientMessage, DataSource, UpdateSpec};
 
 /// Longest `join.backend` string, in bytes.
 pub const MAX_BACKEND_BYTES: usize = 64;
+/// Longest `join.resume` token, in bytes (the server's are 32 hex digits).
+pub const MAX_RESUME_BYTES: usize = 64;
 /// Longest `error.message` string a client may send, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Most classes a label-count list may have (the model fixes the exact
@@ -162,9 +164,13 @@ impl ClientMessage {
                 backend,
                 speed,
                 data,
+                resume,
                 ..
             } => {
                 check_string("join.backend", backend, MAX_BACKEND_BYTES)?;
+                if let Some(resume) = resume {
+                    check_string("join.resume", resume, MAX_RESUME_BYTES)?;
+                }
                 if let Some(speed) = speed {
                     check_f64("join.speed", *speed, MAX_SPEED, "0..=1e9")?;
                 }
@@ -276,18 +282,21 @@ mod tests {
                 backend: "x".repeat(MAX_BACKEND_BYTES + 1),
                 speed: None,
                 data: DataSource::Demo,
+                resume: None,
             },
             ClientMessage::Join {
                 version: 1,
                 backend: "flex\u{7}".into(),
                 speed: None,
                 data: DataSource::Demo,
+                resume: None,
             },
             ClientMessage::Join {
                 version: 1,
                 backend: "flex".into(),
                 speed: Some(f64::NAN),
                 data: DataSource::Demo,
+                resume: None,
             },
             ClientMessage::Join {
                 version: 1,
@@ -296,6 +305,7 @@ mod tests {
                 data: DataSource::Own {
                     counts: vec![usize::MAX, 1],
                 },
+                resume: None,
             },
             ClientMessage::Ready {
                 counts: vec![0; MAX_CLASSES + 1],
@@ -337,6 +347,7 @@ mod tests {
                 data: DataSource::Own {
                     counts: vec![5, 0, 7],
                 },
+                resume: None,
             },
             ClientMessage::Ready {
                 counts: vec![MAX_CLIENT_SAMPLES as usize],

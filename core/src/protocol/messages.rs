@@ -192,6 +192,11 @@ pub enum ClientMessage {
         speed: Option<f64>,
         /// Own data or a demo shard.
         data: DataSource,
+        /// The `resume` token of an earlier welcome: a client that
+        /// reconnects (a reloaded tab, a dropped network) gets its id, its
+        /// shard and its counts back. Absent: a new client.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
     },
     /// The client's label counts after applying the current plan.
     Ready {
@@ -237,6 +242,10 @@ pub enum ServerMessage {
         model: ModelSpec,
         /// The shard to load, in demo mode.
         shard: Option<ShardSpec>,
+        /// A secret to send as `join.resume` when reconnecting, to be this
+        /// client again (kept by the server for `RESUME_WINDOW`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<String>,
     },
     /// The augmentation plan to apply to local data (R per class), then
     /// answer with `ready`.
@@ -338,6 +347,7 @@ mod tests {
             backend: "flex".into(),
             speed: Some(1200.0),
             data: DataSource::Own { counts: vec![3, 4] },
+            resume: None,
         };
         let error = ServerMessage::Error {
             code: ErrorCode::NonFinite,

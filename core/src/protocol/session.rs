@@ -79,21 +79,37 @@ pub struct ClientSession {
     client_id: Option<u64>,
     assembler: Option<WeightAssembler>,
     max_frame_bytes: usize,
+    resume: Option<String>,
 }
 
 impl ClientSession {
-    /// Starts a session; the returned actions send the join.
+    /// Starts a session as a new client; the returned actions send the join.
     pub fn start(
         backend: &str,
         speed: Option<f64>,
         data: DataSource,
         max_frame_bytes: usize,
     ) -> (Self, Vec<ClientAction>) {
+        Self::resuming(backend, speed, data, max_frame_bytes, None)
+    }
+
+    /// Starts a session that asks to be the client of an earlier session
+    /// again ([`ClientSession::resume_token`] of that one); `None` joins as a
+    /// new client. A server that no longer knows the token welcomes a new
+    /// client.
+    pub fn resuming(
+        backend: &str,
+        speed: Option<f64>,
+        data: DataSource,
+        max_frame_bytes: usize,
+        resume: Option<String>,
+    ) -> (Self, Vec<ClientAction>) {
         let join = ClientMessage::Join {
             version: PROTOCOL_VERSION,
             backend: backend.to_string(),
             speed,
             data,
+            resume: resume.clone(),
         };
         let session = Self {
             state: State::Joining,
@@ -101,8 +117,15 @@ impl ClientSession {
             client_id: None,
             assembler: None,
             max_frame_bytes,
+            resume,
         };
         (session, vec![ClientAction::Send(join)])
+    }
+
+    /// The token to resume this client with after a reconnect: the one the
+    /// welcome gave (or the one this session was started with).
+    pub fn resume_token(&self) -> Option<&str> {
+        self.resume.as_deref()
     }
 
     /// The id the server gave us, once welcomed.
@@ -168,8 +191,12 @@ impl ClientSession {
                     client_id,
                     model,
                     shard,
+                    resume,
                 },
             ) => {
+                if resume.is_some() {
+                    self.resume = resume;
+                }
                 if version != PROTOCOL_VERSION {
                     return self.fail(
                         ErrorCode::Version,
@@ -398,6 +425,7 @@ mod tests {
                 params: 5,
             },
             shard,
+            resume: None,
         }
         .to_json()
     }

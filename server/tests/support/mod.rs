@@ -115,6 +115,7 @@ pub async fn join(address: &str) -> Socket {
         data: DataSource::Own {
             counts: vec![5; 10],
         },
+        resume: None,
     };
     send(&mut socket, &join).await;
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {
