@@ -135,8 +135,12 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     if let Some(id) = connection.id {
         // Kept a while, so that it can come back as itself; its hop (if
         // any) is skipped at once as the pending reply is dropped.
-        if let Some(mut entry) = state.clients().remove(&id) {
+        let left = state.clients().remove(&id);
+        if let Some(mut entry) = left {
             entry.pending = None;
+            // Its socket's queue must go with the socket: a parked sender
+            // would keep the writer task, and so the socket, open.
+            entry.tx = tokio::sync::mpsc::unbounded_channel().0;
             let mut parked = lock(&state.parked);
             parked.retain(|_, p| p.since.elapsed() < RESUME_WINDOW);
             if parked.len() < MAX_PARKED {
