@@ -254,7 +254,9 @@ async fn run_session(
                         // come back here to be sent while it runs.
                         let (beat_tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
                         let mut training = tokio::task::spawn_blocking(move || {
-                            let mut last = Instant::now();
+                            // The first step beats at once: model set-up
+                            // and a first batch are the longest silence.
+                            let mut last: Option<Instant> = None;
                             train_task(
                                 &model,
                                 &task_for_training,
@@ -264,8 +266,8 @@ async fn run_session(
                                     labels: &labels,
                                 },
                                 &mut |step| {
-                                    if last.elapsed() >= HEARTBEAT {
-                                        last = Instant::now();
+                                    if last.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+                                        last = Some(Instant::now());
                                         let _ = beat_tx
                                             .send(progress_message(&task_for_training, step));
                                     }
