@@ -261,22 +261,8 @@ impl Connection {
                 dataset: self.state.config.dataset.clone(),
                 indices: self.state.shards[(id as usize - 1) % self.state.shards.len()].clone(),
             });
-            entry.send(&ServerMessage::Welcome {
-                version: PROTOCOL_VERSION,
-                client_id: id,
-                model: self.state.model.clone(),
-                shard,
-                resume: Some(entry.resume_token.clone()),
-            });
-            self.state.clients().insert(id, entry);
-            self.id = Some(id);
-            if let DataSource::Own { counts } = data
-                && !counts.is_empty()
-            {
-                self.ready(id, counts)?;
-            }
+            self.admit(id, entry, shard, data)?;
             tracing::info!(client = id, "resumed");
-            self.state.changed.notify_waiters();
             return Ok(());
         }
         let id = self.state.next_client_id();
@@ -303,7 +289,7 @@ impl Connection {
             }
             DataSource::Own { .. } => (None, None),
         };
-        let entry = ClientEntry {
+        let mut entry = ClientEntry {
             backend: backend.clone(),
             tx: self.tx.clone(),
             raw_counts: None,
@@ -319,10 +305,26 @@ impl Connection {
         };
         // The join's speed (validated: finite, within the limits) is the
         // prior until the server has timed a hop of its own.
-        let mut entry = entry;
         if let Some(speed) = speed {
             entry.observe_speed(speed);
         }
+        self.admit(id, entry, shard, data)?;
+        self.state
+            .record(|store, run| store.client_joined(run, id, &backend));
+        tracing::info!(client = id, "joined");
+        Ok(())
+    }
+
+    /// Welcomes client `id` (new or resumed) with its shard and resume
+    /// token, registers `entry`, and takes the counts an own-data client
+    /// may give with its join (or, an empty list, in its first `ready`).
+    fn admit(
+        &mut self,
+        id: u64,
+        entry: ClientEntry,
+        shard: Option<ShardSpec>,
+        data: DataSource,
+    ) -> Result<(), Refusal> {
         entry.send(&ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
             client_id: id,
@@ -332,16 +334,11 @@ impl Connection {
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);
-        // An own-data client may give its counts with the join, or (an
-        // empty list) in its first `ready`.
         if let DataSource::Own { counts } = data
             && !counts.is_empty()
         {
             self.ready(id, counts)?;
         }
-        self.state
-            .record(|store, run| store.client_joined(run, id, &backend));
-        tracing::info!(client = id, "joined");
         self.state.changed.notify_waiters();
         Ok(())
     }
