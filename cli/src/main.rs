@@ -406,6 +406,20 @@ struct SimulateArgs {
     /// most this many nats.
     #[arg(long, default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
     max_loss_increase: f64,
+    /// Rounds: sync (the papers': every group starts together, the round
+    /// waits for the slowest chain) or async (FedBuff-style: a group starts
+    /// whenever clients are free and is folded in when it finishes, with a
+    /// staleness weight; --rounds trains as many groups in both).
+    #[arg(long, default_value = "sync")]
+    mode: astraea_core::asynchronous::Mode,
+    /// Async mode: finished groups per new global model (default: a fifth
+    /// of the groups running at once, at least 1).
+    #[arg(long)]
+    buffer: Option<usize>,
+    /// Async mode: a result more than this many global versions stale is
+    /// refused.
+    #[arg(long, default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
+    max_staleness: u64,
     /// The clients' training speeds for the federation clock (samples/s):
     /// uniform:SPEED or lognormal:MEDIAN:SPREAD (95th over 5th percentile;
     /// lognormal:200:100 is a 100x spread).
@@ -823,6 +837,9 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,
         speed_weight: args.speed_weight,
+        mode: args.mode,
+        buffer: args.buffer.map(|b| b.max(1)),
+        max_staleness: args.max_staleness,
         population: astraea_sim::population::Population {
             speeds: args.speeds,
             freeze: args.freeze.clamp(0.0, 1.0),

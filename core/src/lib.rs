@@ -13,6 +13,8 @@
 //! - [`astraea`]: the planner: global statistics, the augmentation plan,
 //!   greedy mediator assignment.
 //! - [`aggregate`]: the sample-weighted aggregation of updates.
+//! - [`asynchronous`]: FedBuff-style asynchronous rounds: the buffer and
+//!   the staleness weight.
 //! - [`attack`]: attacks a hostile client can mount, for robustness runs.
 //! - [`robust`]: Byzantine-robust aggregation rules (median, trimmed mean,
 //!   Krum, centered clipping) any strategy can use.
@@ -29,6 +31,7 @@
 
 pub mod aggregate;
 pub mod astraea;
+pub mod asynchronous;
 pub mod attack;
 pub mod augment;
 pub mod data;

@@ -57,6 +57,14 @@ pub struct SimConfig {
     pub max_loss_increase: f64,
     /// Speed-aware mediators' weight (`None`: the papers' greedy).
     pub speed_weight: Option<f64>,
+    /// Synchronous rounds, or the asynchronous mode
+    /// (`astraea_core::asynchronous`).
+    pub mode: astraea_core::asynchronous::Mode,
+    /// The asynchronous mode's buffer: finished groups per global version
+    /// (`None`: a fifth of the groups running at once, at least 1).
+    pub buffer: Option<usize>,
+    /// The asynchronous mode's most staleness, in global versions.
+    pub max_staleness: u64,
     /// The clients as machines, for the federation clock.
     pub population: crate::population::Population,
     /// Worker threads that run mediators (and evaluation) in parallel.

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
+use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::limits::check_weights;
-use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant};
+use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
 use astraea_core::validation::LossCheck;
 use astraea_core::weights::Weights;
@@ -84,8 +85,7 @@ pub fn run(
     let model_config = ModelConfig::for_dataset(train);
     let device = Device::flex();
     device.seed(spec.seed);
-    let mut global = Weights::from_model(&model_config.init(&device));
-    let num_params = global.len();
+    let global = Weights::from_model(&model_config.init(&device));
 
     // Every client reports its counts once; a planning strategy answers with
     // its plan (and the client reports its post-plan counts again).
@@ -104,14 +104,13 @@ pub fn run(
         prox_mu: 0.0,
         seed: 0,
     };
-    let mut history = RunHistory {
+    let history = RunHistory {
         label: spec.label(),
         strategy: spec.name(),
         seed: spec.seed,
         rounds: Vec::with_capacity(config.rounds),
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
-    let (mut train_samples, mut train_s, mut clock_s) = (0u64, 0.0f64, 0.0f64);
     let speeds = config
         .population
         .speeds
@@ -131,90 +130,392 @@ pub fn run(
         )
     });
     let defence = Defence::new(config, federation.clients.len(), spec.seed, loss_check);
-    for round in 1..=config.rounds {
-        let chosen = sample(
-            &mut rng,
-            federation.clients.len(),
-            config.participants.min(federation.clients.len()),
-        );
-        let participants: Vec<Participant> = chosen
-            .iter()
-            .map(|id| Participant {
-                id,
-                counts: federation.clients[id].counts.clone(),
-                // What a server would have measured of it.
-                hop_seconds: Some(
-                    config.population.hop_s(
-                        (federation.clients[id].len() as u64)
-                            .saturating_mul(config.local_epochs as u64),
-                        speeds[id],
-                    ),
+    let setup = Setup {
+        config,
+        spec,
+        strategy,
+        federation,
+        model_config,
+        test,
+        train_config,
+        speeds,
+        defence,
+        start,
+        progress,
+    };
+    let mut state = RunState {
+        global,
+        traffic,
+        history,
+        train_samples: 0,
+        train_s: 0.0,
+    };
+    match config.mode {
+        Mode::Sync => sync_rounds(&setup, &mut state, &mut rng)?,
+        Mode::Async => async_rounds(&setup, &mut state, &mut rng)?,
+    }
+    Ok(state.history)
+}
+
+/// What a run is made of once set up; the round loops only read it.
+struct Setup<'a> {
+    config: &'a SimConfig,
+    spec: &'a RunSpec,
+    strategy: Box<dyn Strategy>,
+    federation: Federation,
+    model_config: ModelConfig,
+    test: Dataset,
+    train_config: TrainConfig,
+    /// Each client's training speed, samples per second.
+    speeds: Vec<f64>,
+    defence: Defence,
+    start: Instant,
+    progress: &'a ProgressBar,
+}
+
+/// What a run's rounds change.
+struct RunState {
+    global: Weights,
+    traffic: Traffic,
+    history: RunHistory,
+    train_samples: u64,
+    train_s: f64,
+}
+
+impl Setup<'_> {
+    /// Client `id` as the strategy sees it, with the hop time a server
+    /// would have measured of it.
+    fn participant(&self, id: usize) -> Participant {
+        let config = self.config;
+        Participant {
+            id,
+            counts: self.federation.clients[id].counts.clone(),
+            hop_seconds: Some(
+                config.population.hop_s(
+                    (self.federation.clients[id].len() as u64)
+                        .saturating_mul(config.local_epochs as u64),
+                    self.speeds[id],
                 ),
-            })
-            .collect();
-        let round_plan = strategy.configure_round(&participants);
-        let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
-        for group in &round_plan.groups {
-            for _ in 0..group.passes * group.members.len() {
-                traffic.add_hop(num_params);
-            }
+            ),
         }
-        let round_train = TrainConfig {
-            prox_mu: round_plan.prox_mu,
-            ..train_config.clone()
-        };
-        let training = Instant::now();
-        let context = RoundContext {
-            clients: &federation.clients,
-            model_config: &model_config,
-            global: &global,
-            train_config: &round_train,
-            defence: &defence,
-            population: &config.population,
-            speeds: &speeds,
-        };
-        let (results, failures, processed, round_clock) = run_groups(
-            &round_plan.groups,
-            &context,
-            config.threads,
-            mix(&[spec.seed, round as u64]),
-        );
-        // As the server does: an aggregate outside the bounds is dropped
-        // and the previous model kept.
-        if let Some(values) = strategy.aggregate(&global.values, &results, &failures)
-            && check_weights(&values).is_ok()
-        {
-            global.values = values;
+    }
+
+    /// What every chain shares, starting from `global`.
+    fn context<'a>(
+        &'a self,
+        global: &'a Weights,
+        train_config: &'a TrainConfig,
+    ) -> RoundContext<'a> {
+        RoundContext {
+            clients: &self.federation.clients,
+            model_config: &self.model_config,
+            global,
+            train_config,
+            defence: &self.defence,
+            population: &self.config.population,
+            speeds: &self.speeds,
         }
-        train_samples += processed;
-        clock_s += round_clock;
-        train_s += training.elapsed().as_secs_f64();
-        let eval = evaluate_parallel(&model_config, &global, &test, config.threads)?;
-        history.rounds.push(RoundRecord {
+    }
+
+    /// Evaluates the global model and records round `round`, reached at
+    /// `clock_s` on the federation's clock.
+    fn record(
+        &self,
+        state: &mut RunState,
+        round: usize,
+        mean_kl: f64,
+        clock_s: f64,
+    ) -> anyhow::Result<()> {
+        let eval = evaluate_parallel(
+            &self.model_config,
+            &state.global,
+            &self.test,
+            self.config.threads,
+        )?;
+        state.history.rounds.push(RoundRecord {
             round,
             accuracy: eval.accuracy,
             loss: eval.loss,
-            bytes_up: traffic.up,
-            bytes_down: traffic.down,
+            bytes_up: state.traffic.up,
+            bytes_down: state.traffic.down,
             mean_kl,
-            wall_s: start.elapsed().as_secs_f64(),
-            train_samples,
-            train_s,
+            wall_s: self.start.elapsed().as_secs_f64(),
+            train_samples: state.train_samples,
+            train_s: state.train_s,
             clock_s,
         });
         let status = format!(
             "{} round {round}: {:.2}%",
-            spec.label(),
+            self.spec.label(),
             eval.accuracy * 100.0
         );
         // Without a terminal the bar is hidden; keep a trace in the log.
-        if progress.is_hidden() && (round % 10 == 0 || round == config.rounds) {
+        if self.progress.is_hidden() && (round.is_multiple_of(10) || round == self.config.rounds) {
             eprintln!("{status}");
         }
-        progress.set_message(status);
-        progress.inc(1);
+        self.progress.set_message(status);
+        self.progress.inc(1);
+        Ok(())
     }
-    Ok(history)
+}
+
+/// The papers' rounds: `c` participants drawn, grouped, their chains run
+/// from one global model, the round ends with its slowest chain.
+fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> anyhow::Result<()> {
+    let Setup {
+        config,
+        spec,
+        strategy,
+        federation,
+        ..
+    } = setup;
+    let num_params = state.global.len();
+    let mut clock_s = 0.0;
+    for round in 1..=config.rounds {
+        let chosen = sample(
+            rng,
+            federation.clients.len(),
+            config.participants.min(federation.clients.len()),
+        );
+        let participants: Vec<Participant> =
+            chosen.iter().map(|id| setup.participant(id)).collect();
+        let round_plan = strategy.configure_round(&participants);
+        let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
+        for group in &round_plan.groups {
+            for _ in 0..group.passes * group.members.len() {
+                state.traffic.add_hop(num_params);
+            }
+        }
+        let round_train = TrainConfig {
+            prox_mu: round_plan.prox_mu,
+            ..setup.train_config.clone()
+        };
+        let training = Instant::now();
+        let starts = vec![&state.global; round_plan.groups.len()];
+        let seeds: Vec<u64> = (0..round_plan.groups.len())
+            .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
+            .collect();
+        let (results, failures, processed, round_clock) = run_chains(
+            &round_plan.groups,
+            &starts,
+            &seeds,
+            &setup.context(&state.global, &round_train),
+            config.threads,
+        );
+        // As the server does: an aggregate outside the bounds is dropped
+        // and the previous model kept.
+        if let Some(values) = strategy.aggregate(&state.global.values, &results, &failures)
+            && check_weights(&values).is_ok()
+        {
+            state.global.values = values;
+        }
+        state.train_samples += processed;
+        clock_s += round_clock;
+        state.train_s += training.elapsed().as_secs_f64();
+        setup.record(state, round, mean_kl, clock_s)?;
+    }
+    Ok(())
+}
+
+/// A mediator running in the asynchronous mode.
+struct Running {
+    /// When it finishes on the federation's clock.
+    finish: f64,
+    /// The order it started in (ties on `finish` go to the earlier).
+    order: u64,
+    group: Group,
+    /// The global version it started from.
+    start_version: u64,
+}
+
+impl PartialEq for Running {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Running {}
+impl PartialOrd for Running {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Running {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.finish
+            .total_cmp(&other.finish)
+            .then(self.order.cmp(&other.order))
+    }
+}
+
+/// The asynchronous mode (`astraea_core::asynchronous`, FedBuff-style):
+/// as many groups run at once as a synchronous round has; when one
+/// finishes its clients are free again and a new group starts at once,
+/// formed by the strategy from `c` clients drawn among the free ones (so
+/// Astraea still balances labels, with the pick of `c` clients for every
+/// mediator), from the global model of that moment. Every `buffer` finished
+/// groups make a new global version. A record is written every
+/// `ceil(concurrency / buffer)` versions, so `rounds` trains as many groups
+/// as the synchronous mode.
+///
+/// Times come from the population model before training (a group's time
+/// does not depend on its weights), so the schedule is laid out on the
+/// clock first and each buffer's groups then train in parallel from the
+/// versions they started from. A client the guard drops while its group
+/// waits to train still counts its hop time.
+fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> anyhow::Result<()> {
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BinaryHeap};
+
+    let Setup {
+        config,
+        spec,
+        strategy,
+        federation,
+        ..
+    } = setup;
+    let clients = federation.clients.len();
+    let num_params = state.global.len();
+    let mut busy = vec![false; clients];
+    // Draws up to `c` free clients and lets the strategy form groups of them.
+    let draw_groups = |busy: &[bool], rng: &mut StdRng| -> (Vec<Group>, f64) {
+        let free: Vec<usize> = (0..clients)
+            .filter(|&id| !busy[id] && !setup.defence.is_dropped(id))
+            .collect();
+        let picked = sample(rng, free.len(), config.participants.min(free.len()));
+        let participants: Vec<Participant> =
+            picked.iter().map(|i| setup.participant(free[i])).collect();
+        let plan = strategy.configure_round(&participants);
+        (plan.groups, plan.prox_mu)
+    };
+    let (first, prox_mu) = draw_groups(&busy, rng);
+    let concurrency = first.len().max(1);
+    let buffer_size = config
+        .buffer
+        .unwrap_or_else(|| asynchronous::default_buffer(concurrency));
+    let per_round = concurrency.div_ceil(buffer_size);
+    let mut buffer = Buffer::new(buffer_size, config.max_staleness);
+    let mut versions: BTreeMap<u64, Weights> = BTreeMap::from([(0, state.global.clone())]);
+    let mut running = BinaryHeap::new();
+    let mut order = 0u64;
+    let chain_seed = |order: u64| mix(&[spec.seed, 0xa5c, order]);
+    let round_train = TrainConfig {
+        prox_mu,
+        ..setup.train_config.clone()
+    };
+    // Starts `group` at `now` from the current version.
+    let mut start_group = |group: Group,
+                           now: f64,
+                           version: u64,
+                           busy: &mut [bool],
+                           running: &mut BinaryHeap<Reverse<Running>>,
+                           traffic: &mut Traffic| {
+        for &m in &group.members {
+            busy[m] = true;
+        }
+        for _ in 0..group.passes * group.members.len() {
+            traffic.add_hop(num_params);
+        }
+        let seconds = chain_seconds(&group, setup, chain_seed(order));
+        running.push(Reverse(Running {
+            finish: now + seconds,
+            order,
+            group,
+            start_version: version,
+        }));
+        order += 1;
+    };
+    for group in first {
+        start_group(group, 0.0, 0, &mut busy, &mut running, &mut state.traffic);
+    }
+    let mut now = 0.0;
+    let mut stale = 0usize;
+    'rounds: for round in 1..=config.rounds {
+        let (mut kl_sum, mut kl_count) = (0.0, 0usize);
+        for _ in 0..per_round {
+            let mut batch: Vec<Running> = Vec::with_capacity(buffer_size);
+            while batch.len() < buffer_size {
+                let Some(Reverse(done)) = running.pop() else {
+                    break;
+                };
+                now = done.finish;
+                for &m in &done.group.members {
+                    busy[m] = false;
+                }
+                batch.push(done);
+                let (groups, _) = draw_groups(&busy, rng);
+                if let Some(group) = groups.into_iter().next() {
+                    start_group(
+                        group,
+                        now,
+                        buffer.version(),
+                        &mut busy,
+                        &mut running,
+                        &mut state.traffic,
+                    );
+                }
+            }
+            if batch.is_empty() {
+                break 'rounds;
+            }
+            let groups: Vec<Group> = batch.iter().map(|r| r.group.clone()).collect();
+            kl_sum += mean_group_kl(&groups, &federation.clients) * groups.len() as f64;
+            kl_count += groups.len();
+            let starts: Vec<&Weights> = batch.iter().map(|r| &versions[&r.start_version]).collect();
+            let training = Instant::now();
+            let seeds: Vec<u64> = batch.iter().map(|r| chain_seed(r.order)).collect();
+            let (results, failures, processed, _) = run_chains(
+                &groups,
+                &starts,
+                &seeds,
+                &setup.context(&state.global, &round_train),
+                config.threads,
+            );
+            state.train_samples += processed;
+            state.train_s += training.elapsed().as_secs_f64();
+            for result in results {
+                let index = result.group;
+                let start = starts[index];
+                if buffer
+                    .offer(
+                        &state.global.values,
+                        &start.values,
+                        batch[index].start_version,
+                        result,
+                    )
+                    .is_err()
+                {
+                    stale += 1;
+                }
+            }
+            let taken = buffer.take();
+            if let Some(values) = strategy.aggregate(&state.global.values, &taken, &failures)
+                && check_weights(&values).is_ok()
+            {
+                state.global.values = values;
+            }
+            buffer.advance();
+            versions.insert(buffer.version(), state.global.clone());
+            // Keep only the versions a running group started from.
+            let oldest = running
+                .iter()
+                .map(|Reverse(r)| r.start_version)
+                .min()
+                .unwrap_or(buffer.version());
+            versions.retain(|&v, _| v >= oldest);
+        }
+        let mean_kl = if kl_count == 0 {
+            0.0
+        } else {
+            kl_sum / kl_count as f64
+        };
+        setup.record(state, round, mean_kl, now)?;
+    }
+    if stale > 0 {
+        setup
+            .progress
+            .suspend(|| eprintln!("{}: {stale} results refused as too stale", spec.label()));
+    }
+    Ok(())
 }
 
 /// Mean over groups of the KL to uniform of the group's combined counts.
@@ -297,14 +598,12 @@ fn walk_chain(
             }
             let data = &clients[member];
             let seed = mix(&[seed, member as u64, pass as u64]);
-            // A frozen client trains nothing and holds the chain until the
-            // server gives up on it (the stall timeout, or the deadline).
-            if population.freezes(mix(&[seed, 0xf7ee2e])) {
-                *clock += population.frozen_hop_s();
+            let (frozen, seconds) =
+                hop_time(population, data, speeds[member], train_config.epochs, seed);
+            *clock += seconds;
+            if frozen {
                 continue;
             }
-            let work = (data.len() as u64).saturating_mul(train_config.epochs as u64);
-            *clock += population.hop_s(work, speeds[member]);
             let config = TrainConfig {
                 seed,
                 ..train_config.clone()
@@ -408,7 +707,7 @@ impl Defence {
             .filter(|_| self.attackers.get(id).copied().unwrap_or(false))
     }
 
-    fn is_dropped(&self, id: usize) -> bool {
+    pub(crate) fn is_dropped(&self, id: usize) -> bool {
         self.dropped.lock().expect("no worker panicked")[id]
     }
 
@@ -458,20 +757,64 @@ impl Defence {
     }
 }
 
-/// Runs the groups on `threads` workers, each taking the next group not yet
-/// started; groups are independent, like mediators on separate machines.
-/// Returns the results, the failures, the samples processed in training
-/// and the round's seconds on the federation's clock (its slowest chain).
-fn run_groups(
+/// Whether the hop seeded `seed` of a client holding `data` at `speed`
+/// freezes, and the seconds it holds its chain: a frozen client trains
+/// nothing and holds the chain until the server gives up on it (the stall
+/// timeout, or the deadline).
+fn hop_time(
+    population: &Population,
+    data: &ClientData,
+    speed: f64,
+    epochs: usize,
+    seed: u64,
+) -> (bool, f64) {
+    if population.freezes(mix(&[seed, 0xf7ee2e])) {
+        return (true, population.frozen_hop_s());
+    }
+    let work = (data.len() as u64).saturating_mul(epochs as u64);
+    (false, population.hop_s(work, speed))
+}
+
+/// The seconds `group`'s chain seeded `seed` will take, as [`walk_chain`]
+/// will clock it, known before it trains (clients dropped by then cost
+/// nothing).
+fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: u64) -> f64 {
+    let mut clock = 0.0;
+    for pass in 0..group.passes {
+        for &member in &group.members {
+            if setup.defence.is_dropped(member) {
+                continue;
+            }
+            let (_, seconds) = hop_time(
+                &setup.config.population,
+                &setup.federation.clients[member],
+                setup.speeds[member],
+                setup.train_config.epochs,
+                mix(&[seed, member as u64, pass as u64]),
+            );
+            clock += seconds;
+        }
+    }
+    clock
+}
+
+/// Runs the groups' chains on `threads` workers, each taking the next
+/// group not yet started; groups are independent, like mediators on
+/// separate machines. Group `i` starts from `starts[i]` with seed
+/// `seeds[i]`. Returns the results (`GroupResult::group` is the index in
+/// `groups`), the failures, the samples processed in training and the
+/// seconds of the slowest chain on the federation's clock.
+fn run_chains(
     groups: &[Group],
+    starts: &[&Weights],
+    seeds: &[u64],
     context: &RoundContext<'_>,
     threads: usize,
-    seed: u64,
 ) -> (Vec<GroupResult>, Vec<GroupFailure>, u64, f64) {
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<(usize, ChainOutcome)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
+        for _ in 0..threads.max(1).min(groups.len().max(1)) {
             scope.spawn(|| {
                 let device = Device::flex().autodiff();
                 loop {
@@ -479,7 +822,11 @@ fn run_groups(
                     let Some(group) = groups.get(index) else {
                         break;
                     };
-                    let outcome = run_chain(group, context, mix(&[seed, index as u64]), &device);
+                    let context = RoundContext {
+                        global: starts[index],
+                        ..*context
+                    };
+                    let outcome = run_chain(group, &context, seeds[index], &device);
                     outcomes
                         .lock()
                         .expect("no worker panicked")

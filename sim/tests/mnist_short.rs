@@ -15,36 +15,7 @@ fn strategies_learn_on_a_long_tail_slice_of_mnist() {
     // Prepare: 6,000 training and 1,000 test samples of the real data; three
     // local epochs so that FedAvg's few samples per client get off the ground
     // within five rounds.
-    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
-    let (train, test) = load_named("mnist", &data_dir).expect("run `astraea fetch-data` first");
-    let train = train.subset(&(0..6000).collect::<Vec<_>>());
-    let test = test.subset(&(0..1000).collect::<Vec<_>>());
-    let config = SimConfig {
-        dataset: "mnist".into(),
-        data_dir,
-        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
-        clients: 30,
-        participants: 20,
-        rounds: 5,
-        gamma: 5,
-        local_epochs: 3,
-        mediator_passes: 2,
-        plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-        batch_size: 20,
-        learning_rate: 1e-3,
-        prox_mu: 0.01,
-        aggregation: Default::default(),
-        attack: None,
-        attackers: 0.0,
-        max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
-        validation_samples: 0,
-        population: astraea_sim::population::Population::default(),
-        speed_weight: None,
-        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
-        threads: 2,
-        out_dir: std::env::temp_dir(),
-        target_accuracy: None,
-    };
+    let (train, test, config) = slice();
     let progress = ProgressBar::hidden();
 
     // Execute
@@ -85,4 +56,98 @@ fn strategies_learn_on_a_long_tail_slice_of_mnist() {
         .map(|r| r.accuracy)
         .fold(0.0, f64::max);
     assert!(astraea_best > 0.6, "astraea best accuracy {astraea_best}");
+}
+
+/// 6,000 training and 1,000 test samples of real MNIST, spread long-tailed
+/// over 30 clients, 20 taking part in each of 5 rounds.
+fn slice() -> (
+    astraea_core::data::Dataset,
+    astraea_core::data::Dataset,
+    SimConfig,
+) {
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let (train, test) = load_named("mnist", &data_dir).expect("run `astraea fetch-data` first");
+    let train = train.subset(&(0..6000).collect::<Vec<_>>());
+    let test = test.subset(&(0..1000).collect::<Vec<_>>());
+    let config = SimConfig {
+        dataset: "mnist".into(),
+        data_dir,
+        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
+        clients: 30,
+        participants: 20,
+        rounds: 5,
+        gamma: 5,
+        local_epochs: 3,
+        mediator_passes: 2,
+        plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+        batch_size: 20,
+        learning_rate: 1e-3,
+        prox_mu: 0.01,
+        aggregation: Default::default(),
+        attack: None,
+        attackers: 0.0,
+        max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
+        validation_samples: 0,
+        population: astraea_sim::population::Population::default(),
+        speed_weight: None,
+        mode: astraea_core::asynchronous::Mode::Sync,
+        buffer: None,
+        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
+        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
+        threads: 2,
+        out_dir: std::env::temp_dir(),
+        target_accuracy: None,
+    };
+    (train, test, config)
+}
+
+#[test]
+fn the_asynchronous_mode_learns_and_does_not_wait_for_the_slowest_chain() {
+    // Prepare: speeds spread 100x (the 95th percentile over the 5th), so a
+    // synchronous round waits for a chain of slow clients.
+    let (train, test, config) = slice();
+    let config = SimConfig {
+        population: astraea_sim::population::Population {
+            speeds: "lognormal:200:100".parse().unwrap(),
+            ..Default::default()
+        },
+        ..config
+    };
+    let spec = RunSpec::parse("astraea", 5).unwrap();
+    let progress = ProgressBar::hidden();
+
+    // Execute
+    let sync = simulate::run(&config, &spec, &train, &test, &progress).unwrap();
+    let asynchronous = simulate::run(
+        &SimConfig {
+            mode: astraea_core::asynchronous::Mode::Async,
+            ..config.clone()
+        },
+        &spec,
+        &train,
+        &test,
+        &progress,
+    )
+    .unwrap();
+
+    // Assert: as many records and as much training, sooner on the clock,
+    // and it learns.
+    assert_eq!(asynchronous.rounds.len(), 5);
+    let (a, s) = (
+        asynchronous.rounds.last().unwrap(),
+        sync.rounds.last().unwrap(),
+    );
+    assert!(
+        a.clock_s < 0.8 * s.clock_s,
+        "async clock {} s against sync {} s",
+        a.clock_s,
+        s.clock_s
+    );
+    assert!(a.train_samples > s.train_samples / 2);
+    let best = asynchronous
+        .rounds
+        .iter()
+        .map(|r| r.accuracy)
+        .fold(0.0, f64::max);
+    assert!(best > 0.6, "async astraea best accuracy {best}");
 }
