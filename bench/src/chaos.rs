@@ -248,6 +248,9 @@ async fn unreliable(
         min_clients: CLIENTS / 2,
         hop_deadline,
         stall_timeout: stall,
+        mode: Default::default(),
+        buffer: None,
+        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
         run_name: "chaos".into(),
         ..crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea)
     };

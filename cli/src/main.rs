@@ -243,6 +243,20 @@ struct ServeArgs {
     /// unset, mediators are the papers' greedy, blind to speed.
     #[arg(long)]
     speed_weight: Option<f64>,
+    /// Rounds: sync (every round's groups start together and the round
+    /// waits for the slowest chain) or async (FedBuff-style: a group starts
+    /// whenever enough clients are free and is folded into the model when
+    /// it finishes, with a staleness weight; --rounds counts new models).
+    #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
+    mode: astraea_core::asynchronous::Mode,
+    /// Async mode: finished groups per new global model (default: half
+    /// the groups running at once, rounded up).
+    #[arg(long, env = "ASTRAEA_BUFFER")]
+    buffer: Option<usize>,
+    /// Async mode: a group's result more than this many global models
+    /// stale is refused.
+    #[arg(long, default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
+    max_staleness: u64,
     /// tau_d of the z-score plan.
     #[arg(long, env = "ASTRAEA_TAU_D", default_value_t = 3.5)]
     tau_d: f64,
@@ -412,8 +426,8 @@ struct SimulateArgs {
     /// staleness weight; --rounds trains as many groups in both).
     #[arg(long, default_value = "sync")]
     mode: astraea_core::asynchronous::Mode,
-    /// Async mode: finished groups per new global model (default: a fifth
-    /// of the groups running at once, at least 1).
+    /// Async mode: finished groups per new global model (default: half
+    /// the groups running at once, rounded up).
     #[arg(long)]
     buffer: Option<usize>,
     /// Async mode: a result more than this many global versions stale is
@@ -753,6 +767,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
         stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
             .context("--stall-timeout must be a finite, non-negative number of seconds")?,
+        mode: args.mode,
+        buffer: args.buffer.map(|b| b.max(1)),
+        max_staleness: args.max_staleness,
         max_update_ratio: args.max_update_ratio,
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,

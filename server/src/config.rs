@@ -78,6 +78,15 @@ pub struct ServeConfig {
     /// `progress` (nor its update) for this long is skipped as stalled.
     /// Zero turns the rule off.
     pub stall_timeout: Duration,
+    /// Synchronous rounds, or the asynchronous mode
+    /// (`astraea_core::asynchronous`): groups start when clients are free
+    /// and fold into the model as they finish.
+    pub mode: astraea_core::asynchronous::Mode,
+    /// The asynchronous mode's buffer: finished groups per new global
+    /// model (`None`: half the groups running at once, rounded up).
+    pub buffer: Option<usize>,
+    /// The asynchronous mode's most staleness, in global versions.
+    pub max_staleness: u64,
     /// The update guard's bound: an update may move the weights it was sent
     /// by at most this many times their L2 norm.
     pub max_update_ratio: f64,

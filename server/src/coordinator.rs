@@ -3,12 +3,14 @@
 //! to a client, comes back, goes to the next — with the groups in parallel,
 //! then aggregates, evaluates on the test set and records the round.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::data::Dataset;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
@@ -153,6 +155,19 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         first_round,
         mut planned,
     } = resume;
+    if config.mode == Mode::Async {
+        return run_async(
+            state.clone(),
+            data,
+            Resume {
+                global,
+                first_round,
+                planned,
+            },
+            strategy,
+        )
+        .await;
+    }
     let start = Instant::now();
     let mut round = first_round;
     while round <= state.tunable().rounds {
@@ -163,33 +178,20 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         if !wait_while_paused(&state).await {
             break;
         }
-        if !wait_for_ready(&state, state.tunable().min_clients).await {
+        if !prepare(&state, strategy.as_ref(), &mut planned).await {
             break;
         }
-        if !planned {
-            planned = true;
-            if send_plan(&state, strategy.as_ref())
-                && !wait_for_ready(&state, state.tunable().min_clients).await
-            {
-                break;
-            }
-        }
-        let participants = pick_participants(&state, state.tunable().participants, &mut rng);
+        let participants = pick_participants(
+            &state,
+            state.tunable().participants,
+            &mut rng,
+            &HashSet::new(),
+        );
         let plan = strategy.configure_round(&participants);
         let mediators: Vec<MediatorStatus> = plan
             .groups
             .iter()
-            .map(|g| {
-                let counts = group_counts(g, &participants);
-                MediatorStatus {
-                    members: g.members.iter().map(|&m| m as u64).collect(),
-                    kl: kl_to_uniform(&counts),
-                    counts,
-                    hops: (g.members.len() * g.passes) as u32,
-                    hops_done: 0,
-                    current: None,
-                }
-            })
+            .map(|g| mediator_status(g, &participants))
             .collect();
         let mean_kl = mediators.iter().map(|m| m.kl).sum::<f64>() / mediators.len().max(1) as f64;
         {
@@ -204,6 +206,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             run_chain(
                 state.clone(),
                 index,
+                index as u64,
                 group.clone(),
                 round,
                 mediator_count,
@@ -219,85 +222,318 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
                 Err(failure) => failures.push(failure),
             }
         }
-        let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            strategy.aggregate(&global.values, &results, &failures)
-        }));
-        let adopted = match candidate {
-            Ok(Some(values)) => match check_weights(&values) {
-                Ok(()) => Some(values),
-                Err(index) => {
-                    drop_round(
-                        &state,
-                        round,
-                        &format!(
-                            "the aggregate's weight {index} is {}, outside the bounds",
-                            values[index]
-                        ),
-                    );
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(_) => {
-                drop_round(&state, round, "aggregation panicked");
+        close_round(
+            &state,
+            &data,
+            strategy.as_ref(),
+            &mut global,
+            round,
+            (&results, &failures),
+            mean_kl,
+            start,
+        )
+        .await?;
+        round += 1;
+    }
+    state.status().phase = Phase::Finished;
+    if !state.control().stopped {
+        state.record(|store, run| store.finish(run));
+    }
+    Ok(())
+}
+
+/// Ends round `round` (in the asynchronous mode, global version `round`):
+/// aggregates the groups' `outcomes` (results, failures) against `global`
+/// with the strategy's rule, keeps the previous model when the aggregate
+/// is out of bounds, panics or does not evaluate to finite figures, then
+/// evaluates, checkpoints, records (`mean_kl` of the groups folded in,
+/// `start` of the run for its clock) and tells the clients.
+#[allow(clippy::too_many_arguments)]
+async fn close_round(
+    state: &AppState,
+    data: &ServerData,
+    strategy: &dyn Strategy,
+    global: &mut Weights,
+    round: u32,
+    (results, failures): (&[GroupResult], &[GroupFailure]),
+    mean_kl: f64,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        strategy.aggregate(&global.values, results, failures)
+    }));
+    let adopted = match candidate {
+        Ok(Some(values)) => match check_weights(&values) {
+            Ok(()) => Some(values),
+            Err(index) => {
+                drop_round(
+                    state,
+                    round,
+                    &format!(
+                        "the aggregate's weight {index} is {}, outside the bounds",
+                        values[index]
+                    ),
+                );
                 None
             }
-        };
-        let previous = global.values.clone();
-        if let Some(values) = adopted {
-            global.values = values;
+        },
+        Ok(None) => None,
+        Err(_) => {
+            drop_round(state, round, "aggregation panicked");
+            None
         }
-        let mut eval = evaluate(&data, &global).await;
-        if !matches!(&eval, Ok(e) if e.loss.is_finite() && e.accuracy.is_finite()) {
-            // The new model cannot be evaluated (a panic, or a non-finite
-            // loss): keep the last one.
-            drop_round(
-                &state,
-                round,
-                "the new model did not evaluate to finite figures",
-            );
-            global.values = previous;
-            eval = evaluate(&data, &global).await;
-        }
-        let eval = eval?;
-        *lock(&state.global) = Some(Arc::new(global.clone()));
-        let record = RoundRecord {
-            round: round as usize,
-            accuracy: eval.accuracy,
-            loss: eval.loss,
-            bytes_up: state.bytes_up.load(Ordering::Relaxed),
-            bytes_down: state.bytes_down.load(Ordering::Relaxed),
-            mean_kl,
-            wall_s: start.elapsed().as_secs_f64(),
-            train_samples: 0,
-            train_s: 0.0,
-            clock_s: start.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
+    };
+    let previous = global.values.clone();
+    if let Some(values) = adopted {
+        global.values = values;
+    }
+    let mut eval = evaluate(data, global).await;
+    if !matches!(&eval, Ok(e) if e.loss.is_finite() && e.accuracy.is_finite()) {
+        // The new model cannot be evaluated (a panic, or a non-finite
+        // loss): keep the last one.
+        drop_round(
+            state,
             round,
-            accuracy = eval.accuracy,
-            failures = failures.len(),
-            "round done"
+            "the new model did not evaluate to finite figures",
         );
-        let (skipped, mediators) = {
-            let status = state.status();
-            (status.skipped_hops, status.mediators.clone())
-        };
-        let guard = lock(&state.guard).history();
-        let checkpoint = state.model_card(round, Some(eval.accuracy)).export(&global);
-        state.record(|store, run| {
-            store.save_round(run, &record, skipped, &mediators, &checkpoint, &guard)
-        });
-        state.status().history.push(record);
-        let done = ServerMessage::RoundDone {
-            round,
-            accuracy: eval.accuracy,
-            loss: eval.loss,
-        };
-        for entry in state.clients().values() {
-            entry.send(&done);
+        global.values = previous;
+        eval = evaluate(data, global).await;
+    }
+    let eval = eval?;
+    *lock(&state.global) = Some(Arc::new(global.clone()));
+    let record = RoundRecord {
+        round: round as usize,
+        accuracy: eval.accuracy,
+        loss: eval.loss,
+        bytes_up: state.bytes_up.load(Ordering::Relaxed),
+        bytes_down: state.bytes_down.load(Ordering::Relaxed),
+        mean_kl,
+        wall_s: start.elapsed().as_secs_f64(),
+        train_samples: 0,
+        train_s: 0.0,
+        clock_s: start.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        round,
+        accuracy = eval.accuracy,
+        failures = failures.len(),
+        "round done"
+    );
+    let (skipped, mediators) = {
+        let status = state.status();
+        (status.skipped_hops, status.mediators.clone())
+    };
+    let guard = lock(&state.guard).history();
+    let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
+    state.record(|store, run| {
+        store.save_round(run, &record, skipped, &mediators, &checkpoint, &guard)
+    });
+    state.status().history.push(record);
+    let done = ServerMessage::RoundDone {
+        round,
+        accuracy: eval.accuracy,
+        loss: eval.loss,
+    };
+    for entry in state.clients().values() {
+        entry.send(&done);
+    }
+    Ok(())
+}
+
+/// Waits for enough ready clients and, the first time, sends the data plan
+/// (then waits for the clients' post-plan counts); `false` when the admin
+/// stopped the run meanwhile.
+async fn prepare(state: &AppState, strategy: &dyn Strategy, planned: &mut bool) -> bool {
+    if !wait_for_ready(state, state.tunable().min_clients).await {
+        return false;
+    }
+    if !*planned {
+        *planned = true;
+        if send_plan(state, strategy) && !wait_for_ready(state, state.tunable().min_clients).await {
+            return false;
         }
-        round += 1;
+    }
+    true
+}
+
+/// What a chain of the asynchronous mode gives back when it ends.
+struct Finished {
+    /// Its place on the dashboard.
+    slot: usize,
+    /// The global version it started from, and that version's weights.
+    start_version: u64,
+    start: Arc<Vec<f32>>,
+    /// Its label mix's KL to uniform.
+    kl: f64,
+    outcome: Result<GroupResult, GroupFailure>,
+}
+
+/// The asynchronous mode (`--mode async`, `astraea_core::asynchronous`):
+/// as many groups run at once as a synchronous round would make of the
+/// ready clients (at most `c`); whenever one ends and enough clients are
+/// free (an average group's worth), the strategy forms a new group from up
+/// to `c` free ready clients (Astraea: the most balanced mediator it can
+/// make of them) and it starts at once from the current global model.
+/// Finished groups go into the buffer with their staleness weight; every
+/// `buffer` of them make a new global version, which is evaluated,
+/// checkpointed and recorded as a round. `rounds` counts versions.
+async fn run_async(
+    state: Arc<AppState>,
+    data: ServerData,
+    resume: Resume,
+    strategy: Arc<dyn Strategy>,
+) -> anyhow::Result<()> {
+    let config = &state.config;
+    let Resume {
+        mut global,
+        first_round,
+        mut planned,
+    } = resume;
+    let start = Instant::now();
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0xa5c ^ u64::from(first_round));
+    let mut buffer = Buffer::at_version(1, config.max_staleness, u64::from(first_round) - 1);
+    let mut running = tokio::task::JoinSet::new();
+    // The members of the chain in each dashboard slot, `None` when free.
+    let mut slots: Vec<Option<Vec<u64>>> = Vec::new();
+    let mut chains = 0u64;
+    let (mut kl_sum, mut failures) = (0.0, Vec::new());
+    let (mut stale, mut folded) = (0u64, 0usize);
+    loop {
+        let round = u32::try_from(buffer.version() + 1).unwrap_or(u32::MAX);
+        if round > state.tunable().rounds || state.control().stopped {
+            break;
+        }
+        if !prepare(&state, strategy.as_ref(), &mut planned).await {
+            break;
+        }
+        let c = state.tunable().participants;
+        if !state.control().paused {
+            // How many groups a synchronous round would run now.
+            let everyone = pick_participants(&state, c, &mut rng, &HashSet::new());
+            let target = strategy.configure_round(&everyone).groups.len();
+            let enough = everyone.len().div_ceil(target.max(1)).max(1);
+            buffer.set_capacity(
+                config
+                    .buffer
+                    .unwrap_or_else(|| asynchronous::default_buffer(target)),
+            );
+            while running.len() < target {
+                let busy: HashSet<u64> = slots.iter().flatten().flatten().copied().collect();
+                let free = pick_participants(&state, c, &mut rng, &busy);
+                if free.len() < enough {
+                    break;
+                }
+                let plan = strategy.configure_round(&free);
+                let Some(group) = plan.groups.into_iter().next() else {
+                    break;
+                };
+                let slot = slots.iter().position(Option::is_none).unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+                slots[slot] = Some(group.members.iter().map(|&m| m as u64).collect());
+                let view = mediator_status(&group, &free);
+                let kl = view.kl;
+                {
+                    let mut status = state.status();
+                    status.mediators.resize(slots.len(), view.clone());
+                    status.mediators[slot] = view;
+                }
+                let start_version = buffer.version();
+                let weights = Arc::new(global.values.clone());
+                let chain = run_chain(
+                    state.clone(),
+                    slot,
+                    chains,
+                    group,
+                    round,
+                    target as u32,
+                    global.values.clone(),
+                    plan.prox_mu,
+                );
+                chains += 1;
+                running.spawn(async move {
+                    Finished {
+                        slot,
+                        start_version,
+                        start: weights,
+                        kl,
+                        outcome: chain.await,
+                    }
+                });
+            }
+        }
+        {
+            let mut status = state.status();
+            status.round = round;
+            status.phase = match (running.is_empty(), state.control().paused) {
+                (_, true) => Phase::Paused,
+                (true, false) => Phase::Waiting,
+                (false, false) => Phase::Training,
+            };
+            if status.round_started.is_none() {
+                status.round_started = Some(Instant::now());
+            }
+        }
+        let joined = state.changed.notified();
+        let controlled = state.control_changed.notified();
+        let finished = tokio::select! {
+            Some(done) = running.join_next() => Some(done),
+            _ = joined => None,
+            _ = controlled => None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => None,
+        };
+        let Some(done) = finished else { continue };
+        let Finished {
+            slot,
+            start_version,
+            start: from,
+            kl,
+            outcome,
+        } = done.context("a chain panicked")?;
+        slots[slot] = None;
+        match outcome {
+            Ok(result) => match buffer.offer(&global.values, &from, start_version, result) {
+                Ok(_) => {
+                    kl_sum += kl;
+                    folded += 1;
+                }
+                Err(refusal) => {
+                    stale += 1;
+                    tracing::warn!(slot, "group result refused: {refusal}");
+                    let detail = format!("mediator {}: {refusal}", slot + 1);
+                    state.record(|store, run| store.event(run, Some(round), "stale", &detail));
+                }
+            },
+            Err(failure) => failures.push(failure),
+        }
+        if buffer.is_full() {
+            let results = buffer.take();
+            let mean_kl = kl_sum / folded.max(1) as f64;
+            close_round(
+                &state,
+                &data,
+                strategy.as_ref(),
+                &mut global,
+                round,
+                (&results, &failures),
+                mean_kl,
+                start,
+            )
+            .await?;
+            buffer.advance();
+            (kl_sum, folded) = (0.0, 0);
+            failures.clear();
+            state.status().round_started = Some(Instant::now());
+        }
+    }
+    // Chains still out when the run ends are given up.
+    running.abort_all();
+    for entry in state.clients().values_mut() {
+        entry.pending = None;
+    }
+    if stale > 0 {
+        tracing::info!(stale, "group results refused as too stale");
     }
     state.status().phase = Phase::Finished;
     if !state.control().stopped {
@@ -404,11 +640,17 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
     true
 }
 
-/// Draws up to `c` of the ready clients.
-fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Participant> {
+/// Draws up to `c` of the ready clients not in `busy`.
+fn pick_participants(
+    state: &AppState,
+    c: usize,
+    rng: &mut StdRng,
+    busy: &HashSet<u64>,
+) -> Vec<Participant> {
     let clients = state.clients();
     let ready: Vec<Participant> = clients
         .iter()
+        .filter(|(id, _)| !busy.contains(id))
         .filter_map(|(&id, entry)| {
             entry.counts.clone().map(|counts| Participant {
                 id: id as usize,
@@ -424,6 +666,19 @@ fn pick_participants(state: &AppState, c: usize, rng: &mut StdRng) -> Vec<Partic
     let mut chosen: Vec<usize> = sample(rng, ready.len(), n).into_vec();
     chosen.sort_unstable();
     chosen.into_iter().map(|i| ready[i].clone()).collect()
+}
+
+/// The dashboard's view of a group about to start.
+fn mediator_status(group: &Group, participants: &[Participant]) -> MediatorStatus {
+    let counts = group_counts(group, participants);
+    MediatorStatus {
+        members: group.members.iter().map(|&m| m as u64).collect(),
+        kl: kl_to_uniform(&counts),
+        counts,
+        hops: (group.members.len() * group.passes) as u32,
+        hops_done: 0,
+        current: None,
+    }
 }
 
 /// The combined label counts of a group: its label mix.
@@ -442,10 +697,14 @@ fn group_counts(group: &Group, participants: &[Participant]) -> Vec<usize> {
 }
 
 /// Runs one group's chain; a member that leaves or misses its deadline is
-/// skipped and the chain goes on with the weights it had.
+/// skipped and the chain goes on with the weights it had. `index` is its
+/// place on the dashboard (`RunStatus::mediators`), `chain` numbers it
+/// among the run's chains for the hop numbers its tasks carry.
+#[allow(clippy::too_many_arguments)]
 async fn run_chain(
     state: Arc<AppState>,
     index: usize,
+    chain: u64,
     group: Group,
     round: u32,
     mediators: u32,
@@ -463,7 +722,8 @@ async fn run_chain(
             state.set_hop(index, Some(member as u64), hop - 1);
             let task = TaskSpec {
                 round,
-                hop: index as u32 * 10_000 + hop,
+                // Unique per chain for 400,000 chains (u32).
+                hop: (chain % 400_000) as u32 * 10_000 + hop,
                 epochs: state.config.epochs,
                 batch_size: state.config.batch_size,
                 learning_rate: state.config.learning_rate,

@@ -137,3 +137,37 @@ async fn a_client_that_reconnects_with_its_token_is_the_same_client() {
     assert_ne!(stranger_token.as_deref(), Some(token.as_str()));
     drop(other);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_asynchronous_mode_the_run_does_not_wait_for_a_slow_client() {
+    // A client 60 s slow but alive (heartbeating) holds every synchronous
+    // round it is drawn in. In the asynchronous mode the three fast
+    // clients' updates make the global models meanwhile.
+    let (error, acks, running) = with_three_honest(
+        3,
+        |c| {
+            c.mode = astraea_core::asynchronous::Mode::Async;
+            c.hop_deadline = Duration::from_secs(120);
+        },
+        |_, w| Answer {
+            values: w,
+            samples: 50,
+            delay: Duration::from_secs(60),
+            heartbeat: true,
+            ..Answer::default()
+        },
+    )
+    .await;
+
+    assert!(error.is_none(), "the client was sent away: {error:?}");
+    // Its one hop was still out when the run ended.
+    assert!(acks.is_empty(), "{acks:?}");
+    let status = running.state.status();
+    assert_eq!(status.history.len(), 3);
+    let last = status.history.last().unwrap().wall_s;
+    assert!(
+        last < 60.0,
+        "the third model came after {last:.1} s: the run waited for the slow client"
+    );
+    assert_eq!(status.skipped_hops, 0);
+}

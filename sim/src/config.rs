@@ -61,7 +61,7 @@ pub struct SimConfig {
     /// (`astraea_core::asynchronous`).
     pub mode: astraea_core::asynchronous::Mode,
     /// The asynchronous mode's buffer: finished groups per global version
-    /// (`None`: a fifth of the groups running at once, at least 1).
+    /// (`None`: half the groups running at once, rounded up).
     pub buffer: Option<usize>,
     /// The asynchronous mode's most staleness, in global versions.
     pub max_staleness: u64,
