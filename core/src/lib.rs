@@ -24,6 +24,8 @@
 //!   was sent (bounds, distance relative to the model, recent median).
 //! - [`validation`]: the guard's loss rule: a hop may not raise the loss
 //!   on the server's validation samples by more than a tolerance (Zeno).
+//! - [`privacy`]: label counts under local differential privacy (OpenDP's
+//!   discrete Laplace) and the Rényi DP accountant of the model's noise.
 //! - [`metrics`]: what a run records each round, for every runner and report.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
 //! - [`protocol`]: the messages and weight frames between server and clients.
@@ -40,6 +42,7 @@ pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod partition;
+pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod strategy;
