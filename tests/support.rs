@@ -161,6 +161,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(600),
         stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
+        label_epsilon: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

@@ -68,6 +68,12 @@ worker.onmessage = (event) => {
       $('client').textContent = `#${m.clientId}`;
       // A reload of this tab comes back as the same client (same shard).
       try { if (m.resume) sessionStorage.setItem('astraea-resume', m.resume); } catch (e) { /* storage off */ }
+      // What this run learns of the volunteer (docs/PRIVACY.md).
+      $('leaves').textContent = 'the weights after each training hop (never your images); '
+        + (m.labelEpsilon
+          ? `how many images of each label you hold, with random noise added (label privacy: epsilon ${m.labelEpsilon} per report, about ${Math.round(1 / m.labelEpsilon * 1.4)} images either way)`
+          : 'how many images of each label you hold, exactly (this run asks for no label privacy)')
+        + (self.isSecureContext ? '' : '. This connection is not encrypted (http): others on the network can read it');
       break;
     case 'data':
       counts = m.counts;

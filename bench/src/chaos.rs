@@ -248,6 +248,7 @@ async fn unreliable(
         min_clients: CLIENTS / 2,
         hop_deadline,
         stall_timeout: stall,
+        label_epsilon: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

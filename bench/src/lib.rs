@@ -60,6 +60,7 @@ pub(crate) fn serve_config(
         learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(120),
         stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
+        label_epsilon: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

@@ -243,6 +243,12 @@ struct ServeArgs {
     /// unset, mediators are the papers' greedy, blind to speed.
     #[arg(long)]
     speed_weight: Option<f64>,
+    /// Label counts under local differential privacy: clients report each
+    /// count with discrete Laplace noise of scale 1/EPSILON (each report
+    /// EPSILON-DP for any one sample); the plan and the mediators use the
+    /// noisy counts.
+    #[arg(long, env = "ASTRAEA_LABEL_EPSILON")]
+    label_epsilon: Option<f64>,
     /// Rounds: sync (every round's groups start together and the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever enough clients are free and is folded into the model when
@@ -420,6 +426,12 @@ struct SimulateArgs {
     /// most this many nats.
     #[arg(long, default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
     max_loss_increase: f64,
+    /// Label counts under local differential privacy: each client adds
+    /// discrete Laplace noise of scale 1/EPSILON to each count it reports
+    /// (OpenDP); the plan and the mediators use the noisy counts. Noise
+    /// comes from the system's entropy: such runs do not repeat exactly.
+    #[arg(long)]
+    label_epsilon: Option<f64>,
     /// Rounds: sync (the papers': every group starts together, the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever clients are free and is folded in when it finishes, with a
@@ -767,6 +779,12 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
         stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
             .context("--stall-timeout must be a finite, non-negative number of seconds")?,
+        label_epsilon: match args.label_epsilon {
+            Some(e) if !(e.is_finite() && e > 0.0) => {
+                bail!("--label-epsilon must be a positive number, got {e}")
+            }
+            other => other,
+        },
         mode: args.mode,
         buffer: args.buffer.map(|b| b.max(1)),
         max_staleness: args.max_staleness,
@@ -854,6 +872,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         validation_samples: args.validation_samples,
         max_loss_increase: args.max_loss_increase,
         speed_weight: args.speed_weight,
+        label_epsilon: args.label_epsilon,
         mode: args.mode,
         buffer: args.buffer.map(|b| b.max(1)),
         max_staleness: args.max_staleness,

@@ -490,6 +490,17 @@ impl WasmClient {
         self.session.borrow().client_id().map(|id| id as f64)
     }
 
+    /// The label epsilon per count report the server asked for, once
+    /// welcomed (`None`: the counts leave exactly).
+    pub fn label_epsilon(&self) -> Option<f64> {
+        self.session.borrow().label_epsilon()
+    }
+
+    /// The label epsilon this tab's count reports have spent so far.
+    pub fn label_epsilon_spent(&self) -> f64 {
+        self.session.borrow().label_epsilon_spent()
+    }
+
     /// The token to come back with as this client after a reload or a
     /// reconnect, once welcomed.
     pub fn resume_token(&self) -> Option<String> {

@@ -80,6 +80,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         model: ModelSpec::new(&config, initial.len()),
         shard: None,
         resume: None,
+        privacy: None,
     };
     client.on_text(&welcome.to_json()).unwrap();
     let (images, labels) = halves(60);

@@ -174,6 +174,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     model,
                     shard,
                     resume,
+                    privacy: None,
                 }
             }),
         (vec(number(), 0..6), any::<u64>())
@@ -360,6 +361,7 @@ fn session_case(params: usize, per: usize, welcomed: bool, events: &[Event]) -> 
             },
             shard: None,
             resume: None,
+            privacy: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }
@@ -529,6 +531,7 @@ fn welcome(params: usize) -> String {
         },
         shard: None,
         resume: None,
+        privacy: None,
     }
     .to_json()
 }

@@ -78,6 +78,10 @@ pub struct ServeConfig {
     /// `progress` (nor its update) for this long is skipped as stalled.
     /// Zero turns the rule off.
     pub stall_timeout: Duration,
+    /// Label privacy: clients report their label counts with discrete
+    /// Laplace noise for this epsilon per report (`welcome.privacy`);
+    /// `None` asks for exact counts.
+    pub label_epsilon: Option<f64>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`): groups start when clients are free
     /// and fold into the model as they finish.

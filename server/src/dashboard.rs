@@ -46,6 +46,11 @@ pub struct StatusBody {
     pub phase: Phase,
     /// Strategy.
     pub strategy: String,
+    /// `sync` rounds or the `async` mode (then a round is a global version).
+    pub mode: String,
+    /// What volunteers' reports reveal: the label epsilon per count
+    /// report, when label privacy is on (`{}` when nothing is asked).
+    pub privacy: astraea_core::protocol::PrivacySpec,
     /// Current round.
     pub round: u32,
     /// Rounds planned.
@@ -144,6 +149,10 @@ pub fn status_body(state: &AppState) -> StatusBody {
     StatusBody {
         phase: status.phase,
         strategy: status.strategy,
+        mode: state.config.mode.to_string(),
+        privacy: astraea_core::protocol::PrivacySpec {
+            label_epsilon: state.config.label_epsilon,
+        },
         round: status.round,
         rounds: settings.rounds,
         clients,

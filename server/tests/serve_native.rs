@@ -518,3 +518,34 @@ async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
         "a byte a pixel, not four"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_label_privacy_clients_report_noisy_counts_and_the_run_trains() {
+    // Prepare: the server asks for label counts at epsilon 1 per report.
+    let mut cfg = config(StrategyKind::Astraea, 6, 1);
+    cfg.label_epsilon = Some(1.0);
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(6, options(&address)));
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+    let status = http_get(&address, "/api/status").await;
+
+    // Assert: the round trained; what the clients reported before the
+    // plan is not what the server dealt them; the status says so.
+    assert_eq!(running.state.status().history.len(), 1);
+    let differing = running
+        .state
+        .clients()
+        .values()
+        .filter(|c| c.raw_counts.is_some() && c.raw_counts != c.shard_counts)
+        .count();
+    swarm.abort();
+    assert!(differing > 0, "every client reported its exact counts");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["privacy"]["label_epsilon"], 1.0);
+}

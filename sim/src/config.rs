@@ -57,6 +57,10 @@ pub struct SimConfig {
     pub max_loss_increase: f64,
     /// Speed-aware mediators' weight (`None`: the papers' greedy).
     pub speed_weight: Option<f64>,
+    /// Label counts under local DP: every client reports its counts with
+    /// discrete Laplace noise for this epsilon (`astraea_core::privacy`);
+    /// `None` reports them exactly.
+    pub label_epsilon: Option<f64>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`).
     pub mode: astraea_core::asynchronous::Mode,

@@ -12,6 +12,7 @@ use astraea_core::data::Dataset;
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
+use astraea_core::privacy::{noisy_counts, planned_counts};
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
@@ -67,8 +68,27 @@ pub fn run(
     let test = test.subset(&partition.test_indices);
     let strategy = spec.strategy(config);
     let raw_counts = Federation::raw_counts(train, &partition);
-    let plan = strategy.data_plan(&raw_counts);
+    // What the clients report: their counts, or under label DP noisy ones.
+    let reported_raw = match config.label_epsilon {
+        Some(epsilon) => raw_counts
+            .iter()
+            .map(|counts| noisy_counts(counts, epsilon))
+            .collect::<Result<Vec<_>, _>>()
+            .context("noising the label counts")?,
+        None => raw_counts.clone(),
+    };
+    let plan = strategy.data_plan(&reported_raw);
     let federation = Federation::build(train, &partition, plan, spec.seed)?;
+    // Their post-plan reports: the counts they hold, or under label DP the
+    // plan applied to their noisy report.
+    let reported: Vec<Vec<usize>> = match (config.label_epsilon, &federation.plan) {
+        (None, _) => federation.clients.iter().map(|c| c.counts.clone()).collect(),
+        (Some(_), Some(plan)) => reported_raw
+            .iter()
+            .map(|counts| planned_counts(counts, &plan.ratios))
+            .collect(),
+        (Some(_), None) => reported_raw,
+    };
     if let Some(plan) = &federation.plan {
         let counts = federation.global_counts();
         progress.suspend(|| {
@@ -135,6 +155,7 @@ pub fn run(
         spec,
         strategy,
         federation,
+        reported,
         model_config,
         test,
         train_config,
@@ -163,6 +184,8 @@ struct Setup<'a> {
     spec: &'a RunSpec,
     strategy: Box<dyn Strategy>,
     federation: Federation,
+    /// Each client's post-plan label counts as the server knows them.
+    reported: Vec<Vec<usize>>,
     model_config: ModelConfig,
     test: Dataset,
     train_config: TrainConfig,
@@ -189,7 +212,7 @@ impl Setup<'_> {
         let config = self.config;
         Participant {
             id,
-            counts: self.federation.clients[id].counts.clone(),
+            counts: self.reported[id].clone(),
             hop_seconds: Some(
                 config.population.hop_s(
                     (self.federation.clients[id].len() as u64)

@@ -90,6 +90,7 @@ fn slice() -> (
         validation_samples: 0,
         population: astraea_sim::population::Population::default(),
         speed_weight: None,
+        label_epsilon: None,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

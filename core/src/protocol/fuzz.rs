@@ -1156,6 +1156,7 @@ fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessag
                 indices: any_counts(rng),
             }),
             resume: None,
+            privacy: None,
         },
         1 => ServerMessage::Plan {
             ratios: (0..rng.random_range(0..8)).map(|_| any_f64(rng)).collect(),
@@ -1297,6 +1298,7 @@ fn session_case(rng: &mut StdRng) -> SessionCase {
             },
             shard: None,
             resume: None,
+            privacy: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }

@@ -7,6 +7,17 @@ use serde::{Deserialize, Serialize};
 use super::frames::WeightEncoding;
 use crate::model::ModelConfig;
 
+/// What a run does for its volunteers' privacy, as the welcome announces it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PrivacySpec {
+    /// Report label counts with discrete Laplace noise of scale
+    /// `1 / label_epsilon` per count (each report `label_epsilon`-DP for any
+    /// one sample); the report after the plan is the plan applied to the
+    /// noisy one. Absent: exact counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_epsilon: Option<f64>,
+}
+
 /// The model a federation trains, as the server announces it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -246,6 +257,10 @@ pub enum ServerMessage {
         /// client again (kept by the server for `RESUME_WINDOW`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<String>,
+        /// What the run does for the volunteers' privacy; absent: nothing
+        /// asked of the client (counts are reported exactly).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privacy: Option<PrivacySpec>,
     },
     /// The augmentation plan to apply to local data (R per class), then
     /// answer with `ready`.

@@ -23,16 +23,17 @@ pub use frames::{
     ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
 };
 pub use messages::{
-    AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage,
-    ShardSpec, TaskSpec, UpdateSpec,
+    AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, PrivacySpec,
+    ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
 pub use session::{ClientAction, ClientSession, progress_message, train_task, train_task_async};
 
 /// Version spoken by this build; a server refuses a join with another.
 /// Version 2 added the `ack` message, the `invalid` error code and the
 /// limits of [`limits`]; version 3 made `progress` the client's heartbeat
-/// during a hop (`task.stall_ms`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// during a hop (`task.stall_ms`); version 4 added `welcome.privacy` (a
+/// client of version 3 would ignore it and report exact counts).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

@@ -80,6 +80,15 @@ pub struct ClientSession {
     assembler: Option<WeightAssembler>,
     max_frame_bytes: usize,
     resume: Option<String>,
+    /// Label privacy: the per-report epsilon the server asked for.
+    label_epsilon: Option<f64>,
+    /// The first (noisy) count report, under label privacy.
+    noisy_counts: Option<Vec<usize>>,
+    /// The plan's ratios, once a plan came.
+    ratios: Option<Vec<f64>>,
+    /// Samples in the last count report.
+    reported_samples: Option<u64>,
+    label_epsilon_spent: f64,
 }
 
 impl ClientSession {
@@ -118,6 +127,11 @@ impl ClientSession {
             assembler: None,
             max_frame_bytes,
             resume,
+            label_epsilon: None,
+            noisy_counts: None,
+            ratios: None,
+            reported_samples: None,
+            label_epsilon_spent: 0.0,
         };
         (session, vec![ClientAction::Send(join)])
     }
@@ -192,6 +206,7 @@ impl ClientSession {
                     model,
                     shard,
                     resume,
+                    privacy,
                 },
             ) => {
                 if resume.is_some() {
@@ -203,12 +218,22 @@ impl ClientSession {
                         format!("server speaks protocol {version}, this client {PROTOCOL_VERSION}"),
                     );
                 }
+                if let Some(epsilon) = privacy.as_ref().and_then(|p| p.label_epsilon)
+                    && !(epsilon.is_finite() && epsilon > 0.0)
+                {
+                    return self.fail(
+                        ErrorCode::Invalid,
+                        format!("label epsilon {epsilon} is not a positive finite number"),
+                    );
+                }
+                self.label_epsilon = privacy.and_then(|p| p.label_epsilon);
                 self.client_id = Some(client_id);
                 self.model = Some(model);
                 self.state = State::Member;
                 shard.map(ClientAction::LoadShard).into_iter().collect()
             }
             (State::Member, ServerMessage::Plan { ratios, seed }) => {
+                self.ratios = Some(ratios.clone());
                 vec![ClientAction::ApplyPlan { ratios, seed }]
             }
             (State::Member, ServerMessage::Task(task)) => {
@@ -280,11 +305,43 @@ impl ClientSession {
     }
 
     /// The local data is loaded or re-planned: report its label counts.
+    ///
+    /// When the server's welcome asked for label privacy
+    /// (`privacy.label_epsilon`), the first report carries the counts with
+    /// discrete Laplace noise for that epsilon (`crate::privacy`), and the
+    /// report after the plan is the plan applied to that noisy report
+    /// ([`crate::privacy::planned_counts`]), which spends nothing more.
     pub fn data_ready(&mut self, counts: Vec<usize>) -> Vec<ClientAction> {
         if self.is_closed() {
             return vec![];
         }
+        let counts = match (self.label_epsilon, &self.noisy_counts, &self.ratios) {
+            (None, _, _) => counts,
+            (Some(_), Some(noisy), Some(ratios)) => {
+                crate::privacy::planned_counts(noisy, ratios)
+            }
+            (Some(epsilon), _, _) => match crate::privacy::noisy_counts(&counts, epsilon) {
+                Ok(noisy) => {
+                    self.label_epsilon_spent += epsilon;
+                    self.noisy_counts = Some(noisy.clone());
+                    noisy
+                }
+                Err(e) => return self.fail(ErrorCode::Data, format!("label privacy: {e}")),
+            },
+        };
+        self.reported_samples = Some(counts.iter().map(|&c| c as u64).sum());
         vec![ClientAction::Send(ClientMessage::Ready { counts })]
+    }
+
+    /// The label epsilon this session's count reports have spent (0 without
+    /// label privacy): the per-report epsilon times the noisy reports made.
+    pub fn label_epsilon_spent(&self) -> f64 {
+        self.label_epsilon_spent
+    }
+
+    /// The per-report label epsilon the server asked for, once welcomed.
+    pub fn label_epsilon(&self) -> Option<f64> {
+        self.label_epsilon
     }
 
     /// A task finished: send the update header, then its weights.
@@ -306,6 +363,13 @@ impl ClientSession {
             task.encoding,
             self.max_frame_bytes,
         );
+        // Under label privacy the reported counts are noisy: an update may
+        // not claim more samples than the last report (the server refuses
+        // it), so it claims at most that, never more than it trained on.
+        let samples = match (self.label_epsilon, self.reported_samples) {
+            (Some(_), Some(reported)) => samples.min(reported),
+            _ => samples,
+        };
         let update = UpdateSpec {
             round: task.round,
             hop: task.hop,
@@ -426,8 +490,80 @@ mod tests {
             },
             shard,
             resume: None,
+            privacy: None,
         }
         .to_json()
+    }
+
+    fn welcome_with_label_epsilon(epsilon: f64) -> String {
+        let mut message = ServerMessage::from_json(&welcome(None)).unwrap();
+        if let ServerMessage::Welcome { privacy, .. } = &mut message {
+            *privacy = Some(super::super::messages::PrivacySpec {
+                label_epsilon: Some(epsilon),
+            });
+        }
+        message.to_json()
+    }
+
+    /// The counts a `ready` action carries.
+    fn ready_counts(actions: &[ClientAction]) -> Vec<usize> {
+        match actions {
+            [ClientAction::Send(ClientMessage::Ready { counts })] => counts.clone(),
+            other => panic!("expected one ready, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn under_label_privacy_the_counts_leave_noisy_and_the_plan_adds_no_leak() {
+        // Prepare: 20 sessions of a client holding [500, 0, 200] (own data),
+        // the server asking for epsilon 0.5 per report.
+        let mut first_reports = Vec::new();
+        for _ in 0..20 {
+            let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+            session.on_text(&welcome_with_label_epsilon(0.5));
+
+            // Execute: the first report; a plan; the report after it, from
+            // (different) true post-plan counts.
+            let first = ready_counts(&session.data_ready(vec![500, 0, 200]));
+            session.on_text(
+                &ServerMessage::Plan {
+                    ratios: vec![1.0, 3.0, 0.5],
+                    seed: 1,
+                }
+                .to_json(),
+            );
+            let second = ready_counts(&session.data_ready(vec![501, 0, 97]));
+
+            // Assert: the second is the plan applied to the first, not the
+            // data; an update claims no more than that report; one report
+            // spent.
+            assert_eq!(
+                second,
+                crate::privacy::planned_counts(&first, &[1.0, 3.0, 0.5])
+            );
+            let reported: u64 = second.iter().map(|&c| c as u64).sum();
+            let actions = session.trained(&task(), &[0.0; 5], 10_000, 0.1, 1.0);
+            let Some(ClientAction::Send(ClientMessage::Update(update))) = actions.first() else {
+                panic!("no update: {actions:?}");
+            };
+            assert_eq!(update.samples, reported.min(10_000));
+            assert_eq!(session.label_epsilon_spent(), 0.5);
+            first_reports.push(first);
+        }
+        assert!(
+            first_reports.iter().any(|r| r != &vec![500, 0, 200]),
+            "twenty reports without noise"
+        );
+    }
+
+    #[test]
+    fn a_welcome_asking_for_a_broken_epsilon_closes_the_session() {
+        // (JSON has no infinity: serde_json writes it as null, no privacy asked.)
+        for epsilon in [0.0, -1.0, -1e300] {
+            let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+            let actions = session.on_text(&welcome_with_label_epsilon(epsilon));
+            assert!(session.is_closed(), "{epsilon}: {actions:?}");
+        }
     }
 
     fn task() -> TaskSpec {
