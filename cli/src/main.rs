@@ -432,6 +432,19 @@ struct SimulateArgs {
     /// comes from the system's entropy: such runs do not repeat exactly.
     #[arg(long)]
     label_epsilon: Option<f64>,
+    /// Client-level differential privacy for the model (DP-FedAvg; for
+    /// Astraea over mediators): the noise is calibrated so that the whole
+    /// run spends this epsilon at --dp-delta (Renyi DP accountant; sync
+    /// mode only).
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// DP: the most a group's update (a client's in FedAvg, a mediator's
+    /// in Astraea) may move the model, L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f64,
+    /// DP: delta of the (epsilon, delta) guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
     /// Rounds: sync (the papers': every group starts together, the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever clients are free and is folded in when it finishes, with a
@@ -873,6 +886,31 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         max_loss_increase: args.max_loss_increase,
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
+        model_privacy: match args.dp_epsilon {
+            None => None,
+            Some(epsilon) => {
+                if args.mode != astraea_core::asynchronous::Mode::Sync {
+                    bail!("--dp-epsilon needs --mode sync");
+                }
+                let q = (args.participants as f64 / args.clients.max(1) as f64).min(1.0);
+                let sigma = astraea_core::privacy::noise_for_epsilon(
+                    q,
+                    args.rounds as u64,
+                    args.dp_delta,
+                    epsilon,
+                )
+                .with_context(|| format!("no noise spends only epsilon {epsilon}"))?;
+                eprintln!(
+                    "dp: epsilon {epsilon} at delta {} over {} rounds at q = {q}: noise multiplier {sigma:.3}, clip {}",
+                    args.dp_delta, args.rounds, args.dp_clip
+                );
+                Some(astraea_core::privacy::ModelPrivacy {
+                    clip: args.dp_clip,
+                    noise_multiplier: sigma,
+                    delta: args.dp_delta,
+                })
+            }
+        },
         mode: args.mode,
         buffer: args.buffer.map(|b| b.max(1)),
         max_staleness: args.max_staleness,

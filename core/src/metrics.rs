@@ -34,6 +34,11 @@ pub struct RoundRecord {
     /// model), not the time the simulation took.
     #[serde(default)]
     pub clock_s: f64,
+    /// Client-level differential privacy spent on the model so far: epsilon
+    /// at the run's delta (`astraea_core::privacy::RdpAccountant`); `None`
+    /// when the model is not trained under DP (no bound at all).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 impl RoundRecord {

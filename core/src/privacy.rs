@@ -233,6 +233,109 @@ impl RdpAccountant {
     }
 }
 
+/// Client-level differential privacy for the model (DP-FedAvg, McMahan,
+/// Ramage, Talwar and Zhang 2018): every group's update (its final weights
+/// less the global model it started from) is clipped to L2 norm `clip`, the
+/// clipped updates are averaged without sample weights, and Gaussian noise
+/// of standard deviation `noise_multiplier * sensitivity / groups` is added
+/// to the mean. For Astraea a group is a mediator (DP-Astraea).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelPrivacy {
+    /// C: the most a group's update may move the model, L2.
+    pub clip: f64,
+    /// z: the noise's standard deviation over the sum's sensitivity.
+    pub noise_multiplier: f64,
+    /// delta of the (epsilon, delta) reported.
+    pub delta: f64,
+}
+
+impl ModelPrivacy {
+    /// The L2 sensitivity of the sum of clipped group updates to one client:
+    /// C when every group is one client (its update is in the sum or not),
+    /// 2C when groups hold several clients (without one of them, its
+    /// mediator's clipped update can be anywhere in the ball of radius C).
+    pub fn sensitivity(&self, largest_group: usize) -> f64 {
+        if largest_group > 1 {
+            2.0 * self.clip
+        } else {
+            self.clip
+        }
+    }
+}
+
+/// The noise multiplier that spends `epsilon` (at `delta`) over `steps`
+/// rounds of the sampled Gaussian mechanism at sampling rate `q`, by
+/// bisection on the accountant (to 0.1 %); `None` when even a multiplier of
+/// 1,000 spends more.
+pub fn noise_for_epsilon(q: f64, steps: u64, delta: f64, epsilon: f64) -> Option<f64> {
+    let spent = |sigma: f64| {
+        let mut accountant = RdpAccountant::new();
+        accountant.compose(q, sigma, steps);
+        accountant.epsilon(delta)
+    };
+    let (mut low, mut high) = (0.05, 1000.0);
+    if spent(high) > epsilon {
+        return None;
+    }
+    if spent(low) <= epsilon {
+        return Some(low);
+    }
+    while high / low > 1.001 {
+        let mid = (low * high).sqrt();
+        if spent(mid) > epsilon {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Some(high)
+}
+
+/// The global model after one DP round: `global + (sum_g clip(u_g) + N(0,
+/// noise_std^2 I)) / G`, where `u_g = updates[g] - global` and `clip(u)`
+/// scales `u` down to L2 norm at most `clip`. Returns the new weights and
+/// the updates' norms before clipping (for choosing `clip`); `None` when
+/// there is no update or one has the wrong length. Floating-point Gaussian
+/// noise from `rng`, as DP-SGD implementations draw it.
+///
+/// # Shapes
+/// `global` and every update are `[p]`; the result is `[p]`.
+pub fn private_mean(
+    global: &[f32],
+    updates: &[&[f32]],
+    clip: f64,
+    noise_std: f64,
+    rng: &mut impl rand::Rng,
+) -> Option<(Vec<f32>, Vec<f64>)> {
+    use rand_distr::{Distribution, Normal};
+    if updates.is_empty() || updates.iter().any(|u| u.len() != global.len()) {
+        return None;
+    }
+    let mut sum = vec![0.0f64; global.len()];
+    let mut norms = Vec::with_capacity(updates.len());
+    for update in updates {
+        let norm = update
+            .iter()
+            .zip(global)
+            .map(|(w, g)| f64::from(w - g).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        norms.push(norm);
+        let scale = if norm > clip { clip / norm } else { 1.0 };
+        for ((acc, w), g) in sum.iter_mut().zip(*update).zip(global) {
+            *acc += scale * f64::from(w - g);
+        }
+    }
+    let noise = Normal::new(0.0, noise_std.max(0.0)).ok()?;
+    let groups = updates.len() as f64;
+    let values = sum
+        .iter()
+        .zip(global)
+        .map(|(acc, g)| g + ((acc + noise.sample(rng)) / groups) as f32)
+        .collect();
+    Some((values, norms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +407,53 @@ mod tests {
             );
         }
         assert_eq!(RdpAccountant::new().epsilon(1e-5), 0.0);
+    }
+
+    #[test]
+    fn updates_are_clipped_then_averaged_and_noise_is_calibrated() {
+        use rand::SeedableRng;
+        // Prepare: global 0; one update of norm 5 ([3, 4]) and one of norm
+        // 0.5 ([0.3, 0.4]); clip 1.
+        let global = [0.0f32, 0.0];
+        let (big, small) = ([3.0f32, 4.0], [0.3f32, 0.4]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+
+        // Execute: without noise, then with.
+        let (clean, norms) = private_mean(&global, &[&big, &small], 1.0, 0.0, &mut rng).unwrap();
+        let draws: Vec<f32> = (0..4000)
+            .map(|_| {
+                private_mean(&global, &[&small], 1.0, 2.0, &mut rng)
+                    .unwrap()
+                    .0[0]
+                    - 0.3
+            })
+            .collect();
+
+        // Assert: (0.6 + 0.3) / 2 and (0.8 + 0.4) / 2; the noise's standard
+        // deviation is noise_std over the groups (2 / 1).
+        assert!(
+            (clean[0] - 0.45).abs() < 1e-6 && (clean[1] - 0.6).abs() < 1e-6,
+            "{clean:?}"
+        );
+        assert!((norms[0] - 5.0).abs() < 1e-6);
+        let std = (draws.iter().map(|d| d * d).sum::<f32>() / draws.len() as f32).sqrt();
+        assert!((std - 2.0).abs() < 0.1, "{std}");
+        assert_eq!(
+            ModelPrivacy {
+                clip: 1.5,
+                noise_multiplier: 1.0,
+                delta: 1e-5
+            }
+            .sensitivity(10),
+            3.0
+        );
+    }
+
+    #[test]
+    fn the_noise_found_for_a_budget_spends_that_budget() {
+        let sigma = noise_for_epsilon(0.05, 40, 1e-5, 2.996_297_753_108_411_4).unwrap();
+        assert!((sigma - 1.0).abs() < 0.002, "{sigma}");
+        assert!(noise_for_epsilon(1.0, 1_000_000, 1e-5, 1e-6).is_none());
     }
 
     #[test]

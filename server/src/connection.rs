@@ -331,13 +331,11 @@ impl Connection {
             model: self.state.model.clone(),
             shard,
             resume: Some(entry.resume_token.clone()),
-            privacy: self
-                .state
-                .config
-                .label_epsilon
-                .map(|epsilon| astraea_core::protocol::PrivacySpec {
+            privacy: self.state.config.label_epsilon.map(|epsilon| {
+                astraea_core::protocol::PrivacySpec {
                     label_epsilon: Some(epsilon),
-                }),
+                }
+            }),
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);

@@ -312,6 +312,7 @@ async fn close_round(
         train_samples: 0,
         train_s: 0.0,
         clock_s: start.elapsed().as_secs_f64(),
+        epsilon: None,
     };
     tracing::info!(
         round,

@@ -307,6 +307,7 @@ mod tests {
             train_samples: 0,
             train_s: 0.0,
             clock_s: wall_s,
+            epsilon: None,
         }
     }
 

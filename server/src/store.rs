@@ -201,6 +201,7 @@ impl Store {
                     train_samples: 0,
                     train_s: 0.0,
                     clock_s: row.get(6)?,
+                    epsilon: None,
                 },
                 row.get::<_, i64>(7)? as u64,
                 row.get::<_, String>(8)?,
@@ -397,6 +398,7 @@ mod tests {
             train_samples: 0,
             train_s: 0.0,
             clock_s: round as f64,
+            epsilon: None,
         }
     }
 

@@ -61,6 +61,9 @@ pub struct SimConfig {
     /// discrete Laplace noise for this epsilon (`astraea_core::privacy`);
     /// `None` reports them exactly.
     pub label_epsilon: Option<f64>,
+    /// Client-level DP for the model (DP-FedAvg; DP-Astraea over
+    /// mediators), synchronous mode only; `None` trains without.
+    pub model_privacy: Option<astraea_core::privacy::ModelPrivacy>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`).
     pub mode: astraea_core::asynchronous::Mode,

@@ -12,7 +12,9 @@ use astraea_core::data::Dataset;
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
-use astraea_core::privacy::{noisy_counts, planned_counts};
+use astraea_core::privacy::{
+    ModelPrivacy, RdpAccountant, noisy_counts, planned_counts, private_mean,
+};
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
@@ -82,7 +84,11 @@ pub fn run(
     // Their post-plan reports: the counts they hold, or under label DP the
     // plan applied to their noisy report.
     let reported: Vec<Vec<usize>> = match (config.label_epsilon, &federation.plan) {
-        (None, _) => federation.clients.iter().map(|c| c.counts.clone()).collect(),
+        (None, _) => federation
+            .clients
+            .iter()
+            .map(|c| c.counts.clone())
+            .collect(),
         (Some(_), Some(plan)) => reported_raw
             .iter()
             .map(|counts| planned_counts(counts, &plan.ratios))
@@ -166,6 +172,7 @@ pub fn run(
     };
     let mut state = RunState {
         global,
+        accountant: RdpAccountant::new(),
         traffic,
         history,
         train_samples: 0,
@@ -199,6 +206,8 @@ struct Setup<'a> {
 /// What a run's rounds change.
 struct RunState {
     global: Weights,
+    /// The model's privacy spent so far (DP runs).
+    accountant: RdpAccountant,
     traffic: Traffic,
     history: RunHistory,
     train_samples: u64,
@@ -249,6 +258,10 @@ impl Setup<'_> {
         mean_kl: f64,
         clock_s: f64,
     ) -> anyhow::Result<()> {
+        let epsilon = self
+            .config
+            .model_privacy
+            .map(|dp| state.accountant.epsilon(dp.delta));
         let eval = evaluate_parallel(
             &self.model_config,
             &state.global,
@@ -266,6 +279,7 @@ impl Setup<'_> {
             train_samples: state.train_samples,
             train_s: state.train_s,
             clock_s,
+            epsilon,
         });
         let status = format!(
             "{} round {round}: {:.2}%",
@@ -327,7 +341,34 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         );
         // As the server does: an aggregate outside the bounds is dropped
         // and the previous model kept.
-        if let Some(values) = strategy.aggregate(&state.global.values, &results, &failures)
+        let aggregate = match config.model_privacy {
+            Some(dp) => {
+                let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
+                let private = private_round(
+                    dp,
+                    &state.global.values,
+                    &results,
+                    largest,
+                    rng,
+                    &mut state.accountant,
+                    config,
+                );
+                if let Some((_, median)) = &private
+                    && (round == 1 || round.is_multiple_of(10))
+                {
+                    setup.progress.suspend(|| {
+                        eprintln!(
+                            "{} round {round}: median group update norm {median:.3}, clip {}",
+                            spec.label(),
+                            dp.clip
+                        )
+                    });
+                }
+                private.map(|(values, _)| values)
+            }
+            None => strategy.aggregate(&state.global.values, &results, &failures),
+        };
+        if let Some(values) = aggregate
             && check_weights(&values).is_ok()
         {
             state.global.values = values;
@@ -338,6 +379,30 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         setup.record(state, round, mean_kl, clock_s)?;
     }
     Ok(())
+}
+
+/// One round of DP-FedAvg / DP-Astraea (`astraea_core::privacy`): the
+/// groups' updates clipped and averaged with Gaussian noise, the round
+/// composed into the accountant at sampling rate c / K (clients are drawn
+/// without replacement; the accountant assumes Poisson sampling at that
+/// rate, as DP-FedAvg's analysis does). Returns the new weights and the
+/// median update norm before clipping; `None` without results.
+fn private_round(
+    dp: ModelPrivacy,
+    global: &[f32],
+    results: &[GroupResult],
+    largest_group: Option<usize>,
+    rng: &mut StdRng,
+    accountant: &mut RdpAccountant,
+    config: &SimConfig,
+) -> Option<(Vec<f32>, f64)> {
+    let q = (config.participants as f64 / config.clients.max(1) as f64).min(1.0);
+    accountant.compose(q, dp.noise_multiplier, 1);
+    let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
+    let noise_std = dp.noise_multiplier * dp.sensitivity(largest_group.unwrap_or(1));
+    let (values, mut norms) = private_mean(global, &updates, dp.clip, noise_std, rng)?;
+    norms.sort_by(f64::total_cmp);
+    Some((values, norms[norms.len() / 2]))
 }
 
 /// A mediator running in the asynchronous mode.

@@ -91,6 +91,7 @@ fn slice() -> (
         population: astraea_sim::population::Population::default(),
         speed_weight: None,
         label_epsilon: None,
+        model_privacy: None,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

@@ -317,9 +317,7 @@ impl ClientSession {
         }
         let counts = match (self.label_epsilon, &self.noisy_counts, &self.ratios) {
             (None, _, _) => counts,
-            (Some(_), Some(noisy), Some(ratios)) => {
-                crate::privacy::planned_counts(noisy, ratios)
-            }
+            (Some(_), Some(noisy), Some(ratios)) => crate::privacy::planned_counts(noisy, ratios),
             (Some(epsilon), _, _) => match crate::privacy::noisy_counts(&counts, epsilon) {
                 Ok(noisy) => {
                     self.label_epsilon_spent += epsilon;
@@ -329,7 +327,11 @@ impl ClientSession {
                 Err(e) => return self.fail(ErrorCode::Data, format!("label privacy: {e}")),
             },
         };
-        self.reported_samples = Some(counts.iter().map(|&c| c as u64).sum());
+        self.reported_samples = Some(
+            counts
+                .iter()
+                .fold(0u64, |total, &c| total.saturating_add(c as u64)),
+        );
         vec![ClientAction::Send(ClientMessage::Ready { counts })]
     }
 

@@ -1,6 +1,7 @@
 //! One run's rounds to and from CSV, so a later command can re-plot without re-simulating.
 //!
-//! The format is fixed and tiny (ten numeric columns, no quoting), so plain `std::fmt`
+//! The format is fixed and tiny (eleven numeric columns, the last empty when
+//! the run spent no DP budget; no quoting), so plain `std::fmt`
 //! and `str::split` do the job without a CSV crate. Floats are written with `{}`, which
 //! prints the shortest text that parses back to the same `f64`, so a round trip is exact.
 
@@ -15,10 +16,14 @@ use super::RoundRecord;
 
 /// The header line, naming [`RoundRecord`]'s fields in the order each row lists them.
 pub const CSV_HEADER: &str =
+    "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s,train_samples,train_s,clock_s,epsilon";
+
+/// The header before the epsilon column, still read back.
+const CSV_HEADER_10: &str =
     "round,accuracy,loss,bytes_up,bytes_down,mean_kl,wall_s,train_samples,train_s,clock_s";
 
 /// Number of columns in [`CSV_HEADER`], checked on every row read back.
-const COLUMNS: usize = 10;
+const COLUMNS: usize = 11;
 
 /// Writes `history`'s rounds to `path` as CSV, creating missing parent directories so
 /// callers can name a fresh results folder directly.
@@ -48,7 +53,7 @@ fn to_csv(rounds: &[RoundRecord]) -> String {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{}",
             r.round,
             r.accuracy,
             r.loss,
@@ -58,7 +63,8 @@ fn to_csv(rounds: &[RoundRecord]) -> String {
             r.wall_s,
             r.train_samples,
             r.train_s,
-            r.clock_s
+            r.clock_s,
+            r.epsilon.map(|e| e.to_string()).unwrap_or_default()
         );
     }
     out
@@ -72,21 +78,22 @@ fn parse_csv(text: &str) -> anyhow::Result<Vec<RoundRecord>> {
         .enumerate()
         .map(|(i, line)| (i + 1, line.trim()))
         .filter(|(_, line)| !line.is_empty());
-    match lines.next() {
-        Some((_, header)) if header == CSV_HEADER => {}
+    let columns = match lines.next() {
+        Some((_, header)) if header == CSV_HEADER => COLUMNS,
+        Some((_, header)) if header == CSV_HEADER_10 => COLUMNS - 1,
         Some((_, header)) => bail!("header is `{header}`, expected `{CSV_HEADER}`"),
         None => bail!("file is empty, expected the header `{CSV_HEADER}`"),
-    }
+    };
     lines
-        .map(|(number, line)| parse_row(line).with_context(|| format!("line {number}")))
+        .map(|(number, line)| parse_row(line, columns).with_context(|| format!("line {number}")))
         .collect()
 }
 
 /// Parses one data row.
-fn parse_row(line: &str) -> anyhow::Result<RoundRecord> {
+fn parse_row(line: &str, columns: usize) -> anyhow::Result<RoundRecord> {
     let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-    if fields.len() != COLUMNS {
-        bail!("row has {} columns, expected {COLUMNS}", fields.len());
+    if fields.len() != columns {
+        bail!("row has {} columns, expected {columns}", fields.len());
     }
     Ok(RoundRecord {
         round: field(&fields, 0, "round")?,
@@ -99,6 +106,10 @@ fn parse_row(line: &str) -> anyhow::Result<RoundRecord> {
         train_samples: field(&fields, 7, "train_samples")?,
         train_s: field(&fields, 8, "train_s")?,
         clock_s: field(&fields, 9, "clock_s")?,
+        epsilon: match fields.get(10) {
+            None | Some(&"") => None,
+            Some(_) => Some(field(&fields, 10, "epsilon")?),
+        },
     })
 }
 
@@ -163,19 +174,33 @@ mod tests {
 
     #[test]
     fn parse_tolerates_crlf_and_blank_lines() {
-        let text = format!("{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5\r\n\r\n");
+        let text = format!(
+            "{CSV_HEADER}\r\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5,\r\n\r\n2,0.5,1.2,10,20,0.3,0.9,40,0.5,8,2.5\r\n"
+        );
 
         let rounds = parse_csv(&text).unwrap();
 
-        assert_eq!(rounds.len(), 1);
+        assert_eq!(rounds.len(), 2);
         assert_eq!(rounds[0].bytes_down, 20);
         assert_eq!(rounds[0].clock_s, 7.5);
+        assert_eq!(rounds[0].epsilon, None);
+        assert_eq!(rounds[1].epsilon, Some(2.5));
+    }
+
+    #[test]
+    fn files_from_before_the_epsilon_column_still_read() {
+        let text = format!("{CSV_HEADER_10}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5\n");
+
+        let rounds = parse_csv(&text).unwrap();
+
+        assert_eq!(rounds[0].clock_s, 7.5);
+        assert_eq!(rounds[0].epsilon, None);
     }
 
     #[test]
     fn parse_errors_name_the_line_and_column() {
         let bad_number = format!(
-            "{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5\n2,abc,1.2,10,20,0.3,0.9,40,0.5,9\n"
+            "{CSV_HEADER}\n1,0.5,1.2,10,20,0.3,0.9,40,0.5,7.5,\n2,abc,1.2,10,20,0.3,0.9,40,0.5,9,\n"
         );
         let short_row = format!("{CSV_HEADER}\n1,0.5\n");
 
@@ -187,7 +212,7 @@ mod tests {
             bad_number.contains("line 3") && bad_number.contains("accuracy"),
             "{bad_number}"
         );
-        assert!(short_row.contains("2 columns, expected 10"), "{short_row}");
+        assert!(short_row.contains("2 columns, expected 11"), "{short_row}");
         assert!(bad_header.contains("expected `round,"), "{bad_header}");
     }
 }

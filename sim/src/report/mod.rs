@@ -47,6 +47,7 @@ pub(crate) mod fixtures {
                     train_samples: 1000 * round as u64,
                     train_s: 0.5 * round as f64,
                     clock_s: 4.0 * round as f64,
+                    epsilon: None,
                 }
             })
             .collect();
