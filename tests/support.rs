@@ -175,6 +175,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         admin_token: None,
         state_dir: None,
         run_name: "e2e".into(),
+        allow_insecure: false,
         tls: None,
         public_url: None,
     }

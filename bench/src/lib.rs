@@ -74,6 +74,7 @@ pub(crate) fn serve_config(
         admin_token: None,
         state_dir: None,
         run_name: "bench".into(),
+        allow_insecure: false,
         tls: None,
         public_url: None,
     }

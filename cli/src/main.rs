@@ -335,6 +335,12 @@ struct ServeArgs {
     /// certificate kept in the state dir (or ./tls).
     #[arg(long, env = "ASTRAEA_TLS")]
     tls: bool,
+    /// Take volunteers on other machines over plain HTTP too. Without --tls
+    /// and without this, only this machine's clients (and a reverse proxy
+    /// here that terminates TLS) may join: weights and label counts in
+    /// clear text are for anyone on the network to read.
+    #[arg(long, env = "ASTRAEA_ALLOW_INSECURE")]
+    allow_insecure: bool,
     /// PEM certificate chain for --tls.
     #[arg(long, env = "ASTRAEA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -812,6 +818,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         },
         seed: args.seed,
         static_dir: args.static_dir,
+        allow_insecure: args.allow_insecure,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(serve::tls::TlsSource::Files { cert, key }),
             _ if args.tls => Some(serve::tls::TlsSource::SelfSigned {

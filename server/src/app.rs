@@ -1,12 +1,14 @@
 //! HTTP routes: the WebSocket endpoint, the JSON API and the static files.
 //! `app` is apart from serving so tests can call it directly.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket};
+use axum::extract::{ConnectInfo, Path, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -17,6 +19,7 @@ use crate::connection::handle_socket;
 use crate::dashboard::{self, StatusBody, status_body};
 use crate::state::{AppState, TunableChange};
 use astraea_core::metrics::RoundRecord;
+use astraea_core::protocol::{ErrorCode, ServerMessage};
 
 /// The server's routes over `state`.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -45,8 +48,26 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> impl IntoResponse {
+/// Whether a volunteer at `peer` may train over this transport: over TLS
+/// always; over plain HTTP only from this machine (loopback, which covers
+/// a reverse proxy terminating TLS here) unless the operator allowed it.
+/// Weights and label counts crossing a network in clear text are for
+/// anyone on it to read (docs/PRIVACY.md).
+pub fn transport_allowed(tls: bool, allow_insecure: bool, peer: std::net::IpAddr) -> bool {
+    tls || allow_insecure || peer.to_canonical().is_loopback()
+}
+
+async fn websocket(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(state): State<Arc<AppState>>,
+) -> impl IntoResponse {
     let limit = state.config.max_frame_bytes;
+    let allowed = transport_allowed(
+        state.config.tls.is_some(),
+        state.config.allow_insecure,
+        peer.ip(),
+    );
     // Small socket buffers: an idle volunteer costs the server kilobytes,
     // not the 128 KiB a buffer holds by default; big frames still pass, the
     // buffers grow while one is read or written.
@@ -54,7 +75,27 @@ async fn websocket(ws: WebSocketUpgrade, State(state): State<Arc<AppState>>) -> 
         .max_message_size(limit)
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
-        .on_upgrade(move |socket| handle_socket(socket, state))
+        .on_upgrade(move |socket| async move {
+            if allowed {
+                handle_socket(socket, state).await;
+            } else {
+                refuse_insecure(socket, &state, peer).await;
+            }
+        })
+}
+
+/// Tells a remote client on plain HTTP why it may not join, and closes.
+async fn refuse_insecure(mut socket: WebSocket, state: &AppState, peer: SocketAddr) {
+    state.rejections.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%peer, "refused a plain-HTTP volunteer from another machine");
+    let refusal = ServerMessage::Error {
+        code: ErrorCode::Insecure,
+        message: "this server takes volunteers on other machines only over TLS (https://); \
+                  the operator can serve with --tls, or allow plain HTTP with --allow-insecure"
+            .into(),
+    };
+    let _ = socket.send(Message::Text(refusal.to_json().into())).await;
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Json<StatusBody> {
@@ -289,4 +330,22 @@ async fn shard(State(state): State<Arc<AppState>>, Path(client): Path<u64>) -> R
     let indices = &state.shards[(client as usize - 1) % state.shards.len()];
     let bytes = astraea_core::data::shard::encode_shard(&state.train.subset(indices));
     ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::transport_allowed;
+
+    #[test]
+    fn plain_http_is_for_this_machine_unless_the_operator_allows_it() {
+        let lan: std::net::IpAddr = "192.168.1.20".parse().unwrap();
+        let mapped_loopback: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        for local in ["127.0.0.1", "::1"] {
+            assert!(transport_allowed(false, false, local.parse().unwrap()));
+        }
+        assert!(transport_allowed(false, false, mapped_loopback));
+        assert!(!transport_allowed(false, false, lan));
+        assert!(transport_allowed(true, false, lan));
+        assert!(transport_allowed(false, true, lan));
+    }
 }

@@ -117,6 +117,10 @@ pub struct ServeConfig {
     /// Name of the run in the database: an unfinished run of this name is
     /// resumed from its last completed round.
     pub run_name: String,
+    /// Take clients on other machines over plain HTTP too: without TLS and
+    /// without this, only clients on this machine (loopback, a reverse
+    /// proxy that terminates TLS) may join.
+    pub allow_insecure: bool,
     /// Serve HTTPS with this certificate; `None` serves plain HTTP.
     pub tls: Option<crate::tls::TlsSource>,
     /// The URL volunteers open, when the server cannot know it (behind a

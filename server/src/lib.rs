@@ -94,7 +94,12 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     let router = app::app(state.clone());
     let server = match rustls {
         None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
+            if let Err(e) = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            {
                 tracing::error!("http server stopped: {e}");
             }
         }),
@@ -102,7 +107,10 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             let listener = listener.into_std()?;
             tokio::spawn(async move {
                 let server = axum_server::from_tcp_rustls(listener, rustls);
-                if let Err(e) = server.serve(router.into_make_service()).await {
+                if let Err(e) = server
+                    .serve(router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                    .await
+                {
                     tracing::error!("https server stopped: {e}");
                 }
             })

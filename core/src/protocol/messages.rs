@@ -171,6 +171,9 @@ pub enum ErrorCode {
     Data,
     /// A field lies outside the protocol's limits (`protocol::limits`).
     Invalid,
+    /// The server takes clients on other machines only over TLS, and this
+    /// connection is plain (`serve --allow-insecure` lifts the rule).
+    Insecure,
     /// Anything else on the server's side.
     Internal,
 }

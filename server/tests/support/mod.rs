@@ -68,6 +68,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         admin_token: Some("s3cret".into()),
         state_dir: None,
         run_name: "test".into(),
+        allow_insecure: false,
         tls: None,
         public_url: None,
     }
