@@ -96,6 +96,15 @@ async fn refuse_insecure(mut socket: WebSocket, state: &AppState, peer: SocketAd
     };
     let _ = socket.send(Message::Text(refusal.to_json().into())).await;
     let _ = socket.send(Message::Close(None)).await;
+    // As for any refusal: wait for the client's close (see `LINGER`).
+    let _ = tokio::time::timeout(crate::connection::LINGER, async {
+        while let Some(Ok(frame)) = socket.recv().await {
+            if matches!(frame, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Json<StatusBody> {

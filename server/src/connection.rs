@@ -159,7 +159,25 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     }
     drop(connection);
     let _ = tokio::time::timeout(Duration::from_secs(5), sender).await;
+    if refused {
+        // The closing handshake (RFC 6455, 7.1.1): read on until the
+        // client's close, so that what it was still sending does not meet a
+        // closed socket, whose reset would discard the error frame unread
+        // on the client's side. Bounded: a refused client gets 2 s.
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
+
+/// How long the server keeps reading a refused client's socket for its
+/// close frame before it drops the connection.
+pub const LINGER: Duration = Duration::from_secs(2);
 
 impl Connection {
     /// Handles a text frame; `Ok(false)` ends the connection quietly.
