@@ -249,6 +249,7 @@ async fn unreliable(
         hop_deadline,
         stall_timeout: stall,
         label_epsilon: None,
+        model_privacy: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

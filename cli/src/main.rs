@@ -249,6 +249,22 @@ struct ServeArgs {
     /// noisy counts.
     #[arg(long, env = "ASTRAEA_LABEL_EPSILON")]
     label_epsilon: Option<f64>,
+    /// Client-level differential privacy for the model (DP-FedAvg; for
+    /// Astraea over mediators): Gaussian noise of this multiplier (its
+    /// standard deviation over the sum's sensitivity) on every round's
+    /// mean of clipped group updates; sync mode only. Needs --dp-budget.
+    #[arg(long, requires = "dp_budget")]
+    dp_noise: Option<f64>,
+    /// DP: the epsilon (at --dp-delta) the run may spend; it stops before a
+    /// round that would spend more.
+    #[arg(long, requires = "dp_noise")]
+    dp_budget: Option<f64>,
+    /// DP: the most a group's update may move the model, L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f64,
+    /// DP: delta of the (epsilon, delta) guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
     /// Rounds: sync (every round's groups start together and the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever enough clients are free and is folded into the model when
@@ -798,6 +814,25 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
         stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
             .context("--stall-timeout must be a finite, non-negative number of seconds")?,
+        model_privacy: match (args.dp_noise, args.dp_budget) {
+            (Some(noise), Some(budget)) => {
+                if args.mode != astraea_core::asynchronous::Mode::Sync {
+                    bail!("--dp-noise needs --mode sync");
+                }
+                if !(noise > 0.0 && budget > 0.0 && args.dp_clip > 0.0) {
+                    bail!("--dp-noise, --dp-budget and --dp-clip must be positive");
+                }
+                Some(serve::config::ServedPrivacy {
+                    budget: astraea_core::privacy::ModelPrivacy {
+                        clip: args.dp_clip,
+                        noise_multiplier: noise,
+                        delta: args.dp_delta,
+                    },
+                    max_epsilon: budget,
+                })
+            }
+            _ => None,
+        },
         label_epsilon: match args.label_epsilon {
             Some(e) if !(e.is_finite() && e > 0.0) => {
                 bail!("--label-epsilon must be a positive number, got {e}")

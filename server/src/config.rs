@@ -42,6 +42,17 @@ impl From<&str> for Secret {
     }
 }
 
+/// Client-level DP on a served run: the mechanism, and the budget at which
+/// the run stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServedPrivacy {
+    /// Clip, noise multiplier and delta.
+    pub budget: astraea_core::privacy::ModelPrivacy,
+    /// The run stops before a round that would spend more than this
+    /// epsilon (at `budget.delta`).
+    pub max_epsilon: f64,
+}
+
 /// Settings of one served run.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -82,6 +93,9 @@ pub struct ServeConfig {
     /// Laplace noise for this epsilon per report (`welcome.privacy`);
     /// `None` asks for exact counts.
     pub label_epsilon: Option<f64>,
+    /// Client-level DP for the model (DP-FedAvg; DP-Astraea over
+    /// mediators), synchronous rounds only; `None` trains without.
+    pub model_privacy: Option<ServedPrivacy>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`): groups start when clients are free
     /// and fold into the model as they finish.

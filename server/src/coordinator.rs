@@ -128,6 +128,11 @@ pub fn restore(
         }
         if let Some(last) = resumed.history.last() {
             resume.first_round = last.round as u32 + 1;
+            // The accountant's state is not saved: count every past round
+            // as if it had sampled everyone (an upper bound on the spend).
+            if let Some(dp) = state.config.model_privacy {
+                lock(&state.accountant).compose(1.0, dp.budget.noise_multiplier, last.round as u64);
+            }
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
             state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
             let detail = format!("resumed after round {}", last.round);
@@ -187,6 +192,27 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             &mut rng,
             &HashSet::new(),
         );
+        // Under DP the round samples c of the ready clients: rate q.
+        let ready = state
+            .clients()
+            .values()
+            .filter(|c| c.counts.is_some())
+            .count();
+        let q = participants.len() as f64 / ready.max(1) as f64;
+        if let Some(dp) = config.model_privacy {
+            let mut next = lock(&state.accountant).clone();
+            next.compose(q, dp.budget.noise_multiplier, 1);
+            let would_spend = next.epsilon(dp.budget.delta);
+            if would_spend > dp.max_epsilon {
+                let detail = format!(
+                    "privacy budget: round {round} would spend epsilon {would_spend:.3} > {}; the run stops",
+                    dp.max_epsilon
+                );
+                tracing::warn!("{detail}");
+                state.record(|store, run| store.event(run, Some(round), "budget", &detail));
+                break;
+            }
+        }
         let plan = strategy.configure_round(&participants);
         let mediators: Vec<MediatorStatus> = plan
             .groups
@@ -222,6 +248,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
                 Err(failure) => failures.push(failure),
             }
         }
+        let largest = plan.groups.iter().map(|g| g.members.len()).max();
         close_round(
             &state,
             &data,
@@ -231,6 +258,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             (&results, &failures),
             mean_kl,
             start,
+            Some((q, largest.unwrap_or(1))),
         )
         .await?;
         round += 1;
@@ -258,9 +286,15 @@ async fn close_round(
     (results, failures): (&[GroupResult], &[GroupFailure]),
     mean_kl: f64,
     start: Instant,
+    sampling: Option<(f64, usize)>,
 ) -> anyhow::Result<()> {
     let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        strategy.aggregate(&global.values, results, failures)
+        match (state.config.model_privacy, sampling) {
+            (Some(dp), Some((q, largest))) => {
+                private_aggregate(state, dp, global, results, q, largest)
+            }
+            _ => strategy.aggregate(&global.values, results, failures),
+        }
     }));
     let adopted = match candidate {
         Ok(Some(values)) => match check_weights(&values) {
@@ -312,7 +346,7 @@ async fn close_round(
         train_samples: 0,
         train_s: 0.0,
         clock_s: start.elapsed().as_secs_f64(),
-        epsilon: None,
+        epsilon: state.model_epsilon(),
     };
     tracing::info!(
         round,
@@ -520,6 +554,7 @@ async fn run_async(
                 (&results, &failures),
                 mean_kl,
                 start,
+                None,
             )
             .await?;
             buffer.advance();
@@ -541,6 +576,28 @@ async fn run_async(
         state.record(|store, run| store.finish(run));
     }
     Ok(())
+}
+
+/// DP-FedAvg's step over the round's group results (`ModelPrivacy`):
+/// clipped updates averaged with Gaussian noise from the operating
+/// system's entropy; the round (sampling rate `q`, groups of at most
+/// `largest` clients) is composed into the run's accountant whether or not
+/// a result came back (the clients were asked).
+fn private_aggregate(
+    state: &AppState,
+    dp: crate::config::ServedPrivacy,
+    global: &Weights,
+    results: &[GroupResult],
+    q: f64,
+    largest: usize,
+) -> Option<Vec<f32>> {
+    let dp = dp.budget;
+    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
+    let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
+    let noise_std = dp.noise_multiplier * dp.sensitivity(largest);
+    let mut rng = StdRng::from_os_rng();
+    astraea_core::privacy::private_mean(&global.values, &updates, dp.clip, noise_std, &mut rng)
+        .map(|(values, _)| values)
 }
 
 /// Evaluates `weights` on the server's balanced test set, off the async

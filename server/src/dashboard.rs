@@ -51,6 +51,13 @@ pub struct StatusBody {
     /// What volunteers' reports reveal: the label epsilon per count
     /// report, when label privacy is on (`{}` when nothing is asked).
     pub privacy: astraea_core::protocol::PrivacySpec,
+    /// Client-level DP on the model: epsilon spent so far at
+    /// `model_delta` (`None`: the model is not trained under DP).
+    pub model_epsilon: Option<f64>,
+    /// The budget at which the run stops.
+    pub model_budget: Option<f64>,
+    /// The delta of the model's guarantee.
+    pub model_delta: Option<f64>,
     /// Current round.
     pub round: u32,
     /// Rounds planned.
@@ -153,6 +160,9 @@ pub fn status_body(state: &AppState) -> StatusBody {
         privacy: astraea_core::protocol::PrivacySpec {
             label_epsilon: state.config.label_epsilon,
         },
+        model_epsilon: state.model_epsilon(),
+        model_budget: state.config.model_privacy.map(|dp| dp.max_epsilon),
+        model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),
         round: status.round,
         rounds: settings.rounds,
         clients,

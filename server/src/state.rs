@@ -346,6 +346,9 @@ pub struct AppState {
     /// Judges every update against the weights it was sent; its history
     /// is saved with each completed round.
     pub guard: Mutex<crate::guard::UpdateGuard>,
+    /// The model's privacy spent so far, when it is trained under DP
+    /// (`ServeConfig::model_privacy`).
+    pub accountant: Mutex<astraea_core::privacy::RdpAccountant>,
     /// Bytes received from clients.
     pub bytes_up: AtomicU64,
     /// Bytes sent to clients.
@@ -409,12 +412,21 @@ impl AppState {
             control: Mutex::new(Control::default()),
             tunable: Mutex::new(tunable),
             control_changed: Notify::new(),
+            accountant: Mutex::new(astraea_core::privacy::RdpAccountant::new()),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
             test_samples: 0,
             started: std::time::Instant::now(),
         }
+    }
+
+    /// Epsilon spent on the model so far at the run's delta; `None` when
+    /// the model is not trained under DP.
+    pub fn model_epsilon(&self) -> Option<f64> {
+        self.config
+            .model_privacy
+            .map(|dp| lock(&self.accountant).epsilon(dp.budget.delta))
     }
 
     /// The card an exported model of `round` with `accuracy` carries.

@@ -549,3 +549,46 @@ async fn under_label_privacy_clients_report_noisy_counts_and_the_run_trains() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["privacy"]["label_epsilon"], 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
+    use astraea_core::privacy::{ModelPrivacy, RdpAccountant};
+    // Prepare: four clients, all of them in every round (q = 1), noise
+    // multiplier 2: a budget between what two and three rounds spend.
+    let spent = |rounds: u64| {
+        let mut accountant = RdpAccountant::new();
+        accountant.compose(1.0, 2.0, rounds);
+        accountant.epsilon(1e-5)
+    };
+    let mut cfg = config(StrategyKind::FedAvg, 4, 5);
+    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: ModelPrivacy {
+            clip: 0.5,
+            noise_multiplier: 2.0,
+            delta: 1e-5,
+        },
+        max_epsilon: (spent(2) + spent(3)) / 2.0,
+    });
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(4, options(&address)));
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+    let status = http_get(&address, "/api/status").await;
+    swarm.abort();
+
+    // Assert: two rounds of the five, each with its spend.
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 2, "the budget did not stop the run");
+    for (record, rounds) in history.iter().zip([1, 2]) {
+        let epsilon = record.epsilon.expect("a private round records its epsilon");
+        assert!((epsilon - spent(rounds)).abs() < 1e-9, "{epsilon}");
+        assert!(record.loss.is_finite());
+    }
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!((status["model_epsilon"].as_f64().unwrap() - spent(2)).abs() < 1e-9);
+}
