@@ -163,6 +163,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         label_epsilon: None,
         model_privacy: None,
+        hop_privacy: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

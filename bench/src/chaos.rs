@@ -250,6 +250,7 @@ async fn unreliable(
         stall_timeout: stall,
         label_epsilon: None,
         model_privacy: None,
+        hop_privacy: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

@@ -62,6 +62,7 @@ pub(crate) fn serve_config(
         stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         label_epsilon: None,
         model_privacy: None,
+        hop_privacy: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

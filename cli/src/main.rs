@@ -249,6 +249,14 @@ struct ServeArgs {
     /// noisy counts.
     #[arg(long, env = "ASTRAEA_LABEL_EPSILON")]
     label_epsilon: Option<f64>,
+    /// Per-hop noise: every hop's update is clipped to --hop-clip and
+    /// Gaussian noise of this multiplier times the clip is added before the
+    /// next client in the chain sees it (each hop the Gaussian mechanism).
+    #[arg(long)]
+    hop_noise: Option<f64>,
+    /// Per-hop noise: the most one hop may move the model, L2 norm.
+    #[arg(long, default_value_t = 0.5)]
+    hop_clip: f64,
     /// Client-level differential privacy for the model (DP-FedAvg; for
     /// Astraea over mediators): Gaussian noise of this multiplier (its
     /// standard deviation over the sum's sensitivity) on every round's
@@ -454,6 +462,14 @@ struct SimulateArgs {
     /// comes from the system's entropy: such runs do not repeat exactly.
     #[arg(long)]
     label_epsilon: Option<f64>,
+    /// Per-hop noise: every hop's update is clipped to --hop-clip and
+    /// Gaussian noise of this multiplier times the clip is added before the
+    /// next client in the chain sees it (each hop the Gaussian mechanism).
+    #[arg(long)]
+    hop_noise: Option<f64>,
+    /// Per-hop noise: the most one hop may move the model, L2 norm.
+    #[arg(long, default_value_t = 0.5)]
+    hop_clip: f64,
     /// Client-level differential privacy for the model (DP-FedAvg; for
     /// Astraea over mediators): the noise is calibrated so that the whole
     /// run spends this epsilon at --dp-delta (Renyi DP accountant; sync
@@ -814,6 +830,12 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
         stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
             .context("--stall-timeout must be a finite, non-negative number of seconds")?,
+        hop_privacy: args
+            .hop_noise
+            .map(|noise_multiplier| astraea_core::privacy::HopPrivacy {
+                clip: args.hop_clip,
+                noise_multiplier,
+            }),
         model_privacy: match (args.dp_noise, args.dp_budget) {
             (Some(noise), Some(budget)) => {
                 if args.mode != astraea_core::asynchronous::Mode::Sync {
@@ -928,6 +950,12 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         max_loss_increase: args.max_loss_increase,
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
+        hop_privacy: args
+            .hop_noise
+            .map(|noise_multiplier| astraea_core::privacy::HopPrivacy {
+                clip: args.hop_clip,
+                noise_multiplier,
+            }),
         model_privacy: match args.dp_epsilon {
             None => None,
             Some(epsilon) => {

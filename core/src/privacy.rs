@@ -336,6 +336,58 @@ pub fn private_mean(
     Some((values, norms))
 }
 
+/// Per-hop noise settings ([`noisy_hop`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HopPrivacy {
+    /// The most one hop's update may move the model, L2.
+    pub clip: f64,
+    /// The noise's standard deviation over `clip`.
+    pub noise_multiplier: f64,
+}
+
+/// Per-hop noise, so that what the next client in a chain sees is itself
+/// DP for the client before it: the hop's update `new - sent` is clipped
+/// to L2 norm `clip` and Gaussian noise of standard deviation
+/// `noise_multiplier * clip` is added to every weight. Without the client
+/// the hop would have passed `sent` on (with noise), so the release's L2
+/// sensitivity is `clip` and each hop is the Gaussian mechanism with that
+/// multiplier ([`hop_epsilon`]). Returns the update's norm before clipping.
+///
+/// # Shapes
+/// `sent` and `new` are `[p]`; `new` is changed in place.
+pub fn noisy_hop(
+    sent: &[f32],
+    new: &mut [f32],
+    clip: f64,
+    noise_multiplier: f64,
+    rng: &mut impl rand::Rng,
+) -> f64 {
+    use rand_distr::{Distribution, Normal};
+    let norm = new
+        .iter()
+        .zip(sent)
+        .map(|(w, s)| f64::from(w - s).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let scale = if norm > clip { clip / norm } else { 1.0 };
+    let noise = Normal::new(0.0, (noise_multiplier * clip).max(0.0))
+        .unwrap_or_else(|_| Normal::new(0.0, 0.0).expect("zero is a valid deviation"));
+    for (w, s) in new.iter_mut().zip(sent) {
+        *w = s + (scale * f64::from(*w - s) + noise.sample(rng)) as f32;
+    }
+    norm
+}
+
+/// The epsilon (at `delta`) that `hops` noisy hops of one client spend
+/// against whoever sees them all (the next client, the server), by the RDP
+/// accountant without sampling: a client's passes in one round, or its
+/// hops over a whole run.
+pub fn hop_epsilon(noise_multiplier: f64, hops: u64, delta: f64) -> f64 {
+    let mut accountant = RdpAccountant::new();
+    accountant.compose(1.0, noise_multiplier, hops);
+    accountant.epsilon(delta)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,6 +499,35 @@ mod tests {
             .sensitivity(10),
             3.0
         );
+    }
+
+    #[test]
+    fn a_noisy_hop_clips_the_update_and_adds_noise_of_the_stated_size() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let sent = vec![1.0f32; 4000];
+        // An update of norm 10 in the first weight, clipped to 0.5, no noise.
+        let mut clean = sent.clone();
+        clean[0] += 10.0;
+        let norm = noisy_hop(&sent, &mut clean, 0.5, 0.0, &mut rng);
+        assert!((norm - 10.0).abs() < 1e-6);
+        assert!(
+            (clean[0] - 1.5).abs() < 1e-6 && clean[1] == 1.0,
+            "{}",
+            clean[0]
+        );
+        // No update, noise multiplier 2 at clip 0.5: deviation 1.
+        let mut noisy = sent.clone();
+        noisy_hop(&sent, &mut noisy, 0.5, 2.0, &mut rng);
+        let deviation = (noisy
+            .iter()
+            .map(|w| f64::from(w - 1.0).powi(2))
+            .sum::<f64>()
+            / noisy.len() as f64)
+            .sqrt();
+        assert!((deviation - 1.0).abs() < 0.05, "{deviation}");
+        // Two hops at multiplier 5 spend as one Gaussian of multiplier 5/sqrt(2).
+        assert!((hop_epsilon(5.0, 2, 1e-5) - hop_epsilon(5.0 / 2f64.sqrt(), 1, 1e-5)).abs() < 1e-9);
     }
 
     #[test]

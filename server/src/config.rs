@@ -96,6 +96,9 @@ pub struct ServeConfig {
     /// Client-level DP for the model (DP-FedAvg; DP-Astraea over
     /// mediators), synchronous rounds only; `None` trains without.
     pub model_privacy: Option<ServedPrivacy>,
+    /// Per-hop noise on what the next client in a chain sees
+    /// (`astraea_core::privacy::noisy_hop`); `None`: none.
+    pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`): groups start when clients are free
     /// and fold into the model as they finish.

@@ -803,6 +803,7 @@ async fn run_chain(
             };
             let wire_hop = task.hop;
             let sent_at = Instant::now();
+            let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
             let outcome = match run_hop(&state, member as u64, task, &weights).await {
                 Ok(reply) => {
                     // The server's own timing of the hop, transfer
@@ -843,6 +844,20 @@ async fn run_chain(
             match outcome {
                 Ok(reply) => {
                     weights = reply.weights;
+                    // Per-hop noise: what the next member sees is DP for
+                    // this one; the judged loss no longer describes it.
+                    if let Some(hop) = state.config.hop_privacy {
+                        let sent = hop_inputs.as_deref().unwrap_or(&[]);
+                        let mut rng = StdRng::from_os_rng();
+                        astraea_core::privacy::noisy_hop(
+                            sent,
+                            &mut weights,
+                            hop.clip,
+                            hop.noise_multiplier,
+                            &mut rng,
+                        );
+                        weights_loss = None;
+                    }
                     samples[position] = Some(reply.samples);
                 }
                 Err(HopOutcome::Refused(reason)) => {

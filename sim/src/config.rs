@@ -64,6 +64,8 @@ pub struct SimConfig {
     /// Client-level DP for the model (DP-FedAvg; DP-Astraea over
     /// mediators), synchronous mode only; `None` trains without.
     pub model_privacy: Option<astraea_core::privacy::ModelPrivacy>,
+    /// Per-hop noise on what the next client in a chain sees; `None`: none.
+    pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`).
     pub mode: astraea_core::asynchronous::Mode,

@@ -13,7 +13,7 @@ use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{
-    ModelPrivacy, RdpAccountant, noisy_counts, planned_counts, private_mean,
+    HopPrivacy, ModelPrivacy, RdpAccountant, noisy_counts, noisy_hop, planned_counts, private_mean,
 };
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
@@ -246,6 +246,7 @@ impl Setup<'_> {
             defence: &self.defence,
             population: &self.config.population,
             speeds: &self.speeds,
+            hop_privacy: self.config.hop_privacy,
         }
     }
 
@@ -637,6 +638,8 @@ struct RoundContext<'a> {
     population: &'a Population,
     /// Each client's training speed, samples per second.
     speeds: &'a [f64],
+    /// Per-hop noise, when on.
+    hop_privacy: Option<HopPrivacy>,
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
@@ -672,6 +675,7 @@ fn walk_chain(
         defence,
         population,
         speeds,
+        hop_privacy,
     } = *context;
     let mut weights = global.clone();
     // The validation loss of `weights`, once the loss rule has computed it.
@@ -732,6 +736,19 @@ fn walk_chain(
             // connection); the chain goes on from the weights it sent.
             if !defence.loss_accepts(&weights, &mut weights_loss, &next, &eval_device) {
                 continue;
+            }
+            // Per-hop noise: what the next member sees is DP for this one;
+            // the judged loss no longer describes the noisy weights.
+            if let Some(hop) = hop_privacy {
+                let mut rng = StdRng::seed_from_u64(mix(&[seed, 0x401e]));
+                noisy_hop(
+                    &weights.values,
+                    &mut next.values,
+                    hop.clip,
+                    hop.noise_multiplier,
+                    &mut rng,
+                );
+                weights_loss = None;
             }
             weights = next;
             taken[position] = Some(claimed);

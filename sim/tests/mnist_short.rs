@@ -92,6 +92,7 @@ fn slice() -> (
         speed_weight: None,
         label_epsilon: None,
         model_privacy: None,
+        hop_privacy: None,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

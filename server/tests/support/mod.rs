@@ -56,6 +56,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
         label_epsilon: None,
         model_privacy: None,
+        hop_privacy: None,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
