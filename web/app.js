@@ -71,7 +71,7 @@ worker.onmessage = (event) => {
       // What this run learns of the volunteer (docs/PRIVACY.md).
       $('leaves').textContent = 'the weights after each training hop (never your images); '
         + (m.labelEpsilon
-          ? `how many images of each label you hold, with random noise added (label privacy: epsilon ${m.labelEpsilon} per report, about ${Math.round(1 / m.labelEpsilon * 1.4)} images either way)`
+          ? `how many images of each label you hold, with random noise added (label privacy: epsilon ${m.labelEpsilon} per report, give or take ${(Math.sqrt(2 * Math.exp(-m.labelEpsilon)) / (1 - Math.exp(-m.labelEpsilon))).toFixed(1)} images a label)`
           : 'how many images of each label you hold, exactly (this run asks for no label privacy)')
         + (self.isSecureContext ? '' : '. This connection is not encrypted (http): others on the network can read it');
       break;
@@ -83,6 +83,11 @@ worker.onmessage = (event) => {
         + (m.cached === true ? ', from this browser\'s cache' : m.cached === false ? `, fetched (${(m.bytes / 1024).toFixed(0)} KiB)` : '')
         + (m.drawn ? `, ${m.drawn} drawn by you` : '');
       $('status').textContent = 'ready: waiting for a task';
+      if (m.labelSpent) {
+        $('leaves').dataset.spent = ` Label privacy spent by this tab so far: epsilon ${m.labelSpent.toFixed(1)} (each report of new counts spends it again).`;
+        if (!$('leaves').textContent.includes('spent by this tab')) $('leaves').textContent += $('leaves').dataset.spent;
+        else $('leaves').textContent = $('leaves').textContent.replace(/ Label privacy spent.*$/, $('leaves').dataset.spent);
+      }
       drawMix();
       break;
     case 'plan':

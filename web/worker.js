@@ -113,7 +113,7 @@ function connect() {
 async function addSample(pixels, label) {
   if (client && client.label_counts().length) {
     await run(client.add_samples(pixels, new Uint32Array([label])));
-    say({ type: 'data', counts: Array.from(client.label_counts()), drawn: drawn.labels.length + 1 });
+    say({ type: 'data', counts: Array.from(client.label_counts()), drawn: drawn.labels.length + 1, labelSpent: client.label_epsilon_spent() });
   }
   drawn.images.push(pixels);
   drawn.labels.push(label);
@@ -171,7 +171,7 @@ async function loadShard(action) {
     for (const p of drawn.images) { flat.set(p, offset); offset += p.length; }
     await run(client.add_samples(flat, new Uint32Array(drawn.labels)));
   }
-  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length });
+  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent() });
 }
 
 async function train(action) {

@@ -486,7 +486,8 @@ struct SimulateArgs {
     /// Rounds: sync (the papers': every group starts together, the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever clients are free and is folded in when it finishes, with a
-    /// staleness weight; --rounds trains as many groups in both).
+    /// staleness weight; a recorded round is ceil(m/B)*B groups of work for
+    /// m groups running and buffer B, m in sync).
     #[arg(long, default_value = "sync")]
     mode: astraea_core::asynchronous::Mode,
     /// Async mode: finished groups per new global model (default: half
@@ -844,6 +845,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
                 if !(noise > 0.0 && budget > 0.0 && args.dp_clip > 0.0) {
                     bail!("--dp-noise, --dp-budget and --dp-clip must be positive");
                 }
+                if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
+                    bail!("--dp-delta must lie between 0 and 1");
+                }
                 Some(serve::config::ServedPrivacy {
                     budget: astraea_core::privacy::ModelPrivacy {
                         clip: args.dp_clip,
@@ -907,7 +911,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         );
     } else if !serve::tls::is_secure_origin(&url) {
         println!(
-            "  (without --tls, tabs on other machines train on the CPU: browsers give WebGPU only to HTTPS pages)"
+            "  (without --tls, volunteers on other machines are refused unless --allow-insecure; their tabs would train on the CPU: browsers give WebGPU only to HTTPS pages)"
         );
     }
     tokio::select! {
@@ -961,6 +965,9 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             Some(epsilon) => {
                 if args.mode != astraea_core::asynchronous::Mode::Sync {
                     bail!("--dp-epsilon needs --mode sync");
+                }
+                if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
+                    bail!("--dp-delta must lie between 0 and 1");
                 }
                 let q = (args.participants as f64 / args.clients.max(1) as f64).min(1.0);
                 let sigma = astraea_core::privacy::noise_for_epsilon(

@@ -357,8 +357,12 @@ impl Connection {
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);
+        // Under label privacy, counts sent before the welcome (which asks
+        // for noise) are exact: they are dropped unused, and the client's
+        // noisy `ready` is awaited.
         if let DataSource::Own { counts } = data
             && !counts.is_empty()
+            && self.state.config.label_epsilon.is_none()
         {
             self.ready(id, counts)?;
         }

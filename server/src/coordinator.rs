@@ -192,13 +192,11 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             &mut rng,
             &HashSet::new(),
         );
-        // Under DP the round samples c of the ready clients: rate q.
-        let ready = state
-            .clients()
-            .values()
-            .filter(|c| c.counts.is_some())
-            .count();
-        let q = participants.len() as f64 / ready.max(1) as f64;
+        // The accountant takes no credit for sampling (q = 1): who trains
+        // is drawn with a seeded generator and shown on the public
+        // dashboard, so an observer knows whether a client took part, and
+        // amplification by sampling assumes it does not.
+        let q = 1.0;
         if let Some(dp) = config.model_privacy {
             let mut next = lock(&state.accountant).clone();
             next.compose(q, dp.budget.noise_multiplier, 1);
@@ -431,6 +429,8 @@ async fn run_async(
     // The members of the chain in each dashboard slot, `None` when free.
     let mut slots: Vec<Option<Vec<u64>>> = Vec::new();
     let mut chains = 0u64;
+    // Results (and failures) per new version; set from the groups running.
+    let mut capacity = 1usize;
     let (mut kl_sum, mut failures) = (0.0, Vec::new());
     let (mut stale, mut folded) = (0u64, 0usize);
     loop {
@@ -447,11 +447,11 @@ async fn run_async(
             let everyone = pick_participants(&state, c, &mut rng, &HashSet::new());
             let target = strategy.configure_round(&everyone).groups.len();
             let enough = everyone.len().div_ceil(target.max(1)).max(1);
-            buffer.set_capacity(
-                config
-                    .buffer
-                    .unwrap_or_else(|| asynchronous::default_buffer(target)),
-            );
+            capacity = config
+                .buffer
+                .unwrap_or_else(|| asynchronous::default_buffer(target))
+                .max(1);
+            buffer.set_capacity(capacity);
             while running.len() < target {
                 let busy: HashSet<u64> = slots.iter().flatten().flatten().copied().collect();
                 let free = pick_participants(&state, c, &mut rng, &busy);
@@ -542,7 +542,16 @@ async fn run_async(
             },
             Err(failure) => failures.push(failure),
         }
-        if buffer.is_full() {
+        {
+            // The chain is over: the dashboard stops showing a member at work.
+            let mut status = state.status();
+            if let Some(view) = status.mediators.get_mut(slot) {
+                view.current = None;
+            }
+        }
+        // Failed chains count towards the buffer too, so a run whose
+        // chains all fail still moves on (keeping its model) and ends.
+        if buffer.len() + failures.len() >= capacity {
             let results = buffer.take();
             let mean_kl = kl_sum / folded.max(1) as f64;
             close_round(

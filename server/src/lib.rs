@@ -53,6 +53,9 @@ pub struct Running {
 
 /// Loads the data, then serves on `listener` and starts the round loop.
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
+    if config.model_privacy.is_some() && config.mode == astraea_core::asynchronous::Mode::Async {
+        anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
+    }
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;

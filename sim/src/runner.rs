@@ -49,6 +49,9 @@ pub fn run(
     progress: &ProgressBar,
 ) -> anyhow::Result<RunHistory> {
     let start = Instant::now();
+    if config.model_privacy.is_some() && config.mode == Mode::Async {
+        anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
+    }
     let partition = crate::federation::partition_for(config, spec, train, test)
         .with_context(|| format!("partitioning for {}", spec.label()))?;
     let report = partition.report(&train.labels, train.num_classes());

@@ -365,11 +365,11 @@ impl ClientSession {
             task.encoding,
             self.max_frame_bytes,
         );
-        // Under label privacy the reported counts are noisy: an update may
-        // not claim more samples than the last report (the server refuses
-        // it), so it claims at most that, never more than it trained on.
+        // Under label privacy the update claims the total of its last
+        // (noisy) report: the exact number trained on would give the true
+        // total away. Its weight is then as noisy as its counts.
         let samples = match (self.label_epsilon, self.reported_samples) {
-            (Some(_), Some(reported)) => samples.min(reported),
+            (Some(_), Some(reported)) => reported,
             _ => samples,
         };
         let update = UpdateSpec {
@@ -414,20 +414,33 @@ fn task_setup(
 /// whole hop (all epochs, this step included) out of the hop's total. A
 /// session sends one as the hop starts; the driver sends these after
 /// steps, often enough to stay under `task.stall_ms` (every second, say).
+///
+/// Progress goes out in thousandths of the hop (`total` 1,000), not in
+/// batches: batches times the batch size would tell the server how many
+/// samples the client holds, which label privacy keeps noisy.
 pub fn progress_message(task: &TaskSpec, step: &StepProgress) -> ClientMessage {
-    let total = step.epochs.saturating_mul(step.batches);
+    let batches = step.epochs.saturating_mul(step.batches);
     let done = step
         .epoch
         .saturating_mul(step.batches)
         .saturating_add(step.batch)
-        .saturating_add(1);
+        .saturating_add(1)
+        .min(batches);
+    let thousandths = if batches == 0 {
+        0
+    } else {
+        (done as u128 * PROGRESS_SCALE as u128 / batches as u128) as usize
+    };
     ClientMessage::Progress {
         round: task.round,
         hop: task.hop,
-        done: done.min(total),
-        total,
+        done: thousandths,
+        total: PROGRESS_SCALE,
     }
 }
+
+/// The `total` of every progress report: thousandths.
+pub const PROGRESS_SCALE: usize = 1000;
 
 /// The `progress` message a session sends as its client starts `task` (0
 /// batches done; the total is not known yet, so 0).
@@ -548,7 +561,7 @@ mod tests {
             let Some(ClientAction::Send(ClientMessage::Update(update))) = actions.first() else {
                 panic!("no update: {actions:?}");
             };
-            assert_eq!(update.samples, reported.min(10_000));
+            assert_eq!(update.samples, reported);
             assert_eq!(session.label_epsilon_spent(), 0.5);
             first_reports.push(first);
         }
@@ -556,6 +569,23 @@ mod tests {
             first_reports.iter().any(|r| r != &vec![500, 0, 200]),
             "twenty reports without noise"
         );
+    }
+
+    #[test]
+    fn progress_is_sent_in_thousandths_not_in_batches() {
+        // 3 of 7 batches of one epoch: the batch count would tell the
+        // server the client's size.
+        let step = StepProgress {
+            epoch: 0,
+            epochs: 1,
+            batch: 2,
+            batches: 7,
+            loss: 0.5,
+        };
+        let ClientMessage::Progress { done, total, .. } = progress_message(&task(), &step) else {
+            panic!("not a progress message");
+        };
+        assert_eq!((done, total), (428, 1000));
     }
 
     #[test]
