@@ -57,7 +57,16 @@ function render({ status, history }) {
   const backends = Object.entries(status.backends).map(([name, n]) => `${n} on ${name === 'flex' ? 'CPU (flex)' : name}`);
   text('backends', backends.length ? `Backends: ${backends.join(', ')}` : 'No clients yet.');
   text('settings', `c = ${status.settings.participants} participants a round, at least ${status.settings.min_clients} ready to start, ${status.settings.hop_deadline_s} s a hop`
+    + (status.mode === 'async' ? ' · asynchronous (a round is a new model)' : '')
     + (status.paused ? ' · paused' : '') + (status.stopped ? ' · stopping' : ''));
+  // What the volunteers reveal (docs/PRIVACY.md).
+  const label = status.privacy && status.privacy.label_epsilon
+    ? `label counts reported with noise, epsilon ${status.privacy.label_epsilon} per report`
+    : 'label counts reported exactly';
+  const model = status.model_epsilon == null
+    ? 'the model is not trained under differential privacy'
+    : `model privacy spent: epsilon ${status.model_epsilon.toFixed(2)} of ${status.model_budget} (delta ${status.model_delta})`;
+  text('privacy', `Privacy: ${label}; ${model}.`);
 
   $('mediators').innerHTML = status.mediators.length
     ? status.mediators.map((m, i) => `<tr><td>${i + 1}</td><td>${m.members.map((id) =>
