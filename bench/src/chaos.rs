@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use astraea_core::asynchronous::Mode;
 use astraea_core::strategy::StrategyKind;
 use astraea_native::{ClientOptions, run_swarm};
 use astraea_server::{self as serve, ServeConfig};
@@ -191,6 +192,10 @@ pub struct VanishReport {
     pub mean_round_s: f64,
     /// Longest round, in seconds.
     pub max_round_s: f64,
+    /// The whole run, seconds.
+    pub total_s: f64,
+    /// Hops trained and taken into chains (the run's work).
+    pub hops_done: u64,
 }
 
 /// Runs `rounds` Astraea rounds (mediators of 3, two passes) with [`CLIENTS`] native
@@ -199,9 +204,16 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
     let hop_deadline = Duration::from_secs(10);
     let stall =
         crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea).stall_timeout;
-    unreliable(data_dir, rounds, hop_deadline, stall, |options| {
-        options.vanish = share;
-    })
+    unreliable(
+        data_dir,
+        rounds,
+        hop_deadline,
+        stall,
+        Mode::Sync,
+        |options| {
+            options.vanish = share;
+        },
+    )
     .await
 }
 
@@ -216,12 +228,14 @@ pub async fn freeze(
     rounds: u32,
     share: f64,
     stall: Duration,
+    mode: Mode,
 ) -> anyhow::Result<VanishReport> {
     unreliable(
         data_dir,
         rounds,
         Duration::from_secs(120),
         stall,
+        mode,
         |options| {
             options.freeze = share;
             options.freeze_for = Duration::from_secs(150);
@@ -238,6 +252,7 @@ async fn unreliable(
     rounds: u32,
     hop_deadline: Duration,
     stall: Duration,
+    mode: Mode,
     unreliable: impl FnOnce(&mut ClientOptions),
 ) -> anyhow::Result<VanishReport> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -251,7 +266,7 @@ async fn unreliable(
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
-        mode: Default::default(),
+        mode,
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
         run_name: "chaos".into(),
@@ -300,5 +315,12 @@ async fn unreliable(
             .load(std::sync::atomic::Ordering::Relaxed),
         mean_round_s: durations.iter().sum::<f64>() / durations.len().max(1) as f64,
         max_round_s: durations.iter().copied().fold(0.0, f64::max),
+        total_s: history.last().map_or(0.0, |r| r.wall_s),
+        hops_done: running
+            .state
+            .clients()
+            .values()
+            .map(|c| u64::from(c.hops_done))
+            .sum(),
     })
 }

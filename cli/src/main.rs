@@ -163,6 +163,9 @@ enum BenchCommand {
         /// The server's stall timeout in seconds (0: none, the deadline).
         #[arg(long, default_value_t = 8.0)]
         stall_timeout: f64,
+        /// sync rounds, or the async mode (then a round is a new model).
+        #[arg(long, default_value = "sync")]
+        mode: astraea_core::asynchronous::Mode,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -717,18 +720,26 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             rounds,
             share,
             stall_timeout,
+            mode,
             data_dir,
         } => {
             let stall = std::time::Duration::try_from_secs_f64(stall_timeout)
                 .context("--stall-timeout must be a non-negative number of seconds")?;
-            let r = astraea_bench::chaos::freeze(data_dir, rounds, share, stall).await?;
+            let r = astraea_bench::chaos::freeze(data_dir, rounds, share, stall, mode).await?;
             println!(
-                "| rounds | freeze share | stall timeout s | rounds stalled | hops skipped | mean round s | longest round s |"
+                "| mode | rounds | freeze share | stall timeout s | rounds stalled | hops skipped | hops done | mean round s | longest round s | run s | s per 100 hops |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             println!(
-                "| {} | {share} | {stall_timeout} | {} | {} | {:.2} | {:.2} |",
-                r.rounds, r.stalled, r.skipped_hops, r.mean_round_s, r.max_round_s
+                "| {mode} | {} | {share} | {stall_timeout} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                r.rounds,
+                r.stalled,
+                r.skipped_hops,
+                r.hops_done,
+                r.mean_round_s,
+                r.max_round_s,
+                r.total_s,
+                100.0 * r.total_s / r.hops_done.max(1) as f64
             );
         }
         BenchCommand::Fuzz {
