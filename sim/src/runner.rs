@@ -534,6 +534,12 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                     busy[m] = false;
                 }
                 batch.push(done);
+                // The group that fills the buffer frees its clients as the
+                // new version is made: they start from it (below), as on
+                // the server.
+                if batch.len() == buffer_size {
+                    break;
+                }
                 let (groups, _) = draw_groups(&busy, rng);
                 if let Some(group) = groups.into_iter().next() {
                     start_group(
@@ -546,6 +552,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                     );
                 }
             }
+            let filled = batch.len() == buffer_size;
             if batch.is_empty() {
                 break 'rounds;
             }
@@ -587,6 +594,19 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             }
             buffer.advance();
             versions.insert(buffer.version(), state.global.clone());
+            if filled {
+                let (groups, _) = draw_groups(&busy, rng);
+                if let Some(group) = groups.into_iter().next() {
+                    start_group(
+                        group,
+                        now,
+                        buffer.version(),
+                        &mut busy,
+                        &mut running,
+                        &mut state.traffic,
+                    );
+                }
+            }
             // Keep only the versions a running group started from.
             let oldest = running
                 .iter()
