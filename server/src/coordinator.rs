@@ -438,7 +438,9 @@ async fn run_async(
         if round > state.tunable().rounds || state.control().stopped {
             break;
         }
-        if !prepare(&state, strategy.as_ref(), &mut planned).await {
+        // Waiting for enough ready clients holds back new chains only:
+        // chains already out are folded in as they end.
+        if running.is_empty() && !prepare(&state, strategy.as_ref(), &mut planned).await {
             break;
         }
         let c = state.tunable().participants;
