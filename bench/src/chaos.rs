@@ -320,7 +320,7 @@ async fn unreliable(
             .state
             .clients()
             .values()
-            .map(|c| u64::from(c.hops_done))
+            .map(|c| c.hops_done)
             .sum(),
     })
 }
