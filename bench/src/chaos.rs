@@ -316,11 +316,6 @@ async fn unreliable(
         mean_round_s: durations.iter().sum::<f64>() / durations.len().max(1) as f64,
         max_round_s: durations.iter().copied().fold(0.0, f64::max),
         total_s: history.last().map_or(0.0, |r| r.wall_s),
-        hops_done: running
-            .state
-            .clients()
-            .values()
-            .map(|c| c.hops_done)
-            .sum(),
+        hops_done: running.state.clients().values().map(|c| c.hops_done).sum(),
     })
 }
