@@ -196,6 +196,10 @@ async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Resu
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = demo_config(1, 500, 1, 1);
     config.tls = Some(TlsSource::SelfSigned { dir: dir.clone() });
+    // And label privacy: the tab noises its counts (OpenDP in WebAssembly,
+    // drawing from the browser's crypto). At epsilon 0.5 all ten counts
+    // come out exact with probability 0.245^10, under 1e-6.
+    config.label_epsilon = Some(0.5);
     let (running, url) = serve_on_loopback(config).await?;
     let url = url.replacen("http://", "https://", 1);
     let driver = Chromedriver::start()?;
@@ -206,10 +210,16 @@ async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Resu
     // Execute
     tab.goto(&format!("{url}?join=1")).await?;
     let state = running.state.clone();
-    wait_until("the tab to join over wss", Duration::from_secs(60), || {
+    let joined = wait_until("the tab to join over wss", Duration::from_secs(60), || {
         state.clients().values().any(|c| c.counts.is_some())
     })
-    .await?;
+    .await;
+    if joined.is_err() {
+        let page = tab
+            .execute("return document.body.innerText;", vec![])
+            .await?;
+        anyhow::bail!("the tab did not report its counts; the page says: {page}");
+    }
 
     // Assert: a secure context (where browsers offer WebGPU), and the
     // server's join URL says https.
@@ -218,6 +228,18 @@ async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Resu
         .await?;
     assert_eq!(secure, serde_json::json!(true));
     assert!(running.state.join_url.starts_with("https://127.0.0.1:"));
+    let noisy = running
+        .state
+        .clients()
+        .values()
+        .any(|c| c.raw_counts.is_some() && c.raw_counts != c.shard_counts);
+    assert!(noisy, "the tab reported its exact counts");
+    let leaves = text_of(&tab, "leaves").await?;
+    assert!(
+        leaves.contains("with random noise added") && leaves.contains("epsilon 0.5"),
+        "{leaves}"
+    );
+    assert!(!leaves.contains("not encrypted"), "{leaves}");
     assert!(dir.join("cert.pem").exists() && dir.join("key.pem").exists());
 
     tab.close().await?;

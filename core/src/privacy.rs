@@ -17,9 +17,13 @@
 //!   (epsilon, delta) with Canonne, Kamath and Steinke's bound (2020), as
 //!   Google's `dp_accounting` and Opacus do.
 
+#[cfg(not(target_arch = "wasm32"))]
 use opendp::domains::{AtomDomain, VectorDomain};
+#[cfg(not(target_arch = "wasm32"))]
 use opendp::measurements::make_laplace;
+#[cfg(not(target_arch = "wasm32"))]
 use opendp::measures::MaxDivergence;
+#[cfg(not(target_arch = "wasm32"))]
 use opendp::metrics::L1Distance;
 
 /// Why noise could not be added.
@@ -47,6 +51,12 @@ pub enum PrivacyError {
 /// # Errors
 /// [`PrivacyError`] for an epsilon that is not positive and finite, a count
 /// above `i64::MAX`, or a failing sampler.
+///
+/// In the browser (wasm32) OpenDP's sampler aborted the tab's WebAssembly
+/// ("unreachable"; found by the end-to-end test), so there the same
+/// distribution is drawn as the difference of two geometric draws with
+/// success probability `1 - exp(-epsilon)` (`rand_distr`, from the browser's
+/// crypto API): exact up to the floating-point `p`.
 pub fn noisy_counts(counts: &[usize], epsilon: f64) -> Result<Vec<usize>, PrivacyError> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(PrivacyError::BadEpsilon(epsilon));
@@ -55,6 +65,45 @@ pub fn noisy_counts(counts: &[usize], epsilon: f64) -> Result<Vec<usize>, Privac
         .iter()
         .map(|&c| i64::try_from(c).map_err(|_| PrivacyError::TooLarge(c)))
         .collect::<Result<Vec<i64>, _>>()?;
+    #[cfg(target_arch = "wasm32")]
+    let noisy = geometric_difference(&exact, epsilon)?;
+    #[cfg(not(target_arch = "wasm32"))]
+    let noisy = opendp_laplace(&exact, epsilon)?;
+    Ok(noisy
+        .into_iter()
+        .map(|n| usize::try_from(n.max(0)).unwrap_or(usize::MAX))
+        .collect())
+}
+
+/// Discrete Laplace noise as the difference of two geometric draws (the
+/// browser's sampler, see [`noisy_counts`]).
+#[cfg(any(target_arch = "wasm32", test))]
+fn geometric_difference(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, PrivacyError> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Geometric};
+    let p = -(-epsilon).exp_m1();
+    let geometric = Geometric::new(p).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
+    #[cfg(target_arch = "wasm32")]
+    let mut rng = {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
+        rand::rngs::StdRng::from_seed(seed)
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    Ok(exact
+        .iter()
+        .map(|&c| {
+            let up = geometric.sample(&mut rng).min(i64::MAX as u64) as i64;
+            let down = geometric.sample(&mut rng).min(i64::MAX as u64) as i64;
+            c.saturating_add(up).saturating_sub(down)
+        })
+        .collect())
+}
+
+/// Discrete Laplace noise by OpenDP's exact sampler.
+#[cfg(not(target_arch = "wasm32"))]
+fn opendp_laplace(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, PrivacyError> {
     let mechanism = make_laplace::<_, _, MaxDivergence>(
         VectorDomain::new(AtomDomain::<i64>::default()),
         L1Distance::<i64>::default(),
@@ -62,13 +111,9 @@ pub fn noisy_counts(counts: &[usize], epsilon: f64) -> Result<Vec<usize>, Privac
         None,
     )
     .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    let noisy = mechanism
-        .invoke(&exact)
-        .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    Ok(noisy
-        .into_iter()
-        .map(|n| usize::try_from(n.max(0)).unwrap_or(usize::MAX))
-        .collect())
+    mechanism
+        .invoke(&exact.to_vec())
+        .map_err(|e| PrivacyError::Sampler(e.to_string()))
 }
 
 /// The epsilon a noisy count report spends for one sample added or removed,
@@ -80,16 +125,25 @@ pub fn label_report_epsilon(epsilon: f64) -> Result<f64, PrivacyError> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(PrivacyError::BadEpsilon(epsilon));
     }
-    let mechanism = make_laplace::<_, _, MaxDivergence>(
-        VectorDomain::new(AtomDomain::<i64>::default()),
-        L1Distance::<i64>::default(),
-        1.0 / epsilon,
-        None,
-    )
-    .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    mechanism
-        .map(&1)
-        .map_err(|e| PrivacyError::Sampler(e.to_string()))
+    // In the browser: the discrete Laplace mechanism's map, sensitivity
+    // over scale.
+    #[cfg(target_arch = "wasm32")]
+    {
+        Ok(epsilon)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let mechanism = make_laplace::<_, _, MaxDivergence>(
+            VectorDomain::new(AtomDomain::<i64>::default()),
+            L1Distance::<i64>::default(),
+            1.0 / epsilon,
+            None,
+        )
+        .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
+        mechanism
+            .map(&1)
+            .map_err(|e| PrivacyError::Sampler(e.to_string()))
+    }
 }
 
 /// The post-plan counts a client reports when its first report was noisy:
@@ -412,6 +466,19 @@ mod tests {
         assert!((mean - 100.0).abs() < 0.2, "mean {mean}");
         assert!((var - 1.84).abs() < 0.35, "variance {var}");
         assert!(reports.iter().any(|r| r[0] != 100), "no noise was added");
+    }
+
+    #[test]
+    fn the_browsers_sampler_has_the_same_distribution() {
+        // The difference of two geometric draws at epsilon 1: variance
+        // 2 e / (e - 1)^2 = 1.84, as OpenDP's discrete Laplace.
+        let draws: Vec<f64> = (0..4000)
+            .map(|_| geometric_difference(&[0], 1.0).unwrap()[0] as f64)
+            .collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        let var = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / draws.len() as f64;
+        assert!(mean.abs() < 0.15, "mean {mean}");
+        assert!((var - 1.84).abs() < 0.3, "variance {var}");
     }
 
     #[test]
