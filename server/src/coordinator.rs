@@ -539,7 +539,7 @@ async fn run_async(
                     stale += 1;
                     tracing::warn!(slot, "group result refused: {refusal}");
                     let detail = format!("mediator {}: {refusal}", slot + 1);
-                    state.record(|store, run| store.event(run, Some(round), "stale", &detail));
+                    state.record(|store, run| store.event(run, Some(round), "refused", &detail));
                 }
             },
             Err(failure) => failures.push(failure),
@@ -800,7 +800,13 @@ async fn run_chain(
                 // Both set per client as the task goes out (`run_hop`).
                 deadline_ms: 0,
                 stall_ms: None,
-                seed: state.config.seed ^ (u64::from(round) << 32) ^ u64::from(hop) ^ member as u64,
+                // The chain's number too: in the asynchronous mode two
+                // chains of one version share round and hop.
+                seed: state.config.seed
+                    ^ (u64::from(round) << 32)
+                    ^ u64::from(hop)
+                    ^ member as u64
+                    ^ chain.rotate_left(20),
                 encoding: state.config.encoding,
                 chunks: 0,
                 place: Some(ChainPlace {
