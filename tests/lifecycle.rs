@@ -103,13 +103,22 @@ async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
     // shard, and the old registration lingered.
     built_page()?;
     // Two shards and two clients needed: one tab never starts a round.
-    let (running, url) = serve_on_loopback(demo_config(2, 3000, 1, 2)).await?;
+    // Under label privacy (epsilon 0.5 a report), so that a reload is seen
+    // to report the same noisy counts again rather than a fresh draw.
+    let mut config = demo_config(2, 3000, 1, 2);
+    config.label_epsilon = Some(0.5);
+    let (running, url) = serve_on_loopback(config).await?;
     let state = running.state.clone();
     let driver = Chromedriver::start()?;
     let tab = driver.open(&[]).await?;
     tab.goto(&format!("{url}?join=1")).await?;
     let first = wait_until_async("the tab's welcome", || async {
         page_figures(&tab).await.ok()?["clientId"].as_u64()
+    })
+    .await?;
+    // (`counts` holds the latest report; `raw_counts` the first ever.)
+    let reported = wait_until_async("the tab's noisy counts", || async {
+        state.clients().get(&first)?.counts.clone()
     })
     .await?;
 
@@ -119,14 +128,23 @@ async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
         page_figures(&tab).await.ok()?["clientId"].as_u64()
     })
     .await?;
+    wait_until_async("the reloaded tab's data", || async {
+        page_figures(&tab).await.ok()?["readyMs"].as_f64()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // Assert: the same id, one registration.
+    // Assert: the same id, one registration, the same noisy report (a new
+    // draw would differ with probability above 0.99 and spend epsilon
+    // again).
     assert_eq!(again, first);
     wait_until("the old connection to be gone", RUN_LIMIT, || {
         state.clients().len() == 1
     })
     .await?;
     assert!(state.clients().contains_key(&first));
+    let reported_again = state.clients().get(&first).and_then(|c| c.counts.clone());
+    assert_eq!(reported_again, Some(reported));
     tab.close().await?;
     running.server.abort();
     Ok(())

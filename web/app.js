@@ -83,6 +83,7 @@ worker.onmessage = (event) => {
         + (m.cached === true ? ', from this browser\'s cache' : m.cached === false ? `, fetched (${(m.bytes / 1024).toFixed(0)} KiB)` : '')
         + (m.drawn ? `, ${m.drawn} drawn by you` : '');
       $('status').textContent = 'ready: waiting for a task';
+      try { if (m.labelReport) sessionStorage.setItem('astraea-label-report', m.labelReport); } catch (e) { /* storage off */ }
       if (m.labelSpent) {
         $('leaves').dataset.spent = ` Label privacy spent by this tab so far: epsilon ${m.labelSpent.toFixed(1)} (each report of new counts spends it again).`;
         if (!$('leaves').textContent.includes('spent by this tab')) $('leaves').textContent += $('leaves').dataset.spent;
@@ -150,8 +151,12 @@ worker.onmessage = (event) => {
 function join() {
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
   let resume = null;
-  try { resume = sessionStorage.getItem('astraea-resume'); } catch (e) { /* storage off */ }
-  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto', resume });
+  let labelReport = null;
+  try {
+    resume = sessionStorage.getItem('astraea-resume');
+    labelReport = sessionStorage.getItem('astraea-label-report');
+  } catch (e) { /* storage off */ }
+  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto', resume, labelReport });
   $('join').disabled = true;
   $('leave').disabled = false;
   $('status').textContent = 'starting…';

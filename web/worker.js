@@ -6,6 +6,9 @@ import init, { WasmClient, choose_backend } from './pkg/astraea_client.js';
 let client = null;
 let socket = null;
 let resumeToken = null;
+// The last noisy label report (JSON), reused after a reload: same data, same
+// report, no epsilon spent again.
+let labelReport = null;
 let backend = null;
 let leaving = false;
 let backoff = 250;
@@ -24,6 +27,7 @@ onmessage = (event) => {
     url = m.url;
     // The page keeps the token across reloads (sessionStorage).
     resumeToken = m.resume || null;
+    labelReport = m.labelReport || null;
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
   } else if (m.type === 'leave') {
     leaving = true;
@@ -80,6 +84,7 @@ async function pickBackend(preference) {
 function connect() {
   // Every reconnect asks to be the same client again.
   client = new WasmClient(backend, 1 << 20, true, resumeToken);
+  if (labelReport) client.reuse_label_report(labelReport);
   socket = new WebSocket(url);
   socket.binaryType = 'arraybuffer';
   socket.onopen = () => {
@@ -113,7 +118,7 @@ function connect() {
 async function addSample(pixels, label) {
   if (client && client.label_counts().length) {
     await run(client.add_samples(pixels, new Uint32Array([label])));
-    say({ type: 'data', counts: Array.from(client.label_counts()), drawn: drawn.labels.length + 1, labelSpent: client.label_epsilon_spent() });
+    say({ type: 'data', counts: Array.from(client.label_counts()), drawn: drawn.labels.length + 1, labelSpent: client.label_epsilon_spent(), labelReport: keepReport() });
   }
   drawn.images.push(pixels);
   drawn.labels.push(label);
@@ -171,7 +176,7 @@ async function loadShard(action) {
     for (const p of drawn.images) { flat.set(p, offset); offset += p.length; }
     await run(client.add_samples(flat, new Uint32Array(drawn.labels)));
   }
-  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent() });
+  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent(), labelReport: keepReport() });
 }
 
 async function train(action) {
@@ -243,4 +248,10 @@ async function run(actions) {
         break;
     }
   }
+}
+
+// This session's noisy label report, kept for the next connection too.
+function keepReport() {
+  labelReport = client.label_report() || labelReport;
+  return labelReport;
 }

@@ -496,6 +496,33 @@ impl WasmClient {
         self.session.borrow().label_epsilon()
     }
 
+    /// This tab's noisy label report and the counts behind it, as JSON
+    /// `{"exact": [...], "noisy": [...]}`, for the page to keep in
+    /// `sessionStorage`; `None` without label privacy.
+    pub fn label_report(&self) -> Option<String> {
+        let (exact, noisy) = self.session.borrow().label_report()?;
+        Some(serde_json::json!({ "exact": exact, "noisy": noisy }).to_string())
+    }
+
+    /// Reuses an earlier session's [`WasmClient::label_report`] if this tab's
+    /// data is the same (a reload then spends no epsilon); malformed text
+    /// is ignored.
+    pub fn reuse_label_report(&self, json: &str) {
+        let Ok(report) = serde_json::from_str::<serde_json::Value>(json) else {
+            return;
+        };
+        let counts = |key: &str| -> Option<Vec<usize>> {
+            report[key]
+                .as_array()?
+                .iter()
+                .map(|v| v.as_u64().and_then(|n| usize::try_from(n).ok()))
+                .collect()
+        };
+        if let (Some(exact), Some(noisy)) = (counts("exact"), counts("noisy")) {
+            self.session.borrow_mut().reuse_label_report(exact, noisy);
+        }
+    }
+
     /// The label epsilon this tab's count reports have spent so far.
     pub fn label_epsilon_spent(&self) -> f64 {
         self.session.borrow().label_epsilon_spent()

@@ -88,6 +88,11 @@ pub struct ClientSession {
     ratios: Option<Vec<f64>>,
     /// Samples in the last count report.
     reported_samples: Option<u64>,
+    /// The true counts behind the first noisy report.
+    exact_counts: Option<Vec<usize>>,
+    /// An earlier session's (true counts, noisy report), reused when the
+    /// counts are the same: a reload does not spend epsilon again.
+    earlier_report: Option<(Vec<usize>, Vec<usize>)>,
     label_epsilon_spent: f64,
 }
 
@@ -131,6 +136,8 @@ impl ClientSession {
             noisy_counts: None,
             ratios: None,
             reported_samples: None,
+            exact_counts: None,
+            earlier_report: None,
             label_epsilon_spent: 0.0,
         };
         (session, vec![ClientAction::Send(join)])
@@ -318,9 +325,22 @@ impl ClientSession {
         let counts = match (self.label_epsilon, &self.noisy_counts, &self.ratios) {
             (None, _, _) => counts,
             (Some(_), Some(noisy), Some(ratios)) => crate::privacy::planned_counts(noisy, ratios),
+            // The same data as an earlier session's noisy report: the
+            // same report again (a fresh draw would spend epsilon again).
+            (Some(_), _, _)
+                if self.earlier_report.as_ref().is_some_and(|(exact, noisy)| {
+                    *exact == counts && noisy.len() == counts.len()
+                }) =>
+            {
+                let (exact, noisy) = self.earlier_report.take().expect("checked above");
+                self.exact_counts = Some(exact);
+                self.noisy_counts = Some(noisy.clone());
+                noisy
+            }
             (Some(epsilon), _, _) => match crate::privacy::noisy_counts(&counts, epsilon) {
                 Ok(noisy) => {
                     self.label_epsilon_spent += epsilon;
+                    self.exact_counts = Some(counts);
                     self.noisy_counts = Some(noisy.clone());
                     noisy
                 }
@@ -333,6 +353,23 @@ impl ClientSession {
                 .fold(0u64, |total, &c| total.saturating_add(c as u64)),
         );
         vec![ClientAction::Send(ClientMessage::Ready { counts })]
+    }
+
+    /// This session's first noisy report and the true counts behind it, to
+    /// keep where the client keeps its resume token (the tab: in
+    /// `sessionStorage`) and give to [`ClientSession::reuse_label_report`]
+    /// after a reload. `None` without label privacy.
+    pub fn label_report(&self) -> Option<(Vec<usize>, Vec<usize>)> {
+        Some((self.exact_counts.clone()?, self.noisy_counts.clone()?))
+    }
+
+    /// Reports `noisy` again, instead of a fresh draw, if this session's
+    /// first counts are `exact` (an earlier session's
+    /// [`ClientSession::label_report`]): re-reporting the same noisy counts
+    /// for the same data spends nothing, a new draw would spend epsilon
+    /// again. Call before the data is ready.
+    pub fn reuse_label_report(&mut self, exact: Vec<usize>, noisy: Vec<usize>) {
+        self.earlier_report = Some((exact, noisy));
     }
 
     /// The label epsilon this session's count reports have spent (0 without
@@ -586,6 +623,31 @@ mod tests {
             panic!("not a progress message");
         };
         assert_eq!((done, total), (428, 1000));
+    }
+
+    #[test]
+    fn a_reloaded_client_with_the_same_data_reports_the_same_noise_and_spends_nothing() {
+        // Prepare: a first session's noisy report of [40, 2, 9].
+        let (mut first, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        first.on_text(&welcome_with_label_epsilon(0.5));
+        let reported = ready_counts(&first.data_ready(vec![40, 2, 9]));
+        let (exact, noisy) = first.label_report().unwrap();
+
+        // Execute: a second session (the reload) given it; a third whose
+        // data changed.
+        let (mut again, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        again.on_text(&welcome_with_label_epsilon(0.5));
+        again.reuse_label_report(exact.clone(), noisy.clone());
+        let repeated = ready_counts(&again.data_ready(vec![40, 2, 9]));
+        let (mut changed, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        changed.on_text(&welcome_with_label_epsilon(0.5));
+        changed.reuse_label_report(exact, noisy);
+        changed.data_ready(vec![41, 2, 9]);
+
+        // Assert
+        assert_eq!(repeated, reported);
+        assert_eq!(again.label_epsilon_spent(), 0.0);
+        assert_eq!(changed.label_epsilon_spent(), 0.5);
     }
 
     #[test]
