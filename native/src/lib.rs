@@ -128,8 +128,10 @@ pub async fn run_client(
     let mut summary = ClientSummary::default();
     let mut backoff = Duration::from_millis(250);
     let mut attempt = 0u32;
-    // The server's resume token: a reconnect comes back as the same client.
-    let mut resume = None;
+    // The server's resume token (a reconnect comes back as the same
+    // client) and the noisy label report (the same data reports the same
+    // noise again, spending nothing).
+    let mut resume = Carried::default();
     loop {
         attempt += 1;
         match run_session(&options, &cache, &mut summary, &mut resume).await {
@@ -163,17 +165,20 @@ async fn run_session(
     options: &ClientOptions,
     cache: &DatasetCache,
     summary: &mut ClientSummary,
-    resume: &mut Option<String>,
+    resume: &mut Carried,
 ) -> Result<Ended, ReasonError> {
     let (socket, _) = tokio_tungstenite::connect_async(options.url.as_str()).await?;
     let (mut sink, mut stream) = socket.split();
-    let (session, first) = ClientSession::resuming(
+    let (mut session, first) = ClientSession::resuming(
         "flex",
         None,
         DataSource::Demo,
         options.max_frame_bytes,
-        resume.clone(),
+        resume.token.clone(),
     );
+    if let Some((exact, noisy)) = resume.label_report.clone() {
+        session.reuse_label_report(exact, noisy);
+    }
     let mut session = Resumable { session, resume };
     let mut queue: VecDeque<ClientAction> = first.into();
     let mut local: Option<LocalData> = None;
@@ -337,11 +342,20 @@ async fn run_session(
     }
 }
 
-/// A session that hands its resume token back to the client when it ends,
-/// whichever way it ends.
+/// What a client carries from one session to the next.
+#[derive(Default)]
+struct Carried {
+    /// The server's resume token.
+    token: Option<String>,
+    /// The true counts and the noisy report of the first labelled report.
+    label_report: Option<(Vec<usize>, Vec<usize>)>,
+}
+
+/// A session that hands its resume token (and label report) back to the
+/// client when it ends, whichever way it ends.
 struct Resumable<'a> {
     session: ClientSession,
-    resume: &'a mut Option<String>,
+    resume: &'a mut Carried,
 }
 
 impl std::ops::Deref for Resumable<'_> {
@@ -360,7 +374,10 @@ impl std::ops::DerefMut for Resumable<'_> {
 impl Drop for Resumable<'_> {
     fn drop(&mut self) {
         if let Some(token) = self.session.resume_token() {
-            *self.resume = Some(token.to_string());
+            self.resume.token = Some(token.to_string());
+        }
+        if let Some(report) = self.session.label_report() {
+            self.resume.label_report = Some(report);
         }
     }
 }
