@@ -101,17 +101,31 @@ fn geometric_difference(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, Privacy
         .collect())
 }
 
-/// Discrete Laplace noise by OpenDP's exact sampler.
+/// OpenDP's discrete Laplace mechanism over count vectors, L1 distance.
 #[cfg(not(target_arch = "wasm32"))]
-fn opendp_laplace(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, PrivacyError> {
-    let mechanism = make_laplace::<_, _, MaxDivergence>(
+type LaplaceMechanism = opendp::core::Measurement<
+    VectorDomain<AtomDomain<i64>>,
+    L1Distance<i64>,
+    MaxDivergence,
+    Vec<i64>,
+>;
+
+/// [`LaplaceMechanism`] of scale `1 / epsilon`.
+#[cfg(not(target_arch = "wasm32"))]
+fn laplace_mechanism(epsilon: f64) -> Result<LaplaceMechanism, PrivacyError> {
+    make_laplace::<_, _, MaxDivergence>(
         VectorDomain::new(AtomDomain::<i64>::default()),
         L1Distance::<i64>::default(),
         1.0 / epsilon,
         None,
     )
-    .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    mechanism
+    .map_err(|e| PrivacyError::Sampler(e.to_string()))
+}
+
+/// Discrete Laplace noise by OpenDP's exact sampler.
+#[cfg(not(target_arch = "wasm32"))]
+fn opendp_laplace(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, PrivacyError> {
+    laplace_mechanism(epsilon)?
         .invoke(&exact.to_vec())
         .map_err(|e| PrivacyError::Sampler(e.to_string()))
 }
@@ -133,14 +147,7 @@ pub fn label_report_epsilon(epsilon: f64) -> Result<f64, PrivacyError> {
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
-        let mechanism = make_laplace::<_, _, MaxDivergence>(
-            VectorDomain::new(AtomDomain::<i64>::default()),
-            L1Distance::<i64>::default(),
-            1.0 / epsilon,
-            None,
-        )
-        .map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-        mechanism
+        laplace_mechanism(epsilon)?
             .map(&1)
             .map_err(|e| PrivacyError::Sampler(e.to_string()))
     }

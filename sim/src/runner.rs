@@ -519,6 +519,19 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     for group in first {
         start_group(group, 0.0, 0, &mut busy, &mut running, &mut state.traffic);
     }
+    // Forms a group of the free clients and starts it at `now` from
+    // `version`, when there are any.
+    let mut start_next = |now: f64,
+                          version: u64,
+                          busy: &mut Vec<bool>,
+                          running: &mut BinaryHeap<Reverse<Running>>,
+                          traffic: &mut Traffic,
+                          rng: &mut StdRng| {
+        let (groups, _) = draw_groups(busy, rng);
+        if let Some(group) = groups.into_iter().next() {
+            start_group(group, now, version, busy, running, traffic);
+        }
+    };
     let mut now = 0.0;
     let mut stale = 0usize;
     'rounds: for round in 1..=config.rounds {
@@ -540,17 +553,14 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                 if batch.len() == buffer_size {
                     break;
                 }
-                let (groups, _) = draw_groups(&busy, rng);
-                if let Some(group) = groups.into_iter().next() {
-                    start_group(
-                        group,
-                        now,
-                        buffer.version(),
-                        &mut busy,
-                        &mut running,
-                        &mut state.traffic,
-                    );
-                }
+                start_next(
+                    now,
+                    buffer.version(),
+                    &mut busy,
+                    &mut running,
+                    &mut state.traffic,
+                    rng,
+                );
             }
             let filled = batch.len() == buffer_size;
             if batch.is_empty() {
@@ -595,17 +605,14 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             buffer.advance();
             versions.insert(buffer.version(), state.global.clone());
             if filled {
-                let (groups, _) = draw_groups(&busy, rng);
-                if let Some(group) = groups.into_iter().next() {
-                    start_group(
-                        group,
-                        now,
-                        buffer.version(),
-                        &mut busy,
-                        &mut running,
-                        &mut state.traffic,
-                    );
-                }
+                start_next(
+                    now,
+                    buffer.version(),
+                    &mut busy,
+                    &mut running,
+                    &mut state.traffic,
+                    rng,
+                );
             }
             // Keep only the versions a running group started from.
             let oldest = running
