@@ -26,6 +26,8 @@
 //!   on the server's validation samples by more than a tolerance (Zeno).
 //! - [`privacy`]: label counts under local differential privacy (OpenDP's
 //!   discrete Laplace) and the Rényi DP accountant of the model's noise.
+//! - [`secagg`]: secure aggregation of the mediators' results (pairwise
+//!   masks over X25519, Shamir shares for dropouts; Bonawitz et al. 2017).
 //! - [`metrics`]: what a run records each round, for every runner and report.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
 //! - [`protocol`]: the messages and weight frames between server and clients.
@@ -45,6 +47,7 @@ pub mod partition;
 pub mod privacy;
 pub mod protocol;
 pub mod robust;
+pub mod secagg;
 pub mod strategy;
 pub mod train;
 pub mod validation;

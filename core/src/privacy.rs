@@ -83,14 +83,11 @@ fn geometric_difference(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, Privacy
     use rand_distr::{Distribution, Geometric};
     let p = -(-epsilon).exp_m1();
     let geometric = Geometric::new(p).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    #[cfg(target_arch = "wasm32")]
     let mut rng = {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
         rand::rngs::StdRng::from_seed(seed)
     };
-    #[cfg(not(target_arch = "wasm32"))]
-    let mut rng = rand::rngs::StdRng::from_os_rng();
     Ok(exact
         .iter()
         .map(|&c| {

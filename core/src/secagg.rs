@@ -1,0 +1,1169 @@
+//! Secure aggregation of the mediators' results: the server learns the
+//! weighted sum of the maskers' vectors and nothing about any one of them.
+//!
+//! This is the protocol of Bonawitz et al., "Practical Secure Aggregation
+//! for Privacy-Preserving Machine Learning" (CCS 2017), on the complete
+//! graph (every masker shares masks with every other; SecAgg+, Bell et al.
+//! 2020, thins the graph to `O(log n)` neighbours, which pays off only for
+//! thousands of maskers: a round here has at most [`MAX_MASKERS`]
+//! mediators). Its security is against an honest-but-curious server and
+//! up to `threshold - 1` colluding maskers; a server that lies about who
+//! dropped out is answered by each masker revealing, per round, either a
+//! masker's self-mask share or its mask-key share, never both
+//! ([`Masker::reveal`]). The maskers are the last clients of each chain.
+//!
+//! A round, with `n` maskers holding slots `1..=n` and a threshold `t`:
+//! 1. **Advertise keys.** Each masker draws two X25519 key pairs (one to
+//!    encrypt shares, one for masks) and a 32-byte self-mask seed, and
+//!    sends the two public keys ([`Masker::keys`]).
+//! 2. **Share keys.** Given the roster of advertised keys, each masker
+//!    splits its mask secret key and its self-mask seed with Shamir's
+//!    scheme over GF(256) (`t` of `n`, the `blahaj` crate) and sends share
+//!    `v` to masker `v` encrypted with ChaCha20-Poly1305 under a key agreed
+//!    with `v` ([`Masker::share_keys`]); the server only forwards them.
+//! 3. **Masked input.** Each masker encodes its vector times its weight in
+//!    fixed point ([`SCALE_BITS`] fractional bits, wrapping `u32`), adds
+//!    the keystream of its self-mask seed, and for every other masker `v`
+//!    that shared keys adds (`u < v`) or subtracts (`u > v`) the keystream
+//!    of the seed agreed with `v` ([`Masker::mask`]). Pairwise masks cancel
+//!    in the sum.
+//! 4. **Unmask.** The server names who sent a masked input (survivors) and
+//!    who shared keys but did not (dropped); each survivor reveals its
+//!    shares of the survivors' self-mask seeds and of the dropped maskers'
+//!    mask keys; with `t` shares of each the server removes the self masks
+//!    and the dropped maskers' pairwise masks ([`Unmasker::finish`]).
+//!
+//! Keystreams are ChaCha20 (RFC 8439) with a 32-byte key and an all-zero
+//! nonce, read as little-endian `u32`; agreed keys are
+//! HKDF-SHA256(X25519 shared secret, info) with the infos of
+//! [`mask_info`] and [`share_info`]. `docs/PROTOCOL.md` states the exact
+//! byte layouts, so that a client in another language can mask.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use blahaj::{Share, Sharks};
+use chacha20::ChaCha20;
+use chacha20::ChaCha20Rng;
+use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::rand_core::SeedableRng;
+use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use hkdf::Hkdf;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Fractional bits of the fixed-point encoding: a value `x` travels as
+/// `round(x * 2^20)` in two's complement modulo `2^32`, a step of about
+/// `9.5e-7`.
+pub const SCALE_BITS: u32 = 20;
+
+/// Largest magnitude a weighted value may have; larger ones are clamped.
+/// With weights summing to at most one, the sum stays within
+/// `2^(31 - SCALE_BITS)` = 2,048 and decodes without wrapping.
+pub const MAX_VALUE: f64 = 1024.0;
+
+/// Most maskers in one aggregation: Shamir's shares over GF(256) take the
+/// maskers' slots `1..=255` as their x coordinates.
+pub const MAX_MASKERS: u32 = 255;
+
+/// Bytes of one Shamir share of a 32-byte secret: x, then 32 bytes of y.
+pub const SHARE_BYTES: usize = 33;
+
+/// Bytes of the plaintext of an [`EncryptedShare`]: from, to (`u32` little
+/// endian), the share of the mask key, the share of the self-mask seed.
+pub const SHARE_PLAINTEXT_BYTES: usize = 8 + 2 * SHARE_BYTES;
+
+/// Bytes of an [`EncryptedShare`]'s ciphertext (plaintext plus the 16-byte
+/// Poly1305 tag).
+pub const SHARE_CIPHERTEXT_BYTES: usize = SHARE_PLAINTEXT_BYTES + 16;
+
+/// Why a step of secure aggregation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SecAggError {
+    /// The parameters cannot work: `threshold` must be at least 2 (at least
+    /// 1 for a single masker) and at most `maskers`, and `maskers` at most
+    /// [`MAX_MASKERS`].
+    #[error("secure aggregation of {maskers} maskers with threshold {threshold} is not possible")]
+    Parameters {
+        /// Maskers.
+        maskers: u32,
+        /// Threshold.
+        threshold: u32,
+    },
+    /// A slot outside `1..=maskers`, or named twice.
+    #[error("slot {0} is not a masker of this round, or is named twice")]
+    Slot(u32),
+    /// Fewer maskers left than the threshold: the sum cannot be unmasked.
+    #[error("{got} maskers left, the threshold is {threshold}")]
+    TooFew {
+        /// Maskers left.
+        got: usize,
+        /// Threshold.
+        threshold: u32,
+    },
+    /// A share did not decrypt, or is not what it says it is.
+    #[error("share from slot {from}: {reason}")]
+    BadShare {
+        /// Sender.
+        from: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A masked vector of the wrong length.
+    #[error("masked vector of slot {slot} has {got} values, expected {expected}")]
+    Length {
+        /// Sender.
+        slot: u32,
+        /// Values received.
+        got: usize,
+        /// Values expected.
+        expected: usize,
+    },
+    /// A step came out of order (keys shared twice, masking before the
+    /// shares arrived, revealing twice).
+    #[error("out of order: {0}")]
+    Order(String),
+    /// A weight or value that is not finite, or a weight outside `[0, 1]`.
+    #[error("value not finite or weight outside [0, 1]: {0}")]
+    Value(f64),
+    /// The shares of a secret did not reconstruct it.
+    #[error("could not reconstruct the secret of slot {0}")]
+    Reconstruct(u32),
+}
+
+/// The parameters of one aggregation, the same at every masker and at the
+/// server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggParams {
+    /// The round, bound into every agreed key so keys never repeat.
+    pub round: u32,
+    /// Maskers, holding slots `1..=maskers`.
+    pub maskers: u32,
+    /// Shares needed to reconstruct a secret; also the fewest maskers that
+    /// must survive. `maskers - threshold` may drop out.
+    pub threshold: u32,
+}
+
+impl SecAggParams {
+    /// Parameters with the default threshold, a majority: `floor(n/2) + 1`
+    /// (Bonawitz et al. 2017 §4), so that up to `ceil(n/2) - 1` maskers may
+    /// drop and fewer than half can collude.
+    ///
+    /// # Errors
+    /// [`SecAggError::Parameters`] for no maskers or more than [`MAX_MASKERS`].
+    pub fn majority(round: u32, maskers: u32) -> Result<Self, SecAggError> {
+        Self::new(round, maskers, maskers / 2 + 1)
+    }
+
+    /// Parameters with an explicit threshold.
+    ///
+    /// # Errors
+    /// [`SecAggError::Parameters`] unless `1 <= threshold <= maskers <=
+    /// MAX_MASKERS` and `threshold >= 2` when there are two maskers or more
+    /// (Shamir's scheme needs two shares to hide anything).
+    pub fn new(round: u32, maskers: u32, threshold: u32) -> Result<Self, SecAggError> {
+        let ok = (1..=MAX_MASKERS).contains(&maskers)
+            && (1..=maskers).contains(&threshold)
+            && (maskers == 1 || threshold >= 2);
+        if !ok {
+            return Err(SecAggError::Parameters { maskers, threshold });
+        }
+        Ok(Self {
+            round,
+            maskers,
+            threshold,
+        })
+    }
+
+    fn check_slot(&self, slot: u32) -> Result<(), SecAggError> {
+        if slot == 0 || slot > self.maskers {
+            return Err(SecAggError::Slot(slot));
+        }
+        Ok(())
+    }
+}
+
+/// A masker's public keys (step 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedKeys {
+    /// The masker's slot.
+    pub slot: u32,
+    /// X25519 public key for the shares' encryption.
+    #[serde(with = "hex32")]
+    pub cipher_key: [u8; 32],
+    /// X25519 public key for the pairwise masks.
+    #[serde(with = "hex32")]
+    pub mask_key: [u8; 32],
+}
+
+/// A share from one masker to another, encrypted so the server that
+/// forwards it cannot read it (step 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptedShare {
+    /// Sender's slot.
+    pub from: u32,
+    /// Recipient's slot.
+    pub to: u32,
+    /// ChaCha20-Poly1305 ciphertext of [`SHARE_PLAINTEXT_BYTES`] bytes plus
+    /// the tag, as lowercase hex.
+    #[serde(with = "hexvec")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// Which secret a revealed share belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretKind {
+    /// A surviving masker's self-mask seed.
+    SelfMask,
+    /// A dropped masker's mask secret key.
+    MaskKey,
+}
+
+/// A share a survivor reveals to the server (step 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevealedShare {
+    /// Whose secret.
+    pub of: u32,
+    /// Which secret.
+    pub kind: SecretKind,
+    /// The Shamir share ([`SHARE_BYTES`] bytes), as lowercase hex.
+    #[serde(with = "hexvec")]
+    pub share: Vec<u8>,
+}
+
+/// The HKDF info of the pairwise mask seed of slots `a < b` in `round`:
+/// `"astraea-secagg-v1 mask"`, then round, a, b as `u32` little endian.
+pub fn mask_info(round: u32, a: u32, b: u32) -> Vec<u8> {
+    let mut info = b"astraea-secagg-v1 mask".to_vec();
+    for n in [round, a.min(b), a.max(b)] {
+        info.extend_from_slice(&n.to_le_bytes());
+    }
+    info
+}
+
+/// The HKDF info of the share encryption key between slots `a` and `b` in
+/// `round`: `"astraea-secagg-v1 share"`, then round, min, max as `u32`
+/// little endian. The nonce of a share is from, to (`u32` little endian),
+/// then four zero bytes, so the two directions never share a nonce.
+pub fn share_info(round: u32, a: u32, b: u32) -> Vec<u8> {
+    let mut info = b"astraea-secagg-v1 share".to_vec();
+    for n in [round, a.min(b), a.max(b)] {
+        info.extend_from_slice(&n.to_le_bytes());
+    }
+    info
+}
+
+fn agreed_key(secret: &StaticSecret, public: &[u8; 32], info: &[u8]) -> [u8; 32] {
+    let shared = secret.diffie_hellman(&PublicKey::from(*public));
+    let mut key = [0u8; 32];
+    Hkdf::<Sha256>::new(None, shared.as_bytes())
+        .expand(info, &mut key)
+        .expect("32 bytes is a valid HKDF-SHA256 length");
+    key
+}
+
+fn share_nonce(from: u32, to: u32) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    nonce[..4].copy_from_slice(&from.to_le_bytes());
+    nonce[4..8].copy_from_slice(&to.to_le_bytes());
+    nonce
+}
+
+/// Adds (`sign = true`) or subtracts the ChaCha20 keystream of `seed`,
+/// read as little-endian `u32`, to `values`, wrapping.
+fn apply_keystream(values: &mut [u32], seed: &[u8; 32], add: bool) {
+    let mut cipher = ChaCha20::new(seed.into(), &[0u8; 12].into());
+    let mut block = [0u8; 4096];
+    for chunk in values.chunks_mut(block.len() / 4) {
+        let bytes = &mut block[..chunk.len() * 4];
+        bytes.fill(0);
+        cipher.apply_keystream(bytes);
+        for (value, word) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            let mask = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            *value = if add {
+                value.wrapping_add(mask)
+            } else {
+                value.wrapping_sub(mask)
+            };
+        }
+    }
+}
+
+/// `x` in fixed point ([`SCALE_BITS`]), clamped to [`MAX_VALUE`].
+pub fn encode_value(x: f64) -> u32 {
+    let clamped = x.clamp(-MAX_VALUE, MAX_VALUE);
+    ((clamped * f64::from(1u32 << SCALE_BITS)).round() as i64) as i32 as u32
+}
+
+/// The value of a fixed-point sum ([`SCALE_BITS`]).
+pub fn decode_value(v: u32) -> f64 {
+    f64::from(v as i32) / f64::from(1u32 << SCALE_BITS)
+}
+
+/// One masker's side of a round. Its secrets never leave it except as
+/// Shamir shares.
+pub struct Masker {
+    params: SecAggParams,
+    slot: u32,
+    cipher_secret: StaticSecret,
+    mask_secret: StaticSecret,
+    self_seed: [u8; 32],
+    rng: ChaCha20Rng,
+    roster: BTreeMap<u32, AdvertisedKeys>,
+    shared: bool,
+    /// Shares received: from slot -> (mask-key share, self-seed share).
+    received: BTreeMap<u32, (Vec<u8>, Vec<u8>)>,
+    revealed: bool,
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Masker")
+            .field("params", &self.params)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Masker {
+    /// A masker in `slot` whose secrets come from `entropy` (32 bytes from
+    /// the operating system's or the browser's generator; tests pass fixed
+    /// bytes).
+    ///
+    /// # Errors
+    /// [`SecAggError::Slot`] for a slot outside `1..=params.maskers`.
+    pub fn new(params: SecAggParams, slot: u32, entropy: [u8; 32]) -> Result<Self, SecAggError> {
+        params.check_slot(slot)?;
+        let mut rng = ChaCha20Rng::from_seed(entropy);
+        let mut draw = || {
+            let mut bytes = [0u8; 32];
+            chacha20::rand_core::Rng::fill_bytes(&mut rng, &mut bytes);
+            bytes
+        };
+        let cipher_secret = StaticSecret::from(draw());
+        let mask_secret = StaticSecret::from(draw());
+        let self_seed = draw();
+        Ok(Self {
+            params,
+            slot,
+            cipher_secret,
+            mask_secret,
+            self_seed,
+            rng,
+            roster: BTreeMap::new(),
+            shared: false,
+            received: BTreeMap::new(),
+            revealed: false,
+        })
+    }
+
+    /// A masker seeded from the system's entropy.
+    ///
+    /// # Errors
+    /// [`SecAggError::Slot`] as [`Masker::new`]; [`SecAggError::Order`]
+    /// when the system has no entropy to give.
+    pub fn from_entropy(params: SecAggParams, slot: u32) -> Result<Self, SecAggError> {
+        let mut entropy = [0u8; 32];
+        getrandom::fill(&mut entropy)
+            .map_err(|e| SecAggError::Order(format!("no entropy: {e}")))?;
+        Self::new(params, slot, entropy)
+    }
+
+    /// The masker's slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Step 1: the public keys to advertise.
+    pub fn keys(&self) -> AdvertisedKeys {
+        AdvertisedKeys {
+            slot: self.slot,
+            cipher_key: PublicKey::from(&self.cipher_secret).to_bytes(),
+            mask_key: PublicKey::from(&self.mask_secret).to_bytes(),
+        }
+    }
+
+    /// Step 2: given the roster of every masker's advertised keys (its own
+    /// among them, at least `threshold` of them), one encrypted share for
+    /// each other masker in the roster.
+    ///
+    /// # Errors
+    /// [`SecAggError::Slot`] for a slot outside the round or named twice,
+    /// or a roster that lacks this masker or misstates its keys;
+    /// [`SecAggError::TooFew`] below the threshold; [`SecAggError::Order`]
+    /// when called twice.
+    pub fn share_keys(
+        &mut self,
+        roster: &[AdvertisedKeys],
+    ) -> Result<Vec<EncryptedShare>, SecAggError> {
+        if self.shared {
+            return Err(SecAggError::Order("keys already shared".into()));
+        }
+        let roster = check_roster(&self.params, roster)?;
+        if roster.get(&self.slot) != Some(&self.keys()) {
+            return Err(SecAggError::Slot(self.slot));
+        }
+        let sharks = Sharks(self.params.threshold as u8);
+        let mask_shares: Vec<Vec<u8>> = sharks
+            .dealer_rng(self.mask_secret.as_bytes(), &mut self.rng)
+            .take(self.params.maskers as usize)
+            .map(|s| Vec::from(&s))
+            .collect();
+        let seed_shares: Vec<Vec<u8>> = sharks
+            .dealer_rng(&self.self_seed, &mut self.rng)
+            .take(self.params.maskers as usize)
+            .map(|s| Vec::from(&s))
+            .collect();
+        let mut out = Vec::with_capacity(roster.len());
+        for (&to, keys) in &roster {
+            let index = (to - 1) as usize;
+            debug_assert_eq!(mask_shares[index][0] as u32, to);
+            if to == self.slot {
+                self.received
+                    .insert(to, (mask_shares[index].clone(), seed_shares[index].clone()));
+                continue;
+            }
+            let mut plaintext = Vec::with_capacity(SHARE_PLAINTEXT_BYTES);
+            plaintext.extend_from_slice(&self.slot.to_le_bytes());
+            plaintext.extend_from_slice(&to.to_le_bytes());
+            plaintext.extend_from_slice(&mask_shares[index]);
+            plaintext.extend_from_slice(&seed_shares[index]);
+            let key = agreed_key(
+                &self.cipher_secret,
+                &keys.cipher_key,
+                &share_info(self.params.round, self.slot, to),
+            );
+            let ciphertext = ChaCha20Poly1305::new(&key.into())
+                .encrypt(
+                    &share_nonce(self.slot, to).into(),
+                    Payload {
+                        msg: &plaintext,
+                        aad: &[],
+                    },
+                )
+                .expect("encrypting a short message does not fail");
+            out.push(EncryptedShare {
+                from: self.slot,
+                to,
+                ciphertext,
+            });
+        }
+        self.roster = roster;
+        self.shared = true;
+        Ok(out)
+    }
+
+    /// Step 2, receiving: the shares addressed to this masker, one from
+    /// every other masker that shared keys. The senders (and this masker)
+    /// are the maskers whose pairwise masks [`Masker::mask`] adds.
+    ///
+    /// # Errors
+    /// [`SecAggError::BadShare`] for a share that does not decrypt or names
+    /// another pair; [`SecAggError::Slot`] for a sender not in the roster or
+    /// heard twice; [`SecAggError::TooFew`] when fewer than `threshold`
+    /// maskers (this one included) shared; [`SecAggError::Order`] before
+    /// [`Masker::share_keys`].
+    pub fn receive_shares(&mut self, shares: &[EncryptedShare]) -> Result<(), SecAggError> {
+        if !self.shared || self.received.len() != 1 {
+            return Err(SecAggError::Order(
+                "shares received before sharing keys, or twice".into(),
+            ));
+        }
+        let mut received = BTreeMap::new();
+        for share in shares {
+            let keys = self
+                .roster
+                .get(&share.from)
+                .filter(|_| share.from != self.slot && share.to == self.slot)
+                .ok_or(SecAggError::Slot(share.from))?;
+            if received.contains_key(&share.from) {
+                return Err(SecAggError::Slot(share.from));
+            }
+            let bad = |reason: &str| SecAggError::BadShare {
+                from: share.from,
+                reason: reason.into(),
+            };
+            let key = agreed_key(
+                &self.cipher_secret,
+                &keys.cipher_key,
+                &share_info(self.params.round, share.from, self.slot),
+            );
+            let plaintext = ChaCha20Poly1305::new(&key.into())
+                .decrypt(
+                    &share_nonce(share.from, self.slot).into(),
+                    Payload {
+                        msg: &share.ciphertext,
+                        aad: &[],
+                    },
+                )
+                .map_err(|_| bad("does not decrypt"))?;
+            if plaintext.len() != SHARE_PLAINTEXT_BYTES
+                || plaintext[..4] != share.from.to_le_bytes()
+                || plaintext[4..8] != self.slot.to_le_bytes()
+            {
+                return Err(bad("names another pair or has the wrong length"));
+            }
+            let mask_share = plaintext[8..8 + SHARE_BYTES].to_vec();
+            let seed_share = plaintext[8 + SHARE_BYTES..].to_vec();
+            if mask_share[0] as u32 != self.slot || seed_share[0] as u32 != self.slot {
+                return Err(bad("is not this masker's share"));
+            }
+            received.insert(share.from, (mask_share, seed_share));
+        }
+        if received.len() + 1 < self.params.threshold as usize {
+            return Err(SecAggError::TooFew {
+                got: received.len() + 1,
+                threshold: self.params.threshold,
+            });
+        }
+        self.received.extend(received);
+        Ok(())
+    }
+
+    /// The maskers that shared keys with this one (itself included), in
+    /// order: those its masked input is masked against.
+    pub fn sharers(&self) -> Vec<u32> {
+        self.received.keys().copied().collect()
+    }
+
+    /// Step 3: `values` times `weight`, in fixed point, masked.
+    ///
+    /// # Shapes
+    /// One `u32` out per value in.
+    ///
+    /// # Errors
+    /// [`SecAggError::Value`] for a weight outside `[0, 1]` or a
+    /// non-finite value; [`SecAggError::Order`] before the shares arrived.
+    pub fn mask(&self, values: &[f32], weight: f64) -> Result<Vec<u32>, SecAggError> {
+        if self.received.len() < 2 && self.params.maskers > 1 {
+            return Err(SecAggError::Order(
+                "masking before the shares arrived".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&weight) {
+            return Err(SecAggError::Value(weight));
+        }
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            return Err(SecAggError::Value(f64::from(*bad)));
+        }
+        let mut out: Vec<u32> = values
+            .iter()
+            .map(|&v| encode_value(f64::from(v) * weight))
+            .collect();
+        apply_keystream(&mut out, &self.self_seed, true);
+        for &other in self.received.keys().filter(|&&s| s != self.slot) {
+            let keys = &self.roster[&other];
+            let seed = agreed_key(
+                &self.mask_secret,
+                &keys.mask_key,
+                &mask_info(self.params.round, self.slot, other),
+            );
+            apply_keystream(&mut out, &seed, self.slot < other);
+        }
+        Ok(out)
+    }
+
+    /// Step 4: the shares the server asks for: of each survivor's self-mask
+    /// seed and each dropped masker's mask key. Answers once a round.
+    ///
+    /// # Errors
+    /// [`SecAggError::Slot`] when a slot is both survivor and dropped, this
+    /// masker is not a survivor, or a slot never shared;
+    /// [`SecAggError::TooFew`] for fewer survivors than the threshold (the
+    /// server would gain nothing but a chance to learn a secret);
+    /// [`SecAggError::Order`] when asked twice.
+    pub fn reveal(
+        &mut self,
+        survivors: &[u32],
+        dropped: &[u32],
+    ) -> Result<Vec<RevealedShare>, SecAggError> {
+        if self.revealed {
+            return Err(SecAggError::Order("already revealed this round".into()));
+        }
+        let survivors_set: BTreeSet<u32> = survivors.iter().copied().collect();
+        let dropped_set: BTreeSet<u32> = dropped.iter().copied().collect();
+        if survivors_set.len() != survivors.len() || dropped_set.len() != dropped.len() {
+            return Err(SecAggError::Slot(0));
+        }
+        if let Some(&both) = survivors_set.intersection(&dropped_set).next() {
+            return Err(SecAggError::Slot(both));
+        }
+        if !survivors_set.contains(&self.slot) {
+            return Err(SecAggError::Slot(self.slot));
+        }
+        // The survivors and the dropped together must be exactly the
+        // maskers that shared: anyone else has no shares here, and a
+        // server that leaves someone out could be hiding a double claim.
+        let named: BTreeSet<u32> = survivors_set.union(&dropped_set).copied().collect();
+        let sharers: BTreeSet<u32> = self.received.keys().copied().collect();
+        if named != sharers {
+            let odd = named
+                .symmetric_difference(&sharers)
+                .next()
+                .copied()
+                .unwrap_or(0);
+            return Err(SecAggError::Slot(odd));
+        }
+        if survivors_set.len() < self.params.threshold as usize {
+            return Err(SecAggError::TooFew {
+                got: survivors_set.len(),
+                threshold: self.params.threshold,
+            });
+        }
+        self.revealed = true;
+        let mut out = Vec::with_capacity(named.len());
+        for &slot in &survivors_set {
+            out.push(RevealedShare {
+                of: slot,
+                kind: SecretKind::SelfMask,
+                share: self.received[&slot].1.clone(),
+            });
+        }
+        for &slot in &dropped_set {
+            out.push(RevealedShare {
+                of: slot,
+                kind: SecretKind::MaskKey,
+                share: self.received[&slot].0.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn check_roster(
+    params: &SecAggParams,
+    roster: &[AdvertisedKeys],
+) -> Result<BTreeMap<u32, AdvertisedKeys>, SecAggError> {
+    let mut map = BTreeMap::new();
+    for keys in roster {
+        params.check_slot(keys.slot)?;
+        if map.insert(keys.slot, *keys).is_some() {
+            return Err(SecAggError::Slot(keys.slot));
+        }
+    }
+    if map.len() < params.threshold as usize {
+        return Err(SecAggError::TooFew {
+            got: map.len(),
+            threshold: params.threshold,
+        });
+    }
+    Ok(map)
+}
+
+/// The server's side of a round: it forwards shares it cannot read, sums
+/// the masked vectors and, from the survivors' revealed shares, removes the
+/// masks.
+#[derive(Debug, Clone)]
+pub struct Unmasker {
+    params: SecAggParams,
+    len: usize,
+    roster: BTreeMap<u32, AdvertisedKeys>,
+    sharers: BTreeSet<u32>,
+    sum: Vec<u32>,
+    weights: BTreeMap<u32, f64>,
+}
+
+impl Unmasker {
+    /// An aggregation of vectors of `len` values.
+    pub fn new(params: SecAggParams, len: usize) -> Self {
+        Self {
+            params,
+            len,
+            roster: BTreeMap::new(),
+            sharers: BTreeSet::new(),
+            sum: vec![0; len],
+            weights: BTreeMap::new(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> SecAggParams {
+        self.params
+    }
+
+    /// Step 1 closes: the keys advertised; the roster to send every
+    /// masker that advertised.
+    ///
+    /// # Errors
+    /// As [`Masker::share_keys`]'s roster checks.
+    pub fn roster(&mut self, keys: &[AdvertisedKeys]) -> Result<Vec<AdvertisedKeys>, SecAggError> {
+        self.roster = check_roster(&self.params, keys)?;
+        Ok(self.roster.values().copied().collect())
+    }
+
+    /// Step 2 closes: the shares each sender sent, checked for shape, and
+    /// grouped by recipient. Senders not in the roster, or whose shares do
+    /// not cover every other roster member exactly once, are left out (they
+    /// count as dropped before masking).
+    ///
+    /// # Errors
+    /// [`SecAggError::TooFew`] when fewer than `threshold` maskers shared.
+    pub fn route(
+        &mut self,
+        sent: BTreeMap<u32, Vec<EncryptedShare>>,
+    ) -> Result<BTreeMap<u32, Vec<EncryptedShare>>, SecAggError> {
+        let mut sharers = BTreeSet::new();
+        let mut kept = Vec::new();
+        for (from, shares) in sent {
+            if !self.roster.contains_key(&from) {
+                continue;
+            }
+            let recipients: BTreeSet<u32> = shares.iter().map(|s| s.to).collect();
+            let expected: BTreeSet<u32> =
+                self.roster.keys().copied().filter(|&s| s != from).collect();
+            let well_formed = shares.len() == expected.len()
+                && recipients == expected
+                && shares
+                    .iter()
+                    .all(|s| s.from == from && s.ciphertext.len() == SHARE_CIPHERTEXT_BYTES);
+            if well_formed {
+                sharers.insert(from);
+                kept.extend(shares);
+            }
+        }
+        if sharers.len() < self.params.threshold as usize {
+            return Err(SecAggError::TooFew {
+                got: sharers.len(),
+                threshold: self.params.threshold,
+            });
+        }
+        let mut out: BTreeMap<u32, Vec<EncryptedShare>> =
+            sharers.iter().map(|&s| (s, Vec::new())).collect();
+        for share in kept {
+            if sharers.contains(&share.from)
+                && let Some(inbox) = out.get_mut(&share.to)
+            {
+                inbox.push(share);
+            }
+        }
+        self.sharers = sharers;
+        Ok(out)
+    }
+
+    /// The maskers that shared keys (step 2's survivors).
+    pub fn sharers(&self) -> Vec<u32> {
+        self.sharers.iter().copied().collect()
+    }
+
+    /// Step 3: adds a sharer's masked vector, of the given weight.
+    ///
+    /// # Errors
+    /// [`SecAggError::Slot`] for a masker that did not share or sent twice;
+    /// [`SecAggError::Length`] for the wrong length; [`SecAggError::Value`]
+    /// for a weight outside `[0, 1]`.
+    pub fn add_masked(
+        &mut self,
+        slot: u32,
+        masked: &[u32],
+        weight: f64,
+    ) -> Result<(), SecAggError> {
+        if !self.sharers.contains(&slot) || self.weights.contains_key(&slot) {
+            return Err(SecAggError::Slot(slot));
+        }
+        if masked.len() != self.len {
+            return Err(SecAggError::Length {
+                slot,
+                got: masked.len(),
+                expected: self.len,
+            });
+        }
+        if !(0.0..=1.0).contains(&weight) {
+            return Err(SecAggError::Value(weight));
+        }
+        for (sum, &v) in self.sum.iter_mut().zip(masked) {
+            *sum = sum.wrapping_add(v);
+        }
+        self.weights.insert(slot, weight);
+        Ok(())
+    }
+
+    /// Step 4 opens: (survivors, dropped) to send every survivor.
+    pub fn unmask_request(&self) -> (Vec<u32>, Vec<u32>) {
+        let survivors: Vec<u32> = self.weights.keys().copied().collect();
+        let dropped = self
+            .sharers
+            .iter()
+            .copied()
+            .filter(|s| !self.weights.contains_key(s))
+            .collect();
+        (survivors, dropped)
+    }
+
+    /// Step 4 closes: from the survivors' revealed shares, the weighted mean
+    /// of the survivors' vectors, `sum_u w_u x_u / sum_u w_u`, and that
+    /// weight sum. Shares that fail to parse or name a slot not asked about
+    /// are ignored; any `threshold` good shares of a secret suffice.
+    ///
+    /// # Errors
+    /// [`SecAggError::TooFew`] for fewer survivors or shares than the
+    /// threshold; [`SecAggError::Reconstruct`] when a dropped masker's
+    /// shares do not give back the key it advertised;
+    /// [`SecAggError::Value`] when the survivors' weights sum to zero.
+    pub fn finish(
+        mut self,
+        revealed: &BTreeMap<u32, Vec<RevealedShare>>,
+    ) -> Result<(Vec<f32>, f64), SecAggError> {
+        let (survivors, dropped) = self.unmask_request();
+        let threshold = self.params.threshold as usize;
+        if survivors.len() < threshold {
+            return Err(SecAggError::TooFew {
+                got: survivors.len(),
+                threshold: self.params.threshold,
+            });
+        }
+        let mut shares: BTreeMap<(u32, SecretKind), Vec<Share>> = BTreeMap::new();
+        for (&from, list) in revealed {
+            if !self.weights.contains_key(&from) {
+                continue;
+            }
+            for r in list {
+                let expected = match r.kind {
+                    SecretKind::SelfMask => survivors.contains(&r.of),
+                    SecretKind::MaskKey => dropped.contains(&r.of),
+                };
+                if !expected || r.share.len() != SHARE_BYTES || r.share[0] as u32 != from {
+                    continue;
+                }
+                if let Ok(share) = Share::try_from(r.share.as_slice()) {
+                    shares.entry((r.of, r.kind)).or_default().push(share);
+                }
+            }
+        }
+        let sharks = Sharks(self.params.threshold as u8);
+        let recover = |slot: u32, kind: SecretKind| -> Result<[u8; 32], SecAggError> {
+            let list = shares.get(&(slot, kind)).map(Vec::as_slice).unwrap_or(&[]);
+            if list.len() < threshold {
+                return Err(SecAggError::TooFew {
+                    got: list.len(),
+                    threshold: self.params.threshold,
+                });
+            }
+            let secret = sharks
+                .recover(&list[..threshold])
+                .map_err(|_| SecAggError::Reconstruct(slot))?;
+            secret
+                .try_into()
+                .map_err(|_| SecAggError::Reconstruct(slot))
+        };
+        for &slot in &survivors {
+            let seed = recover(slot, SecretKind::SelfMask)?;
+            apply_keystream(&mut self.sum, &seed, false);
+        }
+        for &gone in &dropped {
+            let secret = StaticSecret::from(recover(gone, SecretKind::MaskKey)?);
+            if PublicKey::from(&secret).to_bytes() != self.roster[&gone].mask_key {
+                return Err(SecAggError::Reconstruct(gone));
+            }
+            for &u in &survivors {
+                let seed = agreed_key(
+                    &secret,
+                    &self.roster[&u].mask_key,
+                    &mask_info(self.params.round, gone, u),
+                );
+                // Survivor u added the mask if u < gone; take off what it did.
+                apply_keystream(&mut self.sum, &seed, u > gone);
+            }
+        }
+        let total: f64 = self.weights.values().sum();
+        if total <= 0.0 {
+            return Err(SecAggError::Value(total));
+        }
+        let mean = self
+            .sum
+            .iter()
+            .map(|&v| (decode_value(v) / total) as f32)
+            .collect();
+        Ok((mean, total))
+    }
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = <&str>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).map_err(D::Error::custom)?;
+        Ok(out)
+    }
+}
+
+mod hexvec {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    /// Longest hex string accepted (a ciphertext is 98 bytes).
+    const MAX_HEX: usize = 256;
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        if text.len() > MAX_HEX {
+            return Err(D::Error::custom("hex string too long"));
+        }
+        hex::decode(text).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a whole round over `inputs` (one vector and weight per masker);
+    /// maskers in `drop_before_masking` share keys but send no masked input.
+    fn run_round(
+        inputs: &[(Vec<f32>, f64)],
+        threshold: u32,
+        drop_before_masking: &[u32],
+    ) -> Result<(Vec<f32>, f64), SecAggError> {
+        let n = inputs.len() as u32;
+        let params = SecAggParams::new(7, n, threshold)?;
+        let mut maskers: Vec<Masker> = (1..=n)
+            .map(|slot| Masker::new(params, slot, [slot as u8; 32]).unwrap())
+            .collect();
+        let mut server = Unmasker::new(params, inputs[0].0.len());
+        let keys: Vec<AdvertisedKeys> = maskers.iter().map(Masker::keys).collect();
+        let roster = server.roster(&keys)?;
+        let mut sent = BTreeMap::new();
+        for m in &mut maskers {
+            sent.insert(m.slot(), m.share_keys(&roster)?);
+        }
+        let inboxes = server.route(sent)?;
+        for m in &mut maskers {
+            m.receive_shares(&inboxes[&m.slot()])?;
+        }
+        for (m, (values, weight)) in maskers.iter().zip(inputs) {
+            if drop_before_masking.contains(&m.slot()) {
+                continue;
+            }
+            server.add_masked(m.slot(), &m.mask(values, *weight)?, *weight)?;
+        }
+        let (survivors, dropped) = server.unmask_request();
+        let mut revealed = BTreeMap::new();
+        for m in &mut maskers {
+            if survivors.contains(&m.slot()) {
+                revealed.insert(m.slot(), m.reveal(&survivors, &dropped)?);
+            }
+        }
+        server.finish(&revealed)
+    }
+
+    fn inputs(n: usize, len: usize) -> Vec<(Vec<f32>, f64)> {
+        (0..n)
+            .map(|i| {
+                let values = (0..len)
+                    .map(|j| ((i * 31 + j * 7) % 19) as f32 / 10.0 - 0.9)
+                    .collect();
+                (values, 1.0 / n as f64)
+            })
+            .collect()
+    }
+
+    fn weighted_mean(inputs: &[(Vec<f32>, f64)], skip: &[u32]) -> Vec<f32> {
+        let kept: Vec<_> = inputs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(&(*i as u32 + 1)))
+            .map(|(_, x)| x)
+            .collect();
+        let total: f64 = kept.iter().map(|(_, w)| w).sum();
+        (0..inputs[0].0.len())
+            .map(|j| (kept.iter().map(|(v, w)| f64::from(v[j]) * w).sum::<f64>() / total) as f32)
+            .collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_server_gets_the_weighted_mean_and_masks_cancel() {
+        let inputs = inputs(5, 300);
+        let (mean, total) = run_round(&inputs, 3, &[]).unwrap();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert_close(&mean, &weighted_mean(&inputs, &[]));
+    }
+
+    #[test]
+    fn unequal_weights_give_the_sample_weighted_mean() {
+        let mut inputs = inputs(4, 50);
+        for (i, (_, w)) in inputs.iter_mut().enumerate() {
+            *w = [0.1, 0.2, 0.3, 0.4][i];
+        }
+        let (mean, _) = run_round(&inputs, 3, &[]).unwrap();
+        assert_close(&mean, &weighted_mean(&inputs, &[]));
+    }
+
+    #[test]
+    fn maskers_that_drop_after_sharing_are_unmasked_from_the_others_shares() {
+        let inputs = inputs(10, 200);
+        let (mean, total) = run_round(&inputs, 6, &[3, 8]).unwrap();
+        assert!((total - 0.8).abs() < 1e-12);
+        assert_close(&mean, &weighted_mean(&inputs, &[3, 8]));
+    }
+
+    #[test]
+    fn too_many_dropouts_fail_rather_than_reveal() {
+        let inputs = inputs(5, 10);
+        let err = run_round(&inputs, 3, &[1, 2, 3]).unwrap_err();
+        assert!(matches!(err, SecAggError::TooFew { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_masked_vector_alone_says_nothing_of_its_input() {
+        // The same input masked by two maskers differs in about every
+        // value, and a masked zero vector is spread over the whole ring.
+        let params = SecAggParams::new(1, 3, 2).unwrap();
+        let mut maskers: Vec<Masker> = (1..=3)
+            .map(|s| Masker::new(params, s, [s as u8 + 40; 32]).unwrap())
+            .collect();
+        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
+        let sent: Vec<Vec<EncryptedShare>> = maskers
+            .iter_mut()
+            .map(|m| m.share_keys(&roster).unwrap())
+            .collect();
+        for m in &mut maskers {
+            let inbox: Vec<_> = sent
+                .iter()
+                .flatten()
+                .filter(|s| s.to == m.slot())
+                .cloned()
+                .collect();
+            m.receive_shares(&inbox).unwrap();
+        }
+        let zeros = vec![0.0f32; 4096];
+        let a = maskers[0].mask(&zeros, 0.5).unwrap();
+        let b = maskers[1].mask(&zeros, 0.5).unwrap();
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(same < 3, "{same} equal values");
+        let high = a.iter().filter(|&&v| v >= 1 << 31).count();
+        assert!(
+            (1800..2300).contains(&high),
+            "{high} of 4096 in the upper half"
+        );
+    }
+
+    #[test]
+    fn a_masker_reveals_once_and_never_both_secrets_of_one_slot() {
+        let params = SecAggParams::new(2, 3, 2).unwrap();
+        let mut maskers: Vec<Masker> = (1..=3)
+            .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
+            .collect();
+        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
+        let sent: Vec<Vec<EncryptedShare>> = maskers
+            .iter_mut()
+            .map(|m| m.share_keys(&roster).unwrap())
+            .collect();
+        for m in &mut maskers {
+            let inbox: Vec<_> = sent
+                .iter()
+                .flatten()
+                .filter(|s| s.to == m.slot())
+                .cloned()
+                .collect();
+            m.receive_shares(&inbox).unwrap();
+        }
+        let m = &mut maskers[0];
+        assert_eq!(
+            m.reveal(&[1, 2], &[2, 3]).unwrap_err(),
+            SecAggError::Slot(2)
+        );
+        assert_eq!(m.reveal(&[2, 3], &[1]).unwrap_err(), SecAggError::Slot(1));
+        assert_eq!(m.reveal(&[1, 2], &[]).unwrap_err(), SecAggError::Slot(3));
+        assert!(m.reveal(&[1, 2], &[3]).is_ok());
+        assert!(matches!(
+            m.reveal(&[1, 2], &[3]),
+            Err(SecAggError::Order(_))
+        ));
+    }
+
+    #[test]
+    fn a_tampered_or_misaddressed_share_is_refused() {
+        let params = SecAggParams::new(3, 3, 2).unwrap();
+        let mut maskers: Vec<Masker> = (1..=3)
+            .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
+            .collect();
+        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
+        let sent: Vec<Vec<EncryptedShare>> = maskers
+            .iter_mut()
+            .map(|m| m.share_keys(&roster).unwrap())
+            .collect();
+        let mut to_two: Vec<_> = sent
+            .iter()
+            .flatten()
+            .filter(|s| s.to == 2)
+            .cloned()
+            .collect();
+        to_two[0].ciphertext[10] ^= 1;
+        let err = maskers[1].receive_shares(&to_two).unwrap_err();
+        assert!(matches!(err, SecAggError::BadShare { .. }), "{err}");
+        let to_three: Vec<_> = sent
+            .iter()
+            .flatten()
+            .filter(|s| s.to == 3)
+            .cloned()
+            .collect();
+        let err = maskers[1].receive_shares(&to_three).unwrap_err();
+        assert!(matches!(err, SecAggError::Slot(_)), "{err}");
+    }
+
+    #[test]
+    fn the_server_leaves_out_a_sharer_whose_shares_are_incomplete() {
+        let params = SecAggParams::new(4, 4, 2).unwrap();
+        let mut maskers: Vec<Masker> = (1..=4)
+            .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
+            .collect();
+        let mut server = Unmasker::new(params, 8);
+        let roster = server
+            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
+            .unwrap();
+        let mut sent = BTreeMap::new();
+        for m in &mut maskers {
+            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
+        }
+        sent.get_mut(&4).unwrap().pop();
+        let inboxes = server.route(sent).unwrap();
+        assert_eq!(server.sharers(), vec![1, 2, 3]);
+        assert!(inboxes[&1].iter().all(|s| s.from != 4));
+        assert!(server.add_masked(4, &[0; 8], 0.25).is_err());
+    }
+
+    #[test]
+    fn parameters_and_values_are_checked() {
+        assert!(SecAggParams::new(1, 0, 1).is_err());
+        assert!(SecAggParams::new(1, 256, 100).is_err());
+        assert!(SecAggParams::new(1, 5, 1).is_err());
+        assert!(SecAggParams::new(1, 5, 6).is_err());
+        assert_eq!(SecAggParams::majority(1, 10).unwrap().threshold, 6);
+        assert_eq!(decode_value(encode_value(-1.5)), -1.5);
+        assert_eq!(decode_value(encode_value(1e9)), MAX_VALUE);
+        assert!(Masker::new(SecAggParams::majority(1, 3).unwrap(), 4, [0; 32]).is_err());
+    }
+
+    #[test]
+    fn messages_travel_as_hex_json() {
+        let keys = AdvertisedKeys {
+            slot: 2,
+            cipher_key: [0xab; 32],
+            mask_key: [1; 32],
+        };
+        let text = serde_json::to_string(&keys).unwrap();
+        assert!(text.contains(&"ab".repeat(32)), "{text}");
+        assert_eq!(serde_json::from_str::<AdvertisedKeys>(&text).unwrap(), keys);
+        let long = format!(
+            r#"{{"of":1,"kind":"self-mask","share":"{}"}}"#,
+            "00".repeat(200)
+        );
+        assert!(serde_json::from_str::<RevealedShare>(&long).is_err());
+    }
+}
