@@ -112,6 +112,7 @@ fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
         encoding: WeightEncoding::F32,
         chunks: 0,
         place: None,
+        secure_weight: None,
     };
     let samples = Samples {
         images: &train.images,

@@ -164,6 +164,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
+        secure_aggregation: false,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

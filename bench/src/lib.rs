@@ -63,6 +63,7 @@ pub(crate) fn serve_config(
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
+        secure_aggregation: false,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

@@ -368,6 +368,14 @@ struct ServeArgs {
     /// clear text are for anyone on the network to read.
     #[arg(long, env = "ASTRAEA_ALLOW_INSECURE")]
     allow_insecure: bool,
+    /// Secure aggregation of the mediators' results (protocol 5): each
+    /// chain's last client sends its result masked (pairwise X25519 masks,
+    /// Shamir shares for dropouts), and the server learns only the round's
+    /// weighted mean of them. Sync mode, mean aggregation, no --dp-noise.
+    /// It still relays, and so sees, the chains' earlier hops
+    /// (docs/PRIVACY.md).
+    #[arg(long)]
+    secure_aggregation: bool,
     /// PEM certificate chain for --tls.
     #[arg(long, env = "ASTRAEA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -891,6 +899,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         static_dir: args.static_dir,
         allow_insecure: args.allow_insecure,
+        secure_aggregation: args.secure_aggregation,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(serve::tls::TlsSource::Files { cert, key }),
             _ if args.tls => Some(serve::tls::TlsSource::SelfSigned {

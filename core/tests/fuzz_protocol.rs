@@ -140,6 +140,7 @@ fn task(chunks: impl Strategy<Value = u32>) -> impl Strategy<Value = TaskSpec> {
                     encoding,
                     chunks,
                     place,
+                    secure_weight: None,
                 }
             },
         )
@@ -298,7 +299,7 @@ fn assembler_case() -> impl Strategy<Value = AssemblerCase> {
                     Mismatch::Expected(expected) => case.expected = expected,
                     Mismatch::OtherEncoding => {
                         case.encoding = match encoding {
-                            WeightEncoding::F32 => WeightEncoding::F16,
+                            WeightEncoding::F32 | WeightEncoding::Masked => WeightEncoding::F16,
                             WeightEncoding::F16 => WeightEncoding::F32,
                         }
                     }
@@ -383,6 +384,7 @@ fn session_case(params: usize, per: usize, welcomed: bool, events: &[Event]) -> 
                     encoding: *encoding,
                     chunks,
                     place: None,
+                    secure_weight: None,
                 });
                 waiting = encode_chunks(1, hop, &vec![0.25; params], *encoding, limit);
                 SessionStep::Text(task.to_json())
@@ -555,6 +557,7 @@ fn a_welcome_with_an_impossible_model_does_not_crash_the_client() {
         encoding: WeightEncoding::F32,
         chunks: 1,
         place: None,
+        secure_weight: None,
     });
 
     // Execute: the second size would abort the test binary, not panic.

@@ -422,6 +422,7 @@ mod tests {
             encoding: WeightEncoding::F32,
             chunks: 1,
             place: None,
+            secure_weight: None,
         };
         let mut frozen = 0;
         let mut seeds = std::collections::HashSet::new();

@@ -99,6 +99,11 @@ pub struct ServeConfig {
     /// Per-hop noise on what the next client in a chain sees
     /// (`astraea_core::privacy::noisy_hop`); `None`: none.
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
+    /// Secure aggregation of the mediators' results (`crate::secure`): the
+    /// chains' last clients send their results masked and the server
+    /// learns only the round's weighted mean. Synchronous rounds, the
+    /// sample-weighted mean and no client-level DP only.
+    pub secure_aggregation: bool,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`): groups start when clients are free
     /// and fold into the model as they finish.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use astraea_core::protocol::{
     AckOutcome, ClientMessage, DataSource, ErrorCode, FrameError, PROTOCOL_VERSION, ServerMessage,
-    ShardSpec, UpdateSpec, WeightAssembler, limits,
+    ShardSpec, UpdateSpec, WeightAssembler, WeightEncoding, limits,
 };
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -234,6 +234,18 @@ impl Connection {
                 }
                 Ok(true)
             }
+            (Some(id), ClientMessage::SecureKeys { round, keys }) => {
+                self.secure(|s| s.on_keys(id, round, keys))?;
+                Ok(true)
+            }
+            (Some(id), ClientMessage::SecureShares { round, shares }) => {
+                self.secure(|s| s.on_shares(id, round, shares))?;
+                Ok(true)
+            }
+            (Some(id), ClientMessage::SecureReveal { round, shares }) => {
+                self.secure(|s| s.on_reveal(id, round, shares))?;
+                Ok(true)
+            }
             (_, ClientMessage::Leave) => Ok(false),
             (id, message) => Err(refuse(
                 ErrorCode::Unexpected,
@@ -349,11 +361,7 @@ impl Connection {
             model: self.state.model.clone(),
             shard,
             resume: Some(entry.resume_token.clone()),
-            privacy: self.state.config.label_epsilon.map(|epsilon| {
-                astraea_core::protocol::PrivacySpec {
-                    label_epsilon: Some(epsilon),
-                }
-            }),
+            privacy: self.state.privacy_spec(),
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);
@@ -443,6 +451,21 @@ impl Connection {
     }
 
     /// An update's header: its weights follow as binary chunks.
+    /// Hands a secure-aggregation message to the round's
+    /// [`crate::secure::SecureRound`]; one that breaks its rules refuses
+    /// the client, one that comes late (no secure round now, or another
+    /// round) is dropped.
+    fn secure(
+        &self,
+        step: impl FnOnce(&crate::secure::SecureRound) -> Result<(), String>,
+    ) -> Result<(), Refusal> {
+        let round = lock(&self.state.secure).clone();
+        match round {
+            Some(round) => step(&round).map_err(|e| refuse(ErrorCode::Unexpected, e)),
+            None => Ok(()),
+        }
+    }
+
     /// Notes a sign of life for the hop (`round`, `hop`) if it is the one
     /// awaited from client `id`; any other is ignored.
     fn alive(&self, id: u64, round: u32, hop: u32) {
@@ -466,6 +489,23 @@ impl Connection {
             let awaited = entry
                 .and_then(|e| e.pending.as_ref())
                 .map(|p| (p.round, p.hop));
+            // A masked hop answers masked, and only a masked hop does.
+            let masked = entry
+                .and_then(|e| e.pending.as_ref())
+                .filter(|p| (p.round, p.hop) == (update.round, update.hop))
+                .map(|p| p.masked);
+            if let Some(masked) = masked
+                && masked != (update.encoding == WeightEncoding::Masked)
+            {
+                return Err(refuse(
+                    ErrorCode::Shape,
+                    format!(
+                        "update in the {:?} encoding; the hop asked for {}",
+                        update.encoding,
+                        if masked { "a masked result" } else { "weights" }
+                    ),
+                ));
+            }
             if let Some((previous, _)) = &self.incoming {
                 // Chunks of an earlier update never finished. If its hop is
                 // still awaited the client broke the protocol; otherwise the
@@ -592,7 +632,16 @@ impl Connection {
                 return Ok(true);
             }
         };
-        if let Err(refusal) = lock(&self.state.guard).check(&pending.sent, &weights) {
+        // A masked result is no model: the guard cannot read it (the
+        // secure sum is checked as a whole, `coordinator::close_round`).
+        let checked = if pending.masked {
+            Ok(())
+        } else {
+            lock(&self.state.guard)
+                .check(&pending.sent, &weights)
+                .map(drop)
+        };
+        if let Err(refusal) = checked {
             // Dropping `pending` fails the hop at once; the chain goes on.
             // Non-finite values never get here (the frame checks refuse
             // them as `non-finite`); a finite value past the bound, a move

@@ -30,6 +30,7 @@ use rand::seq::index::sample;
 use tokio::sync::oneshot;
 
 use crate::config::ServeConfig;
+use crate::secure::SecureRound;
 use crate::state::{
     AppState, HopReply, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
 };
@@ -226,6 +227,17 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             status.round_started = Some(Instant::now());
         }
         let mediator_count = plan.groups.len() as u32;
+        let secure = if config.secure_aggregation {
+            start_secure_round(
+                &state,
+                round,
+                &plan.groups,
+                &participants,
+                global.values.len(),
+            )
+        } else {
+            None
+        };
         let chains = plan.groups.iter().enumerate().map(|(index, group)| {
             run_chain(
                 state.clone(),
@@ -236,6 +248,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
                 mediator_count,
                 global.values.clone(),
                 plan.prox_mu,
+                secure.clone().map(|s| (s, index)),
             )
         });
         let mut results = Vec::new();
@@ -247,6 +260,14 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             }
         }
         let largest = plan.groups.iter().map(|g| g.members.len()).max();
+        let secured = match &secure {
+            Some(secure) => {
+                let outcome = secure.finish(&state).await;
+                *lock(&state.secure) = None;
+                Some(outcome.map(|(mean, _)| mean))
+            }
+            None => None,
+        };
         close_round(
             &state,
             &data,
@@ -257,6 +278,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             mean_kl,
             start,
             Some((q, largest.unwrap_or(1))),
+            secured,
         )
         .await?;
         round += 1;
@@ -273,7 +295,9 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
 /// with the strategy's rule, keeps the previous model when the aggregate
 /// is out of bounds, panics or does not evaluate to finite figures, then
 /// evaluates, checkpoints, records (`mean_kl` of the groups folded in,
-/// `start` of the run for its clock) and tells the clients.
+/// `start` of the run for its clock) and tells the clients. Under secure
+/// aggregation `secured` holds the unmasked mean of the round (or why
+/// there is none), which replaces the strategy's aggregation.
 #[allow(clippy::too_many_arguments)]
 async fn close_round(
     state: &AppState,
@@ -285,8 +309,16 @@ async fn close_round(
     mean_kl: f64,
     start: Instant,
     sampling: Option<(f64, usize)>,
+    secured: Option<Result<Vec<f32>, String>>,
 ) -> anyhow::Result<()> {
     let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        if let Some(secured) = secured {
+            return secured
+                .inspect_err(|reason| {
+                    drop_round(state, round, &format!("secure aggregation: {reason}"))
+                })
+                .ok();
+        }
         match (state.config.model_privacy, sampling) {
             (Some(dp), Some((q, largest))) => {
                 private_aggregate(state, dp, global, results, q, largest)
@@ -487,6 +519,7 @@ async fn run_async(
                     target as u32,
                     global.values.clone(),
                     plan.prox_mu,
+                    None,
                 );
                 chains += 1;
                 running.spawn(async move {
@@ -566,6 +599,7 @@ async fn run_async(
                 mean_kl,
                 start,
                 None,
+                None,
             )
             .await?;
             buffer.advance();
@@ -587,6 +621,48 @@ async fn run_async(
         state.record(|store, run| store.finish(run));
     }
     Ok(())
+}
+
+/// Starts round `round`'s secure aggregation: the last member of each
+/// group masks, weighted by its group's share of the round's samples; the
+/// key exchange starts now, beside the chains. `None` (and the round is
+/// trained without results) when it cannot start.
+fn start_secure_round(
+    state: &Arc<AppState>,
+    round: u32,
+    groups: &[Group],
+    participants: &[Participant],
+    len: usize,
+) -> Option<Arc<SecureRound>> {
+    let samples = |group: &Group| -> u64 {
+        group_counts(group, participants)
+            .iter()
+            .map(|&c| c as u64)
+            .sum()
+    };
+    let total: u64 = groups.iter().map(samples).sum::<u64>().max(1);
+    let maskers: Vec<(u64, f64)> = groups
+        .iter()
+        .map(|g| {
+            let last = g.members.last().copied().unwrap_or_default() as u64;
+            (last, samples(g) as f64 / total as f64)
+        })
+        .collect();
+    match SecureRound::new(round, &maskers, len) {
+        Ok(secure) => {
+            let secure = Arc::new(secure);
+            *lock(&state.secure) = Some(secure.clone());
+            let (task_state, task_secure) = (state.clone(), secure.clone());
+            tokio::spawn(async move {
+                let _ = task_secure.sharers(&task_state).await;
+            });
+            Some(secure)
+        }
+        Err(e) => {
+            drop_round(state, round, &format!("secure aggregation: {e}"));
+            None
+        }
+    }
 }
 
 /// DP-FedAvg's step over the round's group results (`ModelPrivacy`):
@@ -779,6 +855,7 @@ async fn run_chain(
     mediators: u32,
     global: Vec<f32>,
     prox_mu: f64,
+    secure: Option<(Arc<SecureRound>, usize)>,
 ) -> Result<GroupResult, GroupFailure> {
     let mut weights = global;
     // The validation loss of `weights`, once the loss rule computed it.
@@ -817,6 +894,34 @@ async fn run_chain(
                     pass: pass as u32 + 1,
                     passes: group.passes as u32,
                 }),
+                secure_weight: None,
+            };
+            // Under secure aggregation the chain's last hop answers masked,
+            // once the key exchange has named its masker a sharer.
+            let last = pass + 1 == group.passes && position + 1 == group.members.len();
+            let mut task = task;
+            let masker = match (&secure, last) {
+                (Some((secure, mediator)), true) => {
+                    let (slot, weight) = secure.slot(*mediator);
+                    match secure.sharers(&state).await {
+                        Ok(sharers) if sharers.contains(&slot) => {
+                            task.secure_weight = Some(weight);
+                            Some((secure.clone(), slot))
+                        }
+                        outcome => {
+                            let reason = match outcome {
+                                Err(e) => format!("secure aggregation failed: {e}"),
+                                Ok(_) => format!("masker {slot} left the key exchange"),
+                            };
+                            state.set_hop(index, None, hop);
+                            return Err(GroupFailure {
+                                group: index,
+                                reason,
+                            });
+                        }
+                    }
+                }
+                _ => None,
             };
             let wire_hop = task.hop;
             let sent_at = Instant::now();
@@ -830,12 +935,20 @@ async fn run_chain(
                     if let Some(entry) = state.clients().get_mut(&(member as u64)) {
                         entry.observe_speed(measured);
                     }
-                    judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
-                        .await
-                        .map(|()| reply)
-                        .inspect_err(|_| {
-                            state.loss_refusals.fetch_add(1, Ordering::Relaxed);
-                        })
+                    match &masker {
+                        // A masked result goes into the secure sum; the
+                        // loss rule cannot read it.
+                        Some((secure, slot)) => secure
+                            .add_masked(*slot, &reply.weights)
+                            .map(|()| reply)
+                            .map_err(HopOutcome::Refused),
+                        None => judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
+                            .await
+                            .map(|()| reply)
+                            .inspect_err(|_| {
+                                state.loss_refusals.fetch_add(1, Ordering::Relaxed);
+                            }),
+                    }
                 }
                 Err(skip) => Err(HopOutcome::Skipped(skip)),
             };
@@ -900,6 +1013,15 @@ async fn run_chain(
         return Err(GroupFailure {
             group: index,
             reason: "every hop was skipped".into(),
+        });
+    }
+    // Under secure aggregation the result is in the masked sum only when
+    // the last hop answered (its masker then survives); otherwise the
+    // mediator drops out of the round.
+    if secure.is_some() && samples.last().copied().flatten().is_none() {
+        return Err(GroupFailure {
+            group: index,
+            reason: "the masker's hop did not answer".into(),
         });
     }
     Ok(GroupResult {
@@ -991,6 +1113,7 @@ async fn run_hop(
             reply: reply_tx,
             sent: Arc::new(weights.to_vec()),
             alive: started,
+            masked: task.secure_weight.is_some(),
         });
         entry.send(&ServerMessage::Task(task.clone()));
         for frame in frames {

@@ -157,9 +157,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
         phase: status.phase,
         strategy: status.strategy,
         mode: state.config.mode.to_string(),
-        privacy: astraea_core::protocol::PrivacySpec {
-            label_epsilon: state.config.label_epsilon,
-        },
+        privacy: state.privacy_spec().unwrap_or_default(),
         model_epsilon: state.model_epsilon(),
         model_budget: state.config.model_privacy.map(|dp| dp.max_epsilon),
         model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),

@@ -28,6 +28,7 @@ pub mod connection;
 pub mod coordinator;
 pub mod dashboard;
 pub mod loopback;
+pub mod secure;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -55,6 +56,21 @@ pub struct Running {
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
     if config.model_privacy.is_some() && config.mode == astraea_core::asynchronous::Mode::Async {
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
+    }
+    if config.secure_aggregation {
+        if config.mode == astraea_core::asynchronous::Mode::Async {
+            anyhow::bail!("secure aggregation needs synchronous rounds");
+        }
+        if config.model_privacy.is_some() {
+            anyhow::bail!(
+                "secure aggregation and client-level DP do not combine here (the server cannot clip what it cannot see)"
+            );
+        }
+        if config.settings.aggregation != Default::default() {
+            anyhow::bail!(
+                "secure aggregation gives the server only the sum: robust aggregation rules need each result"
+            );
+        }
     }
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;

@@ -59,6 +59,10 @@ pub struct Pending {
     /// The client's last sign of life during the hop: the task sent, then
     /// each `progress`, `update` and chunk for this hop.
     pub alive: std::time::Instant,
+    /// The hop answers masked (secure aggregation's last hop of a chain):
+    /// the update comes in the `masked` encoding and skips the guard,
+    /// which cannot read it.
+    pub masked: bool,
 }
 
 /// One connected client.
@@ -349,6 +353,8 @@ pub struct AppState {
     /// The model's privacy spent so far, when it is trained under DP
     /// (`ServeConfig::model_privacy`).
     pub accountant: Mutex<astraea_core::privacy::RdpAccountant>,
+    /// The round's secure aggregation, while one runs.
+    pub secure: Mutex<Option<std::sync::Arc<crate::secure::SecureRound>>>,
     /// Bytes received from clients.
     pub bytes_up: AtomicU64,
     /// Bytes sent to clients.
@@ -413,6 +419,7 @@ impl AppState {
             tunable: Mutex::new(tunable),
             control_changed: Notify::new(),
             accountant: Mutex::new(astraea_core::privacy::RdpAccountant::new()),
+            secure: Mutex::new(None),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
@@ -459,7 +466,17 @@ impl AppState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Locks the client table.
+    /// What the run does for its volunteers' privacy, as the welcome and
+    /// `/api/status` say it; `None` when nothing.
+    pub fn privacy_spec(&self) -> Option<astraea_core::protocol::PrivacySpec> {
+        let spec = astraea_core::protocol::PrivacySpec {
+            label_epsilon: self.config.label_epsilon,
+            secure_aggregation: self.config.secure_aggregation,
+        };
+        (spec != Default::default()).then_some(spec)
+    }
+
+    /// The clients, locked.
     pub fn clients(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientEntry>> {
         lock(&self.clients)
     }

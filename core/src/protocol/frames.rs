@@ -22,13 +22,18 @@ pub enum WeightEncoding {
     F32,
     /// 2 bytes a value: half the traffic, about 3 significant digits.
     F16,
+    /// 4 bytes a value: a masked fixed-point ring element (`u32`, secure
+    /// aggregation's masked result, `crate::secagg`), not a number. The
+    /// assembler hands these on as `f32::from_bits` patterns without the
+    /// finiteness check; [`masked_values`] turns them back.
+    Masked,
 }
 
 impl WeightEncoding {
     /// Bytes per value.
     pub fn value_bytes(self) -> usize {
         match self {
-            WeightEncoding::F32 => 4,
+            WeightEncoding::F32 | WeightEncoding::Masked => 4,
             WeightEncoding::F16 => 2,
         }
     }
@@ -168,10 +173,24 @@ pub fn encode_chunks(
             WeightEncoding::F16 => piece
                 .iter()
                 .for_each(|v| frame.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            WeightEncoding::Masked => piece
+                .iter()
+                .for_each(|v| frame.extend_from_slice(&v.to_bits().to_le_bytes())),
         }
         frames.push(frame);
     }
     frames
+}
+
+/// Masked ring elements (`u32`) as the `f32` bit patterns
+/// [`encode_chunks`] takes with [`WeightEncoding::Masked`].
+pub fn masked_bits(values: &[u32]) -> Vec<f32> {
+    values.iter().map(|&v| f32::from_bits(v)).collect()
+}
+
+/// The ring elements an assembler of [`WeightEncoding::Masked`] returned.
+pub fn masked_values(bits: &[f32]) -> Vec<u32> {
+    bits.iter().map(|v| v.to_bits()).collect()
 }
 
 /// Collects the chunks of one announced transfer.
@@ -267,7 +286,7 @@ impl WeightAssembler {
         }
         let start = self.values.len();
         match self.encoding {
-            WeightEncoding::F32 => self.values.extend(
+            WeightEncoding::F32 | WeightEncoding::Masked => self.values.extend(
                 payload
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
@@ -278,7 +297,9 @@ impl WeightAssembler {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
             ),
         }
-        if let Some(offset) = self.values[start..].iter().position(|v| !v.is_finite()) {
+        if self.encoding != WeightEncoding::Masked
+            && let Some(offset) = self.values[start..].iter().position(|v| !v.is_finite())
+        {
             return Err(FrameError::NonFinite {
                 index: start + offset,
             });

@@ -492,6 +492,21 @@ fn check_actions(session: &ClientSession, was_closed: bool, actions: &[ClientAct
 }
 
 fn check_trained(task: &TaskSpec, weights: &[f32], limit: usize, actions: &[ClientAction]) {
+    // A masked hop without this round's secure-aggregation keys is refused
+    // (an error, then the close), never answered in the clear.
+    if task.secure_weight.is_some() {
+        assert!(
+            matches!(
+                actions,
+                [
+                    ClientAction::Send(ClientMessage::Error { .. }),
+                    ClientAction::Close(_)
+                ]
+            ),
+            "a masked hop without keys answered {actions:?}"
+        );
+        return;
+    }
     let [
         ClientAction::Send(ClientMessage::Update(update)),
         ClientAction::SendBinary(frames),
@@ -534,7 +549,7 @@ fn check_trained(task: &TaskSpec, weights: &[f32], limit: usize, actions: &[Clie
 /// The values a receiver decodes from `values` sent as `encoding`.
 fn encoded(values: &[f32], encoding: WeightEncoding) -> Vec<f32> {
     match encoding {
-        WeightEncoding::F32 => values.to_vec(),
+        WeightEncoding::F32 | WeightEncoding::Masked => values.to_vec(),
         WeightEncoding::F16 => values.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
     }
 }
@@ -1115,6 +1130,7 @@ fn task_spec(rng: &mut StdRng, fit: Option<(usize, usize)>) -> TaskSpec {
         encoding,
         chunks,
         place,
+        secure_weight: rng.random_bool(0.1).then(|| any_f64(rng)),
     }
 }
 

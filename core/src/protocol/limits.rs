@@ -196,8 +196,66 @@ impl ClientMessage {
                 check_string("error.message", message, MAX_MESSAGE_BYTES)
             }
             ClientMessage::Leave => Ok(()),
+            ClientMessage::SecureKeys { keys, .. } => check_slot("secure-keys.slot", keys.slot),
+            ClientMessage::SecureShares { shares, .. } => {
+                check_count("secure-shares.shares", shares.len())?;
+                for share in shares {
+                    check_slot("secure-shares.from", share.from)?;
+                    check_slot("secure-shares.to", share.to)?;
+                    check_len(
+                        "secure-shares.ciphertext",
+                        share.ciphertext.len(),
+                        crate::secagg::SHARE_CIPHERTEXT_BYTES,
+                    )?;
+                }
+                Ok(())
+            }
+            ClientMessage::SecureReveal { shares, .. } => {
+                // At most one share per masker: of its self mask if it
+                // survived, of its mask key if it dropped.
+                check_count("secure-reveal.shares", shares.len())?;
+                for share in shares {
+                    check_slot("secure-reveal.of", share.of)?;
+                    check_len(
+                        "secure-reveal.share",
+                        share.share.len(),
+                        crate::secagg::SHARE_BYTES,
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+fn check_slot(field: &'static str, slot: u32) -> Result<(), LimitError> {
+    if slot == 0 || slot > crate::secagg::MAX_MASKERS {
+        return Err(LimitError::OutOfRange {
+            field,
+            value: slot.to_string(),
+            range: "1..=255",
+        });
+    }
+    Ok(())
+}
+
+fn check_count(field: &'static str, got: usize) -> Result<(), LimitError> {
+    let max = crate::secagg::MAX_MASKERS as usize;
+    if got > max {
+        return Err(LimitError::TooMany { field, got, max });
+    }
+    Ok(())
+}
+
+fn check_len(field: &'static str, got: usize, want: usize) -> Result<(), LimitError> {
+    if got != want {
+        return Err(LimitError::OutOfRange {
+            field,
+            value: format!("{got} bytes"),
+            range: "the exact length of PROTOCOL.md",
+        });
+    }
+    Ok(())
 }
 
 /// The most samples of each class a client can hold after the data plan

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::frames::WeightEncoding;
 use crate::model::ModelConfig;
+use crate::secagg::{AdvertisedKeys, EncryptedShare, RevealedShare};
 
 /// What a run does for its volunteers' privacy, as the welcome announces it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -16,6 +17,11 @@ pub struct PrivacySpec {
     /// noisy one. Absent: exact counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_epsilon: Option<f64>,
+    /// The mediators' results are summed under secure aggregation
+    /// (`crate::secagg`): a chain's last client sends its result masked,
+    /// and the server learns only the round's weighted sum.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_aggregation: bool,
 }
 
 /// The model a federation trains, as the server announces it.
@@ -110,6 +116,12 @@ pub struct TaskSpec {
     /// that do not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub place: Option<ChainPlace>,
+    /// Under secure aggregation, on a chain's last hop: the mediator's
+    /// weight in the round's sum (its share of the round's samples, in
+    /// `[0, 1]`). The client answers with its trained weights times this
+    /// weight, masked (`encoding: masked`, `crate::secagg::Masker::mask`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_weight: Option<f64>,
 }
 
 /// A hop's place in its mediator's chain.
@@ -240,6 +252,28 @@ pub enum ClientMessage {
     },
     /// The client leaves on purpose.
     Leave,
+    /// Secure aggregation, step 1: a masker's public keys.
+    SecureKeys {
+        /// Round of the `secure-setup` answered.
+        round: u32,
+        /// Its keys, in its slot.
+        keys: AdvertisedKeys,
+    },
+    /// Secure aggregation, step 2: one encrypted share for every other
+    /// masker of the roster.
+    SecureShares {
+        /// Round.
+        round: u32,
+        /// The shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Secure aggregation, step 4: the shares `secure-unmask` asked for.
+    SecureReveal {
+        /// Round.
+        round: u32,
+        /// The shares.
+        shares: Vec<RevealedShare>,
+    },
 }
 
 /// Messages the server sends.
@@ -303,6 +337,44 @@ pub enum ServerMessage {
         /// Details.
         message: String,
     },
+    /// Secure aggregation, step 1: the client is this round's masker in
+    /// `slot` (the last client of mediator `slot`); answer `secure-keys`.
+    SecureSetup {
+        /// Round.
+        round: u32,
+        /// The masker's slot, `1..=maskers`.
+        slot: u32,
+        /// Maskers in the round.
+        maskers: u32,
+        /// Shares needed to rebuild a secret.
+        threshold: u32,
+    },
+    /// Secure aggregation, step 2: every masker's keys; answer
+    /// `secure-shares`.
+    SecureRoster {
+        /// Round.
+        round: u32,
+        /// The keys, one entry per masker that advertised.
+        keys: Vec<AdvertisedKeys>,
+    },
+    /// Secure aggregation, step 2 delivered: the shares addressed to this
+    /// masker, one from every other masker that shared.
+    SecureInbox {
+        /// Round.
+        round: u32,
+        /// The shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Secure aggregation, step 4: who sent a masked result (survivors)
+    /// and who shared keys but did not (dropped); answer `secure-reveal`.
+    SecureUnmask {
+        /// Round.
+        round: u32,
+        /// Slots whose masked result arrived.
+        survivors: Vec<u32>,
+        /// Slots that shared keys and sent no result.
+        dropped: Vec<u32>,
+    },
 }
 
 impl ClientMessage {
@@ -316,6 +388,9 @@ impl ClientMessage {
             ClientMessage::Update(_) => "update",
             ClientMessage::Error { .. } => "error",
             ClientMessage::Leave => "leave",
+            ClientMessage::SecureKeys { .. } => "secure-keys",
+            ClientMessage::SecureShares { .. } => "secure-shares",
+            ClientMessage::SecureReveal { .. } => "secure-reveal",
         }
     }
 
@@ -340,6 +415,10 @@ impl ServerMessage {
             ServerMessage::Ack { .. } => "ack",
             ServerMessage::RoundDone { .. } => "round-done",
             ServerMessage::Error { .. } => "error",
+            ServerMessage::SecureSetup { .. } => "secure-setup",
+            ServerMessage::SecureRoster { .. } => "secure-roster",
+            ServerMessage::SecureInbox { .. } => "secure-inbox",
+            ServerMessage::SecureUnmask { .. } => "secure-unmask",
         }
     }
 

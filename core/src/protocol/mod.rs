@@ -21,6 +21,7 @@ pub mod session;
 
 pub use frames::{
     ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
+    masked_bits, masked_values,
 };
 pub use messages::{
     AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, PrivacySpec,
@@ -32,8 +33,10 @@ pub use session::{ClientAction, ClientSession, progress_message, train_task, tra
 /// Version 2 added the `ack` message, the `invalid` error code and the
 /// limits of [`limits`]; version 3 made `progress` the client's heartbeat
 /// during a hop (`task.stall_ms`); version 4 added `welcome.privacy` (a
-/// client of version 3 would ignore it and report exact counts).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// client of version 3 would ignore it and report exact counts); version 5
+/// added secure aggregation (`secure-*` messages, `task.secure_weight`,
+/// the `masked` encoding).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

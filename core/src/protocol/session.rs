@@ -94,6 +94,8 @@ pub struct ClientSession {
     /// counts are the same: a reload does not spend epsilon again.
     earlier_report: Option<(Vec<usize>, Vec<usize>)>,
     label_epsilon_spent: f64,
+    /// Secure aggregation: this round's masker, once a `secure-setup` came.
+    masker: Option<(u32, crate::secagg::Masker)>,
 }
 
 impl ClientSession {
@@ -139,6 +141,7 @@ impl ClientSession {
             exact_counts: None,
             earlier_report: None,
             label_epsilon_spent: 0.0,
+            masker: None,
         };
         (session, vec![ClientAction::Send(join)])
     }
@@ -264,6 +267,15 @@ impl ClientSession {
             ) => {
                 vec![ClientAction::RoundDone { round, accuracy }]
             }
+            // Secure aggregation runs beside the chain: its messages may
+            // come between a task and its weights.
+            (
+                State::Member | State::Receiving(_),
+                message @ (ServerMessage::SecureSetup { .. }
+                | ServerMessage::SecureRoster { .. }
+                | ServerMessage::SecureInbox { .. }
+                | ServerMessage::SecureUnmask { .. }),
+            ) => self.on_secure(message),
             (
                 State::Member | State::Receiving(_),
                 ServerMessage::Ack {
@@ -283,6 +295,66 @@ impl ClientSession {
                 format!("unexpected {message:?} while {state:?}"),
             ),
         }
+    }
+
+    /// A step of secure aggregation (`crate::secagg`): the masker's answer.
+    fn on_secure(&mut self, message: ServerMessage) -> Vec<ClientAction> {
+        use crate::secagg::{Masker, SecAggParams};
+        fn masker_of(session: &mut ClientSession, round: u32) -> Option<&mut Masker> {
+            session
+                .masker
+                .as_mut()
+                .filter(|(r, _)| *r == round)
+                .map(|(_, m)| m)
+        }
+        let outcome = match message {
+            ServerMessage::SecureSetup {
+                round,
+                slot,
+                maskers,
+                threshold,
+            } => SecAggParams::new(round, maskers, threshold)
+                .and_then(|params| Masker::from_entropy(params, slot))
+                .map(|masker| {
+                    let keys = masker.keys();
+                    self.masker = Some((round, masker));
+                    vec![ClientAction::Send(ClientMessage::SecureKeys {
+                        round,
+                        keys,
+                    })]
+                }),
+            ServerMessage::SecureRoster { round, keys } => match masker_of(self, round) {
+                Some(masker) => masker.share_keys(&keys).map(|shares| {
+                    vec![ClientAction::Send(ClientMessage::SecureShares {
+                        round,
+                        shares,
+                    })]
+                }),
+                None => return vec![],
+            },
+            ServerMessage::SecureInbox { round, shares } => match masker_of(self, round) {
+                Some(masker) => masker.receive_shares(&shares).map(|()| vec![]),
+                None => return vec![],
+            },
+            ServerMessage::SecureUnmask {
+                round,
+                survivors,
+                dropped,
+            } => match masker_of(self, round) {
+                Some(masker) => masker.reveal(&survivors, &dropped).map(|shares| {
+                    vec![ClientAction::Send(ClientMessage::SecureReveal {
+                        round,
+                        shares,
+                    })]
+                }),
+                None => return vec![],
+            },
+            _ => return vec![],
+        };
+        // A step that does not check out is refused, not answered: the
+        // server (or a masker) broke the protocol.
+        outcome
+            .unwrap_or_else(|e| self.fail(ErrorCode::Invalid, format!("secure aggregation: {e}")))
     }
 
     /// Handles a binary frame from the server.
@@ -395,11 +467,36 @@ impl ClientSession {
         if self.is_closed() {
             return vec![];
         }
+        // Under secure aggregation a chain's last hop answers masked.
+        let masked;
+        let (weights, encoding) = match task.secure_weight {
+            None => (weights, task.encoding),
+            Some(weight) => {
+                let masker = self
+                    .masker
+                    .as_ref()
+                    .filter(|(round, _)| *round == task.round)
+                    .map(|(_, m)| m);
+                let Some(masker) = masker else {
+                    return self.fail(
+                        ErrorCode::Unexpected,
+                        format!("a masked hop in round {} without its keys", task.round),
+                    );
+                };
+                match masker.mask(weights, weight) {
+                    Ok(values) => masked = super::frames::masked_bits(&values),
+                    Err(e) => {
+                        return self.fail(ErrorCode::Invalid, format!("secure aggregation: {e}"));
+                    }
+                }
+                (masked.as_slice(), super::frames::WeightEncoding::Masked)
+            }
+        };
         let frames = encode_chunks(
             task.round,
             task.hop,
             weights,
-            task.encoding,
+            encoding,
             self.max_frame_bytes,
         );
         // Under label privacy the update claims the total of its last
@@ -415,7 +512,7 @@ impl ClientSession {
             samples,
             loss,
             seconds,
-            encoding: task.encoding,
+            encoding,
             chunks: frames.len() as u32,
         };
         vec![
@@ -552,6 +649,7 @@ mod tests {
         if let ServerMessage::Welcome { privacy, .. } = &mut message {
             *privacy = Some(super::super::messages::PrivacySpec {
                 label_epsilon: Some(epsilon),
+                secure_aggregation: false,
             });
         }
         message.to_json()
@@ -674,6 +772,7 @@ mod tests {
             encoding: WeightEncoding::F32,
             chunks: 2,
             place: None,
+            secure_weight: None,
         }
     }
 

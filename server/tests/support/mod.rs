@@ -57,6 +57,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
+        secure_aggregation: false,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

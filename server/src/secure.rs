@@ -1,0 +1,363 @@
+//! Secure aggregation on the server's side (`serve --secure-aggregation`,
+//! `astraea_core::secagg`): the last client of each mediator's chain is a
+//! masker; the server runs the key exchange beside the chains, sums the
+//! masked results it cannot read and, once the chains are done, unmasks
+//! the sum with the survivors' shares. What it learns of the round is the
+//! sample-weighted mean of the mediators whose results arrived.
+//!
+//! Each step waits for every masker it asked, at most [`step_timeout`]; a
+//! masker that does not answer in time is left out of that step (it drops
+//! out, and its mediator's result with it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use astraea_core::protocol::{ServerMessage, masked_values};
+use astraea_core::secagg::{AdvertisedKeys, EncryptedShare, RevealedShare, SecAggParams, Unmasker};
+use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
+
+use crate::state::{AppState, lock};
+
+/// How long one step waits for its maskers: the stall timeout (a live
+/// client answers a step in milliseconds), at least 2 s, at most 30 s.
+pub fn step_timeout(state: &AppState) -> Duration {
+    state
+        .config
+        .stall_timeout
+        .clamp(Duration::from_secs(2), Duration::from_secs(30))
+}
+
+/// Where a round's secure aggregation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Keys,
+    Shares,
+    Masking,
+    Reveal,
+}
+
+#[derive(Debug)]
+struct Inner {
+    step: Step,
+    keys: BTreeMap<u32, AdvertisedKeys>,
+    roster: BTreeSet<u32>,
+    shares: BTreeMap<u32, Vec<EncryptedShare>>,
+    unmasker: Unmasker,
+    survivors: BTreeSet<u32>,
+    reveals: BTreeMap<u32, Vec<RevealedShare>>,
+}
+
+/// One round's secure aggregation.
+#[derive(Debug)]
+pub struct SecureRound {
+    params: SecAggParams,
+    /// Client id of the masker in each slot (slot `i + 1`).
+    maskers: Vec<u64>,
+    /// Each slot's weight in the sum: its mediator's share of the round's
+    /// samples.
+    weights: Vec<f64>,
+    inner: Mutex<Inner>,
+    changed: Notify,
+    /// The maskers that shared keys, once the exchange is over (or why it
+    /// failed).
+    sharers: OnceCell<Result<BTreeSet<u32>, String>>,
+}
+
+/// A secure-aggregation message that breaks the protocol (the sender is
+/// refused); messages for another round or a step already closed are
+/// ignored instead, as late ones.
+pub type Violation = String;
+
+impl SecureRound {
+    /// A round whose maskers are `maskers` (client id, weight) in slot
+    /// order, summing vectors of `len` values; the threshold is a majority.
+    ///
+    /// # Errors
+    /// No maskers, more than `secagg::MAX_MASKERS`, or weights that are not
+    /// in `[0, 1]`.
+    pub fn new(round: u32, maskers: &[(u64, f64)], len: usize) -> Result<Self, String> {
+        let params =
+            SecAggParams::majority(round, maskers.len() as u32).map_err(|e| e.to_string())?;
+        if maskers.iter().any(|(_, w)| !(0.0..=1.0).contains(w)) {
+            return Err("a mediator's weight lies outside [0, 1]".into());
+        }
+        Ok(Self {
+            params,
+            maskers: maskers.iter().map(|(id, _)| *id).collect(),
+            weights: maskers.iter().map(|(_, w)| *w).collect(),
+            inner: Mutex::new(Inner {
+                step: Step::Keys,
+                keys: BTreeMap::new(),
+                roster: BTreeSet::new(),
+                shares: BTreeMap::new(),
+                unmasker: Unmasker::new(params, len),
+                survivors: BTreeSet::new(),
+                reveals: BTreeMap::new(),
+            }),
+            changed: Notify::new(),
+            sharers: OnceCell::new(),
+        })
+    }
+
+    /// The round.
+    pub fn round(&self) -> u32 {
+        self.params.round
+    }
+
+    /// The slot of mediator `index` (from 0) and its weight.
+    pub fn slot(&self, index: usize) -> (u32, f64) {
+        (index as u32 + 1, self.weights[index])
+    }
+
+    fn slot_of(&self, client: u64) -> Option<u32> {
+        self.maskers
+            .iter()
+            .position(|&id| id == client)
+            .map(|i| i as u32 + 1)
+    }
+
+    fn masker_slot(&self, client: u64, round: u32) -> Result<Option<u32>, Violation> {
+        if round != self.params.round {
+            return Ok(None);
+        }
+        self.slot_of(client)
+            .map(Some)
+            .ok_or_else(|| format!("client {client} is not a masker of round {round}"))
+    }
+
+    /// A masker's `secure-keys`.
+    ///
+    /// # Errors
+    /// A client that is not this round's masker, keys for another slot, or
+    /// keys sent twice.
+    pub fn on_keys(&self, client: u64, round: u32, keys: AdvertisedKeys) -> Result<(), Violation> {
+        let Some(slot) = self.masker_slot(client, round)? else {
+            return Ok(());
+        };
+        if keys.slot != slot {
+            return Err(format!(
+                "keys for slot {}, the client holds {slot}",
+                keys.slot
+            ));
+        }
+        let mut inner = lock(&self.inner);
+        if inner.step != Step::Keys {
+            return Ok(());
+        }
+        if inner.keys.insert(slot, keys).is_some() {
+            return Err(format!("slot {slot} sent its keys twice"));
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// A masker's `secure-shares`.
+    ///
+    /// # Errors
+    /// A client that is not this round's masker, or shares sent twice.
+    pub fn on_shares(
+        &self,
+        client: u64,
+        round: u32,
+        shares: Vec<EncryptedShare>,
+    ) -> Result<(), Violation> {
+        let Some(slot) = self.masker_slot(client, round)? else {
+            return Ok(());
+        };
+        let mut inner = lock(&self.inner);
+        if inner.step != Step::Shares || !inner.roster.contains(&slot) {
+            return Ok(());
+        }
+        if inner.shares.insert(slot, shares).is_some() {
+            return Err(format!("slot {slot} sent its shares twice"));
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// A survivor's `secure-reveal`.
+    ///
+    /// # Errors
+    /// A client that is not this round's masker, or shares revealed twice.
+    pub fn on_reveal(
+        &self,
+        client: u64,
+        round: u32,
+        shares: Vec<RevealedShare>,
+    ) -> Result<(), Violation> {
+        let Some(slot) = self.masker_slot(client, round)? else {
+            return Ok(());
+        };
+        let mut inner = lock(&self.inner);
+        if inner.step != Step::Reveal || !inner.survivors.contains(&slot) {
+            return Ok(());
+        }
+        if inner.reveals.insert(slot, shares).is_some() {
+            return Err(format!("slot {slot} revealed twice"));
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn send(&self, state: &AppState, slot: u32, message: &ServerMessage) {
+        let id = self.maskers[(slot - 1) as usize];
+        if let Some(entry) = state.clients().get(&id) {
+            entry.send(message);
+        }
+    }
+
+    /// Waits until `done` holds or `deadline` passes.
+    async fn wait_until(&self, deadline: Instant, done: impl Fn(&Inner) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&lock(&self.inner)) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Steps 1 and 2, once per round however many callers (the round
+    /// starts it; each chain's last hop waits on it): the slots that
+    /// shared keys, whose masked results the sum will take.
+    ///
+    /// # Errors
+    /// Fewer maskers than the threshold advertised keys or shared them.
+    pub async fn sharers(&self, state: &AppState) -> Result<BTreeSet<u32>, String> {
+        self.sharers
+            .get_or_init(|| self.exchange(state))
+            .await
+            .clone()
+    }
+
+    async fn exchange(&self, state: &AppState) -> Result<BTreeSet<u32>, String> {
+        let wait = step_timeout(state);
+        let n = self.params.maskers;
+        for slot in 1..=n {
+            self.send(
+                state,
+                slot,
+                &ServerMessage::SecureSetup {
+                    round: self.params.round,
+                    slot,
+                    maskers: n,
+                    threshold: self.params.threshold,
+                },
+            );
+        }
+        self.wait_until(Instant::now() + wait, |i| i.keys.len() == n as usize)
+            .await;
+        let roster = {
+            let mut inner = lock(&self.inner);
+            let keys: Vec<AdvertisedKeys> = inner.keys.values().copied().collect();
+            let roster = inner.unmasker.roster(&keys).map_err(|e| e.to_string())?;
+            inner.roster = roster.iter().map(|k| k.slot).collect();
+            inner.step = Step::Shares;
+            roster
+        };
+        for keys in &roster {
+            self.send(
+                state,
+                keys.slot,
+                &ServerMessage::SecureRoster {
+                    round: self.params.round,
+                    keys: roster.clone(),
+                },
+            );
+        }
+        let expected = roster.len();
+        self.wait_until(Instant::now() + wait, |i| i.shares.len() == expected)
+            .await;
+        let inboxes = {
+            let mut inner = lock(&self.inner);
+            let sent = std::mem::take(&mut inner.shares);
+            let inboxes = inner.unmasker.route(sent).map_err(|e| e.to_string())?;
+            inner.step = Step::Masking;
+            inboxes
+        };
+        for (&slot, shares) in &inboxes {
+            self.send(
+                state,
+                slot,
+                &ServerMessage::SecureInbox {
+                    round: self.params.round,
+                    shares: shares.clone(),
+                },
+            );
+        }
+        Ok(inboxes.keys().copied().collect())
+    }
+
+    /// Step 3: adds slot `slot`'s masked result, as the connection
+    /// assembled it (`masked` encoding: ring elements as `f32` bits).
+    ///
+    /// # Errors
+    /// A slot that did not share, sent twice, or a vector of the wrong
+    /// length.
+    pub fn add_masked(&self, slot: u32, bits: &[f32]) -> Result<(), String> {
+        let weight = self.weights[(slot - 1) as usize];
+        lock(&self.inner)
+            .unmasker
+            .add_masked(slot, &masked_values(bits), weight)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Step 4, once the chains are done: asks the survivors for their
+    /// shares and unmasks the sum. Returns the sample-weighted mean of the
+    /// survivors' results and how many mediators it holds.
+    ///
+    /// # Errors
+    /// The exchange failed, fewer survivors or shares than the threshold,
+    /// or shares that do not rebuild the secrets.
+    pub async fn finish(&self, state: &AppState) -> Result<(Vec<f32>, usize), String> {
+        self.sharers(state).await?;
+        let (survivors, dropped) = {
+            let mut inner = lock(&self.inner);
+            let (survivors, dropped) = inner.unmasker.unmask_request();
+            if survivors.len() < self.params.threshold as usize {
+                return Err(format!(
+                    "{} masked results arrived, {} needed to unmask",
+                    survivors.len(),
+                    self.params.threshold
+                ));
+            }
+            inner.survivors = survivors.iter().copied().collect();
+            inner.step = Step::Reveal;
+            (survivors, dropped)
+        };
+        for &slot in &survivors {
+            self.send(
+                state,
+                slot,
+                &ServerMessage::SecureUnmask {
+                    round: self.params.round,
+                    survivors: survivors.clone(),
+                    dropped: dropped.clone(),
+                },
+            );
+        }
+        let expected = survivors.len();
+        self.wait_until(Instant::now() + step_timeout(state), |i| {
+            i.reveals.len() == expected
+        })
+        .await;
+        let (unmasker, reveals) = {
+            let mut inner = lock(&self.inner);
+            let unmasker = std::mem::replace(&mut inner.unmasker, Unmasker::new(self.params, 0));
+            (unmasker, std::mem::take(&mut inner.reveals))
+        };
+        unmasker
+            .finish(&reveals)
+            .map(|(mean, _)| (mean, expected))
+            .map_err(|e| e.to_string())
+    }
+}
