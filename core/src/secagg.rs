@@ -1150,6 +1150,36 @@ mod tests {
         assert!(Masker::new(SecAggParams::majority(1, 3).unwrap(), 4, [0; 32]).is_err());
     }
 
+    /// The test vector of docs/PROTOCOL.md ("Secure aggregation"): a
+    /// client in another language checks its key agreement, derivation and
+    /// keystream against these values.
+    #[test]
+    fn the_documented_test_vector_holds() {
+        let one = StaticSecret::from([1u8; 32]);
+        let two = StaticSecret::from([2u8; 32]);
+        let two_public = PublicKey::from(&two).to_bytes();
+        assert_eq!(
+            hex::encode(PublicKey::from(&one).to_bytes()),
+            "a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209"
+        );
+        assert_eq!(
+            hex::encode(two_public),
+            "ce8d3ad1ccb633ec7b70c17814a5c76ecd029685050d344745ba05870e587d59"
+        );
+        let seed = agreed_key(&one, &two_public, &mask_info(3, 1, 2));
+        assert_eq!(
+            hex::encode(seed),
+            "ef7bf75b5cb2318efb60ad17928dd36972bd3f207ea2a444179e761a69e2af5e"
+        );
+        let mut words = vec![0u32; 4];
+        apply_keystream(&mut words, &seed, true);
+        assert_eq!(words, [2731747467, 610553326, 1894569383, 2733239432]);
+        assert_eq!(
+            [encode_value(0.5), encode_value(-0.25), encode_value(0.125)],
+            [524288, 4294705152, 131072]
+        );
+    }
+
     #[test]
     fn messages_travel_as_hex_json() {
         let keys = AdvertisedKeys {

@@ -27,9 +27,30 @@ use tokio_tungstenite::tungstenite::Message;
 const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
 
 /// Every `type` a client may send (`ClientMessage::kind` names them).
-const CLIENT_KINDS: [&str; 6] = ["join", "ready", "progress", "update", "error", "leave"];
+const CLIENT_KINDS: [&str; 9] = [
+    "join",
+    "ready",
+    "progress",
+    "update",
+    "error",
+    "leave",
+    "secure-keys",
+    "secure-shares",
+    "secure-reveal",
+];
 /// Every `type` the server may send (`ServerMessage::kind`).
-const SERVER_KINDS: [&str; 6] = ["welcome", "plan", "task", "ack", "round-done", "error"];
+const SERVER_KINDS: [&str; 10] = [
+    "welcome",
+    "plan",
+    "task",
+    "ack",
+    "round-done",
+    "error",
+    "secure-setup",
+    "secure-roster",
+    "secure-inbox",
+    "secure-unmask",
+];
 
 /// The page's text.
 fn page() -> String {
