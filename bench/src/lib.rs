@@ -10,6 +10,7 @@
 //!   memory per client.
 //! - [`rounds`]: coordination overhead per round with many clients that
 //!   answer at once (echo clients: no training time to hide behind).
+//! - [`secagg`]: what secure aggregation costs, in memory and live.
 #![warn(missing_docs)]
 
 pub mod aggregate;
@@ -17,6 +18,7 @@ pub mod chaos;
 pub mod fuzz;
 pub mod idle;
 pub mod rounds;
+pub mod secagg;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -197,6 +197,31 @@ enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// What secure aggregation costs: the protocol in memory for several
+    /// numbers of maskers (none or a share dropping after the key
+    /// exchange), then live rounds of echo clients with it off, on, and on
+    /// with clients vanishing at their masked hop.
+    Secagg {
+        /// Numbers of maskers for the in-memory table.
+        #[arg(long, value_delimiter = ',', default_value = "10,20,50,100,255")]
+        maskers: Vec<u32>,
+        /// Values in the model (default: the MNIST CNN's).
+        #[arg(long, default_value_t = 63_286)]
+        params: usize,
+        /// Share of maskers that drop after the key exchange.
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// Live: clients (FedAvg, so every client masks); 0 skips the live
+        /// table.
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        /// Live: rounds timed per configuration.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -761,6 +786,48 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             print!("{}", astraea_bench::fuzz::table(&b));
             if let Some(crash) = &b.report.first_crash {
                 println!("first crash: {crash}");
+            }
+        }
+        BenchCommand::Secagg {
+            maskers,
+            params,
+            dropout,
+            clients,
+            rounds,
+            data_dir,
+        } => {
+            let mut rows = Vec::new();
+            for &n in &maskers {
+                for gone in [0, (f64::from(n) * dropout).round() as u32] {
+                    if gone == 0
+                        && rows
+                            .last()
+                            .is_some_and(|r: &astraea_bench::secagg::ProtocolBench| r.maskers == n)
+                    {
+                        continue;
+                    }
+                    rows.push(astraea_bench::secagg::protocol(n, gone, params)?);
+                }
+            }
+            print!("{}", astraea_bench::secagg::protocol_table(&rows));
+            if clients > 0 {
+                let mut live = Vec::new();
+                for (secure, vanish) in
+                    [(false, 0.0), (true, 0.0), (false, dropout), (true, dropout)]
+                {
+                    live.push(
+                        astraea_bench::secagg::live(
+                            data_dir.clone(),
+                            clients,
+                            rounds,
+                            secure,
+                            vanish,
+                        )
+                        .await?,
+                    );
+                }
+                println!();
+                print!("{}", astraea_bench::secagg::live_table(&live));
             }
         }
         BenchCommand::Rounds {
