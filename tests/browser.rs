@@ -248,6 +248,73 @@ async fn a_tab_joins_over_https_with_a_self_signed_certificate() -> anyhow::Resu
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -> anyhow::Result<()>
+{
+    // Prepare: FedAvg over three shards, so each client masks its own
+    // result: one tab (X25519 and ChaCha20 in WebAssembly) and two native
+    // clients. The masks cancel only if both implementations agree.
+    built_page()?;
+    let mut config = demo_config(3, 3000, 1, 1);
+    config.strategy = astraea_core::strategy::StrategyKind::FedAvg;
+    config.partition = astraea_core::partition::PartitionSpec::Iid;
+    config.secure_aggregation = true;
+    let (running, url) = serve_on_loopback(config).await?;
+    let address = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let driver = Chromedriver::start()?;
+    let tab = driver.open(&[]).await?;
+    tab.goto(&format!("{url}?join=1")).await?;
+    let natives = tokio::spawn(astraea_native::run_swarm(
+        2,
+        astraea_native::ClientOptions {
+            url: format!("ws://{address}/ws"),
+            data_dir: astraea_e2e::repo_root().join("data"),
+            max_frame_bytes: 1 << 20,
+            max_attempts: Some(1),
+            echo: false,
+            attack: None,
+            vanish: 0.0,
+            freeze: 0.0,
+            freeze_for: Duration::ZERO,
+        },
+    ));
+
+    // Execute
+    let state = running.state.clone();
+    wait_until("the secure round to finish", RUN_LIMIT, || {
+        !state.status().history.is_empty()
+    })
+    .await?;
+
+    // Assert: the round adopted the unmasked mean (a sum left masked fails
+    // the bounds check and drops the round) and it beats chance; the page
+    // says what leaves masked.
+    let dropped = state
+        .dropped_rounds
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let accuracy = state.status().history[0].accuracy;
+    let hops: Vec<(String, u64)> = state
+        .clients()
+        .values()
+        .map(|c| (c.backend.clone(), c.hops_done))
+        .collect();
+    natives.abort();
+    // Three clients with two native ones: the tab is among them, and each
+    // sent its one (masked) hop.
+    assert_eq!(hops.len(), 3, "{hops:?}");
+    assert!(hops.iter().all(|(_, done)| *done == 1), "{hops:?}");
+    assert_eq!(dropped, 0);
+    assert!(accuracy > 0.3, "accuracy {accuracy}");
+    let leaves = text_of(&tab, "leaves").await?;
+    assert!(leaves.contains("secure aggregation"), "{leaves}");
+    tab.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
 /// A GET on loopback; the response's head, lower-cased.
 async fn head_of(url: &str, path: &str, headers: &str) -> anyhow::Result<String> {
     let host = url.trim_start_matches("http://").trim_end_matches('/');

@@ -69,7 +69,10 @@ worker.onmessage = (event) => {
       // A reload of this tab comes back as the same client (same shard).
       try { if (m.resume) sessionStorage.setItem('astraea-resume', m.resume); } catch (e) { /* storage off */ }
       // What this run learns of the volunteer (docs/PRIVACY.md).
-      $('leaves').textContent = 'the weights after each training hop (never your images); '
+      $('leaves').textContent = 'the weights after each training hop (never your images)'
+        + (m.secureAggregation
+          ? ', except the last of your group\'s chain, which leaves masked: the server learns only the sum of all groups\' results (secure aggregation); '
+          : '; ')
         + (m.labelEpsilon
           ? `how many images of each label you hold, with random noise added (label privacy: epsilon ${m.labelEpsilon} per report, give or take ${(Math.sqrt(2 * Math.exp(-m.labelEpsilon)) / (1 - Math.exp(-m.labelEpsilon))).toFixed(1)} images a label)`
           : 'how many images of each label you hold, exactly (this run asks for no label privacy)')

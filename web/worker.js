@@ -99,7 +99,7 @@ function connect() {
         : client.on_binary(new Uint8Array(frame.data));
       if (typeof frame.data === 'string' && frame.data.includes('"welcome"')) {
         resumeToken = client.resume_token() || resumeToken;
-        say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken, labelEpsilon: client.label_epsilon() ?? null });
+        say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken, labelEpsilon: client.label_epsilon() ?? null, secureAggregation: client.secure_aggregation() });
       }
       return run(actions);
     }).catch((error) => say({ type: 'error', text: String(error) }));

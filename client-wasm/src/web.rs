@@ -496,6 +496,12 @@ impl WasmClient {
         self.session.borrow().label_epsilon()
     }
 
+    /// Whether the run sums the mediators' results under secure aggregation:
+    /// this tab's result, when it ends a chain, leaves masked.
+    pub fn secure_aggregation(&self) -> bool {
+        self.session.borrow().secure_aggregation()
+    }
+
     /// This tab's noisy label report and the counts behind it, as JSON
     /// `{"exact": [...], "noisy": [...]}`, for the page to keep in
     /// `sessionStorage`; `None` without label privacy.

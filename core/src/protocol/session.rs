@@ -96,6 +96,8 @@ pub struct ClientSession {
     label_epsilon_spent: f64,
     /// Secure aggregation: this round's masker, once a `secure-setup` came.
     masker: Option<(u32, crate::secagg::Masker)>,
+    /// The welcome said the run sums results under secure aggregation.
+    secure_aggregation: bool,
 }
 
 impl ClientSession {
@@ -142,6 +144,7 @@ impl ClientSession {
             earlier_report: None,
             label_epsilon_spent: 0.0,
             masker: None,
+            secure_aggregation: false,
         };
         (session, vec![ClientAction::Send(join)])
     }
@@ -236,6 +239,7 @@ impl ClientSession {
                         format!("label epsilon {epsilon} is not a positive finite number"),
                     );
                 }
+                self.secure_aggregation = privacy.as_ref().is_some_and(|p| p.secure_aggregation);
                 self.label_epsilon = privacy.and_then(|p| p.label_epsilon);
                 self.client_id = Some(client_id);
                 self.model = Some(model);
@@ -448,6 +452,12 @@ impl ClientSession {
     /// label privacy): the per-report epsilon times the noisy reports made.
     pub fn label_epsilon_spent(&self) -> f64 {
         self.label_epsilon_spent
+    }
+
+    /// Whether the run sums the mediators' results under secure aggregation
+    /// (the welcome's `privacy.secure_aggregation`).
+    pub fn secure_aggregation(&self) -> bool {
+        self.secure_aggregation
     }
 
     /// The per-report label epsilon the server asked for, once welcomed.
