@@ -355,10 +355,17 @@ impl ClientSession {
             },
             _ => return vec![],
         };
-        // A step that does not check out is refused, not answered: the
-        // server (or a masker) broke the protocol.
-        outcome
-            .unwrap_or_else(|e| self.fail(ErrorCode::Invalid, format!("secure aggregation: {e}")))
+        // A step that does not check out (a masker's share that does not
+        // decrypt, a server asking for too much) is not answered: this
+        // client drops out of the round's secure aggregation, says why, and
+        // stays connected. Its masked hop, if one comes, is given up.
+        outcome.unwrap_or_else(|e| {
+            self.masker = None;
+            vec![ClientAction::Send(ClientMessage::Error {
+                code: ErrorCode::Invalid,
+                message: format!("secure aggregation: {e}"),
+            })]
+        })
     }
 
     /// Handles a binary frame from the server.
@@ -487,16 +494,23 @@ impl ClientSession {
                     .as_ref()
                     .filter(|(round, _)| *round == task.round)
                     .map(|(_, m)| m);
-                let Some(masker) = masker else {
-                    return self.fail(
-                        ErrorCode::Unexpected,
-                        format!("a masked hop in round {} without its keys", task.round),
-                    );
+                // Without this round's keys (it dropped out of the exchange,
+                // or reconnected since) the hop is given up, never answered
+                // in the clear; the server skips it at once.
+                let masked_values = match masker {
+                    Some(masker) => masker.mask(weights, weight).map_err(|e| e.to_string()),
+                    None => Err(format!(
+                        "no secure-aggregation keys for round {}",
+                        task.round
+                    )),
                 };
-                match masker.mask(weights, weight) {
+                match masked_values {
                     Ok(values) => masked = super::frames::masked_bits(&values),
                     Err(e) => {
-                        return self.fail(ErrorCode::Invalid, format!("secure aggregation: {e}"));
+                        return vec![ClientAction::Send(ClientMessage::Error {
+                            code: ErrorCode::Unexpected,
+                            message: format!("masked hop given up: {e}"),
+                        })];
                     }
                 }
                 (masked.as_slice(), super::frames::WeightEncoding::Masked)
@@ -903,5 +917,99 @@ mod tests {
             matches!(refused_actions.as_slice(), [ClientAction::Close(m)] if m.contains("old"))
         );
         assert!(refused.is_closed());
+    }
+
+    #[test]
+    fn a_masker_masks_its_last_hop_and_drops_out_of_a_round_it_cannot_check() {
+        use crate::secagg::{Masker, SecAggParams};
+        let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        session.on_text(&welcome(None));
+        // Round 4: this client holds slot 1 of two; slot 2 is a masker
+        // written here.
+        let setup = ServerMessage::SecureSetup {
+            round: 4,
+            slot: 1,
+            maskers: 2,
+            threshold: 2,
+        };
+        let actions = session.on_text(&setup.to_json());
+        let [ClientAction::Send(ClientMessage::SecureKeys { keys, .. })] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        let keys = *keys;
+        let params = SecAggParams::new(4, 2, 2).unwrap();
+        let mut other = Masker::new(params, 2, [9; 32]).unwrap();
+        let roster = vec![keys, other.keys()];
+        let actions = session.on_text(
+            &ServerMessage::SecureRoster {
+                round: 4,
+                keys: roster.clone(),
+            }
+            .to_json(),
+        );
+        let [ClientAction::Send(ClientMessage::SecureShares { shares, .. })] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        let to_session = other.share_keys(&roster).unwrap();
+        other.receive_shares(shares).unwrap();
+        assert!(
+            session
+                .on_text(
+                    &ServerMessage::SecureInbox {
+                        round: 4,
+                        shares: to_session
+                    }
+                    .to_json()
+                )
+                .is_empty()
+        );
+        // The masked hop answers in the masked encoding.
+        let mut masked_task = task();
+        masked_task.round = 4;
+        masked_task.secure_weight = Some(0.5);
+        let actions = session.trained(&masked_task, &[0.25; 5], 10, 0.1, 1.0);
+        let ClientAction::Send(ClientMessage::Update(update)) = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(
+            update.encoding,
+            super::super::frames::WeightEncoding::Masked
+        );
+
+        // Round 5: a roster that leaves this client out is refused with an
+        // error, the connection stays, and the masked hop is given up.
+        let setup = ServerMessage::SecureSetup {
+            round: 5,
+            slot: 1,
+            maskers: 2,
+            threshold: 2,
+        };
+        session.on_text(&setup.to_json());
+        let stranger = Masker::new(SecAggParams::new(5, 2, 2).unwrap(), 2, [3; 32]).unwrap();
+        let actions = session.on_text(
+            &ServerMessage::SecureRoster {
+                round: 5,
+                keys: vec![stranger.keys()],
+            }
+            .to_json(),
+        );
+        assert!(
+            matches!(
+                &actions[..],
+                [ClientAction::Send(ClientMessage::Error { .. })]
+            ),
+            "{actions:?}"
+        );
+        assert!(!session.is_closed());
+        masked_task.round = 5;
+        let actions = session.trained(&masked_task, &[0.25; 5], 10, 0.1, 1.0);
+        assert!(
+            matches!(
+                &actions[..],
+                [ClientAction::Send(ClientMessage::Error { .. })]
+            ),
+            "{actions:?}"
+        );
+        assert!(!session.is_closed());
     }
 }
