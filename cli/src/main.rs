@@ -422,6 +422,10 @@ struct SimulateArgs {
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
     /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
+    /// Use only the first N training samples (as `serve --max-train`):
+    /// with --clients K, the federation of K demo shards of a served run.
+    #[arg(long)]
+    max_train: Option<usize>,
     #[arg(long, default_value = "long-tail:10")]
     partition: PartitionSpec,
     /// K: clients in the federation.
@@ -1100,6 +1104,10 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     }
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
+    let train = match args.max_train {
+        Some(n) if n < train.len() => train.subset(&(0..n).collect::<Vec<_>>()),
+        _ => train,
+    };
     std::fs::create_dir_all(&config.out_dir)
         .with_context(|| format!("creating {}", config.out_dir.display()))?;
     eprintln!(

@@ -176,6 +176,14 @@ impl SecAggParams {
         })
     }
 
+    /// The fewest survivors with which the sum may be unmasked: the
+    /// threshold, and at least three once there are three maskers (the sum
+    /// of two, one of them colluding with the server, is the other's
+    /// result).
+    pub fn min_survivors(&self) -> usize {
+        (self.threshold as usize).max(3.min(self.maskers as usize))
+    }
+
     fn check_slot(&self, slot: u32) -> Result<(), SecAggError> {
         if slot == 0 || slot > self.maskers {
             return Err(SecAggError::Slot(slot));
@@ -195,6 +203,11 @@ pub struct AdvertisedKeys {
     /// X25519 public key for the pairwise masks.
     #[serde(with = "hex32")]
     pub mask_key: [u8; 32],
+    /// SHA-256 of the masker's self-mask seed: the server checks the seed
+    /// it rebuilds from the survivors' shares against it, so a wrong share
+    /// is caught instead of leaving noise in the sum.
+    #[serde(with = "hex32")]
+    pub seed_commitment: [u8; 32],
 }
 
 /// A share from one masker to another, encrypted so the server that
@@ -255,6 +268,14 @@ pub fn share_info(round: u32, a: u32, b: u32) -> Vec<u8> {
     info
 }
 
+/// Whether `public` is a usable X25519 key: not one of the low-order
+/// points, whose shared secret with any key is all zeros (RFC 7748 §6.1).
+pub fn is_contributory(public: &[u8; 32]) -> bool {
+    StaticSecret::from([1u8; 32])
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
+}
+
 fn agreed_key(secret: &StaticSecret, public: &[u8; 32], info: &[u8]) -> [u8; 32] {
     let shared = secret.diffie_hellman(&PublicKey::from(*public));
     let mut key = [0u8; 32];
@@ -262,6 +283,12 @@ fn agreed_key(secret: &StaticSecret, public: &[u8; 32], info: &[u8]) -> [u8; 32]
         .expand(info, &mut key)
         .expect("32 bytes is a valid HKDF-SHA256 length");
     key
+}
+
+/// SHA-256 of a self-mask seed ([`AdvertisedKeys::seed_commitment`]).
+pub fn commitment(seed: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::digest(seed).into()
 }
 
 fn share_nonce(from: u32, to: u32) -> [u8; 12] {
@@ -313,8 +340,13 @@ pub struct Masker {
     rng: ChaCha20Rng,
     roster: BTreeMap<u32, AdvertisedKeys>,
     shared: bool,
-    /// Shares received: from slot -> (mask-key share, self-seed share).
+    /// Shares received: from slot -> (mask-key share, self-seed share);
+    /// its own share of its own secrets included.
     received: BTreeMap<u32, (Vec<u8>, Vec<u8>)>,
+    /// The maskers that shared keys with this one (its inbox's senders
+    /// and itself), once the inbox came: those its result is masked
+    /// against, even when a sender's share did not check out.
+    sharers: Option<BTreeSet<u32>>,
     revealed: bool,
 }
 
@@ -355,6 +387,7 @@ impl Masker {
             roster: BTreeMap::new(),
             shared: false,
             received: BTreeMap::new(),
+            sharers: None,
             revealed: false,
         })
     }
@@ -382,6 +415,7 @@ impl Masker {
             slot: self.slot,
             cipher_key: PublicKey::from(&self.cipher_secret).to_bytes(),
             mask_key: PublicKey::from(&self.mask_secret).to_bytes(),
+            seed_commitment: commitment(&self.self_seed),
         }
     }
 
@@ -457,75 +491,92 @@ impl Masker {
 
     /// Step 2, receiving: the shares addressed to this masker, one from
     /// every other masker that shared keys. The senders (and this masker)
-    /// are the maskers whose pairwise masks [`Masker::mask`] adds.
+    /// are the maskers whose pairwise masks [`Masker::mask`] adds. A share
+    /// that does not decrypt or check out is not kept, but its sender still
+    /// counts as a sharer (the pairwise mask comes from the roster's keys,
+    /// not from the share): one hostile masker cannot push honest ones out
+    /// of the round. Returns the senders whose shares were not kept.
     ///
     /// # Errors
-    /// [`SecAggError::BadShare`] for a share that does not decrypt or names
-    /// another pair; [`SecAggError::Slot`] for a sender not in the roster or
-    /// heard twice; [`SecAggError::TooFew`] when fewer than `threshold`
-    /// maskers (this one included) shared; [`SecAggError::Order`] before
-    /// [`Masker::share_keys`].
-    pub fn receive_shares(&mut self, shares: &[EncryptedShare]) -> Result<(), SecAggError> {
-        if !self.shared || self.received.len() != 1 {
+    /// [`SecAggError::TooFew`] when fewer than `threshold` maskers (this one
+    /// included) shared; [`SecAggError::Order`] before
+    /// [`Masker::share_keys`], or twice.
+    pub fn receive_shares(&mut self, shares: &[EncryptedShare]) -> Result<Vec<u32>, SecAggError> {
+        if !self.shared || self.sharers.is_some() {
             return Err(SecAggError::Order(
                 "shares received before sharing keys, or twice".into(),
             ));
         }
+        let mut sharers = BTreeSet::from([self.slot]);
         let mut received = BTreeMap::new();
+        let mut refused = Vec::new();
         for share in shares {
-            let keys = self
-                .roster
-                .get(&share.from)
-                .filter(|_| share.from != self.slot && share.to == self.slot)
-                .ok_or(SecAggError::Slot(share.from))?;
-            if received.contains_key(&share.from) {
-                return Err(SecAggError::Slot(share.from));
-            }
-            let bad = |reason: &str| SecAggError::BadShare {
-                from: share.from,
-                reason: reason.into(),
-            };
-            let key = agreed_key(
-                &self.cipher_secret,
-                &keys.cipher_key,
-                &share_info(self.params.round, share.from, self.slot),
-            );
-            let plaintext = ChaCha20Poly1305::new(&key.into())
-                .decrypt(
-                    &share_nonce(share.from, self.slot).into(),
-                    Payload {
-                        msg: &share.ciphertext,
-                        aad: &[],
-                    },
-                )
-                .map_err(|_| bad("does not decrypt"))?;
-            if plaintext.len() != SHARE_PLAINTEXT_BYTES
-                || plaintext[..4] != share.from.to_le_bytes()
-                || plaintext[4..8] != self.slot.to_le_bytes()
+            // A sender outside the roster, or heard twice, has no pairwise
+            // key here (or a second one): ignored.
+            if share.from == self.slot
+                || share.to != self.slot
+                || !self.roster.contains_key(&share.from)
+                || !sharers.insert(share.from)
             {
-                return Err(bad("names another pair or has the wrong length"));
+                continue;
             }
-            let mask_share = plaintext[8..8 + SHARE_BYTES].to_vec();
-            let seed_share = plaintext[8 + SHARE_BYTES..].to_vec();
-            if mask_share[0] as u32 != self.slot || seed_share[0] as u32 != self.slot {
-                return Err(bad("is not this masker's share"));
+            match self.open_share(share) {
+                Some(pair) => {
+                    received.insert(share.from, pair);
+                }
+                None => refused.push(share.from),
             }
-            received.insert(share.from, (mask_share, seed_share));
         }
-        if received.len() + 1 < self.params.threshold as usize {
+        if sharers.len() < self.params.threshold as usize {
             return Err(SecAggError::TooFew {
-                got: received.len() + 1,
+                got: sharers.len(),
                 threshold: self.params.threshold,
             });
         }
         self.received.extend(received);
-        Ok(())
+        self.sharers = Some(sharers);
+        Ok(refused)
+    }
+
+    /// The (mask-key share, self-seed share) inside `share`, if it
+    /// decrypts and is what it says it is.
+    fn open_share(&self, share: &EncryptedShare) -> Option<(Vec<u8>, Vec<u8>)> {
+        let keys = self.roster.get(&share.from)?;
+        let key = agreed_key(
+            &self.cipher_secret,
+            &keys.cipher_key,
+            &share_info(self.params.round, share.from, self.slot),
+        );
+        let plaintext = ChaCha20Poly1305::new(&key.into())
+            .decrypt(
+                &share_nonce(share.from, self.slot).into(),
+                Payload {
+                    msg: &share.ciphertext,
+                    aad: &[],
+                },
+            )
+            .ok()?;
+        let ok = plaintext.len() == SHARE_PLAINTEXT_BYTES
+            && plaintext[..4] == share.from.to_le_bytes()
+            && plaintext[4..8] == self.slot.to_le_bytes()
+            && plaintext[8] as u32 == self.slot
+            && plaintext[8 + SHARE_BYTES] as u32 == self.slot;
+        ok.then(|| {
+            (
+                plaintext[8..8 + SHARE_BYTES].to_vec(),
+                plaintext[8 + SHARE_BYTES..].to_vec(),
+            )
+        })
     }
 
     /// The maskers that shared keys with this one (itself included), in
-    /// order: those its masked input is masked against.
+    /// order: those its masked input is masked against. Empty before the
+    /// inbox came.
     pub fn sharers(&self) -> Vec<u32> {
-        self.received.keys().copied().collect()
+        self.sharers
+            .as_ref()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Step 3: `values` times `weight`, in fixed point, masked.
@@ -537,11 +588,11 @@ impl Masker {
     /// [`SecAggError::Value`] for a weight outside `[0, 1]` or a
     /// non-finite value; [`SecAggError::Order`] before the shares arrived.
     pub fn mask(&self, values: &[f32], weight: f64) -> Result<Vec<u32>, SecAggError> {
-        if self.received.len() < 2 && self.params.maskers > 1 {
+        let Some(sharers) = &self.sharers else {
             return Err(SecAggError::Order(
                 "masking before the shares arrived".into(),
             ));
-        }
+        };
         if !(0.0..=1.0).contains(&weight) {
             return Err(SecAggError::Value(weight));
         }
@@ -553,7 +604,7 @@ impl Masker {
             .map(|&v| encode_value(f64::from(v) * weight))
             .collect();
         apply_keystream(&mut out, &self.self_seed, true);
-        for &other in self.received.keys().filter(|&&s| s != self.slot) {
+        for &other in sharers.iter().filter(|&&s| s != self.slot) {
             let keys = &self.roster[&other];
             let seed = agreed_key(
                 &self.mask_secret,
@@ -566,14 +617,16 @@ impl Masker {
     }
 
     /// Step 4: the shares the server asks for: of each survivor's self-mask
-    /// seed and each dropped masker's mask key. Answers once a round.
+    /// seed and each dropped masker's mask key (those this masker holds:
+    /// a share that did not check out is left out). Answers once a round.
     ///
     /// # Errors
     /// [`SecAggError::Slot`] when a slot is both survivor and dropped, this
-    /// masker is not a survivor, or a slot never shared;
-    /// [`SecAggError::TooFew`] for fewer survivors than the threshold (the
-    /// server would gain nothing but a chance to learn a secret);
-    /// [`SecAggError::Order`] when asked twice.
+    /// masker is not a survivor, or the two lists together are not exactly
+    /// the maskers that shared; [`SecAggError::TooFew`] for fewer survivors
+    /// than [`SecAggParams::min_survivors`] (the server would gain nothing
+    /// but a chance to learn a result); [`SecAggError::Order`] before the
+    /// inbox, or when asked twice.
     pub fn reveal(
         &mut self,
         survivors: &[u32],
@@ -582,6 +635,11 @@ impl Masker {
         if self.revealed {
             return Err(SecAggError::Order("already revealed this round".into()));
         }
+        let Some(sharers) = &self.sharers else {
+            return Err(SecAggError::Order(
+                "asked to reveal before the inbox".into(),
+            ));
+        };
         let survivors_set: BTreeSet<u32> = survivors.iter().copied().collect();
         let dropped_set: BTreeSet<u32> = dropped.iter().copied().collect();
         if survivors_set.len() != survivors.len() || dropped_set.len() != dropped.len() {
@@ -597,36 +655,40 @@ impl Masker {
         // maskers that shared: anyone else has no shares here, and a
         // server that leaves someone out could be hiding a double claim.
         let named: BTreeSet<u32> = survivors_set.union(&dropped_set).copied().collect();
-        let sharers: BTreeSet<u32> = self.received.keys().copied().collect();
-        if named != sharers {
+        if named != *sharers {
             let odd = named
-                .symmetric_difference(&sharers)
+                .symmetric_difference(sharers)
                 .next()
                 .copied()
                 .unwrap_or(0);
             return Err(SecAggError::Slot(odd));
         }
-        if survivors_set.len() < self.params.threshold as usize {
+        let needed = self.params.min_survivors();
+        if survivors_set.len() < needed {
             return Err(SecAggError::TooFew {
                 got: survivors_set.len(),
-                threshold: self.params.threshold,
+                threshold: needed as u32,
             });
         }
         self.revealed = true;
         let mut out = Vec::with_capacity(named.len());
-        for &slot in &survivors_set {
-            out.push(RevealedShare {
-                of: slot,
-                kind: SecretKind::SelfMask,
-                share: self.received[&slot].1.clone(),
-            });
+        for slot in &survivors_set {
+            if let Some((_, seed_share)) = self.received.get(slot) {
+                out.push(RevealedShare {
+                    of: *slot,
+                    kind: SecretKind::SelfMask,
+                    share: seed_share.clone(),
+                });
+            }
         }
-        for &slot in &dropped_set {
-            out.push(RevealedShare {
-                of: slot,
-                kind: SecretKind::MaskKey,
-                share: self.received[&slot].0.clone(),
-            });
+        for slot in &dropped_set {
+            if let Some((mask_share, _)) = self.received.get(slot) {
+                out.push(RevealedShare {
+                    of: *slot,
+                    kind: SecretKind::MaskKey,
+                    share: mask_share.clone(),
+                });
+            }
         }
         Ok(out)
     }
@@ -639,6 +701,9 @@ fn check_roster(
     let mut map = BTreeMap::new();
     for keys in roster {
         params.check_slot(keys.slot)?;
+        if !is_contributory(&keys.cipher_key) || !is_contributory(&keys.mask_key) {
+            return Err(SecAggError::Slot(keys.slot));
+        }
         if map.insert(keys.slot, *keys).is_some() {
             return Err(SecAggError::Slot(keys.slot));
         }
@@ -689,7 +754,14 @@ impl Unmasker {
     /// # Errors
     /// As [`Masker::share_keys`]'s roster checks.
     pub fn roster(&mut self, keys: &[AdvertisedKeys]) -> Result<Vec<AdvertisedKeys>, SecAggError> {
-        self.roster = check_roster(&self.params, keys)?;
+        // A low-order key would make the agreed keys public: its masker
+        // stays out of the round.
+        let usable: Vec<AdvertisedKeys> = keys
+            .iter()
+            .filter(|k| is_contributory(&k.cipher_key) && is_contributory(&k.mask_key))
+            .copied()
+            .collect();
+        self.roster = check_roster(&self.params, &usable)?;
         Ok(self.roster.values().copied().collect())
     }
 
@@ -807,13 +879,16 @@ impl Unmasker {
     ) -> Result<(Vec<f32>, f64), SecAggError> {
         let (survivors, dropped) = self.unmask_request();
         let threshold = self.params.threshold as usize;
-        if survivors.len() < threshold {
+        let needed = self.params.min_survivors();
+        if survivors.len() < needed {
             return Err(SecAggError::TooFew {
                 got: survivors.len(),
-                threshold: self.params.threshold,
+                threshold: needed as u32,
             });
         }
-        let mut shares: BTreeMap<(u32, SecretKind), Vec<Share>> = BTreeMap::new();
+        // One share per (secret, revealer): a share's x is its revealer's
+        // slot, so a revealer that repeats itself adds nothing.
+        let mut shares: BTreeMap<(u32, SecretKind), BTreeMap<u32, Share>> = BTreeMap::new();
         for (&from, list) in revealed {
             if !self.weights.contains_key(&from) {
                 continue;
@@ -827,25 +902,62 @@ impl Unmasker {
                     continue;
                 }
                 if let Ok(share) = Share::try_from(r.share.as_slice()) {
-                    shares.entry((r.of, r.kind)).or_default().push(share);
+                    shares
+                        .entry((r.of, r.kind))
+                        .or_default()
+                        .entry(from)
+                        .or_insert(share);
                 }
             }
         }
         let sharks = Sharks(self.params.threshold as u8);
+        // Rebuilds a secret from `threshold` of its shares and checks it
+        // against what its owner advertised (the seed's commitment, the
+        // mask key's public key); one wrong share from a hostile revealer
+        // is stepped around by leaving out each share in turn.
+        let roster = &self.roster;
         let recover = |slot: u32, kind: SecretKind| -> Result<[u8; 32], SecAggError> {
-            let list = shares.get(&(slot, kind)).map(Vec::as_slice).unwrap_or(&[]);
+            let list: Vec<Share> = shares
+                .get(&(slot, kind))
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
             if list.len() < threshold {
                 return Err(SecAggError::TooFew {
                     got: list.len(),
                     threshold: self.params.threshold,
                 });
             }
-            let secret = sharks
-                .recover(&list[..threshold])
-                .map_err(|_| SecAggError::Reconstruct(slot))?;
-            secret
-                .try_into()
-                .map_err(|_| SecAggError::Reconstruct(slot))
+            let advertised = &roster[&slot];
+            let left_out = std::iter::once(None).chain((0..list.len()).map(Some));
+            for skip in left_out {
+                let subset: Vec<Share> = list
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != skip)
+                    .map(|(_, share)| share.clone())
+                    .take(threshold)
+                    .collect();
+                if subset.len() < threshold {
+                    continue;
+                }
+                let Ok(secret) = sharks.recover(&subset) else {
+                    continue;
+                };
+                let Ok(secret) = <[u8; 32]>::try_from(secret) else {
+                    continue;
+                };
+                let checks = match kind {
+                    SecretKind::SelfMask => commitment(&secret) == advertised.seed_commitment,
+                    SecretKind::MaskKey => {
+                        PublicKey::from(&StaticSecret::from(secret)).to_bytes()
+                            == advertised.mask_key
+                    }
+                };
+                if checks {
+                    return Ok(secret);
+                }
+            }
+            Err(SecAggError::Reconstruct(slot))
         };
         for &slot in &survivors {
             let seed = recover(slot, SecretKind::SelfMask)?;
@@ -853,9 +965,6 @@ impl Unmasker {
         }
         for &gone in &dropped {
             let secret = StaticSecret::from(recover(gone, SecretKind::MaskKey)?);
-            if PublicKey::from(&secret).to_bytes() != self.roster[&gone].mask_key {
-                return Err(SecAggError::Reconstruct(gone));
-            }
             for &u in &survivors {
                 let seed = agreed_key(
                     &secret,
@@ -1053,10 +1162,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_masker_reveals_once_and_never_both_secrets_of_one_slot() {
-        let params = SecAggParams::new(2, 3, 2).unwrap();
-        let mut maskers: Vec<Masker> = (1..=3)
+    /// Maskers of one round with their keys shared and inboxes read.
+    fn exchanged(round: u32, n: u32, threshold: u32) -> Vec<Masker> {
+        let params = SecAggParams::new(round, n, threshold).unwrap();
+        let mut maskers: Vec<Masker> = (1..=n)
             .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
             .collect();
         let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
@@ -1071,50 +1180,138 @@ mod tests {
                 .filter(|s| s.to == m.slot())
                 .cloned()
                 .collect();
-            m.receive_shares(&inbox).unwrap();
+            assert!(m.receive_shares(&inbox).unwrap().is_empty());
         }
+        maskers
+    }
+
+    #[test]
+    fn a_masker_reveals_once_and_never_both_secrets_of_one_slot() {
+        let mut maskers = exchanged(2, 4, 3);
         let m = &mut maskers[0];
         assert_eq!(
-            m.reveal(&[1, 2], &[2, 3]).unwrap_err(),
-            SecAggError::Slot(2)
+            m.reveal(&[1, 2, 3], &[3, 4]).unwrap_err(),
+            SecAggError::Slot(3)
         );
-        assert_eq!(m.reveal(&[2, 3], &[1]).unwrap_err(), SecAggError::Slot(1));
-        assert_eq!(m.reveal(&[1, 2], &[]).unwrap_err(), SecAggError::Slot(3));
-        assert!(m.reveal(&[1, 2], &[3]).is_ok());
+        assert_eq!(
+            m.reveal(&[2, 3, 4], &[1]).unwrap_err(),
+            SecAggError::Slot(1)
+        );
+        assert_eq!(m.reveal(&[1, 2, 3], &[]).unwrap_err(), SecAggError::Slot(4));
+        assert!(m.reveal(&[1, 2, 3], &[4]).is_ok());
         assert!(matches!(
-            m.reveal(&[1, 2], &[3]),
+            m.reveal(&[1, 2, 3], &[4]),
             Err(SecAggError::Order(_))
         ));
     }
 
     #[test]
-    fn a_tampered_or_misaddressed_share_is_refused() {
-        let params = SecAggParams::new(3, 3, 2).unwrap();
-        let mut maskers: Vec<Masker> = (1..=3)
+    fn two_survivors_of_three_are_not_unmasked() {
+        // Their sum, less one colluding survivor's result, would be the
+        // other's.
+        let mut maskers = exchanged(6, 3, 2);
+        let err = maskers[0].reveal(&[1, 2], &[3]).unwrap_err();
+        assert!(matches!(err, SecAggError::TooFew { got: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tampered_share_is_left_out_and_the_round_still_unmasks() {
+        // Masker 2 sends masker 1 a share that does not decrypt: masker 1
+        // keeps masking against 2 (the mask comes from the roster's keys)
+        // and the round's mean comes out right.
+        let n = 4;
+        let params = SecAggParams::new(5, n, 3).unwrap();
+        let mut maskers: Vec<Masker> = (1..=n)
+            .map(|s| Masker::new(params, s, [s as u8 + 9; 32]).unwrap())
+            .collect();
+        let mut server = Unmasker::new(params, 64);
+        let roster = server
+            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
+            .unwrap();
+        let mut sent = BTreeMap::new();
+        for m in &mut maskers {
+            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
+        }
+        let mut inboxes = server.route(sent).unwrap();
+        let to_one = inboxes.get_mut(&1).unwrap();
+        let from_two = to_one.iter_mut().find(|s| s.from == 2).unwrap();
+        from_two.ciphertext[10] ^= 1;
+        for m in &mut maskers {
+            let refused = m.receive_shares(&inboxes[&m.slot()]).unwrap();
+            assert_eq!(refused, if m.slot() == 1 { vec![2] } else { vec![] });
+            assert_eq!(m.sharers(), vec![1, 2, 3, 4]);
+        }
+        let inputs = inputs(n as usize, 64);
+        for (m, (values, weight)) in maskers.iter().zip(&inputs) {
+            server
+                .add_masked(m.slot(), &m.mask(values, *weight).unwrap(), *weight)
+                .unwrap();
+        }
+        let (survivors, dropped) = server.unmask_request();
+        let mut revealed = BTreeMap::new();
+        for m in &mut maskers {
+            revealed.insert(m.slot(), m.reveal(&survivors, &dropped).unwrap());
+        }
+        // Masker 1 lacks 2's seed share; the others' three suffice.
+        assert_eq!(revealed[&1].len(), 3);
+        let (mean, _) = server.finish(&revealed).unwrap();
+        assert_close(&mean, &weighted_mean(&inputs, &[]));
+    }
+
+    #[test]
+    fn a_wrong_or_repeated_revealed_share_is_stepped_around() {
+        // Five maskers, threshold 3: revealer 1 sends a garbage share of
+        // masker 2's seed, twice; the commitment catches the rebuild that
+        // uses it and another set of shares gives the right seed.
+        let n = 5;
+        let params = SecAggParams::new(8, n, 3).unwrap();
+        let mut maskers: Vec<Masker> = (1..=n)
+            .map(|s| Masker::new(params, s, [s as u8 + 20; 32]).unwrap())
+            .collect();
+        let mut server = Unmasker::new(params, 32);
+        let roster = server
+            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
+            .unwrap();
+        let mut sent = BTreeMap::new();
+        for m in &mut maskers {
+            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
+        }
+        let inboxes = server.route(sent).unwrap();
+        for m in &mut maskers {
+            m.receive_shares(&inboxes[&m.slot()]).unwrap();
+        }
+        let inputs = inputs(n as usize, 32);
+        for (m, (values, weight)) in maskers.iter().zip(&inputs) {
+            server
+                .add_masked(m.slot(), &m.mask(values, *weight).unwrap(), *weight)
+                .unwrap();
+        }
+        let (survivors, dropped) = server.unmask_request();
+        let mut revealed = BTreeMap::new();
+        for m in &mut maskers {
+            revealed.insert(m.slot(), m.reveal(&survivors, &dropped).unwrap());
+        }
+        let lies = revealed.get_mut(&1).unwrap();
+        let bad = lies.iter_mut().find(|r| r.of == 2).unwrap();
+        bad.share[5] ^= 0x5a;
+        let again = bad.clone();
+        lies.push(again);
+        let (mean, _) = server.finish(&revealed).unwrap();
+        assert_close(&mean, &weighted_mean(&inputs, &[]));
+    }
+
+    #[test]
+    fn a_low_order_key_stays_out_of_the_roster() {
+        let params = SecAggParams::new(1, 3, 2).unwrap();
+        let maskers: Vec<Masker> = (1..=3)
             .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
             .collect();
-        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
-        let sent: Vec<Vec<EncryptedShare>> = maskers
-            .iter_mut()
-            .map(|m| m.share_keys(&roster).unwrap())
-            .collect();
-        let mut to_two: Vec<_> = sent
-            .iter()
-            .flatten()
-            .filter(|s| s.to == 2)
-            .cloned()
-            .collect();
-        to_two[0].ciphertext[10] ^= 1;
-        let err = maskers[1].receive_shares(&to_two).unwrap_err();
-        assert!(matches!(err, SecAggError::BadShare { .. }), "{err}");
-        let to_three: Vec<_> = sent
-            .iter()
-            .flatten()
-            .filter(|s| s.to == 3)
-            .cloned()
-            .collect();
-        let err = maskers[1].receive_shares(&to_three).unwrap_err();
-        assert!(matches!(err, SecAggError::Slot(_)), "{err}");
+        let mut keys: Vec<_> = maskers.iter().map(Masker::keys).collect();
+        keys[2].mask_key = [0; 32];
+        let mut server = Unmasker::new(params, 4);
+        let roster = server.roster(&keys).unwrap();
+        assert_eq!(roster.iter().map(|k| k.slot).collect::<Vec<_>>(), [1, 2]);
+        assert!(check_roster(&params, &keys).is_err());
     }
 
     #[test]
@@ -1186,6 +1383,7 @@ mod tests {
             slot: 2,
             cipher_key: [0xab; 32],
             mask_key: [1; 32],
+            seed_commitment: [7; 32],
         };
         let text = serde_json::to_string(&keys).unwrap();
         assert!(text.contains(&"ab".repeat(32)), "{text}");

@@ -281,6 +281,14 @@ async fn configure(
         Ok(change) => change,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad settings: {e}")).into_response(),
     };
+    let max = astraea_core::secagg::MAX_MASKERS as usize;
+    if state.config.secure_aggregation && change.participants.is_some_and(|c| c > max) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("secure aggregation sums at most {max} results a round: participants <= {max}"),
+        )
+            .into_response();
+    }
     let outcome = crate::state::lock(&state.tunable).apply(change);
     match outcome {
         Ok(()) => {

@@ -232,6 +232,11 @@ impl Connection {
                 if let Some(entry) = self.state.clients().get_mut(&id) {
                     entry.pending = None;
                 }
+                // A masker that reports a problem is out of the round's
+                // secure aggregation: no step waits for it.
+                if let Some(secure) = lock(&self.state.secure).clone() {
+                    secure.withdraw(id);
+                }
                 Ok(true)
             }
             (Some(id), ClientMessage::SecureKeys { round, keys }) => {

@@ -228,13 +228,35 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         }
         let mediator_count = plan.groups.len() as u32;
         let secure = if config.secure_aggregation {
-            start_secure_round(
+            let started = start_secure_round(
                 &state,
                 round,
                 &plan.groups,
                 &participants,
                 global.values.len(),
-            )
+            );
+            if started.is_none() {
+                // Fail closed: without a secure round no chain may run, or
+                // its last hop would go out in the clear.
+                close_round(
+                    &state,
+                    &data,
+                    strategy.as_ref(),
+                    &mut global,
+                    round,
+                    (&[], &[]),
+                    mean_kl,
+                    start,
+                    None,
+                    Some(Err(
+                        "the secure round could not start; nothing trained".into()
+                    )),
+                )
+                .await?;
+                round += 1;
+                continue;
+            }
+            started
         } else {
             None
         };
@@ -624,9 +646,8 @@ async fn run_async(
 }
 
 /// Starts round `round`'s secure aggregation: the last member of each
-/// group masks, weighted by its group's share of the round's samples; the
-/// key exchange starts now, beside the chains. `None` (and the round is
-/// trained without results) when it cannot start.
+/// group masks; the key exchange starts now, beside the chains. `None`
+/// when it cannot start (the round then trains nothing: it fails closed).
 fn start_secure_round(
     state: &Arc<AppState>,
     round: u32,
@@ -634,21 +655,21 @@ fn start_secure_round(
     participants: &[Participant],
     len: usize,
 ) -> Option<Arc<SecureRound>> {
-    let samples = |group: &Group| -> u64 {
-        group_counts(group, participants)
-            .iter()
-            .map(|&c| c as u64)
-            .sum()
-    };
-    let total: u64 = groups.iter().map(samples).sum::<u64>().max(1);
-    let maskers: Vec<(u64, f64)> = groups
+    let total: u64 = groups
         .iter()
         .map(|g| {
-            let last = g.members.last().copied().unwrap_or_default() as u64;
-            (last, samples(g) as f64 / total as f64)
+            group_counts(g, participants)
+                .iter()
+                .map(|&c| c as u64)
+                .sum::<u64>()
         })
+        .sum::<u64>()
+        .max(1);
+    let maskers: Vec<u64> = groups
+        .iter()
+        .map(|g| g.members.last().copied().unwrap_or_default() as u64)
         .collect();
-    match SecureRound::new(round, &maskers, len) {
+    match SecureRound::new(round, &maskers, total, len) {
         Ok(secure) => {
             let secure = Arc::new(secure);
             *lock(&state.secure) = Some(secure.clone());
@@ -862,6 +883,8 @@ async fn run_chain(
     let mut weights_loss = None;
     let mut samples = vec![None; group.members.len()];
     let mut hop = 0u32;
+    // Under secure aggregation: the masked last hop went into the sum.
+    let mut masked_ok = false;
     for pass in 0..group.passes {
         for (position, &member) in group.members.iter().enumerate() {
             hop += 1;
@@ -896,33 +919,47 @@ async fn run_chain(
                 }),
                 secure_weight: None,
             };
-            // Under secure aggregation the chain's last hop answers masked,
-            // once the key exchange has named its masker a sharer.
-            let last = pass + 1 == group.passes && position + 1 == group.members.len();
+            // Under secure aggregation the masker (the chain's last member)
+            // trains only once the key exchange is over, so it answers the
+            // exchange while idle; the chain is over if it is not a sharer
+            // (its result could not be summed). Its last hop answers
+            // masked, weighted by the samples the chain really trained.
+            let is_masker = position + 1 == group.members.len();
+            let last = pass + 1 == group.passes && is_masker;
             let mut task = task;
-            let masker = match (&secure, last) {
-                (Some((secure, mediator)), true) => {
-                    let (slot, weight) = secure.slot(*mediator);
-                    match secure.sharers(&state).await {
-                        Ok(sharers) if sharers.contains(&slot) => {
-                            task.secure_weight = Some(weight);
-                            Some((secure.clone(), slot))
-                        }
-                        outcome => {
-                            let reason = match outcome {
-                                Err(e) => format!("secure aggregation failed: {e}"),
-                                Ok(_) => format!("masker {slot} left the key exchange"),
-                            };
-                            state.set_hop(index, None, hop);
-                            return Err(GroupFailure {
-                                group: index,
-                                reason,
-                            });
-                        }
+            let mut masker = None;
+            if let (Some((secure, mediator)), true) = (&secure, is_masker) {
+                let slot = secure.slot(*mediator);
+                match secure.sharers(&state).await {
+                    Ok(sharers) if sharers.contains(&slot) => {}
+                    outcome => {
+                        let reason = match outcome {
+                            Err(e) => format!("secure aggregation failed: {e}"),
+                            Ok(_) => format!("masker {slot} left the key exchange"),
+                        };
+                        state.set_hop(index, None, hop);
+                        return Err(GroupFailure {
+                            group: index,
+                            reason,
+                        });
                     }
                 }
-                _ => None,
-            };
+                if last {
+                    let own = state
+                        .clients()
+                        .get(&(member as u64))
+                        .map_or(0, |e| e.samples);
+                    let others: u64 = samples
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != position)
+                        .filter_map(|(_, s)| *s)
+                        .sum();
+                    let weight = secure.set_weight(slot, others.saturating_add(own));
+                    task.secure_weight = Some(weight);
+                    masker = Some((secure.clone(), slot));
+                }
+            }
             let wire_hop = task.hop;
             let sent_at = Instant::now();
             let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
@@ -940,7 +977,10 @@ async fn run_chain(
                         // loss rule cannot read it.
                         Some((secure, slot)) => secure
                             .add_masked(*slot, &reply.weights)
-                            .map(|()| reply)
+                            .map(|()| {
+                                masked_ok = true;
+                                reply
+                            })
                             .map_err(HopOutcome::Refused),
                         None => judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
                             .await
@@ -1018,7 +1058,7 @@ async fn run_chain(
     // Under secure aggregation the result is in the masked sum only when
     // the last hop answered (its masker then survives); otherwise the
     // mediator drops out of the round.
-    if secure.is_some() && samples.last().copied().flatten().is_none() {
+    if secure.is_some() && !masked_ok {
         return Err(GroupFailure {
             group: index,
             reason: "the masker's hop did not answer".into(),

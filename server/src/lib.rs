@@ -66,6 +66,12 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
                 "secure aggregation and client-level DP do not combine here (the server cannot clip what it cannot see)"
             );
         }
+        let max = astraea_core::secagg::MAX_MASKERS as usize;
+        if config.participants > max {
+            anyhow::bail!(
+                "secure aggregation sums at most {max} results a round: --participants <= {max}"
+            );
+        }
         if config.settings.aggregation != Default::default() {
             anyhow::bail!(
                 "secure aggregation gives the server only the sum: robust aggregation rules need each result"

@@ -47,6 +47,11 @@ struct Inner {
     unmasker: Unmasker,
     survivors: BTreeSet<u32>,
     reveals: BTreeMap<u32, Vec<RevealedShare>>,
+    /// Each slot's weight in the sum, set as its masked hop goes out.
+    weights: BTreeMap<u32, f64>,
+    /// Maskers that dropped out with an `error` (no keys, a step that did
+    /// not check out): no step waits for them.
+    withdrawn: BTreeSet<u32>,
 }
 
 /// One round's secure aggregation.
@@ -55,9 +60,9 @@ pub struct SecureRound {
     params: SecAggParams,
     /// Client id of the masker in each slot (slot `i + 1`).
     maskers: Vec<u64>,
-    /// Each slot's weight in the sum: its mediator's share of the round's
-    /// samples.
-    weights: Vec<f64>,
+    /// Samples the round's mediators hold in all: a slot's weight is the
+    /// samples its chain trained over this.
+    total_samples: u64,
     inner: Mutex<Inner>,
     changed: Notify,
     /// The maskers that shared keys, once the exchange is over (or why it
@@ -71,22 +76,24 @@ pub struct SecureRound {
 pub type Violation = String;
 
 impl SecureRound {
-    /// A round whose maskers are `maskers` (client id, weight) in slot
-    /// order, summing vectors of `len` values; the threshold is a majority.
+    /// A round whose maskers are the clients `maskers`, in slot order,
+    /// whose mediators hold `total_samples` samples in all, summing vectors
+    /// of `len` values; the threshold is a majority.
     ///
     /// # Errors
-    /// No maskers, more than `secagg::MAX_MASKERS`, or weights that are not
-    /// in `[0, 1]`.
-    pub fn new(round: u32, maskers: &[(u64, f64)], len: usize) -> Result<Self, String> {
+    /// No maskers, or more than `secagg::MAX_MASKERS`.
+    pub fn new(
+        round: u32,
+        maskers: &[u64],
+        total_samples: u64,
+        len: usize,
+    ) -> Result<Self, String> {
         let params =
             SecAggParams::majority(round, maskers.len() as u32).map_err(|e| e.to_string())?;
-        if maskers.iter().any(|(_, w)| !(0.0..=1.0).contains(w)) {
-            return Err("a mediator's weight lies outside [0, 1]".into());
-        }
         Ok(Self {
             params,
-            maskers: maskers.iter().map(|(id, _)| *id).collect(),
-            weights: maskers.iter().map(|(_, w)| *w).collect(),
+            maskers: maskers.to_vec(),
+            total_samples: total_samples.max(1),
             inner: Mutex::new(Inner {
                 step: Step::Keys,
                 keys: BTreeMap::new(),
@@ -95,6 +102,8 @@ impl SecureRound {
                 unmasker: Unmasker::new(params, len),
                 survivors: BTreeSet::new(),
                 reveals: BTreeMap::new(),
+                weights: BTreeMap::new(),
+                withdrawn: BTreeSet::new(),
             }),
             changed: Notify::new(),
             sharers: OnceCell::new(),
@@ -106,9 +115,27 @@ impl SecureRound {
         self.params.round
     }
 
-    /// The slot of mediator `index` (from 0) and its weight.
-    pub fn slot(&self, index: usize) -> (u32, f64) {
-        (index as u32 + 1, self.weights[index])
+    /// The slot of mediator `index` (from 0).
+    pub fn slot(&self, index: usize) -> u32 {
+        index as u32 + 1
+    }
+
+    /// Sets slot `slot`'s weight from the samples its chain trained (the
+    /// accepted hops' clients and the masker), as its masked hop goes out;
+    /// returns it, in `[0, 1]`.
+    pub fn set_weight(&self, slot: u32, samples: u64) -> f64 {
+        let weight = (samples as f64 / self.total_samples as f64).clamp(0.0, 1.0);
+        lock(&self.inner).weights.insert(slot, weight);
+        weight
+    }
+
+    /// Client `client` dropped out of the round's aggregation (it sent an
+    /// `error`): no step waits for it any more.
+    pub fn withdraw(&self, client: u64) {
+        if let Some(slot) = self.slot_of(client) {
+            lock(&self.inner).withdrawn.insert(slot);
+            self.changed.notify_waiters();
+        }
     }
 
     fn slot_of(&self, client: u64) -> Option<u32> {
@@ -254,8 +281,10 @@ impl SecureRound {
                 },
             );
         }
-        self.wait_until(Instant::now() + wait, |i| i.keys.len() == n as usize)
-            .await;
+        self.wait_until(Instant::now() + wait, |i| {
+            (1..=n).all(|s| i.keys.contains_key(&s) || i.withdrawn.contains(&s))
+        })
+        .await;
         let roster = {
             let mut inner = lock(&self.inner);
             let keys: Vec<AdvertisedKeys> = inner.keys.values().copied().collect();
@@ -274,9 +303,12 @@ impl SecureRound {
                 },
             );
         }
-        let expected = roster.len();
-        self.wait_until(Instant::now() + wait, |i| i.shares.len() == expected)
-            .await;
+        self.wait_until(Instant::now() + wait, |i| {
+            i.roster
+                .iter()
+                .all(|s| i.shares.contains_key(s) || i.withdrawn.contains(s))
+        })
+        .await;
         let inboxes = {
             let mut inner = lock(&self.inner);
             let sent = std::mem::take(&mut inner.shares);
@@ -304,8 +336,13 @@ impl SecureRound {
     /// A slot that did not share, sent twice, or a vector of the wrong
     /// length.
     pub fn add_masked(&self, slot: u32, bits: &[f32]) -> Result<(), String> {
-        let weight = self.weights[(slot - 1) as usize];
-        lock(&self.inner)
+        let mut inner = lock(&self.inner);
+        let weight = inner
+            .weights
+            .get(&slot)
+            .copied()
+            .ok_or_else(|| format!("slot {slot} was never asked for a masked result"))?;
+        inner
             .unmasker
             .add_masked(slot, &masked_values(bits), weight)
             .map_err(|e| e.to_string())
@@ -323,11 +360,11 @@ impl SecureRound {
         let (survivors, dropped) = {
             let mut inner = lock(&self.inner);
             let (survivors, dropped) = inner.unmasker.unmask_request();
-            if survivors.len() < self.params.threshold as usize {
+            if survivors.len() < self.params.min_survivors() {
                 return Err(format!(
                     "{} masked results arrived, {} needed to unmask",
                     survivors.len(),
-                    self.params.threshold
+                    self.params.min_survivors()
                 ));
             }
             inner.survivors = survivors.iter().copied().collect();
@@ -347,7 +384,9 @@ impl SecureRound {
         }
         let expected = survivors.len();
         self.wait_until(Instant::now() + step_timeout(state), |i| {
-            i.reveals.len() == expected
+            i.survivors
+                .iter()
+                .all(|s| i.reveals.contains_key(s) || i.withdrawn.contains(s))
         })
         .await;
         let (unmasker, reveals) = {
@@ -355,8 +394,11 @@ impl SecureRound {
             let unmasker = std::mem::replace(&mut inner.unmasker, Unmasker::new(self.params, 0));
             (unmasker, std::mem::take(&mut inner.reveals))
         };
-        unmasker
-            .finish(&reveals)
+        // Unmasking after dropouts recomputes keystreams for seconds at
+        // hundreds of maskers: off the async threads.
+        tokio::task::spawn_blocking(move || unmasker.finish(&reveals))
+            .await
+            .map_err(|e| format!("unmasking panicked: {e}"))?
             .map(|(mean, _)| (mean, expected))
             .map_err(|e| e.to_string())
     }

@@ -7,11 +7,14 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use astraea_core::protocol::{ClientMessage, ServerMessage};
+use astraea_core::protocol::{
+    ClientMessage, ServerMessage, UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
+    masked_bits,
+};
 use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use support::{config, join, options, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -120,6 +123,126 @@ async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks() {
+    // Prepare: FedAvg, three native clients and one masker written from
+    // the protocol that sends one of the others a share that does not
+    // decrypt, then plays the rest honestly (its masked result is the
+    // model it was sent).
+    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let mut socket = join(&address).await;
+    let garbler = tokio::spawn(async move {
+        let mut masker: Option<Masker> = None;
+        let mut revealed = false;
+        while let Some(Ok(frame)) = socket.next().await {
+            let Message::Text(text) = frame else { continue };
+            match ServerMessage::from_json(&text).unwrap() {
+                ServerMessage::SecureSetup {
+                    round,
+                    slot,
+                    maskers,
+                    threshold,
+                } => {
+                    let params = SecAggParams::new(round, maskers, threshold).unwrap();
+                    let m = Masker::from_entropy(params, slot).unwrap();
+                    let keys = m.keys();
+                    masker = Some(m);
+                    send(&mut socket, &ClientMessage::SecureKeys { round, keys }).await;
+                }
+                ServerMessage::SecureRoster { round, keys } => {
+                    let mut shares = masker.as_mut().unwrap().share_keys(&keys).unwrap();
+                    shares[0].ciphertext[7] ^= 0xff;
+                    send(&mut socket, &ClientMessage::SecureShares { round, shares }).await;
+                }
+                ServerMessage::SecureInbox { shares, .. } => {
+                    masker.as_mut().unwrap().receive_shares(&shares).unwrap();
+                }
+                ServerMessage::Task(task) => {
+                    let mut assembler = WeightAssembler::new(
+                        task.round,
+                        task.hop,
+                        task.chunks,
+                        params,
+                        task.encoding,
+                        64 * 1024,
+                    );
+                    let weights = loop {
+                        let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                            panic!("the task's chunks did not come")
+                        };
+                        if let Some(done) = assembler.push(&chunk).unwrap() {
+                            break done;
+                        }
+                    };
+                    let weight = task.secure_weight.expect("a FedAvg hop is masked");
+                    let masked = masker.as_ref().unwrap().mask(&weights, weight).unwrap();
+                    let frames = encode_chunks(
+                        task.round,
+                        task.hop,
+                        &masked_bits(&masked),
+                        WeightEncoding::Masked,
+                        64 * 1024,
+                    );
+                    let update = ClientMessage::Update(UpdateSpec {
+                        round: task.round,
+                        hop: task.hop,
+                        samples: 50,
+                        loss: 0.1,
+                        seconds: 0.1,
+                        encoding: WeightEncoding::Masked,
+                        chunks: frames.len() as u32,
+                    });
+                    send(&mut socket, &update).await;
+                    for frame in frames {
+                        socket.send(Message::Binary(frame.into())).await.unwrap();
+                    }
+                }
+                ServerMessage::SecureUnmask {
+                    round,
+                    survivors,
+                    dropped,
+                } => {
+                    let shares = masker
+                        .as_mut()
+                        .unwrap()
+                        .reveal(&survivors, &dropped)
+                        .unwrap();
+                    send(&mut socket, &ClientMessage::SecureReveal { round, shares }).await;
+                    revealed = true;
+                }
+                ServerMessage::RoundDone { .. } => break,
+                _ => {}
+            }
+        }
+        revealed
+    });
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+    let revealed = garbler.await.unwrap();
+    let state = &running.state;
+    let connected = state.clients().len();
+    swarm.abort();
+
+    // Assert: nobody was pushed out or refused, and the round adopted the
+    // unmasked mean of all four.
+    assert!(revealed, "the garbler was never asked to reveal");
+    assert_eq!(connected, 4);
+    assert_eq!(state.rejections.load(Ordering::Relaxed), 0);
+    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
+    let accuracy = state.status().history[0].accuracy;
+    assert!(accuracy > 0.3, "accuracy {accuracy}");
+}
+
 #[tokio::test]
 async fn secure_aggregation_is_refused_where_the_server_would_need_each_result() {
     use astraea_core::robust::AggregationRule;
@@ -130,7 +253,10 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
     let mut asynchronous = config(StrategyKind::Astraea, 4, 1);
     asynchronous.secure_aggregation = true;
     asynchronous.mode = astraea_core::asynchronous::Mode::Async;
-    for cfg in [robust, asynchronous] {
+    let mut too_many = config(StrategyKind::FedAvg, 4, 1);
+    too_many.secure_aggregation = true;
+    too_many.participants = 256;
+    for cfg in [robust, asynchronous, too_many] {
         let refused = astraea_server::start(listener().await, cfg).await;
         assert!(refused.is_err());
     }

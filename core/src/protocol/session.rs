@@ -304,68 +304,83 @@ impl ClientSession {
     /// A step of secure aggregation (`crate::secagg`): the masker's answer.
     fn on_secure(&mut self, message: ServerMessage) -> Vec<ClientAction> {
         use crate::secagg::{Masker, SecAggParams};
-        fn masker_of(session: &mut ClientSession, round: u32) -> Option<&mut Masker> {
-            session
-                .masker
-                .as_mut()
-                .filter(|(r, _)| *r == round)
-                .map(|(_, m)| m)
-        }
-        let outcome = match message {
-            ServerMessage::SecureSetup {
-                round,
-                slot,
-                maskers,
-                threshold,
-            } => SecAggParams::new(round, maskers, threshold)
-                .and_then(|params| Masker::from_entropy(params, slot))
-                .map(|masker| {
+        let round = match &message {
+            ServerMessage::SecureSetup { round, .. }
+            | ServerMessage::SecureRoster { round, .. }
+            | ServerMessage::SecureInbox { round, .. }
+            | ServerMessage::SecureUnmask { round, .. } => *round,
+            _ => return vec![],
+        };
+        if let ServerMessage::SecureSetup {
+            slot,
+            maskers,
+            threshold,
+            ..
+        } = message
+        {
+            // The guarantees (no result unmasked by a lying server, the
+            // collusion bound) hold for a majority threshold only.
+            let outcome = if threshold != maskers / 2 + 1 {
+                Err(crate::secagg::SecAggError::Parameters { maskers, threshold })
+            } else {
+                SecAggParams::new(round, maskers, threshold)
+                    .and_then(|params| Masker::from_entropy(params, slot))
+            };
+            return match outcome {
+                Ok(masker) => {
                     let keys = masker.keys();
                     self.masker = Some((round, masker));
                     vec![ClientAction::Send(ClientMessage::SecureKeys {
                         round,
                         keys,
                     })]
-                }),
-            ServerMessage::SecureRoster { round, keys } => match masker_of(self, round) {
-                Some(masker) => masker.share_keys(&keys).map(|shares| {
-                    vec![ClientAction::Send(ClientMessage::SecureShares {
-                        round,
-                        shares,
-                    })]
-                }),
-                None => return vec![],
-            },
-            ServerMessage::SecureInbox { round, shares } => match masker_of(self, round) {
-                Some(masker) => masker.receive_shares(&shares).map(|()| vec![]),
-                None => return vec![],
-            },
-            ServerMessage::SecureUnmask {
-                round,
-                survivors,
-                dropped,
-            } => match masker_of(self, round) {
-                Some(masker) => masker.reveal(&survivors, &dropped).map(|shares| {
-                    vec![ClientAction::Send(ClientMessage::SecureReveal {
-                        round,
-                        shares,
-                    })]
-                }),
-                None => return vec![],
-            },
-            _ => return vec![],
+                }
+                Err(e) => self.drop_out(round, e.to_string()),
+            };
+        }
+        let masker = match &mut self.masker {
+            Some((r, masker)) if *r == round => masker,
+            // A late step of an earlier round: nothing to say.
+            Some((r, _)) if *r > round => return vec![],
+            // No keys for this round (a reconnect since its setup): say so,
+            // so the server need not wait for this masker.
+            _ => return self.drop_out(round, "no keys for this round".into()),
         };
-        // A step that does not check out (a masker's share that does not
-        // decrypt, a server asking for too much) is not answered: this
-        // client drops out of the round's secure aggregation, says why, and
-        // stays connected. Its masked hop, if one comes, is given up.
-        outcome.unwrap_or_else(|e| {
-            self.masker = None;
-            vec![ClientAction::Send(ClientMessage::Error {
-                code: ErrorCode::Invalid,
-                message: format!("secure aggregation: {e}"),
-            })]
-        })
+        let outcome = match message {
+            ServerMessage::SecureRoster { keys, .. } => masker.share_keys(&keys).map(|shares| {
+                vec![ClientAction::Send(ClientMessage::SecureShares {
+                    round,
+                    shares,
+                })]
+            }),
+            // Shares that do not check out are left out (their senders
+            // still count as sharers, see `Masker::receive_shares`).
+            ServerMessage::SecureInbox { shares, .. } => {
+                masker.receive_shares(&shares).map(|_| vec![])
+            }
+            ServerMessage::SecureUnmask {
+                survivors, dropped, ..
+            } => masker.reveal(&survivors, &dropped).map(|shares| {
+                vec![ClientAction::Send(ClientMessage::SecureReveal {
+                    round,
+                    shares,
+                })]
+            }),
+            _ => Ok(vec![]),
+        };
+        outcome.unwrap_or_else(|e| self.drop_out(round, e.to_string()))
+    }
+
+    /// A step that does not check out (too few sharers, a server asking
+    /// for too much, no keys) is not answered: this client drops out of
+    /// the round's secure aggregation, says why (`error` `invalid`) and
+    /// stays connected. Its masked hop, if one comes, is given up.
+    fn drop_out(&mut self, round: u32, reason: String) -> Vec<ClientAction> {
+        self.masker = None;
+        vec![ClientAction::Send(ClientMessage::Error {
+            code: ErrorCode::Invalid,
+            message: format!("secure aggregation, round {round}: {reason}"),
+        })]
     }
 
     /// Handles a binary frame from the server.
@@ -484,8 +499,22 @@ impl ClientSession {
         if self.is_closed() {
             return vec![];
         }
-        // Under secure aggregation a chain's last hop answers masked.
+        // Under secure aggregation a chain's last hop answers masked; a
+        // last hop the server did not ask to be masked is given up rather
+        // than answered in the clear (the welcome promised the sum only).
         let masked;
+        let last_hop = task
+            .place
+            .is_some_and(|p| p.pass == p.passes && p.position == p.members);
+        if self.secure_aggregation && task.secure_weight.is_none() && last_hop {
+            return vec![ClientAction::Send(ClientMessage::Error {
+                code: ErrorCode::Unexpected,
+                message: format!(
+                    "round {}: a chain's last hop in the clear under secure aggregation, given up",
+                    task.round
+                ),
+            })];
+        }
         let (weights, encoding) = match task.secure_weight {
             None => (weights, task.encoding),
             Some(weight) => {
