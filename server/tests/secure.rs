@@ -219,7 +219,9 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
                 _ => {}
             }
         }
-        revealed
+        // The socket goes back with the verdict: dropped here, it would
+        // race the count of who is still connected.
+        (revealed, socket)
     });
 
     // Execute
@@ -228,7 +230,7 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
         .expect("the run finishes within 5 minutes")
         .unwrap()
         .unwrap();
-    let revealed = garbler.await.unwrap();
+    let (revealed, _socket) = garbler.await.unwrap();
     let state = &running.state;
     let connected = state.clients().len();
     swarm.abort();
