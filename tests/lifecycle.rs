@@ -1,7 +1,9 @@
 //! The tab in the browser's real lifecycle: a page frozen mid-hop (CDP
 //! `Page.setWebLifecycleState`, what Chromium does to a hidden tab or a
 //! phone whose screen locked) falls silent, and the server moves its chain
-//! on after the stall timeout instead of the hop deadline.
+//! on after the stall timeout instead of the hop deadline; a reloaded tab
+//! comes back as the same client; a browser that blocks site data leaves
+//! the tab training from memory, and the page says so.
 
 use std::time::{Duration, Instant};
 
@@ -145,6 +147,50 @@ async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
     assert!(state.clients().contains_key(&first));
     let reported_again = state.clients().get(&first).and_then(|c| c.counts.clone());
     assert_eq!(reported_again, Some(reported));
+    tab.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_whose_browser_blocks_storage_trains_from_memory_and_says_so() -> anyhow::Result<()> {
+    // Prepare: one tab whose browser blocks site data (the cookies
+    // setting, which covers IndexedDB and sessionStorage), as a locked-down
+    // or private browser does.
+    built_page()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 500, 1, 1)).await?;
+    let driver = Chromedriver::start()?;
+    let blocked = serde_json::json!({ "profile.default_content_setting_values.cookies": 2 });
+    let tab = driver.open_with_prefs(&[], blocked).await?;
+
+    // Execute
+    tab.goto(&format!("{url}?join=1")).await?;
+    let state = running.state.clone();
+    wait_until("the round to finish", Duration::from_secs(300), || {
+        !state.status().history.is_empty()
+    })
+    .await?;
+
+    // Assert: the tab trained its round and its page says why nothing is
+    // kept.
+    let figures = page_figures(&tab).await?;
+    let problem = figures["cacheProblem"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let data = tab
+        .execute(
+            "return document.getElementById('data').textContent;",
+            vec![],
+        )
+        .await?;
+    let data = data.as_str().unwrap_or_default().to_string();
+    assert!(
+        !problem.is_empty(),
+        "no storage problem reported: {figures}"
+    );
+    assert!(data.contains("keeps no copy"), "{data}");
+    assert_eq!(state.status().history.len(), 1);
     tab.close().await?;
     running.server.abort();
     Ok(())

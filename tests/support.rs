@@ -89,6 +89,16 @@ impl Chromedriver {
     /// A new headless Chromium session (its own browser process), with
     /// `extra` flags after the ones every test needs.
     pub async fn open(&self, extra: &[&str]) -> anyhow::Result<Client> {
+        self.open_with_prefs(extra, serde_json::json!({})).await
+    }
+
+    /// [`Chromedriver::open`] with Chromium preferences (`prefs` of
+    /// `goog:chromeOptions`), e.g. site data blocked.
+    pub async fn open_with_prefs(
+        &self,
+        extra: &[&str],
+        prefs: serde_json::Value,
+    ) -> anyhow::Result<Client> {
         let mut args = vec![
             "--headless=new",
             "--no-sandbox",
@@ -105,7 +115,7 @@ impl Chromedriver {
         ];
         args.extend_from_slice(extra);
         let capabilities = serde_json::json!({
-            "goog:chromeOptions": { "args": args },
+            "goog:chromeOptions": { "args": args, "prefs": prefs },
         });
         let serde_json::Value::Object(capabilities) = capabilities else {
             unreachable!("a JSON object literal")

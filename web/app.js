@@ -7,6 +7,13 @@ import { lineChart, duration } from '/chart.js';
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const worker = new Worker('worker.js', { type: 'module' });
+/** What the page says when the browser keeps no copy of the shard. */
+function storageNote() {
+  return page.cacheProblem
+    ? `. This browser keeps no copy of them (${page.cacheProblem}): the tab trains from memory, and a reload fetches them again`
+    : '';
+}
+
 const page = window.astraea = {
   backend: null, clientId: null, firstStepMs: null, readyMs: null, steps: 0,
   hops: 0, samples: 0, seconds: 0, loopSeconds: 0, losses: [], accuracies: [], drawn: 0, shardCached: null,
@@ -85,6 +92,8 @@ worker.onmessage = (event) => {
       $('data').textContent = `${counts.reduce((a, b) => a + b, 0)} samples (never leave this tab)`
         + (m.cached === true ? ', from this browser\'s cache' : m.cached === false ? `, fetched (${(m.bytes / 1024).toFixed(0)} KiB)` : '')
         + (m.drawn ? `, ${m.drawn} drawn by you` : '');
+      page.cacheProblem = m.cacheProblem ?? page.cacheProblem ?? null;
+      $('data').textContent += storageNote();
       $('status').textContent = 'ready: waiting for a task';
       try { if (m.labelReport) sessionStorage.setItem('astraea-label-report', m.labelReport); } catch (e) { /* storage off */ }
       if (m.labelSpent) {
@@ -96,7 +105,7 @@ worker.onmessage = (event) => {
       break;
     case 'plan':
       counts = m.counts;
-      $('data').textContent = `${counts.reduce((a, b) => a + b, 0)} samples after the server's augmentation plan (made here, never sent)`;
+      $('data').textContent = `${counts.reduce((a, b) => a + b, 0)} samples after the server's augmentation plan (made here, never sent)` + storageNote();
       drawMix();
       break;
     case 'task': {

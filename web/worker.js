@@ -136,11 +136,15 @@ function openCache() {
   });
 }
 
+// Resolves once the transaction has committed (a write refused for want of
+// quota aborts the transaction after its request succeeded).
 function cacheOp(mode, op) {
   return openCache().then((db) => new Promise((resolve, reject) => {
-    const request = op(db.transaction('shards', mode).objectStore('shards'));
-    request.onsuccess = () => resolve(request.result);
-    request.onerror = () => reject(request.error);
+    const tx = db.transaction('shards', mode);
+    const request = op(tx.objectStore('shards'));
+    tx.oncomplete = () => resolve(request.result);
+    tx.onabort = () => reject(tx.error || request.error || new Error('the transaction was aborted'));
+    tx.onerror = () => reject(tx.error || request.error);
   }));
 }
 
@@ -157,17 +161,23 @@ function shardKey(dataset, indices) {
 async function loadShard(action) {
   const key = shardKey(action.dataset, action.indices);
   let bytes = null;
+  // Why the browser keeps no copy of the shard, if it does not (IndexedDB
+  // blocked, private mode, no quota): the tab then trains from memory and
+  // says so; a reload fetches the shard again.
+  let cacheProblem = null;
   try {
     const cached = await cacheOp('readonly', (store) => store.get(key));
     if (cached) bytes = new Uint8Array(cached);
-  } catch (e) { /* no IndexedDB (private mode): fetch every time */ }
+  } catch (e) { cacheProblem = (e && (e.name || e.message)) || String(e); }
   const cached = bytes !== null;
   if (!cached) {
     say({ type: 'status', text: `fetching a shard of ${action.indices.length} samples` });
     const response = await fetch(`/api/shard/${client.client_id()}`);
     if (!response.ok) throw new Error(`shard: ${response.status} ${await response.text()}`);
     bytes = new Uint8Array(await response.arrayBuffer());
-    try { await cacheOp('readwrite', (store) => store.put(bytes.buffer, key)); } catch (e) { /* see above */ }
+    try {
+      await cacheOp('readwrite', (store) => store.put(bytes.buffer, key));
+    } catch (e) { cacheProblem = cacheProblem || (e && (e.name || e.message)) || String(e); }
   }
   await run(client.set_shard(bytes));
   if (drawn.labels.length) {
@@ -176,7 +186,7 @@ async function loadShard(action) {
     for (const p of drawn.images) { flat.set(p, offset); offset += p.length; }
     await run(client.add_samples(flat, new Uint32Array(drawn.labels)));
   }
-  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent(), labelReport: keepReport() });
+  say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent(), labelReport: keepReport(), cacheProblem });
 }
 
 async function train(action) {
