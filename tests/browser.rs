@@ -279,6 +279,7 @@ async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -
             vanish: 0.0,
             freeze: 0.0,
             freeze_for: Duration::ZERO,
+            speed: None,
         },
     ));
 

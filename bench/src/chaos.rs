@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use astraea_core::asynchronous::Mode;
 use astraea_core::strategy::StrategyKind;
-use astraea_native::{ClientOptions, run_swarm};
+use astraea_native::{ClientOptions, run_swarm, run_swarm_with_speeds};
 use astraea_server::{self as serve, ServeConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -133,6 +133,7 @@ pub async fn kills(
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: std::time::Duration::ZERO,
+        speed: None,
     };
     let swarm = tokio::spawn(run_swarm(CLIENTS, options));
     let mut rng = StdRng::seed_from_u64(seed);
@@ -210,6 +211,7 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
         hop_deadline,
         stall,
         Mode::Sync,
+        (CLIENTS, &[]),
         |options| {
             options.vanish = share;
         },
@@ -223,12 +225,18 @@ pub async fn vanish(data_dir: PathBuf, rounds: u32, share: f64) -> anyhow::Resul
 /// timeout `stall` (zero: none, so a frozen hop costs the deadline). A round counts as
 /// stalled when it took longer than the stall timeout plus 30 s of honest work, i.e. it
 /// waited on a frozen client past the stall rule.
+///
+/// `speeds` (samples per second, one per client; empty: none) are the
+/// clients' injected speeds ([`ClientOptions::speed`]), and there are
+/// `clients` of them (at least [`CLIENTS`]).
 pub async fn freeze(
     data_dir: PathBuf,
     rounds: u32,
     share: f64,
     stall: Duration,
     mode: Mode,
+    clients: usize,
+    speeds: &[f64],
 ) -> anyhow::Result<VanishReport> {
     unreliable(
         data_dir,
@@ -236,6 +244,7 @@ pub async fn freeze(
         Duration::from_secs(120),
         stall,
         mode,
+        (clients.max(CLIENTS), speeds),
         |options| {
             options.freeze = share;
             options.freeze_for = Duration::from_secs(150);
@@ -253,6 +262,7 @@ async fn unreliable(
     hop_deadline: Duration,
     stall: Duration,
     mode: Mode,
+    (clients, speeds): (usize, &[f64]),
     unreliable: impl FnOnce(&mut ClientOptions),
 ) -> anyhow::Result<VanishReport> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -260,7 +270,7 @@ async fn unreliable(
     let mut config = ServeConfig {
         max_train: Some(3000),
         partition: "long-tail:10".parse().map_err(anyhow::Error::msg)?,
-        min_clients: CLIENTS / 2,
+        min_clients: clients / 2,
         hop_deadline,
         stall_timeout: stall,
         label_epsilon: None,
@@ -270,7 +280,7 @@ async fn unreliable(
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
         run_name: "chaos".into(),
-        ..crate::serve_config(data_dir.clone(), CLIENTS, rounds, StrategyKind::Astraea)
+        ..crate::serve_config(data_dir.clone(), clients, rounds, StrategyKind::Astraea)
     };
     config.settings.rescheduling.gamma = 3;
     let running = serve::start(listener, config).await?;
@@ -284,9 +294,11 @@ async fn unreliable(
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: Duration::ZERO,
+        speed: None,
     };
     unreliable(&mut options);
-    let swarm = tokio::spawn(run_swarm(CLIENTS, options));
+    let speeds = speeds.to_vec();
+    let swarm = tokio::spawn(async move { run_swarm_with_speeds(clients, options, &speeds).await });
     running.coordinator.await??;
     swarm.abort();
     let history = running.state.status().history.clone();

@@ -56,6 +56,7 @@ pub async fn run(
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: std::time::Duration::ZERO,
+        speed: None,
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

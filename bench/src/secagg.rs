@@ -274,6 +274,7 @@ pub async fn live(
         vanish,
         freeze: 0.0,
         freeze_for: Duration::ZERO,
+        speed: None,
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

@@ -76,6 +76,15 @@ enum Command {
         /// Seconds a freeze lasts; the client then answers, late.
         #[arg(long, default_value_t = 30.0)]
         freeze_for: f64,
+        /// Injected training speeds of the honest clients (uniform:SPEED or
+        /// lognormal:MEDIAN:SPREAD, samples per second, drawn with
+        /// --speed-seed): a client faster than its draw waits, sending
+        /// heartbeats, until a machine of that speed would have finished.
+        #[arg(long)]
+        speeds: Option<astraea_sim::population::SpeedModel>,
+        /// Seed of the speed draws.
+        #[arg(long, default_value_t = 1)]
+        speed_seed: u64,
     },
     /// Measures the server: aggregation, idle clients, coordination overhead.
     #[command(subcommand)]
@@ -166,6 +175,15 @@ enum BenchCommand {
         /// sync rounds, or the async mode (then a round is a new model).
         #[arg(long, default_value = "sync")]
         mode: astraea_core::asynchronous::Mode,
+        /// Native clients (at least 6).
+        #[arg(long, default_value_t = 6)]
+        clients: usize,
+        /// Injected training speeds, as `simulate --speeds` takes them
+        /// (uniform:SPEED or lognormal:MEDIAN:SPREAD, samples per second):
+        /// a client faster than its draw waits, alive, until a machine of
+        /// that speed would have finished. Unset: as fast as they can.
+        #[arg(long)]
+        speeds: Option<astraea_sim::population::SpeedModel>,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -635,6 +653,8 @@ fn main() -> anyhow::Result<()> {
             attackers,
             freeze,
             freeze_for,
+            speeds,
+            speed_seed,
         } => runtime()?.block_on(async {
             if attackers > clients || (attackers > 0 && attack.is_none()) {
                 bail!("--attackers {attackers} needs --attack and at most --clients {clients}");
@@ -649,8 +669,11 @@ fn main() -> anyhow::Result<()> {
                 attack,
                 ..honest.clone()
             };
+            let drawn = speeds
+                .map(|m| m.draw(clients - attackers, speed_seed))
+                .unwrap_or_default();
             let (mut results, hostile_results) = tokio::join!(
-                client::run_swarm(clients - attackers, honest),
+                client::run_swarm_with_speeds(clients - attackers, honest, &drawn),
                 client::run_swarm(attackers, hostile),
             );
             results.extend(hostile_results);
@@ -758,11 +781,16 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             share,
             stall_timeout,
             mode,
+            clients,
+            speeds,
             data_dir,
         } => {
             let stall = std::time::Duration::try_from_secs_f64(stall_timeout)
                 .context("--stall-timeout must be a non-negative number of seconds")?;
-            let r = astraea_bench::chaos::freeze(data_dir, rounds, share, stall, mode).await?;
+            let drawn = speeds.map(|m| m.draw(clients, 1)).unwrap_or_default();
+            let r =
+                astraea_bench::chaos::freeze(data_dir, rounds, share, stall, mode, clients, &drawn)
+                    .await?;
             println!(
                 "| mode | rounds | freeze share | stall timeout s | rounds stalled | hops skipped | hops done | mean round s | longest round s | run s | s per 100 hops |"
             );
@@ -888,6 +916,7 @@ fn client_options(
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: std::time::Duration::ZERO,
+        speed: None,
     }
 }
 

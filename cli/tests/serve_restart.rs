@@ -129,6 +129,7 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: std::time::Duration::ZERO,
+        speed: None,
     };
     let swarm = tokio::spawn(run_swarm(4, options));
 

@@ -14,7 +14,8 @@ use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::Dataset;
 use astraea_core::data::catalog::load_named;
 use astraea_core::protocol::{
-    AckOutcome, ClientAction, ClientSession, DataSource, TaskSpec, progress_message, train_task,
+    AckOutcome, ClientAction, ClientMessage, ClientSession, DataSource, TaskSpec, progress_message,
+    train_task,
 };
 use astraea_core::train::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
@@ -50,6 +51,12 @@ pub struct ClientOptions {
     pub freeze: f64,
     /// How long a freeze lasts.
     pub freeze_for: Duration,
+    /// The most samples per second this client trains at: a hop that took
+    /// less than its samples over this speed is answered only once that
+    /// much time has passed, with heartbeats meanwhile (a slow machine that
+    /// keeps reporting progress). For swarms standing in for a population
+    /// of uneven devices; `None`: as fast as it can.
+    pub speed: Option<f64>,
 }
 
 /// Seconds between heartbeats (`progress`) while training: well inside
@@ -288,6 +295,24 @@ async fn run_session(
                             }
                         }
                     };
+                    // An injected speed: wait out the rest of the time a
+                    // machine of that speed would have taken, alive.
+                    if let Some(speed) = options.speed.filter(|s| *s > 0.0 && s.is_finite()) {
+                        let work = stats.samples.max(1) as f64;
+                        let due = started + Duration::from_secs_f64((work / speed).min(86_400.0));
+                        while Instant::now() < due {
+                            let pause =
+                                HEARTBEAT.min(due.saturating_duration_since(Instant::now()));
+                            tokio::time::sleep(pause).await;
+                            let beat = ClientMessage::Progress {
+                                round: task.round,
+                                hop: task.hop,
+                                done: astraea_core::protocol::session::PROGRESS_SCALE - 1,
+                                total: astraea_core::protocol::session::PROGRESS_SCALE,
+                            };
+                            sink.send(Message::Text(beat.to_json().into())).await?;
+                        }
+                    }
                     let mut samples = data.labels.len() as u64;
                     if let (Some(attack), Some(sent)) = (attack, sent) {
                         let mut rng = StdRng::seed_from_u64(task.seed);
@@ -384,9 +409,26 @@ impl Drop for Resumable<'_> {
 
 /// Runs `count` clients in this process, sharing the loaded datasets.
 pub async fn run_swarm(count: usize, options: ClientOptions) -> Vec<anyhow::Result<ClientSummary>> {
+    run_swarm_with_speeds(count, options, &[]).await
+}
+
+/// [`run_swarm`] where client `i` trains at most at `speeds[i]` samples
+/// per second ([`ClientOptions::speed`]; clients past the list's end keep
+/// the options' speed): a population of uneven machines on one host.
+pub async fn run_swarm_with_speeds(
+    count: usize,
+    options: ClientOptions,
+    speeds: &[f64],
+) -> Vec<anyhow::Result<ClientSummary>> {
     let cache = Arc::new(DatasetCache::default());
     let handles: Vec<_> = (0..count)
-        .map(|_| tokio::spawn(run_client(options.clone(), cache.clone())))
+        .map(|i| {
+            let options = ClientOptions {
+                speed: speeds.get(i).copied().or(options.speed),
+                ..options.clone()
+            };
+            tokio::spawn(run_client(options, cache.clone()))
+        })
         .collect();
     let mut results = Vec::with_capacity(count);
     for handle in handles {

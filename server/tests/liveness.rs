@@ -171,3 +171,39 @@ async fn in_the_asynchronous_mode_the_run_does_not_wait_for_a_slow_client() {
     );
     assert_eq!(status.skipped_hops, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_with_an_injected_speed_is_slow_but_alive() {
+    // Prepare: one native client told to train at most at 100 samples/s on
+    // a shard of 300 (three seconds a hop at least), a stall timeout of
+    // 1.5 s: it must keep beating while it waits out its speed.
+    let mut cfg = support::config(astraea_core::strategy::StrategyKind::FedAvg, 1, 1);
+    cfg.max_train = Some(300);
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    cfg.stall_timeout = Duration::from_millis(1500);
+    let (running, address) = support::start(cfg).await;
+    let options = support::options(&address);
+    let swarm = tokio::spawn(astraea_native::run_swarm_with_speeds(1, options, &[100.0]));
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(120), running.coordinator)
+        .await
+        .expect("the run finishes")
+        .unwrap()
+        .unwrap();
+    let state = &running.state;
+    let (hops, speed, samples) = {
+        let clients = state.clients();
+        let client = clients.values().next().expect("the client");
+        (client.hops_done, client.speed, client.samples)
+    };
+    swarm.abort();
+
+    // Assert: its hop was taken, never skipped as stalled, and the server
+    // timed it at about the injected speed, not the machine's.
+    assert_eq!(hops, 1);
+    assert_eq!(state.status().skipped_hops, 0);
+    let speed = speed.expect("the server timed the hop");
+    assert!(samples >= 200, "{samples} samples");
+    assert!(speed <= 110.0, "measured {speed} samples/s against an injected 100");
+}

@@ -94,6 +94,7 @@ pub fn options(address: &str) -> ClientOptions {
         vanish: 0.0,
         freeze: 0.0,
         freeze_for: std::time::Duration::ZERO,
+        speed: None,
     }
 }
 
