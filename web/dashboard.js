@@ -66,7 +66,10 @@ function render({ status, history }) {
   const model = status.model_epsilon == null
     ? 'the model is not trained under differential privacy'
     : `model privacy spent: epsilon ${status.model_epsilon.toFixed(2)} of ${status.model_budget} (delta ${status.model_delta})`;
-  text('privacy', `Privacy: ${label}; ${model}.`);
+  const secure = status.privacy && status.privacy.secure_aggregation
+    ? '; mediators\' results summed under secure aggregation (the server sees only their sum)'
+    : '';
+  text('privacy', `Privacy: ${label}; ${model}${secure}.`);
 
   $('mediators').innerHTML = status.mediators.length
     ? status.mediators.map((m, i) => `<tr><td>${i + 1}</td><td>${m.members.map((id) =>
