@@ -182,6 +182,7 @@ pub const LINGER: Duration = Duration::from_secs(2);
 impl Connection {
     /// Handles a text frame; `Ok(false)` ends the connection quietly.
     fn on_text(&mut self, text: &str) -> Result<bool, Refusal> {
+        self.spoke();
         let message = ClientMessage::from_json(text)
             .map_err(|e| refuse(ErrorCode::Malformed, format!("malformed message: {e}")))?;
         // The version first: a client of another version may break limits
@@ -337,6 +338,7 @@ impl Connection {
             samples_trained: 0,
             speed: None,
             resume_token: new_resume_token(),
+            silent: false,
         };
         // The join's speed (validated: finite, within the limits) is the
         // prior until the server has timed a hop of its own.
@@ -471,6 +473,16 @@ impl Connection {
         }
     }
 
+    /// The client sent a frame: it is no longer silent (it may be drawn
+    /// into mediators again).
+    fn spoke(&self) {
+        if let Some(id) = self.id
+            && let Some(entry) = self.state.clients().get_mut(&id)
+        {
+            entry.silent = false;
+        }
+    }
+
     /// Notes a sign of life for the hop (`round`, `hop`) if it is the one
     /// awaited from client `id`; any other is ignored.
     fn alive(&self, id: u64, round: u32, hop: u32) {
@@ -574,6 +586,7 @@ impl Connection {
 
     /// Handles a binary frame: the next chunk of an announced update.
     fn on_binary(&mut self, frame: &[u8]) -> Result<bool, Refusal> {
+        self.spoke();
         let Some((round, hop)) = self.incoming.as_ref().map(|(u, _)| (u.round, u.hop)) else {
             return Err(refuse(
                 ErrorCode::Unexpected,

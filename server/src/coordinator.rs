@@ -814,9 +814,15 @@ fn pick_participants(
     busy: &HashSet<u64>,
 ) -> Vec<Participant> {
     let clients = state.clients();
+    // A client whose last hop was skipped for silence and that has said
+    // nothing since (frozen, locked) is left out while others are free.
+    let any_live = clients
+        .iter()
+        .any(|(id, e)| !busy.contains(id) && e.counts.is_some() && !e.silent);
     let ready: Vec<Participant> = clients
         .iter()
         .filter(|(id, _)| !busy.contains(id))
+        .filter(|(_, entry)| !(any_live && entry.silent))
         .filter_map(|(&id, entry)| {
             entry.counts.clone().map(|counts| Participant {
                 id: id as usize,
@@ -1196,6 +1202,8 @@ async fn run_hop(
                 };
                 if let Some(entry) = state.clients().get_mut(&client) {
                     entry.pending = None;
+                    // Silent: not drawn again until it speaks.
+                    entry.silent = true;
                 }
                 return Err(reason);
             }

@@ -96,6 +96,10 @@ pub struct ClientEntry {
     pub speed: Option<f64>,
     /// The secret it may rejoin with as itself (`join.resume`).
     pub resume_token: String,
+    /// Its last hop was skipped for silence (stalled or past its deadline)
+    /// and it has sent nothing since: a frozen tab or a locked phone is
+    /// not drawn again until it speaks (any frame clears this).
+    pub silent: bool,
 }
 
 /// How long a departed client's place is kept for it to resume.

@@ -46,6 +46,34 @@ async fn a_client_frozen_mid_hop_is_skipped_after_the_stall_timeout_not_the_dead
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_skipped_as_silent_is_not_drawn_again_until_it_speaks() {
+    // The bug: a frozen client, skipped after the stall timeout, was free
+    // again at once and drawn into the next rounds' chains, each of which
+    // then waited the stall timeout for it (live, with 20 clients and
+    // 150-s freezes, most skipped hops were such repeats).
+    let (error, _, running) = with_three_honest(
+        3,
+        |c| {
+            c.hop_deadline = Duration::from_secs(120);
+            c.stall_timeout = Duration::from_secs(3);
+        },
+        // Silent for 60 s, socket open: through all three rounds.
+        |_, w| Answer {
+            values: w,
+            samples: 50,
+            delay: Duration::from_secs(60),
+            ..Answer::default()
+        },
+    )
+    .await;
+
+    assert!(error.is_none(), "the client was sent away: {error:?}");
+    let status = running.state.status();
+    assert_eq!(status.history.len(), 3);
+    assert_eq!(status.skipped_hops, 1, "the silent client was drawn again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_that_keeps_reporting_progress_is_waited_for() {
     // A client slower than the stall timeout, but sending its heartbeat,
     // is not a frozen one.
@@ -205,5 +233,8 @@ async fn a_native_client_with_an_injected_speed_is_slow_but_alive() {
     assert_eq!(state.status().skipped_hops, 0);
     let speed = speed.expect("the server timed the hop");
     assert!(samples >= 200, "{samples} samples");
-    assert!(speed <= 110.0, "measured {speed} samples/s against an injected 100");
+    assert!(
+        speed <= 110.0,
+        "measured {speed} samples/s against an injected 100"
+    );
 }
