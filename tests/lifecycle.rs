@@ -124,6 +124,21 @@ async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
     })
     .await?;
 
+    // The page keeps the report once the worker has passed it on (a few
+    // milliseconds after the server has it; a reload inside that window
+    // draws afresh, which a volunteer's reload does not hit).
+    wait_until_async("the tab to keep its report", || async {
+        let kept = tab
+            .execute(
+                "return sessionStorage.getItem('astraea-label-report');",
+                vec![],
+            )
+            .await
+            .ok()?;
+        kept.as_str().map(String::from)
+    })
+    .await?;
+
     // Execute
     tab.refresh().await?;
     let again = wait_until_async("the reloaded tab's welcome", || async {
