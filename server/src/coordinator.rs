@@ -1200,10 +1200,15 @@ async fn run_hop(
                         _ => continue,
                     }
                 };
+                // Silent (no sign of life for the stall timeout, or with
+                // no such rule for the whole deadline): not drawn again
+                // until it speaks. A client that was still sending (a
+                // late, half-sent update) is only late.
+                let quiet_for = alive().map_or(deadline, |last| now.duration_since(last));
+                let silent = quiet_for >= if stall.is_zero() { deadline } else { stall };
                 if let Some(entry) = state.clients().get_mut(&client) {
                     entry.pending = None;
-                    // Silent: not drawn again until it speaks.
-                    entry.silent = true;
+                    entry.silent |= silent;
                 }
                 return Err(reason);
             }
