@@ -1028,6 +1028,46 @@ mod tests {
 
     /// Runs a whole round over `inputs` (one vector and weight per masker);
     /// maskers in `drop_before_masking` share keys but send no masked input.
+    /// Step 1 and the sending half of step 2 for `params.maskers` maskers
+    /// (secrets from `[slot + salt; 32]`) and a server summing `len`
+    /// values: the maskers, the server and what each masker sent.
+    fn shared(
+        params: SecAggParams,
+        salt: u8,
+        len: usize,
+    ) -> (Vec<Masker>, Unmasker, BTreeMap<u32, Vec<EncryptedShare>>) {
+        let mut maskers: Vec<Masker> = (1..=params.maskers)
+            .map(|slot| Masker::new(params, slot, [slot as u8 + salt; 32]).unwrap())
+            .collect();
+        let mut server = Unmasker::new(params, len);
+        let keys: Vec<AdvertisedKeys> = maskers.iter().map(Masker::keys).collect();
+        let roster = server.roster(&keys).unwrap();
+        let sent = maskers
+            .iter_mut()
+            .map(|m| (m.slot(), m.share_keys(&roster).unwrap()))
+            .collect();
+        (maskers, server, sent)
+    }
+
+    /// Step 3 and 4 with every masker surviving: its weighted input masked
+    /// into the server's sum, then every masker's revealed shares.
+    fn mask_and_reveal(
+        maskers: &mut [Masker],
+        server: &mut Unmasker,
+        inputs: &[(Vec<f32>, f64)],
+    ) -> BTreeMap<u32, Vec<RevealedShare>> {
+        for (m, (values, weight)) in maskers.iter().zip(inputs) {
+            server
+                .add_masked(m.slot(), &m.mask(values, *weight).unwrap(), *weight)
+                .unwrap();
+        }
+        let (survivors, dropped) = server.unmask_request();
+        maskers
+            .iter_mut()
+            .map(|m| (m.slot(), m.reveal(&survivors, &dropped).unwrap()))
+            .collect()
+    }
+
     fn run_round(
         inputs: &[(Vec<f32>, f64)],
         threshold: u32,
@@ -1035,16 +1075,7 @@ mod tests {
     ) -> Result<(Vec<f32>, f64), SecAggError> {
         let n = inputs.len() as u32;
         let params = SecAggParams::new(7, n, threshold)?;
-        let mut maskers: Vec<Masker> = (1..=n)
-            .map(|slot| Masker::new(params, slot, [slot as u8; 32]).unwrap())
-            .collect();
-        let mut server = Unmasker::new(params, inputs[0].0.len());
-        let keys: Vec<AdvertisedKeys> = maskers.iter().map(Masker::keys).collect();
-        let roster = server.roster(&keys)?;
-        let mut sent = BTreeMap::new();
-        for m in &mut maskers {
-            sent.insert(m.slot(), m.share_keys(&roster)?);
-        }
+        let (mut maskers, mut server, sent) = shared(params, 0, inputs[0].0.len());
         let inboxes = server.route(sent)?;
         for m in &mut maskers {
             m.receive_shares(&inboxes[&m.slot()])?;
@@ -1132,24 +1163,7 @@ mod tests {
     fn a_masked_vector_alone_says_nothing_of_its_input() {
         // The same input masked by two maskers differs in about every
         // value, and a masked zero vector is spread over the whole ring.
-        let params = SecAggParams::new(1, 3, 2).unwrap();
-        let mut maskers: Vec<Masker> = (1..=3)
-            .map(|s| Masker::new(params, s, [s as u8 + 40; 32]).unwrap())
-            .collect();
-        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
-        let sent: Vec<Vec<EncryptedShare>> = maskers
-            .iter_mut()
-            .map(|m| m.share_keys(&roster).unwrap())
-            .collect();
-        for m in &mut maskers {
-            let inbox: Vec<_> = sent
-                .iter()
-                .flatten()
-                .filter(|s| s.to == m.slot())
-                .cloned()
-                .collect();
-            m.receive_shares(&inbox).unwrap();
-        }
+        let maskers = exchanged(SecAggParams::new(1, 3, 2).unwrap(), 40);
         let zeros = vec![0.0f32; 4096];
         let a = maskers[0].mask(&zeros, 0.5).unwrap();
         let b = maskers[1].mask(&zeros, 0.5).unwrap();
@@ -1162,32 +1176,20 @@ mod tests {
         );
     }
 
-    /// Maskers of one round with their keys shared and inboxes read.
-    fn exchanged(round: u32, n: u32, threshold: u32) -> Vec<Masker> {
-        let params = SecAggParams::new(round, n, threshold).unwrap();
-        let mut maskers: Vec<Masker> = (1..=n)
-            .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
-            .collect();
-        let roster: Vec<_> = maskers.iter().map(Masker::keys).collect();
-        let sent: Vec<Vec<EncryptedShare>> = maskers
-            .iter_mut()
-            .map(|m| m.share_keys(&roster).unwrap())
-            .collect();
+    /// Maskers of one round (secrets from `[slot + salt; 32]`) with their
+    /// keys shared and their inboxes read, every share checking out.
+    fn exchanged(params: SecAggParams, salt: u8) -> Vec<Masker> {
+        let (mut maskers, mut server, sent) = shared(params, salt, 1);
+        let inboxes = server.route(sent).unwrap();
         for m in &mut maskers {
-            let inbox: Vec<_> = sent
-                .iter()
-                .flatten()
-                .filter(|s| s.to == m.slot())
-                .cloned()
-                .collect();
-            assert!(m.receive_shares(&inbox).unwrap().is_empty());
+            assert!(m.receive_shares(&inboxes[&m.slot()]).unwrap().is_empty());
         }
         maskers
     }
 
     #[test]
     fn a_masker_reveals_once_and_never_both_secrets_of_one_slot() {
-        let mut maskers = exchanged(2, 4, 3);
+        let mut maskers = exchanged(SecAggParams::new(2, 4, 3).unwrap(), 0);
         let m = &mut maskers[0];
         assert_eq!(
             m.reveal(&[1, 2, 3], &[3, 4]).unwrap_err(),
@@ -1209,7 +1211,7 @@ mod tests {
     fn two_survivors_of_three_are_not_unmasked() {
         // Their sum, less one colluding survivor's result, would be the
         // other's.
-        let mut maskers = exchanged(6, 3, 2);
+        let mut maskers = exchanged(SecAggParams::new(6, 3, 2).unwrap(), 0);
         let err = maskers[0].reveal(&[1, 2], &[3]).unwrap_err();
         assert!(matches!(err, SecAggError::TooFew { got: 2, .. }), "{err}");
     }
@@ -1221,17 +1223,7 @@ mod tests {
         // and the round's mean comes out right.
         let n = 4;
         let params = SecAggParams::new(5, n, 3).unwrap();
-        let mut maskers: Vec<Masker> = (1..=n)
-            .map(|s| Masker::new(params, s, [s as u8 + 9; 32]).unwrap())
-            .collect();
-        let mut server = Unmasker::new(params, 64);
-        let roster = server
-            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
-            .unwrap();
-        let mut sent = BTreeMap::new();
-        for m in &mut maskers {
-            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
-        }
+        let (mut maskers, mut server, sent) = shared(params, 9, 64);
         let mut inboxes = server.route(sent).unwrap();
         let to_one = inboxes.get_mut(&1).unwrap();
         let from_two = to_one.iter_mut().find(|s| s.from == 2).unwrap();
@@ -1242,16 +1234,7 @@ mod tests {
             assert_eq!(m.sharers(), vec![1, 2, 3, 4]);
         }
         let inputs = inputs(n as usize, 64);
-        for (m, (values, weight)) in maskers.iter().zip(&inputs) {
-            server
-                .add_masked(m.slot(), &m.mask(values, *weight).unwrap(), *weight)
-                .unwrap();
-        }
-        let (survivors, dropped) = server.unmask_request();
-        let mut revealed = BTreeMap::new();
-        for m in &mut maskers {
-            revealed.insert(m.slot(), m.reveal(&survivors, &dropped).unwrap());
-        }
+        let revealed = mask_and_reveal(&mut maskers, &mut server, &inputs);
         // Masker 1 lacks 2's seed share; the others' three suffice.
         assert_eq!(revealed[&1].len(), 3);
         let (mean, _) = server.finish(&revealed).unwrap();
@@ -1265,32 +1248,13 @@ mod tests {
         // uses it and another set of shares gives the right seed.
         let n = 5;
         let params = SecAggParams::new(8, n, 3).unwrap();
-        let mut maskers: Vec<Masker> = (1..=n)
-            .map(|s| Masker::new(params, s, [s as u8 + 20; 32]).unwrap())
-            .collect();
-        let mut server = Unmasker::new(params, 32);
-        let roster = server
-            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
-            .unwrap();
-        let mut sent = BTreeMap::new();
-        for m in &mut maskers {
-            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
-        }
+        let (mut maskers, mut server, sent) = shared(params, 20, 32);
         let inboxes = server.route(sent).unwrap();
         for m in &mut maskers {
             m.receive_shares(&inboxes[&m.slot()]).unwrap();
         }
         let inputs = inputs(n as usize, 32);
-        for (m, (values, weight)) in maskers.iter().zip(&inputs) {
-            server
-                .add_masked(m.slot(), &m.mask(values, *weight).unwrap(), *weight)
-                .unwrap();
-        }
-        let (survivors, dropped) = server.unmask_request();
-        let mut revealed = BTreeMap::new();
-        for m in &mut maskers {
-            revealed.insert(m.slot(), m.reveal(&survivors, &dropped).unwrap());
-        }
+        let mut revealed = mask_and_reveal(&mut maskers, &mut server, &inputs);
         let lies = revealed.get_mut(&1).unwrap();
         let bad = lies.iter_mut().find(|r| r.of == 2).unwrap();
         bad.share[5] ^= 0x5a;
@@ -1317,17 +1281,7 @@ mod tests {
     #[test]
     fn the_server_leaves_out_a_sharer_whose_shares_are_incomplete() {
         let params = SecAggParams::new(4, 4, 2).unwrap();
-        let mut maskers: Vec<Masker> = (1..=4)
-            .map(|s| Masker::new(params, s, [s as u8; 32]).unwrap())
-            .collect();
-        let mut server = Unmasker::new(params, 8);
-        let roster = server
-            .roster(&maskers.iter().map(Masker::keys).collect::<Vec<_>>())
-            .unwrap();
-        let mut sent = BTreeMap::new();
-        for m in &mut maskers {
-            sent.insert(m.slot(), m.share_keys(&roster).unwrap());
-        }
+        let (_, mut server, mut sent) = shared(params, 0, 8);
         sent.get_mut(&4).unwrap().pop();
         let inboxes = server.route(sent).unwrap();
         assert_eq!(server.sharers(), vec![1, 2, 3]);
