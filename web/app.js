@@ -74,6 +74,7 @@ worker.onmessage = (event) => {
       page.clientId = m.clientId;
       $('client').textContent = `#${m.clientId}`;
       // A reload of this tab comes back as the same client (same shard).
+      page.resume = m.resume || null;
       try { if (m.resume) sessionStorage.setItem('astraea-resume', m.resume); } catch (e) { /* storage off */ }
       // What this run learns of the volunteer (docs/PRIVACY.md).
       $('leaves').textContent = 'the weights after each training hop (never your images)'
@@ -173,6 +174,31 @@ function join() {
   $('leave').disabled = false;
   $('status').textContent = 'starting…';
 }
+
+// The browser's lifecycle. A page about to be frozen (Chromium freezes
+// background tabs; a phone's locked screen stops them) tells the server it
+// is pausing, so that its chain moves on at once instead of after the
+// stall timeout, and that it is not drawn until it is back. A beacon, not a
+// message to the worker: the worker may be mid-step or frozen with the page,
+// and the browser delivers a beacon after the page stops. Hidden tabs on a
+// desktop keep training in the worker and say nothing; on a phone, where
+// the system suspends a hidden page without a `freeze` event (iOS), hiding
+// is pausing. docs/PROTOCOL.md, "Pausing".
+page.lifecycle = [];
+function tellServer(state) {
+  if (!page.resume || $('join').disabled === false) return;
+  const sent = navigator.sendBeacon('/api/lifecycle', JSON.stringify({ resume: page.resume, state }));
+  page.lifecycle.push({ state, sent });
+  $('status').textContent = state === 'paused'
+    ? 'paused: told the server, which gives this tab\'s work to others until it is back'
+    : 'back: waiting for a task';
+}
+const mobile = navigator.userAgentData?.mobile ?? /Mobi|Android|iPhone|iPad/.test(navigator.userAgent);
+document.addEventListener('freeze', () => tellServer('paused'));
+document.addEventListener('resume', () => tellServer('active'));
+document.addEventListener('visibilitychange', () => {
+  if (mobile) tellServer(document.visibilityState === 'hidden' ? 'paused' : 'active');
+});
 
 $('join').onclick = join;
 $('leave').onclick = () => {

@@ -76,7 +76,7 @@ function render({ status, history }) {
       (id === m.current ? `<span class="training-now">${id}</span>` : id)).join(' → ')}</td><td>${mix(m.counts)}</td><td>${m.kl.toFixed(3)}</td><td>${m.hops_done}/${m.hops}</td></tr>`).join('')
     : '<tr><td colspan="5">no round yet</td></tr>';
   $('client-list').innerHTML = status.client_list.length
-    ? status.client_list.map((c) => `<tr><td>${c.id}</td><td>${c.backend === 'flex' ? 'CPU' : c.backend}</td><td>${c.samples ?? '–'}</td><td>${c.hops}</td><td>${c.samples_trained}</td><td>${c.training ? '<span class="training-now">training</span>' : ''}</td></tr>`).join('')
+    ? status.client_list.map((c) => `<tr><td>${c.id}</td><td>${c.backend === 'flex' ? 'CPU' : c.backend}</td><td>${c.samples ?? '–'}</td><td>${c.hops}</td><td>${c.samples_trained}</td><td>${c.training ? '<span class="training-now">training</span>' : c.paused ? 'paused' : ''}</td></tr>`).join('')
       + (status.clients > status.client_list.length ? `<tr><td colspan="6">… and ${status.clients - status.client_list.length} more</td></tr>` : '')
     : '<tr><td colspan="6">nobody yet</td></tr>';
 

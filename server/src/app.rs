@@ -19,7 +19,7 @@ use crate::connection::handle_socket;
 use crate::dashboard::{self, StatusBody, status_body};
 use crate::state::{AppState, TunableChange};
 use astraea_core::metrics::RoundRecord;
-use astraea_core::protocol::{ErrorCode, ServerMessage};
+use astraea_core::protocol::{ErrorCode, LifecycleReport, ServerMessage, limits};
 
 /// The server's routes over `state`.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -40,6 +40,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/model", get(model))
         .route("/api/shard/{client}", get(shard))
         .route("/metrics", get(metrics))
+        .route("/api/lifecycle", post(lifecycle))
         .route("/api/admin/configure", post(configure))
         .route("/api/admin/{action}", post(admin))
         // Files built by scripts/build-web have gzipped twins: sent to
@@ -297,6 +298,49 @@ async fn configure(
             Json(state.tunable()).into_response()
         }
         Err(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+    }
+}
+
+/// `POST /api/lifecycle`: a client says it is pausing or active again
+/// ([`LifecycleReport`], `docs/PROTOCOL.md` "Pausing"). 204 when a connected
+/// client holds the token; 404 when none does; 400 for a body that is not
+/// the report or breaks its limits, 413 above
+/// [`limits::MAX_LIFECYCLE_BYTES`] (refusals are counted in `rejections`).
+async fn lifecycle(
+    State(state): State<Arc<AppState>>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let refuse = |status: StatusCode, reason: String| {
+        state.rejections.fetch_add(1, Ordering::Relaxed);
+        (status, reason).into_response()
+    };
+    let body = match body {
+        Ok(body) if body.len() <= limits::MAX_LIFECYCLE_BYTES => body,
+        Ok(body) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "lifecycle report of {} bytes, at most {} allowed",
+                    body.len(),
+                    limits::MAX_LIFECYCLE_BYTES
+                ),
+            );
+        }
+        Err(e) => return refuse(e.status(), e.body_text()),
+    };
+    let report = match LifecycleReport::from_json(&body) {
+        Ok(report) => report,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed report: {e}")),
+    };
+    if let Err(e) = report.validate() {
+        return refuse(StatusCode::BAD_REQUEST, format!("report refused: {e}"));
+    }
+    match crate::connection::on_lifecycle(&state, &report) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => refuse(
+            StatusCode::NOT_FOUND,
+            "no connected client holds this token".into(),
+        ),
     }
 }
 

@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use astraea_core::protocol::{
-    AckOutcome, ClientMessage, DataSource, ErrorCode, FrameError, PROTOCOL_VERSION, ServerMessage,
-    ShardSpec, UpdateSpec, WeightAssembler, WeightEncoding, limits,
+    AckOutcome, ClientMessage, DataSource, ErrorCode, FrameError, LifecycleReport, LifecycleState,
+    PROTOCOL_VERSION, ServerMessage, ShardSpec, UpdateSpec, WeightAssembler, WeightEncoding,
+    limits,
 };
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -175,6 +176,42 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     }
 }
 
+/// Gives up client `id`'s hop at once instead of waiting for its deadline
+/// (the chain goes on without it), and takes it out of the round's secure
+/// aggregation, so that no step waits for it.
+fn give_up_hop(state: &AppState, id: u64) {
+    if let Some(entry) = state.clients().get_mut(&id) {
+        entry.pending = None;
+    }
+    if let Some(secure) = lock(&state.secure).clone() {
+        secure.withdraw(id);
+    }
+}
+
+/// A client's `POST /api/lifecycle`: the connected client holding the
+/// report's token pauses (its hop is given up at once, it is not drawn
+/// until it is active again or speaks) or is active again. Returns its id,
+/// or `None` when no connected client holds the token.
+pub fn on_lifecycle(state: &AppState, report: &LifecycleReport) -> Option<u64> {
+    let id = {
+        let mut clients = state.clients();
+        let (&id, entry) = clients
+            .iter_mut()
+            .find(|(_, e)| e.resume_token == report.resume)?;
+        entry.paused = report.state == LifecycleState::Paused;
+        id
+    };
+    match report.state {
+        LifecycleState::Paused => {
+            give_up_hop(state, id);
+            tracing::info!(client = id, "paused");
+        }
+        LifecycleState::Active => tracing::info!(client = id, "active again"),
+    }
+    state.changed.notify_waiters();
+    Some(id)
+}
+
 /// How long the server keeps reading a refused client's socket for its
 /// close frame before it drops the connection.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -229,15 +266,7 @@ impl Connection {
             }
             (Some(id), ClientMessage::Error { code, message }) => {
                 tracing::warn!(client = id, ?code, "client reported: {message}");
-                // Give up its hop at once instead of waiting for the deadline.
-                if let Some(entry) = self.state.clients().get_mut(&id) {
-                    entry.pending = None;
-                }
-                // A masker that reports a problem is out of the round's
-                // secure aggregation: no step waits for it.
-                if let Some(secure) = lock(&self.state.secure).clone() {
-                    secure.withdraw(id);
-                }
+                give_up_hop(&self.state, id);
                 Ok(true)
             }
             (Some(id), ClientMessage::SecureKeys { round, keys }) => {
@@ -339,6 +368,7 @@ impl Connection {
             speed: None,
             resume_token: new_resume_token(),
             silent: false,
+            paused: false,
         };
         // The join's speed (validated: finite, within the limits) is the
         // prior until the server has timed a hop of its own.
@@ -480,6 +510,7 @@ impl Connection {
             && let Some(entry) = self.state.clients().get_mut(&id)
         {
             entry.silent = false;
+            entry.paused = false;
         }
     }
 

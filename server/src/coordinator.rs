@@ -761,10 +761,11 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
         if state.control().stopped {
             return false;
         }
+        // A paused client is not drawn, so it does not count.
         let ready = state
             .clients()
             .values()
-            .filter(|c| c.counts.is_some())
+            .filter(|c| c.counts.is_some() && !c.paused)
             .count();
         if ready >= min.max(1) {
             return true;
@@ -806,7 +807,12 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
     true
 }
 
-/// Draws up to `c` of the ready clients not in `busy`.
+/// Why a paused client's hop was skipped.
+const PAUSED: &str = "paused: the client said it is being frozen or put to sleep";
+
+/// Draws up to `c` of the ready clients not in `busy`: never one that said
+/// it is pausing, and one silent since a skipped hop only when no other is
+/// free.
 fn pick_participants(
     state: &AppState,
     c: usize,
@@ -815,14 +821,15 @@ fn pick_participants(
 ) -> Vec<Participant> {
     let clients = state.clients();
     // A client whose last hop was skipped for silence and that has said
-    // nothing since (frozen, locked) is left out while others are free.
+    // nothing since (frozen, locked), or that said it is pausing, is left
+    // out while others are free.
     let any_live = clients
         .iter()
-        .any(|(id, e)| !busy.contains(id) && e.counts.is_some() && !e.silent);
+        .any(|(id, e)| !busy.contains(id) && e.counts.is_some() && !e.resting());
     let ready: Vec<Participant> = clients
         .iter()
         .filter(|(id, _)| !busy.contains(id))
-        .filter(|(_, entry)| !(any_live && entry.silent))
+        .filter(|(_, entry)| !entry.paused && !(any_live && entry.silent))
         .filter_map(|(&id, entry)| {
             entry.counts.clone().map(|counts| Participant {
                 id: id as usize,
@@ -1150,6 +1157,11 @@ async fn run_hop(
         let entry = clients
             .get_mut(&client)
             .ok_or("client left before its hop")?;
+        // It said it is pausing since it was drawn (or this is its next
+        // pass): skipped without waiting.
+        if entry.paused {
+            return Err(PAUSED.into());
+        }
         let work = entry.samples.saturating_mul(task.epochs as u64);
         let deadline = hop_deadline(entry.speed, work, state.tunable().hop_deadline());
         task.deadline_ms = deadline.as_millis() as u64;
@@ -1185,7 +1197,14 @@ async fn run_hop(
         };
         match tokio::time::timeout_at(wake.into(), &mut reply_rx).await {
             Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(_)) => return Err("client left or gave up during its hop".into()),
+            Ok(Err(_)) => {
+                let paused = state.clients().get(&client).is_some_and(|e| e.paused);
+                return Err(if paused {
+                    PAUSED.into()
+                } else {
+                    "client left or gave up during its hop".into()
+                });
+            }
             Err(_) => {
                 let now = Instant::now();
                 let reason = if now >= deadline_at {

@@ -29,6 +29,8 @@ pub struct ClientStatus {
     pub samples: Option<usize>,
     /// Whether it is training a hop now.
     pub training: bool,
+    /// Whether it said it is pausing (a frozen tab, a locked phone).
+    pub paused: bool,
     /// Hops it has answered.
     pub hops: u64,
     /// Samples it has trained on, over all hops and epochs.
@@ -120,6 +122,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
                 backend: entry.backend.clone(),
                 samples: entry.counts.as_ref().map(|c| c.iter().sum()),
                 training: entry.pending.is_some(),
+                paused: entry.paused,
                 hops: entry.hops_done,
                 samples_trained: entry.samples_trained,
             })

@@ -100,6 +100,18 @@ pub struct ClientEntry {
     /// and it has sent nothing since: a frozen tab or a locked phone is
     /// not drawn again until it speaks (any frame clears this).
     pub silent: bool,
+    /// It said it is pausing (`POST /api/lifecycle`: a tab being frozen, a
+    /// phone whose screen locked): its hop was skipped at once and it is not
+    /// drawn until it says it is active again or sends any frame.
+    pub paused: bool,
+}
+
+impl ClientEntry {
+    /// Whether it should be left out of the draw while others are free:
+    /// silent since a skipped hop, or paused.
+    pub fn resting(&self) -> bool {
+        self.silent || self.paused
+    }
 }
 
 /// How long a departed client's place is kept for it to resume.

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use astraea_core::protocol::AckOutcome;
@@ -95,6 +96,138 @@ async fn a_slow_client_that_keeps_reporting_progress_is_waited_for() {
     assert!(error.is_none(), "the client was sent away: {error:?}");
     assert_eq!(acks, vec![AckOutcome::Accepted]);
     assert_eq!(running.state.status().skipped_hops, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_says_it_is_pausing_is_skipped_at_once_and_rests_until_active() {
+    // The bug: a tab being frozen (a phone whose screen locked, a
+    // background tab) had no way to say so; with no stall rule its chain
+    // waited the whole hop deadline (120 s here), and with one the stall
+    // timeout. Now it says so (`POST /api/lifecycle`) and its hop is
+    // skipped at once.
+    use astraea_core::protocol::{LifecycleReport, LifecycleState};
+    use astraea_core::strategy::StrategyKind;
+    let mut cfg = support::config(StrategyKind::FedAvg, 4, 2);
+    cfg.hop_deadline = Duration::from_secs(120);
+    cfg.stall_timeout = Duration::ZERO;
+    let (mut running, address) = support::start(cfg).await;
+    let state = running.state.clone();
+    let params = state.model.params;
+    let swarm = tokio::spawn(astraea_native::run_swarm(3, support::options(&address)));
+    let (mut scripted, token) = support::join_with_token(&address).await;
+    let report = |state| {
+        LifecycleReport {
+            resume: token.clone(),
+            state,
+        }
+        .to_json()
+    };
+    let paused = report(LifecycleState::Paused);
+    let beacon = address.clone();
+    let operator = state.clone();
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let heard = acks.clone();
+    // Execute: on its first task it says it is pausing, then falls
+    // silent (socket open) for longer than the run.
+    let played = tokio::spawn(async move {
+        support::play(&mut scripted, params, heard, move |_, w| {
+            let (address, body, operator) = (beacon.clone(), paused.clone(), operator.clone());
+            tokio::spawn(async move {
+                assert_eq!(support::post(&address, "/api/lifecycle", &body).await, 204);
+                // A paused client does not count as ready: the operator
+                // lets the run go on with the other three.
+                astraea_server::state::lock(&operator.tunable).min_clients = 3;
+            });
+            Answer {
+                values: w,
+                samples: 50,
+                delay: Duration::from_secs(200),
+                ..Answer::default()
+            }
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(240), &mut running.coordinator)
+        .await
+        .expect("the run finishes")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+
+    // Assert: its one hop skipped; neither round waited for it (the deadline
+    // is 120 s); it was not drawn in round 2; it rests until it is active.
+    let status = state.status().clone();
+    assert_eq!(status.history.len(), 2);
+    assert_eq!(status.skipped_hops, 1, "the paused client was drawn again");
+    for round in &status.history {
+        assert!(
+            round.wall_s < 60.0,
+            "round {} waited {:.1} s",
+            round.round,
+            round.wall_s
+        );
+    }
+    let id = |state: &astraea_server::state::AppState| {
+        let clients = state.clients();
+        let (&id, entry) = clients
+            .iter()
+            .find(|(_, e)| e.resume_token == token)
+            .unwrap();
+        (id, entry.paused)
+    };
+    assert!(id(&state).1, "the client is not marked paused");
+    assert_eq!(
+        support::post(&address, "/api/lifecycle", &report(LifecycleState::Active)).await,
+        204
+    );
+    assert!(!id(&state).1, "active again, it is still paused");
+    played.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifecycle_report_that_is_not_a_connected_clients_is_refused_and_counted() {
+    use astraea_core::protocol::limits::MAX_LIFECYCLE_BYTES;
+    use astraea_core::strategy::StrategyKind;
+    use std::sync::atomic::Ordering;
+    let (running, address) = support::start(support::config(StrategyKind::FedAvg, 4, 1)).await;
+    let (_socket, token) = support::join_with_token(&address).await;
+    let post = |body: String| {
+        let address = address.clone();
+        async move { support::post(&address, "/api/lifecycle", &body).await }
+    };
+    let cases = [
+        // A token nobody holds.
+        (
+            r#"{"resume":"0123456789abcdef0123456789abcdef","state":"paused"}"#.to_string(),
+            404,
+        ),
+        // Not the report.
+        ("paused".to_string(), 400),
+        (format!(r#"{{"resume":"{token}","state":"asleep"}}"#), 400),
+        // A token beyond the limit, or with a control character.
+        (
+            format!(r#"{{"resume":"{}","state":"paused"}}"#, "a".repeat(65)),
+            400,
+        ),
+        (r#"{"resume":"ab","state":"paused"}"#.to_string(), 400),
+        // A body beyond the limit.
+        (
+            format!(
+                r#"{{"resume":"{token}","state":"paused","pad":"{}"}}"#,
+                "x".repeat(MAX_LIFECYCLE_BYTES)
+            ),
+            413,
+        ),
+    ];
+    for (body, expected) in &cases {
+        assert_eq!(post(body.clone()).await, *expected, "for {body}");
+    }
+    assert_eq!(
+        running.state.rejections.load(Ordering::Relaxed),
+        cases.len() as u64
+    );
+    // None of them paused the real client.
+    assert!(running.state.clients().values().all(|e| !e.paused));
 }
 
 /// Joins as a demo client (optionally resuming) and returns the socket

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use astraea_core::protocol::limits::{
     ADDED_SAMPLES_ALLOWANCE, MAX_ABS_WEIGHT, MAX_BACKEND_BYTES, MAX_CLASSES, MAX_CLIENT_SAMPLES,
-    MAX_MESSAGE_BYTES, MAX_PROGRESS_BATCHES, MAX_SPEED, MAX_UPDATE_SECONDS,
+    MAX_LIFECYCLE_BYTES, MAX_MESSAGE_BYTES, MAX_PROGRESS_BATCHES, MAX_RESUME_BYTES, MAX_SPEED,
+    MAX_UPDATE_SECONDS,
 };
 use astraea_core::protocol::{
-    AckOutcome, ClientMessage, DEFAULT_MAX_FRAME_BYTES, DataSource, ErrorCode, PROTOCOL_VERSION,
-    ServerMessage, encode_chunks,
+    AckOutcome, ClientMessage, DEFAULT_MAX_FRAME_BYTES, DataSource, ErrorCode, LifecycleReport,
+    PROTOCOL_VERSION, ServerMessage, encode_chunks,
 };
 use astraea_core::strategy::StrategyKind;
 use futures_util::{SinkExt, StreamExt};
@@ -80,6 +81,7 @@ fn json_blocks(page: &str) -> Vec<(usize, String)> {
 struct Examples {
     client: Vec<(String, ClientMessage)>,
     server: Vec<(String, ServerMessage)>,
+    lifecycle: Vec<LifecycleReport>,
 }
 
 impl Examples {
@@ -87,9 +89,20 @@ impl Examples {
         let mut examples = Examples {
             client: Vec::new(),
             server: Vec::new(),
+            lifecycle: Vec::new(),
         };
         for (line, text) in json_blocks(&page()) {
             let text = text.trim().to_string();
+            // The body of `POST /api/lifecycle` ("Pausing"), beside the
+            // socket's messages.
+            if let Ok(report) = LifecycleReport::from_json(text.as_bytes()) {
+                assert_eq!(report.validate(), Ok(()), "line {line}");
+                let written: Value = serde_json::from_str(&text).unwrap();
+                let canonical: Value = serde_json::from_str(&report.to_json()).unwrap();
+                assert_eq!(canonical, written, "line {line}");
+                examples.lifecycle.push(report);
+                continue;
+            }
             let as_client = ClientMessage::from_json(&text);
             let as_server = ServerMessage::from_json(&text);
             assert!(
@@ -155,6 +168,10 @@ fn every_example_on_the_page_is_a_message_and_every_message_has_one() {
     let server: BTreeSet<&str> = examples.server.iter().map(|(_, m)| m.kind()).collect();
     assert_eq!(client, BTreeSet::from(CLIENT_KINDS), "client examples");
     assert_eq!(server, BTreeSet::from(SERVER_KINDS), "server examples");
+    assert!(
+        !examples.lifecycle.is_empty(),
+        "no POST /api/lifecycle example"
+    );
     let outcomes: BTreeSet<String> = examples
         .server
         .iter()
@@ -192,6 +209,8 @@ fn the_page_shows_the_version_and_every_limit_with_its_value() {
     let rows = [
         ("MAX_BACKEND_BYTES", thousands(MAX_BACKEND_BYTES as u64)),
         ("MAX_MESSAGE_BYTES", thousands(MAX_MESSAGE_BYTES as u64)),
+        ("MAX_RESUME_BYTES", thousands(MAX_RESUME_BYTES as u64)),
+        ("MAX_LIFECYCLE_BYTES", thousands(MAX_LIFECYCLE_BYTES as u64)),
         ("MAX_CLASSES", thousands(MAX_CLASSES as u64)),
         ("MAX_CLIENT_SAMPLES", thousands(MAX_CLIENT_SAMPLES)),
         ("MAX_PROGRESS_BATCHES", thousands(MAX_PROGRESS_BATCHES)),

@@ -5,12 +5,14 @@
 //!
 //! `docs/PROTOCOL.md` lists the same limits for outside implementers.
 
-use super::messages::{ClientMessage, DataSource, UpdateSpec};
+use super::messages::{ClientMessage, DataSource, LifecycleReport, UpdateSpec};
 
 /// Longest `join.backend` string, in bytes.
 pub const MAX_BACKEND_BYTES: usize = 64;
 /// Longest `join.resume` token, in bytes (the server's are 32 hex digits).
 pub const MAX_RESUME_BYTES: usize = 64;
+/// Largest `POST /api/lifecycle` body, in bytes.
+pub const MAX_LIFECYCLE_BYTES: usize = 256;
 /// Longest `error.message` string a client may send, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Most classes a label-count list may have (the model fixes the exact
@@ -148,6 +150,16 @@ fn check_update(update: &UpdateSpec) -> Result<(), LimitError> {
         MAX_UPDATE_SECONDS,
         "0..=604800",
     )
+}
+
+impl LifecycleReport {
+    /// Checks the token against the protocol's limits.
+    ///
+    /// # Errors
+    /// The token is too long or holds control characters.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        check_string("lifecycle.resume", &self.resume, MAX_RESUME_BYTES)
+    }
 }
 
 impl ClientMessage {

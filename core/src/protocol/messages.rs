@@ -377,6 +377,46 @@ pub enum ServerMessage {
     },
 }
 
+/// What a client says of its own lifecycle, out of band: `POST
+/// /api/lifecycle` with this JSON as the body (`docs/PROTOCOL.md`,
+/// "Pausing"). A tab sends it with `navigator.sendBeacon` as the browser
+/// freezes it, when its socket's worker may already be stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleReport {
+    /// The client's `welcome.resume` token: who is speaking (at most
+    /// [`super::limits::MAX_RESUME_BYTES`] bytes).
+    pub resume: String,
+    /// What it is about to be.
+    pub state: LifecycleState,
+}
+
+/// A client's lifecycle state in a [`LifecycleReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleState {
+    /// It may stop answering (its page is being frozen, its phone's
+    /// screen locked): the server skips the hop it holds at once and does
+    /// not draw it until it is active again or sends any frame.
+    Paused,
+    /// It is running again.
+    Active,
+}
+
+impl LifecycleReport {
+    /// Parses a request body (any content type: `sendBeacon` sends text).
+    ///
+    /// # Errors
+    /// Not this JSON object.
+    pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("reports always serialise")
+    }
+}
+
 impl ClientMessage {
     /// Its `type` tag on the wire. The match names every variant, so a new
     /// one does not compile until it has a tag here.

@@ -24,8 +24,8 @@ pub use frames::{
     masked_bits, masked_values,
 };
 pub use messages::{
-    AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, ModelSpec, PrivacySpec,
-    ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+    AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, LifecycleReport, LifecycleState,
+    ModelSpec, PrivacySpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
 pub use session::{ClientAction, ClientSession, progress_message, train_task, train_task_async};
 

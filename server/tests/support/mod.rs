@@ -116,6 +116,12 @@ pub async fn send(socket: &mut Socket, message: &ClientMessage) {
 
 /// Joins by hand and returns the socket after the welcome.
 pub async fn join(address: &str) -> Socket {
+    join_with_token(address).await.0
+}
+
+/// Joins by hand as an own-data client; returns the socket after the
+/// welcome and the welcome's resume token.
+pub async fn join_with_token(address: &str) -> (Socket, String) {
     let mut socket = connect(address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
@@ -130,11 +136,35 @@ pub async fn join(address: &str) -> Socket {
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {
         panic!("no welcome")
     };
-    assert!(matches!(
-        ServerMessage::from_json(&welcome).unwrap(),
-        ServerMessage::Welcome { .. }
-    ));
-    socket
+    let ServerMessage::Welcome {
+        resume: Some(token),
+        ..
+    } = ServerMessage::from_json(&welcome).unwrap()
+    else {
+        panic!("not a welcome with a resume token: {welcome}")
+    };
+    (socket, token)
+}
+
+/// POSTs `body` to `path` over plain HTTP/1.1, as `navigator.sendBeacon`
+/// would (a text body); returns the response's status code.
+pub async fn post(address: &str, path: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: text/plain;charset=UTF-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
 }
 
 /// Reads frames until the server's error message; returns it.
