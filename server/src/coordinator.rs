@@ -829,7 +829,7 @@ fn pick_participants(
     let ready: Vec<Participant> = clients
         .iter()
         .filter(|(id, _)| !busy.contains(id))
-        .filter(|(_, entry)| !entry.paused && !(any_live && entry.silent))
+        .filter(|(_, entry)| !(entry.paused || any_live && entry.silent))
         .filter_map(|(&id, entry)| {
             entry.counts.clone().map(|counts| Participant {
                 id: id as usize,
