@@ -233,8 +233,10 @@ pub fn sampled_gaussian_rdp(q: f64, sigma: f64, alpha: u32) -> f64 {
 }
 
 /// A Rényi DP accountant for the sampled Gaussian mechanism, composed over
-/// rounds (RDP adds up order by order).
-#[derive(Debug, Clone, PartialEq)]
+/// rounds (RDP adds up order by order). It serialises as
+/// `{"orders": [...], "rdp": [...]}`, so a restarted server goes on from
+/// what was spent ([`RdpAccountant::from_json`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RdpAccountant {
     orders: Vec<u32>,
     rdp: Vec<f64>,
@@ -254,6 +256,23 @@ impl RdpAccountant {
     /// Nothing spent yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The JSON a server keeps with each round.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("numbers serialise")
+    }
+
+    /// An accountant kept by [`RdpAccountant::to_json`]; `None` unless it
+    /// has as many spends as orders, every order at least 2 and every spend
+    /// finite and non-negative (a damaged record must not lower the spend).
+    pub fn from_json(text: &str) -> Option<Self> {
+        let accountant: Self = serde_json::from_str(text).ok()?;
+        let sound = !accountant.orders.is_empty()
+            && accountant.orders.len() == accountant.rdp.len()
+            && accountant.orders.iter().all(|&alpha| alpha >= 2)
+            && accountant.rdp.iter().all(|r| r.is_finite() && *r >= 0.0);
+        sound.then_some(accountant)
     }
 
     /// Adds `steps` rounds of the sampled Gaussian mechanism: each unit
@@ -530,6 +549,26 @@ mod tests {
             );
         }
         assert_eq!(RdpAccountant::new().epsilon(1e-5), 0.0);
+    }
+
+    #[test]
+    fn a_kept_accountant_reads_back_as_it_was_and_a_damaged_one_not_at_all() {
+        let mut spent = RdpAccountant::new();
+        spent.compose(1.0, 2.0, 3);
+        spent.compose(0.1, 1.0, 7);
+        let back = RdpAccountant::from_json(&spent.to_json()).expect("reads back");
+        assert_eq!(back, spent);
+        assert_eq!(back.epsilon(1e-5), spent.epsilon(1e-5));
+        for damaged in [
+            r#"{"orders":[2,3],"rdp":[0.5]}"#,
+            r#"{"orders":[1,3],"rdp":[0.5,0.5]}"#,
+            r#"{"orders":[2,3],"rdp":[-0.5,0.5]}"#,
+            r#"{"orders":[2,3],"rdp":[0.5,1e999]}"#,
+            r#"{"orders":[],"rdp":[]}"#,
+            "not json",
+        ] {
+            assert_eq!(RdpAccountant::from_json(damaged), None, "{damaged}");
+        }
     }
 
     #[test]

@@ -129,10 +129,15 @@ pub fn restore(
         }
         if let Some(last) = resumed.history.last() {
             resume.first_round = last.round as u32 + 1;
-            // The accountant's state is not saved: count every past round
-            // as if it had sampled everyone (an upper bound on the spend).
+            // The accountant goes on from what the last round kept; a run
+            // kept before accountants were saved counts every past round at
+            // the noise multiplier configured now, sampling everyone.
             if let Some(dp) = state.config.model_privacy {
-                lock(&state.accountant).compose(1.0, dp.budget.noise_multiplier, last.round as u64);
+                let mut accountant = lock(&state.accountant);
+                match &resumed.accountant {
+                    Some(kept) => *accountant = kept.clone(),
+                    None => accountant.compose(1.0, dp.budget.noise_multiplier, last.round as u64),
+                }
             }
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
             state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
@@ -412,8 +417,17 @@ async fn close_round(
     };
     let guard = lock(&state.guard).history();
     let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
+    let accountant =
+        (state.config.model_privacy.is_some()).then(|| lock(&state.accountant).clone());
     state.record(|store, run| {
-        store.save_round(run, &record, skipped, &mediators, &checkpoint, &guard)
+        let kept = crate::store::RoundState {
+            skipped_hops: skipped,
+            mediators: &mediators,
+            checkpoint: &checkpoint,
+            guard: &guard,
+            accountant: accountant.as_ref(),
+        };
+        store.save_round(run, &record, &kept)
     });
     state.status().history.push(record);
     let done = ServerMessage::RoundDone {

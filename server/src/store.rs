@@ -94,7 +94,27 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
     "ALTER TABLE rounds ADD COLUMN guard TEXT;
     UPDATE runs SET config = '(redacted: stored before secrets were kept out)'
         WHERE config LIKE '%admin_token: Some(%' AND config NOT LIKE '%admin_token: Some(<redacted>)%';",
+    // 3: the privacy accountant and the round's epsilon are saved with each
+    // round, so a restart goes on from what was spent (before, it counted
+    // every past round at the noise multiplier configured now).
+    "ALTER TABLE rounds ADD COLUMN accountant TEXT;
+    ALTER TABLE rounds ADD COLUMN epsilon REAL;",
 ];
+
+/// What a completed round leaves beside its record, to resume from.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundState<'a> {
+    /// Skipped hops counted so far.
+    pub skipped_hops: u64,
+    /// The round's mediators.
+    pub mediators: &'a [MediatorStatus],
+    /// The global model after the round, as a safetensors file.
+    pub checkpoint: &'a [u8],
+    /// The update guard's history.
+    pub guard: &'a [f64],
+    /// The privacy accountant after the round (client-level DP runs).
+    pub accountant: Option<&'a astraea_core::privacy::RdpAccountant>,
+}
 
 /// A run as found in (or created in) the database.
 #[derive(Debug, Clone)]
@@ -111,6 +131,9 @@ pub struct Resumed {
     pub skipped_hops: u64,
     /// The update guard's history as of the last completed round.
     pub guard: Vec<f64>,
+    /// The privacy accountant as of the last completed round, when it was
+    /// kept (and reads back sound).
+    pub accountant: Option<astraea_core::privacy::RdpAccountant>,
 }
 
 /// The database and the checkpoint folder.
@@ -182,10 +205,12 @@ impl Store {
                 weights: None,
                 skipped_hops: 0,
                 guard: vec![],
+                accountant: None,
             });
         };
         let mut statement = self.db.prepare(
-            "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard
+            "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
+                    accountant, epsilon
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = statement.query_map(params![run_id], |row| {
@@ -201,27 +226,32 @@ impl Store {
                     train_samples: 0,
                     train_s: 0.0,
                     clock_s: row.get(6)?,
-                    epsilon: None,
+                    epsilon: row.get(11)?,
                 },
                 row.get::<_, i64>(7)? as u64,
                 row.get::<_, String>(8)?,
                 row.get::<_, Option<String>>(9)?,
+                row.get::<_, Option<String>>(10)?,
             ))
         })?;
         let mut history = Vec::new();
         let mut last = None;
         for row in rows {
-            let (record, skipped, checkpoint, guard) = row?;
+            let (record, skipped, checkpoint, guard, accountant) = row?;
             history.push(record);
-            last = Some((skipped, checkpoint, guard));
+            last = Some((skipped, checkpoint, guard, accountant));
         }
         let guard = last
             .as_ref()
-            .and_then(|(_, _, guard)| guard.as_deref())
+            .and_then(|(_, _, guard, _)| guard.as_deref())
             .and_then(|text| serde_json::from_str(text).ok())
             .unwrap_or_default();
+        let accountant = last
+            .as_ref()
+            .and_then(|(_, _, _, accountant)| accountant.as_deref())
+            .and_then(astraea_core::privacy::RdpAccountant::from_json);
         let (skipped_hops, weights) = match last {
-            Some((skipped, file, _)) => {
+            Some((skipped, file, _, _)) => {
                 let path = self.checkpoints.join(&file);
                 let bytes = std::fs::read(&path).map_err(io(&path))?;
                 let weights = Weights::from_safetensors(&bytes, shapes).map_err(|e| {
@@ -241,6 +271,7 @@ impl Store {
             weights,
             skipped_hops,
             guard,
+            accountant,
         })
     }
 
@@ -260,11 +291,15 @@ impl Store {
         &mut self,
         run_id: i64,
         record: &RoundRecord,
-        skipped_hops: u64,
-        mediators: &[MediatorStatus],
-        checkpoint: &[u8],
-        guard: &[f64],
+        kept: &RoundState<'_>,
     ) -> Result<(), StoreError> {
+        let RoundState {
+            skipped_hops,
+            mediators,
+            checkpoint,
+            guard,
+            accountant,
+        } = *kept;
         let file = format!("run{run_id}-round{:06}.safetensors", record.round);
         let path = self.checkpoints.join(&file);
         let temporary = self.checkpoints.join(format!("{file}.tmp"));
@@ -277,8 +312,9 @@ impl Store {
         let tx = self.db.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO rounds
-             (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
+              accountant, epsilon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 run_id,
                 record.round as i64,
@@ -290,7 +326,9 @@ impl Store {
                 record.wall_s,
                 skipped_hops as i64,
                 file,
-                serde_json::to_string(guard).expect("numbers serialise")
+                serde_json::to_string(guard).expect("numbers serialise"),
+                accountant.map(|a| a.to_json()),
+                record.epsilon
             ],
         )?;
         for (index, mediator) in mediators.iter().enumerate() {
@@ -425,20 +463,26 @@ mod tests {
                 .save_round(
                     run.run_id,
                     &record(1, 0.3),
-                    0,
-                    &mediators,
-                    &weights.to_safetensors(),
-                    &[0.5],
+                    &RoundState {
+                        skipped_hops: 0,
+                        mediators: &mediators,
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[0.5],
+                        accountant: None,
+                    },
                 )
                 .unwrap();
             store
                 .save_round(
                     run.run_id,
                     &record(2, 0.5),
-                    1,
-                    &mediators,
-                    &weights.to_safetensors(),
-                    &[0.5, 0.75],
+                    &RoundState {
+                        skipped_hops: 1,
+                        mediators: &mediators,
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[0.5, 0.75],
+                        accountant: None,
+                    },
                 )
                 .unwrap();
             run.run_id
@@ -505,10 +549,13 @@ mod tests {
                 .save_round(
                     run.run_id,
                     &record(1, 0.3),
-                    0,
-                    &[],
-                    &weights.to_safetensors(),
-                    &[],
+                    &RoundState {
+                        skipped_hops: 0,
+                        mediators: &[],
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[],
+                        accountant: None,
+                    },
                 )
                 .unwrap();
             store.finish(run.run_id).unwrap();

@@ -592,3 +592,73 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert!((status["model_epsilon"].as_f64().unwrap() - spent(2)).abs() < 1e-9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
+    use astraea_core::privacy::{ModelPrivacy, RdpAccountant};
+    // The bug: the accountant was not kept; a restarted run counted its
+    // past rounds at the noise multiplier configured at the restart, so an
+    // operator who raised it after two rounds at sigma 2 was told the run
+    // had spent less than it had (and the history lost its epsilons).
+    let state_dir = std::env::temp_dir().join(format!("astraea-dp-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let private = |sigma: f64| {
+        let mut cfg = config(StrategyKind::FedAvg, 4, 3);
+        cfg.state_dir = Some(state_dir.clone());
+        cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+            budget: ModelPrivacy {
+                clip: 0.5,
+                noise_multiplier: sigma,
+                delta: 1e-5,
+            },
+            max_epsilon: 1e3,
+        });
+        cfg
+    };
+    let spent = |sigmas: &[f64]| {
+        let mut accountant = RdpAccountant::new();
+        for &sigma in sigmas {
+            accountant.compose(1.0, sigma, 1);
+        }
+        accountant.epsilon(1e-5)
+    };
+
+    // Execute: two rounds at sigma 2, then the server dies; it restarts
+    // with sigma 4 and runs the third.
+    let (first, address) = start(private(2.0)).await;
+    let swarm = tokio::spawn(run_swarm(4, options(&address)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while first.state.status().history.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two rounds within 4 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.coordinator.abort();
+    first.server.abort();
+    swarm.abort();
+    let (second, address) = start(private(4.0)).await;
+    let swarm = tokio::spawn(run_swarm(4, options(&address)));
+    tokio::time::timeout(Duration::from_secs(240), second.coordinator)
+        .await
+        .expect("the resumed run finishes")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+
+    // Assert: the history keeps its epsilons, and round 3 adds one round
+    // at sigma 4 to two at sigma 2.
+    let history = second.state.status().history.clone();
+    assert_eq!(history.len(), 3);
+    let expected = [spent(&[2.0]), spent(&[2.0, 2.0]), spent(&[2.0, 2.0, 4.0])];
+    for (record, expected) in history.iter().zip(expected) {
+        let epsilon = record.epsilon.expect("a private round keeps its epsilon");
+        assert!(
+            (epsilon - expected).abs() < 1e-9,
+            "round {}: epsilon {epsilon}, spent {expected}",
+            record.round
+        );
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
