@@ -110,6 +110,58 @@ async fn a_tab_frozen_mid_hop_says_it_is_pausing_and_its_chain_moves_on_at_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_whose_webgpu_device_is_lost_mid_hop_trains_the_hop_again_on_the_cpu()
+-> anyhow::Result<()> {
+    // The bug: a WebGPU device lost mid-hop (a GPU process crash, a driver
+    // reset) failed the hop, and every later hop on the dead device.
+    // Prepare: one tab on Chromium's software adapter, WebGPU forced, whose
+    // page destroys its device after the first training step (`lose-gpu`);
+    // one shard, one round of two passes; no stall rule (SwiftShader's
+    // first step compiles shaders for tens of seconds).
+    built_page()?;
+    let mut config = demo_config(1, 300, 1, 1);
+    config.stall_timeout = Duration::ZERO;
+    let (running, url) = serve_on_loopback(config).await?;
+    let state = running.state.clone();
+    let driver = Chromedriver::start()?;
+    let tab = driver.open(&["--enable-unsafe-webgpu"]).await?;
+    tab.goto(&format!("{url}?join=1&backend=webgpu&lose-gpu=1"))
+        .await?;
+    let chosen = wait_until_async("the tab's backend", || async {
+        page_figures(&tab).await.ok()?["backend"]["name"]
+            .as_str()
+            .map(String::from)
+    })
+    .await?;
+    assert_eq!(chosen, "webgpu", "the tab did not start on WebGPU");
+
+    // Execute
+    wait_until("the run to finish", RUN_LIMIT, || {
+        state.status().phase == Phase::Finished
+    })
+    .await?;
+
+    // Assert: the page says it fell back to the CPU and why; both hops
+    // were answered and taken (none skipped), so the lost device cost no
+    // work but the GPU's part of the first hop.
+    let backend = page_figures(&tab).await?["backend"].clone();
+    assert_eq!(backend["name"], "flex", "{backend}");
+    let reason = backend["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("WebGPU failed mid-hop"), "{reason}");
+    let status = state.status().clone();
+    assert_eq!(status.history.len(), 1);
+    assert_eq!(status.skipped_hops, 0);
+    assert_eq!(
+        state.clients().values().map(|c| c.hops_done).sum::<u64>(),
+        2,
+        "both passes' hops answered"
+    );
+    tab.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reloaded_tab_comes_back_as_the_same_client() -> anyhow::Result<()> {
     // The bug: a reload joined as a new client, with a new id and another
     // shard, and the old registration lingered.

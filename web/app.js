@@ -169,7 +169,10 @@ function join() {
     resume = sessionStorage.getItem('astraea-resume');
     labelReport = sessionStorage.getItem('astraea-label-report');
   } catch (e) { /* storage off */ }
-  worker.postMessage({ type: 'join', url, preference: params.get('backend') || 'auto', resume, labelReport });
+  worker.postMessage({
+    type: 'join', url, preference: params.get('backend') || 'auto', resume, labelReport,
+    loseGpu: params.get('lose-gpu') === '1',
+  });
   $('join').disabled = true;
   $('leave').disabled = false;
   $('status').textContent = 'starting…';

@@ -20,6 +20,19 @@ let queue = Promise.resolve();
 
 const say = (message, transfer) => postMessage(message, transfer || []);
 
+// The WebGPU device wgpu asked the browser for, kept so that the page's
+// `?lose-gpu=1` can destroy it in the first hop: the way to see (and test)
+// the fallback to the CPU without a GPU that crashes.
+let gpuDevice = null;
+let loseGpu = false;
+if (self.GPUAdapter) {
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function keepDevice(...args) {
+    gpuDevice = await requestDevice.apply(this, args);
+    return gpuDevice;
+  };
+}
+
 onmessage = (event) => {
   const m = event.data;
   if (m.type === 'join') {
@@ -28,6 +41,7 @@ onmessage = (event) => {
     // The page keeps the token across reloads (sessionStorage).
     resumeToken = m.resume || null;
     labelReport = m.labelReport || null;
+    loseGpu = Boolean(m.loseGpu);
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
   } else if (m.type === 'leave') {
     leaving = true;
@@ -198,6 +212,11 @@ async function train(action) {
   let losses = [];
   const onStep = (p) => {
     losses.push(p.loss);
+    if (loseGpu && gpuDevice && backend.name === 'webgpu') {
+      const device = gpuDevice;
+      loseGpu = false;
+      setTimeout(() => device.destroy(), 0);
+    }
     const now = performance.now();
     // The heartbeat, from the worker itself (the page's timers are
     // throttled in a hidden tab): at most one a second, well inside the
@@ -216,6 +235,13 @@ async function train(action) {
     }
   };
   const answer = await client.train(action.task, action.weights, onStep);
+  // WebGPU failed mid-hop and the hop was trained again on the CPU: the
+  // tab stays there, on this connection and the next.
+  const fell = client.take_fallback();
+  if (fell) {
+    backend = fell;
+    say({ type: 'backend', name: fell.name, adapter: fell.adapter, reason: fell.reason, fellBack: true });
+  }
   const update = JSON.parse(answer[0].text);
   say({
     type: 'trained', round: task.round, samples: update.samples * task.epochs, loopSeconds: update.seconds,

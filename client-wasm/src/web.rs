@@ -14,7 +14,7 @@
 
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::shard::decode_shard;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use astraea_core::model::ModelConfig;
 use astraea_core::protocol::{
@@ -158,13 +158,23 @@ async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
     Ok(((STEPS - 1) * BATCH) as f64 / elapsed)
 }
 
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    static WEBGPU: RefCell<Option<Result<Device, String>>> = const { RefCell::new(None) };
+}
+
+/// After WebGPU failed mid-hop, the page's device is not offered again.
+fn forget_webgpu(why: &str) {
+    #[cfg(target_arch = "wasm32")]
+    WEBGPU.with(|cell| *cell.borrow_mut() = Some(Err(why.to_string())));
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = why;
+}
+
 /// The page's WebGPU device, set up once (burn's runtime cannot be set up
 /// twice in one page), or why there is none.
 #[cfg(target_arch = "wasm32")]
 pub async fn webgpu_device() -> Result<Device, String> {
-    thread_local! {
-        static WEBGPU: RefCell<Option<Result<Device, String>>> = const { RefCell::new(None) };
-    }
     if let Some(known) = WEBGPU.with(|cell| cell.borrow().clone()) {
         return known;
     }
@@ -266,8 +276,12 @@ pub struct WasmClient {
     session: RefCell<ClientSession>,
     start: Vec<ClientAction>,
     data: Option<LocalData>,
-    kind: BackendKind,
-    device: Device,
+    /// Where it trains: WebGPU until a hop fails there, then the CPU.
+    kind: Cell<BackendKind>,
+    device: RefCell<Device>,
+    /// The CPU backend it fell back to in its last hop, until the page
+    /// takes it ([`WasmClient::take_fallback`]).
+    fallback: RefCell<Option<Backend>>,
 }
 
 fn set(object: &Object, key: &str, value: &JsValue) -> Result<(), JsError> {
@@ -375,9 +389,17 @@ impl WasmClient {
             session: RefCell::new(session),
             start,
             data: None,
-            kind: backend.kind,
-            device: backend.device.clone(),
+            kind: Cell::new(backend.kind),
+            device: RefCell::new(backend.device.clone()),
+            fallback: RefCell::new(None),
         }
+    }
+
+    /// The CPU backend this client fell back to when WebGPU failed in its
+    /// last hop, once (later calls give `undefined`): the worker keeps it
+    /// for its next connections and tells the page why.
+    pub fn take_fallback(&self) -> Option<Backend> {
+        self.fallback.borrow_mut().take()
     }
 
     /// The first actions (the join), to run once the socket is open.
@@ -612,10 +634,33 @@ impl WasmClient {
             let _ = on_step.call1(&JsValue::NULL, &object);
         };
         let start = js_sys::Date::now();
-        let (trained, stats) = match self.kind {
+        let device = self.device.borrow().clone();
+        let (trained, stats) = match self.kind.get() {
             BackendKind::Cpu => train_task(&model, &task, weights, samples, &mut report),
             BackendKind::WebGpu => {
-                train_task_async(&model, &task, weights, samples, &self.device, &mut report).await
+                let kept = weights.clone();
+                match train_task_async(&model, &task, weights, samples, &device, &mut report).await
+                {
+                    Ok(done) => Ok(done),
+                    // The GPU failed mid-hop (a lost device: the GPU process
+                    // crashed, the driver reset, the system reclaimed it):
+                    // the hop starts again from the task's weights on the
+                    // CPU, and the tab stays there.
+                    Err(e) => {
+                        let why = format!(
+                            "WebGPU failed mid-hop ({e}); the hop was trained again on the CPU, which this tab now uses"
+                        );
+                        forget_webgpu(&why);
+                        self.kind.set(BackendKind::Cpu);
+                        *self.device.borrow_mut() = Device::flex();
+                        *self.fallback.borrow_mut() = Some(Backend {
+                            reason: why,
+                            ..Backend::cpu()
+                        });
+                        let samples = Samples { images, labels };
+                        train_task(&model, &task, kept, samples, &mut report)
+                    }
+                }
             }
         }
         .map_err(|e| JsError::new(&e.to_string()))?;
