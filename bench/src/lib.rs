@@ -6,6 +6,8 @@
 //!   and clients vanishing mid-chain (rounds stalled).
 //! - [`fuzz`]: random structured inputs through the protocol decoders;
 //!   crashes found and inputs per second.
+//! - [`hop`]: a hop's fixed cost, stage by stage (encode, decode, build,
+//!   first step, read back, the server's judging), on the CPU.
 //! - [`idle`]: idle WebSocket clients one server process holds, and its
 //!   memory per client.
 //! - [`rounds`]: coordination overhead per round with many clients that
@@ -16,6 +18,7 @@
 pub mod aggregate;
 pub mod chaos;
 pub mod fuzz;
+pub mod hop;
 pub mod idle;
 pub mod rounds;
 pub mod secagg;

@@ -200,6 +200,20 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// A hop's fixed cost stage by stage on the CPU: encode, decode, model
+    /// built, the first step beyond a steady one, read back; for hops of a
+    /// few batches, weights as f32 and f16.
+    Hop {
+        /// Batches of 20 per hop.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,10")]
+        batches: Vec<usize>,
+        /// Repeats per row (medians are shown).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Coordination overhead per round with echo clients.
     Rounds {
         /// Clients, all taking part.
@@ -805,6 +819,40 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 r.max_round_s,
                 r.total_s,
                 100.0 * r.total_s / r.hops_done.max(1) as f64
+            );
+        }
+        BenchCommand::Hop {
+            batches,
+            repeats,
+            data_dir,
+        } => {
+            let (train, _) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            println!(
+                "| batches | encoding | server encode | client decode | build model | first step extra | steady step | read back | client encode | server decode | server judge | fixed | hop | fixed share |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for encoding in [WeightEncoding::F32, WeightEncoding::F16] {
+                for &n in &batches {
+                    let c = astraea_bench::hop::run(&train, n, encoding, 1 << 20, repeats);
+                    println!(
+                        "| {n} | {encoding:?} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % |",
+                        c.server_encode_ms,
+                        c.client_decode_ms,
+                        c.build_ms,
+                        c.first_step_extra_ms,
+                        c.steady_step_ms,
+                        c.read_back_ms,
+                        c.client_encode_ms,
+                        c.server_decode_ms,
+                        c.server_judge_ms,
+                        c.fixed_ms(),
+                        c.total_ms(),
+                        100.0 * c.fixed_ms() / c.total_ms()
+                    );
+                }
+            }
+            println!(
+                "(milliseconds, medians of {repeats}; CPU, burn flex; network transfer not included)"
             );
         }
         BenchCommand::Fuzz {
