@@ -20,7 +20,7 @@ use astraea_core::protocol::{
 };
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
-use astraea_core::validation::LossCheck;
+use astraea_core::validation::{LossCheck, LossIncrease};
 use astraea_core::weights::Weights;
 use burn::prelude::*;
 use futures_util::future::join_all;
@@ -912,169 +912,243 @@ async fn run_chain(
     let mut hop = 0u32;
     // Under secure aggregation: the masked last hop went into the sum.
     let mut masked_ok = false;
-    for pass in 0..group.passes {
-        for (position, &member) in group.members.iter().enumerate() {
-            hop += 1;
-            state.set_hop(index, Some(member as u64), hop - 1);
-            let task = TaskSpec {
-                round,
-                // Unique per chain for 400,000 chains (u32).
-                hop: (chain % 400_000) as u32 * 10_000 + hop,
-                epochs: state.config.epochs,
-                batch_size: state.config.batch_size,
-                learning_rate: state.config.learning_rate,
-                prox_mu,
-                // Both set per client as the task goes out (`run_hop`).
-                deadline_ms: 0,
-                stall_ms: None,
-                // The chain's number too: in the asynchronous mode two
-                // chains of one version share round and hop.
-                seed: state.config.seed
-                    ^ (u64::from(round) << 32)
-                    ^ u64::from(hop)
-                    ^ member as u64
-                    ^ chain.rotate_left(20),
-                encoding: state.config.encoding,
-                chunks: 0,
-                place: Some(ChainPlace {
-                    mediator: index as u32 + 1,
-                    mediators,
-                    position: position as u32 + 1,
-                    members: group.members.len() as u32,
-                    pass: pass as u32 + 1,
-                    passes: group.passes as u32,
-                }),
-                secure_weight: None,
-            };
-            // Under secure aggregation the masker (the chain's last member)
-            // trains only once the key exchange is over, so it answers the
-            // exchange while idle; the chain is over if it is not a sharer
-            // (its result could not be summed). Its last hop answers
-            // masked, weighted by the samples the chain really trained.
-            let is_masker = position + 1 == group.members.len();
-            let last = pass + 1 == group.passes && is_masker;
-            let mut task = task;
-            let mut masker = None;
-            if let (Some((secure, mediator)), true) = (&secure, is_masker) {
-                let slot = secure.slot(*mediator);
-                match secure.sharers(&state).await {
-                    Ok(sharers) if sharers.contains(&slot) => {}
-                    outcome => {
-                        let reason = match outcome {
-                            Err(e) => format!("secure aggregation failed: {e}"),
-                            Ok(_) => format!("masker {slot} left the key exchange"),
-                        };
-                        state.set_hop(index, None, hop);
-                        return Err(GroupFailure {
-                            group: index,
-                            reason,
-                        });
-                    }
-                }
-                if last {
-                    let own = state
-                        .clients()
-                        .get(&(member as u64))
-                        .map_or(0, |e| e.samples);
-                    let others: u64 = samples
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i != position)
-                        .filter_map(|(_, s)| *s)
-                        .sum();
-                    let weight = secure.set_weight(slot, others.saturating_add(own));
-                    task.secure_weight = Some(weight);
-                    masker = Some((secure.clone(), slot));
-                }
-            }
-            let wire_hop = task.hop;
-            let sent_at = Instant::now();
-            let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
-            let outcome = match run_hop(&state, member as u64, task, &weights).await {
-                Ok(reply) => {
-                    // The server's own timing of the hop, transfer
-                    // included: the speed its next deadline comes from.
-                    let work = reply.samples.saturating_mul(state.config.epochs as u64);
-                    let measured = work as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
-                    if let Some(entry) = state.clients().get_mut(&(member as u64)) {
-                        entry.observe_speed(measured);
-                    }
-                    match &masker {
-                        // A masked result goes into the secure sum; the
-                        // loss rule cannot read it.
-                        Some((secure, slot)) => secure
-                            .add_masked(*slot, &reply.weights)
-                            .map(|()| {
-                                masked_ok = true;
-                                reply
-                            })
-                            .map_err(HopOutcome::Refused),
-                        None => judge_loss(&state, &weights, &mut weights_loss, &reply.weights)
-                            .await
-                            .map(|()| reply)
-                            .inspect_err(|_| {
-                                state.loss_refusals.fetch_add(1, Ordering::Relaxed);
-                            }),
-                    }
-                }
-                Err(skip) => Err(HopOutcome::Skipped(skip)),
-            };
-            // The client learns its update's fate once the chain has
-            // judged it.
-            let (ack, reason) = match &outcome {
-                Ok(_) => (Some(AckOutcome::Accepted), None),
-                Err(HopOutcome::Refused(reason)) => {
-                    (Some(AckOutcome::Refused), Some(reason.clone()))
-                }
-                Err(HopOutcome::Skipped(_)) => (None, None),
-            };
-            if let Some(outcome) = ack
-                && let Some(entry) = state.clients().get_mut(&(member as u64))
-            {
-                entry.send(&ServerMessage::Ack {
+    // The chain's hops in order: (pass, position).
+    let plan: Vec<(usize, usize)> = (0..group.passes)
+        .flat_map(|pass| (0..group.members.len()).map(move |position| (pass, position)))
+        .collect();
+    // The last hop taken before its verdict. The loss rule (a forward pass
+    // on the validation samples, most of a short hop's time: `astraea bench
+    // hop`) judges it while the next member already trains on it; if it is
+    // refused, the chain goes back to the weights before it, and the hop
+    // trained on it is trained again.
+    let mut unjudged: Option<Unjudged> = None;
+    let mut next = 0;
+    while next < plan.len() {
+        let (pass, position) = plan[next];
+        let member = group.members[position];
+        hop += 1;
+        state.set_hop(index, Some(member as u64), next as u32);
+        let task = TaskSpec {
+            round,
+            // Unique per chain for 400,000 chains (u32).
+            hop: (chain % 400_000) as u32 * 10_000 + hop,
+            epochs: state.config.epochs,
+            batch_size: state.config.batch_size,
+            learning_rate: state.config.learning_rate,
+            prox_mu,
+            // Both set per client as the task goes out (`run_hop`).
+            deadline_ms: 0,
+            stall_ms: None,
+            // The chain's number too: in the asynchronous mode two
+            // chains of one version share round and hop.
+            seed: state.config.seed
+                ^ (u64::from(round) << 32)
+                ^ u64::from(hop)
+                ^ member as u64
+                ^ chain.rotate_left(20),
+            encoding: state.config.encoding,
+            chunks: 0,
+            place: Some(ChainPlace {
+                mediator: index as u32 + 1,
+                mediators,
+                position: position as u32 + 1,
+                members: group.members.len() as u32,
+                pass: pass as u32 + 1,
+                passes: group.passes as u32,
+            }),
+            secure_weight: None,
+        };
+        // Under secure aggregation the masker (the chain's last member)
+        // trains only once the key exchange is over, so it answers the
+        // exchange while idle; the chain is over if it is not a sharer
+        // (its result could not be summed). Its last hop answers
+        // masked, weighted by the samples the chain really trained.
+        let is_masker = position + 1 == group.members.len();
+        let last = pass + 1 == group.passes && is_masker;
+        let mut task = task;
+        let mut masker = None;
+        if let (Some((secure, mediator)), true) = (&secure, is_masker) {
+            // The masker's weight counts what the chain trained: no hop
+            // may still wait for its verdict.
+            if let Some(pending) = unjudged.take() {
+                settle(
+                    &state,
+                    pending,
                     round,
-                    hop: wire_hop,
-                    outcome,
-                    reason,
-                });
+                    &mut weights,
+                    &mut weights_loss,
+                    &mut samples,
+                )
+                .await;
             }
-            match outcome {
-                Ok(reply) => {
-                    weights = reply.weights;
-                    // Per-hop noise: what the next member sees is DP for
-                    // this one; the judged loss no longer describes it.
-                    if let Some(hop) = state.config.hop_privacy {
-                        let sent = hop_inputs.as_deref().unwrap_or(&[]);
-                        let mut rng = StdRng::from_os_rng();
-                        astraea_core::privacy::noisy_hop(
-                            sent,
-                            &mut weights,
-                            hop.clip,
-                            hop.noise_multiplier,
-                            &mut rng,
-                        );
-                        weights_loss = None;
-                    }
-                    samples[position] = Some(reply.samples);
-                }
-                Err(HopOutcome::Refused(reason)) => {
-                    // Counted in `loss_refusals`, apart from skipped hops.
-                    tracing::warn!(client = member, round, hop, "hop refused: {reason}");
-                    let detail = format!("client {member} hop {hop}: {reason}");
-                    state.record(|store, run| {
-                        store.event(run, Some(round), "loss-refusal", &detail)
+            let slot = secure.slot(*mediator);
+            match secure.sharers(&state).await {
+                Ok(sharers) if sharers.contains(&slot) => {}
+                outcome => {
+                    let reason = match outcome {
+                        Err(e) => format!("secure aggregation failed: {e}"),
+                        Ok(_) => format!("masker {slot} left the key exchange"),
+                    };
+                    state.set_hop(index, None, next as u32);
+                    return Err(GroupFailure {
+                        group: index,
+                        reason,
                     });
                 }
-                Err(HopOutcome::Skipped(reason)) => {
-                    state.status().skipped_hops += 1;
-                    tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
-                    let detail = format!("client {member} hop {hop}: {reason}");
-                    state.record(|store, run| store.event(run, Some(round), "skip", &detail));
-                }
+            }
+            if last {
+                let own = state
+                    .clients()
+                    .get(&(member as u64))
+                    .map_or(0, |e| e.samples);
+                let others: u64 = samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != position)
+                    .filter_map(|(_, s)| *s)
+                    .sum();
+                let weight = secure.set_weight(slot, others.saturating_add(own));
+                task.secure_weight = Some(weight);
+                masker = Some((secure.clone(), slot));
             }
         }
+        let wire_hop = task.hop;
+        let sent_at = Instant::now();
+        let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
+        let reply = run_hop(&state, member as u64, task, &weights).await;
+        // The previous hop's verdict, judged meanwhile. Refused: this hop
+        // trained on weights the chain no longer has, so it comes again.
+        if let Some(pending) = unjudged.take()
+            && !settle(
+                &state,
+                pending,
+                round,
+                &mut weights,
+                &mut weights_loss,
+                &mut samples,
+            )
+            .await
+            && reply.is_ok()
+        {
+            send_ack(
+                &state,
+                member as u64,
+                round,
+                wire_hop,
+                AckOutcome::Stale,
+                Some("trained on an update the loss rule then refused; the hop comes again".into()),
+            );
+            continue;
+        }
+        let outcome = match reply {
+            Ok(reply) => {
+                // The server's own timing of the hop, transfer included:
+                // the speed its next deadline comes from.
+                let work = reply.samples.saturating_mul(state.config.epochs as u64);
+                let measured = work as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
+                if let Some(entry) = state.clients().get_mut(&(member as u64)) {
+                    entry.observe_speed(measured);
+                }
+                match &masker {
+                    // A masked result goes into the secure sum; the loss
+                    // rule cannot read it.
+                    Some((secure, slot)) => secure
+                        .add_masked(*slot, &reply.weights)
+                        .map(|()| {
+                            masked_ok = true;
+                            reply
+                        })
+                        .map_err(HopOutcome::Refused),
+                    None => Ok(reply),
+                }
+            }
+            Err(skip) => Err(HopOutcome::Skipped(skip)),
+        };
+        match outcome {
+            Ok(reply) => {
+                let before = std::mem::replace(&mut weights, reply.weights);
+                // The loss rule reads the update as the client sent it.
+                let judge = match (&state.loss_check, &masker) {
+                    (Some(check), None) => {
+                        let (check, known) = (check.clone(), weights_loss);
+                        let (sent, new) = (before.clone(), weights.clone());
+                        Some(tokio::task::spawn_blocking(move || {
+                            judge_blocking(&check, known, &sent, &new)
+                        }))
+                    }
+                    _ => None,
+                };
+                // Per-hop noise: what the next member sees is DP for this
+                // one; the judged loss no longer describes it.
+                if let Some(hop) = state.config.hop_privacy {
+                    let sent = hop_inputs.as_deref().unwrap_or(&[]);
+                    let mut rng = StdRng::from_os_rng();
+                    astraea_core::privacy::noisy_hop(
+                        sent,
+                        &mut weights,
+                        hop.clip,
+                        hop.noise_multiplier,
+                        &mut rng,
+                    );
+                }
+                let previous_samples = samples[position].replace(reply.samples);
+                match judge {
+                    Some(verdict) => {
+                        unjudged = Some(Unjudged {
+                            member: member as u64,
+                            hop: wire_hop,
+                            position,
+                            before,
+                            before_loss: weights_loss,
+                            previous_samples,
+                            verdict,
+                        });
+                    }
+                    // Nothing to judge (a masked hop, or no loss rule).
+                    None => send_ack(
+                        &state,
+                        member as u64,
+                        round,
+                        wire_hop,
+                        AckOutcome::Accepted,
+                        None,
+                    ),
+                }
+            }
+            Err(HopOutcome::Refused(reason)) => {
+                send_ack(
+                    &state,
+                    member as u64,
+                    round,
+                    wire_hop,
+                    AckOutcome::Refused,
+                    Some(reason.clone()),
+                );
+                tracing::warn!(client = member, round, hop, "hop refused: {reason}");
+                let detail = format!("client {member} hop {hop}: {reason}");
+                state.record(|store, run| store.event(run, Some(round), "loss-refusal", &detail));
+            }
+            Err(HopOutcome::Skipped(reason)) => {
+                state.status().skipped_hops += 1;
+                tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
+                let detail = format!("client {member} hop {hop}: {reason}");
+                state.record(|store, run| store.event(run, Some(round), "skip", &detail));
+            }
+        }
+        next += 1;
     }
-    state.set_hop(index, None, hop);
+    if let Some(pending) = unjudged.take() {
+        settle(
+            &state,
+            pending,
+            round,
+            &mut weights,
+            &mut weights_loss,
+            &mut samples,
+        )
+        .await;
+    }
+    state.set_hop(index, None, plan.len() as u32);
     let trained: u64 = samples.iter().flatten().sum();
     if samples.iter().all(Option::is_none) {
         return Err(GroupFailure {
@@ -1106,39 +1180,111 @@ enum HopOutcome {
     Refused(String),
 }
 
-/// The guard's loss rule on one hop from `sent` to `new`, off the async
-/// threads. `sent_loss` caches the validation loss of `sent`, and holds
-/// that of `new` once the hop is accepted (the chain's next `sent`).
-async fn judge_loss(
-    state: &AppState,
+/// A hop taken into its chain before the loss rule's verdict on it.
+struct Unjudged {
+    member: u64,
+    /// Its wire hop number.
+    hop: u32,
+    /// The member's place in the chain.
+    position: usize,
+    /// The chain's weights before it, and their validation loss if known.
+    before: Vec<f32>,
+    before_loss: Option<f64>,
+    /// The member's trained samples before it (an earlier pass's).
+    previous_samples: Option<u64>,
+    /// The rule at work: (loss before, loss after, verdict).
+    verdict: tokio::task::JoinHandle<(f64, f64, Result<(), LossIncrease>)>,
+}
+
+/// The guard's loss rule on one hop from `sent` to `new`: their validation
+/// losses (`known`, that of `sent`, when cached) and the verdict.
+fn judge_blocking(
+    check: &LossCheck,
+    known: Option<f64>,
     sent: &[f32],
-    sent_loss: &mut Option<f64>,
     new: &[f32],
-) -> Result<(), HopOutcome> {
-    let Some(check) = state.loss_check.clone() else {
-        return Ok(());
-    };
-    let (known, sent, new) = (*sent_loss, sent.to_vec(), new.to_vec());
-    let losses = tokio::task::spawn_blocking(move || {
-        let device = Device::flex();
-        let loss = |values: &[f32]| check.loss(values, &device).unwrap_or(f64::INFINITY);
-        let before = known.unwrap_or_else(|| loss(&sent));
-        let after = loss(&new);
-        (before, after, check.judge(before, after))
-    })
-    .await;
-    match losses {
-        Ok((before, after, verdict)) => {
-            *sent_loss = Some(before);
-            verdict
-                .map_err(|refusal| HopOutcome::Refused(format!("update rejected: {refusal}")))?;
-            *sent_loss = Some(after);
-            Ok(())
+) -> (f64, f64, Result<(), LossIncrease>) {
+    let device = Device::flex();
+    let loss = |values: &[f32]| check.loss(values, &device).unwrap_or(f64::INFINITY);
+    let before = known.unwrap_or_else(|| loss(sent));
+    let after = loss(new);
+    (before, after, check.judge(before, after))
+}
+
+/// Waits for the loss rule's verdict on `pending` and acknowledges it.
+/// Accepted: `weights_loss` becomes the hop's loss (unknown under per-hop
+/// noise, which changed the weights passed on); returns `true`. Refused (or
+/// a panic while judging): the chain goes back to the weights, loss and
+/// samples from before the hop; returns `false`.
+async fn settle(
+    state: &AppState,
+    pending: Unjudged,
+    round: u32,
+    weights: &mut Vec<f32>,
+    weights_loss: &mut Option<f64>,
+    samples: &mut [Option<u64>],
+) -> bool {
+    let refusal = match pending.verdict.await {
+        Ok((_, after, Ok(()))) => {
+            *weights_loss = state.config.hop_privacy.is_none().then_some(after);
+            send_ack(
+                state,
+                pending.member,
+                round,
+                pending.hop,
+                AckOutcome::Accepted,
+                None,
+            );
+            return true;
         }
-        // A panic while evaluating: the hop is not taken.
-        Err(e) => Err(HopOutcome::Refused(format!(
-            "update could not be judged: {e}"
-        ))),
+        Ok((before, _, Err(refusal))) => {
+            *weights_loss = Some(before);
+            format!("update rejected: {refusal}")
+        }
+        Err(e) => {
+            *weights_loss = pending.before_loss;
+            format!("update could not be judged: {e}")
+        }
+    };
+    state.loss_refusals.fetch_add(1, Ordering::Relaxed);
+    *weights = pending.before;
+    samples[pending.position] = pending.previous_samples;
+    send_ack(
+        state,
+        pending.member,
+        round,
+        pending.hop,
+        AckOutcome::Refused,
+        Some(refusal.clone()),
+    );
+    let member = pending.member;
+    tracing::warn!(
+        client = member,
+        round,
+        hop = pending.hop,
+        "hop refused: {refusal}"
+    );
+    let detail = format!("client {member} hop {}: {refusal}", pending.hop);
+    state.record(|store, run| store.event(run, Some(round), "loss-refusal", &detail));
+    false
+}
+
+/// Tells `member` what became of its update for `hop`.
+fn send_ack(
+    state: &AppState,
+    member: u64,
+    round: u32,
+    hop: u32,
+    outcome: AckOutcome,
+    reason: Option<String>,
+) {
+    if let Some(entry) = state.clients().get_mut(&member) {
+        entry.send(&ServerMessage::Ack {
+            round,
+            hop,
+            outcome,
+            reason,
+        });
     }
 }
 

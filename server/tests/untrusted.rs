@@ -138,6 +138,115 @@ async fn an_update_of_honest_size_that_ruins_the_loss_is_refused_but_the_client_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_trained_again() {
+    // The loss rule judges a hop while the next member already trains on
+    // it (judging is most of a short hop's time). A refused hop must still
+    // never reach the model: the next member's hop is acknowledged stale
+    // and sent again with the weights from before the refused one.
+    // Prepare: one mediator of two scripted clients, two passes (Astraea's
+    // rescheduling, no plan to answer): an
+    // attacker (the loss-ruining update of the test above) and an echo
+    // client that returns what it gets.
+    use std::sync::{Arc, Mutex};
+    let (mut running, address) = start(config(StrategyKind::AstraeaRescheduling, 2, 1)).await;
+    let initial = astraea_server::state::lock(&running.state.global)
+        .clone()
+        .unwrap();
+    let params = running.state.model.params;
+    // What each was sent and answered, and the acks it heard.
+    type Log = Arc<Mutex<Vec<(Vec<f32>, Vec<f32>)>>>;
+    let (attacker_log, echo_log) = (Log::default(), Log::default());
+    let attacker_acks: Arc<Mutex<Vec<AckOutcome>>> = Arc::default();
+    let echo_acks: Arc<Mutex<Vec<AckOutcome>>> = Arc::default();
+    let mut attacker = join(&address).await;
+    let mut echo = join(&address).await;
+
+    // Execute
+    let (log, acks) = (attacker_log.clone(), attacker_acks.clone());
+    let attack = tokio::spawn(async move {
+        support::play(&mut attacker, params, acks, move |_, w| {
+            let mut out = w.clone();
+            let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
+            let biases = out.len() - 10;
+            out[biases + 3] += (0.5 * allowed).min(8.0) as f32;
+            log.lock().unwrap().push((w, out.clone()));
+            Answer {
+                values: out,
+                samples: 50,
+                ..Answer::default()
+            }
+        })
+        .await
+    });
+    let (log, acks) = (echo_log.clone(), echo_acks.clone());
+    let echoing = tokio::spawn(async move {
+        support::play(&mut echo, params, acks, move |_, w| {
+            log.lock().unwrap().push((w.clone(), w.clone()));
+            Answer {
+                values: w,
+                samples: 50,
+                ..Answer::default()
+            }
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(120), &mut running.coordinator)
+        .await
+        .expect("the run finishes")
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    attack.abort();
+    echoing.abort();
+
+    // Assert: every attack refused; the echo client heard "stale" for a
+    // hop that followed one, and got the attacker's input weights again;
+    // the model is the initial one (nothing but echoes was taken).
+    let attacker_acks = attacker_acks.lock().unwrap().clone();
+    let echo_acks = echo_acks.lock().unwrap().clone();
+    let attacks = attacker_log.lock().unwrap().clone();
+    let echoed = echo_log.lock().unwrap().clone();
+    assert!(!attacker_acks.is_empty());
+    assert!(
+        attacker_acks.iter().all(|a| *a == AckOutcome::Refused),
+        "{attacker_acks:?}"
+    );
+    assert_eq!(
+        echo_acks.len(),
+        echoed.len(),
+        "an ack per task: {echo_acks:?}"
+    );
+    let mut redone = 0;
+    for (i, ack) in echo_acks.iter().enumerate() {
+        if *ack == AckOutcome::Stale {
+            let (stale_input, _) = &echoed[i];
+            let (again, _) = &echoed[i + 1];
+            assert!(
+                attacks.iter().any(|(_, out)| out == stale_input),
+                "a stale hop that did not follow a refused one"
+            );
+            assert!(
+                attacks.iter().any(|(input, _)| input == again),
+                "the hop came again with other weights than the refused hop's input"
+            );
+            assert_eq!(echo_acks[i + 1], AckOutcome::Accepted);
+            redone += 1;
+        }
+    }
+    assert!(redone >= 1, "no hop followed a refused one: {echo_acks:?}");
+    let global = astraea_server::state::lock(&running.state.global)
+        .clone()
+        .unwrap();
+    let moved = global
+        .values
+        .iter()
+        .zip(&initial.values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved < 1e-5, "a refused update reached the model ({moved})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_update_does_not_block_the_clients_next_one() {
     // The bug: an update announcing 2 chunks with only chunk 0 sent was
     // skipped at the deadline, but its state survived and the next valid
