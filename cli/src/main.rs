@@ -333,6 +333,16 @@ struct ServeArgs {
     /// DP: delta of the (epsilon, delta) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     dp_delta: f64,
+    /// DP: adaptive clipping (Andrew et al. 2021): the clip follows this
+    /// quantile of the groups' update norms (0.5: the median), starting
+    /// from --dp-clip; the run spends what a fixed clip would.
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// DP, adaptive clipping: the standard deviation of the noise on the
+    /// count of unclipped updates (default: the groups expected a round,
+    /// participants over gamma, divided by 20, as the paper).
+    #[arg(long)]
+    dp_count_noise: Option<f64>,
     /// Rounds: sync (every round's groups start together and the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever enough clients are free and is folded into the model when
@@ -555,6 +565,16 @@ struct SimulateArgs {
     /// DP: delta of the (epsilon, delta) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     dp_delta: f64,
+    /// DP: adaptive clipping (Andrew et al. 2021): the clip follows this
+    /// quantile of the groups' update norms (0.5: the median), starting
+    /// from --dp-clip; the run spends what a fixed clip would.
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// DP, adaptive clipping: the standard deviation of the noise on the
+    /// count of unclipped updates (default: the groups expected a round,
+    /// participants over gamma, divided by 20, as the paper).
+    #[arg(long)]
+    dp_count_noise: Option<f64>,
     /// Rounds: sync (the papers': every group starts together, the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever clients are free and is folded in when it finishes, with a
@@ -1015,12 +1035,20 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
                 if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
                     bail!("--dp-delta must lie between 0 and 1");
                 }
+                let budget_spec = astraea_core::privacy::ModelPrivacy {
+                    clip: args.dp_clip,
+                    noise_multiplier: noise,
+                    delta: args.dp_delta,
+                    adaptive: adaptive_clip(
+                        args.dp_adaptive_quantile,
+                        args.dp_count_noise,
+                        args.participants,
+                        args.gamma,
+                    )?,
+                };
+                check_count_noise(&budget_spec)?;
                 Some(serve::config::ServedPrivacy {
-                    budget: astraea_core::privacy::ModelPrivacy {
-                        clip: args.dp_clip,
-                        noise_multiplier: noise,
-                        delta: args.dp_delta,
-                    },
+                    budget: budget_spec,
                     max_epsilon: budget,
                 })
             }
@@ -1149,11 +1177,19 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                     "dp: epsilon {epsilon} at delta {} over {} rounds at q = {q}: noise multiplier {sigma:.3}, clip {}",
                     args.dp_delta, args.rounds, args.dp_clip
                 );
-                Some(astraea_core::privacy::ModelPrivacy {
+                let dp = astraea_core::privacy::ModelPrivacy {
                     clip: args.dp_clip,
                     noise_multiplier: sigma,
                     delta: args.dp_delta,
-                })
+                    adaptive: adaptive_clip(
+                        args.dp_adaptive_quantile,
+                        args.dp_count_noise,
+                        args.participants,
+                        args.gamma,
+                    )?,
+                };
+                check_count_noise(&dp)?;
+                Some(dp)
             }
         },
         mode: args.mode,
@@ -1234,6 +1270,51 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
 
 /// Prints the per-run summary and, when a FedAvg run is among them, the
 /// comparison against it; optionally writes both as Markdown.
+/// Adaptive clipping from the DP flags: the paper's step (eta_C 0.2) and,
+/// unless given, its count noise (the groups expected a round over 20;
+/// groups of `gamma` for Astraea's mediators).
+fn adaptive_clip(
+    quantile: Option<f64>,
+    count_noise: Option<f64>,
+    participants: usize,
+    gamma: usize,
+) -> anyhow::Result<Option<astraea_core::privacy::AdaptiveClip>> {
+    let Some(quantile) = quantile else {
+        if count_noise.is_some() {
+            bail!("--dp-count-noise needs --dp-adaptive-quantile");
+        }
+        return Ok(None);
+    };
+    if !(quantile > 0.0 && quantile < 1.0) {
+        bail!("--dp-adaptive-quantile must lie between 0 and 1, got {quantile}");
+    }
+    let groups = (participants as f64 / gamma.max(1) as f64).max(1.0);
+    let count_noise = count_noise.unwrap_or(groups / 20.0);
+    if !(count_noise.is_finite() && count_noise > 0.0) {
+        bail!("--dp-count-noise must be positive, got {count_noise}");
+    }
+    Ok(Some(astraea_core::privacy::AdaptiveClip {
+        quantile,
+        learning_rate: 0.2,
+        count_noise,
+    }))
+}
+
+/// Refuses adaptive clipping whose count noise alone would spend more than
+/// the run's noise multiplier allows (checked for groups of several
+/// clients, the stricter case).
+fn check_count_noise(dp: &astraea_core::privacy::ModelPrivacy) -> anyhow::Result<()> {
+    if dp.update_noise_multiplier(2).is_none() {
+        bail!(
+            "adaptive clipping: count noise {} is too small for noise multiplier {:.3} (it must exceed it); \
+             raise --dp-count-noise or take more participants a round",
+            dp.adaptive.map_or(0.0, |a| a.count_noise),
+            dp.noise_multiplier
+        );
+    }
+    Ok(())
+}
+
 fn print_tables(
     runs: &[report::RunHistory],
     target: Option<f64>,

@@ -318,15 +318,79 @@ impl RdpAccountant {
 /// to the mean. For Astraea a group is a mediator (DP-Astraea).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelPrivacy {
-    /// C: the most a group's update may move the model, L2.
+    /// C: the most a group's update may move the model, L2 (the first
+    /// round's under adaptive clipping).
     pub clip: f64,
-    /// z: the noise's standard deviation over the sum's sensitivity.
+    /// z: the noise's standard deviation over the sum's sensitivity (with
+    /// adaptive clipping, of the round as a whole: see
+    /// [`ModelPrivacy::update_noise_multiplier`]).
     pub noise_multiplier: f64,
     /// delta of the (epsilon, delta) reported.
     pub delta: f64,
+    /// Let C follow a quantile of the update norms instead of staying put.
+    pub adaptive: Option<AdaptiveClip>,
+}
+
+/// Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy 2021,
+/// "Differentially Private Learning with Adaptive Clipping", NeurIPS):
+/// after each round the clip moves geometrically towards the `quantile`
+/// of the groups' update norms, estimated privately from a noisy count of
+/// the updates it left unclipped. The count's noise is paid for by raising
+/// the update noise a little ([`ModelPrivacy::update_noise_multiplier`]),
+/// so a round still spends what a Gaussian of multiplier z does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveClip {
+    /// gamma: the share of updates the clip should leave unclipped, in
+    /// (0, 1) (0.5 in the paper: the median norm).
+    pub quantile: f64,
+    /// eta_C: the geometric step, `C <- C exp(-eta_C (b - gamma))` (0.2 in
+    /// the paper).
+    pub learning_rate: f64,
+    /// sigma_b: the standard deviation of the Gaussian noise on the count
+    /// of unclipped updates (the paper takes the expected number of
+    /// updates a round over 20).
+    pub count_noise: f64,
+}
+
+impl AdaptiveClip {
+    /// The clip for the next round, from this round's `clip` and the
+    /// groups' update `norms` (L2, before clipping): with `b` the noisy
+    /// share of norms at most `clip`, `(#{norm <= clip} + N(0,
+    /// sigma_b^2)) / m`, the paper's geometric update `clip exp(-eta_C (b -
+    /// gamma))` (its Algorithm 1). `clip` unchanged without norms.
+    pub fn next_clip(&self, clip: f64, norms: &[f64], rng: &mut impl rand::Rng) -> f64 {
+        use rand_distr::{Distribution, Normal};
+        if norms.is_empty() {
+            return clip;
+        }
+        let unclipped = norms.iter().filter(|&&n| n <= clip).count() as f64;
+        let noise = Normal::new(0.0, self.count_noise.max(0.0)).map_or(0.0, |d| d.sample(rng));
+        let share = (unclipped + noise) / norms.len() as f64;
+        clip * (-self.learning_rate * (share - self.quantile)).exp()
+    }
 }
 
 impl ModelPrivacy {
+    /// The multiplier of the noise added to the sum of clipped updates. z
+    /// itself with a fixed clip. With adaptive clipping, z_Delta such that
+    /// the update sum and the unclipped count together spend what one
+    /// Gaussian of multiplier z does: `z_Delta = (z^-2 - (s_b /
+    /// sigma_b)^-2)^(-1/2)`, the count's sensitivity `s_b` being 1/2 when
+    /// every group is one client (the paper's Theorem 1, `(2 sigma_b)^-2`;
+    /// its bits are centred on 1/2) and 1 when groups hold several (one
+    /// client flips its group's bit). `None` when the count's noise is too
+    /// small for z (`sigma_b / s_b <= z`): the count alone would spend more.
+    pub fn update_noise_multiplier(&self, largest_group: usize) -> Option<f64> {
+        let z = self.noise_multiplier;
+        let Some(adaptive) = self.adaptive else {
+            return Some(z);
+        };
+        let count_sensitivity = if largest_group > 1 { 1.0 } else { 0.5 };
+        let count_multiplier = adaptive.count_noise / count_sensitivity;
+        let left = z.powi(-2) - count_multiplier.powi(-2);
+        (z > 0.0 && left > 0.0).then(|| left.powf(-0.5))
+    }
+
     /// The L2 sensitivity of the sum of clipped group updates to one client:
     /// C when every group is one client (its update is in the sum or not),
     /// 2C when groups hold several clients (without one of them, its
@@ -604,11 +668,92 @@ mod tests {
             ModelPrivacy {
                 clip: 1.5,
                 noise_multiplier: 1.0,
-                delta: 1e-5
+                delta: 1e-5,
+                adaptive: None,
             }
             .sensitivity(10),
             3.0
         );
+    }
+
+    #[test]
+    fn adaptive_clipping_spends_what_its_noise_multiplier_says() {
+        // The update sum at z_Delta and the count at sigma_b / s_b compose
+        // to exactly one Gaussian at z (Rényi divergences of Gaussians add
+        // as 1 / z^2), for single-client groups and for mediators.
+        for (largest, count_noise) in [(1, 2.5), (10, 5.0)] {
+            let dp = ModelPrivacy {
+                clip: 1.0,
+                noise_multiplier: 1.1,
+                delta: 1e-5,
+                adaptive: Some(AdaptiveClip {
+                    quantile: 0.5,
+                    learning_rate: 0.2,
+                    count_noise,
+                }),
+            };
+            let z_delta = dp
+                .update_noise_multiplier(largest)
+                .expect("enough count noise");
+            assert!(z_delta > dp.noise_multiplier);
+            let s_b = if largest > 1 { 1.0 } else { 0.5 };
+            let mut both = RdpAccountant::new();
+            both.compose(1.0, z_delta, 30);
+            both.compose(1.0, count_noise / s_b, 30);
+            let mut one = RdpAccountant::new();
+            one.compose(1.0, dp.noise_multiplier, 30);
+            let (a, b) = (both.epsilon(1e-5), one.epsilon(1e-5));
+            assert!((a - b).abs() < 1e-9 * b, "{a} against {b}");
+        }
+        // Too little count noise for z: refused, not silently overspent.
+        let thin = ModelPrivacy {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            adaptive: Some(AdaptiveClip {
+                quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise: 0.5,
+            }),
+        };
+        assert_eq!(thin.update_noise_multiplier(5), None);
+        assert_eq!(
+            ModelPrivacy {
+                adaptive: None,
+                ..thin
+            }
+            .update_noise_multiplier(5),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn an_adaptive_clip_settles_near_the_target_quantile_of_the_norms() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // 100 groups a round whose update norms are 1, 2, ..., 100: the
+        // median is 50.5. From a clip far below and one far above.
+        let norms: Vec<f64> = (1..=100).map(f64::from).collect();
+        let adaptive = AdaptiveClip {
+            quantile: 0.5,
+            learning_rate: 0.2,
+            count_noise: 100.0 / 20.0,
+        };
+        for start in [0.1, 1000.0] {
+            let mut clip = start;
+            for _ in 0..300 {
+                clip = adaptive.next_clip(clip, &norms, &mut rng);
+            }
+            assert!((35.0..70.0).contains(&clip), "from {start}: {clip}");
+        }
+        // All under the clip: it shrinks; all over: it grows; none: kept.
+        let exact = AdaptiveClip {
+            count_noise: 0.0,
+            ..adaptive
+        };
+        assert!(exact.next_clip(10.0, &[1.0, 2.0], &mut rng) < 10.0);
+        assert!(exact.next_clip(0.5, &[1.0, 2.0], &mut rng) > 0.5);
+        assert_eq!(exact.next_clip(3.0, &[], &mut rng), 3.0);
     }
 
     #[test]

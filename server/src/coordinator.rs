@@ -716,10 +716,17 @@ fn private_aggregate(
     let dp = dp.budget;
     lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
     let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    let noise_std = dp.noise_multiplier * dp.sensitivity(largest);
+    // The clip of this round: fixed, or where adaptive clipping moved it.
+    let clip = *lock(&state.model_clip);
+    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
+    let noise_std = dp.update_noise_multiplier(largest)? * dp.sensitivity(largest);
     let mut rng = StdRng::from_os_rng();
-    astraea_core::privacy::private_mean(&global.values, &updates, dp.clip, noise_std, &mut rng)
-        .map(|(values, _)| values)
+    let (values, norms) =
+        astraea_core::privacy::private_mean(&global.values, &updates, clip, noise_std, &mut rng)?;
+    if let Some(adaptive) = dp.adaptive {
+        *lock(&state.model_clip) = adaptive.next_clip(clip, &norms, &mut rng);
+    }
+    Some(values)
 }
 
 /// Evaluates `weights` on the server's balanced test set, off the async

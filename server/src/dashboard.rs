@@ -60,6 +60,9 @@ pub struct StatusBody {
     pub model_budget: Option<f64>,
     /// The delta of the model's guarantee.
     pub model_delta: Option<f64>,
+    /// The clip of the next DP round (L2; it moves under adaptive
+    /// clipping).
+    pub model_clip: Option<f64>,
     /// Current round.
     pub round: u32,
     /// Rounds planned.
@@ -164,6 +167,10 @@ pub fn status_body(state: &AppState) -> StatusBody {
         model_epsilon: state.model_epsilon(),
         model_budget: state.config.model_privacy.map(|dp| dp.max_epsilon),
         model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),
+        model_clip: state
+            .config
+            .model_privacy
+            .map(|_| *crate::state::lock(&state.model_clip)),
         round: status.round,
         rounds: settings.rounds,
         clients,

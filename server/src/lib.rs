@@ -57,6 +57,14 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     if config.model_privacy.is_some() && config.mode == astraea_core::asynchronous::Mode::Async {
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
+    if let Some(dp) = config.model_privacy
+        && dp.budget.update_noise_multiplier(2).is_none()
+    {
+        anyhow::bail!(
+            "adaptive clipping: the count noise must exceed the noise multiplier {}",
+            dp.budget.noise_multiplier
+        );
+    }
     if config.secure_aggregation {
         if config.mode == astraea_core::asynchronous::Mode::Async {
             anyhow::bail!("secure aggregation needs synchronous rounds");

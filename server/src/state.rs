@@ -369,6 +369,9 @@ pub struct AppState {
     /// The model's privacy spent so far, when it is trained under DP
     /// (`ServeConfig::model_privacy`).
     pub accountant: Mutex<astraea_core::privacy::RdpAccountant>,
+    /// The clip of the next DP round: `--dp-clip`, or where adaptive
+    /// clipping moved it (0 without model DP).
+    pub model_clip: Mutex<f64>,
     /// The round's secure aggregation, while one runs.
     pub secure: Mutex<Option<std::sync::Arc<crate::secure::SecureRound>>>,
     /// Bytes received from clients.
@@ -393,6 +396,7 @@ impl AppState {
         train: std::sync::Arc<astraea_core::data::Dataset>,
         store: Option<crate::store::Store>,
     ) -> Self {
+        let clip = config.model_privacy.map_or(0.0, |dp| dp.budget.clip);
         let status = RunStatus {
             phase: Phase::Waiting,
             round: 0,
@@ -435,6 +439,7 @@ impl AppState {
             tunable: Mutex::new(tunable),
             control_changed: Notify::new(),
             accountant: Mutex::new(astraea_core::privacy::RdpAccountant::new()),
+            model_clip: Mutex::new(clip),
             secure: Mutex::new(None),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),

@@ -566,6 +566,7 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
             clip: 0.5,
             noise_multiplier: 2.0,
             delta: 1e-5,
+            adaptive: None,
         },
         max_epsilon: (spent(2) + spent(3)) / 2.0,
     });
@@ -610,6 +611,7 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
                 clip: 0.5,
                 noise_multiplier: sigma,
                 delta: 1e-5,
+                adaptive: None,
             },
             max_epsilon: 1e3,
         });
@@ -661,4 +663,53 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
         );
     }
     let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_adaptive_clipping_the_clip_moves_and_the_spend_is_a_fixed_clips() {
+    use astraea_core::privacy::{AdaptiveClip, ModelPrivacy, RdpAccountant};
+    // Prepare: four clients in every round, noise multiplier 2, the clip
+    // starting at 0.5 and following the median update norm.
+    let mut cfg = config(StrategyKind::FedAvg, 4, 3);
+    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: ModelPrivacy {
+            clip: 0.5,
+            noise_multiplier: 2.0,
+            delta: 1e-5,
+            adaptive: Some(AdaptiveClip {
+                quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise: 4.0,
+            }),
+        },
+        max_epsilon: 1e3,
+    });
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(4, options(&address)));
+
+    // Execute
+    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+    let status = http_get(&address, "/api/status").await;
+    swarm.abort();
+
+    // Assert: the clip moved; each round spent what a fixed clip at
+    // multiplier 2 spends (the count's noise is paid for by the update's).
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let clip = status["model_clip"]
+        .as_f64()
+        .expect("the status shows the clip");
+    assert!(clip > 0.0 && (clip - 0.5).abs() > 1e-9, "clip {clip}");
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 3);
+    for (record, rounds) in history.iter().zip(1..) {
+        let mut fixed = RdpAccountant::new();
+        fixed.compose(1.0, 2.0, rounds);
+        let epsilon = record.epsilon.expect("a private round records its epsilon");
+        assert!((epsilon - fixed.epsilon(1e-5)).abs() < 1e-9, "{epsilon}");
+        assert!(record.loss.is_finite());
+    }
 }

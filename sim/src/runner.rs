@@ -176,6 +176,7 @@ pub fn run(
     let mut state = RunState {
         global,
         accountant: RdpAccountant::new(),
+        clip: config.model_privacy.map_or(0.0, |dp| dp.clip),
         traffic,
         history,
         train_samples: 0,
@@ -211,6 +212,8 @@ struct RunState {
     global: Weights,
     /// The model's privacy spent so far (DP runs).
     accountant: RdpAccountant,
+    /// The clip of the next DP round (moving under adaptive clipping).
+    clip: f64,
     traffic: Traffic,
     history: RunHistory,
     train_samples: u64,
@@ -348,8 +351,9 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         let aggregate = match config.model_privacy {
             Some(dp) => {
                 let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
+                let clip = state.clip;
                 let private = private_round(
-                    dp,
+                    ModelPrivacy { clip, ..dp },
                     &state.global.values,
                     &results,
                     largest,
@@ -357,16 +361,19 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
                     &mut state.accountant,
                     config,
                 );
-                if let Some((_, median)) = &private
+                if let Some((_, norms)) = &private
                     && (round == 1 || round.is_multiple_of(10))
                 {
+                    let median = norms[norms.len() / 2];
                     setup.progress.suspend(|| {
                         eprintln!(
-                            "{} round {round}: median group update norm {median:.3}, clip {}",
+                            "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
                             spec.label(),
-                            dp.clip
                         )
                     });
+                }
+                if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
+                    state.clip = adaptive.next_clip(clip, norms, rng);
                 }
                 private.map(|(values, _)| values)
             }
@@ -390,7 +397,8 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
 /// composed into the accountant at sampling rate c / K (clients are drawn
 /// without replacement; the accountant assumes Poisson sampling at that
 /// rate, as DP-FedAvg's analysis does). Returns the new weights and the
-/// median update norm before clipping; `None` without results.
+/// update norms before clipping, sorted; `None` without results (or with
+/// adaptive clipping whose count noise is too small for the multiplier).
 fn private_round(
     dp: ModelPrivacy,
     global: &[f32],
@@ -399,14 +407,15 @@ fn private_round(
     rng: &mut StdRng,
     accountant: &mut RdpAccountant,
     config: &SimConfig,
-) -> Option<(Vec<f32>, f64)> {
+) -> Option<(Vec<f32>, Vec<f64>)> {
     let q = (config.participants as f64 / config.clients.max(1) as f64).min(1.0);
     accountant.compose(q, dp.noise_multiplier, 1);
     let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    let noise_std = dp.noise_multiplier * dp.sensitivity(largest_group.unwrap_or(1));
+    let largest = largest_group.unwrap_or(1);
+    let noise_std = dp.update_noise_multiplier(largest)? * dp.sensitivity(largest);
     let (values, mut norms) = private_mean(global, &updates, dp.clip, noise_std, rng)?;
     norms.sort_by(f64::total_cmp);
-    Some((values, norms[norms.len() / 2]))
+    Some((values, norms))
 }
 
 /// A mediator running in the asynchronous mode.
