@@ -575,6 +575,10 @@ struct SimulateArgs {
     /// participants over gamma, divided by 20, as the paper).
     #[arg(long)]
     dp_count_noise: Option<f64>,
+    /// Weights travel as f16, as `serve --f16` sends them: every hop's
+    /// input and output are rounded to f16 (half the traffic).
+    #[arg(long)]
+    f16: bool,
     /// Rounds: sync (the papers': every group starts together, the round
     /// waits for the slowest chain) or async (FedBuff-style: a group starts
     /// whenever clients are free and is folded in when it finishes, with a
@@ -1044,6 +1048,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
                         args.dp_count_noise,
                         args.participants,
                         args.gamma,
+                        !matches!(args.strategy, StrategyKind::FedAvg | StrategyKind::FedProx),
                     )?,
                 };
                 check_count_noise(&budget_spec)?;
@@ -1156,6 +1161,11 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                 clip: args.hop_clip,
                 noise_multiplier,
             }),
+        encoding: if args.f16 {
+            WeightEncoding::F16
+        } else {
+            WeightEncoding::F32
+        },
         model_privacy: match args.dp_epsilon {
             None => None,
             Some(epsilon) => {
@@ -1186,6 +1196,11 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                         args.dp_count_noise,
                         args.participants,
                         args.gamma,
+                        // Mediators' count when any strategy run chains.
+                        !args
+                            .strategies
+                            .iter()
+                            .all(|s| s.starts_with("fedavg") || s == "fedprox"),
                     )?,
                 };
                 check_count_noise(&dp)?;
@@ -1271,13 +1286,14 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
 /// Prints the per-run summary and, when a FedAvg run is among them, the
 /// comparison against it; optionally writes both as Markdown.
 /// Adaptive clipping from the DP flags: the paper's step (eta_C 0.2) and,
-/// unless given, its count noise (the groups expected a round over 20;
-/// groups of `gamma` for Astraea's mediators).
+/// unless given, its count noise (the groups expected a round over 20:
+/// `participants` clients, in mediators of `gamma` when `chains`).
 fn adaptive_clip(
     quantile: Option<f64>,
     count_noise: Option<f64>,
     participants: usize,
     gamma: usize,
+    chains: bool,
 ) -> anyhow::Result<Option<astraea_core::privacy::AdaptiveClip>> {
     let Some(quantile) = quantile else {
         if count_noise.is_some() {
@@ -1288,21 +1304,23 @@ fn adaptive_clip(
     if !(quantile > 0.0 && quantile < 1.0) {
         bail!("--dp-adaptive-quantile must lie between 0 and 1, got {quantile}");
     }
-    let groups = (participants as f64 / gamma.max(1) as f64).max(1.0);
+    let per_group = if chains { gamma.max(1) } else { 1 };
+    let groups = (participants as f64 / per_group as f64).max(1.0);
     let count_noise = count_noise.unwrap_or(groups / 20.0);
     if !(count_noise.is_finite() && count_noise > 0.0) {
         bail!("--dp-count-noise must be positive, got {count_noise}");
     }
-    Ok(Some(astraea_core::privacy::AdaptiveClip {
+    let adaptive = astraea_core::privacy::AdaptiveClip {
         quantile,
         learning_rate: 0.2,
         count_noise,
-    }))
+    };
+    adaptive.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(adaptive))
 }
 
 /// Refuses adaptive clipping whose count noise alone would spend more than
-/// the run's noise multiplier allows (checked for groups of several
-/// clients, the stricter case).
+/// the run's noise multiplier allows.
 fn check_count_noise(dp: &astraea_core::privacy::ModelPrivacy) -> anyhow::Result<()> {
     if dp.update_noise_multiplier(2).is_none() {
         bail!(

@@ -360,13 +360,43 @@ impl AdaptiveClip {
     /// gamma))` (its Algorithm 1). `clip` unchanged without norms.
     pub fn next_clip(&self, clip: f64, norms: &[f64], rng: &mut impl rand::Rng) -> f64 {
         use rand_distr::{Distribution, Normal};
-        if norms.is_empty() {
+        // Fail closed: without valid settings nothing is released (the
+        // exact count would leak through the clip).
+        if norms.is_empty() || self.check().is_err() {
             return clip;
         }
         let unclipped = norms.iter().filter(|&&n| n <= clip).count() as f64;
-        let noise = Normal::new(0.0, self.count_noise.max(0.0)).map_or(0.0, |d| d.sample(rng));
-        let share = (unclipped + noise) / norms.len() as f64;
-        clip * (-self.learning_rate * (share - self.quantile)).exp()
+        let Ok(noise) = Normal::new(0.0, self.count_noise) else {
+            return clip;
+        };
+        let share = (unclipped + noise.sample(rng)) / norms.len() as f64;
+        let next = clip * (-self.learning_rate * (share - self.quantile)).exp();
+        if next.is_finite() && next > 0.0 {
+            next
+        } else {
+            clip
+        }
+    }
+
+    /// Checks the settings: `quantile` in (0, 1), `learning_rate` and
+    /// `count_noise` finite and positive.
+    ///
+    /// # Errors
+    /// Which setting is out of range.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.quantile > 0.0 && self.quantile < 1.0) {
+            return Err(format!("quantile {} is not in (0, 1)", self.quantile));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(format!(
+                "learning rate {} is not positive",
+                self.learning_rate
+            ));
+        }
+        if !(self.count_noise.is_finite() && self.count_noise > 0.0) {
+            return Err(format!("count noise {} is not positive", self.count_noise));
+        }
+        Ok(())
     }
 }
 
@@ -374,21 +404,28 @@ impl ModelPrivacy {
     /// The multiplier of the noise added to the sum of clipped updates. z
     /// itself with a fixed clip. With adaptive clipping, z_Delta such that
     /// the update sum and the unclipped count together spend what one
-    /// Gaussian of multiplier z does: `z_Delta = (z^-2 - (s_b /
-    /// sigma_b)^-2)^(-1/2)`, the count's sensitivity `s_b` being 1/2 when
-    /// every group is one client (the paper's Theorem 1, `(2 sigma_b)^-2`;
-    /// its bits are centred on 1/2) and 1 when groups hold several (one
-    /// client flips its group's bit). `None` when the count's noise is too
-    /// small for z (`sigma_b / s_b <= z`): the count alone would spend more.
+    /// Gaussian of multiplier z does: `z_Delta = (z^-2 -
+    /// sigma_b^-2)^(-1/2)` (the paper's Theorem 1). The count's
+    /// sensitivity is taken as 1: one client adds or removes at most one
+    /// unclipped update, its own or its mediator's (the paper's 1/2, its
+    /// `(2 sigma_b)^-2`, needs bits centred on 1/2 over a fixed expected
+    /// count, which this count, over the groups that answered, is not).
+    /// `None` when the count's noise is not above z (the count alone would
+    /// spend more) or the settings are invalid ([`AdaptiveClip::check`]).
+    /// `largest_group` does not change it; it is kept beside
+    /// [`ModelPrivacy::sensitivity`], which it does change.
     pub fn update_noise_multiplier(&self, largest_group: usize) -> Option<f64> {
+        let _ = largest_group;
         let z = self.noise_multiplier;
+        if !(z.is_finite() && z > 0.0) {
+            return None;
+        }
         let Some(adaptive) = self.adaptive else {
             return Some(z);
         };
-        let count_sensitivity = if largest_group > 1 { 1.0 } else { 0.5 };
-        let count_multiplier = adaptive.count_noise / count_sensitivity;
-        let left = z.powi(-2) - count_multiplier.powi(-2);
-        (z > 0.0 && left > 0.0).then(|| left.powf(-0.5))
+        adaptive.check().ok()?;
+        let left = z.powi(-2) - adaptive.count_noise.powi(-2);
+        (left > 0.0).then(|| left.powf(-0.5))
     }
 
     /// The L2 sensitivity of the sum of clipped group updates to one client:
@@ -436,7 +473,8 @@ pub fn noise_for_epsilon(q: f64, steps: u64, delta: f64, epsilon: f64) -> Option
 /// noise_std^2 I)) / G`, where `u_g = updates[g] - global` and `clip(u)`
 /// scales `u` down to L2 norm at most `clip`. Returns the new weights and
 /// the updates' norms before clipping (for choosing `clip`); `None` when
-/// there is no update or one has the wrong length. Floating-point Gaussian
+/// there is no update, one has the wrong length, or `clip` is not positive
+/// or `noise_std` not finite and non-negative. Floating-point Gaussian
 /// noise from `rng`, as DP-SGD implementations draw it.
 ///
 /// # Shapes
@@ -450,6 +488,11 @@ pub fn private_mean(
 ) -> Option<(Vec<f32>, Vec<f64>)> {
     use rand_distr::{Distribution, Normal};
     if updates.is_empty() || updates.iter().any(|u| u.len() != global.len()) {
+        return None;
+    }
+    // Fail closed: a clip that is not a positive number clips nothing (NaN
+    // compares false), and a NaN noise would be dropped.
+    if !(clip.is_finite() && clip > 0.0 && noise_std.is_finite() && noise_std >= 0.0) {
         return None;
     }
     let mut sum = vec![0.0f64; global.len()];
@@ -467,7 +510,7 @@ pub fn private_mean(
             *acc += scale * f64::from(w - g);
         }
     }
-    let noise = Normal::new(0.0, noise_std.max(0.0)).ok()?;
+    let noise = Normal::new(0.0, noise_std).ok()?;
     let groups = updates.len() as f64;
     let values = sum
         .iter()
@@ -678,9 +721,10 @@ mod tests {
 
     #[test]
     fn adaptive_clipping_spends_what_its_noise_multiplier_says() {
-        // The update sum at z_Delta and the count at sigma_b / s_b compose
-        // to exactly one Gaussian at z (Rényi divergences of Gaussians add
-        // as 1 / z^2), for single-client groups and for mediators.
+        use rand::SeedableRng;
+        // The update sum at z_Delta and the count at sigma_b (sensitivity
+        // 1) compose to exactly one Gaussian at z (Rényi divergences of
+        // Gaussians add as 1 / z^2), for single clients and mediators.
         for (largest, count_noise) in [(1, 2.5), (10, 5.0)] {
             let dp = ModelPrivacy {
                 clip: 1.0,
@@ -696,10 +740,9 @@ mod tests {
                 .update_noise_multiplier(largest)
                 .expect("enough count noise");
             assert!(z_delta > dp.noise_multiplier);
-            let s_b = if largest > 1 { 1.0 } else { 0.5 };
             let mut both = RdpAccountant::new();
             both.compose(1.0, z_delta, 30);
-            both.compose(1.0, count_noise / s_b, 30);
+            both.compose(1.0, count_noise, 30);
             let mut one = RdpAccountant::new();
             one.compose(1.0, dp.noise_multiplier, 30);
             let (a, b) = (both.epsilon(1e-5), one.epsilon(1e-5));
@@ -717,6 +760,32 @@ mod tests {
             }),
         };
         assert_eq!(thin.update_noise_multiplier(5), None);
+        // Invalid settings fail closed, and release no exact count.
+        for broken in [
+            AdaptiveClip {
+                count_noise: -5.0,
+                quantile: 0.5,
+                learning_rate: 0.2,
+            },
+            AdaptiveClip {
+                count_noise: 5.0,
+                quantile: f64::NAN,
+                learning_rate: 0.2,
+            },
+            AdaptiveClip {
+                count_noise: 5.0,
+                quantile: 0.5,
+                learning_rate: f64::INFINITY,
+            },
+        ] {
+            let dp = ModelPrivacy {
+                adaptive: Some(broken),
+                ..thin
+            };
+            assert_eq!(dp.update_noise_multiplier(5), None, "{broken:?}");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            assert_eq!(broken.next_clip(2.0, &[1.0, 3.0], &mut rng), 2.0);
+        }
         assert_eq!(
             ModelPrivacy {
                 adaptive: None,
@@ -748,7 +817,7 @@ mod tests {
         }
         // All under the clip: it shrinks; all over: it grows; none: kept.
         let exact = AdaptiveClip {
-            count_noise: 0.0,
+            count_noise: 1e-9,
             ..adaptive
         };
         assert!(exact.next_clip(10.0, &[1.0, 2.0], &mut rng) < 10.0);

@@ -40,7 +40,13 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/model", get(model))
         .route("/api/shard/{client}", get(shard))
         .route("/metrics", get(metrics))
-        .route("/api/lifecycle", post(lifecycle))
+        .route(
+            "/api/lifecycle",
+            // Read no more of an unauthenticated body than a report can be.
+            post(lifecycle).layer(axum::extract::DefaultBodyLimit::max(
+                limits::MAX_LIFECYCLE_BYTES,
+            )),
+        )
         .route("/api/admin/configure", post(configure))
         .route("/api/admin/{action}", post(admin))
         // Files built by scripts/build-web have gzipped twins: sent to

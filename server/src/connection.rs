@@ -197,8 +197,9 @@ pub fn on_lifecycle(state: &AppState, report: &LifecycleReport) -> Option<u64> {
         let mut clients = state.clients();
         let (&id, entry) = clients
             .iter_mut()
-            .find(|(_, e)| e.resume_token == report.resume)?;
+            .find(|(_, e)| crate::state::token_matches(&e.resume_token, &report.resume))?;
         entry.paused = report.state == LifecycleState::Paused;
+        entry.paused_at = entry.paused.then(std::time::Instant::now);
         id
     };
     match report.state {
@@ -317,6 +318,9 @@ impl Connection {
         {
             entry.backend = backend.clone();
             entry.tx = self.tx.clone();
+            // Joining again is running again.
+            entry.paused = false;
+            entry.paused_at = None;
             // It reloads its data and reports again, as at its first join
             // (and hears the plan again); until then it is not scheduled.
             entry.counts = None;
@@ -369,6 +373,7 @@ impl Connection {
             resume_token: new_resume_token(),
             silent: false,
             paused: false,
+            paused_at: None,
         };
         // The join's speed (validated: finite, within the limits) is the
         // prior until the server has timed a hop of its own.
@@ -510,7 +515,13 @@ impl Connection {
             && let Some(entry) = self.state.clients().get_mut(&id)
         {
             entry.silent = false;
-            entry.paused = false;
+            if entry
+                .paused_at
+                .is_some_and(|at| at.elapsed() >= crate::state::PAUSE_GRACE)
+            {
+                entry.paused = false;
+                entry.paused_at = None;
+            }
         }
     }
 

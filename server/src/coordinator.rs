@@ -927,7 +927,7 @@ async fn run_chain(
     // on the validation samples, most of a short hop's time: `astraea bench
     // hop`) judges it while the next member already trains on it; if it is
     // refused, the chain goes back to the weights before it, and the hop
-    // trained on it is trained again.
+    // trained on it is dropped.
     let mut unjudged: Option<Unjudged> = None;
     let mut next = 0;
     while next < plan.len() {
@@ -937,8 +937,9 @@ async fn run_chain(
         state.set_hop(index, Some(member as u64), next as u32);
         let task = TaskSpec {
             round,
-            // Unique per chain for 400,000 chains (u32).
-            hop: (chain % 400_000) as u32 * 10_000 + hop,
+            // Unique per chain for 200,000 chains (u32) of up to 10,000
+            // planned hops (20,000 with every other one sent again).
+            hop: (chain % 200_000) as u32 * 20_000 + hop,
             epochs: state.config.epochs,
             batch_size: state.config.batch_size,
             learning_rate: state.config.learning_rate,
@@ -1024,7 +1025,13 @@ async fn run_chain(
         let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
         let reply = run_hop(&state, member as u64, task, &weights).await;
         // The previous hop's verdict, judged meanwhile. Refused: this hop
-        // trained on weights the chain no longer has, so it comes again.
+        // trained on weights the chain no longer has, and its result is
+        // dropped. The chain goes on from the weights before the refused
+        // hop with the next member, not this one again: sent them, this
+        // member would learn the refused client's exact update (the
+        // difference from what it was sent first). Only a member that
+        // follows itself (a chain of one) trains again.
+        let refused_by = unjudged.as_ref().map(|p| p.member);
         if let Some(pending) = unjudged.take()
             && !settle(
                 &state,
@@ -1043,8 +1050,14 @@ async fn run_chain(
                 round,
                 wire_hop,
                 AckOutcome::Stale,
-                Some("trained on an update the loss rule then refused; the hop comes again".into()),
+                Some("trained on an update the loss rule then refused".into()),
             );
+            state.stale_updates.fetch_add(1, Ordering::Relaxed);
+            let detail = format!("client {member} hop {hop}: trained on a refused update");
+            state.record(|store, run| store.event(run, Some(round), "discard", &detail));
+            if refused_by != Some(member as u64) {
+                next += 1;
+            }
             continue;
         }
         let outcome = match reply {

@@ -61,7 +61,8 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         && dp.budget.update_noise_multiplier(2).is_none()
     {
         anyhow::bail!(
-            "adaptive clipping: the count noise must exceed the noise multiplier {}",
+            "client-level DP: the noise multiplier must be positive and adaptive clipping's \
+             settings valid, its count noise above the multiplier {}",
             dp.budget.noise_multiplier
         );
     }

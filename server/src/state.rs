@@ -104,7 +104,15 @@ pub struct ClientEntry {
     /// phone whose screen locked): its hop was skipped at once and it is not
     /// drawn until it says it is active again or sends any frame.
     pub paused: bool,
+    /// When it said so: frames sent before the pause can still arrive just
+    /// after it (HTTP and the socket are not ordered), so only a frame
+    /// [`PAUSE_GRACE`] later says it runs again.
+    pub paused_at: Option<std::time::Instant>,
 }
+
+/// How long after a pause a frame from the client is taken as still in
+/// flight from before it rather than a sign it runs again.
+pub const PAUSE_GRACE: Duration = Duration::from_secs(2);
 
 impl ClientEntry {
     /// Whether it should be left out of the draw while others are free:
@@ -133,21 +141,23 @@ pub struct Parked {
     pub since: std::time::Instant,
 }
 
-/// A fresh resume token: 128 bits from SipHash keyed with the process's
-/// OS-drawn hash keys (std's `RandomState`), hex.
+/// A fresh resume token: 128 bits from the operating system's random
+/// source, as 32 hex digits.
+///
+/// # Panics
+/// If the operating system has no random source (the server could not
+/// keep any secret then).
 pub fn new_resume_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let half = |salt: u64| {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(salt);
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        hasher.finish()
-    };
-    format!("{:016x}{:016x}", half(1), half(2))
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random source");
+    hex::encode(bytes)
+}
+
+/// Whether `given` is `token`, in time that does not depend on where they
+/// differ (a resume token authenticates a live client).
+pub fn token_matches(token: &str, given: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    token.len() == given.len() && bool::from(token.as_bytes().ct_eq(given.as_bytes()))
 }
 
 /// The shortest hop deadline the server gives, whatever a client's speed.

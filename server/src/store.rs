@@ -39,6 +39,14 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The privacy accountant kept with the last round does not read back:
+    /// resuming would have to guess what the run spent, and might guess
+    /// low.
+    #[error("round {round}'s privacy accountant is damaged; the run cannot resume")]
+    Accountant {
+        /// The round.
+        round: usize,
+    },
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how
@@ -156,13 +164,17 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let checkpoints = dir.join("checkpoints");
         std::fs::create_dir_all(&checkpoints).map_err(io(&checkpoints))?;
-        let db = Connection::open(dir.join("astraea.db"))?;
+        let mut db = Connection::open(dir.join("astraea.db"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         let applied: usize = db.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        // Each migration and its version in one transaction: a crash
+        // half-way leaves the schema as it was, not half-migrated.
         for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
-            db.execute_batch(migration)?;
-            db.pragma_update(None, "user_version", version + 1)?;
+            let tx = db.transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", version + 1)?;
+            tx.commit()?;
         }
         Ok(Self { db, checkpoints })
     }
@@ -246,10 +258,16 @@ impl Store {
             .and_then(|(_, _, guard, _)| guard.as_deref())
             .and_then(|text| serde_json::from_str(text).ok())
             .unwrap_or_default();
-        let accountant = last
-            .as_ref()
-            .and_then(|(_, _, _, accountant)| accountant.as_deref())
-            .and_then(astraea_core::privacy::RdpAccountant::from_json);
+        // Kept but unreadable is not the same as never kept (a database
+        // from before accountants were saved): refuse rather than guess.
+        let accountant = match last.as_ref().and_then(|(_, _, _, a)| a.as_deref()) {
+            None => None,
+            Some(text) => Some(astraea_core::privacy::RdpAccountant::from_json(text).ok_or(
+                StoreError::Accountant {
+                    round: history.last().map_or(0, |r| r.round),
+                },
+            )?),
+        };
         let (skipped_hops, weights) = match last {
             Some((skipped, file, _, _)) => {
                 let path = self.checkpoints.join(&file);
@@ -533,6 +551,46 @@ mod tests {
             })
             .unwrap();
         assert!(!config.contains("s3cret"), "{config}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_accountant_stops_the_resume_instead_of_guessing_the_spend() {
+        // Prepare: a private run's round, its accountant then damaged.
+        let dir = temp_dir("accountant");
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        let mut spent = astraea_core::privacy::RdpAccountant::new();
+        spent.compose(1.0, 2.0, 1);
+        {
+            let mut store = Store::open(&dir).unwrap();
+            let run = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+            let kept = RoundState {
+                skipped_hops: 0,
+                mediators: &[],
+                checkpoint: &weights.to_safetensors(),
+                guard: &[],
+                accountant: Some(&spent),
+            };
+            store
+                .save_round(run.run_id, &record(1, 0.3), &kept)
+                .unwrap();
+            let resumed = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+            assert_eq!(resumed.accountant.as_ref(), Some(&spent));
+            store
+                .db
+                .execute("UPDATE rounds SET accountant = '{\"orders\":[2]}'", [])
+                .unwrap();
+        }
+
+        // Execute
+        let store = Store::open(&dir).unwrap();
+        let resumed = store.resume_or_create("dp", "{}", &weights.shapes);
+
+        // Assert
+        assert!(
+            matches!(resumed, Err(StoreError::Accountant { round: 1 })),
+            "{resumed:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -66,6 +66,9 @@ pub struct SimConfig {
     pub model_privacy: Option<astraea_core::privacy::ModelPrivacy>,
     /// Per-hop noise on what the next client in a chain sees; `None`: none.
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
+    /// How weights travel: every hop's input and output are rounded as
+    /// this encoding would carry them (f16: about three digits).
+    pub encoding: astraea_core::protocol::WeightEncoding,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`).
     pub mode: astraea_core::asynchronous::Mode,

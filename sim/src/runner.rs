@@ -16,6 +16,7 @@ use astraea_core::privacy::{
     HopPrivacy, ModelPrivacy, RdpAccountant, noisy_counts, noisy_hop, planned_counts, private_mean,
 };
 use astraea_core::protocol::limits::check_weights;
+use astraea_core::protocol::{WeightEncoding, round_as_sent};
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
 use astraea_core::validation::LossCheck;
@@ -51,6 +52,15 @@ pub fn run(
     let start = Instant::now();
     if config.model_privacy.is_some() && config.mode == Mode::Async {
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
+    }
+    if let Some(dp) = config.model_privacy
+        && dp.update_noise_multiplier(2).is_none()
+    {
+        anyhow::bail!(
+            "client-level DP: the noise multiplier must be positive and adaptive clipping's \
+             settings valid, its count noise above the multiplier {}",
+            dp.noise_multiplier
+        );
     }
     let partition = crate::federation::partition_for(config, spec, train, test)
         .with_context(|| format!("partitioning for {}", spec.label()))?;
@@ -253,6 +263,7 @@ impl Setup<'_> {
             population: &self.config.population,
             speeds: &self.speeds,
             hop_privacy: self.config.hop_privacy,
+            encoding: self.config.encoding,
         }
     }
 
@@ -327,7 +338,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
         for group in &round_plan.groups {
             for _ in 0..group.passes * group.members.len() {
-                state.traffic.add_hop(num_params);
+                state.traffic.add_hop(num_params, config.encoding);
             }
         }
         let round_train = TrainConfig {
@@ -514,7 +525,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             busy[m] = true;
         }
         for _ in 0..group.passes * group.members.len() {
-            traffic.add_hop(num_params);
+            traffic.add_hop(num_params, setup.config.encoding);
         }
         let seconds = chain_seconds(&group, setup, chain_seed(order));
         running.push(Reverse(Running {
@@ -679,6 +690,8 @@ struct RoundContext<'a> {
     speeds: &'a [f64],
     /// Per-hop noise, when on.
     hop_privacy: Option<HopPrivacy>,
+    /// How weights travel to and from each hop.
+    encoding: WeightEncoding,
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
@@ -715,6 +728,7 @@ fn walk_chain(
         population,
         speeds,
         hop_privacy,
+        encoding,
     } = *context;
     let mut weights = global.clone();
     // The validation loss of `weights`, once the loss rule has computed it.
@@ -739,6 +753,8 @@ fn walk_chain(
                 seed,
                 ..train_config.clone()
             };
+            // The member gets the weights as the wire carries them.
+            round_as_sent(&mut weights.values, encoding);
             let attack = defence.attack_of(member);
             let mut labels = data.labels.clone();
             if let Some(attack) = &attack {
@@ -758,6 +774,8 @@ fn walk_chain(
             } else {
                 weights.clone()
             };
+            // And sends its update back the same way.
+            round_as_sent(&mut next.values, encoding);
             let mut claimed = data.len() as u64;
             if let Some(attack) = attack {
                 let mut rng = StdRng::seed_from_u64(seed);

@@ -142,6 +142,18 @@ pub fn chunk_count(params: usize, encoding: WeightEncoding, max_frame_bytes: usi
         .max(1) as u32
 }
 
+/// Rounds `values` in place as `encoding` carries them: f16 keeps about
+/// three significant digits (round to nearest even); f32 and the masked
+/// encoding carry them exactly. What a simulated hop does to the weights
+/// the real wire would round.
+pub fn round_as_sent(values: &mut [f32], encoding: WeightEncoding) {
+    if encoding == WeightEncoding::F16 {
+        for v in values {
+            *v = f16::from_f32(*v).to_f32();
+        }
+    }
+}
+
 /// Splits `values` into binary frames of at most `max_frame_bytes`.
 pub fn encode_chunks(
     round: u32,

@@ -21,7 +21,7 @@ pub mod session;
 
 pub use frames::{
     ChunkHeader, FrameError, WeightAssembler, WeightEncoding, chunk_count, encode_chunks,
-    masked_bits, masked_values,
+    masked_bits, masked_values, round_as_sent,
 };
 pub use messages::{
     AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, LifecycleReport, LifecycleState,
