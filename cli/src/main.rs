@@ -1322,7 +1322,7 @@ fn adaptive_clip(
 /// Refuses adaptive clipping whose count noise alone would spend more than
 /// the run's noise multiplier allows.
 fn check_count_noise(dp: &astraea_core::privacy::ModelPrivacy) -> anyhow::Result<()> {
-    if dp.update_noise_multiplier(2).is_none() {
+    if dp.update_noise_multiplier().is_none() {
         bail!(
             "adaptive clipping: count noise {} is too small for noise multiplier {:.3} (it must exceed it); \
              raise --dp-count-noise or take more participants a round",

@@ -412,10 +412,7 @@ impl ModelPrivacy {
     /// count, which this count, over the groups that answered, is not).
     /// `None` when the count's noise is not above z (the count alone would
     /// spend more) or the settings are invalid ([`AdaptiveClip::check`]).
-    /// `largest_group` does not change it; it is kept beside
-    /// [`ModelPrivacy::sensitivity`], which it does change.
-    pub fn update_noise_multiplier(&self, largest_group: usize) -> Option<f64> {
-        let _ = largest_group;
+    pub fn update_noise_multiplier(&self) -> Option<f64> {
         let z = self.noise_multiplier;
         if !(z.is_finite() && z > 0.0) {
             return None;
@@ -724,8 +721,8 @@ mod tests {
         use rand::SeedableRng;
         // The update sum at z_Delta and the count at sigma_b (sensitivity
         // 1) compose to exactly one Gaussian at z (Rényi divergences of
-        // Gaussians add as 1 / z^2), for single clients and mediators.
-        for (largest, count_noise) in [(1, 2.5), (10, 5.0)] {
+        // Gaussians add as 1 / z^2).
+        for count_noise in [2.5, 5.0] {
             let dp = ModelPrivacy {
                 clip: 1.0,
                 noise_multiplier: 1.1,
@@ -736,9 +733,7 @@ mod tests {
                     count_noise,
                 }),
             };
-            let z_delta = dp
-                .update_noise_multiplier(largest)
-                .expect("enough count noise");
+            let z_delta = dp.update_noise_multiplier().expect("enough count noise");
             assert!(z_delta > dp.noise_multiplier);
             let mut both = RdpAccountant::new();
             both.compose(1.0, z_delta, 30);
@@ -759,7 +754,7 @@ mod tests {
                 count_noise: 0.5,
             }),
         };
-        assert_eq!(thin.update_noise_multiplier(5), None);
+        assert_eq!(thin.update_noise_multiplier(), None);
         // Invalid settings fail closed, and release no exact count.
         for broken in [
             AdaptiveClip {
@@ -782,7 +777,7 @@ mod tests {
                 adaptive: Some(broken),
                 ..thin
             };
-            assert_eq!(dp.update_noise_multiplier(5), None, "{broken:?}");
+            assert_eq!(dp.update_noise_multiplier(), None, "{broken:?}");
             let mut rng = rand::rngs::StdRng::seed_from_u64(1);
             assert_eq!(broken.next_clip(2.0, &[1.0, 3.0], &mut rng), 2.0);
         }
@@ -791,7 +786,7 @@ mod tests {
                 adaptive: None,
                 ..thin
             }
-            .update_noise_multiplier(5),
+            .update_noise_multiplier(),
             Some(1.0)
         );
     }

@@ -719,7 +719,7 @@ fn private_aggregate(
     // The clip of this round: fixed, or where adaptive clipping moved it.
     let clip = *lock(&state.model_clip);
     let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
-    let noise_std = dp.update_noise_multiplier(largest)? * dp.sensitivity(largest);
+    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
     let mut rng = StdRng::from_os_rng();
     let (values, norms) =
         astraea_core::privacy::private_mean(&global.values, &updates, clip, noise_std, &mut rng)?;

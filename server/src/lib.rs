@@ -58,7 +58,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
     if let Some(dp) = config.model_privacy
-        && dp.budget.update_noise_multiplier(2).is_none()
+        && dp.budget.update_noise_multiplier().is_none()
     {
         anyhow::bail!(
             "client-level DP: the noise multiplier must be positive and adaptive clipping's \

@@ -550,9 +550,29 @@ async fn under_label_privacy_clients_report_noisy_counts_and_the_run_trains() {
     assert_eq!(status["privacy"]["label_epsilon"], 1.0);
 }
 
+/// `cfg` under client-level DP: noise multiplier `sigma`, clip `clip`,
+/// delta 1e-5, the run stopping past `max_epsilon`.
+fn privately(
+    cfg: &mut astraea_server::ServeConfig,
+    clip: f64,
+    sigma: f64,
+    max_epsilon: f64,
+    adaptive: Option<astraea_core::privacy::AdaptiveClip>,
+) {
+    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip,
+            noise_multiplier: sigma,
+            delta: 1e-5,
+            adaptive,
+        },
+        max_epsilon,
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
-    use astraea_core::privacy::{ModelPrivacy, RdpAccountant};
+    use astraea_core::privacy::RdpAccountant;
     // Prepare: four clients, all of them in every round (q = 1), noise
     // multiplier 2: a budget between what two and three rounds spend.
     let spent = |rounds: u64| {
@@ -561,15 +581,7 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
         accountant.epsilon(1e-5)
     };
     let mut cfg = config(StrategyKind::FedAvg, 4, 5);
-    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: ModelPrivacy {
-            clip: 0.5,
-            noise_multiplier: 2.0,
-            delta: 1e-5,
-            adaptive: None,
-        },
-        max_epsilon: (spent(2) + spent(3)) / 2.0,
-    });
+    privately(&mut cfg, 0.5, 2.0, (spent(2) + spent(3)) / 2.0, None);
     let (running, address) = start(cfg).await;
     let swarm = tokio::spawn(run_swarm(4, options(&address)));
 
@@ -596,7 +608,7 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
-    use astraea_core::privacy::{ModelPrivacy, RdpAccountant};
+    use astraea_core::privacy::RdpAccountant;
     // The bug: the accountant was not kept; a restarted run counted its
     // past rounds at the noise multiplier configured at the restart, so an
     // operator who raised it after two rounds at sigma 2 was told the run
@@ -606,15 +618,7 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
     let private = |sigma: f64| {
         let mut cfg = config(StrategyKind::FedAvg, 4, 3);
         cfg.state_dir = Some(state_dir.clone());
-        cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
-            budget: ModelPrivacy {
-                clip: 0.5,
-                noise_multiplier: sigma,
-                delta: 1e-5,
-                adaptive: None,
-            },
-            max_epsilon: 1e3,
-        });
+        privately(&mut cfg, 0.5, sigma, 1e3, None);
         cfg
     };
     let spent = |sigmas: &[f64]| {
@@ -667,23 +671,16 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_adaptive_clipping_the_clip_moves_and_the_spend_is_a_fixed_clips() {
-    use astraea_core::privacy::{AdaptiveClip, ModelPrivacy, RdpAccountant};
+    use astraea_core::privacy::{AdaptiveClip, RdpAccountant};
     // Prepare: four clients in every round, noise multiplier 2, the clip
     // starting at 0.5 and following the median update norm.
     let mut cfg = config(StrategyKind::FedAvg, 4, 3);
-    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: ModelPrivacy {
-            clip: 0.5,
-            noise_multiplier: 2.0,
-            delta: 1e-5,
-            adaptive: Some(AdaptiveClip {
-                quantile: 0.5,
-                learning_rate: 0.2,
-                count_noise: 4.0,
-            }),
-        },
-        max_epsilon: 1e3,
-    });
+    let adaptive = AdaptiveClip {
+        quantile: 0.5,
+        learning_rate: 0.2,
+        count_noise: 4.0,
+    };
+    privately(&mut cfg, 0.5, 2.0, 1e3, Some(adaptive));
     let (running, address) = start(cfg).await;
     let swarm = tokio::spawn(run_swarm(4, options(&address)));
 

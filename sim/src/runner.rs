@@ -54,7 +54,7 @@ pub fn run(
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
     if let Some(dp) = config.model_privacy
-        && dp.update_noise_multiplier(2).is_none()
+        && dp.update_noise_multiplier().is_none()
     {
         anyhow::bail!(
             "client-level DP: the noise multiplier must be positive and adaptive clipping's \
@@ -423,7 +423,7 @@ fn private_round(
     accountant.compose(q, dp.noise_multiplier, 1);
     let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
     let largest = largest_group.unwrap_or(1);
-    let noise_std = dp.update_noise_multiplier(largest)? * dp.sensitivity(largest);
+    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
     let (values, mut norms) = private_mean(global, &updates, dp.clip, noise_std, rng)?;
     norms.sort_by(f64::total_cmp);
     Some((values, norms))
