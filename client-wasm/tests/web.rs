@@ -233,6 +233,10 @@ fn deterministic_model() -> ModelConfig {
 
 #[wasm_bindgen_test]
 async fn a_training_step_runs_on_webgpu_and_agrees_with_the_cpu() {
+    // The page runs the module's constructors at instantiation (its start
+    // function); this runner does not, and burn's WebGPU backend needs
+    // what they register.
+    astraea_client::run_constructors();
     // Prepare: the page's WebGPU device. No adapter fails the test: CI
     // starts Chromium with --enable-unsafe-webgpu, which gives one.
     let gpu = webgpu_device()

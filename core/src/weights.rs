@@ -93,7 +93,7 @@ impl Weights {
 
     /// Builds a model of `config` on `device` holding these weights.
     pub fn to_model(&self, config: &ModelConfig, device: &Device) -> Result<Cnn, WeightsError> {
-        let model = config.init(device);
+        let model = config.init_zeros(device);
         self.check_fits(&Weights::shapes_of(&model))?;
         let mut loader = Loader {
             values: &self.values,

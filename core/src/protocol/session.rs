@@ -584,7 +584,7 @@ fn task_setup(
 ) -> (crate::model::ModelConfig, Weights, TrainConfig) {
     let config = model.config();
     let weights = Weights {
-        shapes: Weights::shapes_of(&config.init(&Device::flex())),
+        shapes: Weights::shapes_of(&config.init_zeros(&Device::flex())),
         values,
     };
     let train_config = TrainConfig {
