@@ -138,6 +138,13 @@ pub fn restore(
                     Some(kept) => *accountant = kept.clone(),
                     None => accountant.compose(1.0, dp.budget.noise_multiplier, last.round as u64),
                 }
+                // Adaptive clipping goes on from where it had moved the
+                // clip; a fixed clip is what is configured now. Any
+                // positive clip spends the same epsilon (the noise scales
+                // with it), so a lost clip costs accuracy, not privacy.
+                if let (Some(_), Some(clip)) = (dp.budget.adaptive, resumed.model_clip) {
+                    *lock(&state.model_clip) = clip;
+                }
             }
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
             state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
@@ -419,6 +426,7 @@ async fn close_round(
     let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
     let accountant =
         (state.config.model_privacy.is_some()).then(|| lock(&state.accountant).clone());
+    let model_clip = (state.config.model_privacy.is_some()).then(|| *lock(&state.model_clip));
     state.record(|store, run| {
         let kept = crate::store::RoundState {
             skipped_hops: skipped,
@@ -426,6 +434,7 @@ async fn close_round(
             checkpoint: &checkpoint,
             guard: &guard,
             accountant: accountant.as_ref(),
+            model_clip,
         };
         store.save_round(run, &record, &kept)
     });

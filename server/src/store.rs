@@ -107,6 +107,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
     // every past round at the noise multiplier configured now).
     "ALTER TABLE rounds ADD COLUMN accountant TEXT;
     ALTER TABLE rounds ADD COLUMN epsilon REAL;",
+    // 4: the clip adaptive clipping reached, so a restart goes on from it
+    // instead of the configured starting clip.
+    "ALTER TABLE rounds ADD COLUMN model_clip REAL;",
 ];
 
 /// What a completed round leaves beside its record, to resume from.
@@ -122,6 +125,9 @@ pub struct RoundState<'a> {
     pub guard: &'a [f64],
     /// The privacy accountant after the round (client-level DP runs).
     pub accountant: Option<&'a astraea_core::privacy::RdpAccountant>,
+    /// The clip the next round uses (client-level DP runs; under adaptive
+    /// clipping, where it has moved to).
+    pub model_clip: Option<f64>,
 }
 
 /// A run as found in (or created in) the database.
@@ -142,6 +148,9 @@ pub struct Resumed {
     /// The privacy accountant as of the last completed round, when it was
     /// kept (and reads back sound).
     pub accountant: Option<astraea_core::privacy::RdpAccountant>,
+    /// The clip kept with the last completed round, when one was kept and
+    /// it is a finite positive number.
+    pub model_clip: Option<f64>,
 }
 
 /// The database and the checkpoint folder.
@@ -218,11 +227,12 @@ impl Store {
                 skipped_hops: 0,
                 guard: vec![],
                 accountant: None,
+                model_clip: None,
             });
         };
         let mut statement = self.db.prepare(
             "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
-                    accountant, epsilon
+                    accountant, epsilon, model_clip
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = statement.query_map(params![run_id], |row| {
@@ -244,14 +254,19 @@ impl Store {
                 row.get::<_, String>(8)?,
                 row.get::<_, Option<String>>(9)?,
                 row.get::<_, Option<String>>(10)?,
+                // A clip that does not read as a number is dropped, not
+                // fatal: the run goes on from the configured clip.
+                row.get::<_, Option<f64>>(12).unwrap_or(None),
             ))
         })?;
         let mut history = Vec::new();
         let mut last = None;
+        let mut model_clip = None;
         for row in rows {
-            let (record, skipped, checkpoint, guard, accountant) = row?;
+            let (record, skipped, checkpoint, guard, accountant, clip) = row?;
             history.push(record);
             last = Some((skipped, checkpoint, guard, accountant));
+            model_clip = clip.filter(|c| c.is_finite() && *c > 0.0);
         }
         let guard = last
             .as_ref()
@@ -290,6 +305,7 @@ impl Store {
             skipped_hops,
             guard,
             accountant,
+            model_clip,
         })
     }
 
@@ -317,6 +333,7 @@ impl Store {
             checkpoint,
             guard,
             accountant,
+            model_clip,
         } = *kept;
         let file = format!("run{run_id}-round{:06}.safetensors", record.round);
         let path = self.checkpoints.join(&file);
@@ -331,8 +348,8 @@ impl Store {
         tx.execute(
             "INSERT OR REPLACE INTO rounds
              (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
-              accountant, epsilon)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+              accountant, epsilon, model_clip)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 run_id,
                 record.round as i64,
@@ -346,7 +363,8 @@ impl Store {
                 file,
                 serde_json::to_string(guard).expect("numbers serialise"),
                 accountant.map(|a| a.to_json()),
-                record.epsilon
+                record.epsilon,
+                model_clip
             ],
         )?;
         for (index, mediator) in mediators.iter().enumerate() {
@@ -487,6 +505,7 @@ mod tests {
                         checkpoint: &weights.to_safetensors(),
                         guard: &[0.5],
                         accountant: None,
+                        model_clip: None,
                     },
                 )
                 .unwrap();
@@ -500,6 +519,7 @@ mod tests {
                         checkpoint: &weights.to_safetensors(),
                         guard: &[0.5, 0.75],
                         accountant: None,
+                        model_clip: None,
                     },
                 )
                 .unwrap();
@@ -555,6 +575,42 @@ mod tests {
     }
 
     #[test]
+    fn the_clip_adaptive_clipping_reached_is_kept_and_a_damaged_one_is_dropped() {
+        // Prepare: a private run's two rounds, the clip moved to 0.31.
+        let dir = temp_dir("clip");
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        let mut store = Store::open(&dir).unwrap();
+        let run = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+        for (round, clip) in [(1, 0.4), (2, 0.31)] {
+            let kept = RoundState {
+                skipped_hops: 0,
+                mediators: &[],
+                checkpoint: &weights.to_safetensors(),
+                guard: &[],
+                accountant: None,
+                model_clip: Some(clip),
+            };
+            store
+                .save_round(run.run_id, &record(round, 0.3), &kept)
+                .unwrap();
+        }
+
+        // Execute and assert: the last round's clip comes back; one that
+        // is not a finite positive number does not.
+        let resumed = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+        assert_eq!(resumed.model_clip, Some(0.31));
+        for damaged in ["0", "-1", "'x'"] {
+            store
+                .db
+                .execute(&format!("UPDATE rounds SET model_clip = {damaged}"), [])
+                .unwrap();
+            let resumed = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+            assert_eq!(resumed.model_clip, None, "{damaged}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_damaged_accountant_stops_the_resume_instead_of_guessing_the_spend() {
         // Prepare: a private run's round, its accountant then damaged.
         let dir = temp_dir("accountant");
@@ -570,6 +626,7 @@ mod tests {
                 checkpoint: &weights.to_safetensors(),
                 guard: &[],
                 accountant: Some(&spent),
+                model_clip: Some(0.5),
             };
             store
                 .save_round(run.run_id, &record(1, 0.3), &kept)
@@ -613,6 +670,7 @@ mod tests {
                         checkpoint: &weights.to_safetensors(),
                         guard: &[],
                         accountant: None,
+                        model_clip: None,
                     },
                 )
                 .unwrap();

@@ -670,6 +670,58 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_run_under_adaptive_clipping_goes_on_from_the_clip_it_reached() {
+    use astraea_core::privacy::AdaptiveClip;
+    // The gap: the clip adaptive clipping had moved to was not kept, so a
+    // restarted run started again from the configured clip.
+    let state_dir =
+        std::env::temp_dir().join(format!("astraea-clip-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let adaptive = || {
+        let mut cfg = config(StrategyKind::FedAvg, 4, 3);
+        cfg.state_dir = Some(state_dir.clone());
+        let adaptive = AdaptiveClip {
+            quantile: 0.5,
+            learning_rate: 0.2,
+            count_noise: 4.0,
+        };
+        privately(&mut cfg, 0.5, 2.0, 1e3, Some(adaptive));
+        cfg
+    };
+
+    // Execute: two rounds, then the server dies and restarts.
+    let (first, address) = start(adaptive()).await;
+    let swarm = tokio::spawn(run_swarm(4, options(&address)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while first.state.status().history.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two rounds within 4 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reached = *first.state.model_clip.lock().unwrap();
+    first.coordinator.abort();
+    first.server.abort();
+    swarm.abort();
+    let (second, _address) = start(adaptive()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while second.state.status().history.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the run resumes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Assert: the clip moved in the first life, and the second goes on
+    // from there rather than from 0.5.
+    assert!((reached - 0.5).abs() > 1e-9, "the clip moved: {reached}");
+    let resumed = *second.state.model_clip.lock().unwrap();
+    assert_eq!(resumed, reached);
+    second.coordinator.abort();
+    second.server.abort();
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_adaptive_clipping_the_clip_moves_and_the_spend_is_a_fixed_clips() {
     use astraea_core::privacy::{AdaptiveClip, RdpAccountant};
     // Prepare: four clients in every round, noise multiplier 2, the clip
