@@ -197,6 +197,25 @@ pub struct VanishReport {
     pub total_s: f64,
     /// Hops trained and taken into chains (the run's work).
     pub hops_done: u64,
+    /// Each round's (seconds since the run started, test accuracy as a
+    /// fraction in 0..1), from the server's history.
+    pub accuracy: Vec<(f64, f64)>,
+}
+
+impl VanishReport {
+    /// Seconds since the run started until the test accuracy (a fraction)
+    /// first reached `target`; `None` if it never did.
+    pub fn seconds_to(&self, target: f64) -> Option<f64> {
+        self.accuracy
+            .iter()
+            .find(|&&(_, accuracy)| accuracy >= target)
+            .map(|&(seconds, _)| seconds)
+    }
+
+    /// The best test accuracy of any round (0 without rounds).
+    pub fn best_accuracy(&self) -> f64 {
+        self.accuracy.iter().map(|&(_, a)| a).fold(0.0, f64::max)
+    }
 }
 
 /// Runs `rounds` Astraea rounds (mediators of 3, two passes) with [`CLIENTS`] native
@@ -329,5 +348,36 @@ async fn unreliable(
         max_round_s: durations.iter().copied().fold(0.0, f64::max),
         total_s: history.last().map_or(0.0, |r| r.wall_s),
         hops_done: running.state.clients().values().map(|c| c.hops_done).sum(),
+        accuracy: history.iter().map(|r| (r.wall_s, r.accuracy)).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(accuracy: Vec<(f64, f64)>) -> VanishReport {
+        VanishReport {
+            rounds: accuracy.len(),
+            stalled: 0,
+            skipped_hops: 0,
+            departures: 0,
+            mean_round_s: 0.0,
+            max_round_s: 0.0,
+            total_s: accuracy.last().map_or(0.0, |&(s, _)| s),
+            hops_done: 0,
+            accuracy,
+        }
+    }
+
+    #[test]
+    fn the_time_to_a_target_is_its_first_arrival_and_never_is_none() {
+        let r = report(vec![(10.0, 0.5), (20.0, 0.82), (30.0, 0.79), (40.0, 0.9)]);
+
+        assert_eq!(r.seconds_to(0.8), Some(20.0));
+        assert_eq!(r.seconds_to(0.9), Some(40.0));
+        assert_eq!(r.seconds_to(0.95), None);
+        assert_eq!(r.best_accuracy(), 0.9);
+        assert_eq!(report(vec![]).best_accuracy(), 0.0);
+    }
 }

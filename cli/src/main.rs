@@ -178,6 +178,9 @@ enum BenchCommand {
         /// Native clients (at least 6).
         #[arg(long, default_value_t = 6)]
         clients: usize,
+        /// Test accuracy in % whose first arrival the table times.
+        #[arg(long, default_value_t = 80.0)]
+        target: f64,
         /// Injected training speeds, as `simulate --speeds` takes them
         /// (uniform:SPEED or lognormal:MEDIAN:SPREAD, samples per second):
         /// a client faster than its draw waits, alive, until a machine of
@@ -820,6 +823,7 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             stall_timeout,
             mode,
             clients,
+            target,
             speeds,
             data_dir,
         } => {
@@ -830,11 +834,14 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 astraea_bench::chaos::freeze(data_dir, rounds, share, stall, mode, clients, &drawn)
                     .await?;
             println!(
-                "| mode | rounds | freeze share | stall timeout s | rounds stalled | hops skipped | hops done | mean round s | longest round s | run s | s per 100 hops |"
+                "| mode | rounds | freeze share | stall timeout s | rounds stalled | hops skipped | hops done | mean round s | longest round s | run s | s per 100 hops | best % | final % | s to {target} % |"
             );
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let to_target = r
+                .seconds_to(target / 100.0)
+                .map_or("never".to_string(), |s| format!("{s:.1}"));
             println!(
-                "| {mode} | {} | {share} | {stall_timeout} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {mode} | {} | {share} | {stall_timeout} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {to_target} |",
                 r.rounds,
                 r.stalled,
                 r.skipped_hops,
@@ -842,7 +849,9 @@ async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 r.mean_round_s,
                 r.max_round_s,
                 r.total_s,
-                100.0 * r.total_s / r.hops_done.max(1) as f64
+                100.0 * r.total_s / r.hops_done.max(1) as f64,
+                100.0 * r.best_accuracy(),
+                100.0 * r.accuracy.last().map_or(0.0, |&(_, a)| a),
             );
         }
         BenchCommand::Hop {
