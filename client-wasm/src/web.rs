@@ -122,16 +122,30 @@ impl Backend {
 }
 
 /// Training samples per second of a few batches of the papers' CNN (batch
-/// 20, one warm-up step not counted: it compiles WebGPU's shaders).
+/// 20), timed after warm-up steps that are not counted: on WebGPU one (it
+/// compiles the shaders); on the CPU sixteen, because V8 first runs a
+/// module's functions in its baseline compiler and moves the hot ones to
+/// its optimising tier only after some use. Timed from the start, the CPU
+/// trial read half the tab's real speed (docs/RESULTS.md, "Training
+/// speed": the first trial of a page 1,045-1,505 samples/s, later ones
+/// 2,600-4,200), which could make auto mode prefer a GPU slower than the
+/// CPU it then runs beside. The CPU's warm-up costs about 0.2 s at page
+/// open.
 async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
     const BATCH: usize = 20;
-    const STEPS: usize = 8;
+    // Steps not timed, then timed.
+    let (warmup, timed) = match kind {
+        BackendKind::Cpu => (16, 8),
+        // A software adapter takes seconds a step: as few as will do.
+        BackendKind::WebGpu => (1, 7),
+    };
+    let total = warmup + timed;
     let config = ModelConfig::new(10);
     let weights = Weights::from_model(&config.init(&Device::flex()));
-    let images: Vec<f32> = (0..BATCH * STEPS * config.sample_len())
+    let images: Vec<f32> = (0..BATCH * total * config.sample_len())
         .map(|i| ((i * 7919) % 255) as f32 / 255.0)
         .collect();
-    let labels: Vec<u32> = (0..BATCH * STEPS).map(|i| (i % 10) as u32).collect();
+    let labels: Vec<u32> = (0..BATCH * total).map(|i| (i % 10) as u32).collect();
     let data = Samples {
         images: &images,
         labels: &labels,
@@ -154,8 +168,9 @@ async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
                 .map_err(|e| e.to_string())?;
         }
     }
-    let elapsed = (stamps[STEPS - 1] - stamps[0]).max(1.0) / 1000.0;
-    Ok(((STEPS - 1) * BATCH) as f64 / elapsed)
+    // stamps[i] is the end of step i: the timed steps are warmup..total.
+    let elapsed = (stamps[total - 1] - stamps[warmup - 1]).max(1.0) / 1000.0;
+    Ok((timed * BATCH) as f64 / elapsed)
 }
 
 #[cfg(target_arch = "wasm32")]
