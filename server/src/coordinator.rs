@@ -143,6 +143,10 @@ pub fn restore(
                 // positive clip spends the same epsilon (the noise scales
                 // with it), so a lost clip costs accuracy, not privacy.
                 if let (Some(_), Some(clip)) = (dp.budget.adaptive, resumed.model_clip) {
+                    tracing::info!(
+                        clip,
+                        "adaptive clipping goes on from the clip it reached (--dp-clip is its start only)"
+                    );
                     *lock(&state.model_clip) = clip;
                 }
             }

@@ -700,10 +700,13 @@ async fn a_restarted_run_under_adaptive_clipping_goes_on_from_the_clip_it_reache
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The clients go first: round 3 moves the clip only with their
+    // results, so between this read and the abort only results already in
+    // flight could (round 3's hops take far longer than this window).
+    swarm.abort();
     let reached = *first.state.model_clip.lock().unwrap();
     first.coordinator.abort();
     first.server.abort();
-    swarm.abort();
     let (second, _address) = start(adaptive()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while second.state.status().history.len() < 2 {
