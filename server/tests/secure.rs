@@ -5,7 +5,6 @@
 mod support;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use astraea_core::protocol::{
     ClientMessage, ServerMessage, UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
@@ -15,7 +14,7 @@ use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, join, options, send, start};
+use support::{config, finishes, join, options, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,11 +27,7 @@ async fn under_secure_aggregation_astraea_trains_on_the_unmasked_sum() {
     let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     swarm.abort();
 
     // Assert: both rounds adopted an unmasked model that beats chance by
@@ -101,11 +96,7 @@ async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_
     });
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let steps = dropper.await.unwrap();
     swarm.abort();
 
@@ -225,11 +216,7 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     });
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let (revealed, _socket) = garbler.await.unwrap();
     let state = &running.state;
     let connected = state.clients().len();

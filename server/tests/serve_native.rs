@@ -13,7 +13,7 @@ use astraea_core::strategy::{Rescheduling, StrategyKind};
 use astraea_native::run_swarm;
 use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, connect, join, next_error, options, send, start};
+use support::{config, connect, finishes, join, next_error, options, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
@@ -53,11 +53,7 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let status = http_get(&address, "/api/status").await;
     let rounds = http_get(&address, "/api/rounds").await;
     swarm.abort();
@@ -528,11 +524,7 @@ async fn under_label_privacy_clients_report_noisy_counts_and_the_run_trains() {
     let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let status = http_get(&address, "/api/status").await;
 
     // Assert: the round trained; what the clients reported before the
@@ -586,11 +578,7 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
     let swarm = tokio::spawn(run_swarm(4, options(&address)));
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let status = http_get(&address, "/api/status").await;
     swarm.abort();
 
@@ -740,11 +728,7 @@ async fn under_adaptive_clipping_the_clip_moves_and_the_spend_is_a_fixed_clips()
     let swarm = tokio::spawn(run_swarm(4, options(&address)));
 
     // Execute
-    tokio::time::timeout(Duration::from_secs(300), running.coordinator)
-        .await
-        .expect("the run finishes within 5 minutes")
-        .unwrap()
-        .unwrap();
+    finishes(running.coordinator).await;
     let status = http_get(&address, "/api/status").await;
     swarm.abort();
 

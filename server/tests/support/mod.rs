@@ -83,6 +83,16 @@ pub async fn start(config: ServeConfig) -> (Running, String) {
     (serve::start(listener, config).await.unwrap(), address)
 }
 
+/// Waits for a run's round loop to end: it must within 5 minutes, and
+/// without an error.
+pub async fn finishes(coordinator: tokio::task::JoinHandle<anyhow::Result<()>>) {
+    tokio::time::timeout(Duration::from_secs(300), coordinator)
+        .await
+        .expect("the run finishes within 5 minutes")
+        .unwrap()
+        .unwrap();
+}
+
 pub fn options(address: &str) -> ClientOptions {
     ClientOptions {
         url: format!("ws://{address}/ws"),
