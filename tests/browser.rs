@@ -271,6 +271,7 @@ async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -
         2,
         astraea_native::ClientOptions {
             url: format!("ws://{address}/ws"),
+            tls: None,
             data_dir: astraea_e2e::repo_root().join("data"),
             max_frame_bytes: 1 << 20,
             max_attempts: Some(1),

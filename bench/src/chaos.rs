@@ -125,6 +125,7 @@ pub async fn kills(
     let mut server = spawn_server(port, rounds, &data_dir, &state_dir)?;
     let options = ClientOptions {
         url: format!("ws://127.0.0.1:{port}/ws"),
+        tls: None,
         data_dir: data_dir.clone(),
         max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         max_attempts: None,
@@ -305,6 +306,7 @@ async fn unreliable(
     let running = serve::start(listener, config).await?;
     let mut options = ClientOptions {
         url: format!("ws://{address}/ws"),
+        tls: None,
         data_dir,
         max_frame_bytes: 1 << 20,
         max_attempts: None,

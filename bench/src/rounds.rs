@@ -48,6 +48,7 @@ pub async fn run(
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
         url: format!("ws://{address}/ws"),
+        tls: None,
         data_dir,
         max_frame_bytes: 1 << 20,
         max_attempts: Some(1),

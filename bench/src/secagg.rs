@@ -266,6 +266,7 @@ pub async fn live(
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
         url: format!("ws://{address}/ws"),
+        tls: None,
         data_dir,
         max_frame_bytes: 1 << 20,
         max_attempts: None,

@@ -44,18 +44,28 @@ enum Command {
     Serve(ServeArgs),
     /// Joins a server as one native client (reconnects if the server restarts).
     Client {
-        /// WebSocket URL of the server.
+        /// WebSocket URL of the server: ws://, or wss:// over TLS (a server
+        /// on another machine refuses plain ws:// unless --allow-insecure).
         #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
         server: String,
+        /// Also trust the certificates in this PEM file for wss:// (the
+        /// self-signed one `serve --tls` keeps in STATE_DIR/tls/cert.pem, or
+        /// ./tls/cert.pem without --state-dir);
+        /// the web's public roots are always trusted.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// Folder holding the datasets (demo shards are loaded from here).
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
     /// Runs many native clients in one process.
     Swarm {
-        /// WebSocket URL of the server.
+        /// WebSocket URL of the server: ws://, or wss:// over TLS.
         #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
         server: String,
+        /// Also trust the certificates in this PEM file for wss://.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// Number of clients, attackers included.
         #[arg(long, default_value_t = 10)]
         clients: usize,
@@ -680,14 +690,22 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate_command(args),
         Command::Bench(bench) => runtime()?.block_on(bench_command(bench)),
         Command::Serve(args) => runtime()?.block_on(serve_command(args)),
-        Command::Client { server, data_dir } => runtime()?.block_on(async {
-            let options = client_options(server, data_dir, None);
+        Command::Client {
+            server,
+            ca_cert,
+            data_dir,
+        } => runtime()?.block_on(async {
+            let options = client::ClientOptions {
+                tls: tls_settings(&server, ca_cert.as_deref())?,
+                ..client_options(server, data_dir, None)
+            };
             let summary = client::run_client(options, Default::default()).await?;
             println!("client done: {summary:?}");
             Ok(())
         }),
         Command::Swarm {
             server,
+            ca_cert,
             clients,
             data_dir,
             attack,
@@ -701,6 +719,7 @@ fn main() -> anyhow::Result<()> {
                 bail!("--attackers {attackers} needs --attack and at most --clients {clients}");
             }
             let honest = client::ClientOptions {
+                tls: tls_settings(&server, ca_cert.as_deref())?,
                 freeze: freeze.clamp(0.0, 1.0),
                 freeze_for: std::time::Duration::try_from_secs_f64(freeze_for)
                     .context("--freeze-for must be a non-negative number of seconds")?,
@@ -982,6 +1001,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The TLS settings for `--ca-cert`: `None` (the public roots) without one;
+/// an error when one is given for a plain ws:// URL, where it would be
+/// silently unused.
+fn tls_settings(
+    server: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> anyhow::Result<Option<std::sync::Arc<client::tls::ClientConfig>>> {
+    match ca_cert {
+        None => Ok(None),
+        Some(_) if !server.starts_with("wss://") => {
+            bail!("--ca-cert is for a wss:// server; {server} is not encrypted")
+        }
+        Some(path) => Ok(Some(client::tls::client_config(Some(path))?)),
+    }
+}
+
 fn client_options(
     server: String,
     data_dir: PathBuf,
@@ -989,6 +1024,7 @@ fn client_options(
 ) -> client::ClientOptions {
     client::ClientOptions {
         url: server,
+        tls: None,
         data_dir,
         max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         max_attempts,
@@ -1118,6 +1154,12 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         println!(
             "  (only this machine can join: --bind 0.0.0.0:{} accepts the LAN)",
             address.port()
+        );
+    } else if let Some(serve::tls::TlsSource::SelfSigned { dir }) = &running.state.config.tls {
+        println!(
+            "  native clients    astraea client --server wss://{}/ws --ca-cert {}",
+            url.trim_start_matches("https://").trim_end_matches('/'),
+            dir.join("cert.pem").display()
         );
     } else if !serve::tls::is_secure_origin(&url) {
         println!(

@@ -121,6 +121,7 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
     let mut server = spawn_server(port, &state_dir);
     let options = ClientOptions {
         url: format!("ws://127.0.0.1:{port}/ws"),
+        tls: None,
         data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
         max_frame_bytes: 1 << 20,
         max_attempts: None,

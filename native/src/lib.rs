@@ -23,11 +23,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod tls;
+
 /// How a native client connects and behaves.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`.
+    /// WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`, or `wss://` over TLS.
     pub url: String,
+    /// TLS settings for a `wss://` URL ([`tls::client_config`]); `None`
+    /// trusts the web's public roots alone.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Where the demo datasets are.
     pub data_dir: PathBuf,
     /// Largest frame sent or accepted.
@@ -102,7 +107,8 @@ pub struct ClientSummary {
 enum Ended {
     /// The socket closed or broke: worth reconnecting.
     Disconnected(String),
-    /// The server refused us: reconnecting would not help.
+    /// Reconnecting would not help: the server refused us, or we refused
+    /// its certificate. The reason says which.
     Refused(String),
 }
 
@@ -142,7 +148,7 @@ pub async fn run_client(
     loop {
         attempt += 1;
         match run_session(&options, &cache, &mut summary, &mut resume).await {
-            Ok(Ended::Refused(reason)) => bail!("refused by the server: {reason}"),
+            Ok(Ended::Refused(reason)) => bail!("{reason}"),
             Ok(Ended::Disconnected(reason)) | Err(ReasonError(reason)) => {
                 if options.max_attempts.is_some_and(|max| attempt >= max) {
                     tracing::info!("client stops after {attempt} attempts: {reason}");
@@ -174,7 +180,29 @@ async fn run_session(
     summary: &mut ClientSummary,
     resume: &mut Carried,
 ) -> Result<Ended, ReasonError> {
-    let (socket, _) = tokio_tungstenite::connect_async(options.url.as_str()).await?;
+    let connector = options.url.starts_with("wss://").then(|| {
+        tokio_tungstenite::Connector::Rustls(options.tls.clone().unwrap_or_else(tls::public_roots))
+    });
+    let socket = tokio_tungstenite::connect_async_tls_with_config(
+        options.url.as_str(),
+        None,
+        false,
+        connector,
+    )
+    .await;
+    let socket = match socket {
+        Ok((socket, _)) => socket,
+        Err(e) => match tls::untrusted_certificate(&e) {
+            // Not a passing fault: retrying would fail the same way.
+            Some(why) => {
+                return Ok(Ended::Refused(format!(
+                    "the server's certificate is not trusted ({why}); give the client \
+                     the server's certificate with --ca-cert"
+                )));
+            }
+            None => return Err(e.into()),
+        },
+    };
     let (mut sink, mut stream) = socket.split();
     let (mut session, first) = ClientSession::resuming(
         "flex",
@@ -345,7 +373,7 @@ async fn run_session(
                 }
                 ClientAction::Close(reason) => {
                     let _ = sink.close().await;
-                    return Ok(Ended::Refused(reason));
+                    return Ok(Ended::Refused(format!("refused by the server: {reason}")));
                 }
             }
         }

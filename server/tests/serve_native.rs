@@ -749,3 +749,54 @@ async fn under_adaptive_clipping_the_clip_moves_and_the_spend_is_a_fixed_clips()
         assert!(record.loss.is_finite());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_clients_join_over_tls_when_they_trust_the_servers_certificate() {
+    // Prepare: a server on TLS with its self-signed certificate (as
+    // `serve --tls` makes), two clients trusting it, one trusting only the
+    // web's public roots.
+    let dir = std::env::temp_dir().join(format!("astraea-wss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = config(StrategyKind::FedAvg, 2, 1);
+    cfg.tls = Some(astraea_server::tls::TlsSource::SelfSigned { dir: dir.clone() });
+    let (running, address) = start(cfg).await;
+    let url = format!("wss://{address}/ws");
+    let stranger = astraea_native::ClientOptions {
+        url: url.clone(),
+        max_attempts: None,
+        ..options(&address)
+    };
+    let trusting = astraea_native::ClientOptions {
+        url,
+        tls: Some(astraea_native::tls::client_config(Some(&dir.join("cert.pem"))).unwrap()),
+        ..options(&address)
+    };
+
+    // Execute
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        astraea_native::run_client(stranger, Default::default()),
+    )
+    .await
+    .expect("an untrusted certificate ends the client instead of retrying for ever");
+    let swarm = tokio::spawn(run_swarm(2, trusting));
+    finishes(running.coordinator).await;
+    swarm.abort();
+
+    // Assert
+    let refused = refused.unwrap_err().to_string();
+    assert!(
+        refused.contains("certificate is not trusted") && refused.contains("--ca-cert"),
+        "{refused}"
+    );
+    let status = running.state.status().clone();
+    assert_eq!(status.history.len(), 1);
+    assert_eq!(status.mediators.len(), 2, "{:?}", status.mediators);
+    let params = running.state.model.params as u64;
+    assert!(
+        status.history[0].bytes_up >= 2 * 4 * params,
+        "both clients trained over wss: {:?}",
+        status.history[0]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

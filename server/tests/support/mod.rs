@@ -96,6 +96,7 @@ pub async fn finishes(coordinator: tokio::task::JoinHandle<anyhow::Result<()>>) 
 pub fn options(address: &str) -> ClientOptions {
     ClientOptions {
         url: format!("ws://{address}/ws"),
+        tls: None,
         data_dir: data_dir(),
         max_frame_bytes: 64 * 1024,
         max_attempts: Some(1),
