@@ -113,6 +113,7 @@ fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
         chunks: 0,
         place: None,
         secure_weight: None,
+        secure_clip: None,
     };
     let samples = Samples {
         images: &train.images,

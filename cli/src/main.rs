@@ -448,10 +448,11 @@ struct ServeArgs {
     /// clear text are for anyone on the network to read.
     #[arg(long, env = "ASTRAEA_ALLOW_INSECURE")]
     allow_insecure: bool,
-    /// Secure aggregation of the mediators' results (protocol 5): each
-    /// chain's last client sends its result masked (pairwise X25519 masks,
-    /// Shamir shares for dropouts), and the server learns only the round's
-    /// weighted mean of them. Sync mode, mean aggregation, no --dp-noise.
+    /// Secure aggregation of the mediators' results: each chain's last
+    /// client sends its result masked (pairwise X25519 masks, Shamir shares
+    /// for dropouts), and the server learns only the round's weighted mean
+    /// of them. Sync mode, mean aggregation; with --dp-noise (fixed clip
+    /// only) the maskers clip their own hop and the server noises the mean.
     /// It still relays, and so sees, the chains' earlier hops
     /// (docs/PRIVACY.md).
     #[arg(long)]

@@ -99,6 +99,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         chunks: 0,
         place: None,
         secure_weight: None,
+        secure_clip: None,
     };
     let frames = encode_chunks(1, 1, &initial.values, WeightEncoding::F32, 1 << 16);
     let task = TaskSpec {

@@ -544,19 +544,71 @@ pub fn noisy_hop(
     rng: &mut impl rand::Rng,
 ) -> f64 {
     use rand_distr::{Distribution, Normal};
+    let norm = clip_update(sent, new, clip);
+    let noise = Normal::new(0.0, (noise_multiplier * clip).max(0.0))
+        .unwrap_or_else(|_| Normal::new(0.0, 0.0).expect("zero is a valid deviation"));
+    for w in new.iter_mut() {
+        *w = (f64::from(*w) + noise.sample(rng)) as f32;
+    }
+    norm
+}
+
+/// Clips the update `new - sent` to L2 norm `clip` in place (`new` becomes
+/// `sent + u * min(1, clip / |u|)`); returns `|u|` before clipping. A
+/// `clip` that is not a positive number (NaN, 0, negative) takes the whole
+/// update away (`new` becomes `sent`): fail closed.
+///
+/// # Shapes
+/// `sent` and `new` are `[p]`.
+pub fn clip_update(sent: &[f32], new: &mut [f32], clip: f64) -> f64 {
     let norm = new
         .iter()
         .zip(sent)
         .map(|(w, s)| f64::from(w - s).powi(2))
         .sum::<f64>()
         .sqrt();
-    let scale = if norm > clip { clip / norm } else { 1.0 };
-    let noise = Normal::new(0.0, (noise_multiplier * clip).max(0.0))
-        .unwrap_or_else(|_| Normal::new(0.0, 0.0).expect("zero is a valid deviation"));
+    let scale = if clip.is_nan() || clip <= 0.0 || !norm.is_finite() {
+        0.0
+    } else if norm > clip {
+        clip / norm
+    } else {
+        1.0
+    };
     for (w, s) in new.iter_mut().zip(sent) {
-        *w = s + (scale * f64::from(*w - s) + noise.sample(rng)) as f32;
+        // 0 times an infinite update is NaN: a taken-away update is `sent`.
+        *w = if scale == 0.0 {
+            *s
+        } else {
+            s + (scale * f64::from(*w - s)) as f32
+        };
     }
     norm
+}
+
+/// DP-FedAvg's noise on a mean the server did not compute itself (under
+/// secure aggregation it learns only the unmasked mean of `groups` clipped
+/// results): adds Gaussian noise of standard deviation `noise_std /
+/// groups` to every value, the same as [`private_mean`] adds to its mean.
+/// `None`, and `mean` unchanged, when `groups` is 0 or `noise_std` not
+/// finite and non-negative.
+///
+/// # Shapes
+/// `mean` is `[p]`.
+pub fn noise_the_mean(
+    mean: &mut [f32],
+    noise_std: f64,
+    groups: usize,
+    rng: &mut impl rand::Rng,
+) -> Option<()> {
+    use rand_distr::{Distribution, Normal};
+    if groups == 0 || !(noise_std.is_finite() && noise_std >= 0.0) {
+        return None;
+    }
+    let noise = Normal::new(0.0, noise_std / groups as f64).ok()?;
+    for w in mean.iter_mut() {
+        *w = (f64::from(*w) + noise.sample(rng)) as f32;
+    }
+    Some(())
 }
 
 /// The epsilon (at `delta`) that `hops` noisy hops of one client spend
@@ -847,6 +899,52 @@ mod tests {
         assert!((deviation - 1.0).abs() < 0.05, "{deviation}");
         // Two hops at multiplier 5 spend as one Gaussian of multiplier 5/sqrt(2).
         assert!((hop_epsilon(5.0, 2, 1e-5) - hop_epsilon(5.0 / 2f64.sqrt(), 1, 1e-5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_update_is_clipped_to_its_norm_and_a_broken_clip_takes_it_away() {
+        let sent = [1.0f32, 1.0];
+        let mut long = [4.0f32, 5.0]; // update (3, 4): norm 5
+        assert_eq!(clip_update(&sent, &mut long, 1.0), 5.0);
+        assert!((long[0] - 1.6).abs() < 1e-6 && (long[1] - 1.8).abs() < 1e-6);
+        let mut short = [1.3f32, 1.4];
+        clip_update(&sent, &mut short, 1.0);
+        assert_eq!(short, [1.3, 1.4], "inside the ball: unchanged");
+        for broken in [0.0, -1.0, f64::NAN] {
+            let mut new = [4.0f32, 5.0];
+            clip_update(&sent, &mut new, broken);
+            assert_eq!(new, sent, "clip {broken}");
+        }
+        let mut infinite = [f32::INFINITY, 1.0];
+        clip_update(&sent, &mut infinite, 1.0);
+        assert_eq!(infinite, sent, "a non-finite update is taken away");
+    }
+
+    #[test]
+    fn noise_on_a_given_mean_has_the_deviation_private_mean_gives_it() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut mean = vec![0.5f32; 20_000];
+        noise_the_mean(&mut mean, 4.0, 2, &mut rng).unwrap();
+        let deviation = (mean.iter().map(|w| f64::from(w - 0.5).powi(2)).sum::<f64>()
+            / mean.len() as f64)
+            .sqrt();
+        assert!((deviation - 2.0).abs() < 0.05, "{deviation}");
+        // Same noise through private_mean over two unclipped updates at the mean.
+        let global = vec![0.5f32; 20_000];
+        let (values, _) = private_mean(&global, &[&global, &global], 1.0, 4.0, &mut rng).unwrap();
+        let theirs = (values
+            .iter()
+            .map(|w| f64::from(w - 0.5).powi(2))
+            .sum::<f64>()
+            / values.len() as f64)
+            .sqrt();
+        assert!(
+            (theirs - deviation).abs() < 0.05,
+            "{theirs} against {deviation}"
+        );
+        assert!(noise_the_mean(&mut mean, 1.0, 0, &mut rng).is_none());
+        assert!(noise_the_mean(&mut mean, f64::NAN, 3, &mut rng).is_none());
     }
 
     #[test]

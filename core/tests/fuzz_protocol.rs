@@ -141,6 +141,7 @@ fn task(chunks: impl Strategy<Value = u32>) -> impl Strategy<Value = TaskSpec> {
                     chunks,
                     place,
                     secure_weight: None,
+                    secure_clip: None,
                 }
             },
         )
@@ -385,6 +386,7 @@ fn session_case(params: usize, per: usize, welcomed: bool, events: &[Event]) -> 
                     chunks,
                     place: None,
                     secure_weight: None,
+                    secure_clip: None,
                 });
                 waiting = encode_chunks(1, hop, &vec![0.25; params], *encoding, limit);
                 SessionStep::Text(task.to_json())
@@ -558,6 +560,7 @@ fn a_welcome_with_an_impossible_model_does_not_crash_the_client() {
         chunks: 1,
         place: None,
         secure_weight: None,
+        secure_clip: None,
     });
 
     // Execute: the second size would abort the test binary, not panic.

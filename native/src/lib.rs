@@ -493,6 +493,7 @@ mod tests {
             chunks: 1,
             place: None,
             secure_weight: None,
+            secure_clip: None,
         };
         let mut frozen = 0;
         let mut seeds = std::collections::HashSet::new();

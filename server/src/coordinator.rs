@@ -302,7 +302,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             Some(secure) => {
                 let outcome = secure.finish(&state).await;
                 *lock(&state.secure) = None;
-                Some(outcome.map(|(mean, _)| mean))
+                Some(outcome)
             }
             None => None,
         };
@@ -334,8 +334,10 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
 /// is out of bounds, panics or does not evaluate to finite figures, then
 /// evaluates, checkpoints, records (`mean_kl` of the groups folded in,
 /// `start` of the run for its clock) and tells the clients. Under secure
-/// aggregation `secured` holds the unmasked mean of the round (or why
-/// there is none), which replaces the strategy's aggregation.
+/// aggregation `secured` holds the unmasked mean of the round and how many
+/// results are in it (or why there is none), which replaces the
+/// strategy's aggregation; under client-level DP too, the server adds the
+/// round's noise to that mean.
 #[allow(clippy::too_many_arguments)]
 async fn close_round(
     state: &AppState,
@@ -347,15 +349,19 @@ async fn close_round(
     mean_kl: f64,
     start: Instant,
     sampling: Option<(f64, usize)>,
-    secured: Option<Result<Vec<f32>, String>>,
+    secured: Option<Result<(Vec<f32>, usize), String>>,
 ) -> anyhow::Result<()> {
     let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
         if let Some(secured) = secured {
-            return secured
+            let (mut mean, groups) = secured
                 .inspect_err(|reason| {
                     drop_round(state, round, &format!("secure aggregation: {reason}"))
                 })
-                .ok();
+                .ok()?;
+            if let (Some(dp), Some((q, largest))) = (state.config.model_privacy, sampling) {
+                secure_private_noise(state, dp, &mut mean, groups, q, largest)?;
+            }
+            return Some(mean);
         }
         match (state.config.model_privacy, sampling) {
             (Some(dp), Some((q, largest))) => {
@@ -742,6 +748,28 @@ fn private_aggregate(
     Some(values)
 }
 
+/// DP-FedAvg's noise on a securely aggregated round: the maskers clipped
+/// what the server could not see ([`TaskSpec::secure_clip`]), so the
+/// unmasked `mean` of `groups` results is the mean of clipped updates, and
+/// the round is the same Gaussian mechanism as [`private_aggregate`]'s,
+/// composed into the accountant the same way. `None` (the round is
+/// dropped) when the noise cannot be drawn.
+fn secure_private_noise(
+    state: &AppState,
+    dp: crate::config::ServedPrivacy,
+    mean: &mut [f32],
+    groups: usize,
+    q: f64,
+    largest: usize,
+) -> Option<()> {
+    let dp = dp.budget;
+    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
+    let clip = *lock(&state.model_clip);
+    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
+    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
+    astraea_core::privacy::noise_the_mean(mean, noise_std, groups, &mut StdRng::from_os_rng())
+}
+
 /// Evaluates `weights` on the server's balanced test set, off the async
 /// threads; a panic in evaluation is an error, not the end of the process.
 async fn evaluate(data: &ServerData, weights: &Weights) -> anyhow::Result<train::EvalStats> {
@@ -925,6 +953,9 @@ async fn run_chain(
     prox_mu: f64,
     secure: Option<(Arc<SecureRound>, usize)>,
 ) -> Result<GroupResult, GroupFailure> {
+    // Under secure aggregation with client-level DP the chain's update is
+    // clipped against the model it started from.
+    let start = (secure.is_some() && state.config.model_privacy.is_some()).then(|| global.clone());
     let mut weights = global;
     // The validation loss of `weights`, once the loss rule computed it.
     let mut weights_loss = None;
@@ -978,6 +1009,7 @@ async fn run_chain(
                 passes: group.passes as u32,
             }),
             secure_weight: None,
+            secure_clip: None,
         };
         // Under secure aggregation the masker (the chain's last member)
         // trains only once the key exchange is over, so it answers the
@@ -1028,7 +1060,25 @@ async fn run_chain(
                     .filter(|(i, _)| *i != position)
                     .filter_map(|(_, s)| *s)
                     .sum();
-                let weight = secure.set_weight(slot, others.saturating_add(own));
+                let weight = match (&start, state.config.model_privacy) {
+                    (Some(start), Some(_)) => {
+                        // DP: the chain's update must stay within the clip C,
+                        // and the server sees all of it but the masked hop.
+                        // It clips what it sees to C (1 - 1/h) and the masker
+                        // clips its own hop to C / h (h: the chain's hops), so
+                        // the sum is within C; the mean is unweighted.
+                        let hops = plan.len().max(1) as f64;
+                        let clip = *lock(&state.model_clip);
+                        astraea_core::privacy::clip_update(
+                            start,
+                            &mut weights,
+                            clip * (1.0 - 1.0 / hops),
+                        );
+                        task.secure_clip = Some(clip / hops);
+                        secure.set_uniform_weight(slot)
+                    }
+                    _ => secure.set_weight(slot, others.saturating_add(own)),
+                };
                 task.secure_weight = Some(weight);
                 masker = Some((secure.clone(), slot));
             }

@@ -70,9 +70,13 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         if config.mode == astraea_core::asynchronous::Mode::Async {
             anyhow::bail!("secure aggregation needs synchronous rounds");
         }
-        if config.model_privacy.is_some() {
+        if config
+            .model_privacy
+            .is_some_and(|dp| dp.budget.adaptive.is_some())
+        {
             anyhow::bail!(
-                "secure aggregation and client-level DP do not combine here (the server cannot clip what it cannot see)"
+                "secure aggregation and adaptive clipping do not combine (the clip follows the \
+                 results' norms, which the server cannot see): give a fixed --dp-clip"
             );
         }
         let max = astraea_core::secagg::MAX_MASKERS as usize;

@@ -120,6 +120,15 @@ impl SecureRound {
         index as u32 + 1
     }
 
+    /// Masker `slot`'s weight under client-level DP: the same for every
+    /// mediator (DP-FedAvg averages clipped updates without sample
+    /// weights), one over the round's maskers.
+    pub fn set_uniform_weight(&self, slot: u32) -> f64 {
+        let weight = 1.0 / self.maskers.len().max(1) as f64;
+        lock(&self.inner).weights.insert(slot, weight);
+        weight
+    }
+
     /// Sets slot `slot`'s weight from the samples its chain trained (the
     /// accepted hops' clients and the masker), as its masked hop goes out;
     /// returns it, in `[0, 1]`.

@@ -232,6 +232,61 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     assert!(accuracy > 0.3, "accuracy {accuracy}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_secure_aggregation_with_dp_a_round_moves_the_model_at_most_the_clip() {
+    // Prepare: Astraea, six native clients in two mediators of three, two
+    // passes (six hops a chain): the server clips each chain's first five
+    // hops to C (1 - 1/6), its masker clips its own masked hop to C / 6.
+    // C = 0.05 where a mediator's update here is about 1; the noise
+    // multiplier is tiny (1e-4: a noise vector of norm ~1e-3 on the mean)
+    // so that the clip is what the test sees.
+    let clip = 0.05;
+    let mut cfg = config(StrategyKind::Astraea, 6, 1);
+    cfg.secure_aggregation = true;
+    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip,
+            noise_multiplier: 1e-4,
+            delta: 1e-5,
+            adaptive: None,
+        },
+        max_epsilon: f64::INFINITY,
+    });
+    let (running, address) = start(cfg).await;
+    let initial = loop {
+        if let Some(global) = running.state.global.lock().unwrap().clone() {
+            break global.values.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let swarm = tokio::spawn(run_swarm(6, options(&address)));
+
+    // Execute
+    finishes(running.coordinator).await;
+    swarm.abort();
+
+    // Assert: the round was adopted, spent its epsilon, and moved the
+    // model by at most the clip (the mean of two updates within C, plus
+    // the noise).
+    let state = &running.state;
+    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
+    let history = state.status().history.clone();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].epsilon.is_some_and(f64::is_finite));
+    let adopted = state.global.lock().unwrap().clone().unwrap().values.clone();
+    let moved = adopted
+        .iter()
+        .zip(&initial)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(moved > 0.0, "the round changed nothing");
+    assert!(
+        moved <= clip + 0.005,
+        "the model moved {moved}, the clip is {clip}"
+    );
+}
+
 #[tokio::test]
 async fn secure_aggregation_is_refused_where_the_server_would_need_each_result() {
     use astraea_core::robust::AggregationRule;
@@ -245,7 +300,24 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
     let mut too_many = config(StrategyKind::FedAvg, 4, 1);
     too_many.secure_aggregation = true;
     too_many.participants = 256;
-    for cfg in [robust, asynchronous, too_many] {
+    // Adaptive clipping follows the results' norms, which the server
+    // cannot see.
+    let mut adaptive = config(StrategyKind::FedAvg, 4, 1);
+    adaptive.secure_aggregation = true;
+    adaptive.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            adaptive: Some(astraea_core::privacy::AdaptiveClip {
+                quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise: 5.0,
+            }),
+        },
+        max_epsilon: 8.0,
+    });
+    for cfg in [robust, asynchronous, too_many, adaptive] {
         let refused = astraea_server::start(listener().await, cfg).await;
         assert!(refused.is_err());
     }

@@ -1125,6 +1125,7 @@ fn task_spec(rng: &mut StdRng, fit: Option<(usize, usize)>) -> TaskSpec {
         chunks,
         place,
         secure_weight: rng.random_bool(0.1).then(|| any_f64(rng)),
+        secure_clip: rng.random_bool(0.1).then(|| any_f64(rng)),
     }
 }
 

@@ -122,6 +122,14 @@ pub struct TaskSpec {
     /// weight, masked (`encoding: masked`, `crate::secagg::Masker::mask`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_weight: Option<f64>,
+    /// Under secure aggregation with client-level DP, on the masked hop:
+    /// the most this hop may move the weights it received, L2 norm. The
+    /// client clips its update to it before masking (the server cannot clip
+    /// what it cannot see; it clipped the chain's earlier hops itself).
+    /// Absent: no clipping. A value that is not a positive finite number
+    /// makes the client give the hop up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_clip: Option<f64>,
 }
 
 /// A hop's place in its mediator's chain.

@@ -35,8 +35,10 @@ pub use session::{ClientAction, ClientSession, progress_message, train_task, tra
 /// during a hop (`task.stall_ms`); version 4 added `welcome.privacy` (a
 /// client of version 3 would ignore it and report exact counts); version 5
 /// added secure aggregation (`secure-*` messages, `task.secure_weight`,
-/// the `masked` encoding).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// the `masked` encoding); version 6 added `task.secure_clip` (secure
+/// aggregation with client-level DP: a client of version 5 would mask its
+/// result unclipped).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

@@ -98,6 +98,9 @@ pub struct ClientSession {
     masker: Option<(u32, crate::secagg::Masker)>,
     /// The welcome said the run sums results under secure aggregation.
     secure_aggregation: bool,
+    /// The weights a masked hop under `task.secure_clip` started from, to
+    /// clip its update against.
+    hop_input: Option<Vec<f32>>,
 }
 
 impl ClientSession {
@@ -145,6 +148,7 @@ impl ClientSession {
             label_epsilon_spent: 0.0,
             masker: None,
             secure_aggregation: false,
+            hop_input: None,
         };
         (session, vec![ClientAction::Send(join)])
     }
@@ -398,6 +402,7 @@ impl ClientSession {
             Ok(Some(weights)) => {
                 self.assembler = None;
                 self.state = State::Member;
+                self.hop_input = task.secure_clip.is_some().then(|| weights.clone());
                 // The first heartbeat of the hop: the weights arrived and
                 // training starts.
                 vec![
@@ -526,9 +531,29 @@ impl ClientSession {
                 // Without this round's keys (it dropped out of the exchange,
                 // or reconnected since) the hop is given up, never answered
                 // in the clear; the server skips it at once.
-                let masked_values = match masker {
-                    Some(masker) => masker.mask(weights, weight).map_err(|e| e.to_string()),
-                    None => Err(format!(
+                // Under client-level DP the hop's update is clipped first
+                // (the server clipped the chain before it); a clip that
+                // cannot be applied gives the hop up, never masks it whole.
+                let clipped = match task.secure_clip {
+                    None => Ok(None),
+                    Some(clip) if !(clip.is_finite() && clip > 0.0) => {
+                        Err(format!("secure_clip {clip} is not a positive number"))
+                    }
+                    Some(clip) => match self.hop_input.take() {
+                        Some(input) if input.len() == weights.len() => {
+                            let mut clipped = weights.to_vec();
+                            crate::privacy::clip_update(&input, &mut clipped, clip);
+                            Ok(Some(clipped))
+                        }
+                        _ => Err("no received weights to clip the update against".into()),
+                    },
+                };
+                let masked_values = match (masker, clipped) {
+                    (_, Err(e)) => Err(e),
+                    (Some(masker), Ok(clipped)) => masker
+                        .mask(clipped.as_deref().unwrap_or(weights), weight)
+                        .map_err(|e| e.to_string()),
+                    (None, Ok(_)) => Err(format!(
                         "no secure-aggregation keys for round {}",
                         task.round
                     )),
@@ -826,6 +851,7 @@ mod tests {
             chunks: 2,
             place: None,
             secure_weight: None,
+            secure_clip: None,
         }
     }
 
@@ -1004,6 +1030,21 @@ mod tests {
             update.encoding,
             super::super::frames::WeightEncoding::Masked
         );
+        // Under DP a clip it cannot apply (not a positive number, or no
+        // received weights to clip against) gives the hop up: an unclipped
+        // result never goes into the sum.
+        for clip in [f64::NAN, 0.0, -1.0, 0.5] {
+            let mut clipped_task = masked_task.clone();
+            clipped_task.secure_clip = Some(clip);
+            let actions = session.trained(&clipped_task, &[0.25; 5], 10, 0.1, 1.0);
+            assert!(
+                matches!(
+                    &actions[..],
+                    [ClientAction::Send(ClientMessage::Error { .. })]
+                ),
+                "clip {clip}: {actions:?}"
+            );
+        }
 
         // Round 5: a roster that leaves this client out is refused with an
         // error, the connection stays, and the masked hop is given up.
