@@ -558,6 +558,12 @@ struct SimulateArgs {
     /// comes from the system's entropy: such runs do not repeat exactly.
     #[arg(long)]
     label_epsilon: Option<f64>,
+    /// Secure aggregation's effect on the model under --dp-epsilon: the
+    /// clip is split as `serve --secure-aggregation` splits it (the chain
+    /// before its masked last hop clipped to C (1 - 1/h) by the server,
+    /// that hop to C / h by its client). Without DP it changes nothing.
+    #[arg(long)]
+    secure_aggregation: bool,
     /// Per-hop noise: every hop's update is clipped to --hop-clip and
     /// Gaussian noise of this multiplier times the clip is added before the
     /// next client in the chain sees it (each hop the Gaussian mechanism).
@@ -1207,6 +1213,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         max_loss_increase: args.max_loss_increase,
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
+        secure_aggregation: args.secure_aggregation,
         hop_privacy: args
             .hop_noise
             .map(|noise_multiplier| astraea_core::privacy::HopPrivacy {

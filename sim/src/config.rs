@@ -64,6 +64,13 @@ pub struct SimConfig {
     /// Client-level DP for the model (DP-FedAvg; DP-Astraea over
     /// mediators), synchronous mode only; `None` trains without.
     pub model_privacy: Option<astraea_core::privacy::ModelPrivacy>,
+    /// Secure aggregation of the mediators' results, as far as it changes
+    /// the model: under client-level DP the server cannot clip the masked
+    /// last hop, so the clip is split (the chain before it to C (1 - 1/h),
+    /// the hop itself to C / h, h the chain's hops), as `serve
+    /// --secure-aggregation --dp-noise` does. Without DP nothing changes
+    /// (the masked sum is exact to about 1e-6).
+    pub secure_aggregation: bool,
     /// Per-hop noise on what the next client in a chain sees; `None`: none.
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// How weights travel: every hop's input and output are rounded as

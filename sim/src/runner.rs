@@ -13,7 +13,7 @@ use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{
-    HopPrivacy, ModelPrivacy, RdpAccountant, noisy_counts, noisy_hop, planned_counts, private_mean,
+    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, noisy_counts, noisy_hop, planned_counts, private_mean,
 };
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::protocol::{WeightEncoding, round_as_sent};
@@ -253,6 +253,7 @@ impl Setup<'_> {
         &'a self,
         global: &'a Weights,
         train_config: &'a TrainConfig,
+        clip: f64,
     ) -> RoundContext<'a> {
         RoundContext {
             clients: &self.federation.clients,
@@ -264,6 +265,8 @@ impl Setup<'_> {
             speeds: &self.speeds,
             hop_privacy: self.config.hop_privacy,
             encoding: self.config.encoding,
+            secure_clip: (self.config.secure_aggregation && self.config.model_privacy.is_some())
+                .then_some(clip),
         }
     }
 
@@ -354,7 +357,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             &round_plan.groups,
             &starts,
             &seeds,
-            &setup.context(&state.global, &round_train),
+            &setup.context(&state.global, &round_train, state.clip),
             config.threads,
         );
         // As the server does: an aggregate outside the bounds is dropped
@@ -596,7 +599,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                 &groups,
                 &starts,
                 &seeds,
-                &setup.context(&state.global, &round_train),
+                &setup.context(&state.global, &round_train, state.clip),
                 config.threads,
             );
             state.train_samples += processed;
@@ -692,6 +695,10 @@ struct RoundContext<'a> {
     hop_privacy: Option<HopPrivacy>,
     /// How weights travel to and from each hop.
     encoding: WeightEncoding,
+    /// Secure aggregation under client-level DP: the round's clip C, split
+    /// as the server splits it (the chain before its masked last hop
+    /// clipped to C (1 - 1/h), that hop to C / h; docs/PRIVACY.md).
+    secure_clip: Option<f64>,
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
@@ -729,7 +736,9 @@ fn walk_chain(
         speeds,
         hop_privacy,
         encoding,
+        secure_clip,
     } = *context;
+    let hops = (group.passes * group.members.len()).max(1) as f64;
     let mut weights = global.clone();
     // The validation loss of `weights`, once the loss rule has computed it.
     let mut weights_loss = None;
@@ -755,6 +764,14 @@ fn walk_chain(
             };
             // The member gets the weights as the wire carries them.
             round_as_sent(&mut weights.values, encoding);
+            // Under secure aggregation with DP the server clips the chain
+            // it saw before the masked last hop.
+            let masked = secure_clip.filter(|_| {
+                pass + 1 == group.passes && position + 1 == group.members.len()
+            });
+            if let Some(clip) = masked {
+                clip_update(&global.values, &mut weights.values, clip * (1.0 - 1.0 / hops));
+            }
             let attack = defence.attack_of(member);
             let mut labels = data.labels.clone();
             if let Some(attack) = &attack {
@@ -774,6 +791,10 @@ fn walk_chain(
             } else {
                 weights.clone()
             };
+            // The masker clips its own hop before masking it.
+            if let Some(clip) = masked {
+                clip_update(&weights.values, &mut next.values, clip / hops);
+            }
             // And sends its update back the same way.
             round_as_sent(&mut next.values, encoding);
             let mut claimed = data.len() as u64;

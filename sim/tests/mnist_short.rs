@@ -93,6 +93,7 @@ fn slice() -> (
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
+        secure_aggregation: false,
         encoding: astraea_core::protocol::WeightEncoding::F32,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,
