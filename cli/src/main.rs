@@ -1085,7 +1085,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
                 if args.mode != astraea_core::asynchronous::Mode::Sync {
                     bail!("--dp-noise needs --mode sync");
                 }
-                if !(noise > 0.0 && budget > 0.0 && args.dp_clip > 0.0) {
+                if !(noise > 0.0 && budget > 0.0 && args.dp_clip.is_finite() && args.dp_clip > 0.0)
+                {
                     bail!("--dp-noise, --dp-budget and --dp-clip must be positive");
                 }
                 if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
@@ -1228,6 +1229,11 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         model_privacy: match args.dp_epsilon {
             None => None,
             Some(epsilon) => {
+                if args.secure_aggregation && args.dp_adaptive_quantile.is_some() {
+                    bail!(
+                        "--secure-aggregation and --dp-adaptive-quantile do not combine (as in serve)"
+                    );
+                }
                 if args.mode != astraea_core::asynchronous::Mode::Sync {
                     bail!("--dp-epsilon needs --mode sync");
                 }

@@ -192,14 +192,9 @@ async fn run_session(
     .await;
     let socket = match socket {
         Ok((socket, _)) => socket,
-        Err(e) => match tls::untrusted_certificate(&e) {
-            // Not a passing fault: retrying would fail the same way.
-            Some(why) => {
-                return Ok(Ended::Refused(format!(
-                    "the server's certificate is not trusted ({why}); give the client \
-                     the server's certificate with --ca-cert"
-                )));
-            }
+        // Not a passing fault: retrying would fail the same way.
+        Err(e) => match tls::tls_refusal(&e) {
+            Some(why) => return Ok(Ended::Refused(why)),
             None => return Err(e.into()),
         },
     };

@@ -60,18 +60,43 @@ pub(crate) fn public_roots() -> Arc<ClientConfig> {
         .clone()
 }
 
-/// Why the server's certificate was not accepted, when `error` (from a
-/// `wss://` connection) is that; `None` for any other error.
-pub(crate) fn untrusted_certificate(
-    error: &tokio_tungstenite::tungstenite::Error,
-) -> Option<String> {
-    let tokio_tungstenite::tungstenite::Error::Io(io) = error else {
-        return None;
+/// Why a `wss://` connection failed for good, when `error` is a TLS
+/// failure that retrying would only repeat (the certificate refused, a
+/// server that does not speak TLS on that port, no common protocol), with
+/// what to do about it; `None` for any other error (the server away, a
+/// network fault), which reconnecting may cure.
+pub(crate) fn tls_refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    use rustls::CertificateError as Certificate;
+    use tokio_tungstenite::tungstenite::Error;
+    let rustls_error = match error {
+        Error::Tls(tokio_tungstenite::tungstenite::error::TlsError::InvalidDnsName) => {
+            return Some("the server's name in the URL is not a valid DNS name".into());
+        }
+        Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
+        _ => return None,
     };
-    match io.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::InvalidCertificate(why) => Some(format!("{why:?}")),
-        _ => None,
-    }
+    Some(match rustls_error {
+        rustls::Error::InvalidCertificate(why) => {
+            let advice = match why {
+                Certificate::UnknownIssuer | Certificate::BadSignature => {
+                    "give the client the server's certificate with --ca-cert"
+                }
+                Certificate::NotValidForName | Certificate::NotValidForNameContext { .. } => {
+                    "connect by a name or address the certificate names (a self-signed one \
+                     names localhost and the LAN address it was made for: delete the server's \
+                     tls/ folder to make a new one)"
+                }
+                Certificate::Expired | Certificate::ExpiredContext { .. } => {
+                    "the certificate has expired: the server needs a new one"
+                }
+                _ => "check the server's certificate",
+            };
+            format!("the server's certificate is not trusted ({why:?}): {advice}")
+        }
+        other => {
+            format!("the TLS handshake failed ({other}): is the server serving TLS on that port?")
+        }
+    })
 }
 
 #[cfg(test)]

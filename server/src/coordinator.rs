@@ -1075,6 +1075,9 @@ async fn run_chain(
                             clip * (1.0 - 1.0 / hops),
                         );
                         task.secure_clip = Some(clip / hops);
+                        // Exactly the clipped weights: f16 would round the
+                        // masker's start off the clipped prefix.
+                        task.encoding = astraea_core::protocol::WeightEncoding::F32;
                         secure.set_uniform_weight(slot)
                     }
                     _ => secure.set_weight(slot, others.saturating_add(own)),

@@ -58,6 +58,16 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
     if let Some(dp) = config.model_privacy
+        && !(dp.budget.clip.is_finite() && dp.budget.clip > 0.0)
+    {
+        // An infinite clip clips nothing (and would reach the maskers as
+        // JSON null: no clip at all).
+        anyhow::bail!(
+            "client-level DP: the clip must be a positive number, not {}",
+            dp.budget.clip
+        );
+    }
+    if let Some(dp) = config.model_privacy
         && dp.budget.update_noise_multiplier().is_none()
     {
         anyhow::bail!(

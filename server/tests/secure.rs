@@ -317,7 +317,19 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
         },
         max_epsilon: 8.0,
     });
-    for cfg in [robust, asynchronous, too_many, adaptive] {
+    // A clip that is not a number would reach the maskers as JSON null.
+    let mut infinite_clip = config(StrategyKind::FedAvg, 4, 1);
+    infinite_clip.secure_aggregation = true;
+    infinite_clip.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip: f64::INFINITY,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            adaptive: None,
+        },
+        max_epsilon: 8.0,
+    });
+    for cfg in [robust, asynchronous, too_many, adaptive, infinite_clip] {
         let refused = astraea_server::start(listener().await, cfg).await;
         assert!(refused.is_err());
     }

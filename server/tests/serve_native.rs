@@ -800,3 +800,28 @@ async fn native_clients_join_over_tls_when_they_trust_the_servers_certificate() 
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_client_speaking_tls_to_a_plain_server_stops_and_says_why() {
+    // Prepare: a server without TLS; a client told to use wss:// and to
+    // retry for ever.
+    let (running, address) = start(config(StrategyKind::FedAvg, 2, 1)).await;
+    let confused = astraea_native::ClientOptions {
+        url: format!("wss://{address}/ws"),
+        max_attempts: None,
+        ..options(&address)
+    };
+
+    // Execute
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        astraea_native::run_client(confused, Default::default()),
+    )
+    .await
+    .expect("a handshake that cannot succeed ends the client instead of retrying for ever");
+
+    // Assert
+    let error = outcome.unwrap_err().to_string();
+    assert!(error.contains("serving TLS"), "{error}");
+    running.coordinator.abort();
+}

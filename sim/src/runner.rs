@@ -13,7 +13,8 @@ use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{
-    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, noisy_counts, noisy_hop, planned_counts, private_mean,
+    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, noisy_counts, noisy_hop, planned_counts,
+    private_mean,
 };
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::protocol::{WeightEncoding, round_as_sent};
@@ -747,7 +748,16 @@ fn walk_chain(
     let mut taken = vec![None; group.members.len()];
     for pass in 0..group.passes {
         for (position, &member) in group.members.iter().enumerate() {
+            // Under secure aggregation with DP: the masked last hop.
+            let masked = secure_clip
+                .filter(|_| pass + 1 == group.passes && position + 1 == group.members.len());
+            // As on the server, a chain whose masker does not answer has
+            // no result in the sum.
+            let masker_gone = || Err("the masker's hop did not answer".to_string());
             if defence.is_dropped(member) {
+                if masked.is_some() {
+                    return masker_gone();
+                }
                 continue;
             }
             let data = &clients[member];
@@ -756,6 +766,9 @@ fn walk_chain(
                 hop_time(population, data, speeds[member], train_config.epochs, seed);
             *clock += seconds;
             if frozen {
+                if masked.is_some() {
+                    return masker_gone();
+                }
                 continue;
             }
             let config = TrainConfig {
@@ -766,11 +779,12 @@ fn walk_chain(
             round_as_sent(&mut weights.values, encoding);
             // Under secure aggregation with DP the server clips the chain
             // it saw before the masked last hop.
-            let masked = secure_clip.filter(|_| {
-                pass + 1 == group.passes && position + 1 == group.members.len()
-            });
             if let Some(clip) = masked {
-                clip_update(&global.values, &mut weights.values, clip * (1.0 - 1.0 / hops));
+                clip_update(
+                    &global.values,
+                    &mut weights.values,
+                    clip * (1.0 - 1.0 / hops),
+                );
             }
             let attack = defence.attack_of(member);
             let mut labels = data.labels.clone();
@@ -802,6 +816,13 @@ fn walk_chain(
                 let mut rng = StdRng::seed_from_u64(seed);
                 attack.poison_weights(&weights.values, &mut next.values, &mut rng);
                 claimed = attack.claimed_samples(claimed);
+            }
+            // A masked hop is summed unseen: the guard, the loss rule and
+            // per-hop noise cannot touch it.
+            if masked.is_some() {
+                weights = next;
+                taken[position] = Some(claimed);
+                continue;
             }
             // The server's checks: a claim above the client's reported
             // samples, or an update the guard refuses, drops the client.
