@@ -49,7 +49,8 @@ pub struct HopCost {
     /// Server: the update's frames back into values.
     pub server_decode_ms: f64,
     /// Server: the guard's loss rule, the update's loss on the default
-    /// 256 validation samples (the input's is cached from the hop before).
+    /// The default validation samples (the input's is cached from the hop
+    /// before).
     pub server_judge_ms: f64,
 }
 
