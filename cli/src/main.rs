@@ -1172,7 +1172,11 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     } else if let Some(serve::tls::TlsSource::SelfSigned { dir }) = &running.state.config.tls {
         println!(
             "  native clients    astraea client --server wss://{}/ws --ca-cert {}",
-            url.trim_start_matches("https://").trim_end_matches('/'),
+            // The address the self-signed certificate names, not a
+            // --public-url's host (a proxy's, which it does not).
+            serve::tls::join_url(true, address)
+                .trim_start_matches("https://")
+                .trim_end_matches('/'),
             dir.join("cert.pem").display()
         );
     } else if !serve::tls::is_secure_origin(&url) {
