@@ -719,6 +719,26 @@ fn start_secure_round(
     }
 }
 
+/// One DP round's Gaussian mechanism, shared by [`private_aggregate`] and
+/// [`secure_private_noise`]: composes the round (sampling rate `q`) into
+/// the run's accountant and returns the round's settings (its clip: fixed,
+/// or where adaptive clipping moved it) and the standard deviation of the
+/// noise on the sum of clipped updates from groups of at most `largest`
+/// clients; `None` when no valid noise multiplier exists.
+fn private_round(
+    state: &AppState,
+    dp: crate::config::ServedPrivacy,
+    q: f64,
+    largest: usize,
+) -> Option<(astraea_core::privacy::ModelPrivacy, f64)> {
+    let dp = dp.budget;
+    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
+    let clip = *lock(&state.model_clip);
+    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
+    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
+    Some((dp, noise_std))
+}
+
 /// DP-FedAvg's step over the round's group results (`ModelPrivacy`):
 /// clipped updates averaged with Gaussian noise from the operating
 /// system's entropy; the round (sampling rate `q`, groups of at most
@@ -732,18 +752,18 @@ fn private_aggregate(
     q: f64,
     largest: usize,
 ) -> Option<Vec<f32>> {
-    let dp = dp.budget;
-    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
+    let (dp, noise_std) = private_round(state, dp, q, largest)?;
     let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    // The clip of this round: fixed, or where adaptive clipping moved it.
-    let clip = *lock(&state.model_clip);
-    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
-    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
     let mut rng = StdRng::from_os_rng();
-    let (values, norms) =
-        astraea_core::privacy::private_mean(&global.values, &updates, clip, noise_std, &mut rng)?;
+    let (values, norms) = astraea_core::privacy::private_mean(
+        &global.values,
+        &updates,
+        dp.clip,
+        noise_std,
+        &mut rng,
+    )?;
     if let Some(adaptive) = dp.adaptive {
-        *lock(&state.model_clip) = adaptive.next_clip(clip, &norms, &mut rng);
+        *lock(&state.model_clip) = adaptive.next_clip(dp.clip, &norms, &mut rng);
     }
     Some(values)
 }
@@ -751,9 +771,9 @@ fn private_aggregate(
 /// DP-FedAvg's noise on a securely aggregated round: the maskers clipped
 /// what the server could not see ([`TaskSpec::secure_clip`]), so the
 /// unmasked `mean` of `groups` results is the mean of clipped updates, and
-/// the round is the same Gaussian mechanism as [`private_aggregate`]'s,
-/// composed into the accountant the same way. `None` (the round is
-/// dropped) when the noise cannot be drawn.
+/// the round is the same Gaussian mechanism as [`private_aggregate`]'s
+/// ([`private_round`]). `None` (the round is dropped) when the noise
+/// cannot be drawn.
 fn secure_private_noise(
     state: &AppState,
     dp: crate::config::ServedPrivacy,
@@ -762,11 +782,7 @@ fn secure_private_noise(
     q: f64,
     largest: usize,
 ) -> Option<()> {
-    let dp = dp.budget;
-    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
-    let clip = *lock(&state.model_clip);
-    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
-    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
+    let (_, noise_std) = private_round(state, dp, q, largest)?;
     astraea_core::privacy::noise_the_mean(mean, noise_std, groups, &mut StdRng::from_os_rng())
 }
 
