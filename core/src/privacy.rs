@@ -625,6 +625,17 @@ pub fn hop_epsilon(noise_multiplier: f64, hops: u64, delta: f64) -> f64 {
 mod tests {
     use super::*;
 
+    /// The root mean square distance of `values` from `centre`: the noise's
+    /// standard deviation when `values` are `centre` plus noise.
+    fn deviation_from(values: &[f32], centre: f32) -> f64 {
+        (values
+            .iter()
+            .map(|w| f64::from(w - centre).powi(2))
+            .sum::<f64>()
+            / values.len() as f64)
+            .sqrt()
+    }
+
     #[test]
     fn noisy_counts_stay_counts_and_vary_about_the_truth() {
         // Prepare: 2,000 reports of the same counts at epsilon 1 (noise of
@@ -890,12 +901,7 @@ mod tests {
         // No update, noise multiplier 2 at clip 0.5: deviation 1.
         let mut noisy = sent.clone();
         noisy_hop(&sent, &mut noisy, 0.5, 2.0, &mut rng);
-        let deviation = (noisy
-            .iter()
-            .map(|w| f64::from(w - 1.0).powi(2))
-            .sum::<f64>()
-            / noisy.len() as f64)
-            .sqrt();
+        let deviation = deviation_from(&noisy, 1.0);
         assert!((deviation - 1.0).abs() < 0.05, "{deviation}");
         // Two hops at multiplier 5 spend as one Gaussian of multiplier 5/sqrt(2).
         assert!((hop_epsilon(5.0, 2, 1e-5) - hop_epsilon(5.0 / 2f64.sqrt(), 1, 1e-5)).abs() < 1e-9);
@@ -926,19 +932,12 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut mean = vec![0.5f32; 20_000];
         noise_the_mean(&mut mean, 4.0, 2, &mut rng).unwrap();
-        let deviation = (mean.iter().map(|w| f64::from(w - 0.5).powi(2)).sum::<f64>()
-            / mean.len() as f64)
-            .sqrt();
+        let deviation = deviation_from(&mean, 0.5);
         assert!((deviation - 2.0).abs() < 0.05, "{deviation}");
         // Same noise through private_mean over two unclipped updates at the mean.
         let global = vec![0.5f32; 20_000];
         let (values, _) = private_mean(&global, &[&global, &global], 1.0, 4.0, &mut rng).unwrap();
-        let theirs = (values
-            .iter()
-            .map(|w| f64::from(w - 0.5).powi(2))
-            .sum::<f64>()
-            / values.len() as f64)
-            .sqrt();
+        let theirs = deviation_from(&values, 0.5);
         assert!(
             (theirs - deviation).abs() < 0.05,
             "{theirs} against {deviation}"

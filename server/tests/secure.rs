@@ -14,7 +14,7 @@ use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, finishes, join, options, send, start};
+use support::{config, finishes, join, options, privately, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,15 +243,7 @@ async fn under_secure_aggregation_with_dp_a_round_moves_the_model_at_most_the_cl
     let clip = 0.05;
     let mut cfg = config(StrategyKind::Astraea, 6, 1);
     cfg.secure_aggregation = true;
-    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: astraea_core::privacy::ModelPrivacy {
-            clip,
-            noise_multiplier: 1e-4,
-            delta: 1e-5,
-            adaptive: None,
-        },
-        max_epsilon: f64::INFINITY,
-    });
+    privately(&mut cfg, clip, 1e-4, f64::INFINITY, None);
     let (running, address) = start(cfg).await;
     let initial = loop {
         if let Some(global) = running.state.global.lock().unwrap().clone() {
@@ -304,31 +296,16 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
     // cannot see.
     let mut adaptive = config(StrategyKind::FedAvg, 4, 1);
     adaptive.secure_aggregation = true;
-    adaptive.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: astraea_core::privacy::ModelPrivacy {
-            clip: 1.0,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
-            adaptive: Some(astraea_core::privacy::AdaptiveClip {
-                quantile: 0.5,
-                learning_rate: 0.2,
-                count_noise: 5.0,
-            }),
-        },
-        max_epsilon: 8.0,
-    });
+    let quantile = astraea_core::privacy::AdaptiveClip {
+        quantile: 0.5,
+        learning_rate: 0.2,
+        count_noise: 5.0,
+    };
+    privately(&mut adaptive, 1.0, 1.0, 8.0, Some(quantile));
     // A clip that is not a number would reach the maskers as JSON null.
     let mut infinite_clip = config(StrategyKind::FedAvg, 4, 1);
     infinite_clip.secure_aggregation = true;
-    infinite_clip.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: astraea_core::privacy::ModelPrivacy {
-            clip: f64::INFINITY,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
-            adaptive: None,
-        },
-        max_epsilon: 8.0,
-    });
+    privately(&mut infinite_clip, f64::INFINITY, 1.0, 8.0, None);
     for cfg in [robust, asynchronous, too_many, adaptive, infinite_clip] {
         let refused = astraea_server::start(listener().await, cfg).await;
         assert!(refused.is_err());

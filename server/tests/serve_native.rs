@@ -13,7 +13,7 @@ use astraea_core::strategy::{Rescheduling, StrategyKind};
 use astraea_native::run_swarm;
 use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, connect, finishes, join, next_error, options, send, start};
+use support::{config, connect, finishes, join, next_error, options, privately, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
@@ -542,26 +542,6 @@ async fn under_label_privacy_clients_report_noisy_counts_and_the_run_trains() {
     assert_eq!(status["privacy"]["label_epsilon"], 1.0);
 }
 
-/// `cfg` under client-level DP: noise multiplier `sigma`, clip `clip`,
-/// delta 1e-5, the run stopping past `max_epsilon`.
-fn privately(
-    cfg: &mut astraea_server::ServeConfig,
-    clip: f64,
-    sigma: f64,
-    max_epsilon: f64,
-    adaptive: Option<astraea_core::privacy::AdaptiveClip>,
-) {
-    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
-        budget: astraea_core::privacy::ModelPrivacy {
-            clip,
-            noise_multiplier: sigma,
-            delta: 1e-5,
-            adaptive,
-        },
-        max_epsilon,
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
     use astraea_core::privacy::RdpAccountant;
@@ -773,18 +753,12 @@ async fn native_clients_join_over_tls_when_they_trust_the_servers_certificate() 
     };
 
     // Execute
-    let refused = tokio::time::timeout(
-        Duration::from_secs(30),
-        astraea_native::run_client(stranger, Default::default()),
-    )
-    .await
-    .expect("an untrusted certificate ends the client instead of retrying for ever");
+    let refused = ends_with_an_error(stranger).await;
     let swarm = tokio::spawn(run_swarm(2, trusting));
     finishes(running.coordinator).await;
     swarm.abort();
 
     // Assert
-    let refused = refused.unwrap_err().to_string();
     assert!(
         refused.contains("certificate is not trusted") && refused.contains("--ca-cert"),
         "{refused}"
@@ -813,15 +787,22 @@ async fn a_native_client_speaking_tls_to_a_plain_server_stops_and_says_why() {
     };
 
     // Execute
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(30),
-        astraea_native::run_client(confused, Default::default()),
-    )
-    .await
-    .expect("a handshake that cannot succeed ends the client instead of retrying for ever");
+    let error = ends_with_an_error(confused).await;
 
     // Assert
-    let error = outcome.unwrap_err().to_string();
     assert!(error.contains("serving TLS"), "{error}");
     running.coordinator.abort();
+}
+
+/// Runs a native client told to retry for ever; it must end by itself
+/// within 30 s, with an error (returned as text).
+async fn ends_with_an_error(options: astraea_native::ClientOptions) -> String {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        astraea_native::run_client(options, Default::default()),
+    )
+    .await
+    .expect("a connection that cannot succeed ends the client instead of retrying for ever")
+    .unwrap_err()
+    .to_string()
 }

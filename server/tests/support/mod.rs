@@ -322,3 +322,23 @@ pub async fn with_three_honest(
     let acks = acks.lock().unwrap().clone();
     (error, acks, running)
 }
+
+/// `cfg` under client-level DP: noise multiplier `sigma`, clip `clip`,
+/// delta 1e-5, the run stopping past `max_epsilon`.
+pub fn privately(
+    cfg: &mut astraea_server::ServeConfig,
+    clip: f64,
+    sigma: f64,
+    max_epsilon: f64,
+    adaptive: Option<astraea_core::privacy::AdaptiveClip>,
+) {
+    cfg.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip,
+            noise_multiplier: sigma,
+            delta: 1e-5,
+            adaptive,
+        },
+        max_epsilon,
+    });
+}
