@@ -585,6 +585,16 @@ pub fn clip_update(sent: &[f32], new: &mut [f32], clip: f64) -> f64 {
     norm
 }
 
+/// Secure aggregation under client-level DP: the clip C of a chain of
+/// `hops` hops split between the server, which clips the chain before its
+/// masked last hop, and the masker, which clips that hop itself: `(C (1 -
+/// 1/h), C / h)`. By the triangle inequality the chain's update is then
+/// within C, what DP-FedAvg's sensitivity assumes (docs/PRIVACY.md).
+pub fn secure_clip_split(clip: f64, hops: usize) -> (f64, f64) {
+    let hops = hops.max(1) as f64;
+    (clip * (1.0 - 1.0 / hops), clip / hops)
+}
+
 /// DP-FedAvg's noise on a mean the server did not compute itself (under
 /// secure aggregation it learns only the unmasked mean of `groups` clipped
 /// results): adds Gaussian noise of standard deviation `noise_std /
@@ -905,6 +915,14 @@ mod tests {
         assert!((deviation - 1.0).abs() < 0.05, "{deviation}");
         // Two hops at multiplier 5 spend as one Gaussian of multiplier 5/sqrt(2).
         assert!((hop_epsilon(5.0, 2, 1e-5) - hop_epsilon(5.0 / 2f64.sqrt(), 1, 1e-5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_secure_split_of_a_clip_sums_to_it_and_a_chain_of_one_gives_all_to_its_masker() {
+        assert_eq!(secure_clip_split(1.0, 1), (0.0, 1.0));
+        assert_eq!(secure_clip_split(1.0, 0), (0.0, 1.0));
+        let (chain, hop) = secure_clip_split(2.0, 10);
+        assert!((chain - 1.8).abs() < 1e-12 && (hop - 0.2).abs() < 1e-12);
     }
 
     #[test]

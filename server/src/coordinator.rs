@@ -1083,14 +1083,12 @@ async fn run_chain(
                         // It clips what it sees to C (1 - 1/h) and the masker
                         // clips its own hop to C / h (h: the chain's hops), so
                         // the sum is within C; the mean is unweighted.
-                        let hops = plan.len().max(1) as f64;
-                        let clip = *lock(&state.model_clip);
-                        astraea_core::privacy::clip_update(
-                            start,
-                            &mut weights,
-                            clip * (1.0 - 1.0 / hops),
+                        let (chain_clip, hop_clip) = astraea_core::privacy::secure_clip_split(
+                            *lock(&state.model_clip),
+                            plan.len(),
                         );
-                        task.secure_clip = Some(clip / hops);
+                        astraea_core::privacy::clip_update(start, &mut weights, chain_clip);
+                        task.secure_clip = Some(hop_clip);
                         // Exactly the clipped weights: f16 would round the
                         // masker's start off the clipped prefix.
                         task.encoding = astraea_core::protocol::WeightEncoding::F32;

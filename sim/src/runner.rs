@@ -14,7 +14,7 @@ use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{
     HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, noisy_counts, noisy_hop, planned_counts,
-    private_mean,
+    private_mean, secure_clip_split,
 };
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::protocol::{WeightEncoding, round_as_sent};
@@ -739,7 +739,9 @@ fn walk_chain(
         encoding,
         secure_clip,
     } = *context;
-    let hops = (group.passes * group.members.len()).max(1) as f64;
+    // Under secure aggregation with DP: the clip's shares of the server
+    // and of the masker.
+    let split = secure_clip.map(|clip| secure_clip_split(clip, group.passes * group.members.len()));
     let mut weights = global.clone();
     // The validation loss of `weights`, once the loss rule has computed it.
     let mut weights_loss = None;
@@ -749,8 +751,8 @@ fn walk_chain(
     for pass in 0..group.passes {
         for (position, &member) in group.members.iter().enumerate() {
             // Under secure aggregation with DP: the masked last hop.
-            let masked = secure_clip
-                .filter(|_| pass + 1 == group.passes && position + 1 == group.members.len());
+            let masked =
+                split.filter(|_| pass + 1 == group.passes && position + 1 == group.members.len());
             // As on the server, a chain whose masker does not answer has
             // no result in the sum.
             let masker_gone = || Err("the masker's hop did not answer".to_string());
@@ -779,12 +781,8 @@ fn walk_chain(
             round_as_sent(&mut weights.values, encoding);
             // Under secure aggregation with DP the server clips the chain
             // it saw before the masked last hop.
-            if let Some(clip) = masked {
-                clip_update(
-                    &global.values,
-                    &mut weights.values,
-                    clip * (1.0 - 1.0 / hops),
-                );
+            if let Some((chain_clip, _)) = masked {
+                clip_update(&global.values, &mut weights.values, chain_clip);
             }
             let attack = defence.attack_of(member);
             let mut labels = data.labels.clone();
@@ -806,8 +804,8 @@ fn walk_chain(
                 weights.clone()
             };
             // The masker clips its own hop before masking it.
-            if let Some(clip) = masked {
-                clip_update(&weights.values, &mut next.values, clip / hops);
+            if let Some((_, hop_clip)) = masked {
+                clip_update(&weights.values, &mut next.values, hop_clip);
             }
             // And sends its update back the same way.
             round_as_sent(&mut next.values, encoding);
