@@ -114,6 +114,7 @@ fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
         place: None,
         secure_weight: None,
         secure_clip: None,
+        secure_noise: None,
     };
     let samples = Samples {
         images: &train.images,

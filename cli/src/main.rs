@@ -346,6 +346,12 @@ struct ServeArgs {
     /// DP: delta of the (epsilon, delta) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     dp_delta: f64,
+    /// Distributed DP, with --secure-aggregation and --dp-noise: the
+    /// maskers add the round's noise in shares before masking, so the
+    /// server never holds it (any quorum of survivors carries all of it:
+    /// more noise when more survive; docs/PRIVACY.md).
+    #[arg(long, requires_all = ["secure_aggregation", "dp_noise"])]
+    distributed_dp: bool,
     /// DP: adaptive clipping (Andrew et al. 2021): the clip follows this
     /// quantile of the groups' update norms (0.5: the median), starting
     /// from --dp-clip; the run spends what a fixed clip would.
@@ -570,6 +576,11 @@ struct SimulateArgs {
     /// that hop to C / h by its client). Without DP it changes nothing.
     #[arg(long)]
     secure_aggregation: bool,
+    /// Distributed DP, with --secure-aggregation and --dp-epsilon: the
+    /// maskers add the round's noise in shares (for the quorum that can
+    /// unmask), the server none, as `serve --distributed-dp` does.
+    #[arg(long, requires_all = ["secure_aggregation", "dp_epsilon"])]
+    distributed_dp: bool,
     /// Per-hop noise: every hop's update is clipped to --hop-clip and
     /// Gaussian noise of this multiplier times the clip is added before the
     /// next client in the chain sees it (each hop the Gaussian mechanism).
@@ -1114,6 +1125,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
                 Some(serve::config::ServedPrivacy {
                     budget: budget_spec,
                     max_epsilon: budget,
+                    distributed: args.distributed_dp,
                 })
             }
             _ => None,
@@ -1225,6 +1237,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
+        distributed_dp: args.distributed_dp,
         hop_privacy: args
             .hop_noise
             .map(|noise_multiplier| astraea_core::privacy::HopPrivacy {

@@ -79,15 +79,10 @@ pub fn noisy_counts(counts: &[usize], epsilon: f64) -> Result<Vec<usize>, Privac
 /// browser's sampler, see [`noisy_counts`]).
 #[cfg(any(target_arch = "wasm32", test))]
 fn geometric_difference(exact: &[i64], epsilon: f64) -> Result<Vec<i64>, PrivacyError> {
-    use rand::SeedableRng;
     use rand_distr::{Distribution, Geometric};
     let p = -(-epsilon).exp_m1();
     let geometric = Geometric::new(p).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-    let mut rng = {
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
-        rand::rngs::StdRng::from_seed(seed)
-    };
+    let mut rng = entropy_rng()?;
     Ok(exact
         .iter()
         .map(|&c| {
@@ -425,6 +420,14 @@ impl ModelPrivacy {
         (left > 0.0).then(|| left.powf(-0.5))
     }
 
+    /// The standard deviation of the round's Gaussian noise on the sum of
+    /// clipped group updates from groups of at most `largest_group`
+    /// clients: `z * sensitivity` (with adaptive clipping, the update's
+    /// share of z). `None` as [`ModelPrivacy::update_noise_multiplier`].
+    pub fn noise_std(&self, largest_group: usize) -> Option<f64> {
+        Some(self.update_noise_multiplier()? * self.sensitivity(largest_group))
+    }
+
     /// The L2 sensitivity of the sum of clipped group updates to one client:
     /// C when every group is one client (its update is in the sum or not),
     /// 2C when groups hold several clients (without one of them, its
@@ -543,14 +546,27 @@ pub fn noisy_hop(
     noise_multiplier: f64,
     rng: &mut impl rand::Rng,
 ) -> f64 {
-    use rand_distr::{Distribution, Normal};
     let norm = clip_update(sent, new, clip);
-    let noise = Normal::new(0.0, (noise_multiplier * clip).max(0.0))
-        .unwrap_or_else(|_| Normal::new(0.0, 0.0).expect("zero is a valid deviation"));
-    for w in new.iter_mut() {
+    add_gaussian_noise(new, (noise_multiplier * clip).max(0.0), rng);
+    norm
+}
+
+/// Adds Gaussian noise of standard deviation `std` to every value of
+/// `values` (drawn in f64, rounded to f32); `None`, and `values`
+/// unchanged, when `std` is not finite and non-negative.
+///
+/// # Shapes
+/// `values` is `[p]`.
+pub fn add_gaussian_noise(values: &mut [f32], std: f64, rng: &mut impl rand::Rng) -> Option<()> {
+    use rand_distr::{Distribution, Normal};
+    if !(std.is_finite() && std >= 0.0) {
+        return None;
+    }
+    let noise = Normal::new(0.0, std).ok()?;
+    for w in values.iter_mut() {
         *w = (f64::from(*w) + noise.sample(rng)) as f32;
     }
-    norm
+    Some(())
 }
 
 /// Clips the update `new - sent` to L2 norm `clip` in place (`new` becomes
@@ -610,15 +626,85 @@ pub fn noise_the_mean(
     groups: usize,
     rng: &mut impl rand::Rng,
 ) -> Option<()> {
-    use rand_distr::{Distribution, Normal};
-    if groups == 0 || !(noise_std.is_finite() && noise_std >= 0.0) {
+    if groups == 0 {
         return None;
     }
-    let noise = Normal::new(0.0, noise_std / groups as f64).ok()?;
-    for w in mean.iter_mut() {
-        *w = (f64::from(*w) + noise.sample(rng)) as f32;
+    add_gaussian_noise(mean, noise_std / groups as f64, rng)
+}
+
+/// A generator seeded from the operating system's (or the browser's)
+/// entropy, for noise a client draws itself.
+///
+/// # Errors
+/// [`PrivacyError::Sampler`] when the system has no entropy to give.
+pub fn entropy_rng() -> Result<rand::rngs::StdRng, PrivacyError> {
+    use rand::SeedableRng;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| PrivacyError::Sampler(e.to_string()))?;
+    Ok(rand::rngs::StdRng::from_seed(seed))
+}
+
+/// Distributed DP under secure aggregation: the standard deviation of the
+/// Gaussian noise each masker adds to its own clipped result so that the
+/// unmasked mean carries at least the round's noise without the server
+/// adding any. The server releases the unweighted mean of the `S`
+/// survivors' results, so the round's mechanism needs noise `noise_std /
+/// S` on it ([`noise_the_mean`]); `S` independent shares of deviation
+/// `sigma` give `sigma / sqrt(S)` there. `S` is not known when the
+/// maskers draw, but unmasking needs at least `min_survivors` of them
+/// (`crate::secagg::SecAggParams::min_survivors`), so `sigma = noise_std /
+/// sqrt(min_survivors)` is enough for every `S >= min_survivors`: with `S`
+/// survivors the mean's noise is `sqrt(S / min_survivors)` times the
+/// round's (the price of not trusting the server with the noise, and of
+/// tolerating dropouts; Kairouz et al., "The Distributed Discrete Gaussian
+/// Mechanism for Federated Learning with Secure Aggregation", ICML 2021,
+/// who also round in the integers, where this project adds continuous
+/// noise before the fixed-point encoding).
+pub fn distributed_noise_share(noise_std: f64, min_survivors: usize) -> f64 {
+    noise_std / (min_survivors.max(1) as f64).sqrt()
+}
+
+/// The masker's step under secure aggregation with client-level DP: its
+/// hop's update `trained - received` clipped to L2 norm `clip`
+/// ([`clip_update`]), then, under distributed DP, Gaussian noise of
+/// standard deviation `noise_std` ([`distributed_noise_share`]) added to
+/// every weight; `trained` is changed in place, before masking.
+///
+/// # Errors
+/// A message, and nothing to mask, when `clip` is not a positive finite
+/// number, `noise_std` not finite and non-negative, or the two vectors'
+/// lengths differ: the masker gives its hop up rather than mask an update
+/// that is not clipped or not noised as the round needs.
+///
+/// # Shapes
+/// `received` and `trained` are `[p]`.
+pub fn private_masked_hop(
+    received: &[f32],
+    trained: &mut [f32],
+    clip: f64,
+    noise_std: Option<f64>,
+    rng: &mut impl rand::Rng,
+) -> Result<(), String> {
+    if !(clip.is_finite() && clip > 0.0) {
+        return Err(format!("secure_clip {clip} is not a positive number"));
     }
-    Some(())
+    if let Some(std) = noise_std
+        && !(std.is_finite() && std >= 0.0)
+    {
+        return Err(format!("secure_noise {std} is not a non-negative number"));
+    }
+    if received.len() != trained.len() {
+        return Err(format!(
+            "received {} weights, trained {}",
+            received.len(),
+            trained.len()
+        ));
+    }
+    clip_update(received, trained, clip);
+    if let Some(std) = noise_std {
+        add_gaussian_noise(trained, std, rng);
+    }
+    Ok(())
 }
 
 /// The epsilon (at `delta`) that `hops` noisy hops of one client spend
@@ -962,6 +1048,70 @@ mod tests {
         );
         assert!(noise_the_mean(&mut mean, 1.0, 0, &mut rng).is_none());
         assert!(noise_the_mean(&mut mean, f64::NAN, 3, &mut rng).is_none());
+    }
+
+    #[test]
+    fn shares_of_distributed_noise_give_any_quorum_of_survivors_the_rounds_noise() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Prepare: 4 maskers, unmasking needs 3; the round's noise on the
+        // sum is 6, so on the mean of S results 6 / S.
+        let (noise_std, quorum) = (6.0, 3);
+        let share = distributed_noise_share(noise_std, quorum);
+        assert!((share - 6.0 / 3f64.sqrt()).abs() < 1e-12);
+        let received = vec![0.0f32; 20_000];
+        for survivors in [3usize, 4] {
+            // Execute: each survivor clips (a zero update) and adds its share;
+            // the server sees only their unweighted mean.
+            let mut mean = vec![0.0f64; received.len()];
+            for _ in 0..survivors {
+                let mut trained = received.clone();
+                private_masked_hop(&received, &mut trained, 1.0, Some(share), &mut rng).unwrap();
+                for (m, t) in mean.iter_mut().zip(&trained) {
+                    *m += f64::from(*t) / survivors as f64;
+                }
+            }
+            let released: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+
+            // Assert: the quorum carries exactly the round's noise, more
+            // survivors more than it (never less).
+            let deviation = deviation_from(&released, 0.0);
+            let expected = noise_std / survivors as f64 * (survivors as f64 / quorum as f64).sqrt();
+            assert!(
+                (deviation / expected - 1.0).abs() < 0.03,
+                "{survivors} survivors: {deviation} against {expected}"
+            );
+            assert!(deviation >= 0.97 * noise_std / survivors as f64);
+        }
+    }
+
+    #[test]
+    fn the_masker_clips_before_it_noises_and_refuses_what_it_cannot_apply() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let received = [1.0f32, 1.0];
+        let mut trained = [4.0f32, 5.0]; // update (3, 4): norm 5
+        private_masked_hop(&received, &mut trained, 1.0, None, &mut rng).unwrap();
+        assert!((trained[0] - 1.6).abs() < 1e-6 && (trained[1] - 1.8).abs() < 1e-6);
+        let mut noised = [4.0f32, 5.0];
+        private_masked_hop(&received, &mut noised, 1.0, Some(0.0), &mut rng).unwrap();
+        assert_eq!(noised, trained, "no noise: the clipped hop");
+        for (clip, noise) in [
+            (f64::NAN, None),
+            (0.0, None),
+            (f64::INFINITY, None),
+            (1.0, Some(f64::NAN)),
+            (1.0, Some(-1.0)),
+            (1.0, Some(f64::INFINITY)),
+        ] {
+            let mut untouched = [4.0f32, 5.0];
+            assert!(
+                private_masked_hop(&received, &mut untouched, clip, noise, &mut rng).is_err(),
+                "clip {clip}, noise {noise:?}"
+            );
+            assert_eq!(untouched, [4.0, 5.0]);
+        }
+        assert!(private_masked_hop(&received, &mut [1.0], 1.0, None, &mut rng).is_err());
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn task(chunks: impl Strategy<Value = u32>) -> impl Strategy<Value = TaskSpec> {
                     place,
                     secure_weight: None,
                     secure_clip: None,
+                    secure_noise: None,
                 }
             },
         )
@@ -387,6 +388,7 @@ fn session_case(params: usize, per: usize, welcomed: bool, events: &[Event]) -> 
                     place: None,
                     secure_weight: None,
                     secure_clip: None,
+                    secure_noise: None,
                 });
                 waiting = encode_chunks(1, hop, &vec![0.25; params], *encoding, limit);
                 SessionStep::Text(task.to_json())
@@ -561,6 +563,7 @@ fn a_welcome_with_an_impossible_model_does_not_crash_the_client() {
         place: None,
         secure_weight: None,
         secure_clip: None,
+        secure_noise: None,
     });
 
     // Execute: the second size would abort the test binary, not panic.

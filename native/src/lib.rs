@@ -489,6 +489,7 @@ mod tests {
             place: None,
             secure_weight: None,
             secure_clip: None,
+            secure_noise: None,
         };
         let mut frozen = 0;
         let mut seeds = std::collections::HashSet::new();

@@ -51,6 +51,12 @@ pub struct ServedPrivacy {
     /// The run stops before a round that would spend more than this
     /// epsilon (at `budget.delta`).
     pub max_epsilon: f64,
+    /// Distributed DP, under secure aggregation only: the maskers add the
+    /// round's noise in shares before masking
+    /// (`astraea_core::privacy::distributed_noise_share`), so the server
+    /// never holds the noise and cannot take it off; `false`: the server
+    /// adds it to the unmasked mean.
+    pub distributed: bool,
 }
 
 /// Settings of one served run.

@@ -703,7 +703,22 @@ fn start_secure_round(
         .map(|g| g.members.last().copied().unwrap_or_default() as u64)
         .collect();
     match SecureRound::new(round, &maskers, total, len) {
-        Ok(secure) => {
+        Ok(mut secure) => {
+            // Distributed DP: the maskers' share of the round's noise, so
+            // that any quorum of survivors carries all of it.
+            if let Some(dp) = state.config.model_privacy.filter(|dp| dp.distributed) {
+                let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
+                let clip = *lock(&state.model_clip);
+                let budget = astraea_core::privacy::ModelPrivacy { clip, ..dp.budget };
+                let Some(noise_std) = budget.noise_std(largest) else {
+                    drop_round(state, round, "distributed DP: no valid noise multiplier");
+                    return None;
+                };
+                secure.set_masker_noise(astraea_core::privacy::distributed_noise_share(
+                    noise_std,
+                    secure.min_survivors(),
+                ));
+            }
             let secure = Arc::new(secure);
             *lock(&state.secure) = Some(secure.clone());
             let (task_state, task_secure) = (state.clone(), secure.clone());
@@ -735,7 +750,7 @@ fn private_round(
     lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
     let clip = *lock(&state.model_clip);
     let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
-    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
+    let noise_std = dp.noise_std(largest)?;
     Some((dp, noise_std))
 }
 
@@ -783,6 +798,10 @@ fn secure_private_noise(
     largest: usize,
 ) -> Option<()> {
     let (_, noise_std) = private_round(state, dp, q, largest)?;
+    if dp.distributed {
+        // The maskers added it, in shares, before masking.
+        return Some(());
+    }
     astraea_core::privacy::noise_the_mean(mean, noise_std, groups, &mut StdRng::from_os_rng())
 }
 
@@ -1026,6 +1045,7 @@ async fn run_chain(
             }),
             secure_weight: None,
             secure_clip: None,
+            secure_noise: None,
         };
         // Under secure aggregation the masker (the chain's last member)
         // trains only once the key exchange is over, so it answers the
@@ -1089,6 +1109,7 @@ async fn run_chain(
                         );
                         astraea_core::privacy::clip_update(start, &mut weights, chain_clip);
                         task.secure_clip = Some(hop_clip);
+                        task.secure_noise = secure.masker_noise();
                         // Exactly the clipped weights: f16 would round the
                         // masker's start off the clipped prefix.
                         task.encoding = astraea_core::protocol::WeightEncoding::F32;

@@ -76,6 +76,12 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             dp.budget.noise_multiplier
         );
     }
+    if config.model_privacy.is_some_and(|dp| dp.distributed) && !config.secure_aggregation {
+        anyhow::bail!(
+            "distributed DP needs secure aggregation: without masks the maskers' noise \
+             shares would reach the server one by one"
+        );
+    }
     if config.secure_aggregation {
         if config.mode == astraea_core::asynchronous::Mode::Async {
             anyhow::bail!("secure aggregation needs synchronous rounds");

@@ -68,6 +68,9 @@ pub struct SecureRound {
     /// The maskers that shared keys, once the exchange is over (or why it
     /// failed).
     sharers: OnceCell<Result<BTreeSet<u32>, String>>,
+    /// Under distributed DP, the standard deviation of the noise each
+    /// masker adds to its clipped result (`task.secure_noise`).
+    masker_noise: Option<f64>,
 }
 
 /// A secure-aggregation message that breaks the protocol (the sender is
@@ -107,12 +110,28 @@ impl SecureRound {
             }),
             changed: Notify::new(),
             sharers: OnceCell::new(),
+            masker_noise: None,
         })
     }
 
     /// The round.
     pub fn round(&self) -> u32 {
         self.params.round
+    }
+
+    /// The fewest survivors with which the round's sum can be unmasked.
+    pub fn min_survivors(&self) -> usize {
+        self.params.min_survivors()
+    }
+
+    /// Sets the noise each masker adds under distributed DP.
+    pub fn set_masker_noise(&mut self, std: f64) {
+        self.masker_noise = Some(std);
+    }
+
+    /// The noise each masker adds under distributed DP; `None`: none.
+    pub fn masker_noise(&self) -> Option<f64> {
+        self.masker_noise
     }
 
     /// The slot of mediator `index` (from 0).

@@ -279,6 +279,56 @@ async fn under_secure_aggregation_with_dp_a_round_moves_the_model_at_most_the_cl
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_distributed_dp_the_maskers_noise_is_the_rounds_noise_and_the_server_adds_none() {
+    // Prepare: as above, two mediators of three, so two maskers, both
+    // needed to unmask. Noise multiplier 10 on clip 0.05 with mediators
+    // of several clients (sensitivity 2C): noise of deviation 1 on the
+    // sum, 0.5 per weight on the mean of two. Each masker adds its share,
+    // 1 / sqrt(2); the server adds nothing. The clipped updates (norm at
+    // most 0.05 over 63,286 weights) are lost in it.
+    let (clip, sigma) = (0.05, 10.0);
+    let mut cfg = config(StrategyKind::Astraea, 6, 1);
+    cfg.secure_aggregation = true;
+    privately(&mut cfg, clip, sigma, f64::INFINITY, None);
+    if let Some(dp) = cfg.model_privacy.as_mut() {
+        dp.distributed = true;
+    }
+    let (running, address) = start(cfg).await;
+    let initial = loop {
+        if let Some(global) = running.state.global.lock().unwrap().clone() {
+            break global.values.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let swarm = tokio::spawn(run_swarm(6, options(&address)));
+
+    // Execute
+    finishes(running.coordinator).await;
+    swarm.abort();
+
+    // Assert: the round was adopted and accounted for, and the model moved
+    // by the round's noise: 0.5 per weight (the maskers' shares summed),
+    // not ~0 (no share added) nor 0.71 (the server adding its own too).
+    let state = &running.state;
+    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
+    let history = state.status().history.clone();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].epsilon.is_some_and(f64::is_finite));
+    let adopted = state.global.lock().unwrap().clone().unwrap().values.clone();
+    let per_weight = (adopted
+        .iter()
+        .zip(&initial)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        / initial.len() as f64)
+        .sqrt();
+    assert!(
+        (per_weight - 0.5).abs() < 0.03,
+        "the model moved {per_weight} per weight, the round's noise is 0.5"
+    );
+}
+
 #[tokio::test]
 async fn secure_aggregation_is_refused_where_the_server_would_need_each_result() {
     use astraea_core::robust::AggregationRule;
@@ -306,7 +356,20 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
     let mut infinite_clip = config(StrategyKind::FedAvg, 4, 1);
     infinite_clip.secure_aggregation = true;
     privately(&mut infinite_clip, f64::INFINITY, 1.0, 8.0, None);
-    for cfg in [robust, asynchronous, too_many, adaptive, infinite_clip] {
+    // Distributed DP without masks would hand the server each share.
+    let mut unmasked_shares = config(StrategyKind::FedAvg, 4, 1);
+    privately(&mut unmasked_shares, 1.0, 1.0, 8.0, None);
+    if let Some(dp) = unmasked_shares.model_privacy.as_mut() {
+        dp.distributed = true;
+    }
+    for cfg in [
+        robust,
+        asynchronous,
+        too_many,
+        adaptive,
+        infinite_clip,
+        unmasked_shares,
+    ] {
         let refused = astraea_server::start(listener().await, cfg).await;
         assert!(refused.is_err());
     }

@@ -71,6 +71,12 @@ pub struct SimConfig {
     /// --secure-aggregation --dp-noise` does. Without DP nothing changes
     /// (the masked sum is exact to about 1e-6).
     pub secure_aggregation: bool,
+    /// Distributed DP (with `secure_aggregation` and `model_privacy`): each
+    /// masker adds its share of the round's noise
+    /// (`astraea_core::privacy::distributed_noise_share`, for the quorum
+    /// of the round's maskers) to its clipped hop, and the server adds
+    /// none, as `serve --distributed-dp` does.
+    pub distributed_dp: bool,
     /// Per-hop noise on what the next client in a chain sees; `None`: none.
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// How weights travel: every hop's input and output are rounded as

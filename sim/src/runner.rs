@@ -13,8 +13,8 @@ use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{
-    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, noisy_counts, noisy_hop, planned_counts,
-    private_mean, secure_clip_split,
+    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, distributed_noise_share, noisy_counts,
+    noisy_hop, planned_counts, private_masked_hop, private_mean, secure_clip_split,
 };
 use astraea_core::protocol::limits::check_weights;
 use astraea_core::protocol::{WeightEncoding, round_as_sent};
@@ -268,6 +268,7 @@ impl Setup<'_> {
             encoding: self.config.encoding,
             secure_clip: (self.config.secure_aggregation && self.config.model_privacy.is_some())
                 .then_some(clip),
+            masker_noise: None,
         }
     }
 
@@ -354,11 +355,15 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         let seeds: Vec<u64> = (0..round_plan.groups.len())
             .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
             .collect();
+        let context = RoundContext {
+            masker_noise: masker_noise(config, state.clip, &round_plan.groups, round),
+            ..setup.context(&state.global, &round_train, state.clip)
+        };
         let (results, failures, processed, round_clock) = run_chains(
             &round_plan.groups,
             &starts,
             &seeds,
-            &setup.context(&state.global, &round_train, state.clip),
+            &context,
             config.threads,
         );
         // As the server does: an aggregate outside the bounds is dropped
@@ -426,11 +431,29 @@ fn private_round(
     let q = (config.participants as f64 / config.clients.max(1) as f64).min(1.0);
     accountant.compose(q, dp.noise_multiplier, 1);
     let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    let largest = largest_group.unwrap_or(1);
-    let noise_std = dp.update_noise_multiplier()? * dp.sensitivity(largest);
-    let (values, mut norms) = private_mean(global, &updates, dp.clip, noise_std, rng)?;
+    let noise_std = dp.noise_std(largest_group.unwrap_or(1))?;
+    let (values, mut norms) = if config.distributed_dp && config.secure_aggregation {
+        // The maskers clipped and noised their own results; the server
+        // sees only their plain unweighted mean (no clip: f64::MAX).
+        private_mean(global, &updates, f64::MAX, 0.0, rng)?
+    } else {
+        private_mean(global, &updates, dp.clip, noise_std, rng)?
+    };
     norms.sort_by(f64::total_cmp);
     Some((values, norms))
+}
+
+/// Under distributed DP, the noise each of the round's maskers (the last
+/// clients of `groups`) adds to its clipped hop: its share of the round's
+/// noise for the quorum that can unmask ([`distributed_noise_share`],
+/// `SecAggParams::majority`), as the server sets `task.secure_noise`.
+fn masker_noise(config: &SimConfig, clip: f64, groups: &[Group], round: usize) -> Option<f64> {
+    let dp = config.model_privacy.filter(|_| config.distributed_dp)?;
+    let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
+    let noise_std = ModelPrivacy { clip, ..dp }.noise_std(largest)?;
+    let quorum = astraea_core::secagg::SecAggParams::majority(round as u32, groups.len() as u32)
+        .map_or(groups.len(), |params| params.min_survivors());
+    Some(distributed_noise_share(noise_std, quorum))
 }
 
 /// A mediator running in the asynchronous mode.
@@ -700,6 +723,8 @@ struct RoundContext<'a> {
     /// as the server splits it (the chain before its masked last hop
     /// clipped to C (1 - 1/h), that hop to C / h; docs/PRIVACY.md).
     secure_clip: Option<f64>,
+    /// Distributed DP: the noise each masker adds to its clipped hop.
+    masker_noise: Option<f64>,
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
@@ -738,6 +763,7 @@ fn walk_chain(
         hop_privacy,
         encoding,
         secure_clip,
+        masker_noise,
     } = *context;
     // Under secure aggregation with DP: the clip's shares of the server
     // and of the masker.
@@ -803,9 +829,17 @@ fn walk_chain(
             } else {
                 weights.clone()
             };
-            // The masker clips its own hop before masking it.
+            // The masker clips its own hop before masking it, and under
+            // distributed DP adds its share of the round's noise.
             if let Some((_, hop_clip)) = masked {
-                clip_update(&weights.values, &mut next.values, hop_clip);
+                let mut rng = StdRng::seed_from_u64(mix(&[seed, 0xd15c]));
+                private_masked_hop(
+                    &weights.values,
+                    &mut next.values,
+                    hop_clip,
+                    masker_noise,
+                    &mut rng,
+                )?;
             }
             // And sends its update back the same way.
             round_as_sent(&mut next.values, encoding);

@@ -94,6 +94,7 @@ fn slice() -> (
         model_privacy: None,
         hop_privacy: None,
         secure_aggregation: false,
+        distributed_dp: false,
         encoding: astraea_core::protocol::WeightEncoding::F32,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,

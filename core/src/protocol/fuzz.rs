@@ -1126,6 +1126,7 @@ fn task_spec(rng: &mut StdRng, fit: Option<(usize, usize)>) -> TaskSpec {
         place,
         secure_weight: rng.random_bool(0.1).then(|| any_f64(rng)),
         secure_clip: rng.random_bool(0.1).then(|| any_f64(rng)),
+        secure_noise: rng.random_bool(0.1).then(|| any_f64(rng)),
     }
 }
 

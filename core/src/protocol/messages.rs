@@ -130,6 +130,15 @@ pub struct TaskSpec {
     /// makes the client give the hop up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_clip: Option<f64>,
+    /// Under secure aggregation with distributed DP, on the masked hop
+    /// (with `secure_clip`): the standard deviation of the Gaussian noise
+    /// the client adds to every weight of its clipped result before
+    /// masking, so that the server never holds the noise
+    /// (`crate::privacy::distributed_noise_share`). Absent: none (the
+    /// server adds the round's noise itself). A value that is not a finite
+    /// number >= 0 makes the client give the hop up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_noise: Option<f64>,
 }
 
 /// A hop's place in its mediator's chain.

@@ -37,8 +37,9 @@ pub use session::{ClientAction, ClientSession, progress_message, train_task, tra
 /// added secure aggregation (`secure-*` messages, `task.secure_weight`,
 /// the `masked` encoding); version 6 added `task.secure_clip` (secure
 /// aggregation with client-level DP: a client of version 5 would mask its
-/// result unclipped).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// result unclipped); version 7 added `task.secure_noise` (distributed DP:
+/// a client of version 6 would mask its result without the noise).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Default largest WebSocket frame either side sends or accepts (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;

@@ -402,7 +402,8 @@ impl ClientSession {
             Ok(Some(weights)) => {
                 self.assembler = None;
                 self.state = State::Member;
-                self.hop_input = task.secure_clip.is_some().then(|| weights.clone());
+                self.hop_input = (task.secure_clip.is_some() || task.secure_noise.is_some())
+                    .then(|| weights.clone());
                 // The first heartbeat of the hop: the weights arrived and
                 // training starts.
                 vec![
@@ -534,18 +535,28 @@ impl ClientSession {
                 // Under client-level DP the hop's update is clipped first
                 // (the server clipped the chain before it); a clip that
                 // cannot be applied gives the hop up, never masks it whole.
-                let clipped = match task.secure_clip {
-                    None => Ok(None),
-                    Some(clip) if !(clip.is_finite() && clip > 0.0) => {
-                        Err(format!("secure_clip {clip} is not a positive number"))
-                    }
-                    Some(clip) => match self.hop_input.take() {
-                        Some(input) if input.len() == weights.len() => {
+                // Under distributed DP it adds its share of the round's
+                // noise too, so the server never holds the noise.
+                let clipped = match (task.secure_clip, task.secure_noise) {
+                    (None, None) => Ok(None),
+                    (None, Some(_)) => Err("secure_noise without secure_clip".into()),
+                    (Some(clip), noise) => match self.hop_input.take() {
+                        Some(input) => {
                             let mut clipped = weights.to_vec();
-                            crate::privacy::clip_update(&input, &mut clipped, clip);
-                            Ok(Some(clipped))
+                            crate::privacy::entropy_rng()
+                                .map_err(|e| e.to_string())
+                                .and_then(|mut rng| {
+                                    crate::privacy::private_masked_hop(
+                                        &input,
+                                        &mut clipped,
+                                        clip,
+                                        noise,
+                                        &mut rng,
+                                    )
+                                })
+                                .map(|()| Some(clipped))
                         }
-                        _ => Err("no received weights to clip the update against".into()),
+                        None => Err("no received weights to clip the update against".into()),
                     },
                 };
                 let masked_values = match (masker, clipped) {
@@ -852,6 +863,7 @@ mod tests {
             place: None,
             secure_weight: None,
             secure_clip: None,
+            secure_noise: None,
         }
     }
 
@@ -1045,6 +1057,11 @@ mod tests {
             let actions = session.trained(&clipped_task, &[0.25; 5], 10, 0.1, 1.0);
             assert!(given_up(&actions), "clip {clip}: {actions:?}");
         }
+        // So does distributed DP's noise without a clip to apply first.
+        let mut noised_task = masked_task.clone();
+        noised_task.secure_noise = Some(0.1);
+        let actions = session.trained(&noised_task, &[0.25; 5], 10, 0.1, 1.0);
+        assert!(given_up(&actions), "{actions:?}");
 
         // Round 5: a roster that leaves this client out is refused with an
         // error, the connection stays, and the masked hop is given up.

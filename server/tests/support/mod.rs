@@ -340,5 +340,6 @@ pub fn privately(
             adaptive,
         },
         max_epsilon,
+        distributed: false,
     });
 }
