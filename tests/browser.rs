@@ -253,12 +253,25 @@ async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -
 {
     // Prepare: FedAvg over three shards, so each client masks its own
     // result: one tab (X25519 and ChaCha20 in WebAssembly) and two native
-    // clients. The masks cancel only if both implementations agree.
+    // clients. The masks cancel only if both implementations agree. Under
+    // distributed DP, each clips its result and adds its share of the
+    // noise before masking (a clip and noise that leave the model
+    // learning: the test is that the tab does it and says so).
     built_page()?;
     let mut config = demo_config(3, 3000, 1, 1);
     config.strategy = astraea_core::strategy::StrategyKind::FedAvg;
     config.partition = astraea_core::partition::PartitionSpec::Iid;
     config.secure_aggregation = true;
+    config.model_privacy = Some(astraea_server::config::ServedPrivacy {
+        budget: astraea_core::privacy::ModelPrivacy {
+            clip: 10.0,
+            noise_multiplier: 1e-4,
+            delta: 1e-5,
+            adaptive: None,
+        },
+        max_epsilon: f64::INFINITY,
+        distributed: true,
+    });
     let (running, url) = serve_on_loopback(config).await?;
     let address = url
         .trim_start_matches("http://")
@@ -312,6 +325,19 @@ async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -
     assert!(accuracy > 0.3, "accuracy {accuracy}");
     let leaves = text_of(&tab, "leaves").await?;
     assert!(leaves.contains("secure aggregation"), "{leaves}");
+    let mut model_privacy = String::new();
+    for _ in 0..50 {
+        model_privacy = text_of(&tab, "model-privacy").await?;
+        if model_privacy.contains("spent so far") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        model_privacy.contains("last client of each chain")
+            && model_privacy.contains("spent so far: epsilon"),
+        "{model_privacy}"
+    );
     tab.close().await?;
     running.server.abort();
     Ok(())

@@ -13,10 +13,30 @@ function storageNote() {
     ? `. This browser keeps no copy of them (${page.cacheProblem}): the tab trains from memory, and a reload fetches them again`
     : '';
 }
+/**
+ * What the page says of client-level DP on the model (the welcome's
+ * privacy.model, docs/PRIVACY.md), with the epsilon spent so far when a
+ * round has reported it.
+ */
+function modelPrivacyText(epsilon) {
+  const dp = page.modelPrivacy;
+  if (!dp) return 'none: the models this run releases are not differentially private';
+  const who = dp.distributed
+    ? 'the last client of each chain before masking its result (so the server never holds it)'
+    : 'the server';
+  const spent = epsilon == null
+    ? 'nothing spent yet'
+    : `spent so far: epsilon ${epsilon.toFixed(2)} at delta ${dp.delta}`;
+  return `each round, a group's update may move the model at most ${dp.clip} (L2), and Gaussian noise`
+    + ` scaled to that bound (multiplier ${dp.noise_multiplier.toFixed(2)}) is added by ${who}: the released models`
+    + ` are differentially private for every volunteer. ${spent}`
+    + (dp.budget != null ? ` of a budget of ${dp.budget}` : '') + '.';
+}
 
 const page = window.astraea = {
   backend: null, clientId: null, firstStepMs: null, readyMs: null, steps: 0,
   hops: 0, samples: 0, seconds: 0, loopSeconds: 0, losses: [], accuracies: [], drawn: 0, shardCached: null,
+  modelPrivacy: null,
 };
 let counts = [];
 
@@ -85,6 +105,8 @@ worker.onmessage = (event) => {
           ? `how many images of each label you hold, with random noise added (label privacy: epsilon ${m.labelEpsilon} per report, give or take ${(Math.sqrt(2 * Math.exp(-m.labelEpsilon)) / (1 - Math.exp(-m.labelEpsilon))).toFixed(1)} images a label)`
           : 'how many images of each label you hold, exactly (this run asks for no label privacy)')
         + (self.isSecureContext ? '' : '. This connection is not encrypted (http): others on the network can read it');
+      page.modelPrivacy = m.modelPrivacy || null;
+      $('model-privacy').textContent = modelPrivacyText(null);
       break;
     case 'data':
       counts = m.counts;
@@ -144,6 +166,7 @@ worker.onmessage = (event) => {
         : `the server did not take the round ${m.round} update (${m.outcome}${m.reason ? `: ${m.reason}` : ''})`;
       break;
     case 'round':
+      if (m.epsilon != null) $('model-privacy').textContent = modelPrivacyText(m.epsilon);
       page.accuracies.push([m.round, m.accuracy]);
       $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} % after round ${m.round}`;
       scheduleCharts();

@@ -66,9 +66,12 @@ function render({ status, history }) {
   const model = status.model_epsilon == null
     ? 'the model is not trained under differential privacy'
     : `model privacy spent: epsilon ${status.model_epsilon.toFixed(2)} of ${status.model_budget} (delta ${status.model_delta})`;
-  const secure = status.privacy && status.privacy.secure_aggregation
+  const secure = (status.privacy && status.privacy.secure_aggregation
     ? '; mediators\' results summed under secure aggregation (the server sees only their sum)'
-    : '';
+    : '')
+    + (status.privacy && status.privacy.model && status.privacy.model.distributed
+      ? ', the noise added by the chains\' last clients before masking (distributed DP: the server never holds it)'
+      : '');
   text('privacy', `Privacy: ${label}; ${model}${secure}.`);
 
   $('mediators').innerHTML = status.mediators.length

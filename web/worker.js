@@ -113,7 +113,7 @@ function connect() {
         : client.on_binary(new Uint8Array(frame.data));
       if (typeof frame.data === 'string' && frame.data.includes('"welcome"')) {
         resumeToken = client.resume_token() || resumeToken;
-        say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken, labelEpsilon: client.label_epsilon() ?? null, secureAggregation: client.secure_aggregation() });
+        say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken, labelEpsilon: client.label_epsilon() ?? null, secureAggregation: client.secure_aggregation(), modelPrivacy: JSON.parse(client.model_privacy() ?? 'null') });
       }
       return run(actions);
     }).catch((error) => say({ type: 'error', text: String(error) }));
@@ -271,7 +271,7 @@ async function run(actions) {
         await train(action);
         break;
       case 'round-done':
-        say({ type: 'round', round: action.round, accuracy: action.accuracy });
+        say({ type: 'round', round: action.round, accuracy: action.accuracy, epsilon: action.epsilon ?? null });
         break;
       case 'ack':
         // What the server did with this tab's last update (accepted, stale, refused).

@@ -349,10 +349,17 @@ fn actions_to_js(actions: Vec<ClientAction>) -> Result<JsValue, JsError> {
                 set(&object, "task", &task.into())?;
                 set(&object, "weights", &Float32Array::from(weights.as_slice()))?;
             }
-            ClientAction::RoundDone { round, accuracy } => {
+            ClientAction::RoundDone {
+                round,
+                accuracy,
+                epsilon,
+            } => {
                 set(&object, "kind", &"round-done".into())?;
                 set(&object, "round", &round.into())?;
                 set(&object, "accuracy", &accuracy.into())?;
+                if let Some(epsilon) = epsilon {
+                    set(&object, "epsilon", &epsilon.into())?;
+                }
             }
             ClientAction::Acknowledged {
                 round,
@@ -564,6 +571,16 @@ impl WasmClient {
         if let (Some(exact), Some(noisy)) = (counts("exact"), counts("noisy")) {
             self.session.borrow_mut().reuse_label_report(exact, noisy);
         }
+    }
+
+    /// Client-level DP on the model, as the welcome announced it: a JSON
+    /// object (`clip`, `noise_multiplier`, `delta`, optional `budget`,
+    /// `distributed`, docs/PROTOCOL.md), or `undefined` without DP.
+    pub fn model_privacy(&self) -> Option<String> {
+        self.session
+            .borrow()
+            .model_privacy()
+            .and_then(|spec| serde_json::to_string(&spec).ok())
     }
 
     /// The label epsilon this tab's count reports have spent so far.

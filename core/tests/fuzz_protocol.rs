@@ -183,13 +183,20 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (vec(number(), 0..6), any::<u64>())
             .prop_map(|(ratios, seed)| ServerMessage::Plan { ratios, seed }),
         task(any::<u32>()).prop_map(ServerMessage::Task),
-        (any::<u32>(), number(), number()).prop_map(|(round, accuracy, loss)| {
-            ServerMessage::RoundDone {
-                round,
-                accuracy,
-                loss,
-            }
-        }),
+        (
+            any::<u32>(),
+            number(),
+            number(),
+            proptest::option::of(number())
+        )
+            .prop_map(
+                |(round, accuracy, loss, epsilon)| ServerMessage::RoundDone {
+                    round,
+                    accuracy,
+                    loss,
+                    epsilon,
+                }
+            ),
         (any::<(u32, u32)>(), outcome, option::of(text())).prop_map(
             |((round, hop), outcome, reason)| ServerMessage::Ack {
                 round,
@@ -616,6 +623,7 @@ fn a_closed_session_answers_nothing() {
         round: 1,
         accuracy: 0.5,
         loss: 0.1,
+        epsilon: None,
     };
 
     // Execute

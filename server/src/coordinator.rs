@@ -453,6 +453,7 @@ async fn close_round(
         round,
         accuracy: eval.accuracy,
         loss: eval.loss,
+        epsilon: state.model_epsilon().filter(|e| e.is_finite()),
     };
     for entry in state.clients().values() {
         entry.send(&done);

@@ -503,6 +503,17 @@ impl AppState {
         let spec = astraea_core::protocol::PrivacySpec {
             label_epsilon: self.config.label_epsilon,
             secure_aggregation: self.config.secure_aggregation,
+            model: self
+                .config
+                .model_privacy
+                .map(|dp| astraea_core::protocol::ModelPrivacySpec {
+                    clip: dp.budget.clip,
+                    noise_multiplier: dp.budget.noise_multiplier,
+                    delta: dp.budget.delta,
+                    // JSON has no infinity: no limit is no budget.
+                    budget: Some(dp.max_epsilon).filter(|e| e.is_finite()),
+                    distributed: dp.distributed,
+                }),
         };
         (spec != Default::default()).then_some(spec)
     }

@@ -1179,6 +1179,7 @@ fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessag
             round: any_u32(rng),
             accuracy: any_f64(rng),
             loss: any_f64(rng),
+            epsilon: rng.random_bool(0.5).then(|| any_f64(rng)),
         },
         4 => ServerMessage::Ack {
             round: any_u32(rng),

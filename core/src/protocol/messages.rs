@@ -22,6 +22,31 @@ pub struct PrivacySpec {
     /// and the server learns only the round's weighted sum.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secure_aggregation: bool,
+    /// The model is trained under client-level DP (DP-FedAvg over
+    /// mediators): what the volunteer's page says of it. Absent: no DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelPrivacySpec>,
+}
+
+/// Client-level DP on the model, as the server announces it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ModelPrivacySpec {
+    /// C: the most one mediator's (a FedAvg client's) update may move the
+    /// model in a round, L2 norm (the first round's, under adaptive
+    /// clipping).
+    pub clip: f64,
+    /// z: the Gaussian noise's standard deviation over the sum's
+    /// sensitivity.
+    pub noise_multiplier: f64,
+    /// delta of the (epsilon, delta) guarantee.
+    pub delta: f64,
+    /// The epsilon at which the run stops; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<f64>,
+    /// The noise is added by the chains' last clients in shares before
+    /// masking (distributed DP, `task.secure_noise`), not by the server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub distributed: bool,
 }
 
 /// The model a federation trains, as the server announces it.
@@ -334,6 +359,10 @@ pub enum ServerMessage {
         accuracy: f64,
         /// Test loss.
         loss: f64,
+        /// Under client-level DP: the epsilon (at the announced delta) the
+        /// released models have spent so far. Absent: no DP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epsilon: Option<f64>,
     },
     /// What became of an update: sent once its last chunk has been judged.
     Ack {

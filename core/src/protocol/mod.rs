@@ -25,7 +25,7 @@ pub use frames::{
 };
 pub use messages::{
     AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, LifecycleReport, LifecycleState,
-    ModelSpec, PrivacySpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
+    ModelPrivacySpec, ModelSpec, PrivacySpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
 pub use session::{ClientAction, ClientSession, progress_message, train_task, train_task_async};
 

@@ -42,6 +42,8 @@ pub enum ClientAction {
         round: u32,
         /// Test accuracy.
         accuracy: f64,
+        /// Under client-level DP, the model's epsilon spent so far.
+        epsilon: Option<f64>,
     },
     /// The server said what became of an update (for display and logs).
     Acknowledged {
@@ -98,6 +100,8 @@ pub struct ClientSession {
     masker: Option<(u32, crate::secagg::Masker)>,
     /// The welcome said the run sums results under secure aggregation.
     secure_aggregation: bool,
+    /// The welcome's `privacy.model`: client-level DP on the model.
+    model_privacy: Option<super::messages::ModelPrivacySpec>,
     /// The weights a masked hop under `task.secure_clip` started from, to
     /// clip its update against.
     hop_input: Option<Vec<f32>>,
@@ -148,6 +152,7 @@ impl ClientSession {
             label_epsilon_spent: 0.0,
             masker: None,
             secure_aggregation: false,
+            model_privacy: None,
             hop_input: None,
         };
         (session, vec![ClientAction::Send(join)])
@@ -244,6 +249,7 @@ impl ClientSession {
                     );
                 }
                 self.secure_aggregation = privacy.as_ref().is_some_and(|p| p.secure_aggregation);
+                self.model_privacy = privacy.as_ref().and_then(|p| p.model);
                 self.label_epsilon = privacy.and_then(|p| p.label_epsilon);
                 self.client_id = Some(client_id);
                 self.model = Some(model);
@@ -270,10 +276,17 @@ impl ClientSession {
             (
                 _,
                 ServerMessage::RoundDone {
-                    round, accuracy, ..
+                    round,
+                    accuracy,
+                    epsilon,
+                    ..
                 },
             ) => {
-                vec![ClientAction::RoundDone { round, accuracy }]
+                vec![ClientAction::RoundDone {
+                    round,
+                    accuracy,
+                    epsilon,
+                }]
             }
             // Secure aggregation runs beside the chain: its messages may
             // come between a task and its weights.
@@ -486,6 +499,11 @@ impl ClientSession {
     /// (the welcome's `privacy.secure_aggregation`).
     pub fn secure_aggregation(&self) -> bool {
         self.secure_aggregation
+    }
+
+    /// Client-level DP on the model, as the welcome announced it.
+    pub fn model_privacy(&self) -> Option<super::messages::ModelPrivacySpec> {
+        self.model_privacy
     }
 
     /// The per-report label epsilon the server asked for, once welcomed.
@@ -738,7 +756,7 @@ mod tests {
         if let ServerMessage::Welcome { privacy, .. } = &mut message {
             *privacy = Some(super::super::messages::PrivacySpec {
                 label_epsilon: Some(epsilon),
-                secure_aggregation: false,
+                ..Default::default()
             });
         }
         message.to_json()
