@@ -175,6 +175,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         model_privacy: None,
         hop_privacy: None,
         secure_aggregation: false,
+        secure_quorum: 0.5,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

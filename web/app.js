@@ -28,7 +28,7 @@ function modelPrivacyText(epsilon) {
     ? 'nothing spent yet'
     : `spent so far: epsilon ${epsilon.toFixed(2)} at delta ${dp.delta}`;
   return `each round, a group's update may move the model at most ${dp.clip} (L2), and Gaussian noise`
-    + ` scaled to that bound (multiplier ${dp.noise_multiplier.toFixed(2)}) is added by ${who}: the released models`
+    + ` scaled to that bound (multiplier ${dp.noise_multiplier.toPrecision(3)}) is added by ${who}: the released models`
     + ` are differentially private for every volunteer. ${spent}`
     + (dp.budget != null ? ` of a budget of ${dp.budget}` : '') + '.';
 }
@@ -106,7 +106,7 @@ worker.onmessage = (event) => {
           : 'how many images of each label you hold, exactly (this run asks for no label privacy)')
         + (self.isSecureContext ? '' : '. This connection is not encrypted (http): others on the network can read it');
       page.modelPrivacy = m.modelPrivacy || null;
-      $('model-privacy').textContent = modelPrivacyText(null);
+      $('model-privacy').textContent = modelPrivacyText(page.modelPrivacy ? page.modelPrivacy.spent ?? null : null);
       break;
     case 'data':
       counts = m.counts;

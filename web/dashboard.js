@@ -65,7 +65,8 @@ function render({ status, history }) {
     : 'label counts reported exactly';
   const model = status.model_epsilon == null
     ? 'the model is not trained under differential privacy'
-    : `model privacy spent: epsilon ${status.model_epsilon.toFixed(2)} of ${status.model_budget} (delta ${status.model_delta})`;
+    : `model privacy spent: epsilon ${status.model_epsilon.toFixed(2)}`
+      + (status.model_budget == null ? ', no budget' : ` of ${status.model_budget}`) + ` (delta ${status.model_delta})`;
   const secure = (status.privacy && status.privacy.secure_aggregation
     ? '; mediators\' results summed under secure aggregation (the server sees only their sum)'
     : '')

@@ -69,6 +69,7 @@ pub(crate) fn serve_config(
         model_privacy: None,
         hop_privacy: None,
         secure_aggregation: false,
+        secure_quorum: 0.5,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,

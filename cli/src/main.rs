@@ -469,6 +469,14 @@ struct ServeArgs {
     /// (docs/PRIVACY.md).
     #[arg(long)]
     secure_aggregation: bool,
+    /// Secure aggregation's quorum: the share of a round's maskers that
+    /// must survive for its sum to be unmasked (at least a majority, the
+    /// default). Higher tolerates fewer dropouts, takes more colluding
+    /// maskers to break, and under --distributed-dp needs less noise (each
+    /// masker's share is for the quorum: sqrt(1 / quorum) times the
+    /// round's noise when all survive).
+    #[arg(long, default_value_t = 0.5, requires = "secure_aggregation")]
+    secure_quorum: f64,
     /// PEM certificate chain for --tls.
     #[arg(long, env = "ASTRAEA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -576,6 +584,14 @@ struct SimulateArgs {
     /// that hop to C / h by its client). Without DP it changes nothing.
     #[arg(long)]
     secure_aggregation: bool,
+    /// Secure aggregation's quorum: the share of a round's maskers that
+    /// must survive for its sum to be unmasked (at least a majority, the
+    /// default). Higher tolerates fewer dropouts, takes more colluding
+    /// maskers to break, and under --distributed-dp needs less noise (each
+    /// masker's share is for the quorum: sqrt(1 / quorum) times the
+    /// round's noise when all survive).
+    #[arg(long, default_value_t = 0.5, requires = "secure_aggregation")]
+    secure_quorum: f64,
     /// Distributed DP, with --secure-aggregation and --dp-epsilon: the
     /// maskers add the round's noise in shares (for the quorum that can
     /// unmask), the server none, as `serve --distributed-dp` does.
@@ -1152,6 +1168,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         static_dir: args.static_dir,
         allow_insecure: args.allow_insecure,
         secure_aggregation: args.secure_aggregation,
+        secure_quorum: args.secure_quorum,
         tls: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(serve::tls::TlsSource::Files { cert, key }),
             _ if args.tls => Some(serve::tls::TlsSource::SelfSigned {
@@ -1237,6 +1254,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
+        secure_quorum: args.secure_quorum,
         distributed_dp: args.distributed_dp,
         hop_privacy: args
             .hop_noise

@@ -156,6 +156,32 @@ impl SecAggParams {
         Self::new(round, maskers, maskers / 2 + 1)
     }
 
+    /// Parameters whose threshold is at least `fraction` of the maskers
+    /// (rounded up), and never below the majority of
+    /// [`SecAggParams::majority`]: a higher threshold tolerates fewer
+    /// dropouts, takes more colluding maskers to break, and under
+    /// distributed DP needs less noise from each masker
+    /// (`crate::privacy::distributed_noise_share`).
+    ///
+    /// # Errors
+    /// [`SecAggError::Parameters`] as [`SecAggParams::majority`], or for
+    /// a `fraction` outside `(0, 1]`.
+    pub fn quorum(round: u32, maskers: u32, fraction: f64) -> Result<Self, SecAggError> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(SecAggError::Parameters {
+                maskers,
+                threshold: 0,
+            });
+        }
+        // Less a hair, so that 0.9 of 200 (180.00000000000003 in f64) is 180.
+        let wanted = (fraction * f64::from(maskers) - 1e-9).ceil() as u32;
+        Self::new(
+            round,
+            maskers,
+            wanted.clamp(maskers / 2 + 1, maskers.max(1)),
+        )
+    }
+
     /// Parameters with an explicit threshold.
     ///
     /// # Errors
@@ -407,6 +433,11 @@ impl Masker {
     /// The masker's slot.
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// The round's parameters, as the server set them up.
+    pub fn params(&self) -> SecAggParams {
+        self.params
     }
 
     /// Step 1: the public keys to advertise.
@@ -1296,6 +1327,17 @@ mod tests {
         assert!(SecAggParams::new(1, 5, 1).is_err());
         assert!(SecAggParams::new(1, 5, 6).is_err());
         assert_eq!(SecAggParams::majority(1, 10).unwrap().threshold, 6);
+        // A quorum is a share of the maskers, rounded up, never under the
+        // majority; nonsense fractions are refused.
+        assert_eq!(SecAggParams::quorum(1, 10, 0.9).unwrap().threshold, 9);
+        assert_eq!(SecAggParams::quorum(1, 200, 0.9).unwrap().threshold, 180);
+        assert_eq!(SecAggParams::quorum(1, 10, 0.85).unwrap().threshold, 9);
+        assert_eq!(SecAggParams::quorum(1, 10, 0.1).unwrap().threshold, 6);
+        assert_eq!(SecAggParams::quorum(1, 10, 1.0).unwrap().threshold, 10);
+        assert_eq!(SecAggParams::quorum(1, 1, 1.0).unwrap().threshold, 1);
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            assert!(SecAggParams::quorum(1, 10, bad).is_err(), "{bad}");
+        }
         assert_eq!(decode_value(encode_value(-1.5)), -1.5);
         assert_eq!(decode_value(encode_value(1e9)), MAX_VALUE);
         assert!(Masker::new(SecAggParams::majority(1, 3).unwrap(), 4, [0; 32]).is_err());

@@ -110,6 +110,11 @@ pub struct ServeConfig {
     /// learns only the round's weighted mean. Synchronous rounds, the
     /// sample-weighted mean and no client-level DP only.
     pub secure_aggregation: bool,
+    /// Under secure aggregation, the share of a round's maskers that must
+    /// survive for its sum to be unmasked (the Shamir threshold, at least
+    /// a majority; `astraea_core::secagg::SecAggParams::quorum`). 0.5
+    /// gives the majority.
+    pub secure_quorum: f64,
     /// Synchronous rounds, or the asynchronous mode
     /// (`astraea_core::asynchronous`): groups start when clients are free
     /// and fold into the model as they finish.

@@ -337,7 +337,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
 /// aggregation `secured` holds the unmasked mean of the round and how many
 /// results are in it (or why there is none), which replaces the
 /// strategy's aggregation; under client-level DP too, the server adds the
-/// round's noise to that mean.
+/// round's noise to that mean (under distributed DP the maskers did).
 #[allow(clippy::too_many_arguments)]
 async fn close_round(
     state: &AppState,
@@ -703,7 +703,7 @@ fn start_secure_round(
         .iter()
         .map(|g| g.members.last().copied().unwrap_or_default() as u64)
         .collect();
-    match SecureRound::new(round, &maskers, total, len) {
+    match SecureRound::new(round, &maskers, total, len, state.config.secure_quorum) {
         Ok(mut secure) => {
             // Distributed DP: the maskers' share of the round's noise, so
             // that any quorum of survivors carries all of it.
@@ -711,7 +711,8 @@ fn start_secure_round(
                 let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
                 let clip = *lock(&state.model_clip);
                 let budget = astraea_core::privacy::ModelPrivacy { clip, ..dp.budget };
-                let Some(noise_std) = budget.noise_std(largest) else {
+                // Finite, or JSON would carry it as null: no noise at all.
+                let Some(noise_std) = budget.noise_std(largest).filter(|s| s.is_finite()) else {
                     drop_round(state, round, "distributed DP: no valid noise multiplier");
                     return None;
                 };
@@ -788,8 +789,10 @@ fn private_aggregate(
 /// what the server could not see ([`TaskSpec::secure_clip`]), so the
 /// unmasked `mean` of `groups` results is the mean of clipped updates, and
 /// the round is the same Gaussian mechanism as [`private_aggregate`]'s
-/// ([`private_round`]). `None` (the round is dropped) when the noise
-/// cannot be drawn.
+/// ([`private_round`]), composed into the accountant; the server adds the
+/// noise unless it is distributed ([`TaskSpec::secure_noise`]: the
+/// maskers added it). `None` (the round is dropped) when the noise cannot
+/// be drawn.
 fn secure_private_noise(
     state: &AppState,
     dp: crate::config::ServedPrivacy,

@@ -165,7 +165,12 @@ pub fn status_body(state: &AppState) -> StatusBody {
         mode: state.config.mode.to_string(),
         privacy: state.privacy_spec().unwrap_or_default(),
         model_epsilon: state.model_epsilon(),
-        model_budget: state.config.model_privacy.map(|dp| dp.max_epsilon),
+        // JSON has no infinity: no limit is no budget.
+        model_budget: state
+            .config
+            .model_privacy
+            .map(|dp| dp.max_epsilon)
+            .filter(|e| e.is_finite()),
         model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),
         model_clip: state
             .config

@@ -68,7 +68,15 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         );
     }
     if let Some(dp) = config.model_privacy
-        && dp.budget.update_noise_multiplier().is_none()
+        && !(dp.budget.delta > 0.0 && dp.budget.delta < 1.0)
+    {
+        anyhow::bail!(
+            "client-level DP: delta must lie between 0 and 1, not {}",
+            dp.budget.delta
+        );
+    }
+    if let Some(dp) = config.model_privacy
+        && !dp.budget.noise_std(2).is_some_and(f64::is_finite)
     {
         anyhow::bail!(
             "client-level DP: the noise multiplier must be positive and adaptive clipping's \
@@ -80,6 +88,12 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         anyhow::bail!(
             "distributed DP needs secure aggregation: without masks the maskers' noise \
              shares would reach the server one by one"
+        );
+    }
+    if !(config.secure_quorum > 0.0 && config.secure_quorum <= 1.0) {
+        anyhow::bail!(
+            "the secure quorum is a share of the maskers, in (0, 1], not {}",
+            config.secure_quorum
         );
     }
     if config.secure_aggregation {

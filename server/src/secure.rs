@@ -81,18 +81,21 @@ pub type Violation = String;
 impl SecureRound {
     /// A round whose maskers are the clients `maskers`, in slot order,
     /// whose mediators hold `total_samples` samples in all, summing vectors
-    /// of `len` values; the threshold is a majority.
+    /// of `len` values; the threshold is `quorum` of the maskers, at least
+    /// a majority (`SecAggParams::quorum`).
     ///
     /// # Errors
-    /// No maskers, or more than `secagg::MAX_MASKERS`.
+    /// No maskers, more than `secagg::MAX_MASKERS`, or a quorum outside
+    /// (0, 1].
     pub fn new(
         round: u32,
         maskers: &[u64],
         total_samples: u64,
         len: usize,
+        quorum: f64,
     ) -> Result<Self, String> {
         let params =
-            SecAggParams::majority(round, maskers.len() as u32).map_err(|e| e.to_string())?;
+            SecAggParams::quorum(round, maskers.len() as u32, quorum).map_err(|e| e.to_string())?;
         Ok(Self {
             params,
             maskers: maskers.to_vec(),

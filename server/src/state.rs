@@ -513,6 +513,7 @@ impl AppState {
                     // JSON has no infinity: no limit is no budget.
                     budget: Some(dp.max_epsilon).filter(|e| e.is_finite()),
                     distributed: dp.distributed,
+                    spent: self.model_epsilon().filter(|e| e.is_finite()),
                 }),
         };
         (spec != Default::default()).then_some(spec)

@@ -77,6 +77,10 @@ pub struct SimConfig {
     /// of the round's maskers) to its clipped hop, and the server adds
     /// none, as `serve --distributed-dp` does.
     pub distributed_dp: bool,
+    /// Secure aggregation's quorum: the share of a round's maskers needed
+    /// to unmask, at least a majority (as `serve --secure-quorum`); under
+    /// distributed DP each masker's noise is for that quorum.
+    pub secure_quorum: f64,
     /// Per-hop noise on what the next client in a chain sees; `None`: none.
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// How weights travel: every hop's input and output are rounded as

@@ -54,6 +54,12 @@ pub fn run(
     if config.model_privacy.is_some() && config.mode == Mode::Async {
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
+    if !(config.secure_quorum > 0.0 && config.secure_quorum <= 1.0) {
+        anyhow::bail!(
+            "the secure quorum is a share of the maskers, in (0, 1], not {}",
+            config.secure_quorum
+        );
+    }
     if let Some(dp) = config.model_privacy
         && dp.update_noise_multiplier().is_none()
     {
@@ -355,8 +361,9 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         let seeds: Vec<u64> = (0..round_plan.groups.len())
             .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
             .collect();
+        let quorum = secure_quorum(config, &round_plan.groups, round)?;
         let context = RoundContext {
-            masker_noise: masker_noise(config, state.clip, &round_plan.groups, round),
+            masker_noise: masker_noise(config, state.clip, &round_plan.groups, quorum),
             ..setup.context(&state.global, &round_train, state.clip)
         };
         let (results, failures, processed, round_clock) = run_chains(
@@ -367,37 +374,43 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             config.threads,
         );
         // As the server does: an aggregate outside the bounds is dropped
-        // and the previous model kept.
-        let aggregate = match config.model_privacy {
-            Some(dp) => {
-                let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
-                let clip = state.clip;
-                let private = private_round(
-                    ModelPrivacy { clip, ..dp },
-                    &state.global.values,
-                    &results,
-                    largest,
-                    rng,
-                    &mut state.accountant,
-                    config,
-                );
-                if let Some((_, norms)) = &private
-                    && (round == 1 || round.is_multiple_of(10))
-                {
-                    let median = norms[norms.len() / 2];
-                    setup.progress.suspend(|| {
-                        eprintln!(
-                            "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
-                            spec.label(),
-                        )
-                    });
+        // and the previous model kept, and so is a secure round whose
+        // results are fewer than its quorum (it cannot be unmasked).
+        let unmasked = quorum.is_none_or(|quorum| results.len() >= quorum);
+        let aggregate = if !unmasked {
+            None
+        } else {
+            match config.model_privacy {
+                Some(dp) => {
+                    let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
+                    let clip = state.clip;
+                    let private = private_round(
+                        ModelPrivacy { clip, ..dp },
+                        &state.global.values,
+                        &results,
+                        largest,
+                        rng,
+                        &mut state.accountant,
+                        config,
+                    );
+                    if let Some((_, norms)) = &private
+                        && (round == 1 || round.is_multiple_of(10))
+                    {
+                        let median = norms[norms.len() / 2];
+                        setup.progress.suspend(|| {
+                            eprintln!(
+                                "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
+                                spec.label(),
+                            )
+                        });
+                    }
+                    if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
+                        state.clip = adaptive.next_clip(clip, norms, rng);
+                    }
+                    private.map(|(values, _)| values)
                 }
-                if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
-                    state.clip = adaptive.next_clip(clip, norms, rng);
-                }
-                private.map(|(values, _)| values)
+                None => strategy.aggregate(&state.global.values, &results, &failures),
             }
-            None => strategy.aggregate(&state.global.values, &results, &failures),
         };
         if let Some(values) = aggregate
             && check_weights(&values).is_ok()
@@ -443,17 +456,44 @@ fn private_round(
     Some((values, norms))
 }
 
+/// Under secure aggregation, the fewest of the round's maskers (one per
+/// group) whose results can be unmasked (`SecAggParams::quorum` of
+/// `secure_quorum`); `None` without secure aggregation.
+///
+/// # Errors
+/// No groups, or more than `secagg::MAX_MASKERS` (as the server refuses
+/// them).
+fn secure_quorum(
+    config: &SimConfig,
+    groups: &[Group],
+    round: usize,
+) -> anyhow::Result<Option<usize>> {
+    if !config.secure_aggregation {
+        return Ok(None);
+    }
+    let params = astraea_core::secagg::SecAggParams::quorum(
+        round as u32,
+        groups.len() as u32,
+        config.secure_quorum,
+    )
+    .with_context(|| format!("secure aggregation of {} groups", groups.len()))?;
+    Ok(Some(params.min_survivors()))
+}
+
 /// Under distributed DP, the noise each of the round's maskers (the last
 /// clients of `groups`) adds to its clipped hop: its share of the round's
-/// noise for the quorum that can unmask ([`distributed_noise_share`],
-/// `SecAggParams::majority`), as the server sets `task.secure_noise`.
-fn masker_noise(config: &SimConfig, clip: f64, groups: &[Group], round: usize) -> Option<f64> {
+/// noise for the quorum that can unmask ([`distributed_noise_share`]), as
+/// the server sets `task.secure_noise`.
+fn masker_noise(
+    config: &SimConfig,
+    clip: f64,
+    groups: &[Group],
+    quorum: Option<usize>,
+) -> Option<f64> {
     let dp = config.model_privacy.filter(|_| config.distributed_dp)?;
     let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
     let noise_std = ModelPrivacy { clip, ..dp }.noise_std(largest)?;
-    let quorum = astraea_core::secagg::SecAggParams::majority(round as u32, groups.len() as u32)
-        .map_or(groups.len(), |params| params.min_survivors());
-    Some(distributed_noise_share(noise_std, quorum))
+    Some(distributed_noise_share(noise_std, quorum?))
 }
 
 /// A mediator running in the asynchronous mode.

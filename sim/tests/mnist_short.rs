@@ -95,6 +95,7 @@ fn slice() -> (
         hop_privacy: None,
         secure_aggregation: false,
         distributed_dp: false,
+        secure_quorum: 0.5,
         encoding: astraea_core::protocol::WeightEncoding::F32,
         mode: astraea_core::asynchronous::Mode::Sync,
         buffer: None,

@@ -47,6 +47,10 @@ pub struct ModelPrivacySpec {
     /// masking (distributed DP, `task.secure_noise`), not by the server.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub distributed: bool,
+    /// The epsilon the released models had spent when this was sent (a
+    /// client joining mid-run); absent: none yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent: Option<f64>,
 }
 
 /// The model a federation trains, as the server announces it.

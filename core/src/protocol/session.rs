@@ -555,24 +555,40 @@ impl ClientSession {
                 // cannot be applied gives the hop up, never masks it whole.
                 // Under distributed DP it adds its share of the round's
                 // noise too, so the server never holds the noise.
-                let clipped = match (task.secure_clip, task.secure_noise) {
-                    (None, None) => Ok(None),
-                    (None, Some(_)) => Err("secure_noise without secure_clip".into()),
-                    (Some(clip), noise) => match self.hop_input.take() {
+                // And under the DP the welcome announced, the server is held
+                // to it: a task that asks for less is given up.
+                let announced = match (self.model_privacy, masker) {
+                    (Some(dp), Some(masker)) => check_announced_dp(
+                        &dp,
+                        masker.params(),
+                        weight,
+                        task.secure_clip,
+                        task.secure_noise,
+                    ),
+                    _ => Ok(()),
+                };
+                let clipped = match (announced, task.secure_clip, task.secure_noise) {
+                    (Err(e), _, _) => Err(e),
+                    (Ok(()), None, None) => Ok(None),
+                    (Ok(()), None, Some(_)) => Err("secure_noise without secure_clip".into()),
+                    (Ok(()), Some(clip), noise) => match self.hop_input.take() {
                         Some(input) => {
                             let mut clipped = weights.to_vec();
-                            crate::privacy::entropy_rng()
-                                .map_err(|e| e.to_string())
-                                .and_then(|mut rng| {
-                                    crate::privacy::private_masked_hop(
-                                        &input,
-                                        &mut clipped,
-                                        clip,
-                                        noise,
-                                        &mut rng,
-                                    )
-                                })
-                                .map(|()| Some(clipped))
+                            // Entropy only for noise: a clip draws nothing.
+                            let rng = match noise {
+                                Some(_) => crate::privacy::entropy_rng().map_err(|e| e.to_string()),
+                                None => Ok(rand::SeedableRng::seed_from_u64(0)),
+                            };
+                            rng.and_then(|mut rng: rand::rngs::StdRng| {
+                                crate::privacy::private_masked_hop(
+                                    &input,
+                                    &mut clipped,
+                                    clip,
+                                    noise,
+                                    &mut rng,
+                                )
+                            })
+                            .map(|()| Some(clipped))
                         }
                         None => Err("no received weights to clip the update against".into()),
                     },
@@ -728,9 +744,98 @@ pub async fn train_task_async(
     Ok((trained.values, stats))
 }
 
+/// Holds a masked hop's settings to the client-level DP the welcome
+/// announced (`privacy.model`), so that a server cannot announce DP and
+/// then ask a masker for less: the hop must be clipped (`secure_clip` at
+/// most the announced C), weighted 1/n like every masker (`secure_weight`;
+/// a server that weighted the others 0 would leave this result alone in
+/// the mean), and under distributed DP noised at least as the announced
+/// multiplier needs for the round's quorum t (`secure_noise >= z C /
+/// sqrt(t)`, the least the round's share can be: the sensitivity is C or
+/// 2C). Checks with a relative tolerance of 1e-9 for float rounding.
+///
+/// # Errors
+/// A message saying which setting falls short.
+fn check_announced_dp(
+    announced: &super::messages::ModelPrivacySpec,
+    params: crate::secagg::SecAggParams,
+    weight: f64,
+    clip: Option<f64>,
+    noise: Option<f64>,
+) -> Result<(), String> {
+    const TOLERANCE: f64 = 1e-9;
+    if !clip.is_some_and(|c| c <= announced.clip * (1.0 + TOLERANCE)) {
+        return Err(format!(
+            "the run announced DP with clip {}, the masked hop asks for clip {clip:?}",
+            announced.clip
+        ));
+    }
+    let uniform = 1.0 / f64::from(params.maskers.max(1));
+    if (weight - uniform).abs() > uniform * TOLERANCE {
+        return Err(format!(
+            "the run announced DP, which weighs each of the {} maskers {uniform}; this hop is weighted {weight}",
+            params.maskers
+        ));
+    }
+    if announced.distributed {
+        let least = crate::privacy::distributed_noise_share(
+            announced.noise_multiplier * announced.clip,
+            params.min_survivors(),
+        );
+        if !noise.is_some_and(|s| s >= least * (1.0 - TOLERANCE)) {
+            return Err(format!(
+                "the run announced distributed DP, which needs noise of at least {least} from each masker; the hop asks for {noise:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_masked_hop_asking_for_less_than_the_announced_dp_is_refused() {
+        use super::super::messages::ModelPrivacySpec;
+        // Prepare: announced clip 1, multiplier 2, distributed; 4 maskers,
+        // quorum 3: each masker's noise at least 2 / sqrt(3).
+        let announced = ModelPrivacySpec {
+            clip: 1.0,
+            noise_multiplier: 2.0,
+            delta: 1e-5,
+            budget: Some(8.0),
+            distributed: true,
+            spent: None,
+        };
+        let params = crate::secagg::SecAggParams::new(1, 4, 3).unwrap();
+        let least = 2.0 / 3f64.sqrt();
+        let check =
+            |weight, clip, noise| check_announced_dp(&announced, params, weight, clip, noise);
+
+        // Execute / assert: what the server sets passes (the share for a
+        // sensitivity of 2C is twice the least), and so does more.
+        assert_eq!(check(0.25, Some(0.1), Some(2.0 * least)), Ok(()));
+        assert_eq!(check(0.25, Some(1.0), Some(least)), Ok(()));
+        // Less noise, none, a larger clip, no clip, or a weight that is not
+        // 1/n: refused.
+        assert!(check(0.25, Some(0.1), Some(least * 0.99)).is_err());
+        assert!(check(0.25, Some(0.1), None).is_err());
+        assert!(check(0.25, Some(1.5), Some(least)).is_err());
+        assert!(check(0.25, None, Some(least)).is_err());
+        assert!(check(0.25, Some(f64::NAN), Some(least)).is_err());
+        assert!(check(0.9, Some(0.1), Some(least)).is_err());
+        assert!(check(0.0, Some(0.1), Some(least)).is_err());
+        // Central DP asks for no noise from the masker.
+        let central = ModelPrivacySpec {
+            distributed: false,
+            ..announced
+        };
+        assert_eq!(
+            check_announced_dp(&central, params, 0.25, Some(0.5), None),
+            Ok(())
+        );
+    }
     use crate::protocol::frames::WeightEncoding;
 
     fn welcome(shard: Option<ShardSpec>) -> String {

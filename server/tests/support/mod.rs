@@ -58,6 +58,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
         model_privacy: None,
         hop_privacy: None,
         secure_aggregation: false,
+        secure_quorum: 0.5,
         mode: Default::default(),
         buffer: None,
         max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
