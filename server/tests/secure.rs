@@ -14,7 +14,7 @@ use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
 use astraea_native::run_swarm;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, finishes, join, options, privately, send, start};
+use support::{Socket, config, finishes, join, options, privately, send, start};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,21 +41,16 @@ async fn under_secure_aggregation_astraea_trains_on_the_unmasked_sum() {
     assert!(accuracy > 0.3, "accuracy {accuracy}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_shares() {
-    // Prepare: FedAvg, so every client masks its own result: three native
-    // clients and one written from the protocol that shares its keys and
-    // then leaves when its (masked) task comes. IID shards, so one FedAvg
-    // round beats chance (0.55-0.6 measured with and without masking).
-    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
-    cfg.secure_aggregation = true;
-    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
-    let (running, address) = start(cfg).await;
-    let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let mut socket = join(&address).await;
-    let dropper = tokio::spawn(async move {
+/// A client written from the protocol that shares its keys and then
+/// leaves when its (masked) task comes, without answering. Returns the
+/// steps it went through and the threshold the server set.
+fn masker_that_leaves_at_its_task(
+    mut socket: Socket,
+) -> tokio::task::JoinHandle<(Vec<&'static str>, u32)> {
+    tokio::spawn(async move {
         let mut masker: Option<Masker> = None;
         let mut steps = Vec::new();
+        let mut set_threshold = 0;
         while let Some(Ok(frame)) = socket.next().await {
             let Message::Text(text) = frame else { continue };
             match ServerMessage::from_json(&text).unwrap() {
@@ -69,6 +64,7 @@ async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_
                     let m = Masker::from_entropy(params, slot).unwrap();
                     let keys = m.keys();
                     masker = Some(m);
+                    set_threshold = threshold;
                     send(&mut socket, &ClientMessage::SecureKeys { round, keys }).await;
                     steps.push("keys");
                 }
@@ -86,23 +82,41 @@ async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_
                     steps.push("task");
                     break;
                 }
+                // The round ended without its task: the steps say so.
+                ServerMessage::RoundDone { .. } => break,
                 _ => {}
             }
         }
         // Leaves without answering: its mask must come off through the
         // others' shares of its key.
         drop(socket);
-        steps
-    });
+        (steps, set_threshold)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_shares() {
+    // Prepare: FedAvg, so every client masks its own result: three native
+    // clients and one that leaves at its masked task. IID shards, so one
+    // FedAvg round beats chance (0.55-0.6 measured with and without
+    // masking).
+    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let dropper = masker_that_leaves_at_its_task(join(&address).await);
 
     // Execute
     finishes(running.coordinator).await;
-    let steps = dropper.await.unwrap();
+    let (steps, threshold) = dropper.await.unwrap();
     swarm.abort();
 
-    // Assert: the dropper went through the exchange, and the round still
-    // adopted a model from the three others' unmasked sum.
+    // Assert: the dropper went through the exchange (a majority of 4 is
+    // 3), and the round still adopted a model from the three others'
+    // unmasked sum.
     assert_eq!(steps, ["keys", "shares", "inbox", "task"]);
+    assert_eq!(threshold, 3);
     let state = &running.state;
     assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
     let history = state.status().history.clone();
@@ -112,6 +126,29 @@ async fn a_masker_that_drops_after_the_key_exchange_is_unmasked_from_the_others_
         "accuracy {}",
         history[0].accuracy
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_quorum_of_every_masker_one_that_drops_loses_the_round() {
+    // Prepare: as above, with --secure-quorum 1: all four must survive.
+    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
+    cfg.secure_aggregation = true;
+    cfg.secure_quorum = 1.0;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    let (running, address) = start(cfg).await;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let dropper = masker_that_leaves_at_its_task(join(&address).await);
+
+    // Execute
+    finishes(running.coordinator).await;
+    let (steps, threshold) = dropper.await.unwrap();
+    swarm.abort();
+
+    // Assert: the threshold was all four, so the round could not be
+    // unmasked: dropped, the model unchanged.
+    assert_eq!(steps, ["keys", "shares", "inbox", "task"]);
+    assert_eq!(threshold, 4);
+    assert_eq!(running.state.dropped_rounds.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

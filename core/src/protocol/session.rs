@@ -336,8 +336,9 @@ impl ClientSession {
         } = message
         {
             // The guarantees (no result unmasked by a lying server, the
-            // collusion bound) hold for a majority threshold only.
-            let outcome = if threshold != maskers / 2 + 1 {
+            // collusion bound) need a majority threshold or more (a larger
+            // one takes more colluders: `--secure-quorum`).
+            let outcome = if threshold < maskers / 2 + 1 {
                 Err(crate::secagg::SecAggError::Parameters { maskers, threshold })
             } else {
                 SecAggParams::new(round, maskers, threshold)
@@ -1113,6 +1114,26 @@ mod tests {
     /// step (a masked hop, a roster) is given up, not answered.
     fn given_up(actions: &[ClientAction]) -> bool {
         matches!(actions, [ClientAction::Send(ClientMessage::Error { .. })])
+    }
+
+    #[test]
+    fn a_masker_takes_any_threshold_from_a_majority_to_all_and_refuses_less() {
+        for (threshold, accepted) in [(2, false), (3, true), (4, true), (5, false)] {
+            let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+            session.on_text(&welcome(None));
+            let setup = ServerMessage::SecureSetup {
+                round: 1,
+                slot: 1,
+                maskers: 4,
+                threshold,
+            };
+            let actions = session.on_text(&setup.to_json());
+            let keys = matches!(
+                &actions[..],
+                [ClientAction::Send(ClientMessage::SecureKeys { .. })]
+            );
+            assert_eq!(keys, accepted, "threshold {threshold}: {actions:?}");
+        }
     }
 
     #[test]
