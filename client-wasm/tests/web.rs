@@ -100,6 +100,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         place: None,
         secure_weight: None,
         secure_clip: None,
+        secure_noise: None,
     };
     let frames = encode_chunks(1, 1, &initial.values, WeightEncoding::F32, 1 << 16);
     let task = TaskSpec {
