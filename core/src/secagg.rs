@@ -167,7 +167,7 @@ impl SecAggParams {
     /// [`SecAggError::Parameters`] as [`SecAggParams::majority`], or for
     /// a `fraction` outside `(0, 1]`.
     pub fn quorum(round: u32, maskers: u32, fraction: f64) -> Result<Self, SecAggError> {
-        if !(fraction > 0.0 && fraction <= 1.0) {
+        if !Self::is_quorum(fraction) {
             return Err(SecAggError::Parameters {
                 maskers,
                 threshold: 0,
@@ -180,6 +180,12 @@ impl SecAggParams {
             maskers,
             wanted.clamp(maskers / 2 + 1, maskers.max(1)),
         )
+    }
+
+    /// Whether `fraction` can be a quorum's share of the maskers: in
+    /// `(0, 1]`.
+    pub fn is_quorum(fraction: f64) -> bool {
+        fraction > 0.0 && fraction <= 1.0
     }
 
     /// Parameters with an explicit threshold.

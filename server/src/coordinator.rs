@@ -709,10 +709,10 @@ fn start_secure_round(
             // that any quorum of survivors carries all of it.
             if let Some(dp) = state.config.model_privacy.filter(|dp| dp.distributed) {
                 let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
-                let clip = *lock(&state.model_clip);
-                let budget = astraea_core::privacy::ModelPrivacy { clip, ..dp.budget };
                 // Finite, or JSON would carry it as null: no noise at all.
-                let Some(noise_std) = budget.noise_std(largest).filter(|s| s.is_finite()) else {
+                let Some((_, noise_std)) =
+                    round_mechanism(state, dp, largest).filter(|(_, s)| s.is_finite())
+                else {
                     drop_round(state, round, "distributed DP: no valid noise multiplier");
                     return None;
                 };
@@ -736,24 +736,31 @@ fn start_secure_round(
     }
 }
 
+/// The round's DP settings (its clip: fixed, or where adaptive clipping
+/// moved it) and the standard deviation of the noise on the sum of
+/// clipped updates from groups of at most `largest` clients; `None` when
+/// no valid noise multiplier exists.
+fn round_mechanism(
+    state: &AppState,
+    dp: crate::config::ServedPrivacy,
+    largest: usize,
+) -> Option<(astraea_core::privacy::ModelPrivacy, f64)> {
+    let clip = *lock(&state.model_clip);
+    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp.budget };
+    Some((dp, dp.noise_std(largest)?))
+}
+
 /// One DP round's Gaussian mechanism, shared by [`private_aggregate`] and
 /// [`secure_private_noise`]: composes the round (sampling rate `q`) into
-/// the run's accountant and returns the round's settings (its clip: fixed,
-/// or where adaptive clipping moved it) and the standard deviation of the
-/// noise on the sum of clipped updates from groups of at most `largest`
-/// clients; `None` when no valid noise multiplier exists.
+/// the run's accountant and returns [`round_mechanism`]'s settings.
 fn private_round(
     state: &AppState,
     dp: crate::config::ServedPrivacy,
     q: f64,
     largest: usize,
 ) -> Option<(astraea_core::privacy::ModelPrivacy, f64)> {
-    let dp = dp.budget;
-    lock(&state.accountant).compose(q, dp.noise_multiplier, 1);
-    let clip = *lock(&state.model_clip);
-    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp };
-    let noise_std = dp.noise_std(largest)?;
-    Some((dp, noise_std))
+    lock(&state.accountant).compose(q, dp.budget.noise_multiplier, 1);
+    round_mechanism(state, dp, largest)
 }
 
 /// DP-FedAvg's step over the round's group results (`ModelPrivacy`):

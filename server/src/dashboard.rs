@@ -159,18 +159,16 @@ pub fn status_body(state: &AppState) -> StatusBody {
         training.then_some((round_progress, round_elapsed_s)),
         settings.rounds.saturating_sub(finished),
     );
+    let privacy = state.privacy_spec().unwrap_or_default();
+    // As the welcome says it (JSON has no infinity: no limit is no budget).
+    let model_budget = privacy.model.and_then(|m| m.budget);
     StatusBody {
         phase: status.phase,
         strategy: status.strategy,
         mode: state.config.mode.to_string(),
-        privacy: state.privacy_spec().unwrap_or_default(),
+        privacy,
         model_epsilon: state.model_epsilon(),
-        // JSON has no infinity: no limit is no budget.
-        model_budget: state
-            .config
-            .model_privacy
-            .map(|dp| dp.max_epsilon)
-            .filter(|e| e.is_finite()),
+        model_budget,
         model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),
         model_clip: state
             .config

@@ -90,7 +90,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
              shares would reach the server one by one"
         );
     }
-    if !(config.secure_quorum > 0.0 && config.secure_quorum <= 1.0) {
+    if !astraea_core::secagg::SecAggParams::is_quorum(config.secure_quorum) {
         anyhow::bail!(
             "the secure quorum is a share of the maskers, in (0, 1], not {}",
             config.secure_quorum

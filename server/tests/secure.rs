@@ -269,6 +269,35 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     assert!(accuracy > 0.3, "accuracy {accuracy}");
 }
 
+/// Runs `cfg` (one DP round under secure aggregation) with six native
+/// clients and checks that the round was adopted and spent a finite
+/// epsilon. Returns the squared L2 distance the round moved the model and
+/// the model's number of weights.
+async fn one_private_round_of_six(cfg: astraea_server::ServeConfig) -> (f64, usize) {
+    let (running, address) = start(cfg).await;
+    let initial = loop {
+        if let Some(global) = running.state.global.lock().unwrap().clone() {
+            break global.values.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let swarm = tokio::spawn(run_swarm(6, options(&address)));
+    finishes(running.coordinator).await;
+    swarm.abort();
+    let state = &running.state;
+    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
+    let history = state.status().history.clone();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].epsilon.is_some_and(f64::is_finite));
+    let adopted = state.global.lock().unwrap().clone().unwrap().values.clone();
+    let squared = adopted
+        .iter()
+        .zip(&initial)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>();
+    (squared, initial.len())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_secure_aggregation_with_dp_a_round_moves_the_model_at_most_the_clip() {
     // Prepare: Astraea, six native clients in two mediators of three, two
@@ -281,34 +310,13 @@ async fn under_secure_aggregation_with_dp_a_round_moves_the_model_at_most_the_cl
     let mut cfg = config(StrategyKind::Astraea, 6, 1);
     cfg.secure_aggregation = true;
     privately(&mut cfg, clip, 1e-4, f64::INFINITY, None);
-    let (running, address) = start(cfg).await;
-    let initial = loop {
-        if let Some(global) = running.state.global.lock().unwrap().clone() {
-            break global.values.clone();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
-    finishes(running.coordinator).await;
-    swarm.abort();
+    let (squared, _) = one_private_round_of_six(cfg).await;
 
-    // Assert: the round was adopted, spent its epsilon, and moved the
-    // model by at most the clip (the mean of two updates within C, plus
-    // the noise).
-    let state = &running.state;
-    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
-    let history = state.status().history.clone();
-    assert_eq!(history.len(), 1);
-    assert!(history[0].epsilon.is_some_and(f64::is_finite));
-    let adopted = state.global.lock().unwrap().clone().unwrap().values.clone();
-    let moved = adopted
-        .iter()
-        .zip(&initial)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    // Assert: the round moved the model by at most the clip (the mean of
+    // two updates within C, plus the noise).
+    let moved = squared.sqrt();
     assert!(moved > 0.0, "the round changed nothing");
     assert!(
         moved <= clip + 0.005,
@@ -331,35 +339,14 @@ async fn under_distributed_dp_the_maskers_noise_is_the_rounds_noise_and_the_serv
     if let Some(dp) = cfg.model_privacy.as_mut() {
         dp.distributed = true;
     }
-    let (running, address) = start(cfg).await;
-    let initial = loop {
-        if let Some(global) = running.state.global.lock().unwrap().clone() {
-            break global.values.clone();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let swarm = tokio::spawn(run_swarm(6, options(&address)));
 
     // Execute
-    finishes(running.coordinator).await;
-    swarm.abort();
+    let (squared, weights) = one_private_round_of_six(cfg).await;
 
-    // Assert: the round was adopted and accounted for, and the model moved
-    // by the round's noise: 0.5 per weight (the maskers' shares summed),
-    // not ~0 (no share added) nor 0.71 (the server adding its own too).
-    let state = &running.state;
-    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
-    let history = state.status().history.clone();
-    assert_eq!(history.len(), 1);
-    assert!(history[0].epsilon.is_some_and(f64::is_finite));
-    let adopted = state.global.lock().unwrap().clone().unwrap().values.clone();
-    let per_weight = (adopted
-        .iter()
-        .zip(&initial)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum::<f64>()
-        / initial.len() as f64)
-        .sqrt();
+    // Assert: the model moved by the round's noise: 0.5 per weight (the
+    // maskers' shares summed), not ~0 (no share added) nor 0.71 (the
+    // server adding its own too).
+    let per_weight = (squared / weights as f64).sqrt();
     assert!(
         (per_weight - 0.5).abs() < 0.03,
         "the model moved {per_weight} per weight, the round's noise is 0.5"

@@ -54,7 +54,7 @@ pub fn run(
     if config.model_privacy.is_some() && config.mode == Mode::Async {
         anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
     }
-    if !(config.secure_quorum > 0.0 && config.secure_quorum <= 1.0) {
+    if !astraea_core::secagg::SecAggParams::is_quorum(config.secure_quorum) {
         anyhow::bail!(
             "the secure quorum is a share of the maskers, in (0, 1], not {}",
             config.secure_quorum
@@ -377,40 +377,37 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         // and the previous model kept, and so is a secure round whose
         // results are fewer than its quorum (it cannot be unmasked).
         let unmasked = quorum.is_none_or(|quorum| results.len() >= quorum);
-        let aggregate = if !unmasked {
-            None
-        } else {
-            match config.model_privacy {
-                Some(dp) => {
-                    let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
-                    let clip = state.clip;
-                    let private = private_round(
-                        ModelPrivacy { clip, ..dp },
-                        &state.global.values,
-                        &results,
-                        largest,
-                        rng,
-                        &mut state.accountant,
-                        config,
-                    );
-                    if let Some((_, norms)) = &private
-                        && (round == 1 || round.is_multiple_of(10))
-                    {
-                        let median = norms[norms.len() / 2];
-                        setup.progress.suspend(|| {
-                            eprintln!(
-                                "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
-                                spec.label(),
-                            )
-                        });
-                    }
-                    if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
-                        state.clip = adaptive.next_clip(clip, norms, rng);
-                    }
-                    private.map(|(values, _)| values)
+        let aggregate = match config.model_privacy {
+            _ if !unmasked => None,
+            Some(dp) => {
+                let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
+                let clip = state.clip;
+                let private = private_round(
+                    ModelPrivacy { clip, ..dp },
+                    &state.global.values,
+                    &results,
+                    largest,
+                    rng,
+                    &mut state.accountant,
+                    config,
+                );
+                if let Some((_, norms)) = &private
+                    && (round == 1 || round.is_multiple_of(10))
+                {
+                    let median = norms[norms.len() / 2];
+                    setup.progress.suspend(|| {
+                        eprintln!(
+                            "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
+                            spec.label(),
+                        )
+                    });
                 }
-                None => strategy.aggregate(&state.global.values, &results, &failures),
+                if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
+                    state.clip = adaptive.next_clip(clip, norms, rng);
+                }
+                private.map(|(values, _)| values)
             }
+            None => strategy.aggregate(&state.global.values, &results, &failures),
         };
         if let Some(values) = aggregate
             && check_weights(&values).is_ok()

@@ -416,8 +416,7 @@ impl ClientSession {
             Ok(Some(weights)) => {
                 self.assembler = None;
                 self.state = State::Member;
-                self.hop_input = (task.secure_clip.is_some() || task.secure_noise.is_some())
-                    .then(|| weights.clone());
+                self.hop_input = task.secure_clip.is_some().then(|| weights.clone());
                 // The first heartbeat of the hop: the weights arrived and
                 // training starts.
                 vec![
