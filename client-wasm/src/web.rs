@@ -9,7 +9,8 @@
 //! | `load-shard` | `dataset`, `indices` | load those samples, then call `set_data` |
 //! | `apply-plan` | `ratios`, `seed` | call `apply_plan` (the client keeps the data) |
 //! | `train` | `task` (JSON text), `weights` (`Float32Array`) | call `train` |
-//! | `round-done` | `round`, `accuracy` | show it |
+//! | `round-done` | `round`, `accuracy`, `epsilon` (only under client-level DP: spent so far) | show it |
+//! | `ack` | `round`, `hop`, `outcome` (`accepted`, `stale`, `refused`), `reason` (empty when none) | show what became of the hop's update |
 //! | `close` | `reason` | close the socket and say why |
 
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};

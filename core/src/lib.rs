@@ -31,6 +31,8 @@
 //! - [`metrics`]: what a run records each round, for every runner and report.
 //! - [`strategy`]: the `Strategy` contract with FedAvg, FedProx and Astraea.
 //! - [`protocol`]: the messages and weight frames between server and clients.
+//! - [`engine`]: the round engine without I/O, driven by the server and the
+//!   simulator: chains, closing a round, the run's validated policy.
 #![warn(missing_docs)]
 
 pub mod aggregate;
@@ -39,6 +41,7 @@ pub mod asynchronous;
 pub mod attack;
 pub mod augment;
 pub mod data;
+pub mod engine;
 pub mod export;
 pub mod guard;
 pub mod metrics;

@@ -107,8 +107,10 @@ pub struct ServeConfig {
     pub hop_privacy: Option<astraea_core::privacy::HopPrivacy>,
     /// Secure aggregation of the mediators' results (`crate::secure`): the
     /// chains' last clients send their results masked and the server
-    /// learns only the round's weighted mean. Synchronous rounds, the
-    /// sample-weighted mean and no client-level DP only.
+    /// learns only the round's weighted mean. Synchronous rounds and the
+    /// sample-weighted mean only; with client-level DP the clip is fixed
+    /// (no adaptive clipping), and the maskers may add the noise
+    /// ([`ServedPrivacy::distributed`]).
     pub secure_aggregation: bool,
     /// Under secure aggregation, the share of a round's maskers that must
     /// survive for its sum to be unmasked (the Shamir threshold, at least
@@ -159,4 +161,29 @@ pub struct ServeConfig {
     /// The URL volunteers open, when the server cannot know it (behind a
     /// proxy); by default it is made from the bound address.
     pub public_url: Option<String>,
+}
+
+impl ServeConfig {
+    /// The run's rules as the round engine takes them (validated by
+    /// [`astraea_core::engine::RunPolicy::validate`], as simulate's are).
+    /// A served run's participants are drawn in the open (the dashboard
+    /// shows them): the accountant takes no credit for sampling.
+    pub fn policy(&self) -> astraea_core::engine::RunPolicy {
+        astraea_core::engine::RunPolicy {
+            mode: self.mode,
+            participants: self.participants,
+            aggregation: self.settings.aggregation,
+            model_privacy: self.model_privacy.map(|dp| dp.budget),
+            max_epsilon: self.model_privacy.map(|dp| dp.max_epsilon),
+            distributed_dp: self.model_privacy.is_some_and(|dp| dp.distributed),
+            sampling: astraea_core::engine::Sampling::Public,
+            hop_privacy: self.hop_privacy,
+            label_epsilon: self.label_epsilon,
+            secure_aggregation: self.secure_aggregation,
+            secure_quorum: self.secure_quorum,
+            max_update_ratio: self.max_update_ratio,
+            validation_samples: self.validation_samples,
+            max_loss_increase: self.max_loss_increase,
+        }
+    }
 }

@@ -4,7 +4,6 @@
 //! then aggregates, evaluates on the test set and records the round.
 
 use std::collections::HashSet;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,15 +11,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::data::Dataset;
+use astraea_core::engine::chain::Verdict;
+use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
-use astraea_core::protocol::limits::check_weights;
 use astraea_core::protocol::{
     AckOutcome, ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
 };
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
-use astraea_core::validation::{LossCheck, LossIncrease};
+use astraea_core::validation::LossCheck;
 use astraea_core::weights::Weights;
 use burn::prelude::*;
 use futures_util::future::join_all;
@@ -136,7 +136,11 @@ pub fn restore(
                 let mut accountant = lock(&state.accountant);
                 match &resumed.accountant {
                     Some(kept) => *accountant = kept.clone(),
-                    None => accountant.compose(1.0, dp.budget.noise_multiplier, last.round as u64),
+                    None => accountant.compose(
+                        state.config.policy().sampling_rate(),
+                        dp.budget.noise_multiplier,
+                        last.round as u64,
+                    ),
                 }
                 // Adaptive clipping goes on from where it had moved the
                 // clip; a fixed clip is what is configured now. Any
@@ -209,24 +213,12 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             &mut rng,
             &HashSet::new(),
         );
-        // The accountant takes no credit for sampling (q = 1): who trains
-        // is drawn with a seeded generator and shown on the public
-        // dashboard, so an observer knows whether a client took part, and
-        // amplification by sampling assumes it does not.
-        let q = 1.0;
-        if let Some(dp) = config.model_privacy {
-            let mut next = lock(&state.accountant).clone();
-            next.compose(q, dp.budget.noise_multiplier, 1);
-            let would_spend = next.epsilon(dp.budget.delta);
-            if would_spend > dp.max_epsilon {
-                let detail = format!(
-                    "privacy budget: round {round} would spend epsilon {would_spend:.3} > {}; the run stops",
-                    dp.max_epsilon
-                );
-                tracing::warn!("{detail}");
-                state.record(|store, run| store.event(run, Some(round), "budget", &detail));
-                break;
-            }
+        if let Some(privacy) = served_privacy(&state)
+            && let Err(detail) = privacy.budget_allows(round)
+        {
+            tracing::warn!("{detail}");
+            state.record(|store, run| store.event(run, Some(round), "budget", &detail));
+            break;
         }
         let plan = strategy.configure_round(&participants);
         let mediators: Vec<MediatorStatus> = plan
@@ -315,7 +307,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             (&results, &failures),
             mean_kl,
             start,
-            Some((q, largest.unwrap_or(1))),
+            Some(largest.unwrap_or(1)),
             secured,
         )
         .await?;
@@ -348,46 +340,29 @@ async fn close_round(
     (results, failures): (&[GroupResult], &[GroupFailure]),
     mean_kl: f64,
     start: Instant,
-    sampling: Option<(f64, usize)>,
-    secured: Option<Result<(Vec<f32>, usize), String>>,
+    largest: Option<usize>,
+    secured: Option<astraea_core::engine::round::Unmasked>,
 ) -> anyhow::Result<()> {
-    let candidate = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        if let Some(secured) = secured {
-            let (mut mean, groups) = secured
-                .inspect_err(|reason| {
-                    drop_round(state, round, &format!("secure aggregation: {reason}"))
-                })
-                .ok()?;
-            if let (Some(dp), Some((q, largest))) = (state.config.model_privacy, sampling) {
-                secure_private_noise(state, dp, &mut mean, groups, q, largest)?;
-            }
-            return Some(mean);
-        }
-        match (state.config.model_privacy, sampling) {
-            (Some(dp), Some((q, largest))) => {
-                private_aggregate(state, dp, global, results, q, largest)
-            }
-            _ => strategy.aggregate(&global.values, results, failures),
-        }
-    }));
-    let adopted = match candidate {
-        Ok(Some(values)) => match check_weights(&values) {
-            Ok(()) => Some(values),
-            Err(index) => {
-                drop_round(
-                    state,
-                    round,
-                    &format!(
-                        "the aggregate's weight {index} is {}, outside the bounds",
-                        values[index]
-                    ),
-                );
-                None
-            }
-        },
-        Ok(None) => None,
-        Err(_) => {
-            drop_round(state, round, "aggregation panicked");
+    // Under client-level DP (synchronous rounds) the round is spent
+    // whatever becomes of it; its noise comes from the operating system.
+    let mut privacy = largest.and_then(|largest| Some((served_privacy(state)?, largest)));
+    let (closed, _) = astraea_core::engine::round::close(
+        strategy,
+        &global.values,
+        (results, failures),
+        privacy.as_mut().map(|(p, largest)| (p, *largest)),
+        secured,
+        &mut StdRng::from_os_rng(),
+    );
+    if let Some((privacy, _)) = privacy {
+        *lock(&state.accountant) = privacy.accountant;
+        *lock(&state.model_clip) = privacy.clip;
+    }
+    let adopted = match closed {
+        Closed::Adopted(values) => Some(values),
+        Closed::Kept => None,
+        Closed::Dropped(reason) => {
+            drop_round(state, round, &reason);
             None
         }
     };
@@ -707,19 +682,13 @@ fn start_secure_round(
         Ok(mut secure) => {
             // Distributed DP: the maskers' share of the round's noise, so
             // that any quorum of survivors carries all of it.
-            if let Some(dp) = state.config.model_privacy.filter(|dp| dp.distributed) {
+            if let Some(privacy) = served_privacy(state).filter(|p| p.distributed) {
                 let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
-                // Finite, or JSON would carry it as null: no noise at all.
-                let Some((_, noise_std)) =
-                    round_mechanism(state, dp, largest).filter(|(_, s)| s.is_finite())
-                else {
+                let Some(share) = privacy.masker_noise(largest, secure.min_survivors()) else {
                     drop_round(state, round, "distributed DP: no valid noise multiplier");
                     return None;
                 };
-                secure.set_masker_noise(astraea_core::privacy::distributed_noise_share(
-                    noise_std,
-                    secure.min_survivors(),
-                ));
+                secure.set_masker_noise(share);
             }
             let secure = Arc::new(secure);
             *lock(&state.secure) = Some(secure.clone());
@@ -736,84 +705,23 @@ fn start_secure_round(
     }
 }
 
-/// The round's DP settings (its clip: fixed, or where adaptive clipping
-/// moved it) and the standard deviation of the noise on the sum of
-/// clipped updates from groups of at most `largest` clients; `None` when
-/// no valid noise multiplier exists.
-fn round_mechanism(
-    state: &AppState,
-    dp: crate::config::ServedPrivacy,
-    largest: usize,
-) -> Option<(astraea_core::privacy::ModelPrivacy, f64)> {
-    let clip = *lock(&state.model_clip);
-    let dp = astraea_core::privacy::ModelPrivacy { clip, ..dp.budget };
-    Some((dp, dp.noise_std(largest)?))
-}
-
-/// One DP round's Gaussian mechanism, shared by [`private_aggregate`] and
-/// [`secure_private_noise`]: composes the round (sampling rate `q`) into
-/// the run's accountant and returns [`round_mechanism`]'s settings.
-fn private_round(
-    state: &AppState,
-    dp: crate::config::ServedPrivacy,
-    q: f64,
-    largest: usize,
-) -> Option<(astraea_core::privacy::ModelPrivacy, f64)> {
-    lock(&state.accountant).compose(q, dp.budget.noise_multiplier, 1);
-    round_mechanism(state, dp, largest)
-}
-
-/// DP-FedAvg's step over the round's group results (`ModelPrivacy`):
-/// clipped updates averaged with Gaussian noise from the operating
-/// system's entropy; the round (sampling rate `q`, groups of at most
-/// `largest` clients) is composed into the run's accountant whether or not
-/// a result came back (the clients were asked).
-fn private_aggregate(
-    state: &AppState,
-    dp: crate::config::ServedPrivacy,
-    global: &Weights,
-    results: &[GroupResult],
-    q: f64,
-    largest: usize,
-) -> Option<Vec<f32>> {
-    let (dp, noise_std) = private_round(state, dp, q, largest)?;
-    let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    let mut rng = StdRng::from_os_rng();
-    let (values, norms) = astraea_core::privacy::private_mean(
-        &global.values,
-        &updates,
-        dp.clip,
-        noise_std,
-        &mut rng,
-    )?;
-    if let Some(adaptive) = dp.adaptive {
-        *lock(&state.model_clip) = adaptive.next_clip(dp.clip, &norms, &mut rng);
-    }
-    Some(values)
-}
-
-/// DP-FedAvg's noise on a securely aggregated round: the maskers clipped
-/// what the server could not see ([`TaskSpec::secure_clip`]), so the
-/// unmasked `mean` of `groups` results is the mean of clipped updates, and
-/// the round is the same Gaussian mechanism as [`private_aggregate`]'s
-/// ([`private_round`]), composed into the accountant; the server adds the
-/// noise unless it is distributed ([`TaskSpec::secure_noise`]: the
-/// maskers added it). `None` (the round is dropped) when the noise cannot
-/// be drawn.
-fn secure_private_noise(
-    state: &AppState,
-    dp: crate::config::ServedPrivacy,
-    mean: &mut [f32],
-    groups: usize,
-    q: f64,
-    largest: usize,
-) -> Option<()> {
-    let (_, noise_std) = private_round(state, dp, q, largest)?;
-    if dp.distributed {
-        // The maskers added it, in shares, before masking.
-        return Some(());
-    }
-    astraea_core::privacy::noise_the_mean(mean, noise_std, groups, &mut StdRng::from_os_rng())
+/// The run's client-level DP as the engine keeps it: the mechanism, the
+/// clip where adaptive clipping moved it, what the accountant has spent
+/// and the budget, composed at the served run's sampling rate (q = 1: who
+/// trains is drawn with a seeded generator and shown on the public
+/// dashboard, so an observer knows whether a client took part, and
+/// amplification by sampling assumes it does not); `None` without DP.
+fn served_privacy(state: &AppState) -> Option<RoundPrivacy> {
+    let dp = state.config.model_privacy?;
+    let mut privacy = RoundPrivacy::new(
+        dp.budget,
+        Some(dp.max_epsilon),
+        dp.distributed,
+        state.config.policy().sampling_rate(),
+    );
+    privacy.clip = *lock(&state.model_clip);
+    privacy.accountant = lock(&state.accountant).clone();
+    Some(privacy)
 }
 
 /// Evaluates `weights` on the server's balanced test set, off the async
@@ -983,10 +891,13 @@ fn group_counts(group: &Group, participants: &[Participant]) -> Vec<usize> {
     combined
 }
 
-/// Runs one group's chain; a member that leaves or misses its deadline is
-/// skipped and the chain goes on with the weights it had. `index` is its
-/// place on the dashboard (`RunStatus::mediators`), `chain` numbers it
-/// among the run's chains for the hop numbers its tasks carry.
+/// Runs one group's chain, driving the engine's [`Chain`] (which decides
+/// every rule of it) with real sockets and time: a member that leaves or
+/// misses its deadline is skipped and the chain goes on with the weights
+/// it had; the loss rule judges a hop off the async threads while the next
+/// member already trains on it. `index` is its place on the dashboard
+/// (`RunStatus::mediators`), `chain` numbers it among the run's chains for
+/// the hop numbers its tasks carry.
 #[allow(clippy::too_many_arguments)]
 async fn run_chain(
     state: Arc<AppState>,
@@ -999,37 +910,51 @@ async fn run_chain(
     prox_mu: f64,
     secure: Option<(Arc<SecureRound>, usize)>,
 ) -> Result<GroupResult, GroupFailure> {
-    // Under secure aggregation with client-level DP the chain's update is
-    // clipped against the model it started from.
-    let start = (secure.is_some() && state.config.model_privacy.is_some()).then(|| global.clone());
-    let mut weights = global;
-    // The validation loss of `weights`, once the loss rule computed it.
-    let mut weights_loss = None;
-    let mut samples = vec![None; group.members.len()];
-    let mut hop = 0u32;
-    // Under secure aggregation: the masked last hop went into the sum.
-    let mut masked_ok = false;
-    // The chain's hops in order: (pass, position).
-    let plan: Vec<(usize, usize)> = (0..group.passes)
-        .flat_map(|pass| (0..group.members.len()).map(move |position| (pass, position)))
-        .collect();
-    // The last hop taken before its verdict. The loss rule (a forward pass
-    // on the validation samples, most of a short hop's time: `astraea bench
-    // hop`) judges it while the next member already trains on it; if it is
-    // refused, the chain goes back to the weights before it, and the hop
-    // trained on it is dropped.
-    let mut unjudged: Option<Unjudged> = None;
-    let mut next = 0;
-    while next < plan.len() {
-        let (pass, position) = plan[next];
-        let member = group.members[position];
-        hop += 1;
-        state.set_hop(index, Some(member as u64), next as u32);
-        let task = TaskSpec {
+    let rules = ChainRules {
+        loss_rule: state.loss_check.is_some(),
+        hop_privacy: state.config.hop_privacy,
+        secure: secure.as_ref().map(|(secure, _)| SecureChain {
+            dp_clip: state.config.model_privacy.map(|_| *lock(&state.model_clip)),
+            masker_noise: secure.masker_noise(),
+        }),
+    };
+    // Per-hop noise from the operating system's entropy.
+    let mut walk = Chain::new(index, &group, global, rules, StdRng::from_os_rng());
+    // Unique per chain for 200,000 chains (u32) of up to 10,000 planned
+    // hops (20,000 with every other one sent again).
+    let wire = |ordinal: u32| (chain % 200_000) as u32 * 20_000 + ordinal;
+    // The loss rule at work on one hop: (its ordinal, the verdict to come).
+    let mut judging: Option<(u32, tokio::task::JoinHandle<Verdict>)> = None;
+    loop {
+        let hop = match walk.poll() {
+            Next::Train(hop) => hop,
+            Next::Verdict => {
+                let Some((ordinal, verdict)) = judging.take() else {
+                    walk.abort("a verdict was due with none being judged".into());
+                    continue;
+                };
+                let verdict = verdict
+                    .await
+                    .unwrap_or_else(|e| Verdict::Failed(e.to_string()));
+                let effects = walk.verdict(ordinal, verdict);
+                carry_out(&state, round, effects, &wire, &mut judging);
+                continue;
+            }
+            // Every hop's outcome is fed as it comes (below).
+            Next::Outcome => {
+                walk.abort("a hop's outcome was lost".into());
+                continue;
+            }
+            Next::Done(outcome) => {
+                state.set_hop(index, None, walk.planned() as u32);
+                return outcome;
+            }
+        };
+        let member = hop.member as u64;
+        state.set_hop(index, Some(member), hop.slot as u32);
+        let mut task = TaskSpec {
             round,
-            // Unique per chain for 200,000 chains (u32) of up to 10,000
-            // planned hops (20,000 with every other one sent again).
-            hop: (chain % 200_000) as u32 * 20_000 + hop,
+            hop: wire(hop.ordinal),
             epochs: state.config.epochs,
             batch_size: state.config.batch_size,
             learning_rate: state.config.learning_rate,
@@ -1041,17 +966,17 @@ async fn run_chain(
             // chains of one version share round and hop.
             seed: state.config.seed
                 ^ (u64::from(round) << 32)
-                ^ u64::from(hop)
-                ^ member as u64
+                ^ u64::from(hop.ordinal)
+                ^ member
                 ^ chain.rotate_left(20),
             encoding: state.config.encoding,
             chunks: 0,
             place: Some(ChainPlace {
                 mediator: index as u32 + 1,
                 mediators,
-                position: position as u32 + 1,
+                position: hop.position as u32 + 1,
                 members: group.members.len() as u32,
-                pass: pass as u32 + 1,
+                pass: hop.pass as u32 + 1,
                 passes: group.passes as u32,
             }),
             secure_weight: None,
@@ -1061,198 +986,101 @@ async fn run_chain(
         // Under secure aggregation the masker (the chain's last member)
         // trains only once the key exchange is over, so it answers the
         // exchange while idle; the chain is over if it is not a sharer
-        // (its result could not be summed). Its last hop answers
-        // masked, weighted by the samples the chain really trained.
-        let is_masker = position + 1 == group.members.len();
-        let last = pass + 1 == group.passes && is_masker;
-        let mut task = task;
+        // (its result could not be summed). Its last hop answers masked,
+        // weighted by the samples the chain really trained.
         let mut masker = None;
-        if let (Some((secure, mediator)), true) = (&secure, is_masker) {
-            // The masker's weight counts what the chain trained: no hop
-            // may still wait for its verdict.
-            if let Some(pending) = unjudged.take() {
-                settle(
-                    &state,
-                    pending,
-                    round,
-                    &mut weights,
-                    &mut weights_loss,
-                    &mut samples,
-                )
-                .await;
-            }
+        if let (Some((secure, mediator)), true) = (&secure, hop.masker) {
             let slot = secure.slot(*mediator);
             match secure.sharers(&state).await {
                 Ok(sharers) if sharers.contains(&slot) => {}
                 outcome => {
-                    let reason = match outcome {
+                    walk.abort(match outcome {
                         Err(e) => format!("secure aggregation failed: {e}"),
                         Ok(_) => format!("masker {slot} left the key exchange"),
-                    };
-                    state.set_hop(index, None, next as u32);
-                    return Err(GroupFailure {
-                        group: index,
-                        reason,
                     });
+                    continue;
                 }
             }
-            if last {
-                let own = state
-                    .clients()
-                    .get(&(member as u64))
-                    .map_or(0, |e| e.samples);
-                let others: u64 = samples
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != position)
-                    .filter_map(|(_, s)| *s)
-                    .sum();
-                let weight = match (&start, state.config.model_privacy) {
-                    (Some(start), Some(_)) => {
-                        // DP: the chain's update must stay within the clip C,
-                        // and the server sees all of it but the masked hop.
-                        // It clips what it sees to C (1 - 1/h) and the masker
-                        // clips its own hop to C / h (h: the chain's hops), so
-                        // the sum is within C; the mean is unweighted.
-                        let (chain_clip, hop_clip) = astraea_core::privacy::secure_clip_split(
-                            *lock(&state.model_clip),
-                            plan.len(),
-                        );
-                        astraea_core::privacy::clip_update(start, &mut weights, chain_clip);
-                        task.secure_clip = Some(hop_clip);
-                        task.secure_noise = secure.masker_noise();
+            if let Some(masked) = hop.masked {
+                task.secure_weight = Some(match masked.clip {
+                    // DP: the masker clips its own hop (the engine clipped
+                    // the rest of the chain); every masker weighs the same.
+                    Some(clip) => {
+                        task.secure_clip = Some(clip);
+                        task.secure_noise = masked.noise;
                         // Exactly the clipped weights: f16 would round the
                         // masker's start off the clipped prefix.
                         task.encoding = astraea_core::protocol::WeightEncoding::F32;
                         secure.set_uniform_weight(slot)
                     }
-                    _ => secure.set_weight(slot, others.saturating_add(own)),
-                };
-                task.secure_weight = Some(weight);
+                    None => {
+                        let own = state.clients().get(&member).map_or(0, |e| e.samples);
+                        secure.set_weight(slot, masked.others.saturating_add(own))
+                    }
+                });
                 masker = Some((secure.clone(), slot));
             }
         }
-        let wire_hop = task.hop;
         let sent_at = Instant::now();
-        let hop_inputs = state.config.hop_privacy.map(|_| weights.clone());
-        let reply = run_hop(&state, member as u64, task, &weights).await;
-        // The previous hop's verdict, judged meanwhile. Refused: this hop
-        // trained on weights the chain no longer has, and its result is
-        // dropped. The chain goes on from the weights before the refused
-        // hop with the next member, not this one again: sent them, this
-        // member would learn the refused client's exact update (the
-        // difference from what it was sent first). Only a member that
-        // follows itself (a chain of one) trains again.
-        let refused_by = unjudged.as_ref().map(|p| p.member);
-        if let Some(pending) = unjudged.take()
-            && !settle(
-                &state,
-                pending,
-                round,
-                &mut weights,
-                &mut weights_loss,
-                &mut samples,
-            )
-            .await
-            && reply.is_ok()
-        {
-            send_ack(
-                &state,
-                member as u64,
-                round,
-                wire_hop,
-                AckOutcome::Stale,
-                Some("trained on an update the loss rule then refused".into()),
-            );
-            state.stale_updates.fetch_add(1, Ordering::Relaxed);
-            let detail = format!("client {member} hop {hop}: trained on a refused update");
-            state.record(|store, run| store.event(run, Some(round), "discard", &detail));
-            if refused_by != Some(member as u64) {
-                next += 1;
-            }
-            continue;
-        }
-        let outcome = match reply {
+        let effects = match run_hop(&state, member, task, &hop.weights).await {
             Ok(reply) => {
                 // The server's own timing of the hop, transfer included:
                 // the speed its next deadline comes from.
                 let work = reply.samples.saturating_mul(state.config.epochs as u64);
                 let measured = work as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
-                if let Some(entry) = state.clients().get_mut(&(member as u64)) {
+                if let Some(entry) = state.clients().get_mut(&member) {
                     entry.observe_speed(measured);
                 }
-                match &masker {
-                    // A masked result goes into the secure sum; the loss
-                    // rule cannot read it.
-                    Some((secure, slot)) => secure
-                        .add_masked(*slot, &reply.weights)
-                        .map(|()| {
-                            masked_ok = true;
-                            reply
-                        })
-                        .map_err(HopOutcome::Refused),
-                    None => Ok(reply),
-                }
-            }
-            Err(skip) => Err(HopOutcome::Skipped(skip)),
-        };
-        match outcome {
-            Ok(reply) => {
-                let before = std::mem::replace(&mut weights, reply.weights);
-                // The loss rule reads the update as the client sent it.
-                let judge = match (&state.loss_check, &masker) {
-                    (Some(check), None) => {
-                        let (check, known) = (check.clone(), weights_loss);
-                        let (sent, new) = (before.clone(), weights.clone());
-                        Some(tokio::task::spawn_blocking(move || {
-                            judge_blocking(&check, known, &sent, &new)
-                        }))
-                    }
-                    _ => None,
+                // A masked result goes into the secure sum.
+                let summed = match &masker {
+                    Some((secure, slot)) => secure.add_masked(*slot, &reply.weights),
+                    None => Ok(()),
                 };
-                // Per-hop noise: what the next member sees is DP for this
-                // one; the judged loss no longer describes it.
-                if let Some(hop) = state.config.hop_privacy {
-                    let sent = hop_inputs.as_deref().unwrap_or(&[]);
-                    let mut rng = StdRng::from_os_rng();
-                    astraea_core::privacy::noisy_hop(
-                        sent,
-                        &mut weights,
-                        hop.clip,
-                        hop.noise_multiplier,
-                        &mut rng,
-                    );
-                }
-                let previous_samples = samples[position].replace(reply.samples);
-                match judge {
-                    Some(verdict) => {
-                        unjudged = Some(Unjudged {
-                            member: member as u64,
-                            hop: wire_hop,
-                            position,
-                            before,
-                            before_loss: weights_loss,
-                            previous_samples,
-                            verdict,
-                        });
-                    }
-                    // Nothing to judge (a masked hop, or no loss rule).
-                    None => send_ack(
-                        &state,
-                        member as u64,
-                        round,
-                        wire_hop,
-                        AckOutcome::Accepted,
-                        None,
-                    ),
+                match summed {
+                    Ok(()) => walk.returned(hop.ordinal, reply.weights, reply.samples),
+                    Err(reason) => walk.refused(hop.ordinal, reason),
                 }
             }
-            Err(HopOutcome::Refused(reason)) => {
+            Err(reason) => walk.skipped(hop.ordinal, reason),
+        };
+        carry_out(&state, round, effects, &wire, &mut judging);
+    }
+}
+
+/// Carries out what the chain's engine said: acknowledgements, counters and
+/// records, and the loss rule's judgements (off the async threads).
+fn carry_out(
+    state: &Arc<AppState>,
+    round: u32,
+    effects: Vec<Effect>,
+    wire: &impl Fn(u32) -> u32,
+    judging: &mut Option<(u32, tokio::task::JoinHandle<Verdict>)>,
+) {
+    for effect in effects {
+        match effect {
+            Effect::Accepted { member, ordinal } => send_ack(
+                state,
+                member as u64,
+                round,
+                wire(ordinal),
+                AckOutcome::Accepted,
+                None,
+            ),
+            Effect::Refused {
+                member,
+                ordinal,
+                reason,
+                loss_rule,
+            } => {
+                if loss_rule {
+                    state.loss_refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                let hop = wire(ordinal);
                 send_ack(
-                    &state,
+                    state,
                     member as u64,
                     round,
-                    wire_hop,
+                    hop,
                     AckOutcome::Refused,
                     Some(reason.clone()),
                 );
@@ -1260,145 +1088,45 @@ async fn run_chain(
                 let detail = format!("client {member} hop {hop}: {reason}");
                 state.record(|store, run| store.event(run, Some(round), "loss-refusal", &detail));
             }
-            Err(HopOutcome::Skipped(reason)) => {
+            Effect::Discarded { member, ordinal } => {
+                send_ack(
+                    state,
+                    member as u64,
+                    round,
+                    wire(ordinal),
+                    AckOutcome::Stale,
+                    Some("trained on an update the loss rule then refused".into()),
+                );
+                state.stale_updates.fetch_add(1, Ordering::Relaxed);
+                let detail = format!("client {member} hop {ordinal}: trained on a refused update");
+                state.record(|store, run| store.event(run, Some(round), "discard", &detail));
+            }
+            Effect::Skipped {
+                member,
+                ordinal,
+                reason,
+            } => {
                 state.status().skipped_hops += 1;
-                tracing::warn!(client = member, round, hop, "hop skipped: {reason}");
-                let detail = format!("client {member} hop {hop}: {reason}");
+                tracing::warn!(
+                    client = member,
+                    round,
+                    hop = ordinal,
+                    "hop skipped: {reason}"
+                );
+                let detail = format!("client {member} hop {ordinal}: {reason}");
                 state.record(|store, run| store.event(run, Some(round), "skip", &detail));
             }
+            Effect::Judge(judgement) => {
+                let Some(check) = state.loss_check.clone() else {
+                    continue;
+                };
+                let ordinal = judgement.ordinal;
+                let verdict =
+                    tokio::task::spawn_blocking(move || judgement.judge(&check, &Device::flex()));
+                *judging = Some((ordinal, verdict));
+            }
         }
-        next += 1;
     }
-    if let Some(pending) = unjudged.take() {
-        settle(
-            &state,
-            pending,
-            round,
-            &mut weights,
-            &mut weights_loss,
-            &mut samples,
-        )
-        .await;
-    }
-    state.set_hop(index, None, plan.len() as u32);
-    let trained: u64 = samples.iter().flatten().sum();
-    if samples.iter().all(Option::is_none) {
-        return Err(GroupFailure {
-            group: index,
-            reason: "every hop was skipped".into(),
-        });
-    }
-    // Under secure aggregation the result is in the masked sum only when
-    // the last hop answered (its masker then survives); otherwise the
-    // mediator drops out of the round.
-    if secure.is_some() && !masked_ok {
-        return Err(GroupFailure {
-            group: index,
-            reason: "the masker's hop did not answer".into(),
-        });
-    }
-    Ok(GroupResult {
-        group: index,
-        weights,
-        samples: trained,
-    })
-}
-
-/// Why a hop's update was not taken into the chain.
-enum HopOutcome {
-    /// No update came (the client left, or the deadline passed).
-    Skipped(String),
-    /// The update came and the loss rule refused it.
-    Refused(String),
-}
-
-/// A hop taken into its chain before the loss rule's verdict on it.
-struct Unjudged {
-    member: u64,
-    /// Its wire hop number.
-    hop: u32,
-    /// The member's place in the chain.
-    position: usize,
-    /// The chain's weights before it, and their validation loss if known.
-    before: Vec<f32>,
-    before_loss: Option<f64>,
-    /// The member's trained samples before it (an earlier pass's).
-    previous_samples: Option<u64>,
-    /// The rule at work: (loss before, loss after, verdict).
-    verdict: tokio::task::JoinHandle<(f64, f64, Result<(), LossIncrease>)>,
-}
-
-/// The guard's loss rule on one hop from `sent` to `new`: their validation
-/// losses (`known`, that of `sent`, when cached) and the verdict.
-fn judge_blocking(
-    check: &LossCheck,
-    known: Option<f64>,
-    sent: &[f32],
-    new: &[f32],
-) -> (f64, f64, Result<(), LossIncrease>) {
-    let device = Device::flex();
-    let loss = |values: &[f32]| check.loss(values, &device).unwrap_or(f64::INFINITY);
-    let before = known.unwrap_or_else(|| loss(sent));
-    let after = loss(new);
-    (before, after, check.judge(before, after))
-}
-
-/// Waits for the loss rule's verdict on `pending` and acknowledges it.
-/// Accepted: `weights_loss` becomes the hop's loss (unknown under per-hop
-/// noise, which changed the weights passed on); returns `true`. Refused (or
-/// a panic while judging): the chain goes back to the weights, loss and
-/// samples from before the hop; returns `false`.
-async fn settle(
-    state: &AppState,
-    pending: Unjudged,
-    round: u32,
-    weights: &mut Vec<f32>,
-    weights_loss: &mut Option<f64>,
-    samples: &mut [Option<u64>],
-) -> bool {
-    let refusal = match pending.verdict.await {
-        Ok((_, after, Ok(()))) => {
-            *weights_loss = state.config.hop_privacy.is_none().then_some(after);
-            send_ack(
-                state,
-                pending.member,
-                round,
-                pending.hop,
-                AckOutcome::Accepted,
-                None,
-            );
-            return true;
-        }
-        Ok((before, _, Err(refusal))) => {
-            *weights_loss = Some(before);
-            format!("update rejected: {refusal}")
-        }
-        Err(e) => {
-            *weights_loss = pending.before_loss;
-            format!("update could not be judged: {e}")
-        }
-    };
-    state.loss_refusals.fetch_add(1, Ordering::Relaxed);
-    *weights = pending.before;
-    samples[pending.position] = pending.previous_samples;
-    send_ack(
-        state,
-        pending.member,
-        round,
-        pending.hop,
-        AckOutcome::Refused,
-        Some(refusal.clone()),
-    );
-    let member = pending.member;
-    tracing::warn!(
-        client = member,
-        round,
-        hop = pending.hop,
-        "hop refused: {refusal}"
-    );
-    let detail = format!("client {member} hop {}: {refusal}", pending.hop);
-    state.record(|store, run| store.event(run, Some(round), "loss-refusal", &detail));
-    false
 }
 
 /// Tells `member` what became of its update for `hop`.

@@ -54,73 +54,7 @@ pub struct Running {
 
 /// Loads the data, then serves on `listener` and starts the round loop.
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
-    if config.model_privacy.is_some() && config.mode == astraea_core::asynchronous::Mode::Async {
-        anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
-    }
-    if let Some(dp) = config.model_privacy
-        && !(dp.budget.clip.is_finite() && dp.budget.clip > 0.0)
-    {
-        // An infinite clip clips nothing (and would reach the maskers as
-        // JSON null: no clip at all).
-        anyhow::bail!(
-            "client-level DP: the clip must be a positive number, not {}",
-            dp.budget.clip
-        );
-    }
-    if let Some(dp) = config.model_privacy
-        && !(dp.budget.delta > 0.0 && dp.budget.delta < 1.0)
-    {
-        anyhow::bail!(
-            "client-level DP: delta must lie between 0 and 1, not {}",
-            dp.budget.delta
-        );
-    }
-    if let Some(dp) = config.model_privacy
-        && !dp.budget.noise_std(2).is_some_and(f64::is_finite)
-    {
-        anyhow::bail!(
-            "client-level DP: the noise multiplier must be positive and adaptive clipping's \
-             settings valid, its count noise above the multiplier {}",
-            dp.budget.noise_multiplier
-        );
-    }
-    if config.model_privacy.is_some_and(|dp| dp.distributed) && !config.secure_aggregation {
-        anyhow::bail!(
-            "distributed DP needs secure aggregation: without masks the maskers' noise \
-             shares would reach the server one by one"
-        );
-    }
-    if !astraea_core::secagg::SecAggParams::is_quorum(config.secure_quorum) {
-        anyhow::bail!(
-            "the secure quorum is a share of the maskers, in (0, 1], not {}",
-            config.secure_quorum
-        );
-    }
-    if config.secure_aggregation {
-        if config.mode == astraea_core::asynchronous::Mode::Async {
-            anyhow::bail!("secure aggregation needs synchronous rounds");
-        }
-        if config
-            .model_privacy
-            .is_some_and(|dp| dp.budget.adaptive.is_some())
-        {
-            anyhow::bail!(
-                "secure aggregation and adaptive clipping do not combine (the clip follows the \
-                 results' norms, which the server cannot see): give a fixed --dp-clip"
-            );
-        }
-        let max = astraea_core::secagg::MAX_MASKERS as usize;
-        if config.participants > max {
-            anyhow::bail!(
-                "secure aggregation sums at most {max} results a round: --participants <= {max}"
-            );
-        }
-        if config.settings.aggregation != Default::default() {
-            anyhow::bail!(
-                "secure aggregation gives the server only the sum: robust aggregation rules need each result"
-            );
-        }
-    }
+    config.policy().validate()?;
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;

@@ -424,7 +424,7 @@ impl AppState {
             min_clients: config.min_clients,
             hop_deadline_s: config.hop_deadline.as_secs_f64(),
         };
-        let guard = crate::guard::UpdateGuard::new(config.max_update_ratio, 10.0, 100, 5);
+        let guard = config.policy().guard();
         Self {
             config,
             model,

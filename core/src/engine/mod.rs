@@ -1,0 +1,30 @@
+//! The round engine: what a round decides, written once, without I/O, and
+//! driven by the server (`astraea serve`, over sockets and real time) and
+//! by the simulator (`astraea simulate`, over simulated clients and its
+//! own clock) alike.
+//!
+//! In the spirit of the client's [`crate::protocol::ClientSession`] (and of
+//! quinn-proto): each part is a state machine or a pure function fed what
+//! happened — an update came back, a hop was skipped, the loss rule gave
+//! its verdict — that answers what to do next. No tokio, no sockets, no
+//! clock, no threads: randomness comes in as a seeded generator, time and
+//! storage stay with the driver. It builds for `wasm32-unknown-unknown`
+//! like the rest of the core.
+//!
+//! - [`chain`]: one mediator's chain — the model travels member to member;
+//!   the loss rule's verdicts (pipelined or not), per-hop noise, the
+//!   secure chain's masked last hop and its clip split, the chain's
+//!   result or failure.
+//! - [`round`]: closing a round — the aggregate (the strategy's rule,
+//!   DP-FedAvg's noisy mean, or the secure round's unmasked mean), its
+//!   bounds, the privacy accountant and the budget.
+//! - [`policy`]: the run's rules as one validated value, whichever front
+//!   end (serve's flags, simulate's flags, a TOML file) built it.
+
+pub mod chain;
+pub mod policy;
+pub mod round;
+
+pub use chain::{Chain, ChainRules, Effect, HopOrder, Judgement, MaskedHop, Next, SecureChain};
+pub use policy::{PolicyError, RunPolicy, Sampling};
+pub use round::{Closed, RoundPrivacy};
