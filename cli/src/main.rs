@@ -497,11 +497,11 @@ struct SimulateArgs {
     /// Folder holding the datasets.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
-    /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
     /// Use only the first N training samples (as `serve --max-train`):
     /// with --clients K, the federation of K demo shards of a served run.
     #[arg(long)]
     max_train: Option<usize>,
+    /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
     #[arg(long, default_value = "long-tail:10")]
     partition: PartitionSpec,
     /// K: clients in the federation.
@@ -1115,15 +1115,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             }),
         model_privacy: match (args.dp_noise, args.dp_budget) {
             (Some(noise), Some(budget)) => {
-                if args.mode != astraea_core::asynchronous::Mode::Sync {
-                    bail!("--dp-noise needs --mode sync");
-                }
                 if !(noise > 0.0 && budget > 0.0 && args.dp_clip.is_finite() && args.dp_clip > 0.0)
                 {
                     bail!("--dp-noise, --dp-budget and --dp-clip must be positive");
-                }
-                if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
-                    bail!("--dp-delta must lie between 0 and 1");
                 }
                 let budget_spec = astraea_core::privacy::ModelPrivacy {
                     clip: args.dp_clip,
@@ -1146,12 +1140,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             }
             _ => None,
         },
-        label_epsilon: match args.label_epsilon {
-            Some(e) if !(e.is_finite() && e > 0.0) => {
-                bail!("--label-epsilon must be a positive number, got {e}")
-            }
-            other => other,
-        },
+        label_epsilon: args.label_epsilon,
         mode: args.mode,
         buffer: args.buffer.map(|b| b.max(1)),
         max_staleness: args.max_staleness,
@@ -1270,18 +1259,17 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         model_privacy: match args.dp_epsilon {
             None => None,
             Some(epsilon) => {
-                if args.secure_aggregation && args.dp_adaptive_quantile.is_some() {
-                    bail!(
-                        "--secure-aggregation and --dp-adaptive-quantile do not combine (as in serve)"
-                    );
-                }
-                if args.mode != astraea_core::asynchronous::Mode::Sync {
-                    bail!("--dp-epsilon needs --mode sync");
-                }
+                // The calibration below needs a valid delta; every other
+                // rule is the run policy's (`RunPolicy::validate`).
                 if !(args.dp_delta > 0.0 && args.dp_delta < 1.0) {
                     bail!("--dp-delta must lie between 0 and 1");
                 }
-                let q = (args.participants as f64 / args.clients.max(1) as f64).min(1.0);
+                // The rate the simulator's accountant composes at (c / K).
+                let q = astraea_core::engine::Sampling::Secret {
+                    participants: args.participants,
+                    population: args.clients,
+                }
+                .rate();
                 let sigma = astraea_core::privacy::noise_for_epsilon(
                     q,
                     args.rounds as u64,

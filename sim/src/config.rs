@@ -157,6 +157,33 @@ impl RunSpec {
 }
 
 impl SimConfig {
+    /// The run's rules as the round engine takes them (validated by
+    /// [`astraea_core::engine::RunPolicy::validate`], as serve's are).
+    /// The simulator's participants are drawn in secret: its DP rounds are
+    /// composed at q = c / K, as DP-FedAvg's analysis (and the papers'
+    /// figures) take them.
+    pub fn policy(&self) -> astraea_core::engine::RunPolicy {
+        astraea_core::engine::RunPolicy {
+            mode: self.mode,
+            participants: self.participants,
+            aggregation: self.aggregation,
+            model_privacy: self.model_privacy,
+            max_epsilon: None,
+            distributed_dp: self.distributed_dp,
+            sampling: astraea_core::engine::Sampling::Secret {
+                participants: self.participants,
+                population: self.clients,
+            },
+            hop_privacy: self.hop_privacy,
+            label_epsilon: self.label_epsilon,
+            secure_aggregation: self.secure_aggregation,
+            secure_quorum: self.secure_quorum,
+            max_update_ratio: self.max_update_ratio,
+            validation_samples: self.validation_samples,
+            max_loss_increase: self.max_loss_increase,
+        }
+    }
+
     /// The strategy knobs of this configuration.
     pub fn strategy_settings(&self) -> StrategySettings {
         StrategySettings {

@@ -9,14 +9,13 @@ use anyhow::Context;
 use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
+use astraea_core::engine::chain::{Judgement, Verdict};
+use astraea_core::engine::round::{close, simulated_unmasking};
+use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
-use astraea_core::privacy::{
-    HopPrivacy, ModelPrivacy, RdpAccountant, clip_update, distributed_noise_share, noisy_counts,
-    noisy_hop, planned_counts, private_masked_hop, private_mean, secure_clip_split,
-};
-use astraea_core::protocol::limits::check_weights;
+use astraea_core::privacy::{HopPrivacy, noisy_counts, planned_counts, private_masked_hop};
 use astraea_core::protocol::{WeightEncoding, round_as_sent};
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, EvalStats, Samples, TrainConfig};
@@ -51,24 +50,7 @@ pub fn run(
     progress: &ProgressBar,
 ) -> anyhow::Result<RunHistory> {
     let start = Instant::now();
-    if config.model_privacy.is_some() && config.mode == Mode::Async {
-        anyhow::bail!("client-level DP (model_privacy) needs synchronous rounds");
-    }
-    if !astraea_core::secagg::SecAggParams::is_quorum(config.secure_quorum) {
-        anyhow::bail!(
-            "the secure quorum is a share of the maskers, in (0, 1], not {}",
-            config.secure_quorum
-        );
-    }
-    if let Some(dp) = config.model_privacy
-        && dp.update_noise_multiplier().is_none()
-    {
-        anyhow::bail!(
-            "client-level DP: the noise multiplier must be positive and adaptive clipping's \
-             settings valid, its count noise above the multiplier {}",
-            dp.noise_multiplier
-        );
-    }
+    config.policy().validate()?;
     let partition = crate::federation::partition_for(config, spec, train, test)
         .with_context(|| format!("partitioning for {}", spec.label()))?;
     let report = partition.report(&train.labels, train.num_classes());
@@ -192,8 +174,14 @@ pub fn run(
     };
     let mut state = RunState {
         global,
-        accountant: RdpAccountant::new(),
-        clip: config.model_privacy.map_or(0.0, |dp| dp.clip),
+        privacy: config.model_privacy.map(|dp| {
+            RoundPrivacy::new(
+                dp,
+                None,
+                config.distributed_dp && config.secure_aggregation,
+                config.policy().sampling_rate(),
+            )
+        }),
         traffic,
         history,
         train_samples: 0,
@@ -227,10 +215,9 @@ struct Setup<'a> {
 /// What a run's rounds change.
 struct RunState {
     global: Weights,
-    /// The model's privacy spent so far (DP runs).
-    accountant: RdpAccountant,
-    /// The clip of the next DP round (moving under adaptive clipping).
-    clip: f64,
+    /// Client-level DP: the mechanism, the clip of the next round (moving
+    /// under adaptive clipping) and what the run has spent.
+    privacy: Option<RoundPrivacy>,
     traffic: Traffic,
     history: RunHistory,
     train_samples: u64,
@@ -260,7 +247,6 @@ impl Setup<'_> {
         &'a self,
         global: &'a Weights,
         train_config: &'a TrainConfig,
-        clip: f64,
     ) -> RoundContext<'a> {
         RoundContext {
             clients: &self.federation.clients,
@@ -272,9 +258,7 @@ impl Setup<'_> {
             speeds: &self.speeds,
             hop_privacy: self.config.hop_privacy,
             encoding: self.config.encoding,
-            secure_clip: (self.config.secure_aggregation && self.config.model_privacy.is_some())
-                .then_some(clip),
-            masker_noise: None,
+            secure: None,
         }
     }
 
@@ -287,10 +271,7 @@ impl Setup<'_> {
         mean_kl: f64,
         clock_s: f64,
     ) -> anyhow::Result<()> {
-        let epsilon = self
-            .config
-            .model_privacy
-            .map(|dp| state.accountant.epsilon(dp.delta));
+        let epsilon = state.privacy.as_ref().map(RoundPrivacy::epsilon);
         let eval = evaluate_parallel(
             &self.model_config,
             &state.global,
@@ -362,9 +343,22 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
             .collect();
         let quorum = secure_quorum(config, &round_plan.groups, round)?;
+        let largest = round_plan
+            .groups
+            .iter()
+            .map(|g| g.members.len())
+            .max()
+            .unwrap_or(1);
+        let secure = quorum.map(|quorum| SecureChain {
+            dp_clip: state.privacy.as_ref().map(|p| p.clip),
+            masker_noise: state
+                .privacy
+                .as_ref()
+                .and_then(|p| p.masker_noise(largest, quorum)),
+        });
         let context = RoundContext {
-            masker_noise: masker_noise(config, state.clip, &round_plan.groups, quorum),
-            ..setup.context(&state.global, &round_train, state.clip)
+            secure,
+            ..setup.context(&state.global, &round_train)
         };
         let (results, failures, processed, round_clock) = run_chains(
             &round_plan.groups,
@@ -373,45 +367,30 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             &context,
             config.threads,
         );
-        // As the server does: an aggregate outside the bounds is dropped
-        // and the previous model kept, and so is a secure round whose
-        // results are fewer than its quorum (it cannot be unmasked).
-        let unmasked = quorum.is_none_or(|quorum| results.len() >= quorum);
-        let aggregate = match config.model_privacy {
-            _ if !unmasked => None,
-            Some(dp) => {
-                let largest = round_plan.groups.iter().map(|g| g.members.len()).max();
-                let clip = state.clip;
-                let private = private_round(
-                    ModelPrivacy { clip, ..dp },
-                    &state.global.values,
-                    &results,
-                    largest,
-                    rng,
-                    &mut state.accountant,
-                    config,
-                );
-                if let Some((_, norms)) = &private
-                    && (round == 1 || round.is_multiple_of(10))
-                {
-                    let median = norms[norms.len() / 2];
-                    setup.progress.suspend(|| {
-                        eprintln!(
-                            "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
-                            spec.label(),
-                        )
-                    });
-                }
-                if let (Some(adaptive), Some((_, norms))) = (dp.adaptive, &private) {
-                    state.clip = adaptive.next_clip(clip, norms, rng);
-                }
-                private.map(|(values, _)| values)
-            }
-            None => strategy.aggregate(&state.global.values, &results, &failures),
-        };
-        if let Some(values) = aggregate
-            && check_weights(&values).is_ok()
+        // The simulator stands in for the masking protocol: what the
+        // server would unmask (every result weighs the same under DP).
+        let unmasked =
+            quorum.map(|quorum| simulated_unmasking(&results, quorum, state.privacy.is_some()));
+        let clip = state.privacy.as_ref().map(|p| p.clip);
+        let (closed, norms) = close(
+            strategy.as_ref(),
+            &state.global.values,
+            (&results, &failures),
+            state.privacy.as_mut().map(|p| (p, largest)),
+            unmasked,
+            rng,
+        );
+        if let (Some(clip), Some(median)) = (clip, norms.get(norms.len() / 2))
+            && (round == 1 || round.is_multiple_of(10))
         {
+            setup.progress.suspend(|| {
+                eprintln!(
+                    "{} round {round}: median group update norm {median:.3}, clip {clip:.3}",
+                    spec.label(),
+                )
+            });
+        }
+        if let Closed::Adopted(values) = closed {
             state.global.values = values;
         }
         state.train_samples += processed;
@@ -420,37 +399,6 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         setup.record(state, round, mean_kl, clock_s)?;
     }
     Ok(())
-}
-
-/// One round of DP-FedAvg / DP-Astraea (`astraea_core::privacy`): the
-/// groups' updates clipped and averaged with Gaussian noise, the round
-/// composed into the accountant at sampling rate c / K (clients are drawn
-/// without replacement; the accountant assumes Poisson sampling at that
-/// rate, as DP-FedAvg's analysis does). Returns the new weights and the
-/// update norms before clipping, sorted; `None` without results (or with
-/// adaptive clipping whose count noise is too small for the multiplier).
-fn private_round(
-    dp: ModelPrivacy,
-    global: &[f32],
-    results: &[GroupResult],
-    largest_group: Option<usize>,
-    rng: &mut StdRng,
-    accountant: &mut RdpAccountant,
-    config: &SimConfig,
-) -> Option<(Vec<f32>, Vec<f64>)> {
-    let q = (config.participants as f64 / config.clients.max(1) as f64).min(1.0);
-    accountant.compose(q, dp.noise_multiplier, 1);
-    let updates: Vec<&[f32]> = results.iter().map(|r| r.weights.as_slice()).collect();
-    let noise_std = dp.noise_std(largest_group.unwrap_or(1))?;
-    let (values, mut norms) = if config.distributed_dp && config.secure_aggregation {
-        // The maskers clipped and noised their own results; the server
-        // sees only their plain unweighted mean (no clip: f64::MAX).
-        private_mean(global, &updates, f64::MAX, 0.0, rng)?
-    } else {
-        private_mean(global, &updates, dp.clip, noise_std, rng)?
-    };
-    norms.sort_by(f64::total_cmp);
-    Some((values, norms))
 }
 
 /// Under secure aggregation, the fewest of the round's maskers (one per
@@ -475,22 +423,6 @@ fn secure_quorum(
     )
     .with_context(|| format!("secure aggregation of {} groups", groups.len()))?;
     Ok(Some(params.min_survivors()))
-}
-
-/// Under distributed DP, the noise each of the round's maskers (the last
-/// clients of `groups`) adds to its clipped hop: its share of the round's
-/// noise for the quorum that can unmask ([`distributed_noise_share`]), as
-/// the server sets `task.secure_noise`.
-fn masker_noise(
-    config: &SimConfig,
-    clip: f64,
-    groups: &[Group],
-    quorum: Option<usize>,
-) -> Option<f64> {
-    let dp = config.model_privacy.filter(|_| config.distributed_dp)?;
-    let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
-    let noise_std = ModelPrivacy { clip, ..dp }.noise_std(largest)?;
-    Some(distributed_noise_share(noise_std, quorum?))
 }
 
 /// A mediator running in the asynchronous mode.
@@ -660,7 +592,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                 &groups,
                 &starts,
                 &seeds,
-                &setup.context(&state.global, &round_train, state.clip),
+                &setup.context(&state.global, &round_train),
                 config.threads,
             );
             state.train_samples += processed;
@@ -681,9 +613,15 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                 }
             }
             let taken = buffer.take();
-            if let Some(values) = strategy.aggregate(&state.global.values, &taken, &failures)
-                && check_weights(&values).is_ok()
-            {
+            let (closed, _) = close(
+                strategy.as_ref(),
+                &state.global.values,
+                (&taken, &failures),
+                None,
+                None,
+                rng,
+            );
+            if let Closed::Adopted(values) = closed {
                 state.global.values = values;
             }
             buffer.advance();
@@ -756,12 +694,10 @@ struct RoundContext<'a> {
     hop_privacy: Option<HopPrivacy>,
     /// How weights travel to and from each hop.
     encoding: WeightEncoding,
-    /// Secure aggregation under client-level DP: the round's clip C, split
-    /// as the server splits it (the chain before its masked last hop
-    /// clipped to C (1 - 1/h), that hop to C / h; docs/PRIVACY.md).
-    secure_clip: Option<f64>,
-    /// Distributed DP: the noise each masker adds to its clipped hop.
-    masker_noise: Option<f64>,
+    /// Secure aggregation: the chains' masked last hops (under DP, the
+    /// round's clip split as the server splits it, and the maskers' noise
+    /// under distributed DP).
+    secure: Option<SecureChain>,
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
@@ -781,7 +717,12 @@ fn run_chain(
     (outcome, clock)
 }
 
-/// [`run_chain`]'s walk; adds each hop's seconds to `clock`.
+/// [`run_chain`]'s walk: the simulated clients answer the engine's
+/// [`Chain`], which decides every rule of the chain as on the server; the
+/// simulated server checks each update where it would enter (the claim
+/// cap, the update guard: a client refused there is dropped for the run)
+/// and gives every loss-rule verdict at once. Adds each hop's seconds to
+/// `clock`.
 fn walk_chain(
     group: &Group,
     context: &RoundContext<'_>,
@@ -799,138 +740,110 @@ fn walk_chain(
         speeds,
         hop_privacy,
         encoding,
-        secure_clip,
-        masker_noise,
+        secure,
     } = *context;
-    // Under secure aggregation with DP: the clip's shares of the server
-    // and of the masker.
-    let split = secure_clip.map(|clip| secure_clip_split(clip, group.passes * group.members.len()));
-    let mut weights = global.clone();
-    // The validation loss of `weights`, once the loss rule has computed it.
-    let mut weights_loss = None;
+    let rules = ChainRules {
+        loss_rule: defence.loss_check.is_some(),
+        hop_privacy,
+        secure,
+    };
+    let noise = StdRng::seed_from_u64(mix(&[seed, 0x401e]));
+    let mut chain = Chain::new(0, group, global.values.clone(), rules, noise);
     let eval_device = Device::flex();
     let mut processed = 0u64;
-    let mut taken = vec![None; group.members.len()];
-    for pass in 0..group.passes {
-        for (position, &member) in group.members.iter().enumerate() {
-            // Under secure aggregation with DP: the masked last hop.
-            let masked =
-                split.filter(|_| pass + 1 == group.passes && position + 1 == group.members.len());
-            // As on the server, a chain whose masker does not answer has
-            // no result in the sum.
-            let masker_gone = || Err("the masker's hop did not answer".to_string());
-            if defence.is_dropped(member) {
-                if masked.is_some() {
-                    return masker_gone();
-                }
-                continue;
+    loop {
+        let hop = match chain.poll() {
+            Next::Train(hop) => hop,
+            Next::Done(outcome) => {
+                return outcome.map(|r| (r, processed)).map_err(|f| f.reason);
             }
-            let data = &clients[member];
-            let seed = mix(&[seed, member as u64, pass as u64]);
-            let (frozen, seconds) =
-                hop_time(population, data, speeds[member], train_config.epochs, seed);
-            *clock += seconds;
-            if frozen {
-                if masked.is_some() {
-                    return masker_gone();
-                }
-                continue;
+            // Every outcome and verdict is given as soon as it is asked for.
+            Next::Outcome | Next::Verdict => {
+                return Err("the chain waits on an event the simulator gave".into());
             }
-            let config = TrainConfig {
-                seed,
-                ..train_config.clone()
-            };
-            // The member gets the weights as the wire carries them.
-            round_as_sent(&mut weights.values, encoding);
-            // Under secure aggregation with DP the server clips the chain
-            // it saw before the masked last hop.
-            if let Some((chain_clip, _)) = masked {
-                clip_update(&global.values, &mut weights.values, chain_clip);
-            }
-            let attack = defence.attack_of(member);
-            let mut labels = data.labels.clone();
-            if let Some(attack) = &attack {
-                attack.poison_labels(&mut labels, model_config.num_classes);
-            }
-            let samples = Samples {
-                images: &data.images,
-                labels: &labels,
-            };
-            // FedProx anchors on the round's global model; its groups are
-            // single clients, so the incoming weights are the global ones.
-            let mut next = if attack.is_none_or(|a| a.trains()) {
-                let (next, stats) = train::train(model_config, &weights, samples, &config, device)
-                    .map_err(|e| format!("client {member}: {e}"))?;
-                processed += stats.samples as u64;
-                next
-            } else {
-                weights.clone()
-            };
-            // The masker clips its own hop before masking it, and under
-            // distributed DP adds its share of the round's noise.
-            if let Some((_, hop_clip)) = masked {
-                let mut rng = StdRng::seed_from_u64(mix(&[seed, 0xd15c]));
-                private_masked_hop(
-                    &weights.values,
-                    &mut next.values,
-                    hop_clip,
-                    masker_noise,
-                    &mut rng,
-                )?;
-            }
-            // And sends its update back the same way.
+        };
+        let (member, ordinal) = (hop.member, hop.ordinal);
+        if defence.is_dropped(member) {
+            chain.skipped(ordinal, "refused earlier in the run".into());
+            continue;
+        }
+        let data = &clients[member];
+        let seed = mix(&[seed, member as u64, hop.pass as u64]);
+        let (frozen, seconds) =
+            hop_time(population, data, speeds[member], train_config.epochs, seed);
+        *clock += seconds;
+        if frozen {
+            chain.skipped(ordinal, "frozen".into());
+            continue;
+        }
+        let config = TrainConfig {
+            seed,
+            ..train_config.clone()
+        };
+        // The member gets the weights as the wire carries them (a masked
+        // hop under DP travels in f32, as the server sends it).
+        let mut sent = Weights {
+            shapes: global.shapes.clone(),
+            values: hop.weights,
+        };
+        let dp_masked = hop.masked.and_then(|m| m.clip.map(|clip| (clip, m.noise)));
+        if dp_masked.is_none() {
+            round_as_sent(&mut sent.values, encoding);
+        }
+        let attack = defence.attack_of(member);
+        let mut labels = data.labels.clone();
+        if let Some(attack) = &attack {
+            attack.poison_labels(&mut labels, model_config.num_classes);
+        }
+        let samples = Samples {
+            images: &data.images,
+            labels: &labels,
+        };
+        // FedProx anchors on the round's global model; its groups are
+        // single clients, so the incoming weights are the global ones.
+        let mut next = if attack.is_none_or(|a| a.trains()) {
+            let (next, stats) = train::train(model_config, &sent, samples, &config, device)
+                .map_err(|e| format!("client {member}: {e}"))?;
+            processed += stats.samples as u64;
+            next
+        } else {
+            sent.clone()
+        };
+        // The masker clips its own hop before masking it, and under
+        // distributed DP adds its share of the round's noise.
+        if let Some((clip, noise)) = dp_masked {
+            let mut rng = StdRng::seed_from_u64(mix(&[seed, 0xd15c]));
+            private_masked_hop(&sent.values, &mut next.values, clip, noise, &mut rng)?;
+        }
+        // And sends its update back the same way (a masked one is summed
+        // in fixed point, not rounded).
+        if hop.masked.is_none() {
             round_as_sent(&mut next.values, encoding);
-            let mut claimed = data.len() as u64;
-            if let Some(attack) = attack {
-                let mut rng = StdRng::seed_from_u64(seed);
-                attack.poison_weights(&weights.values, &mut next.values, &mut rng);
-                claimed = attack.claimed_samples(claimed);
+        }
+        let mut claimed = data.len() as u64;
+        if let Some(attack) = attack {
+            let mut rng = StdRng::seed_from_u64(seed);
+            attack.poison_weights(&sent.values, &mut next.values, &mut rng);
+            claimed = attack.claimed_samples(claimed);
+        }
+        // The server's checks where the update enters: a claim above the
+        // client's reported samples, or an update the guard refuses (it
+        // cannot read a masked one), drops the client and skips its hop.
+        if claimed > data.len() as u64
+            || (hop.masked.is_none() && !defence.accepts(&sent.values, &next.values))
+        {
+            defence.drop_client(member);
+            chain.skipped(ordinal, "refused: the client is dropped".into());
+            continue;
+        }
+        let mut effects = chain.returned(ordinal, next.values, claimed);
+        while let Some(effect) = effects.pop() {
+            if let Effect::Judge(judgement) = effect {
+                let verdict = defence.judge(&judgement, &eval_device);
+                effects.extend(chain.verdict(judgement.ordinal, verdict));
             }
-            // A masked hop is summed unseen: the guard, the loss rule and
-            // per-hop noise cannot touch it.
-            if masked.is_some() {
-                weights = next;
-                taken[position] = Some(claimed);
-                continue;
-            }
-            // The server's checks: a claim above the client's reported
-            // samples, or an update the guard refuses, drops the client.
-            if claimed > data.len() as u64 || !defence.accepts(&weights.values, &next.values) {
-                defence.drop_client(member);
-                continue;
-            }
-            // The loss rule refuses the hop only: an honest client's hop can
-            // fail it, so the client is not dropped (the server keeps its
-            // connection); the chain goes on from the weights it sent.
-            if !defence.loss_accepts(&weights, &mut weights_loss, &next, &eval_device) {
-                continue;
-            }
-            // Per-hop noise: what the next member sees is DP for this one;
-            // the judged loss no longer describes the noisy weights.
-            if let Some(hop) = hop_privacy {
-                let mut rng = StdRng::seed_from_u64(mix(&[seed, 0x401e]));
-                noisy_hop(
-                    &weights.values,
-                    &mut next.values,
-                    hop.clip,
-                    hop.noise_multiplier,
-                    &mut rng,
-                );
-                weights_loss = None;
-            }
-            weights = next;
-            taken[position] = Some(claimed);
         }
     }
-    if taken.iter().all(Option::is_none) {
-        return Err("every hop was refused or skipped".into());
-    }
-    let result = GroupResult {
-        group: 0,
-        weights: weights.values,
-        samples: taken.iter().flatten().sum(),
-    };
-    Ok((result, processed))
 }
 
 /// What the simulated server knows of its clients' hostility: which clients
@@ -968,7 +881,7 @@ impl Defence {
         Self {
             attack: config.attack,
             attackers,
-            guard: Mutex::new(UpdateGuard::new(config.max_update_ratio, 10.0, 100, 5)),
+            guard: Mutex::new(config.policy().guard()),
             loss_check,
             dropped: Mutex::new(vec![false; clients]),
         }
@@ -996,27 +909,13 @@ impl Defence {
             .is_ok()
     }
 
-    /// The loss rule on one hop from `sent` to `new`. `sent_loss` holds the
-    /// validation loss of `sent` once computed, and that of `new` after an
-    /// accepted hop (the chain's next `sent`).
-    fn loss_accepts(
-        &self,
-        sent: &Weights,
-        sent_loss: &mut Option<f64>,
-        new: &Weights,
-        device: &Device,
-    ) -> bool {
-        let Some(check) = &self.loss_check else {
-            return true;
-        };
-        let before = *sent_loss
-            .get_or_insert_with(|| check.loss(&sent.values, device).unwrap_or(f64::INFINITY));
-        let after = check.loss(&new.values, device).unwrap_or(f64::INFINITY);
-        let accepted = check.judge(before, after).is_ok();
-        if accepted {
-            *sent_loss = Some(after);
+    /// The loss rule's verdict on one hop (accepted when the run has
+    /// no validation set).
+    fn judge(&self, judgement: &Judgement, device: &Device) -> Verdict {
+        match &self.loss_check {
+            Some(check) => judgement.judge(check, device),
+            None => Verdict::Accepted { after: f64::NAN },
         }
-        accepted
     }
 
     /// Clients refused so far.
