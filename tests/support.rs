@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use astraea_core::astraea::PlanRule;
-use astraea_core::protocol::WeightEncoding;
-use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_core::strategy::{Rescheduling, StrategySettings};
 use astraea_server::{self as serve, Running, ServeConfig};
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -156,42 +155,18 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         aggregation: Default::default(),
     };
     ServeConfig {
-        dataset: "mnist".into(),
         data_dir: repo_root().join("data"),
         max_train: Some(max_train),
-        partition: "long-tail:10".parse().expect("a valid partition"),
         shards,
         participants: shards,
         min_clients: shards,
         rounds,
-        strategy: StrategyKind::Astraea,
         settings,
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(600),
-        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
-        label_epsilon: None,
-        model_privacy: None,
-        hop_privacy: None,
-        secure_aggregation: false,
-        secure_quorum: 0.5,
-        mode: Default::default(),
-        buffer: None,
-        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
-        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
-        validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
-        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
-        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
-        encoding: WeightEncoding::F32,
         seed: 7,
         static_dir: repo_root().join("static"),
-        admin_token: None,
-        state_dir: None,
         run_name: "e2e".into(),
-        allow_insecure: false,
-        tls: None,
-        public_url: None,
+        ..ServeConfig::default()
     }
 }
 

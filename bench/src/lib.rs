@@ -27,7 +27,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use astraea_core::astraea::PlanRule;
-use astraea_core::protocol::WeightEncoding;
 use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
 use astraea_server::ServeConfig;
 
@@ -41,7 +40,6 @@ pub(crate) fn serve_config(
     strategy: StrategyKind,
 ) -> ServeConfig {
     ServeConfig {
-        dataset: "mnist".into(),
         data_dir,
         max_train: Some(20 * shards),
         partition: astraea_core::partition::PartitionSpec::Iid,
@@ -60,31 +58,10 @@ pub(crate) fn serve_config(
             prox_mu: 0.0,
             aggregation: Default::default(),
         },
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
         hop_deadline: Duration::from_secs(120),
-        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
-        label_epsilon: None,
-        model_privacy: None,
-        hop_privacy: None,
-        secure_aggregation: false,
-        secure_quorum: 0.5,
-        mode: Default::default(),
-        buffer: None,
-        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
-        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
-        validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
-        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
         max_frame_bytes: 1 << 20,
-        encoding: WeightEncoding::F32,
-        seed: 1,
         static_dir: std::env::temp_dir(),
-        admin_token: None,
-        state_dir: None,
         run_name: "bench".into(),
-        allow_insecure: false,
-        tls: None,
-        public_url: None,
+        ..ServeConfig::default()
     }
 }

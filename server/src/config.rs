@@ -163,6 +163,64 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
 }
 
+impl Default for ServeConfig {
+    /// `astraea serve`'s defaults (its flags without arguments), but for
+    /// the encoding (f32 here; the command line sends f16 unless `--f32`):
+    /// tests, benchmarks and embedders change what they need with
+    /// `ServeConfig { field, ..ServeConfig::default() }`.
+    fn default() -> Self {
+        use astraea_core::astraea::PlanRule;
+        use astraea_core::strategy::Rescheduling;
+        Self {
+            dataset: "mnist".into(),
+            data_dir: PathBuf::from("data"),
+            max_train: None,
+            partition: "long-tail:10".parse().expect("a valid partition"),
+            shards: 100,
+            participants: 20,
+            min_clients: 2,
+            rounds: 50,
+            strategy: StrategyKind::Astraea,
+            settings: StrategySettings {
+                plan_rule: PlanRule::ZScore { tau_d: 3.5 },
+                rescheduling: Rescheduling {
+                    gamma: 10,
+                    passes: 2,
+                    speed_weight: None,
+                },
+                prox_mu: 0.01,
+                aggregation: Default::default(),
+            },
+            epochs: 1,
+            batch_size: 20,
+            learning_rate: 1e-3,
+            hop_deadline: Duration::from_secs(60),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            label_epsilon: None,
+            model_privacy: None,
+            hop_privacy: None,
+            secure_aggregation: false,
+            secure_quorum: 0.5,
+            mode: Default::default(),
+            buffer: None,
+            max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
+            max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
+            validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
+            max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
+            max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
+            encoding: WeightEncoding::F32,
+            seed: 1,
+            static_dir: PathBuf::from("static"),
+            admin_token: None,
+            state_dir: None,
+            run_name: "default".into(),
+            allow_insecure: false,
+            tls: None,
+            public_url: None,
+        }
+    }
+}
+
 impl ServeConfig {
     /// The run's rules as the round engine takes them (validated by
     /// [`astraea_core::engine::RunPolicy::validate`], as simulate's are).

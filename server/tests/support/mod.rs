@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use astraea_core::astraea::PlanRule;
-use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::{
     AckOutcome, ClientMessage, DataSource, ErrorCode, PROTOCOL_VERSION, ServerMessage, TaskSpec,
     UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
@@ -30,10 +29,8 @@ pub fn data_dir() -> std::path::PathBuf {
 
 pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfig {
     ServeConfig {
-        dataset: "mnist".into(),
         data_dir: data_dir(),
         max_train: Some(3000),
-        partition: "long-tail:10".parse::<PartitionSpec>().unwrap(),
         shards: clients,
         participants: clients,
         min_clients: clients,
@@ -49,32 +46,12 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
             prox_mu: 0.01,
             aggregation: Default::default(),
         },
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 1e-3,
-        hop_deadline: Duration::from_secs(60),
-        stall_timeout: astraea_server::config::DEFAULT_STALL_TIMEOUT,
-        label_epsilon: None,
-        model_privacy: None,
-        hop_privacy: None,
-        secure_aggregation: false,
-        secure_quorum: 0.5,
-        mode: Default::default(),
-        buffer: None,
-        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
-        max_update_ratio: astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO,
-        validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
-        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
         max_frame_bytes: 64 * 1024,
-        encoding: WeightEncoding::F32,
         seed: 3,
         static_dir: std::env::temp_dir(),
         admin_token: Some("s3cret".into()),
-        state_dir: None,
         run_name: "test".into(),
-        allow_insecure: false,
-        tls: None,
-        public_url: None,
+        ..ServeConfig::default()
     }
 }
 
