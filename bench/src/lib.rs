@@ -26,8 +26,7 @@ pub mod secagg;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use astraea_core::astraea::PlanRule;
-use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
+use astraea_core::strategy::{StrategyKind, StrategySettings};
 use astraea_server::ServeConfig;
 
 /// A served MNIST run for the benchmarks: `shards` shards of an IID split,
@@ -49,14 +48,8 @@ pub(crate) fn serve_config(
         rounds,
         strategy,
         settings: StrategySettings {
-            plan_rule: PlanRule::ZScore { tau_d: 3.5 },
-            rescheduling: Rescheduling {
-                gamma: 10,
-                passes: 2,
-                speed_weight: None,
-            },
             prox_mu: 0.0,
-            aggregation: Default::default(),
+            ..ServeConfig::default().settings
         },
         hop_deadline: Duration::from_secs(120),
         max_frame_bytes: 1 << 20,

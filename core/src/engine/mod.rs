@@ -28,3 +28,19 @@ pub mod round;
 pub use chain::{Chain, ChainRules, Effect, HopOrder, Judgement, MaskedHop, Next, SecureChain};
 pub use policy::{PolicyError, RunPolicy, Sampling};
 pub use round::{Closed, RoundPrivacy};
+
+#[cfg(test)]
+mod tests {
+    use crate::privacy::ModelPrivacy;
+
+    /// A DP mechanism for the engine's tests: clip 1, multiplier 1, delta
+    /// 1e-5, a fixed clip.
+    pub(crate) fn dp() -> ModelPrivacy {
+        ModelPrivacy {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            adaptive: None,
+        }
+    }
+}

@@ -245,14 +245,7 @@ mod tests {
         }
     }
 
-    fn dp() -> ModelPrivacy {
-        ModelPrivacy {
-            clip: 1.0,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
-            adaptive: None,
-        }
-    }
+    use crate::engine::tests::dp;
 
     #[test]
     fn plain_settings_pass() {

@@ -253,40 +253,23 @@ mod tests {
         }
     }
 
-    fn dp() -> ModelPrivacy {
-        ModelPrivacy {
-            clip: 1.0,
-            noise_multiplier: 1.0,
-            delta: 1e-5,
-            adaptive: None,
-        }
+    use crate::engine::tests::dp;
+
+    /// Closes a round of plain results (no DP, not secure) from zeros.
+    fn close_plain(results: &[GroupResult]) -> Closed {
+        let mut rng = StdRng::seed_from_u64(1);
+        close(&FedAvg, &[0.0; 3], (results, &[]), None, None, &mut rng).0
     }
 
     #[test]
     fn the_strategy_aggregates_and_the_model_adopts_it() {
         let results = [result(0, 1.0, 1), result(1, 4.0, 3)];
-        let (closed, _) = close(
-            &FedAvg,
-            &[0.0; 3],
-            (&results, &[]),
-            None,
-            None,
-            &mut StdRng::seed_from_u64(1),
-        );
-        assert_eq!(closed, Closed::Adopted(vec![3.25; 3]));
+        assert_eq!(close_plain(&results), Closed::Adopted(vec![3.25; 3]));
     }
 
     #[test]
     fn an_aggregate_out_of_bounds_is_dropped() {
-        let results = [result(0, 1e6, 1)];
-        let (closed, _) = close(
-            &FedAvg,
-            &[0.0; 3],
-            (&results, &[]),
-            None,
-            None,
-            &mut StdRng::seed_from_u64(1),
-        );
+        let closed = close_plain(&[result(0, 1e6, 1)]);
         assert!(matches!(closed, Closed::Dropped(r) if r.contains("outside the bounds")));
     }
 
