@@ -15,7 +15,8 @@
 //! - [`aggregate`]: the sample-weighted aggregation of updates.
 //! - [`asynchronous`]: FedBuff-style asynchronous rounds: the buffer and
 //!   the staleness weight.
-//! - [`attack`]: attacks a hostile client can mount, for robustness runs.
+//! - `attack` (feature `attacks`): attacks a hostile client can mount, for
+//!   robustness runs (the simulator, the native swarm).
 //! - [`robust`]: Byzantine-robust aggregation rules (median, trimmed mean,
 //!   Krum, centered clipping) any strategy can use.
 //! - [`export`]: the metadata an exported model carries (round, accuracy,
@@ -38,6 +39,7 @@
 pub mod aggregate;
 pub mod astraea;
 pub mod asynchronous;
+#[cfg(feature = "attacks")]
 pub mod attack;
 pub mod augment;
 pub mod data;

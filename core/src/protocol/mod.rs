@@ -11,9 +11,11 @@
 //! - [`limits`]: the bounds on every number, string and list a client
 //!   sends, checked where a message enters the server.
 //! - [`session`]: the client's side as a state machine without I/O.
-//! - [`fuzz`]: structure-aware fuzzing of the decoders and the session.
+//! - `fuzz` (feature `fuzz`): structure-aware fuzzing of the decoders and
+//!   the session, for tests and `astraea bench fuzz`.
 
 pub mod frames;
+#[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod limits;
 pub mod messages;
