@@ -1225,7 +1225,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         participants: args.participants,
         rounds: args.rounds,
         gamma: args.gamma,
-        local_epochs: args.epochs,
+        epochs: args.epochs,
         mediator_passes: args.mediator_passes,
         plan_rule: match args.alpha {
             Some(alpha) => PlanRule::Alpha { alpha },

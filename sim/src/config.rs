@@ -26,7 +26,7 @@ pub struct SimConfig {
     /// gamma: most clients per mediator.
     pub gamma: usize,
     /// E: local epochs per visit.
-    pub local_epochs: usize,
+    pub epochs: usize,
     /// E_m: passes of a mediator over its clients per round.
     pub mediator_passes: usize,
     /// The augmentation rule Astraea uses.

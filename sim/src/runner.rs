@@ -126,7 +126,7 @@ pub fn run(
     }
 
     let train_config = TrainConfig {
-        epochs: config.local_epochs,
+        epochs: config.epochs,
         batch_size: config.batch_size,
         learning_rate: config.learning_rate,
         prox_mu: 0.0,
@@ -232,13 +232,10 @@ impl Setup<'_> {
         Participant {
             id,
             counts: self.reported[id].clone(),
-            hop_seconds: Some(
-                config.population.hop_s(
-                    (self.federation.clients[id].len() as u64)
-                        .saturating_mul(config.local_epochs as u64),
-                    self.speeds[id],
-                ),
-            ),
+            hop_seconds: Some(config.population.hop_s(
+                (self.federation.clients[id].len() as u64).saturating_mul(config.epochs as u64),
+                self.speeds[id],
+            )),
         }
     }
 

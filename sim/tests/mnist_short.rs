@@ -77,7 +77,7 @@ fn slice() -> (
         participants: 20,
         rounds: 5,
         gamma: 5,
-        local_epochs: 3,
+        epochs: 3,
         mediator_passes: 2,
         plan_rule: PlanRule::ZScore { tau_d: 3.5 },
         batch_size: 20,
