@@ -930,8 +930,13 @@ async fn run_chain(
             Next::Train(hop) => hop,
             Next::Verdict => {
                 let Some((ordinal, verdict)) = judging.take() else {
-                    walk.abort("a verdict was due with none being judged".into());
-                    continue;
+                    // The engine's contract: a verdict is due only while
+                    // one is being judged.
+                    state.set_hop(index, None, walk.planned() as u32);
+                    return Err(GroupFailure {
+                        group: index,
+                        reason: "a verdict was due with none being judged".into(),
+                    });
                 };
                 let verdict = verdict
                     .await
@@ -942,8 +947,11 @@ async fn run_chain(
             }
             // Every hop's outcome is fed as it comes (below).
             Next::Outcome => {
-                walk.abort("a hop's outcome was lost".into());
-                continue;
+                state.set_hop(index, None, walk.planned() as u32);
+                return Err(GroupFailure {
+                    group: index,
+                    reason: "a hop's outcome was lost".into(),
+                });
             }
             Next::Done(outcome) => {
                 state.set_hop(index, None, walk.planned() as u32);

@@ -241,6 +241,7 @@ struct Unjudged {
 enum Waiting {
     Returned(Out, Vec<f32>, u64),
     Skipped(Out, String),
+    Refused(Out, String),
 }
 
 /// One chain (see the module's documentation).
@@ -264,6 +265,9 @@ pub struct Chain {
     out: Option<Out>,
     unjudged: Option<Unjudged>,
     waiting: Option<Waiting>,
+    /// A hop still out that trained on an update the loss rule refused
+    /// before its outcome came: discarded when it comes.
+    tainted: Option<u32>,
     masked_ok: bool,
     failed: Option<String>,
     rng: StdRng,
@@ -299,6 +303,7 @@ impl Chain {
             out: None,
             unjudged: None,
             waiting: None,
+            tainted: None,
             masked_ok: false,
             failed: None,
             rng,
@@ -318,6 +323,10 @@ impl Chain {
     /// What to do next.
     pub fn poll(&mut self) -> Next {
         if let Some(reason) = &self.failed {
+            // A hop taken before the chain failed still gets its verdict.
+            if self.unjudged.is_some() {
+                return Next::Verdict;
+            }
             return Next::Done(Err(self.failure(reason.clone())));
         }
         if self.out.is_some() {
@@ -393,6 +402,12 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
+        if self.tainted.take_if(|&mut t| t == ordinal).is_some() {
+            return vec![Effect::Discarded {
+                member: out.member,
+                ordinal,
+            }];
+        }
         if self.unjudged.is_some() {
             self.waiting = Some(Waiting::Returned(out, weights, samples));
             return Vec::new();
@@ -406,6 +421,7 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
+        self.tainted.take_if(|&mut t| t == ordinal);
         if self.unjudged.is_some() {
             self.waiting = Some(Waiting::Skipped(out, reason));
             return Vec::new();
@@ -418,19 +434,30 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
-        vec![Effect::Refused {
-            member: out.member,
-            ordinal,
-            reason,
-            loss_rule: false,
-        }]
+        self.tainted.take_if(|&mut t| t == ordinal);
+        if self.unjudged.is_some() {
+            self.waiting = Some(Waiting::Refused(out, reason));
+            return Vec::new();
+        }
+        vec![Self::masking_refusal(out, reason)]
     }
 
     /// The chain cannot go on (under secure aggregation: its masker left
-    /// the key exchange); it ends without a result.
+    /// the key exchange); it ends without a result, once a hop still
+    /// awaiting its verdict has it (it is acknowledged either way). An
+    /// outcome for a hop still out is ignored.
     pub fn abort(&mut self, reason: String) {
         self.out = None;
         self.failed = Some(reason);
+    }
+
+    fn masking_refusal(out: Out, reason: String) -> Effect {
+        Effect::Refused {
+            member: out.member,
+            ordinal: out.ordinal,
+            reason,
+            loss_rule: false,
+        }
     }
 
     /// The loss rule's verdict on hop `ordinal` (see [`Judgement`]).
@@ -480,12 +507,22 @@ impl Chain {
                     self.next = out.slot;
                 }
             }
+            // Or that is still out: discarded when it comes back.
+            if let Some(out) = &self.out {
+                self.tainted = Some(out.ordinal);
+                if out.member == pending.member {
+                    self.next = out.slot;
+                }
+            }
         }
         match self.waiting.take() {
             Some(Waiting::Returned(out, weights, samples)) => {
                 effects.extend(self.take(out, weights, samples));
             }
             Some(Waiting::Skipped(out, reason)) => effects.push(Self::skip(out, reason)),
+            Some(Waiting::Refused(out, reason)) => {
+                effects.push(Self::masking_refusal(out, reason));
+            }
             None => {}
         }
         effects
@@ -916,6 +953,57 @@ mod tests {
         train(&mut chain);
         chain.abort("masker 1 left the key exchange".into());
         assert!(matches!(chain.poll(), Next::Done(Err(f)) if f.reason.contains("key exchange")));
+    }
+
+    #[test]
+    fn a_verdict_that_comes_before_the_pipelined_hop_returns_discards_it_when_it_does() {
+        // The other order of the race: the refusal arrives while the
+        // next member still trains on the refused update.
+        let mut chain = chain(&[1, 2, 3], 1, judged());
+        let first = train(&mut chain);
+        let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
+        let second = train(&mut chain);
+        let effects = chain.verdict(j, refused());
+        assert!(matches!(&effects[..], [Effect::Refused { member: 1, .. }]));
+        let effects = chain.returned(second.ordinal, vec![6.0; 4], 10);
+        assert!(matches!(
+            &effects[..],
+            [Effect::Discarded { member: 2, .. }]
+        ));
+        // Both orders end alike: member 3 gets the weights before member 1.
+        let third = train(&mut chain);
+        assert_eq!((third.member, third.weights), (3, vec![0.0; 4]));
+        chain.returned(third.ordinal, vec![1.0; 4], 4);
+        let j = match chain.poll() {
+            Next::Verdict => third.ordinal,
+            other => panic!("{other:?}"),
+        };
+        chain.verdict(j, accepted(0.1));
+        assert!(matches!(chain.poll(), Next::Done(Ok(r)) if r.samples == 4));
+    }
+
+    #[test]
+    fn a_pipelined_hop_skipped_after_its_refusal_is_a_skip() {
+        let mut chain = chain(&[1, 2, 3], 1, judged());
+        let first = train(&mut chain);
+        let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
+        let second = train(&mut chain);
+        chain.verdict(j, refused());
+        let effects = chain.skipped(second.ordinal, "left".into());
+        assert!(matches!(&effects[..], [Effect::Skipped { member: 2, .. }]));
+        assert_eq!(train(&mut chain).member, 3);
+    }
+
+    #[test]
+    fn an_aborted_chain_still_judges_the_hop_it_took() {
+        let mut chain = chain(&[1, 2], 1, judged());
+        let first = train(&mut chain);
+        let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
+        chain.abort("the secure round failed".into());
+        assert_eq!(chain.poll(), Next::Verdict);
+        let effects = chain.verdict(j, accepted(0.3));
+        assert!(matches!(&effects[..], [Effect::Accepted { member: 1, .. }]));
+        assert!(matches!(chain.poll(), Next::Done(Err(f)) if f.reason.contains("secure")));
     }
 
     #[test]
