@@ -12,6 +12,7 @@ use anyhow::Context;
 use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::data::Dataset;
 use astraea_core::engine::chain::Verdict;
+use astraea_core::engine::hop::{HopTimer, HopWait};
 use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
@@ -1207,52 +1208,37 @@ async fn run_hop(
         }
         deadline
     };
-    let deadline_at = started + deadline;
-    // The last sign of life of this hop; `None` once the pending hop is
-    // gone (the update arrived, or the client left).
+    let timer = HopTimer { deadline, stall };
+    // The last sign of life of this hop, as an offset from the task;
+    // `None` once the pending hop is gone (the update arrived, or the
+    // client left).
     let alive = || {
         state
             .clients()
             .get(&client)
             .and_then(|e| e.pending.as_ref())
             .filter(|p| (p.round, p.hop) == (task.round, task.hop))
-            .map(|p| p.alive)
+            .map(|p| p.alive.saturating_duration_since(started))
     };
     loop {
-        let wake = match alive() {
-            Some(last) if !stall.is_zero() => (last + stall).min(deadline_at),
-            _ => deadline_at,
-        };
-        match tokio::time::timeout_at(wake.into(), &mut reply_rx).await {
-            Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(_)) => {
-                let paused = state.clients().get(&client).is_some_and(|e| e.paused);
-                return Err(if paused {
-                    PAUSED.into()
-                } else {
-                    "client left or gave up during its hop".into()
-                });
-            }
-            Err(_) => {
-                let now = Instant::now();
-                let reason = if now >= deadline_at {
-                    format!("no update within {deadline:?}")
-                } else {
-                    match alive() {
-                        Some(last) if !stall.is_zero() && now >= last + stall => format!(
-                            "stalled: no progress for {:.1} s",
-                            now.duration_since(last).as_secs_f64()
-                        ),
-                        // It spoke since: wait on.
-                        _ => continue,
+        match timer.poll(started.elapsed(), alive()) {
+            HopWait::Until(at) => {
+                match tokio::time::timeout_at((started + at).into(), &mut reply_rx).await {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(_)) => {
+                        let paused = state.clients().get(&client).is_some_and(|e| e.paused);
+                        return Err(if paused {
+                            PAUSED.into()
+                        } else {
+                            "client left or gave up during its hop".into()
+                        });
                     }
-                };
-                // Silent (no sign of life for the stall timeout, or with
-                // no such rule for the whole deadline): not drawn again
-                // until it speaks. A client that was still sending (a
-                // late, half-sent update) is only late.
-                let quiet_for = alive().map_or(deadline, |last| now.duration_since(last));
-                let silent = quiet_for >= if stall.is_zero() { deadline } else { stall };
+                    // Time to ask the timer again.
+                    Err(_) => {}
+                }
+            }
+            HopWait::GiveUp { reason, silent } => {
+                // Silent: not drawn again until it speaks.
                 if let Some(entry) = state.clients().get_mut(&client) {
                     entry.pending = None;
                     entry.silent |= silent;

@@ -160,22 +160,7 @@ pub fn token_matches(token: &str, given: &str) -> bool {
     token.len() == given.len() && bool::from(token.as_bytes().ct_eq(given.as_bytes()))
 }
 
-/// The shortest hop deadline the server gives, whatever a client's speed.
-pub const MIN_HOP_DEADLINE: Duration = Duration::from_secs(10);
-
-/// A hop's deadline from the client's speed: three times the time its
-/// measured speed needs for `work` samples (its samples times the epochs),
-/// plus 5 s for transfer and warm-up, within [`MIN_HOP_DEADLINE`] and
-/// `ceiling` (the operator's hop deadline). A client of unknown speed gets
-/// `ceiling`.
-pub fn hop_deadline(speed: Option<f64>, work: u64, ceiling: Duration) -> Duration {
-    let Some(speed) = speed.filter(|s| s.is_finite() && *s > 0.0) else {
-        return ceiling;
-    };
-    let seconds = 3.0 * work as f64 / speed + 5.0;
-    let deadline = Duration::try_from_secs_f64(seconds).unwrap_or(ceiling);
-    deadline.clamp(MIN_HOP_DEADLINE.min(ceiling), ceiling)
-}
+pub use astraea_core::engine::hop::{MIN_HOP_DEADLINE, hop_deadline};
 
 impl ClientEntry {
     /// Folds one hop's measured speed (samples per second) into

@@ -128,13 +128,20 @@ impl Default for Population {
 }
 
 impl Population {
-    /// Seconds a frozen hop holds its chain.
-    pub fn frozen_hop_s(&self) -> f64 {
-        if self.stall_timeout_s > 0.0 {
-            self.stall_timeout_s.min(self.hop_deadline_s)
-        } else {
-            self.hop_deadline_s
-        }
+    /// Seconds a frozen hop of `work` samples (samples times epochs) by a
+    /// client of `speed` samples/s holds its chain, as the server's hop
+    /// timer (`astraea_core::engine::hop`) decides: the stall timeout, or
+    /// the client's deadline (from its speed, within the operator's) when
+    /// that comes first or the stall rule is off.
+    pub fn frozen_hop_s(&self, speed: f64, work: u64) -> f64 {
+        use astraea_core::engine::hop::{HopTimer, hop_deadline};
+        use std::time::Duration;
+        let seconds = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
+        let timer = HopTimer {
+            deadline: hop_deadline(Some(speed), work, seconds(self.hop_deadline_s)),
+            stall: seconds(self.stall_timeout_s),
+        };
+        timer.frozen_cost().as_secs_f64()
     }
 
     /// Seconds a hop of `work` samples (samples times epochs) takes at
@@ -190,8 +197,11 @@ mod tests {
             stall_timeout_s: 0.0,
             ..Population::default()
         };
-        assert_eq!(with_stall.frozen_hop_s(), 8.0);
-        assert_eq!(without.frozen_hop_s(), 60.0);
+        assert_eq!(with_stall.frozen_hop_s(200.0, 400), 8.0);
+        // Without the stall rule: a slow client's deadline is the ceiling,
+        // a fast one's what its speed earns (3 x 2 s + 5 s).
+        assert_eq!(without.frozen_hop_s(1.0, 1_000), 60.0);
+        assert_eq!(without.frozen_hop_s(200.0, 400), 11.0);
         assert_eq!(with_stall.hop_s(400, 200.0), 3.0);
         assert_eq!(with_stall.hop_s(1_000_000, 1.0), 60.0);
         assert!(!with_stall.freezes(1));

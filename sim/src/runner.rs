@@ -937,10 +937,10 @@ fn hop_time(
     epochs: usize,
     seed: u64,
 ) -> (bool, f64) {
-    if population.freezes(mix(&[seed, 0xf7ee2e])) {
-        return (true, population.frozen_hop_s());
-    }
     let work = (data.len() as u64).saturating_mul(epochs as u64);
+    if population.freezes(mix(&[seed, 0xf7ee2e])) {
+        return (true, population.frozen_hop_s(speed, work));
+    }
     (false, population.hop_s(work, speed))
 }
 

@@ -15,6 +15,9 @@
 //!   the loss rule's verdicts (pipelined or not), per-hop noise, the
 //!   secure chain's masked last hop and its clip split, the chain's
 //!   result or failure.
+//! - [`hop`]: a hop's deadline from its client's speed, and when a hop
+//!   out is given up (deadline, stall timeout) and its client deemed
+//!   silent.
 //! - [`round`]: closing a round — the aggregate (the strategy's rule,
 //!   DP-FedAvg's noisy mean, or the secure round's unmasked mean), its
 //!   bounds, the privacy accountant and the budget.
@@ -22,6 +25,7 @@
 //!   end (serve's flags, simulate's flags, a TOML file) built it.
 
 pub mod chain;
+pub mod hop;
 pub mod policy;
 pub mod round;
 
