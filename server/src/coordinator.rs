@@ -12,6 +12,7 @@ use anyhow::Context;
 use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::data::Dataset;
 use astraea_core::engine::chain::Verdict;
+use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::hop::{HopTimer, HopWait};
 use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
 use astraea_core::model::ModelConfig;
@@ -27,7 +28,6 @@ use burn::prelude::*;
 use futures_util::future::join_all;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::index::sample;
 use tokio::sync::oneshot;
 
 use crate::config::ServeConfig;
@@ -827,9 +827,9 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
 /// Why a paused client's hop was skipped.
 const PAUSED: &str = "paused: the client said it is being frozen or put to sleep";
 
-/// Draws up to `c` of the ready clients not in `busy`: never one that said
-/// it is pausing, and one silent since a skipped hop only when no other is
-/// free.
+/// Draws up to `c` of the ready clients not in `busy`, by the engine's
+/// rule ([`astraea_core::engine::draw`]): never one that said it is
+/// pausing, and one silent since a skipped hop only when no other is free.
 fn pick_participants(
     state: &AppState,
     c: usize,
@@ -837,31 +837,25 @@ fn pick_participants(
     busy: &HashSet<u64>,
 ) -> Vec<Participant> {
     let clients = state.clients();
-    // A client whose last hop was skipped for silence and that has said
-    // nothing since (frozen, locked), or that said it is pausing, is left
-    // out while others are free.
-    let any_live = clients
+    let candidates: Vec<Candidate> = clients
         .iter()
-        .any(|(id, e)| !busy.contains(id) && e.counts.is_some() && !e.resting());
-    let ready: Vec<Participant> = clients
-        .iter()
-        .filter(|(id, _)| !busy.contains(id))
-        .filter(|(_, entry)| !(entry.paused || any_live && entry.silent))
         .filter_map(|(&id, entry)| {
-            entry.counts.clone().map(|counts| Participant {
-                id: id as usize,
-                counts,
-                // Its expected hop from its measured speed.
-                hop_seconds: entry.speed.map(|speed| {
-                    entry.samples.saturating_mul(state.config.epochs as u64) as f64 / speed
-                }),
+            entry.counts.clone().map(|counts| Candidate {
+                participant: Participant {
+                    id: id as usize,
+                    counts,
+                    // Its expected hop from its measured speed.
+                    hop_seconds: entry.speed.map(|speed| {
+                        entry.samples.saturating_mul(state.config.epochs as u64) as f64 / speed
+                    }),
+                },
+                paused: entry.paused,
+                silent: entry.silent,
+                busy: busy.contains(&id),
             })
         })
         .collect();
-    let n = c.min(ready.len());
-    let mut chosen: Vec<usize> = sample(rng, ready.len(), n).into_vec();
-    chosen.sort_unstable();
-    chosen.into_iter().map(|i| ready[i].clone()).collect()
+    draw(&candidates, c, rng)
 }
 
 /// The dashboard's view of a group about to start.

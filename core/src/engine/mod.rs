@@ -15,6 +15,9 @@
 //!   the loss rule's verdicts (pipelined or not), per-hop noise, the
 //!   secure chain's masked last hop and its clip split, the chain's
 //!   result or failure.
+//! - [`draw`]: who trains: the ready clients drawn for a round or a new
+//!   group, leaving out those pausing and, while others are free, those
+//!   gone silent.
 //! - [`hop`]: a hop's deadline from its client's speed, and when a hop
 //!   out is given up (deadline, stall timeout) and its client deemed
 //!   silent.
@@ -25,6 +28,7 @@
 //!   end (serve's flags, simulate's flags, a TOML file) built it.
 
 pub mod chain;
+pub mod draw;
 pub mod hop;
 pub mod policy;
 pub mod round;
