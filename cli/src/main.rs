@@ -512,7 +512,7 @@ struct SimulateArgs {
     participants: usize,
     /// Rounds per run.
     #[arg(long, default_value_t = 50)]
-    rounds: usize,
+    rounds: u32,
     /// Runs, comma separated: fedavg-iid, fedavg, fedprox, astraea, astraea-aug, astraea-sched.
     #[arg(long, value_delimiter = ',', default_value = "fedavg,astraea")]
     strategies: Vec<String>,
@@ -1344,7 +1344,7 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         config.participants,
         threads
     );
-    let progress = ProgressBar::new((specs.len() * config.rounds) as u64);
+    let progress = ProgressBar::new(specs.len() as u64 * u64::from(config.rounds));
     progress.set_style(
         ProgressStyle::with_template(
             "{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}",

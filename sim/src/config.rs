@@ -22,7 +22,7 @@ pub struct SimConfig {
     /// c: clients taking part in each round.
     pub participants: usize,
     /// Rounds to run.
-    pub rounds: usize,
+    pub rounds: u32,
     /// gamma: most clients per mediator.
     pub gamma: usize,
     /// E: local epochs per visit.

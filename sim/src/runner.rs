@@ -136,7 +136,7 @@ pub fn run(
         label: spec.label(),
         strategy: spec.name(),
         seed: spec.seed,
-        rounds: Vec::with_capacity(config.rounds),
+        rounds: Vec::with_capacity(config.rounds as usize),
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
     let speeds = config
@@ -294,7 +294,9 @@ impl Setup<'_> {
             eval.accuracy * 100.0
         );
         // Without a terminal the bar is hidden; keep a trace in the log.
-        if self.progress.is_hidden() && (round.is_multiple_of(10) || round == self.config.rounds) {
+        if self.progress.is_hidden()
+            && (round.is_multiple_of(10) || round == self.config.rounds as usize)
+        {
             eprintln!("{status}");
         }
         self.progress.set_message(status);
@@ -315,7 +317,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
     } = setup;
     let num_params = state.global.len();
     let mut clock_s = 0.0;
-    for round in 1..=config.rounds {
+    for round in 1..=config.rounds as usize {
         let chosen = sample(
             rng,
             federation.clients.len(),
@@ -547,7 +549,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     };
     let mut now = 0.0;
     let mut stale = 0usize;
-    'rounds: for round in 1..=config.rounds {
+    'rounds: for round in 1..=config.rounds as usize {
         let (mut kl_sum, mut kl_count) = (0.0, 0usize);
         for _ in 0..per_round {
             let mut batch: Vec<Running> = Vec::with_capacity(buffer_size);
