@@ -30,7 +30,7 @@ pub fn draw(candidates: &[Candidate], c: usize, rng: &mut impl Rng) -> Vec<Parti
     let any_live = candidates.iter().any(|x| !x.busy && !x.paused && !x.silent);
     let ready: Vec<&Candidate> = candidates
         .iter()
-        .filter(|x| !x.busy && !x.paused && !(any_live && x.silent))
+        .filter(|x| !(x.busy || x.paused || any_live && x.silent))
         .collect();
     let mut chosen = sample(rng, ready.len(), c.min(ready.len())).into_vec();
     chosen.sort_unstable();
