@@ -269,8 +269,50 @@ enum BenchCommand {
     },
 }
 
+/// The update guard and its loss rule, the same flags (and `ASTRAEA_*`
+/// variables) for `serve` and `simulate`.
+#[derive(clap::Args)]
+struct GuardArgs {
+    /// Update guard: an update may move the weights it was sent by at most
+    /// this many times their L2 norm.
+    #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
+    max_update_ratio: f64,
+    /// The guard's loss rule: samples of the training set a hop is judged
+    /// on (seeded; 0 turns the rule off).
+    #[arg(long, env = "ASTRAEA_VALIDATION_SAMPLES", default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
+    validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by at
+    /// most this many nats.
+    #[arg(long, env = "ASTRAEA_MAX_LOSS_INCREASE", default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
+    max_loss_increase: f64,
+}
+
+/// Synchronous rounds or the asynchronous mode, the same flags (and
+/// `ASTRAEA_*` variables) for `serve` and `simulate`.
+#[derive(clap::Args)]
+struct ScheduleArgs {
+    /// sync: the papers' rounds; async: a group starts whenever clients are
+    /// free and is folded in when it finishes, with a staleness weight
+    /// (FedBuff-style; in simulate a recorded round is ceil(m/B)*B groups
+    /// of work for m groups running and buffer B, m in sync).
+    #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
+    mode: astraea_core::asynchronous::Mode,
+    /// Async mode: finished groups per new global model (default: half
+    /// the groups running at once, rounded up).
+    #[arg(long, env = "ASTRAEA_BUFFER")]
+    buffer: Option<usize>,
+    /// Async mode: a result more than this many global versions stale is
+    /// refused.
+    #[arg(long, env = "ASTRAEA_MAX_STALENESS", default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
+    max_staleness: u64,
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    guard: GuardArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     /// A TOML file of these settings (keys as the flags without `--`, e.g.
     /// `rounds = 100`); flags and ASTRAEA_* variables take precedence.
     #[arg(long, env = "ASTRAEA_CONFIG")]
@@ -362,20 +404,6 @@ struct ServeArgs {
     /// participants over gamma, divided by 20, as the paper).
     #[arg(long)]
     dp_count_noise: Option<f64>,
-    /// Rounds: sync (every round's groups start together and the round
-    /// waits for the slowest chain) or async (FedBuff-style: a group starts
-    /// whenever enough clients are free and is folded into the model when
-    /// it finishes, with a staleness weight; --rounds counts new models).
-    #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
-    mode: astraea_core::asynchronous::Mode,
-    /// Async mode: finished groups per new global model (default: half
-    /// the groups running at once, rounded up).
-    #[arg(long, env = "ASTRAEA_BUFFER")]
-    buffer: Option<usize>,
-    /// Async mode: a group's result more than this many global models
-    /// stale is refused.
-    #[arg(long, default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
-    max_staleness: u64,
     /// tau_d of the z-score plan.
     #[arg(long, env = "ASTRAEA_TAU_D", default_value_t = 3.5)]
     tau_d: f64,
@@ -408,18 +436,6 @@ struct ServeArgs {
     /// client is skipped as stalled; 0 turns the rule off.
     #[arg(long, env = "ASTRAEA_STALL_TIMEOUT", default_value_t = astraea_server::config::DEFAULT_STALL_TIMEOUT.as_secs_f64())]
     stall_timeout: f64,
-    /// The update guard: an update may move the weights it was sent by at
-    /// most this many times their L2 norm.
-    #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_server::guard::DEFAULT_MAX_UPDATE_RATIO)]
-    max_update_ratio: f64,
-    /// The guard's loss rule: samples of the training set kept to judge
-    /// each hop on (0: off).
-    #[arg(long, env = "ASTRAEA_VALIDATION_SAMPLES", default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
-    validation_samples: usize,
-    /// The loss rule's tolerance: a hop may raise the validation loss by at
-    /// most this many nats.
-    #[arg(long, env = "ASTRAEA_MAX_LOSS_INCREASE", default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
-    max_loss_increase: f64,
     /// Largest WebSocket frame in bytes.
     #[arg(long, env = "ASTRAEA_MAX_FRAME_BYTES", default_value_t = astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES)]
     max_frame_bytes: usize,
@@ -491,6 +507,10 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct SimulateArgs {
+    #[command(flatten)]
+    guard: GuardArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     /// Dataset: mnist, fashion-mnist, emnist-balanced, emnist-letters.
     #[arg(long, default_value = "mnist")]
     dataset: String,
@@ -560,18 +580,6 @@ struct SimulateArgs {
     /// Percent of the clients that attack (with --attack).
     #[arg(long, default_value_t = 0.0)]
     attackers: f64,
-    /// The update guard, as the server applies it: an update may move the
-    /// weights by at most this many times their norm.
-    #[arg(long, default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
-    max_update_ratio: f64,
-    /// The guard's loss rule, as the server applies it: samples of the
-    /// validation set a hop is judged on (0: off).
-    #[arg(long, default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
-    validation_samples: usize,
-    /// The loss rule's tolerance: a hop may raise the validation loss by at
-    /// most this many nats.
-    #[arg(long, default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
-    max_loss_increase: f64,
     /// Label counts under local differential privacy: each client adds
     /// discrete Laplace noise of scale 1/EPSILON to each count it reports
     /// (OpenDP); the plan and the mediators use the noisy counts. Noise
@@ -632,21 +640,6 @@ struct SimulateArgs {
     /// input and output are rounded to f16 (half the traffic).
     #[arg(long)]
     f16: bool,
-    /// Rounds: sync (the papers': every group starts together, the round
-    /// waits for the slowest chain) or async (FedBuff-style: a group starts
-    /// whenever clients are free and is folded in when it finishes, with a
-    /// staleness weight; a recorded round is ceil(m/B)*B groups of work for
-    /// m groups running and buffer B, m in sync).
-    #[arg(long, default_value = "sync")]
-    mode: astraea_core::asynchronous::Mode,
-    /// Async mode: finished groups per new global model (default: half
-    /// the groups running at once, rounded up).
-    #[arg(long)]
-    buffer: Option<usize>,
-    /// Async mode: a result more than this many global versions stale is
-    /// refused.
-    #[arg(long, default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
-    max_staleness: u64,
     /// The clients' training speeds for the federation clock (samples/s):
     /// uniform:SPEED or lognormal:MEDIAN:SPREAD (95th over 5th percentile;
     /// lognormal:200:100 is a 100x spread).
@@ -1141,12 +1134,12 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         label_epsilon: args.label_epsilon,
-        mode: args.mode,
-        buffer: args.buffer.map(|b| b.max(1)),
-        max_staleness: args.max_staleness,
-        max_update_ratio: args.max_update_ratio,
-        validation_samples: args.validation_samples,
-        max_loss_increase: args.max_loss_increase,
+        mode: args.schedule.mode,
+        buffer: args.schedule.buffer.map(|b| b.max(1)),
+        max_staleness: args.schedule.max_staleness,
+        max_update_ratio: args.guard.max_update_ratio,
+        validation_samples: args.guard.validation_samples,
+        max_loss_increase: args.guard.max_loss_increase,
         max_frame_bytes: args.max_frame_bytes,
         encoding: if args.f32 {
             WeightEncoding::F32
@@ -1237,9 +1230,9 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         aggregation: args.aggregation,
         attack: args.attack,
         attackers: args.attackers / 100.0,
-        max_update_ratio: args.max_update_ratio,
-        validation_samples: args.validation_samples,
-        max_loss_increase: args.max_loss_increase,
+        max_update_ratio: args.guard.max_update_ratio,
+        validation_samples: args.guard.validation_samples,
+        max_loss_increase: args.guard.max_loss_increase,
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
@@ -1301,9 +1294,9 @@ fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                 Some(dp)
             }
         },
-        mode: args.mode,
-        buffer: args.buffer.map(|b| b.max(1)),
-        max_staleness: args.max_staleness,
+        mode: args.schedule.mode,
+        buffer: args.schedule.buffer.map(|b| b.max(1)),
+        max_staleness: args.schedule.max_staleness,
         population: astraea_sim::population::Population {
             speeds: args.speeds,
             freeze: args.freeze.clamp(0.0, 1.0),
