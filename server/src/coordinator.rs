@@ -14,7 +14,8 @@ use astraea_core::data::Dataset;
 use astraea_core::engine::chain::Verdict;
 use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::hop::{HopTimer, HopWait};
-use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
+use astraea_core::engine::round::{largest_group, secure_chain};
+use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy};
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::{
@@ -290,7 +291,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
                 Err(failure) => failures.push(failure),
             }
         }
-        let largest = plan.groups.iter().map(|g| g.members.len()).max();
+        let largest = largest_group(&plan.groups);
         let secured = match &secure {
             Some(secure) => {
                 let outcome = secure.finish(&state).await;
@@ -308,7 +309,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             (&results, &failures),
             mean_kl,
             start,
-            Some(largest.unwrap_or(1)),
+            Some(largest),
             secured,
         )
         .await?;
@@ -681,15 +682,16 @@ fn start_secure_round(
         .collect();
     match SecureRound::new(round, &maskers, total, len, state.config.secure_quorum) {
         Ok(mut secure) => {
-            // Distributed DP: the maskers' share of the round's noise, so
-            // that any quorum of survivors carries all of it.
-            if let Some(privacy) = served_privacy(state).filter(|p| p.distributed) {
-                let largest = groups.iter().map(|g| g.members.len()).max().unwrap_or(1);
-                let Some(share) = privacy.masker_noise(largest, secure.min_survivors()) else {
-                    drop_round(state, round, "distributed DP: no valid noise multiplier");
+            // Its chains' clip and, under distributed DP, the maskers'
+            // share of the round's noise, so that any quorum of survivors
+            // carries all of it.
+            let privacy = served_privacy(state);
+            match secure_chain(privacy.as_ref(), groups, secure.min_survivors()) {
+                Ok(chain) => secure.set_chain(chain),
+                Err(reason) => {
+                    drop_round(state, round, &reason);
                     return None;
-                };
-                secure.set_masker_noise(share);
+                }
             }
             let secure = Arc::new(secure);
             *lock(&state.secure) = Some(secure.clone());
@@ -908,10 +910,7 @@ async fn run_chain(
     let rules = ChainRules {
         loss_rule: state.loss_check.is_some(),
         hop_privacy: state.config.hop_privacy,
-        secure: secure.as_ref().map(|(secure, _)| SecureChain {
-            dp_clip: state.config.model_privacy.map(|_| *lock(&state.model_clip)),
-            masker_noise: secure.masker_noise(),
-        }),
+        secure: secure.as_ref().map(|(secure, _)| secure.chain()),
     };
     // Per-hop noise from the operating system's entropy.
     let mut walk = Chain::new(index, &group, global, rules, StdRng::from_os_rng());

@@ -68,9 +68,10 @@ pub struct SecureRound {
     /// The maskers that shared keys, once the exchange is over (or why it
     /// failed).
     sharers: OnceCell<Result<BTreeSet<u32>, String>>,
-    /// Under distributed DP, the standard deviation of the noise each
-    /// masker adds to its clipped result (`task.secure_noise`).
-    masker_noise: Option<f64>,
+    /// What its chains are held to (the engine's
+    /// `round::secure_chain`): the DP clip and, under distributed DP, the
+    /// noise each masker adds to its clipped result (`task.secure_noise`).
+    chain: astraea_core::engine::SecureChain,
 }
 
 /// A secure-aggregation message that breaks the protocol (the sender is
@@ -113,7 +114,7 @@ impl SecureRound {
             }),
             changed: Notify::new(),
             sharers: OnceCell::new(),
-            masker_noise: None,
+            chain: Default::default(),
         })
     }
 
@@ -127,14 +128,14 @@ impl SecureRound {
         self.params.min_survivors()
     }
 
-    /// Sets the noise each masker adds under distributed DP.
-    pub fn set_masker_noise(&mut self, std: f64) {
-        self.masker_noise = Some(std);
+    /// Sets what its chains are held to.
+    pub fn set_chain(&mut self, chain: astraea_core::engine::SecureChain) {
+        self.chain = chain;
     }
 
-    /// The noise each masker adds under distributed DP; `None`: none.
-    pub fn masker_noise(&self) -> Option<f64> {
-        self.masker_noise
+    /// What its chains are held to.
+    pub fn chain(&self) -> astraea_core::engine::SecureChain {
+        self.chain
     }
 
     /// The slot of mediator `index` (from 0).

@@ -10,7 +10,7 @@ use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
 use astraea_core::engine::chain::{Judgement, Verdict};
-use astraea_core::engine::round::{close, simulated_unmasking};
+use astraea_core::engine::round::{close, largest_group, secure_chain, simulated_unmasking};
 use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
@@ -342,34 +342,30 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
             .collect();
         let quorum = secure_quorum(config, &round_plan.groups, round)?;
-        let largest = round_plan
-            .groups
-            .iter()
-            .map(|g| g.members.len())
-            .max()
-            .unwrap_or(1);
-        let secure = quorum.map(|quorum| SecureChain {
-            dp_clip: state.privacy.as_ref().map(|p| p.clip),
-            masker_noise: state
-                .privacy
-                .as_ref()
-                .and_then(|p| p.masker_noise(largest, quorum)),
-        });
+        let largest = largest_group(&round_plan.groups);
+        // As on the server, a secure round whose chains' settings cannot
+        // be made trains nothing, and is dropped.
+        let secure = quorum
+            .map(|quorum| secure_chain(state.privacy.as_ref(), &round_plan.groups, quorum))
+            .transpose();
+        let groups = match &secure {
+            Ok(_) => &round_plan.groups[..],
+            Err(_) => &[],
+        };
         let context = RoundContext {
-            secure,
+            secure: secure.clone().ok().flatten(),
             ..setup.context(&state.global, &round_train)
         };
-        let (results, failures, processed, round_clock) = run_chains(
-            &round_plan.groups,
-            &starts,
-            &seeds,
-            &context,
-            config.threads,
-        );
+        let (results, failures, processed, round_clock) =
+            run_chains(groups, &starts, &seeds, &context, config.threads);
         // The simulator stands in for the masking protocol: what the
         // server would unmask (every result weighs the same under DP).
-        let unmasked =
-            quorum.map(|quorum| simulated_unmasking(&results, quorum, state.privacy.is_some()));
+        let unmasked = match secure {
+            Err(reason) => Some(Err(reason)),
+            Ok(_) => {
+                quorum.map(|quorum| simulated_unmasking(&results, quorum, state.privacy.is_some()))
+            }
+        };
         let clip = state.privacy.as_ref().map(|p| p.clip);
         let (closed, norms) = close(
             strategy.as_ref(),

@@ -21,11 +21,12 @@ use std::panic::AssertUnwindSafe;
 
 use rand::Rng;
 
+use super::chain::SecureChain;
 use crate::privacy::{
     ModelPrivacy, RdpAccountant, distributed_noise_share, noise_the_mean, private_mean,
 };
 use crate::protocol::limits::check_weights;
-use crate::strategy::{GroupFailure, GroupResult, Strategy};
+use crate::strategy::{Group, GroupFailure, GroupResult, Strategy};
 
 /// What closing a round decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +132,40 @@ impl RoundPrivacy {
             .compose(self.q, self.mechanism.noise_multiplier, 1);
         self.round_mechanism(largest)
     }
+}
+
+/// The most clients in one of `groups` (1 when there are none): what DP's
+/// sensitivity is taken over.
+pub fn largest_group(groups: &[Group]) -> usize {
+    groups.iter().map(|g| g.members.len()).max().unwrap_or(1)
+}
+
+/// What a secure round's chains are held to: under client-level DP
+/// (`privacy`) the round's clip, split between each chain and its masker,
+/// and under distributed DP the noise each masker adds so that any
+/// `quorum` of them that can be unmasked carries the round's noise.
+///
+/// # Errors
+/// Under distributed DP, when no finite noise exists for `groups`: the
+/// round must not train (a masker would send its hop without noise).
+pub fn secure_chain(
+    privacy: Option<&RoundPrivacy>,
+    groups: &[Group],
+    quorum: usize,
+) -> Result<SecureChain, String> {
+    let Some(privacy) = privacy else {
+        return Ok(SecureChain::default());
+    };
+    let masker_noise = if privacy.distributed {
+        let share = privacy.masker_noise(largest_group(groups), quorum);
+        Some(share.ok_or("distributed DP: no valid noise multiplier")?)
+    } else {
+        None
+    };
+    Ok(SecureChain {
+        dp_clip: Some(privacy.clip),
+        masker_noise,
+    })
 }
 
 /// The round's aggregate under secure aggregation: the unmasked mean and
@@ -353,6 +388,22 @@ mod tests {
         let mut next = privacy.accountant.clone();
         next.compose(1.0, 1.0, 1);
         assert!(next.epsilon(1e-5) > 30.0);
+    }
+
+    #[test]
+    fn a_secure_round_under_distributed_dp_without_valid_noise_does_not_train() {
+        let groups = [Group {
+            members: vec![1, 2],
+            passes: 1,
+        }];
+        let plain = secure_chain(None, &groups, 2);
+        assert_eq!(plain, Ok(SecureChain::default()));
+        let mut privacy = RoundPrivacy::new(dp(), None, true, 1.0);
+        let chain = secure_chain(Some(&privacy), &groups, 2).expect("valid noise");
+        assert_eq!(chain.dp_clip, Some(1.0));
+        assert!(chain.masker_noise.is_some_and(|n| n > 0.0));
+        privacy.mechanism.noise_multiplier = f64::NAN;
+        assert!(secure_chain(Some(&privacy), &groups, 2).is_err());
     }
 
     #[test]
