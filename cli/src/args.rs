@@ -1,0 +1,39 @@
+//! The `#[command(flatten)]` argument groups that `serve` and `simulate` share.
+
+/// The update guard and its loss rule, the same flags (and `ASTRAEA_*`
+/// variables) for `serve` and `simulate`.
+#[derive(clap::Args)]
+pub(crate) struct GuardArgs {
+    /// Update guard: an update may move the weights it was sent by at most
+    /// this many times their L2 norm.
+    #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
+    pub(crate) max_update_ratio: f64,
+    /// The guard's loss rule: samples of the training set a hop is judged
+    /// on (seeded; 0 turns the rule off).
+    #[arg(long, env = "ASTRAEA_VALIDATION_SAMPLES", default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
+    pub(crate) validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by at
+    /// most this many nats.
+    #[arg(long, env = "ASTRAEA_MAX_LOSS_INCREASE", default_value_t = astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE)]
+    pub(crate) max_loss_increase: f64,
+}
+
+/// Synchronous rounds or the asynchronous mode, the same flags (and
+/// `ASTRAEA_*` variables) for `serve` and `simulate`.
+#[derive(clap::Args)]
+pub(crate) struct ScheduleArgs {
+    /// sync: the papers' rounds; async: a group starts whenever clients are
+    /// free and is folded in when it finishes, with a staleness weight
+    /// (FedBuff-style; in simulate a recorded round is ceil(m/B)*B groups
+    /// of work for m groups running and buffer B, m in sync).
+    #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
+    pub(crate) mode: astraea_core::asynchronous::Mode,
+    /// Async mode: finished groups per new global model (default: half
+    /// the groups running at once, rounded up).
+    #[arg(long, env = "ASTRAEA_BUFFER")]
+    pub(crate) buffer: Option<usize>,
+    /// Async mode: a result more than this many global versions stale is
+    /// refused.
+    #[arg(long, env = "ASTRAEA_MAX_STALENESS", default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
+    pub(crate) max_staleness: u64,
+}

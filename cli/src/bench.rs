@@ -1,0 +1,380 @@
+//! `astraea bench`: the server's measurements, one subcommand each.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use astraea_core::protocol::WeightEncoding;
+use astraea_core::strategy::StrategyKind;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Aggregation throughput next to a plain memory copy.
+    Aggregate {
+        /// Parameters per update.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Updates folded per pass.
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+    },
+    /// Idle clients one server process holds, and its memory per client.
+    Idle {
+        /// Clients to join.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients joining at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Crash resilience: the server killed with SIGKILL at random moments
+    /// while clients train (rounds lost after each restart).
+    Kills {
+        /// SIGKILLs to deliver.
+        #[arg(long, default_value_t = 50)]
+        kills: usize,
+        /// Rounds of the run (more than the kills leave room to finish).
+        #[arg(long, default_value_t = 80)]
+        rounds: u32,
+        /// Seed of the kill times.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Clients vanishing mid-chain every round (rounds stalled).
+    Vanish {
+        /// Rounds to run.
+        #[arg(long, default_value_t = 100)]
+        rounds: u32,
+        /// Probability that a client vanishes on a given task.
+        #[arg(long, default_value_t = 0.2)]
+        share: f64,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Clients freezing mid-hop (silent, socket open) against a 120 s
+    /// deadline: what a frozen client costs its chain.
+    Freeze {
+        /// Rounds to run.
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        /// Probability that a client freezes on a given task.
+        #[arg(long, default_value_t = 0.1)]
+        share: f64,
+        /// The server's stall timeout in seconds (0: none, the deadline).
+        #[arg(long, default_value_t = 8.0)]
+        stall_timeout: f64,
+        /// sync rounds, or the async mode (then a round is a new model).
+        #[arg(long, default_value = "sync")]
+        mode: astraea_core::asynchronous::Mode,
+        /// Native clients (at least 6).
+        #[arg(long, default_value_t = 6)]
+        clients: usize,
+        /// Test accuracy in % whose first arrival the table times.
+        #[arg(long, default_value_t = 80.0)]
+        target: f64,
+        /// Injected training speeds, as `simulate --speeds` takes them
+        /// (uniform:SPEED or lognormal:MEDIAN:SPREAD, samples per second):
+        /// a client faster than its draw waits, alive, until a machine of
+        /// that speed would have finished. Unset: as fast as they can.
+        #[arg(long)]
+        speeds: Option<astraea_sim::population::SpeedModel>,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Structure-aware fuzzing of the protocol decoders: crashes found.
+    Fuzz {
+        /// Inputs to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        inputs: u64,
+        /// Seed of the first thread (thread t uses seed + t).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// A hop's fixed cost stage by stage on the CPU: encode, decode, model
+    /// built, the first step beyond a steady one, read back; for hops of a
+    /// few batches, weights as f32 and f16.
+    Hop {
+        /// Batches of 20 per hop.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,10")]
+        batches: Vec<usize>,
+        /// Repeats per row (medians are shown).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Coordination overhead per round with echo clients.
+    Rounds {
+        /// Clients, all taking part.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Rounds timed.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Strategy.
+        #[arg(long, default_value = "fedavg")]
+        strategy: StrategyKind,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// What secure aggregation costs: the protocol in memory for several
+    /// numbers of maskers (none or a share dropping after the key
+    /// exchange), then live rounds of echo clients with it off, on, and on
+    /// with clients vanishing at their masked hop.
+    Secagg {
+        /// Numbers of maskers for the in-memory table.
+        #[arg(long, value_delimiter = ',', default_value = "10,20,50,100,255")]
+        maskers: Vec<u32>,
+        /// Values in the model (default: the MNIST CNN's).
+        #[arg(long, default_value_t = 63_286)]
+        params: usize,
+        /// Share of maskers that drop after the key exchange.
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// Live: clients (FedAvg, so every client masks); 0 skips the live
+        /// table.
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        /// Live: rounds timed per configuration.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Runs one measurement and prints its table.
+pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
+    match bench {
+        BenchCommand::Aggregate { params, updates } => {
+            let b = astraea_bench::aggregate::run(params, updates, 5);
+            println!(
+                "| params | updates | fold GB/s | copy GB/s | fold / copy | aggregator state |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.1} MB |",
+                b.params,
+                b.updates,
+                b.fold_gbps,
+                b.copy_gbps,
+                b.fold_gbps / b.copy_gbps,
+                b.state_bytes as f64 / 1e6
+            );
+        }
+        BenchCommand::Idle {
+            clients,
+            concurrency,
+            data_dir,
+        } => {
+            let b = astraea_bench::idle::run(&data_dir, clients, concurrency).await?;
+            let per_client =
+                (b.rss_after.saturating_sub(b.rss_before)) as f64 / b.connected.max(1) as f64;
+            println!(
+                "| clients asked | connected | join s | server RSS before | after | per client |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {:.1} | {:.1} MB | {:.1} MB | {:.1} KB |",
+                b.requested,
+                b.connected,
+                b.join_s,
+                b.rss_before as f64 / 1e6,
+                b.rss_after as f64 / 1e6,
+                per_client / 1e3
+            );
+        }
+        BenchCommand::Kills {
+            kills,
+            rounds,
+            seed,
+            data_dir,
+        } => {
+            let r = astraea_bench::chaos::kills(data_dir, kills, rounds, seed).await?;
+            println!("| SIGKILLs | rounds lost | rounds done / planned | finished | seconds |");
+            println!("|---:|---:|---:|---|---:|");
+            println!(
+                "| {} | {} | {} / {} | {} | {:.0} |",
+                r.kills, r.rounds_lost, r.rounds_done, r.rounds, r.finished, r.seconds
+            );
+        }
+        BenchCommand::Vanish {
+            rounds,
+            share,
+            data_dir,
+        } => {
+            let r = astraea_bench::chaos::vanish(data_dir, rounds, share).await?;
+            println!(
+                "| rounds | vanish share | rounds stalled | hops skipped | departures | mean round s | longest round s |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {share} | {} | {} | {} | {:.2} | {:.2} |",
+                r.rounds, r.stalled, r.skipped_hops, r.departures, r.mean_round_s, r.max_round_s
+            );
+        }
+        BenchCommand::Freeze {
+            rounds,
+            share,
+            stall_timeout,
+            mode,
+            clients,
+            target,
+            speeds,
+            data_dir,
+        } => {
+            let stall = std::time::Duration::try_from_secs_f64(stall_timeout)
+                .context("--stall-timeout must be a non-negative number of seconds")?;
+            let drawn = speeds.map(|m| m.draw(clients, 1)).unwrap_or_default();
+            let r =
+                astraea_bench::chaos::freeze(data_dir, rounds, share, stall, mode, clients, &drawn)
+                    .await?;
+            println!(
+                "| mode | rounds | freeze share | stall timeout s | rounds stalled | hops skipped | hops done | mean round s | longest round s | run s | s per 100 hops | best % | final % | s to {target} % |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let to_target = r
+                .seconds_to(target / 100.0)
+                .map_or("never".to_string(), |s| format!("{s:.1}"));
+            println!(
+                "| {mode} | {} | {share} | {stall_timeout} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {to_target} |",
+                r.rounds,
+                r.stalled,
+                r.skipped_hops,
+                r.hops_done,
+                r.mean_round_s,
+                r.max_round_s,
+                r.total_s,
+                100.0 * r.total_s / r.hops_done.max(1) as f64,
+                100.0 * r.best_accuracy(),
+                100.0 * r.accuracy.last().map_or(0.0, |&(_, a)| a),
+            );
+        }
+        BenchCommand::Hop {
+            batches,
+            repeats,
+            data_dir,
+        } => {
+            let (train, _) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            println!(
+                "| batches | encoding | server encode | client decode | build model | first step extra | steady step | read back | client encode | server decode | server judge | fixed | hop | fixed share |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for encoding in [WeightEncoding::F32, WeightEncoding::F16] {
+                for &n in &batches {
+                    let c = astraea_bench::hop::run(&train, n, encoding, 1 << 20, repeats);
+                    println!(
+                        "| {n} | {encoding:?} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % |",
+                        c.server_encode_ms,
+                        c.client_decode_ms,
+                        c.build_ms,
+                        c.first_step_extra_ms,
+                        c.steady_step_ms,
+                        c.read_back_ms,
+                        c.client_encode_ms,
+                        c.server_decode_ms,
+                        c.server_judge_ms,
+                        c.fixed_ms(),
+                        c.total_ms(),
+                        100.0 * c.fixed_ms() / c.total_ms()
+                    );
+                }
+            }
+            println!(
+                "(milliseconds, medians of {repeats}; CPU, burn flex; network transfer not included)"
+            );
+        }
+        BenchCommand::Fuzz {
+            inputs,
+            seed,
+            threads,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            let b = astraea_bench::fuzz::run(inputs, seed, threads);
+            print!("{}", astraea_bench::fuzz::table(&b));
+            if let Some(crash) = &b.report.first_crash {
+                println!("first crash: {crash}");
+            }
+        }
+        BenchCommand::Secagg {
+            maskers,
+            params,
+            dropout,
+            clients,
+            rounds,
+            data_dir,
+        } => {
+            let mut rows = Vec::new();
+            for &n in &maskers {
+                for gone in [0, (f64::from(n) * dropout).round() as u32] {
+                    if gone == 0
+                        && rows
+                            .last()
+                            .is_some_and(|r: &astraea_bench::secagg::ProtocolBench| r.maskers == n)
+                    {
+                        continue;
+                    }
+                    rows.push(astraea_bench::secagg::protocol(n, gone, params)?);
+                }
+            }
+            print!("{}", astraea_bench::secagg::protocol_table(&rows));
+            if clients > 0 {
+                let mut live = Vec::new();
+                for (secure, vanish) in
+                    [(false, 0.0), (true, 0.0), (false, dropout), (true, dropout)]
+                {
+                    live.push(
+                        astraea_bench::secagg::live(
+                            data_dir.clone(),
+                            clients,
+                            rounds,
+                            secure,
+                            vanish,
+                        )
+                        .await?,
+                    );
+                }
+                println!();
+                print!("{}", astraea_bench::secagg::live_table(&live));
+            }
+        }
+        BenchCommand::Rounds {
+            clients,
+            rounds,
+            strategy,
+            data_dir,
+        } => {
+            let b = astraea_bench::rounds::run(data_dir, clients, rounds, strategy).await?;
+            println!(
+                "| strategy | clients | rounds | s/round | evaluation s | coordination s/round | model transfers/round |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+                b.strategy.as_str(),
+                b.clients,
+                b.rounds,
+                b.round_s,
+                b.eval_s,
+                b.round_s - b.eval_s,
+                b.transfers
+            );
+        }
+    }
+    Ok(())
+}

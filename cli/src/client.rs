@@ -1,0 +1,40 @@
+//! `astraea client`: one native client joining a server.
+
+use std::path::PathBuf;
+
+use astraea_native as client;
+
+use crate::shared::{client_options, tls_settings};
+
+#[derive(clap::Args)]
+pub(crate) struct ClientArgs {
+    /// WebSocket URL of the server: ws://, or wss:// over TLS (a server
+    /// on another machine refuses plain ws:// unless --allow-insecure).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    server: String,
+    /// Also trust the certificates in this PEM file for wss:// (the
+    /// self-signed one `serve --tls` keeps in STATE_DIR/tls/cert.pem, or
+    /// ./tls/cert.pem without --state-dir);
+    /// the web's public roots are always trusted.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Folder holding the datasets (demo shards are loaded from here).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+}
+
+/// Joins the server and trains until the run ends.
+pub(crate) async fn client_command(args: ClientArgs) -> anyhow::Result<()> {
+    let ClientArgs {
+        server,
+        ca_cert,
+        data_dir,
+    } = args;
+    let options = client::ClientOptions {
+        tls: tls_settings(&server, ca_cert.as_deref())?,
+        ..client_options(server, data_dir, None)
+    };
+    let summary = client::run_client(options, Default::default()).await?;
+    println!("client done: {summary:?}");
+    Ok(())
+}
