@@ -39,6 +39,18 @@ pub struct RoundRecord {
     /// when the model is not trained under DP (no bound at all).
     #[serde(default)]
     pub epsilon: Option<f64>,
+    /// The round's mediators, each its members in chain order, as client
+    /// ids a server gives them (the n-th client to join is client n; see
+    /// `astraea_core::engine::seeds`). Synchronous rounds only: empty in
+    /// the asynchronous mode, and in records kept before it was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mediators: Vec<Vec<u64>>,
+    /// How this round's hops ended (accepted, refused, discarded,
+    /// skipped), added up over its chains; in the asynchronous mode, over
+    /// the chains this version folded in (the simulator) or that ended
+    /// while it was made (the server). Zero in records kept before it was.
+    #[serde(default)]
+    pub hops: crate::engine::HopTally,
 }
 
 impl RoundRecord {

@@ -478,7 +478,7 @@ impl Connection {
                     entry.plan_sent = true;
                     entry.send(&ServerMessage::Plan {
                         ratios,
-                        seed: self.state.config.seed ^ id,
+                        seed: astraea_core::engine::seeds::plan(self.state.config.seed, id),
                     });
                 }
                 None => {

@@ -15,6 +15,7 @@ use astraea_core::engine::chain::Verdict;
 use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::hop::{HopTimer, HopWait};
 use astraea_core::engine::round::{largest_group, secure_chain};
+use astraea_core::engine::seeds;
 use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy};
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
@@ -79,7 +80,7 @@ impl ServerData {
         device.seed(config.seed);
         let initial = Weights::from_model(&model_config.init(&device));
         let loss_check = (config.validation_samples > 0 && !train.is_empty()).then(|| {
-            let mut rng = StdRng::seed_from_u64(config.seed ^ 0x7a11d);
+            let mut rng = StdRng::seed_from_u64(seeds::validation(config.seed));
             let count = config.validation_samples.min(train.len());
             let picked = rand::seq::index::sample(&mut rng, train.len(), count).into_vec();
             Arc::new(LossCheck::new(
@@ -200,9 +201,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
     let mut round = first_round;
     while round <= state.tunable().rounds {
         // Seeded per round, so a resumed run draws as the original would have.
-        let mut rng = StdRng::seed_from_u64(
-            config.seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let mut rng = StdRng::seed_from_u64(seeds::round_draw(config.seed, round));
         if !wait_while_paused(&state).await {
             break;
         }
@@ -386,6 +385,14 @@ async fn close_round(
     }
     let eval = eval?;
     *lock(&state.global) = Some(Arc::new(global.clone()));
+    let (hops, mediators) = {
+        let mut status = state.status();
+        let mediators = match state.config.mode {
+            Mode::Sync => status.mediators.iter().map(|m| m.members.clone()).collect(),
+            Mode::Async => Vec::new(),
+        };
+        (std::mem::take(&mut status.round_hops), mediators)
+    };
     let record = RoundRecord {
         round: round as usize,
         accuracy: eval.accuracy,
@@ -398,6 +405,8 @@ async fn close_round(
         train_s: 0.0,
         clock_s: start.elapsed().as_secs_f64(),
         epsilon: state.model_epsilon(),
+        mediators,
+        hops,
     };
     tracing::info!(
         round,
@@ -488,7 +497,7 @@ async fn run_async(
         mut planned,
     } = resume;
     let start = Instant::now();
-    let mut rng = StdRng::seed_from_u64(config.seed ^ 0xa5c ^ u64::from(first_round));
+    let mut rng = StdRng::seed_from_u64(seeds::async_draw(config.seed, first_round));
     let mut buffer = Buffer::at_version(1, config.max_staleness, u64::from(first_round) - 1);
     let mut running = tokio::task::JoinSet::new();
     // The members of the chain in each dashboard slot, `None` when free.
@@ -818,7 +827,7 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
             entry.counts = None;
             entry.send(&ServerMessage::Plan {
                 ratios: plan.ratios.clone(),
-                seed: state.config.seed ^ id,
+                seed: seeds::plan(state.config.seed, id),
             });
         }
     }
@@ -919,15 +928,14 @@ async fn run_chain(
     let wire = |ordinal: u32| (chain % 200_000) as u32 * 20_000 + ordinal;
     // The loss rule at work on one hop: (its ordinal, the verdict to come).
     let mut judging: Option<(u32, tokio::task::JoinHandle<Verdict>)> = None;
-    loop {
+    let outcome = loop {
         let hop = match walk.poll() {
             Next::Train(hop) => hop,
             Next::Verdict => {
                 let Some((ordinal, verdict)) = judging.take() else {
                     // The engine's contract: a verdict is due only while
                     // one is being judged.
-                    state.set_hop(index, None, walk.planned() as u32);
-                    return Err(GroupFailure {
+                    break Err(GroupFailure {
                         group: index,
                         reason: "a verdict was due with none being judged".into(),
                     });
@@ -941,16 +949,12 @@ async fn run_chain(
             }
             // Every hop's outcome is fed as it comes (below).
             Next::Outcome => {
-                state.set_hop(index, None, walk.planned() as u32);
-                return Err(GroupFailure {
+                break Err(GroupFailure {
                     group: index,
                     reason: "a hop's outcome was lost".into(),
                 });
             }
-            Next::Done(outcome) => {
-                state.set_hop(index, None, walk.planned() as u32);
-                return outcome;
-            }
+            Next::Done(outcome) => break outcome,
         };
         let member = hop.member as u64;
         state.set_hop(index, Some(member), hop.slot as u32);
@@ -966,11 +970,7 @@ async fn run_chain(
             stall_ms: None,
             // The chain's number too: in the asynchronous mode two
             // chains of one version share round and hop.
-            seed: state.config.seed
-                ^ (u64::from(round) << 32)
-                ^ u64::from(hop.ordinal)
-                ^ member
-                ^ chain.rotate_left(20),
+            seed: seeds::hop(state.config.seed, round, chain, member, hop.pass as u32),
             encoding: state.config.encoding,
             chunks: 0,
             place: Some(ChainPlace {
@@ -1046,7 +1046,10 @@ async fn run_chain(
             Err(reason) => walk.skipped(hop.ordinal, reason),
         };
         carry_out(&state, round, effects, &wire, &mut judging);
-    }
+    };
+    state.set_hop(index, None, walk.planned() as u32);
+    state.status().round_hops += walk.tally();
+    outcome
 }
 
 /// Carries out what the chain's engine said: acknowledgements, counters and

@@ -329,6 +329,8 @@ mod tests {
             train_s: 0.0,
             clock_s: wall_s,
             epsilon: None,
+            mediators: Vec::new(),
+            hops: Default::default(),
         }
     }
 

@@ -230,6 +230,9 @@ pub struct RunStatus {
     pub mediators: Vec<MediatorStatus>,
     /// Hops skipped because a client left or missed its deadline.
     pub skipped_hops: u64,
+    /// How the hops of the chains that ended since the last round was
+    /// recorded ended: the next record's `hops`.
+    pub round_hops: astraea_core::engine::HopTally,
     /// The metrics history, one record per finished round.
     pub history: Vec<RoundRecord>,
     /// When the current round started, for its progress and the ETA.
@@ -400,6 +403,7 @@ impl AppState {
             plan: None,
             mediators: vec![],
             skipped_hops: 0,
+            round_hops: Default::default(),
             history: vec![],
             round_started: None,
         };

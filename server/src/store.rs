@@ -249,6 +249,8 @@ impl Store {
                     train_s: 0.0,
                     clock_s: row.get(6)?,
                     epsilon: row.get(11)?,
+                    mediators: Vec::new(),
+                    hops: Default::default(),
                 },
                 row.get::<_, i64>(7)? as u64,
                 row.get::<_, String>(8)?,
@@ -473,6 +475,8 @@ mod tests {
             train_s: 0.0,
             clock_s: round as f64,
             epsilon: None,
+            mediators: Vec::new(),
+            hops: Default::default(),
         }
     }
 

@@ -6,6 +6,7 @@ use anyhow::Context;
 use astraea_core::astraea::AugmentationPlan;
 use astraea_core::augment::{AugmentConfig, apply_plan, materialise};
 use astraea_core::data::Dataset;
+use astraea_core::engine::seeds;
 use astraea_core::partition::{Partition, balanced_iid_like};
 use astraea_core::train::Samples;
 
@@ -32,6 +33,13 @@ pub fn partition_for(
             .context("building the balanced IID reference");
     }
     Ok(partition)
+}
+
+/// The id a server gives the simulated client at `index`: the n-th client
+/// to join is client n and holds shard n - 1, so the seeds a client draws
+/// with (`astraea_core::engine::seeds`) are those of the served client.
+pub fn client_id(index: usize) -> u64 {
+    index as u64 + 1
 }
 
 /// One simulated client's local data.
@@ -108,8 +116,7 @@ impl Federation {
                 let (images, labels) = match &plan {
                     None => (local.images, local.labels),
                     Some(plan) => {
-                        let client_seed =
-                            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(id as u64 + 1));
+                        let client_seed = seeds::plan(seed, client_id(id));
                         let outcome =
                             apply_plan(&local.labels, &plan.ratios, &augment, client_seed)?;
                         materialise(

@@ -10,8 +10,12 @@ use astraea_core::asynchronous::{self, Buffer, Mode};
 use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
 use astraea_core::engine::chain::{Judgement, Verdict};
+use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::round::{close, largest_group, secure_chain, simulated_unmasking};
-use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy, SecureChain};
+use astraea_core::engine::seeds::{self, mix};
+use astraea_core::engine::{
+    Chain, ChainRules, Closed, Effect, HopTally, Next, RoundPrivacy, SecureChain,
+};
 use astraea_core::guard::UpdateGuard;
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
@@ -28,17 +32,39 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 
 use crate::config::{RunSpec, SimConfig};
-use crate::federation::{ClientData, Federation};
+use crate::federation::{ClientData, Federation, client_id};
 use crate::population::Population;
 use crate::traffic::{Traffic, plan_exchange_bytes};
 use astraea_core::metrics::{RoundRecord, RunHistory};
 
-/// Mixes seeds so that each (run, round, client, pass) trains differently
-/// but reproducibly.
-fn mix(parts: &[u64]) -> u64 {
-    parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &p| {
-        (h ^ p).wrapping_mul(0x100_0000_01b3).rotate_left(17)
-    })
+/// The seeds of one chain's draws (`astraea_core::engine::seeds`): the
+/// chain numbered `chain` of round `round` (the global version + 1 it
+/// starts from) of the run seeded `run`, as the server numbers them.
+#[derive(Debug, Clone, Copy)]
+struct ChainSeed {
+    run: u64,
+    round: u32,
+    chain: u64,
+}
+
+impl ChainSeed {
+    /// The seed of the hop of the client at index `member` on pass `pass`:
+    /// its training, and here its simulated time and freezing too.
+    fn hop(self, member: usize, pass: usize) -> u64 {
+        seeds::hop(
+            self.run,
+            self.round,
+            self.chain,
+            client_id(member),
+            pass as u32,
+        )
+    }
+
+    /// The seed of the chain's per-hop noise (a served chain draws it from
+    /// the operating system).
+    fn noise(self) -> u64 {
+        mix(&[self.run, 0x401e, u64::from(self.round), self.chain])
+    }
 }
 
 /// Runs one simulated federation from scratch and returns its history.
@@ -144,7 +170,7 @@ pub fn run(
         .speeds
         .draw(federation.clients.len(), mix(&[spec.seed, 0x5eed5]));
     let loss_check = (config.validation_samples > 0).then(|| {
-        let mut draw = StdRng::seed_from_u64(mix(&[spec.seed, 0x7a11d]));
+        let mut draw = StdRng::seed_from_u64(seeds::validation(spec.seed));
         let picked = sample(
             &mut draw,
             train.len(),
@@ -186,6 +212,7 @@ pub fn run(
         history,
         train_samples: 0,
         train_s: 0.0,
+        hops: HopTally::default(),
     };
     match config.mode {
         Mode::Sync => sync_rounds(&setup, &mut state, &mut rng)?,
@@ -222,6 +249,8 @@ struct RunState {
     history: RunHistory,
     train_samples: u64,
     train_s: f64,
+    /// How the hops of the chains since the last record ended.
+    hops: HopTally,
 }
 
 impl Setup<'_> {
@@ -237,6 +266,23 @@ impl Setup<'_> {
                 self.speeds[id],
             )),
         }
+    }
+
+    /// Up to `c` clients drawn with `rng` by the engine's draw (as the
+    /// server draws its ready clients), leaving out those `busy` in a
+    /// chain and those dropped for the run (a refused client's socket is
+    /// closed: it is no longer among a server's candidates).
+    fn draw(&self, busy: &[bool], rng: &mut StdRng) -> Vec<Participant> {
+        let candidates: Vec<Candidate> = (0..self.federation.clients.len())
+            .filter(|&id| !self.defence.is_dropped(id))
+            .map(|id| Candidate {
+                participant: self.participant(id),
+                paused: false,
+                silent: false,
+                busy: busy[id],
+            })
+            .collect();
+        draw(&candidates, self.config.participants, rng)
     }
 
     /// What every chain shares, starting from `global`.
@@ -260,12 +306,13 @@ impl Setup<'_> {
     }
 
     /// Evaluates the global model and records round `round`, reached at
-    /// `clock_s` on the federation's clock.
+    /// `clock_s` on the federation's clock, trained by `mediators` (empty
+    /// in the asynchronous mode).
     fn record(
         &self,
         state: &mut RunState,
         round: usize,
-        mean_kl: f64,
+        (mean_kl, mediators): (f64, &[Group]),
         clock_s: f64,
     ) -> anyhow::Result<()> {
         let epsilon = state.privacy.as_ref().map(RoundPrivacy::epsilon);
@@ -287,6 +334,11 @@ impl Setup<'_> {
             train_s: state.train_s,
             clock_s,
             epsilon,
+            mediators: mediators
+                .iter()
+                .map(|g| g.members.iter().map(|&m| client_id(m)).collect())
+                .collect(),
+            hops: std::mem::take(&mut state.hops),
         });
         let status = format!(
             "{} round {round}: {:.2}%",
@@ -318,13 +370,8 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
     let num_params = state.global.len();
     let mut clock_s = 0.0;
     for round in 1..=config.rounds as usize {
-        let chosen = sample(
-            rng,
-            federation.clients.len(),
-            config.participants.min(federation.clients.len()),
-        );
-        let participants: Vec<Participant> =
-            chosen.iter().map(|id| setup.participant(id)).collect();
+        let mut draw_rng = StdRng::seed_from_u64(seeds::round_draw(spec.seed, round as u32));
+        let participants = setup.draw(&vec![false; federation.clients.len()], &mut draw_rng);
         let round_plan = strategy.configure_round(&participants);
         let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
         for group in &round_plan.groups {
@@ -338,8 +385,12 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         };
         let training = Instant::now();
         let starts = vec![&state.global; round_plan.groups.len()];
-        let seeds: Vec<u64> = (0..round_plan.groups.len())
-            .map(|index| mix(&[mix(&[spec.seed, round as u64]), index as u64]))
+        let seeds: Vec<ChainSeed> = (0..round_plan.groups.len())
+            .map(|index| ChainSeed {
+                run: spec.seed,
+                round: round as u32,
+                chain: index as u64,
+            })
             .collect();
         let quorum = secure_quorum(config, &round_plan.groups, round)?;
         let largest = largest_group(&round_plan.groups);
@@ -356,8 +407,14 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             secure: secure.clone().ok().flatten(),
             ..setup.context(&state.global, &round_train)
         };
-        let (results, failures, processed, round_clock) =
-            run_chains(groups, &starts, &seeds, &context, config.threads);
+        let (results, failures, processed, round_clock) = run_chains(
+            groups,
+            &starts,
+            &seeds,
+            &context,
+            config.threads,
+            &mut state.hops,
+        );
         // The simulator stands in for the masking protocol: what the
         // server would unmask (every result weighs the same under DP).
         let unmasked = match secure {
@@ -391,7 +448,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         state.train_samples += processed;
         clock_s += round_clock;
         state.train_s += training.elapsed().as_secs_f64();
-        setup.record(state, round, mean_kl, clock_s)?;
+        setup.record(state, round, (mean_kl, &round_plan.groups), clock_s)?;
     }
     Ok(())
 }
@@ -480,17 +537,14 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     let num_params = state.global.len();
     let mut busy = vec![false; clients];
     // Draws up to `c` free clients and lets the strategy form groups of them.
+    // As the server: one generator for the run's draws, seeded from the
+    // first version it trains.
+    let mut draw_rng = StdRng::seed_from_u64(seeds::async_draw(spec.seed, 1));
     let draw_groups = |busy: &[bool], rng: &mut StdRng| -> (Vec<Group>, f64) {
-        let free: Vec<usize> = (0..clients)
-            .filter(|&id| !busy[id] && !setup.defence.is_dropped(id))
-            .collect();
-        let picked = sample(rng, free.len(), config.participants.min(free.len()));
-        let participants: Vec<Participant> =
-            picked.iter().map(|i| setup.participant(free[i])).collect();
-        let plan = strategy.configure_round(&participants);
+        let plan = strategy.configure_round(&setup.draw(busy, rng));
         (plan.groups, plan.prox_mu)
     };
-    let (first, prox_mu) = draw_groups(&busy, rng);
+    let (first, prox_mu) = draw_groups(&busy, &mut draw_rng);
     let concurrency = first.len().max(1);
     let buffer_size = config
         .buffer
@@ -500,7 +554,12 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     let mut versions: BTreeMap<u64, Weights> = BTreeMap::from([(0, state.global.clone())]);
     let mut running = BinaryHeap::new();
     let mut order = 0u64;
-    let chain_seed = |order: u64| mix(&[spec.seed, 0xa5c, order]);
+    // The chain numbered `order` of the run, started from `version`.
+    let chain_seed = |order: u64, version: u64| ChainSeed {
+        run: spec.seed,
+        round: u32::try_from(version + 1).unwrap_or(u32::MAX),
+        chain: order,
+    };
     let round_train = TrainConfig {
         prox_mu,
         ..setup.train_config.clone()
@@ -518,7 +577,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
         for _ in 0..group.passes * group.members.len() {
             traffic.add_hop(num_params, setup.config.encoding);
         }
-        let seconds = chain_seconds(&group, setup, chain_seed(order));
+        let seconds = chain_seconds(&group, setup, chain_seed(order, version));
         running.push(Reverse(Running {
             finish: now + seconds,
             order,
@@ -570,7 +629,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                     &mut busy,
                     &mut running,
                     &mut state.traffic,
-                    rng,
+                    &mut draw_rng,
                 );
             }
             let filled = batch.len() == buffer_size;
@@ -582,13 +641,17 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             kl_count += groups.len();
             let starts: Vec<&Weights> = batch.iter().map(|r| &versions[&r.start_version]).collect();
             let training = Instant::now();
-            let seeds: Vec<u64> = batch.iter().map(|r| chain_seed(r.order)).collect();
+            let seeds: Vec<ChainSeed> = batch
+                .iter()
+                .map(|r| chain_seed(r.order, r.start_version))
+                .collect();
             let (results, failures, processed, _) = run_chains(
                 &groups,
                 &starts,
                 &seeds,
                 &setup.context(&state.global, &round_train),
                 config.threads,
+                &mut state.hops,
             );
             state.train_samples += processed;
             state.train_s += training.elapsed().as_secs_f64();
@@ -628,7 +691,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
                     &mut busy,
                     &mut running,
                     &mut state.traffic,
-                    rng,
+                    &mut draw_rng,
                 );
             }
             // Keep only the versions a running group started from.
@@ -644,7 +707,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
         } else {
             kl_sum / kl_count as f64
         };
-        setup.record(state, round, mean_kl, now)?;
+        setup.record(state, round, (mean_kl, &[]), now)?;
     }
     if stale > 0 {
         setup
@@ -696,20 +759,28 @@ struct RoundContext<'a> {
 }
 
 /// What one chain gives: its result and the samples it trained (or why it
-/// failed), and the seconds it took on the federation's clock.
-type ChainOutcome = (Result<(GroupResult, u64), String>, f64);
+/// failed), the seconds it took on the federation's clock, and how its
+/// hops ended.
+type ChainOutcome = (Result<(GroupResult, u64), String>, f64, HopTally);
 
 /// Runs one group's chain: the model visits each member in order, `passes`
 /// times, starting from the global weights (docs/METHOD.md, step 6).
 fn run_chain(
     group: &Group,
     context: &RoundContext<'_>,
-    seed: u64,
+    seed: ChainSeed,
     device: &Device,
 ) -> ChainOutcome {
+    let rules = ChainRules {
+        loss_rule: context.defence.loss_check.is_some(),
+        hop_privacy: context.hop_privacy,
+        secure: context.secure,
+    };
+    let noise = StdRng::seed_from_u64(seed.noise());
+    let mut chain = Chain::new(0, group, context.global.values.clone(), rules, noise);
     let mut clock = 0.0;
-    let outcome = walk_chain(group, context, seed, device, &mut clock);
-    (outcome, clock)
+    let outcome = walk_chain(&mut chain, context, seed, device, &mut clock);
+    (outcome, clock, chain.tally())
 }
 
 /// [`run_chain`]'s walk: the simulated clients answer the engine's
@@ -719,9 +790,9 @@ fn run_chain(
 /// and gives every loss-rule verdict at once. Adds each hop's seconds to
 /// `clock`.
 fn walk_chain(
-    group: &Group,
+    chain: &mut Chain,
     context: &RoundContext<'_>,
-    seed: u64,
+    seed: ChainSeed,
     device: &Device,
     clock: &mut f64,
 ) -> Result<(GroupResult, u64), String> {
@@ -733,17 +804,9 @@ fn walk_chain(
         defence,
         population,
         speeds,
-        hop_privacy,
         encoding,
-        secure,
+        ..
     } = *context;
-    let rules = ChainRules {
-        loss_rule: defence.loss_check.is_some(),
-        hop_privacy,
-        secure,
-    };
-    let noise = StdRng::seed_from_u64(mix(&[seed, 0x401e]));
-    let mut chain = Chain::new(0, group, global.values.clone(), rules, noise);
     let eval_device = Device::flex();
     let mut processed = 0u64;
     loop {
@@ -763,7 +826,7 @@ fn walk_chain(
             continue;
         }
         let data = &clients[member];
-        let seed = mix(&[seed, member as u64, hop.pass as u64]);
+        let seed = seed.hop(member, hop.pass);
         let (frozen, seconds) =
             hop_time(population, data, speeds[member], train_config.epochs, seed);
         *clock += seconds;
@@ -945,7 +1008,7 @@ fn hop_time(
 /// The seconds `group`'s chain seeded `seed` will take, as [`walk_chain`]
 /// will clock it, known before it trains (clients dropped by then cost
 /// nothing).
-fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: u64) -> f64 {
+fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: ChainSeed) -> f64 {
     let mut clock = 0.0;
     for pass in 0..group.passes {
         for &member in &group.members {
@@ -957,7 +1020,7 @@ fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: u64) -> f64 {
                 &setup.federation.clients[member],
                 setup.speeds[member],
                 setup.train_config.epochs,
-                mix(&[seed, member as u64, pass as u64]),
+                seed.hop(member, pass),
             );
             clock += seconds;
         }
@@ -970,13 +1033,15 @@ fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: u64) -> f64 {
 /// separate machines. Group `i` starts from `starts[i]` with seed
 /// `seeds[i]`. Returns the results (`GroupResult::group` is the index in
 /// `groups`), the failures, the samples processed in training and the
-/// seconds of the slowest chain on the federation's clock.
+/// seconds of the slowest chain on the federation's clock, and adds how
+/// their hops ended to `hops`.
 fn run_chains(
     groups: &[Group],
     starts: &[&Weights],
-    seeds: &[u64],
+    seeds: &[ChainSeed],
     context: &RoundContext<'_>,
     threads: usize,
+    hops: &mut HopTally,
 ) -> (Vec<GroupResult>, Vec<GroupFailure>, u64, f64) {
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<(usize, ChainOutcome)>> = Mutex::new(Vec::new());
@@ -1008,8 +1073,9 @@ fn run_chains(
     let mut failures = Vec::new();
     let mut processed = 0;
     let mut slowest = 0.0f64;
-    for (group, (outcome, clock)) in outcomes {
+    for (group, (outcome, clock, tally)) in outcomes {
         slowest = slowest.max(clock);
+        *hops += tally;
         match outcome {
             Ok((result, samples)) => {
                 results.push(GroupResult { group, ..result });
@@ -1105,12 +1171,5 @@ mod tests {
 
         // Assert: (0 + 0.130812) / 2.
         assert!((kl - 0.130_812_035_941_137 / 2.0).abs() < 1e-12, "{kl}");
-    }
-
-    #[test]
-    fn seeds_differ_by_every_part() {
-        assert_ne!(mix(&[1, 2, 3]), mix(&[1, 2, 4]));
-        assert_ne!(mix(&[1, 2]), mix(&[2, 1]));
-        assert_eq!(mix(&[5, 6]), mix(&[5, 6]));
     }
 }

@@ -169,6 +169,52 @@ pub enum Next {
     Done(Result<GroupResult, GroupFailure>),
 }
 
+/// How the hops of a chain (or of a round's chains, added up) ended: each
+/// hop handed out ends accepted, refused, discarded or skipped, once
+/// ([`Effect`]); a hop still out when a chain is aborted or given up is in
+/// none of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HopTally {
+    /// Taken into the chain ([`Effect::Accepted`]).
+    pub accepted: u64,
+    /// Refused by the loss rule, or a masked result that could not go into
+    /// the secure sum ([`Effect::Refused`]).
+    pub refused: u64,
+    /// Trained on an update the loss rule then refused
+    /// ([`Effect::Discarded`]).
+    pub discarded: u64,
+    /// No update came, or it was refused where it entered (the guard, the
+    /// claim cap): [`Effect::Skipped`].
+    pub skipped: u64,
+}
+
+impl HopTally {
+    /// Counts `effect` (a judgement to make is no outcome yet).
+    pub fn count(&mut self, effect: &Effect) {
+        match effect {
+            Effect::Accepted { .. } => self.accepted += 1,
+            Effect::Refused { .. } => self.refused += 1,
+            Effect::Discarded { .. } => self.discarded += 1,
+            Effect::Skipped { .. } => self.skipped += 1,
+            Effect::Judge(_) => {}
+        }
+    }
+
+    /// Hops that ended, whichever way.
+    pub fn total(&self) -> u64 {
+        self.accepted + self.refused + self.discarded + self.skipped
+    }
+}
+
+impl std::ops::AddAssign for HopTally {
+    fn add_assign(&mut self, other: Self) {
+        self.accepted += other.accepted;
+        self.refused += other.refused;
+        self.discarded += other.discarded;
+        self.skipped += other.skipped;
+    }
+}
+
 /// What the driver carries out after an event: acknowledgements and
 /// records, and judgements to compute.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +317,7 @@ pub struct Chain {
     masked_ok: bool,
     failed: Option<String>,
     rng: StdRng,
+    tally: HopTally,
 }
 
 impl Chain {
@@ -307,7 +354,21 @@ impl Chain {
             masked_ok: false,
             failed: None,
             rng,
+            tally: HopTally::default(),
         }
+    }
+
+    /// How the chain's hops have ended so far.
+    pub fn tally(&self) -> HopTally {
+        self.tally
+    }
+
+    /// Counts `effects` into the tally and hands them on.
+    fn tallied(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+        for effect in &effects {
+            self.tally.count(effect);
+        }
+        effects
     }
 
     /// Planned hops: members times passes.
@@ -399,6 +460,11 @@ impl Chain {
     /// (at most what its member reported). An outcome for a hop not out
     /// is ignored.
     pub fn returned(&mut self, ordinal: u32, weights: Vec<f32>, samples: u64) -> Vec<Effect> {
+        let effects = self.on_returned(ordinal, weights, samples);
+        self.tallied(effects)
+    }
+
+    fn on_returned(&mut self, ordinal: u32, weights: Vec<f32>, samples: u64) -> Vec<Effect> {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
@@ -418,6 +484,11 @@ impl Chain {
     /// No update came for hop `ordinal` (`reason`: the member left,
     /// stalled, paused, or missed its deadline).
     pub fn skipped(&mut self, ordinal: u32, reason: String) -> Vec<Effect> {
+        let effects = self.on_skipped(ordinal, reason);
+        self.tallied(effects)
+    }
+
+    fn on_skipped(&mut self, ordinal: u32, reason: String) -> Vec<Effect> {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
@@ -431,6 +502,11 @@ impl Chain {
 
     /// Hop `ordinal`'s masked result could not go into the secure sum.
     pub fn refused(&mut self, ordinal: u32, reason: String) -> Vec<Effect> {
+        let effects = self.on_refused(ordinal, reason);
+        self.tallied(effects)
+    }
+
+    fn on_refused(&mut self, ordinal: u32, reason: String) -> Vec<Effect> {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
@@ -462,6 +538,11 @@ impl Chain {
 
     /// The loss rule's verdict on hop `ordinal` (see [`Judgement`]).
     pub fn verdict(&mut self, ordinal: u32, verdict: Verdict) -> Vec<Effect> {
+        let effects = self.on_verdict(ordinal, verdict);
+        self.tallied(effects)
+    }
+
+    fn on_verdict(&mut self, ordinal: u32, verdict: Verdict) -> Vec<Effect> {
         let Some(pending) = self.unjudged.take_if(|u| u.ordinal == ordinal) else {
             return Vec::new();
         };
@@ -980,6 +1061,42 @@ mod tests {
         };
         chain.verdict(j, accepted(0.1));
         assert!(matches!(chain.poll(), Next::Done(Ok(r)) if r.samples == 4));
+        let tally = HopTally {
+            accepted: 1,
+            refused: 1,
+            discarded: 1,
+            skipped: 0,
+        };
+        assert_eq!(chain.tally(), tally);
+    }
+
+    #[test]
+    fn every_hop_is_tallied_once_however_it_ended() {
+        let mut chain = chain(&[1, 2, 3, 4], 1, judged());
+        let first = train(&mut chain);
+        let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
+        let second = train(&mut chain);
+        // A duplicate outcome changes nothing.
+        assert!(chain.returned(first.ordinal, vec![5.0; 4], 10).is_empty());
+        chain.verdict(j, refused());
+        chain.returned(second.ordinal, vec![6.0; 4], 10);
+        let third = train(&mut chain);
+        chain.skipped(third.ordinal, "left".into());
+        let fourth = train(&mut chain);
+        let j = judgement(&chain.returned(fourth.ordinal, vec![1.0; 4], 4));
+        chain.verdict(j, accepted(0.1));
+        assert!(matches!(chain.poll(), Next::Done(Ok(_))));
+        let tally = chain.tally();
+        assert_eq!(
+            (
+                tally.accepted,
+                tally.refused,
+                tally.discarded,
+                tally.skipped
+            ),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(tally.total(), 4);
     }
 
     #[test]

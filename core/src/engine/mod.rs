@@ -26,14 +26,20 @@
 //!   bounds, the privacy accountant and the budget.
 //! - [`policy`]: the run's rules as one validated value, whichever front
 //!   end (serve's flags, simulate's flags, a TOML file) built it.
+//! - [`seeds`]: every seeded draw of a run (participants, a hop's
+//!   training, the data plan, the validation samples) from the run's seed,
+//!   so a served and a simulated run of one seed draw alike.
 
 pub mod chain;
 pub mod draw;
 pub mod hop;
 pub mod policy;
 pub mod round;
+pub mod seeds;
 
-pub use chain::{Chain, ChainRules, Effect, HopOrder, Judgement, MaskedHop, Next, SecureChain};
+pub use chain::{
+    Chain, ChainRules, Effect, HopOrder, HopTally, Judgement, MaskedHop, Next, SecureChain,
+};
 pub use policy::{PolicyError, RunPolicy, Sampling};
 pub use round::{Closed, RoundPrivacy};
 

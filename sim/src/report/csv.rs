@@ -110,6 +110,8 @@ fn parse_row(line: &str, columns: usize) -> anyhow::Result<RoundRecord> {
             None | Some(&"") => None,
             Some(_) => Some(field(&fields, 10, "epsilon")?),
         },
+        mediators: Vec::new(),
+        hops: Default::default(),
     })
 }
 

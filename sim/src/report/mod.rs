@@ -48,6 +48,8 @@ pub(crate) mod fixtures {
                     train_s: 0.5 * round as f64,
                     clock_s: 4.0 * round as f64,
                     epsilon: None,
+                    mediators: Vec::new(),
+                    hops: Default::default(),
                 }
             })
             .collect();
