@@ -27,4 +27,4 @@ pub mod traffic;
 
 pub use config::{RunSpec, SimConfig};
 pub use federation::Federation;
-pub use runner::run;
+pub use runner::{run, run_with_model};

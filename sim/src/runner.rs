@@ -75,6 +75,17 @@ pub fn run(
     test: &Dataset,
     progress: &ProgressBar,
 ) -> anyhow::Result<RunHistory> {
+    run_with_model(config, spec, train, test, progress).map(|(history, _)| history)
+}
+
+/// [`run`], also returning the global model the run ended with.
+pub fn run_with_model(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    test: &Dataset,
+    progress: &ProgressBar,
+) -> anyhow::Result<(RunHistory, Weights)> {
     let start = Instant::now();
     config.policy().validate()?;
     let partition = crate::federation::partition_for(config, spec, train, test)
@@ -218,7 +229,7 @@ pub fn run(
         Mode::Sync => sync_rounds(&setup, &mut state, &mut rng)?,
         Mode::Async => async_rounds(&setup, &mut state, &mut rng)?,
     }
-    Ok(state.history)
+    Ok((state.history, state.global))
 }
 
 /// What a run is made of once set up; the round loops only read it.
@@ -809,17 +820,35 @@ fn walk_chain(
     } = *context;
     let eval_device = Device::flex();
     let mut processed = 0u64;
+    // The loss rule at work on the last hop taken. As on the server, its
+    // verdict comes once the next hop has gone out: the rule judges while
+    // the next member trains (a verdict takes milliseconds, a hop
+    // seconds), so the next hop trained on the judged update and is
+    // discarded if the verdict refuses it.
+    let mut judging: Option<Judgement> = None;
+    let judge = |chain: &mut Chain, judgement: Judgement| -> Option<Judgement> {
+        let verdict = defence.judge(&judgement, &eval_device);
+        next_judgement(chain.verdict(judgement.ordinal, verdict))
+    };
     loop {
         let hop = match chain.poll() {
             Next::Train(hop) => hop,
             Next::Done(outcome) => {
                 return outcome.map(|r| (r, processed)).map_err(|f| f.reason);
             }
-            // Every outcome and verdict is given as soon as it is asked for.
-            Next::Outcome | Next::Verdict => {
-                return Err("the chain waits on an event the simulator gave".into());
-            }
+            Next::Verdict => match judging.take() {
+                Some(judgement) => {
+                    judging = judge(chain, judgement);
+                    continue;
+                }
+                None => return Err("a verdict was due with none being judged".into()),
+            },
+            // Every hop's outcome is given as it is trained (below).
+            Next::Outcome => return Err("a hop's outcome was lost".into()),
         };
+        if let Some(judgement) = judging.take() {
+            judging = judge(chain, judgement);
+        }
         let (member, ordinal) = (hop.member, hop.ordinal);
         if defence.is_dropped(member) {
             chain.skipped(ordinal, "refused earlier in the run".into());
@@ -894,14 +923,16 @@ fn walk_chain(
             chain.skipped(ordinal, "refused: the client is dropped".into());
             continue;
         }
-        let mut effects = chain.returned(ordinal, next.values, claimed);
-        while let Some(effect) = effects.pop() {
-            if let Effect::Judge(judgement) = effect {
-                let verdict = defence.judge(&judgement, &eval_device);
-                effects.extend(chain.verdict(judgement.ordinal, verdict));
-            }
-        }
+        judging = next_judgement(chain.returned(ordinal, next.values, claimed));
     }
+}
+
+/// The judgement among `effects`, if any (a chain hands out one at a time).
+fn next_judgement(effects: Vec<Effect>) -> Option<Judgement> {
+    effects.into_iter().find_map(|effect| match effect {
+        Effect::Judge(judgement) => Some(judgement),
+        _ => None,
+    })
 }
 
 /// What the simulated server knows of its clients' hostility: which clients
