@@ -47,7 +47,7 @@ pub(crate) struct ServeArgs {
     /// Ready clients needed before a round starts.
     #[arg(long, env = "ASTRAEA_MIN_CLIENTS", default_value_t = 2)]
     min_clients: usize,
-    /// Rounds to run.
+    /// Rounds to run (in the asynchronous mode, global versions).
     #[arg(long, env = "ASTRAEA_ROUNDS", default_value_t = 50)]
     rounds: u32,
     /// fedavg, fedprox, astraea, astraea-aug or astraea-sched.

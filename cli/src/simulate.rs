@@ -41,7 +41,7 @@ pub(crate) struct SimulateArgs {
     /// c: participants per round.
     #[arg(long, default_value_t = 50)]
     participants: usize,
-    /// Rounds per run.
+    /// Rounds per run (in the asynchronous mode, global versions).
     #[arg(long, default_value_t = 50)]
     rounds: u32,
     /// Runs, comma separated: fedavg-iid, fedavg, fedprox, astraea, astraea-aug, astraea-sched.

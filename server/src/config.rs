@@ -76,7 +76,7 @@ pub struct ServeConfig {
     pub participants: usize,
     /// Clients that must be ready before a round starts.
     pub min_clients: usize,
-    /// Rounds to run.
+    /// Rounds to run (in the asynchronous mode, global versions).
     pub rounds: u32,
     /// The strategy.
     pub strategy: StrategyKind,

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use astraea_core::asynchronous::{self, Buffer, Mode};
+use astraea_core::asynchronous::Mode;
 use astraea_core::data::Dataset;
+use astraea_core::engine::buffered::{Ended, Versions};
 use astraea_core::engine::chain::Verdict;
 use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::hop::{HopTimer, HopWait};
@@ -498,17 +499,17 @@ async fn run_async(
     } = resume;
     let start = Instant::now();
     let mut rng = StdRng::seed_from_u64(seeds::async_draw(config.seed, first_round));
-    let mut buffer = Buffer::at_version(1, config.max_staleness, u64::from(first_round) - 1);
+    let mut versions = Versions::new(
+        config.buffer,
+        config.max_staleness,
+        u64::from(first_round) - 1,
+    );
     let mut running = tokio::task::JoinSet::new();
     // The members of the chain in each dashboard slot, `None` when free.
     let mut slots: Vec<Option<Vec<u64>>> = Vec::new();
     let mut chains = 0u64;
-    // Results (and failures) per new version; set from the groups running.
-    let mut capacity = 1usize;
-    let (mut kl_sum, mut failures) = (0.0, Vec::new());
-    let (mut stale, mut folded) = (0u64, 0usize);
     loop {
-        let round = u32::try_from(buffer.version() + 1).unwrap_or(u32::MAX);
+        let round = u32::try_from(versions.version() + 1).unwrap_or(u32::MAX);
         if round > state.tunable().rounds || state.control().stopped {
             break;
         }
@@ -522,16 +523,11 @@ async fn run_async(
             // How many groups a synchronous round would run now.
             let everyone = pick_participants(&state, c, &mut rng, &HashSet::new());
             let target = strategy.configure_round(&everyone).groups.len();
-            let enough = everyone.len().div_ceil(target.max(1)).max(1);
-            capacity = config
-                .buffer
-                .unwrap_or_else(|| asynchronous::default_buffer(target))
-                .max(1);
-            buffer.set_capacity(capacity);
-            while running.len() < target {
+            versions.size(everyone.len(), target);
+            while versions.wants_group(running.len()) {
                 let busy: HashSet<u64> = slots.iter().flatten().flatten().copied().collect();
                 let free = pick_participants(&state, c, &mut rng, &busy);
-                if free.len() < enough {
+                if !versions.may_start(running.len(), free.len()) {
                     break;
                 }
                 let plan = strategy.configure_round(&free);
@@ -550,7 +546,7 @@ async fn run_async(
                     status.mediators.resize(slots.len(), view.clone());
                     status.mediators[slot] = view;
                 }
-                let start_version = buffer.version();
+                let start_version = versions.version();
                 let weights = Arc::new(global.values.clone());
                 let chain = run_chain(
                     state.clone(),
@@ -604,20 +600,12 @@ async fn run_async(
             outcome,
         } = done.context("a chain panicked")?;
         slots[slot] = None;
-        match outcome {
-            Ok(result) => match buffer.offer(&global.values, &from, start_version, result) {
-                Ok(_) => {
-                    kl_sum += kl;
-                    folded += 1;
-                }
-                Err(refusal) => {
-                    stale += 1;
-                    tracing::warn!(slot, "group result refused: {refusal}");
-                    let detail = format!("mediator {}: {refusal}", slot + 1);
-                    state.record(|store, run| store.event(run, Some(round), "refused", &detail));
-                }
-            },
-            Err(failure) => failures.push(failure),
+        if let Ended::Refused(refusal) =
+            versions.ended(&global.values, &from, start_version, outcome, kl)
+        {
+            tracing::warn!(slot, "group result refused: {refusal}");
+            let detail = format!("mediator {}: {refusal}", slot + 1);
+            state.record(|store, run| store.event(run, Some(round), "refused", &detail));
         }
         {
             // The chain is over: the dashboard stops showing a member at work.
@@ -626,27 +614,22 @@ async fn run_async(
                 view.current = None;
             }
         }
-        // Failed chains count towards the buffer too, so a run whose
-        // chains all fail still moves on (keeping its model) and ends.
-        if buffer.len() + failures.len() >= capacity {
-            let results = buffer.take();
-            let mean_kl = kl_sum / folded.max(1) as f64;
+        if versions.due() {
+            let made = versions.take();
             close_round(
                 &state,
                 &data,
                 strategy.as_ref(),
                 &mut global,
                 round,
-                (&results, &failures),
-                mean_kl,
+                (&made.results, &made.failures),
+                made.mean_kl,
                 start,
                 None,
                 None,
             )
             .await?;
-            buffer.advance();
-            (kl_sum, folded) = (0.0, 0);
-            failures.clear();
+            versions.advance();
             state.status().round_started = Some(Instant::now());
         }
     }
@@ -655,8 +638,11 @@ async fn run_async(
     for entry in state.clients().values_mut() {
         entry.pending = None;
     }
-    if stale > 0 {
-        tracing::info!(stale, "group results refused as too stale");
+    if versions.refused() > 0 {
+        tracing::info!(
+            refused = versions.refused(),
+            "group results refused as too stale"
+        );
     }
     state.status().phase = Phase::Finished;
     if !state.control().stopped {

@@ -21,7 +21,7 @@ pub struct SimConfig {
     pub clients: usize,
     /// c: clients taking part in each round.
     pub participants: usize,
-    /// Rounds to run.
+    /// Rounds to run (in the asynchronous mode, global versions).
     pub rounds: u32,
     /// gamma: most clients per mediator.
     pub gamma: usize,

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use astraea_core::asynchronous::{self, Buffer, Mode};
+use astraea_core::asynchronous::Mode;
 use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
+use astraea_core::engine::buffered::Versions;
 use astraea_core::engine::chain::{Judgement, Verdict};
 use astraea_core::engine::draw::{Candidate, draw};
 use astraea_core::engine::round::{close, largest_group, secure_chain, simulated_unmasking};
@@ -518,21 +519,21 @@ impl Ord for Running {
     }
 }
 
-/// The asynchronous mode (`astraea_core::asynchronous`, FedBuff-style):
-/// as many groups run at once as a synchronous round has; when one
-/// finishes its clients are free again and a new group starts at once,
-/// formed by the strategy from `c` clients drawn among the free ones (so
-/// Astraea still balances labels, with the pick of `c` clients for every
-/// mediator), from the global model of that moment. Every `buffer` finished
-/// groups make a new global version. A record is written every
-/// `ceil(concurrency / buffer)` versions, so `rounds` trains as many groups
-/// as the synchronous mode.
+/// The asynchronous mode (`astraea_core::asynchronous`, FedBuff-style),
+/// by the engine's rules as the server runs it (`engine::buffered`): as
+/// many groups run at once as a synchronous round would form of the ready
+/// clients; whenever one ends and an average group's worth of clients is
+/// free, the strategy forms a new group of up to `c` drawn among the free
+/// ones (so Astraea still balances labels, with the pick of `c` clients
+/// for every mediator) and it starts from the global model of that moment.
+/// Ended groups fill the buffer (results with their staleness weight,
+/// failures counting too); every `buffer` of them make a new version,
+/// evaluated and recorded as a round: `rounds` counts versions.
 ///
-/// Times come from the population model before training (a group's time
-/// does not depend on its weights), so the schedule is laid out on the
-/// clock first and each buffer's groups then train in parallel from the
-/// versions they started from. A client the guard drops while its group
-/// waits to train still counts its hop time.
+/// Times come from the population model (a group's time does not depend
+/// on its weights): each group's end is known when it starts, and groups
+/// end in that order on the federation's clock; each is trained as it
+/// ends, from the version it started from.
 fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> anyhow::Result<()> {
     use std::cmp::Reverse;
     use std::collections::{BTreeMap, BinaryHeap};
@@ -547,183 +548,126 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     let clients = federation.clients.len();
     let num_params = state.global.len();
     let mut busy = vec![false; clients];
-    // Draws up to `c` free clients and lets the strategy form groups of them.
-    // As the server: one generator for the run's draws, seeded from the
-    // first version it trains.
+    // As the server: one generator for the run's draws.
     let mut draw_rng = StdRng::seed_from_u64(seeds::async_draw(spec.seed, 1));
-    let draw_groups = |busy: &[bool], rng: &mut StdRng| -> (Vec<Group>, f64) {
-        let plan = strategy.configure_round(&setup.draw(busy, rng));
-        (plan.groups, plan.prox_mu)
-    };
-    let (first, prox_mu) = draw_groups(&busy, &mut draw_rng);
-    let concurrency = first.len().max(1);
-    let buffer_size = config
-        .buffer
-        .unwrap_or_else(|| asynchronous::default_buffer(concurrency));
-    let per_round = concurrency.div_ceil(buffer_size);
-    let mut buffer = Buffer::new(buffer_size, config.max_staleness);
-    let mut versions: BTreeMap<u64, Weights> = BTreeMap::from([(0, state.global.clone())]);
-    let mut running = BinaryHeap::new();
+    let mut versions = Versions::new(config.buffer, config.max_staleness, 0);
+    // The weights of each version a running group started from.
+    let mut starts: BTreeMap<u64, Weights> = BTreeMap::from([(0, state.global.clone())]);
+    let mut running: BinaryHeap<Reverse<Running>> = BinaryHeap::new();
     let mut order = 0u64;
-    // The chain numbered `order` of the run, started from `version`.
-    let chain_seed = |order: u64, version: u64| ChainSeed {
-        run: spec.seed,
-        round: u32::try_from(version + 1).unwrap_or(u32::MAX),
-        chain: order,
-    };
-    let round_train = TrainConfig {
-        prox_mu,
-        ..setup.train_config.clone()
-    };
-    // Starts `group` at `now` from the current version.
-    let mut start_group = |group: Group,
-                           now: f64,
-                           version: u64,
-                           busy: &mut [bool],
-                           running: &mut BinaryHeap<Reverse<Running>>,
-                           traffic: &mut Traffic| {
-        for &m in &group.members {
-            busy[m] = true;
-        }
-        for _ in 0..group.passes * group.members.len() {
-            traffic.add_hop(num_params, setup.config.encoding);
-        }
-        let seconds = chain_seconds(&group, setup, chain_seed(order, version));
-        running.push(Reverse(Running {
-            finish: now + seconds,
-            order,
-            group,
-            start_version: version,
-        }));
-        order += 1;
-    };
-    for group in first {
-        start_group(group, 0.0, 0, &mut busy, &mut running, &mut state.traffic);
-    }
-    // Forms a group of the free clients and starts it at `now` from
-    // `version`, when there are any.
-    let mut start_next = |now: f64,
-                          version: u64,
-                          busy: &mut Vec<bool>,
-                          running: &mut BinaryHeap<Reverse<Running>>,
-                          traffic: &mut Traffic,
-                          rng: &mut StdRng| {
-        let (groups, _) = draw_groups(busy, rng);
-        if let Some(group) = groups.into_iter().next() {
-            start_group(group, now, version, busy, running, traffic);
-        }
-    };
     let mut now = 0.0;
-    let mut stale = 0usize;
-    'rounds: for round in 1..=config.rounds as usize {
-        let (mut kl_sum, mut kl_count) = (0.0, 0usize);
-        for _ in 0..per_round {
-            let mut batch: Vec<Running> = Vec::with_capacity(buffer_size);
-            while batch.len() < buffer_size {
-                let Some(Reverse(done)) = running.pop() else {
-                    break;
-                };
-                now = done.finish;
-                for &m in &done.group.members {
-                    busy[m] = false;
-                }
-                batch.push(done);
-                // The group that fills the buffer frees its clients as the
-                // new version is made: they start from it (below), as on
-                // the server.
-                if batch.len() == buffer_size {
-                    break;
-                }
-                start_next(
-                    now,
-                    buffer.version(),
-                    &mut busy,
-                    &mut running,
-                    &mut state.traffic,
-                    &mut draw_rng,
-                );
+    let mut prox_mu = None;
+    while versions.version() < u64::from(config.rounds) {
+        // Size the run to the ready clients and start the groups it wants.
+        let everyone = setup.draw(&vec![false; clients], &mut draw_rng);
+        let plan = strategy.configure_round(&everyone);
+        let prox_mu = *prox_mu.get_or_insert(plan.prox_mu);
+        versions.size(everyone.len(), plan.groups.len());
+        while versions.wants_group(running.len()) {
+            let free = setup.draw(&busy, &mut draw_rng);
+            if !versions.may_start(running.len(), free.len()) {
+                break;
             }
-            let filled = batch.len() == buffer_size;
-            if batch.is_empty() {
-                break 'rounds;
+            let Some(group) = strategy.configure_round(&free).groups.into_iter().next() else {
+                break;
+            };
+            for &m in &group.members {
+                busy[m] = true;
             }
-            let groups: Vec<Group> = batch.iter().map(|r| r.group.clone()).collect();
-            kl_sum += mean_group_kl(&groups, &federation.clients) * groups.len() as f64;
-            kl_count += groups.len();
-            let starts: Vec<&Weights> = batch.iter().map(|r| &versions[&r.start_version]).collect();
-            let training = Instant::now();
-            let seeds: Vec<ChainSeed> = batch
-                .iter()
-                .map(|r| chain_seed(r.order, r.start_version))
-                .collect();
-            let (results, failures, processed, _) = run_chains(
-                &groups,
-                &starts,
-                &seeds,
-                &setup.context(&state.global, &round_train),
-                config.threads,
-                &mut state.hops,
-            );
-            state.train_samples += processed;
-            state.train_s += training.elapsed().as_secs_f64();
-            for result in results {
-                let index = result.group;
-                let start = starts[index];
-                if buffer
-                    .offer(
-                        &state.global.values,
-                        &start.values,
-                        batch[index].start_version,
-                        result,
-                    )
-                    .is_err()
-                {
-                    stale += 1;
-                }
+            for _ in 0..group.passes * group.members.len() {
+                state.traffic.add_hop(num_params, config.encoding);
             }
-            let taken = buffer.take();
-            let (closed, _) = close(
-                strategy.as_ref(),
-                &state.global.values,
-                (&taken, &failures),
-                None,
-                None,
-                rng,
-            );
-            if let Closed::Adopted(values) = closed {
-                state.global.values = values;
-            }
-            buffer.advance();
-            versions.insert(buffer.version(), state.global.clone());
-            if filled {
-                start_next(
-                    now,
-                    buffer.version(),
-                    &mut busy,
-                    &mut running,
-                    &mut state.traffic,
-                    &mut draw_rng,
-                );
-            }
-            // Keep only the versions a running group started from.
-            let oldest = running
-                .iter()
-                .map(|Reverse(r)| r.start_version)
-                .min()
-                .unwrap_or(buffer.version());
-            versions.retain(|&v, _| v >= oldest);
+            let seed = ChainSeed {
+                run: spec.seed,
+                round: u32::try_from(versions.version() + 1).unwrap_or(u32::MAX),
+                chain: order,
+            };
+            running.push(Reverse(Running {
+                finish: now + chain_seconds(&group, setup, seed),
+                order,
+                group,
+                start_version: versions.version(),
+            }));
+            order += 1;
         }
-        let mean_kl = if kl_count == 0 {
-            0.0
-        } else {
-            kl_sum / kl_count as f64
+        // The next group to end; none running and none startable ends the
+        // run.
+        let Some(Reverse(done)) = running.pop() else {
+            break;
         };
-        setup.record(state, round, (mean_kl, &[]), now)?;
+        now = done.finish;
+        for &m in &done.group.members {
+            busy[m] = false;
+        }
+        let round_train = TrainConfig {
+            prox_mu,
+            ..setup.train_config.clone()
+        };
+        let start = &starts[&done.start_version];
+        let training = Instant::now();
+        let seed = ChainSeed {
+            run: spec.seed,
+            round: u32::try_from(done.start_version + 1).unwrap_or(u32::MAX),
+            chain: done.order,
+        };
+        let (mut results, mut failures, processed, _) = run_chains(
+            std::slice::from_ref(&done.group),
+            &[start],
+            &[seed],
+            &setup.context(&state.global, &round_train),
+            1,
+            &mut state.hops,
+        );
+        state.train_samples += processed;
+        state.train_s += training.elapsed().as_secs_f64();
+        let outcome = match (results.pop(), failures.pop()) {
+            (Some(result), _) => Ok(result),
+            (None, Some(failure)) => Err(failure),
+            (None, None) => continue,
+        };
+        let kl = mean_group_kl(std::slice::from_ref(&done.group), &federation.clients);
+        let start = start.values.clone();
+        versions.ended(
+            &state.global.values,
+            &start,
+            done.start_version,
+            outcome,
+            kl,
+        );
+        if !versions.due() {
+            continue;
+        }
+        let made = versions.take();
+        let (closed, _) = close(
+            strategy.as_ref(),
+            &state.global.values,
+            (&made.results, &made.failures),
+            None,
+            None,
+            rng,
+        );
+        if let Closed::Adopted(values) = closed {
+            state.global.values = values;
+        }
+        versions.advance();
+        starts.insert(versions.version(), state.global.clone());
+        // Keep only the versions a running group started from.
+        let oldest = running
+            .iter()
+            .map(|Reverse(r)| r.start_version)
+            .min()
+            .unwrap_or(versions.version());
+        starts.retain(|&v, _| v >= oldest.min(versions.version()));
+        setup.record(state, versions.version() as usize, (made.mean_kl, &[]), now)?;
     }
-    if stale > 0 {
-        setup
-            .progress
-            .suspend(|| eprintln!("{}: {stale} results refused as too stale", spec.label()));
+    if versions.refused() > 0 {
+        setup.progress.suspend(|| {
+            eprintln!(
+                "{}: {} results refused as too stale",
+                spec.label(),
+                versions.refused()
+            )
+        });
     }
     Ok(())
 }

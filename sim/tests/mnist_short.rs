@@ -123,11 +123,14 @@ fn the_asynchronous_mode_learns_and_does_not_wait_for_the_slowest_chain() {
     let spec = RunSpec::parse("astraea", 5).unwrap();
     let progress = ProgressBar::hidden();
 
-    // Execute
+    // Execute: the asynchronous run's rounds are versions, each made of a
+    // buffer of 2 of the 4 groups running (c = 20, gamma = 5): twice as many
+    // versions train as many groups as the synchronous rounds.
     let sync = simulate::run(&config, &spec, &train, &test, &progress).unwrap();
     let asynchronous = simulate::run(
         &SimConfig {
             mode: astraea_core::asynchronous::Mode::Async,
+            rounds: 2 * config.rounds,
             ..config.clone()
         },
         &spec,
@@ -137,9 +140,9 @@ fn the_asynchronous_mode_learns_and_does_not_wait_for_the_slowest_chain() {
     )
     .unwrap();
 
-    // Assert: as many records and as much training, sooner on the clock,
-    // and it learns.
-    assert_eq!(asynchronous.rounds.len(), 5);
+    // Assert: a record a version and as much training, sooner on the
+    // clock, and it learns.
+    assert_eq!(asynchronous.rounds.len(), 10);
     let (a, s) = (
         asynchronous.rounds.last().unwrap(),
         sync.rounds.last().unwrap(),

@@ -11,6 +11,8 @@
 //! storage stay with the driver. It builds for `wasm32-unknown-unknown`
 //! like the rest of the core.
 //!
+//! - [`buffered`]: the asynchronous mode's rules — how many groups run at
+//!   once, when a new one starts, when ended groups make a new version.
 //! - [`chain`]: one mediator's chain — the model travels member to member;
 //!   the loss rule's verdicts (pipelined or not), per-hop noise, the
 //!   secure chain's masked last hop and its clip split, the chain's
@@ -30,6 +32,7 @@
 //!   training, the data plan, the validation samples) from the run's seed,
 //!   so a served and a simulated run of one seed draw alike.
 
+pub mod buffered;
 pub mod chain;
 pub mod draw;
 pub mod hop;
