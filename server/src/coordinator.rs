@@ -136,13 +136,12 @@ pub fn restore(
             // The accountant goes on from what the last round kept; a run
             // kept before accountants were saved counts every past round at
             // the noise multiplier configured now, sampling everyone.
-            if let Some(dp) = state.config.model_privacy {
-                let mut accountant = lock(&state.accountant);
+            if let Some(privacy) = lock(&state.privacy).as_mut() {
                 match &resumed.accountant {
-                    Some(kept) => *accountant = kept.clone(),
-                    None => accountant.compose(
-                        state.config.policy().sampling_rate(),
-                        dp.budget.noise_multiplier,
+                    Some(kept) => privacy.accountant = kept.clone(),
+                    None => privacy.accountant.compose(
+                        privacy.q,
+                        privacy.mechanism.noise_multiplier,
                         last.round as u64,
                     ),
                 }
@@ -150,12 +149,12 @@ pub fn restore(
                 // clip; a fixed clip is what is configured now. Any
                 // positive clip spends the same epsilon (the noise scales
                 // with it), so a lost clip costs accuracy, not privacy.
-                if let (Some(_), Some(clip)) = (dp.budget.adaptive, resumed.model_clip) {
+                if let (Some(_), Some(clip)) = (privacy.mechanism.adaptive, resumed.model_clip) {
                     tracing::info!(
                         clip,
                         "adaptive clipping goes on from the clip it reached (--dp-clip is its start only)"
                     );
-                    *lock(&state.model_clip) = clip;
+                    privacy.clip = clip;
                 }
             }
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
@@ -357,8 +356,7 @@ async fn close_round(
         &mut StdRng::from_os_rng(),
     );
     if let Some((privacy, _)) = privacy {
-        *lock(&state.accountant) = privacy.accountant;
-        *lock(&state.model_clip) = privacy.clip;
+        *lock(&state.privacy) = Some(privacy);
     }
     let adopted = match closed {
         Closed::Adopted(values) => Some(values),
@@ -421,9 +419,10 @@ async fn close_round(
     };
     let guard = lock(&state.guard).history();
     let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
-    let accountant =
-        (state.config.model_privacy.is_some()).then(|| lock(&state.accountant).clone());
-    let model_clip = (state.config.model_privacy.is_some()).then(|| *lock(&state.model_clip));
+    let (accountant, model_clip) = lock(&state.privacy)
+        .as_ref()
+        .map(|p| (p.accountant.clone(), p.clip))
+        .unzip();
     state.record(|store, run| {
         let kept = crate::store::RoundState {
             skipped_hops: skipped,
@@ -703,23 +702,10 @@ fn start_secure_round(
     }
 }
 
-/// The run's client-level DP as the engine keeps it: the mechanism, the
-/// clip where adaptive clipping moved it, what the accountant has spent
-/// and the budget, composed at the served run's sampling rate (q = 1: who
-/// trains is drawn with a seeded generator and shown on the public
-/// dashboard, so an observer knows whether a client took part, and
-/// amplification by sampling assumes it does not); `None` without DP.
+/// A copy of the run's client-level DP as it stands ([`AppState::privacy`]);
+/// `None` without DP.
 fn served_privacy(state: &AppState) -> Option<RoundPrivacy> {
-    let dp = state.config.model_privacy?;
-    let mut privacy = RoundPrivacy::new(
-        dp.budget,
-        Some(dp.max_epsilon),
-        dp.distributed,
-        state.config.policy().sampling_rate(),
-    );
-    privacy.clip = *lock(&state.model_clip);
-    privacy.accountant = lock(&state.accountant).clone();
-    Some(privacy)
+    lock(&state.privacy).clone()
 }
 
 /// Evaluates `weights` on the server's balanced test set, off the async

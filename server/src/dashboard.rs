@@ -170,10 +170,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
         model_epsilon: state.model_epsilon(),
         model_budget,
         model_delta: state.config.model_privacy.map(|dp| dp.budget.delta),
-        model_clip: state
-            .config
-            .model_privacy
-            .map(|_| *crate::state::lock(&state.model_clip)),
+        model_clip: state.model_clip(),
         round: status.round,
         rounds: settings.rounds,
         clients,

@@ -364,12 +364,11 @@ pub struct AppState {
     /// Judges every update against the weights it was sent; its history
     /// is saved with each completed round.
     pub guard: Mutex<crate::guard::UpdateGuard>,
-    /// The model's privacy spent so far, when it is trained under DP
-    /// (`ServeConfig::model_privacy`).
-    pub accountant: Mutex<astraea_core::privacy::RdpAccountant>,
-    /// The clip of the next DP round: `--dp-clip`, or where adaptive
-    /// clipping moved it (0 without model DP).
-    pub model_clip: Mutex<f64>,
+    /// Client-level DP on the model (`ServeConfig::model_privacy`): the
+    /// mechanism, the budget, the clip of the next round (`--dp-clip`, or
+    /// where adaptive clipping moved it) and the privacy spent so far;
+    /// `None` without model DP. What `engine::round::close` updates.
+    pub privacy: Mutex<Option<astraea_core::engine::RoundPrivacy>>,
     /// The round's secure aggregation, while one runs.
     pub secure: Mutex<Option<std::sync::Arc<crate::secure::SecureRound>>>,
     /// Bytes received from clients.
@@ -394,7 +393,18 @@ impl AppState {
         train: std::sync::Arc<astraea_core::data::Dataset>,
         store: Option<crate::store::Store>,
     ) -> Self {
-        let clip = config.model_privacy.map_or(0.0, |dp| dp.budget.clip);
+        // Composed at the served run's sampling rate, q = 1: who trains is
+        // drawn with a seeded generator and shown on the public dashboard,
+        // so an observer knows whether a client took part, and
+        // amplification by sampling assumes it does not.
+        let privacy = config.model_privacy.map(|dp| {
+            astraea_core::engine::RoundPrivacy::new(
+                dp.budget,
+                Some(dp.max_epsilon),
+                dp.distributed,
+                config.policy().sampling_rate(),
+            )
+        });
         let status = RunStatus {
             phase: Phase::Waiting,
             round: 0,
@@ -437,8 +447,7 @@ impl AppState {
             control: Mutex::new(Control::default()),
             tunable: Mutex::new(tunable),
             control_changed: Notify::new(),
-            accountant: Mutex::new(astraea_core::privacy::RdpAccountant::new()),
-            model_clip: Mutex::new(clip),
+            privacy: Mutex::new(privacy),
             secure: Mutex::new(None),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
@@ -451,9 +460,12 @@ impl AppState {
     /// Epsilon spent on the model so far at the run's delta; `None` when
     /// the model is not trained under DP.
     pub fn model_epsilon(&self) -> Option<f64> {
-        self.config
-            .model_privacy
-            .map(|dp| lock(&self.accountant).epsilon(dp.budget.delta))
+        lock(&self.privacy).as_ref().map(|p| p.epsilon())
+    }
+
+    /// The clip of the next DP round; `None` without model DP.
+    pub fn model_clip(&self) -> Option<f64> {
+        lock(&self.privacy).as_ref().map(|p| p.clip)
     }
 
     /// The card an exported model of `round` with `accuracy` carries.

@@ -672,7 +672,7 @@ async fn a_restarted_run_under_adaptive_clipping_goes_on_from_the_clip_it_reache
     // results, so between this read and the abort only results already in
     // flight could (round 3's hops take far longer than this window).
     swarm.abort();
-    let reached = *first.state.model_clip.lock().unwrap();
+    let reached = first.state.model_clip().unwrap();
     first.coordinator.abort();
     first.server.abort();
     let (second, _address) = start(adaptive()).await;
@@ -685,7 +685,7 @@ async fn a_restarted_run_under_adaptive_clipping_goes_on_from_the_clip_it_reache
     // Assert: the clip moved in the first life, and the second goes on
     // from there rather than from 0.5.
     assert!((reached - 0.5).abs() > 1e-9, "the clip moved: {reached}");
-    let resumed = *second.state.model_clip.lock().unwrap();
+    let resumed = second.state.model_clip().unwrap();
     assert_eq!(resumed, reached);
     second.coordinator.abort();
     second.server.abort();
