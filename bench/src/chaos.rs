@@ -296,9 +296,10 @@ async fn unreliable(
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,
-        mode,
-        buffer: None,
-        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
+        schedule: astraea_core::engine::Schedule {
+            mode,
+            ..Default::default()
+        },
         run_name: "chaos".into(),
         ..crate::serve_config(data_dir.clone(), clients, rounds, StrategyKind::Astraea)
     };

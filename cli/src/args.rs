@@ -1,8 +1,9 @@
 //! The `#[command(flatten)]` argument groups that `serve` and `simulate` share.
 
 /// The update guard and its loss rule, the same flags (and `ASTRAEA_*`
-/// variables) for `serve` and `simulate`.
-#[derive(clap::Args)]
+/// variables) for `serve` and `simulate`: an
+/// `astraea_core::engine::GuardSettings`.
+#[derive(clap::Args, Clone, Copy)]
 pub(crate) struct GuardArgs {
     /// Update guard: an update may move the weights it was sent by at most
     /// this many times their L2 norm.
@@ -19,13 +20,15 @@ pub(crate) struct GuardArgs {
 }
 
 /// Synchronous rounds or the asynchronous mode, the same flags (and
-/// `ASTRAEA_*` variables) for `serve` and `simulate`.
-#[derive(clap::Args)]
+/// `ASTRAEA_*` variables) for `serve` and `simulate`: an
+/// `astraea_core::engine::Schedule`.
+#[derive(clap::Args, Clone, Copy)]
 pub(crate) struct ScheduleArgs {
     /// sync: the papers' rounds; async: a group starts whenever clients are
     /// free and is folded in when it finishes, with a staleness weight
-    /// (FedBuff-style; in simulate a recorded round is ceil(m/B)*B groups
-    /// of work for m groups running and buffer B, m in sync).
+    /// (FedBuff-style; every B ended groups make a version, and --rounds
+    /// counts versions: B groups of work where a round is m, for m groups
+    /// running and buffer B).
     #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
     pub(crate) mode: astraea_core::asynchronous::Mode,
     /// Async mode: finished groups per new global model (default: half
@@ -36,4 +39,25 @@ pub(crate) struct ScheduleArgs {
     /// refused.
     #[arg(long, env = "ASTRAEA_MAX_STALENESS", default_value_t = astraea_core::asynchronous::DEFAULT_MAX_STALENESS)]
     pub(crate) max_staleness: u64,
+}
+
+impl From<GuardArgs> for astraea_core::engine::GuardSettings {
+    fn from(args: GuardArgs) -> Self {
+        Self {
+            max_update_ratio: args.max_update_ratio,
+            validation_samples: args.validation_samples,
+            max_loss_increase: args.max_loss_increase,
+        }
+    }
+}
+
+impl From<ScheduleArgs> for astraea_core::engine::Schedule {
+    /// A buffer of 0 is taken as 1.
+    fn from(args: ScheduleArgs) -> Self {
+        Self {
+            mode: args.mode,
+            buffer: args.buffer.map(|b| b.max(1)),
+            max_staleness: args.max_staleness,
+        }
+    }
 }

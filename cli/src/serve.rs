@@ -323,12 +323,8 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             _ => None,
         },
         label_epsilon: args.label_epsilon,
-        mode: args.schedule.mode,
-        buffer: args.schedule.buffer.map(|b| b.max(1)),
-        max_staleness: args.schedule.max_staleness,
-        max_update_ratio: args.guard.max_update_ratio,
-        validation_samples: args.guard.validation_samples,
-        max_loss_increase: args.guard.max_loss_increase,
+        schedule: args.schedule.into(),
+        guard: args.guard.into(),
         max_frame_bytes: args.max_frame_bytes,
         encoding: if args.f32 {
             WeightEncoding::F32

@@ -208,9 +208,7 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         aggregation: args.aggregation,
         attack: args.attack,
         attackers: args.attackers / 100.0,
-        max_update_ratio: args.guard.max_update_ratio,
-        validation_samples: args.guard.validation_samples,
-        max_loss_increase: args.guard.max_loss_increase,
+        guard: args.guard.into(),
         speed_weight: args.speed_weight,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
@@ -272,9 +270,7 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                 Some(dp)
             }
         },
-        mode: args.schedule.mode,
-        buffer: args.schedule.buffer.map(|b| b.max(1)),
-        max_staleness: args.schedule.max_staleness,
+        schedule: args.schedule.into(),
         population: astraea_sim::population::Population {
             speeds: args.speeds,
             freeze: args.freeze.clamp(0.0, 1.0),

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::data::catalog::load_named;
+use astraea_core::engine::GuardSettings;
 use astraea_core::metrics::RoundRecord;
 use astraea_core::strategy::{Rescheduling, StrategyKind, StrategySettings};
 use astraea_core::weights::Weights;
@@ -64,8 +65,11 @@ fn served(state_dir: &Path) -> ServeConfig {
         epochs: 1,
         batch_size: 20,
         learning_rate: 1e-3,
-        validation_samples: 32,
-        max_loss_increase: 0.05,
+        guard: GuardSettings {
+            validation_samples: 32,
+            max_loss_increase: 0.05,
+            ..GuardSettings::default()
+        },
         hop_deadline: Duration::from_secs(120),
         seed: 11,
         static_dir: std::env::temp_dir(),
@@ -96,9 +100,7 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
         aggregation: settings.aggregation,
         attack: None,
         attackers: 0.0,
-        max_update_ratio: serve.max_update_ratio,
-        validation_samples: serve.validation_samples,
-        max_loss_increase: serve.max_loss_increase,
+        guard: serve.guard,
         speed_weight: settings.rescheduling.speed_weight,
         label_epsilon: serve.label_epsilon,
         model_privacy: None,
@@ -107,9 +109,7 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
         secure_quorum: serve.secure_quorum,
         hop_privacy: serve.hop_privacy,
         encoding: serve.encoding,
-        mode: serve.mode,
-        buffer: serve.buffer,
-        max_staleness: serve.max_staleness,
+        schedule: serve.schedule,
         population: astraea_sim::population::Population::default(),
         threads: 1,
         out_dir: std::env::temp_dir(),

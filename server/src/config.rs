@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use astraea_core::engine::{GuardSettings, Schedule};
 use astraea_core::partition::PartitionSpec;
 use astraea_core::protocol::WeightEncoding;
 use astraea_core::strategy::{StrategyKind, StrategySettings};
@@ -118,24 +119,11 @@ pub struct ServeConfig {
     /// gives the majority.
     pub secure_quorum: f64,
     /// Synchronous rounds, or the asynchronous mode
-    /// (`astraea_core::asynchronous`): groups start when clients are free
-    /// and fold into the model as they finish.
-    pub mode: astraea_core::asynchronous::Mode,
-    /// The asynchronous mode's buffer: finished groups per new global
-    /// model (`None`: half the groups running at once, rounded up).
-    pub buffer: Option<usize>,
-    /// The asynchronous mode's most staleness, in global versions.
-    pub max_staleness: u64,
-    /// The update guard's bound: an update may move the weights it was sent
-    /// by at most this many times their L2 norm.
-    pub max_update_ratio: f64,
-    /// The guard's loss rule (`astraea_core::validation`): samples of the
-    /// training set the server keeps to judge hops on (seeded); 0 turns
-    /// the rule off.
-    pub validation_samples: usize,
-    /// The loss rule's tolerance: a hop may raise the validation loss by
-    /// at most this many nats.
-    pub max_loss_increase: f64,
+    /// (`astraea_core::engine::buffered`): groups start when clients are
+    /// free and fold into the model as they finish.
+    pub schedule: Schedule,
+    /// The update guard and its loss rule.
+    pub guard: GuardSettings,
     /// Largest WebSocket frame accepted or sent.
     pub max_frame_bytes: usize,
     /// Encoding of the weights the server sends.
@@ -201,12 +189,8 @@ impl Default for ServeConfig {
             hop_privacy: None,
             secure_aggregation: false,
             secure_quorum: 0.5,
-            mode: Default::default(),
-            buffer: None,
-            max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
-            max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
-            validation_samples: astraea_core::validation::DEFAULT_VALIDATION_SAMPLES,
-            max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
+            schedule: Schedule::default(),
+            guard: GuardSettings::default(),
             max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
             encoding: WeightEncoding::F32,
             seed: 1,
@@ -228,7 +212,7 @@ impl ServeConfig {
     /// shows them): the accountant takes no credit for sampling.
     pub fn policy(&self) -> astraea_core::engine::RunPolicy {
         astraea_core::engine::RunPolicy {
-            mode: self.mode,
+            schedule: self.schedule,
             participants: self.participants,
             aggregation: self.settings.aggregation,
             model_privacy: self.model_privacy.map(|dp| dp.budget),
@@ -239,9 +223,7 @@ impl ServeConfig {
             label_epsilon: self.label_epsilon,
             secure_aggregation: self.secure_aggregation,
             secure_quorum: self.secure_quorum,
-            max_update_ratio: self.max_update_ratio,
-            validation_samples: self.validation_samples,
-            max_loss_increase: self.max_loss_increase,
+            guard: self.guard,
         }
     }
 }

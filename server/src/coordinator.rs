@@ -80,15 +80,15 @@ impl ServerData {
         let device = Device::flex();
         device.seed(config.seed);
         let initial = Weights::from_model(&model_config.init(&device));
-        let loss_check = (config.validation_samples > 0 && !train.is_empty()).then(|| {
+        let loss_check = (config.guard.validation_samples > 0 && !train.is_empty()).then(|| {
             let mut rng = StdRng::seed_from_u64(seeds::validation(config.seed));
-            let count = config.validation_samples.min(train.len());
+            let count = config.guard.validation_samples.min(train.len());
             let picked = rand::seq::index::sample(&mut rng, train.len(), count).into_vec();
             Arc::new(LossCheck::new(
                 model_config.clone(),
                 initial.shapes.clone(),
                 &train.subset(&picked),
-                config.max_loss_increase,
+                config.guard.max_loss_increase,
             ))
         });
         Ok(Self {
@@ -184,7 +184,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         first_round,
         mut planned,
     } = resume;
-    if config.mode == Mode::Async {
+    if config.schedule.mode == Mode::Async {
         return run_async(
             state.clone(),
             data,
@@ -386,7 +386,7 @@ async fn close_round(
     *lock(&state.global) = Some(Arc::new(global.clone()));
     let (hops, mediators) = {
         let mut status = state.status();
-        let mediators = match state.config.mode {
+        let mediators = match state.config.schedule.mode {
             Mode::Sync => status.mediators.iter().map(|m| m.members.clone()).collect(),
             Mode::Async => Vec::new(),
         };
@@ -499,8 +499,8 @@ async fn run_async(
     let start = Instant::now();
     let mut rng = StdRng::seed_from_u64(seeds::async_draw(config.seed, first_round));
     let mut versions = Versions::new(
-        config.buffer,
-        config.max_staleness,
+        config.schedule.buffer,
+        config.schedule.max_staleness,
         u64::from(first_round) - 1,
     );
     let mut running = tokio::task::JoinSet::new();

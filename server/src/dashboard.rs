@@ -165,7 +165,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
     StatusBody {
         phase: status.phase,
         strategy: status.strategy,
-        mode: state.config.mode.to_string(),
+        mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),
         model_budget,

@@ -307,7 +307,7 @@ async fn in_the_asynchronous_mode_the_run_does_not_wait_for_a_slow_client() {
     let (error, acks, running) = with_three_honest(
         3,
         |c| {
-            c.mode = astraea_core::asynchronous::Mode::Async;
+            c.schedule.mode = astraea_core::asynchronous::Mode::Async;
             c.hop_deadline = Duration::from_secs(120);
         },
         |_, w| Answer {

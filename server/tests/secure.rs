@@ -367,7 +367,7 @@ async fn secure_aggregation_is_refused_where_the_server_would_need_each_result()
     robust.settings.aggregation = AggregationRule::Median;
     let mut asynchronous = config(StrategyKind::Astraea, 4, 1);
     asynchronous.secure_aggregation = true;
-    asynchronous.mode = astraea_core::asynchronous::Mode::Async;
+    asynchronous.schedule.mode = astraea_core::asynchronous::Mode::Async;
     let mut too_many = config(StrategyKind::FedAvg, 4, 1);
     too_many.secure_aggregation = true;
     too_many.participants = 256;

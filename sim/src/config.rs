@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::attack::Attack;
+use astraea_core::engine::{GuardSettings, Schedule};
 use astraea_core::partition::PartitionSpec;
 use astraea_core::robust::AggregationRule;
 use astraea_core::strategy::{Rescheduling, Strategy, StrategyKind, StrategySettings};
@@ -44,17 +45,10 @@ pub struct SimConfig {
     pub attack: Option<Attack>,
     /// Share of the K clients that attack, in 0..=1 (seeded choice).
     pub attackers: f64,
-    /// The server's update guard ratio (see `astraea_core::guard`): every
-    /// hop is judged as the server would, and a refused client is dropped
-    /// for the rest of the run.
-    pub max_update_ratio: f64,
-    /// The guard's loss rule (`astraea_core::validation`): samples of the
-    /// server's validation set (drawn from the training set, seeded); 0
-    /// turns the rule off.
-    pub validation_samples: usize,
-    /// The loss rule's tolerance: a hop may raise the validation loss by at
-    /// most this many nats.
-    pub max_loss_increase: f64,
+    /// The server's update guard and its loss rule: every hop is judged
+    /// as the server would, and a client the guard refuses is dropped for
+    /// the rest of the run.
+    pub guard: GuardSettings,
     /// Speed-aware mediators' weight (`None`: the papers' greedy).
     pub speed_weight: Option<f64>,
     /// Label counts under local DP: every client reports its counts with
@@ -87,13 +81,8 @@ pub struct SimConfig {
     /// this encoding would carry them (f16: about three digits).
     pub encoding: astraea_core::protocol::WeightEncoding,
     /// Synchronous rounds, or the asynchronous mode
-    /// (`astraea_core::asynchronous`).
-    pub mode: astraea_core::asynchronous::Mode,
-    /// The asynchronous mode's buffer: finished groups per global version
-    /// (`None`: half the groups running at once, rounded up).
-    pub buffer: Option<usize>,
-    /// The asynchronous mode's most staleness, in global versions.
-    pub max_staleness: u64,
+    /// (`astraea_core::engine::buffered`).
+    pub schedule: Schedule,
     /// The clients as machines, for the federation clock.
     pub population: crate::population::Population,
     /// Worker threads that run mediators (and evaluation) in parallel.
@@ -164,7 +153,7 @@ impl SimConfig {
     /// figures) take them.
     pub fn policy(&self) -> astraea_core::engine::RunPolicy {
         astraea_core::engine::RunPolicy {
-            mode: self.mode,
+            schedule: self.schedule,
             participants: self.participants,
             aggregation: self.aggregation,
             model_privacy: self.model_privacy,
@@ -178,9 +167,7 @@ impl SimConfig {
             label_epsilon: self.label_epsilon,
             secure_aggregation: self.secure_aggregation,
             secure_quorum: self.secure_quorum,
-            max_update_ratio: self.max_update_ratio,
-            validation_samples: self.validation_samples,
-            max_loss_increase: self.max_loss_increase,
+            guard: self.guard,
         }
     }
 

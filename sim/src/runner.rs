@@ -181,18 +181,18 @@ pub fn run_with_model(
         .population
         .speeds
         .draw(federation.clients.len(), mix(&[spec.seed, 0x5eed5]));
-    let loss_check = (config.validation_samples > 0).then(|| {
+    let loss_check = (config.guard.validation_samples > 0).then(|| {
         let mut draw = StdRng::seed_from_u64(seeds::validation(spec.seed));
         let picked = sample(
             &mut draw,
             train.len(),
-            config.validation_samples.min(train.len()),
+            config.guard.validation_samples.min(train.len()),
         );
         LossCheck::new(
             model_config.clone(),
             global.shapes.clone(),
             &train.subset(&picked.into_vec()),
-            config.max_loss_increase,
+            config.guard.max_loss_increase,
         )
     });
     let defence = Defence::new(config, federation.clients.len(), spec.seed, loss_check);
@@ -226,7 +226,7 @@ pub fn run_with_model(
         train_s: 0.0,
         hops: HopTally::default(),
     };
-    match config.mode {
+    match config.schedule.mode {
         Mode::Sync => sync_rounds(&setup, &mut state, &mut rng)?,
         Mode::Async => async_rounds(&setup, &mut state, &mut rng)?,
     }
@@ -550,7 +550,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     let mut busy = vec![false; clients];
     // As the server: one generator for the run's draws.
     let mut draw_rng = StdRng::seed_from_u64(seeds::async_draw(spec.seed, 1));
-    let mut versions = Versions::new(config.buffer, config.max_staleness, 0);
+    let mut versions = Versions::new(config.schedule.buffer, config.schedule.max_staleness, 0);
     // The weights of each version a running group started from.
     let mut starts: BTreeMap<u64, Weights> = BTreeMap::from([(0, state.global.clone())]);
     let mut running: BinaryHeap<Reverse<Running>> = BinaryHeap::new();

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use astraea_core::astraea::PlanRule;
 use astraea_core::data::catalog::load_named;
+use astraea_core::engine::{GuardSettings, Schedule};
 use astraea_core::partition::PartitionSpec;
 use astraea_sim::{self as simulate, RunSpec, SimConfig};
 use indicatif::ProgressBar;
@@ -86,8 +87,10 @@ fn slice() -> (
         aggregation: Default::default(),
         attack: None,
         attackers: 0.0,
-        max_update_ratio: astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO,
-        validation_samples: 0,
+        guard: GuardSettings {
+            validation_samples: 0,
+            ..GuardSettings::default()
+        },
         population: astraea_sim::population::Population::default(),
         speed_weight: None,
         label_epsilon: None,
@@ -97,10 +100,7 @@ fn slice() -> (
         distributed_dp: false,
         secure_quorum: 0.5,
         encoding: astraea_core::protocol::WeightEncoding::F32,
-        mode: astraea_core::asynchronous::Mode::Sync,
-        buffer: None,
-        max_staleness: astraea_core::asynchronous::DEFAULT_MAX_STALENESS,
-        max_loss_increase: astraea_core::validation::DEFAULT_MAX_LOSS_INCREASE,
+        schedule: Schedule::default(),
         threads: 2,
         out_dir: std::env::temp_dir(),
         target_accuracy: None,
@@ -129,7 +129,10 @@ fn the_asynchronous_mode_learns_and_does_not_wait_for_the_slowest_chain() {
     let sync = simulate::run(&config, &spec, &train, &test, &progress).unwrap();
     let asynchronous = simulate::run(
         &SimConfig {
-            mode: astraea_core::asynchronous::Mode::Async,
+            schedule: Schedule {
+                mode: astraea_core::asynchronous::Mode::Async,
+                ..Schedule::default()
+            },
             rounds: 2 * config.rounds,
             ..config.clone()
         },

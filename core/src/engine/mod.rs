@@ -43,7 +43,7 @@ pub mod seeds;
 pub use chain::{
     Chain, ChainRules, Effect, HopOrder, HopTally, Judgement, MaskedHop, Next, SecureChain,
 };
-pub use policy::{PolicyError, RunPolicy, Sampling};
+pub use policy::{GuardSettings, PolicyError, RunPolicy, Sampling, Schedule};
 pub use round::{Closed, RoundPrivacy};
 
 #[cfg(test)]

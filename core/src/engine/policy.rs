@@ -41,11 +41,63 @@ impl Sampling {
     }
 }
 
+/// The update guard and its loss rule (`--max-update-ratio`,
+/// `--validation-samples`, `--max-loss-increase`), in serve and simulate
+/// alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardSettings {
+    /// The update guard's bound: an update may move the weights it was
+    /// sent by at most this many times their L2 norm.
+    pub max_update_ratio: f64,
+    /// The loss rule (`crate::validation`): samples of the training set
+    /// hops are judged on (seeded, `engine::seeds::validation`); 0 turns
+    /// the rule off.
+    pub validation_samples: usize,
+    /// The loss rule's tolerance: a hop may raise the validation loss by
+    /// at most this many nats.
+    pub max_loss_increase: f64,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        Self {
+            max_update_ratio: crate::guard::DEFAULT_MAX_UPDATE_RATIO,
+            validation_samples: crate::validation::DEFAULT_VALIDATION_SAMPLES,
+            max_loss_increase: crate::validation::DEFAULT_MAX_LOSS_INCREASE,
+        }
+    }
+}
+
+/// Synchronous rounds or the asynchronous mode (`--mode`, `--buffer`,
+/// `--max-staleness`), in serve and simulate alike; the asynchronous
+/// mode's rules are [`super::buffered`]'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    /// Synchronous rounds, or groups that start when clients are free and
+    /// fold into the model as they end.
+    pub mode: Mode,
+    /// The asynchronous mode's buffer: ended groups per new version
+    /// (`None`: half the groups running at once, rounded up).
+    pub buffer: Option<usize>,
+    /// The asynchronous mode's most staleness, in versions.
+    pub max_staleness: u64,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Sync,
+            buffer: None,
+            max_staleness: crate::asynchronous::DEFAULT_MAX_STALENESS,
+        }
+    }
+}
+
 /// The settings that decide what a round does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunPolicy {
     /// Synchronous rounds or the asynchronous mode.
-    pub mode: Mode,
+    pub schedule: Schedule,
     /// c: participants per round (synchronous), or drawn per new group.
     pub participants: usize,
     /// How the groups' results are combined.
@@ -66,12 +118,8 @@ pub struct RunPolicy {
     pub secure_aggregation: bool,
     /// The share of maskers that must survive for a sum to be unmasked.
     pub secure_quorum: f64,
-    /// The update guard's bound on a move, relative to the model's norm.
-    pub max_update_ratio: f64,
-    /// The loss rule's validation samples (0: off).
-    pub validation_samples: usize,
-    /// The loss rule's tolerance, nats.
-    pub max_loss_increase: f64,
+    /// The update guard and the loss rule.
+    pub guard: GuardSettings,
 }
 
 /// Why a run's settings are refused.
@@ -105,7 +153,7 @@ impl RunPolicy {
     /// loss tolerance that is not a non-negative number.
     pub fn validate(&self) -> Result<(), PolicyError> {
         if let Some(dp) = self.model_privacy {
-            if self.mode == Mode::Async {
+            if self.schedule.mode == Mode::Async {
                 return refuse("client-level DP needs synchronous rounds (--mode sync)");
             }
             if !(dp.clip.is_finite() && dp.clip > 0.0) {
@@ -150,7 +198,7 @@ impl RunPolicy {
             ));
         }
         if self.secure_aggregation {
-            if self.mode == Mode::Async {
+            if self.schedule.mode == Mode::Async {
                 return refuse("secure aggregation needs synchronous rounds");
             }
             if self.model_privacy.is_some_and(|dp| dp.adaptive.is_some()) {
@@ -191,16 +239,16 @@ impl RunPolicy {
                 hop.clip, hop.noise_multiplier
             ));
         }
-        if self.max_update_ratio.is_nan() || self.max_update_ratio < 0.0 {
+        if self.guard.max_update_ratio.is_nan() || self.guard.max_update_ratio < 0.0 {
             return refuse(format!(
                 "the update guard's ratio must be a non-negative number, not {}",
-                self.max_update_ratio
+                self.guard.max_update_ratio
             ));
         }
-        if self.max_loss_increase.is_nan() || self.max_loss_increase < 0.0 {
+        if self.guard.max_loss_increase.is_nan() || self.guard.max_loss_increase < 0.0 {
             return refuse(format!(
                 "the loss rule's tolerance must be a non-negative number, not {}",
-                self.max_loss_increase
+                self.guard.max_loss_increase
             ));
         }
         Ok(())
@@ -209,7 +257,7 @@ impl RunPolicy {
     /// The update guard every hop's update passes, with this run's bound.
     pub fn guard(&self) -> UpdateGuard {
         UpdateGuard::new(
-            self.max_update_ratio,
+            self.guard.max_update_ratio,
             GUARD_MEDIAN_FACTOR,
             GUARD_WINDOW,
             GUARD_MIN_HISTORY,
@@ -228,7 +276,7 @@ mod tests {
 
     fn policy() -> RunPolicy {
         RunPolicy {
-            mode: Mode::Sync,
+            schedule: Schedule::default(),
             participants: 10,
             aggregation: AggregationRule::default(),
             model_privacy: None,
@@ -239,9 +287,11 @@ mod tests {
             label_epsilon: None,
             secure_aggregation: false,
             secure_quorum: 0.5,
-            max_update_ratio: 2.0,
-            validation_samples: 64,
-            max_loss_increase: 0.5,
+            guard: GuardSettings {
+                max_update_ratio: 2.0,
+                validation_samples: 64,
+                max_loss_increase: 0.5,
+            },
         }
     }
 
@@ -257,7 +307,10 @@ mod tests {
         let cases: Vec<(RunPolicy, &str)> = vec![
             (
                 RunPolicy {
-                    mode: Mode::Async,
+                    schedule: Schedule {
+                        mode: Mode::Async,
+                        ..Schedule::default()
+                    },
                     model_privacy: Some(dp()),
                     ..policy()
                 },
@@ -308,7 +361,10 @@ mod tests {
             (
                 RunPolicy {
                     secure_aggregation: true,
-                    mode: Mode::Async,
+                    schedule: Schedule {
+                        mode: Mode::Async,
+                        ..Schedule::default()
+                    },
                     ..policy()
                 },
                 "secure aggregation needs synchronous",
@@ -338,7 +394,10 @@ mod tests {
             ),
             (
                 RunPolicy {
-                    max_update_ratio: f64::NAN,
+                    guard: GuardSettings {
+                        max_update_ratio: f64::NAN,
+                        ..GuardSettings::default()
+                    },
                     ..policy()
                 },
                 "guard",
