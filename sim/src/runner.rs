@@ -384,6 +384,19 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
     for round in 1..=config.rounds as usize {
         let mut draw_rng = StdRng::seed_from_u64(seeds::round_draw(spec.seed, round as u32));
         let participants = setup.draw(&vec![false; federation.clients.len()], &mut draw_rng);
+        // As on the server, a round that would spend more than the budget
+        // does not start (the simulator's DP has none: its noise is
+        // calibrated to spend its epsilon over the rounds asked for).
+        if let Some(Err(detail)) = state
+            .privacy
+            .as_ref()
+            .map(|p| p.budget_allows(round as u32))
+        {
+            setup
+                .progress
+                .suspend(|| eprintln!("{}: {detail}", spec.label()));
+            break;
+        }
         let round_plan = strategy.configure_round(&participants);
         let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
         for group in &round_plan.groups {
