@@ -12,6 +12,7 @@ use astraea_server::{self as serve, ServeConfig};
 
 use crate::args::{GuardArgs, ScheduleArgs};
 use crate::shared::{adaptive_clip, check_count_noise};
+use astraea_core::engine::hop::hop_limit;
 
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
@@ -286,9 +287,10 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         batch_size: args.batch,
         learning_rate: args.lr,
-        hop_deadline: std::time::Duration::from_secs_f64(args.hop_deadline),
-        stall_timeout: std::time::Duration::try_from_secs_f64(args.stall_timeout)
-            .context("--stall-timeout must be a finite, non-negative number of seconds")?,
+        hop_deadline: hop_limit("--hop-deadline", args.hop_deadline, false)
+            .map_err(anyhow::Error::msg)?,
+        stall_timeout: hop_limit("--stall-timeout", args.stall_timeout, true)
+            .map_err(anyhow::Error::msg)?,
         hop_privacy: args
             .hop_noise
             .map(|noise_multiplier| astraea_core::privacy::HopPrivacy {

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{GuardArgs, ScheduleArgs};
 use crate::shared::{adaptive_clip, check_count_noise, print_tables};
+use astraea_core::engine::hop::hop_limit;
 
 #[derive(clap::Args)]
 pub(crate) struct SimulateArgs {
@@ -275,8 +276,12 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             speeds: args.speeds,
             freeze: args.freeze.clamp(0.0, 1.0),
             overhead_s: args.hop_overhead.max(0.0),
-            hop_deadline_s: args.hop_deadline.max(0.0),
-            stall_timeout_s: args.stall_timeout.max(0.0),
+            hop_deadline_s: hop_limit("--hop-deadline", args.hop_deadline, false)
+                .map_err(anyhow::Error::msg)?
+                .as_secs_f64(),
+            stall_timeout_s: hop_limit("--stall-timeout", args.stall_timeout, true)
+                .map_err(anyhow::Error::msg)?
+                .as_secs_f64(),
         },
         threads,
         out_dir: args.out.clone(),

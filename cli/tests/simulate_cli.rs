@@ -123,3 +123,28 @@ fn a_missing_dataset_names_the_fetch_command() {
     assert!(stderr.contains("astraea fetch-data"), "{stderr}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn an_impossible_time_limit_is_refused_with_its_name_in_every_command() {
+    // A hop deadline no clock can hold, a negative one, a stall timeout of
+    // two days: each command refuses the flag by name and exits, where
+    // `serve` panicked on the first two before reading any data.
+    let cases: [&[&str]; 4] = [
+        &["serve", "--hop-deadline", "1e308"],
+        &["serve", "--hop-deadline=-1"],
+        &["serve", "--stall-timeout", "172800"],
+        &["simulate", "--hop-deadline", "1e308"],
+    ];
+    for args in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_astraea"))
+            .args(args)
+            .args(["--data-dir", "/nonexistent"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} ran");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let flag = args[1].split('=').next().unwrap();
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}

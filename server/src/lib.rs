@@ -55,6 +55,15 @@ pub struct Running {
 /// Loads the data, then serves on `listener` and starts the round loop.
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
     config.policy().validate()?;
+    use astraea_core::engine::hop::hop_limit;
+    hop_limit("the hop deadline", config.hop_deadline.as_secs_f64(), false)
+        .map_err(anyhow::Error::msg)?;
+    hop_limit(
+        "the stall timeout",
+        config.stall_timeout.as_secs_f64(),
+        true,
+    )
+    .map_err(anyhow::Error::msg)?;
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;

@@ -296,19 +296,17 @@ impl Tunable {
         if next.participants == 0 || next.min_clients == 0 {
             return Err("participants and min_clients must be at least 1".into());
         }
-        if !(next.hop_deadline_s.is_finite() && next.hop_deadline_s > 0.0) {
-            return Err(format!(
-                "hop_deadline_s must be a positive number, got {}",
-                next.hop_deadline_s
-            ));
-        }
+        astraea_core::engine::hop::hop_limit("hop_deadline_s", next.hop_deadline_s, false)?;
         *self = next;
         Ok(())
     }
 
-    /// The hop deadline as a duration.
+    /// The hop deadline as a duration (within
+    /// `astraea_core::engine::hop::MAX_HOP_SECONDS`: [`Tunable::apply`] and
+    /// `start` refuse more).
     pub fn hop_deadline(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.hop_deadline_s)
+        astraea_core::engine::hop::hop_limit("hop deadline", self.hop_deadline_s, false)
+            .unwrap_or(astraea_core::engine::hop::MIN_HOP_DEADLINE)
     }
 }
 

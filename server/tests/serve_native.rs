@@ -368,6 +368,10 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     let (configured, settings) = configure(auth, r#"{"rounds":5,"min_clients":2}"#).await;
     let (nonsense, _) = configure(auth, r#"{"participants":0}"#).await;
     let (unknown, _) = configure(auth, r#"{"colour":"red"}"#).await;
+    // A finite deadline no clock can hold (the server panicked and exited
+    // on it), and one longer than a day.
+    let (endless, why) = configure(auth, r#"{"hop_deadline_s":1e308}"#).await;
+    let (two_days, _) = configure(auth, r#"{"hop_deadline_s":172800}"#).await;
     let (model_status, model) = http(&address, "GET", "/api/model", "").await;
     let metrics = http_get(&address, "/metrics").await;
     let dashboard_page = http_get(&address, "/dashboard").await;
@@ -398,6 +402,9 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
     assert_eq!(settings["min_clients"], 2);
     assert_eq!(settings["participants"], 50, "untouched settings stay");
     assert_eq!((nonsense, unknown), (400, 400));
+    assert_eq!((endless, two_days), (400, 400));
+    let why = String::from_utf8_lossy(&why);
+    assert!(why.contains("hop_deadline_s"), "{why}");
     assert_eq!(running.state.tunable().rounds, 5);
     assert_eq!(model_status, 200);
     let shapes = running

@@ -11,6 +11,35 @@ use std::time::Duration;
 /// The shortest hop deadline the server gives, whatever a client's speed.
 pub const MIN_HOP_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The longest hop deadline or stall timeout an operator may set, in
+/// seconds: a day. No volunteer keeps a tab open that long for one hop,
+/// and far longer values overflow the clock.
+pub const MAX_HOP_SECONDS: f64 = 86_400.0;
+
+/// An operator's time limit on hops (`what` names the setting, for the
+/// refusal) as a duration: a finite number of seconds in
+/// (0, [`MAX_HOP_SECONDS`]], or 0 where `zero_turns_off` (the stall
+/// timeout: no stall rule).
+///
+/// # Errors
+/// The reason, naming `what` and the value: not a number, negative, zero
+/// where zero means nothing, or above a day. Every front end (the command
+/// line, the TOML file, the environment, `POST /api/admin/configure`, an
+/// embedder's `ServeConfig`) goes through here.
+pub fn hop_limit(what: &str, seconds: f64, zero_turns_off: bool) -> Result<Duration, String> {
+    let least = if zero_turns_off { "0 (off)" } else { "above 0" };
+    if seconds.is_nan()
+        || seconds < 0.0
+        || (seconds == 0.0 && !zero_turns_off)
+        || seconds > MAX_HOP_SECONDS
+    {
+        return Err(format!(
+            "{what} must be a number of seconds from {least} to {MAX_HOP_SECONDS} (a day), not {seconds}"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 /// A hop's deadline from the client's speed (samples a second): three
 /// times the time its measured speed needs for `work` samples (its samples
 /// times the epochs), plus 5 s for transfer and warm-up, within
@@ -93,6 +122,24 @@ impl HopTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operators_time_limit_is_a_day_at_most_and_never_nonsense() {
+        assert_eq!(
+            hop_limit("hop deadline", 60.0, false),
+            Ok(Duration::from_secs(60))
+        );
+        assert_eq!(hop_limit("stall timeout", 0.0, true), Ok(Duration::ZERO));
+        assert_eq!(
+            hop_limit("hop deadline", MAX_HOP_SECONDS, false),
+            Ok(Duration::from_secs(86_400))
+        );
+        for bad in [1e308, f64::INFINITY, f64::NAN, -1.0, MAX_HOP_SECONDS + 1.0] {
+            let refusal = hop_limit("hop deadline", bad, false).unwrap_err();
+            assert!(refusal.contains("hop deadline"), "{refusal}");
+        }
+        assert!(hop_limit("hop deadline", 0.0, false).is_err());
+    }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
