@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding, train_task};
-use astraea_core::train::Samples;
+use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding};
+use astraea_core::train::{Samples, train_task};
 use astraea_e2e::{Chromedriver, built_page, demo_config, page_figures, serve_on_loopback};
 use astraea_server::state::Phase;
 

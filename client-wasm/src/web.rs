@@ -20,9 +20,10 @@ use std::cell::{Cell, RefCell};
 use astraea_core::model::ModelConfig;
 use astraea_core::protocol::{
     ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, progress_message,
-    train_task, train_task_async,
 };
-use astraea_core::train::{Samples, StepProgress, TrainConfig, train_async, train_observed};
+use astraea_core::train::{
+    Samples, StepProgress, TrainConfig, train_async, train_observed, train_task, train_task_async,
+};
 use astraea_core::weights::Weights;
 use burn::prelude::Device;
 use js_sys::{Array, Float32Array, Function, Object, Reflect, Uint8Array};

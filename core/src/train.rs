@@ -3,6 +3,12 @@
 //!
 //! Both take and return [`Weights`] rather than modules, because that is what
 //! moves between clients, mediators and the server.
+//!
+//! A protocol task is trained here too: [`train_task`] (on the CPU) and
+//! [`train_task_async`] (on any device) turn the server's [`ModelSpec`] and
+//! [`TaskSpec`] into the model, its weights and a [`TrainConfig`], and run
+//! the visit, as every client does between `ClientAction::Train` and
+//! [`ClientSession::trained`].
 
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
@@ -13,6 +19,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::model::{Cnn, ModelConfig};
+#[cfg(doc)]
+use crate::protocol::ClientSession;
+use crate::protocol::{ModelSpec, TaskSpec};
 use crate::weights::{Weights, WeightsError};
 
 /// A client's local data, borrowed: images sample-major in `[C, H, W]` order
@@ -367,6 +376,62 @@ pub fn evaluate(
         loss: loss_sum / n,
         samples: data.len(),
     })
+}
+
+/// What a task trains: the model's architecture, the weights it starts
+/// from, and the visit's settings.
+fn task_setup(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+) -> (crate::model::ModelConfig, Weights, TrainConfig) {
+    let config = model.config();
+    let weights = Weights {
+        shapes: Weights::shapes_of(&config.init_zeros(&Device::flex())),
+        values,
+    };
+    let train_config = TrainConfig {
+        epochs: task.epochs,
+        batch_size: task.batch_size,
+        learning_rate: task.learning_rate,
+        prox_mu: task.prox_mu,
+        seed: task.seed,
+    };
+    (config, weights, train_config)
+}
+
+/// Runs a task on `data` on the CPU (burn `flex`): the training every
+/// client does between `ClientAction::Train` and
+/// [`ClientSession::trained`]. `observe` hears of every step.
+pub fn train_task(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let (config, weights, train_config) = task_setup(model, task, values);
+    let device = Device::flex().autodiff();
+    let (trained, stats) =
+        train_observed(&config, &weights, data, &train_config, &device, observe)?;
+    Ok((trained.values, stats))
+}
+
+/// [`train_task`] on any device, reading back asynchronously (WebGPU in a
+/// browser); `device` is the plain device, made autodiff here.
+pub async fn train_task_async(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+    device: &Device,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let (config, weights, train_config) = task_setup(model, task, values);
+    let device = device.clone().autodiff();
+    let (trained, stats) =
+        train_async(&config, &weights, data, &train_config, &device, observe).await?;
+    Ok((trained.values, stats))
 }
 
 #[cfg(test)]

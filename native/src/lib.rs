@@ -15,9 +15,8 @@ use astraea_core::data::Dataset;
 use astraea_core::data::catalog::load_named;
 use astraea_core::protocol::{
     AckOutcome, ClientAction, ClientMessage, ClientSession, DataSource, TaskSpec, progress_message,
-    train_task,
 };
-use astraea_core::train::{self, Samples};
+use astraea_core::train::{self, Samples, train_task};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -29,7 +29,7 @@ pub use messages::{
     AckOutcome, ChainPlace, ClientMessage, DataSource, ErrorCode, LifecycleReport, LifecycleState,
     ModelPrivacySpec, ModelSpec, PrivacySpec, ServerMessage, ShardSpec, TaskSpec, UpdateSpec,
 };
-pub use session::{ClientAction, ClientSession, progress_message, train_task, train_task_async};
+pub use session::{ClientAction, ClientSession, progress_message};
 
 /// Version spoken by this build; a server refuses a join with another.
 /// Version 2 added the `ack` message, the `invalid` error code and the

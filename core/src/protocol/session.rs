@@ -3,15 +3,13 @@
 //! drive it, so its logic is tested here once.
 
 use super::PROTOCOL_VERSION;
-use burn::prelude::*;
 
 use super::frames::{WeightAssembler, encode_chunks};
 use super::messages::{
     AckOutcome, ClientMessage, DataSource, ErrorCode, ModelSpec, ServerMessage, ShardSpec,
     TaskSpec, UpdateSpec,
 };
-use crate::train::{self, Samples, StepProgress, TrainConfig, TrainStats};
-use crate::weights::{Weights, WeightsError};
+use crate::train::StepProgress;
 
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq)]
@@ -645,28 +643,6 @@ impl ClientSession {
     }
 }
 
-/// What a task trains: the model's architecture, the weights it starts
-/// from, and the visit's settings.
-fn task_setup(
-    model: &ModelSpec,
-    task: &TaskSpec,
-    values: Vec<f32>,
-) -> (crate::model::ModelConfig, Weights, TrainConfig) {
-    let config = model.config();
-    let weights = Weights {
-        shapes: Weights::shapes_of(&config.init_zeros(&Device::flex())),
-        values,
-    };
-    let train_config = TrainConfig {
-        epochs: task.epochs,
-        batch_size: task.batch_size,
-        learning_rate: task.learning_rate,
-        prox_mu: task.prox_mu,
-        seed: task.seed,
-    };
-    (config, weights, train_config)
-}
-
 /// The `progress` message for `task` after `step`: batches done over the
 /// whole hop (all epochs, this step included) out of the hop's total. A
 /// session sends one as the hop starts; the driver sends these after
@@ -708,40 +684,6 @@ fn starting_progress(task: &TaskSpec) -> ClientMessage {
         done: 0,
         total: 0,
     }
-}
-
-/// Runs a task on `data` on the CPU (burn `flex`): the training every
-/// client does between `ClientAction::Train` and
-/// [`ClientSession::trained`]. `observe` hears of every step.
-pub fn train_task(
-    model: &ModelSpec,
-    task: &TaskSpec,
-    values: Vec<f32>,
-    data: Samples<'_>,
-    observe: &mut dyn FnMut(&StepProgress),
-) -> Result<(Vec<f32>, TrainStats), WeightsError> {
-    let (config, weights, train_config) = task_setup(model, task, values);
-    let device = Device::flex().autodiff();
-    let (trained, stats) =
-        train::train_observed(&config, &weights, data, &train_config, &device, observe)?;
-    Ok((trained.values, stats))
-}
-
-/// [`train_task`] on any device, reading back asynchronously (WebGPU in a
-/// browser); `device` is the plain device, made autodiff here.
-pub async fn train_task_async(
-    model: &ModelSpec,
-    task: &TaskSpec,
-    values: Vec<f32>,
-    data: Samples<'_>,
-    device: &Device,
-    observe: &mut dyn FnMut(&StepProgress),
-) -> Result<(Vec<f32>, TrainStats), WeightsError> {
-    let (config, weights, train_config) = task_setup(model, task, values);
-    let device = device.clone().autodiff();
-    let (trained, stats) =
-        train::train_async(&config, &weights, data, &train_config, &device, observe).await?;
-    Ok((trained.values, stats))
 }
 
 /// Holds a masked hop's settings to the client-level DP the welcome
