@@ -26,6 +26,11 @@
 //!
 //! - [`run`] draws from one seeded [`StdRng`], so a seed replays a run; the
 //!   inputs go to the targets in turn.
+//! - One set of generators: [`client_message`], [`server_message`],
+//!   [`mutated_text`], [`garbage_text`], [`assembler_case`] and
+//!   [`session_case`] build every input, for [`run`] (and `astraea bench
+//!   fuzz`) and for the property tests (`core/tests/fuzz_protocol.rs`),
+//!   which draw a seed per case and build it here.
 //! - Each input runs under [`catch_unwind`] ([`FuzzReport::check`]); a
 //!   property violation is an assertion, so it is caught and counted the
 //!   same way as any other panic. The panic hook is left alone: a caught
@@ -224,7 +229,7 @@ pub fn check_client_text(text: &str) {
 }
 
 /// A well-formed client message must parse back to itself (floats to
-/// within [`FLOAT_ULPS`] units in the last place: serde_json's default
+/// within `FLOAT_ULPS` (16) units in the last place: serde_json's default
 /// float parsing is not exact); then its text goes through
 /// [`check_client_text`].
 pub fn check_client_message(message: &ClientMessage) {
@@ -650,7 +655,7 @@ impl Edit {
             },
             5 => Edit::Remove {
                 at,
-                len: rng.random_range(1..=8),
+                len: rng.random_range(1..=16),
             },
             6 => Edit::Duplicate {
                 at,
@@ -830,8 +835,9 @@ fn text_input<M: serde::Serialize>(
     }
 }
 
-/// `message` as JSON, mutated as a JSON value or as bytes.
-fn mutated_text(rng: &mut StdRng, message: &impl serde::Serialize) -> String {
+/// `message` as JSON, mutated as a JSON value (1 to 3 nodes replaced,
+/// removed, added, wrapped or nudged) or as bytes (1 to 4 [`Edit`]s).
+pub fn mutated_text(rng: &mut StdRng, message: &impl serde::Serialize) -> String {
     if rng.random_bool(0.5) {
         let mut value = serde_json::to_value(message).expect("messages always serialise");
         for _ in 0..rng.random_range(1..=3) {
@@ -941,9 +947,10 @@ fn random_value(rng: &mut StdRng) -> Value {
     }
 }
 
-/// Random bytes, a soup of JSON tokens, or deep nesting.
-fn garbage_text(rng: &mut StdRng) -> String {
-    match rng.random_range(0..4) {
+/// A text that is no message: random bytes, deep nesting, any characters,
+/// or a soup of JSON tokens and the protocol's names.
+pub fn garbage_text(rng: &mut StdRng) -> String {
+    match rng.random_range(0..5) {
         0 => {
             let bytes: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
             String::from_utf8_lossy(&bytes).into_owned()
@@ -953,6 +960,9 @@ fn garbage_text(rng: &mut StdRng) -> String {
             let open = if rng.random() { "[" } else { "{\"a\":" };
             open.repeat(depth)
         }
+        2 => (0..rng.random_range(0..64))
+            .map(|_| any_char(rng))
+            .collect(),
         _ => {
             let mut text = Vec::new();
             for _ in 0..rng.random_range(0..24) {
@@ -1013,13 +1023,32 @@ fn any_f64(rng: &mut StdRng) -> f64 {
     }
 }
 
+/// A short string: mostly of characters JSON escapes or writes in several
+/// bytes, a quarter of the time of any characters ([`any_char`]).
 fn any_string(rng: &mut StdRng) -> String {
     const CHARS: &[char] = &[
         'a', 'z', 'M', '0', ' ', '"', '\\', '/', '\n', '\u{0}', '\u{7f}', 'é', '\u{2028}', '😀',
     ];
+    let wide = rng.random_bool(0.25);
     (0..rng.random_range(0..10))
-        .map(|_| *CHARS.choose(rng).expect("chars"))
+        .map(|_| {
+            if wide {
+                any_char(rng)
+            } else {
+                *CHARS.choose(rng).expect("chars")
+            }
+        })
         .collect()
+}
+
+/// Any character: ASCII (controls included), the rest of the basic plane,
+/// or any scalar value (mostly the astral planes).
+fn any_char(rng: &mut StdRng) -> char {
+    match rng.random_range(0..3) {
+        0 => rng.random_range('\u{0}'..='\u{7f}'),
+        1 => rng.random_range('\u{80}'..='\u{ffff}'),
+        _ => rng.random(),
+    }
 }
 
 fn any_counts(rng: &mut StdRng) -> Vec<usize> {
@@ -1055,8 +1084,12 @@ fn any_data(rng: &mut StdRng) -> DataSource {
     }
 }
 
-/// A client message of any kind, well formed.
-fn client_message(rng: &mut StdRng) -> ClientMessage {
+/// A client message of the kinds a client sends outside secure
+/// aggregation, well formed (it need not pass the protocol's limits): a
+/// join (mostly of this protocol's version, sometimes resuming), ready,
+/// progress, update, error or leave; numbers mostly small, sometimes at
+/// their edges or anything.
+pub fn client_message(rng: &mut StdRng) -> ClientMessage {
     match rng.random_range(0..6) {
         0 => ClientMessage::Join {
             version: if rng.random_bool(0.8) {
@@ -1067,7 +1100,7 @@ fn client_message(rng: &mut StdRng) -> ClientMessage {
             backend: any_string(rng),
             speed: rng.random_bool(0.5).then(|| any_f64(rng)),
             data: any_data(rng),
-            resume: None,
+            resume: rng.random_bool(0.2).then(|| any_string(rng)),
         },
         1 => ClientMessage::Ready {
             counts: any_counts(rng),
@@ -1112,8 +1145,8 @@ fn task_spec(rng: &mut StdRng, fit: Option<(usize, usize)>) -> TaskSpec {
         passes: any_u32(rng),
     });
     TaskSpec {
-        round: small(rng) as u32,
-        hop: small(rng) as u32,
+        round: any_u32(rng),
+        hop: any_u32(rng),
         epochs: any_usize(rng),
         batch_size: any_usize(rng),
         learning_rate: any_f64(rng),
@@ -1146,8 +1179,13 @@ fn any_params(rng: &mut StdRng) -> usize {
     }
 }
 
-/// A server message of any kind, well formed; `fit` as for [`task_spec`].
-fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessage {
+/// A server message of the kinds a server sends outside secure aggregation,
+/// well formed: a welcome (sometimes with a shard or a resume token), plan,
+/// task, round end, ack or error. With `fit` = (parameters, frame limit),
+/// a welcome announces that model and a task's chunk count mostly fits it;
+/// with `None` a welcome announces any number of parameters (mostly up to
+/// 300, rarely an impossible one: 2^30, 2^40, `usize::MAX`).
+pub fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessage {
     match rng.random_range(0..6) {
         0 => ServerMessage::Welcome {
             version: if rng.random_bool(0.9) {
@@ -1167,7 +1205,7 @@ fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMessag
                 dataset: any_string(rng),
                 indices: any_counts(rng),
             }),
-            resume: None,
+            resume: rng.random_bool(0.2).then(|| any_string(rng)),
             privacy: None,
         },
         1 => ServerMessage::Plan {
@@ -1215,12 +1253,13 @@ fn weight(rng: &mut StdRng, special: f64) -> f32 {
     *specials.choose(rng).expect("specials")
 }
 
-/// `n` weights; a quarter of the vectors hold about one special value.
+/// `n` weights; a quarter of the vectors hold about one special value, one
+/// in ten holds one in ten (in several chunks, most likely).
 fn weights(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    let special = if rng.random_bool(0.25) {
-        1.0 / n.max(1) as f64
-    } else {
-        0.0
+    let special = match rng.random_range(0..20) {
+        0..=4 => 1.0 / n.max(1) as f64,
+        5 | 6 => 0.1,
+        _ => 0.0,
     };
     (0..n).map(|_| weight(rng, special)).collect()
 }
@@ -1234,9 +1273,20 @@ fn frame_limit(rng: &mut StdRng, encoding: WeightEncoding) -> usize {
     }
 }
 
+/// A frame that is no chunk of the transfer: random bytes (mostly a header
+/// and more, its round and hop half the time small like most tasks'), or a
+/// bare header of small or zero words (the all-zero header among them).
 fn random_frame(rng: &mut StdRng) -> Vec<u8> {
-    let len = match rng.random_range(0..3) {
+    let len = match rng.random_range(0..4) {
         0 => rng.random_range(0..HEADER_BYTES),
+        1 => {
+            return (0..HEADER_BYTES / 4)
+                .flat_map(|_| {
+                    let word = if rng.random() { 0 } else { small(rng) as u32 };
+                    word.to_le_bytes()
+                })
+                .collect();
+        }
         _ => HEADER_BYTES + rng.random_range(0..64),
     };
     let mut frame: Vec<u8> = (0..len).map(|_| rng.random()).collect();
@@ -1247,9 +1297,12 @@ fn random_frame(rng: &mut StdRng) -> Vec<u8> {
     frame
 }
 
-/// A transfer from valid frames of a random weight vector, mutated most of
-/// the time; untouched ones must come back.
-fn assembler_case(rng: &mut StdRng) -> AssemblerCase {
+/// A transfer from valid frames of a random weight vector (up to 400
+/// values, some of them NaN, infinite or past f16's range), mutated most of
+/// the time: the assembler's settings no longer matching the frames (count,
+/// length, encoding or frame limit), and the frames edited ([`FrameEdit`]).
+/// Untouched ones must come back ([`AssemblerCase::yields`]).
+pub fn assembler_case(rng: &mut StdRng) -> AssemblerCase {
     let encoding = any_encoding(rng);
     let n = match rng.random_range(0..4) {
         0 => small(rng) as usize,
@@ -1283,10 +1336,12 @@ fn assembler_case(rng: &mut StdRng) -> AssemblerCase {
     case
 }
 
-/// A session's life: usually a welcome, then plans, tasks with their
-/// frames (mutated now and then), round ends, garbage and the driver's
+/// A session's life of up to 15 steps: usually a welcome (sometimes with a
+/// resume token, rarely of an impossible model), then plans, tasks with
+/// their frames (edited now and then), other server messages (as they are
+/// or mutated), round ends, garbage texts and frames and the driver's
 /// calls, in random order.
-fn session_case(rng: &mut StdRng) -> SessionCase {
+pub fn session_case(rng: &mut StdRng) -> SessionCase {
     let limit = frame_limit(rng, WeightEncoding::F32);
     let params = any_params(rng).min(300);
     let mut steps = Vec::new();
@@ -1310,13 +1365,13 @@ fn session_case(rng: &mut StdRng) -> SessionCase {
                 },
             },
             shard: None,
-            resume: None,
+            resume: rng.random_bool(0.3).then(|| any_string(rng)),
             privacy: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }
     let mut pending: Vec<Vec<u8>> = Vec::new();
-    let total = rng.random_range(1..=10);
+    let total = rng.random_range(0..=15);
     while steps.len() < total {
         if !pending.is_empty() && rng.random_bool(0.8) {
             let mut frame = pending.remove(0);
@@ -1412,6 +1467,29 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.crashes, 0, "{a}");
         assert!(a.targets.iter().all(|t| t.inputs == 100), "{a}");
+    }
+
+    #[test]
+    fn the_generators_reach_resume_tokens_any_characters_and_long_lives() {
+        // What the property tests' own generators covered before they drew
+        // from these.
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut texts: Vec<String> = (0..300)
+            .map(|_| client_message(&mut rng).to_json())
+            .collect();
+        texts.extend((0..300).map(|_| server_message(&mut rng, None).to_json()));
+        let lives: Vec<usize> = (0..100)
+            .map(|_| session_case(&mut rng).steps.len())
+            .collect();
+
+        let resumed = |kind: &str| {
+            texts
+                .iter()
+                .any(|t| t.contains(kind) && t.contains("\"resume\":\""))
+        };
+        assert!(resumed("\"join\"") && resumed("\"welcome\""));
+        assert!(texts.iter().any(|t| t.chars().any(|c| c > '\u{ffff}')));
+        assert!(lives.iter().any(|n| *n > 10), "{lives:?}");
     }
 
     #[test]
