@@ -229,6 +229,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.stale_updates.load(Ordering::Relaxed) as f64,
     );
     metric(
+        "astraea_stale_results_total",
+        "counter",
+        "Asynchronous groups' results refused as too many versions stale.",
+        state.stale_results.load(Ordering::Relaxed) as f64,
+    );
+    metric(
         "astraea_loss_refusals_total",
         "counter",
         "Hops refused for raising the validation loss past the tolerance.",

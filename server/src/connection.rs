@@ -712,11 +712,13 @@ impl Connection {
             return Err(refuse(code, reason));
         }
         entry.hops_done = entry.hops_done.saturating_add(1);
-        entry.samples_trained = entry.samples_trained.saturating_add(
-            update
-                .samples
-                .saturating_mul(self.state.config.epochs as u64),
-        );
+        let trained = update
+            .samples
+            .saturating_mul(self.state.config.epochs as u64);
+        entry.samples_trained = entry.samples_trained.saturating_add(trained);
+        self.state
+            .train_samples
+            .fetch_add(trained, Ordering::Relaxed);
         // The chain acknowledges it once judged (the loss rule comes
         // after these checks); a chain that has just given the hop up
         // makes it stale.

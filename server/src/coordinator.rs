@@ -159,6 +159,10 @@ pub fn restore(
             }
             state.bytes_up.store(last.bytes_up, Ordering::Relaxed);
             state.bytes_down.store(last.bytes_down, Ordering::Relaxed);
+            state
+                .train_samples
+                .store(last.train_samples, Ordering::Relaxed);
+            *lock(&state.training) = Duration::try_from_secs_f64(last.train_s).unwrap_or_default();
             let detail = format!("resumed after round {}", last.round);
             tracing::info!("{detail}");
             state.record(|store, run| store.event(run, Some(last.round as u32), "resume", &detail));
@@ -284,7 +288,11 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         });
         let mut results = Vec::new();
         let mut failures = Vec::new();
-        for outcome in join_all(chains).await {
+        let mut training = Training::default();
+        training.set(&state, true);
+        let outcomes = join_all(chains).await;
+        training.set(&state, false);
+        for outcome in outcomes {
             match outcome {
                 Ok(result) => results.push(result),
                 Err(failure) => failures.push(failure),
@@ -400,8 +408,8 @@ async fn close_round(
         bytes_down: state.bytes_down.load(Ordering::Relaxed),
         mean_kl,
         wall_s: start.elapsed().as_secs_f64(),
-        train_samples: 0,
-        train_s: 0.0,
+        train_samples: state.train_samples.load(Ordering::Relaxed),
+        train_s: lock(&state.training).as_secs_f64(),
         clock_s: start.elapsed().as_secs_f64(),
         epsilon: state.model_epsilon(),
         mediators,
@@ -413,9 +421,15 @@ async fn close_round(
         failures = failures.len(),
         "round done"
     );
+    // A round's mediators, kept beside its record (an asynchronous version
+    // has none: its groups started from different versions).
     let (skipped, mediators) = {
         let status = state.status();
-        (status.skipped_hops, status.mediators.clone())
+        let mediators = match state.config.schedule.mode {
+            Mode::Sync => status.mediators.clone(),
+            Mode::Async => Vec::new(),
+        };
+        (status.skipped_hops, mediators)
     };
     let guard = lock(&state.guard).history();
     let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
@@ -507,6 +521,7 @@ async fn run_async(
     // The members of the chain in each dashboard slot, `None` when free.
     let mut slots: Vec<Option<Vec<u64>>> = Vec::new();
     let mut chains = 0u64;
+    let mut training = Training::default();
     loop {
         let round = u32::try_from(versions.version() + 1).unwrap_or(u32::MAX);
         if round > state.tunable().rounds || state.control().stopped {
@@ -582,6 +597,7 @@ async fn run_async(
                 status.round_started = Some(Instant::now());
             }
         }
+        training.set(&state, !running.is_empty());
         let joined = state.changed.notified();
         let controlled = state.control_changed.notified();
         let finished = tokio::select! {
@@ -590,6 +606,7 @@ async fn run_async(
             _ = controlled => None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => None,
         };
+        training.set(&state, !running.is_empty());
         let Some(done) = finished else { continue };
         let Finished {
             slot,
@@ -602,6 +619,7 @@ async fn run_async(
         if let Ended::Refused(refusal) =
             versions.ended(&global.values, &from, start_version, outcome, kl)
         {
+            state.stale_results.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot, "group result refused: {refusal}");
             let detail = format!("mediator {}: {refusal}", slot + 1);
             state.record(|store, run| store.event(run, Some(round), "refused", &detail));
@@ -698,6 +716,26 @@ fn start_secure_round(
         Err(e) => {
             drop_round(state, round, &format!("secure aggregation: {e}"));
             None
+        }
+    }
+}
+
+/// Adds up the time with at least one chain out ([`AppState::training`]).
+#[derive(Debug, Default)]
+struct Training {
+    since: Option<Instant>,
+}
+
+impl Training {
+    /// From now on chains are out (`out`) or none is; the time since the
+    /// last call counts if chains were out then.
+    fn set(&mut self, state: &AppState, out: bool) {
+        let now = Instant::now();
+        if let Some(since) = self.since.take() {
+            *lock(&state.training) += now - since;
+        }
+        if out {
+            self.since = Some(now);
         }
     }
 }

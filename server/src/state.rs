@@ -340,6 +340,15 @@ pub struct AppState {
     /// Hops refused by the guard's loss rule (acknowledged refused; the
     /// client stays, the chain goes on without its hop).
     pub loss_refusals: AtomicU64,
+    /// Asynchronous groups' results refused as too stale for the buffer
+    /// (their hops had been acknowledged as taken into their chain).
+    pub stale_results: AtomicU64,
+    /// Samples trained by clients in hops the server took delivery of
+    /// (each epoch counts), over the run: the records' `train_samples`.
+    pub train_samples: AtomicU64,
+    /// Time with at least one chain out, over the run: the records'
+    /// `train_s`.
+    pub training: Mutex<std::time::Duration>,
     /// Departed clients by resume token, for [`RESUME_WINDOW`].
     pub parked: Mutex<std::collections::HashMap<String, Parked>>,
     /// The guard's loss rule, when the server keeps validation samples.
@@ -434,6 +443,9 @@ impl AppState {
             rejections: AtomicU64::new(0),
             departures: AtomicU64::new(0),
             stale_updates: AtomicU64::new(0),
+            stale_results: AtomicU64::new(0),
+            train_samples: AtomicU64::new(0),
+            training: Mutex::new(std::time::Duration::ZERO),
             loss_refusals: AtomicU64::new(0),
             loss_check: None,
             parked: Mutex::new(std::collections::HashMap::new()),

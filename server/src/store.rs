@@ -110,6 +110,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
     // 4: the clip adaptive clipping reached, so a restart goes on from it
     // instead of the configured starting clip.
     "ALTER TABLE rounds ADD COLUMN model_clip REAL;",
+    // 5: what the round's record says of training (samples and seconds
+    // so far) and of its hops (accepted, refused, discarded, skipped), so
+    // /api/rounds shows them after a restart too.
+    "ALTER TABLE rounds ADD COLUMN train_samples INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rounds ADD COLUMN train_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rounds ADD COLUMN hops TEXT;",
 ];
 
 /// What a completed round leaves beside its record, to resume from.
@@ -232,7 +238,7 @@ impl Store {
         };
         let mut statement = self.db.prepare(
             "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
-                    accountant, epsilon, model_clip
+                    accountant, epsilon, model_clip, train_samples, train_s, hops
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = statement.query_map(params![run_id], |row| {
@@ -245,12 +251,17 @@ impl Store {
                     bytes_down: row.get::<_, i64>(4)? as u64,
                     mean_kl: row.get(5)?,
                     wall_s: row.get(6)?,
-                    train_samples: 0,
-                    train_s: 0.0,
+                    train_samples: row.get::<_, i64>(13)? as u64,
+                    train_s: row.get(14)?,
                     clock_s: row.get(6)?,
                     epsilon: row.get(11)?,
+                    // Filled in below, from the mediators table.
                     mediators: Vec::new(),
-                    hops: Default::default(),
+                    // Unreadable or from before it was kept: zero.
+                    hops: row
+                        .get::<_, Option<String>>(15)?
+                        .and_then(|text| serde_json::from_str(&text).ok())
+                        .unwrap_or_default(),
                 },
                 row.get::<_, i64>(7)? as u64,
                 row.get::<_, String>(8)?,
@@ -265,7 +276,8 @@ impl Store {
         let mut last = None;
         let mut model_clip = None;
         for row in rows {
-            let (record, skipped, checkpoint, guard, accountant, clip) = row?;
+            let (mut record, skipped, checkpoint, guard, accountant, clip) = row?;
+            record.mediators = self.mediators(run_id, record.round)?;
             history.push(record);
             last = Some((skipped, checkpoint, guard, accountant));
             model_clip = clip.filter(|c| c.is_finite() && *c > 0.0);
@@ -350,8 +362,8 @@ impl Store {
         tx.execute(
             "INSERT OR REPLACE INTO rounds
              (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
-              accountant, epsilon, model_clip)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+              accountant, epsilon, model_clip, train_samples, train_s, hops)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 run_id,
                 record.round as i64,
@@ -366,7 +378,10 @@ impl Store {
                 serde_json::to_string(guard).expect("numbers serialise"),
                 accountant.map(|a| a.to_json()),
                 record.epsilon,
-                model_clip
+                model_clip,
+                record.train_samples as i64,
+                record.train_s,
+                serde_json::to_string(&record.hops).expect("counts serialise")
             ],
         )?;
         for (index, mediator) in mediators.iter().enumerate() {
@@ -384,6 +399,24 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The members of round `round`'s mediators in run `run_id`, in
+    /// mediator order (none for a round of the asynchronous mode).
+    fn mediators(&self, run_id: i64, round: usize) -> Result<Vec<Vec<u64>>, StoreError> {
+        let mut statement = self.db.prepare_cached(
+            "SELECT members FROM mediators WHERE run_id = ?1 AND round = ?2 ORDER BY mediator",
+        )?;
+        let rows =
+            statement.query_map(params![run_id, round as i64], |row| row.get::<_, String>(0))?;
+        let mut mediators = Vec::new();
+        for members in rows {
+            // Ids the server wrote itself; an unreadable row is left out.
+            if let Ok(ids) = serde_json::from_str(&members?) {
+                mediators.push(ids);
+            }
+        }
+        Ok(mediators)
     }
 
     /// Marks the run finished, so a restart begins a new one.

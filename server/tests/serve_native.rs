@@ -86,6 +86,26 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     );
     assert_eq!(count("SELECT COUNT(*) FROM clients"), 6);
     assert_eq!(count("SELECT finished FROM runs"), 1);
+    // Each record says what trained (it said 0 samples in 0 s) and how the
+    // round's hops ended: two mediators of three, two passes.
+    let mut previous = (0, 0.0);
+    for record in &history {
+        assert!(
+            record.train_samples > previous.0 && record.train_s > previous.1,
+            "round {}: {} samples in {} s after {previous:?}",
+            record.round,
+            record.train_samples,
+            record.train_s
+        );
+        previous = (record.train_samples, record.train_s);
+        assert_eq!(record.mediators.len(), 2);
+        assert_eq!(record.hops.total(), 12, "{:?}", record.hops);
+        assert!(record.hops.accepted > 0);
+    }
+    assert_eq!(
+        count("SELECT train_samples FROM rounds WHERE round = 3"),
+        history[2].train_samples as i64
+    );
     let _ = std::fs::remove_dir_all(&state_dir);
 }
 
@@ -632,6 +652,19 @@ async fn a_restarted_private_run_goes_on_from_the_privacy_it_spent() {
     // at sigma 4 to two at sigma 2.
     let history = second.state.status().history.clone();
     assert_eq!(history.len(), 3);
+    // The kept records keep what trained, who and how their hops ended;
+    // the count of samples goes on from them.
+    for record in &history[..2] {
+        assert!(
+            record.train_samples > 0 && record.train_s > 0.0,
+            "{record:?}"
+        );
+        assert!(
+            record.hops.total() > 0 && !record.mediators.is_empty(),
+            "{record:?}"
+        );
+    }
+    assert!(history[2].train_samples > history[1].train_samples);
     let expected = [spent(&[2.0]), spent(&[2.0, 2.0]), spent(&[2.0, 2.0, 4.0])];
     for (record, expected) in history.iter().zip(expected) {
         let epsilon = record.epsilon.expect("a private round keeps its epsilon");
