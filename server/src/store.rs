@@ -504,12 +504,18 @@ mod tests {
             bytes_down: 20 * round as u64,
             mean_kl: 0.2,
             wall_s: round as f64,
-            train_samples: 0,
-            train_s: 0.0,
+            train_samples: 300 * round as u64,
+            train_s: 0.5 * round as f64,
             clock_s: round as f64,
             epsilon: None,
-            mediators: Vec::new(),
-            hops: Default::default(),
+            // As the tests' `RoundState`s keep them.
+            mediators: vec![vec![1, 2]],
+            hops: astraea_core::engine::HopTally {
+                accepted: 3,
+                refused: 1,
+                discarded: 0,
+                skipped: round as u64,
+            },
         }
     }
 
