@@ -1,16 +1,20 @@
-//! Property tests of the protocol's decoders: proptest draws a seed per
-//! case, `protocol::fuzz`'s generators (the ones its fuzzing runs use)
-//! build the input from it (messages, weight transfers, session lives, most
-//! of them mutated), and `protocol::fuzz` checks it; then a short seeded
-//! fuzzing run, proof that the harness notices a crash, and the faults the
-//! fuzzing found, each kept as a test naming it.
+//! Property tests of the protocol's decoders: each property runs 256 cases,
+//! a seed each, from which `protocol::fuzz`'s generators (the ones its
+//! fuzzing runs use) build the input (messages, weight transfers, session
+//! lives, most of them mutated), and `protocol::fuzz` checks it; then a
+//! short seeded fuzzing run, proof that the harness notices a crash, and
+//! the faults the fuzzing found, each kept as a test naming it.
 //!
 //! A failing case reports its input and its seed: `fuzz::session_case(&mut
-//! StdRng::seed_from_u64(seed))` (or the target's generator) builds it again.
-//! Proptest shrinks the seed, not the input's structure, and keeps the
-//! failing case in `fuzz_protocol.proptest-regressions`, replayed first.
+//! StdRng::seed_from_u64(seed))` (or the target's generator) builds it
+//! again. The seeds are fixed, so a run is the same run everywhere;
+//! `ASTRAEA_FUZZ_SEED=N` moves them to look elsewhere, and `astraea bench
+//! fuzz` runs millions of inputs.
+//!
+//! No property-testing crate: proptest only drew the seed here, and as a
+//! dev-dependency it gave `regex-syntax` (under burn) other features than a
+//! plain build, so `cargo test` and `cargo run` each compiled burn anew.
 
-use std::fmt::Debug;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use astraea_core::protocol::frames::HEADER_BYTES;
@@ -19,69 +23,72 @@ use astraea_core::protocol::{
     ClientSession, DataSource, ModelSpec, PROTOCOL_VERSION, ServerMessage, TaskSpec,
     WeightAssembler, WeightEncoding, encode_chunks,
 };
-use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 // ---------------------------------------------------------------- properties
 
-/// Runs `test` on `input` as a fuzzing run does; a panic or a broken
-/// property fails the case with the harness's report (message and input).
-fn passes<I: Debug + ?Sized>(
-    target: Target,
-    input: &I,
-    test: impl FnOnce(&I),
-) -> Result<(), TestCaseError> {
-    let mut report = FuzzReport::default();
-    report.check(target, input, test);
-    prop_assert_eq!(report.crashes, 0, "{}", report);
-    Ok(())
+/// Cases each property runs.
+const CASES: u64 = 256;
+
+/// Runs `case` on `CASES` seeds (from `ASTRAEA_FUZZ_SEED`, 0 by default):
+/// it builds its inputs from the generator it is given and checks each
+/// through the report, as a fuzzing run does. Fails on the first case that
+/// panics or breaks its property, with the harness's report (message and
+/// input) and the seed.
+fn holds(case: impl Fn(&mut StdRng, &mut FuzzReport)) {
+    let base: u64 = std::env::var("ASTRAEA_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in base..base.saturating_add(CASES) {
+        let mut report = FuzzReport::default();
+        case(&mut StdRng::seed_from_u64(seed), &mut report);
+        assert_eq!(report.crashes, 0, "seed {seed}: {report}");
+    }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+#[test]
+fn client_texts_parse_or_are_refused_without_panicking() {
+    holds(|rng, report| {
+        // A message, its text mutated, and a text that is none.
+        let message = fuzz::client_message(rng);
+        let mutated = fuzz::mutated_text(rng, &message);
+        let garbage = fuzz::garbage_text(rng);
+        let target = Target::ClientText;
+        report.check(target, &message, fuzz::check_client_message);
+        report.check(target, mutated.as_str(), fuzz::check_client_text);
+        report.check(target, garbage.as_str(), fuzz::check_client_text);
+    });
+}
 
-    #[test]
-    fn client_texts_parse_or_are_refused_without_panicking(seed in any::<u64>()) {
-        // Prepare: a message, its text mutated, and a text that is none.
-        let mut rng = StdRng::seed_from_u64(seed);
-        let message = fuzz::client_message(&mut rng);
-        let mutated = fuzz::mutated_text(&mut rng, &message);
-        let garbage = fuzz::garbage_text(&mut rng);
+#[test]
+fn server_texts_parse_or_are_refused_without_panicking() {
+    holds(|rng, report| {
+        let message = fuzz::server_message(rng, None);
+        let mutated = fuzz::mutated_text(rng, &message);
+        let garbage = fuzz::garbage_text(rng);
+        let target = Target::ServerText;
+        report.check(target, &message, fuzz::check_server_message);
+        report.check(target, mutated.as_str(), fuzz::check_server_text);
+        report.check(target, garbage.as_str(), fuzz::check_server_text);
+    });
+}
 
-        // Execute, Assert
-        passes(Target::ClientText, &message, fuzz::check_client_message)?;
-        passes(Target::ClientText, mutated.as_str(), fuzz::check_client_text)?;
-        passes(Target::ClientText, garbage.as_str(), fuzz::check_client_text)?;
-    }
+#[test]
+fn the_assembler_yields_whole_finite_weights_or_refuses() {
+    holds(|rng, report| {
+        let case = fuzz::assembler_case(rng);
+        report.check(Target::Assembler, &case, fuzz::check_assembler);
+    });
+}
 
-    #[test]
-    fn server_texts_parse_or_are_refused_without_panicking(seed in any::<u64>()) {
-        // Prepare: as for the client's texts.
-        let mut rng = StdRng::seed_from_u64(seed);
-        let message = fuzz::server_message(&mut rng, None);
-        let mutated = fuzz::mutated_text(&mut rng, &message);
-        let garbage = fuzz::garbage_text(&mut rng);
-
-        // Execute, Assert
-        passes(Target::ServerText, &message, fuzz::check_server_message)?;
-        passes(Target::ServerText, mutated.as_str(), fuzz::check_server_text)?;
-        passes(Target::ServerText, garbage.as_str(), fuzz::check_server_text)?;
-    }
-
-    #[test]
-    fn the_assembler_yields_whole_finite_weights_or_refuses(seed in any::<u64>()) {
-        let case = fuzz::assembler_case(&mut StdRng::seed_from_u64(seed));
-
-        passes(Target::Assembler, &case, fuzz::check_assembler)?;
-    }
-
-    #[test]
-    fn a_session_stays_consistent_whatever_the_server_sends(seed in any::<u64>()) {
-        let case = fuzz::session_case(&mut StdRng::seed_from_u64(seed));
-
-        passes(Target::Session, &case, fuzz::check_session)?;
-    }
+#[test]
+fn a_session_stays_consistent_whatever_the_server_sends() {
+    holds(|rng, report| {
+        let case = fuzz::session_case(rng);
+        report.check(Target::Session, &case, fuzz::check_session);
+    });
 }
 
 #[test]
