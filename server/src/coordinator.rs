@@ -822,9 +822,24 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
 /// on their first `ready`.
 fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
     let mut clients = state.clients();
+    // An own-data client's first report counts within the cap of what the
+    // clients declared before any plan (`engine::declared`), so no single
+    // report moves the plan far.
+    let totals: Vec<u64> = clients
+        .values()
+        .filter_map(|c| c.raw_counts.as_ref())
+        .map(|counts| counts.iter().map(|&n| n as u64).sum())
+        .collect();
+    let cap = astraea_core::engine::declared::declared_cap(&totals);
     let raw: Vec<Vec<usize>> = clients
         .values()
-        .filter_map(|c| c.raw_counts.clone())
+        .filter_map(|c| {
+            let counts = c.raw_counts.as_ref()?;
+            Some(match c.shard_counts {
+                Some(_) => counts.clone(),
+                None => astraea_core::engine::declared::bounded(counts, cap),
+            })
+        })
         .collect();
     let Some(plan) = strategy.data_plan(&raw) else {
         return false;
@@ -858,13 +873,18 @@ fn pick_participants(
     busy: &HashSet<u64>,
 ) -> Vec<Participant> {
     let clients = state.clients();
+    // An own-data client's counts as the cap bounds them (engine::declared).
+    let cap = AppState::declared_cap(&clients);
     let candidates: Vec<Candidate> = clients
         .iter()
         .filter_map(|(&id, entry)| {
-            entry.counts.clone().map(|counts| Candidate {
+            entry.counts.as_ref().map(|counts| Candidate {
                 participant: Participant {
                     id: id as usize,
-                    counts,
+                    counts: match entry.shard_counts {
+                        Some(_) => counts.clone(),
+                        None => astraea_core::engine::declared::bounded(counts, cap),
+                    },
                     // Its expected hop from its measured speed.
                     hop_seconds: entry.speed.map(|speed| {
                         entry.samples.saturating_mul(state.config.epochs as u64) as f64 / speed
@@ -1026,7 +1046,7 @@ async fn run_chain(
                         secure.set_uniform_weight(slot)
                     }
                     None => {
-                        let own = state.clients().get(&member).map_or(0, |e| e.samples);
+                        let own = state.weighable_samples(member);
                         secure.set_weight(slot, masked.others.saturating_add(own))
                     }
                 });
@@ -1049,7 +1069,11 @@ async fn run_chain(
                     None => Ok(()),
                 };
                 match summed {
-                    Ok(()) => walk.returned(hop.ordinal, reply.weights, reply.samples),
+                    Ok(()) => {
+                        // An own-data client's word weighs within its cap.
+                        let samples = reply.samples.min(state.weighable_samples(member));
+                        walk.returned(hop.ordinal, reply.weights, samples)
+                    }
                     Err(reason) => walk.refused(hop.ordinal, reason),
                 }
             }

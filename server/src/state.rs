@@ -473,6 +473,35 @@ impl AppState {
         lock(&self.privacy).as_ref().map(|p| p.epsilon())
     }
 
+    /// The most samples client `id`'s updates weigh, and the counts the
+    /// draw, the mediators and the plan see of it, are bounded by
+    /// `astraea_core::engine::declared`: a demo shard's client holds what
+    /// the server knows; an own-data client counts for at most twice the
+    /// median total the clients declared. The current cap (`u64::MAX` with
+    /// no client's counts known).
+    pub fn declared_cap(clients: &BTreeMap<u64, ClientEntry>) -> u64 {
+        let totals: Vec<u64> = clients
+            .values()
+            .filter(|entry| entry.counts.is_some())
+            .map(|entry| entry.samples)
+            .collect();
+        astraea_core::engine::declared::declared_cap(&totals)
+    }
+
+    /// What client `id`'s updates may weigh: its samples, within
+    /// [`AppState::declared_cap`] unless its counts are a demo shard's.
+    pub fn weighable_samples(&self, id: u64) -> u64 {
+        let clients = self.clients();
+        let Some(entry) = clients.get(&id) else {
+            return 0;
+        };
+        if entry.shard_counts.is_some() {
+            entry.samples
+        } else {
+            entry.samples.min(Self::declared_cap(&clients))
+        }
+    }
+
     /// The clip of the next DP round; `None` without model DP.
     pub fn model_clip(&self) -> Option<f64> {
         lock(&self.privacy).as_ref().map(|p| p.clip)

@@ -14,7 +14,8 @@ use astraea_core::protocol::{
 use astraea_core::strategy::StrategyKind;
 use futures_util::SinkExt;
 use support::{
-    Answer, config, connect, error_code, join, next_error, send, start, with_three_honest,
+    Answer, config, connect, error_code, join, join_declaring, next_error, options, send, start,
+    with_three_honest, with_three_honest_declaring,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -75,6 +76,89 @@ async fn samples_beyond_what_a_client_reported_buy_no_weight() {
     assert_eq!(error_code(Some(huge_error)), ErrorCode::Invalid);
     assert_eq!(error_code(Some(one_more_error)), ErrorCode::Data);
     assert_eq!(running.state.rejections.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_an_own_data_client_declares_weigh_at_most_twice_the_median() {
+    // The bug (issue 22): an own-data client that declared 9,000,000
+    // samples, and claimed them in every update, took 99.85 % of every
+    // round's weight; answering with the weights it was sent, it froze
+    // the model. Three honest demo shards of 750 samples beside it.
+    let (error, _, running) = with_three_honest_declaring(
+        vec![900_000; 10],
+        3,
+        |_| {},
+        |_, weights| Answer {
+            values: weights,
+            samples: 9_000_000,
+            chunks_sent: None,
+            delay: Duration::ZERO,
+            heartbeat: false,
+        },
+    )
+    .await;
+
+    // Assert: the liar is not refused (it claims what it declared), but it
+    // counts as twice the median client, and the honest clients' work
+    // moves the model.
+    assert!(error.is_none(), "{error:?}");
+    let (liar, mut declared) = {
+        let clients = running.state.clients();
+        let liar = clients
+            .iter()
+            .find(|(_, entry)| entry.shard_counts.is_none())
+            .map(|(&id, _)| id)
+            .expect("the own-data client");
+        let declared: Vec<u64> = clients.values().map(|entry| entry.samples).collect();
+        (liar, declared)
+    };
+    declared.sort_unstable();
+    let cap = 2 * declared[1] as usize;
+    let status = running.state.status();
+    let counted: usize = status
+        .mediators
+        .iter()
+        .find(|m| m.members == [liar])
+        .map(|m| m.counts.iter().sum())
+        .expect("the liar trained in the last round");
+    assert!(counted <= cap, "counted {counted}, declared {declared:?}");
+    assert!(
+        counted >= cap - 10,
+        "counted {counted}, declared {declared:?}"
+    );
+    let accuracy: Vec<f64> = status.history.iter().map(|r| r.accuracy).collect();
+    assert!(
+        accuracy[2] > 0.3 && accuracy[2] > accuracy[0],
+        "accuracy by round {accuracy:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_declared_counts_cannot_reshape_everyones_data() {
+    // The bug (issue 22): an own-data client that declared [9000000, 0, …]
+    // before the plan drove Astraea's augmentation ratios up to 127.6,
+    // every honest client's data grown 19 to 46 times for the whole run.
+    let (running, address) = start(config(StrategyKind::Astraea, 4, 1)).await;
+    let mut counts = vec![0; 10];
+    counts[0] = 9_000_000;
+    let (_liar, _) = join_declaring(&address, counts).await;
+    let swarm = tokio::spawn(astraea_native::run_swarm(3, options(&address)));
+
+    // Execute: wait for the plan.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let plan = loop {
+        if let Some(plan) = running.state.status().plan.clone() {
+            break plan;
+        }
+        assert!(std::time::Instant::now() < deadline, "no plan");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    swarm.abort();
+
+    // Assert: the liar counts as twice the median client, so the plan
+    // moves as it would for one large honest shard.
+    let largest = plan.iter().copied().fold(0.0, f64::max);
+    assert!(largest < 4.0, "plan ratios {plan:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

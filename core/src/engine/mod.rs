@@ -17,6 +17,9 @@
 //!   the loss rule's verdicts (pipelined or not), per-hop noise, the
 //!   secure chain's masked last hop and its clip split, the chain's
 //!   result or failure.
+//! - [`declared`]: what a client's unproven label counts can weigh — at
+//!   most twice the median declared total, in the draw, the plan and the
+//!   aggregate.
 //! - [`draw`]: who trains: the ready clients drawn for a round or a new
 //!   group, leaving out those pausing and, while others are free, those
 //!   gone silent.
@@ -34,6 +37,7 @@
 
 pub mod buffered;
 pub mod chain;
+pub mod declared;
 pub mod draw;
 pub mod hop;
 pub mod policy;

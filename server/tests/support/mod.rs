@@ -111,14 +111,18 @@ pub async fn join(address: &str) -> Socket {
 /// Joins by hand as an own-data client; returns the socket after the
 /// welcome and the welcome's resume token.
 pub async fn join_with_token(address: &str) -> (Socket, String) {
+    join_declaring(address, vec![5; 10]).await
+}
+
+/// Joins by hand as an own-data client declaring `counts`; returns the
+/// socket after the welcome and the welcome's resume token.
+pub async fn join_declaring(address: &str, counts: Vec<usize>) -> (Socket, String) {
     let mut socket = connect(address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
         backend: "test".into(),
         speed: None,
-        data: DataSource::Own {
-            counts: vec![5; 10],
-        },
+        data: DataSource::Own { counts },
         resume: None,
     };
     send(&mut socket, &join).await;
@@ -277,12 +281,26 @@ pub async fn with_three_honest(
     Vec<AckOutcome>,
     astraea_server::Running,
 ) {
+    with_three_honest_declaring(vec![5; 10], rounds, configure, answer).await
+}
+
+/// [`with_three_honest`], the scripted client declaring `counts` at join.
+pub async fn with_three_honest_declaring(
+    counts: Vec<usize>,
+    rounds: u32,
+    configure: impl FnOnce(&mut ServeConfig),
+    answer: impl FnMut(&TaskSpec, Vec<f32>) -> Answer + Send + 'static,
+) -> (
+    Option<ServerMessage>,
+    Vec<AckOutcome>,
+    astraea_server::Running,
+) {
     let mut cfg = config(StrategyKind::FedAvg, 4, rounds);
     configure(&mut cfg);
     let (mut running, address) = start(cfg).await;
     let params = running.state.model.params;
     let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let mut scripted = join(&address).await;
+    let (mut scripted, _) = join_declaring(&address, counts).await;
     let acks = Arc::new(Mutex::new(Vec::new()));
     let heard = acks.clone();
     let played = tokio::spawn(async move { play(&mut scripted, params, heard, answer).await });
