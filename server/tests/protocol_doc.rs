@@ -19,11 +19,13 @@ use astraea_core::protocol::{
     AckOutcome, ClientMessage, DEFAULT_MAX_FRAME_BYTES, DataSource, ErrorCode, LifecycleReport,
     PROTOCOL_VERSION, ServerMessage, encode_chunks,
 };
+use astraea_core::secagg::{SHARE_BYTES, SHARE_CIPHERTEXT_BYTES, SHARE_PLAINTEXT_BYTES};
 use astraea_core::strategy::StrategyKind;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use support::{Socket, config, connect, start};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 const PAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
 
@@ -235,6 +237,26 @@ fn the_page_shows_the_version_and_every_limit_with_its_value() {
         let row = format!("| `{name}` | {value} |");
         assert!(page.contains(&row), "the limits table lacks {row}");
     }
+    // The exact byte lengths of the secure-aggregation fields, as the
+    // server checks them (`secagg`).
+    for (field, bytes) in [
+        ("shares[].ciphertext", SHARE_CIPHERTEXT_BYTES),
+        ("shares[].share", SHARE_BYTES),
+    ] {
+        let row = format!("| `{field}` | hex | yes |");
+        let line = page
+            .lines()
+            .find(|l| l.starts_with(&row))
+            .unwrap_or_else(|| panic!("no row for {field}"));
+        let length = format!("exactly {bytes} bytes ({} hex digits", 2 * bytes);
+        assert!(line.contains(&length), "{field}: {line}");
+    }
+    for length in [
+        format!("plaintext ({SHARE_PLAINTEXT_BYTES} bytes)"),
+        format!("the ciphertext is {SHARE_CIPHERTEXT_BYTES} bytes"),
+    ] {
+        assert!(page.contains(&length), "the page lacks {length:?}");
+    }
     assert!(
         page.starts_with(&format!(
             "# The Astraea wire protocol, version {PROTOCOL_VERSION}\n"
@@ -265,11 +287,56 @@ async fn next_message(socket: &mut Socket) -> Option<ServerMessage> {
 
 /// Every message until the server ends the connection.
 async fn drain(socket: &mut Socket) -> Vec<ServerMessage> {
+    drain_to_close(socket).await.0
+}
+
+/// Every message until the server ends the connection, and its close
+/// frame: `Some(None)` for a close frame without a status code, `None`
+/// when the connection ended without one.
+async fn drain_to_close(socket: &mut Socket) -> (Vec<ServerMessage>, Option<Option<CloseFrame>>) {
     let mut messages = Vec::new();
-    while let Some(message) = next_message(socket).await {
-        messages.push(message);
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("the server answers within 30 s");
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                messages.push(ServerMessage::from_json(&text).expect("the server's frame parses"))
+            }
+            Some(Ok(Message::Close(frame))) => return (messages, Some(frame)),
+            Some(Err(_)) | None => return (messages, None),
+            Some(Ok(_)) => {}
+        }
     }
-    messages
+}
+
+/// `value` with every string of hex digits (16 or more) in upper case.
+fn upper_hex(value: &Value) -> Value {
+    match value {
+        Value::String(s) if s.len() >= 16 && s.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Value::String(s.to_ascii_uppercase())
+        }
+        Value::Array(items) => Value::Array(items.iter().map(upper_hex).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), upper_hex(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// A client's welcome: its id and resume token.
+async fn welcomed(socket: &mut Socket) -> (u64, String) {
+    match next_message(socket).await {
+        Some(ServerMessage::Welcome {
+            client_id,
+            resume: Some(token),
+            ..
+        }) => (client_id, token),
+        other => panic!("no welcome with a token: {other:?}"),
+    }
 }
 
 fn is_error(message: &ServerMessage) -> bool {
@@ -470,4 +537,70 @@ async fn a_real_server_answers_the_pages_client_examples_as_the_page_says() {
     }
     assert_eq!(departures, 2, "the two leaves are departures, not refusals");
     assert!(state.status().history.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hex_is_read_in_either_case_and_a_wrong_length_is_refused_with_both_lengths() {
+    // Prepare: a server without secure aggregation (it ignores `secure-*`
+    // messages that pass the checks, so only a refusal answers them), an
+    // own-data client, and the page's secure examples in upper-case hex
+    // and with a ciphertext 8 bytes too long.
+    let examples = Examples::from_page();
+    let mut cfg = config(StrategyKind::FedAvg, 5, 1);
+    cfg.min_clients = 50;
+    cfg.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES;
+    let (running, address) = start(cfg).await;
+    let (own_join, _) = examples.client("join", |m| {
+        matches!(
+            m,
+            ClientMessage::Join {
+                data: DataSource::Own { .. },
+                ..
+            }
+        )
+    });
+    let mut upper = Vec::new();
+    for kind in ["secure-keys", "secure-shares", "secure-reveal"] {
+        let (text, message) = examples.client(kind, |_| true);
+        let shouted = upper_hex(&serde_json::from_str(text).unwrap()).to_string();
+        assert_ne!(shouted, text, "{kind} has hex to shout");
+        let read = ClientMessage::from_json(&shouted)
+            .unwrap_or_else(|e| panic!("upper-case {kind} is refused: {e}"));
+        assert_eq!(&read, message, "upper-case {kind} reads as lower case");
+        upper.push(shouted);
+    }
+    let (shares, _) = examples.client("secure-shares", |_| true);
+    let mut long: Value = serde_json::from_str(shares).unwrap();
+    let ciphertext = long["shares"][0]["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    long["shares"][0]["ciphertext"] = Value::from(format!("{ciphertext}{}", "00".repeat(8)));
+
+    // Execute
+    let mut socket = connect(&address).await;
+    send_text(&mut socket, own_join).await;
+    welcomed(&mut socket).await;
+    for text in &upper {
+        send_text(&mut socket, text).await;
+    }
+    send_text(&mut socket, &long.to_string()).await;
+    let (answer, close) = drain_to_close(&mut socket).await;
+
+    // Assert: the upper-case messages passed (the first refusal is the
+    // long ciphertext's), which names both lengths; the close frame
+    // carries no status code (1005 at the client).
+    let expected = format!(
+        "secure-shares refused: secure-shares.ciphertext has {} bytes, exactly {SHARE_CIPHERTEXT_BYTES} expected",
+        SHARE_CIPHERTEXT_BYTES + 8
+    );
+    assert_eq!(
+        answer,
+        vec![ServerMessage::Error {
+            code: ErrorCode::Invalid,
+            message: expected,
+        }]
+    );
+    assert_eq!(close, Some(None), "a close frame without a status code");
+    assert_eq!(running.state.rejections.load(Ordering::Relaxed), 1);
 }

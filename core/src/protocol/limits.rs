@@ -76,6 +76,16 @@ pub enum LimitError {
         /// The allowed range, printed.
         range: &'static str,
     },
+    /// A byte string (a `hex` field) is not of its one allowed length.
+    #[error("{field} has {got} bytes, exactly {want} expected")]
+    WrongLength {
+        /// The field.
+        field: &'static str,
+        /// Its length in bytes, as received.
+        got: usize,
+        /// The length it must have.
+        want: usize,
+    },
 }
 
 fn check_string(field: &'static str, s: &str, max: usize) -> Result<(), LimitError> {
@@ -261,11 +271,7 @@ fn check_count(field: &'static str, got: usize) -> Result<(), LimitError> {
 
 fn check_len(field: &'static str, got: usize, want: usize) -> Result<(), LimitError> {
     if got != want {
-        return Err(LimitError::OutOfRange {
-            field,
-            value: format!("{got} bytes"),
-            range: "the exact length of PROTOCOL.md",
-        });
+        return Err(LimitError::WrongLength { field, got, want });
     }
     Ok(())
 }
