@@ -251,6 +251,14 @@ fn the_page_shows_the_version_and_every_limit_with_its_value() {
         let length = format!("exactly {bytes} bytes ({} hex digits", 2 * bytes);
         assert!(line.contains(&length), "{field}: {line}");
     }
+    // The loss rule's default sample count, here and in the README.
+    let samples = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES;
+    let rule = format!("validation samples ({samples} drawn from its training set");
+    assert!(page.contains(&rule), "the page lacks {rule:?}");
+    let readme_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(readme_path).unwrap();
+    let said = format!("its loss on {samples} samples the server keeps");
+    assert!(readme.contains(&said), "README.md lacks {said:?}");
     for length in [
         format!("plaintext ({SHARE_PLAINTEXT_BYTES} bytes)"),
         format!("the ciphertext is {SHARE_CIPHERTEXT_BYTES} bytes"),
