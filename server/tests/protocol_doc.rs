@@ -612,3 +612,109 @@ async fn hex_is_read_in_either_case_and_a_wrong_length_is_refused_with_both_leng
     assert_eq!(close, Some(None), "a close frame without a status code");
     assert_eq!(running.state.rejections.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_resumes_only_once_its_connection_ended_and_only_with_the_same_kind_of_data() {
+    // Prepare
+    let examples = Examples::from_page();
+    let mut cfg = config(StrategyKind::FedAvg, 5, 1);
+    cfg.min_clients = 50;
+    let (running, address) = start(cfg).await;
+    let (own_join, _) = examples.client("join", |m| {
+        matches!(
+            m,
+            ClientMessage::Join {
+                data: DataSource::Own { .. },
+                ..
+            }
+        )
+    });
+    let (demo_join, _) = examples.client("join", |m| {
+        matches!(
+            m,
+            ClientMessage::Join {
+                data: DataSource::Demo,
+                ..
+            }
+        )
+    });
+    let with_token = |join: &str, token: &str| {
+        let mut join: Value = serde_json::from_str(join).unwrap();
+        join["resume"] = Value::from(token);
+        join.to_string()
+    };
+    let mut first = connect(&address).await;
+    send_text(&mut first, own_join).await;
+    let (first_id, token) = welcomed(&mut first).await;
+
+    // Execute: the token while its owner is connected; then, once it has
+    // left, with demo data (another kind), then with own data.
+    let mut while_connected = connect(&address).await;
+    send_text(&mut while_connected, &with_token(own_join, &token)).await;
+    let (second_id, second_token) = welcomed(&mut while_connected).await;
+    let both_connected = {
+        let clients = running.state.clients();
+        clients.contains_key(&first_id) && clients.contains_key(&second_id)
+    };
+    send_text(&mut first, r#"{"type": "leave"}"#).await;
+    drain(&mut first).await;
+    for _ in 0..50 {
+        if running.state.parked.lock().unwrap().contains_key(&token) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut other_kind = connect(&address).await;
+    send_text(&mut other_kind, &with_token(demo_join, &token)).await;
+    let (third_id, _) = welcomed(&mut other_kind).await;
+    let mut same_kind = connect(&address).await;
+    send_text(&mut same_kind, &with_token(own_join, &token)).await;
+    let (fourth_id, _) = welcomed(&mut same_kind).await;
+
+    // Assert: a new client beside the old one; the token spent by the
+    // demo join, so the last join is new too.
+    assert_ne!(second_id, first_id);
+    assert_ne!(second_token, token);
+    assert!(both_connected, "the old connection goes on");
+    assert!(![first_id, second_id].contains(&third_id));
+    assert!(![first_id, second_id, third_id].contains(&fourth_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_downloads_of_the_model_hold_the_same_tensors_and_metadata_in_other_bytes() {
+    // Prepare
+    let cfg = {
+        let mut cfg = config(StrategyKind::FedAvg, 5, 1);
+        cfg.min_clients = 50;
+        cfg
+    };
+    let (_running, address) = start(cfg).await;
+
+    // Execute
+    let mut files = Vec::new();
+    for _ in 0..3 {
+        let response = astraea_server::loopback::request(&address, "GET", "/api/model", "", "")
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+        files.push(response.body);
+    }
+
+    // Assert: the safetensors header (8 bytes of length, then JSON) reads
+    // the same and the tensors' bytes are the same; the files' bytes are
+    // not (the metadata's order changes, as the page says).
+    let parts = |file: &[u8]| {
+        let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&file[8..8 + n]).unwrap();
+        (header, file[8 + n..].to_vec())
+    };
+    let first = parts(&files[0]);
+    assert!(first.0["__metadata__"]["round"].is_string());
+    for file in &files[1..] {
+        assert_eq!(parts(file), first);
+    }
+    assert!(
+        files.windows(2).any(|w| w[0] != w[1]),
+        "three downloads of /api/model are byte for byte the same: PROTOCOL.md says they differ"
+    );
+}
