@@ -1043,7 +1043,7 @@ mod hex32 {
 mod hexvec {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    /// Longest hex string accepted (a ciphertext is 98 bytes).
+    /// Longest hex string accepted (a ciphertext is 90 bytes).
     const MAX_HEX: usize = 256;
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {

@@ -369,6 +369,7 @@ impl Connection {
             pending: None,
             hops_done: 0,
             samples_trained: 0,
+            standing: Default::default(),
             speed: None,
             resume_token: new_resume_token(),
             silent: false,

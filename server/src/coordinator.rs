@@ -217,6 +217,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             state.tunable().participants,
             &mut rng,
             &HashSet::new(),
+            round,
         );
         if let Some(privacy) = served_privacy(&state)
             && let Err(detail) = privacy.budget_allows(round)
@@ -535,12 +536,12 @@ async fn run_async(
         let c = state.tunable().participants;
         if !state.control().paused {
             // How many groups a synchronous round would run now.
-            let everyone = pick_participants(&state, c, &mut rng, &HashSet::new());
+            let everyone = pick_participants(&state, c, &mut rng, &HashSet::new(), round);
             let target = strategy.configure_round(&everyone).groups.len();
             versions.size(everyone.len(), target);
             while versions.wants_group(running.len()) {
                 let busy: HashSet<u64> = slots.iter().flatten().flatten().copied().collect();
-                let free = pick_participants(&state, c, &mut rng, &busy);
+                let free = pick_participants(&state, c, &mut rng, &busy, round);
                 if !versions.may_start(running.len(), free.len()) {
                     break;
                 }
@@ -863,14 +864,16 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
 /// Why a paused client's hop was skipped.
 const PAUSED: &str = "paused: the client said it is being frozen or put to sleep";
 
-/// Draws up to `c` of the ready clients not in `busy`, by the engine's
-/// rule ([`astraea_core::engine::draw`]): never one that said it is
-/// pausing, and one silent since a skipped hop only when no other is free.
+/// Draws up to `c` of the ready clients not in `busy` for round `round`,
+/// by the engine's rule ([`astraea_core::engine::draw`]): never one that
+/// said it is pausing or that the loss rule benched for the round, and one
+/// silent since a skipped hop only when no other is free.
 fn pick_participants(
     state: &AppState,
     c: usize,
     rng: &mut StdRng,
     busy: &HashSet<u64>,
+    round: u32,
 ) -> Vec<Participant> {
     let clients = state.clients();
     // An own-data client's counts as the cap bounds them (engine::declared).
@@ -893,6 +896,7 @@ fn pick_participants(
                 paused: entry.paused,
                 silent: entry.silent,
                 busy: busy.contains(&id),
+                benched: entry.standing.benched(round),
             })
         })
         .collect();
@@ -1095,6 +1099,15 @@ fn carry_out(
     wire: &impl Fn(u32) -> u32,
     judging: &mut Option<(u32, tokio::task::JoinHandle<Verdict>)>,
 ) {
+    {
+        // The loss rule's verdicts, into each member's standing.
+        let mut clients = state.clients();
+        for effect in &effects {
+            if let Some(entry) = effect.member().and_then(|m| clients.get_mut(&(m as u64))) {
+                entry.standing.note(effect, round);
+            }
+        }
+    }
     for effect in effects {
         match effect {
             Effect::Accepted { member, ordinal } => send_ack(

@@ -90,6 +90,10 @@ pub struct ClientEntry {
     pub hops_done: u64,
     /// Samples it has trained on, over all its hops and epochs.
     pub samples_trained: u64,
+    /// Its standing with the loss rule: refusals in a row, and the round
+    /// it sits out until (`astraea_core::engine::draw::Standing`). Kept
+    /// when it resumes.
+    pub standing: astraea_core::engine::draw::Standing,
     /// Its training speed in samples per second: the `speed` its join
     /// stated (its backend trial), then as the server measured its hops
     /// (samples times epochs over the time from task to update).

@@ -222,6 +222,37 @@ async fn an_update_of_honest_size_that_ruins_the_loss_is_refused_but_the_client_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_loss_rule_refuses_again_and_again_sits_out_longer_each_time() {
+    // The bug (issue 22): a loss-rule attacker was refused every time but
+    // drawn every round, each refusal also costing the hop trained on its
+    // update. Now it sits out 1, 2, 4, … rounds after refusals in a row.
+    let (error, acks, running) = with_three_honest(
+        6,
+        |_| {},
+        |_, mut w| {
+            let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
+            let biases = w.len() - 10;
+            w[biases + 3] += (0.5 * allowed).min(8.0) as f32;
+            Answer {
+                values: w,
+                samples: 50,
+                chunks_sent: None,
+                ..Answer::default()
+            }
+        },
+    )
+    .await;
+
+    // Drawn in round 1 (refused), benched in 2, drawn in 3 (refused),
+    // benched in 4 and 5, drawn in 6 (where its push may no longer raise
+    // the loss past the tolerance): three hops, not six.
+    assert!(error.is_none(), "the client was sent away: {error:?}");
+    assert_eq!(acks.len(), 3, "{acks:?}");
+    assert_eq!(acks[..2], [AckOutcome::Refused, AckOutcome::Refused]);
+    assert_eq!(running.state.status().history.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_dropped() {
     // The loss rule judges a hop while the next member already trains on
     // it (judging is most of a short hop's time). A refused hop must still

@@ -11,7 +11,7 @@ use astraea_core::attack::Attack;
 use astraea_core::data::Dataset;
 use astraea_core::engine::buffered::Versions;
 use astraea_core::engine::chain::{Judgement, Verdict};
-use astraea_core::engine::draw::{Candidate, draw};
+use astraea_core::engine::draw::{Candidate, Standing, draw};
 use astraea_core::engine::round::{close, largest_group, secure_chain, simulated_unmasking};
 use astraea_core::engine::seeds::{self, mix};
 use astraea_core::engine::{
@@ -284,7 +284,7 @@ impl Setup<'_> {
     /// server draws its ready clients), leaving out those `busy` in a
     /// chain and those dropped for the run (a refused client's socket is
     /// closed: it is no longer among a server's candidates).
-    fn draw(&self, busy: &[bool], rng: &mut StdRng) -> Vec<Participant> {
+    fn draw(&self, busy: &[bool], round: u32, rng: &mut StdRng) -> Vec<Participant> {
         let candidates: Vec<Candidate> = (0..self.federation.clients.len())
             .filter(|&id| !self.defence.is_dropped(id))
             .map(|id| Candidate {
@@ -292,6 +292,7 @@ impl Setup<'_> {
                 paused: false,
                 silent: false,
                 busy: busy[id],
+                benched: self.defence.benched(id, round),
             })
             .collect();
         draw(&candidates, self.config.participants, rng)
@@ -383,7 +384,11 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
     let mut clock_s = 0.0;
     for round in 1..=config.rounds as usize {
         let mut draw_rng = StdRng::seed_from_u64(seeds::round_draw(spec.seed, round as u32));
-        let participants = setup.draw(&vec![false; federation.clients.len()], &mut draw_rng);
+        let participants = setup.draw(
+            &vec![false; federation.clients.len()],
+            round as u32,
+            &mut draw_rng,
+        );
         // As on the server, a round that would spend more than the budget
         // does not start (the simulator's DP has none: its noise is
         // calibrated to spend its epsilon over the rounds asked for).
@@ -572,12 +577,13 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
     let mut prox_mu = None;
     while versions.version() < u64::from(config.rounds) {
         // Size the run to the ready clients and start the groups it wants.
-        let everyone = setup.draw(&vec![false; clients], &mut draw_rng);
+        let round = u32::try_from(versions.version() + 1).unwrap_or(u32::MAX);
+        let everyone = setup.draw(&vec![false; clients], round, &mut draw_rng);
         let plan = strategy.configure_round(&everyone);
         let prox_mu = *prox_mu.get_or_insert(plan.prox_mu);
         versions.size(everyone.len(), plan.groups.len());
         while versions.wants_group(running.len()) {
-            let free = setup.draw(&busy, &mut draw_rng);
+            let free = setup.draw(&busy, round, &mut draw_rng);
             if !versions.may_start(running.len(), free.len()) {
                 break;
             }
@@ -783,9 +789,10 @@ fn walk_chain(
     // seconds), so the next hop trained on the judged update and is
     // discarded if the verdict refuses it.
     let mut judging: Option<Judgement> = None;
+    let round = seed.round;
     let judge = |chain: &mut Chain, judgement: Judgement| -> Option<Judgement> {
         let verdict = defence.judge(&judgement, &eval_device);
-        next_judgement(chain.verdict(judgement.ordinal, verdict))
+        next_judgement(defence.note(chain.verdict(judgement.ordinal, verdict), round))
     };
     loop {
         let hop = match chain.poll() {
@@ -880,7 +887,8 @@ fn walk_chain(
             chain.skipped(ordinal, "refused: the client is dropped".into());
             continue;
         }
-        judging = next_judgement(chain.returned(ordinal, next.values, claimed));
+        judging =
+            next_judgement(defence.note(chain.returned(ordinal, next.values, claimed), round));
     }
 }
 
@@ -903,6 +911,8 @@ pub struct Defence {
     guard: Mutex<UpdateGuard>,
     loss_check: Option<LossCheck>,
     dropped: Mutex<Vec<bool>>,
+    /// Each client's standing with the loss rule, as the server keeps it.
+    standing: Mutex<Vec<Standing>>,
 }
 
 impl Defence {
@@ -930,7 +940,25 @@ impl Defence {
             guard: Mutex::new(config.policy().guard()),
             loss_check,
             dropped: Mutex::new(vec![false; clients]),
+            standing: Mutex::new(vec![Standing::default(); clients]),
         }
+    }
+
+    /// Whether the loss rule has benched client `id` for round `round`.
+    fn benched(&self, id: usize, round: u32) -> bool {
+        self.standing.lock().expect("no worker panicked")[id].benched(round)
+    }
+
+    /// Takes a chain's `effects` in round `round` into its members'
+    /// standing, as the server does; hands them on.
+    fn note(&self, effects: Vec<Effect>, round: u32) -> Vec<Effect> {
+        let mut standing = self.standing.lock().expect("no worker panicked");
+        for effect in &effects {
+            if let Some(s) = effect.member().and_then(|m| standing.get_mut(m)) {
+                s.note(effect, round);
+            }
+        }
+        effects
     }
 
     /// The attack client `id` mounts, if it is an attacker.

@@ -259,6 +259,19 @@ pub enum Effect {
     Judge(Judgement),
 }
 
+impl Effect {
+    /// The member the effect is about; `None` for a judgement to make.
+    pub fn member(&self) -> Option<usize> {
+        match *self {
+            Effect::Accepted { member, .. }
+            | Effect::Refused { member, .. }
+            | Effect::Discarded { member, .. }
+            | Effect::Skipped { member, .. } => Some(member),
+            Effect::Judge(_) => None,
+        }
+    }
+}
+
 /// A hop out, awaiting its outcome.
 #[derive(Debug, Clone)]
 struct Out {

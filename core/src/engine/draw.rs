@@ -3,7 +3,8 @@
 //! the driver): never one that said it is pausing (its tab is being frozen
 //! or put to sleep), and one that has been silent since a skipped hop
 //! (frozen, locked) only when no other client is free, so a frozen tab
-//! does not cost every round a stall timeout while live ones wait.
+//! does not cost every round a stall timeout while live ones wait; and
+//! never one the loss rule has benched ([`Standing`]).
 
 use rand::Rng;
 use rand::seq::index::sample;
@@ -22,15 +23,75 @@ pub struct Candidate {
     pub silent: bool,
     /// Already in a running chain (the asynchronous mode): not drawn.
     pub busy: bool,
+    /// Sitting out after the loss rule refused its updates
+    /// ([`Standing::benched`]): not drawn.
+    pub benched: bool,
+}
+
+/// How many rounds a client sits out after the loss rule refused its
+/// updates `streak` times in a row: 1, 2, 4, … up to 1,024. An accepted
+/// hop ends the streak. An honest client on skewed data, which the rule
+/// refuses now and then, keeps taking part; one refused every time it is
+/// drawn takes part in about log2 of the rounds, and each of its refusals
+/// no longer costs every round the hop trained on its update.
+pub fn bench_rounds(streak: u32) -> u32 {
+    match streak {
+        0 => 0,
+        n => 1 << (n - 1).min(10),
+    }
+}
+
+/// A client's standing with the loss rule (kept by the driver per client,
+/// across its reconnections).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Refusals since its last accepted hop.
+    pub streak: u32,
+    /// The last round it sits out.
+    pub benched_until: u32,
+}
+
+impl Standing {
+    /// The loss rule refused its update in round `round` (the global
+    /// version + 1 its chain started from).
+    pub fn refused(&mut self, round: u32) {
+        self.streak = self.streak.saturating_add(1);
+        self.benched_until = round.saturating_add(bench_rounds(self.streak));
+    }
+
+    /// One of its hops was taken into its chain.
+    pub fn accepted(&mut self) {
+        self.streak = 0;
+    }
+
+    /// Whether it sits out round `round`.
+    pub fn benched(&self, round: u32) -> bool {
+        self.streak > 0 && round <= self.benched_until
+    }
+
+    /// Takes `effect`, about this client in round `round`, into its
+    /// standing: a hop taken into its chain ends a streak, a refusal by
+    /// the loss rule adds to it; nothing else changes it.
+    pub fn note(&mut self, effect: &super::Effect, round: u32) {
+        match effect {
+            super::Effect::Refused {
+                loss_rule: true, ..
+            } => self.refused(round),
+            super::Effect::Accepted { .. } => self.accepted(),
+            _ => {}
+        }
+    }
 }
 
 /// Draws up to `c` of `candidates` with `rng` (the rules above), in the
 /// candidates' order.
 pub fn draw(candidates: &[Candidate], c: usize, rng: &mut impl Rng) -> Vec<Participant> {
-    let any_live = candidates.iter().any(|x| !x.busy && !x.paused && !x.silent);
+    let any_live = candidates
+        .iter()
+        .any(|x| !x.busy && !x.paused && !x.benched && !x.silent);
     let ready: Vec<&Candidate> = candidates
         .iter()
-        .filter(|x| !(x.busy || x.paused || any_live && x.silent))
+        .filter(|x| !(x.busy || x.paused || x.benched || any_live && x.silent))
         .collect();
     let mut chosen = sample(rng, ready.len(), c.min(ready.len())).into_vec();
     chosen.sort_unstable();
@@ -57,6 +118,7 @@ mod tests {
             paused: false,
             silent: false,
             busy: false,
+            benched: false,
         }
     }
 
@@ -89,6 +151,37 @@ mod tests {
         all[1].busy = true;
         all[2].busy = true;
         assert_eq!(ids(&draw(&all, 3, &mut StdRng::seed_from_u64(1))), vec![0]);
+    }
+
+    #[test]
+    fn a_benched_client_is_never_drawn() {
+        let mut all: Vec<Candidate> = (0..3).map(candidate).collect();
+        all[2].benched = true;
+        assert_eq!(
+            ids(&draw(&all, 3, &mut StdRng::seed_from_u64(1))),
+            vec![0, 1]
+        );
+        all[0].busy = true;
+        all[1].busy = true;
+        assert!(draw(&all, 3, &mut StdRng::seed_from_u64(1)).is_empty());
+    }
+
+    #[test]
+    fn each_refusal_in_a_row_doubles_the_rounds_sat_out_and_an_accepted_hop_ends_it() {
+        let mut standing = Standing::default();
+        assert!(!standing.benched(1));
+        // Refused in round 1: sits out round 2.
+        standing.refused(1);
+        assert!(standing.benched(2) && !standing.benched(3));
+        // Refused again in round 3: sits out 4 and 5.
+        standing.refused(3);
+        assert!(standing.benched(5) && !standing.benched(6));
+        standing.refused(6);
+        assert_eq!(standing.benched_until, 10);
+        // Accepted: drawn again at once.
+        standing.accepted();
+        assert!(!standing.benched(7));
+        assert_eq!(bench_rounds(40), 1024);
     }
 
     #[test]
