@@ -87,7 +87,7 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     assert_eq!(count("SELECT COUNT(*) FROM clients"), 6);
     assert_eq!(count("SELECT finished FROM runs"), 1);
     // Each record says what trained (it said 0 samples in 0 s) and how the
-    // round's hops ended: two mediators of three, two passes.
+    // round's hops ended.
     let mut previous = (0, 0.0);
     for record in &history {
         assert!(
@@ -98,8 +98,11 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
             record.train_s
         );
         previous = (record.train_samples, record.train_s);
+        // Two mediators of three, or of fewer when the loss rule benched a
+        // client (two refusals in a row); every planned hop ends once.
         assert_eq!(record.mediators.len(), 2);
-        assert_eq!(record.hops.total(), 12, "{:?}", record.hops);
+        let members: usize = record.mediators.iter().map(Vec::len).sum();
+        assert_eq!(record.hops.total(), 2 * members as u64, "{:?}", record.hops);
         assert!(record.hops.accepted > 0);
     }
     assert_eq!(

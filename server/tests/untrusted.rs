@@ -225,7 +225,8 @@ async fn an_update_of_honest_size_that_ruins_the_loss_is_refused_but_the_client_
 async fn a_client_the_loss_rule_refuses_again_and_again_sits_out_longer_each_time() {
     // The bug (issue 22): a loss-rule attacker was refused every time but
     // drawn every round, each refusal also costing the hop trained on its
-    // update. Now it sits out 1, 2, 4, … rounds after refusals in a row.
+    // update. Now it sits out 1, 2, 4, … rounds from its second refusal in
+    // a row.
     let (error, acks, running) = with_three_honest(
         6,
         |_| {},
@@ -243,9 +244,8 @@ async fn a_client_the_loss_rule_refuses_again_and_again_sits_out_longer_each_tim
     )
     .await;
 
-    // Drawn in round 1 (refused), benched in 2, drawn in 3 (refused),
-    // benched in 4 and 5, drawn in 6 (where its push may no longer raise
-    // the loss past the tolerance): three hops, not six.
+    // Drawn in rounds 1 and 2 (refused twice in a row), benched in 3,
+    // drawn in 4 (refused), benched in 5 and 6: three hops, not six.
     assert!(error.is_none(), "the client was sent away: {error:?}");
     assert_eq!(acks.len(), 3, "{acks:?}");
     assert_eq!(acks[..2], [AckOutcome::Refused, AckOutcome::Refused]);

@@ -29,15 +29,16 @@ pub struct Candidate {
 }
 
 /// How many rounds a client sits out after the loss rule refused its
-/// updates `streak` times in a row: 1, 2, 4, … up to 1,024. An accepted
-/// hop ends the streak. An honest client on skewed data, which the rule
-/// refuses now and then, keeps taking part; one refused every time it is
-/// drawn takes part in about log2 of the rounds, and each of its refusals
-/// no longer costs every round the hop trained on its update.
+/// updates `streak` times in a row: none after one refusal, then 1, 2, 4,
+/// … up to 1,024. An accepted hop ends the streak. An honest client on
+/// skewed data, which the rule refuses now and then (most often in a
+/// run's first rounds), keeps taking part; one refused every time it is
+/// drawn takes part in about log2 of the rounds, and its refusals no
+/// longer cost every round the hop trained on its update.
 pub fn bench_rounds(streak: u32) -> u32 {
     match streak {
-        0 => 0,
-        n => 1 << (n - 1).min(10),
+        0 | 1 => 0,
+        n => 1 << (n - 2).min(10),
     }
 }
 
@@ -167,20 +168,24 @@ mod tests {
     }
 
     #[test]
-    fn each_refusal_in_a_row_doubles_the_rounds_sat_out_and_an_accepted_hop_ends_it() {
+    fn refusals_in_a_row_double_the_rounds_sat_out_and_an_accepted_hop_ends_them() {
         let mut standing = Standing::default();
         assert!(!standing.benched(1));
-        // Refused in round 1: sits out round 2.
+        // Refused once, in round 1: not benched.
         standing.refused(1);
-        assert!(standing.benched(2) && !standing.benched(3));
-        // Refused again in round 3: sits out 4 and 5.
-        standing.refused(3);
-        assert!(standing.benched(5) && !standing.benched(6));
-        standing.refused(6);
-        assert_eq!(standing.benched_until, 10);
+        assert!(!standing.benched(2));
+        // Again in round 2: sits out round 3.
+        standing.refused(2);
+        assert!(standing.benched(3) && !standing.benched(4));
+        // Again in round 4: sits out 5 and 6.
+        standing.refused(4);
+        assert!(standing.benched(6) && !standing.benched(7));
+        standing.refused(7);
+        assert_eq!(standing.benched_until, 11);
         // Accepted: drawn again at once.
         standing.accepted();
-        assert!(!standing.benched(7));
+        assert!(!standing.benched(8));
+        assert_eq!(bench_rounds(1), 0);
         assert_eq!(bench_rounds(40), 1024);
     }
 
