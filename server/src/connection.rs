@@ -136,7 +136,14 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     if let Some(id) = connection.id {
         // Kept a while, so that it can come back as itself; its hop (if
         // any) is skipped at once as the pending reply is dropped.
-        let left = state.clients().remove(&id);
+        let left = {
+            let mut clients = state.clients();
+            // Taken over by a resuming connection: the client is not ours.
+            match clients.get(&id) {
+                Some(entry) if entry.tx.same_channel(&connection.tx) => clients.remove(&id),
+                _ => None,
+            }
+        };
         if let Some(mut entry) = left {
             entry.pending = None;
             // Its socket's queue must go with the socket: a parked sender
@@ -220,6 +227,9 @@ pub const LINGER: Duration = Duration::from_secs(2);
 impl Connection {
     /// Handles a text frame; `Ok(false)` ends the connection quietly.
     fn on_text(&mut self, text: &str) -> Result<bool, Refusal> {
+        if self.superseded() {
+            return Ok(false);
+        }
         self.spoke();
         let message = ClientMessage::from_json(text)
             .map_err(|e| refuse(ErrorCode::Malformed, format!("malformed message: {e}")))?;
@@ -308,7 +318,29 @@ impl Connection {
         // A known token within its window: the same client again, with
         // its id, shard, counts and speed (its data must be of the same
         // kind: a demo client comes back as a demo client).
-        let parked = resume.and_then(|token| {
+        // Its old connection may not have ended yet (a reloaded tab's new
+        // socket can join before the old one's close arrives): the token
+        // wins, the old connection is closed and its end leaves the client
+        // alone ([`Connection::superseded`]). Either order ends the same.
+        let live = resume.as_ref().and_then(|token| {
+            let mut clients = self.state.clients();
+            let (&id, entry) = clients
+                .iter()
+                .find(|(_, entry)| &entry.resume_token == token)?;
+            if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() {
+                return None;
+            }
+            let entry = clients.remove(&id)?;
+            let _ = entry.tx.send(Outbound::Close);
+            tracing::info!(client = id, "taken over by a resuming connection");
+            Some(Parked {
+                id,
+                entry,
+                since: std::time::Instant::now(),
+            })
+        });
+        let parked = live.or_else(|| {
+            let token = resume?;
             let mut parked = lock(&self.state.parked);
             parked.retain(|_, p| p.since.elapsed() < RESUME_WINDOW);
             parked.remove(&token)
@@ -316,6 +348,8 @@ impl Connection {
         if let Some(Parked { id, mut entry, .. }) = parked
             && matches!(data, DataSource::Demo) == entry.shard_counts.is_some()
         {
+            // A hop still out at the old connection is skipped at once.
+            entry.pending = None;
             entry.backend = backend.clone();
             entry.tx = self.tx.clone();
             // Joining again is running again.
@@ -511,6 +545,19 @@ impl Connection {
 
     /// The client sent a frame: it is no longer silent (it may be drawn
     /// into mediators again).
+    /// Whether another connection has taken this one's client over (it
+    /// resumed with the token while this one was still open): whatever
+    /// this one still says is not the client's, and its end changes
+    /// nothing.
+    fn superseded(&self) -> bool {
+        self.id.is_some_and(|id| {
+            self.state
+                .clients()
+                .get(&id)
+                .is_none_or(|entry| !entry.tx.same_channel(&self.tx))
+        })
+    }
+
     fn spoke(&self) {
         if let Some(id) = self.id
             && let Some(entry) = self.state.clients().get_mut(&id)
@@ -629,6 +676,9 @@ impl Connection {
 
     /// Handles a binary frame: the next chunk of an announced update.
     fn on_binary(&mut self, frame: &[u8]) -> Result<bool, Refusal> {
+        if self.superseded() {
+            return Ok(false);
+        }
         self.spoke();
         let Some((round, hop)) = self.incoming.as_ref().map(|(u, _)| (u.round, u.hop)) else {
             return Err(refuse(

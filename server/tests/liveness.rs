@@ -371,3 +371,33 @@ async fn a_native_client_with_an_injected_speed_is_slow_but_alive() {
         "measured {speed} samples/s against an injected 100"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_comes_back_before_its_old_socket_closes_takes_the_client_over() {
+    // The bug (issue 22): a reloaded tab's new join can reach the server
+    // before its old socket's close; the tab came back as a new client
+    // with another shard. The other order is the test above.
+    let cfg = support::config(astraea_core::strategy::StrategyKind::FedAvg, 4, 1);
+    let (running, address) = support::start(cfg).await;
+    let state = running.state.clone();
+    let (old, id, shard, token) = demo_join(&address, None).await;
+    let token = token.expect("a welcome gives a resume token");
+
+    // Execute: it joins again while the old socket is open; then the old
+    // socket goes.
+    let (_back, back_id, back_shard, back_token) = demo_join(&address, Some(token.clone())).await;
+    let taken_over = state.clients().len();
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Assert: the same client, once; the old socket's end left it alone.
+    assert_eq!((back_id, &back_shard), (id, &shard));
+    assert_eq!(back_token.as_deref(), Some(token.as_str()));
+    assert_eq!(taken_over, 1);
+    assert!(
+        state.clients().contains_key(&id),
+        "the old socket's end removed the client"
+    );
+    assert_eq!(state.clients().len(), 1);
+    assert!(state.parked.lock().unwrap().is_empty());
+}

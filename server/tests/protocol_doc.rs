@@ -614,7 +614,8 @@ async fn hex_is_read_in_either_case_and_a_wrong_length_is_refused_with_both_leng
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_resumes_only_once_its_connection_ended_and_only_with_the_same_kind_of_data() {
+async fn a_token_takes_its_client_over_from_an_open_connection_and_only_with_the_same_kind_of_data()
+{
     // Prepare
     let examples = Examples::from_page();
     let mut cfg = config(StrategyKind::FedAvg, 5, 1);
@@ -647,17 +648,16 @@ async fn a_token_resumes_only_once_its_connection_ended_and_only_with_the_same_k
     send_text(&mut first, own_join).await;
     let (first_id, token) = welcomed(&mut first).await;
 
-    // Execute: the token while its owner is connected; then, once it has
-    // left, with demo data (another kind), then with own data.
-    let mut while_connected = connect(&address).await;
-    send_text(&mut while_connected, &with_token(own_join, &token)).await;
-    let (second_id, second_token) = welcomed(&mut while_connected).await;
-    let both_connected = {
-        let clients = running.state.clients();
-        clients.contains_key(&first_id) && clients.contains_key(&second_id)
-    };
-    send_text(&mut first, r#"{"type": "leave"}"#).await;
-    drain(&mut first).await;
+    // Execute: the token while its owner is still connected (a reloaded
+    // tab racing its old socket's close); then, once the client has left,
+    // with demo data (another kind), then with own data.
+    let mut resumed = connect(&address).await;
+    send_text(&mut resumed, &with_token(own_join, &token)).await;
+    let (resumed_id, resumed_token) = welcomed(&mut resumed).await;
+    let (_, old_close) = drain_to_close(&mut first).await;
+    let one_client = running.state.clients().len();
+    send_text(&mut resumed, r#"{"type": "leave"}"#).await;
+    drain(&mut resumed).await;
     for _ in 0..50 {
         if running.state.parked.lock().unwrap().contains_key(&token) {
             break;
@@ -671,13 +671,17 @@ async fn a_token_resumes_only_once_its_connection_ended_and_only_with_the_same_k
     send_text(&mut same_kind, &with_token(own_join, &token)).await;
     let (fourth_id, _) = welcomed(&mut same_kind).await;
 
-    // Assert: a new client beside the old one; the token spent by the
-    // demo join, so the last join is new too.
-    assert_ne!(second_id, first_id);
-    assert_ne!(second_token, token);
-    assert!(both_connected, "the old connection goes on");
-    assert!(![first_id, second_id].contains(&third_id));
-    assert!(![first_id, second_id, third_id].contains(&fourth_id));
+    // Assert: the token took the client over from its open connection,
+    // which was closed, without a second client; once it had left, the
+    // demo join spent the token, so the last join is new too.
+    assert_eq!(
+        (resumed_id, resumed_token.as_str()),
+        (first_id, token.as_str())
+    );
+    assert_eq!(old_close, Some(None), "the old connection is closed");
+    assert_eq!(one_client, 1, "no second client beside the first");
+    assert_ne!(third_id, first_id);
+    assert!(![first_id, third_id].contains(&fourth_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
