@@ -119,11 +119,27 @@ impl Chromedriver {
         let serde_json::Value::Object(capabilities) = capabilities else {
             unreachable!("a JSON object literal")
         };
-        ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&self.url)
-            .await
-            .context("opening a Chromium session through chromedriver")
+        // On a loaded machine chromedriver at times refuses a connection
+        // it accepted a moment before (seen once in CI: "webdriver server
+        // did not respond ... (Connect)"); a session is tried three times.
+        let mut attempt = 1;
+        loop {
+            let opened = ClientBuilder::new(HttpConnector::new())
+                .capabilities(capabilities.clone())
+                .connect(&self.url)
+                .await;
+            match opened {
+                Ok(client) => return Ok(client),
+                Err(e) if attempt < 3 => {
+                    eprintln!("opening a Chromium session, attempt {attempt}: {e}; again");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(e).context("opening a Chromium session through chromedriver");
+                }
+            }
+        }
     }
 }
 
