@@ -134,7 +134,9 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
         state.departures.fetch_add(1, Ordering::Relaxed);
     }
     if let Some(id) = connection.id {
-        // Kept a while, so that it can come back as itself; its hop (if
+        // Kept a while, so that it can come back as itself — unless it was
+        // refused: a refused client is forgotten, as the simulator drops
+        // it for the run (it may join again, as a stranger). Its hop (if
         // any) is skipped at once as the pending reply is dropped.
         let left = {
             let mut clients = state.clients();
@@ -144,7 +146,7 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
                 _ => None,
             }
         };
-        if let Some(mut entry) = left {
+        if let Some(mut entry) = left.filter(|_| !refused) {
             entry.pending = None;
             // Its socket's queue must go with the socket: a parked sender
             // would keep the writer task, and so the socket, open.
@@ -326,7 +328,7 @@ impl Connection {
             let mut clients = self.state.clients();
             let (&id, entry) = clients
                 .iter()
-                .find(|(_, entry)| &entry.resume_token == token)?;
+                .find(|(_, entry)| crate::state::token_matches(&entry.resume_token, token))?;
             if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() {
                 return None;
             }
@@ -527,7 +529,6 @@ impl Connection {
         Ok(())
     }
 
-    /// An update's header: its weights follow as binary chunks.
     /// Hands a secure-aggregation message to the round's
     /// [`crate::secure::SecureRound`]; one that breaks its rules refuses
     /// the client, one that comes late (no secure round now, or another
@@ -543,8 +544,6 @@ impl Connection {
         }
     }
 
-    /// The client sent a frame: it is no longer silent (it may be drawn
-    /// into mediators again).
     /// Whether another connection has taken this one's client over (it
     /// resumed with the token while this one was still open): whatever
     /// this one still says is not the client's, and its end changes
@@ -558,6 +557,8 @@ impl Connection {
         })
     }
 
+    /// The client sent a frame: it is no longer silent (it may be drawn
+    /// into mediators again).
     fn spoke(&self) {
         if let Some(id) = self.id
             && let Some(entry) = self.state.clients().get_mut(&id)
@@ -587,6 +588,7 @@ impl Connection {
         }
     }
 
+    /// An update's header: its weights follow as binary chunks.
     fn announce(&mut self, id: u64, update: UpdateSpec) -> Result<(), Refusal> {
         self.alive(id, update.round, update.hop);
         let params = self.state.model.params;

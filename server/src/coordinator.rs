@@ -1150,7 +1150,10 @@ fn carry_out(
                     Some("trained on an update the loss rule then refused".into()),
                 );
                 state.stale_updates.fetch_add(1, Ordering::Relaxed);
-                let detail = format!("client {member} hop {ordinal}: trained on a refused update");
+                let detail = format!(
+                    "client {member} hop {}: trained on a refused update",
+                    wire(ordinal)
+                );
                 state.record(|store, run| store.event(run, Some(round), "discard", &detail));
             }
             Effect::Skipped {
@@ -1165,7 +1168,7 @@ fn carry_out(
                     hop = ordinal,
                     "hop skipped: {reason}"
                 );
-                let detail = format!("client {member} hop {ordinal}: {reason}");
+                let detail = format!("client {member} hop {}: {reason}", wire(ordinal));
                 state.record(|store, run| store.event(run, Some(round), "skip", &detail));
             }
             Effect::Judge(judgement) => {

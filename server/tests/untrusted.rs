@@ -79,6 +79,66 @@ async fn samples_beyond_what_a_client_reported_buy_no_weight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_does_not_come_back_as_itself() {
+    // The bug: a refused client's entry was kept for resumption like a
+    // departed one's, so its token brought back its id, counts and standing
+    // (the simulator drops a refused client for the run).
+    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let (mut refused, token) = support::join_with_token(&address).await;
+    let id = *running.state.clients().keys().next().expect("joined");
+    let update = ClientMessage::Update(UpdateSpec {
+        round: 1,
+        hop: 1,
+        samples: 51,
+        loss: 0.1,
+        seconds: 0.1,
+        encoding: WeightEncoding::F32,
+        chunks: 1,
+    });
+
+    // Execute: it claims more samples than it declared, is refused, and
+    // joins again with its token.
+    refused
+        .send(Message::Text(update.to_json().into()))
+        .await
+        .unwrap();
+    let error = next_error(&mut refused).await;
+    drop(refused);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while running.state.clients().contains_key(&id) {
+        assert!(std::time::Instant::now() < deadline, "still there");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = connect(&address).await;
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Own {
+            counts: vec![5; 10],
+        },
+        resume: Some(token.clone()),
+    };
+    send(&mut again, &join).await;
+    let welcome = futures_util::StreamExt::next(&mut again).await;
+
+    // Assert: refused, forgotten, and a stranger when it comes back.
+    assert_eq!(error_code(Some(error)), ErrorCode::Data);
+    assert!(running.state.parked.lock().unwrap().is_empty());
+    let Some(Ok(Message::Text(text))) = welcome else {
+        panic!("no welcome: {welcome:?}")
+    };
+    let astraea_core::protocol::ServerMessage::Welcome {
+        client_id, resume, ..
+    } = astraea_core::protocol::ServerMessage::from_json(&text).unwrap()
+    else {
+        panic!("not a welcome: {text}")
+    };
+    assert_ne!(client_id, id);
+    assert_ne!(resume.as_deref(), Some(token.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_an_own_data_client_declares_weigh_at_most_twice_the_median() {
     // The bug (issue 22): an own-data client that declared 9,000,000
     // samples, and claimed them in every update, took 99.85 % of every
