@@ -144,8 +144,22 @@ impl Population {
         timer.frozen_cost().as_secs_f64()
     }
 
+    /// Whether a hop of `work` samples (samples times epochs) at `speed`
+    /// ends after the deadline the server gives it (`engine::hop::
+    /// hop_deadline`: three times what its speed needs, within the
+    /// operator's): the server gives it up and the chain skips it.
+    pub fn late(&self, work: u64, speed: f64) -> bool {
+        use astraea_core::engine::hop::hop_deadline;
+        use std::time::Duration;
+        let ceiling =
+            Duration::try_from_secs_f64(self.hop_deadline_s.max(0.0)).unwrap_or(Duration::MAX);
+        let deadline = hop_deadline(Some(speed), work, ceiling).as_secs_f64();
+        self.overhead_s + work as f64 / speed.max(1e-9) > deadline
+    }
+
     /// Seconds a hop of `work` samples (samples times epochs) takes at
-    /// `speed`, capped at the deadline (a later update is skipped anyway).
+    /// `speed`, capped at the deadline (a later update is skipped:
+    /// [`Population::late`]).
     pub fn hop_s(&self, work: u64, speed: f64) -> f64 {
         (self.overhead_s + work as f64 / speed.max(1e-9)).min(self.hop_deadline_s)
     }
@@ -205,5 +219,15 @@ mod tests {
         assert_eq!(with_stall.hop_s(400, 200.0), 3.0);
         assert_eq!(with_stall.hop_s(1_000_000, 1.0), 60.0);
         assert!(!with_stall.freezes(1));
+    }
+
+    #[test]
+    fn a_hop_past_the_operators_deadline_is_late_and_a_slow_one_within_it_is_not() {
+        let population = Population::default();
+        // 100 samples at 2 samples/s: 51 s, within the 60 s ceiling.
+        assert!(!population.late(100, 2.0));
+        // 1,000 at 2 samples/s: 501 s, past it; the server skips the hop.
+        assert!(population.late(1_000, 2.0));
+        assert_eq!(population.hop_s(1_000, 2.0), 60.0);
     }
 }

@@ -761,8 +761,9 @@ fn run_chain(
 /// [`Chain`], which decides every rule of the chain as on the server; the
 /// simulated server checks each update where it would enter (the claim
 /// cap, the update guard: a client refused there is dropped for the run)
-/// and gives every loss-rule verdict at once. Adds each hop's seconds to
-/// `clock`.
+/// and gives each loss-rule verdict once the next hop has gone out, as the
+/// server's arrives while the next member trains. Adds each hop's seconds
+/// to `clock`.
 fn walk_chain(
     chain: &mut Chain,
     context: &RoundContext<'_>,
@@ -820,11 +821,10 @@ fn walk_chain(
         }
         let data = &clients[member];
         let seed = seed.hop(member, hop.pass);
-        let (frozen, seconds) =
-            hop_time(population, data, speeds[member], train_config.epochs, seed);
+        let (skip, seconds) = hop_time(population, data, speeds[member], train_config.epochs, seed);
         *clock += seconds;
-        if frozen {
-            chain.skipped(ordinal, "frozen".into());
+        if let Some(why) = skip {
+            chain.skipped(ordinal, why.into());
             continue;
         }
         let config = TrainConfig {
@@ -1003,22 +1003,27 @@ impl Defence {
     }
 }
 
-/// Whether the hop seeded `seed` of a client holding `data` at `speed`
-/// freezes, and the seconds it holds its chain: a frozen client trains
-/// nothing and holds the chain until the server gives up on it (the stall
-/// timeout, or the deadline).
+/// Whether the hop seeded `seed` of a client holding `data` at `speed` is
+/// skipped, and why (it freezes, or ends past its deadline), and the
+/// seconds it holds its chain: a frozen client trains nothing and holds
+/// the chain until the server gives up on it (the stall timeout, or the
+/// deadline); a late one holds it until its deadline.
 fn hop_time(
     population: &Population,
     data: &ClientData,
     speed: f64,
     epochs: usize,
     seed: u64,
-) -> (bool, f64) {
+) -> (Option<&'static str>, f64) {
     let work = (data.len() as u64).saturating_mul(epochs as u64);
     if population.freezes(mix(&[seed, 0xf7ee2e])) {
-        return (true, population.frozen_hop_s(speed, work));
+        return (Some("frozen"), population.frozen_hop_s(speed, work));
     }
-    (false, population.hop_s(work, speed))
+    // A hop past its deadline is given up, as on the server.
+    let late = population
+        .late(work, speed)
+        .then_some("late: past its deadline");
+    (late, population.hop_s(work, speed))
 }
 
 /// The seconds `group`'s chain seeded `seed` will take, as [`walk_chain`]
