@@ -78,7 +78,8 @@ pub struct LossCheck {
 
 impl LossCheck {
     /// Judges hops of the model `model_config` makes (its parameters laid
-    /// out as `shapes`) on every sample of `set` (a few hundred suffice),
+    /// out as `shapes`) on every sample of `set` (64 by default,
+    /// [`DEFAULT_VALIDATION_SAMPLES`]),
     /// with tolerance `max_increase` nats (non-finite or negative is taken
     /// as 0).
     pub fn new(

@@ -10,9 +10,13 @@
 //!   returned(hop, weights, samples) | skipped(hop, why) | refused(hop, why)
 //!     -> [Judge(j)]         compute the loss rule's losses, then verdict(j, v)
 //!     -> [Accepted | Refused | Discarded | Skipped]
+//! poll() -> Outcome         the hop sent is still out: wait for its event
 //! poll() -> Verdict         a verdict is due before anything else
 //! poll() -> Done(result)    the chain's result, or why it has none
 //! ```
+//!
+//! Weights are flat vectors (`Weights::values`, the model's parameter
+//! count), the same length everywhere in a chain.
 //!
 //! The rules it owns, the same in `serve` and `simulate`:
 //! - A hop the loss rule refuses is taken back: the chain goes on from the
@@ -24,8 +28,9 @@
 //!   goes on with the member after it, not the same member again — sent
 //!   the earlier weights, it would learn the refused client's exact update
 //!   (the difference from what it was sent first). Only a member that
-//!   follows itself (a chain of one) trains again. A driver that delivers
-//!   every verdict before polling again (the simulator) never pipelines.
+//!   follows itself (a chain of one) trains again. Both drivers pipeline:
+//!   the simulator gives each verdict once the next hop has gone out, as
+//!   the server's arrives while the next member trains.
 //! - Per-hop noise (`HopPrivacy`) is added to what the next member sees,
 //!   after the loss rule has read the update as the client sent it; the
 //!   judged loss then no longer describes the chain's weights.
@@ -88,7 +93,9 @@ pub struct HopOrder {
     /// that trains again after a discarded hop gets a new one): the hop's
     /// name in every event about it.
     pub ordinal: u32,
-    /// The member (client id) that trains it.
+    /// The member that trains it: a `Group::members` entry, numbered as the
+    /// driver numbers its clients (the server's ids from 1, the
+    /// simulator's indices from 0).
     pub member: usize,
     /// Its pass over the chain and its place in it, from 0.
     pub pass: usize,
@@ -139,7 +146,8 @@ pub enum Verdict {
 impl Judgement {
     /// The loss rule on this hop: `sent`'s loss (or `known`), `new`'s loss,
     /// and `check`'s verdict; a loss that cannot be computed is infinite
-    /// (refused).
+    /// (refused). Judging moves the rule's baseline: `check` keeps the
+    /// change in its window of recent hops, so judge each hop once.
     pub fn judge(&self, check: &LossCheck, device: &burn::prelude::Device) -> Verdict {
         let loss = |values: &[f32]| check.loss(values, device).unwrap_or(f64::INFINITY);
         let before = self.known.unwrap_or_else(|| loss(&self.sent));
@@ -246,7 +254,9 @@ pub enum Effect {
         /// The hop.
         ordinal: u32,
     },
-    /// No update came (the member left, stalled, paused, or was late).
+    /// No update came (the member left, stalled, paused, or was late), or
+    /// the driver refused it where it entered (the update guard, the claim
+    /// cap), which drops the client.
     Skipped {
         /// The member.
         member: usize,

@@ -1,4 +1,6 @@
-//! Who trains: the served round's participant draw, without I/O. Up to c
+//! Who trains: a round's participant draw, without I/O, in `serve` and
+//! `simulate` alike (the simulator's clients never pause nor go silent:
+//! it has no sockets to hear that from). Up to c
 //! of the ready clients not already busy in a chain are drawn (seeded by
 //! the driver): never one that said it is pausing (its tab is being frozen
 //! or put to sleep), and one that has been silent since a skipped hop

@@ -47,7 +47,8 @@ impl Sampling {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GuardSettings {
     /// The update guard's bound: an update may move the weights it was
-    /// sent by at most this many times their L2 norm.
+    /// sent by at most this many times their L2 norm (or 1, if the norm
+    /// is smaller: `guard::UpdateGuard`).
     pub max_update_ratio: f64,
     /// The loss rule (`crate::validation`): samples of the training set
     /// hops are judged on (seeded, `engine::seeds::validation`); 0 turns

@@ -14,8 +14,9 @@
 //!   computation panics is dropped: the previous model stays.
 //! - Every DP round is composed into the Rényi DP accountant (whether or
 //!   not a result came back: the clients were asked), at the sampling rate
-//!   the [`super::Sampling`] of the run gives; a round that would take the
-//!   run past its budget does not start.
+//!   the [`super::Sampling`] of the run gives — but for a secure round that
+//!   could not be unmasked, which releases nothing and spends nothing; a
+//!   round that would take the run past its budget does not start.
 
 use std::panic::AssertUnwindSafe;
 
@@ -33,7 +34,9 @@ use crate::strategy::{Group, GroupFailure, GroupResult, Strategy};
 pub enum Closed {
     /// The model becomes these weights.
     Adopted(Vec<f32>),
-    /// Nothing to adopt (no result came back): the model stays.
+    /// Nothing to adopt: no result came back, the strategy made no
+    /// aggregate, or under DP no noise could be computed or the private
+    /// mean failed. The model stays.
     Kept,
     /// The round was refused, for this reason: the model stays.
     Dropped(String),

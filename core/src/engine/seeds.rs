@@ -1,6 +1,8 @@
 //! Every seeded draw of a run, derived in one place from the run's seed, so
 //! that `astraea serve` and `astraea simulate` given one seed draw the same
-//! participants and train the same hops: the participant draw of a round,
+//! participants and train the same hops (draw for draw in synchronous
+//! rounds; the asynchronous server draws whenever it wakes, so its draws
+//! follow timing): the participant draw of a round,
 //! the seed a hop's training runs from (its batch order and dropout), the
 //! seed a client applies the data plan with, and the loss rule's
 //! validation samples.
