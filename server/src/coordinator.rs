@@ -1284,10 +1284,14 @@ async fn run_hop(
                 }
             }
             HopWait::GiveUp { reason, silent } => {
-                // Silent: not drawn again until it speaks.
+                // Silent: not drawn again until it speaks. Late while at
+                // work: a strike in its standing (engine::draw::Standing).
                 if let Some(entry) = state.clients().get_mut(&client) {
                     entry.pending = None;
                     entry.silent |= silent;
+                    if !silent {
+                        entry.standing.late(task.round);
+                    }
                 }
                 return Err(reason);
             }

@@ -823,8 +823,11 @@ fn walk_chain(
         let seed = seed.hop(member, hop.pass);
         let (skip, seconds) = hop_time(population, data, speeds[member], train_config.epochs, seed);
         *clock += seconds;
-        if let Some(why) = skip {
-            chain.skipped(ordinal, why.into());
+        if let Some(skip) = skip {
+            if skip == Skip::Late {
+                defence.late(member, round);
+            }
+            chain.skipped(ordinal, skip.to_string());
             continue;
         }
         let config = TrainConfig {
@@ -944,6 +947,18 @@ impl Defence {
         }
     }
 
+    /// Client `id`'s hop in round `round` was given up as late.
+    fn late(&self, id: usize, round: u32) {
+        if let Some(standing) = self
+            .standing
+            .lock()
+            .expect("no worker panicked")
+            .get_mut(id)
+        {
+            standing.late(round);
+        }
+    }
+
     /// Whether the loss rule has benched client `id` for round `round`.
     fn benched(&self, id: usize, round: u32) -> bool {
         self.standing.lock().expect("no worker panicked")[id].benched(round)
@@ -1014,16 +1029,33 @@ fn hop_time(
     speed: f64,
     epochs: usize,
     seed: u64,
-) -> (Option<&'static str>, f64) {
+) -> (Option<Skip>, f64) {
     let work = (data.len() as u64).saturating_mul(epochs as u64);
     if population.freezes(mix(&[seed, 0xf7ee2e])) {
-        return (Some("frozen"), population.frozen_hop_s(speed, work));
+        return (Some(Skip::Frozen), population.frozen_hop_s(speed, work));
     }
     // A hop past its deadline is given up, as on the server.
-    let late = population
-        .late(work, speed)
-        .then_some("late: past its deadline");
+    let late = population.late(work, speed).then_some(Skip::Late);
     (late, population.hop_s(work, speed))
+}
+
+/// Why a simulated hop is skipped before it trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    /// The client froze: silent until the server gives up.
+    Frozen,
+    /// Its update would come after its deadline; it kept reporting
+    /// progress (a strike in its standing, as on the server).
+    Late,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Skip::Frozen => "frozen",
+            Skip::Late => "late: past its deadline",
+        })
+    }
 }
 
 /// The seconds `group`'s chain seeded `seed` will take, as [`walk_chain`]

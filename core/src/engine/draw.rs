@@ -55,6 +55,15 @@ pub struct Standing {
 }
 
 impl Standing {
+    /// Its hop in round `round` ended past its deadline while it kept
+    /// saying it was at work (heartbeats, no update): counted as a refusal,
+    /// so a client that never delivers is not drawn round after round to
+    /// hold a chain for its whole deadline. A silent (frozen) client is
+    /// the draw's `silent` rule's, not this.
+    pub fn late(&mut self, round: u32) {
+        self.refused(round);
+    }
+
     /// The loss rule refused its update in round `round` (the global
     /// version + 1 its chain started from).
     pub fn refused(&mut self, round: u32) {
