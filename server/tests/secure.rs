@@ -270,8 +270,11 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     assert_eq!(connected, 4);
     assert_eq!(state.rejections.load(Ordering::Relaxed), 0);
     assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 0);
+    // One round of three honest IID clients: 0.28 to 0.8 seen (which of
+    // their first hops the loss rule refuses varies run to run); a sum
+    // unmasked wrongly is noise, at chance (0.1) or below.
     let accuracy = state.status().history[0].accuracy;
-    assert!(accuracy > 0.3, "accuracy {accuracy}");
+    assert!(accuracy > 0.2, "accuracy {accuracy}");
 }
 
 /// Runs `cfg` (one DP round under secure aggregation) with six native
