@@ -283,17 +283,12 @@ async fn a_tab_and_native_clients_sum_their_results_under_secure_aggregation() -
     let natives = tokio::spawn(astraea_native::run_swarm(
         2,
         astraea_native::ClientOptions {
-            url: format!("ws://{address}/ws"),
-            tls: None,
-            data_dir: astraea_e2e::repo_root().join("data"),
             max_frame_bytes: 1 << 20,
             max_attempts: Some(1),
-            echo: false,
-            attack: None,
-            vanish: 0.0,
-            freeze: 0.0,
-            freeze_for: Duration::ZERO,
-            speed: None,
+            ..astraea_native::ClientOptions::new(
+                format!("ws://{address}/ws"),
+                astraea_e2e::repo_root().join("data"),
+            )
         },
     ));
 

@@ -123,19 +123,7 @@ pub async fn kills(
         .local_addr()?
         .port();
     let mut server = spawn_server(port, rounds, &data_dir, &state_dir)?;
-    let options = ClientOptions {
-        url: format!("ws://127.0.0.1:{port}/ws"),
-        tls: None,
-        data_dir: data_dir.clone(),
-        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
-        max_attempts: None,
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
-        speed: None,
-    };
+    let options = ClientOptions::new(format!("ws://127.0.0.1:{port}/ws"), data_dir.clone());
     let swarm = tokio::spawn(run_swarm(CLIENTS, options));
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut delivered, mut lost) = (0, 0);
@@ -306,17 +294,8 @@ async fn unreliable(
     config.settings.rescheduling.gamma = 3;
     let running = serve::start(listener, config).await?;
     let mut options = ClientOptions {
-        url: format!("ws://{address}/ws"),
-        tls: None,
-        data_dir,
         max_frame_bytes: 1 << 20,
-        max_attempts: None,
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(format!("ws://{address}/ws"), data_dir)
     };
     unreliable(&mut options);
     let speeds = speeds.to_vec();

@@ -47,17 +47,10 @@ pub async fn run(
     let config = crate::serve_config(data_dir.clone(), clients, rounds + 1, strategy);
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
-        url: format!("ws://{address}/ws"),
-        tls: None,
-        data_dir,
         max_frame_bytes: 1 << 20,
         max_attempts: Some(1),
         echo: true,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(format!("ws://{address}/ws"), data_dir)
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

@@ -265,17 +265,10 @@ pub async fn live(
     config.stall_timeout = Duration::from_secs(2);
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
-        url: format!("ws://{address}/ws"),
-        tls: None,
-        data_dir,
         max_frame_bytes: 1 << 20,
-        max_attempts: None,
         echo: true,
-        attack: None,
         vanish,
-        freeze: 0.0,
-        freeze_for: Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(format!("ws://{address}/ws"), data_dir)
     };
     let swarm = tokio::spawn(run_swarm(clients, options));
     running.coordinator.await??;

@@ -103,16 +103,7 @@ pub(crate) fn client_options(
     max_attempts: Option<u32>,
 ) -> client::ClientOptions {
     client::ClientOptions {
-        url: server,
-        tls: None,
-        data_dir,
-        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         max_attempts,
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
-        speed: None,
+        ..client::ClientOptions::new(server, data_dir)
     }
 }

@@ -120,17 +120,11 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
     let port = free_port();
     let mut server = spawn_server(port, &state_dir);
     let options = ClientOptions {
-        url: format!("ws://127.0.0.1:{port}/ws"),
-        tls: None,
-        data_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
         max_frame_bytes: 1 << 20,
-        max_attempts: None,
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(
+            format!("ws://127.0.0.1:{port}/ws"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        )
     };
     let swarm = tokio::spawn(run_swarm(4, options));
 

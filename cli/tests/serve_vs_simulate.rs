@@ -119,17 +119,8 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
 
 fn client(address: &str) -> ClientOptions {
     ClientOptions {
-        url: format!("ws://{address}/ws"),
-        tls: None,
-        data_dir: data_dir(),
-        max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
         max_attempts: Some(1),
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(format!("ws://{address}/ws"), data_dir())
     }
 }
 

@@ -63,6 +63,29 @@ pub struct ClientOptions {
     pub speed: Option<f64>,
 }
 
+impl ClientOptions {
+    /// An honest client of `url` whose datasets are in `data_dir`: the
+    /// web's roots for TLS, frames up to the protocol's default
+    /// (`DEFAULT_MAX_FRAME_BYTES`), reconnecting for ever, training as fast
+    /// as it can, never vanishing or freezing. Change what a use needs with
+    /// `ClientOptions { field, ..ClientOptions::new(url, data_dir) }`.
+    pub fn new(url: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            tls: None,
+            data_dir: data_dir.into(),
+            max_frame_bytes: astraea_core::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_attempts: None,
+            echo: false,
+            attack: None,
+            vanish: 0.0,
+            freeze: 0.0,
+            freeze_for: Duration::ZERO,
+            speed: None,
+        }
+    }
+}
+
 /// Seconds between heartbeats (`progress`) while training: well inside
 /// any stall timeout a server would set.
 const HEARTBEAT: Duration = Duration::from_secs(1);

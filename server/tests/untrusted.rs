@@ -19,6 +19,17 @@ use support::{
 };
 use tokio_tungstenite::tungstenite::Message;
 
+/// An update of honest size that ruins the loss: the output layer's bias
+/// of class 3 pushed up by half the model's norm (at most 8), as a
+/// reversed honest update would be; the norm rules let it through, the
+/// loss rule does not.
+fn ruin_the_loss(mut weights: Vec<f32>) -> Vec<f32> {
+    let allowed = astraea_server::guard::l2_norm(&weights).max(1.0);
+    let biases = weights.len() - 10;
+    weights[biases + 3] += (0.5 * allowed).min(8.0) as f32;
+    weights
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_claiming_u64_max_samples_is_refused_and_the_run_finishes() {
     // The bug: `samples` of 18446744073709551615 overflowed in the
@@ -257,16 +268,11 @@ async fn an_update_of_honest_size_that_ruins_the_loss_is_refused_but_the_client_
     let (error, acks, running) = with_three_honest(
         1,
         |_| {},
-        |_, mut w| {
-            let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
-            let biases = w.len() - 10;
-            w[biases + 3] += (0.5 * allowed).min(8.0) as f32;
-            Answer {
-                values: w,
-                samples: 50,
-                chunks_sent: None,
-                ..Answer::default()
-            }
+        |_, w| Answer {
+            values: ruin_the_loss(w),
+            samples: 50,
+            chunks_sent: None,
+            ..Answer::default()
         },
     )
     .await;
@@ -290,16 +296,11 @@ async fn a_client_the_loss_rule_refuses_again_and_again_sits_out_longer_each_tim
     let (error, acks, running) = with_three_honest(
         6,
         |_| {},
-        |_, mut w| {
-            let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
-            let biases = w.len() - 10;
-            w[biases + 3] += (0.5 * allowed).min(8.0) as f32;
-            Answer {
-                values: w,
-                samples: 50,
-                chunks_sent: None,
-                ..Answer::default()
-            }
+        |_, w| Answer {
+            values: ruin_the_loss(w),
+            samples: 50,
+            chunks_sent: None,
+            ..Answer::default()
         },
     )
     .await;
@@ -370,10 +371,7 @@ async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_dropped() {
     let (log, acks) = (attacker_log.clone(), attacker_acks.clone());
     let attack = tokio::spawn(async move {
         support::play(&mut attacker, params, acks, move |_, w| {
-            let mut out = w.clone();
-            let allowed = astraea_server::guard::l2_norm(&w).max(1.0);
-            let biases = out.len() - 10;
-            out[biases + 3] += (0.5 * allowed).min(8.0) as f32;
+            let out = ruin_the_loss(w.clone());
             log.lock().unwrap().push((w, out.clone()));
             Answer {
                 values: out,

@@ -73,17 +73,9 @@ pub async fn finishes(coordinator: tokio::task::JoinHandle<anyhow::Result<()>>) 
 
 pub fn options(address: &str) -> ClientOptions {
     ClientOptions {
-        url: format!("ws://{address}/ws"),
-        tls: None,
-        data_dir: data_dir(),
         max_frame_bytes: 64 * 1024,
         max_attempts: Some(1),
-        echo: false,
-        attack: None,
-        vanish: 0.0,
-        freeze: 0.0,
-        freeze_for: std::time::Duration::ZERO,
-        speed: None,
+        ..ClientOptions::new(format!("ws://{address}/ws"), data_dir())
     }
 }
 
