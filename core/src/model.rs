@@ -58,8 +58,26 @@ impl ModelConfig {
 
     /// Side lengths of the last feature map, `[height, width]`.
     pub fn feature_map(&self) -> [usize; 2] {
-        let f = |s: usize| conv_out(conv_out(conv_out(s, 5, 2), 3, 2), 2, 1);
-        [f(self.height), f(self.width)]
+        self.feature_maps()[2]
+    }
+
+    /// Side lengths `[height, width]` of each convolution's output, in
+    /// order: conv1, conv2 (where dropout applies), conv3.
+    pub fn feature_maps(&self) -> [[usize; 2]; 3] {
+        let sizes = |s: usize| {
+            let one = conv_out(s, 5, 2);
+            let two = conv_out(one, 3, 2);
+            [one, two, conv_out(two, 2, 1)]
+        };
+        let (h, w) = (sizes(self.height), sizes(self.width));
+        [[h[0], w[0]], [h[1], w[1]], [h[2], w[2]]]
+    }
+
+    /// Values one sample's dropout mask holds: conv2's 18 channels over
+    /// its feature map, in `[channel, height, width]` order.
+    pub fn dropout_len(&self) -> usize {
+        let [h, w] = self.feature_maps()[1];
+        18 * h * w
     }
 
     /// Number of values one input sample holds (`channels * height * width`).
@@ -112,6 +130,28 @@ impl Cnn {
         let x = relu(self.conv1.forward(images)); // [b, 12, 12, 12]
         let x = relu(self.conv2.forward(x)); // [b, 18, 5, 5]
         let x = self.dropout.forward(x);
+        self.head(x)
+    }
+
+    /// Logits for a training batch, with dropout given as a mask rather
+    /// than drawn from burn's process-wide generator: training draws its
+    /// masks from the visit's own seed ([`crate::train::dropout_keep`]),
+    /// so a visit trains the same whatever else runs beside it, and the
+    /// batched trainer ([`crate::batched`]) can draw the very same masks.
+    ///
+    /// # Shapes
+    /// - images: `[batch, channels, height, width]`
+    /// - keep: `[batch, 18, h2, w2]` (conv2's output), each value 0 or
+    ///   `1 / (1 - dropout)`
+    /// - output: `[batch, num_classes]`
+    pub fn forward_masked(&self, images: Tensor<4>, keep: Tensor<4>) -> Tensor<2> {
+        let x = relu(self.conv1.forward(images));
+        let x = relu(self.conv2.forward(x)) * keep;
+        self.head(x)
+    }
+
+    /// conv3, flatten and the dense layers.
+    fn head(&self, x: Tensor<4>) -> Tensor<2> {
         let x = relu(self.conv3.forward(x)); // [b, 24, 4, 4]
         let [b, c, h, w] = x.dims();
         let x = x.reshape([b, c * h * w]); // [b, 384]

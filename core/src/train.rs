@@ -124,6 +124,35 @@ fn cross_entropy(logits: Tensor<2>, targets: Tensor<2, Int>) -> Tensor<1> {
     log_softmax(logits, 1).gather(1, targets).mean().neg()
 }
 
+/// The generator a visit draws its dropout masks from: its own, seeded
+/// from the visit's seed apart from the one that shuffles its batches, so
+/// a visit trains alike alone, beside others on other threads, or batched
+/// with other clients' visits ([`crate::batched`]).
+pub(crate) fn dropout_rng(seed: u64) -> StdRng {
+    /// Tells the dropout stream from the shuffling one.
+    const DROPOUT: u64 = 0xd207;
+    StdRng::seed_from_u64(crate::engine::seeds::mix(&[seed, DROPOUT]))
+}
+
+/// `len` dropout mask values drawn from `rng`: each 0 with probability
+/// `p` (dropped) and `1 / (1 - p)` otherwise (kept and rescaled, as
+/// burn's `Dropout` does). A batch's mask is drawn sample after sample,
+/// each sample's in `[channel, height, width]` order.
+pub fn dropout_keep(rng: &mut StdRng, len: usize, p: f64) -> Vec<f32> {
+    use rand::Rng as _;
+    if p <= 0.0 {
+        return vec![1.0; len];
+    }
+    let scale = if p < 1.0 {
+        (1.0 / (1.0 - p)) as f32
+    } else {
+        0.0
+    };
+    (0..len)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+        .collect()
+}
+
 /// Where a visit is, reported after every optimiser step so a page can
 /// draw progress bars and a loss curve.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -205,6 +234,7 @@ struct Visit<'a> {
     model: Option<Cnn>,
     optimizer: ModuleOptimizer,
     rng: StdRng,
+    dropout: StdRng,
     order: Vec<usize>,
     epoch: usize,
     batch: usize,
@@ -221,7 +251,6 @@ impl<'a> Visit<'a> {
         device: &'a Device,
     ) -> Result<Self, WeightsError> {
         let model = anchor.to_model(model_config, device)?;
-        device.seed(config.seed);
         let mut rng = StdRng::seed_from_u64(config.seed);
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.shuffle(&mut rng);
@@ -234,6 +263,7 @@ impl<'a> Visit<'a> {
             model: Some(model),
             optimizer: AdamConfig::new().init(),
             rng,
+            dropout: dropout_rng(config.seed),
             order,
             epoch: 0,
             batch: 0,
@@ -257,11 +287,18 @@ impl<'a> Visit<'a> {
         let start = self.batch * size;
         let chunk = &self.order[start..(start + size).min(self.order.len())];
         let (images, targets) = batch_tensors(self.model_config, self.data, chunk, self.device);
+        let [h, w] = self.model_config.feature_maps()[1];
+        let keep = dropout_keep(
+            &mut self.dropout,
+            chunk.len() * self.model_config.dropout_len(),
+            self.model_config.dropout,
+        );
+        let keep = Tensor::from_data(TensorData::new(keep, [chunk.len(), 18, h, w]), self.device);
         let model = self
             .model
             .take()
             .expect("a visit holds its model between steps");
-        let loss = cross_entropy(model.forward(images), targets);
+        let loss = cross_entropy(model.forward_masked(images, keep), targets);
         let reported = loss.clone().detach();
         let objective = if self.config.prox_mu > 0.0 {
             let mut prox = ProxTerm {
