@@ -13,6 +13,8 @@
 //! - [`rounds`]: coordination overhead per round with many clients that
 //!   answer at once (echo clients: no training time to hide behind).
 //! - [`secagg`]: what secure aggregation costs, in memory and live.
+//! - [`simulate`]: the simulator's training throughput, per-client and
+//!   batched, next to PyTorch's per-client and `torch.func` loops.
 #![warn(missing_docs)]
 
 pub mod aggregate;
@@ -22,6 +24,7 @@ pub mod hop;
 pub mod idle;
 pub mod rounds;
 pub mod secagg;
+pub mod simulate;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -115,6 +115,47 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// The simulator's training throughput: one round's local training
+    /// of K clients on the per-client and the batched path, next to the
+    /// PyTorch anchors (bench/torch_simulate.py) in the same run.
+    Simulate {
+        /// Clients per round (K), one set of rows each.
+        #[arg(long, value_delimiter = ',', default_value = "10,50,500")]
+        clients: Vec<usize>,
+        /// MNIST samples each client holds (batches of 20, one epoch).
+        #[arg(long, default_value_t = 120)]
+        samples: usize,
+        /// Timed rounds per row, after one warm-up (medians are shown).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Worker threads of the per-client path and PyTorch's threads
+        /// (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Astraea's paths to time: per-client, batched (a stack of one per
+        /// worker, the simulator's default), "batched, one stack" (all K
+        /// clients as one stack).
+        #[arg(
+            long,
+            value_delimiter = ';',
+            default_value = "per-client;batched;batched, one stack"
+        )]
+        paths: Vec<String>,
+        /// Where the batched paths compute: cpu, or cuda (the `cuda`
+        /// feature); the anchors then run on the GPU too.
+        #[arg(long, default_value = "cpu")]
+        device: astraea_sim::DeviceKind,
+        /// Python with torch for the anchors; without torch the table has
+        /// Astraea's rows only.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        /// The anchors' script.
+        #[arg(long, default_value = "bench/torch_simulate.py")]
+        script: PathBuf,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Coordination overhead per round with echo clients.
     Rounds {
         /// Clients, all taking part.
@@ -263,6 +304,69 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 100.0 * r.best_accuracy(),
                 100.0 * r.accuracy.last().map_or(0.0, |&(_, a)| a),
             );
+        }
+        BenchCommand::Simulate {
+            clients,
+            samples,
+            repeats,
+            threads,
+            paths,
+            device,
+            python,
+            script,
+            data_dir,
+        } => {
+            let (train, _) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            println!(
+                "| clients | path | round (s) | samples/s | x per-client | x torch per-client | x torch vmap |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---:|");
+            for &k in &clients {
+                let mut rows = astraea_bench::simulate::run_astraea(
+                    &train,
+                    k,
+                    samples,
+                    repeats,
+                    threads,
+                    &paths,
+                    &device.device(),
+                )?;
+                match astraea_bench::simulate::run_torch(
+                    &python,
+                    &script,
+                    k,
+                    samples,
+                    repeats,
+                    threads,
+                    device == astraea_sim::DeviceKind::Cuda,
+                ) {
+                    Ok(torch) => rows.extend(torch),
+                    Err(e) => eprintln!("no PyTorch anchors for {k} clients: {e:#}"),
+                }
+                let rate = |path: &str| {
+                    rows.iter()
+                        .find(|r| r.path == path)
+                        .map(|r| r.samples_per_s)
+                };
+                let ratio = |r: f64, path: &str| {
+                    rate(path).map_or_else(|| "-".to_string(), |base| format!("{:.2}", r / base))
+                };
+                for row in &rows {
+                    println!(
+                        "| {} | {} | {:.3} | {:.0} | {} | {} | {} |",
+                        row.clients,
+                        row.path,
+                        row.round_s,
+                        row.samples_per_s,
+                        ratio(row.samples_per_s, "per-client"),
+                        ratio(row.samples_per_s, "torch per-client"),
+                        ratio(row.samples_per_s, "torch vmap"),
+                    );
+                }
+            }
         }
         BenchCommand::Hop {
             batches,

@@ -175,6 +175,20 @@ pub(crate) struct SimulateArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// How hops are trained: batched (hand-written forward and backward
+    /// over stacked clients; the default) or per-client (burn's autodiff,
+    /// as the clients train). They train the same within float rounding.
+    #[arg(long, default_value = "batched")]
+    engine: astraea_sim::Engine,
+    /// Hops the batched engine trains as one stack: 1 lets each worker
+    /// train its own (fastest on a CPU); a GPU wants hundreds or more
+    /// (the round's chains then meet, up to this many).
+    #[arg(long, default_value_t = 1)]
+    stack: usize,
+    /// Where the batched engine computes: cpu, or cuda (builds with the
+    /// `cuda` feature only).
+    #[arg(long, default_value = "cpu")]
+    device: astraea_sim::DeviceKind,
     /// Output folder for CSVs, the plot and the summary.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
@@ -284,6 +298,11 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
                 .as_secs_f64(),
         },
         threads,
+        trainer: astraea_sim::TrainerSettings {
+            engine: args.engine,
+            stack: args.stack,
+            device: args.device,
+        },
         out_dir: args.out.clone(),
         target_accuracy: args.target.map(|t| t / 100.0),
     };

@@ -112,6 +112,7 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
         schedule: serve.schedule,
         population: astraea_sim::population::Population::default(),
         threads: 1,
+        trainer: astraea_sim::TrainerSettings::default(),
         out_dir: std::env::temp_dir(),
         target_accuracy: None,
     }

@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod batched;
 pub mod astraea;
 pub mod asynchronous;
 #[cfg(feature = "attacks")]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Cnn, ModelConfig};
 
 /// Errors when weights do not fit a model.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum WeightsError {
     /// The vector has the wrong length for the model.
     #[error("weights have {got} parameters, expected {expected}")]
@@ -226,7 +226,7 @@ impl Gather {
 }
 
 /// Parameter values read back from the device, as `f32`.
-fn f32_values(data: TensorData) -> Result<Vec<f32>, WeightsError> {
+pub(crate) fn f32_values(data: TensorData) -> Result<Vec<f32>, WeightsError> {
     data.convert::<f32>()
         .try_into_vec::<f32>()
         .map_err(|e| WeightsError::Readback(format!("{e:?}")))

@@ -87,6 +87,9 @@ pub struct SimConfig {
     pub population: crate::population::Population,
     /// Worker threads that run mediators (and evaluation) in parallel.
     pub threads: usize,
+    /// How the clients' hops are trained (`--engine`, `--stack`,
+    /// `--device`).
+    pub trainer: crate::trainer::TrainerSettings,
     /// Where CSVs, the plot and the summary go.
     pub out_dir: PathBuf,
     /// Accuracy (0..1) whose rounds and bytes to reach the summary reports.

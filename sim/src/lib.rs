@@ -9,6 +9,8 @@
 //! - [`config`]: what a run is made of (dataset, partition, strategy, knobs).
 //! - [`federation`]: the clients' data after partitioning and the data plan.
 //! - [`runner`]: the round loop, with mediators in parallel on the cores.
+//! - [`trainer`]: how a hop is trained: batched (several chains' hops as
+//!   one stack, on the CPU or a GPU) or per client.
 //! - [`traffic`]: bytes per hop as the protocol would send them.
 //! - [`population`]: the clients as machines (speeds, freezes, overhead)
 //!   and the federation clock they give.
@@ -24,7 +26,9 @@ pub mod population;
 pub mod report;
 pub mod runner;
 pub mod traffic;
+pub mod trainer;
 
 pub use config::{RunSpec, SimConfig};
 pub use federation::Federation;
 pub use runner::{run, run_with_model};
+pub use trainer::{DeviceKind, Engine, TrainerSettings};

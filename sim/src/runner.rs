@@ -1,6 +1,7 @@
 //! The simulated round loop: pick participants, let the strategy group
 //! them, run the groups' chains in parallel, aggregate, evaluate, record.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -36,6 +37,7 @@ use crate::config::{RunSpec, SimConfig};
 use crate::federation::{ClientData, Federation, client_id};
 use crate::population::Population;
 use crate::traffic::{Traffic, plan_exchange_bytes};
+use crate::trainer::{HopJob, Trainer};
 use astraea_core::metrics::{RoundRecord, RunHistory};
 
 /// The seeds of one chain's draws (`astraea_core::engine::seeds`): the
@@ -303,6 +305,7 @@ impl Setup<'_> {
         &'a self,
         global: &'a Weights,
         train_config: &'a TrainConfig,
+        trainer: &'a Trainer<'a>,
     ) -> RoundContext<'a> {
         RoundContext {
             clients: &self.federation.clients,
@@ -314,6 +317,7 @@ impl Setup<'_> {
             speeds: &self.speeds,
             hop_privacy: self.config.hop_privacy,
             encoding: self.config.encoding,
+            trainer,
             secure: None,
         }
     }
@@ -433,9 +437,10 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             Ok(_) => &round_plan.groups[..],
             Err(_) => &[],
         };
+        let trainer = Trainer::new(config.trainer, &setup.model_config);
         let context = RoundContext {
             secure: secure.clone().ok().flatten(),
-            ..setup.context(&state.global, &round_train)
+            ..setup.context(&state.global, &round_train, &trainer)
         };
         let (results, failures, processed, round_clock) = run_chains(
             groups,
@@ -624,6 +629,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
         };
         let start = &starts[&done.start_version];
         let training = Instant::now();
+        let trainer = Trainer::new(config.trainer, &setup.model_config);
         let seed = ChainSeed {
             run: spec.seed,
             round: u32::try_from(done.start_version + 1).unwrap_or(u32::MAX),
@@ -633,7 +639,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             std::slice::from_ref(&done.group),
             &[start],
             &[seed],
-            &setup.context(&state.global, &round_train),
+            &setup.context(&state.global, &round_train, &trainer),
             1,
             &mut state.hops,
         );
@@ -726,6 +732,8 @@ struct RoundContext<'a> {
     hop_privacy: Option<HopPrivacy>,
     /// How weights travel to and from each hop.
     encoding: WeightEncoding,
+    /// Trains every hop.
+    trainer: &'a Trainer<'a>,
     /// Secure aggregation: the chains' masked last hops (under DP, the
     /// round's clip split as the server splits it, and the maskers' noise
     /// under distributed DP).
@@ -739,12 +747,7 @@ type ChainOutcome = (Result<(GroupResult, u64), String>, f64, HopTally);
 
 /// Runs one group's chain: the model visits each member in order, `passes`
 /// times, starting from the global weights (docs/METHOD.md, step 6).
-fn run_chain(
-    group: &Group,
-    context: &RoundContext<'_>,
-    seed: ChainSeed,
-    device: &Device,
-) -> ChainOutcome {
+fn run_chain(group: &Group, context: &RoundContext<'_>, seed: ChainSeed) -> ChainOutcome {
     let rules = ChainRules {
         loss_rule: context.defence.loss_check.is_some(),
         hop_privacy: context.hop_privacy,
@@ -753,7 +756,7 @@ fn run_chain(
     let noise = StdRng::seed_from_u64(seed.noise());
     let mut chain = Chain::new(0, group, context.global.values.clone(), rules, noise);
     let mut clock = 0.0;
-    let outcome = walk_chain(&mut chain, context, seed, device, &mut clock);
+    let outcome = walk_chain(&mut chain, context, seed, &mut clock);
     (outcome, clock, chain.tally())
 }
 
@@ -768,7 +771,6 @@ fn walk_chain(
     chain: &mut Chain,
     context: &RoundContext<'_>,
     seed: ChainSeed,
-    device: &Device,
     clock: &mut f64,
 ) -> Result<(GroupResult, u64), String> {
     let RoundContext {
@@ -780,6 +782,7 @@ fn walk_chain(
         population,
         speeds,
         encoding,
+        trainer,
         ..
     } = *context;
     let eval_device = Device::flex();
@@ -845,18 +848,25 @@ fn walk_chain(
             round_as_sent(&mut sent.values, encoding);
         }
         let attack = defence.attack_of(member);
-        let mut labels = data.labels.clone();
-        if let Some(attack) = &attack {
-            attack.poison_labels(&mut labels, model_config.num_classes);
-        }
-        let samples = Samples {
-            images: &data.images,
-            labels: &labels,
+        let labels = match &attack {
+            Some(attack) => {
+                let mut labels = data.labels.clone();
+                attack.poison_labels(&mut labels, model_config.num_classes);
+                Cow::Owned(labels)
+            }
+            None => Cow::Borrowed(&data.labels[..]),
         };
         // FedProx anchors on the round's global model; its groups are
         // single clients, so the incoming weights are the global ones.
         let mut next = if attack.is_none_or(|a| a.trains()) {
-            let (next, stats) = train::train(model_config, &sent, samples, &config, device)
+            let job = HopJob {
+                weights: sent.clone(),
+                images: &data.images,
+                labels,
+                config,
+            };
+            let (next, stats) = trainer
+                .train(job)
                 .map_err(|e| format!("client {member}: {e}"))?;
             processed += stats.samples as u64;
             next
@@ -1088,20 +1098,19 @@ fn chain_seconds(group: &Group, setup: &Setup<'_>, seed: ChainSeed) -> f64 {
 /// `groups`), the failures, the samples processed in training and the
 /// seconds of the slowest chain on the federation's clock, and adds how
 /// their hops ended to `hops`.
-fn run_chains(
+fn run_chains<'a>(
     groups: &[Group],
-    starts: &[&Weights],
+    starts: &[&'a Weights],
     seeds: &[ChainSeed],
-    context: &RoundContext<'_>,
+    context: &RoundContext<'a>,
     threads: usize,
     hops: &mut HopTally,
 ) -> (Vec<GroupResult>, Vec<GroupFailure>, u64, f64) {
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<(usize, ChainOutcome)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..threads.max(1).min(groups.len().max(1)) {
+        for _ in 0..context.trainer.workers(groups.len(), threads) {
             scope.spawn(|| {
-                let device = Device::flex().autodiff();
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(group) = groups.get(index) else {
@@ -1111,7 +1120,9 @@ fn run_chains(
                         global: starts[index],
                         ..*context
                     };
-                    let outcome = run_chain(group, &context, seeds[index], &device);
+                    let member = context.trainer.join();
+                    let outcome = run_chain(group, &context, seeds[index]);
+                    drop(member);
                     outcomes
                         .lock()
                         .expect("no worker panicked")

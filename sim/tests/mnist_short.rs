@@ -102,6 +102,7 @@ fn slice() -> (
         encoding: astraea_core::protocol::WeightEncoding::F32,
         schedule: Schedule::default(),
         threads: 2,
+        trainer: astraea_sim::TrainerSettings::default(),
         out_dir: std::env::temp_dir(),
         target_accuracy: None,
     };

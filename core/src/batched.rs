@@ -1,0 +1,804 @@
+//! Many clients' visits of the model trained at once: the simulator's
+//! batched engine (`astraea simulate --engine batched`).
+//!
+//! One client's visit is a sequence of tiny operations on a batch of 20,
+//! where the cost of an operation, not its arithmetic, sets the pace
+//! (docs/RESULTS.md, "Training speed"). Here K clients' models are stacked
+//! along a leading client axis (`[K, ...]`) and a step of all K is one
+//! forward and one backward pass of the same few dozen operations, each K
+//! times larger:
+//!
+//! - a convolution is an im2col gather (`select` with a fixed index) and one
+//!   batched matrix product over the client axis, activations kept
+//!   channels-last so no layer needs a transpose;
+//! - the backward pass is written out (matrix products, the gather's
+//!   scatter-add, the ReLU and dropout masks, softmax cross-entropy), so it
+//!   needs no autodiff graph and runs on any burn device, the CPU or a GPU;
+//! - Adam is elementwise, so one update of the stacked tensors is K
+//!   clients' updates, each with its own moments, learning rate and FedProx
+//!   weight (`[K, 1, 1]` factors).
+//!
+//! Nothing a client computes changes: it draws its batch order and its
+//! dropout masks from its visit's seed exactly as [`crate::train::train`]
+//! does, a batch it fills only partly is padded with samples of weight zero
+//! (its loss is still the mean over its own samples), and a client whose
+//! visit is over leaves the stack: the clients are sorted by how many steps
+//! they take, most first, so the ones still training are always a prefix
+//! and the stack only ever narrows. A visit trained here equals the same
+//! visit trained alone within float rounding (the tests below, and
+//! `batched_equals_separate` for FedAvg, FedProx, clipping and attackers).
+
+use std::collections::BTreeMap;
+
+use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::activation::{log_softmax, relu};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::model::ModelConfig;
+use crate::train::{Samples, TrainConfig, TrainStats, dropout_keep, dropout_rng};
+use crate::weights::{Weights, WeightsError, f32_values};
+
+/// One client's visit: the weights it starts from, its data and how it
+/// trains (epochs, batch size, learning rate, FedProx weight, seed), as
+/// [`crate::train::train`] takes them.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    /// The model the client receives.
+    pub weights: &'a Weights,
+    /// The client's samples.
+    pub data: Samples<'a>,
+    /// Its visit's settings.
+    pub config: TrainConfig,
+}
+
+/// Adam's constants, burn's `AdamConfig` defaults (what the per-client
+/// path trains with).
+const BETA_1: f32 = 0.9;
+const BETA_2: f32 = 0.999;
+const EPSILON: f32 = 1e-5;
+
+/// Output channels of the three convolutions and units of the hidden
+/// dense layer (docs/METHOD.md; [`crate::model`]).
+const CONV_OUT: [usize; 3] = [12, 18, 24];
+const CONV_KERNEL: [usize; 3] = [5, 3, 2];
+const CONV_STRIDE: [usize; 3] = [2, 2, 1];
+const HIDDEN: usize = 150;
+
+/// Trains every job's visit and returns, per job in order, the new weights
+/// and what the visit did: what [`crate::train::train`] returns for each,
+/// computed side by side. Jobs of different batch sizes are trained in
+/// separate stacks, one after the other.
+///
+/// `device` is any burn device (no autodiff needed).
+///
+/// # Errors
+/// [`WeightsError`] if a job's weights do not fit `model_config`, or
+/// reading the result back fails.
+pub fn train_batched(
+    model_config: &ModelConfig,
+    jobs: &[Job<'_>],
+    device: &Device,
+) -> Result<Vec<(Weights, TrainStats)>, WeightsError> {
+    let shapes = Weights::shapes_of(&model_config.init_zeros(&Device::flex()));
+    for job in jobs {
+        job.weights.check_fits(&shapes)?;
+    }
+    let geometry = Geometry::new(model_config, device);
+    let mut by_batch: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        by_batch
+            .entry(job.config.batch_size.max(1))
+            .or_default()
+            .push(i);
+    }
+    let mut results: Vec<Option<(Weights, TrainStats)>> = vec![None; jobs.len()];
+    for (batch, members) in by_batch {
+        let stack: Vec<&Job<'_>> = members.iter().map(|&i| &jobs[i]).collect();
+        for (i, result) in members
+            .into_iter()
+            .zip(train_stack(&geometry, &stack, batch)?)
+        {
+            results[i] = Some(result);
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every job belongs to one stack"))
+        .collect())
+}
+
+/// The model's sizes, and the gathers that turn each convolution's input
+/// into its columns.
+struct Geometry {
+    config: ModelConfig,
+    device: Device,
+    classes: usize,
+    /// Values in one input sample (`[C, H, W]`).
+    sample: usize,
+    /// Output positions of each convolution.
+    positions: [usize; 3],
+    /// Column length of each convolution (kernel area times input channels).
+    columns: [usize; 3],
+    /// The im2col gathers: for each output position, kernel offset and
+    /// input channel, where in one sample's input the value lies.
+    gathers: [Tensor<1, Int>; 3],
+}
+
+impl Geometry {
+    fn new(config: &ModelConfig, device: &Device) -> Self {
+        let maps = config.feature_maps();
+        let inputs = [[config.height, config.width], maps[0], maps[1]];
+        let channels = [config.channels, CONV_OUT[0], CONV_OUT[1]];
+        let gather = |layer: usize| {
+            // The images arrive `[C, H, W]`; activations are channels-last.
+            let index = im2col_index(
+                inputs[layer],
+                channels[layer],
+                CONV_KERNEL[layer],
+                CONV_STRIDE[layer],
+                layer == 0,
+            );
+            let n = index.len();
+            Tensor::<1, Int>::from_data(TensorData::new(index, [n]), device)
+        };
+        Self {
+            config: config.clone(),
+            device: device.clone(),
+            classes: config.num_classes,
+            sample: config.sample_len(),
+            positions: [0, 1, 2].map(|l| maps[l][0] * maps[l][1]),
+            columns: [0, 1, 2].map(|l| CONV_KERNEL[l] * CONV_KERNEL[l] * channels[l]),
+            gathers: [gather(0), gather(1), gather(2)],
+        }
+    }
+
+    /// Rows and columns of each stacked parameter (the client axis comes
+    /// first): conv weights as `[columns, out]`, biases as `[1, out]`,
+    /// dense weights as `[in, out]`.
+    fn param_dims(&self) -> [[usize; 2]; 10] {
+        let flat = self.positions[2] * CONV_OUT[2];
+        [
+            [self.columns[0], CONV_OUT[0]],
+            [1, CONV_OUT[0]],
+            [self.columns[1], CONV_OUT[1]],
+            [1, CONV_OUT[1]],
+            [self.columns[2], CONV_OUT[2]],
+            [1, CONV_OUT[2]],
+            [flat, HIDDEN],
+            [1, HIDDEN],
+            [HIDDEN, self.classes],
+            [1, self.classes],
+        ]
+    }
+
+    /// A client's weights (the module's layout) as the ten stacked
+    /// parameters' rows, appended to `out`.
+    fn stack_rows(&self, values: &[f32], out: &mut [Vec<f32>; 10]) {
+        let channels = [self.config.channels, CONV_OUT[0], CONV_OUT[1]];
+        let mut offset = 0;
+        for (j, [rows, cols]) in self.param_dims().into_iter().enumerate() {
+            let part = &values[offset..offset + rows * cols];
+            offset += rows * cols;
+            match j {
+                0 | 2 | 4 => {
+                    let l = j / 2;
+                    conv_to_columns(part, cols, channels[l], CONV_KERNEL[l], &mut out[j]);
+                }
+                6 => {
+                    dense_to_channels_last(part, CONV_OUT[2], self.positions[2], cols, &mut out[j])
+                }
+                _ => out[j].extend_from_slice(part),
+            }
+        }
+    }
+
+    /// The inverse of [`Self::stack_rows`]: one client's ten parameters, in
+    /// the stacked layout, as the module's flat weights.
+    fn unstack(&self, parts: [&[f32]; 10]) -> Vec<f32> {
+        let channels = [self.config.channels, CONV_OUT[0], CONV_OUT[1]];
+        let mut values = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for (j, part) in parts.into_iter().enumerate() {
+            match j {
+                0 | 2 | 4 => {
+                    let l = j / 2;
+                    columns_to_conv(part, CONV_OUT[l], channels[l], CONV_KERNEL[l], &mut values);
+                }
+                6 => channels_last_to_dense(
+                    part,
+                    CONV_OUT[2],
+                    self.positions[2],
+                    HIDDEN,
+                    &mut values,
+                ),
+                _ => values.extend_from_slice(part),
+            }
+        }
+        values
+    }
+}
+
+/// The im2col gather of a valid convolution: for each output position
+/// (row-major), kernel row, kernel column and input channel, the index of
+/// that input value in one sample, laid out `[C, H, W]` (`chw`) or
+/// `[H, W, C]`.
+fn im2col_index(
+    [height, width]: [usize; 2],
+    channels: usize,
+    kernel: usize,
+    stride: usize,
+    chw: bool,
+) -> Vec<i64> {
+    let out_h = (height - kernel) / stride + 1;
+    let out_w = (width - kernel) / stride + 1;
+    let mut index = Vec::with_capacity(out_h * out_w * kernel * kernel * channels);
+    for oy in 0..out_h {
+        for ox in 0..out_w {
+            for ky in 0..kernel {
+                for kx in 0..kernel {
+                    let (y, x) = (oy * stride + ky, ox * stride + kx);
+                    for c in 0..channels {
+                        let at = if chw {
+                            (c * height + y) * width + x
+                        } else {
+                            (y * width + x) * channels + c
+                        };
+                        index.push(at as i64);
+                    }
+                }
+            }
+        }
+    }
+    index
+}
+
+/// A conv weight `[out, in, k, k]` as columns `[(ky, kx, in), out]`.
+fn conv_to_columns(w: &[f32], out: usize, inp: usize, k: usize, dst: &mut Vec<f32>) {
+    let start = dst.len();
+    dst.resize(start + w.len(), 0.0);
+    for o in 0..out {
+        for i in 0..inp {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (ky * k + kx) * inp + i;
+                    dst[start + row * out + o] = w[((o * inp + i) * k + ky) * k + kx];
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`conv_to_columns`].
+fn columns_to_conv(cols: &[f32], out: usize, inp: usize, k: usize, dst: &mut Vec<f32>) {
+    for o in 0..out {
+        for i in 0..inp {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (ky * k + kx) * inp + i;
+                    dst.push(cols[row * out + o]);
+                }
+            }
+        }
+    }
+}
+
+/// The first dense weight `[channels * positions, units]`, whose rows the
+/// module orders channel-major (it flattens `[C, H, W]`), with its rows
+/// reordered position-major (the stack flattens `[H, W, C]`).
+fn dense_to_channels_last(
+    w: &[f32],
+    channels: usize,
+    positions: usize,
+    units: usize,
+    dst: &mut Vec<f32>,
+) {
+    for p in 0..positions {
+        for c in 0..channels {
+            let row = c * positions + p;
+            dst.extend_from_slice(&w[row * units..(row + 1) * units]);
+        }
+    }
+}
+
+/// The inverse of [`dense_to_channels_last`].
+fn channels_last_to_dense(
+    w: &[f32],
+    channels: usize,
+    positions: usize,
+    units: usize,
+    dst: &mut Vec<f32>,
+) {
+    for c in 0..channels {
+        for p in 0..positions {
+            let row = p * channels + c;
+            dst.extend_from_slice(&w[row * units..(row + 1) * units]);
+        }
+    }
+}
+
+/// One client's place in the stack: its data, batch order and generators.
+struct Lane<'a> {
+    /// Index of the job in the stack's input.
+    job: usize,
+    data: Samples<'a>,
+    order: Vec<usize>,
+    shuffle: StdRng,
+    dropout: StdRng,
+    batch: usize,
+    batches: usize,
+    steps: usize,
+    samples: usize,
+}
+
+impl<'a> Lane<'a> {
+    fn new(job: usize, data: Samples<'a>, config: &TrainConfig, batch_size: usize) -> Self {
+        // As `train::Visit` does: the order shuffled once, then again after
+        // every epoch; dropout from its own stream.
+        let mut shuffle = StdRng::seed_from_u64(config.seed);
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.shuffle(&mut shuffle);
+        let batches = data.len().div_ceil(batch_size);
+        Self {
+            job,
+            data,
+            order,
+            shuffle,
+            dropout: dropout_rng(config.seed),
+            batch: 0,
+            batches,
+            steps: batches * config.epochs,
+            samples: 0,
+        }
+    }
+
+    /// This step's sample indices; moves on to the next batch.
+    fn next_chunk(&mut self, batch_size: usize) -> Vec<usize> {
+        let start = self.batch * batch_size;
+        let chunk = self.order[start..(start + batch_size).min(self.order.len())].to_vec();
+        self.batch += 1;
+        if self.batch == self.batches {
+            self.batch = 0;
+            self.order.shuffle(&mut self.shuffle);
+        }
+        self.samples += chunk.len();
+        chunk
+    }
+}
+
+/// The state every stacked client carries from step to step.
+struct Stack {
+    params: [Tensor<3>; 10],
+    moment_1: [Tensor<3>; 10],
+    moment_2: [Tensor<3>; 10],
+    /// The starting weights, for the FedProx term (`None` when no client
+    /// has one).
+    anchor: Option<[Tensor<3>; 10]>,
+    /// `[A, 1, 1]`.
+    learning_rate: Tensor<3>,
+    /// `[A, 1, 1]`.
+    prox_mu: Tensor<3>,
+    /// Summed training loss per client, `[A]`.
+    loss: Tensor<1>,
+}
+
+impl Stack {
+    /// Keeps only the first `active` clients.
+    fn narrow(self, active: usize) -> Self {
+        let keep = |t: Tensor<3>| t.narrow(0, 0, active);
+        Self {
+            params: self.params.map(keep),
+            moment_1: self.moment_1.map(keep),
+            moment_2: self.moment_2.map(keep),
+            anchor: self.anchor.map(|a| a.map(keep)),
+            learning_rate: keep(self.learning_rate),
+            prox_mu: keep(self.prox_mu),
+            loss: self.loss.narrow(0, 0, active),
+        }
+    }
+}
+
+/// Trains one stack of jobs of one batch size.
+fn train_stack(
+    geometry: &Geometry,
+    jobs: &[&Job<'_>],
+    batch_size: usize,
+) -> Result<Vec<(Weights, TrainStats)>, WeightsError> {
+    let device = &geometry.device;
+    let mut lanes: Vec<Lane<'_>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| Lane::new(i, job.data, &job.config, batch_size))
+        .collect();
+    // Longest visits first, so the clients still training are a prefix.
+    lanes.sort_by_key(|lane| std::cmp::Reverse(lane.steps));
+    let mut results: Vec<Option<(Weights, TrainStats)>> = vec![None; jobs.len()];
+    let mut active = lanes.iter().filter(|lane| lane.steps > 0).count();
+    for lane in &lanes[active..] {
+        results[lane.job] = Some((jobs[lane.job].weights.clone(), TrainStats::default()));
+    }
+    if active == 0 {
+        return Ok(results.into_iter().map(Option::unwrap).collect());
+    }
+
+    let dims = geometry.param_dims();
+    let stacked = |lanes: &[Lane<'_>]| -> [Tensor<3>; 10] {
+        let mut host: [Vec<f32>; 10] = Default::default();
+        for lane in lanes {
+            geometry.stack_rows(&jobs[lane.job].weights.values, &mut host);
+        }
+        let a = lanes.len();
+        let mut j = 0;
+        host.map(|values| {
+            let [rows, cols] = dims[j];
+            j += 1;
+            Tensor::from_data(TensorData::new(values, [a, rows, cols]), device)
+        })
+    };
+    let per_client = |f: &dyn Fn(&TrainConfig) -> f64| -> Tensor<3> {
+        let values: Vec<f32> = lanes[..active]
+            .iter()
+            .map(|lane| f(&jobs[lane.job].config) as f32)
+            .collect();
+        Tensor::from_data(TensorData::new(values, [active, 1, 1]), device)
+    };
+    let params = stacked(&lanes[..active]);
+    let zeros = params.clone().map(|p| p.zeros_like());
+    let proximal = lanes[..active]
+        .iter()
+        .any(|lane| jobs[lane.job].config.prox_mu > 0.0);
+    let mut stack = Stack {
+        anchor: proximal.then(|| params.clone()),
+        params,
+        moment_1: zeros.clone(),
+        moment_2: zeros,
+        learning_rate: per_client(&|c| c.learning_rate),
+        prox_mu: per_client(&|c| c.prox_mu),
+        loss: Tensor::zeros([active], device),
+    };
+
+    let mut step = 0;
+    while active > 0 {
+        let still = lanes[..active].iter().filter(|l| l.steps > step).count();
+        if still < active {
+            finish(
+                geometry,
+                jobs,
+                &lanes[still..active],
+                &stack,
+                still,
+                &mut results,
+            )?;
+            active = still;
+            if active == 0 {
+                break;
+            }
+            stack = stack.narrow(active);
+        }
+        step += 1;
+        let batch = Batch::gather(geometry, &mut lanes[..active], batch_size);
+        stack = train_step(geometry, stack, batch, step);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every lane finishes"))
+        .collect())
+}
+
+/// Reads the clients `finished` (stack rows `from..`) back as weights.
+fn finish(
+    geometry: &Geometry,
+    jobs: &[&Job<'_>],
+    finished: &[Lane<'_>],
+    stack: &Stack,
+    from: usize,
+    results: &mut [Option<(Weights, TrainStats)>],
+) -> Result<(), WeightsError> {
+    let n = finished.len();
+    let read = |t: Tensor<3>| f32_values(t.narrow(0, from, n).into_data());
+    let mut host: Vec<Vec<f32>> = Vec::with_capacity(10);
+    for p in &stack.params {
+        host.push(read(p.clone())?);
+    }
+    let losses = f32_values(stack.loss.clone().narrow(0, from, n).into_data())?;
+    for (k, lane) in finished.iter().enumerate() {
+        let parts: [&[f32]; 10] = std::array::from_fn(|j| {
+            let per = host[j].len() / n;
+            &host[j][k * per..(k + 1) * per]
+        });
+        let weights = Weights {
+            shapes: jobs[lane.job].weights.shapes.clone(),
+            values: geometry.unstack(parts),
+        };
+        let stats = TrainStats {
+            samples: lane.samples,
+            steps: lane.steps,
+            mean_loss: f64::from(losses[k]) / lane.steps as f64,
+        };
+        results[lane.job] = Some((weights, stats));
+    }
+    Ok(())
+}
+
+/// One step's inputs for the `A` clients still training.
+struct Batch {
+    /// `[A * B, C * H * W]`, padded samples zero.
+    images: Tensor<2>,
+    /// Each sample's one-hot target times its weight (1 / the client's
+    /// samples in this batch, 0 for padding), `[A, B, classes]`.
+    targets: Tensor<3>,
+    /// Each sample's weight, `[A, B, 1]`.
+    weights: Tensor<3>,
+    /// Dropout keep-mask of conv2's output, channels-last, `[A, B * P2, 18]`.
+    keep: Tensor<3>,
+}
+
+impl Batch {
+    fn gather(geometry: &Geometry, lanes: &mut [Lane<'_>], b: usize) -> Self {
+        let a = lanes.len();
+        let (classes, sample) = (geometry.classes, geometry.sample);
+        let p2 = geometry.positions[1];
+        let per_mask = geometry.config.dropout_len();
+        let mut images = vec![0.0f32; a * b * sample];
+        let mut targets = vec![0.0f32; a * b * classes];
+        let mut weights = vec![0.0f32; a * b];
+        let mut keep = vec![0.0f32; a * b * per_mask];
+        for (k, lane) in lanes.iter_mut().enumerate() {
+            let chunk = lane.next_chunk(b);
+            let weight = 1.0 / chunk.len() as f32;
+            // The client's own masks, drawn as its lone visit draws them
+            // (`[C, H, W]` per sample), laid channels-last.
+            let mask = dropout_keep(
+                &mut lane.dropout,
+                chunk.len() * per_mask,
+                geometry.config.dropout,
+            );
+            for (s, &i) in chunk.iter().enumerate() {
+                let row = k * b + s;
+                images[row * sample..(row + 1) * sample]
+                    .copy_from_slice(&lane.data.images[i * sample..(i + 1) * sample]);
+                let label = lane.data.labels[i] as usize;
+                if label < classes {
+                    targets[row * classes + label] = weight;
+                }
+                weights[row] = weight;
+                let drawn = &mask[s * per_mask..(s + 1) * per_mask];
+                let dst = &mut keep[row * per_mask..(row + 1) * per_mask];
+                for c in 0..CONV_OUT[1] {
+                    for p in 0..p2 {
+                        dst[p * CONV_OUT[1] + c] = drawn[c * p2 + p];
+                    }
+                }
+            }
+        }
+        let device = &geometry.device;
+        Self {
+            images: Tensor::from_data(TensorData::new(images, [a * b, sample]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [a, b, classes]), device),
+            weights: Tensor::from_data(TensorData::new(weights, [a, b, 1]), device),
+            keep: Tensor::from_data(TensorData::new(keep, [a, b * p2, CONV_OUT[1]]), device),
+        }
+    }
+}
+
+/// `dy` through a ReLU whose output was `y`.
+fn relu_back<const D: usize>(dy: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
+    dy.mask_fill(y.lower_equal_elem(0.0), 0.0)
+}
+
+/// `x^T dy` per client: a dense or column weight's gradient.
+fn weight_grad(x: Tensor<3>, dy: Tensor<3>) -> Tensor<3> {
+    x.swap_dims(1, 2).matmul(dy)
+}
+
+/// One step of every stacked client: forward, backward, Adam.
+fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> Stack {
+    let [a, b, _] = batch.targets.dims();
+    let [p1, p2, p3] = geometry.positions;
+    let [c1, c2, c3] = geometry.columns;
+    let [g1, g2, g3] = geometry.gathers.clone();
+    let [w1, b1, w2, b2, w3, b3, w4, b4, w5, b5] = stack.params.clone();
+
+    // Forward, channels-last: `[A, B * positions, channels]`.
+    let x1 = batch.images.select(1, g1).reshape([a, b * p1, c1]);
+    let h1 = relu(x1.clone().matmul(w1) + b1);
+    let x2 = h1
+        .clone()
+        .reshape([a * b, p1 * CONV_OUT[0]])
+        .select(1, g2.clone())
+        .reshape([a, b * p2, c2]);
+    let h2 = relu(x2.clone().matmul(w2.clone()) + b2) * batch.keep.clone();
+    let x3 = h2
+        .clone()
+        .reshape([a * b, p2 * CONV_OUT[1]])
+        .select(1, g3.clone())
+        .reshape([a, b * p3, c3]);
+    let h3 = relu(x3.clone().matmul(w3.clone()) + b3);
+    let flat = h3.clone().reshape([a, b, p3 * CONV_OUT[2]]);
+    let h4 = relu(flat.clone().matmul(w4.clone()) + b4);
+    let logits = h4.clone().matmul(w5.clone()) + b5;
+
+    // Softmax cross-entropy, each sample weighted (1 / the client's
+    // samples in the batch, 0 for padding): the client's mean loss.
+    let log_p = log_softmax(logits, 2);
+    let loss = (log_p.clone() * batch.targets.clone())
+        .sum_dim(2)
+        .sum_dim(1)
+        .neg()
+        .reshape([a]);
+    let dz5 = log_p.exp() * batch.weights - batch.targets;
+
+    // Backward.
+    let gw5 = weight_grad(h4.clone(), dz5.clone());
+    let gb5 = dz5.clone().sum_dim(1);
+    let dz4 = relu_back(dz5.matmul(w5.swap_dims(1, 2)), h4);
+    let gw4 = weight_grad(flat, dz4.clone());
+    let gb4 = dz4.clone().sum_dim(1);
+    let dz3 = relu_back(
+        dz4.matmul(w4.swap_dims(1, 2))
+            .reshape([a, b * p3, CONV_OUT[2]]),
+        h3,
+    );
+    let gw3 = weight_grad(x3, dz3.clone());
+    let gb3 = dz3.clone().sum_dim(1);
+    let dx3 = dz3.matmul(w3.swap_dims(1, 2)).reshape([a * b, p3 * c3]);
+    let dh2 = Tensor::<2>::zeros([a * b, p2 * CONV_OUT[1]], &geometry.device)
+        .select_assign(1, g3, dx3, IndexingUpdateOp::Add)
+        .reshape([a, b * p2, CONV_OUT[1]]);
+    // h2 = relu(z2) * keep: zero where either the ReLU or dropout was.
+    let dz2 = relu_back(dh2 * batch.keep, h2);
+    let gw2 = weight_grad(x2, dz2.clone());
+    let gb2 = dz2.clone().sum_dim(1);
+    let dx2 = dz2.matmul(w2.swap_dims(1, 2)).reshape([a * b, p2 * c2]);
+    let dh1 = Tensor::<2>::zeros([a * b, p1 * CONV_OUT[0]], &geometry.device)
+        .select_assign(1, g2, dx2, IndexingUpdateOp::Add)
+        .reshape([a, b * p1, CONV_OUT[0]]);
+    let dz1 = relu_back(dh1, h1);
+    let gw1 = weight_grad(x1, dz1.clone());
+    let gb1 = dz1.sum_dim(1);
+    let grads = [gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5];
+
+    // FedProx: the gradient of mu / 2 * |w - anchor|^2 is mu (w - anchor).
+    let grads: [Tensor<3>; 10] = match &stack.anchor {
+        Some(anchor) => {
+            let mut j = 0;
+            grads.map(|g| {
+                let prox = (stack.params[j].clone() - anchor[j].clone()) * stack.prox_mu.clone();
+                j += 1;
+                g + prox
+            })
+        }
+        None => grads,
+    };
+
+    // Adam, as burn's (bias corrections folded into one factor and into
+    // epsilon); every client has taken `time` steps.
+    let t = time as i32;
+    let correction_2 = (1.0 - BETA_2.powi(t)).sqrt();
+    let factor = correction_2 / (1.0 - BETA_1.powi(t));
+    let mut params = stack.params;
+    let mut moment_1 = stack.moment_1;
+    let mut moment_2 = stack.moment_2;
+    for (j, grad) in grads.into_iter().enumerate() {
+        let m = moment_1[j].clone().mul_scalar(BETA_1) + grad.clone().mul_scalar(1.0 - BETA_1);
+        let v = moment_2[j].clone().mul_scalar(BETA_2) + grad.square().mul_scalar(1.0 - BETA_2);
+        let update = m
+            .clone()
+            .mul_scalar(factor)
+            .div(v.clone().sqrt().add_scalar(EPSILON * correction_2));
+        params[j] = params[j].clone() - update * stack.learning_rate.clone();
+        moment_1[j] = m;
+        moment_2[j] = v;
+    }
+    Stack {
+        params,
+        moment_1,
+        moment_2,
+        anchor: stack.anchor,
+        learning_rate: stack.learning_rate,
+        prox_mu: stack.prox_mu,
+        loss: stack.loss + loss,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::train;
+
+    fn synthetic(n: usize, seed: u64, config: &ModelConfig) -> (Vec<f32>, Vec<u32>) {
+        use rand::Rng as _;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let images = (0..n * config.sample_len())
+            .map(|_| rng.random::<f32>())
+            .collect();
+        let labels = (0..n)
+            .map(|_| rng.random_range(0..config.num_classes as u32))
+            .collect();
+        (images, labels)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn stacked_layout_round_trips_the_module_layout() {
+        let config = ModelConfig::new(10)
+            .with_channels(3)
+            .with_height(32)
+            .with_width(32);
+        let device = Device::flex();
+        let values = Weights::from_model(&config.init(&device)).values;
+        let geometry = Geometry::new(&config, &device);
+        let mut host: [Vec<f32>; 10] = Default::default();
+        geometry.stack_rows(&values, &mut host);
+        let back = geometry.unstack(std::array::from_fn(|j| host[j].as_slice()));
+        assert_eq!(back, values);
+    }
+
+    #[test]
+    fn a_batched_visit_equals_separate_visits() {
+        // Three clients of 45, 7 and 20 samples (3, 1 and 1 batches: a
+        // partly filled batch, and clients leaving the stack at different
+        // steps), two epochs, different learning rates and one FedProx.
+        let config = ModelConfig::new(10);
+        let device = Device::flex();
+        let start = Weights::from_model(&config.init(&device));
+        let data: Vec<(Vec<f32>, Vec<u32>)> = [45, 7, 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| synthetic(n, i as u64, &config))
+            .collect();
+        let configs = [
+            TrainConfig {
+                epochs: 2,
+                seed: 11,
+                ..TrainConfig::default()
+            },
+            TrainConfig {
+                epochs: 2,
+                seed: 12,
+                learning_rate: 3e-3,
+                ..TrainConfig::default()
+            },
+            TrainConfig {
+                epochs: 2,
+                seed: 13,
+                prox_mu: 0.5,
+                ..TrainConfig::default()
+            },
+        ];
+        let jobs: Vec<Job<'_>> = data
+            .iter()
+            .zip(&configs)
+            .map(|((images, labels), c)| Job {
+                weights: &start,
+                data: Samples { images, labels },
+                config: c.clone(),
+            })
+            .collect();
+
+        let batched = train_batched(&config, &jobs, &device).unwrap();
+
+        let autodiff = Device::flex().autodiff();
+        for (job, (weights, stats)) in jobs.iter().zip(&batched) {
+            let (alone, alone_stats) =
+                train(&config, job.weights, job.data, &job.config, &autodiff).unwrap();
+            assert_eq!(stats.steps, alone_stats.steps);
+            assert_eq!(stats.samples, alone_stats.samples);
+            assert!((stats.mean_loss - alone_stats.mean_loss).abs() < 1e-4);
+            let moved = max_diff(&alone.values, &start.values);
+            let off = max_diff(&weights.values, &alone.values);
+            assert!(moved > 1e-3, "the visit trained ({moved})");
+            assert!(
+                off < 1e-4,
+                "batched is off by {off} (training moved {moved})"
+            );
+        }
+    }
+}
