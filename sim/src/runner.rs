@@ -200,6 +200,7 @@ pub fn run_with_model(
     let defence = Defence::new(config, federation.clients.len(), spec.seed, loss_check);
     let setup = Setup {
         config,
+        train,
         spec,
         strategy,
         federation,
@@ -238,6 +239,8 @@ pub fn run_with_model(
 /// What a run is made of once set up; the round loops only read it.
 struct Setup<'a> {
     config: &'a SimConfig,
+    /// The training set the clients' indices point into.
+    train: &'a Dataset,
     spec: &'a RunSpec,
     strategy: Box<dyn Strategy>,
     federation: Federation,
@@ -308,6 +311,7 @@ impl Setup<'_> {
         trainer: &'a Trainer<'a>,
     ) -> RoundContext<'a> {
         RoundContext {
+            train: self.train,
             clients: &self.federation.clients,
             model_config: &self.model_config,
             global,
@@ -720,6 +724,8 @@ pub fn mean_group_kl(groups: &[Group], clients: &[ClientData]) -> f64 {
 /// What every chain of a round shares.
 #[derive(Clone, Copy)]
 struct RoundContext<'a> {
+    /// The training set the clients' indices point into.
+    train: &'a Dataset,
     clients: &'a [ClientData],
     model_config: &'a ModelConfig,
     global: &'a Weights,
@@ -774,6 +780,7 @@ fn walk_chain(
     clock: &mut f64,
 ) -> Result<(GroupResult, u64), String> {
     let RoundContext {
+        train,
         clients,
         model_config,
         global,
@@ -861,7 +868,7 @@ fn walk_chain(
         let mut next = if attack.is_none_or(|a| a.trains()) {
             let job = HopJob {
                 weights: sent.clone(),
-                images: &data.images,
+                images: data.images(train),
                 labels,
                 config,
             };
@@ -1209,7 +1216,7 @@ mod tests {
 
     fn client(counts: Vec<usize>) -> ClientData {
         ClientData {
-            images: vec![],
+            held: vec![],
             labels: vec![],
             counts,
         }

@@ -120,10 +120,12 @@ impl Default for TrainerSettings {
 }
 
 /// One hop to train: what [`Job`] holds, owned where the chain made it
-/// (the weights it received, labels an attacker poisoned).
+/// (the weights it received, the images made from the client's index
+/// list, labels an attacker poisoned).
 pub(crate) struct HopJob<'a> {
     pub weights: Weights,
-    pub images: &'a [f32],
+    /// The client's images, made for this hop from its index list.
+    pub images: Vec<f32>,
     pub labels: Cow<'a, [u32]>,
     pub config: TrainConfig,
 }
@@ -205,7 +207,7 @@ impl<'a> Trainer<'a> {
         match (self.engine, self.stack) {
             (Engine::PerClient, _) => {
                 let data = Samples {
-                    images: job.images,
+                    images: &job.images,
                     labels: &job.labels,
                 };
                 let device = Device::flex().autodiff();
@@ -223,7 +225,7 @@ impl<'a> Trainer<'a> {
             .map(|job| Job {
                 weights: &job.weights,
                 data: Samples {
-                    images: job.images,
+                    images: &job.images,
                     labels: &job.labels,
                 },
                 config: job.config.clone(),
