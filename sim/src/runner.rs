@@ -123,6 +123,15 @@ pub fn run_with_model(
     };
     let plan = strategy.data_plan(&reported_raw);
     let federation = Federation::build(train, &partition, plan, spec.seed)?;
+    progress.suspend(|| {
+        eprintln!(
+            "{}: {} clients holding {} samples as index lists, set up in {:.2} s",
+            spec.label(),
+            federation.clients.len(),
+            federation.total_samples(),
+            start.elapsed().as_secs_f64()
+        )
+    });
     // Their post-plan reports: the counts they hold, or under label DP the
     // plan applied to their noisy report.
     let reported: Vec<Vec<usize>> = match (config.label_epsilon, &federation.plan) {

@@ -33,6 +33,13 @@ pub struct LongTailConfig {
     pub size_sigma: f64,
     /// Samples every client gets at least (default 5), so every client can train a batch.
     pub min_client_size: usize,
+    /// How many clients may hold each sample of the long tail (default 1: the clients' shards
+    /// are disjoint). A population larger than the data shares it: each class's pool is
+    /// repeated `reuse` times before it is dealt out, so 100,000 clients of at least 5 samples
+    /// fit on MNIST's long tail (22,154 samples at ratio 10) with `reuse` 23 or more. The
+    /// simulator holds shards as indices, so a shared sample costs no memory; a client may hold
+    /// one sample twice where its draws from one class reach two copies of the pool.
+    pub reuse: usize,
 }
 
 impl Default for LongTailConfig {
@@ -42,6 +49,7 @@ impl Default for LongTailConfig {
             local_alpha: 1.0,
             size_sigma: 1.0,
             min_client_size: 5,
+            reuse: 1,
         }
     }
 }
@@ -95,7 +103,21 @@ pub fn long_tail(
         })?;
     let test_indices = balanced_test_set(test_labels, num_classes, seed)?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let pools = long_tail_pools(train_labels, num_classes, config.ratio, &mut rng)?;
+    if config.reuse == 0 {
+        return Err(PartitionError::BadParameter {
+            name: "long-tail reuse",
+            expected: "at least 1",
+            got: 0.0,
+        });
+    }
+    let mut pools = long_tail_pools(train_labels, num_classes, config.ratio, &mut rng)?;
+    for pool in &mut pools {
+        let once = pool.len();
+        pool.reserve(once * (config.reuse - 1));
+        for _ in 1..config.reuse {
+            pool.extend_from_within(..once);
+        }
+    }
     let total: usize = pools.iter().map(Vec::len).sum();
     check_clients(total, num_clients, config.min_client_size)?;
     let weights: Vec<f64> = (0..num_clients)
@@ -288,6 +310,36 @@ pub fn balanced_test_set(
 mod tests {
     use super::*;
     use crate::partition::tests::{assert_disjoint, test_labels, train_labels};
+
+    #[test]
+    fn reuse_lets_more_clients_share_the_tail_each_sample_at_most_reuse_times() {
+        // Prepare: disjoint shards of 5 cannot serve 1,000 clients from the fixture's tail.
+        let config = |reuse| LongTailConfig {
+            reuse,
+            ..LongTailConfig::default()
+        };
+        let (train, test) = (train_labels(), test_labels());
+        let once = long_tail(&train, &test, 10, 10, &config(1), 3).unwrap();
+        let pool: usize = once.clients.iter().map(Vec::len).sum();
+        let clients = pool / 5 + 1;
+        assert!(long_tail(&train, &test, 10, clients, &config(1), 3).is_err());
+
+        // Execute
+        let shared = long_tail(&train, &test, 10, clients, &config(4), 3).unwrap();
+
+        // Assert: four times the pool dealt out, every client at least 5, no sample more
+        // than four times, and only samples of the tail.
+        assert_eq!(shared.clients.len(), clients);
+        assert!(shared.clients.iter().all(|c| c.len() >= 5));
+        assert_eq!(shared.clients.iter().map(Vec::len).sum::<usize>(), 4 * pool);
+        let mut times = std::collections::HashMap::new();
+        for &i in shared.clients.iter().flatten() {
+            *times.entry(i).or_insert(0) += 1;
+        }
+        assert!(times.values().all(|&t| t <= 4));
+        assert!(times.len() <= pool);
+        assert!(long_tail(&train, &test, 10, clients, &config(0), 3).is_err());
+    }
 
     /// The fixture's smallest class has 100 samples, so the long tail runs from 100 down to
     /// 100 / ratio.

@@ -10,7 +10,9 @@ use super::{LongTailConfig, Partition, PartitionError, dirichlet, iid, long_tail
 /// A partitioner and its parameter, as named in configs and on the command line.
 ///
 /// Strings: `iid`, `dirichlet:ALPHA`, `pathological:SHARDS_PER_CLIENT`,
-/// `long-tail:RATIO` or `long-tail:RATIO:LOCAL_ALPHA`.
+/// `long-tail:RATIO`, `long-tail:RATIO:LOCAL_ALPHA` or
+/// `long-tail:RATIO:LOCAL_ALPHA:REUSE` (each sample held by up to REUSE
+/// clients; [`LongTailConfig::reuse`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum PartitionSpec {
@@ -82,7 +84,10 @@ impl fmt::Display for PartitionSpec {
             Self::Pathological { shards_per_client } => {
                 write!(f, "pathological:{shards_per_client}")
             }
-            Self::LongTail(c) => write!(f, "long-tail:{}:{}", c.ratio, c.local_alpha),
+            Self::LongTail(c) if c.reuse == 1 => {
+                write!(f, "long-tail:{}:{}", c.ratio, c.local_alpha)
+            }
+            Self::LongTail(c) => write!(f, "long-tail:{}:{}:{}", c.ratio, c.local_alpha, c.reuse),
         }
     }
 }
@@ -109,13 +114,20 @@ impl FromStr for PartitionSpec {
                     .parse()
                     .map_err(|_| fail("shards per client is not a whole number"))?,
             },
-            ("long-tail", 2 | 3) => {
+            ("long-tail", 2..=4) => {
                 let mut config = LongTailConfig {
                     ratio: number(1)?,
                     ..LongTailConfig::default()
                 };
-                if parts.len() == 3 {
+                if parts.len() >= 3 {
                     config.local_alpha = number(2)?;
+                }
+                if parts.len() == 4 {
+                    config.reuse = parts[3]
+                        .parse()
+                        .ok()
+                        .filter(|&r| r >= 1)
+                        .ok_or_else(|| fail("reuse is not a whole number of at least 1"))?;
                 }
                 Self::LongTail(config)
             }
@@ -146,6 +158,7 @@ mod tests {
             "pathological:2",
             "long-tail:10",
             "long-tail:20:0.3",
+            "long-tail:10:1:23",
         ];
         for text in cases {
             // Execute
@@ -164,6 +177,15 @@ mod tests {
             ..LongTailConfig::default()
         };
         assert_eq!(tail, PartitionSpec::LongTail(expected));
+        let shared: PartitionSpec = "long-tail:10:1:23".parse().unwrap();
+        assert_eq!(
+            shared,
+            PartitionSpec::LongTail(LongTailConfig {
+                reuse: 23,
+                ..LongTailConfig::default()
+            })
+        );
+        assert_eq!(shared.to_string(), "long-tail:10:1:23");
         for bad in [
             "",
             "iid:1",
@@ -171,7 +193,9 @@ mod tests {
             "dirichlet:x",
             "pathological:1.5",
             "zipf:2",
-            "long-tail:1:2:3",
+            "long-tail:1:2:3:4",
+            "long-tail:10:1:0",
+            "long-tail:10:1:2.5",
         ] {
             assert!(
                 matches!(
