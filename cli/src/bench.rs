@@ -141,8 +141,8 @@ pub(crate) enum BenchCommand {
             default_value = "per-client;batched;batched, one stack"
         )]
         paths: Vec<String>,
-        /// Where the batched paths compute: cpu, or cuda (the `cuda`
-        /// feature); the anchors then run on the GPU too.
+        /// Where the batched paths compute: cpu, or gpu (the `gpu`
+        /// feature); the anchors then run on the GPU too (CUDA).
         #[arg(long, default_value = "cpu")]
         device: astraea_sim::DeviceKind,
         /// Python with torch for the anchors; without torch the table has
@@ -341,7 +341,7 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                     samples,
                     repeats,
                     threads,
-                    device == astraea_sim::DeviceKind::Cuda,
+                    device == astraea_sim::DeviceKind::Gpu,
                 ) {
                     Ok(torch) => rows.extend(torch),
                     Err(e) => eprintln!("no PyTorch anchors for {k} clients: {e:#}"),

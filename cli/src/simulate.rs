@@ -185,8 +185,8 @@ pub(crate) struct SimulateArgs {
     /// (the round's chains then meet, up to this many).
     #[arg(long, default_value_t = 1)]
     stack: usize,
-    /// Where the batched engine computes: cpu, or cuda (builds with the
-    /// `cuda` feature only).
+    /// Where the batched engine computes: cpu, or gpu (burn's wgpu
+    /// backend; builds with the `gpu` feature only).
     #[arg(long, default_value = "cpu")]
     device: astraea_sim::DeviceKind,
     /// Output folder for CSVs, the plot and the summary.

@@ -60,14 +60,16 @@ impl fmt::Display for Engine {
 }
 
 /// Where the batched trainer computes (`--device`): the CPU (burn's
-/// `flex`), or an NVIDIA GPU when built with the `cuda` feature.
+/// `flex`), or a GPU through burn's wgpu backend (Vulkan, Metal or DX12)
+/// when built with the `gpu` feature. (burn's CUDA backend downloads an
+/// LLVM bundle while it builds, which nothing here may do.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {
     /// burn's `flex` CPU backend.
     #[default]
     Cpu,
-    /// burn's CUDA backend, GPU 0 (the `cuda` feature).
-    Cuda,
+    /// burn's wgpu backend on the best GPU wgpu finds (the `gpu` feature).
+    Gpu,
 }
 
 impl FromStr for DeviceKind {
@@ -75,9 +77,9 @@ impl FromStr for DeviceKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "cpu" => Ok(Self::Cpu),
-            "cuda" if cfg!(feature = "cuda") => Ok(Self::Cuda),
-            "cuda" => Err("this build has no CUDA: build with --features cuda".into()),
-            other => Err(format!("unknown device {other:?} (cpu or cuda)")),
+            "gpu" if cfg!(feature = "gpu") => Ok(Self::Gpu),
+            "gpu" => Err("this build has no GPU backend: build with --features gpu".into()),
+            other => Err(format!("unknown device {other:?} (cpu or gpu)")),
         }
     }
 }
@@ -87,10 +89,10 @@ impl DeviceKind {
     pub fn device(self) -> Device {
         match self {
             Self::Cpu => Device::flex(),
-            #[cfg(feature = "cuda")]
-            Self::Cuda => Device::cuda(0),
-            #[cfg(not(feature = "cuda"))]
-            Self::Cuda => unreachable!("DeviceKind::Cuda only parses with the cuda feature"),
+            #[cfg(feature = "gpu")]
+            Self::Gpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+            #[cfg(not(feature = "gpu"))]
+            Self::Gpu => unreachable!("DeviceKind::Gpu only parses with the gpu feature"),
         }
     }
 }
