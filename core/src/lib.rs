@@ -37,12 +37,12 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
-pub mod batched;
 pub mod astraea;
 pub mod asynchronous;
 #[cfg(feature = "attacks")]
 pub mod attack;
 pub mod augment;
+pub mod batched;
 pub mod data;
 pub mod engine;
 pub mod export;

@@ -143,7 +143,11 @@ pub fn dropout_keep(rng: &mut StdRng, len: usize, p: f64) -> Vec<f32> {
     if p <= 0.0 {
         return vec![1.0; len];
     }
-    let scale = if p < 1.0 { (1.0 / (1.0 - p)) as f32 } else { 0.0 };
+    let scale = if p < 1.0 {
+        (1.0 / (1.0 - p)) as f32
+    } else {
+        0.0
+    };
     // Dropped where a uniform 32-bit draw falls below p * 2^32: 32 random
     // bits a value rather than a float's 64 (the generator was 3 % of the
     // batched trainer's time).
