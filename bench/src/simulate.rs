@@ -206,3 +206,38 @@ pub fn run_torch(
     }
     Ok(rows)
 }
+
+/// Seconds one evaluation of `test` takes (median of `repeats`, batches of
+/// 500, one thread): `train::evaluate` (burn's modules, per-client) and
+/// `batched::evaluate` (the batched engine's forward pass, on `device`).
+pub fn run_evaluation(
+    test: &Dataset,
+    repeats: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let model_config = ModelConfig::for_dataset(test);
+    let weights = Weights::from_model(&model_config.init(&Device::flex()));
+    let data = Samples {
+        images: &test.images,
+        labels: &test.labels,
+    };
+    let time = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        let mut times = Vec::new();
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            f()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        Ok(median(times))
+    };
+    let per_client = time(&|| {
+        train::evaluate(&model_config, &weights, data, 500, &Device::flex())?;
+        Ok(())
+    })?;
+    let batched = time(&|| {
+        astraea_core::batched::evaluate(&model_config, &weights, data, 500, device)?;
+        Ok(())
+    })?;
+    Ok(vec![("per-client", per_client), ("batched", batched)])
+}

@@ -321,9 +321,9 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
             });
             println!(
-                "| clients | path | round (s) | samples/s | x per-client | x torch per-client | x torch vmap |"
+                "| clients | path | round (s) | rounds/s | samples/s | x per-client | x torch per-client | x torch vmap |"
             );
-            println!("|---:|---|---:|---:|---:|---:|---:|");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|");
             for &k in &clients {
                 let mut rows = astraea_bench::simulate::run_astraea(
                     &train,
@@ -356,16 +356,33 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 };
                 for row in &rows {
                     println!(
-                        "| {} | {} | {:.3} | {:.0} | {} | {} | {} |",
+                        "| {} | {} | {:.3} | {:.2} | {:.0} | {} | {} | {} |",
                         row.clients,
                         row.path,
                         row.round_s,
+                        1.0 / row.round_s,
                         row.samples_per_s,
                         ratio(row.samples_per_s, "per-client"),
                         ratio(row.samples_per_s, "torch per-client"),
                         ratio(row.samples_per_s, "torch vmap"),
                     );
                 }
+            }
+            let (_, test) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            println!();
+            println!(
+                "| evaluation of the test set | samples | seconds | samples/s | x per-client |"
+            );
+            println!("|---|---:|---:|---:|---:|");
+            let rows = astraea_bench::simulate::run_evaluation(&test, repeats, &device.device())?;
+            let base = rows[0].1;
+            for (path, seconds) in rows {
+                println!(
+                    "| {path} | {} | {seconds:.3} | {:.0} | {:.2} |",
+                    test.len(),
+                    test.len() as f64 / seconds,
+                    base / seconds
+                );
             }
         }
         BenchCommand::Hop {

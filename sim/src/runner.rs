@@ -37,7 +37,7 @@ use crate::config::{RunSpec, SimConfig};
 use crate::federation::{ClientData, Federation, client_id};
 use crate::population::Population;
 use crate::traffic::{Traffic, plan_exchange_bytes};
-use crate::trainer::{HopJob, Trainer};
+use crate::trainer::{Engine, HopJob, Trainer};
 use astraea_core::metrics::{RoundRecord, RunHistory};
 
 /// The seeds of one chain's draws (`astraea_core::engine::seeds`): the
@@ -351,6 +351,7 @@ impl Setup<'_> {
             &state.global,
             &self.test,
             self.config.threads,
+            self.config.trainer.engine,
         )?;
         state.history.rounds.push(RoundRecord {
             round,
@@ -1167,12 +1168,15 @@ fn run_chains<'a>(
     (results, failures, processed, slowest)
 }
 
-/// Evaluates on `threads` slices of the test set at once and combines them.
+/// Evaluates on `threads` slices of the test set at once and combines them,
+/// with the engine's forward pass (the batched one's is about three times
+/// as fast on the CPU).
 pub fn evaluate_parallel(
     model_config: &ModelConfig,
     weights: &Weights,
     test: &Dataset,
     threads: usize,
+    engine: Engine,
 ) -> anyhow::Result<EvalStats> {
     let n = test.len();
     let per = n.div_ceil(threads.max(1)).max(1);
@@ -1187,13 +1191,18 @@ pub fn evaluate_parallel(
                         images: &test.images[lo * len..hi * len],
                         labels: &test.labels[lo..hi],
                     };
-                    Ok(train::evaluate(
-                        model_config,
-                        weights,
-                        data,
-                        500,
-                        &Device::flex(),
-                    )?)
+                    Ok(match engine {
+                        Engine::Batched => astraea_core::batched::evaluate(
+                            model_config,
+                            weights,
+                            data,
+                            500,
+                            &Device::flex(),
+                        )?,
+                        Engine::PerClient => {
+                            train::evaluate(model_config, weights, data, 500, &Device::flex())?
+                        }
+                    })
                 })
             })
             .collect();
