@@ -112,7 +112,14 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
         schedule: serve.schedule,
         population: astraea_sim::population::Population::default(),
         threads: 1,
-        trainer: astraea_sim::TrainerSettings::default(),
+        // The clients' own arithmetic (burn's autodiff), so the models
+        // can be held to 1e-4: the batched engine sums in another order,
+        // and where that tips a ReLU a client's training drifts apart
+        // (sim/tests/engines.rs holds the engines to each other).
+        trainer: astraea_sim::TrainerSettings {
+            engine: astraea_sim::Engine::PerClient,
+            ..astraea_sim::TrainerSettings::default()
+        },
         out_dir: std::env::temp_dir(),
         target_accuracy: None,
     }

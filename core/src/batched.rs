@@ -112,84 +112,101 @@ pub fn train_batched(
 
 /// The model's sizes, and the gathers that turn each convolution's input
 /// into its columns.
+///
+/// Layout: an activation is `[A * C * H * W, B]` (rows client, channel,
+/// row, column; the samples of the batch innermost), so a convolution's
+/// im2col is a gather of whole rows (`select` on dim 0, a copy of B values
+/// a row) and, reshaped for free to `[A, K, P * B]` (K: input channel and
+/// kernel offset, P: output position), one matrix product with the
+/// weights as the module holds them, `[A, out, K]`.
 struct Geometry {
     config: ModelConfig,
     device: Device,
     classes: usize,
     /// Values in one input sample (`[C, H, W]`).
     sample: usize,
+    /// Input values of each convolution, per sample (`C * H * W`).
+    inputs: [usize; 3],
     /// Output positions of each convolution.
     positions: [usize; 3],
-    /// Column length of each convolution (kernel area times input channels).
+    /// Column length K of each convolution (input channels times kernel
+    /// area).
     columns: [usize; 3],
-    /// The im2col gathers: for each output position, kernel offset and
-    /// input channel, where in one sample's input the value lies.
-    gathers: [Tensor<1, Int>; 3],
+    /// Each convolution's im2col for one client: for column row `k * P +
+    /// p`, the input row it copies.
+    index: [Vec<i64>; 3],
+    /// The gathers for a stack of A clients (each client's rows offset),
+    /// made once per A.
+    gathers: std::cell::RefCell<BTreeMap<usize, [Tensor<1, Int>; 3]>>,
 }
 
 impl Geometry {
     fn new(config: &ModelConfig, device: &Device) -> Self {
         let maps = config.feature_maps();
-        let inputs = [[config.height, config.width], maps[0], maps[1]];
+        let sides = [[config.height, config.width], maps[0], maps[1]];
         let channels = [config.channels, CONV_OUT[0], CONV_OUT[1]];
-        let gather = |layer: usize| {
-            // The images arrive `[C, H, W]`; activations are channels-last.
-            let index = im2col_index(
-                inputs[layer],
-                channels[layer],
-                CONV_KERNEL[layer],
-                CONV_STRIDE[layer],
-                layer == 0,
-            );
-            let n = index.len();
-            Tensor::<1, Int>::from_data(TensorData::new(index, [n]), device)
-        };
+        let index = |l: usize| im2col_index(sides[l], channels[l], CONV_KERNEL[l], CONV_STRIDE[l]);
         Self {
             config: config.clone(),
             device: device.clone(),
             classes: config.num_classes,
             sample: config.sample_len(),
+            inputs: [0, 1, 2].map(|l| channels[l] * sides[l][0] * sides[l][1]),
             positions: [0, 1, 2].map(|l| maps[l][0] * maps[l][1]),
             columns: [0, 1, 2].map(|l| CONV_KERNEL[l] * CONV_KERNEL[l] * channels[l]),
-            gathers: [gather(0), gather(1), gather(2)],
+            index: [index(0), index(1), index(2)],
+            gathers: std::cell::RefCell::new(BTreeMap::new()),
         }
     }
 
+    /// The three gathers for a stack of `a` clients.
+    fn gathers(&self, a: usize) -> [Tensor<1, Int>; 3] {
+        let mut made = self.gathers.borrow_mut();
+        made.entry(a)
+            .or_insert_with(|| {
+                std::array::from_fn(|l| {
+                    let one = &self.index[l];
+                    let rows = self.inputs[l] as i64;
+                    let index: Vec<i64> = (0..a as i64)
+                        .flat_map(|client| one.iter().map(move |&i| client * rows + i))
+                        .collect();
+                    let n = index.len();
+                    Tensor::<1, Int>::from_data(TensorData::new(index, [n]), &self.device)
+                })
+            })
+            .clone()
+    }
+
     /// Rows and columns of each stacked parameter (the client axis comes
-    /// first): conv weights as `[columns, out]`, biases as `[1, out]`,
-    /// dense weights as `[in, out]`.
+    /// first): conv weights `[out, K]` and dense weights `[out, in]`
+    /// (outputs first, as the products above take them), biases `[out, 1]`.
     fn param_dims(&self) -> [[usize; 2]; 10] {
         let flat = self.positions[2] * CONV_OUT[2];
         [
-            [self.columns[0], CONV_OUT[0]],
-            [1, CONV_OUT[0]],
-            [self.columns[1], CONV_OUT[1]],
-            [1, CONV_OUT[1]],
-            [self.columns[2], CONV_OUT[2]],
-            [1, CONV_OUT[2]],
-            [flat, HIDDEN],
-            [1, HIDDEN],
-            [HIDDEN, self.classes],
-            [1, self.classes],
+            [CONV_OUT[0], self.columns[0]],
+            [CONV_OUT[0], 1],
+            [CONV_OUT[1], self.columns[1]],
+            [CONV_OUT[1], 1],
+            [CONV_OUT[2], self.columns[2]],
+            [CONV_OUT[2], 1],
+            [HIDDEN, flat],
+            [HIDDEN, 1],
+            [self.classes, HIDDEN],
+            [self.classes, 1],
         ]
     }
 
     /// A client's weights (the module's layout) as the ten stacked
-    /// parameters' rows, appended to `out`.
+    /// parameters' rows, appended to `out`: the module's conv weights
+    /// `[out, in, k, k]` are already `[out, K]`; its dense weights
+    /// `[in, out]` are transposed.
     fn stack_rows(&self, values: &[f32], out: &mut [Vec<f32>; 10]) {
-        let channels = [self.config.channels, CONV_OUT[0], CONV_OUT[1]];
         let mut offset = 0;
         for (j, [rows, cols]) in self.param_dims().into_iter().enumerate() {
             let part = &values[offset..offset + rows * cols];
             offset += rows * cols;
             match j {
-                0 | 2 | 4 => {
-                    let l = j / 2;
-                    conv_to_columns(part, cols, channels[l], CONV_KERNEL[l], &mut out[j]);
-                }
-                6 => {
-                    dense_to_channels_last(part, CONV_OUT[2], self.positions[2], cols, &mut out[j])
-                }
+                6 | 8 => transpose(part, cols, rows, &mut out[j]),
                 _ => out[j].extend_from_slice(part),
             }
         }
@@ -198,21 +215,11 @@ impl Geometry {
     /// The inverse of [`Self::stack_rows`]: one client's ten parameters, in
     /// the stacked layout, as the module's flat weights.
     fn unstack(&self, parts: [&[f32]; 10]) -> Vec<f32> {
-        let channels = [self.config.channels, CONV_OUT[0], CONV_OUT[1]];
+        let dims = self.param_dims();
         let mut values = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
         for (j, part) in parts.into_iter().enumerate() {
             match j {
-                0 | 2 | 4 => {
-                    let l = j / 2;
-                    columns_to_conv(part, CONV_OUT[l], channels[l], CONV_KERNEL[l], &mut values);
-                }
-                6 => channels_last_to_dense(
-                    part,
-                    CONV_OUT[2],
-                    self.positions[2],
-                    HIDDEN,
-                    &mut values,
-                ),
+                6 | 8 => transpose(part, dims[j][0], dims[j][1], &mut values),
                 _ => values.extend_from_slice(part),
             }
         }
@@ -220,102 +227,39 @@ impl Geometry {
     }
 }
 
-/// The im2col gather of a valid convolution: for each output position
-/// (row-major), kernel row, kernel column and input channel, the index of
-/// that input value in one sample, laid out `[C, H, W]` (`chw`) or
-/// `[H, W, C]`.
+/// Appends the transpose of the row-major `[rows, cols]` matrix `m`.
+fn transpose(m: &[f32], rows: usize, cols: usize, dst: &mut Vec<f32>) {
+    for c in 0..cols {
+        dst.extend((0..rows).map(|r| m[r * cols + c]));
+    }
+}
+
+/// The im2col of a valid convolution over a `[C, H, W]` input: for each
+/// input channel, kernel row and kernel column (the order of the module's
+/// conv weight), and each output position (row-major), the index of the
+/// input value it reads.
 fn im2col_index(
     [height, width]: [usize; 2],
     channels: usize,
     kernel: usize,
     stride: usize,
-    chw: bool,
 ) -> Vec<i64> {
     let out_h = (height - kernel) / stride + 1;
     let out_w = (width - kernel) / stride + 1;
-    let mut index = Vec::with_capacity(out_h * out_w * kernel * kernel * channels);
-    for oy in 0..out_h {
-        for ox in 0..out_w {
-            for ky in 0..kernel {
-                for kx in 0..kernel {
-                    let (y, x) = (oy * stride + ky, ox * stride + kx);
-                    for c in 0..channels {
-                        let at = if chw {
-                            (c * height + y) * width + x
-                        } else {
-                            (y * width + x) * channels + c
-                        };
-                        index.push(at as i64);
+    let mut index = Vec::with_capacity(channels * kernel * kernel * out_h * out_w);
+    for c in 0..channels {
+        for ky in 0..kernel {
+            for kx in 0..kernel {
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        let (y, x) = (oy * stride + ky, ox * stride + kx);
+                        index.push(((c * height + y) * width + x) as i64);
                     }
                 }
             }
         }
     }
     index
-}
-
-/// A conv weight `[out, in, k, k]` as columns `[(ky, kx, in), out]`.
-fn conv_to_columns(w: &[f32], out: usize, inp: usize, k: usize, dst: &mut Vec<f32>) {
-    let start = dst.len();
-    dst.resize(start + w.len(), 0.0);
-    for o in 0..out {
-        for i in 0..inp {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = (ky * k + kx) * inp + i;
-                    dst[start + row * out + o] = w[((o * inp + i) * k + ky) * k + kx];
-                }
-            }
-        }
-    }
-}
-
-/// The inverse of [`conv_to_columns`].
-fn columns_to_conv(cols: &[f32], out: usize, inp: usize, k: usize, dst: &mut Vec<f32>) {
-    for o in 0..out {
-        for i in 0..inp {
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = (ky * k + kx) * inp + i;
-                    dst.push(cols[row * out + o]);
-                }
-            }
-        }
-    }
-}
-
-/// The first dense weight `[channels * positions, units]`, whose rows the
-/// module orders channel-major (it flattens `[C, H, W]`), with its rows
-/// reordered position-major (the stack flattens `[H, W, C]`).
-fn dense_to_channels_last(
-    w: &[f32],
-    channels: usize,
-    positions: usize,
-    units: usize,
-    dst: &mut Vec<f32>,
-) {
-    for p in 0..positions {
-        for c in 0..channels {
-            let row = c * positions + p;
-            dst.extend_from_slice(&w[row * units..(row + 1) * units]);
-        }
-    }
-}
-
-/// The inverse of [`dense_to_channels_last`].
-fn channels_last_to_dense(
-    w: &[f32],
-    channels: usize,
-    positions: usize,
-    units: usize,
-    dst: &mut Vec<f32>,
-) {
-    for c in 0..channels {
-        for p in 0..positions {
-            let row = p * channels + c;
-            dst.extend_from_slice(&w[row * units..(row + 1) * units]);
-        }
-    }
 }
 
 /// One client's place in the stack: its data, batch order and generators.
@@ -523,14 +467,15 @@ fn finish(
 
 /// One step's inputs for the `A` clients still training.
 struct Batch {
-    /// `[A * B, C * H * W]`, padded samples zero.
+    /// The images, `[A * C * H * W, B]` (samples innermost), padded
+    /// samples zero.
     images: Tensor<2>,
     /// Each sample's one-hot target times its weight (1 / the client's
-    /// samples in this batch, 0 for padding), `[A, B, classes]`.
+    /// samples in this batch, 0 for padding), `[A, classes, B]`.
     targets: Tensor<3>,
-    /// Each sample's weight, `[A, B, 1]`.
+    /// Each sample's weight, `[A, 1, B]`.
     weights: Tensor<3>,
-    /// Dropout keep-mask of conv2's output, channels-last, `[A, B * P2, 18]`.
+    /// Dropout keep-mask of conv2's output, `[A, 18, P2 * B]`.
     keep: Tensor<3>,
 }
 
@@ -540,44 +485,44 @@ impl Batch {
         let (classes, sample) = (geometry.classes, geometry.sample);
         let p2 = geometry.positions[1];
         let per_mask = geometry.config.dropout_len();
-        let mut images = vec![0.0f32; a * b * sample];
-        let mut targets = vec![0.0f32; a * b * classes];
+        let mut images = vec![0.0f32; a * sample * b];
+        let mut targets = vec![0.0f32; a * classes * b];
         let mut weights = vec![0.0f32; a * b];
-        let mut keep = vec![0.0f32; a * b * per_mask];
+        let mut keep = vec![0.0f32; a * per_mask * b];
         for (k, lane) in lanes.iter_mut().enumerate() {
             let chunk = lane.next_chunk(b);
             let weight = 1.0 / chunk.len() as f32;
             // The client's own masks, drawn as its lone visit draws them
-            // (`[C, H, W]` per sample), laid channels-last.
+            // (sample after sample, `[C, H, W]` each).
             let mask = dropout_keep(
                 &mut lane.dropout,
                 chunk.len() * per_mask,
                 geometry.config.dropout,
             );
+            let client_images = &mut images[k * sample * b..(k + 1) * sample * b];
+            let client_keep = &mut keep[k * per_mask * b..(k + 1) * per_mask * b];
             for (s, &i) in chunk.iter().enumerate() {
-                let row = k * b + s;
-                images[row * sample..(row + 1) * sample]
-                    .copy_from_slice(&lane.data.images[i * sample..(i + 1) * sample]);
+                let image = &lane.data.images[i * sample..(i + 1) * sample];
+                for (f, &v) in image.iter().enumerate() {
+                    client_images[f * b + s] = v;
+                }
                 let label = lane.data.labels[i] as usize;
                 if label < classes {
-                    targets[row * classes + label] = weight;
+                    targets[(k * classes + label) * b + s] = weight;
                 }
-                weights[row] = weight;
+                weights[k * b + s] = weight;
                 let drawn = &mask[s * per_mask..(s + 1) * per_mask];
-                let dst = &mut keep[row * per_mask..(row + 1) * per_mask];
-                for c in 0..CONV_OUT[1] {
-                    for p in 0..p2 {
-                        dst[p * CONV_OUT[1] + c] = drawn[c * p2 + p];
-                    }
+                for (f, &v) in drawn.iter().enumerate() {
+                    client_keep[f * b + s] = v;
                 }
             }
         }
         let device = &geometry.device;
         Self {
-            images: Tensor::from_data(TensorData::new(images, [a * b, sample]), device),
-            targets: Tensor::from_data(TensorData::new(targets, [a, b, classes]), device),
-            weights: Tensor::from_data(TensorData::new(weights, [a, b, 1]), device),
-            keep: Tensor::from_data(TensorData::new(keep, [a, b * p2, CONV_OUT[1]]), device),
+            images: Tensor::from_data(TensorData::new(images, [a * sample, b]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [a, classes, b]), device),
+            weights: Tensor::from_data(TensorData::new(weights, [a, 1, b]), device),
+            keep: Tensor::from_data(TensorData::new(keep, [a, CONV_OUT[1], p2 * b]), device),
         }
     }
 }
@@ -589,13 +534,15 @@ fn relu_back<const D: usize>(dy: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
     dy * y.greater_elem(0.0).float()
 }
 
-/// `x^T dy` per client: a dense or column weight's gradient.
-fn weight_grad(x: Tensor<3>, dy: Tensor<3>) -> Tensor<3> {
-    x.swap_dims(1, 2).matmul(dy)
+/// `dy x^T` per client: the gradient of a weight `[out, in]` whose layer
+/// took `x` (`[A, in, n]`) and gave `dy` (`[A, out, n]`).
+fn weight_grad(dy: Tensor<3>, x: Tensor<3>) -> Tensor<3> {
+    dy.matmul(x.swap_dims(1, 2))
 }
 
-/// A forward pass's activations, channels-last (`[A, B * positions,
-/// channels]`), kept for the backward pass.
+/// A forward pass's activations, kept for the backward pass: the columns
+/// `x` of each convolution (`[A, K, P * B]`), the layers' outputs `h`
+/// (`[A, channels, P * B]`, dense `[A, units, B]`).
 struct Forward {
     x1: Tensor<3>,
     h1: Tensor<3>,
@@ -603,14 +550,15 @@ struct Forward {
     h2: Tensor<3>,
     x3: Tensor<3>,
     h3: Tensor<3>,
+    /// conv3's output as the dense layer's input, `[A, 24 * P3, B]`.
     flat: Tensor<3>,
     h4: Tensor<3>,
-    /// `[A, B, classes]`.
+    /// `[A, classes, B]`.
     logits: Tensor<3>,
 }
 
 /// The forward pass of `a` stacked models over `b` samples each: `images`
-/// is `[A * B, C * H * W]`, `keep` conv2's dropout mask (`None`: no
+/// is `[A * C * H * W, B]`, `keep` conv2's dropout mask (`None`: no
 /// dropout, as in evaluation).
 fn forward(
     geometry: &Geometry,
@@ -622,29 +570,31 @@ fn forward(
 ) -> Forward {
     let [p1, p2, p3] = geometry.positions;
     let [c1, c2, c3] = geometry.columns;
-    let [g1, g2, g3] = geometry.gathers.clone();
+    let [g1, g2, g3] = geometry.gathers(a);
     let [w1, b1, w2, b2, w3, b3, w4, b4, w5, b5] = params.clone();
-    let x1 = images.select(1, g1).reshape([a, b * p1, c1]);
-    let h1 = relu(x1.clone().matmul(w1) + b1);
+    let x1 = images.select(0, g1).reshape([a, c1, p1 * b]);
+    let h1 = relu(w1.matmul(x1.clone()) + b1);
     let x2 = h1
         .clone()
-        .reshape([a * b, p1 * CONV_OUT[0]])
-        .select(1, g2)
-        .reshape([a, b * p2, c2]);
-    let h2 = relu(x2.clone().matmul(w2) + b2);
+        .reshape([a * CONV_OUT[0] * p1, b])
+        .select(0, g2)
+        .reshape([a, c2, p2 * b]);
+    let h2 = relu(w2.matmul(x2.clone()) + b2);
     let h2 = match keep {
         Some(keep) => h2 * keep,
         None => h2,
     };
     let x3 = h2
         .clone()
-        .reshape([a * b, p2 * CONV_OUT[1]])
-        .select(1, g3)
-        .reshape([a, b * p3, c3]);
-    let h3 = relu(x3.clone().matmul(w3) + b3);
-    let flat = h3.clone().reshape([a, b, p3 * CONV_OUT[2]]);
-    let h4 = relu(flat.clone().matmul(w4) + b4);
-    let logits = h4.clone().matmul(w5) + b5;
+        .reshape([a * CONV_OUT[1] * p2, b])
+        .select(0, g3)
+        .reshape([a, c3, p3 * b]);
+    let h3 = relu(w3.matmul(x3.clone()) + b3);
+    // `[A, 24, P3 * B]` is `[A, 24 * P3, B]`: channel-major features, the
+    // order the module flattens in.
+    let flat = h3.clone().reshape([a, CONV_OUT[2] * p3, b]);
+    let h4 = relu(w4.matmul(flat.clone()) + b4);
+    let logits = w5.matmul(h4.clone()) + b5;
     Forward {
         x1,
         h1,
@@ -656,6 +606,19 @@ fn forward(
         h4,
         logits,
     }
+}
+
+/// The ten parameters of one model as a stack of one.
+fn one_stack(geometry: &Geometry, weights: &Weights) -> [Tensor<3>; 10] {
+    let dims = geometry.param_dims();
+    let mut host: [Vec<f32>; 10] = Default::default();
+    geometry.stack_rows(&weights.values, &mut host);
+    let mut j = 0;
+    host.map(|values| {
+        let [rows, cols] = dims[j];
+        j += 1;
+        Tensor::from_data(TensorData::new(values, [1, rows, cols]), &geometry.device)
+    })
 }
 
 /// Top-1 accuracy and mean loss of `weights` on `data`, in batches of
@@ -676,32 +639,27 @@ pub fn evaluate(
     let shapes = Weights::shapes_of(&model_config.init_zeros(&Device::flex()));
     weights.check_fits(&shapes)?;
     let geometry = Geometry::new(model_config, device);
-    let dims = geometry.param_dims();
-    let mut host = Default::default();
-    geometry.stack_rows(&weights.values, &mut host);
-    let mut j = 0;
-    let params: [Tensor<3>; 10] = host.map(|values: Vec<f32>| {
-        let [rows, cols] = dims[j];
-        j += 1;
-        Tensor::from_data(TensorData::new(values, [1, rows, cols]), device)
-    });
+    let params = one_stack(&geometry, weights);
     let sample = geometry.sample;
     let mut correct = 0i64;
     let mut loss_sum = 0.0;
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let b = chunk.len();
-        let mut pixels = Vec::with_capacity(b * sample);
+        let mut pixels = vec![0.0f32; sample * b];
         let mut labels = Vec::with_capacity(b);
-        for &i in chunk {
-            pixels.extend_from_slice(&data.images[i * sample..(i + 1) * sample]);
+        for (s, &i) in chunk.iter().enumerate() {
+            for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
+                pixels[f * b + s] = v;
+            }
             labels.push(i64::from(data.labels[i]));
         }
-        let images = Tensor::from_data(TensorData::new(pixels, [b, sample]), device);
+        let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
         let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(labels, [b, 1]), device);
         let logits = forward(&geometry, &params, images, 1, b, None)
             .logits
-            .reshape([b, geometry.classes]);
+            .reshape([geometry.classes, b])
+            .swap_dims(0, 1);
         correct += logits
             .clone()
             .argmax(1)
@@ -722,10 +680,10 @@ pub fn evaluate(
 
 /// One step of every stacked client: forward, backward, Adam.
 fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> Stack {
-    let [a, b, _] = batch.targets.dims();
+    let [a, _, b] = batch.targets.dims();
     let [p1, p2, p3] = geometry.positions;
-    let [_, c2, c3] = geometry.columns;
-    let [_, g2, g3] = geometry.gathers.clone();
+    let [c1, c2, c3] = geometry.columns;
+    let [_, g2, g3] = geometry.gathers(a);
     let [_, _, w2, _, w3, _, w4, _, w5, _] = stack.params.clone();
     let Forward {
         x1,
@@ -748,42 +706,44 @@ fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> S
 
     // Softmax cross-entropy, each sample weighted (1 / the client's
     // samples in the batch, 0 for padding): the client's mean loss.
-    let log_p = log_softmax(logits, 2);
+    let log_p = log_softmax(logits, 1);
     let loss = (log_p.clone() * batch.targets.clone())
-        .sum_dim(2)
         .sum_dim(1)
+        .sum_dim(2)
         .neg()
         .reshape([a]);
     let dz5 = log_p.exp() * batch.weights - batch.targets;
 
     // Backward.
-    let gw5 = weight_grad(h4.clone(), dz5.clone());
-    let gb5 = dz5.clone().sum_dim(1);
-    let dz4 = relu_back(dz5.matmul(w5.swap_dims(1, 2)), h4);
-    let gw4 = weight_grad(flat, dz4.clone());
-    let gb4 = dz4.clone().sum_dim(1);
+    let gw5 = weight_grad(dz5.clone(), h4.clone());
+    let gb5 = dz5.clone().sum_dim(2);
+    let dz4 = relu_back(w5.swap_dims(1, 2).matmul(dz5), h4);
+    let gw4 = weight_grad(dz4.clone(), flat);
+    let gb4 = dz4.clone().sum_dim(2);
     let dz3 = relu_back(
-        dz4.matmul(w4.swap_dims(1, 2))
-            .reshape([a, b * p3, CONV_OUT[2]]),
+        w4.swap_dims(1, 2)
+            .matmul(dz4)
+            .reshape([a, CONV_OUT[2], p3 * b]),
         h3,
     );
-    let gw3 = weight_grad(x3, dz3.clone());
-    let gb3 = dz3.clone().sum_dim(1);
-    let dx3 = dz3.matmul(w3.swap_dims(1, 2)).reshape([a * b, p3 * c3]);
-    let dh2 = Tensor::<2>::zeros([a * b, p2 * CONV_OUT[1]], &geometry.device)
-        .select_assign(1, g3, dx3, IndexingUpdateOp::Add)
-        .reshape([a, b * p2, CONV_OUT[1]]);
+    let gw3 = weight_grad(dz3.clone(), x3);
+    let gb3 = dz3.clone().sum_dim(2);
+    let dx3 = w3.swap_dims(1, 2).matmul(dz3).reshape([a * c3 * p3, b]);
+    let dh2 = Tensor::<2>::zeros([a * CONV_OUT[1] * p2, b], &geometry.device)
+        .select_assign(0, g3, dx3, IndexingUpdateOp::Add)
+        .reshape([a, CONV_OUT[1], p2 * b]);
     // h2 = relu(z2) * keep: zero where either the ReLU or dropout was.
     let dz2 = relu_back(dh2 * batch.keep, h2);
-    let gw2 = weight_grad(x2, dz2.clone());
-    let gb2 = dz2.clone().sum_dim(1);
-    let dx2 = dz2.matmul(w2.swap_dims(1, 2)).reshape([a * b, p2 * c2]);
-    let dh1 = Tensor::<2>::zeros([a * b, p1 * CONV_OUT[0]], &geometry.device)
-        .select_assign(1, g2, dx2, IndexingUpdateOp::Add)
-        .reshape([a, b * p1, CONV_OUT[0]]);
+    let gw2 = weight_grad(dz2.clone(), x2);
+    let gb2 = dz2.clone().sum_dim(2);
+    let dx2 = w2.swap_dims(1, 2).matmul(dz2).reshape([a * c2 * p2, b]);
+    let dh1 = Tensor::<2>::zeros([a * CONV_OUT[0] * p1, b], &geometry.device)
+        .select_assign(0, g2, dx2, IndexingUpdateOp::Add)
+        .reshape([a, CONV_OUT[0], p1 * b]);
     let dz1 = relu_back(dh1, h1);
-    let gw1 = weight_grad(x1, dz1.clone());
-    let gb1 = dz1.sum_dim(1);
+    let gw1 = weight_grad(dz1.clone(), x1);
+    let gb1 = dz1.sum_dim(2);
+    debug_assert_eq!(gw1.dims(), [a, CONV_OUT[0], c1]);
     let grads = [gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5];
 
     // FedProx: the gradient of mu / 2 * |w - anchor|^2 is mu (w - anchor).

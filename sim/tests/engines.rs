@@ -90,9 +90,11 @@ fn agree(config: &SimConfig, strategy: &str, stack: usize) {
     // Float rounding differs (the batched engine's matrix products sum in
     // another order). Mostly the models end 1e-7 apart; now and then a
     // rounding-level difference tips an activation across ReLU's kink and
-    // training takes a slightly other path (seen: 4e-4 after one visit of
-    // 700 random samples, 4e-3 relative after an Astraea round of long
-    // chains), as two PyTorch runs on different thread counts would.
+    // one client's training takes a slightly other path, which its share
+    // of the average carries into the model (seen: up to 2.2e-2 relative
+    // after two FedAvg rounds, as two PyTorch runs on different thread
+    // counts would differ). Handing the stack's results to the wrong
+    // clients gives 0.17 and 0.33.
     let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let diff: Vec<f32> = alone
         .values
@@ -104,7 +106,7 @@ fn agree(config: &SimConfig, strategy: &str, stack: usize) {
     let off = diff.iter().map(|d| d.abs()).fold(0.0f32, f32::max);
     eprintln!("{strategy}: relative distance {relative:.2e}, largest difference {off:.2e}");
     assert!(
-        relative < 1e-2,
+        relative < 5e-2,
         "{strategy}: the engines' models are {relative} apart"
     );
     assert!(off < 5e-2, "{strategy}: a weight differs by {off}");
