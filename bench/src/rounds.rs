@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use astraea_core::data::catalog::load_named;
 use astraea_core::strategy::StrategyKind;
-use astraea_core::train::{self, Samples};
+use astraea_core::train::Samples;
 use burn::prelude::*;
 
 use astraea_core::model::ModelConfig;
@@ -21,6 +21,8 @@ use astraea_server as serve;
 pub struct RoundsBench {
     /// Strategy.
     pub strategy: StrategyKind,
+    /// The loss rule's validation samples (0: the rule off).
+    pub validation_samples: usize,
     /// Clients, all taking part in every round.
     pub clients: usize,
     /// Rounds timed (the first, which waits for joins, is left out).
@@ -33,18 +35,21 @@ pub struct RoundsBench {
     pub transfers: usize,
 }
 
-/// Runs `rounds + 1` rounds with `clients` echo clients.
+/// Runs `rounds + 1` rounds with `clients` echo clients, the loss rule
+/// judging every update on `validation_samples` samples (0: off).
 pub async fn run(
     data_dir: PathBuf,
     clients: usize,
     rounds: u32,
     strategy: StrategyKind,
+    validation_samples: usize,
 ) -> anyhow::Result<RoundsBench> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (train_set, test) = load_named("mnist", &data_dir).context("loading mnist")?;
     let model_config = ModelConfig::for_dataset(&train_set);
-    let config = crate::serve_config(data_dir.clone(), clients, rounds + 1, strategy);
+    let mut config = crate::serve_config(data_dir.clone(), clients, rounds + 1, strategy);
+    config.guard.validation_samples = validation_samples;
     let running = serve::start(listener, config).await?;
     let options = ClientOptions {
         max_frame_bytes: 1 << 20,
@@ -73,7 +78,7 @@ pub async fn run(
             images: &test.images,
             labels: &test.labels,
         };
-        train::evaluate(&model_config, &weights, samples, 500, &Device::flex())
+        astraea_core::batched::evaluate(&model_config, &weights, samples, 500, &Device::flex())
     })
     .await??;
     let eval_s = start.elapsed().as_secs_f64();
@@ -85,6 +90,7 @@ pub async fn run(
     };
     Ok(RoundsBench {
         strategy,
+        validation_samples,
         clients,
         rounds: timed.len(),
         round_s,

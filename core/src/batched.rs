@@ -137,7 +137,7 @@ struct Geometry {
     index: [Vec<i64>; 3],
     /// The gathers for a stack of A clients (each client's rows offset),
     /// made once per A.
-    gathers: std::cell::RefCell<BTreeMap<usize, [Tensor<1, Int>; 3]>>,
+    gathers: std::sync::Mutex<BTreeMap<usize, [Tensor<1, Int>; 3]>>,
 }
 
 impl Geometry {
@@ -155,13 +155,13 @@ impl Geometry {
             positions: [0, 1, 2].map(|l| maps[l][0] * maps[l][1]),
             columns: [0, 1, 2].map(|l| CONV_KERNEL[l] * CONV_KERNEL[l] * channels[l]),
             index: [index(0), index(1), index(2)],
-            gathers: std::cell::RefCell::new(BTreeMap::new()),
+            gathers: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
     /// The three gathers for a stack of `a` clients.
     fn gathers(&self, a: usize) -> [Tensor<1, Int>; 3] {
-        let mut made = self.gathers.borrow_mut();
+        let mut made = self.gathers.lock().expect("no gather panicked");
         made.entry(a)
             .or_insert_with(|| {
                 std::array::from_fn(|l| {
@@ -624,7 +624,7 @@ fn one_stack(geometry: &Geometry, weights: &Weights) -> [Tensor<3>; 10] {
 /// Top-1 accuracy and mean loss of `weights` on `data`, in batches of
 /// `batch_size`: what [`crate::train::evaluate`] gives (within float
 /// rounding), through the batched trainer's forward pass, which on the
-/// CPU takes about a third of the time (`astraea bench simulate`).
+/// CPU takes about a fifth of the time (`astraea bench simulate`).
 ///
 /// # Errors
 /// [`WeightsError`] if the weights do not fit `model_config`, or reading
@@ -636,46 +636,88 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<EvalStats, WeightsError> {
-    let shapes = Weights::shapes_of(&model_config.init_zeros(&Device::flex()));
-    weights.check_fits(&shapes)?;
-    let geometry = Geometry::new(model_config, device);
-    let params = one_stack(&geometry, weights);
-    let sample = geometry.sample;
-    let mut correct = 0i64;
-    let mut loss_sum = 0.0;
-    let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(batch_size.max(1)) {
-        let b = chunk.len();
-        let mut pixels = vec![0.0f32; sample * b];
-        let mut labels = Vec::with_capacity(b);
-        for (s, &i) in chunk.iter().enumerate() {
-            for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
-                pixels[f * b + s] = v;
-            }
-            labels.push(i64::from(data.labels[i]));
-        }
-        let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
-        let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(labels, [b, 1]), device);
-        let logits = forward(&geometry, &params, images, 1, b, None)
-            .logits
-            .reshape([geometry.classes, b])
-            .swap_dims(0, 1);
-        correct += logits
-            .clone()
-            .argmax(1)
-            .equal(targets.clone())
-            .int()
-            .sum()
-            .into_scalar::<i64>();
-        let loss = log_softmax(logits, 1).gather(1, targets).sum().neg();
-        loss_sum += f64::from(loss.into_scalar::<f32>());
+    Evaluator::new(model_config, device).evaluate(weights, data, batch_size)
+}
+
+/// [`evaluate`] for one model shape, made once and kept: a judge that
+/// evaluates thousands of small updates (the loss rule, 64 samples each)
+/// builds the model's shapes and the convolutions' gathers once, not per
+/// update.
+#[derive(Debug)]
+pub struct Evaluator {
+    shapes: Vec<crate::weights::ParamShape>,
+    geometry: Geometry,
+}
+
+impl std::fmt::Debug for Geometry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Geometry")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
-    let n = data.len().max(1) as f64;
-    Ok(EvalStats {
-        accuracy: correct as f64 / n,
-        loss: loss_sum / n,
-        samples: data.len(),
-    })
+}
+
+impl Evaluator {
+    /// An evaluator of `model_config`'s models on `device`.
+    pub fn new(model_config: &ModelConfig, device: &Device) -> Self {
+        Self {
+            shapes: Weights::shapes_of(&model_config.init_zeros(&Device::flex())),
+            geometry: Geometry::new(model_config, device),
+        }
+    }
+
+    /// [`evaluate`] of `weights` on `data`.
+    ///
+    /// # Errors
+    /// As [`evaluate`].
+    pub fn evaluate(
+        &self,
+        weights: &Weights,
+        data: Samples<'_>,
+        batch_size: usize,
+    ) -> Result<EvalStats, WeightsError> {
+        weights.check_fits(&self.shapes)?;
+        let geometry = &self.geometry;
+        let device = &geometry.device;
+        let params = one_stack(geometry, weights);
+        let sample = geometry.sample;
+        let mut correct = 0i64;
+        let mut loss_sum = 0.0;
+        let indices: Vec<usize> = (0..data.len()).collect();
+        for chunk in indices.chunks(batch_size.max(1)) {
+            let b = chunk.len();
+            let mut pixels = vec![0.0f32; sample * b];
+            let mut labels = Vec::with_capacity(b);
+            for (s, &i) in chunk.iter().enumerate() {
+                for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
+                    pixels[f * b + s] = v;
+                }
+                labels.push(i64::from(data.labels[i]));
+            }
+            let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
+            let targets: Tensor<2, Int> =
+                Tensor::from_data(TensorData::new(labels, [b, 1]), device);
+            let logits = forward(geometry, &params, images, 1, b, None)
+                .logits
+                .reshape([geometry.classes, b])
+                .swap_dims(0, 1);
+            correct += logits
+                .clone()
+                .argmax(1)
+                .equal(targets.clone())
+                .int()
+                .sum()
+                .into_scalar::<i64>();
+            let loss = log_softmax(logits, 1).gather(1, targets).sum().neg();
+            loss_sum += f64::from(loss.into_scalar::<f32>());
+        }
+        let n = data.len().max(1) as f64;
+        Ok(EvalStats {
+            accuracy: correct as f64 / n,
+            loss: loss_sum / n,
+            samples: data.len(),
+        })
+    }
 }
 
 /// One step of every stacked client: forward, backward, Adam.

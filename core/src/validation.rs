@@ -67,13 +67,17 @@ const MIN_HISTORY: usize = 5;
 /// The server's validation samples and the rule's tolerance.
 #[derive(Debug)]
 pub struct LossCheck {
-    model_config: ModelConfig,
     shapes: Vec<ParamShape>,
     images: Vec<f32>,
     labels: Vec<u32>,
     max_increase: f64,
     /// Loss changes of the last [`WINDOW`] hops judged, refused or not.
     recent: Mutex<VecDeque<f64>>,
+    /// The last weights a hop was sent and their loss
+    /// ([`LossCheck::sent_loss`]).
+    last_sent: Mutex<Option<(Vec<f32>, f64)>>,
+    /// The batched forward pass, set up once for every hop judged.
+    evaluator: crate::batched::Evaluator,
 }
 
 impl LossCheck {
@@ -89,7 +93,6 @@ impl LossCheck {
         max_increase: f64,
     ) -> Self {
         Self {
-            model_config,
             shapes,
             images: set.images.clone(),
             labels: set.labels.clone(),
@@ -99,6 +102,8 @@ impl LossCheck {
                 0.0
             },
             recent: Mutex::new(VecDeque::with_capacity(WINDOW)),
+            last_sent: Mutex::new(None),
+            evaluator: crate::batched::Evaluator::new(&model_config, &Device::flex()),
         }
     }
 
@@ -112,12 +117,37 @@ impl LossCheck {
         self.labels.is_empty()
     }
 
+    /// [`LossCheck::loss`] of weights a hop was sent, computed once for
+    /// the same weights sent again: a round sends every chain's first hop
+    /// the same global model (a FedAvg round of 1,000 clients asked for
+    /// its loss 1,000 times), so the last one sent and its loss are kept
+    /// and compared value for value (a copy compare, about a
+    /// hundredth of an evaluation).
+    ///
+    /// # Errors
+    /// As [`LossCheck::loss`].
+    pub fn sent_loss(&self, values: &[f32]) -> Result<f64, WeightsError> {
+        let cached = |last: &Option<(Vec<f32>, f64)>| {
+            last.as_ref()
+                .filter(|(weights, _)| weights.as_slice() == values)
+                .map(|&(_, loss)| loss)
+        };
+        if let Some(loss) = cached(&self.last_sent.lock().expect("no judge panicked")) {
+            return Ok(loss);
+        }
+        let loss = self.loss(values)?;
+        *self.last_sent.lock().expect("no judge panicked") = Some((values.to_vec(), loss));
+        Ok(loss)
+    }
+
     /// Mean cross-entropy (nats) of the flat weight vector `values` on the
-    /// validation samples; a non-finite loss is returned as infinity.
+    /// validation samples, computed on the CPU (burn's `flex`: a judge's
+    /// 64 samples are no work for a GPU); a non-finite loss is returned as
+    /// infinity.
     ///
     /// # Errors
     /// If `values` do not fit the model's shapes.
-    pub fn loss(&self, values: &[f32], device: &Device) -> Result<f64, WeightsError> {
+    pub fn loss(&self, values: &[f32]) -> Result<f64, WeightsError> {
         let weights = Weights {
             shapes: self.shapes.clone(),
             values: values.to_vec(),
@@ -129,7 +159,7 @@ impl LossCheck {
         // The batched trainer's forward pass: a third of `train::evaluate`'s
         // time on the CPU, and what the server and the simulator both judge
         // with.
-        let stats = crate::batched::evaluate(&self.model_config, &weights, samples, 256, device)?;
+        let stats = self.evaluator.evaluate(&weights, samples, 256)?;
         Ok(if stats.loss.is_finite() {
             stats.loss
         } else {
@@ -245,27 +275,43 @@ mod tests {
     }
 
     #[test]
+    fn a_sent_models_loss_is_kept_for_the_same_weights_and_never_for_others() {
+        let (check, values) = check(8);
+        let mut other = values.clone();
+        let biases = other.len() - 10;
+        other[biases + 3] += 8.0;
+
+        let first = check.sent_loss(&values).unwrap();
+        let kept = check.last_sent.lock().unwrap().clone();
+        let again = check.sent_loss(&values).unwrap();
+        let changed = check.sent_loss(&other).unwrap();
+
+        assert_eq!(first, check.loss(&values).unwrap());
+        assert_eq!(kept, Some((values.clone(), first)));
+        assert_eq!(again, first);
+        assert_eq!(changed, check.loss(&other).unwrap());
+        assert!(changed - first > 5.0);
+        assert!(check.sent_loss(&values[1..]).is_err());
+    }
+
+    #[test]
     fn a_model_pushed_towards_a_wrong_class_has_a_higher_loss() {
         // Prepare: every validation sample is class 0; the last 10 values
         // of the flat vector are the output layer's biases.
         let (check, values) = check(8);
-        let device = Device::flex();
         let mut wrong = values.clone();
         let biases = wrong.len() - 10;
         wrong[biases + 3] += 8.0;
 
         // Execute
-        let before = check.loss(&values, &device).unwrap();
-        let after = check.loss(&wrong, &device).unwrap();
+        let before = check.loss(&values).unwrap();
+        let after = check.loss(&wrong).unwrap();
 
         // Assert: about 8 nats worse, refused; the untouched model passes.
         assert!(after - before > 5.0, "{before} -> {after}");
         assert!(check.judge(before, after).is_err());
-        assert_eq!(
-            check.judge(before, check.loss(&values, &device).unwrap()),
-            Ok(())
-        );
-        assert!(check.loss(&values[1..], &device).is_err());
+        assert_eq!(check.judge(before, check.loss(&values).unwrap()), Ok(()));
+        assert!(check.loss(&values[1..]).is_err());
     }
 
     #[test]

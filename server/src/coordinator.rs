@@ -760,7 +760,9 @@ async fn evaluate(data: &ServerData, weights: &Weights) -> anyhow::Result<train:
             images: &test.images,
             labels: &test.labels,
         };
-        train::evaluate(&model_config, &weights, samples, 500, &Device::flex())
+        // The batched trainer's forward pass: a fifth of `train::evaluate`'s
+        // time on the CPU (docs/RESULTS.md, issue 23).
+        astraea_core::batched::evaluate(&model_config, &weights, samples, 500, &Device::flex())
     })
     .await
     .context("evaluation panicked")??;
@@ -1176,8 +1178,7 @@ fn carry_out(
                     continue;
                 };
                 let ordinal = judgement.ordinal;
-                let verdict =
-                    tokio::task::spawn_blocking(move || judgement.judge(&check, &Device::flex()));
+                let verdict = tokio::task::spawn_blocking(move || judgement.judge(&check));
                 *judging = Some((ordinal, verdict));
             }
         }

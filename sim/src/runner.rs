@@ -802,7 +802,6 @@ fn walk_chain(
         trainer,
         ..
     } = *context;
-    let eval_device = Device::flex();
     let mut processed = 0u64;
     // The loss rule at work on the last hop taken. As on the server, its
     // verdict comes once the next hop has gone out: the rule judges while
@@ -812,7 +811,7 @@ fn walk_chain(
     let mut judging: Option<Judgement> = None;
     let round = seed.round;
     let judge = |chain: &mut Chain, judgement: Judgement| -> Option<Judgement> {
-        let verdict = defence.judge(&judgement, &eval_device);
+        let verdict = defence.judge(&judgement);
         next_judgement(defence.note(chain.verdict(judgement.ordinal, verdict), round))
     };
     loop {
@@ -1027,9 +1026,9 @@ impl Defence {
 
     /// The loss rule's verdict on one hop (accepted when the run has
     /// no validation set).
-    fn judge(&self, judgement: &Judgement, device: &Device) -> Verdict {
+    fn judge(&self, judgement: &Judgement) -> Verdict {
         match &self.loss_check {
-            Some(check) => judgement.judge(check, device),
+            Some(check) => judgement.judge(check),
             None => Verdict::Accepted { after: f64::NAN },
         }
     }

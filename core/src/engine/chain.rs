@@ -148,10 +148,11 @@ impl Judgement {
     /// and `check`'s verdict; a loss that cannot be computed is infinite
     /// (refused). Judging moves the rule's baseline: `check` keeps the
     /// change in its window of recent hops, so judge each hop once.
-    pub fn judge(&self, check: &LossCheck, device: &burn::prelude::Device) -> Verdict {
-        let loss = |values: &[f32]| check.loss(values, device).unwrap_or(f64::INFINITY);
-        let before = self.known.unwrap_or_else(|| loss(&self.sent));
-        let after = loss(&self.new);
+    pub fn judge(&self, check: &LossCheck) -> Verdict {
+        let before = self
+            .known
+            .unwrap_or_else(|| check.sent_loss(&self.sent).unwrap_or(f64::INFINITY));
+        let after = check.loss(&self.new).unwrap_or(f64::INFINITY);
         match check.judge(before, after) {
             Ok(()) => Verdict::Accepted { after },
             Err(refusal) => Verdict::Refused {
