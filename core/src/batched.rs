@@ -135,9 +135,9 @@ struct Geometry {
     /// Each convolution's im2col for one client: for column row `k * P +
     /// p`, the input row it copies.
     index: [Vec<i64>; 3],
-    /// The gathers for a stack of A clients (each client's rows offset),
-    /// made once per A.
-    gathers: std::sync::Mutex<BTreeMap<usize, [Tensor<1, Int>; 3]>>,
+    /// The gathers for the widest stack yet (each client's rows offset),
+    /// and that width.
+    gathers: std::sync::Mutex<Option<(usize, [Tensor<1, Int>; 3])>>,
 }
 
 impl Geometry {
@@ -155,26 +155,29 @@ impl Geometry {
             positions: [0, 1, 2].map(|l| maps[l][0] * maps[l][1]),
             columns: [0, 1, 2].map(|l| CONV_KERNEL[l] * CONV_KERNEL[l] * channels[l]),
             index: [index(0), index(1), index(2)],
-            gathers: std::sync::Mutex::new(BTreeMap::new()),
+            gathers: std::sync::Mutex::new(None),
         }
     }
 
-    /// The three gathers for a stack of `a` clients.
+    /// The three gathers for a stack of `a` clients: the client-major
+    /// gather of a wider stack, cut to its first `a` clients (a stack only
+    /// narrows), or made anew for a wider one.
     fn gathers(&self, a: usize) -> [Tensor<1, Int>; 3] {
-        let mut made = self.gathers.lock().expect("no gather panicked");
-        made.entry(a)
-            .or_insert_with(|| {
-                std::array::from_fn(|l| {
-                    let one = &self.index[l];
-                    let rows = self.inputs[l] as i64;
-                    let index: Vec<i64> = (0..a as i64)
-                        .flat_map(|client| one.iter().map(move |&i| client * rows + i))
-                        .collect();
-                    let n = index.len();
-                    Tensor::<1, Int>::from_data(TensorData::new(index, [n]), &self.device)
-                })
-            })
-            .clone()
+        let mut widest = self.gathers.lock().expect("no gather panicked");
+        if widest.as_ref().is_none_or(|(width, _)| *width < a) {
+            let made = std::array::from_fn(|l| {
+                let one = &self.index[l];
+                let rows = self.inputs[l] as i64;
+                let index: Vec<i64> = (0..a as i64)
+                    .flat_map(|client| one.iter().map(move |&i| client * rows + i))
+                    .collect();
+                let n = index.len();
+                Tensor::<1, Int>::from_data(TensorData::new(index, [n]), &self.device)
+            });
+            *widest = Some((a, made));
+        }
+        let (_, made) = widest.as_ref().expect("made above");
+        std::array::from_fn(|l| made[l].clone().narrow(0, 0, a * self.index[l].len()))
     }
 
     /// Rows and columns of each stacked parameter (the client axis comes
@@ -244,6 +247,9 @@ fn im2col_index(
     kernel: usize,
     stride: usize,
 ) -> Vec<i64> {
+    if height < kernel || width < kernel {
+        return Vec::new();
+    }
     let out_h = (height - kernel) / stride + 1;
     let out_w = (width - kernel) / stride + 1;
     let mut index = Vec::with_capacity(channels * kernel * kernel * out_h * out_w);
@@ -398,7 +404,8 @@ fn train_stack(
         moment_1: zeros.clone(),
         moment_2: zeros,
         learning_rate: per_client(&|c| c.learning_rate),
-        prox_mu: per_client(&|c| c.prox_mu),
+        // `train::train` adds the term only for a positive mu.
+        prox_mu: per_client(&|c| c.prox_mu.max(0.0)),
         loss: Tensor::zeros([active], device),
     };
 

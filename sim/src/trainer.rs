@@ -139,11 +139,23 @@ type Trained = Result<(Weights, TrainStats), WeightsError>;
 struct Meeting<'a> {
     /// Chains running (between [`Trainer::join`] and its guard's drop).
     active: usize,
-    /// Workers inside [`Trainer::train`], waiting or being trained.
-    blocked: usize,
+    /// Hops taken out of `waiting` whose workers have not collected their
+    /// results yet (being trained, or trained and not yet woken).
+    busy: usize,
     waiting: Vec<(u64, HopJob<'a>)>,
     done: HashMap<u64, Trained>,
     next: u64,
+}
+
+impl Meeting<'_> {
+    /// Whether the waiting hops should be trained now: a full stack
+    /// waits, or every chain is waiting and none is about to come back
+    /// with another hop (a stack trained but not yet collected would
+    /// bring its chains back; launching before would split the stacks).
+    fn ready(&self, stack: usize) -> bool {
+        self.waiting.len() >= stack
+            || (!self.waiting.is_empty() && self.busy == 0 && self.waiting.len() >= self.active)
+    }
 }
 
 /// Trains the hops of a round's chains (see the module's documentation).
@@ -151,6 +163,8 @@ pub(crate) struct Trainer<'a> {
     engine: Engine,
     stack: usize,
     model_config: &'a ModelConfig,
+    /// The model's parameter shapes, which every hop's weights must fit.
+    shapes: Vec<astraea_core::weights::ParamShape>,
     device: Device,
     meeting: Mutex<Meeting<'a>>,
     changed: Condvar,
@@ -176,6 +190,7 @@ impl<'a> Trainer<'a> {
         Self {
             engine: settings.engine,
             stack: settings.stack.max(1),
+            shapes: Weights::shapes_of(&model_config.init_zeros(&Device::flex())),
             model_config,
             device: settings.device.device(),
             meeting: Mutex::new(Meeting::default()),
@@ -220,11 +235,18 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Trains `jobs` as one stack.
+    /// Trains `jobs` as one stack; a job whose weights do not fit the
+    /// model fails alone, as it would trained by itself.
     fn run(&self, jobs: Vec<HopJob<'a>>) -> Vec<Trained> {
+        let fits: Vec<Result<(), WeightsError>> = jobs
+            .iter()
+            .map(|job| job.weights.check_fits(&self.shapes))
+            .collect();
         let stack: Vec<Job<'_>> = jobs
             .iter()
-            .map(|job| Job {
+            .zip(&fits)
+            .filter(|(_, fit)| fit.is_ok())
+            .map(|(job, _)| Job {
                 weights: &job.weights,
                 data: Samples {
                     images: &job.images,
@@ -233,28 +255,35 @@ impl<'a> Trainer<'a> {
                 config: job.config.clone(),
             })
             .collect();
-        match train_batched(self.model_config, &stack, &self.device) {
-            Ok(results) => results.into_iter().map(Ok).collect(),
-            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+        let mut trained = match train_batched(self.model_config, &stack, &self.device) {
+            Ok(results) => results.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => stack.iter().map(|_| Err(e.clone())).collect(),
         }
+        .into_iter();
+        fits.into_iter()
+            .map(|fit| match fit {
+                Ok(()) => trained.next().expect("one result a fitting job"),
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 
     /// Waits with the other chains' hops; whoever finds a stack ready
-    /// trains it.
+    /// trains it. A stack whose training panics gives each of its hops an
+    /// error rather than leaving their workers waiting for ever.
     fn meet(&self, job: HopJob<'a>) -> Trained {
         let mut meeting = self.lock();
         let ticket = meeting.next;
         meeting.next += 1;
         meeting.waiting.push((ticket, job));
-        meeting.blocked += 1;
+        self.changed.notify_all();
         loop {
             if let Some(result) = meeting.done.remove(&ticket) {
-                meeting.blocked -= 1;
+                meeting.busy -= 1;
+                self.changed.notify_all();
                 return result;
             }
-            let ready = meeting.waiting.len() >= self.stack
-                || (!meeting.waiting.is_empty() && meeting.blocked >= meeting.active);
-            if !ready {
+            if !meeting.ready(self.stack) {
                 meeting = self
                     .changed
                     .wait(meeting)
@@ -264,11 +293,106 @@ impl<'a> Trainer<'a> {
             let take = meeting.waiting.len().min(self.stack);
             let (tickets, jobs): (Vec<u64>, Vec<HopJob<'a>>) =
                 meeting.waiting.drain(..take).unzip();
+            meeting.busy += take;
             drop(meeting);
-            let results = self.run(jobs);
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(jobs)))
+                .unwrap_or_else(|panic| {
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    let error =
+                        WeightsError::Readback(format!("training the stack failed: {reason}"));
+                    tickets.iter().map(|_| Err(error.clone())).collect()
+                });
             meeting = self.lock();
             meeting.done.extend(tickets.into_iter().zip(results));
             self.changed.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Two hops of 30 blank samples from `start`; the second's images cut
+    /// short when `broken` (training it panics on a slice out of range).
+    fn hops(start: &Weights, images: &[f32], broken: bool) -> Vec<HopJob<'static>> {
+        (0..2)
+            .map(|i| HopJob {
+                weights: start.clone(),
+                images: if broken && i == 1 {
+                    images[..784].to_vec()
+                } else {
+                    images.to_vec()
+                },
+                labels: Cow::Owned(vec![(i % 10) as u32; 30]),
+                config: TrainConfig {
+                    seed: i as u64,
+                    ..TrainConfig::default()
+                },
+            })
+            .collect()
+    }
+
+    /// Trains `jobs` on one thread each through a meeting of `stack`,
+    /// giving up after a minute (a hang fails the test).
+    fn meet_all(jobs: Vec<HopJob<'static>>, stack: usize) -> Vec<bool> {
+        let config = Box::leak(Box::new(ModelConfig::new(10)));
+        let trainer = Trainer::new(
+            TrainerSettings {
+                stack,
+                ..TrainerSettings::default()
+            },
+            config,
+        );
+        let (tx, rx) = mpsc::channel();
+        // Every chain joins before any trains, so the hops meet.
+        let joined = std::sync::Barrier::new(jobs.len());
+        std::thread::spawn(move || {
+            let oks = std::thread::scope(|scope| {
+                let handles: Vec<_> = jobs
+                    .into_iter()
+                    .map(|job| {
+                        let (trainer, joined) = (&trainer, &joined);
+                        scope.spawn(move || {
+                            let _member = trainer.join();
+                            joined.wait();
+                            trainer.train(job).is_ok()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            let _ = tx.send(oks);
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the meeting hung")
+    }
+
+    #[test]
+    fn a_stack_that_panics_gives_its_hops_errors_not_a_hang() {
+        let config = ModelConfig::new(10);
+        let start = Weights::from_model(&config.init(&Device::flex()));
+        let images = vec![0.5f32; 30 * 784];
+        assert_eq!(meet_all(hops(&start, &images, false), 2), vec![true, true]);
+        assert_eq!(meet_all(hops(&start, &images, true), 2), vec![false, false]);
+    }
+
+    #[test]
+    fn weights_that_do_not_fit_fail_their_own_hop_only() {
+        let config = ModelConfig::new(10);
+        let start = Weights::from_model(&config.init(&Device::flex()));
+        let images = vec![0.5f32; 30 * 784];
+        let mut jobs = hops(&start, &images, false);
+        jobs[0].weights.values.pop();
+        assert_eq!(meet_all(jobs, 2), vec![false, true]);
     }
 }
