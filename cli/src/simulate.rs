@@ -183,8 +183,8 @@ pub(crate) struct SimulateArgs {
     /// Hops the batched engine trains as one stack: 1 lets each worker
     /// train its own (fastest on a CPU); a GPU wants hundreds or more
     /// (the round's chains then meet, up to this many).
-    #[arg(long, default_value_t = 1)]
-    stack: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    stack: u32,
     /// Where the batched engine computes: cpu, or gpu (burn's wgpu
     /// backend; builds with the `gpu` feature only).
     #[arg(long, default_value = "cpu")]
@@ -300,7 +300,7 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         threads,
         trainer: astraea_sim::TrainerSettings {
             engine: args.engine,
-            stack: args.stack,
+            stack: args.stack as usize,
             device: args.device,
         },
         out_dir: args.out.clone(),

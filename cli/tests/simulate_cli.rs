@@ -128,12 +128,17 @@ fn a_missing_dataset_names_the_fetch_command() {
 fn an_impossible_time_limit_is_refused_with_its_name_in_every_command() {
     // A hop deadline no clock can hold, a negative one, a stall timeout of
     // two days: each command refuses the flag by name and exits, where
-    // `serve` panicked on the first two before reading any data.
-    let cases: [&[&str]; 4] = [
+    // `serve` panicked on the first two before reading any data. So are
+    // the simulator's engine settings (a stack of none was taken as one,
+    // silently; a GPU in a build without one).
+    let cases: [&[&str]; 7] = [
         &["serve", "--hop-deadline", "1e308"],
         &["serve", "--hop-deadline=-1"],
         &["serve", "--stall-timeout", "172800"],
         &["simulate", "--hop-deadline", "1e308"],
+        &["simulate", "--stack", "0"],
+        &["simulate", "--engine", "vmap"],
+        &["simulate", "--device", "tpu"],
     ];
     for args in cases {
         let output = Command::new(env!("CARGO_BIN_EXE_astraea"))
