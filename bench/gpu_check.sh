@@ -23,7 +23,7 @@ nvidia-smi -L; nproc
 B=/tmp/astraea; gunzip -c .gpu/astraea.gz > $B; chmod +x $B
 S() { echo "== $* $(date +%T)"; }
 S smoke; timeout 90 $B bench simulate --device gpu --clients 10 --paths "batched, one stack" --repeats 1 --python /nonexistent --data-dir .gpu/data 2>&1 | grep -v "^\s*$" | tail -8 | tee $OUT/smoke.txt
-S bench; timeout 230 $B bench simulate --device gpu --clients 50,500,2000 --paths "batched, one stack" --repeats 2 --threads 16 --python python3 --script bench/torch_simulate.py --data-dir .gpu/data > $OUT/bench-gpu.txt 2>&1; tail -20 $OUT/bench-gpu.txt
+S bench; timeout 230 $B bench simulate --device gpu --clients 50,500,2000 --samples 30 --paths "batched, one stack" --repeats 2 --threads 16 --python python3 --script bench/torch_simulate.py --data-dir .gpu/data > $OUT/bench-gpu.txt 2>&1; tail -20 $OUT/bench-gpu.txt
 S cpu16; timeout 60 $B bench simulate --device cpu --clients 500 --paths "per-client;batched" --repeats 1 --threads 16 --python /nonexistent --data-dir .gpu/data > $OUT/bench-cpu16.txt 2>&1; tail -9 $OUT/bench-cpu16.txt
 S paper; timeout 110 $B simulate --device gpu --stack 64 --threads 64 --strategies fedavg,astraea --rounds 20 --data-dir .gpu/data --out /tmp/paper > $OUT/paper-gpu.txt 2>&1; tail -12 $OUT/paper-gpu.txt
 S done

@@ -33,7 +33,9 @@ pub(crate) struct SimulateArgs {
     /// with --clients K, the federation of K demo shards of a served run.
     #[arg(long)]
     max_train: Option<usize>,
-    /// Partition: iid, dirichlet:ALPHA, pathological:K, long-tail:RATIO.
+    /// Partition: iid, dirichlet:ALPHA, pathological:K,
+    /// long-tail:RATIO[:LOCAL_ALPHA[:REUSE]] (REUSE: clients that may hold
+    /// each sample, for populations larger than the data).
     #[arg(long, default_value = "long-tail:10")]
     partition: PartitionSpec,
     /// K: clients in the federation.

@@ -8,9 +8,10 @@
 //! forward and one backward pass of the same few dozen operations, each K
 //! times larger:
 //!
-//! - a convolution is an im2col gather (`select` with a fixed index) and one
-//!   batched matrix product over the client axis, activations kept
-//!   channels-last so no layer needs a transpose;
+//! - a convolution is an im2col gather and one batched matrix product over
+//!   the client axis; activations are `[A * C * H * W, B]`, the batch's
+//!   samples innermost, so the gather copies whole rows and no layer needs
+//!   a transpose;
 //! - the backward pass is written out (matrix products, the gather's
 //!   scatter-add, the ReLU and dropout masks, softmax cross-entropy), so it
 //!   needs no autodiff graph and runs on any burn device, the CPU or a GPU;

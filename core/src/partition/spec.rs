@@ -136,7 +136,7 @@ impl FromStr for PartitionSpec {
             }
             _ => {
                 return Err(fail(
-                    "expected iid, dirichlet:A, pathological:K or long-tail:R[:A]",
+                    "expected iid, dirichlet:A, pathological:K or long-tail:R[:A[:REUSE]]",
                 ));
             }
         };
