@@ -128,7 +128,9 @@ pub fn run_astraea(
                             let Some(stack) = stacks.get(i) else {
                                 return Ok(());
                             };
-                            train_batched(&model_config, stack, device)?;
+                            for trained in train_batched(&model_config, stack, device) {
+                                trained?;
+                            }
                         }
                     })
                 })

@@ -68,47 +68,21 @@ const CONV_KERNEL: [usize; 3] = [5, 3, 2];
 const CONV_STRIDE: [usize; 3] = [2, 2, 1];
 const HIDDEN: usize = 150;
 
+/// What training one job gave: its new weights and what the visit did, or
+/// why it failed.
+pub type Trained = Result<(Weights, TrainStats), WeightsError>;
+
 /// Trains every job's visit and returns, per job in order, the new weights
 /// and what the visit did: what [`crate::train::train`] returns for each,
-/// computed side by side. Jobs of different batch sizes are trained in
-/// separate stacks, one after the other.
+/// computed side by side ([`BatchedModel::train`], set up for this call).
 ///
 /// `device` is any burn device (no autodiff needed).
-///
-/// # Errors
-/// [`WeightsError`] if a job's weights do not fit `model_config`, or
-/// reading the result back fails.
 pub fn train_batched(
     model_config: &ModelConfig,
     jobs: &[Job<'_>],
     device: &Device,
-) -> Result<Vec<(Weights, TrainStats)>, WeightsError> {
-    let shapes = Weights::shapes_of(&model_config.init_zeros(&Device::flex()));
-    for job in jobs {
-        job.weights.check_fits(&shapes)?;
-    }
-    let geometry = Geometry::new(model_config, device);
-    let mut by_batch: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, job) in jobs.iter().enumerate() {
-        by_batch
-            .entry(job.config.batch_size.max(1))
-            .or_default()
-            .push(i);
-    }
-    let mut results: Vec<Option<(Weights, TrainStats)>> = vec![None; jobs.len()];
-    for (batch, members) in by_batch {
-        let stack: Vec<&Job<'_>> = members.iter().map(|&i| &jobs[i]).collect();
-        for (i, result) in members
-            .into_iter()
-            .zip(train_stack(&geometry, &stack, batch)?)
-        {
-            results[i] = Some(result);
-        }
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| r.expect("every job belongs to one stack"))
-        .collect())
+) -> Vec<Trained> {
+    BatchedModel::new(model_config, device).train(jobs)
 }
 
 /// The model's sizes, and the gathers that turn each convolution's input
@@ -373,20 +347,6 @@ fn train_stack(
         return Ok(results.into_iter().map(Option::unwrap).collect());
     }
 
-    let dims = geometry.param_dims();
-    let stacked = |lanes: &[Lane<'_>]| -> [Tensor<3>; 10] {
-        let mut host: [Vec<f32>; 10] = Default::default();
-        for lane in lanes {
-            geometry.stack_rows(&jobs[lane.job].weights.values, &mut host);
-        }
-        let a = lanes.len();
-        let mut j = 0;
-        host.map(|values| {
-            let [rows, cols] = dims[j];
-            j += 1;
-            Tensor::from_data(TensorData::new(values, [a, rows, cols]), device)
-        })
-    };
     let per_client = |f: &dyn Fn(&TrainConfig) -> f64| -> Tensor<3> {
         let values: Vec<f32> = lanes[..active]
             .iter()
@@ -394,7 +354,11 @@ fn train_stack(
             .collect();
         Tensor::from_data(TensorData::new(values, [active, 1, 1]), device)
     };
-    let params = stacked(&lanes[..active]);
+    let models: Vec<&[f32]> = lanes[..active]
+        .iter()
+        .map(|lane| &jobs[lane.job].weights.values[..])
+        .collect();
+    let params = upload(geometry, &models);
     let zeros = params.clone().map(|p| p.zeros_like());
     let proximal = lanes[..active]
         .iter()
@@ -616,16 +580,22 @@ fn forward(
     }
 }
 
-/// The ten parameters of one model as a stack of one.
-fn one_stack(geometry: &Geometry, weights: &Weights) -> [Tensor<3>; 10] {
+/// The ten stacked parameters of `models` (flat weights in the module's
+/// layout), one client after another.
+fn upload(geometry: &Geometry, models: &[&[f32]]) -> [Tensor<3>; 10] {
     let dims = geometry.param_dims();
     let mut host: [Vec<f32>; 10] = Default::default();
-    geometry.stack_rows(&weights.values, &mut host);
+    for values in models {
+        geometry.stack_rows(values, &mut host);
+    }
     let mut j = 0;
     host.map(|values| {
         let [rows, cols] = dims[j];
         j += 1;
-        Tensor::from_data(TensorData::new(values, [1, rows, cols]), &geometry.device)
+        Tensor::from_data(
+            TensorData::new(values, [models.len(), rows, cols]),
+            &geometry.device,
+        )
     })
 }
 
@@ -644,15 +614,15 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
 ) -> Result<EvalStats, WeightsError> {
-    Evaluator::new(model_config, device).evaluate(weights, data, batch_size)
+    BatchedModel::new(model_config, device).evaluate(weights, data, batch_size)
 }
 
-/// [`evaluate`] for one model shape, made once and kept: a judge that
-/// evaluates thousands of small updates (the loss rule, 64 samples each)
-/// builds the model's shapes and the convolutions' gathers once, not per
-/// update.
+/// The batched trainer and evaluator for one model shape on one device,
+/// made once and kept: what thousands of small hops or judgements (the
+/// loss rule, 64 samples each) would otherwise build each time, the
+/// model's parameter shapes and the convolutions' gathers.
 #[derive(Debug)]
-pub struct Evaluator {
+pub struct BatchedModel {
     shapes: Vec<crate::weights::ParamShape>,
     geometry: Geometry,
 }
@@ -665,13 +635,52 @@ impl std::fmt::Debug for Geometry {
     }
 }
 
-impl Evaluator {
-    /// An evaluator of `model_config`'s models on `device`.
+impl BatchedModel {
+    /// `model_config`'s models on `device`.
     pub fn new(model_config: &ModelConfig, device: &Device) -> Self {
         Self {
             shapes: Weights::shapes_of(&model_config.init_zeros(&Device::flex())),
             geometry: Geometry::new(model_config, device),
         }
+    }
+
+    /// Trains every job's visit, as [`train_batched`]: jobs of one batch
+    /// size as one stack, the stacks one after the other. A job whose
+    /// weights do not fit the model fails alone; a stack whose result
+    /// cannot be read back fails each of its jobs.
+    pub fn train(&self, jobs: &[Job<'_>]) -> Vec<Trained> {
+        let mut results: Vec<Option<Trained>> = jobs
+            .iter()
+            .map(|job| job.weights.check_fits(&self.shapes).err().map(Err))
+            .collect();
+        let mut by_batch: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if results[i].is_none() {
+                by_batch
+                    .entry(job.config.batch_size.max(1))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (batch, members) in by_batch {
+            let stack: Vec<&Job<'_>> = members.iter().map(|&i| &jobs[i]).collect();
+            match train_stack(&self.geometry, &stack, batch) {
+                Ok(trained) => {
+                    for (i, result) in members.into_iter().zip(trained) {
+                        results[i] = Some(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    for i in members {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job fails its fit or belongs to one stack"))
+            .collect()
     }
 
     /// [`evaluate`] of `weights` on `data`.
@@ -687,7 +696,7 @@ impl Evaluator {
         weights.check_fits(&self.shapes)?;
         let geometry = &self.geometry;
         let device = &geometry.device;
-        let params = one_stack(geometry, weights);
+        let params = upload(geometry, &[&weights.values]);
         let sample = geometry.sample;
         let mut correct = 0i64;
         let mut loss_sum = 0.0;
@@ -942,7 +951,10 @@ mod tests {
             })
             .collect();
 
-        let batched = train_batched(&config, &jobs, &device).unwrap();
+        let batched: Vec<(Weights, TrainStats)> = train_batched(&config, &jobs, &device)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
 
         let autodiff = Device::flex().autodiff();
         for (job, (weights, stats)) in jobs.iter().zip(&batched) {

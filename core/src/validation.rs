@@ -77,7 +77,7 @@ pub struct LossCheck {
     /// ([`LossCheck::sent_loss`]).
     last_sent: Mutex<Option<(Vec<f32>, f64)>>,
     /// The batched forward pass, set up once for every hop judged.
-    evaluator: crate::batched::Evaluator,
+    evaluator: crate::batched::BatchedModel,
 }
 
 impl LossCheck {
@@ -103,7 +103,7 @@ impl LossCheck {
             },
             recent: Mutex::new(VecDeque::with_capacity(WINDOW)),
             last_sent: Mutex::new(None),
-            evaluator: crate::batched::Evaluator::new(&model_config, &Device::flex()),
+            evaluator: crate::batched::BatchedModel::new(&model_config, &Device::flex()),
         }
     }
 

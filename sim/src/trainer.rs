@@ -21,9 +21,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Condvar, Mutex};
 
-use astraea_core::batched::{Job, train_batched};
+use astraea_core::batched::{BatchedModel, Job};
 use astraea_core::model::ModelConfig;
-use astraea_core::train::{self, Samples, TrainConfig, TrainStats};
+use astraea_core::train::{self, Samples, TrainConfig};
 use astraea_core::weights::{Weights, WeightsError};
 use burn::prelude::*;
 
@@ -132,7 +132,7 @@ pub(crate) struct HopJob<'a> {
     pub config: TrainConfig,
 }
 
-type Trained = Result<(Weights, TrainStats), WeightsError>;
+use astraea_core::batched::Trained;
 
 /// The hops waiting to be trained and those trained, by ticket.
 #[derive(Default)]
@@ -163,9 +163,8 @@ pub(crate) struct Trainer<'a> {
     engine: Engine,
     stack: usize,
     model_config: &'a ModelConfig,
-    /// The model's parameter shapes, which every hop's weights must fit.
-    shapes: Vec<astraea_core::weights::ParamShape>,
-    device: Device,
+    /// The batched engine, set up once for the round's hops.
+    batched: BatchedModel,
     meeting: Mutex<Meeting<'a>>,
     changed: Condvar,
 }
@@ -190,9 +189,8 @@ impl<'a> Trainer<'a> {
         Self {
             engine: settings.engine,
             stack: settings.stack.max(1),
-            shapes: Weights::shapes_of(&model_config.init_zeros(&Device::flex())),
+            batched: BatchedModel::new(model_config, &settings.device.device()),
             model_config,
-            device: settings.device.device(),
             meeting: Mutex::new(Meeting::default()),
             changed: Condvar::new(),
         }
@@ -235,18 +233,12 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Trains `jobs` as one stack; a job whose weights do not fit the
-    /// model fails alone, as it would trained by itself.
+    /// Trains `jobs` as one stack (a job whose weights do not fit the
+    /// model fails alone, as it would trained by itself).
     fn run(&self, jobs: Vec<HopJob<'a>>) -> Vec<Trained> {
-        let fits: Vec<Result<(), WeightsError>> = jobs
-            .iter()
-            .map(|job| job.weights.check_fits(&self.shapes))
-            .collect();
         let stack: Vec<Job<'_>> = jobs
             .iter()
-            .zip(&fits)
-            .filter(|(_, fit)| fit.is_ok())
-            .map(|(job, _)| Job {
+            .map(|job| Job {
                 weights: &job.weights,
                 data: Samples {
                     images: &job.images,
@@ -255,17 +247,7 @@ impl<'a> Trainer<'a> {
                 config: job.config.clone(),
             })
             .collect();
-        let mut trained = match train_batched(self.model_config, &stack, &self.device) {
-            Ok(results) => results.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => stack.iter().map(|_| Err(e.clone())).collect(),
-        }
-        .into_iter();
-        fits.into_iter()
-            .map(|fit| match fit {
-                Ok(()) => trained.next().expect("one result a fitting job"),
-                Err(e) => Err(e),
-            })
-            .collect()
+        self.batched.train(&stack)
     }
 
     /// Waits with the other chains' hops; whoever finds a stack ready
