@@ -165,7 +165,7 @@ pub fn demo_config(shards: usize, max_train: usize, rounds: u32, gamma: usize) -
         rescheduling: Rescheduling {
             gamma,
             passes: 2,
-            speed_weight: None,
+            scheduler: astraea_core::astraea::Scheduler::Greedy,
         },
         prox_mu: 0.0,
         aggregation: Default::default(),

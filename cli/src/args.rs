@@ -61,3 +61,37 @@ impl From<ScheduleArgs> for astraea_core::engine::Schedule {
         }
     }
 }
+
+/// Who forms the mediators, the same flags (and `ASTRAEA_*` variables) for
+/// `serve` and `simulate`: an `astraea_core::astraea::Scheduler`.
+#[derive(clap::Args, Clone)]
+pub(crate) struct SchedulerArgs {
+    /// Who forms the mediators: greedy (the papers' KL rule),
+    /// speed-aware:WEIGHT (label balance against chain-time balance),
+    /// random, oort (utility times speed, Oort-style) or learned:PATH (a
+    /// policy written by `astraea train-scheduler`).
+    #[arg(long, env = "ASTRAEA_SCHEDULER", default_value = "greedy", value_parser = parse_scheduler, conflicts_with = "speed_weight")]
+    pub(crate) scheduler: astraea_core::astraea::Scheduler,
+    /// Shorthand for --scheduler speed-aware:WEIGHT.
+    #[arg(long)]
+    pub(crate) speed_weight: Option<f64>,
+}
+
+impl SchedulerArgs {
+    /// The scheduler the flags name.
+    pub(crate) fn scheduler(&self) -> anyhow::Result<astraea_core::astraea::Scheduler> {
+        match self.speed_weight {
+            Some(weight) => Ok(
+                parse_scheduler(&format!("speed-aware:{weight}")).map_err(anyhow::Error::msg)?
+            ),
+            None => Ok(self.scheduler.clone()),
+        }
+    }
+}
+
+/// `--scheduler`'s parser: `learned:PATH` reads the policy file.
+fn parse_scheduler(text: &str) -> Result<astraea_core::astraea::Scheduler, String> {
+    astraea_core::astraea::Scheduler::parse(text, |path| {
+        std::fs::read(path).map_err(|e| format!("cannot read the policy {path}: {e}"))
+    })
+}

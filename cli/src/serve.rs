@@ -60,11 +60,8 @@ pub(crate) struct ServeArgs {
     /// E_m: passes of a mediator over its clients per round.
     #[arg(long, env = "ASTRAEA_MEDIATOR_PASSES", default_value_t = 2)]
     mediator_passes: usize,
-    /// Speed-aware mediators: balance the chains' expected times (measured
-    /// speeds times data sizes) against their label mix with this weight;
-    /// unset, mediators are the papers' greedy, blind to speed.
-    #[arg(long)]
-    speed_weight: Option<f64>,
+    #[command(flatten)]
+    scheduler: crate::args::SchedulerArgs,
     /// Label counts under local differential privacy: clients report each
     /// count with discrete Laplace noise of scale 1/EPSILON (each report
     /// EPSILON-DP for any one sample); the plan and the mediators use the
@@ -279,7 +276,7 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             rescheduling: Rescheduling {
                 gamma: args.gamma,
                 passes: args.mediator_passes,
-                speed_weight: args.speed_weight,
+                scheduler: args.scheduler.scheduler()?,
             },
             prox_mu: args.prox_mu,
             aggregation: args.aggregation,

@@ -62,11 +62,8 @@ pub(crate) struct SimulateArgs {
     /// E_m: passes of a mediator over its clients per round.
     #[arg(long, default_value_t = 2)]
     mediator_passes: usize,
-    /// Speed-aware mediators: balance the chains' expected times (measured
-    /// speeds times data sizes) against their label mix with this weight;
-    /// unset, mediators are the papers' greedy, blind to speed.
-    #[arg(long)]
-    speed_weight: Option<f64>,
+    #[command(flatten)]
+    scheduler: crate::args::SchedulerArgs,
     /// tau_d of the z-score plan.
     #[arg(long, default_value_t = 3.5)]
     tau_d: f64,
@@ -226,7 +223,7 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         attack: args.attack,
         attackers: args.attackers / 100.0,
         guard: args.guard.into(),
-        speed_weight: args.speed_weight,
+        scheduler: args.scheduler.scheduler()?,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
         secure_quorum: args.secure_quorum,

@@ -57,7 +57,7 @@ fn served(state_dir: &Path) -> ServeConfig {
             rescheduling: Rescheduling {
                 gamma: PARTICIPANTS / 2,
                 passes: 2,
-                speed_weight: None,
+                scheduler: astraea_core::astraea::Scheduler::Greedy,
             },
             prox_mu: 0.0,
             aggregation: Default::default(),
@@ -101,7 +101,7 @@ fn simulated(serve: &ServeConfig) -> SimConfig {
         attack: None,
         attackers: 0.0,
         guard: serve.guard,
-        speed_weight: settings.rescheduling.speed_weight,
+        scheduler: settings.rescheduling.scheduler.clone(),
         label_epsilon: serve.label_epsilon,
         model_privacy: None,
         secure_aggregation: serve.secure_aggregation,

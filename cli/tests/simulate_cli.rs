@@ -130,8 +130,9 @@ fn an_impossible_time_limit_is_refused_with_its_name_in_every_command() {
     // two days: each command refuses the flag by name and exits, where
     // `serve` panicked on the first two before reading any data. So are
     // the simulator's engine settings (a stack of none was taken as one,
-    // silently; a GPU in a build without one).
-    let cases: [&[&str]; 7] = [
+    // silently; a GPU in a build without one), and a scheduler that is
+    // not one or whose policy file cannot be read.
+    let cases: [&[&str]; 10] = [
         &["serve", "--hop-deadline", "1e308"],
         &["serve", "--hop-deadline=-1"],
         &["serve", "--stall-timeout", "172800"],
@@ -139,6 +140,13 @@ fn an_impossible_time_limit_is_refused_with_its_name_in_every_command() {
         &["simulate", "--stack", "0"],
         &["simulate", "--engine", "vmap"],
         &["simulate", "--device", "tpu"],
+        &["simulate", "--scheduler", "fastest"],
+        &["simulate", "--scheduler", "speed-aware:-1"],
+        &[
+            "serve",
+            "--scheduler",
+            "learned:/nonexistent/policy.safetensors",
+        ],
     ];
     for args in cases {
         let output = Command::new(env!("CARGO_BIN_EXE_astraea"))

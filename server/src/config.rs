@@ -174,7 +174,7 @@ impl Default for ServeConfig {
                 rescheduling: Rescheduling {
                     gamma: 10,
                     passes: 2,
-                    speed_weight: None,
+                    scheduler: astraea_core::astraea::Scheduler::Greedy,
                 },
                 prox_mu: 0.01,
                 aggregation: Default::default(),

@@ -220,7 +220,7 @@ async fn a_client_killed_in_the_middle_of_a_chain_is_skipped_and_the_round_compl
     cfg.settings.rescheduling = Rescheduling {
         gamma: 4,
         passes: 2,
-        speed_weight: None,
+        scheduler: astraea_core::astraea::Scheduler::Greedy,
     };
     let (running, address) = start(cfg).await;
     let swarm = tokio::spawn(run_swarm(3, options(&address)));

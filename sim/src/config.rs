@@ -49,8 +49,9 @@ pub struct SimConfig {
     /// as the server would, and a client the guard refuses is dropped for
     /// the rest of the run.
     pub guard: GuardSettings,
-    /// Speed-aware mediators' weight (`None`: the papers' greedy).
-    pub speed_weight: Option<f64>,
+    /// Who forms the mediators (`--scheduler`; the papers' greedy by
+    /// default).
+    pub scheduler: astraea_core::astraea::Scheduler,
     /// Label counts under local DP: every client reports its counts with
     /// discrete Laplace noise for this epsilon (`astraea_core::privacy`);
     /// `None` reports them exactly.
@@ -181,7 +182,7 @@ impl SimConfig {
             rescheduling: Rescheduling {
                 gamma: self.gamma,
                 passes: self.mediator_passes,
-                speed_weight: self.speed_weight,
+                scheduler: self.scheduler.clone(),
             },
             prox_mu: self.prox_mu,
             aggregation: self.aggregation,

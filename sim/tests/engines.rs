@@ -44,7 +44,7 @@ fn config() -> (
         attackers: 0.0,
         guard: GuardSettings::default(),
         population: astraea_sim::population::Population::default(),
-        speed_weight: None,
+        scheduler: astraea_core::astraea::Scheduler::Greedy,
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,

@@ -92,7 +92,7 @@ fn slice() -> (
             ..GuardSettings::default()
         },
         population: astraea_sim::population::Population::default(),
-        speed_weight: None,
+        scheduler: astraea_core::astraea::Scheduler::Greedy,
         label_epsilon: None,
         model_privacy: None,
         hop_privacy: None,

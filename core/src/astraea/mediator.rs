@@ -1,14 +1,7 @@
 //! Greedy mediator assignment (docs/METHOD.md step 5): group the round's
 //! participants so that each group's combined label mix is near uniform.
 
-use crate::partition::kl_to_uniform;
-
-/// KL to uniform of `base + extra`, summed into `scratch`.
-fn kl_of_sum(base: &[usize], extra: &[usize], scratch: &mut Vec<usize>) -> f64 {
-    scratch.clear();
-    scratch.extend(base.iter().zip(extra).map(|(a, b)| a + b));
-    kl_to_uniform(scratch)
-}
+use super::scheduler::Scheduler;
 
 /// Assigns participants to mediators of at most `gamma` clients.
 ///
@@ -21,31 +14,7 @@ fn kl_of_sum(base: &[usize], extra: &[usize], scratch: &mut Vec<usize>) -> f64 {
 /// Returns the mediators as lists of participant indices, in the order the
 /// clients joined them, which is also the order the model travels.
 pub fn assign_mediators(counts: &[Vec<usize>], gamma: usize) -> Vec<Vec<usize>> {
-    let gamma = gamma.max(1);
-    let num_classes = counts.first().map_or(0, Vec::len);
-    let mut unassigned: Vec<usize> = (0..counts.len()).collect();
-    let mut mediators = Vec::new();
-    while !unassigned.is_empty() {
-        let mut members = Vec::with_capacity(gamma);
-        let mut combined = vec![0usize; num_classes];
-        let mut scratch = Vec::with_capacity(num_classes);
-        while members.len() < gamma && !unassigned.is_empty() {
-            let (slot, _) = unassigned
-                .iter()
-                .enumerate()
-                .map(|(slot, &i)| (slot, kl_of_sum(&combined, &counts[i], &mut scratch)))
-                .fold((0, f64::INFINITY), |best, cand| {
-                    if cand.1 < best.1 { cand } else { best }
-                });
-            let chosen = unassigned.remove(slot);
-            for (c, n) in combined.iter_mut().zip(&counts[chosen]) {
-                *c += n;
-            }
-            members.push(chosen);
-        }
-        mediators.push(members);
-    }
-    mediators
+    Scheduler::Greedy.assign(counts, &[], gamma, 0)
 }
 
 /// Speed-aware assignment: mediators whose label mixes are near uniform
@@ -73,71 +42,13 @@ pub fn assign_mediators_timed(
     gamma: usize,
     weight: f64,
 ) -> Vec<Vec<usize>> {
-    let gamma = gamma.max(1);
-    let c = counts.len();
-    let num_classes = counts.first().map_or(0, Vec::len);
-    let mut known: Vec<f64> = seconds
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .collect();
-    known.sort_by(f64::total_cmp);
-    let fallback = known.get(known.len() / 2).copied().unwrap_or(0.0);
-    let time: Vec<f64> = (0..c)
-        .map(|i| {
-            seconds
-                .get(i)
-                .copied()
-                .flatten()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .unwrap_or(fallback)
-        })
-        .collect();
-    let m = c.div_ceil(gamma);
-    let balanced = time.iter().sum::<f64>() / m.max(1) as f64;
-    let weight = if weight.is_finite() { weight } else { 0.0 };
-    let mut members: Vec<Vec<usize>> = vec![Vec::with_capacity(gamma); m];
-    let mut combined = vec![vec![0usize; num_classes]; m];
-    let mut load = vec![0.0f64; m];
-    let mut unassigned: Vec<usize> = (0..c).collect();
-    let mut scratch = Vec::with_capacity(num_classes);
-    while !unassigned.is_empty() {
-        let Some(mediator) = (0..m)
-            .filter(|&j| members[j].len() < gamma)
-            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
-        else {
-            break;
-        };
-        let (slot, _) = unassigned
-            .iter()
-            .enumerate()
-            .map(|(slot, &i)| {
-                let kl = kl_of_sum(&combined[mediator], &counts[i], &mut scratch);
-                let pull = if balanced > 0.0 {
-                    weight * time[i] / balanced
-                } else {
-                    0.0
-                };
-                (slot, kl - pull)
-            })
-            .fold((0, f64::INFINITY), |best, cand| {
-                if cand.1 < best.1 { cand } else { best }
-            });
-        let chosen = unassigned.remove(slot);
-        for (total, n) in combined[mediator].iter_mut().zip(&counts[chosen]) {
-            *total += n;
-        }
-        load[mediator] += time[chosen];
-        members[mediator].push(chosen);
-    }
-    members.retain(|g| !g.is_empty());
-    members
+    Scheduler::SpeedAware { weight }.assign(counts, seconds, gamma, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::kl_to_uniform;
 
     #[test]
     fn without_times_the_timed_assignment_is_the_papers_greedy() {

@@ -3,12 +3,10 @@
 //! ablations.
 
 use super::{Group, Participant, RoundPlan, Strategy, singleton_groups};
-use crate::astraea::{
-    AugmentationPlan, GlobalStats, PlanRule, assign_mediators, assign_mediators_timed,
-};
+use crate::astraea::{AugmentationPlan, GlobalStats, PlanRule, Scheduler};
 
 /// Astraea and its two ablations.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Astraea {
     /// The augmentation rule, or `None` to leave data alone.
     pub augmentation: Option<PlanRule>,
@@ -17,16 +15,14 @@ pub struct Astraea {
 }
 
 /// How mediators are formed and run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rescheduling {
     /// gamma: the most clients in one mediator (10 in the papers).
     pub gamma: usize,
     /// E_m: passes of the model over a mediator's clients per round (2).
     pub passes: usize,
-    /// Speed-aware mediators: the weight of chain-time balance against
-    /// label balance (`astraea::assign_mediators_timed`); `None` is the
-    /// papers' greedy, blind to speed.
-    pub speed_weight: Option<f64>,
+    /// Who forms the mediators: the papers' greedy by default.
+    pub scheduler: Scheduler,
 }
 
 impl Default for Rescheduling {
@@ -34,7 +30,7 @@ impl Default for Rescheduling {
         Self {
             gamma: 10,
             passes: 2,
-            speed_weight: None,
+            scheduler: Scheduler::Greedy,
         }
     }
 }
@@ -69,20 +65,15 @@ impl Strategy for Astraea {
     }
 
     fn configure_round(&self, participants: &[Participant]) -> RoundPlan {
-        let groups = match self.rescheduling {
+        let groups = match &self.rescheduling {
             None => singleton_groups(participants),
             Some(r) => {
                 let counts: Vec<Vec<usize>> =
                     participants.iter().map(|p| p.counts.clone()).collect();
-                let assigned = match r.speed_weight {
-                    None => assign_mediators(&counts, r.gamma),
-                    Some(weight) => {
-                        let seconds: Vec<Option<f64>> =
-                            participants.iter().map(|p| p.hop_seconds).collect();
-                        assign_mediators_timed(&counts, &seconds, r.gamma, weight)
-                    }
-                };
-                assigned
+                let seconds: Vec<Option<f64>> =
+                    participants.iter().map(|p| p.hop_seconds).collect();
+                r.scheduler
+                    .assign(&counts, &seconds, r.gamma, round_seed(participants))
                     .into_iter()
                     .map(|members| Group {
                         members: members.into_iter().map(|i| participants[i].id).collect(),
@@ -96,6 +87,20 @@ impl Strategy for Astraea {
             prox_mu: 0.0,
         }
     }
+}
+
+/// A seed for the random scheduler from the round's participants (their
+/// ids, in order; SplitMix64's finaliser over a running sum), so a run is
+/// reproducible and every round draws anew.
+fn round_seed(participants: &[Participant]) -> u64 {
+    participants.iter().fold(0x9E37_79B9_7F4A_7C15, |acc, p| {
+        let mut z = acc
+            .wrapping_add(p.id as u64)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
 }
 
 #[cfg(test)]
@@ -132,7 +137,7 @@ mod tests {
             rescheduling: Some(Rescheduling {
                 gamma: 2,
                 passes: 2,
-                speed_weight: None,
+                scheduler: Scheduler::Greedy,
             }),
         };
 

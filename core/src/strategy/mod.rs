@@ -158,7 +158,7 @@ impl StrategyKind {
 }
 
 /// The knobs every strategy kind may read when it is built.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StrategySettings {
     /// The augmentation rule (Astraea and its augmentation ablation).
     pub plan_rule: crate::astraea::PlanRule,
@@ -192,16 +192,17 @@ impl StrategyKind {
             StrategyKind::FedProx => Box::new(FedProx {
                 mu: settings.prox_mu,
             }),
-            StrategyKind::Astraea => {
-                Box::new(Astraea::full(settings.plan_rule, settings.rescheduling))
-            }
+            StrategyKind::Astraea => Box::new(Astraea::full(
+                settings.plan_rule,
+                settings.rescheduling.clone(),
+            )),
             StrategyKind::AstraeaAugmentation => Box::new(Astraea {
                 augmentation: Some(settings.plan_rule),
                 rescheduling: None,
             }),
             StrategyKind::AstraeaRescheduling => Box::new(Astraea {
                 augmentation: None,
-                rescheduling: Some(settings.rescheduling),
+                rescheduling: Some(settings.rescheduling.clone()),
             }),
         }
     }

@@ -41,7 +41,7 @@ pub fn config(strategy: StrategyKind, clients: usize, rounds: u32) -> ServeConfi
             rescheduling: Rescheduling {
                 gamma: 3,
                 passes: 2,
-                speed_weight: None,
+                scheduler: astraea_core::astraea::Scheduler::Greedy,
             },
             prox_mu: 0.01,
             aggregation: Default::default(),
