@@ -70,6 +70,92 @@ impl ChainSeed {
     }
 }
 
+/// A run's clients: their data, what they report to the server and how
+/// fast they train.
+pub struct RunClients {
+    /// Every client's data, the strategy's data plan applied.
+    pub federation: Federation,
+    /// What each client reports after the plan: the counts it holds, or
+    /// under label DP the plan applied to its noisy report.
+    pub reported: Vec<Vec<usize>>,
+    /// Each client's training speed, samples per second.
+    pub speeds: Vec<f64>,
+}
+
+/// The clients of `spec`'s run on `partition`: the data plan `strategy`
+/// makes from their (possibly noisy) reports applied, their post-plan
+/// reports and their speeds, all seeded by the run's seed.
+///
+/// # Errors
+/// Label-DP noise that cannot be drawn, or a plan that cannot be applied.
+pub fn clients_for(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    partition: &astraea_core::partition::Partition,
+    strategy: &dyn Strategy,
+    progress: &ProgressBar,
+    start: Instant,
+) -> anyhow::Result<RunClients> {
+    let raw_counts = Federation::raw_counts(train, partition);
+    // What the clients report: their counts, or under label DP noisy ones.
+    let reported_raw = match config.label_epsilon {
+        Some(epsilon) => raw_counts
+            .iter()
+            .map(|counts| noisy_counts(counts, epsilon))
+            .collect::<Result<Vec<_>, _>>()
+            .context("noising the label counts")?,
+        None => raw_counts.clone(),
+    };
+    let plan = strategy.data_plan(&reported_raw);
+    let federation = Federation::build(train, partition, plan, spec.seed)?;
+    progress.suspend(|| {
+        eprintln!(
+            "{}: {} clients holding {} samples as index lists, set up in {:.2} s",
+            spec.label(),
+            federation.clients.len(),
+            federation.total_samples(),
+            start.elapsed().as_secs_f64()
+        )
+    });
+    // Their post-plan reports: the counts they hold, or under label DP the
+    // plan applied to their noisy report.
+    let reported: Vec<Vec<usize>> = match (config.label_epsilon, &federation.plan) {
+        (None, _) => federation
+            .clients
+            .iter()
+            .map(|c| c.counts.clone())
+            .collect(),
+        (Some(_), Some(plan)) => reported_raw
+            .iter()
+            .map(|counts| planned_counts(counts, &plan.ratios))
+            .collect(),
+        (Some(_), None) => reported_raw,
+    };
+    if let Some(plan) = &federation.plan {
+        let counts = federation.global_counts();
+        progress.suspend(|| {
+            eprintln!(
+                "{}: data plan R = {:.2?}; post-plan global counts {:?}, global KL {:.3}",
+                spec.label(),
+                plan.ratios,
+                counts,
+                kl_to_uniform(&counts)
+            )
+        });
+    }
+
+    let speeds = config
+        .population
+        .speeds
+        .draw(federation.clients.len(), mix(&[spec.seed, 0x5eed5]));
+    Ok(RunClients {
+        federation,
+        reported,
+        speeds,
+    })
+}
+
 /// Runs one simulated federation from scratch and returns its history.
 pub fn run(
     config: &SimConfig,
@@ -111,53 +197,19 @@ pub fn run_with_model(
     });
     let test = test.subset(&partition.test_indices);
     let strategy = spec.strategy(config);
-    let raw_counts = Federation::raw_counts(train, &partition);
-    // What the clients report: their counts, or under label DP noisy ones.
-    let reported_raw = match config.label_epsilon {
-        Some(epsilon) => raw_counts
-            .iter()
-            .map(|counts| noisy_counts(counts, epsilon))
-            .collect::<Result<Vec<_>, _>>()
-            .context("noising the label counts")?,
-        None => raw_counts.clone(),
-    };
-    let plan = strategy.data_plan(&reported_raw);
-    let federation = Federation::build(train, &partition, plan, spec.seed)?;
-    progress.suspend(|| {
-        eprintln!(
-            "{}: {} clients holding {} samples as index lists, set up in {:.2} s",
-            spec.label(),
-            federation.clients.len(),
-            federation.total_samples(),
-            start.elapsed().as_secs_f64()
-        )
-    });
-    // Their post-plan reports: the counts they hold, or under label DP the
-    // plan applied to their noisy report.
-    let reported: Vec<Vec<usize>> = match (config.label_epsilon, &federation.plan) {
-        (None, _) => federation
-            .clients
-            .iter()
-            .map(|c| c.counts.clone())
-            .collect(),
-        (Some(_), Some(plan)) => reported_raw
-            .iter()
-            .map(|counts| planned_counts(counts, &plan.ratios))
-            .collect(),
-        (Some(_), None) => reported_raw,
-    };
-    if let Some(plan) = &federation.plan {
-        let counts = federation.global_counts();
-        progress.suspend(|| {
-            eprintln!(
-                "{}: data plan R = {:.2?}; post-plan global counts {:?}, global KL {:.3}",
-                spec.label(),
-                plan.ratios,
-                counts,
-                kl_to_uniform(&counts)
-            )
-        });
-    }
+    let RunClients {
+        federation,
+        reported,
+        speeds,
+    } = clients_for(
+        config,
+        spec,
+        train,
+        &partition,
+        strategy.as_ref(),
+        progress,
+        start,
+    )?;
 
     let model_config = ModelConfig::for_dataset(train);
     let device = Device::flex();
@@ -188,10 +240,6 @@ pub fn run_with_model(
         rounds: Vec::with_capacity(config.rounds as usize),
     };
     let mut rng = StdRng::seed_from_u64(mix(&[spec.seed, 0x5e1ec7]));
-    let speeds = config
-        .population
-        .speeds
-        .draw(federation.clients.len(), mix(&[spec.seed, 0x5eed5]));
     let loss_check = (config.guard.validation_samples > 0).then(|| {
         let mut draw = StdRng::seed_from_u64(seeds::validation(spec.seed));
         let picked = sample(
