@@ -10,8 +10,6 @@
 //! own mix and expected chain time, and the round's progress
 //! ([`Formation::observe`]).
 
-use crate::partition::kl_to_uniform;
-
 /// How many numbers describe one action ([`Formation::observe`]).
 pub const FEATURES: usize = 10;
 
@@ -25,6 +23,25 @@ pub enum Action {
     Take(usize),
     /// Close the agent's chain: it takes no one else this round.
     Close,
+}
+
+/// What is the same in every action one agent could take at one turn
+/// ([`Formation::context`]): the pieces of [`Formation::observe`]'s rows
+/// that do not depend on the candidate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Context {
+    /// The chain's KL to uniform now, nats.
+    pub kl_now: f64,
+    /// The chain's expected time over the balanced time.
+    pub load: f64,
+    /// Members over gamma.
+    pub fill: f64,
+    /// Placed over participants.
+    pub progress: f64,
+    /// The longest chain's expected time over the balanced time.
+    pub longest: f64,
+    /// Candidates left over room left in open chains.
+    pub pressure: f64,
 }
 
 /// The board: `m = ceil(c / gamma)` mediators, each of at most `gamma`
@@ -45,10 +62,18 @@ pub struct Formation<'a> {
     members: Vec<Vec<usize>>,
     combined: Vec<Vec<usize>>,
     kl: Vec<f64>,
+    /// Per mediator: its samples `S` and `sum_k n_k ln n_k` over its mix,
+    /// so a candidate's KL costs one log per class it holds plus one
+    /// ([`Formation::kl_with`]).
+    samples: Vec<usize>,
+    entropy_sum: Vec<f64>,
+    /// Each participant's classes it holds, as `(class, count)` pairs:
+    /// `held[starts[i]..starts[i + 1]]`.
+    held: Vec<(usize, usize)>,
+    starts: Vec<usize>,
     load: Vec<f64>,
     closed: Vec<bool>,
     unassigned: Vec<usize>,
-    scratch: Vec<usize>,
 }
 
 impl<'a> Formation<'a> {
@@ -72,6 +97,13 @@ impl<'a> Formation<'a> {
             .map(|v| v.iter().sum::<usize>() as f64)
             .collect();
         let mean_size = (size.iter().sum::<f64>() / c.max(1) as f64).max(1.0);
+        let mut held = Vec::new();
+        let mut starts = Vec::with_capacity(c + 1);
+        for row in counts {
+            starts.push(held.len());
+            held.extend(row.iter().copied().enumerate().filter(|&(_, n)| n > 0));
+        }
+        starts.push(held.len());
         let m = c.div_ceil(gamma);
         let total: f64 = time.iter().sum();
         let balanced = if total > 0.0 {
@@ -89,10 +121,13 @@ impl<'a> Formation<'a> {
             members: vec![Vec::with_capacity(gamma); m],
             combined: vec![vec![0; num_classes]; m],
             kl: vec![0.0; m],
+            samples: vec![0; m],
+            entropy_sum: vec![0.0; m],
+            held,
+            starts,
             load: vec![0.0; m],
             closed: vec![false; m],
             unassigned: (0..c).collect(),
-            scratch: Vec::with_capacity(num_classes),
         }
     }
 
@@ -133,18 +168,37 @@ impl<'a> Formation<'a> {
         &self.time
     }
 
+    /// The mediators so far, as participant indices in the order taken.
+    pub fn members(&self) -> &[Vec<usize>] {
+        &self.members
+    }
+
+    /// Mediators closed before they were full.
+    pub fn closed(&self) -> usize {
+        self.closed.iter().filter(|c| **c).count()
+    }
+
     /// The balanced chain time: total expected seconds over the mediators.
     pub fn balanced_time(&self) -> f64 {
         self.balanced
     }
 
-    /// KL to uniform of `agent`'s label mix if it took participant `i`.
-    pub fn kl_with(&mut self, agent: usize, i: usize) -> f64 {
-        self.scratch.clear();
-        let counts = &self.counts[i];
-        self.scratch
-            .extend(self.combined[agent].iter().zip(counts).map(|(a, b)| a + b));
-        kl_to_uniform(&self.scratch)
+    /// KL to uniform of `agent`'s label mix if it took participant `i`,
+    /// in nats: `ln N + (sum_k n_k ln n_k) / S - ln S` over the combined
+    /// counts `n` (`S` their sum, `N` the classes), the same quantity as
+    /// `partition::kl_to_uniform`, updated only in the classes `i` holds.
+    pub fn kl_with(&self, agent: usize, i: usize) -> f64 {
+        let mix = &self.combined[agent];
+        let mut sum = self.entropy_sum[agent];
+        let mut total = self.samples[agent];
+        for &(class, c) in &self.held[self.starts[i]..self.starts[i + 1]] {
+            let Some(&m) = mix.get(class) else {
+                continue;
+            };
+            sum += n_ln_n(m + c) - n_ln_n(m);
+            total += c;
+        }
+        kl_from_sums(sum, total, mix.len())
     }
 
     /// What `agent` sees of each action open to it, appended to `out` as
@@ -160,49 +214,75 @@ impl<'a> Formation<'a> {
     /// expected time over the balanced time; 9 the candidates left over the
     /// room left in open chains.
     pub fn observe(&mut self, agent: usize, out: &mut Vec<f32>) -> Vec<Action> {
-        let c = self.counts.len().max(1) as f64;
-        let placed = self.counts.len() - self.unassigned.len();
-        let progress = placed as f64 / c;
-        let fill = self.members[agent].len() as f64 / self.gamma as f64;
-        let longest = self.load.iter().copied().fold(0.0, f64::max) / self.balanced;
-        let room: usize = (0..self.members.len())
-            .filter(|&j| !self.closed[j])
-            .map(|j| self.gamma - self.members[j].len())
-            .sum();
-        let pressure = self.unassigned.len() as f64 / room.max(1) as f64;
-        let kl_now = self.kl[agent];
-        let load = self.load[agent];
+        let context = self.context(agent);
         let mut actions = Vec::with_capacity(self.unassigned.len() + 1);
         for slot in 0..self.unassigned.len() {
             let i = self.unassigned[slot];
             let kl = self.kl_with(agent, i);
-            out.extend_from_slice(&[
-                0.0,
-                (kl - kl_now) as f32,
-                kl as f32,
-                (self.time[i] / self.balanced) as f32,
-                ((load + self.time[i]) / self.balanced) as f32,
-                (self.size[i] / self.mean_size) as f32,
-                fill as f32,
-                progress as f32,
-                longest as f32,
-                pressure as f32,
-            ]);
+            out.extend_from_slice(&self.take_row(&context, i, kl));
             actions.push(Action::Take(i));
         }
         if self.can_close(agent) {
-            let mut row = [0.0f32; FEATURES];
-            row[CLOSE] = 1.0;
-            row[2] = kl_now as f32;
-            row[4] = (load / self.balanced) as f32;
-            row[6] = fill as f32;
-            row[7] = progress as f32;
-            row[8] = longest as f32;
-            row[9] = pressure as f32;
-            out.extend_from_slice(&row);
+            out.extend_from_slice(&self.close_row(&context));
             actions.push(Action::Close);
         }
         actions
+    }
+
+    /// What is the same in every action `agent` could take now.
+    pub fn context(&self, agent: usize) -> Context {
+        let c = self.counts.len().max(1) as f64;
+        let placed = self.counts.len() - self.unassigned.len();
+        let room: usize = (0..self.members.len())
+            .filter(|&j| !self.closed[j])
+            .map(|j| self.gamma - self.members[j].len())
+            .sum();
+        Context {
+            kl_now: self.kl[agent],
+            load: self.load[agent] / self.balanced,
+            fill: self.members[agent].len() as f64 / self.gamma as f64,
+            progress: placed as f64 / c,
+            longest: self.load.iter().copied().fold(0.0, f64::max) / self.balanced,
+            pressure: self.unassigned.len() as f64 / room.max(1) as f64,
+        }
+    }
+
+    /// Participant `i`'s hop time over the balanced time and its samples
+    /// over the mean participant's: features 3 and 5 of its rows, fixed
+    /// for the round.
+    pub fn candidate(&self, i: usize) -> (f64, f64) {
+        (self.time[i] / self.balanced, self.size[i] / self.mean_size)
+    }
+
+    /// The row of taking participant `i` (whose KL with the chain is
+    /// `kl`, from [`Formation::kl_with`]) in `context`.
+    pub fn take_row(&self, context: &Context, i: usize, kl: f64) -> [f32; FEATURES] {
+        let (time, size) = self.candidate(i);
+        [
+            0.0,
+            (kl - context.kl_now) as f32,
+            kl as f32,
+            time as f32,
+            (context.load + time) as f32,
+            size as f32,
+            context.fill as f32,
+            context.progress as f32,
+            context.longest as f32,
+            context.pressure as f32,
+        ]
+    }
+
+    /// The row of closing the chain in `context`.
+    pub fn close_row(&self, context: &Context) -> [f32; FEATURES] {
+        let mut row = [0.0f32; FEATURES];
+        row[CLOSE] = 1.0;
+        row[2] = context.kl_now as f32;
+        row[4] = context.load as f32;
+        row[6] = context.fill as f32;
+        row[7] = context.progress as f32;
+        row[8] = context.longest as f32;
+        row[9] = context.pressure as f32;
+        row
     }
 
     /// Plays `action` for `agent`. Taking a placed candidate, or closing
@@ -220,7 +300,13 @@ impl<'a> Formation<'a> {
                 for (total, n) in self.combined[agent].iter_mut().zip(&self.counts[i]) {
                     *total += n;
                 }
-                self.kl[agent] = kl_to_uniform(&self.combined[agent]);
+                self.samples[agent] = self.combined[agent].iter().sum();
+                self.entropy_sum[agent] = self.combined[agent].iter().map(|&n| n_ln_n(n)).sum();
+                self.kl[agent] = kl_from_sums(
+                    self.entropy_sum[agent],
+                    self.samples[agent],
+                    self.combined[agent].len(),
+                );
                 self.load[agent] += self.time[i];
                 self.members[agent].push(i);
                 true
@@ -244,9 +330,62 @@ impl<'a> Formation<'a> {
     }
 }
 
+/// Natural logs of 0..LOGS (0 for 0), made once: a formation of 1,000
+/// participants evaluates half a million candidate mixes, each a few logs.
+const LOGS: usize = 1 << 16;
+
+fn ln_of(n: usize) -> f64 {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    match TABLE
+        .get_or_init(|| {
+            (0..LOGS)
+                .map(|n| if n == 0 { 0.0 } else { (n as f64).ln() })
+                .collect()
+        })
+        .get(n)
+    {
+        Some(&ln) => ln,
+        None => (n as f64).ln(),
+    }
+}
+
+/// `n ln n`, 0 for 0.
+fn n_ln_n(n: usize) -> f64 {
+    n as f64 * ln_of(n)
+}
+
+/// KL to uniform over `classes` from `sum_k n_k ln n_k` and `S = sum_k
+/// n_k`: `ln N + sum / S - ln S` (0 for no samples; rounding below 0 is
+/// taken as 0).
+fn kl_from_sums(sum: f64, total: usize, classes: usize) -> f64 {
+    if total == 0 || classes == 0 {
+        return 0.0;
+    }
+    let s = total as f64;
+    (ln_of(classes) + sum / s - ln_of(total)).max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::kl_to_uniform;
+
+    #[test]
+    fn the_incremental_kl_is_the_partition_kl() {
+        let counts = vec![vec![7, 0, 3, 0], vec![0, 9, 1, 4], vec![2, 2, 2, 2]];
+        let mut board = Formation::new(&counts, &[], 3);
+        let mut combined = vec![0usize; 4];
+        for (i, row) in counts.iter().enumerate() {
+            let sum: Vec<usize> = combined.iter().zip(row).map(|(a, b)| a + b).collect();
+            let want = kl_to_uniform(&sum);
+            let got = board.kl_with(0, i);
+            assert!((got - want).abs() < 1e-12, "{got} against {want}");
+            board.play(0, Action::Take(i));
+            combined = sum;
+        }
+        let fresh = Formation::new(&counts, &[], 3);
+        assert_eq!(fresh.kl_with(0, 2), 0.0, "a balanced client alone");
+    }
 
     #[test]
     fn closing_is_legal_only_when_the_others_can_take_the_rest() {

@@ -6,10 +6,13 @@
 //! autodiff), then saved as safetensors with its configuration in the
 //! metadata.
 //!
-//! The network: `FEATURES -> hidden -> hidden -> 1`, ReLU between layers,
-//! weights `l1.weight [FEATURES, hidden]`, `l1.bias [hidden]`, `l2.weight
-//! [hidden, hidden]`, `l2.bias [hidden]`, `out.weight [hidden, 1]`,
-//! `out.bias [1]` (burn's `Linear` layout: `y = x W + b`).
+//! The network: `FEATURES -> hidden -> 1`, one ReLU layer, weights
+//! `l1.weight [FEATURES, hidden]`, `l1.bias [hidden]`, `out.weight [hidden,
+//! 1]`, `out.bias [1]` (burn's `Linear` layout: `y = x W + b`). One hidden
+//! layer is what lets a pick cost a few operations per candidate: the first
+//! layer is linear, so the parts of a row fixed for the round or the turn
+//! are summed once ([`super::scheduler`]), and a round of 1,000
+//! participants is formed in milliseconds.
 
 use std::collections::BTreeMap;
 
@@ -53,8 +56,6 @@ pub fn policy_shapes(hidden: usize) -> Vec<ParamShape> {
     vec![
         shape("l1.weight", vec![FEATURES, hidden]),
         shape("l1.bias", vec![hidden]),
-        shape("l2.weight", vec![hidden, hidden]),
-        shape("l2.bias", vec![hidden]),
         shape("out.weight", vec![hidden, 1]),
         shape("out.bias", vec![1]),
     ]
@@ -86,18 +87,23 @@ impl Policy {
         &self.weights.values
     }
 
-    /// Scores of `rows` (each [`FEATURES`] numbers), one per row; the agent
-    /// takes the highest. Allocation: two `hidden`-long buffers.
-    pub fn scores(&self, rows: &[f32]) -> Vec<f32> {
+    /// The layers: `(l1.weight [FEATURES * hidden, row-major], l1.bias
+    /// [hidden], out.weight [hidden], out.bias)`.
+    pub fn layers(&self) -> (&[f32], &[f32], &[f32], f32) {
         let h = self.hidden;
         let v = &self.weights.values;
         let (w1, rest) = v.split_at(FEATURES * h);
         let (b1, rest) = rest.split_at(h);
-        let (w2, rest) = rest.split_at(h * h);
-        let (b2, rest) = rest.split_at(h);
-        let (w3, b3) = rest.split_at(h);
+        let (w2, b2) = rest.split_at(h);
+        (w1, b1, w2, b2[0])
+    }
+
+    /// Scores of `rows` (each [`FEATURES`] numbers), one per row; the agent
+    /// takes the highest.
+    pub fn scores(&self, rows: &[f32]) -> Vec<f32> {
+        let h = self.hidden;
+        let (w1, b1, w2, b2) = self.layers();
         let mut a = vec![0.0f32; h];
-        let mut z = vec![0.0f32; h];
         rows.chunks_exact(FEATURES)
             .map(|x| {
                 a.copy_from_slice(b1);
@@ -106,21 +112,11 @@ impl Policy {
                         *aj += xi * wj;
                     }
                 }
-                z.copy_from_slice(b2);
-                for (ai, wrow) in a.iter().zip(w2.chunks_exact(h)) {
-                    let ai = ai.max(0.0);
-                    if ai == 0.0 {
-                        continue;
-                    }
-                    for (zj, wj) in z.iter_mut().zip(wrow) {
-                        *zj += ai * wj;
-                    }
-                }
-                b3[0]
-                    + z.iter()
-                        .zip(w3)
-                        .map(|(zj, wj)| zj.max(0.0) * wj)
-                        .sum::<f32>()
+                b2 + a
+                    .iter()
+                    .zip(w2)
+                    .map(|(aj, wj)| aj.max(0.0) * wj)
+                    .sum::<f32>()
             })
             .collect()
     }
@@ -202,19 +198,18 @@ mod tests {
 
     #[test]
     fn scores_follow_the_layers_as_written() {
-        // A 1-unit network written out by hand: x W1 + b1, ReLU, W2, b2,
-        // ReLU, W3, b3.
+        // A 1-unit network written out by hand: relu(x W1 + b1) W2 + b2.
         let mut values = vec![0.0f32; FEATURES];
         values[1] = 2.0; // feature 1 -> unit
-        values.extend([-1.0, 3.0, 0.5, 4.0, 1.5]); // b1, w2, b2, w3, b3
+        values.extend([-1.0, 4.0, 1.5]); // b1, w2, b2
         let p = Policy::new(1, values, String::new()).unwrap();
         let mut rows = vec![0.0f32; 2 * FEATURES];
-        rows[1] = 2.0; // a = relu(4 - 1) = 3; z = relu(9 + 0.5); out 38 + 1.5
-        rows[FEATURES + 1] = 0.25; // a = relu(0.5 - 1) = 0; z = 0.5; out 2 + 1.5
+        rows[1] = 2.0; // relu(4 - 1) = 3; out 12 + 1.5
+        rows[FEATURES + 1] = 0.25; // relu(0.5 - 1) = 0; out 1.5
 
         let scores = p.scores(&rows);
 
-        assert_eq!(scores, vec![39.5, 3.5]);
+        assert_eq!(scores, vec![13.5, 1.5]);
     }
 
     #[test]

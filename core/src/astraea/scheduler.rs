@@ -119,16 +119,134 @@ impl Scheduler {
                 })
             }
             Self::Learned(policy) => {
-                let mut rows = Vec::new();
-                play(Formation::new(counts, seconds, gamma), |board, agent| {
-                    rows.clear();
-                    let actions = board.observe(agent, &mut rows);
-                    let scores = policy.scores(&rows);
-                    best_action(&actions, &scores)
-                })
+                let board = Formation::new(counts, seconds, gamma);
+                let mut picker = LearnedPicker::new(policy, &board);
+                play(board, |board, agent| picker.pick(board, agent))
             }
         }
     }
+}
+
+/// The learned policy's pick: the action [`Policy::scores`] would rank
+/// first over [`Formation::observe`]'s rows, computed without the rows.
+/// The first layer is linear, so a row's pre-activation is the sum of a
+/// part fixed for the round (the candidate's time and size: features 3, 5
+/// and the candidate's share of 4), a part fixed for the turn (features 6
+/// to 9, the chain's own time in 4 and its KL in 1) and `kl * (W1[1] +
+/// W1[2])`: three operations a hidden unit per candidate.
+struct LearnedPicker<'p> {
+    policy: &'p Policy,
+    /// `statics[i * hidden + k]`: candidate i's fixed part for unit k.
+    statics: Vec<f32>,
+    /// `W1[1] + W1[2]`: a unit's weight on the candidate's KL.
+    kl_weight: Vec<f32>,
+    turn: Vec<f32>,
+    /// `out.weight`, padded.
+    out: Vec<f32>,
+    /// Hidden units padded to a multiple of [`LANES`].
+    padded: usize,
+}
+
+impl<'p> LearnedPicker<'p> {
+    fn new(policy: &'p Policy, board: &Formation<'_>) -> Self {
+        let h = policy.hidden();
+        let padded = h.div_ceil(LANES) * LANES;
+        let (w1, _, w2, _) = policy.layers();
+        let row = |f: usize| &w1[f * h..(f + 1) * h];
+        let pad = |units: &mut Vec<f32>| units.resize(units.len() + padded - h, 0.0);
+        let participants = board.hop_times().len();
+        let mut statics = Vec::with_capacity(participants * padded);
+        for i in 0..participants {
+            let (time, size) = board.candidate(i);
+            let (time, size) = (time as f32, size as f32);
+            statics.extend((0..h).map(|k| row(3)[k] * time + row(4)[k] * time + row(5)[k] * size));
+            pad(&mut statics);
+        }
+        let mut kl_weight: Vec<f32> = (0..h).map(|k| row(1)[k] + row(2)[k]).collect();
+        pad(&mut kl_weight);
+        let mut out = w2.to_vec();
+        pad(&mut out);
+        Self {
+            policy,
+            statics,
+            kl_weight,
+            turn: vec![0.0; padded],
+            out,
+            padded,
+        }
+    }
+
+    fn pick(&mut self, board: &mut Formation<'_>, agent: usize) -> Action {
+        let h = self.policy.hidden();
+        let hp = self.padded;
+        let (w1, b1, _, b2) = self.policy.layers();
+        let row = |f: usize| &w1[f * h..(f + 1) * h];
+        let context = board.context(agent);
+        let turn_inputs = [
+            (4, context.load),
+            (6, context.fill),
+            (7, context.progress),
+            (8, context.longest),
+            (9, context.pressure),
+            (1, -context.kl_now),
+        ];
+        self.turn[..h].copy_from_slice(b1);
+        for (f, x) in turn_inputs {
+            let x = x as f32;
+            for (t, w) in self.turn.iter_mut().zip(row(f)) {
+                *t += w * x;
+            }
+        }
+        let mut best = None;
+        let mut top = f32::NEG_INFINITY;
+        for &i in board.unassigned() {
+            let kl = board.kl_with(agent, i) as f32;
+            let fixed = &self.statics[i * hp..(i + 1) * hp];
+            let score = b2 + unit_sum(&self.turn, fixed, &self.kl_weight, &self.out, kl);
+            if best.is_none() || score > top {
+                best = Some(Action::Take(i));
+                top = score;
+            }
+        }
+        if board.can_close(agent) {
+            let close = self.policy.scores(&board.close_row(&context))[0];
+            if best.is_none() || close > top {
+                best = Some(Action::Close);
+            }
+        }
+        best.unwrap_or(Action::Close)
+    }
+}
+
+/// Lanes of [`unit_sum`]: hidden units are padded to a multiple with
+/// zero weights (a padded unit adds `relu(0) * 0`).
+const LANES: usize = 8;
+
+/// `sum_k relu(turn_k + fixed_k + kl_weight_k * kl) * out_k` over slices
+/// of a multiple of [`LANES`], in lanes so the compiler can use vector
+/// instructions (the float sums in another order than the rows': scores
+/// agree to rounding).
+#[inline]
+fn unit_sum(turn: &[f32], fixed: &[f32], kl_weight: &[f32], out: &[f32], kl: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (((t, f), u), w) in turn
+        .chunks_exact(LANES)
+        .zip(fixed.chunks_exact(LANES))
+        .zip(kl_weight.chunks_exact(LANES))
+        .zip(out.chunks_exact(LANES))
+    {
+        for j in 0..LANES {
+            acc[j] += (t[j] + f[j] + u[j] * kl).max(0.0) * w[j];
+        }
+    }
+    // A tree, not a chain of eight dependent additions.
+    let half = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (half[0] + half[2]) + (half[1] + half[3])
 }
 
 /// The action of highest score (ties to the first); `Close` when there is
@@ -310,8 +428,7 @@ mod tests {
         let n: usize = policy_shapes(1).iter().map(ParamShape::numel).sum();
         let mut values = vec![0.0f32; n];
         values[2] = 1.0; // l1: feature 2 (KL after, >= 0) -> unit
-        values[FEATURES + 1] = 1.0; // l2.weight
-        values[FEATURES + 3] = -1.0; // out.weight
+        values[FEATURES + 1] = -1.0; // out.weight
         Policy::new(1, values, String::new()).unwrap()
     }
 
@@ -326,6 +443,41 @@ mod tests {
                 learned.assign(&counts, &seconds, gamma, 0),
                 Scheduler::SpeedAware { weight: 0.0 }.assign(&counts, &seconds, gamma, 0)
             );
+        }
+    }
+
+    #[test]
+    fn the_learned_fast_path_picks_what_the_rows_rank_first() {
+        // A policy of random weights, on boards at several stages: the
+        // pick without rows is the best action over observe()'s rows.
+        let (counts, seconds) = round();
+        let n: usize = policy_shapes(8).iter().map(ParamShape::numel).sum();
+        for seed in 0..5u32 {
+            let values = (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(97)) % 2000) as f32
+                        / 1000.0
+                        - 1.0
+                })
+                .collect();
+            let policy = Policy::new(8, values, String::new()).unwrap();
+            let mut board = Formation::new(&counts, &seconds, 5);
+            let mut picker = LearnedPicker::new(&policy, &board);
+            let mut rows = Vec::new();
+            while let Some(agent) = board.turn() {
+                rows.clear();
+                let actions = board.observe(agent, &mut rows);
+                let scores = policy.scores(&rows);
+                let fast = picker.pick(&mut board, agent);
+                let at = actions.iter().position(|a| *a == fast).unwrap();
+                let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert!(
+                    top - scores[at] < 1e-4,
+                    "seed {seed}: {fast:?} scored {} against {top}",
+                    scores[at]
+                );
+                board.play(agent, fast);
+            }
         }
     }
 
