@@ -23,6 +23,7 @@ pub mod fuzz;
 pub mod hop;
 pub mod idle;
 pub mod rounds;
+pub mod schedulers;
 pub mod secagg;
 pub mod simulate;
 

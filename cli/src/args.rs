@@ -90,7 +90,7 @@ impl SchedulerArgs {
 }
 
 /// `--scheduler`'s parser: `learned:PATH` reads the policy file.
-fn parse_scheduler(text: &str) -> Result<astraea_core::astraea::Scheduler, String> {
+pub(crate) fn parse_scheduler(text: &str) -> Result<astraea_core::astraea::Scheduler, String> {
     astraea_core::astraea::Scheduler::parse(text, |path| {
         std::fs::read(path).map_err(|e| format!("cannot read the policy {path}: {e}"))
     })

@@ -156,6 +156,44 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// The mediator schedulers on simulated wall-clock time to a target
+    /// accuracy (--target, default 90 %): full Astraea runs with each
+    /// scheduler, each --seeds value and each population setting.
+    Schedulers {
+        /// The federation: the `simulate` flags (their --speeds and
+        /// --freeze are replaced by each setting's).
+        #[command(flatten)]
+        sim: Box<crate::simulate::SimulateArgs>,
+        /// Schedulers to compare, separated by ';' (as --scheduler names
+        /// them; learned:PATH for a trained policy).
+        #[arg(
+            long,
+            value_delimiter = ';',
+            default_value = "random;greedy;speed-aware:1;oort"
+        )]
+        schedulers: Vec<String>,
+        /// Population settings, comma separated: uniform (200 samples/s
+        /// each), spread (lognormal, median 200, 100x p95/p5), freeze
+        /// (spread, and 10 % of hops freezing).
+        #[arg(long, value_delimiter = ',', default_value = "uniform,spread,freeze")]
+        settings: Vec<String>,
+    },
+    /// Milliseconds each mediator scheduler takes to form one round.
+    ScheduleTime {
+        /// Schedulers, separated by ';' (as --scheduler names them).
+        #[arg(
+            long,
+            value_delimiter = ';',
+            default_value = "random;greedy;speed-aware:1;oort"
+        )]
+        schedulers: Vec<String>,
+        /// Participants per round, one row each.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        participants: Vec<usize>,
+        /// Rounds timed per row (the median is shown).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Coordination overhead per round with echo clients.
     Rounds {
         /// Clients, all taking part.
@@ -474,6 +512,30 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 print!("{}", astraea_bench::secagg::live_table(&live));
             }
         }
+        BenchCommand::Schedulers {
+            sim,
+            schedulers,
+            settings,
+        } => schedulers_command(&sim, &schedulers, &settings)?,
+        BenchCommand::ScheduleTime {
+            schedulers,
+            participants,
+            repeats,
+        } => {
+            let schedulers = schedulers
+                .iter()
+                .map(|s| crate::args::parse_scheduler(s).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            println!("| participants | scheduler | ms per round |");
+            println!("|---:|---|---:|");
+            for &c in &participants {
+                for (name, ms) in
+                    astraea_bench::schedulers::time_schedulers(&schedulers, c, repeats)
+                {
+                    println!("| {c} | {name} | {ms:.2} |");
+                }
+            }
+        }
         BenchCommand::Rounds {
             clients,
             rounds,
@@ -521,5 +583,86 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `bench schedulers`: every scheduler, seed and setting as a full
+/// simulated Astraea run, then the table.
+fn schedulers_command(
+    sim: &crate::simulate::SimulateArgs,
+    schedulers: &[String],
+    settings: &[String],
+) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let config = crate::simulate::sim_config(sim, threads)?;
+    let (train, test) = crate::simulate::load_data(&config, sim.max_train())?;
+    let schedulers = schedulers
+        .iter()
+        .map(|s| crate::args::parse_scheduler(s).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = settings
+        .iter()
+        .map(|name| {
+            let spread = astraea_sim::population::SpeedModel::LogNormal {
+                median: 200.0,
+                spread: 100.0,
+            };
+            let (speeds, freeze) = match name.as_str() {
+                "uniform" => (astraea_sim::population::SpeedModel::Uniform(200.0), 0.0),
+                "spread" => (spread, 0.0),
+                "freeze" => (spread, 0.1),
+                other => anyhow::bail!(
+                    "unknown setting {other:?} in --settings, expected uniform, spread or freeze"
+                ),
+            };
+            Ok(astraea_bench::schedulers::Setting {
+                name: name.clone(),
+                population: astraea_sim::population::Population {
+                    speeds,
+                    freeze,
+                    ..config.population.clone()
+                },
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let target = config.target_accuracy.unwrap_or(0.9);
+    let seeds = sim.seeds();
+    eprintln!(
+        "{} runs of up to {} rounds: {} settings x {} schedulers x {} seeds, K = {}, c = {}, target {:.0} %",
+        settings.len() * schedulers.len() * seeds.len(),
+        config.rounds,
+        settings.len(),
+        schedulers.len(),
+        seeds.len(),
+        config.clients,
+        config.participants,
+        target * 100.0
+    );
+    let runs = astraea_bench::schedulers::run(
+        &config,
+        &train,
+        &test,
+        astraea_bench::schedulers::Grid {
+            settings: &settings,
+            schedulers: &schedulers,
+            seeds: &seeds,
+            target,
+        },
+        &mut |run| {
+            eprintln!(
+                "{} {} s{}: {} (round {}), final {:.2} %, worst class {:.2} %, {:.1} s here",
+                run.setting,
+                run.scheduler,
+                run.seed,
+                run.to_target_s
+                    .map_or("never".into(), |t| format!("{t:.0} s to target")),
+                run.rounds_to_target.map_or("-".into(), |r| r.to_string()),
+                run.final_accuracy * 100.0,
+                run.per_class.iter().copied().fold(f64::INFINITY, f64::min) * 100.0,
+                run.machine_s
+            )
+        },
+    )?;
+    println!("{}", astraea_bench::schedulers::table(&runs, target));
     Ok(())
 }

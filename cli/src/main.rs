@@ -12,6 +12,7 @@ mod serve;
 mod shared;
 mod simulate;
 mod swarm;
+mod train_scheduler;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,7 @@ use crate::report::ReportArgs;
 use crate::serve::ServeArgs;
 use crate::simulate::SimulateArgs;
 use crate::swarm::SwarmArgs;
+use crate::train_scheduler::TrainSchedulerArgs;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,9 @@ enum Command {
     Bench(BenchCommand),
     /// Re-draws the plot and tables from CSVs written by earlier runs.
     Report(ReportArgs),
+    /// Trains the learned mediator scheduler on a simulated population
+    /// (for --scheduler learned:PATH).
+    TrainScheduler(TrainSchedulerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Swarm(args) => runtime()?.block_on(swarm::swarm_command(args)),
         Command::FetchData(args) => fetch_data::fetch_data_command(args),
         Command::Report(args) => report::report_command(args),
+        Command::TrainScheduler(args) => train_scheduler::train_scheduler_command(args),
     }
 }
 

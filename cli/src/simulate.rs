@@ -202,7 +202,67 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let config = SimConfig {
+    let config = sim_config(&args, threads)?;
+    let mut specs = Vec::new();
+    for &seed in &args.seeds {
+        for name in &args.strategies {
+            specs.push(RunSpec::parse(name, seed).map_err(anyhow::Error::msg)?);
+        }
+    }
+    if specs.is_empty() {
+        bail!("no runs: give at least one strategy and one seed");
+    }
+    let (train, test) = load_data(&config, args.max_train)?;
+    std::fs::create_dir_all(&config.out_dir)
+        .with_context(|| format!("creating {}", config.out_dir.display()))?;
+    eprintln!(
+        "{}: {} training / {} test samples, {} classes; {} runs of {} rounds, K = {}, c = {}, {} threads",
+        config.dataset,
+        train.len(),
+        test.len(),
+        train.num_classes(),
+        specs.len(),
+        config.rounds,
+        config.clients,
+        config.participants,
+        threads
+    );
+    let progress = ProgressBar::new(specs.len() as u64 * u64::from(config.rounds));
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}",
+        )
+        .expect("template is valid")
+        .progress_chars("=> "),
+    );
+    let mut runs = Vec::new();
+    for spec in &specs {
+        let history = simulate::run(&config, spec, &train, &test, &progress)?;
+        let csv = config
+            .out_dir
+            .join(format!("{}-s{}.csv", spec.name(), spec.seed));
+        report::write_csv(&csv, &history)?;
+        runs.push(history);
+    }
+    progress.finish();
+    let title = format!(
+        "{} {} (K={}, c={})",
+        config.dataset, args.partition, config.clients, config.participants
+    );
+    let plot = config.out_dir.join("accuracy.png");
+    report::plot_runs(&plot, &runs, &title)?;
+    let target = config
+        .target_accuracy
+        .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
+    let summary = config.out_dir.join("summary.md");
+    print_tables(&runs, target, Some(&summary))?;
+    println!("wrote {} and {}", plot.display(), summary.display());
+    Ok(())
+}
+
+/// The simulated federation the flags describe, with `threads` workers.
+pub(crate) fn sim_config(args: &SimulateArgs, threads: usize) -> anyhow::Result<SimConfig> {
+    Ok(SimConfig {
         dataset: args.dataset.clone(),
         data_dir: args.data_dir.clone(),
         partition: args.partition,
@@ -304,65 +364,36 @@ pub(crate) fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         },
         out_dir: args.out.clone(),
         target_accuracy: args.target.map(|t| t / 100.0),
-    };
-    let mut specs = Vec::new();
-    for &seed in &args.seeds {
-        for name in &args.strategies {
-            specs.push(RunSpec::parse(name, seed).map_err(anyhow::Error::msg)?);
-        }
-    }
-    if specs.is_empty() {
-        bail!("no runs: give at least one strategy and one seed");
-    }
+    })
+}
+
+/// The run's training and test sets, the training set cut to `max_train`.
+pub(crate) fn load_data(
+    config: &SimConfig,
+    max_train: Option<usize>,
+) -> anyhow::Result<(astraea_core::data::Dataset, astraea_core::data::Dataset)> {
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
-    let train = match args.max_train {
+    let train = match max_train {
         Some(n) if n < train.len() => train.subset(&(0..n).collect::<Vec<_>>()),
         _ => train,
     };
-    std::fs::create_dir_all(&config.out_dir)
-        .with_context(|| format!("creating {}", config.out_dir.display()))?;
-    eprintln!(
-        "{}: {} training / {} test samples, {} classes; {} runs of {} rounds, K = {}, c = {}, {} threads",
-        config.dataset,
-        train.len(),
-        test.len(),
-        train.num_classes(),
-        specs.len(),
-        config.rounds,
-        config.clients,
-        config.participants,
-        threads
-    );
-    let progress = ProgressBar::new(specs.len() as u64 * u64::from(config.rounds));
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} rounds, eta {eta} {msg}",
-        )
-        .expect("template is valid")
-        .progress_chars("=> "),
-    );
-    let mut runs = Vec::new();
-    for spec in &specs {
-        let history = simulate::run(&config, spec, &train, &test, &progress)?;
-        let csv = config
-            .out_dir
-            .join(format!("{}-s{}.csv", spec.name(), spec.seed));
-        report::write_csv(&csv, &history)?;
-        runs.push(history);
+    Ok((train, test))
+}
+
+impl SimulateArgs {
+    /// `--max-train`.
+    pub(crate) fn max_train(&self) -> Option<usize> {
+        self.max_train
     }
-    progress.finish();
-    let title = format!(
-        "{} {} (K={}, c={})",
-        config.dataset, args.partition, config.clients, config.participants
-    );
-    let plot = config.out_dir.join("accuracy.png");
-    report::plot_runs(&plot, &runs, &title)?;
-    let target = config
-        .target_accuracy
-        .or_else(|| runs[0].rounds.iter().map(|r| r.accuracy).reduce(f64::max));
-    let summary = config.out_dir.join("summary.md");
-    print_tables(&runs, target, Some(&summary))?;
-    println!("wrote {} and {}", plot.display(), summary.display());
-    Ok(())
+
+    /// `--seeds`.
+    pub(crate) fn seeds(&self) -> Vec<u64> {
+        self.seeds.clone()
+    }
+
+    /// The first of `--seeds` (1 when none is given).
+    pub(crate) fn first_seed(&self) -> u64 {
+        self.seeds.first().copied().unwrap_or(1)
+    }
 }

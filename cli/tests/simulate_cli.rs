@@ -161,3 +161,83 @@ fn an_impossible_time_limit_is_refused_with_its_name_in_every_command() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_trained_scheduler_policy_is_what_simulate_runs() {
+    // Prepare: the fixture federation; a short training writes a policy.
+    let root = temp_dir("train-scheduler");
+    let mnist = root.join("data/mnist");
+    std::fs::create_dir_all(&mnist).unwrap();
+    write_fixture(&mnist, "train", 1200, 1);
+    write_fixture(&mnist, "t10k", 300, 2);
+    let policy = root.join("policy.safetensors");
+    let federation = [
+        "--dataset",
+        "mnist",
+        "--partition",
+        "long-tail:5",
+        "--clients",
+        "20",
+        "--participants",
+        "10",
+        "--gamma",
+        "3",
+        "--speeds",
+        "lognormal:200:100",
+    ];
+
+    // Execute: train, then simulate with the policy.
+    let trained = Command::new(env!("CARGO_BIN_EXE_astraea"))
+        .arg("train-scheduler")
+        .args(federation)
+        .args([
+            "--iterations",
+            "3",
+            "--episodes",
+            "2",
+            "--judge-rounds",
+            "5",
+        ])
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let simulated = Command::new(env!("CARGO_BIN_EXE_astraea"))
+        .arg("simulate")
+        .args(federation)
+        .args(["--rounds", "2", "--strategies", "astraea", "--threads", "2"])
+        .arg(format!("--scheduler=learned:{}", policy.display()))
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(root.join("out"))
+        .output()
+        .unwrap();
+
+    // Assert: the policy carries its training; the run used it (every
+    // mediator of at most 3 clients).
+    let stdout = String::from_utf8_lossy(&trained.stdout);
+    assert!(
+        trained.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    assert!(stdout.contains("| learned |"), "{stdout}");
+    let bytes = std::fs::read(&policy).unwrap();
+    let read = astraea_core::astraea::Policy::from_safetensors(&bytes).unwrap();
+    assert!(
+        read.training.contains("\"iterations\":3"),
+        "{}",
+        read.training
+    );
+    assert!(
+        simulated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&simulated.stderr)
+    );
+    let csv = std::fs::read_to_string(root.join("out/astraea-s1.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let _ = std::fs::remove_dir_all(&root);
+}

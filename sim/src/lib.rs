@@ -25,6 +25,7 @@ pub mod fetch_data;
 pub mod population;
 pub mod report;
 pub mod runner;
+pub mod scheduling;
 pub mod traffic;
 pub mod trainer;
 
