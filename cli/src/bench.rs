@@ -598,7 +598,10 @@ fn schedulers_command(
     let (train, test) = crate::simulate::load_data(&config, sim.max_train())?;
     let schedulers = schedulers
         .iter()
-        .map(|s| crate::args::parse_scheduler(s).map_err(anyhow::Error::msg))
+        .map(|s| {
+            let scheduler = crate::args::parse_scheduler(s).map_err(anyhow::Error::msg)?;
+            Ok((s.clone(), scheduler))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let settings = settings
         .iter()

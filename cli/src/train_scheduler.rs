@@ -41,8 +41,8 @@ pub(crate) struct TrainSchedulerArgs {
     #[arg(long)]
     judge: Option<PathBuf>,
     /// Held-out rounds each scheduler is judged on after training.
-    #[arg(long, default_value_t = 200)]
-    judge_rounds: usize,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    judge_rounds: u32,
 }
 
 pub(crate) fn train_scheduler_command(args: TrainSchedulerArgs) -> anyhow::Result<()> {
@@ -99,7 +99,7 @@ pub(crate) fn train_scheduler_command(args: TrainSchedulerArgs) -> anyhow::Resul
     };
     println!(
         "\nheld-out rounds ({}, seed {}): mean reward, true round time over balanced, chain KL",
-        args.judge_rounds,
+        args.judge_rounds as usize,
         seed + 1000
     );
     // The speed-aware greedy's lambda, tuned on the training rounds'
@@ -111,7 +111,7 @@ pub(crate) fn train_scheduler_command(args: TrainSchedulerArgs) -> anyhow::Resul
             let s = scheduling::judge(
                 &env,
                 &Scheduler::SpeedAware { weight },
-                args.judge_rounds,
+                args.judge_rounds as usize,
                 args.shaping,
                 seed,
             );
@@ -134,7 +134,7 @@ pub(crate) fn train_scheduler_command(args: TrainSchedulerArgs) -> anyhow::Resul
         let s = scheduling::judge(
             &env,
             &scheduler,
-            args.judge_rounds,
+            args.judge_rounds as usize,
             args.shaping,
             seed + 1000,
         );

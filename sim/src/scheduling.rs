@@ -23,7 +23,9 @@
 //! Each iteration plays `episodes` rounds with the current actor (actions
 //! sampled from its softmax over the legal ones), then takes `epochs` PPO
 //! steps on them (clip 0.2, value loss 0.5, entropy bonus 0.01); the
-//! advantage of every step is the round's reward minus the critic's value.
+//! advantage of every step is the round's reward minus the critic's value,
+//! normalised over the batch. Seeded: the networks' initial weights, the
+//! rounds and the actions all come from generators of the run's seed.
 
 use std::sync::Arc;
 
@@ -35,6 +37,7 @@ use astraea_core::data::Dataset;
 use astraea_core::engine::seeds::mix;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::strategy::StrategyKind;
+use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
@@ -292,7 +295,9 @@ impl Environment {
         let left = board.unassigned();
         let room: usize = members
             .iter()
-            .map(|g| self.gamma.saturating_sub(g.len()))
+            .enumerate()
+            .filter(|&(j, _)| !board.is_closed(j))
+            .map(|(_, g)| self.gamma.saturating_sub(g.len()))
             .sum();
         let (true_left, exp_left) = left.iter().fold((0.0, 0.0), |(t, e), &i| {
             (
@@ -332,8 +337,21 @@ struct ActorCritic {
 }
 
 impl ActorCritic {
-    fn new(hidden: usize, device: &Device) -> Self {
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
+    /// Layers initialised as burn's `Linear` is (`U(-k, k)`, `k = 1 /
+    /// sqrt(inputs)`), drawn from `rng` rather than burn's process-wide
+    /// generator, which other threads of the same process draw from too.
+    fn new(hidden: usize, rng: &mut StdRng, device: &Device) -> Self {
+        let mut linear = |i: usize, o: usize| {
+            let k = 1.0 / (i as f32).sqrt();
+            let mut draw =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-k..=k)).collect() };
+            let weight = Tensor::<2>::from_data(TensorData::new(draw(i * o), [i, o]), device);
+            let bias = Tensor::<1>::from_data(TensorData::new(draw(o), [o]), device);
+            let mut layer: Linear = LinearConfig::new(i, o).init(device);
+            layer.weight = Param::from_tensor(weight);
+            layer.bias = Some(Param::from_tensor(bias));
+            layer
+        };
         Self {
             a1: linear(FEATURES, hidden),
             a2: linear(hidden, 1),
@@ -398,9 +416,9 @@ pub struct IterationStats {
     pub kl: f64,
 }
 
-/// Plays a round with `policy`, sampling its actions (`rng`) when
-/// `explore`, else taking the best; returns the groups and, when
-/// exploring, the steps taken.
+/// Plays a round with `policy`, sampling each action from its softmax
+/// over the legal ones (`rng`); returns the groups and appends the steps
+/// taken to `steps`.
 fn play(
     env: &Environment,
     round: &Round,
@@ -420,7 +438,9 @@ fn play(
         let weights: Vec<f64> = scores.iter().map(|s| f64::from(s - top).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut draw = rng.random::<f64>() * total;
-        let mut chosen = weights.len() - 1;
+        // Rounding can leave the draw past the last weight: then the last
+        // action of any weight (the best has weight 1).
+        let mut chosen = weights.iter().rposition(|w| *w > 0.0).unwrap_or(0);
         for (k, w) in weights.iter().enumerate() {
             if draw < *w {
                 chosen = k;
@@ -452,11 +472,10 @@ pub fn train_policy(
     log: &mut dyn FnMut(usize, &IterationStats),
 ) -> anyhow::Result<Policy> {
     let device = Device::flex().autodiff();
-    device.seed(settings.seed);
     let hidden = settings.hidden.max(1);
-    let mut model = ActorCritic::new(hidden, &device);
-    let mut optimizer = AdamConfig::new().init();
     let mut rng = StdRng::seed_from_u64(mix(&[settings.seed, 0x5c4ed]));
+    let mut model = ActorCritic::new(hidden, &mut rng, &device);
+    let mut optimizer = AdamConfig::new().init();
     let training = serde_json::json!({
         "algorithm": "MAPPO (shared actor, centralised critic)",
         "iterations": settings.iterations,
@@ -546,14 +565,17 @@ impl Batch {
     }
 
     /// PPO's clipped objective, the critic's squared error and an entropy
-    /// bonus: `-min(r A, clip(r, 0.8, 1.2) A) + 0.5 (V - R)^2 - 0.01 H`.
+    /// bonus: `-min(r A, clip(r, 0.8, 1.2) A) + 0.5 (V - R)^2 - 0.01 H`,
+    /// with `A = R - V` from the critic as it is at this epoch, normalised
+    /// over the batch (zero mean, unit variance).
     fn loss(&self, model: &ActorCritic) -> Tensor<1> {
         let logp = log_softmax(model.scores(self.rows.clone()) + self.mask.clone(), 1);
         let entropy = (logp.clone().exp() * logp.clone()).sum_dim(1).neg().mean();
         let chosen = logp.gather(1, self.chosen.clone()).squeeze_dim(1);
         let values = model.values(self.state.clone());
         let advantage = (self.returns.clone() - values.clone().detach()).detach();
-        let std = advantage.clone().var(0).sqrt().add_scalar(1e-6);
+        // The population variance: a batch of one step has 0, not 0 / 0.
+        let std = advantage.clone().var_bias(0).sqrt().add_scalar(1e-6);
         let advantage = (advantage.clone() - advantage.mean()) / std;
         let ratio = (chosen - self.old_logp.clone()).exp();
         let clipped = ratio.clone().clamp(0.8, 1.2);
@@ -606,8 +628,7 @@ mod tests {
     fn the_actor_exports_to_the_policy_the_server_runs() {
         // The burn actor and the plain-Rust policy score alike.
         let device = Device::flex();
-        device.seed(3);
-        let model = ActorCritic::new(8, &device);
+        let model = ActorCritic::new(8, &mut StdRng::seed_from_u64(3), &device);
         let policy = model.policy(8, String::new()).unwrap();
         let rows: Vec<f32> = (0..5 * FEATURES).map(|i| (i as f32 * 0.37).sin()).collect();
         let burn_scores = read(model.scores(Tensor::from_data(
@@ -696,6 +717,28 @@ mod tests {
             learned.reward > start,
             "{learned:?} against {start} at the start"
         );
+    }
+
+    #[test]
+    fn a_round_of_one_decision_trains_a_finite_policy() {
+        // One participant, one round an iteration: a batch of one step,
+        // whose advantage's sample variance was 0 / 0.
+        let env = Environment::from_parts(
+            vec![vec![3, 4]; 5],
+            vec![10; 5],
+            vec![100.0; 5],
+            Population::default(),
+            1,
+            2,
+            1,
+        );
+        let settings = LearnerSettings {
+            iterations: 3,
+            episodes: 1,
+            ..LearnerSettings::default()
+        };
+        let policy = train_policy(&env, &settings, &mut |_, _| {});
+        assert!(policy.is_ok(), "{:?}", policy.err());
     }
 
     #[test]

@@ -13,6 +13,10 @@
 /// How many numbers describe one action ([`Formation::observe`]).
 pub const FEATURES: usize = 10;
 
+/// The longest hop time the board takes, seconds (a year): callers cap
+/// hops at their deadline; this only keeps sums finite.
+const MAX_HOP_S: f64 = 3.2e7;
+
 /// Index of the "close the chain" flag in an action's features.
 const CLOSE: usize = 0;
 
@@ -89,8 +93,10 @@ impl<'a> Formation<'a> {
         let mut known: Vec<f64> = seconds.iter().filter_map(valid).collect();
         known.sort_by(f64::total_cmp);
         let fallback = known.get(known.len() / 2).copied().unwrap_or(0.0);
+        // At most a year a hop, so no sum of them overflows to infinity.
         let time: Vec<f64> = (0..c)
             .map(|i| seconds.get(i).and_then(valid).unwrap_or(fallback))
+            .map(|t| t.min(MAX_HOP_S))
             .collect();
         let size: Vec<f64> = counts
             .iter()
@@ -118,7 +124,7 @@ impl<'a> Formation<'a> {
             mean_size,
             gamma,
             balanced,
-            members: vec![Vec::with_capacity(gamma); m],
+            members: vec![Vec::with_capacity(gamma.min(c)); m],
             combined: vec![vec![0; num_classes]; m],
             kl: vec![0.0; m],
             samples: vec![0; m],
@@ -171,6 +177,11 @@ impl<'a> Formation<'a> {
     /// The mediators so far, as participant indices in the order taken.
     pub fn members(&self) -> &[Vec<usize>] {
         &self.members
+    }
+
+    /// Whether mediator `j` was closed before it was full.
+    pub fn is_closed(&self, j: usize) -> bool {
+        self.closed.get(j).copied().unwrap_or(false)
     }
 
     /// Mediators closed before they were full.
@@ -369,6 +380,23 @@ fn kl_from_sums(sum: f64, total: usize, classes: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::partition::kl_to_uniform;
+
+    #[test]
+    fn absurd_hop_times_leave_every_feature_finite() {
+        // Two clients claiming hops of 1e308 s (finite, as a crawl of a
+        // speed would give): their sum overflowed, the balanced time was
+        // infinite and a chain of both had load inf / inf.
+        let counts = vec![vec![5, 5]; 4];
+        let seconds = [Some(1e308), Some(1e308), Some(2.0), Some(3.0)];
+        let mut board = Formation::new(&counts, &seconds, 4);
+        board.play(0, Action::Take(0));
+        board.play(0, Action::Take(1));
+        let mut rows = Vec::new();
+        board.observe(0, &mut rows);
+        assert!(rows.iter().all(|x| x.is_finite()), "{rows:?}");
+        // The honest clients' times still show.
+        assert!(rows[3] > 0.0, "{rows:?}");
+    }
 
     #[test]
     fn the_incremental_kl_is_the_partition_kl() {
