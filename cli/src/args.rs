@@ -78,14 +78,30 @@ pub(crate) struct SchedulerArgs {
 }
 
 impl SchedulerArgs {
-    /// The scheduler the flags name.
-    pub(crate) fn scheduler(&self) -> anyhow::Result<astraea_core::astraea::Scheduler> {
-        match self.speed_weight {
-            Some(weight) => Ok(
+    /// The scheduler the flags name, for a run in `mode`: a learned policy
+    /// in the asynchronous mode is run, with a warning on stderr, since
+    /// policies are trained on synchronous rounds and one did worse there
+    /// than the greedy (docs/RESULTS.md).
+    pub(crate) fn scheduler(
+        &self,
+        mode: astraea_core::asynchronous::Mode,
+    ) -> anyhow::Result<astraea_core::astraea::Scheduler> {
+        let scheduler = match self.speed_weight {
+            Some(weight) => {
                 parse_scheduler(&format!("speed-aware:{weight}")).map_err(anyhow::Error::msg)?
-            ),
-            None => Ok(self.scheduler.clone()),
+            }
+            None => self.scheduler.clone(),
+        };
+        if matches!(scheduler, astraea_core::astraea::Scheduler::Learned(_))
+            && mode == astraea_core::asynchronous::Mode::Async
+        {
+            eprintln!(
+                "warning: --scheduler learned in --mode async: policies are trained on \
+                 synchronous rounds, and one formed worse groups than the greedy in the \
+                 asynchronous mode (docs/RESULTS.md); --scheduler greedy is the safe choice"
+            );
         }
+        Ok(scheduler)
     }
 }
 

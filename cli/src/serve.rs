@@ -276,7 +276,7 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             rescheduling: Rescheduling {
                 gamma: args.gamma,
                 passes: args.mediator_passes,
-                scheduler: args.scheduler.scheduler()?,
+                scheduler: args.scheduler.scheduler(args.schedule.mode)?,
             },
             prox_mu: args.prox_mu,
             aggregation: args.aggregation,

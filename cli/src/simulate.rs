@@ -283,7 +283,7 @@ pub(crate) fn sim_config(args: &SimulateArgs, threads: usize) -> anyhow::Result<
         attack: args.attack,
         attackers: args.attackers / 100.0,
         guard: args.guard.into(),
-        scheduler: args.scheduler.scheduler()?,
+        scheduler: args.scheduler.scheduler(args.schedule.mode)?,
         label_epsilon: args.label_epsilon,
         secure_aggregation: args.secure_aggregation,
         secure_quorum: args.secure_quorum,

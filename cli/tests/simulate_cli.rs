@@ -239,5 +239,36 @@ fn a_trained_scheduler_policy_is_what_simulate_runs() {
     );
     let csv = std::fs::read_to_string(root.join("out/astraea-s1.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(
+        !String::from_utf8_lossy(&simulated.stderr).contains("warning: --scheduler learned"),
+        "no warning in synchronous rounds"
+    );
+
+    // A policy in the asynchronous mode runs, with a warning: it was
+    // trained on synchronous rounds.
+    let asynchronous = Command::new(env!("CARGO_BIN_EXE_astraea"))
+        .arg("simulate")
+        .args(federation)
+        .args([
+            "--rounds",
+            "1",
+            "--strategies",
+            "astraea",
+            "--mode",
+            "async",
+        ])
+        .arg(format!("--scheduler=learned:{}", policy.display()))
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--out")
+        .arg(root.join("out-async"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&asynchronous.stderr);
+    assert!(asynchronous.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: --scheduler learned in --mode async"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
