@@ -48,6 +48,9 @@ pub struct StatusBody {
     pub phase: Phase,
     /// Strategy.
     pub strategy: String,
+    /// Who forms the mediators, as `--scheduler` names it (`learned` for
+    /// a trained policy).
+    pub scheduler: String,
     /// `sync` rounds or the `async` mode (then a round is a global version).
     pub mode: String,
     /// What volunteers' reports reveal: the label epsilon per count
@@ -165,6 +168,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
     StatusBody {
         phase: status.phase,
         strategy: status.strategy,
+        scheduler: state.config.settings.rescheduling.scheduler.to_string(),
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

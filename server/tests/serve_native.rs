@@ -71,6 +71,7 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
     assert_eq!(status["phase"], "finished");
     assert_eq!(status["round"], 3);
     assert_eq!(status["strategy"], "astraea");
+    assert_eq!(status["scheduler"], "greedy");
     assert_eq!(status["mediators"].as_array().unwrap().len(), 2);
     assert!(status["plan"].as_array().is_some(), "{status}");
     let rounds: serde_json::Value = serde_json::from_str(&rounds).unwrap();
