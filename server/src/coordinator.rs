@@ -891,13 +891,14 @@ fn pick_participants(
                         None => astraea_core::engine::declared::bounded(counts, cap),
                     },
                     // Its expected hop from its measured speed, at most the
-                    // operator's deadline (a later hop is given up), as the
-                    // simulator's population model caps it: one client
-                    // claiming a crawl cannot make every other client's
-                    // time look like nothing to the scheduler.
+                    // operator's deadline.
                     hop_seconds: entry.speed.map(|speed| {
-                        (entry.samples.saturating_mul(state.config.epochs as u64) as f64 / speed)
-                            .min(state.tunable().hop_deadline().as_secs_f64())
+                        astraea_core::engine::hop::expected_hop_s(
+                            entry.samples.saturating_mul(state.config.epochs as u64),
+                            speed,
+                            0.0,
+                            state.tunable().hop_deadline().as_secs_f64(),
+                        )
                     }),
                 },
                 paused: entry.paused,

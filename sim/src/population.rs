@@ -161,7 +161,7 @@ impl Population {
     /// `speed`, capped at the deadline (a later update is skipped:
     /// [`Population::late`]).
     pub fn hop_s(&self, work: u64, speed: f64) -> f64 {
-        (self.overhead_s + work as f64 / speed.max(1e-9)).min(self.hop_deadline_s)
+        astraea_core::engine::hop::expected_hop_s(work, speed, self.overhead_s, self.hop_deadline_s)
     }
 
     /// Whether the hop drawn with `seed` freezes.

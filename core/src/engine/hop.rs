@@ -54,6 +54,18 @@ pub fn hop_deadline(speed: Option<f64>, work: u64, ceiling: Duration) -> Duratio
     deadline.clamp(MIN_HOP_DEADLINE.min(ceiling), ceiling)
 }
 
+/// The seconds a hop of `work` samples (samples times epochs) is expected
+/// to hold its chain at `speed` samples a second: `overhead_s` (what a hop
+/// costs besides training) plus `work / speed`, at most `ceiling_s` (the
+/// operator's hop deadline: a later hop is given up). What the mediator
+/// schedulers are told of a client, in `serve` (no overhead term: the
+/// server does not measure one) and in the simulator's population model
+/// alike, so one client claiming a crawl costs its chain a deadline, not
+/// more. A speed at or below 1e-9 is taken as 1e-9.
+pub fn expected_hop_s(work: u64, speed: f64, overhead_s: f64, ceiling_s: f64) -> f64 {
+    (overhead_s + work as f64 / speed.max(1e-9)).min(ceiling_s)
+}
+
 /// The rules a hop out is held to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HopTimer {
