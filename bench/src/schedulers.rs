@@ -273,7 +273,7 @@ pub fn table(runs: &[SchedulerRun], target: f64) -> String {
 /// 20 to 200 samples, hop times spread 100x), gamma 10: the median of
 /// `repeats` rounds.
 pub fn time_schedulers(
-    schedulers: &[Scheduler],
+    schedulers: &[(String, Scheduler)],
     participants: usize,
     repeats: usize,
 ) -> Vec<(String, f64)> {
@@ -293,7 +293,7 @@ pub fn time_schedulers(
         .collect();
     schedulers
         .iter()
-        .map(|scheduler| {
+        .map(|(name, scheduler)| {
             let mut times: Vec<f64> = (0..repeats.max(1))
                 .map(|r| {
                     let start = Instant::now();
@@ -303,7 +303,7 @@ pub fn time_schedulers(
                 })
                 .collect();
             times.sort_by(f64::total_cmp);
-            (scheduler.to_string(), times[times.len() / 2])
+            (name.clone(), times[times.len() / 2])
         })
         .collect()
 }

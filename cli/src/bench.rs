@@ -522,10 +522,7 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             participants,
             repeats,
         } => {
-            let schedulers = schedulers
-                .iter()
-                .map(|s| crate::args::parse_scheduler(s).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let schedulers = named_schedulers(&schedulers)?;
             println!("| participants | scheduler | ms per round |");
             println!("|---:|---|---:|");
             for &c in &participants {
@@ -586,6 +583,20 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The schedulers a `--schedulers` list names, each with its name as
+/// written (two learned policies are two rows of a table).
+fn named_schedulers(
+    names: &[String],
+) -> anyhow::Result<Vec<(String, astraea_core::astraea::Scheduler)>> {
+    names
+        .iter()
+        .map(|s| {
+            let scheduler = crate::args::parse_scheduler(s).map_err(anyhow::Error::msg)?;
+            Ok((s.clone(), scheduler))
+        })
+        .collect()
+}
+
 /// `bench schedulers`: every scheduler, seed and setting as a full
 /// simulated Astraea run, then the table.
 fn schedulers_command(
@@ -596,13 +607,7 @@ fn schedulers_command(
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let config = crate::simulate::sim_config(sim, threads)?;
     let (train, test) = crate::simulate::load_data(&config, sim.max_train())?;
-    let schedulers = schedulers
-        .iter()
-        .map(|s| {
-            let scheduler = crate::args::parse_scheduler(s).map_err(anyhow::Error::msg)?;
-            Ok((s.clone(), scheduler))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let schedulers = named_schedulers(schedulers)?;
     let settings = settings
         .iter()
         .map(|name| {

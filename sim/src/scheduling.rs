@@ -406,7 +406,7 @@ struct Step {
 }
 
 /// One iteration's progress, for the log and the report.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct IterationStats {
     /// Mean reward of the rounds played.
     pub reward: f64,
@@ -414,6 +414,16 @@ pub struct IterationStats {
     pub time_ratio: f64,
     /// Mean chain KL.
     pub kl: f64,
+}
+
+impl IterationStats {
+    /// Adds one of `rounds` rounds' `outcome` to the means.
+    fn add(&mut self, outcome: &Outcome, shaping: f64, rounds: usize) {
+        let n = rounds.max(1) as f64;
+        self.reward += outcome.reward(shaping) / n;
+        self.time_ratio += outcome.seconds / outcome.balanced / n;
+        self.kl += outcome.kl / n;
+    }
 }
 
 /// Plays a round with `policy`, sampling each action from its softmax
@@ -495,20 +505,13 @@ pub fn train_policy(
         let policy = model.policy(hidden, training.clone())?;
         let mut steps = Vec::new();
         let mut returns = Vec::with_capacity(settings.episodes);
-        let mut stats = IterationStats {
-            reward: 0.0,
-            time_ratio: 0.0,
-            kl: 0.0,
-        };
+        let mut stats = IterationStats::default();
         for episode in 0..settings.episodes {
             let round = env.round(&mut rng);
             let groups = play(env, &round, &policy, &mut rng, episode, &mut steps);
             let outcome = env.outcome(&round, &groups);
-            let reward = outcome.reward(settings.shaping);
-            returns.push(reward as f32);
-            stats.reward += reward / settings.episodes as f64;
-            stats.time_ratio += outcome.seconds / outcome.balanced / settings.episodes as f64;
-            stats.kl += outcome.kl / settings.episodes as f64;
+            returns.push(outcome.reward(settings.shaping) as f32);
+            stats.add(&outcome, settings.shaping, settings.episodes);
         }
         log(iteration, &stats);
         if steps.is_empty() {
@@ -604,18 +607,12 @@ pub fn judge(
     seed: u64,
 ) -> IterationStats {
     let mut rng = StdRng::seed_from_u64(mix(&[seed, 0x1d9e]));
-    let mut stats = IterationStats {
-        reward: 0.0,
-        time_ratio: 0.0,
-        kl: 0.0,
-    };
+    let mut stats = IterationStats::default();
     for r in 0..rounds {
         let round = env.round(&mut rng);
         let groups = scheduler.assign(&round.counts, &round.expected, env.gamma, r as u64);
         let outcome = env.outcome(&round, &groups);
-        stats.reward += outcome.reward(shaping) / rounds as f64;
-        stats.time_ratio += outcome.seconds / outcome.balanced / rounds as f64;
-        stats.kl += outcome.kl / rounds as f64;
+        stats.add(&outcome, shaping, rounds);
     }
     stats
 }

@@ -96,12 +96,12 @@ impl Scheduler {
         let gamma = gamma.max(1);
         match self {
             Self::Greedy => play(Formation::new(counts, &[], gamma), |board, agent| {
-                pick_min(board, agent, |board, i| board.kl_with(agent, i))
+                pick_min(board, |board, i| board.kl_with(agent, i))
             }),
             Self::SpeedAware { weight } => {
                 let weight = if weight.is_finite() { *weight } else { 0.0 };
                 play(Formation::new(counts, seconds, gamma), |board, agent| {
-                    pick_min(board, agent, |board, i| {
+                    pick_min(board, |board, i| {
                         board.kl_with(agent, i)
                             - weight * board.hop_times()[i] / board.balanced_time()
                     })
@@ -114,8 +114,8 @@ impl Scheduler {
             }
             Self::Oort => {
                 let utility = oort_utility(counts, seconds);
-                play(Formation::new(counts, seconds, gamma), |board, agent| {
-                    pick_min(board, agent, |_, i| -utility[i])
+                play(Formation::new(counts, seconds, gamma), |board, _| {
+                    pick_min(board, |_, i| -utility[i])
                 })
             }
             Self::Learned(policy) => {
@@ -136,7 +136,7 @@ impl Scheduler {
 /// W1[2])`: three operations a hidden unit per candidate.
 struct LearnedPicker<'p> {
     policy: &'p Policy,
-    /// `statics[i * hidden + k]`: candidate i's fixed part for unit k.
+    /// `statics[i * padded + k]`: candidate i's fixed part for unit k.
     statics: Vec<f32>,
     /// `W1[1] + W1[2]`: a unit's weight on the candidate's KL.
     kl_weight: Vec<f32>,
@@ -249,20 +249,6 @@ fn unit_sum(turn: &[f32], fixed: &[f32], kl_weight: &[f32], out: &[f32], kl: f32
     (half[0] + half[2]) + (half[1] + half[3])
 }
 
-/// The action of highest score (ties to the first); `Close` when there is
-/// none, which [`Formation::play`] refuses unless legal.
-pub fn best_action(actions: &[Action], scores: &[f32]) -> Action {
-    let mut best = None;
-    let mut top = f32::NEG_INFINITY;
-    for (action, &score) in actions.iter().zip(scores) {
-        if best.is_none() || score > top {
-            best = Some(*action);
-            top = score;
-        }
-    }
-    best.unwrap_or(Action::Close)
-}
-
 /// Plays the board to the end with `choose`. A choice the board refuses
 /// (never made by the rules here) falls back to the first unassigned
 /// candidate, so the loop always ends.
@@ -284,7 +270,6 @@ fn play(
 /// pool's order, which is participant order).
 fn pick_min(
     board: &mut Formation<'_>,
-    _agent: usize,
     mut cost: impl FnMut(&mut Formation<'_>, usize) -> f64,
 ) -> Action {
     let mut best = (usize::MAX, f64::INFINITY);
