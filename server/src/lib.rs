@@ -70,8 +70,10 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     // The run's row exists before any client can join and be recorded.
     let (store, resumed) = match &config.state_dir {
         Some(dir) => {
-            let store = store::Store::open(dir)
-                .with_context(|| format!("opening the store in {}", dir.display()))?;
+            let mut store: store::Store = Box::new(
+                store::SqliteStore::open(dir)
+                    .with_context(|| format!("opening the store in {}", dir.display()))?,
+            );
             let resumed = store.resume_or_create(
                 &config.run_name,
                 &format!("{config:?}"),

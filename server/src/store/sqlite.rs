@@ -1,53 +1,18 @@
-//! Durability: an embedded SQLite database (runs, rounds, clients, mediator
-//! assignments, events) and atomic safetensors checkpoints of the global
-//! model, so a killed server resumes from its last completed round.
+//! The embedded store: SQLite (`astraea.db`, WAL, synchronous FULL) and
+//! atomic safetensors checkpoint files in the state directory.
 //!
 //! A round is committed in this order: the checkpoint file is written under
 //! a temporary name, synced and renamed; then the round's row and its
-//! mediators are inserted in one transaction naming that file. A crash
-//! between the two leaves an unreferenced checkpoint and the previous round
-//! as the last completed one, so nothing recorded is ever lost or half-done.
+//! mediators are inserted in one transaction naming that file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use astraea_core::weights::{ParamShape, Weights};
+use astraea_core::metrics::RoundRecord;
+use astraea_core::weights::ParamShape;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::state::MediatorStatus;
-use astraea_core::metrics::RoundRecord;
-
-/// Errors of the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite failed.
-    #[error("database error: {0}")]
-    Sql(#[from] rusqlite::Error),
-    /// The file system failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What happened.
-        source: std::io::Error,
-    },
-    /// A checkpoint does not fit the model.
-    #[error("checkpoint {path} does not fit the model: {reason}")]
-    Checkpoint {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The privacy accountant kept with the last round does not read back:
-    /// resuming would have to guess what the run spent, and might guess
-    /// low.
-    #[error("round {round}'s privacy accountant is damaged; the run cannot resume")]
-    Accountant {
-        /// The round.
-        round: usize,
-    },
-}
+use super::{COUNTED, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how
 /// many have run.
@@ -118,50 +83,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
     ALTER TABLE rounds ADD COLUMN hops TEXT;",
 ];
 
-/// What a completed round leaves beside its record, to resume from.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundState<'a> {
-    /// Skipped hops counted so far.
-    pub skipped_hops: u64,
-    /// The round's mediators.
-    pub mediators: &'a [MediatorStatus],
-    /// The global model after the round, as a safetensors file.
-    pub checkpoint: &'a [u8],
-    /// The update guard's history.
-    pub guard: &'a [f64],
-    /// The privacy accountant after the round (client-level DP runs).
-    pub accountant: Option<&'a astraea_core::privacy::RdpAccountant>,
-    /// The clip the next round uses (client-level DP runs; under adaptive
-    /// clipping, where it has moved to).
-    pub model_clip: Option<f64>,
-}
-
-/// A run as found in (or created in) the database.
-#[derive(Debug, Clone)]
-pub struct Resumed {
-    /// The run's row id.
-    pub run_id: i64,
-    /// Rounds already completed, in order.
-    pub history: Vec<RoundRecord>,
-    /// The plan already sent, if any.
-    pub plan: Option<Vec<f64>>,
-    /// The global model after the last completed round, if any.
-    pub weights: Option<Weights>,
-    /// Skipped hops counted so far.
-    pub skipped_hops: u64,
-    /// The update guard's history as of the last completed round.
-    pub guard: Vec<f64>,
-    /// The privacy accountant as of the last completed round, when it was
-    /// kept (and reads back sound).
-    pub accountant: Option<astraea_core::privacy::RdpAccountant>,
-    /// The clip kept with the last completed round, when one was kept and
-    /// it is a finite positive number.
-    pub model_clip: Option<f64>,
-}
-
 /// The database and the checkpoint folder.
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     db: Connection,
     checkpoints: PathBuf,
 }
@@ -173,7 +97,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (or creates) `dir/astraea.db` and `dir/checkpoints/`, applying
     /// any migration not yet applied.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -193,11 +117,11 @@ impl Store {
         }
         Ok(Self { db, checkpoints })
     }
+}
 
-    /// The unfinished run called `name`, with what it completed, or a new
-    /// one. `config` is stored for the record.
-    pub fn resume_or_create(
-        &self,
+impl RunStore for SqliteStore {
+    fn resume_or_create(
+        &mut self,
         name: &str,
         config: &str,
         shapes: &[ParamShape],
@@ -225,16 +149,7 @@ impl Store {
                 .execute("DELETE FROM rounds WHERE run_id = ?1", params![run_id])?;
             self.db
                 .execute("DELETE FROM mediators WHERE run_id = ?1", params![run_id])?;
-            return Ok(Resumed {
-                run_id,
-                history: vec![],
-                plan: None,
-                weights: None,
-                skipped_hops: 0,
-                guard: vec![],
-                accountant: None,
-                model_clip: None,
-            });
+            return Ok(Resumed::fresh(run_id));
         };
         let mut statement = self.db.prepare(
             "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint, guard,
@@ -242,8 +157,8 @@ impl Store {
              FROM rounds WHERE run_id = ?1 ORDER BY round",
         )?;
         let rows = statement.query_map(params![run_id], |row| {
-            Ok((
-                RoundRecord {
+            Ok(StoredRound {
+                record: RoundRecord {
                     round: row.get::<_, i64>(0)? as usize,
                     accuracy: row.get(1)?,
                     loss: row.get(2)?,
@@ -255,7 +170,7 @@ impl Store {
                     train_s: row.get(14)?,
                     clock_s: row.get(6)?,
                     epsilon: row.get(11)?,
-                    // Filled in below, from the mediators table.
+                    // Filled in by `assemble`, from the mediators table.
                     mediators: Vec::new(),
                     // Unreadable or from before it was kept: zero.
                     hops: row
@@ -263,68 +178,32 @@ impl Store {
                         .and_then(|text| serde_json::from_str(&text).ok())
                         .unwrap_or_default(),
                 },
-                row.get::<_, i64>(7)? as u64,
-                row.get::<_, String>(8)?,
-                row.get::<_, Option<String>>(9)?,
-                row.get::<_, Option<String>>(10)?,
+                skipped: row.get::<_, i64>(7)? as u64,
+                checkpoint: row.get(8)?,
+                guard: row.get(9)?,
+                accountant: row.get(10)?,
                 // A clip that does not read as a number is dropped, not
                 // fatal: the run goes on from the configured clip.
-                row.get::<_, Option<f64>>(12).unwrap_or(None),
-            ))
+                model_clip: row.get::<_, Option<f64>>(12).unwrap_or(None),
+            })
         })?;
-        let mut history = Vec::new();
-        let mut last = None;
-        let mut model_clip = None;
-        for row in rows {
-            let (mut record, skipped, checkpoint, guard, accountant, clip) = row?;
-            record.mediators = self.mediators(run_id, record.round)?;
-            history.push(record);
-            last = Some((skipped, checkpoint, guard, accountant));
-            model_clip = clip.filter(|c| c.is_finite() && *c > 0.0);
-        }
-        let guard = last
-            .as_ref()
-            .and_then(|(_, _, guard, _)| guard.as_deref())
-            .and_then(|text| serde_json::from_str(text).ok())
-            .unwrap_or_default();
-        // Kept but unreadable is not the same as never kept (a database
-        // from before accountants were saved): refuse rather than guess.
-        let accountant = match last.as_ref().and_then(|(_, _, _, a)| a.as_deref()) {
-            None => None,
-            Some(text) => Some(astraea_core::privacy::RdpAccountant::from_json(text).ok_or(
-                StoreError::Accountant {
-                    round: history.last().map_or(0, |r| r.round),
-                },
-            )?),
-        };
-        let (skipped_hops, weights) = match last {
-            Some((skipped, file, _, _)) => {
-                let path = self.checkpoints.join(&file);
-                let bytes = std::fs::read(&path).map_err(io(&path))?;
-                let weights = Weights::from_safetensors(&bytes, shapes).map_err(|e| {
-                    StoreError::Checkpoint {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                (skipped, Some(weights))
-            }
-            None => (0, None),
-        };
-        Ok(Resumed {
+        let rounds = rows.collect::<Result<Vec<_>, _>>()?;
+        drop(statement);
+        let checkpoints = self.checkpoints.clone();
+        assemble(
             run_id,
-            history,
-            plan: plan.and_then(|p| serde_json::from_str(&p).ok()),
-            weights,
-            skipped_hops,
-            guard,
-            accountant,
-            model_clip,
-        })
+            plan,
+            rounds,
+            |round| self.mediators(run_id, round),
+            |file| {
+                let path = checkpoints.join(file);
+                std::fs::read(&path).map_err(io(&path))
+            },
+            shapes,
+        )
     }
 
-    /// Records the plan sent to the clients.
-    pub fn save_plan(&self, run_id: i64, ratios: &[f64]) -> Result<(), StoreError> {
+    fn save_plan(&mut self, run_id: i64, ratios: &[f64]) -> Result<(), StoreError> {
         let plan = serde_json::to_string(ratios).expect("numbers serialise");
         self.db.execute(
             "UPDATE runs SET plan = ?2 WHERE id = ?1",
@@ -333,9 +212,7 @@ impl Store {
         Ok(())
     }
 
-    /// Commits a completed round: the checkpoint (a safetensors file, as
-    /// `export::ModelCard::export` writes it) first, then its rows.
-    pub fn save_round(
+    fn save_round(
         &mut self,
         run_id: i64,
         record: &RoundRecord,
@@ -401,6 +278,65 @@ impl Store {
         Ok(())
     }
 
+    fn finish(&mut self, run_id: i64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE runs SET finished = 1 WHERE id = ?1",
+            params![run_id],
+        )?;
+        Ok(())
+    }
+
+    fn event(
+        &mut self,
+        run_id: i64,
+        round: Option<u32>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO events (run_id, round, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![run_id, round, kind, detail],
+        )?;
+        Ok(())
+    }
+
+    fn client_joined(
+        &mut self,
+        run_id: i64,
+        client_id: u64,
+        backend: &str,
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO clients (run_id, client_id, backend) VALUES (?1, ?2, ?3)",
+            params![run_id, client_id as i64, backend],
+        )?;
+        Ok(())
+    }
+
+    fn count(&mut self, table: &str, run_id: i64) -> Result<i64, StoreError> {
+        assert!(COUNTED.contains(&table), "unknown table {table}");
+        Ok(self.db.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE run_id = ?1"),
+            params![run_id],
+            |row| row.get(0),
+        )?)
+    }
+
+    fn events(
+        &mut self,
+        run_id: i64,
+        kind: &str,
+    ) -> Result<Vec<(Option<u32>, String)>, StoreError> {
+        let mut statement = self.db.prepare(
+            "SELECT round, detail FROM events WHERE run_id = ?1 AND kind = ?2 ORDER BY id",
+        )?;
+        let rows =
+            statement.query_map(params![run_id, kind], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl SqliteStore {
     /// The members of round `round`'s mediators in run `run_id`, in
     /// mediator order (none for a round of the asynchronous mode).
     fn mediators(&self, run_id: i64, round: usize) -> Result<Vec<Vec<u64>>, StoreError> {
@@ -418,76 +354,16 @@ impl Store {
         }
         Ok(mediators)
     }
-
-    /// Marks the run finished, so a restart begins a new one.
-    pub fn finish(&self, run_id: i64) -> Result<(), StoreError> {
-        self.db.execute(
-            "UPDATE runs SET finished = 1 WHERE id = ?1",
-            params![run_id],
-        )?;
-        Ok(())
-    }
-
-    /// Records an event (a skip, a rejection, a resume).
-    pub fn event(
-        &self,
-        run_id: i64,
-        round: Option<u32>,
-        kind: &str,
-        detail: &str,
-    ) -> Result<(), StoreError> {
-        self.db.execute(
-            "INSERT INTO events (run_id, round, kind, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![run_id, round, kind, detail],
-        )?;
-        Ok(())
-    }
-
-    /// Records a client joining.
-    pub fn client_joined(
-        &self,
-        run_id: i64,
-        client_id: u64,
-        backend: &str,
-    ) -> Result<(), StoreError> {
-        self.db.execute(
-            "INSERT INTO clients (run_id, client_id, backend) VALUES (?1, ?2, ?3)",
-            params![run_id, client_id as i64, backend],
-        )?;
-        Ok(())
-    }
-
-    /// Counts rows of a table for a run (for tests and the dashboard).
-    pub fn count(&self, table: &str, run_id: i64) -> Result<i64, StoreError> {
-        let allowed = ["rounds", "mediators", "clients", "events"];
-        assert!(allowed.contains(&table), "unknown table {table}");
-        Ok(self.db.query_row(
-            &format!("SELECT COUNT(*) FROM {table} WHERE run_id = ?1"),
-            params![run_id],
-            |row| row.get(0),
-        )?)
-    }
-
-    /// Events of a kind, as (round, detail).
-    pub fn events(
-        &self,
-        run_id: i64,
-        kind: &str,
-    ) -> Result<Vec<(Option<u32>, String)>, StoreError> {
-        let mut statement = self.db.prepare(
-            "SELECT round, detail FROM events WHERE run_id = ?1 AND kind = ?2 ORDER BY id",
-        )?;
-        let rows =
-            statement.query_map(params![run_id, kind], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::MediatorStatus;
     use astraea_core::model::ModelConfig;
+    use astraea_core::weights::Weights;
     use burn::prelude::*;
+    use std::path::PathBuf;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("astraea-store-{name}-{}", std::process::id()));
@@ -533,7 +409,7 @@ mod tests {
             current: None,
         }];
         let run_id = {
-            let mut store = Store::open(&dir).unwrap();
+            let mut store = SqliteStore::open(&dir).unwrap();
             let run = store
                 .resume_or_create("demo", "{}", &weights.shapes)
                 .unwrap();
@@ -570,7 +446,7 @@ mod tests {
         };
 
         // Execute: open again, as after a crash.
-        let store = Store::open(&dir).unwrap();
+        let mut store = SqliteStore::open(&dir).unwrap();
         let resumed = store
             .resume_or_create("demo", "{}", &weights.shapes)
             .unwrap();
@@ -604,7 +480,7 @@ mod tests {
         }
 
         // Execute
-        let store = Store::open(&dir).unwrap();
+        let store = SqliteStore::open(&dir).unwrap();
 
         // Assert
         let config: String = store
@@ -622,7 +498,7 @@ mod tests {
         // Prepare: a private run's two rounds, the clip moved to 0.31.
         let dir = temp_dir("clip");
         let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = SqliteStore::open(&dir).unwrap();
         let run = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
         for (round, clip) in [(1, 0.4), (2, 0.31)] {
             let kept = RoundState {
@@ -661,7 +537,7 @@ mod tests {
         let mut spent = astraea_core::privacy::RdpAccountant::new();
         spent.compose(1.0, 2.0, 1);
         {
-            let mut store = Store::open(&dir).unwrap();
+            let mut store = SqliteStore::open(&dir).unwrap();
             let run = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
             let kept = RoundState {
                 skipped_hops: 0,
@@ -683,7 +559,7 @@ mod tests {
         }
 
         // Execute
-        let store = Store::open(&dir).unwrap();
+        let mut store = SqliteStore::open(&dir).unwrap();
         let resumed = store.resume_or_create("dp", "{}", &weights.shapes);
 
         // Assert
@@ -699,7 +575,7 @@ mod tests {
         let dir = temp_dir("finished");
         let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
         {
-            let mut store = Store::open(&dir).unwrap();
+            let mut store = SqliteStore::open(&dir).unwrap();
             let run = store
                 .resume_or_create("demo", "{}", &weights.shapes)
                 .unwrap();
@@ -720,7 +596,7 @@ mod tests {
             store.finish(run.run_id).unwrap();
         }
 
-        let store = Store::open(&dir).unwrap();
+        let mut store = SqliteStore::open(&dir).unwrap();
         let fresh = store
             .resume_or_create("demo", "{}", &weights.shapes)
             .unwrap();

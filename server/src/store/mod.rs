@@ -1,0 +1,248 @@
+//! Durability: the run's store. Runs, rounds, clients, mediator assignments
+//! and events in a database, and the global model after each completed
+//! round, so a killed server resumes from its last completed round.
+//!
+//! One contract, [`RunStore`], two stores behind it:
+//! - [`sqlite::SqliteStore`], the embedded default: `astraea.db` and atomic
+//!   safetensors checkpoint files in the state directory.
+//!
+//! A round is committed checkpoint first, rows second: a crash between the
+//! two leaves an unreferenced checkpoint and the previous round as the last
+//! completed one, so nothing recorded is ever lost or half-done.
+
+pub mod sqlite;
+
+use astraea_core::metrics::RoundRecord;
+use astraea_core::weights::{ParamShape, Weights};
+
+use crate::state::MediatorStatus;
+
+pub use sqlite::SqliteStore;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The file system failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What happened.
+        source: std::io::Error,
+    },
+    /// A checkpoint does not fit the model.
+    #[error("checkpoint {name} does not fit the model: {reason}")]
+    Checkpoint {
+        /// The checkpoint (a file, or a blob's hash).
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The privacy accountant kept with the last round does not read back:
+    /// resuming would have to guess what the run spent, and might guess
+    /// low.
+    #[error("round {round}'s privacy accountant is damaged; the run cannot resume")]
+    Accountant {
+        /// The round.
+        round: usize,
+    },
+}
+
+/// What a completed round leaves beside its record, to resume from.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundState<'a> {
+    /// Skipped hops counted so far.
+    pub skipped_hops: u64,
+    /// The round's mediators.
+    pub mediators: &'a [MediatorStatus],
+    /// The global model after the round, as a safetensors file.
+    pub checkpoint: &'a [u8],
+    /// The update guard's history.
+    pub guard: &'a [f64],
+    /// The privacy accountant after the round (client-level DP runs).
+    pub accountant: Option<&'a astraea_core::privacy::RdpAccountant>,
+    /// The clip the next round uses (client-level DP runs; under adaptive
+    /// clipping, where it has moved to).
+    pub model_clip: Option<f64>,
+}
+
+/// A run as found in (or created in) the database.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The run's row id.
+    pub run_id: i64,
+    /// Rounds already completed, in order.
+    pub history: Vec<RoundRecord>,
+    /// The plan already sent, if any.
+    pub plan: Option<Vec<f64>>,
+    /// The global model after the last completed round, if any.
+    pub weights: Option<Weights>,
+    /// Skipped hops counted so far.
+    pub skipped_hops: u64,
+    /// The update guard's history as of the last completed round.
+    pub guard: Vec<f64>,
+    /// The privacy accountant as of the last completed round, when it was
+    /// kept (and reads back sound).
+    pub accountant: Option<astraea_core::privacy::RdpAccountant>,
+    /// The clip kept with the last completed round, when one was kept and
+    /// it is a finite positive number.
+    pub model_clip: Option<f64>,
+}
+
+impl Resumed {
+    /// A run with nothing completed yet.
+    pub fn fresh(run_id: i64) -> Self {
+        Self {
+            run_id,
+            history: vec![],
+            plan: None,
+            weights: None,
+            skipped_hops: 0,
+            guard: vec![],
+            accountant: None,
+            model_clip: None,
+        }
+    }
+}
+
+/// What every store keeps of a run, whatever the database. Every method
+/// either does all of its write or none of it.
+pub trait RunStore: Send + std::fmt::Debug {
+    /// The unfinished run called `name`, with what it completed, or a new
+    /// one (a finished run of that name starts again, empty). `config` is
+    /// stored for the record; `shapes` check the last checkpoint.
+    ///
+    /// # Errors
+    /// The database, a checkpoint that does not fit `shapes`, or a damaged
+    /// privacy accountant ([`StoreError::Accountant`]).
+    fn resume_or_create(
+        &mut self,
+        name: &str,
+        config: &str,
+        shapes: &[ParamShape],
+    ) -> Result<Resumed, StoreError>;
+
+    /// Records the plan sent to the clients.
+    fn save_plan(&mut self, run_id: i64, ratios: &[f64]) -> Result<(), StoreError>;
+
+    /// Commits a completed round: the checkpoint (a safetensors file, as
+    /// `export::ModelCard::export` writes it) first, then its rows.
+    fn save_round(
+        &mut self,
+        run_id: i64,
+        record: &RoundRecord,
+        kept: &RoundState<'_>,
+    ) -> Result<(), StoreError>;
+
+    /// Marks the run finished, so a restart begins a new one.
+    fn finish(&mut self, run_id: i64) -> Result<(), StoreError>;
+
+    /// Records an event (a skip, a rejection, a resume).
+    fn event(
+        &mut self,
+        run_id: i64,
+        round: Option<u32>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Records a client joining.
+    fn client_joined(
+        &mut self,
+        run_id: i64,
+        client_id: u64,
+        backend: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Counts rows of `rounds`, `mediators`, `clients` or `events` for a
+    /// run (for tests and the dashboard).
+    ///
+    /// # Panics
+    /// On any other table name (a caller's bug, never a client's input).
+    fn count(&mut self, table: &str, run_id: i64) -> Result<i64, StoreError>;
+
+    /// Events of a kind, as (round, detail), oldest first.
+    fn events(&mut self, run_id: i64, kind: &str)
+    -> Result<Vec<(Option<u32>, String)>, StoreError>;
+}
+
+/// The store a server writes to.
+pub type Store = Box<dyn RunStore>;
+
+/// The tables [`RunStore::count`] may count.
+pub(crate) const COUNTED: [&str; 4] = ["rounds", "mediators", "clients", "events"];
+
+/// One completed round's row as a store reads it back, before its
+/// mediators and checkpoint are joined in.
+#[derive(Debug)]
+pub(crate) struct StoredRound {
+    /// The record, its mediators still empty.
+    pub record: RoundRecord,
+    /// Skipped hops counted so far.
+    pub skipped: u64,
+    /// Where the checkpoint is (a file name, or a blob's hash).
+    pub checkpoint: String,
+    /// The guard's history, as JSON.
+    pub guard: Option<String>,
+    /// The accountant, as JSON.
+    pub accountant: Option<String>,
+    /// The clip, unchecked.
+    pub model_clip: Option<f64>,
+}
+
+/// Joins a run's stored rounds (in order) into what the server resumes
+/// from, with one rule for every store: an unreadable guard history or hop
+/// tally reads as empty, a clip that is not a finite positive number is
+/// dropped, but an accountant that was kept and does not read back stops
+/// the resume, and so does a checkpoint that does not fit `shapes`.
+pub(crate) fn assemble(
+    run_id: i64,
+    plan: Option<String>,
+    rounds: Vec<StoredRound>,
+    mut mediators: impl FnMut(usize) -> Result<Vec<Vec<u64>>, StoreError>,
+    checkpoint: impl FnOnce(&str) -> Result<Vec<u8>, StoreError>,
+    shapes: &[ParamShape],
+) -> Result<Resumed, StoreError> {
+    let mut history = Vec::with_capacity(rounds.len());
+    let mut last = None;
+    for mut round in rounds {
+        round.record.mediators = mediators(round.record.round)?;
+        history.push(round.record.clone());
+        last = Some(round);
+    }
+    let mut resumed = Resumed::fresh(run_id);
+    resumed.plan = plan.and_then(|p| serde_json::from_str(&p).ok());
+    let Some(last) = last else {
+        return Ok(resumed);
+    };
+    resumed.guard = last
+        .guard
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default();
+    // Kept but unreadable is not the same as never kept (a database from
+    // before accountants were saved): refuse rather than guess.
+    resumed.accountant = match last.accountant.as_deref() {
+        None => None,
+        Some(text) => Some(astraea_core::privacy::RdpAccountant::from_json(text).ok_or(
+            StoreError::Accountant {
+                round: last.record.round,
+            },
+        )?),
+    };
+    resumed.model_clip = last.model_clip.filter(|c| c.is_finite() && *c > 0.0);
+    resumed.skipped_hops = last.skipped;
+    let bytes = checkpoint(&last.checkpoint)?;
+    resumed.weights =
+        Some(
+            Weights::from_safetensors(&bytes, shapes).map_err(|e| StoreError::Checkpoint {
+                name: last.checkpoint.clone(),
+                reason: e.to_string(),
+            })?,
+        );
+    resumed.history = history;
+    Ok(resumed)
+}
