@@ -166,6 +166,12 @@ pub(crate) struct ServeArgs {
     /// found there is resumed from its last completed round.
     #[arg(long, env = "ASTRAEA_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Keep the run in PostgreSQL instead of a state dir
+    /// (postgres://user:password@host:port/database), so several `astraea
+    /// serve` processes can share it: the one holding the run's lease
+    /// leads, the others wait and take over within seconds when it goes.
+    #[arg(long, env = "ASTRAEA_STORE", conflicts_with = "state_dir", value_parser = postgres_url)]
+    store: Option<String>,
     /// Name of the run in the database.
     #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
     run_name: String,
@@ -212,6 +218,15 @@ pub(crate) struct ServeArgs {
 /// Adds `--key=value` for each setting of a `serve --config FILE` that is
 /// neither given as a flag nor set in the environment, so the precedence is
 /// flags, then ASTRAEA_* variables, then the file, then the defaults.
+/// `--store`: a PostgreSQL URL (the embedded SQLite store is --state-dir).
+fn postgres_url(text: &str) -> Result<String, String> {
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        Ok(text.to_string())
+    } else {
+        Err("a PostgreSQL URL, postgres://user:password@host:port/database (for the embedded SQLite store, give --state-dir DIR instead)".into())
+    }
+}
+
 pub(crate) fn args_with_config_file(mut args: Vec<String>) -> anyhow::Result<Vec<String>> {
     if args.get(1).map(String::as_str) != Some("serve") {
         return Ok(args);
@@ -347,6 +362,8 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         },
         admin_token: args.admin_token.map(Into::into),
         state_dir: args.state_dir,
+        postgres: args.store.map(Into::into),
+        lease: serve::store::LeaseSettings::default(),
         run_name: args.run_name,
         public_url: args.public_url,
     };
@@ -395,6 +412,23 @@ mod tests {
     use super::*;
     use crate::{Cli, Command};
     use clap::Parser;
+
+    #[test]
+    fn the_store_takes_a_postgres_url_and_not_beside_a_state_dir() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["astraea", "serve"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse(&["--store", "postgres://u@127.0.0.1:5432/astraea"]).is_ok());
+        assert!(parse(&["--store", "postgresql://u@db/astraea"]).is_ok());
+        let path = parse(&["--store", "state/astraea.db"]).unwrap_err();
+        assert!(path.contains("--state-dir"), "{path}");
+        let both = parse(&["--store", "postgres://u@db/a", "--state-dir", "s"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
+    }
 
     #[test]
     fn a_config_file_fills_in_what_the_flags_leave_out() {

@@ -137,6 +137,14 @@ pub struct ServeConfig {
     pub admin_token: Option<Secret>,
     /// Folder of the database and checkpoints; `None` keeps nothing.
     pub state_dir: Option<PathBuf>,
+    /// A PostgreSQL URL to keep the run in instead (`postgres://…`), so
+    /// several servers can share it: the one holding the run's lease leads,
+    /// the others wait and take over (see `store::lease`). Redacted in the
+    /// stored configuration (it may hold a password). Exclusive with
+    /// `state_dir`.
+    pub postgres: Option<Secret>,
+    /// How the run's lease is held (PostgreSQL only).
+    pub lease: crate::store::LeaseSettings,
     /// Name of the run in the database: an unfinished run of this name is
     /// resumed from its last completed round.
     pub run_name: String,
@@ -197,6 +205,8 @@ impl Default for ServeConfig {
             static_dir: PathBuf::from("static"),
             admin_token: None,
             state_dir: None,
+            postgres: None,
+            lease: crate::store::LeaseSettings::default(),
             run_name: "default".into(),
             allow_insecure: false,
             tls: None,

@@ -51,6 +51,10 @@ pub struct StatusBody {
     /// Who forms the mediators, as `--scheduler` names it (`learned` for
     /// a trained policy).
     pub scheduler: String,
+    /// The term of the run's lease this server leads at: 1 for a run's
+    /// first leader, one more at each takeover (PostgreSQL stores only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_term: Option<i64>,
     /// `sync` rounds or the `async` mode (then a round is a global version).
     pub mode: String,
     /// What volunteers' reports reveal: the label epsilon per count
@@ -169,6 +173,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
         phase: status.phase,
         strategy: status.strategy,
         scheduler: state.config.settings.rescheduling.scheduler.to_string(),
+        leader_term: state.lease_term,
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

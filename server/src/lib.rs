@@ -31,6 +31,7 @@ pub mod loopback;
 pub mod secure;
 pub mod state;
 pub mod store;
+pub mod testing;
 pub mod tls;
 use std::sync::Arc;
 
@@ -52,6 +53,68 @@ pub struct Running {
     pub coordinator: JoinHandle<anyhow::Result<()>>,
 }
 
+/// Opens the run's store, if it is durable: SQLite in the state directory,
+/// or PostgreSQL, where this server first waits until it holds the run's
+/// lease (while another server leads it) and fences its writes by the
+/// lease's term. Answers the store, the run as found, and the lease.
+async fn open_store(
+    config: &ServeConfig,
+    shapes: &[astraea_core::weights::ParamShape],
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<(
+    Option<store::Store>,
+    Option<store::Resumed>,
+    Option<store::Lease>,
+)> {
+    let describe = format!("{config:?}");
+    match (&config.state_dir, &config.postgres) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "a state directory and a PostgreSQL store are two stores for one run: give one"
+        ),
+        (None, None) => Ok((None, None, None)),
+        (Some(dir), None) => {
+            let mut store: store::Store = Box::new(
+                store::SqliteStore::open(dir)
+                    .with_context(|| format!("opening the store in {}", dir.display()))?,
+            );
+            let resumed = store.resume_or_create(&config.run_name, &describe, shapes)?;
+            Ok((Some(store), Some(resumed), None))
+        }
+        (None, Some(url)) => {
+            let (url, run, settings) = (
+                url.expose().to_string(),
+                config.run_name.clone(),
+                config.lease,
+            );
+            let shapes = shapes.to_vec();
+            let holder = format!("pid {} at {bound}", std::process::id());
+            tokio::task::spawn_blocking(move || {
+                let mut store =
+                    store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
+                let mut last = None;
+                let lease = store::Lease::acquire(&url, &run, &holder, settings, |current| {
+                    let now = (current.name.clone(), current.term);
+                    if last.as_ref() != Some(&now) {
+                        tracing::info!(
+                            run = %run,
+                            leader = %current.name,
+                            term = current.term,
+                            "another server leads this run; waiting to take over"
+                        );
+                        last = Some(now);
+                    }
+                })?;
+                tracing::info!(run = %run, term = lease.term(), "leading this run");
+                store.fence(&run, lease.term());
+                let mut store: store::Store = Box::new(store);
+                let resumed = store.resume_or_create(&run, &describe, &shapes)?;
+                Ok((Some(store), Some(resumed), Some(lease)))
+            })
+            .await?
+        }
+    }
+}
+
 /// Loads the data, then serves on `listener` and starts the round loop.
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
     config.policy().validate()?;
@@ -67,23 +130,9 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
-    // The run's row exists before any client can join and be recorded.
-    let (store, resumed) = match &config.state_dir {
-        Some(dir) => {
-            let mut store: store::Store = Box::new(
-                store::SqliteStore::open(dir)
-                    .with_context(|| format!("opening the store in {}", dir.display()))?,
-            );
-            let resumed = store.resume_or_create(
-                &config.run_name,
-                &format!("{config:?}"),
-                &data.initial.shapes,
-            )?;
-            (Some(store), Some(resumed))
-        }
-        None => (None, None),
-    };
     let bound = listener.local_addr()?;
+    // The run's row exists before any client can join and be recorded.
+    let (store, resumed, lease) = open_store(&config, &data.initial.shapes, bound).await?;
     let join_url = config
         .public_url
         .clone()
@@ -100,6 +149,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         store,
     );
     state.join_url = join_url;
+    state.lease_term = lease.as_ref().map(store::Lease::term);
     state.test_samples = data.test.len();
     state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
@@ -129,7 +179,21 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             })
         }
     };
-    let coordinator = tokio::spawn(coordinator::run(state.clone(), data, resume));
+    let round_loop = coordinator::run(state.clone(), data, resume);
+    let coordinator = tokio::spawn(async move {
+        let Some(lease) = lease else {
+            return round_loop.await;
+        };
+        // A leader that loses its lease stops leading at once; its writes
+        // were already refused (fenced) from the moment another took it.
+        tokio::select! {
+            result = round_loop => result,
+            () = lease.lost() => anyhow::bail!(
+                "lost the lease of this run (term {}): another server leads it now",
+                lease.term()
+            ),
+        }
+    });
     Ok(Running {
         state,
         server,

@@ -388,6 +388,9 @@ pub struct AppState {
     pub bytes_down: AtomicU64,
     /// The URL volunteers open (shown on the dashboard and as its QR code).
     pub join_url: String,
+    /// The term of the run's lease this server leads at (PostgreSQL
+    /// stores); `None` for a server that keeps the run alone.
+    pub lease_term: Option<i64>,
     /// Samples in the balanced test set the server evaluates on (for the
     /// exported model's card).
     pub test_samples: usize,
@@ -466,6 +469,7 @@ impl AppState {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
+            lease_term: None,
             test_samples: 0,
             started: std::time::Instant::now(),
         }

@@ -4,12 +4,17 @@
 //!
 //! One contract, [`RunStore`], two stores behind it:
 //! - [`sqlite::SqliteStore`], the embedded default: `astraea.db` and atomic
-//!   safetensors checkpoint files in the state directory.
+//!   safetensors checkpoint files in the state directory;
+//! - [`postgres::PgStore`], when several server processes share one run:
+//!   PostgreSQL, checkpoints content-addressed in it, the leader's writes
+//!   fenced by its [`lease::Lease`]'s term.
 //!
 //! A round is committed checkpoint first, rows second: a crash between the
 //! two leaves an unreferenced checkpoint and the previous round as the last
 //! completed one, so nothing recorded is ever lost or half-done.
 
+pub mod lease;
+pub mod postgres;
 pub mod sqlite;
 
 use astraea_core::metrics::RoundRecord;
@@ -17,6 +22,8 @@ use astraea_core::weights::{ParamShape, Weights};
 
 use crate::state::MediatorStatus;
 
+pub use lease::{Lease, LeaseSettings};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Errors of the store.
@@ -25,6 +32,21 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// PostgreSQL failed (or could not be reached).
+    #[error("database error: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// A write of the leader's, refused because another server took the
+    /// run's lease: this one leads no more and changed nothing.
+    #[error("refused: this server's lease (term {term}) was taken over (term now {current})")]
+    Fenced {
+        /// The term this server led at.
+        term: i64,
+        /// The lease's term now (0: no lease row).
+        current: i64,
+    },
+    /// The store's connection thread has gone.
+    #[error("the store's connection thread has stopped")]
+    Closed,
     /// The file system failed.
     #[error("{path}: {source}")]
     Io {
@@ -245,4 +267,155 @@ pub(crate) fn assemble(
         );
     resumed.history = history;
     Ok(resumed)
+}
+
+/// Behaviour every [`RunStore`] owes, as test bodies each store's tests
+/// call with a way to open it (again, as after a crash).
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+    use astraea_core::model::ModelConfig;
+    use burn::prelude::*;
+
+    pub fn record(round: usize, accuracy: f64) -> RoundRecord {
+        RoundRecord {
+            round,
+            accuracy,
+            loss: 1.0,
+            bytes_up: 10 * round as u64,
+            bytes_down: 20 * round as u64,
+            mean_kl: 0.2,
+            wall_s: round as f64,
+            train_samples: 300 * round as u64,
+            train_s: 0.5 * round as f64,
+            clock_s: round as f64,
+            epsilon: None,
+            // As the tests' `RoundState`s keep them.
+            mediators: vec![vec![1, 2]],
+            hops: astraea_core::engine::HopTally {
+                accepted: 3,
+                refused: 1,
+                discarded: 0,
+                skipped: round as u64,
+            },
+        }
+    }
+
+    /// The papers' CNN, freshly initialised.
+    pub fn weights() -> Weights {
+        Weights::from_model(&ModelConfig::new(10).init(&Device::flex()))
+    }
+
+    /// A round's state with nothing but a checkpoint and a clip.
+    pub fn bare(checkpoint: &[u8], model_clip: Option<f64>) -> RoundState<'_> {
+        RoundState {
+            skipped_hops: 0,
+            mediators: &[],
+            checkpoint,
+            guard: &[],
+            accountant: None,
+            model_clip,
+        }
+    }
+
+    /// Two rounds saved, then opened again: the run, its rounds, plan,
+    /// model, skipped hops and guard come back.
+    pub fn a_reopened_store_resumes_the_unfinished_run_from_its_last_round(
+        open: &dyn Fn() -> Store,
+    ) {
+        // Prepare
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        let mediators = vec![MediatorStatus {
+            members: vec![1, 2],
+            kl: 0.1,
+            counts: vec![30, 10],
+            hops: 4,
+            hops_done: 4,
+            current: None,
+        }];
+        let run_id = {
+            let mut store = open();
+            let run = store
+                .resume_or_create("demo", "{}", &weights.shapes)
+                .unwrap();
+            store.save_plan(run.run_id, &[1.0, 2.5]).unwrap();
+            store
+                .save_round(
+                    run.run_id,
+                    &record(1, 0.3),
+                    &RoundState {
+                        skipped_hops: 0,
+                        mediators: &mediators,
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[0.5],
+                        accountant: None,
+                        model_clip: None,
+                    },
+                )
+                .unwrap();
+            store
+                .save_round(
+                    run.run_id,
+                    &record(2, 0.5),
+                    &RoundState {
+                        skipped_hops: 1,
+                        mediators: &mediators,
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[0.5, 0.75],
+                        accountant: None,
+                        model_clip: None,
+                    },
+                )
+                .unwrap();
+            run.run_id
+        };
+
+        // Execute: open again, as after a crash.
+        let mut store = open();
+        let resumed = store
+            .resume_or_create("demo", "{}", &weights.shapes)
+            .unwrap();
+
+        // Assert
+        assert_eq!(resumed.run_id, run_id);
+        assert_eq!(resumed.history, vec![record(1, 0.3), record(2, 0.5)]);
+        assert_eq!(resumed.plan, Some(vec![1.0, 2.5]));
+        assert_eq!(resumed.weights.as_ref(), Some(&weights));
+        assert_eq!(resumed.skipped_hops, 1);
+        assert_eq!(resumed.guard, vec![0.5, 0.75]);
+        assert_eq!(store.count("mediators", run_id).unwrap(), 2);
+    }
+
+    /// A finished run of the same name starts again, empty.
+    pub fn a_finished_run_is_not_resumed(open: &dyn Fn() -> Store) {
+        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
+        {
+            let mut store = open();
+            let run = store
+                .resume_or_create("demo", "{}", &weights.shapes)
+                .unwrap();
+            store
+                .save_round(
+                    run.run_id,
+                    &record(1, 0.3),
+                    &RoundState {
+                        skipped_hops: 0,
+                        mediators: &[],
+                        checkpoint: &weights.to_safetensors(),
+                        guard: &[],
+                        accountant: None,
+                        model_clip: None,
+                    },
+                )
+                .unwrap();
+            store.finish(run.run_id).unwrap();
+        }
+
+        let mut store = open();
+        let fresh = store
+            .resume_or_create("demo", "{}", &weights.shapes)
+            .unwrap();
+
+        assert!(fresh.history.is_empty() && fresh.weights.is_none());
+    }
 }

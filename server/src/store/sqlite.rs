@@ -359,7 +359,6 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::MediatorStatus;
     use astraea_core::model::ModelConfig;
     use astraea_core::weights::Weights;
     use burn::prelude::*;
@@ -371,94 +370,16 @@ mod tests {
         dir
     }
 
-    fn record(round: usize, accuracy: f64) -> RoundRecord {
-        RoundRecord {
-            round,
-            accuracy,
-            loss: 1.0,
-            bytes_up: 10 * round as u64,
-            bytes_down: 20 * round as u64,
-            mean_kl: 0.2,
-            wall_s: round as f64,
-            train_samples: 300 * round as u64,
-            train_s: 0.5 * round as f64,
-            clock_s: round as f64,
-            epsilon: None,
-            // As the tests' `RoundState`s keep them.
-            mediators: vec![vec![1, 2]],
-            hops: astraea_core::engine::HopTally {
-                accepted: 3,
-                refused: 1,
-                discarded: 0,
-                skipped: round as u64,
-            },
-        }
+    use super::super::contract::{self, record};
+
+    fn opener(dir: &Path) -> impl Fn() -> crate::store::Store + '_ {
+        move || Box::new(SqliteStore::open(dir).unwrap())
     }
 
     #[test]
     fn a_reopened_store_resumes_the_unfinished_run_from_its_last_round() {
-        // Prepare
         let dir = temp_dir("resume");
-        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
-        let mediators = vec![MediatorStatus {
-            members: vec![1, 2],
-            kl: 0.1,
-            counts: vec![30, 10],
-            hops: 4,
-            hops_done: 4,
-            current: None,
-        }];
-        let run_id = {
-            let mut store = SqliteStore::open(&dir).unwrap();
-            let run = store
-                .resume_or_create("demo", "{}", &weights.shapes)
-                .unwrap();
-            store.save_plan(run.run_id, &[1.0, 2.5]).unwrap();
-            store
-                .save_round(
-                    run.run_id,
-                    &record(1, 0.3),
-                    &RoundState {
-                        skipped_hops: 0,
-                        mediators: &mediators,
-                        checkpoint: &weights.to_safetensors(),
-                        guard: &[0.5],
-                        accountant: None,
-                        model_clip: None,
-                    },
-                )
-                .unwrap();
-            store
-                .save_round(
-                    run.run_id,
-                    &record(2, 0.5),
-                    &RoundState {
-                        skipped_hops: 1,
-                        mediators: &mediators,
-                        checkpoint: &weights.to_safetensors(),
-                        guard: &[0.5, 0.75],
-                        accountant: None,
-                        model_clip: None,
-                    },
-                )
-                .unwrap();
-            run.run_id
-        };
-
-        // Execute: open again, as after a crash.
-        let mut store = SqliteStore::open(&dir).unwrap();
-        let resumed = store
-            .resume_or_create("demo", "{}", &weights.shapes)
-            .unwrap();
-
-        // Assert
-        assert_eq!(resumed.run_id, run_id);
-        assert_eq!(resumed.history, vec![record(1, 0.3), record(2, 0.5)]);
-        assert_eq!(resumed.plan, Some(vec![1.0, 2.5]));
-        assert_eq!(resumed.weights.as_ref(), Some(&weights));
-        assert_eq!(resumed.skipped_hops, 1);
-        assert_eq!(resumed.guard, vec![0.5, 0.75]);
-        assert_eq!(store.count("mediators", run_id).unwrap(), 2);
+        contract::a_reopened_store_resumes_the_unfinished_run_from_its_last_round(&opener(&dir));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -573,35 +494,7 @@ mod tests {
     #[test]
     fn a_finished_run_is_not_resumed() {
         let dir = temp_dir("finished");
-        let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
-        {
-            let mut store = SqliteStore::open(&dir).unwrap();
-            let run = store
-                .resume_or_create("demo", "{}", &weights.shapes)
-                .unwrap();
-            store
-                .save_round(
-                    run.run_id,
-                    &record(1, 0.3),
-                    &RoundState {
-                        skipped_hops: 0,
-                        mediators: &[],
-                        checkpoint: &weights.to_safetensors(),
-                        guard: &[],
-                        accountant: None,
-                        model_clip: None,
-                    },
-                )
-                .unwrap();
-            store.finish(run.run_id).unwrap();
-        }
-
-        let mut store = SqliteStore::open(&dir).unwrap();
-        let fresh = store
-            .resume_or_create("demo", "{}", &weights.shapes)
-            .unwrap();
-
-        assert!(fresh.history.is_empty() && fresh.weights.is_none());
+        contract::a_finished_run_is_not_resumed(&opener(&dir));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

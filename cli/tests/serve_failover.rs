@@ -1,0 +1,229 @@
+//! Two `astraea serve` processes on one PostgreSQL run: one leads, the
+//! other waits; when the leader is killed (SIGKILL) or paused (SIGSTOP) the
+//! other takes over and finishes the run from the last completed round,
+//! every round recorded once, and a paused ex-leader that wakes up writes
+//! nothing and stops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use astraea_native::{ClientOptions, run_swarm};
+use astraea_server::testing::PgCluster;
+
+/// Kills the server process when the test ends, however it ends.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die of SIGKILL promptly.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_server(url: &str, dir: &Path, name: &str) -> Server {
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    let port = free_port();
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_astraea"))
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args(["--dataset", "mnist", "--max-train", "3000"])
+        .args(["--partition", "long-tail:10", "--shards", "4"])
+        .args(["--participants", "4", "--min-clients", "4", "--rounds", "8"])
+        .args([
+            "--strategy",
+            "astraea",
+            "--gamma",
+            "2",
+            "--hop-deadline",
+            "30",
+        ])
+        .args(["--run-name", "shared", "--store", url])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--static-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Server { child, port, log }
+}
+
+/// /api/status of `server`, once it answers.
+async fn status(server: &Server) -> Option<serde_json::Value> {
+    let body = astraea_server::loopback::get(&format!("127.0.0.1:{}", server.port), "/api/status")
+        .await
+        .ok()?
+        .text();
+    serde_json::from_str(&body).ok()
+}
+
+async fn wait_for(server: &Server, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(status) = status(server).await
+            && done(&status)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn swarm_for(server: &Server) -> tokio::task::JoinHandle<()> {
+    let options = ClientOptions {
+        max_frame_bytes: 1 << 20,
+        ..ClientOptions::new(
+            format!("ws://127.0.0.1:{}/ws", server.port),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        )
+    };
+    tokio::spawn(async move {
+        run_swarm(4, options).await;
+    })
+}
+
+/// (round, term) of every recorded round, and the lease's term.
+fn recorded(url: &str) -> (Vec<(i64, i64)>, i64) {
+    // On a thread of its own: the blocking client runs a runtime, which
+    // must not start inside the test's.
+    let url = url.to_string();
+    std::thread::spawn(move || recorded_now(&url))
+        .join()
+        .unwrap()
+}
+
+fn recorded_now(url: &str) -> (Vec<(i64, i64)>, i64) {
+    let mut db = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let rounds = db
+        .query(
+            "SELECT round, term FROM rounds ORDER BY finished_at, round",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let term = db
+        .query_one("SELECT term FROM leases WHERE run = 'shared'", &[])
+        .unwrap()
+        .get(0);
+    (rounds, term)
+}
+
+/// The leader (a) is taken out by `signal` once two rounds are done; the
+/// follower (b) must finish the run. Answers the follower's takeover time.
+async fn fail_over(signal: &str) {
+    // Prepare: a database, a leader with its clients, a follower with its.
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = spawn_server(&url, &dir, "a");
+    wait_for(&a, "the first server to lead", |s| s["leader_term"] == 1).await;
+    let b = spawn_server(&url, &dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !b.log().contains("waiting to take over") {
+        assert!(Instant::now() < deadline, "b never waited:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let swarms = [swarm_for(&a), swarm_for(&b)];
+
+    // Execute: take the leader out after two completed rounds.
+    wait_for(&a, "two rounds", |s| s["round"].as_u64() >= Some(3)).await;
+    a.signal(signal);
+    let taken_out = Instant::now();
+    wait_for(&b, "the follower to lead", |s| s["leader_term"] == 2).await;
+    let takeover = taken_out.elapsed();
+    if signal == "-STOP" {
+        // The paused ex-leader wakes up after it was replaced: it must
+        // notice and stop, having written nothing.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        a.signal("-CONT");
+    }
+    wait_for(&b, "the run to finish", |s| s["phase"] == "finished").await;
+    for swarm in swarms {
+        swarm.abort();
+    }
+
+    // Assert: every round once, the first leader's at term 1 and the
+    // follower's at term 2, in that order; the follower resumed.
+    let (rounds, term) = recorded(&url);
+    let logs = format!("--- a\n{}\n--- b\n{}", a.log(), b.log());
+    assert_eq!(term, 2, "{logs}");
+    let mut numbers: Vec<i64> = rounds.iter().map(|(r, _)| *r).collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=8).collect::<Vec<_>>(), "{rounds:?}\n{logs}");
+    let handed_over = rounds.iter().position(|(_, t)| *t == 2).unwrap();
+    assert!(handed_over >= 2, "{rounds:?}");
+    assert!(
+        rounds[..handed_over].iter().all(|(_, t)| *t == 1)
+            && rounds[handed_over..].iter().all(|(_, t)| *t == 2),
+        "{rounds:?}"
+    );
+    assert!(b.log().contains("resumed after round"), "{logs}");
+    if signal == "-STOP" {
+        let mut a = a;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exited = loop {
+            if let Some(status) = a.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ex-leader kept going\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!exited.success(), "{logs}");
+        assert!(a.log().contains("lost the lease"), "{logs}");
+    }
+    eprintln!("{signal}: the follower led {takeover:.2?} after the leader was taken out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_the_run_finishes_with_every_round_once() {
+    fail_over("-KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_when_it_wakes_it_writes_nothing_and_stops() {
+    fail_over("-STOP").await;
+}

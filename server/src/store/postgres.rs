@@ -1,0 +1,819 @@
+//! The shared store: PostgreSQL, so several server processes can keep one
+//! run and a new leader goes on from the last round the old one committed.
+//!
+//! - **One connection on a thread of its own.** The blocking client
+//!   (`postgres`, tokio-postgres underneath, which needs no database at
+//!   build time) runs its own small runtime, which must never run inside
+//!   the server's; so a thread owns the connection and every call is a job
+//!   sent to it. The connection is reopened when it was closed (a restart
+//!   of the database, `pg_terminate_backend`), at the next call. It is
+//!   never pooled and never holds the leader's lease (that has its own
+//!   connection: [`super::lease`]).
+//! - **Migrations under an advisory lock**, taken and released on the
+//!   connection that runs them, each migration and its version in one
+//!   transaction: servers started at once migrate once.
+//! - **Models content-addressed**: a checkpoint is a row of `blobs` keyed by
+//!   the SHA-256 of its bytes, inserted if absent and never rewritten; a
+//!   round's row names the hash. The blob and the round's rows commit in
+//!   one transaction.
+//! - **Fenced writes**: once [`PgStore::fence`] gave it the run's lease
+//!   term, every write of the leader's (the run's creation, the plan, a
+//!   round, the finish) first reads the lease row `FOR SHARE` in its own
+//!   transaction and commits only while the term is still this server's.
+//!   A paused or cut-off ex-leader's writes are refused with
+//!   [`StoreError::Fenced`] and change nothing.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+use astraea_core::metrics::RoundRecord;
+use astraea_core::weights::ParamShape;
+use postgres::{Client, GenericClient, NoTls};
+use sha2::{Digest, Sha256};
+
+use super::{COUNTED, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble};
+
+/// Schema versions, applied in order; `astraea_schema` records which ran.
+const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        config TEXT NOT NULL,
+        plan TEXT,
+        finished BOOLEAN NOT NULL DEFAULT false,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE blobs (
+        hash TEXT PRIMARY KEY,
+        bytes BYTEA NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE rounds (
+        run_id BIGINT NOT NULL REFERENCES runs(id),
+        round BIGINT NOT NULL,
+        accuracy DOUBLE PRECISION NOT NULL,
+        loss DOUBLE PRECISION NOT NULL,
+        bytes_up BIGINT NOT NULL,
+        bytes_down BIGINT NOT NULL,
+        mean_kl DOUBLE PRECISION NOT NULL,
+        wall_s DOUBLE PRECISION NOT NULL,
+        skipped_hops BIGINT NOT NULL,
+        checkpoint TEXT NOT NULL REFERENCES blobs(hash),
+        guard TEXT,
+        accountant TEXT,
+        epsilon DOUBLE PRECISION,
+        model_clip DOUBLE PRECISION,
+        train_samples BIGINT NOT NULL,
+        train_s DOUBLE PRECISION NOT NULL,
+        hops TEXT,
+        term BIGINT,
+        finished_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (run_id, round)
+    );
+    CREATE TABLE mediators (
+        run_id BIGINT NOT NULL REFERENCES runs(id),
+        round BIGINT NOT NULL,
+        mediator BIGINT NOT NULL,
+        members TEXT NOT NULL,
+        kl DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, round, mediator)
+    );
+    CREATE TABLE clients (
+        run_id BIGINT NOT NULL REFERENCES runs(id),
+        client_id BIGINT NOT NULL,
+        backend TEXT NOT NULL,
+        joined_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        left_at TIMESTAMPTZ
+    );
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        run_id BIGINT NOT NULL REFERENCES runs(id),
+        round BIGINT,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE leases (
+        run TEXT PRIMARY KEY,
+        term BIGINT NOT NULL,
+        holder TEXT NOT NULL,
+        holder_pid INTEGER NOT NULL,
+        holder_started TIMESTAMPTZ,
+        expires_at TIMESTAMPTZ NOT NULL
+    );"];
+
+/// The advisory lock under which migrations run (the first key of the
+/// two-key form; the lease uses [`super::lease::LEASE_LOCK`]).
+pub(crate) const MIGRATION_LOCK: i32 = 0x4153_5452; // "ASTR"
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The connection the store's thread owns.
+struct Connection {
+    url: String,
+    client: Option<Client>,
+}
+
+impl Connection {
+    /// The open connection, reopened if it was closed.
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = None;
+            self.client = Some(Client::connect(&self.url, NoTls)?);
+        }
+        Ok(self.client.as_mut().expect("just connected"))
+    }
+}
+
+/// A run's store in PostgreSQL (see the module's documentation).
+pub struct PgStore {
+    jobs: mpsc::Sender<Job>,
+    /// The run and the lease term the leader's writes are fenced by.
+    fence: Option<(String, i64)>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never printed.
+        f.debug_struct("PgStore")
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`;
+    /// plain TCP or a Unix socket, no TLS) and applies any migration not yet
+    /// applied, under an advisory lock, so servers started at once migrate
+    /// once.
+    ///
+    /// # Errors
+    /// The URL does not parse, the database cannot be reached, or a
+    /// migration failed (then none of it was applied).
+    pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let url = url.to_string();
+        let store = Self { jobs, fence: None };
+        std::thread::Builder::new()
+            .name("astraea-store".into())
+            .spawn(move || {
+                let mut connection = Connection { url, client: None };
+                for job in queue {
+                    job(&mut connection);
+                }
+            })
+            .map_err(|source| StoreError::Io {
+                path: "(the store's thread)".into(),
+                source,
+            })?;
+        // Connects and migrates before answering, so a bad URL or an
+        // unreachable database is an error of `connect`, not of the first
+        // write.
+        store.call(migrate)?;
+        Ok(store)
+    }
+
+    /// From now on, the leader's writes commit only while `run`'s lease is
+    /// still at `term` (see [`super::lease::Lease`]).
+    pub fn fence(&mut self, run: &str, term: i64) {
+        self.fence = Some((run.to_string(), term));
+    }
+
+    /// Runs `job` on the store's connection and waits for its answer.
+    fn call<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Client) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (answer, answered) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |connection: &mut Connection| {
+            let result = connection.client().and_then(job);
+            let _ = answer.send(result);
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        answered.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Like [`Self::call`], in one transaction that first checks the fence.
+    fn fenced<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let fence = self.fence.clone();
+        self.call(move |client| {
+            let mut tx = client.transaction()?;
+            if let Some((run, term)) = fence {
+                check_fence(&mut tx, &run, term)?;
+            }
+            let result = job(&mut tx)?;
+            tx.commit()?;
+            Ok(result)
+        })
+    }
+
+    /// Runs `sql` as it is (for tests that damage a stored row on purpose).
+    #[doc(hidden)]
+    pub fn execute_raw(&self, sql: &str) -> Result<(), StoreError> {
+        let sql = sql.to_string();
+        self.call(move |client| Ok(client.batch_execute(&sql)?))
+    }
+}
+
+/// Refuses unless `run`'s lease is at `term`, holding the lease row until
+/// the transaction ends so no new term can begin before it commits.
+fn check_fence(tx: &mut impl GenericClient, run: &str, term: i64) -> Result<(), StoreError> {
+    let current: Option<i64> = tx
+        .query_opt("SELECT term FROM leases WHERE run = $1 FOR SHARE", &[&run])?
+        .map(|row| row.get(0));
+    match current {
+        Some(current) if current == term => Ok(()),
+        current => Err(StoreError::Fenced {
+            term,
+            current: current.unwrap_or(0),
+        }),
+    }
+}
+
+/// Applies what is missing of [`MIGRATIONS`] under [`MIGRATION_LOCK`].
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client.execute("SELECT pg_advisory_lock($1, 0)", &[&MIGRATION_LOCK])?;
+    let result = (|| {
+        client.batch_execute(
+            "CREATE TABLE IF NOT EXISTS astraea_schema (
+                version INTEGER PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )",
+        )?;
+        let applied: i64 = client
+            .query_one("SELECT COUNT(*) FROM astraea_schema", &[])?
+            .get(0);
+        for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+            let mut tx = client.transaction()?;
+            tx.batch_execute(migration)?;
+            tx.execute(
+                "INSERT INTO astraea_schema (version) VALUES ($1)",
+                &[&(version as i32 + 1)],
+            )?;
+            tx.commit()?;
+        }
+        Ok::<_, StoreError>(())
+    })();
+    client.execute("SELECT pg_advisory_unlock($1, 0)", &[&MIGRATION_LOCK])?;
+    result
+}
+
+/// The name a checkpoint is kept under: `sha256:` and its hash in hex.
+pub fn blob_name(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+impl RunStore for PgStore {
+    fn resume_or_create(
+        &mut self,
+        name: &str,
+        config: &str,
+        shapes: &[ParamShape],
+    ) -> Result<Resumed, StoreError> {
+        let (name, config) = (name.to_string(), config.to_string());
+        let found = self.fenced(move |tx| {
+            let existing = tx.query_opt(
+                "SELECT id, plan FROM runs WHERE name = $1 AND NOT finished",
+                &[&name],
+            )?;
+            if let Some(row) = existing {
+                return Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)));
+            }
+            let run_id: i64 = tx
+                .query_one(
+                    "INSERT INTO runs (name, config) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET config = EXCLUDED.config, finished = false, plan = NULL
+                     RETURNING id",
+                    &[&name, &config],
+                )?
+                .get(0);
+            tx.execute("DELETE FROM mediators WHERE run_id = $1", &[&run_id])?;
+            tx.execute("DELETE FROM rounds WHERE run_id = $1", &[&run_id])?;
+            Ok((run_id, None))
+        })?;
+        let (run_id, plan) = found;
+        let (rounds, mut mediators) = self.call(move |client| {
+            let rounds = client
+                .query(
+                    "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint,
+                            guard, accountant, epsilon, model_clip, train_samples, train_s, hops
+                     FROM rounds WHERE run_id = $1 ORDER BY round",
+                    &[&run_id],
+                )?
+                .into_iter()
+                .map(|row| StoredRound {
+                    record: RoundRecord {
+                        round: row.get::<_, i64>(0).max(0) as usize,
+                        accuracy: row.get(1),
+                        loss: row.get(2),
+                        bytes_up: row.get::<_, i64>(3).max(0) as u64,
+                        bytes_down: row.get::<_, i64>(4).max(0) as u64,
+                        mean_kl: row.get(5),
+                        wall_s: row.get(6),
+                        train_samples: row.get::<_, i64>(13).max(0) as u64,
+                        train_s: row.get(14),
+                        clock_s: row.get(6),
+                        epsilon: row.get(11),
+                        mediators: Vec::new(),
+                        hops: row
+                            .get::<_, Option<String>>(15)
+                            .and_then(|text| serde_json::from_str(&text).ok())
+                            .unwrap_or_default(),
+                    },
+                    skipped: row.get::<_, i64>(7).max(0) as u64,
+                    checkpoint: row.get(8),
+                    guard: row.get(9),
+                    accountant: row.get(10),
+                    model_clip: row.get(12),
+                })
+                .collect::<Vec<_>>();
+            let mut mediators: HashMap<usize, Vec<Vec<u64>>> = HashMap::new();
+            for row in client.query(
+                "SELECT round, members FROM mediators WHERE run_id = $1 ORDER BY round, mediator",
+                &[&run_id],
+            )? {
+                // Ids the server wrote itself; an unreadable row is left out.
+                if let Ok(ids) = serde_json::from_str(row.get::<_, &str>(1)) {
+                    mediators
+                        .entry(row.get::<_, i64>(0).max(0) as usize)
+                        .or_default()
+                        .push(ids);
+                }
+            }
+            Ok((rounds, mediators))
+        })?;
+        assemble(
+            run_id,
+            plan,
+            rounds,
+            |round| Ok(mediators.remove(&round).unwrap_or_default()),
+            |hash| {
+                let hash = hash.to_string();
+                self.call(move |client| {
+                    let row =
+                        client.query_opt("SELECT bytes FROM blobs WHERE hash = $1", &[&hash])?;
+                    row.map(|row| row.get::<_, Vec<u8>>(0))
+                        .ok_or_else(|| StoreError::Checkpoint {
+                            name: hash,
+                            reason: "no such blob".into(),
+                        })
+                })
+            },
+            shapes,
+        )
+    }
+
+    fn save_plan(&mut self, run_id: i64, ratios: &[f64]) -> Result<(), StoreError> {
+        let plan = serde_json::to_string(ratios).expect("numbers serialise");
+        self.fenced(move |tx| {
+            tx.execute("UPDATE runs SET plan = $2 WHERE id = $1", &[&run_id, &plan])?;
+            Ok(())
+        })
+    }
+
+    fn save_round(
+        &mut self,
+        run_id: i64,
+        record: &RoundRecord,
+        kept: &RoundState<'_>,
+    ) -> Result<(), StoreError> {
+        let checkpoint = kept.checkpoint.to_vec();
+        let hash = blob_name(&checkpoint);
+        let round = to_i64(record.round as u64);
+        let values = (
+            record.accuracy,
+            record.loss,
+            to_i64(record.bytes_up),
+            to_i64(record.bytes_down),
+            record.mean_kl,
+            record.wall_s,
+            to_i64(kept.skipped_hops),
+            serde_json::to_string(kept.guard).expect("numbers serialise"),
+            kept.accountant.map(|a| a.to_json()),
+            record.epsilon,
+            kept.model_clip,
+            to_i64(record.train_samples),
+            record.train_s,
+            serde_json::to_string(&record.hops).expect("counts serialise"),
+        );
+        let mediators: Vec<(String, f64)> = kept
+            .mediators
+            .iter()
+            .map(|m| {
+                (
+                    serde_json::to_string(&m.members).expect("ids serialise"),
+                    m.kl,
+                )
+            })
+            .collect();
+        let term = self.fence.as_ref().map(|(_, term)| *term);
+        self.fenced(move |tx| {
+            tx.execute(
+                "INSERT INTO blobs (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+                &[&hash, &checkpoint],
+            )?;
+            let (accuracy, loss, up, down, kl, wall, skipped, guard, accountant, epsilon, clip, samples, train_s, hops) =
+                values;
+            tx.execute(
+                "INSERT INTO rounds
+                 (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint,
+                  guard, accountant, epsilon, model_clip, train_samples, train_s, hops, term)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+                 ON CONFLICT (run_id, round) DO UPDATE SET
+                   accuracy = EXCLUDED.accuracy, loss = EXCLUDED.loss, bytes_up = EXCLUDED.bytes_up,
+                   bytes_down = EXCLUDED.bytes_down, mean_kl = EXCLUDED.mean_kl, wall_s = EXCLUDED.wall_s,
+                   skipped_hops = EXCLUDED.skipped_hops, checkpoint = EXCLUDED.checkpoint, guard = EXCLUDED.guard,
+                   accountant = EXCLUDED.accountant, epsilon = EXCLUDED.epsilon, model_clip = EXCLUDED.model_clip,
+                   train_samples = EXCLUDED.train_samples, train_s = EXCLUDED.train_s, hops = EXCLUDED.hops,
+                   term = EXCLUDED.term, finished_at = now()",
+                &[
+                    &run_id, &round, &accuracy, &loss, &up, &down, &kl, &wall, &skipped, &hash, &guard,
+                    &accountant, &epsilon, &clip, &samples, &train_s, &hops, &term,
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM mediators WHERE run_id = $1 AND round = $2",
+                &[&run_id, &round],
+            )?;
+            for (index, (members, kl)) in mediators.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO mediators (run_id, round, mediator, members, kl) VALUES ($1, $2, $3, $4, $5)",
+                    &[&run_id, &round, &(index as i64), members, kl],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self, run_id: i64) -> Result<(), StoreError> {
+        self.fenced(move |tx| {
+            tx.execute("UPDATE runs SET finished = true WHERE id = $1", &[&run_id])?;
+            Ok(())
+        })
+    }
+
+    fn event(
+        &mut self,
+        run_id: i64,
+        round: Option<u32>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let (kind, detail) = (kind.to_string(), detail.to_string());
+        let round = round.map(i64::from);
+        self.call(move |client| {
+            client.execute(
+                "INSERT INTO events (run_id, round, kind, detail) VALUES ($1, $2, $3, $4)",
+                &[&run_id, &round, &kind, &detail],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn client_joined(
+        &mut self,
+        run_id: i64,
+        client_id: u64,
+        backend: &str,
+    ) -> Result<(), StoreError> {
+        let backend = backend.to_string();
+        let client_id = to_i64(client_id);
+        self.call(move |client| {
+            client.execute(
+                "INSERT INTO clients (run_id, client_id, backend) VALUES ($1, $2, $3)",
+                &[&run_id, &client_id, &backend],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn count(&mut self, table: &str, run_id: i64) -> Result<i64, StoreError> {
+        assert!(COUNTED.contains(&table), "unknown table {table}");
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE run_id = $1");
+        self.call(move |client| Ok(client.query_one(&sql, &[&run_id])?.get(0)))
+    }
+
+    fn events(
+        &mut self,
+        run_id: i64,
+        kind: &str,
+    ) -> Result<Vec<(Option<u32>, String)>, StoreError> {
+        let kind = kind.to_string();
+        self.call(move |client| {
+            Ok(client
+                .query(
+                    "SELECT round, detail FROM events WHERE run_id = $1 AND kind = $2 ORDER BY id",
+                    &[&run_id, &kind],
+                )?
+                .into_iter()
+                .map(|row| {
+                    (
+                        row.get::<_, Option<i64>>(0)
+                            .and_then(|r| u32::try_from(r).ok()),
+                        row.get(1),
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::contract::{self, bare, record, weights};
+    use super::super::lease::{Holder, Lease, LeaseSettings};
+    use super::*;
+    use crate::testing::PgCluster;
+    use std::time::{Duration, Instant};
+
+    fn cluster() -> (PgCluster, String) {
+        let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = cluster.create_database("astraea").unwrap();
+        (cluster, url)
+    }
+
+    #[test]
+    fn a_reopened_store_resumes_the_unfinished_run_from_its_last_round() {
+        let (_cluster, url) = cluster();
+        contract::a_reopened_store_resumes_the_unfinished_run_from_its_last_round(&|| {
+            Box::new(PgStore::connect(&url).unwrap())
+        });
+    }
+
+    #[test]
+    fn a_finished_run_is_not_resumed() {
+        let (_cluster, url) = cluster();
+        contract::a_finished_run_is_not_resumed(&|| Box::new(PgStore::connect(&url).unwrap()));
+    }
+
+    #[test]
+    fn a_damaged_clip_is_dropped_and_a_damaged_accountant_stops_the_resume() {
+        // Prepare: a private run's round, with a clip and an accountant.
+        let (_cluster, url) = cluster();
+        let weights = weights();
+        let mut store = PgStore::connect(&url).unwrap();
+        let run = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+        let mut spent = astraea_core::privacy::RdpAccountant::new();
+        spent.compose(1.0, 2.0, 1);
+        let checkpoint = weights.to_safetensors();
+        let kept = RoundState {
+            accountant: Some(&spent),
+            ..bare(&checkpoint, Some(0.31))
+        };
+        store
+            .save_round(run.run_id, &record(1, 0.3), &kept)
+            .unwrap();
+        let resumed = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+        assert_eq!(resumed.model_clip, Some(0.31));
+        assert_eq!(resumed.accountant.as_ref(), Some(&spent));
+
+        // Execute and assert: a clip that is not a finite positive number
+        // is dropped (PostgreSQL's doubles hold NaN and infinities too)...
+        for damaged in ["0", "-1", "'NaN'", "'Infinity'"] {
+            store
+                .execute_raw(&format!("UPDATE rounds SET model_clip = {damaged}"))
+                .unwrap();
+            let resumed = store.resume_or_create("dp", "{}", &weights.shapes).unwrap();
+            assert_eq!(resumed.model_clip, None, "{damaged}");
+        }
+        // ...but an accountant that does not read back stops the resume.
+        store
+            .execute_raw("UPDATE rounds SET accountant = '{\"orders\":[2]}'")
+            .unwrap();
+        let resumed = store.resume_or_create("dp", "{}", &weights.shapes);
+        assert!(
+            matches!(resumed, Err(StoreError::Accountant { round: 1 })),
+            "{resumed:?}"
+        );
+    }
+
+    #[test]
+    fn checkpoints_are_kept_once_by_their_hash_and_a_missing_one_stops_the_resume() {
+        // Prepare: three rounds, the first and third with the same model.
+        let (_cluster, url) = cluster();
+        let (first, second) = (weights(), weights());
+        let mut store = PgStore::connect(&url).unwrap();
+        let run = store
+            .resume_or_create("blobs", "{}", &first.shapes)
+            .unwrap();
+        let (a, b) = (first.to_safetensors(), second.to_safetensors());
+        for (round, bytes) in [(1, &a), (2, &b), (3, &a)] {
+            store
+                .save_round(run.run_id, &record(round, 0.1), &bare(bytes, None))
+                .unwrap();
+        }
+
+        // Execute
+        let resumed = store
+            .resume_or_create("blobs", "{}", &first.shapes)
+            .unwrap();
+
+        // Assert: two blobs, each under its own bytes' hash; the third
+        // round resumes the first round's model.
+        assert_eq!(resumed.weights.as_ref(), Some(&first));
+        let check = store.call(|client| {
+            let rows = client.query("SELECT hash, bytes FROM blobs ORDER BY hash", &[])?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, String>(0), blob_name(&r.get::<_, Vec<u8>>(1))))
+                .collect::<Vec<_>>())
+        });
+        let blobs = check.unwrap();
+        assert_eq!(blobs.len(), 2, "{blobs:?}");
+        assert!(blobs.iter().all(|(hash, of_bytes)| hash == of_bytes));
+        // A round naming a blob that is not there cannot be written...
+        let dangling = store.execute_raw(&format!(
+            "UPDATE rounds SET checkpoint = 'sha256:00' WHERE run_id = {}",
+            run.run_id
+        ));
+        assert!(dangling.is_err(), "the foreign key must refuse it");
+    }
+
+    #[test]
+    fn servers_started_at_once_migrate_once() {
+        let (_cluster, url) = cluster();
+        let opened: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || PgStore::connect(&url).map(|_| ()))
+            })
+            .collect();
+        for store in opened {
+            store.join().unwrap().unwrap();
+        }
+        let store = PgStore::connect(&url).unwrap();
+        let versions = store
+            .call(|client| {
+                Ok(client
+                    .query("SELECT version FROM astraea_schema ORDER BY version", &[])?
+                    .iter()
+                    .map(|r| r.get::<_, i32>(0))
+                    .collect::<Vec<_>>())
+            })
+            .unwrap();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i32).collect::<Vec<_>>());
+    }
+
+    /// Waits (polling) until `done`, for at most `within`.
+    fn eventually(within: Duration, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + within;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn fast() -> LeaseSettings {
+        LeaseSettings {
+            ttl: Duration::from_millis(900),
+            poll: Duration::from_millis(50),
+        }
+    }
+
+    /// Runs `acquire` on a thread; answers when it has the lease.
+    fn would_be_leader(url: &str, name: &str) -> std::thread::JoinHandle<Lease> {
+        let (url, name) = (url.to_string(), name.to_string());
+        std::thread::spawn(move || Lease::acquire(&url, "run", &name, fast(), |_| {}).unwrap())
+    }
+
+    #[test]
+    fn when_the_leaders_session_is_cut_the_follower_leads_and_the_ex_leader_writes_nothing() {
+        // Prepare: a leader (term 1) with a fenced store, and a follower.
+        let (_cluster, url) = cluster();
+        let weights = weights();
+        let checkpoint = weights.to_safetensors();
+        let mut old_store = PgStore::connect(&url).unwrap();
+        let leader = Lease::acquire(&url, "run", "a", fast(), |_| {}).unwrap();
+        assert_eq!(leader.term(), 1);
+        old_store.fence("run", leader.term());
+        let run = old_store
+            .resume_or_create("run", "{}", &weights.shapes)
+            .unwrap();
+        old_store
+            .save_round(run.run_id, &record(1, 0.2), &bare(&checkpoint, None))
+            .unwrap();
+        let follower = would_be_leader(&url, "b");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!follower.is_finished(), "two leaders at once");
+
+        // Execute: cut the leader's lease session, as a crash would.
+        let mut admin = postgres::Client::connect(&url, NoTls).unwrap();
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(holder_pid) FROM leases WHERE run = 'run'",
+                &[],
+            )
+            .unwrap();
+        let started = Instant::now();
+        let new_leader = follower.join().unwrap();
+
+        // Assert: the follower leads at term 2 within a poll or two; the
+        // old leader learns it lost the lease; its writes are refused and
+        // change nothing, the new leader's go through.
+        assert_eq!(new_leader.term(), 2);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        eventually(Duration::from_secs(3), "the old leader to notice", || {
+            leader.is_lost()
+        });
+        let refused = old_store.save_round(run.run_id, &record(2, 0.9), &bare(&checkpoint, None));
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::Fenced {
+                    term: 1,
+                    current: 2
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(matches!(
+            old_store.finish(run.run_id),
+            Err(StoreError::Fenced { .. })
+        ));
+        let mut new_store = PgStore::connect(&url).unwrap();
+        new_store.fence("run", new_leader.term());
+        let resumed = new_store
+            .resume_or_create("run", "{}", &weights.shapes)
+            .unwrap();
+        assert_eq!(
+            resumed.run_id, run.run_id,
+            "the new leader goes on with the same run"
+        );
+        let saved = RoundRecord {
+            mediators: vec![],
+            ..record(1, 0.2)
+        };
+        assert_eq!(resumed.history, vec![saved]);
+        new_store
+            .save_round(run.run_id, &record(2, 0.4), &bare(&checkpoint, None))
+            .unwrap();
+        assert_eq!(new_store.count("rounds", run.run_id).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_paused_leader_is_cut_off_once_its_lease_expires_and_only_then() {
+        // Prepare: a "paused" leader, as the database sees one: a session
+        // that took the lock and the lease (term 1) and then says nothing.
+        let (_cluster, url) = cluster();
+        drop(PgStore::connect(&url).unwrap());
+        let mut paused = postgres::Client::connect(&url, NoTls).unwrap();
+        paused
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock({}, hashtext('run'));
+                 INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
+                 SELECT 'run', 1, 'paused', pid, backend_start, now() + interval '1 second'
+                   FROM pg_stat_activity WHERE pid = pg_backend_pid();",
+                super::super::lease::LEASE_LOCK
+            ))
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Holder>::new()));
+
+        // Execute
+        let started = Instant::now();
+        let leader = {
+            let seen = seen.clone();
+            Lease::acquire(&url, "run", "b", fast(), move |h| {
+                seen.lock().unwrap().push(h.clone())
+            })
+            .unwrap()
+        };
+
+        // Assert: not before the paused lease expired (1 s), soon after;
+        // the waiting follower saw who held it; the paused session is gone,
+        // so when it wakes nothing it sends goes through.
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(900), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        assert_eq!(leader.term(), 2);
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|h| h.name == "paused" && h.term == 1)
+        );
+        assert!(paused.execute("SELECT 1", &[]).is_err());
+    }
+
+    #[test]
+    fn a_released_lease_goes_to_the_next_follower_at_once() {
+        let (_cluster, url) = cluster();
+        drop(PgStore::connect(&url).unwrap());
+        let first = Lease::acquire(&url, "run", "a", LeaseSettings::default(), |_| {}).unwrap();
+        let follower = would_be_leader(&url, "b");
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        drop(first);
+        let second = follower.join().unwrap();
+        assert_eq!(second.term(), 2);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A different run has a lease of its own.
+        let other = Lease::acquire(&url, "other", "a", fast(), |_| {}).unwrap();
+        assert_eq!(other.term(), 1);
+    }
+}
