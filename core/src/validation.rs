@@ -12,7 +12,15 @@
 //! that raise a validation loss most. We judge every hop alone, as the norm
 //! rules do: a hop whose model has a validation loss more than
 //! `max_increase` above the loss of the weights it was sent, plus the
-//! median change of the last 100 hops judged (once 5 were), is refused.
+//! median change of the last 100 hops judged in earlier rounds (once 5
+//! were), is refused.
+//!
+//! The baseline moves only between rounds ([`LossCheck::settle`], which
+//! `engine::round::close` calls for serve and simulate alike): a round's
+//! hops, judged on several threads in whatever order their chains run,
+//! are all judged against the same baseline, and their changes join the
+//! window at the round's close in an order of their own values, not of
+//! arrival. So a verdict depends on the hops, never on thread timing.
 //!
 //! An honest hop on a client with one or two classes may raise the loss on
 //! a balanced set too (it drifts towards its classes), so the bound is a
@@ -64,6 +72,24 @@ const WINDOW: usize = 100;
 /// Hops judged before the baseline counts (0 until then).
 const MIN_HISTORY: usize = 5;
 
+/// The loss changes the baseline is the median of.
+#[derive(Debug, Default)]
+struct Window {
+    /// Changes of the last [`WINDOW`] hops of settled rounds, oldest first.
+    settled: VecDeque<f64>,
+    /// Changes of the hops judged since the last settle.
+    pending: Vec<f64>,
+    /// The median of `settled` (at least 0), or 0 under [`MIN_HISTORY`].
+    baseline: f64,
+}
+
+/// An order of a round's changes that depends on their values only, and
+/// not on their size (so the oldest round's evicted first are not its
+/// smallest): their bits, scrambled.
+fn settle_key(change: f64) -> u64 {
+    change.to_bits().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The server's validation samples and the rule's tolerance.
 #[derive(Debug)]
 pub struct LossCheck {
@@ -71,8 +97,8 @@ pub struct LossCheck {
     images: Vec<f32>,
     labels: Vec<u32>,
     max_increase: f64,
-    /// Loss changes of the last [`WINDOW`] hops judged, refused or not.
-    recent: Mutex<VecDeque<f64>>,
+    /// Loss changes of the hops judged, refused or not, and the baseline.
+    recent: Mutex<Window>,
     /// The last weights a hop was sent and their loss
     /// ([`LossCheck::sent_loss`]).
     last_sent: Mutex<Option<(Vec<f32>, f64)>>,
@@ -101,7 +127,7 @@ impl LossCheck {
             } else {
                 0.0
             },
-            recent: Mutex::new(VecDeque::with_capacity(WINDOW)),
+            recent: Mutex::new(Window::default()),
             last_sent: Mutex::new(None),
             evaluator: crate::batched::BatchedModel::new(&model_config, &Device::flex()),
         }
@@ -168,34 +194,25 @@ impl LossCheck {
     }
 
     /// The rule on two losses (nats) already computed: the hop's change
-    /// `after - before` joins the recent changes whatever the verdict (an
+    /// `after - before` joins the round's changes whatever the verdict (an
     /// honest majority of hops sets their median; refused ones included,
     /// so a run whose honest hops all raise the loss is not refused for
-    /// ever).
+    /// ever), to count from the next [`LossCheck::settle`].
     ///
     /// # Errors
     /// [`LossIncrease`] when `after` exceeds `before` by more than the
-    /// tolerance plus the baseline (the median of the recent changes, at
-    /// least 0, once [`MIN_HISTORY`] were judged), or `after` is not
+    /// tolerance plus the baseline (the median of the settled changes, at
+    /// least 0, once [`MIN_HISTORY`] were settled), or `after` is not
     /// finite.
     pub fn judge(&self, before: f64, after: f64) -> Result<(), LossIncrease> {
         if self.is_empty() {
             return Ok(());
         }
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let baseline = if recent.len() >= MIN_HISTORY {
-            let mut sorted: Vec<f64> = recent.iter().copied().collect();
-            sorted.sort_by(f64::total_cmp);
-            sorted[sorted.len() / 2].max(0.0)
-        } else {
-            0.0
-        };
+        let mut window = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let baseline = window.baseline;
         let change = after - before;
         if change.is_finite() {
-            if recent.len() == WINDOW {
-                recent.pop_front();
-            }
-            recent.push_back(change);
+            window.pending.push(change);
         }
         let refused =
             !after.is_finite() || (before.is_finite() && change > baseline + self.max_increase);
@@ -208,6 +225,30 @@ impl LossCheck {
             });
         }
         Ok(())
+    }
+
+    /// Closes a round for the rule: the changes judged since the last call
+    /// join the window (in an order of their values, so the same hops
+    /// leave the same window whatever order they were judged in), the
+    /// oldest beyond [`WINDOW`] leave it, and the baseline becomes the
+    /// window's median (at least 0; 0 under [`MIN_HISTORY`] changes).
+    pub fn settle(&self) {
+        let mut window = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = std::mem::take(&mut window.pending);
+        pending.sort_by_key(|&change| settle_key(change));
+        for change in pending {
+            if window.settled.len() == WINDOW {
+                window.settled.pop_front();
+            }
+            window.settled.push_back(change);
+        }
+        window.baseline = if window.settled.len() >= MIN_HISTORY {
+            let mut sorted: Vec<f64> = window.settled.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2].max(0.0)
+        } else {
+            0.0
+        };
     }
 }
 
@@ -249,6 +290,10 @@ mod tests {
         for change in [2.0, 1.9, 2.1, 2.2] {
             let _ = check.judge(2.3, 2.3 + change);
         }
+        // Within the round the baseline has not moved...
+        assert!(check.judge(2.3, 4.4).is_err());
+        // ...it moves when the round closes.
+        check.settle();
 
         // Execute
         let honest = check.judge(2.3, 4.4);
@@ -269,9 +314,51 @@ mod tests {
             // 30 % of the hops raise the loss by 5 nats, the rest lower it.
             let change = if i % 10 < 3 { 5.0 } else { -0.05 };
             let _ = check.judge(1.0, 1.0 + change);
+            if i % 7 == 6 {
+                check.settle();
+            }
         }
+        check.settle();
         assert!(check.judge(1.0, 1.6).is_err());
         assert_eq!(check.judge(1.0, 1.4), Ok(()));
+    }
+
+    #[test]
+    fn a_rounds_verdicts_do_not_depend_on_the_order_its_hops_are_judged_in() {
+        // The bug: the window was filled in judging order, so a hop judged
+        // after a round's other hops met another baseline than one judged
+        // before them, and repeated runs differed with thread timing.
+        let rounds: Vec<Vec<f64>> = (0..6)
+            .map(|r| {
+                (0..5)
+                    .map(|h| 0.9 + 0.3 * ((r * 5 + h) % 7) as f64)
+                    .collect()
+            })
+            .collect();
+        let verdicts = |reversed: bool| {
+            let (check, _) = check(4);
+            let mut all = Vec::new();
+            for hops in &rounds {
+                let mut order: Vec<usize> = (0..hops.len()).collect();
+                if reversed {
+                    order.reverse();
+                }
+                let mut round = vec![false; hops.len()];
+                for i in order {
+                    round[i] = check.judge(1.0, 1.0 + hops[i]).is_ok();
+                }
+                all.push(round);
+                check.settle();
+            }
+            all
+        };
+        let (forward, backward) = (verdicts(false), verdicts(true));
+        assert_eq!(forward, backward);
+        // The rule did decide something: the first round (no baseline)
+        // refuses every change over the tolerance, later rounds accept
+        // some of the same size.
+        assert!(forward[0].iter().all(|ok| !ok), "{forward:?}");
+        assert!(forward[5].iter().any(|ok| *ok), "{forward:?}");
     }
 
     #[test]

@@ -362,6 +362,7 @@ async fn close_round(
         (results, failures),
         privacy.as_mut().map(|(p, largest)| (p, *largest)),
         secured,
+        state.loss_check.as_deref(),
         &mut StdRng::from_os_rng(),
     );
     if let Some((privacy, _)) = privacy {

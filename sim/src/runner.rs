@@ -527,6 +527,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             (&results, &failures),
             state.privacy.as_mut().map(|p| (p, largest)),
             unmasked,
+            setup.defence.loss_check.as_ref(),
             rng,
         );
         if let (Some(clip), Some(median)) = (clip, norms.get(norms.len() / 2))
@@ -731,6 +732,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             (&made.results, &made.failures),
             None,
             None,
+            setup.defence.loss_check.as_ref(),
             rng,
         );
         if let Closed::Adopted(values) = closed {

@@ -181,15 +181,23 @@ pub type Unmasked = Result<(Vec<f32>, usize), String>;
 /// under secure aggregation the `unmasked` mean, noised under DP unless
 /// distributed — then the bounds check. `rng` draws DP's noise and the
 /// adaptive clip's count noise. Also returns the update norms before
-/// clipping (DP, not secure; sorted) for the run's log.
+/// clipping (DP, not secure; sorted) for the run's log. The `loss_rule`,
+/// when on, is settled first ([`crate::validation::LossCheck::settle`]):
+/// its baseline moves between rounds, never within one.
 pub fn close(
     strategy: &dyn Strategy,
     global: &[f32],
     (results, failures): (&[GroupResult], &[GroupFailure]),
     privacy: Option<(&mut RoundPrivacy, usize)>,
     unmasked: Option<Unmasked>,
+    loss_rule: Option<&crate::validation::LossCheck>,
     rng: &mut impl Rng,
 ) -> (Closed, Vec<f64>) {
+    // The loss rule's baseline moves between rounds only, whatever becomes
+    // of this one: the next round's hops are judged against this round's.
+    if let Some(check) = loss_rule {
+        check.settle();
+    }
     let mut norms = Vec::new();
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         if let Some(unmasked) = unmasked {
@@ -296,7 +304,16 @@ mod tests {
     /// Closes a round of plain results (no DP, not secure) from zeros.
     fn close_plain(results: &[GroupResult]) -> Closed {
         let mut rng = StdRng::seed_from_u64(1);
-        close(&FedAvg, &[0.0; 3], (results, &[]), None, None, &mut rng).0
+        close(
+            &FedAvg,
+            &[0.0; 3],
+            (results, &[]),
+            None,
+            None,
+            None,
+            &mut rng,
+        )
+        .0
     }
 
     #[test]
@@ -322,6 +339,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 1)),
             Some(unmasked),
+            None,
             &mut StdRng::seed_from_u64(1),
         );
         assert!(matches!(closed, Closed::Dropped(r) if r.contains("quorum")));
@@ -351,6 +369,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
+            None,
             &mut StdRng::seed_from_u64(1),
         );
         assert_eq!(closed, Closed::Adopted(vec![2.5; 3]));
@@ -363,6 +382,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
+            None,
             &mut StdRng::seed_from_u64(1),
         );
         assert!(matches!(closed, Closed::Adopted(v) if v != vec![2.5; 3]));
@@ -378,6 +398,7 @@ mod tests {
                 &[0.0; 3],
                 (&[], &[]),
                 Some((&mut privacy, 1)),
+                None,
                 None,
                 &mut StdRng::seed_from_u64(round.into()),
             );
@@ -426,6 +447,7 @@ mod tests {
             &[0.0; 3],
             (&results, &[]),
             Some((&mut privacy, 1)),
+            None,
             None,
             &mut StdRng::seed_from_u64(1),
         );
