@@ -439,7 +439,9 @@ async fn close_round(
         .as_ref()
         .map(|p| (p.accountant.clone(), p.clip))
         .unzip();
-    state.record(|store, run| {
+    // A round another server's lease refused is not this server's to
+    // announce: it stops here (and the round loop with it).
+    state.record_or_refused(|store, run| {
         let kept = crate::store::RoundState {
             skipped_hops: skipped,
             mediators: &mediators,
@@ -449,7 +451,7 @@ async fn close_round(
             model_clip,
         };
         store.save_round(run, &record, &kept)
-    });
+    })?;
     state.status().history.push(record);
     let done = ServerMessage::RoundDone {
         round,

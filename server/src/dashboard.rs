@@ -173,7 +173,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
         phase: status.phase,
         strategy: status.strategy,
         scheduler: state.config.settings.rescheduling.scheduler.to_string(),
-        leader_term: state.lease_term,
+        leader_term: state.lease.as_ref().map(crate::store::Lease::term),
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

@@ -105,7 +105,7 @@ async fn open_store(
                     }
                 })?;
                 tracing::info!(run = %run, term = lease.term(), "leading this run");
-                store.fence(&run, lease.term());
+                store.fence(&lease);
                 let mut store: store::Store = Box::new(store);
                 let resumed = store.resume_or_create(&run, &describe, &shapes)?;
                 Ok((Some(store), Some(resumed), Some(lease)))
@@ -149,7 +149,9 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         store,
     );
     state.join_url = join_url;
-    state.lease_term = lease.as_ref().map(store::Lease::term);
+    // Held as long as the server runs, finished or not: a follower that
+    // took over a finished run would have nothing to lead.
+    state.lease = lease;
     state.test_samples = data.test.len();
     state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
@@ -180,8 +182,9 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         }
     };
     let round_loop = coordinator::run(state.clone(), data, resume);
+    let leading = state.clone();
     let coordinator = tokio::spawn(async move {
-        let Some(lease) = lease else {
+        let Some(lease) = &leading.lease else {
             return round_loop.await;
         };
         // A leader that loses its lease stops leading at once; its writes
@@ -189,7 +192,7 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         tokio::select! {
             result = round_loop => result,
             () = lease.lost() => anyhow::bail!(
-                "lost the lease of this run (term {}): another server leads it now",
+                "lost the lease of this run (term {}): another server leads it now, or the database could not be reached in time",
                 lease.term()
             ),
         }

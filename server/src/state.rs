@@ -388,9 +388,10 @@ pub struct AppState {
     pub bytes_down: AtomicU64,
     /// The URL volunteers open (shown on the dashboard and as its QR code).
     pub join_url: String,
-    /// The term of the run's lease this server leads at (PostgreSQL
-    /// stores); `None` for a server that keeps the run alone.
-    pub lease_term: Option<i64>,
+    /// The run's lease this server leads by (PostgreSQL stores), held
+    /// until the server stops; `None` for a server that keeps the run
+    /// alone.
+    pub lease: Option<crate::store::Lease>,
     /// Samples in the balanced test set the server evaluates on (for the
     /// exported model's card).
     pub test_samples: usize,
@@ -469,7 +470,7 @@ impl AppState {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
-            lease_term: None,
+            lease: None,
             test_samples: 0,
             started: std::time::Instant::now(),
         }
@@ -583,13 +584,32 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut crate::store::Store, i64) -> Result<(), crate::store::StoreError>,
     ) {
+        if let Err(e) = self.record_or_refused(f) {
+            tracing::error!("store: {e}");
+        }
+    }
+
+    /// Like [`AppState::record`], but a write refused because another
+    /// server took the run's lease ([`crate::store::StoreError::Fenced`])
+    /// is an error for the caller to stop on: this server leads no more,
+    /// and must not announce what it could not record.
+    ///
+    /// # Errors
+    /// The refusal; other store errors are logged, as `record` does.
+    pub fn record_or_refused(
+        &self,
+        f: impl FnOnce(&mut crate::store::Store, i64) -> Result<(), crate::store::StoreError>,
+    ) -> Result<(), crate::store::StoreError> {
         if let Some(store) = &self.store {
             let run_id = self.run_id.load(Ordering::Relaxed) as i64;
             let mut store = lock(store);
-            if let Err(e) = f(&mut store, run_id) {
-                tracing::error!("store: {e}");
+            match f(&mut store, run_id) {
+                Err(refused @ crate::store::StoreError::Fenced { .. }) => return Err(refused),
+                Err(e) => tracing::error!("store: {e}"),
+                Ok(()) => {}
             }
         }
+        Ok(())
     }
 
     /// The settings in force now.

@@ -3,11 +3,11 @@
 //! the others wait and one takes over within seconds when it goes.
 //!
 //! Two things make it, each for one way a leader goes:
-//! - **an advisory lock** (`pg_try_advisory_lock(LEASE_LOCK,
-//!   hashtext(run))`) held by a connection of the lease's own, never pooled
-//!   and used for nothing else: when the leader's process dies or its
-//!   session is cut, PostgreSQL releases the lock and the next follower's
-//!   poll takes it;
+//! - **an advisory lock** (`pg_try_advisory_lock(key)`, the key 64 bits of
+//!   the SHA-256 of the run's name) held by a connection of the lease's
+//!   own, never pooled and used for nothing else: when the leader's process
+//!   dies or its session is cut, PostgreSQL releases the lock and the next
+//!   follower's poll takes it;
 //! - **a term and an expiry** in the `leases` row: the new holder raises
 //!   the term in the same statement that records it, and renews the expiry
 //!   every third of the time to live. A leader that is paused (SIGSTOP, a
@@ -18,20 +18,40 @@
 //!
 //! The term fences the leader's writes ([`super::postgres::PgStore::fence`]):
 //! when an ex-leader wakes up, whatever it still tries to commit is refused,
-//! and its next renewal finds the lease gone, so it stops
-//! ([`Lease::lost`]).
+//! which marks its lease lost, and so does its next renewal; and a leader
+//! whose renewals have not succeeded for two thirds of the time to live
+//! (a cut network: the call may hang) counts its lease lost on its own
+//! clock, before any follower may take it over ([`Lease::lost`]).
+//!
+//! Every server of a run connects as the same role (one may end another's
+//! session only then, without superuser rights) and directly, not through
+//! a transaction-mode pooler (session advisory locks need sessions).
 
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
+use postgres::Client;
+use sha2::{Digest, Sha256};
 
 use super::StoreError;
 
-/// The first key of the lease's advisory lock (the second is the run
-/// name's `hashtext`; two runs whose names hash alike take turns leading,
-/// which is slower, never unsafe: the term is per run).
-pub const LEASE_LOCK: i32 = 0x4153_544c; // "ASTL"
+/// Raised (set to `true`) when a lease is lost; a fenced store raises it
+/// when a write finds the term gone.
+pub type LostSignal = Arc<tokio::sync::watch::Sender<bool>>;
+
+/// The advisory lock key of `run`'s lease: 64 bits of the SHA-256 of
+/// `astraea-lease:` and the name (two runs sharing a key would wait on
+/// each other; at 64 bits they do not meet).
+pub fn lease_key(run: &str) -> i64 {
+    let digest = Sha256::digest(format!("astraea-lease:{run}"));
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The lease connection's session: a claim waits at most 1 s for a row
+/// lock (a paused ex-leader's last write holding the lease row) and tries
+/// again at the next poll.
+const LEASE_SESSION: &str = "SET lock_timeout = '1s'; SET statement_timeout = '10s'";
 
 /// How a lease is held.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +90,14 @@ pub struct Lease {
     run: String,
     term: i64,
     lost: tokio::sync::watch::Receiver<bool>,
+    signal: LostSignal,
+    /// When the lease was taken, and how long after that the last renewal
+    /// that succeeded was sent (ms): the leader's own clock.
+    taken: Instant,
+    renewed_ms: Arc<AtomicU64>,
+    /// How long a renewal may be missing before the leader counts the
+    /// lease lost: two thirds of the time to live.
+    patience: Duration,
     /// Dropped with the lease, which ends the renewing thread.
     _stop: mpsc::Sender<()>,
 }
@@ -99,18 +127,24 @@ impl Lease {
         settings: LeaseSettings,
         mut waiting: impl FnMut(&Holder),
     ) -> Result<Self, StoreError> {
-        let mut client = Client::connect(url, NoTls)?;
+        let mut client = super::postgres::open(url, "astraea-lease", LEASE_SESSION)?;
         let ttl_s = settings.ttl.as_secs_f64();
         let term = loop {
+            let taking = Instant::now();
             if let Some(term) = try_take(&mut client, run, holder, ttl_s)? {
-                break term;
+                break (term, taking);
             }
             if let Some(current) = cut_off_stale(&mut client, run)? {
                 waiting(&current);
             }
             std::thread::sleep(settings.poll);
         };
+        let (term, taken) = term;
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let signal: LostSignal = Arc::new(lost_tx);
+        let lost_tx = signal.clone();
+        let renewed_ms = Arc::new(AtomicU64::new(0));
+        let renewed = renewed_ms.clone();
         let (stop, stopped) = mpsc::channel::<()>();
         let (run_name, every) = (run.to_string(), settings.ttl / 3);
         std::thread::Builder::new()
@@ -122,17 +156,20 @@ impl Lease {
                         // Released: the connection closes with this thread.
                         _ => return,
                     }
-                    let renewed = client.execute(
+                    let sent = taken.elapsed().as_millis() as u64;
+                    let renewal = client.execute(
                         "UPDATE leases SET expires_at = now() + make_interval(secs => $3)
                          WHERE run = $1 AND term = $2",
                         &[&run_name, &term, &ttl_s],
                     );
-                    if !matches!(renewed, Ok(1)) {
+                    if matches!(renewal, Ok(1)) {
+                        renewed.fetch_max(sent, Ordering::Relaxed);
+                    } else {
                         tracing::error!(
                             run = %run_name,
                             term,
                             "lost the lease ({}); this server leads no more",
-                            match renewed {
+                            match renewal {
                                 Ok(_) => "another server took it".to_string(),
                                 Err(e) => e.to_string(),
                             }
@@ -150,8 +187,29 @@ impl Lease {
             run: run.to_string(),
             term,
             lost,
+            signal,
+            taken,
+            renewed_ms,
+            patience: settings.ttl * 2 / 3,
             _stop: stop,
         })
+    }
+
+    /// The run this lease is on.
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// The signal that marks this lease lost (for a fenced store).
+    pub fn signal(&self) -> LostSignal {
+        self.signal.clone()
+    }
+
+    /// Whether the last renewal that succeeded was sent longer ago than
+    /// two thirds of the time to live, on this process's clock.
+    fn overdue(&self) -> bool {
+        let renewed = Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
+        self.taken.elapsed() > renewed + self.patience
     }
 
     /// The term this lease was taken at (1 for the run's first leader).
@@ -159,19 +217,23 @@ impl Lease {
         self.term
     }
 
-    /// Whether a renewal failed: another server leads now, or the
-    /// database could not be reached before the lease would expire.
+    /// Whether the lease is lost: a renewal failed or found another term,
+    /// a fenced write found another term, or no renewal has succeeded for
+    /// two thirds of the time to live.
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        *self.lost.borrow() || self.overdue()
     }
 
     /// Resolves once the lease is lost (never, while it is held).
     pub async fn lost(&self) {
         let mut lost = self.lost.clone();
-        // An error means the renewing thread ended without losing it,
-        // which only a release does: then it is not lost, so wait forever.
-        if lost.wait_for(|lost| *lost).await.is_err() {
-            std::future::pending::<()>().await;
+        let check = (self.patience / 4).max(Duration::from_millis(10));
+        loop {
+            if self.is_lost() {
+                return;
+            }
+            // Woken by the signal, or at the next look at the clock.
+            let _ = tokio::time::timeout(check, lost.changed()).await;
         }
     }
 }
@@ -184,28 +246,33 @@ fn try_take(
     holder: &str,
     ttl_s: f64,
 ) -> Result<Option<i64>, StoreError> {
+    let key = lease_key(run);
     let locked: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))",
-            &[&LEASE_LOCK, &run],
-        )?
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
         .get(0);
     if !locked {
         return Ok(None);
     }
-    let term: i64 = client
-        .query_one(
-            "INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
+    let claimed = client.query_one(
+        "INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
              SELECT $1, 1, $2, pid, backend_start, now() + make_interval(secs => $3)
                FROM pg_stat_activity WHERE pid = pg_backend_pid()
              ON CONFLICT (run) DO UPDATE SET term = leases.term + 1, holder = EXCLUDED.holder,
                holder_pid = EXCLUDED.holder_pid, holder_started = EXCLUDED.holder_started,
                expires_at = EXCLUDED.expires_at
              RETURNING term",
-            &[&run, &holder, &ttl_s],
-        )?
-        .get(0);
-    Ok(Some(term))
+        &[&run, &holder, &ttl_s],
+    );
+    match claimed {
+        Ok(row) => Ok(Some(row.get(0))),
+        // The row is locked (an ex-leader's last write): let the lock go
+        // and try again at the next poll.
+        Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            client.execute("SELECT pg_advisory_unlock($1)", &[&key])?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The current holder; its session is cut when its lease has expired (a

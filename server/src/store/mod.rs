@@ -47,6 +47,18 @@ pub enum StoreError {
     /// The store's connection thread has gone.
     #[error("the store's connection thread has stopped")]
     Closed,
+    /// A store call panicked (a row of a shape the store did not write);
+    /// the connection thread goes on.
+    #[error("a store call panicked")]
+    Panicked,
+    /// The run of this name finished; in a store several servers share, a
+    /// finished run is not begun again (it would wipe its results): a new
+    /// run takes a new name.
+    #[error("run {name:?} has finished; start a new run under another --run-name")]
+    Finished {
+        /// The run's name.
+        name: String,
+    },
     /// The file system failed.
     #[error("{path}: {source}")]
     Io {
@@ -134,12 +146,16 @@ impl Resumed {
 /// either does all of its write or none of it.
 pub trait RunStore: Send + std::fmt::Debug {
     /// The unfinished run called `name`, with what it completed, or a new
-    /// one (a finished run of that name starts again, empty). `config` is
-    /// stored for the record; `shapes` check the last checkpoint.
+    /// one. A finished run of that name starts again, empty, in the store
+    /// one server keeps (SQLite); a store several servers share refuses it
+    /// ([`StoreError::Finished`]), since the server asking may only have
+    /// waited while another finished it. `config` is stored for the
+    /// record; `shapes` check the last checkpoint.
     ///
     /// # Errors
-    /// The database, a checkpoint that does not fit `shapes`, or a damaged
-    /// privacy accountant ([`StoreError::Accountant`]).
+    /// The database, a checkpoint that does not fit `shapes`, a damaged
+    /// privacy accountant ([`StoreError::Accountant`]), a finished run in a
+    /// shared store, or a fenced write ([`StoreError::Fenced`]).
     fn resume_or_create(
         &mut self,
         name: &str,
@@ -386,7 +402,8 @@ pub(crate) mod contract {
         assert_eq!(store.count("mediators", run_id).unwrap(), 2);
     }
 
-    /// A finished run of the same name starts again, empty.
+    /// A finished run of the same name starts again, empty (a store one
+    /// server keeps).
     pub fn a_finished_run_is_not_resumed(open: &dyn Fn() -> Store) {
         let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
         {

@@ -16,15 +16,20 @@
 //!   the SHA-256 of its bytes, inserted if absent and never rewritten; a
 //!   round's row names the hash. The blob and the round's rows commit in
 //!   one transaction.
-//! - **Fenced writes**: once [`PgStore::fence`] gave it the run's lease
-//!   term, every write of the leader's (the run's creation, the plan, a
-//!   round, the finish) first reads the lease row `FOR SHARE` in its own
+//! - **Fenced writes**: once [`PgStore::fence`] gave it the run's lease,
+//!   every write (the run's creation, the plan, a round, the finish, an
+//!   event, a client) reads the lease row `FOR SHARE` last in its own
 //!   transaction and commits only while the term is still this server's.
 //!   A paused or cut-off ex-leader's writes are refused with
-//!   [`StoreError::Fenced`] and change nothing.
+//!   [`StoreError::Fenced`], change nothing, and mark its lease lost.
+//! - **A run is begun once**: a finished run is never started again under
+//!   the same name ([`StoreError::Finished`]), so a server that waited for
+//!   the lease while the leader finished does not wipe the results.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use astraea_core::metrics::RoundRecord;
 use astraea_core::weights::ParamShape;
@@ -101,9 +106,31 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
         expires_at TIMESTAMPTZ NOT NULL
     );"];
 
-/// The advisory lock under which migrations run (the first key of the
-/// two-key form; the lease uses [`super::lease::LEASE_LOCK`]).
-pub(crate) const MIGRATION_LOCK: i32 = 0x4153_5452; // "ASTR"
+/// The advisory lock (transaction-level) under which migrations run; the
+/// leases take keys of their own ([`super::lease`]).
+pub(crate) const MIGRATION_LOCK: i64 = 0x4153_5452_4145_4d47; // "ASTRAEMG"
+
+/// Opens a connection to `url` named `name` (PostgreSQL's
+/// `application_name`), with timeouts so a cut network is an error within
+/// seconds rather than a hang (connect 5 s; unacknowledged data 10 s;
+/// keepalives after 5 s idle), then runs `session` (its `SET`s).
+pub(crate) fn open(url: &str, name: &str, session: &str) -> Result<Client, StoreError> {
+    let mut config: postgres::Config = url.parse()?;
+    config
+        .application_name(name)
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_user_timeout(Duration::from_secs(10))
+        .keepalives_idle(Duration::from_secs(5));
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(session)?;
+    Ok(client)
+}
+
+/// The store connection's session: a transaction left idle (its process
+/// paused mid-write) is ended after 5 s, so it cannot hold a lock a new
+/// leader waits for; no statement runs longer than a minute.
+const STORE_SESSION: &str =
+    "SET idle_in_transaction_session_timeout = '5s'; SET statement_timeout = '60s'";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -118,17 +145,28 @@ impl Connection {
     fn client(&mut self) -> Result<&mut Client, StoreError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
-            self.client = Some(Client::connect(&self.url, NoTls)?);
+            self.client = Some(open(&self.url, "astraea-store", STORE_SESSION)?);
         }
         Ok(self.client.as_mut().expect("just connected"))
+    }
+
+    /// Runs `job` on the connection; a panic is an error, not the end of
+    /// the thread.
+    fn run<R>(
+        &mut self,
+        job: &mut impl FnMut(&mut Client) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        std::panic::catch_unwind(AssertUnwindSafe(|| self.client().and_then(&mut *job)))
+            .unwrap_or(Err(StoreError::Panicked))
     }
 }
 
 /// A run's store in PostgreSQL (see the module's documentation).
 pub struct PgStore {
     jobs: mpsc::Sender<Job>,
-    /// The run and the lease term the leader's writes are fenced by.
-    fence: Option<(String, i64)>,
+    /// The run and the lease term the leader's writes are fenced by, and
+    /// the lease's signal, raised when a write finds the term gone.
+    fence: Option<(String, i64, super::lease::LostSignal)>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -172,38 +210,51 @@ impl PgStore {
         Ok(store)
     }
 
-    /// From now on, the leader's writes commit only while `run`'s lease is
-    /// still at `term` (see [`super::lease::Lease`]).
-    pub fn fence(&mut self, run: &str, term: i64) {
-        self.fence = Some((run.to_string(), term));
+    /// From now on, every write commits only while the run's lease is
+    /// still at `lease`'s term; a write that finds it gone is refused and
+    /// marks `lease` lost at once.
+    pub fn fence(&mut self, lease: &super::lease::Lease) {
+        self.fence = Some((lease.run().to_string(), lease.term(), lease.signal()));
     }
 
-    /// Runs `job` on the store's connection and waits for its answer.
+    /// Runs `job` on the store's connection and waits for its answer. A
+    /// job that finds the connection closed (the database restarted, the
+    /// session cut) runs once more on a new one: every write is one
+    /// transaction, so a failed one changed nothing.
     fn call<R: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Client) -> Result<R, StoreError> + Send + 'static,
+        mut job: impl FnMut(&mut Client) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (answer, answered) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |connection: &mut Connection| {
-            let result = connection.client().and_then(job);
+            let mut result = connection.run(&mut job);
+            if matches!(&result, Err(StoreError::Postgres(e)) if e.is_closed()) {
+                connection.client = None;
+                result = connection.run(&mut job);
+            }
             let _ = answer.send(result);
         });
         self.jobs.send(job).map_err(|_| StoreError::Closed)?;
         answered.recv().map_err(|_| StoreError::Closed)?
     }
 
-    /// Like [`Self::call`], in one transaction that first checks the fence.
+    /// Like [`Self::call`], in one transaction that checks the fence last,
+    /// just before it commits (so the lease row is held only for the
+    /// commit, never while a checkpoint is written).
     fn fenced<R: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+        mut job: impl FnMut(&mut postgres::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let fence = self.fence.clone();
         self.call(move |client| {
             let mut tx = client.transaction()?;
-            if let Some((run, term)) = fence {
-                check_fence(&mut tx, &run, term)?;
-            }
             let result = job(&mut tx)?;
+            if let Some((run, term, lost)) = &fence
+                && let Err(refused) = check_fence(&mut tx, run, *term)
+            {
+                let _ = lost.send(true);
+                return Err(refused);
+            }
             tx.commit()?;
             Ok(result)
         })
@@ -232,32 +283,31 @@ fn check_fence(tx: &mut impl GenericClient, run: &str, term: i64) -> Result<(), 
     }
 }
 
-/// Applies what is missing of [`MIGRATIONS`] under [`MIGRATION_LOCK`].
+/// Applies what is missing of [`MIGRATIONS`] in one transaction under
+/// [`MIGRATION_LOCK`] (released with it, whatever happens; PostgreSQL's
+/// DDL is transactional, so a failed migration leaves the schema as it
+/// was).
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    client.execute("SELECT pg_advisory_lock($1, 0)", &[&MIGRATION_LOCK])?;
-    let result = (|| {
-        client.batch_execute(
-            "CREATE TABLE IF NOT EXISTS astraea_schema (
-                version INTEGER PRIMARY KEY,
-                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-            )",
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS astraea_schema (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )?;
+    let applied: i64 = tx
+        .query_one("SELECT COUNT(*) FROM astraea_schema", &[])?
+        .get(0);
+    for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(migration)?;
+        tx.execute(
+            "INSERT INTO astraea_schema (version) VALUES ($1)",
+            &[&(version as i32 + 1)],
         )?;
-        let applied: i64 = client
-            .query_one("SELECT COUNT(*) FROM astraea_schema", &[])?
-            .get(0);
-        for (version, migration) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-            let mut tx = client.transaction()?;
-            tx.batch_execute(migration)?;
-            tx.execute(
-                "INSERT INTO astraea_schema (version) VALUES ($1)",
-                &[&(version as i32 + 1)],
-            )?;
-            tx.commit()?;
-        }
-        Ok::<_, StoreError>(())
-    })();
-    client.execute("SELECT pg_advisory_unlock($1, 0)", &[&MIGRATION_LOCK])?;
-    result
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// The name a checkpoint is kept under: `sha256:` and its hash in hex.
@@ -278,24 +328,23 @@ impl RunStore for PgStore {
     ) -> Result<Resumed, StoreError> {
         let (name, config) = (name.to_string(), config.to_string());
         let found = self.fenced(move |tx| {
-            let existing = tx.query_opt(
-                "SELECT id, plan FROM runs WHERE name = $1 AND NOT finished",
+            // Created if absent (a conditional write: of servers starting
+            // at once one creates it, the others find it).
+            tx.execute(
+                "INSERT INTO runs (name, config) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &config],
+            )?;
+            let row = tx.query_one(
+                "SELECT id, plan, finished FROM runs WHERE name = $1",
                 &[&name],
             )?;
-            if let Some(row) = existing {
-                return Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)));
+            if row.get::<_, bool>(2) {
+                // Shared by several servers, a finished run is never begun
+                // again by whichever waited longest: a new run takes a new
+                // name.
+                return Err(StoreError::Finished { name: name.clone() });
             }
-            let run_id: i64 = tx
-                .query_one(
-                    "INSERT INTO runs (name, config) VALUES ($1, $2)
-                     ON CONFLICT (name) DO UPDATE SET config = EXCLUDED.config, finished = false, plan = NULL
-                     RETURNING id",
-                    &[&name, &config],
-                )?
-                .get(0);
-            tx.execute("DELETE FROM mediators WHERE run_id = $1", &[&run_id])?;
-            tx.execute("DELETE FROM rounds WHERE run_id = $1", &[&run_id])?;
-            Ok((run_id, None))
+            Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
         })?;
         let (run_id, plan) = found;
         let (rounds, mut mediators) = self.call(move |client| {
@@ -360,7 +409,7 @@ impl RunStore for PgStore {
                         client.query_opt("SELECT bytes FROM blobs WHERE hash = $1", &[&hash])?;
                     row.map(|row| row.get::<_, Vec<u8>>(0))
                         .ok_or_else(|| StoreError::Checkpoint {
-                            name: hash,
+                            name: hash.clone(),
                             reason: "no such blob".into(),
                         })
                 })
@@ -412,14 +461,14 @@ impl RunStore for PgStore {
                 )
             })
             .collect();
-        let term = self.fence.as_ref().map(|(_, term)| *term);
+        let term = self.fence.as_ref().map(|(_, term, _)| *term);
         self.fenced(move |tx| {
             tx.execute(
                 "INSERT INTO blobs (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
                 &[&hash, &checkpoint],
             )?;
             let (accuracy, loss, up, down, kl, wall, skipped, guard, accountant, epsilon, clip, samples, train_s, hops) =
-                values;
+                &values;
             tx.execute(
                 "INSERT INTO rounds
                  (run_id, round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint,
@@ -467,8 +516,8 @@ impl RunStore for PgStore {
     ) -> Result<(), StoreError> {
         let (kind, detail) = (kind.to_string(), detail.to_string());
         let round = round.map(i64::from);
-        self.call(move |client| {
-            client.execute(
+        self.fenced(move |tx| {
+            tx.execute(
                 "INSERT INTO events (run_id, round, kind, detail) VALUES ($1, $2, $3, $4)",
                 &[&run_id, &round, &kind, &detail],
             )?;
@@ -484,8 +533,8 @@ impl RunStore for PgStore {
     ) -> Result<(), StoreError> {
         let backend = backend.to_string();
         let client_id = to_i64(client_id);
-        self.call(move |client| {
-            client.execute(
+        self.fenced(move |tx| {
+            tx.execute(
                 "INSERT INTO clients (run_id, client_id, backend) VALUES ($1, $2, $3)",
                 &[&run_id, &client_id, &backend],
             )?;
@@ -547,9 +596,107 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_run_is_not_resumed() {
+    fn a_finished_run_is_not_begun_again_under_its_name() {
+        // The bug: a server that waited for the lease while the leader
+        // finished took it over, found no unfinished run, and began the
+        // finished one again, deleting its rounds.
         let (_cluster, url) = cluster();
-        contract::a_finished_run_is_not_resumed(&|| Box::new(PgStore::connect(&url).unwrap()));
+        let weights = weights();
+        let checkpoint = weights.to_safetensors();
+        let mut store = PgStore::connect(&url).unwrap();
+        let run = store
+            .resume_or_create("done", "{}", &weights.shapes)
+            .unwrap();
+        store
+            .save_round(run.run_id, &record(1, 0.3), &bare(&checkpoint, None))
+            .unwrap();
+        store.finish(run.run_id).unwrap();
+
+        let again = store.resume_or_create("done", "{}", &weights.shapes);
+
+        assert!(
+            matches!(&again, Err(StoreError::Finished { name }) if name == "done"),
+            "{again:?}"
+        );
+        assert_eq!(store.count("rounds", run.run_id).unwrap(), 1);
+        let other = store
+            .resume_or_create("next", "{}", &weights.shapes)
+            .unwrap();
+        assert!(other.history.is_empty() && other.run_id != run.run_id);
+    }
+
+    #[test]
+    fn a_write_that_finds_another_term_marks_the_lease_lost_at_once() {
+        // Prepare: a lease renewed every 10 s, its store fenced by it; then
+        // another term begins (as a takeover would) before any renewal.
+        let (_cluster, url) = cluster();
+        let weights = weights();
+        drop(PgStore::connect(&url).unwrap());
+        let slow = LeaseSettings {
+            ttl: Duration::from_secs(30),
+            poll: Duration::from_millis(50),
+        };
+        let lease = Lease::acquire(&url, "run", "a", slow, |_| {}).unwrap();
+        let mut store = PgStore::connect(&url).unwrap();
+        store.fence(&lease);
+        let run = store
+            .resume_or_create("run", "{}", &weights.shapes)
+            .unwrap();
+        store
+            .execute_raw("UPDATE leases SET term = term + 1 WHERE run = 'run'")
+            .unwrap();
+        assert!(!lease.is_lost());
+
+        // Execute
+        let refused = store.event(run.run_id, None, "late", "from an ex-leader");
+
+        // Assert: refused, nothing written, and the lease knows.
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::Fenced {
+                    term: 1,
+                    current: 2
+                })
+            ),
+            "{refused:?}"
+        );
+        assert!(lease.is_lost());
+        store.fence = None;
+        assert_eq!(store.count("events", run.run_id).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_leader_paused_mid_write_delays_the_takeover_but_does_not_block_it() {
+        // Prepare: a leader paused inside its last write's transaction,
+        // holding the lease row (its store session, as the store opens it),
+        // its lease session also paused and expired after 1 s.
+        let (_cluster, url) = cluster();
+        drop(PgStore::connect(&url).unwrap());
+        let mut lease_session = postgres::Client::connect(&url, NoTls).unwrap();
+        lease_session
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock({});
+                 INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
+                 SELECT 'run', 1, 'paused', pid, backend_start, now() + interval '1 second'
+                   FROM pg_stat_activity WHERE pid = pg_backend_pid();",
+                super::super::lease::lease_key("run")
+            ))
+            .unwrap();
+        let mut store_session = open(&url, "astraea-store", STORE_SESSION).unwrap();
+        store_session
+            .batch_execute("BEGIN; SELECT term FROM leases WHERE run = 'run' FOR SHARE;")
+            .unwrap();
+
+        // Execute
+        let started = Instant::now();
+        let leader = Lease::acquire(&url, "run", "b", fast(), |_| {}).unwrap();
+
+        // Assert: taken over once the idle transaction was ended (5 s).
+        assert_eq!(leader.term(), 2);
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(9), "{waited:?}");
+        assert!(store_session.execute("SELECT 1", &[]).is_err());
     }
 
     #[test]
@@ -691,7 +838,7 @@ mod tests {
         let mut old_store = PgStore::connect(&url).unwrap();
         let leader = Lease::acquire(&url, "run", "a", fast(), |_| {}).unwrap();
         assert_eq!(leader.term(), 1);
-        old_store.fence("run", leader.term());
+        old_store.fence(&leader);
         let run = old_store
             .resume_or_create("run", "{}", &weights.shapes)
             .unwrap();
@@ -737,7 +884,7 @@ mod tests {
             Err(StoreError::Fenced { .. })
         ));
         let mut new_store = PgStore::connect(&url).unwrap();
-        new_store.fence("run", new_leader.term());
+        new_store.fence(&new_leader);
         let resumed = new_store
             .resume_or_create("run", "{}", &weights.shapes)
             .unwrap();
@@ -765,11 +912,11 @@ mod tests {
         let mut paused = postgres::Client::connect(&url, NoTls).unwrap();
         paused
             .batch_execute(&format!(
-                "SELECT pg_advisory_lock({}, hashtext('run'));
+                "SELECT pg_advisory_lock({});
                  INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
                  SELECT 'run', 1, 'paused', pid, backend_start, now() + interval '1 second'
                    FROM pg_stat_activity WHERE pid = pg_backend_pid();",
-                super::super::lease::LEASE_LOCK
+                super::super::lease::lease_key("run")
             ))
             .unwrap();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Holder>::new()));
