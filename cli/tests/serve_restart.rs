@@ -181,6 +181,12 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         .query_row("SELECT COUNT(*) FROM mediators", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mediators, 16, "two mediators of two for each of 8 rounds");
+    // The clients came back as themselves, by their tokens (before, each
+    // joined the restarted server as a new client).
+    let clients: i64 = db
+        .query_row("SELECT COUNT(*) FROM clients", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(clients, 4);
     let checkpoints = std::fs::read_dir(state_dir.join("checkpoints"))
         .unwrap()
         .count();

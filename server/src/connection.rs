@@ -342,10 +342,10 @@ impl Connection {
             })
         });
         let parked = live.or_else(|| {
-            let token = resume?;
+            let token = resume.as_ref()?;
             let mut parked = lock(&self.state.parked);
             parked.retain(|_, p| p.since.elapsed() < RESUME_WINDOW);
-            parked.remove(&token)
+            parked.remove(token)
         });
         if let Some(Parked { id, mut entry, .. }) = parked
             && matches!(data, DataSource::Demo) == entry.shard_counts.is_some()
@@ -370,7 +370,24 @@ impl Connection {
             tracing::info!(client = id, "resumed");
             return Ok(());
         }
-        let id = self.state.next_client_id();
+        // A token this server did not give: one the run gave before a
+        // restart, or on the server that led it before this one. The
+        // client comes back as itself (its id, so its demo shard), with
+        // its standing and speed to learn again.
+        let stored = resume.as_ref().and_then(|token| {
+            let (id, demo) = self.state.stored_client(token)?;
+            (demo == matches!(data, DataSource::Demo)).then(|| (id, token.clone()))
+        });
+        let (id, token) = match stored {
+            Some((id, token)) => {
+                // Two joins with one token: the later wins, as above.
+                if let Some(old) = self.state.clients().remove(&id) {
+                    let _ = old.tx.send(Outbound::Close);
+                }
+                (id, Some(token))
+            }
+            None => (self.state.next_client_id(), None),
+        };
         let (shard, shard_counts) = match data {
             DataSource::Demo if !self.state.shards.is_empty() => {
                 let indices =
@@ -407,7 +424,7 @@ impl Connection {
             samples_trained: 0,
             standing: Default::default(),
             speed: None,
-            resume_token: new_resume_token(),
+            resume_token: token.clone().unwrap_or_else(new_resume_token),
             silent: false,
             paused: false,
             paused_at: None,
@@ -417,9 +434,21 @@ impl Connection {
         if let Some(speed) = speed {
             entry.observe_speed(speed);
         }
+        let (demo, new_token) = (entry.shard_counts.is_some(), entry.resume_token.clone());
         self.admit(id, entry, shard, data)?;
-        self.state
-            .record(|store, run| store.client_joined(run, id, &backend));
+        if token.is_some() {
+            tracing::info!(client = id, "resumed by a token of the run's store");
+            return Ok(());
+        }
+        self.state.record(|store, run| {
+            let joined = crate::store::Joined {
+                id,
+                backend: &backend,
+                demo,
+                token: &new_token,
+            };
+            store.client_joined(run, &joined)
+        });
         tracing::info!(client = id, "joined");
         Ok(())
     }

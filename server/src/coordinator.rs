@@ -128,6 +128,10 @@ pub fn restore(
     };
     if let Some(resumed) = resumed {
         state.run_id.store(resumed.run_id as u64, Ordering::Relaxed);
+        // Ids given before stay theirs (their tokens resume them).
+        state
+            .next_id
+            .fetch_max(resumed.last_client_id.saturating_add(1), Ordering::Relaxed);
         if let Some(weights) = resumed.weights {
             resume.global = weights;
         }

@@ -332,7 +332,7 @@ pub struct AppState {
     /// Signalled when a client joins, becomes ready or leaves.
     pub changed: Notify,
     /// Next client id.
-    next_id: AtomicU64,
+    pub(crate) next_id: AtomicU64,
     /// Frames refused as malformed, misshapen, non-finite, too large, out
     /// of the protocol's limits, inflated or too far from the model.
     pub rejections: AtomicU64,
@@ -610,6 +610,22 @@ impl AppState {
             }
         }
         Ok(())
+    }
+
+    /// The client the run's store knows by resume token `token` (given
+    /// before a restart, or by the server that led the run before): its
+    /// id and whether it trains a demo shard. `None` without a store, for
+    /// an unknown token, or when the store fails (logged).
+    pub fn stored_client(&self, token: &str) -> Option<(u64, bool)> {
+        let store = self.store.as_ref()?;
+        let run_id = self.run_id.load(Ordering::Relaxed) as i64;
+        match lock(store).client_by_token(run_id, token) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!("store: {e}");
+                None
+            }
+        }
     }
 
     /// The settings in force now.

@@ -124,6 +124,33 @@ pub struct Resumed {
     /// The clip kept with the last completed round, when one was kept and
     /// it is a finite positive number.
     pub model_clip: Option<f64>,
+    /// The largest client id the run has given (0: none), so ids given
+    /// after a restart or a takeover are new ones.
+    pub last_client_id: u64,
+}
+
+/// A client as the store keeps it, to be resumed by its token on any
+/// server of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined<'a> {
+    /// Its id in the run.
+    pub id: u64,
+    /// Its training backend, as it said.
+    pub backend: &'a str,
+    /// Whether it trains a demo shard the server gave it (which follows
+    /// from its id) rather than data of its own.
+    pub demo: bool,
+    /// Its resume token; the store keeps only its SHA-256
+    /// ([`token_hash`]), never the token.
+    pub token: &'a str,
+}
+
+/// What the store keeps of a resume token: its SHA-256, in hex. A token
+/// is 128 random bits, so its hash can be looked up by equality without
+/// leaking anything a timing could tell.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 impl Resumed {
@@ -138,6 +165,7 @@ impl Resumed {
             guard: vec![],
             accountant: None,
             model_clip: None,
+            last_client_id: 0,
         }
     }
 }
@@ -187,13 +215,18 @@ pub trait RunStore: Send + std::fmt::Debug {
         detail: &str,
     ) -> Result<(), StoreError>;
 
-    /// Records a client joining.
-    fn client_joined(
+    /// Records a client joining (with its token's hash, so it can resume
+    /// on whichever server leads the run next).
+    fn client_joined(&mut self, run_id: i64, client: &Joined<'_>) -> Result<(), StoreError>;
+
+    /// The client of run `run_id` whose resume token is `token`: its id
+    /// and whether it trains a demo shard; `None` for a token the run
+    /// never gave.
+    fn client_by_token(
         &mut self,
         run_id: i64,
-        client_id: u64,
-        backend: &str,
-    ) -> Result<(), StoreError>;
+        token: &str,
+    ) -> Result<Option<(u64, bool)>, StoreError>;
 
     /// Counts rows of `rounds`, `mediators`, `clients` or `events` for a
     /// run (for tests and the dashboard).
@@ -237,7 +270,7 @@ pub(crate) struct StoredRound {
 /// dropped, but an accountant that was kept and does not read back stops
 /// the resume, and so does a checkpoint that does not fit `shapes`.
 pub(crate) fn assemble(
-    run_id: i64,
+    (run_id, last_client_id): (i64, u64),
     plan: Option<String>,
     rounds: Vec<StoredRound>,
     mut mediators: impl FnMut(usize) -> Result<Vec<Vec<u64>>, StoreError>,
@@ -252,6 +285,7 @@ pub(crate) fn assemble(
         last = Some(round);
     }
     let mut resumed = Resumed::fresh(run_id);
+    resumed.last_client_id = last_client_id;
     resumed.plan = plan.and_then(|p| serde_json::from_str(&p).ok());
     let Some(last) = last else {
         return Ok(resumed);
@@ -434,5 +468,43 @@ pub(crate) mod contract {
             .unwrap();
 
         assert!(fresh.history.is_empty() && fresh.weights.is_none());
+    }
+
+    /// A client recorded with its token is found by that token (its id
+    /// and kind), in its run only; the run remembers the largest id given.
+    pub fn a_client_is_found_by_its_token(open: &dyn Fn() -> Store) {
+        let weights = weights();
+        let mut store = open();
+        let run = store
+            .resume_or_create("tokens", "{}", &weights.shapes)
+            .unwrap();
+        let other = store
+            .resume_or_create("other", "{}", &weights.shapes)
+            .unwrap();
+        for (id, demo, token) in [(1, true, "a".repeat(32)), (7, false, "b".repeat(32))] {
+            let joined = Joined {
+                id,
+                backend: "flex",
+                demo,
+                token: &token,
+            };
+            store.client_joined(run.run_id, &joined).unwrap();
+        }
+
+        let mut store = open();
+        let found = store.client_by_token(run.run_id, &"a".repeat(32)).unwrap();
+        let own = store.client_by_token(run.run_id, &"b".repeat(32)).unwrap();
+        let unknown = store.client_by_token(run.run_id, &"c".repeat(32)).unwrap();
+        let elsewhere = store
+            .client_by_token(other.run_id, &"a".repeat(32))
+            .unwrap();
+        let resumed = store
+            .resume_or_create("tokens", "{}", &weights.shapes)
+            .unwrap();
+
+        assert_eq!(found, Some((1, true)));
+        assert_eq!(own, Some((7, false)));
+        assert_eq!((unknown, elsewhere), (None, None));
+        assert_eq!(resumed.last_client_id, 7);
     }
 }

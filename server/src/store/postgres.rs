@@ -36,7 +36,9 @@ use astraea_core::weights::ParamShape;
 use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
-use super::{COUNTED, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble};
+use super::{
+    COUNTED, Joined, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble, token_hash,
+};
 
 /// Schema versions, applied in order; `astraea_schema` records which ran.
 const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
@@ -86,9 +88,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
         run_id BIGINT NOT NULL REFERENCES runs(id),
         client_id BIGINT NOT NULL,
         backend TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        demo BOOLEAN NOT NULL,
         joined_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         left_at TIMESTAMPTZ
     );
+    CREATE INDEX clients_by_token ON clients (run_id, token_hash);
     CREATE TABLE events (
         id BIGSERIAL PRIMARY KEY,
         run_id BIGINT NOT NULL REFERENCES runs(id),
@@ -347,7 +352,7 @@ impl RunStore for PgStore {
             Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
         })?;
         let (run_id, plan) = found;
-        let (rounds, mut mediators) = self.call(move |client| {
+        let (rounds, mut mediators, last_client_id) = self.call(move |client| {
             let rounds = client
                 .query(
                     "SELECT round, accuracy, loss, bytes_up, bytes_down, mean_kl, wall_s, skipped_hops, checkpoint,
@@ -395,10 +400,16 @@ impl RunStore for PgStore {
                         .push(ids);
                 }
             }
-            Ok((rounds, mediators))
+            let last_client_id: i64 = client
+                .query_one(
+                    "SELECT COALESCE(MAX(client_id), 0)::BIGINT FROM clients WHERE run_id = $1",
+                    &[&run_id],
+                )?
+                .get(0);
+            Ok((rounds, mediators, last_client_id.max(0) as u64))
         })?;
         assemble(
-            run_id,
+            (run_id, last_client_id),
             plan,
             rounds,
             |round| Ok(mediators.remove(&round).unwrap_or_default()),
@@ -525,20 +536,32 @@ impl RunStore for PgStore {
         })
     }
 
-    fn client_joined(
-        &mut self,
-        run_id: i64,
-        client_id: u64,
-        backend: &str,
-    ) -> Result<(), StoreError> {
-        let backend = backend.to_string();
-        let client_id = to_i64(client_id);
+    fn client_joined(&mut self, run_id: i64, client: &Joined<'_>) -> Result<(), StoreError> {
+        let (id, backend, demo) = (to_i64(client.id), client.backend.to_string(), client.demo);
+        let hash = token_hash(client.token);
         self.fenced(move |tx| {
             tx.execute(
-                "INSERT INTO clients (run_id, client_id, backend) VALUES ($1, $2, $3)",
-                &[&run_id, &client_id, &backend],
+                "INSERT INTO clients (run_id, client_id, backend, token_hash, demo) VALUES ($1, $2, $3, $4, $5)",
+                &[&run_id, &id, &backend, &hash, &demo],
             )?;
             Ok(())
+        })
+    }
+
+    fn client_by_token(
+        &mut self,
+        run_id: i64,
+        token: &str,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let hash = token_hash(token);
+        self.call(move |client| {
+            Ok(client
+                .query_opt(
+                    "SELECT client_id, demo FROM clients WHERE run_id = $1 AND token_hash = $2
+                     ORDER BY joined_at DESC LIMIT 1",
+                    &[&run_id, &hash],
+                )?
+                .map(|row| (row.get::<_, i64>(0).max(0) as u64, row.get(1))))
         })
     }
 
@@ -593,6 +616,12 @@ mod tests {
         contract::a_reopened_store_resumes_the_unfinished_run_from_its_last_round(&|| {
             Box::new(PgStore::connect(&url).unwrap())
         });
+    }
+
+    #[test]
+    fn a_client_is_found_by_its_token() {
+        let (_cluster, url) = cluster();
+        contract::a_client_is_found_by_its_token(&|| Box::new(PgStore::connect(&url).unwrap()));
     }
 
     #[test]

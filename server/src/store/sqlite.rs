@@ -12,7 +12,9 @@ use astraea_core::metrics::RoundRecord;
 use astraea_core::weights::ParamShape;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{COUNTED, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble};
+use super::{
+    COUNTED, Joined, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble, token_hash,
+};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how
 /// many have run.
@@ -81,6 +83,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
     "ALTER TABLE rounds ADD COLUMN train_samples INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE rounds ADD COLUMN train_s REAL NOT NULL DEFAULT 0;
     ALTER TABLE rounds ADD COLUMN hops TEXT;",
+    // 6: a client's resume token (its SHA-256) and kind, so a restarted
+    // server takes its clients back as themselves (same id, same shard).
+    "ALTER TABLE clients ADD COLUMN token_hash TEXT;
+    ALTER TABLE clients ADD COLUMN demo INTEGER;
+    CREATE INDEX clients_by_token ON clients (run_id, token_hash);",
 ];
 
 /// The database and the checkpoint folder.
@@ -149,6 +156,10 @@ impl RunStore for SqliteStore {
                 .execute("DELETE FROM rounds WHERE run_id = ?1", params![run_id])?;
             self.db
                 .execute("DELETE FROM mediators WHERE run_id = ?1", params![run_id])?;
+            // A new run under an old name: the old run's clients are not
+            // its clients (their tokens resume nothing, their ids are free).
+            self.db
+                .execute("DELETE FROM clients WHERE run_id = ?1", params![run_id])?;
             return Ok(Resumed::fresh(run_id));
         };
         let mut statement = self.db.prepare(
@@ -190,8 +201,13 @@ impl RunStore for SqliteStore {
         let rounds = rows.collect::<Result<Vec<_>, _>>()?;
         drop(statement);
         let checkpoints = self.checkpoints.clone();
+        let last_client_id: i64 = self.db.query_row(
+            "SELECT COALESCE(MAX(client_id), 0) FROM clients WHERE run_id = ?1",
+            params![run_id],
+            |row| row.get(0),
+        )?;
         assemble(
-            run_id,
+            (run_id, last_client_id.max(0) as u64),
             plan,
             rounds,
             |round| self.mediators(run_id, round),
@@ -300,17 +316,34 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    fn client_joined(
-        &mut self,
-        run_id: i64,
-        client_id: u64,
-        backend: &str,
-    ) -> Result<(), StoreError> {
+    fn client_joined(&mut self, run_id: i64, client: &Joined<'_>) -> Result<(), StoreError> {
         self.db.execute(
-            "INSERT INTO clients (run_id, client_id, backend) VALUES (?1, ?2, ?3)",
-            params![run_id, client_id as i64, backend],
+            "INSERT INTO clients (run_id, client_id, backend, token_hash, demo) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                run_id,
+                client.id as i64,
+                client.backend,
+                token_hash(client.token),
+                client.demo
+            ],
         )?;
         Ok(())
+    }
+
+    fn client_by_token(
+        &mut self,
+        run_id: i64,
+        token: &str,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT client_id, demo FROM clients WHERE run_id = ?1 AND token_hash = ?2
+                 ORDER BY rowid DESC LIMIT 1",
+                params![run_id, token_hash(token)],
+                |row| Ok((row.get::<_, i64>(0)?.max(0) as u64, row.get::<_, bool>(1)?)),
+            )
+            .optional()?)
     }
 
     fn count(&mut self, table: &str, run_id: i64) -> Result<i64, StoreError> {
@@ -488,6 +521,13 @@ mod tests {
             matches!(resumed, Err(StoreError::Accountant { round: 1 })),
             "{resumed:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_is_found_by_its_token() {
+        let dir = temp_dir("tokens");
+        contract::a_client_is_found_by_its_token(&opener(&dir));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
