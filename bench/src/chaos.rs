@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Clients in both chaos runs, and the server's shards.
-const CLIENTS: usize = 6;
+pub(crate) const CLIENTS: usize = 6;
 
 /// What the SIGKILL run measured.
 #[derive(Debug, Clone)]
@@ -41,14 +41,27 @@ pub struct KillReport {
     pub seconds: f64,
 }
 
-/// The server process; killed when dropped.
-struct Server(Child);
+/// The server process; killed when dropped (continued first, in case it
+/// was paused).
+pub(crate) struct Server(pub(crate) Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Where a chaos run's server keeps the run.
+pub(crate) enum Keep<'a> {
+    /// SQLite in this folder.
+    Dir(&'a Path),
+    /// PostgreSQL at this URL (several servers may share it).
+    Postgres(&'a str),
 }
 
 fn spawn_server(
@@ -57,25 +70,50 @@ fn spawn_server(
     data_dir: &Path,
     state_dir: &Path,
 ) -> anyhow::Result<Server> {
+    spawn_server_keeping(
+        port,
+        (rounds, CLIENTS, "long-tail:10"),
+        data_dir,
+        state_dir,
+        Keep::Dir(state_dir),
+        "server.log",
+    )
+}
+
+/// A chaos run's server on `port` for `rounds` rounds that wait for
+/// `min_clients`, its shards cut by `partition`, logging to `work_dir/log`,
+/// its run kept as `keep` says.
+pub(crate) fn spawn_server_keeping(
+    port: u16,
+    (rounds, min_clients, partition): (u32, usize, &str),
+    data_dir: &Path,
+    work_dir: &Path,
+    keep: Keep<'_>,
+    log: &str,
+) -> anyhow::Result<Server> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(state_dir.join("server.log"))?;
+        .open(work_dir.join(log))?;
+    let keep: [&std::ffi::OsStr; 2] = match keep {
+        Keep::Dir(dir) => ["--state-dir".as_ref(), dir.as_os_str()],
+        Keep::Postgres(url) => ["--store".as_ref(), url.as_ref()],
+    };
     let shards = CLIENTS.to_string();
-    let rounds = rounds.to_string();
+    let (rounds, min_clients) = (rounds.to_string(), min_clients.to_string());
     let child = Command::new(std::env::current_exe()?)
         .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
         .args(["--dataset", "mnist", "--max-train", "3000"])
-        .args(["--partition", "long-tail:10", "--shards", &shards])
-        .args(["--participants", &shards, "--min-clients", &shards])
+        .args(["--partition", partition, "--shards", &shards])
+        .args(["--participants", &shards, "--min-clients", &min_clients])
         .args(["--rounds", &rounds, "--strategy", "astraea", "--gamma", "3"])
         .args(["--hop-deadline", "30", "--run-name", "chaos"])
         .arg("--data-dir")
         .arg(data_dir)
-        .arg("--state-dir")
-        .arg(state_dir)
+        .args(keep)
         .arg("--static-dir")
-        .arg(state_dir)
+        .arg(work_dir)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -84,7 +122,7 @@ fn spawn_server(
 }
 
 /// `GET path` as JSON; `None` while nothing answers.
-async fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
+pub(crate) async fn get_json(port: u16, path: &str) -> Option<serde_json::Value> {
     let response = astraea_server::loopback::get(&format!("127.0.0.1:{port}"), path)
         .await
         .ok()?;

@@ -4,6 +4,9 @@
 //! - [`aggregate`]: aggregation throughput next to a plain memory copy.
 //! - [`chaos`]: SIGKILLs of the server while clients train (rounds lost),
 //!   and clients vanishing mid-chain (rounds stalled).
+//! - [`failover`]: several servers sharing one run in PostgreSQL, the
+//!   leader killed or paused while clients train (takeover time, rounds
+//!   lost or counted twice).
 //! - [`fuzz`]: random structured inputs through the protocol decoders;
 //!   crashes found and inputs per second.
 //! - [`hop`]: a hop's fixed cost, stage by stage (encode, decode, build,
@@ -19,6 +22,7 @@
 
 pub mod aggregate;
 pub mod chaos;
+pub mod failover;
 pub mod fuzz;
 pub mod hop;
 pub mod idle;

@@ -31,11 +31,25 @@ pub(crate) enum BenchCommand {
         data_dir: PathBuf,
     },
     /// Crash resilience: the server killed with SIGKILL at random moments
-    /// while clients train (rounds lost after each restart).
+    /// while clients train (rounds lost after each restart); with
+    /// --servers N, N servers share the run in PostgreSQL and one of them
+    /// (the leader or a follower) is taken out each time (takeover time,
+    /// rounds lost or counted twice).
     Kills {
         /// SIGKILLs to deliver.
         #[arg(long, default_value_t = 50)]
         kills: usize,
+        /// Servers sharing the run (2 or more: in PostgreSQL, a throw-away
+        /// cluster unless --store names one).
+        #[arg(long, default_value_t = 1)]
+        servers: usize,
+        /// Pause with SIGSTOP instead of SIGKILL (--servers only): a paused
+        /// leader keeps its session and is replaced when its lease expires.
+        #[arg(long)]
+        pause: bool,
+        /// A PostgreSQL database to use instead of a throw-away cluster.
+        #[arg(long)]
+        store: Option<String>,
         /// Rounds of the run (more than the kills leave room to finish).
         #[arg(long, default_value_t = 80)]
         rounds: u32,
@@ -279,9 +293,51 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Kills {
             kills,
+            servers,
+            pause,
+            store,
             rounds,
             seed,
             data_dir,
+        } if servers > 1 => {
+            use astraea_bench::failover::{Outage, failover};
+            let outage = if pause { Outage::Pause } else { Outage::Kill };
+            let r = failover(data_dir, servers, kills, rounds, outage, seed, store).await?;
+            let mut takeovers = r.takeovers_s.clone();
+            takeovers.sort_by(f64::total_cmp);
+            let at = |q: f64| {
+                takeovers
+                    .get(((takeovers.len() as f64 - 1.0) * q).round() as usize)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            println!(
+                "| servers | outage | outages (of the leader) | takeover median / max s | rounds lost | counted twice | ex-leaders still running | rounds done / planned | finished | seconds |"
+            );
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|");
+            println!(
+                "| {} | {} | {} ({}) | {:.2} / {:.2} | {} | {} | {} | {} / {} | {} | {:.0} |",
+                r.servers,
+                if pause { "SIGSTOP" } else { "SIGKILL" },
+                r.outages,
+                r.leader_outages,
+                at(0.5),
+                at(1.0),
+                r.rounds_lost,
+                r.counted_twice,
+                r.stale_leaders,
+                r.rounds_done,
+                r.rounds,
+                r.finished,
+                r.seconds
+            );
+        }
+        BenchCommand::Kills {
+            kills,
+            rounds,
+            seed,
+            data_dir,
+            ..
         } => {
             let r = astraea_bench::chaos::kills(data_dir, kills, rounds, seed).await?;
             println!("| SIGKILLs | rounds lost | rounds done / planned | finished | seconds |");

@@ -2,14 +2,15 @@
 //! other waits; when the leader is killed (SIGKILL) or paused (SIGSTOP) the
 //! other takes over and finishes the run from the last completed round,
 //! every round recorded once, and a paused ex-leader that wakes up writes
-//! nothing and stops.
+//! nothing and stops. Behind a real nginx (the shipped configuration), the
+//! same volunteers reach whichever server leads.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use astraea_native::{ClientOptions, run_swarm};
-use astraea_server::testing::PgCluster;
+use astraea_server::testing::{Nginx, PgCluster};
 
 /// Kills the server process when the test ends, however it ends.
 struct Server {
@@ -23,6 +24,7 @@ impl Drop for Server {
         // A stopped process must be continued to die of SIGKILL promptly.
         let _ = Command::new("kill")
             .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -82,8 +84,10 @@ fn spawn_server(url: &str, dir: &Path, name: &str) -> Server {
 }
 
 /// /api/status of `server`, once it answers.
-async fn status(server: &Server) -> Option<serde_json::Value> {
-    let body = astraea_server::loopback::get(&format!("127.0.0.1:{}", server.port), "/api/status")
+/// /api/status on `port`, once it answers (a waiting server's 503 body
+/// too: its `phase` is `following`).
+async fn status(port: u16) -> Option<serde_json::Value> {
+    let body = astraea_server::loopback::get(&format!("127.0.0.1:{port}"), "/api/status")
         .await
         .ok()?
         .text();
@@ -91,9 +95,19 @@ async fn status(server: &Server) -> Option<serde_json::Value> {
 }
 
 async fn wait_for(server: &Server, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    wait_on(server.port, &|| server.log(), what, done).await;
+}
+
+async fn wait_on(
+    port: u16,
+    log: &dyn Fn() -> String,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        if let Some(status) = status(server).await
+        if let Some(status) = status(port).await
+            && status["phase"] != "following"
             && done(&status)
         {
             return;
@@ -101,23 +115,40 @@ async fn wait_for(server: &Server, what: &str, done: impl Fn(&serde_json::Value)
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}\n{}",
-            server.log()
+            log()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn swarm_for(server: &Server) -> tokio::task::JoinHandle<()> {
+    swarm_at(server.port)
+}
+
+fn swarm_at(port: u16) -> tokio::task::JoinHandle<()> {
     let options = ClientOptions {
         max_frame_bytes: 1 << 20,
         ..ClientOptions::new(
-            format!("ws://127.0.0.1:{}/ws", server.port),
+            format!("ws://127.0.0.1:{port}/ws"),
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
         )
     };
     tokio::spawn(async move {
         run_swarm(4, options).await;
     })
+}
+
+/// Clients the run recorded as joining.
+fn clients(url: &str) -> i64 {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        db.query_one("SELECT COUNT(*) FROM clients", &[])
+            .unwrap()
+            .get(0)
+    })
+    .join()
+    .unwrap()
 }
 
 /// (round, term) of every recorded round, and the lease's term.
@@ -226,4 +257,67 @@ async fn a_killed_leader_is_replaced_and_the_run_finishes_with_every_round_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_replaced_and_when_it_wakes_it_writes_nothing_and_stops() {
     fail_over("-STOP").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
+    // Prepare: two servers on one run behind nginx, one swarm through it.
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = spawn_server(&url, &dir, "a");
+    wait_for(&a, "the first server to lead", |s| s["leader_term"] == 1).await;
+    let b = spawn_server(&url, &dir, "b");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !b.log().contains("waiting to take over") {
+        assert!(Instant::now() < deadline, "b never waited:\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nginx = Nginx::start(&[b.port, a.port]).unwrap_or_else(|e| panic!("{e}"));
+    // The follower answers 503 and says who leads; through nginx (which
+    // tries the follower first) the leader answers.
+    let direct = astraea_server::loopback::get(&format!("127.0.0.1:{}", b.port), "/api/status")
+        .await
+        .unwrap();
+    let following: serde_json::Value = serde_json::from_str(&direct.text()).unwrap();
+    assert_eq!(following["phase"], "following", "{following}");
+    assert_eq!(following["leader_term"], 1, "{following}");
+    let logs = || {
+        format!(
+            "--- a\n{}\n--- b\n{}\n--- nginx\n{}",
+            a.log(),
+            b.log(),
+            nginx.log()
+        )
+    };
+    wait_on(nginx.port(), &logs, "the leader through nginx", |s| {
+        s["leader_term"] == 1
+    })
+    .await;
+    let swarm = swarm_at(nginx.port());
+
+    // Execute: kill the leader once two rounds are done.
+    wait_for(&a, "two rounds", |s| s["round"].as_u64() >= Some(3)).await;
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+
+    // Assert: the swarm, reconnecting through nginx, trains with b, which
+    // finishes the run (it needs all four clients every round).
+    let logs = || format!("--- b\n{}\n--- nginx\n{}", b.log(), nginx.log());
+    wait_on(
+        nginx.port(),
+        &logs,
+        "the run to finish through nginx",
+        |s| s["phase"] == "finished" && s["leader_term"] == 2,
+    )
+    .await;
+    swarm.abort();
+    let (rounds, term) = recorded(&url);
+    assert_eq!(term, 2);
+    assert_eq!(rounds.len(), 8, "{rounds:?}\n{}", nginx.log());
+    // The four came back to b as themselves, by the tokens a gave them
+    // (a new join would be a fifth client).
+    assert_eq!(clients(&url), 4, "{}", b.log());
 }

@@ -27,6 +27,7 @@ pub mod config;
 pub mod connection;
 pub mod coordinator;
 pub mod dashboard;
+pub mod follower;
 pub mod loopback;
 pub mod secure;
 pub mod state;
@@ -61,6 +62,7 @@ async fn open_store(
     config: &ServeConfig,
     shapes: &[astraea_core::weights::ParamShape],
     bound: std::net::SocketAddr,
+    seen: Option<follower::LastSeen>,
 ) -> anyhow::Result<(
     Option<store::Store>,
     Option<store::Resumed>,
@@ -93,6 +95,9 @@ async fn open_store(
                     store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
                 let mut last = None;
                 let lease = store::Lease::acquire(&url, &run, &holder, settings, |current| {
+                    if let Some(seen) = &seen {
+                        *state::lock(seen) = Some(current.clone());
+                    }
                     let now = (current.name.clone(), current.term);
                     if last.as_ref() != Some(&now) {
                         tracing::info!(
@@ -131,8 +136,23 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
     let bound = listener.local_addr()?;
+    // A server that may have to wait for its run's lease answers 503 on its
+    // port meanwhile (plain HTTP only: a TLS one stays silent), so a load
+    // balancer passes its volunteers on to the leader.
+    let (listener, following) = if config.postgres.is_some() && config.tls.is_none() {
+        let socket = listener.into_std()?;
+        let answering = TcpListener::from_std(socket.try_clone()?)?;
+        let following = follower::answer(answering, config.run_name.clone());
+        (TcpListener::from_std(socket)?, Some(following))
+    } else {
+        (listener, None)
+    };
     // The run's row exists before any client can join and be recorded.
-    let (store, resumed, lease) = open_store(&config, &data.initial.shapes, bound).await?;
+    let seen = following.as_ref().map(|f| f.seen.clone());
+    let (store, resumed, lease) = open_store(&config, &data.initial.shapes, bound, seen).await?;
+    if let Some(following) = following {
+        following.stop().await;
+    }
     let join_url = config
         .public_url
         .clone()

@@ -190,3 +190,144 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real nginx (Debian's `nginx`) in front of servers on loopback, run
+/// with the shipped `deploy/nginx.conf` (its upstream servers and its
+/// `listen` replaced), in the foreground; stopped when dropped.
+#[derive(Debug)]
+pub struct Nginx {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+/// The shipped configuration.
+pub const NGINX_CONF: &str = include_str!("../../deploy/nginx.conf");
+
+impl Nginx {
+    /// Starts nginx on a free port in front of `upstreams` (ports on
+    /// 127.0.0.1), once it accepts connections.
+    ///
+    /// # Errors
+    /// nginx is missing (the message says how to install it), its
+    /// configuration does not load, or it does not come up in 10 s.
+    pub fn start(upstreams: &[u16]) -> Result<Self, String> {
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                "nginx is not installed: the load-balancer tests run Debian's `nginx` \
+                 (`sudo apt-get install nginx`; scripts/setup installs it)"
+                    .to_string()
+            })?;
+        let dir = std::env::temp_dir().join(format!(
+            "astraea-nginx-{}-{}",
+            std::process::id(),
+            upstreams.first().copied().unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let servers: String = upstreams
+            .iter()
+            .map(|p| format!("server 127.0.0.1:{p} max_fails=0;\n"))
+            .collect();
+        let mut config = String::new();
+        let mut in_upstream = false;
+        for line in NGINX_CONF.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with("server 127.0.0.1:") {
+                if !in_upstream {
+                    config.push_str(&servers);
+                    in_upstream = true;
+                }
+                continue;
+            }
+            if trimmed.starts_with("listen ") {
+                config.push_str(&format!("listen 127.0.0.1:{port};\n"));
+                continue;
+            }
+            config.push_str(line);
+            config.push('\n');
+        }
+        // Everything it writes in its own folder, worker processes as the
+        // user running the test.
+        let temp = dir.display();
+        config = config.replace(
+            "http {",
+            &format!(
+                "http {{\n client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy;\n \
+                 fastcgi_temp_path {temp}/fastcgi; uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;"
+            ),
+        );
+        config = config.replace("worker_processes auto;", "worker_processes 1;");
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config).map_err(|e| e.to_string())?;
+        let user = if Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        {
+            "user root;"
+        } else {
+            ""
+        };
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-g")
+            .arg(format!(
+                "daemon off; master_process on; {user} pid {temp}/nginx.pid; error_log {temp}/error.log warn;"
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr")).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("starting nginx: {e}"))?;
+        let mut nginx = Self { child, dir, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                return Err(format!("nginx exited ({status}): {}", nginx.log()));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("nginx did not come up: {}", nginx.log()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its error log and standard error so far.
+    pub fn log(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!("{}{}", read("error.log"), read("stderr"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers (SIGKILL would orphan
+        // them, still listening).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
