@@ -45,9 +45,11 @@ pub struct FailoverReport {
     /// Takeover times (seconds from the leader's outage until another
     /// server answered as leader at the next term), one per leader outage.
     pub takeovers_s: Vec<f64>,
-    /// Completed rounds missing after an outage, summed (target 0).
+    /// Rounds the leader announced as completed before an outage and
+    /// missing from the database after it, summed (target 0).
     pub rounds_lost: usize,
-    /// Rounds recorded again under a later term (target 0).
+    /// Rounds whose row was written more than once (target 0; seen by an
+    /// audit trigger, since a rewrite overwrites the row).
     pub counted_twice: usize,
     /// Paused ex-leaders that kept running after they were continued
     /// (target 0: each must notice it lost the lease and exit).
@@ -62,21 +64,66 @@ pub struct FailoverReport {
     pub seconds: f64,
 }
 
-/// Every recorded round with the lease term that wrote it.
-fn recorded(url: &str) -> anyhow::Result<BTreeMap<i64, i64>> {
+/// Runs `sql` on the database, on a thread of its own (the blocking
+/// client runs a runtime of its own: not on this one's).
+fn query<T: Send + 'static>(
+    url: &str,
+    sql: &'static str,
+    read: fn(&[postgres::Row]) -> T,
+) -> anyhow::Result<T> {
     let url = url.to_string();
-    // The blocking client runs a runtime of its own: not on this one's.
     std::thread::spawn(move || {
         let mut db = postgres::Client::connect(&url, postgres::NoTls)?;
-        let rows = db.query("SELECT round, term FROM rounds", &[])?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(read(&db.query(sql, &[])?))
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("reading the rounds panicked"))?
+    .map_err(|_| anyhow::anyhow!("a query panicked"))?
 }
 
+/// Every recorded round of the run.
+fn recorded(url: &str) -> anyhow::Result<BTreeMap<i64, i64>> {
+    query(
+        url,
+        "SELECT r.round, r.term FROM rounds r JOIN runs ON runs.id = r.run_id WHERE runs.name = 'chaos'",
+        |rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    )
+}
+
+/// Rounds written more than once (an audit trigger the bench adds keeps
+/// every write of a round's row with its term).
+fn written_twice(url: &str) -> anyhow::Result<usize> {
+    query(
+        url,
+        "SELECT round FROM round_writes GROUP BY round HAVING COUNT(*) > 1",
+        |rows| rows.len(),
+    )
+}
+
+/// Makes every insert or update of a round's row leave a line in
+/// `round_writes`, so a round written again (by a later leader) is seen
+/// even though the row itself is overwritten.
+fn audit_round_writes(url: &str) -> anyhow::Result<()> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls)?;
+        db.batch_execute(AUDIT)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("setting up the audit panicked"))?
+}
+
+/// The audit [`audit_round_writes`] sets up.
+const AUDIT: &str = "CREATE TABLE IF NOT EXISTS round_writes (round BIGINT, term BIGINT, at TIMESTAMPTZ DEFAULT now());
+         CREATE OR REPLACE FUNCTION audit_round() RETURNS trigger AS $$
+         BEGIN INSERT INTO round_writes (round, term) VALUES (NEW.round, NEW.term); RETURN NEW; END
+         $$ LANGUAGE plpgsql;
+         CREATE OR REPLACE TRIGGER audit_round AFTER INSERT OR UPDATE ON rounds
+         FOR EACH ROW EXECUTE FUNCTION audit_round();";
+
 /// `/api/status` of the server on `port`, if it answers within 500 ms (a
-/// paused one does not; a waiting one answers 503, `phase: following`).
+/// paused one does not; a waiting or loading one answers 503, `phase:
+/// following`).
 async fn status(port: u16) -> Option<serde_json::Value> {
     tokio::time::timeout(Duration::from_millis(500), get_json(port, "/api/status"))
         .await
@@ -84,17 +131,29 @@ async fn status(port: u16) -> Option<serde_json::Value> {
         .flatten()
 }
 
-/// The server answering as leader, with its term.
+/// The server answering as leader, with its term (all asked at once).
 async fn leader(ports: &[u16]) -> Option<(usize, i64)> {
-    for (index, &port) in ports.iter().enumerate() {
-        if let Some(status) = status(port).await
-            && status["phase"] != "following"
-            && let Some(term) = status["leader_term"].as_i64()
-        {
-            return Some((index, term));
-        }
-    }
-    None
+    let answers = futures_util::future::join_all(ports.iter().map(|&port| status(port))).await;
+    answers.into_iter().enumerate().find_map(|(index, status)| {
+        let status = status?;
+        (status["phase"] != "following")
+            .then(|| status["leader_term"].as_i64())
+            .flatten()
+            .map(|term| (index, term))
+    })
+}
+
+/// The rounds the server on `port` says it completed.
+async fn announced(port: u16) -> Vec<i64> {
+    let rounds = tokio::time::timeout(Duration::from_millis(500), get_json(port, "/api/rounds"))
+        .await
+        .ok()
+        .flatten();
+    rounds
+        .as_ref()
+        .and_then(|r| r.as_array())
+        .map(|list| list.iter().filter_map(|r| r["round"].as_i64()).collect())
+        .unwrap_or_default()
 }
 
 /// Runs `servers` servers on one throw-away PostgreSQL cluster (or `url`)
@@ -158,6 +217,8 @@ pub async fn failover(
     })
     .await
     .context("the first server never led")?;
+    // The schema exists once the first server leads.
+    audit_round_writes(&url)?;
     for index in 1..servers {
         running.push(spawn(index)?);
     }
@@ -182,13 +243,13 @@ pub async fn failover(
         finished: false,
         seconds: 0.0,
     };
-    let mut first_term: BTreeMap<i64, i64> = BTreeMap::new();
     while report.outages < outages {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..3000))).await;
         let Some((leading, term)) = leader(&ports).await else {
             continue; // Between leaders: the next outage waits for one.
         };
-        let before = recorded(&url)?;
+        // What the leader announced as done: none of it may go missing.
+        let before = announced(ports[leading]).await;
         if before.len() as u32 >= rounds {
             break; // A finished run is not taken out: a restart begins anew.
         }
@@ -237,11 +298,15 @@ pub async fn failover(
         let _ = old.kill();
         old.wait()?;
         running[victim] = spawn(victim)?;
+        // Back as a follower (answering 503) before the next outage.
+        let port = ports[victim];
+        wait_until(Duration::from_secs(60), || async move {
+            status(port).await.is_some()
+        })
+        .await
+        .context("a restarted server never answered")?;
         let after = recorded(&url)?;
-        report.rounds_lost += before.keys().filter(|r| !after.contains_key(r)).count();
-        for (round, term) in after {
-            first_term.entry(round).or_insert(term);
-        }
+        report.rounds_lost += before.iter().filter(|r| !after.contains_key(r)).count();
     }
     let deadline = Instant::now() + Duration::from_secs(60 * 30);
     while Instant::now() < deadline {
@@ -259,12 +324,8 @@ pub async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let last = recorded(&url)?;
-    report.rounds_done = last.len();
-    report.counted_twice = last
-        .iter()
-        .filter(|(round, term)| first_term.get(round).is_some_and(|first| first != *term))
-        .count();
+    report.rounds_done = recorded(&url)?.len();
+    report.counted_twice = written_twice(&url)?;
     for swarm in swarms {
         swarm.abort();
     }

@@ -295,6 +295,13 @@ async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
         s["leader_term"] == 1
     })
     .await;
+    // Every request through nginx reaches the leader: those sent to the
+    // follower first (round robin) are passed on after its 503.
+    for _ in 0..6 {
+        let answer = status(nginx.port()).await.expect("nginx answers");
+        assert_eq!(answer["leader_term"], 1, "{answer}\n{}", nginx.log());
+        assert_ne!(answer["phase"], "following", "{answer}");
+    }
     let swarm = swarm_at(nginx.port());
 
     // Execute: kill the leader once two rounds are done.

@@ -43,13 +43,33 @@ struct Connection {
     incoming: Option<(UpdateSpec, WeightAssembler)>,
 }
 
+/// How often the server pings a client's socket (every client answers by
+/// itself: browsers and WebSocket libraries do).
+pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Serves one WebSocket until it closes, then forgets the client.
 pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let counter = state.clone();
     let sender = tokio::spawn(async move {
-        while let Some(outbound) = rx.recv().await {
+        // A ping now and then: a proxy in front (deploy/nginx.conf) closes
+        // a tunnel that carried nothing for its read timeout, and a client
+        // between rounds may have nothing to say for longer.
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            let outbound = tokio::select! {
+                outbound = rx.recv() => outbound,
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(outbound) = outbound else { break };
             let message = match outbound {
                 Outbound::Text(text) => {
                     counter

@@ -132,13 +132,11 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         true,
     )
     .map_err(anyhow::Error::msg)?;
-    let (train, test) = load_named(&config.dataset, &config.data_dir)
-        .with_context(|| format!("loading {}", config.dataset))?;
-    let data = coordinator::ServerData::prepare(&config, train, test)?;
     let bound = listener.local_addr()?;
     // A server that may have to wait for its run's lease answers 503 on its
-    // port meanwhile (plain HTTP only: a TLS one stays silent), so a load
-    // balancer passes its volunteers on to the leader.
+    // port from now on (while it loads its data too) until it leads (plain
+    // HTTP only: a TLS one stays silent), so a load balancer passes its
+    // volunteers on to the leader.
     let (listener, following) = if config.postgres.is_some() && config.tls.is_none() {
         let socket = listener.into_std()?;
         let answering = TcpListener::from_std(socket.try_clone()?)?;
@@ -147,6 +145,9 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     } else {
         (listener, None)
     };
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    let data = coordinator::ServerData::prepare(&config, train, test)?;
     // The run's row exists before any client can join and be recorded.
     let seen = following.as_ref().map(|f| f.seen.clone());
     let (store, resumed, lease) = open_store(&config, &data.initial.shapes, bound, seen).await?;
