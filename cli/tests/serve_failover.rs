@@ -320,6 +320,14 @@ async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
         |s| s["phase"] == "finished" && s["leader_term"] == 2,
     )
     .await;
+    // Operators see the run's servers: b leading at term 2.
+    wait_on(nginx.port(), &logs, "b listed as the leader", |s| {
+        s["servers"].as_array().is_some_and(|list| {
+            list.iter()
+                .any(|server| server["role"] == "leading" && server["term"] == 2)
+        })
+    })
+    .await;
     swarm.abort();
     let (rounds, term) = recorded(&url);
     assert_eq!(term, 2);

@@ -55,6 +55,11 @@ pub struct StatusBody {
     /// first leader, one more at each takeover (PostgreSQL stores only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader_term: Option<i64>,
+    /// The servers sharing the run, the leader and those waiting to take
+    /// over, with their roles and how long ago each said so (PostgreSQL
+    /// stores only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub servers: Option<Vec<crate::store::lease::ServerSeen>>,
     /// `sync` rounds or the `async` mode (then a round is a global version).
     pub mode: String,
     /// What volunteers' reports reveal: the label epsilon per count
@@ -174,6 +179,7 @@ pub fn status_body(state: &AppState) -> StatusBody {
         strategy: status.strategy,
         scheduler: state.config.settings.rescheduling.scheduler.to_string(),
         leader_term: state.lease.as_ref().map(crate::store::Lease::term),
+        servers: state.lease.as_ref().map(crate::store::Lease::servers),
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

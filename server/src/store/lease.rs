@@ -85,6 +85,48 @@ pub struct Holder {
     pub expires_in_s: f64,
 }
 
+/// A server of a run as the servers table last saw it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ServerSeen {
+    /// Its name (its process and address).
+    pub name: String,
+    /// `leading` or `following`.
+    pub role: String,
+    /// The term it leads at (leaders only).
+    pub term: Option<i64>,
+    /// Seconds since it last said so.
+    pub seen_s_ago: f64,
+}
+
+/// Records that `name` is `role` (at `term`) in `run`'s servers table and
+/// answers the servers seen in the last minute, by name.
+fn seen(
+    client: &mut Client,
+    run: &str,
+    name: &str,
+    (role, term): (&str, Option<i64>),
+) -> Result<Vec<ServerSeen>, StoreError> {
+    client.execute(
+        "INSERT INTO servers (run, name, role, term, seen_at) VALUES ($1, $2, $3, $4, now())
+         ON CONFLICT (run, name) DO UPDATE SET role = EXCLUDED.role, term = EXCLUDED.term, seen_at = now()",
+        &[&run, &name, &role, &term],
+    )?;
+    Ok(client
+        .query(
+            "SELECT name, role, term, EXTRACT(EPOCH FROM now() - seen_at)::float8 FROM servers
+             WHERE run = $1 AND seen_at > now() - interval '1 minute' ORDER BY name",
+            &[&run],
+        )?
+        .iter()
+        .map(|row| ServerSeen {
+            name: row.get(0),
+            role: row.get(1),
+            term: row.get(2),
+            seen_s_ago: row.get::<_, f64>(3).max(0.0),
+        })
+        .collect())
+}
+
 /// A held lease; dropping it releases it (its connection closes).
 pub struct Lease {
     run: String,
@@ -98,6 +140,8 @@ pub struct Lease {
     /// How long a renewal may be missing before the leader counts the
     /// lease lost: two thirds of the time to live.
     patience: Duration,
+    /// The run's servers as the last renewal saw them.
+    servers: Arc<std::sync::Mutex<Vec<ServerSeen>>>,
     /// Dropped with the lease, which ends the renewing thread.
     _stop: mpsc::Sender<()>,
 }
@@ -137,6 +181,8 @@ impl Lease {
             if let Some(current) = cut_off_stale(&mut client, run)? {
                 waiting(&current);
             }
+            // Operators see the waiting servers too (the leader lists them).
+            seen(&mut client, run, holder, ("following", None))?;
             std::thread::sleep(settings.poll);
         };
         let (term, taken) = term;
@@ -147,6 +193,8 @@ impl Lease {
         let renewed = renewed_ms.clone();
         let (stop, stopped) = mpsc::channel::<()>();
         let (run_name, every) = (run.to_string(), settings.ttl / 3);
+        let servers = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (listed, name) = (servers.clone(), holder.to_string());
         std::thread::Builder::new()
             .name("astraea-lease".into())
             .spawn(move || {
@@ -164,6 +212,12 @@ impl Lease {
                     );
                     if matches!(renewal, Ok(1)) {
                         renewed.fetch_max(sent, Ordering::Relaxed);
+                        // Bookkeeping: a failure here is not a lost lease.
+                        if let Ok(now) =
+                            seen(&mut client, &run_name, &name, ("leading", Some(term)))
+                        {
+                            *crate::state::lock(&listed) = now;
+                        }
                     } else {
                         tracing::error!(
                             run = %run_name,
@@ -191,8 +245,15 @@ impl Lease {
             taken,
             renewed_ms,
             patience: settings.ttl * 2 / 3,
+            servers,
             _stop: stop,
         })
+    }
+
+    /// The run's servers, the leader and those waiting, as the last
+    /// renewal saw them (seen in the last minute).
+    pub fn servers(&self) -> Vec<ServerSeen> {
+        crate::state::lock(&self.servers).clone()
     }
 
     /// The run this lease is on.

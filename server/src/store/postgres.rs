@@ -109,6 +109,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
         holder_pid INTEGER NOT NULL,
         holder_started TIMESTAMPTZ,
         expires_at TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE servers (
+        run TEXT NOT NULL,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        term BIGINT,
+        seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (run, name)
     );"];
 
 /// The advisory lock (transaction-level) under which migrations run; the
@@ -974,6 +982,28 @@ mod tests {
                 .any(|h| h.name == "paused" && h.term == 1)
         );
         assert!(paused.execute("SELECT 1", &[]).is_err());
+    }
+
+    #[test]
+    fn the_leader_lists_the_servers_of_its_run_with_their_roles() {
+        let (_cluster, url) = cluster();
+        drop(PgStore::connect(&url).unwrap());
+        let leader = Lease::acquire(&url, "run", "a", fast(), |_| {}).unwrap();
+        let follower = would_be_leader(&url, "b");
+        eventually(Duration::from_secs(5), "both servers listed", || {
+            leader.servers().len() == 2
+        });
+        let servers = leader.servers();
+        assert_eq!(
+            servers
+                .iter()
+                .map(|s| (s.name.as_str(), s.role.as_str(), s.term))
+                .collect::<Vec<_>>(),
+            vec![("a", "leading", Some(1)), ("b", "following", None)]
+        );
+        assert!(servers.iter().all(|s| s.seen_s_ago < 2.0), "{servers:?}");
+        drop(leader);
+        assert_eq!(follower.join().unwrap().term(), 2);
     }
 
     #[test]
