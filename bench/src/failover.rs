@@ -156,20 +156,40 @@ async fn announced(port: u16) -> Vec<i64> {
         .unwrap_or_default()
 }
 
+/// A failover run's settings.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    /// Servers sharing the run (at least 2).
+    pub servers: usize,
+    /// Outages to deliver.
+    pub outages: usize,
+    /// Rounds of the run.
+    pub rounds: u32,
+    /// How a server is taken out.
+    pub outage: Outage,
+    /// Seed of the outages' times and victims.
+    pub seed: u64,
+    /// A database to use instead of a throw-away cluster.
+    pub url: Option<String>,
+    /// How the shards are cut (`--partition`).
+    pub partition: String,
+}
+
 /// Runs `servers` servers on one throw-away PostgreSQL cluster (or `url`)
 /// and takes one out `outages` times at random moments (0.3 to 3 s apart,
 /// seeded), then lets the run of `rounds` rounds finish. Each server has
-/// [`CLIENTS`] native clients of its own (a waiting server's wait in its
-/// listen queue).
-pub async fn failover(
-    data_dir: PathBuf,
-    servers: usize,
-    outages: usize,
-    rounds: u32,
-    outage: Outage,
-    seed: u64,
-    url: Option<String>,
-) -> anyhow::Result<FailoverReport> {
+/// [`CLIENTS`] native clients of its own (a waiting server's answer 503
+/// and they retry).
+pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<FailoverReport> {
+    let Failover {
+        servers,
+        outages,
+        rounds,
+        outage,
+        seed,
+        url,
+        partition,
+    } = settings;
     if servers < 2 {
         bail!("a failover needs at least 2 servers");
     }
@@ -195,15 +215,12 @@ pub async fn failover(
         })
         .collect::<anyhow::Result<_>>()?;
     let spawn = |index: usize| {
-        // IID shards, and rounds go on with two of the six: on long-tailed
-        // shards the update guard turned honest clients away after many
-        // takeovers (a client joins the new leader afresh and may be given
-        // another shard; its update then moved the weights over 10x late
-        // rounds' median), and such a client does not come back, so the
-        // run stalled for want of clients, which is not what this measures.
+        // Rounds go on with two of the six: the update guard may turn an
+        // honest client away for good, and the run would stall for want
+        // of clients, which is not what this measures.
         spawn_server_keeping(
             ports[index],
-            (rounds, 2, "iid"),
+            (rounds, 2, &partition),
             &data_dir,
             &work,
             Keep::Postgres(&url),

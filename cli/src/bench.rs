@@ -50,6 +50,10 @@ pub(crate) enum BenchCommand {
         /// A PostgreSQL database to use instead of a throw-away cluster.
         #[arg(long)]
         store: Option<String>,
+        /// How the shards are cut (--servers only; the single-server run
+        /// uses long-tail:10).
+        #[arg(long, default_value = "iid")]
+        partition: String,
         /// Rounds of the run (more than the kills leave room to finish).
         #[arg(long, default_value_t = 80)]
         rounds: u32,
@@ -296,13 +300,23 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             servers,
             pause,
             store,
+            partition,
             rounds,
             seed,
             data_dir,
         } if servers > 1 => {
-            use astraea_bench::failover::{Outage, failover};
+            use astraea_bench::failover::{Failover, Outage, failover};
             let outage = if pause { Outage::Pause } else { Outage::Kill };
-            let r = failover(data_dir, servers, kills, rounds, outage, seed, store).await?;
+            let settings = Failover {
+                servers,
+                outages: kills,
+                rounds,
+                outage,
+                seed,
+                url: store,
+                partition,
+            };
+            let r = failover(data_dir, settings).await?;
             let mut takeovers = r.takeovers_s.clone();
             takeovers.sort_by(f64::total_cmp);
             let at = |q: f64| {
