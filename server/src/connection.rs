@@ -158,6 +158,12 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
         // refused: a refused client is forgotten, as the simulator drops
         // it for the run (it may join again, as a stranger). Its hop (if
         // any) is skipped at once as the pending reply is dropped.
+        if refused {
+            // A refused client's token brings nothing back from the run's
+            // store either, whichever server it tries next (forgotten
+            // before the client is, so no rejoin can come between).
+            state.record(|store, run| store.forget_token(run, id));
+        }
         let left = {
             let mut clients = state.clients();
             // Taken over by a resuming connection: the client is not ours.

@@ -91,10 +91,26 @@ async fn samples_beyond_what_a_client_reported_buy_no_weight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_client_does_not_come_back_as_itself() {
+    refused_and_back(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_does_not_come_back_as_itself_from_the_runs_store() {
+    // The same with a store, which keeps tokens so that clients resume on
+    // the next server: a refused client's token is forgotten there too.
+    let dir = std::env::temp_dir().join(format!("astraea-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    refused_and_back(Some(dir.clone())).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn refused_and_back(state_dir: Option<std::path::PathBuf>) {
     // The bug: a refused client's entry was kept for resumption like a
     // departed one's, so its token brought back its id, counts and standing
     // (the simulator drops a refused client for the run).
-    let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
+    let mut settings = config(StrategyKind::FedAvg, 50, 1);
+    settings.state_dir = state_dir;
+    let (running, address) = start(settings).await;
     let (mut refused, token) = support::join_with_token(&address).await;
     let id = *running.state.clients().keys().next().expect("joined");
     let update = ClientMessage::Update(UpdateSpec {

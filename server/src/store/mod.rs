@@ -219,6 +219,10 @@ pub trait RunStore: Send + std::fmt::Debug {
     /// on whichever server leads the run next).
     fn client_joined(&mut self, run_id: i64, client: &Joined<'_>) -> Result<(), StoreError>;
 
+    /// Forgets client `client_id`'s resume token (a refused client: its
+    /// token must not bring it back, on this server or another).
+    fn forget_token(&mut self, run_id: i64, client_id: u64) -> Result<(), StoreError>;
+
     /// The client of run `run_id` whose resume token is `token`: its id
     /// and whether it trains a demo shard; `None` for a token the run
     /// never gave.

@@ -88,7 +88,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
         run_id BIGINT NOT NULL REFERENCES runs(id),
         client_id BIGINT NOT NULL,
         backend TEXT NOT NULL,
-        token_hash TEXT NOT NULL,
+        token_hash TEXT,
         demo BOOLEAN NOT NULL,
         joined_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         left_at TIMESTAMPTZ
@@ -551,6 +551,17 @@ impl RunStore for PgStore {
             tx.execute(
                 "INSERT INTO clients (run_id, client_id, backend, token_hash, demo) VALUES ($1, $2, $3, $4, $5)",
                 &[&run_id, &id, &backend, &hash, &demo],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn forget_token(&mut self, run_id: i64, client_id: u64) -> Result<(), StoreError> {
+        let id = to_i64(client_id);
+        self.fenced(move |tx| {
+            tx.execute(
+                "UPDATE clients SET token_hash = NULL WHERE run_id = $1 AND client_id = $2",
+                &[&run_id, &id],
             )?;
             Ok(())
         })

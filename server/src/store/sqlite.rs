@@ -330,6 +330,14 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
+    fn forget_token(&mut self, run_id: i64, client_id: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE clients SET token_hash = NULL WHERE run_id = ?1 AND client_id = ?2",
+            params![run_id, client_id as i64],
+        )?;
+        Ok(())
+    }
+
     fn client_by_token(
         &mut self,
         run_id: i64,
