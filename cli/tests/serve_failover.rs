@@ -179,10 +179,10 @@ fn recorded_now(url: &str) -> (Vec<(i64, i64)>, i64) {
     (rounds, term)
 }
 
-/// The leader (a) is taken out by `signal` once two rounds are done; the
-/// follower (b) must finish the run. Answers the follower's takeover time.
-async fn fail_over(signal: &str) {
-    // Prepare: a database, a leader with its clients, a follower with its.
+/// A throw-away database with two servers on one run: `a` leading (term
+/// 1), `b` waiting to take over. Dropped in reverse order: the servers go
+/// before the cluster.
+async fn leader_and_follower() -> (PgCluster, String, Server, Server) {
     let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
     let url = cluster.create_database("astraea").unwrap();
     let dir = cluster.dir().join("servers");
@@ -195,6 +195,14 @@ async fn fail_over(signal: &str) {
         assert!(Instant::now() < deadline, "b never waited:\n{}", b.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (cluster, url, a, b)
+}
+
+/// The leader (a) is taken out by `signal` once two rounds are done; the
+/// follower (b) must finish the run. Answers the follower's takeover time.
+async fn fail_over(signal: &str) {
+    // Prepare: a database, a leader with its clients, a follower with its.
+    let (_cluster, url, a, b) = leader_and_follower().await;
     let swarms = [swarm_for(&a), swarm_for(&b)];
 
     // Execute: take the leader out after two completed rounds.
@@ -262,18 +270,7 @@ async fn a_paused_leader_is_replaced_and_when_it_wakes_it_writes_nothing_and_sto
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
     // Prepare: two servers on one run behind nginx, one swarm through it.
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
-    let a = spawn_server(&url, &dir, "a");
-    wait_for(&a, "the first server to lead", |s| s["leader_term"] == 1).await;
-    let b = spawn_server(&url, &dir, "b");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !b.log().contains("waiting to take over") {
-        assert!(Instant::now() < deadline, "b never waited:\n{}", b.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_cluster, url, a, b) = leader_and_follower().await;
     let nginx = Nginx::start(&[b.port, a.port]).unwrap_or_else(|e| panic!("{e}"));
     // The follower answers 503 and says who leads; through nginx (which
     // tries the follower first) the leader answers.

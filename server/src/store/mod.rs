@@ -203,7 +203,8 @@ pub trait RunStore: Send + std::fmt::Debug {
         kept: &RoundState<'_>,
     ) -> Result<(), StoreError>;
 
-    /// Marks the run finished, so a restart begins a new one.
+    /// Marks the run finished: a restart of the one server that keeps it
+    /// begins a new one; a shared store refuses its name from then on.
     fn finish(&mut self, run_id: i64) -> Result<(), StoreError>;
 
     /// Records an event (a skip, a rejection, a resume).

@@ -721,16 +721,7 @@ mod tests {
         // its lease session also paused and expired after 1 s.
         let (_cluster, url) = cluster();
         drop(PgStore::connect(&url).unwrap());
-        let mut lease_session = postgres::Client::connect(&url, NoTls).unwrap();
-        lease_session
-            .batch_execute(&format!(
-                "SELECT pg_advisory_lock({});
-                 INSERT INTO leases (run, term, holder, holder_pid, holder_started, expires_at)
-                 SELECT 'run', 1, 'paused', pid, backend_start, now() + interval '1 second'
-                   FROM pg_stat_activity WHERE pid = pg_backend_pid();",
-                super::super::lease::lease_key("run")
-            ))
-            .unwrap();
+        let _lease_session = paused_leader(&url); // held: the session keeps the lock
         let mut store_session = open(&url, "astraea-store", STORE_SESSION).unwrap();
         store_session
             .batch_execute("BEGIN; SELECT term FROM leases WHERE run = 'run' FOR SHARE;")
@@ -951,13 +942,11 @@ mod tests {
         assert_eq!(new_store.count("rounds", run.run_id).unwrap(), 2);
     }
 
-    #[test]
-    fn a_paused_leader_is_cut_off_once_its_lease_expires_and_only_then() {
-        // Prepare: a "paused" leader, as the database sees one: a session
-        // that took the lock and the lease (term 1) and then says nothing.
-        let (_cluster, url) = cluster();
-        drop(PgStore::connect(&url).unwrap());
-        let mut paused = postgres::Client::connect(&url, NoTls).unwrap();
+    /// A "paused" leader of run `run`, as the database sees one: a session
+    /// that took the lock and the lease (term 1, expiring in 1 s) and then
+    /// says nothing.
+    fn paused_leader(url: &str) -> postgres::Client {
+        let mut paused = postgres::Client::connect(url, NoTls).unwrap();
         paused
             .batch_execute(&format!(
                 "SELECT pg_advisory_lock({});
@@ -967,6 +956,16 @@ mod tests {
                 super::super::lease::lease_key("run")
             ))
             .unwrap();
+        paused
+    }
+
+    #[test]
+    fn a_paused_leader_is_cut_off_once_its_lease_expires_and_only_then() {
+        // Prepare: a "paused" leader, as the database sees one: a session
+        // that took the lock and the lease (term 1) and then says nothing.
+        let (_cluster, url) = cluster();
+        drop(PgStore::connect(&url).unwrap());
+        let mut paused = paused_leader(&url);
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Holder>::new()));
 
         // Execute
