@@ -25,6 +25,8 @@
 //!   was sent (bounds, distance relative to the model, recent median).
 //! - [`validation`]: the guard's loss rule: a hop may not raise the loss
 //!   on the server's validation samples by more than a tolerance (Zeno).
+//! - [`settled`]: the median both rules judge a round's hops against,
+//!   moved between rounds only.
 //! - [`privacy`]: label counts under local differential privacy (OpenDP's
 //!   discrete Laplace) and the Rényi DP accountant of the model's noise.
 //! - [`secagg`]: secure aggregation of the mediators' results (pairwise
@@ -54,6 +56,7 @@ pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod secagg;
+pub mod settled;
 pub mod strategy;
 pub mod train;
 pub mod validation;

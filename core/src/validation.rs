@@ -29,13 +29,13 @@
 //! does from the global model) the median follows them, so the rule
 //! refuses what stands out from the hops around it, not honest drift.
 
-use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use burn::prelude::*;
 
 use crate::data::Dataset;
 use crate::model::ModelConfig;
+use crate::settled::SettledWindow;
 use crate::train::Samples;
 use crate::weights::{ParamShape, Weights, WeightsError};
 
@@ -72,24 +72,6 @@ const WINDOW: usize = 100;
 /// Hops judged before the baseline counts (0 until then).
 const MIN_HISTORY: usize = 5;
 
-/// The loss changes the baseline is the median of.
-#[derive(Debug, Default)]
-struct Window {
-    /// Changes of the last [`WINDOW`] hops of settled rounds, oldest first.
-    settled: VecDeque<f64>,
-    /// Changes of the hops judged since the last settle.
-    pending: Vec<f64>,
-    /// The median of `settled` (at least 0), or 0 under [`MIN_HISTORY`].
-    baseline: f64,
-}
-
-/// An order of a round's changes that depends on their values only, and
-/// not on their size (so the oldest round's evicted first are not its
-/// smallest): their bits, scrambled.
-fn settle_key(change: f64) -> u64 {
-    change.to_bits().wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 /// The server's validation samples and the rule's tolerance.
 #[derive(Debug)]
 pub struct LossCheck {
@@ -97,8 +79,9 @@ pub struct LossCheck {
     images: Vec<f32>,
     labels: Vec<u32>,
     max_increase: f64,
-    /// Loss changes of the hops judged, refused or not, and the baseline.
-    recent: Mutex<Window>,
+    /// Loss changes of the hops judged, refused or not: the baseline is
+    /// their median (at least 0; 0 under [`MIN_HISTORY`] settled).
+    recent: Mutex<SettledWindow>,
     /// The last weights a hop was sent and their loss
     /// ([`LossCheck::sent_loss`]).
     last_sent: Mutex<Option<(Vec<f32>, f64)>>,
@@ -127,7 +110,7 @@ impl LossCheck {
             } else {
                 0.0
             },
-            recent: Mutex::new(Window::default()),
+            recent: Mutex::new(SettledWindow::new(WINDOW, MIN_HISTORY)),
             last_sent: Mutex::new(None),
             evaluator: crate::batched::BatchedModel::new(&model_config, &Device::flex()),
         }
@@ -209,11 +192,9 @@ impl LossCheck {
             return Ok(());
         }
         let mut window = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let baseline = window.baseline;
+        let baseline = window.median().unwrap_or(0.0).max(0.0);
         let change = after - before;
-        if change.is_finite() {
-            window.pending.push(change);
-        }
+        window.push(change);
         let refused =
             !after.is_finite() || (before.is_finite() && change > baseline + self.max_increase);
         if refused {
@@ -233,22 +214,10 @@ impl LossCheck {
     /// oldest beyond [`WINDOW`] leave it, and the baseline becomes the
     /// window's median (at least 0; 0 under [`MIN_HISTORY`] changes).
     pub fn settle(&self) {
-        let mut window = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let mut pending = std::mem::take(&mut window.pending);
-        pending.sort_by_key(|&change| settle_key(change));
-        for change in pending {
-            if window.settled.len() == WINDOW {
-                window.settled.pop_front();
-            }
-            window.settled.push_back(change);
-        }
-        window.baseline = if window.settled.len() >= MIN_HISTORY {
-            let mut sorted: Vec<f64> = window.settled.iter().copied().collect();
-            sorted.sort_by(f64::total_cmp);
-            sorted[sorted.len() / 2].max(0.0)
-        } else {
-            0.0
-        };
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settle();
     }
 }
 
