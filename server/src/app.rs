@@ -241,6 +241,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.loss_refusals.load(Ordering::Relaxed) as f64,
     );
     metric(
+        "astraea_outlier_refusals_total",
+        "counter",
+        "Hops refused for moving the model over 10x the median of recent hops.",
+        state.outlier_refusals.load(Ordering::Relaxed) as f64,
+    );
+    metric(
         "astraea_dropped_rounds_total",
         "counter",
         "Rounds whose aggregate was refused; the previous model was kept.",

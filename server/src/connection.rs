@@ -17,7 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::state::{
-    AppState, ClientEntry, HopReply, MAX_PARKED, Outbound, Parked, RESUME_WINDOW, lock,
+    AppState, ClientEntry, HopAnswer, HopReply, MAX_PARKED, Outbound, Parked, RESUME_WINDOW, lock,
     new_resume_token,
 };
 
@@ -805,19 +805,39 @@ impl Connection {
         let checked = if pending.masked {
             Ok(())
         } else {
-            lock(&self.state.guard)
-                .check(&pending.sent, &weights)
-                .map(drop)
+            self.state.guard.check(&pending.sent, &weights).map(drop)
         };
-        if let Err(refusal) = checked {
-            // Dropping `pending` fails the hop at once; the chain goes on.
-            // Non-finite values never get here (the frame checks refuse
-            // them as `non-finite`); a finite value past the bound, a move
-            // too far for the model, or far above the median is an outlier.
-            let code = ErrorCode::Outlier;
-            let reason = format!("update rejected: {refusal}");
-            self.acknowledge(&update, AckOutcome::Refused, Some(reason.clone()));
-            return Err(refuse(code, reason));
+        let answer = match checked {
+            Ok(()) => None,
+            // Far above the median of recent hops: the hop is refused (the
+            // chain acknowledges it) and the client kept.
+            Err(refusal) if !refusal.drops_client() => {
+                self.state.outlier_refusals.fetch_add(1, Ordering::Relaxed);
+                Some(HopAnswer::Refused(format!("update rejected: {refusal}")))
+            }
+            Err(refusal) => {
+                // Dropping `pending` fails the hop at once; the chain goes
+                // on. Non-finite values never get here (the frame checks
+                // refuse them as `non-finite`); a finite value past the
+                // bound or a move too far for the model is an outlier.
+                let code = ErrorCode::Outlier;
+                let reason = format!("update rejected: {refusal}");
+                self.acknowledge(&update, AckOutcome::Refused, Some(reason.clone()));
+                return Err(refuse(code, reason));
+            }
+        };
+        if let Some(refused) = answer {
+            let given_up = pending.reply.send(refused).is_err();
+            drop(clients);
+            if given_up {
+                self.state.stale_updates.fetch_add(1, Ordering::Relaxed);
+                self.acknowledge(
+                    &update,
+                    AckOutcome::Stale,
+                    Some("the hop was given up as it arrived".into()),
+                );
+            }
+            return Ok(true);
         }
         entry.hops_done = entry.hops_done.saturating_add(1);
         let trained = update
@@ -832,11 +852,11 @@ impl Connection {
         // makes it stale.
         let given_up = pending
             .reply
-            .send(HopReply {
+            .send(HopAnswer::Update(HopReply {
                 weights,
                 samples: update.samples,
                 loss: update.loss,
-            })
+            }))
             .is_err();
         drop(clients);
         if given_up {

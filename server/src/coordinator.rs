@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 use crate::config::ServeConfig;
 use crate::secure::SecureRound;
 use crate::state::{
-    AppState, HopReply, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
+    AppState, HopAnswer, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
 };
 use astraea_core::metrics::RoundRecord;
 
@@ -171,7 +171,7 @@ pub fn restore(
             tracing::info!("{detail}");
             state.record(|store, run| store.event(run, Some(last.round as u32), "resume", &detail));
         }
-        lock(&state.guard).restore(&resumed.guard);
+        state.guard.restore(&resumed.guard);
         let mut status = state.status();
         resume.planned = resumed.plan.is_some();
         status.plan = resumed.plan;
@@ -366,7 +366,7 @@ async fn close_round(
         (results, failures),
         privacy.as_mut().map(|(p, largest)| (p, *largest)),
         secured,
-        state.loss_check.as_deref(),
+        (&state.guard, state.loss_check.as_deref()),
         &mut StdRng::from_os_rng(),
     );
     if let Some((privacy, _)) = privacy {
@@ -437,7 +437,7 @@ async fn close_round(
         };
         (status.skipped_hops, mediators)
     };
-    let guard = lock(&state.guard).history();
+    let guard = state.guard.history();
     let checkpoint = state.model_card(round, Some(eval.accuracy)).export(global);
     let (accountant, model_clip) = lock(&state.privacy)
         .as_ref()
@@ -1074,7 +1074,9 @@ async fn run_chain(
         }
         let sent_at = Instant::now();
         let effects = match run_hop(&state, member, task, &hop.weights).await {
-            Ok(reply) => {
+            // Refused by the guard's outlier rule: the client stays.
+            Ok(HopAnswer::Refused(reason)) => walk.refused(hop.ordinal, reason),
+            Ok(HopAnswer::Update(reply)) => {
                 // The server's own timing of the hop, transfer included:
                 // the speed its next deadline comes from.
                 let work = reply.samples.saturating_mul(state.config.epochs as u64);
@@ -1153,7 +1155,8 @@ fn carry_out(
                 );
                 tracing::warn!(client = member, round, hop, "hop refused: {reason}");
                 let detail = format!("client {member} hop {hop}: {reason}");
-                state.record(|store, run| store.event(run, Some(round), "loss-refusal", &detail));
+                let kind = if loss_rule { "loss-refusal" } else { "refusal" };
+                state.record(|store, run| store.event(run, Some(round), kind, &detail));
             }
             Effect::Discarded { member, ordinal } => {
                 send_ack(
@@ -1228,7 +1231,7 @@ async fn run_hop(
     client: u64,
     mut task: TaskSpec,
     weights: &[f32],
-) -> Result<HopReply, String> {
+) -> Result<HopAnswer, String> {
     let frames = encode_chunks(
         task.round,
         task.hop,

@@ -45,6 +45,16 @@ pub struct HopReply {
     pub loss: f64,
 }
 
+/// What arrived for a hop: its update, or why the guard's outlier rule
+/// refused it while keeping its client (`guard::GuardRefusal::drops_client`).
+#[derive(Debug)]
+pub enum HopAnswer {
+    /// An update that passed the guard.
+    Update(HopReply),
+    /// Refused by the guard's rule 3, for this reason (the `ack` reason).
+    Refused(String),
+}
+
 /// A hop the coordinator is waiting for.
 #[derive(Debug)]
 pub struct Pending {
@@ -53,7 +63,7 @@ pub struct Pending {
     /// Hop of the task.
     pub hop: u32,
     /// Where the reply goes.
-    pub reply: oneshot::Sender<HopReply>,
+    pub reply: oneshot::Sender<HopAnswer>,
     /// The weights sent, to measure how far the update moved them.
     pub sent: std::sync::Arc<Vec<f32>>,
     /// The client's last sign of life during the hop: the task sent, then
@@ -344,6 +354,9 @@ pub struct AppState {
     /// Hops refused by the guard's loss rule (acknowledged refused; the
     /// client stays, the chain goes on without its hop).
     pub loss_refusals: AtomicU64,
+    /// Hops refused by the guard's outlier rule (rule 3: far above the
+    /// median of recent hops; acknowledged refused, the client stays).
+    pub outlier_refusals: AtomicU64,
     /// Asynchronous groups' results refused as too stale for the buffer
     /// (their hops had been acknowledged as taken into their chain).
     pub stale_results: AtomicU64,
@@ -374,7 +387,7 @@ pub struct AppState {
     pub run_id: AtomicU64,
     /// Judges every update against the weights it was sent; its history
     /// is saved with each completed round.
-    pub guard: Mutex<crate::guard::UpdateGuard>,
+    pub guard: crate::guard::UpdateGuard,
     /// Client-level DP on the model (`ServeConfig::model_privacy`): the
     /// mechanism, the budget, the clip of the next round (`--dp-clip`, or
     /// where adaptive clipping moved it) and the privacy spent so far;
@@ -455,12 +468,13 @@ impl AppState {
             train_samples: AtomicU64::new(0),
             training: Mutex::new(std::time::Duration::ZERO),
             loss_refusals: AtomicU64::new(0),
+            outlier_refusals: AtomicU64::new(0),
             loss_check: None,
             parked: Mutex::new(std::collections::HashMap::new()),
             dropped_rounds: AtomicU64::new(0),
             store: store.map(Mutex::new),
             run_id: AtomicU64::new(0),
-            guard: Mutex::new(guard),
+            guard,
             global: Mutex::new(None),
             control: Mutex::new(Control::default()),
             tunable: Mutex::new(tunable),

@@ -262,21 +262,31 @@ async fn a_client_killed_in_the_middle_of_a_chain_is_skipped_and_the_round_compl
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on() {
-    // Prepare: five honest clients and one that answers round 1 by echoing
-    // the weights and round 2 by pushing them 100 away in every coordinate.
-    let (running, address) = start(config(StrategyKind::FedAvg, 6, 2)).await;
-    let swarm = tokio::spawn(run_swarm(5, options(&address)));
-    let mut hostile = join(&address).await;
-    let params = running.state.model.params;
+/// What a hostile client saw until its socket ended or `rounds` rounds
+/// of tasks were answered: the rounds it was given tasks in, the reasons
+/// of its `refused` acks, and the error frame that ended it, if any.
+#[derive(Debug, Default)]
+struct Seen {
+    task_rounds: Vec<u32>,
+    refusals: Vec<String>,
+    error: Option<ServerMessage>,
+}
 
-    // Execute
-    let mut outcome = None;
+/// Answers every task on `hostile` with the weights it was sent, changed by
+/// `tamper(round, values)`, until an error frame, the socket's end, or the
+/// end of the run's last round (`rounds`).
+async fn answer_tasks(
+    hostile: &mut support::Socket,
+    params: usize,
+    rounds: u32,
+    tamper: impl Fn(u32, &mut [f32]),
+) -> Seen {
+    let mut seen = Seen::default();
     while let Some(Ok(frame)) = hostile.next().await {
         let Message::Text(text) = frame else { continue };
         match ServerMessage::from_json(&text).unwrap() {
             ServerMessage::Task(task) => {
+                seen.task_rounds.push(task.round);
                 let mut values = Vec::with_capacity(params);
                 let mut assembler = astraea_core::protocol::WeightAssembler::new(
                     task.round,
@@ -294,9 +304,7 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
                         values = done;
                     }
                 }
-                if task.round == 2 {
-                    values.iter_mut().for_each(|v| *v += 100.0);
-                }
+                tamper(task.round, &mut values);
                 let frames = encode_chunks(
                     task.round,
                     task.hop,
@@ -313,18 +321,43 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
                     encoding: WeightEncoding::F32,
                     chunks: frames.len() as u32,
                 });
-                send(&mut hostile, &update).await;
+                send(hostile, &update).await;
                 for frame in frames {
                     hostile.send(Message::Binary(frame.into())).await.unwrap();
                 }
             }
+            ServerMessage::Ack {
+                outcome: astraea_core::protocol::AckOutcome::Refused,
+                reason,
+                ..
+            } => seen.refusals.push(reason.unwrap_or_default()),
+            ServerMessage::RoundDone { round, .. } if round == rounds => break,
             error @ ServerMessage::Error { .. } => {
-                outcome = Some(error);
+                seen.error = Some(error);
                 break;
             }
             _ => {}
         }
     }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on() {
+    // Prepare: five honest clients and one that answers round 1 by echoing
+    // the weights and round 2 by pushing them 100 away in every coordinate.
+    let (running, address) = start(config(StrategyKind::FedAvg, 6, 2)).await;
+    let swarm = tokio::spawn(run_swarm(5, options(&address)));
+    let mut hostile = join(&address).await;
+    let params = running.state.model.params;
+
+    // Execute
+    let seen = answer_tasks(&mut hostile, params, 2, |round, values| {
+        if round == 2 {
+            values.iter_mut().for_each(|v| *v += 100.0);
+        }
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(120), running.coordinator)
         .await
         .expect("round 2 completes without the hostile update")
@@ -333,8 +366,8 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
     swarm.abort();
 
     // Assert
-    let Some(ServerMessage::Error { code, message }) = outcome else {
-        panic!("no error frame")
+    let Some(ServerMessage::Error { code, message }) = seen.error else {
+        panic!("no error frame: {seen:?}")
     };
     assert_eq!(code, astraea_core::protocol::ErrorCode::Outlier);
     assert!(message.contains("moved the weights"), "{message}");
@@ -353,6 +386,60 @@ async fn an_update_far_larger_than_the_others_is_refused_and_the_round_goes_on()
         history[1].loss < 10.0,
         "the global model stayed sane: {history:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_far_above_the_median_of_recent_hops_is_refused_and_its_client_stays() {
+    // Prepare: five honest clients and one that answers round 1 honestly
+    // sized (the weights echoed) and every later round by moving the
+    // weights 20x the median of the hops before (within the guard's bound
+    // of 2x their norm). An honest client on skewed data can stand out
+    // like this; it was dropped for good.
+    let (running, address) = start(config(StrategyKind::FedAvg, 6, 3)).await;
+    let swarm = tokio::spawn(run_swarm(5, options(&address)));
+    let mut hostile = join(&address).await;
+    let params = running.state.model.params;
+    let state = running.state.clone();
+
+    // Execute
+    let seen = answer_tasks(&mut hostile, params, 3, |round, values| {
+        if round >= 2 {
+            let mut history = state.guard.history();
+            history.sort_by(f64::total_cmp);
+            let median = history[history.len() / 2];
+            let distance = (20.0 * median).min(astraea_core::guard::l2_norm(values));
+            let step = (distance / (values.len() as f64).sqrt()) as f32;
+            values.iter_mut().for_each(|v| *v += step);
+        }
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(120), running.coordinator)
+        .await
+        .expect("the run completes")
+        .unwrap()
+        .unwrap();
+    swarm.abort();
+
+    // Assert: refused in rounds 2 and 3, never closed, drawn again.
+    assert!(seen.error.is_none(), "{seen:?}");
+    assert_eq!(seen.task_rounds, vec![1, 2, 3], "{seen:?}");
+    assert_eq!(seen.refusals.len(), 2, "{seen:?}");
+    assert!(
+        seen.refusals.iter().all(|r| r.contains("median")),
+        "{seen:?}"
+    );
+    let count =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&running.state.rejections), 0);
+    assert_eq!(count(&running.state.outlier_refusals), 2);
+    let metrics = http_get(&address, "/metrics").await;
+    assert!(
+        metrics.contains("astraea_outlier_refusals_total 2"),
+        "{metrics}"
+    );
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 3);
+    assert!(history[2].loss < 10.0, "{history:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,8 +46,9 @@ pub struct SimConfig {
     /// Share of the K clients that attack, in 0..=1 (seeded choice).
     pub attackers: f64,
     /// The server's update guard and its loss rule: every hop is judged
-    /// as the server would, and a client the guard refuses is dropped for
-    /// the rest of the run.
+    /// as the server would: a client whose update breaks the guard's
+    /// bounds is dropped for the rest of the run; one far above the median
+    /// of recent hops has that hop refused and stays.
     pub guard: GuardSettings,
     /// Who forms the mediators (`--scheduler`; the papers' greedy by
     /// default).

@@ -18,7 +18,7 @@ use astraea_core::engine::seeds::{self, mix};
 use astraea_core::engine::{
     Chain, ChainRules, Closed, Effect, HopTally, Next, RoundPrivacy, SecureChain,
 };
-use astraea_core::guard::UpdateGuard;
+use astraea_core::guard::{GuardRefusal, UpdateGuard};
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::privacy::{HopPrivacy, noisy_counts, planned_counts, private_masked_hop};
@@ -527,7 +527,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
             (&results, &failures),
             state.privacy.as_mut().map(|p| (p, largest)),
             unmasked,
-            setup.defence.loss_check.as_ref(),
+            (&setup.defence.guard, setup.defence.loss_check.as_ref()),
             rng,
         );
         if let (Some(clip), Some(median)) = (clip, norms.get(norms.len() / 2))
@@ -732,7 +732,7 @@ fn async_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> an
             (&made.results, &made.failures),
             None,
             None,
-            setup.defence.loss_check.as_ref(),
+            (&setup.defence.guard, setup.defence.loss_check.as_ref()),
             rng,
         );
         if let Closed::Adopted(values) = closed {
@@ -957,11 +957,25 @@ fn walk_chain(
             claimed = attack.claimed_samples(claimed);
         }
         // The server's checks where the update enters: a claim above the
-        // client's reported samples, or an update the guard refuses (it
-        // cannot read a masked one), drops the client and skips its hop.
-        if claimed > data.len() as u64
-            || (hop.masked.is_none() && !defence.accepts(&sent.values, &next.values))
-        {
+        // client's reported samples, or an update past the guard's bounds
+        // (it cannot read a masked one), drops the client and skips its
+        // hop; one far above the median of recent hops is refused, its
+        // client kept.
+        let dropped = claimed > data.len() as u64
+            || match hop.masked {
+                Some(_) => false,
+                None => match defence.check(&sent.values, &next.values) {
+                    Ok(_) => false,
+                    Err(refusal) if !refusal.drops_client() => {
+                        let reason = format!("update rejected: {refusal}");
+                        judging =
+                            next_judgement(defence.note(chain.refused(ordinal, reason), round));
+                        continue;
+                    }
+                    Err(_) => true,
+                },
+            };
+        if dropped {
             defence.drop_client(member);
             chain.skipped(ordinal, "refused: the client is dropped".into());
             continue;
@@ -987,7 +1001,7 @@ fn next_judgement(effects: Vec<Effect>) -> Option<Judgement> {
 pub struct Defence {
     attack: Option<Attack>,
     attackers: Vec<bool>,
-    guard: Mutex<UpdateGuard>,
+    guard: UpdateGuard,
     loss_check: Option<LossCheck>,
     dropped: Mutex<Vec<bool>>,
     /// Each client's standing with the loss rule, as the server keeps it.
@@ -1016,7 +1030,7 @@ impl Defence {
         Self {
             attack: config.attack,
             attackers,
-            guard: Mutex::new(config.policy().guard()),
+            guard: config.policy().guard(),
             loss_check,
             dropped: Mutex::new(vec![false; clients]),
             standing: Mutex::new(vec![Standing::default(); clients]),
@@ -1066,12 +1080,10 @@ impl Defence {
         self.dropped.lock().expect("no worker panicked")[id] = true;
     }
 
-    fn accepts(&self, sent: &[f32], new: &[f32]) -> bool {
-        self.guard
-            .lock()
-            .expect("no worker panicked")
-            .check(sent, new)
-            .is_ok()
+    /// The update guard on one hop, as the server judges it where the
+    /// update enters.
+    fn check(&self, sent: &[f32], new: &[f32]) -> Result<f64, GuardRefusal> {
+        self.guard.check(sent, new)
     }
 
     /// The loss rule's verdict on one hop (accepted when the run has

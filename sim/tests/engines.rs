@@ -172,3 +172,40 @@ fn attackers_train_alike_on_both_engines() {
     };
     agree(&config, "fedavg", 4);
 }
+
+#[test]
+fn scaled_hops_are_refused_and_their_clients_drawn_again() {
+    // Prepare: a quarter of the clients scale their updates 30x, far over
+    // 10x the median of recent hops (within the 2x-the-model bound only
+    // for a fresh model's first round, where no median exists yet).
+    let (train, test, config) = config();
+    let config = SimConfig {
+        attack: Some("scale:30".parse().unwrap()),
+        attackers: 0.25,
+        participants: 12,
+        rounds: 3,
+        guard: GuardSettings {
+            // The norm rules alone: the loss rule would refuse them too.
+            validation_samples: 0,
+            // A bound rule 3 is under, so that it is rule 3 that judges.
+            max_update_ratio: 1e6,
+            ..GuardSettings::default()
+        },
+        ..config
+    };
+    let spec = RunSpec::parse("fedavg", 3).unwrap();
+
+    // Execute
+    let (report, _) =
+        simulate::run_with_model(&config, &spec, &train, &test, &ProgressBar::hidden()).unwrap();
+
+    // Assert: after the first round the three attackers' hops are refused,
+    // none skipped (a dropped client's hop would be), and they are drawn
+    // every round (all 12 take part).
+    let hops: Vec<_> = report.rounds.iter().map(|r| r.hops).collect();
+    assert_eq!(hops[0].accepted, 12, "{hops:?}");
+    for round in &hops[1..] {
+        assert_eq!((round.accepted, round.refused), (9, 3), "{hops:?}");
+        assert_eq!(round.skipped, 0, "{hops:?}");
+    }
+}

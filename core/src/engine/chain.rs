@@ -186,13 +186,13 @@ pub enum Next {
 pub struct HopTally {
     /// Taken into the chain ([`Effect::Accepted`]).
     pub accepted: u64,
-    /// Refused by the loss rule, or a masked result that could not go into
-    /// the secure sum ([`Effect::Refused`]).
+    /// Refused by the loss rule or the guard's outlier rule, or a masked
+    /// result that could not go into the secure sum ([`Effect::Refused`]).
     pub refused: u64,
     /// Trained on an update the loss rule then refused
     /// ([`Effect::Discarded`]).
     pub discarded: u64,
-    /// No update came, or it was refused where it entered (the guard, the
+    /// No update came, or it was refused where it entered (the guard's bounds, the
     /// claim cap): [`Effect::Skipped`].
     pub skipped: u64,
 }
@@ -235,8 +235,9 @@ pub enum Effect {
         /// The hop.
         ordinal: u32,
     },
-    /// The hop's update was refused (`ack: refused`): by the loss rule
-    /// (`loss_rule`), or its masked result could not be summed.
+    /// The hop's update was refused (`ack: refused`), its member kept: by
+    /// the loss rule (`loss_rule`), by the update guard's outlier rule, or
+    /// its masked result could not be summed.
     Refused {
         /// The member.
         member: usize,
@@ -256,8 +257,8 @@ pub enum Effect {
         ordinal: u32,
     },
     /// No update came (the member left, stalled, paused, or was late), or
-    /// the driver refused it where it entered (the update guard, the claim
-    /// cap), which drops the client.
+    /// the driver refused it where it entered (the update guard's bounds,
+    /// the claim cap), which drops the client.
     Skipped {
         /// The member.
         member: usize,
@@ -524,7 +525,12 @@ impl Chain {
         vec![Self::skip(out, reason)]
     }
 
-    /// Hop `ordinal`'s masked result could not go into the secure sum.
+    /// Hop `ordinal`'s update was refused where it entered, its member
+    /// kept: far above the median of recent hops (the update guard's rule
+    /// 3, `guard::GuardRefusal::drops_client`), or a masked result that
+    /// could not go into the secure sum. The chain goes on with the
+    /// weights it had; no streak counts it (`draw::Standing` benches for
+    /// the loss rule, whose refusals cost the next member's hop too).
     pub fn refused(&mut self, ordinal: u32, reason: String) -> Vec<Effect> {
         let effects = self.on_refused(ordinal, reason);
         self.tallied(effects)

@@ -181,20 +181,25 @@ pub type Unmasked = Result<(Vec<f32>, usize), String>;
 /// under secure aggregation the `unmasked` mean, noised under DP unless
 /// distributed — then the bounds check. `rng` draws DP's noise and the
 /// adaptive clip's count noise. Also returns the update norms before
-/// clipping (DP, not secure; sorted) for the run's log. The `loss_rule`,
-/// when on, is settled first ([`crate::validation::LossCheck::settle`]):
-/// its baseline moves between rounds, never within one.
+/// clipping (DP, not secure; sorted) for the run's log. The update
+/// `guard`'s outlier rule and the `loss_rule`, when on, are settled first
+/// ([`crate::settled`]): their medians move between rounds, never within
+/// one.
 pub fn close(
     strategy: &dyn Strategy,
     global: &[f32],
     (results, failures): (&[GroupResult], &[GroupFailure]),
     privacy: Option<(&mut RoundPrivacy, usize)>,
     unmasked: Option<Unmasked>,
-    loss_rule: Option<&crate::validation::LossCheck>,
+    (guard, loss_rule): (
+        &crate::guard::UpdateGuard,
+        Option<&crate::validation::LossCheck>,
+    ),
     rng: &mut impl Rng,
 ) -> (Closed, Vec<f64>) {
-    // The loss rule's baseline moves between rounds only, whatever becomes
-    // of this one: the next round's hops are judged against this round's.
+    // The rules' medians move between rounds only, whatever becomes of
+    // this one: the next round's hops are judged against this round's.
+    guard.settle();
     if let Some(check) = loss_rule {
         check.settle();
     }
@@ -289,6 +294,7 @@ mod tests {
     use rand::rngs::StdRng;
 
     use super::*;
+    use crate::guard::UpdateGuard;
     use crate::strategy::FedAvg;
 
     fn result(group: usize, value: f32, samples: u64) -> GroupResult {
@@ -310,7 +316,7 @@ mod tests {
             (results, &[]),
             None,
             None,
-            None,
+            (&UpdateGuard::default(), None),
             &mut rng,
         )
         .0
@@ -339,7 +345,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 1)),
             Some(unmasked),
-            None,
+            (&UpdateGuard::default(), None),
             &mut StdRng::seed_from_u64(1),
         );
         assert!(matches!(closed, Closed::Dropped(r) if r.contains("quorum")));
@@ -369,7 +375,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
-            None,
+            (&UpdateGuard::default(), None),
             &mut StdRng::seed_from_u64(1),
         );
         assert_eq!(closed, Closed::Adopted(vec![2.5; 3]));
@@ -382,7 +388,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
-            None,
+            (&UpdateGuard::default(), None),
             &mut StdRng::seed_from_u64(1),
         );
         assert!(matches!(closed, Closed::Adopted(v) if v != vec![2.5; 3]));
@@ -399,7 +405,7 @@ mod tests {
                 (&[], &[]),
                 Some((&mut privacy, 1)),
                 None,
-                None,
+                (&UpdateGuard::default(), None),
                 &mut StdRng::seed_from_u64(round.into()),
             );
             assert_eq!(closed, Closed::Kept);
@@ -448,7 +454,7 @@ mod tests {
             (&results, &[]),
             Some((&mut privacy, 1)),
             None,
-            None,
+            (&UpdateGuard::default(), None),
             &mut StdRng::seed_from_u64(1),
         );
         let Closed::Adopted(values) = closed else {
