@@ -26,6 +26,16 @@
 //! within 1.5 s at round 628, docs/RESULTS.md). An attacking minority
 //! cannot move a median far.
 //!
+//! Rule 3 drops a client only for its record ([`OutlierRecord`]): at least
+//! [`MIN_REPEATED`] of its hops and at least a third of those rule 3 judged
+//! refused, while the median client's share refused (over the settled
+//! rounds) is under a tenth. Scaled updates (x10) stand out in about half
+//! their hops and are dropped after a few; the most outlying honest client
+//! of a long-tailed run stood out in under a tenth of its hops; and when
+//! every client's hops grow at once, the median client's share rises with
+//! theirs and nobody is dropped. The records are the server's since it
+//! started (a restart forgets them, so drops nobody sooner).
+//!
 //! The window is saved with every completed round and restored on resume,
 //! so a restart does not open a window without it.
 
@@ -60,6 +70,20 @@ pub enum GuardRefusal {
         /// The bound's factor.
         max_ratio: f64,
     },
+    /// The client's updates moved the weights far more than recent ones
+    /// did, again and again, unlike the others' ([`OutlierRecord`]).
+    #[error(
+        "it moved the weights over {factor}x the median of recent updates in {refused} of its \
+         {judged} hops, while other clients did in under a tenth of theirs"
+    )]
+    RepeatedOutlier {
+        /// Its hops rule 3 refused.
+        refused: u32,
+        /// Its hops rule 3 judged.
+        judged: u32,
+        /// The rule's factor.
+        factor: f64,
+    },
     /// The update moved the weights far more than recent ones did.
     #[error(
         "it moved the weights by {norm:.3}, over {factor}x the median {median:.3} of recent updates"
@@ -76,18 +100,62 @@ pub enum GuardRefusal {
 
 impl GuardRefusal {
     /// Whether the client that sent it is dropped (rules 1 and 2, bounds
-    /// no honest update comes near) rather than kept with its hop refused
-    /// (rule 3, a comparison an honest client can fail).
+    /// no honest update comes near; rule 3 for a record that stands out)
+    /// rather than kept with its hop refused (rule 3, a comparison an
+    /// honest client can fail now and then).
     pub fn drops_client(&self) -> bool {
         !matches!(self, Self::Outlier { .. })
     }
+}
+
+/// Refusals by rule 3 a client needs before its record can drop it.
+pub const MIN_REPEATED: u32 = 3;
+
+/// A client's record with rule 3, kept by the driver across its
+/// reconnections: its hops the rule judged (once a median existed) and
+/// refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutlierRecord {
+    /// Hops rule 3 judged.
+    pub judged: u32,
+    /// Of those, refused.
+    pub refused: u32,
+}
+
+impl OutlierRecord {
+    /// The share of its judged hops refused (0 with none judged).
+    pub fn share(&self) -> f64 {
+        if self.judged == 0 {
+            0.0
+        } else {
+            f64::from(self.refused) / f64::from(self.judged)
+        }
+    }
+
+    /// Whether this record stands out when the median client's share
+    /// refused is `median_share`: at least [`MIN_REPEATED`] refusals and a
+    /// third of its hops, while the median client's share is under a
+    /// tenth.
+    pub fn stands_out(&self, median_share: f64) -> bool {
+        self.refused >= MIN_REPEATED && 3 * self.refused >= self.judged && median_share < 0.1
+    }
+}
+
+/// Rule 3's state: the window of distances, each client's record, and the
+/// median client's share refused as of the last settled round (1 before
+/// any: nobody stands out yet).
+#[derive(Debug)]
+struct Rule3 {
+    window: SettledWindow,
+    records: std::collections::HashMap<u64, OutlierRecord>,
+    median_share: f64,
 }
 
 /// The three rules, and the distances of recent hops rule 3 judges against.
 /// Shared by the threads judging a round's hops (`&self`).
 #[derive(Debug)]
 pub struct UpdateGuard {
-    recent: Mutex<SettledWindow>,
+    recent: Mutex<Rule3>,
     factor: f64,
     max_ratio: f64,
 }
@@ -98,13 +166,17 @@ impl UpdateGuard {
     /// `window` hops judged in earlier rounds once `min_history` were.
     pub fn new(max_ratio: f64, factor: f64, window: usize, min_history: usize) -> Self {
         Self {
-            recent: Mutex::new(SettledWindow::new(window, min_history)),
+            recent: Mutex::new(Rule3 {
+                window: SettledWindow::new(window, min_history),
+                records: std::collections::HashMap::new(),
+                median_share: 1.0,
+            }),
             factor,
             max_ratio,
         }
     }
 
-    fn window(&self) -> std::sync::MutexGuard<'_, SettledWindow> {
+    fn rule3(&self) -> std::sync::MutexGuard<'_, Rule3> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -116,6 +188,25 @@ impl UpdateGuard {
     /// # Errors
     /// The first rule the update breaks.
     pub fn check(&self, sent: &[f32], new: &[f32]) -> Result<f64, GuardRefusal> {
+        self.judge(sent, new, None)
+    }
+
+    /// [`UpdateGuard::check`] of client `client`'s update: rule 3 keeps its
+    /// record, and drops the client ([`GuardRefusal::RepeatedOutlier`])
+    /// once the record stands out ([`OutlierRecord::stands_out`]).
+    ///
+    /// # Errors
+    /// The first rule the update breaks.
+    pub fn check_client(
+        &self,
+        sent: &[f32],
+        new: &[f32],
+        client: u64,
+    ) -> Result<f64, GuardRefusal> {
+        self.judge(sent, new, Some(client))
+    }
+
+    fn judge(&self, sent: &[f32], new: &[f32], client: Option<u64>) -> Result<f64, GuardRefusal> {
         if let Err(index) = check_weights(new) {
             return Err(GuardRefusal::OutOfBounds {
                 index,
@@ -133,35 +224,59 @@ impl UpdateGuard {
                 max_ratio: self.max_ratio,
             });
         }
-        let mut window = self.window();
-        window.push(norm);
-        if let Some(median) = window.median()
-            && norm > self.factor * median
-        {
-            return Err(GuardRefusal::Outlier {
-                norm,
-                median,
+        let mut rule3 = self.rule3();
+        rule3.window.push(norm);
+        let Some(median) = rule3.window.median() else {
+            return Ok(norm);
+        };
+        let refused = norm > self.factor * median;
+        let median_share = rule3.median_share;
+        let mut record = OutlierRecord::default();
+        if let Some(client) = client {
+            let kept = rule3.records.entry(client).or_default();
+            kept.judged = kept.judged.saturating_add(1);
+            kept.refused = kept.refused.saturating_add(u32::from(refused));
+            record = *kept;
+        }
+        if !refused {
+            return Ok(norm);
+        }
+        if record.stands_out(median_share) {
+            return Err(GuardRefusal::RepeatedOutlier {
+                refused: record.refused,
+                judged: record.judged,
                 factor: self.factor,
             });
         }
-        Ok(norm)
+        Err(GuardRefusal::Outlier {
+            norm,
+            median,
+            factor: self.factor,
+        })
     }
 
     /// Closes a round for rule 3: the distances judged since the last call
-    /// join its window ([`SettledWindow::settle`]).
+    /// join its window ([`SettledWindow::settle`]), and the median client's
+    /// share refused is taken again.
     pub fn settle(&self) {
-        self.window().settle();
+        let mut rule3 = self.rule3();
+        rule3.window.settle();
+        let mut shares: Vec<f64> = rule3.records.values().map(OutlierRecord::share).collect();
+        if !shares.is_empty() {
+            shares.sort_by(f64::total_cmp);
+            rule3.median_share = shares[shares.len() / 2];
+        }
     }
 
     /// The settled distances it remembers, oldest first, to be saved.
     pub fn history(&self) -> Vec<f64> {
-        self.window().settled()
+        self.rule3().window.settled()
     }
 
     /// Takes back a saved history (the newest `window` finite,
     /// non-negative entries); distances of an open round are dropped.
     pub fn restore(&self, history: &[f64]) {
-        self.window().restore(history, |n| n >= 0.0);
+        self.rule3().window.restore(history, |n| n >= 0.0);
     }
 }
 
@@ -293,9 +408,8 @@ mod tests {
         let noise = |i: usize| 1.0 + 0.02 * (i % 7) as f64;
         for round in 0..20 {
             for i in 0..5 {
-                guard
-                    .check(&sent, &by(&sent, 0.05 * noise(round * 5 + i)))
-                    .unwrap();
+                let norm = 0.05 * noise(round * 5 + i);
+                guard.check_client(&sent, &by(&sent, norm), i as u64).unwrap();
             }
             guard.settle();
         }
@@ -305,7 +419,10 @@ mod tests {
         let mut refused_dropping = 0;
         for round in 0..30 {
             let verdicts: Vec<_> = (0..5)
-                .map(|i| guard.check(&sent, &by(&sent, 0.6 * noise(round * 5 + i))))
+                .map(|i| {
+                    let norm = 0.6 * noise(round * 5 + i);
+                    guard.check_client(&sent, &by(&sent, norm), i as u64)
+                })
                 .collect();
             refused_dropping += verdicts
                 .iter()
@@ -344,6 +461,50 @@ mod tests {
 
         // Assert: every scaled hop after the first round, no honest one.
         assert_eq!(refused, [0, 39 * 2]);
+    }
+
+    #[test]
+    fn a_client_standing_out_again_and_again_is_dropped_and_an_occasional_outlier_is_not() {
+        // Prepare: ten clients a round; client 0 moves the model 20x as
+        // far as the others every hop, client 1 in every eighth of its
+        // hops (the most outlying honest client of a long-tailed run stood
+        // out in about one hop of twelve).
+        let (guard, sent) = median_rule(100, 5);
+        let mut outcomes: Vec<Vec<Result<f64, GuardRefusal>>> = vec![Vec::new(); 10];
+
+        // Execute
+        for round in 0..40 {
+            for client in 0..10u64 {
+                let honest = 1.0 + 0.05 * ((round + client as usize) % 4) as f64;
+                let norm = match client {
+                    0 => 20.0 * honest,
+                    1 if round % 8 == 7 => 20.0 * honest,
+                    _ => honest,
+                };
+                let outcome = guard.check_client(&sent, &by(&sent, norm), client);
+                outcomes[client as usize].push(outcome);
+            }
+            guard.settle();
+        }
+
+        // Assert: client 0 passes the first round (no median yet), is
+        // refused in rounds 2 and 3, dropped at its third refusal; client
+        // 1 is refused five times and never dropped.
+        let dropping =
+            |o: &Result<f64, GuardRefusal>| o.as_ref().is_err_and(GuardRefusal::drops_client);
+        let first_drop = outcomes[0].iter().position(dropping);
+        assert_eq!(first_drop, Some(3), "{:?}", &outcomes[0][..5]);
+        assert!(matches!(
+            outcomes[0][3],
+            Err(GuardRefusal::RepeatedOutlier {
+                refused: 3,
+                judged: 3,
+                ..
+            })
+        ));
+        assert!(!outcomes[1].iter().any(dropping));
+        assert_eq!(outcomes[1].iter().filter(|o| o.is_err()).count(), 5);
+        assert!(outcomes[2..].iter().flatten().all(Result::is_ok));
     }
 
     #[test]

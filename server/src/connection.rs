@@ -805,7 +805,10 @@ impl Connection {
         let checked = if pending.masked {
             Ok(())
         } else {
-            self.state.guard.check(&pending.sent, &weights).map(drop)
+            self.state
+                .guard
+                .check_client(&pending.sent, &weights, id)
+                .map(drop)
         };
         let answer = match checked {
             Ok(()) => None,
@@ -819,7 +822,8 @@ impl Connection {
                 // Dropping `pending` fails the hop at once; the chain goes
                 // on. Non-finite values never get here (the frame checks
                 // refuse them as `non-finite`); a finite value past the
-                // bound or a move too far for the model is an outlier.
+                // bound, a move too far for the model, or a client whose
+                // moves stand out again and again is an outlier.
                 let code = ErrorCode::Outlier;
                 let reason = format!("update rejected: {refusal}");
                 self.acknowledge(&update, AckOutcome::Refused, Some(reason.clone()));

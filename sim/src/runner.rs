@@ -964,7 +964,7 @@ fn walk_chain(
         let dropped = claimed > data.len() as u64
             || match hop.masked {
                 Some(_) => false,
-                None => match defence.check(&sent.values, &next.values) {
+                None => match defence.check(member, &sent.values, &next.values) {
                     Ok(_) => false,
                     Err(refusal) if !refusal.drops_client() => {
                         let reason = format!("update rejected: {refusal}");
@@ -1082,8 +1082,8 @@ impl Defence {
 
     /// The update guard on one hop, as the server judges it where the
     /// update enters.
-    fn check(&self, sent: &[f32], new: &[f32]) -> Result<f64, GuardRefusal> {
-        self.guard.check(sent, new)
+    fn check(&self, id: usize, sent: &[f32], new: &[f32]) -> Result<f64, GuardRefusal> {
+        self.guard.check_client(sent, new, id as u64)
     }
 
     /// The loss rule's verdict on one hop (accepted when the run has
