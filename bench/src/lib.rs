@@ -16,6 +16,8 @@
 //! - [`rounds`]: coordination overhead per round with many clients that
 //!   answer at once (echo clients: no training time to hide behind).
 //! - [`secagg`]: what secure aggregation costs, in memory and live.
+//! - [`threads`]: a native hop trained by several threads at once (every
+//!   batch split, gradients added up) against one.
 //! - [`simulate`]: the simulator's training throughput, per-client and
 //!   batched, next to PyTorch's per-client and `torch.func` loops.
 #![warn(missing_docs)]
@@ -30,6 +32,7 @@ pub mod rounds;
 pub mod schedulers;
 pub mod secagg;
 pub mod simulate;
+pub mod threads;
 
 use std::path::PathBuf;
 use std::time::Duration;

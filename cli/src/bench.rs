@@ -133,6 +133,25 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// A native hop trained by several threads at once (every batch split
+    /// between them, the gradients added up) against one thread.
+    Threads {
+        /// Samples in the hop (one epoch), from MNIST's training set.
+        #[arg(long, default_value_t = 2000)]
+        samples: usize,
+        /// Mini-batch sizes, one set of rows each.
+        #[arg(long, value_delimiter = ',', default_value = "20,64")]
+        batches: Vec<usize>,
+        /// Thread counts to compare.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Repeats per row (medians are shown).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// The simulator's training throughput: one round's local training
     /// of K clients on the per-client and the batched path, next to the
     /// PyTorch anchors (bench/torch_simulate.py) in the same run.
@@ -491,6 +510,33 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                     test.len() as f64 / seconds,
                     base / seconds
                 );
+            }
+        }
+        BenchCommand::Threads {
+            samples,
+            batches,
+            threads,
+            repeats,
+            data_dir,
+        } => {
+            let (train, _) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            println!("| batch | threads | hop s | samples/s | vs 1 thread |");
+            println!("|---:|---:|---:|---:|---:|");
+            for &batch in &batches {
+                let rows = astraea_bench::threads::run(&train, samples, batch, &threads, repeats);
+                let one = rows
+                    .iter()
+                    .find(|r| r.threads <= 1)
+                    .map(|r| r.samples_per_s);
+                for row in rows {
+                    let ratio = one.map_or("–".into(), |one| {
+                        format!("{:.2}x", row.samples_per_s / one)
+                    });
+                    println!(
+                        "| {} | {} | {:.2} | {:.0} | {ratio} |",
+                        row.batch, row.threads, row.hop_s, row.samples_per_s
+                    );
+                }
             }
         }
         BenchCommand::Hop {

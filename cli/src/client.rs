@@ -21,6 +21,12 @@ pub(crate) struct ClientArgs {
     /// Folder holding the datasets (demo shards are loaded from here).
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
+    /// Threads a hop trains on: every batch is split between them and
+    /// their gradients added up (the same update as one thread's, up to
+    /// float rounding; `astraea bench threads` measures the gain). 0: one
+    /// per core.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 /// Joins the server and trains until the run ends.
@@ -29,9 +35,15 @@ pub(crate) async fn client_command(args: ClientArgs) -> anyhow::Result<()> {
         server,
         ca_cert,
         data_dir,
+        threads,
     } = args;
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n.min(astraea_core::train::MAX_REPLICAS),
+    };
     let options = client::ClientOptions {
         tls: tls_settings(&server, ca_cert.as_deref())?,
+        threads,
         ..client_options(server, data_dir, None)
     };
     let summary = client::run_client(options, Default::default()).await?;

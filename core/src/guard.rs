@@ -409,7 +409,9 @@ mod tests {
         for round in 0..20 {
             for i in 0..5 {
                 let norm = 0.05 * noise(round * 5 + i);
-                guard.check_client(&sent, &by(&sent, norm), i as u64).unwrap();
+                guard
+                    .check_client(&sent, &by(&sent, norm), i as u64)
+                    .unwrap();
             }
             guard.settle();
         }

@@ -250,6 +250,12 @@ struct Visit<'a> {
     batch: usize,
     stats: TrainStats,
     loss_sum: f64,
+    /// Which slice of every batch this visit computes: `(index, of)`;
+    /// `(0, 1)` for all of it ([`Replica`]).
+    share: (usize, usize),
+    /// A replica's step between [`Replica::gradients`] and
+    /// [`Replica::apply`]: its model and its own gradients.
+    stepping: Option<(Cnn, GradientsParams)>,
 }
 
 impl<'a> Visit<'a> {
@@ -279,6 +285,8 @@ impl<'a> Visit<'a> {
             batch: 0,
             stats: TrainStats::default(),
             loss_sum: 0.0,
+            share: (0, 1),
+            stepping: None,
         })
     }
 
@@ -289,6 +297,18 @@ impl<'a> Visit<'a> {
     /// Takes the next optimiser step; returns its (detached) loss and where
     /// it was, or `None` once every epoch is done.
     fn step(&mut self) -> Option<(Tensor<1>, StepProgress)> {
+        let (model, grads, reported, progress) = self.backward()?;
+        self.model = Some(self.optimizer.step(self.config.learning_rate, model, grads));
+        Some((reported.expect("a whole batch is never empty"), progress))
+    }
+
+    /// The next batch's gradients (of this visit's share of it, weighted by
+    /// the share's part of the batch, so that the shares' gradients add up
+    /// to the batch's): the model, its gradients, the share's weighted loss
+    /// (detached; `None` for an empty share) and where it was; `None` once
+    /// every epoch is done.
+    #[allow(clippy::type_complexity)]
+    fn backward(&mut self) -> Option<(Cnn, GradientsParams, Option<Tensor<1>>, StepProgress)> {
         let batches = self.batches();
         if batches == 0 || self.epoch >= self.config.epochs {
             return None;
@@ -296,37 +316,40 @@ impl<'a> Visit<'a> {
         let size = self.config.batch_size.max(1);
         let start = self.batch * size;
         let chunk = &self.order[start..(start + size).min(self.order.len())];
-        let (images, targets) = batch_tensors(self.model_config, self.data, chunk, self.device);
         let [h, w] = self.model_config.feature_maps()[1];
+        // The whole batch's mask is drawn, whatever the share: every
+        // replica draws alike and takes its own part.
+        let per_sample = self.model_config.dropout_len();
         let keep = dropout_keep(
             &mut self.dropout,
-            chunk.len() * self.model_config.dropout_len(),
+            chunk.len() * per_sample,
             self.model_config.dropout,
         );
-        let keep = Tensor::from_data(TensorData::new(keep, [chunk.len(), 18, h, w]), self.device);
+        let (index, of) = self.share;
+        let (lo, hi) = (chunk.len() * index / of, chunk.len() * (index + 1) / of);
         let model = self
             .model
             .take()
             .expect("a visit holds its model between steps");
-        let loss = cross_entropy(model.forward_masked(images, keep), targets);
-        let reported = loss.clone().detach();
-        let objective = if self.config.prox_mu > 0.0 {
-            let mut prox = ProxTerm {
-                anchor: &self.anchor.values,
-                offset: 0,
-                device: self.device,
-                total: None,
-            };
-            model.visit(&mut prox);
-            match prox.total {
-                Some(term) => loss + term.mul_scalar(self.config.prox_mu / 2.0),
-                None => loss,
-            }
+        let (model, grads, reported) = if lo == hi {
+            (model, GradientsParams::new(), None)
         } else {
-            loss
+            let part = &chunk[lo..hi];
+            let (images, targets) = batch_tensors(self.model_config, self.data, part, self.device);
+            let keep = TensorData::new(
+                keep[lo * per_sample..hi * per_sample].to_vec(),
+                [part.len(), 18, h, w],
+            );
+            let keep = Tensor::from_data(keep, self.device);
+            let mut loss = cross_entropy(model.forward_masked(images, keep), targets);
+            if of > 1 {
+                loss = loss.mul_scalar(part.len() as f64 / chunk.len() as f64);
+            }
+            let reported = loss.clone().detach();
+            let objective = self.with_prox(&model, loss);
+            let grads = GradientsParams::from_grads(objective.backward(), &model);
+            (model, grads, Some(reported))
         };
-        let grads = GradientsParams::from_grads(objective.backward(), &model);
-        self.model = Some(self.optimizer.step(self.config.learning_rate, model, grads));
         self.stats.steps += 1;
         self.stats.samples += chunk.len();
         let progress = StepProgress {
@@ -342,7 +365,27 @@ impl<'a> Visit<'a> {
             self.epoch += 1;
             self.order.shuffle(&mut self.rng);
         }
-        Some((reported, progress))
+        Some((model, grads, reported, progress))
+    }
+
+    /// `loss` plus FedProx's term (`mu / 2` times the squared distance to
+    /// the anchor) when `prox_mu` is on, in the last share only (the
+    /// batch has it once, and the last share is never empty).
+    fn with_prox(&self, model: &Cnn, loss: Tensor<1>) -> Tensor<1> {
+        if self.config.prox_mu <= 0.0 || self.share.0 + 1 != self.share.1 {
+            return loss;
+        }
+        let mut prox = ProxTerm {
+            anchor: &self.anchor.values,
+            offset: 0,
+            device: self.device,
+            total: None,
+        };
+        model.visit(&mut prox);
+        match prox.total {
+            Some(term) => loss + term.mul_scalar(self.config.prox_mu / 2.0),
+            None => loss,
+        }
     }
 
     /// Counts a step's loss, read back, and tells the observer.
@@ -364,6 +407,248 @@ impl<'a> Visit<'a> {
         let model = self.model.take().expect("a visit holds its model");
         (model, self.stats)
     }
+}
+
+/// The most replicas a visit is split between: a batch of the papers' 20
+/// has a sample or more in each.
+pub const MAX_REPLICAS: usize = 16;
+
+/// One of `of` replicas of a visit trained data-parallel: every optimiser
+/// step's batch is split between them in contiguous slices; each computes
+/// the gradients of its slice ([`Replica::gradients`], weighted by the
+/// slice's part of the batch), the driver adds the replicas' gradients up,
+/// and every replica takes the same Adam step with the sum
+/// ([`Replica::apply`]). So all of them hold one model, the one a single
+/// visit reaches (up to the order of float sums). Each replica holds the
+/// whole shard and draws the same shuffles and dropout masks from the
+/// visit's seed: only gradients travel, `Weights::values`-long vectors in
+/// the model's parameter order. FedProx's term is the last replica's (its
+/// slice is never empty).
+///
+/// The drivers: [`train_parallel`] (threads, natively) and the tab's Web
+/// Workers (`client-wasm`). Gradients are read back synchronously: a
+/// replica trains on the CPU (`flex`). At most [`MAX_REPLICAS`].
+pub struct Replica<'a> {
+    visit: Visit<'a>,
+}
+
+impl<'a> Replica<'a> {
+    /// Replica `index` (from 0) of `of` of the visit of `weights` on
+    /// `data` with `config`, on `device` (an autodiff device).
+    ///
+    /// # Errors
+    /// If `weights` do not fit `model_config`.
+    pub fn new(
+        model_config: &'a ModelConfig,
+        weights: &'a Weights,
+        data: Samples<'a>,
+        config: &'a TrainConfig,
+        device: &'a Device,
+        (index, of): (usize, usize),
+    ) -> Result<Self, WeightsError> {
+        let mut visit = Visit::new(model_config, weights, data, config, device)?;
+        let of = of.max(1);
+        visit.share = (index.min(of - 1), of);
+        Ok(Self { visit })
+    }
+
+    /// The next step's gradients of this replica's slice, flat, with its
+    /// part of the batch's mean loss (0 for an empty slice) and where the
+    /// step is; `None` once every epoch is done. [`Replica::apply`] must
+    /// follow before the next call.
+    ///
+    /// # Errors
+    /// If the gradients cannot be read back.
+    pub fn gradients(&mut self) -> Result<Option<(Vec<f32>, f32, StepProgress)>, WeightsError> {
+        let Some((model, grads, loss, progress)) = self.visit.backward() else {
+            return Ok(None);
+        };
+        let mut flatten = FlatGradients {
+            grads: &grads,
+            device: self.visit.device.clone().inner(),
+            flat: Vec::new(),
+        };
+        model.visit(&mut flatten);
+        let values = match flatten.flat.is_empty() {
+            true => Vec::new(),
+            false => crate::weights::f32_values(Tensor::cat(flatten.flat, 0).into_data())?,
+        };
+        let loss = match loss {
+            Some(loss) => loss.into_scalar::<f32>(),
+            None => 0.0,
+        };
+        self.visit.loss_sum += f64::from(loss);
+        self.visit.stepping = Some((model, grads));
+        Ok(Some((values, loss, progress)))
+    }
+
+    /// Takes the step [`Replica::gradients`] began, with `summed`: every
+    /// replica's gradients of this step added up (the parameter count
+    /// long). Without a step begun it does nothing.
+    ///
+    /// # Errors
+    /// If `summed` is not the model's parameter count long.
+    pub fn apply(&mut self, summed: &[f32]) -> Result<(), WeightsError> {
+        let Some((model, mut grads)) = self.visit.stepping.take() else {
+            return Ok(());
+        };
+        let expected = self.visit.anchor.values.len();
+        if summed.len() != expected {
+            self.visit.stepping = Some((model, grads));
+            return Err(WeightsError::WrongLength {
+                expected,
+                got: summed.len(),
+            });
+        }
+        let flat = Tensor::<1>::from_data(
+            TensorData::new(summed.to_vec(), [summed.len()]),
+            &self.visit.device.clone().inner(),
+        );
+        let mut replace = ReplaceGradients {
+            grads: &mut grads,
+            flat,
+            offset: 0,
+        };
+        model.visit(&mut replace);
+        self.visit.model = Some(self.visit.optimizer.step(
+            self.visit.config.learning_rate,
+            model,
+            grads,
+        ));
+        Ok(())
+    }
+
+    /// The trained weights and what the visit did (its loss: this
+    /// replica's part; the driver adds the parts up).
+    pub fn finish(self) -> (Weights, TrainStats) {
+        let (model, stats) = self.visit.finish();
+        (Weights::from_model(&model), stats)
+    }
+}
+
+/// A model's gradients as one flat tensor, in parameter order (zeros for a
+/// parameter without a gradient).
+struct FlatGradients<'g> {
+    grads: &'g GradientsParams,
+    device: Device,
+    flat: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for FlatGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let numel = param.shape().num_elements();
+        self.flat.push(match self.grads.get::<D>(param.id) {
+            Some(grad) => grad.reshape([numel]),
+            None => Tensor::zeros([numel], &self.device),
+        });
+    }
+}
+
+/// Puts a flat gradient vector in place of a model's gradients.
+struct ReplaceGradients<'g> {
+    grads: &'g mut GradientsParams,
+    flat: Tensor<1>,
+    offset: usize,
+}
+
+impl ModuleVisitor for ReplaceGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.shape();
+        let numel = shape.num_elements();
+        let grad = self
+            .flat
+            .clone()
+            .narrow(0, self.offset, numel)
+            .reshape(shape);
+        self.offset += numel;
+        self.grads.register::<D>(param.id, grad);
+    }
+}
+
+/// [`train_observed`] with `threads` replicas of the visit, one a thread
+/// ([`Replica`]): the same weights within float rounding, each step's
+/// batch computed in parallel. Natively only (a tab's replicas are Web
+/// Workers). `threads` 0 or 1 is [`train_observed`].
+///
+/// # Errors
+/// As [`train_observed`]; or a replica's thread failed.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn train_parallel(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    threads: usize,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Weights, TrainStats), WeightsError> {
+    use std::sync::mpsc::channel;
+    let device = Device::flex().autodiff();
+    let threads = threads.min(MAX_REPLICAS);
+    if threads <= 1 {
+        return train_observed(model_config, weights, data, config, &device, observe);
+    }
+    let mut first = Replica::new(model_config, weights, data, config, &device, (0, threads))?;
+    std::thread::scope(|scope| {
+        let mut helpers = Vec::new();
+        for index in 1..threads {
+            let (to_helper, steps) = channel::<std::sync::Arc<Vec<f32>>>();
+            let (to_driver, from_helper) =
+                channel::<Result<Option<(Vec<f32>, f32)>, WeightsError>>();
+            scope.spawn(move || {
+                let device = Device::flex().autodiff();
+                let mut replica = match Replica::new(
+                    model_config,
+                    weights,
+                    data,
+                    config,
+                    &device,
+                    (index, threads),
+                ) {
+                    Ok(replica) => replica,
+                    Err(e) => return drop(to_driver.send(Err(e))),
+                };
+                loop {
+                    let step = replica.gradients().map(|s| s.map(|(g, loss, _)| (g, loss)));
+                    let done = !matches!(step, Ok(Some(_)));
+                    if to_driver.send(step).is_err() || done {
+                        return;
+                    }
+                    let Ok(summed) = steps.recv() else { return };
+                    if replica.apply(&summed).is_err() {
+                        return;
+                    }
+                }
+            });
+            helpers.push((to_helper, from_helper));
+        }
+        let gone = || WeightsError::Readback("a training thread ended early".into());
+        let mut loss_sum = 0.0;
+        while let Some((mut summed, mut loss, progress)) = first.gradients()? {
+            for (_, from_helper) in &helpers {
+                let (grads, part) = from_helper.recv().map_err(|_| gone())??.ok_or_else(gone)?;
+                if grads.len() != summed.len() {
+                    return Err(WeightsError::WrongLength {
+                        expected: summed.len(),
+                        got: grads.len(),
+                    });
+                }
+                summed.iter_mut().zip(&grads).for_each(|(s, g)| *s += g);
+                loss += part;
+            }
+            let summed = std::sync::Arc::new(summed);
+            for (to_helper, _) in &helpers {
+                to_helper.send(summed.clone()).map_err(|_| gone())?;
+            }
+            first.apply(&summed)?;
+            observe(&StepProgress { loss, ..progress });
+            loss_sum += f64::from(loss);
+        }
+        let (trained, mut stats) = first.finish();
+        if stats.steps > 0 {
+            stats.mean_loss = loss_sum / stats.steps as f64;
+        }
+        Ok((trained, stats))
+    })
 }
 
 /// Sum of squared distances of the model's parameters to an anchor (the
@@ -461,6 +746,27 @@ pub fn train_task(
     let device = Device::flex().autodiff();
     let (trained, stats) =
         train_observed(&config, &weights, data, &train_config, &device, observe)?;
+    Ok((trained.values, stats))
+}
+
+/// [`train_task`] with `threads` replicas of the visit, one a thread
+/// ([`train_parallel`]): the same weights within float rounding. Natively
+/// only.
+///
+/// # Errors
+/// As [`train_parallel`].
+#[cfg(not(target_arch = "wasm32"))]
+pub fn train_task_threads(
+    model: &ModelSpec,
+    task: &TaskSpec,
+    values: Vec<f32>,
+    data: Samples<'_>,
+    threads: usize,
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Vec<f32>, TrainStats), WeightsError> {
+    let (config, weights, train_config) = task_setup(model, task, values);
+    let (trained, stats) =
+        train_parallel(&config, &weights, data, &train_config, threads, observe)?;
     Ok((trained.values, stats))
 }
 
@@ -646,5 +952,111 @@ mod tests {
             distance(&held),
             distance(&free)
         );
+    }
+
+    /// Trains `config` from `initial` on `n` samples with 1 thread and with
+    /// `threads` replicas; returns both results, having checked that every
+    /// step's loss agreed.
+    fn alone_and_replicated(
+        initial: &Weights,
+        n: usize,
+        config: &TrainConfig,
+        threads: usize,
+    ) -> ((Weights, TrainStats), (Weights, TrainStats)) {
+        let model = ModelConfig::new(2);
+        let (images, labels) = halves(n);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let ad = Device::flex().autodiff();
+        let mut losses = Vec::new();
+        let alone = train_observed(&model, initial, data, config, &ad, &mut |p| {
+            losses.push(p.loss)
+        })
+        .unwrap();
+        let mut parallel_losses = Vec::new();
+        let replicated = train_parallel(&model, initial, data, config, threads, &mut |p| {
+            parallel_losses.push(p.loss)
+        })
+        .unwrap();
+        assert_eq!(losses.len(), parallel_losses.len());
+        for (a, b) in losses.iter().zip(&parallel_losses) {
+            assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} against {b}");
+        }
+        (alone, replicated)
+    }
+
+    fn initial() -> Weights {
+        Weights::from_model(&ModelConfig::new(2).init(&Device::flex()))
+    }
+
+    fn assert_same_weights(a: &Weights, b: &Weights, initial: &Weights) {
+        let moved = crate::guard::delta_norm(&a.values, &initial.values);
+        let apart = crate::guard::delta_norm(&a.values, &b.values);
+        assert!(moved > 0.1, "the visit trained: moved {moved}");
+        assert!(apart <= 1e-3 * moved, "{apart} apart after moving {moved}");
+    }
+
+    #[test]
+    fn replicas_splitting_every_batch_reach_the_weights_of_one_visit() {
+        // Prepare: 21 steps of batch 10 (the last of 3 samples, split
+        // unevenly).
+        let config = TrainConfig {
+            batch_size: 10,
+            seed: 7,
+            ..TrainConfig::default()
+        };
+        let initial = initial();
+
+        // Execute
+        let ((alone, alone_stats), (two, two_stats)) =
+            alone_and_replicated(&initial, 203, &config, 2);
+        let (_, (three, _)) = alone_and_replicated(&initial, 203, &config, 3);
+
+        // Assert
+        assert_eq!(alone_stats.steps, 21);
+        assert_eq!((two_stats.steps, two_stats.samples), (21, 203));
+        assert!((alone_stats.mean_loss - two_stats.mean_loss).abs() < 1e-4);
+        assert_same_weights(&alone, &two, &initial);
+        assert_same_weights(&alone, &three, &initial);
+    }
+
+    #[test]
+    fn replicas_keep_fedproxs_term_once_and_a_slice_may_be_empty() {
+        // Prepare: batch 4 over 5 replicas (one slice empty every step),
+        // the proximal term on, 20 steps over two epochs.
+        let config = TrainConfig {
+            batch_size: 4,
+            prox_mu: 0.5,
+            epochs: 2,
+            seed: 3,
+            ..TrainConfig::default()
+        };
+        let initial = initial();
+
+        // Execute
+        let ((alone, _), (five, _)) = alone_and_replicated(&initial, 40, &config, 5);
+
+        // Assert
+        assert_same_weights(&alone, &five, &initial);
+    }
+
+    #[test]
+    fn a_replica_refuses_a_sum_of_the_wrong_length() {
+        let model = ModelConfig::new(2);
+        let initial = Weights::from_model(&model.init(&Device::flex()));
+        let (images, labels) = halves(8);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let config = TrainConfig::default();
+        let ad = Device::flex().autodiff();
+        let mut replica = Replica::new(&model, &initial, data, &config, &ad, (0, 2)).unwrap();
+        let (grads, _, _) = replica.gradients().unwrap().unwrap();
+        assert_eq!(grads.len(), initial.values.len());
+        assert!(replica.apply(&grads[1..]).is_err());
+        assert!(replica.apply(&grads).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use astraea_core::data::catalog::load_named;
 use astraea_core::protocol::{
     AckOutcome, ClientAction, ClientMessage, ClientSession, DataSource, TaskSpec, progress_message,
 };
-use astraea_core::train::{self, Samples, train_task};
+use astraea_core::train::{self, Samples, train_task_threads};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -61,6 +61,10 @@ pub struct ClientOptions {
     /// keeps reporting progress). For swarms standing in for a population
     /// of uneven devices; `None`: as fast as it can.
     pub speed: Option<f64>,
+    /// Threads a hop trains on, every batch split between them
+    /// (`train::Replica`); 1 trains on one (burn's own pool still takes
+    /// the large matrix products).
+    pub threads: usize,
 }
 
 impl ClientOptions {
@@ -82,6 +86,7 @@ impl ClientOptions {
             freeze: 0.0,
             freeze_for: Duration::ZERO,
             speed: None,
+            threads: 1,
         }
     }
 }
@@ -293,6 +298,7 @@ async fn run_session(
                     let model = session.model().ok_or("a task before the welcome")?.clone();
                     let (images, mut labels) = (data.images.clone(), data.labels.clone());
                     let attack = options.attack;
+                    let threads = options.threads.max(1);
                     if let Some(attack) = &attack {
                         attack.poison_labels(&mut labels, model.num_classes);
                     }
@@ -314,7 +320,7 @@ async fn run_session(
                             // The first step beats at once: model set-up
                             // and a first batch are the longest silence.
                             let mut last: Option<Instant> = None;
-                            train_task(
+                            train_task_threads(
                                 &model,
                                 &task_for_training,
                                 weights,
@@ -322,6 +328,7 @@ async fn run_session(
                                     images: &images,
                                     labels: &labels,
                                 },
+                                threads,
                                 &mut |step| {
                                     if last.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
                                         last = Some(Instant::now());

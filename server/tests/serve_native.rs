@@ -114,6 +114,31 @@ async fn six_native_clients_finish_three_astraea_rounds_and_accuracy_rises() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_clients_training_each_hop_on_two_threads_finish_a_run_that_learns() {
+    // Prepare
+    let (running, address) = start(config(StrategyKind::FedAvg, 3, 2)).await;
+    let options = astraea_native::ClientOptions {
+        threads: 2,
+        ..options(&address)
+    };
+    let swarm = tokio::spawn(run_swarm(3, options));
+
+    // Execute
+    finishes(running.coordinator).await;
+    swarm.abort();
+
+    // Assert: every hop came back (none skipped) and was judged; the
+    // model learnt (the same update as one thread's: core's tests).
+    let history = running.state.status().history.clone();
+    assert_eq!(history.len(), 2);
+    for round in &history {
+        assert_eq!(round.hops.skipped, 0, "{history:?}");
+        assert_eq!(round.hops.accepted + round.hops.refused, 3, "{history:?}");
+    }
+    assert!(history[1].loss < history[0].loss, "{history:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_an_error_frame_and_a_drop() {
     // Prepare: a server that never starts a round (it waits for 50 clients).
     let mut cfg = config(StrategyKind::FedAvg, 50, 1);
