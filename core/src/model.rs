@@ -47,6 +47,22 @@ fn conv_out(size: usize, kernel: usize, stride: usize) -> usize {
     (size.saturating_sub(kernel)) / stride + 1
 }
 
+/// Held while a model's random weights are drawn from burn's process-wide
+/// generator, so that seeding it and drawing from it are one step.
+fn lock_generator() -> std::sync::MutexGuard<'static, ()> {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads every parameter once, so that burn draws its lazy initial values.
+struct Materialise;
+
+impl burn::module::ModuleVisitor for Materialise {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let _ = param.val();
+    }
+}
+
 impl ModelConfig {
     /// The papers' CNN sized for `data`: its classes, channels and image size.
     pub fn for_dataset(data: &crate::data::Dataset) -> Self {
@@ -86,9 +102,28 @@ impl ModelConfig {
     }
 
     /// Builds the model with fresh random weights on `device` (burn's
-    /// default initialisers: Kaiming uniform).
+    /// default initialisers: Kaiming uniform), drawn from burn's
+    /// process-wide generator (see [`ModelConfig::init_seeded`]).
     pub fn init(&self, device: &Device) -> Cnn {
-        self.build(device, None)
+        let _drawing = lock_generator();
+        let model = self.build(device, None);
+        model.visit(&mut Materialise);
+        model
+    }
+
+    /// [`ModelConfig::init`] from burn's generator seeded with `seed` just
+    /// before: the same weights for the same seed, whatever else the
+    /// process initialises at the same time. burn's generator is one per
+    /// process; without the lock, two servers starting in one process (a
+    /// test's) interleaved their draws and began from different models.
+    pub fn init_seeded(&self, device: &Device, seed: u64) -> Cnn {
+        let _drawing = lock_generator();
+        device.seed(seed);
+        let model = self.build(device, None);
+        // burn draws a parameter's values when it is first read, not when
+        // it is built: read them all while the generator is ours.
+        model.visit(&mut Materialise);
+        model
     }
 
     /// Builds the model with every parameter zero: the shell that weights
@@ -204,5 +239,37 @@ mod tests {
         assert_eq!(shell.shapes, random.shapes);
         assert!(shell.values.iter().all(|&v| v == 0.0));
         assert!(random.values.iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn a_seeded_model_is_the_same_whatever_else_draws_at_the_same_time() {
+        // Prepare: the model seed 7 gives alone.
+        let config = ModelConfig::new(10);
+        let device = Device::flex();
+        let alone = crate::weights::Weights::from_model(&config.init_seeded(&device, 7));
+
+        // Execute: seeded inits on one thread while another draws unseeded
+        // models (the bug: two servers starting in one test process began
+        // from different models for the same seed).
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let seeded = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    config.init(&Device::flex());
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            });
+            let seeded: Vec<_> = (0..30)
+                .map(|_| {
+                    let model = config.init_seeded(&Device::flex(), 7);
+                    crate::weights::Weights::from_model(&model)
+                })
+                .collect();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            seeded
+        });
+
+        // Assert
+        assert!(seeded.iter().all(|w| w.values == alone.values));
     }
 }

@@ -77,9 +77,7 @@ impl ServerData {
             )
             .context("cutting the training set into shards")?;
         let model_config = ModelConfig::for_dataset(&train);
-        let device = Device::flex();
-        device.seed(config.seed);
-        let initial = Weights::from_model(&model_config.init(&device));
+        let initial = Weights::from_model(&model_config.init_seeded(&Device::flex(), config.seed));
         let loss_check = (config.guard.validation_samples > 0 && !train.is_empty()).then(|| {
             let mut rng = StdRng::seed_from_u64(seeds::validation(config.seed));
             let count = config.guard.validation_samples.min(train.len());

@@ -212,9 +212,7 @@ pub fn run_with_model(
     )?;
 
     let model_config = ModelConfig::for_dataset(train);
-    let device = Device::flex();
-    device.seed(spec.seed);
-    let global = Weights::from_model(&model_config.init(&device));
+    let global = Weights::from_model(&model_config.init_seeded(&Device::flex(), spec.seed));
 
     // Every client reports its counts once; a planning strategy answers with
     // its plan (and the client reports its post-plan counts again).
