@@ -385,3 +385,95 @@ async fn the_page_is_served_with_its_types_and_gzipped_to_browsers_that_accept_i
     running.server.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_split_between_two_web_workers_reaches_the_weights_of_one() -> anyhow::Result<()> {
+    // Prepare: one tab on the CPU, one Astraea round of two hops over a
+    // shard of 600 samples (60 steps of 20), the same seed each time;
+    // once with one worker, once with the hop split between two.
+    built_page()?;
+    let driver = Chromedriver::start()?;
+    let mut runs = Vec::new();
+
+    // Execute
+    for workers in [1, 2] {
+        let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
+        let initial = running.state.global.lock().unwrap().clone();
+        let tab = driver.open(&[]).await?;
+        tab.goto(&format!("{url}?join=1&backend=cpu&workers={workers}"))
+            .await?;
+        wait_until("the round", RUN_LIMIT, || {
+            running.state.status().phase == Phase::Finished
+        })
+        .await?;
+        let figures = page_figures(&tab).await?;
+        let trained = running.state.global.lock().unwrap().clone();
+        runs.push((
+            initial.expect("a model"),
+            trained.expect("a model"),
+            figures,
+        ));
+        tab.close().await?;
+        running.server.abort();
+    }
+
+    // Assert: the two-worker run did split its hops (no fallback to one),
+    // and both moved the model to the same weights within float rounding.
+    let [(initial, one, _), (initial_two, two, figures)] = &runs[..] else {
+        unreachable!()
+    };
+    // The same seed, the same first model, whatever else the test process
+    // started meanwhile (core::model::ModelConfig::init_seeded).
+    assert_eq!(initial.values, initial_two.values);
+    assert_eq!(figures["workers"], 2, "{figures}");
+    let distance = |a: &[f32], b: &[f32]| astraea_core::guard::delta_norm(a, b);
+    let moved = distance(&one.values, &initial.values);
+    let apart = distance(&one.values, &two.values);
+    eprintln!("moved {moved}, two workers {apart} from one");
+    assert!(moved > 0.1, "the round trained: moved {moved}");
+    assert!(apart <= 1e-3 * moved, "{apart} apart after moving {moved}");
+    Ok(())
+}
+
+/// A tab whose hops are split between two workers, one of which is broken
+/// `how` (`throw`: it throws mid-hop; `silent`: it is ended without a
+/// word) after the first step: the round still finishes and the tab says
+/// it now trains on one core.
+async fn a_broken_worker_costs_the_split_not_the_hop(how: &str) -> anyhow::Result<()> {
+    // Prepare
+    built_page()?;
+    let driver = Chromedriver::start()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
+    let tab = driver.open(&[]).await?;
+
+    // Execute
+    tab.goto(&format!(
+        "{url}?join=1&backend=cpu&workers=2&break-worker={how}"
+    ))
+    .await?;
+    wait_until("the round", RUN_LIMIT, || {
+        running.state.status().phase == Phase::Finished
+    })
+    .await?;
+
+    // Assert
+    let figures = page_figures(&tab).await?;
+    let note = text_of(&tab, "cores-note").await?;
+    assert_eq!(figures["workers"], 1, "{figures}");
+    assert_eq!(figures["hops"], 2, "{figures}");
+    assert!(note.contains("now trains on one core"), "{note}");
+    assert_eq!(running.state.status().skipped_hops, 0);
+    tab.close().await?;
+    running.server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_throws_mid_hop_costs_the_split_not_the_hop() -> anyhow::Result<()> {
+    a_broken_worker_costs_the_split_not_the_hop("throw").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_goes_silent_mid_hop_costs_the_split_not_the_hop() -> anyhow::Result<()> {
+    a_broken_worker_costs_the_split_not_the_hop("silent").await
+}

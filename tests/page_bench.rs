@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding};
-use astraea_core::train::{Samples, train_task};
+use astraea_core::train::{Samples, train_task, train_task_threads};
 use astraea_e2e::{Chromedriver, built_page, demo_config, page_figures, serve_on_loopback};
 use astraea_server::state::Phase;
 
@@ -87,10 +87,16 @@ fn native_rate(max_train: usize, threads: usize) -> anyhow::Result<f64> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?
-        .install(|| native_rate_here(max_train))
+        .install(|| native_rate_here(max_train, 1))
 }
 
-fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
+/// A native client's training speed with each hop split between
+/// `replicas` threads (`astraea client --threads`).
+fn native_rate_replicated(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
+    native_rate_here(max_train, replicas)
+}
+
+fn native_rate_here(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
     let config = demo_config(1, max_train, 1, 1);
     let (train, _) = astraea_core::data::catalog::load_named(&config.dataset, &config.data_dir)?;
     let train = train.subset(&(0..max_train.min(train.len())).collect::<Vec<_>>());
@@ -121,10 +127,17 @@ fn native_rate_here(max_train: usize) -> anyhow::Result<f64> {
         labels: &train.labels,
     };
     // One warm-up hop, then three timed.
-    train_task(&model, &task, weights.values.clone(), samples, &mut |_| {})?;
+    let hop = || {
+        let values = weights.values.clone();
+        match replicas {
+            1 => train_task(&model, &task, values, samples, &mut |_| {}),
+            n => train_task_threads(&model, &task, values, samples, n, &mut |_| {}),
+        }
+    };
+    hop()?;
     let started = Instant::now();
     for _ in 0..3 {
-        train_task(&model, &task, weights.values.clone(), samples, &mut |_| {})?;
+        hop()?;
     }
     Ok(3.0 * train.len() as f64 / started.elapsed().as_secs_f64())
 }
@@ -139,6 +152,8 @@ async fn main() -> anyhow::Result<()> {
     let driver = Chromedriver::start()?;
     let cpu = page_run(&driver, "backend=auto", &["--enable-unsafe-webgpu"], 2000).await?;
     let webgpu = page_run(&driver, "backend=webgpu", &["--enable-unsafe-webgpu"], 100).await?;
+    let two_workers = page_run(&driver, "backend=cpu&workers=2", &[], 2000).await?;
+    let native_two = native_rate_replicated(2000, 2)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let native = native_rate(2000, threads)?;
     let native_one = native_rate(2000, 1)?;
@@ -174,7 +189,23 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
+        "| tab CPU, hops split between 2 workers: samples/s, whole hops / training loop only | {:.0} / {:.0} |",
+        two_workers.samples_per_s, two_workers.loop_samples_per_s
+    );
+    println!(
+        "| tab CPU, 2 workers / 1 worker (whole hops) | {:.2}x |",
+        two_workers.samples_per_s / cpu.samples_per_s
+    );
+    println!(
         "| native client (flex), same model and shard, {threads} threads / 1 thread | {native:.0} / {native_one:.0} samples/s |"
+    );
+    println!(
+        "| native client, hops split between 2 threads (--threads 2) | {native_two:.0} samples/s ({:.2}x one thread) |",
+        native_two / native_one
+    );
+    println!(
+        "| tab CPU, 2 workers / native, 2 threads split | {:.2}x |",
+        two_workers.samples_per_s / native_two
     );
     println!(
         "| tab CPU (whole hops) / native, {threads} threads / 1 thread | {:.2}x / {:.2}x |",

@@ -89,6 +89,11 @@ worker.onmessage = (event) => {
       }
       break;
     }
+    case 'workers':
+      page.workers = m.n;
+      $('cores').value = String(m.n);
+      $('cores-note').textContent = `training on ${m.n} core${m.n === 1 ? '' : 's'}` + (m.reason ? ` (${m.reason})` : '');
+      break;
     case 'connected': banner(''); $('status').textContent = 'connected, joining'; break;
     case 'welcome':
       page.clientId = m.clientId;
@@ -194,7 +199,8 @@ function join() {
   } catch (e) { /* storage off */ }
   worker.postMessage({
     type: 'join', url, preference: params.get('backend') || 'auto', resume, labelReport,
-    loseGpu: params.get('lose-gpu') === '1',
+    loseGpu: params.get('lose-gpu') === '1', workers: Number($('cores').value) || 1,
+    breakWorker: params.get('break-worker'),
   });
   $('join').disabled = true;
   $('leave').disabled = false;
@@ -266,4 +272,15 @@ counts = new Array(10).fill(0);
 drawMix();
 drawCharts();
 window.addEventListener('resize', drawCharts);
+// Cores the volunteer lends: up to what the browser reports, at most 8;
+// one unless the page is opened with ?workers=N or the volunteer picks more.
+{
+  const most = Math.max(1, Math.min(8, navigator.hardwareConcurrency || 1));
+  const asked = Math.max(1, Math.min(most, Number(params.get('workers')) || 1));
+  $('cores').innerHTML = Array.from({ length: most }, (_, i) => `<option>${i + 1}</option>`).join('');
+  $('cores').value = String(asked);
+  $('cores-note').textContent = `of ${most}; a hop on the CPU is split between them`;
+  $('cores').onchange = () => worker.postMessage({ type: 'lend', cores: Number($('cores').value) });
+}
+
 if (params.get('join') === '1') join();

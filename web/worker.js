@@ -1,7 +1,7 @@
 // The tab's federation client, off the page's thread: it owns the socket,
 // the WebAssembly client and the chosen backend, and tells the page what
 // happens. Training blocks this worker, never the page.
-import init, { WasmClient, choose_backend } from './pkg/astraea_client.js';
+import init, { WasmClient, WasmReplica, choose_backend } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
@@ -19,6 +19,129 @@ const drawn = { images: [], labels: [] };
 let queue = Promise.resolve();
 
 const say = (message, transfer) => postMessage(message, transfer || []);
+
+// --- Cores lent: a hop on the CPU trained by several workers at once. ---
+// This worker holds replica 0 of the hop; each helper (replica.js) one
+// other. Every step each computes the gradients of its slice of the batch,
+// this worker adds them up and every replica takes the same Adam step with
+// the sum: the update is the one a single worker makes (up to the order of
+// float sums; core::train::Replica). The page says how many cores the
+// volunteer lends (`lend`); it takes effect at the next hop.
+let lent = 1;
+// Most workers a hop is split between.
+const MAX_WORKERS = 8;
+let helpers = [];
+let hopSeq = 0;
+// The page's `?break-worker=throw|silent`: a helper is made to throw, or
+// is ended without a word, after the first step of the next split hop
+// (the way to see, and test, that the hop survives it).
+let breakWorker = null;
+// A helper that has not answered a step after this long (or half the
+// server's stall timeout, if shorter: the hop must not be skipped as
+// stalled meanwhile) is taken as gone: a worker that never answers is the
+// same failure as one that throws.
+const STEP_LIMIT_MS = 4000;
+
+function spawnHelper() {
+  const helper = { worker: new Worker('replica.js', { type: 'module' }), inbox: [], wake: null, ready: false };
+  const deliver = (message) => {
+    if (message.type === 'ready') {
+      helper.ready = true;
+      return;
+    }
+    helper.inbox.push(message);
+    if (helper.wake) helper.wake();
+  };
+  helper.worker.onmessage = (e) => deliver(e.data);
+  helper.worker.onerror = (e) => { e.preventDefault(); deliver({ type: 'failed', error: e.message || 'the worker failed' }); };
+  helper.worker.onmessageerror = () => deliver({ type: 'failed', error: 'a message could not be read' });
+  return helper;
+}
+
+/** The helper's next message of hop `seq`, or a failure after `ms`. */
+function receive(helper, seq, ms) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { helper.wake = null; reject(new Error('a training worker did not answer')); }, ms);
+    const look = () => {
+      while (helper.inbox.length) {
+        const m = helper.inbox.shift();
+        if (m.type === 'failed' && (m.seq === undefined || m.seq === seq)) {
+          clearTimeout(timer); helper.wake = null; reject(new Error(m.error)); return;
+        }
+        if (m.seq === seq) { clearTimeout(timer); helper.wake = null; resolve(m); return; }
+      }
+      helper.wake = look;
+    };
+    look();
+  });
+}
+
+function dismissHelpers() {
+  for (const helper of helpers) helper.worker.terminate();
+  helpers = [];
+}
+
+/** Whether every helper has loaded, waiting at most `ms` for them. */
+async function helpersReady(ms) {
+  const until = performance.now() + ms;
+  while (!helpers.every((h) => h.ready) && performance.now() < until) {
+    await new Promise((resolve) => { setTimeout(resolve, 25); });
+  }
+  return helpers.every((h) => h.ready);
+}
+
+/** Starts or ends helpers so that there are `lent - 1`, loading meanwhile. */
+function staffHelpers() {
+  while (helpers.length < lent - 1) helpers.push(spawnHelper());
+  while (helpers.length > lent - 1) helpers.pop().worker.terminate();
+}
+
+/** Trains the hop with `n` workers (this one and n - 1 helpers); the update's actions. */
+async function trainReplicated(action, n, onStep, limitMs) {
+  const model = client.model_json();
+  const data = client.training_data();
+  const seq = ++hopSeq;
+  const started = performance.now();
+  helpers.forEach((helper, i) => {
+    helper.inbox = [];
+    helper.worker.postMessage({
+      type: 'hop', seq, model, task: action.task, weights: action.weights,
+      images: data.images, labels: data.labels, index: i + 1, of: n,
+    });
+  });
+  const own = new WasmReplica(model, action.task, action.weights, data.images, data.labels, 0, n);
+  let lossSum = 0;
+  let steps = 0;
+  try {
+    for (;;) {
+      const step = own.gradients();
+      const replies = await Promise.all(helpers.map((h) => receive(h, seq, limitMs)));
+      if (step === null) break;
+      const sum = step.grads;
+      let loss = step.loss;
+      for (const reply of replies) {
+        if (reply.type !== 'grads' || reply.grads.length !== sum.length) throw new Error('a training worker fell out of step');
+        const grads = reply.grads;
+        for (let k = 0; k < sum.length; k += 1) sum[k] += grads[k];
+        loss += reply.loss;
+      }
+      for (const helper of helpers) helper.worker.postMessage({ type: 'sum', seq, values: sum });
+      own.apply(sum);
+      if (breakWorker && helpers.length) {
+        if (breakWorker === 'silent') helpers[0].worker.terminate();
+        else helpers[0].worker.postMessage({ type: 'sum', seq, values: new Float32Array(1) });
+        breakWorker = null;
+      }
+      lossSum += loss;
+      steps += 1;
+      onStep({ epoch: step.epoch, epochs: step.epochs, batch: step.batch, batches: step.batches, loss, progress: step.progress });
+    }
+    const weights = own.finish();
+    return client.finish_hop(action.task, weights, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
+  } finally {
+    own.free();
+  }
+}
 
 // The WebGPU device wgpu asked the browser for, kept so that the page's
 // `?lose-gpu=1` can destroy it in the first hop: the way to see (and test)
@@ -42,6 +165,8 @@ onmessage = (event) => {
     resumeToken = m.resume || null;
     labelReport = m.labelReport || null;
     loseGpu = Boolean(m.loseGpu);
+    if (m.workers) lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.workers)) || 1));
+    breakWorker = m.breakWorker || null;
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
   } else if (m.type === 'leave') {
     leaving = true;
@@ -49,6 +174,9 @@ onmessage = (event) => {
       socket.send(JSON.stringify({ type: 'leave' }));
       socket.close();
     }
+  } else if (m.type === 'lend') {
+    lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.cores)) || 1));
+    if (backend && backend.name !== 'webgpu') staffHelpers();
   } else if (m.type === 'add-sample') {
     queue = queue.then(() => addSample(m.pixels, m.label))
       .catch((e) => say({ type: 'error', text: String(e) }));
@@ -66,6 +194,8 @@ async function join(preference) {
       cpuRate: backend.cpu_rate, gpuRate: backend.gpu_rate, ms: performance.now() - started,
     });
   }
+  // The cores lent: helpers load now, so the first hop can be split.
+  if (backend.name !== 'webgpu') staffHelpers();
   connect();
 }
 
@@ -234,7 +364,25 @@ async function train(action) {
       losses = [];
     }
   };
-  const answer = await client.train(action.task, action.weights, onStep);
+  const workers = backend.name === 'webgpu' ? 1 : lent;
+  let answer = null;
+  const limitMs = Math.min(STEP_LIMIT_MS, task.stall_ms ? task.stall_ms / 2 : STEP_LIMIT_MS);
+  // Split only between helpers that have loaded (they started loading when
+  // the cores were lent; a hop waits a little for them, else trains alone).
+  if (workers > 1 && helpers.length === workers - 1 && await helpersReady(limitMs)) {
+    try {
+      answer = await trainReplicated(action, workers, onStep, limitMs);
+      say({ type: 'workers', n: workers });
+    } catch (e) {
+      // A helper died, threw, or went silent: the cores it lent are given
+      // up, and the hop is trained again here, alone; the hop is never lost.
+      dismissHelpers();
+      lent = 1;
+      say({ type: 'workers', n: 1, reason: `a training worker failed (${e.message || e}); this tab now trains on one core` });
+      losses = [];
+    }
+  }
+  if (answer === null) answer = await client.train(action.task, action.weights, onStep);
   // WebGPU failed mid-hop and the hop was trained again on the CPU: the
   // tab stays there, on this connection and the next.
   const fell = client.take_fallback();

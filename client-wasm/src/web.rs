@@ -22,7 +22,8 @@ use astraea_core::protocol::{
     ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, progress_message,
 };
 use astraea_core::train::{
-    Samples, StepProgress, TrainConfig, train_async, train_observed, train_task, train_task_async,
+    Replica, Samples, StepProgress, TrainConfig, task_setup, train_async, train_observed,
+    train_task, train_task_async,
 };
 use astraea_core::weights::Weights;
 use burn::prelude::Device;
@@ -624,6 +625,64 @@ impl WasmClient {
         actions_to_js(self.session.get_mut().data_ready(counts))
     }
 
+    /// The model the server announced, as JSON (`ModelSpec`), for the
+    /// replicas of a hop ([`WasmReplica`]); `None` before the welcome.
+    pub fn model_json(&self) -> Option<String> {
+        let session = self.session.borrow();
+        session
+            .model()
+            .map(|m| serde_json::to_string(m).expect("a model spec serialises"))
+    }
+
+    /// The samples a hop trains on (the shard, the plan's additions and
+    /// the drawn digits), copied: `{images: Float32Array, labels:
+    /// Uint32Array}` for the replicas of a hop; `null` before any data.
+    pub fn training_data(&self) -> JsValue {
+        let Some(data) = self.data.as_ref() else {
+            return JsValue::NULL;
+        };
+        let (images, labels) = data.training_set();
+        let object = Object::new();
+        let _ = Reflect::set(
+            &object,
+            &"images".into(),
+            &Float32Array::from(images).into(),
+        );
+        let _ = Reflect::set(
+            &object,
+            &"labels".into(),
+            &js_sys::Uint32Array::from(labels).into(),
+        );
+        object.into()
+    }
+
+    /// The update to send for a hop its replicas trained
+    /// ([`WasmReplica::finish`]): `weights` after the hop, its mean
+    /// training loss and the seconds it took; the actions, as
+    /// [`WasmClient::train`] returns them.
+    pub fn finish_hop(
+        &self,
+        task: String,
+        weights: Vec<f32>,
+        mean_loss: f64,
+        seconds: f64,
+    ) -> Result<JsValue, JsError> {
+        let task: TaskSpec =
+            serde_json::from_str(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let samples = self
+            .data
+            .as_ref()
+            .ok_or_else(|| JsError::new("a hop before any data"))?
+            .training_set()
+            .1
+            .len() as u64;
+        let actions = self
+            .session
+            .borrow_mut()
+            .trained(&task, &weights, samples, mean_loss, seconds);
+        actions_to_js(actions)
+    }
+
     /// Trains one hop on the tab's backend and returns the update to
     /// send. `on_step` is called after every optimiser step with
     /// `{epoch, epochs, batch, batches, loss, progress}`, for progress bars
@@ -707,5 +766,108 @@ impl WasmClient {
             seconds,
         );
         actions_to_js(actions)
+    }
+}
+
+/// One replica of a hop trained by several Web Workers at once
+/// (`astraea_core::train::Replica`): the tab's worker holds replica 0 and
+/// each helper worker one other; every step each computes the gradients
+/// of its slice of the batch ([`WasmReplica::gradients`]), the tab's
+/// worker adds them up and every replica takes the same step with the sum
+/// ([`WasmReplica::apply`]). On the CPU (`flex`) only.
+#[wasm_bindgen]
+pub struct WasmReplica {
+    replica: Option<Replica<'static>>,
+    task: TaskSpec,
+}
+
+#[wasm_bindgen]
+impl WasmReplica {
+    /// Replica `index` of `of` of the hop `task` (JSON) of `model` (JSON,
+    /// [`WasmClient::model_json`]) from `weights`, on `images` and
+    /// `labels` ([`WasmClient::training_data`]).
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        model: &str,
+        task: &str,
+        weights: Vec<f32>,
+        images: Vec<f32>,
+        labels: Vec<u32>,
+        index: usize,
+        of: usize,
+    ) -> Result<WasmReplica, JsError> {
+        let model: astraea_core::protocol::ModelSpec =
+            serde_json::from_str(model).map_err(|e| JsError::new(&e.to_string()))?;
+        let task: TaskSpec =
+            serde_json::from_str(task).map_err(|e| JsError::new(&e.to_string()))?;
+        let (config, weights, train_config) = task_setup(&model, &task, weights);
+        let replica = Replica::owned(
+            config,
+            &weights,
+            (images, labels),
+            train_config,
+            Device::flex().autodiff(),
+            (index, of),
+        )
+        .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Self {
+            replica: Some(replica),
+            task,
+        })
+    }
+
+    /// The next step: `{grads: Float32Array, loss, epoch, epochs, batch,
+    /// batches, progress}` (`loss`: this slice's part of the batch's mean;
+    /// `progress`: the heartbeat's text), or `null` once the hop is done.
+    pub fn gradients(&mut self) -> Result<JsValue, JsError> {
+        let replica = self
+            .replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let Some((grads, loss, step)) = replica
+            .gradients()
+            .map_err(|e| JsError::new(&e.to_string()))?
+        else {
+            return Ok(JsValue::NULL);
+        };
+        let object = Object::new();
+        let fields = [
+            ("epoch", step.epoch as f64),
+            ("epochs", step.epochs as f64),
+            ("batch", step.batch as f64),
+            ("batches", step.batches as f64),
+            ("loss", f64::from(loss)),
+        ];
+        for (key, value) in fields {
+            let _ = Reflect::set(&object, &key.into(), &value.into());
+        }
+        let _ = Reflect::set(
+            &object,
+            &"grads".into(),
+            &Float32Array::from(&grads[..]).into(),
+        );
+        let progress = progress_message(&self.task, &StepProgress { loss, ..step }).to_json();
+        let _ = Reflect::set(&object, &"progress".into(), &progress.into());
+        Ok(object.into())
+    }
+
+    /// Takes the step begun with `summed`, every replica's gradients of
+    /// it added up.
+    pub fn apply(&mut self, summed: &[f32]) -> Result<(), JsError> {
+        self.replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))?
+            .apply(summed)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The weights after the hop (a `Float32Array`); the replica is spent.
+    pub fn finish(&mut self) -> Result<Float32Array, JsError> {
+        let replica = self
+            .replica
+            .take()
+            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let (weights, _) = replica.finish();
+        Ok(Float32Array::from(&weights.values[..]))
     }
 }

@@ -10,6 +10,8 @@
 //! the visit, as every client does between `ClientAction::Train` and
 //! [`ClientSession::trained`].
 
+use std::borrow::Cow;
+
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
@@ -236,11 +238,13 @@ pub async fn train_async(
 /// One visit of the model, step by step: the loop that [`train_observed`]
 /// and [`train_async`] drive, which differ only in how they read back.
 struct Visit<'a> {
-    model_config: &'a ModelConfig,
-    anchor: &'a Weights,
-    data: Samples<'a>,
-    config: &'a TrainConfig,
-    device: &'a Device,
+    model_config: Cow<'a, ModelConfig>,
+    /// The weights the visit started from (FedProx's anchor).
+    anchor: Cow<'a, [f32]>,
+    images: Cow<'a, [f32]>,
+    labels: Cow<'a, [u32]>,
+    config: Cow<'a, TrainConfig>,
+    device: Cow<'a, Device>,
     model: Option<Cnn>,
     optimizer: ModuleOptimizer,
     rng: StdRng,
@@ -266,20 +270,38 @@ impl<'a> Visit<'a> {
         config: &'a TrainConfig,
         device: &'a Device,
     ) -> Result<Self, WeightsError> {
-        let model = anchor.to_model(model_config, device)?;
+        Self::from_parts(
+            Cow::Borrowed(model_config),
+            anchor,
+            (Cow::Borrowed(data.images), Cow::Borrowed(data.labels)),
+            Cow::Borrowed(config),
+            Cow::Borrowed(device),
+        )
+    }
+
+    /// A visit of its own inputs, borrowed or owned (`Replica::owned`).
+    fn from_parts(
+        model_config: Cow<'a, ModelConfig>,
+        anchor: &Weights,
+        (images, labels): (Cow<'a, [f32]>, Cow<'a, [u32]>),
+        config: Cow<'a, TrainConfig>,
+        device: Cow<'a, Device>,
+    ) -> Result<Self, WeightsError> {
+        let model = anchor.to_model(&model_config, &device)?;
         let mut rng = StdRng::seed_from_u64(config.seed);
-        let mut order: Vec<usize> = (0..data.len()).collect();
+        let mut order: Vec<usize> = (0..labels.len()).collect();
         order.shuffle(&mut rng);
         Ok(Self {
             model_config,
-            anchor,
-            data,
+            anchor: Cow::Owned(anchor.values.clone()),
+            images,
+            labels,
+            dropout: dropout_rng(config.seed),
             config,
             device,
             model: Some(model),
             optimizer: AdamConfig::new().init(),
             rng,
-            dropout: dropout_rng(config.seed),
             order,
             epoch: 0,
             batch: 0,
@@ -291,7 +313,7 @@ impl<'a> Visit<'a> {
     }
 
     fn batches(&self) -> usize {
-        self.data.len().div_ceil(self.config.batch_size.max(1))
+        self.labels.len().div_ceil(self.config.batch_size.max(1))
     }
 
     /// Takes the next optimiser step; returns its (detached) loss and where
@@ -335,12 +357,16 @@ impl<'a> Visit<'a> {
             (model, GradientsParams::new(), None)
         } else {
             let part = &chunk[lo..hi];
-            let (images, targets) = batch_tensors(self.model_config, self.data, part, self.device);
+            let data = Samples {
+                images: &self.images,
+                labels: &self.labels,
+            };
+            let (images, targets) = batch_tensors(&self.model_config, data, part, &self.device);
             let keep = TensorData::new(
                 keep[lo * per_sample..hi * per_sample].to_vec(),
                 [part.len(), 18, h, w],
             );
-            let keep = Tensor::from_data(keep, self.device);
+            let keep = Tensor::from_data(keep, &*self.device);
             let mut loss = cross_entropy(model.forward_masked(images, keep), targets);
             if of > 1 {
                 loss = loss.mul_scalar(part.len() as f64 / chunk.len() as f64);
@@ -376,9 +402,9 @@ impl<'a> Visit<'a> {
             return loss;
         }
         let mut prox = ProxTerm {
-            anchor: &self.anchor.values,
+            anchor: &self.anchor,
             offset: 0,
-            device: self.device,
+            device: &self.device,
             total: None,
         };
         model.visit(&mut prox);
@@ -452,6 +478,32 @@ impl<'a> Replica<'a> {
         Ok(Self { visit })
     }
 
+    /// [`Replica::new`] owning its inputs (a tab's Web Worker keeps one
+    /// between calls from JavaScript): `images` and `labels` as
+    /// [`Samples`] holds them.
+    ///
+    /// # Errors
+    /// If `weights` do not fit `model_config`.
+    pub fn owned(
+        model_config: ModelConfig,
+        weights: &Weights,
+        (images, labels): (Vec<f32>, Vec<u32>),
+        config: TrainConfig,
+        device: Device,
+        (index, of): (usize, usize),
+    ) -> Result<Replica<'static>, WeightsError> {
+        let mut visit = Visit::from_parts(
+            Cow::Owned(model_config),
+            weights,
+            (Cow::Owned(images), Cow::Owned(labels)),
+            Cow::Owned(config),
+            Cow::Owned(device),
+        )?;
+        let of = of.max(1);
+        visit.share = (index.min(of - 1), of);
+        Ok(Replica { visit })
+    }
+
     /// The next step's gradients of this replica's slice, flat, with its
     /// part of the batch's mean loss (0 for an empty slice) and where the
     /// step is; `None` once every epoch is done. [`Replica::apply`] must
@@ -465,7 +517,7 @@ impl<'a> Replica<'a> {
         };
         let mut flatten = FlatGradients {
             grads: &grads,
-            device: self.visit.device.clone().inner(),
+            device: (*self.visit.device).clone().inner(),
             flat: Vec::new(),
         };
         model.visit(&mut flatten);
@@ -492,7 +544,7 @@ impl<'a> Replica<'a> {
         let Some((model, mut grads)) = self.visit.stepping.take() else {
             return Ok(());
         };
-        let expected = self.visit.anchor.values.len();
+        let expected = self.visit.anchor.len();
         if summed.len() != expected {
             self.visit.stepping = Some((model, grads));
             return Err(WeightsError::WrongLength {
@@ -502,7 +554,7 @@ impl<'a> Replica<'a> {
         }
         let flat = Tensor::<1>::from_data(
             TensorData::new(summed.to_vec(), [summed.len()]),
-            &self.visit.device.clone().inner(),
+            &(*self.visit.device).clone().inner(),
         );
         let mut replace = ReplaceGradients {
             grads: &mut grads,
@@ -711,8 +763,9 @@ pub fn evaluate(
 }
 
 /// What a task trains: the model's architecture, the weights it starts
-/// from, and the visit's settings.
-fn task_setup(
+/// from (`values`, laid out as the model's parameters), and the visit's
+/// settings.
+pub fn task_setup(
     model: &ModelSpec,
     task: &TaskSpec,
     values: Vec<f32>,
