@@ -477,3 +477,55 @@ async fn a_worker_that_throws_mid_hop_costs_the_split_not_the_hop() -> anyhow::R
 async fn a_worker_that_goes_silent_mid_hop_costs_the_split_not_the_hop() -> anyhow::Result<()> {
     a_broken_worker_costs_the_split_not_the_hop("silent").await
 }
+
+/// A tab (with Chromium `flags`) whose browser never answers `what`
+/// (`?hang=`: the storage, the GPU adapter request, the shard's fetch):
+/// the round still finishes. Returns the page's figures.
+async fn a_tab_goes_on_without(what: &str, flags: &[&str]) -> anyhow::Result<serde_json::Value> {
+    built_page()?;
+    let driver = Chromedriver::start()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
+    let tab = driver.open(flags).await?;
+    tab.goto(&format!("{url}?join=1&hang={what}")).await?;
+    wait_until("the round", RUN_LIMIT, || {
+        running.state.status().phase == Phase::Finished
+    })
+    .await?;
+    let figures = page_figures(&tab).await?;
+    tab.close().await?;
+    running.server.abort();
+    Ok(figures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_that_never_answers_leaves_the_tab_training_from_memory() -> anyhow::Result<()> {
+    let figures = a_tab_goes_on_without("storage", &[]).await?;
+    let problem = figures["cacheProblem"].as_str().unwrap_or_default();
+    assert!(problem.contains("did not answer"), "{figures}");
+    assert_eq!(figures["hops"], 2, "{figures}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_request_that_never_answers_leaves_the_tab_on_the_cpu() -> anyhow::Result<()> {
+    let figures = a_tab_goes_on_without("adapter", &["--enable-unsafe-webgpu"]).await?;
+    assert_eq!(figures["backend"]["name"], "flex", "{figures}");
+    let reason = figures["backend"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("did not answer"), "{figures}");
+    assert_eq!(figures["hops"], 2, "{figures}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_fetch_that_never_answers_is_retried_by_joining_again() -> anyhow::Result<()> {
+    let figures = a_tab_goes_on_without("shard", &[]).await?;
+    let notes = figures["notes"].to_string();
+    assert!(
+        notes.contains("fetching the shard did not answer"),
+        "{figures}"
+    );
+    // It came back as itself (its token), and trained.
+    assert_eq!(figures["clientId"], 1, "{figures}");
+    assert_eq!(figures["hops"], 2, "{figures}");
+    Ok(())
+}

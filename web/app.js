@@ -186,6 +186,12 @@ worker.onmessage = (event) => {
       break;
     case 'left': $('status').textContent = 'left the federation'; break;
     case 'error': $('status').textContent = `error: ${m.text}`; break;
+    case 'note':
+      // Something the browser did not do (a call that never answered),
+      // and what the tab did instead.
+      (page.notes = page.notes || []).push(m.text);
+      banner(m.text, 'note');
+      break;
   }
 };
 
@@ -200,6 +206,7 @@ function join() {
   worker.postMessage({
     type: 'join', url, preference: params.get('backend') || 'auto', resume, labelReport,
     loseGpu: params.get('lose-gpu') === '1', workers: Number($('cores').value) || 1,
+    hang: params.get('hang'),
     breakWorker: params.get('break-worker'),
   });
   $('join').disabled = true;

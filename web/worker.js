@@ -20,6 +20,35 @@ let queue = Promise.resolve();
 
 const say = (message, transfer) => postMessage(message, transfer || []);
 
+// --- Every promise the tab waits on from the browser has a time limit. ---
+// A call that never answers (an IndexedDB open whose request fires
+// neither success nor error, an adapter request that never settles, a
+// fetch that stalls) is the same failure as one that throws, and takes
+// the same fallback.
+const LIMITS = {
+  module: 120000, // compiling the 14 MB module on a slow phone
+  adapter: 5000,
+  backend: 60000, // the backend trial: a few batches on each backend
+  storage: 3000,
+  shard: 30000,
+  connect: 15000,
+};
+
+/** `promise`, or a rejection naming `what` once `ms` have passed without an answer. */
+function within(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not answer within ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+// The page's `?hang=storage,adapter,shard`: those browser calls never
+// answer (the way to see, and test, that the tab goes on without them).
+// A shard fetch hangs once.
+const hang = new Set();
+const never = () => new Promise(() => {});
+
 // --- Cores lent: a hop on the CPU trained by several workers at once. ---
 // This worker holds replica 0 of the hop; each helper (replica.js) one
 // other. Every step each computes the gradients of its slice of the batch,
@@ -165,6 +194,7 @@ onmessage = (event) => {
     resumeToken = m.resume || null;
     labelReport = m.labelReport || null;
     loseGpu = Boolean(m.loseGpu);
+    for (const what of String(m.hang || '').split(',').filter(Boolean)) hang.add(what);
     if (m.workers) lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.workers)) || 1));
     breakWorker = m.breakWorker || null;
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
@@ -186,7 +216,12 @@ onmessage = (event) => {
 async function join(preference) {
   if (!backend) {
     const started = performance.now();
-    await init();
+    try {
+      await within(init(), LIMITS.module, 'loading the training module');
+    } catch (e) {
+      say({ type: 'note', text: `${e.message || e}; reload the page to try again` });
+      throw e;
+    }
     say({ type: 'status', text: 'choosing where to train…' });
     backend = await pickBackend(preference);
     say({
@@ -210,7 +245,8 @@ async function pickBackend(preference) {
     error = 'this browser has no WebGPU';
   } else {
     try {
-      const adapter = await navigator.gpu.requestAdapter();
+      const asked = hang.has('adapter') ? never() : navigator.gpu.requestAdapter();
+      const adapter = await within(asked, LIMITS.adapter, 'the browser, asked for a GPU adapter,');
       if (!adapter) {
         error = 'the browser offered no adapter';
       } else {
@@ -222,7 +258,12 @@ async function pickBackend(preference) {
       error = `asking for an adapter failed: ${e}`;
     }
   }
-  return choose_backend(preference || 'auto', label, fallback, error);
+  try {
+    return await within(choose_backend(preference || 'auto', label, fallback, error), LIMITS.backend, 'the backend trial');
+  } catch (e) {
+    // WebGPU's device or trial never answered: the CPU needs neither.
+    return choose_backend('cpu', label, fallback, String(e.message || e));
+  }
 }
 
 function connect() {
@@ -231,6 +272,10 @@ function connect() {
   if (labelReport) client.reuse_label_report(labelReport);
   socket = new WebSocket(url);
   socket.binaryType = 'arraybuffer';
+  // A connection that neither opens nor fails is given up like one that
+  // fails: closing it retries with back-off.
+  const opening = socket;
+  setTimeout(() => { if (opening.readyState === WebSocket.CONNECTING) opening.close(); }, LIMITS.connect);
   socket.onopen = () => {
     backoff = 250;
     say({ type: 'connected' });
@@ -272,24 +317,32 @@ async function addSample(pixels, label) {
 // --- The shard cache: IndexedDB, so a reload does not fetch it again. ---
 
 function openCache() {
-  return new Promise((resolve, reject) => {
+  if (hang.has('storage')) return within(never(), LIMITS.storage, 'the browser\'s storage');
+  return within(new Promise((resolve, reject) => {
     const request = indexedDB.open('astraea', 1);
     request.onupgradeneeded = () => request.result.createObjectStore('shards');
     request.onsuccess = () => resolve(request.result);
     request.onerror = () => reject(request.error);
-  });
+    request.onblocked = () => reject(new Error('the browser\'s storage is blocked by another tab'));
+  }), LIMITS.storage, 'the browser\'s storage');
 }
 
 // Resolves once the transaction has committed (a write refused for want of
 // quota aborts the transaction after its request succeeded).
 function cacheOp(mode, op) {
-  return openCache().then((db) => new Promise((resolve, reject) => {
+  return openCache().then((db) => within(new Promise((resolve, reject) => {
     const tx = db.transaction('shards', mode);
     const request = op(tx.objectStore('shards'));
     tx.oncomplete = () => resolve(request.result);
     tx.onabort = () => reject(tx.error || request.error || new Error('the transaction was aborted'));
     tx.onerror = () => reject(tx.error || request.error);
-  }));
+  }), LIMITS.storage, 'the browser\'s storage'));
+}
+
+/** What went wrong with storage, in words: a DOMException's name, else the message. */
+function storageProblem(e) {
+  if (e && e.name && e.name !== 'Error') return e.name;
+  return (e && e.message) || String(e);
 }
 
 /** A key naming the shard's content: dataset, size and a hash of its indices. */
@@ -312,16 +365,31 @@ async function loadShard(action) {
   try {
     const cached = await cacheOp('readonly', (store) => store.get(key));
     if (cached) bytes = new Uint8Array(cached);
-  } catch (e) { cacheProblem = (e && (e.name || e.message)) || String(e); }
+  } catch (e) { cacheProblem = storageProblem(e); }
   const cached = bytes !== null;
   if (!cached) {
     say({ type: 'status', text: `fetching a shard of ${action.indices.length} samples` });
-    const response = await fetch(`/api/shard/${client.client_id()}`);
-    if (!response.ok) throw new Error(`shard: ${response.status} ${await response.text()}`);
-    bytes = new Uint8Array(await response.arrayBuffer());
     try {
-      await cacheOp('readwrite', (store) => store.put(bytes.buffer, key));
-    } catch (e) { cacheProblem = cacheProblem || (e && (e.name || e.message)) || String(e); }
+      const asked = hang.has('shard') ? never() : fetch(`/api/shard/${client.client_id()}`);
+      hang.delete('shard');
+      bytes = await within(asked.then(async (response) => {
+        if (!response.ok) throw new Error(`shard: ${response.status} ${await response.text()}`);
+        return new Uint8Array(await response.arrayBuffer());
+      }), LIMITS.shard, 'fetching the shard');
+    } catch (e) {
+      // Without its data the tab cannot report ready, and the server
+      // would wait on it: it leaves and joins again as itself (its
+      // token), which sends the shard's spec afresh.
+      say({ type: 'note', text: `${e.message || e}; joining again` });
+      if (socket) socket.close();
+      return;
+    }
+    // Storage that failed or never answered a moment ago is not asked again.
+    if (!cacheProblem) {
+      try {
+        await cacheOp('readwrite', (store) => store.put(bytes.buffer, key));
+      } catch (e) { cacheProblem = storageProblem(e); }
+    }
   }
   await run(client.set_shard(bytes));
   if (drawn.labels.length) {
