@@ -479,12 +479,17 @@ async fn a_worker_that_goes_silent_mid_hop_costs_the_split_not_the_hop() -> anyh
 }
 
 /// A tab (with Chromium `flags`) whose browser never answers `what`
-/// (`?hang=`: the storage, the GPU adapter request, the shard's fetch):
-/// the round still finishes. Returns the page's figures.
-async fn a_tab_goes_on_without(what: &str, flags: &[&str]) -> anyhow::Result<serde_json::Value> {
+/// (`?hang=`: the storage, the GPU adapter request, the shard's fetch, a
+/// hop's training): the run of `rounds` rounds still finishes. Returns the
+/// page's figures.
+async fn a_tab_goes_on_without(
+    what: &str,
+    flags: &[&str],
+    rounds: u32,
+) -> anyhow::Result<serde_json::Value> {
     built_page()?;
     let driver = Chromedriver::start()?;
-    let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
+    let (running, url) = serve_on_loopback(demo_config(1, 600, rounds, 1)).await?;
     let tab = driver.open(flags).await?;
     tab.goto(&format!("{url}?join=1&hang={what}")).await?;
     wait_until("the round", RUN_LIMIT, || {
@@ -499,7 +504,7 @@ async fn a_tab_goes_on_without(what: &str, flags: &[&str]) -> anyhow::Result<ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_that_never_answers_leaves_the_tab_training_from_memory() -> anyhow::Result<()> {
-    let figures = a_tab_goes_on_without("storage", &[]).await?;
+    let figures = a_tab_goes_on_without("storage", &[], 1).await?;
     let problem = figures["cacheProblem"].as_str().unwrap_or_default();
     assert!(problem.contains("did not answer"), "{figures}");
     assert_eq!(figures["hops"], 2, "{figures}");
@@ -508,7 +513,7 @@ async fn storage_that_never_answers_leaves_the_tab_training_from_memory() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adapter_request_that_never_answers_leaves_the_tab_on_the_cpu() -> anyhow::Result<()> {
-    let figures = a_tab_goes_on_without("adapter", &["--enable-unsafe-webgpu"]).await?;
+    let figures = a_tab_goes_on_without("adapter", &["--enable-unsafe-webgpu"], 1).await?;
     assert_eq!(figures["backend"]["name"], "flex", "{figures}");
     let reason = figures["backend"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("did not answer"), "{figures}");
@@ -518,7 +523,7 @@ async fn an_adapter_request_that_never_answers_leaves_the_tab_on_the_cpu() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_fetch_that_never_answers_is_retried_by_joining_again() -> anyhow::Result<()> {
-    let figures = a_tab_goes_on_without("shard", &[]).await?;
+    let figures = a_tab_goes_on_without("shard", &[], 1).await?;
     let notes = figures["notes"].to_string();
     assert!(
         notes.contains("fetching the shard did not answer"),
@@ -527,5 +532,22 @@ async fn a_shard_fetch_that_never_answers_is_retried_by_joining_again() -> anyho
     // It came back as itself (its token), and trained.
     assert_eq!(figures["clientId"], 1, "{figures}");
     assert_eq!(figures["hops"], 2, "{figures}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_whose_training_never_answers_is_given_up_and_the_tab_joins_again()
+-> anyhow::Result<()> {
+    // The first hop's training never settles (as a GPU whose read back
+    // never returns): after the stall timeout the tab gives it up, takes
+    // the CPU, joins again as itself and trains in the next round (the
+    // first one's chain lost its other hop to the reconnection).
+    let figures = a_tab_goes_on_without("hop", &[], 2).await?;
+    let notes = figures["notes"].to_string();
+    assert!(notes.contains("stopped answering"), "{figures}");
+    assert_eq!(figures["clientId"], 1, "{figures}");
+    // Round 2's two hops at least (round 1's second may be trained too,
+    // if the tab was back before the server gave it up).
+    assert!(figures["hops"].as_u64() >= Some(2), "{figures}");
     Ok(())
 }

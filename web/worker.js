@@ -1,7 +1,7 @@
 // The tab's federation client, off the page's thread: it owns the socket,
 // the WebAssembly client and the chosen backend, and tells the page what
 // happens. Training blocks this worker, never the page.
-import init, { WasmClient, WasmReplica, choose_backend } from './pkg/astraea_client.js';
+import init, { Backend, WasmClient, WasmReplica, choose_backend } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
@@ -32,7 +32,27 @@ const LIMITS = {
   storage: 3000,
   shard: 30000,
   connect: 15000,
+  hop: 60000, // a hop without a step, when the server sets no stall timeout
 };
+
+/**
+ * A hop's training, or a rejection once no step has come for `ms`
+ * (`lastStep()`: when the last one came): a GPU whose read back never
+ * returns leaves the hop's promise pending for ever.
+ */
+function watched(training, ms, lastStep) {
+  return new Promise((resolve, reject) => {
+    const timer = setInterval(() => {
+      if (performance.now() - lastStep() > ms) {
+        clearInterval(timer);
+        reject(new HopStalled(`the training stopped answering for ${ms / 1000} s`));
+      }
+    }, 250);
+    training.then((v) => { clearInterval(timer); resolve(v); }, (e) => { clearInterval(timer); reject(e); });
+  });
+}
+
+class HopStalled extends Error {}
 
 /** `promise`, or a rejection naming `what` once `ms` have passed without an answer. */
 function within(promise, ms, what) {
@@ -407,8 +427,10 @@ async function train(action) {
   const started = performance.now();
   let lastPost = 0;
   let lastBeat = 0; // the first step beats at once
+  let lastStepAt = started;
   let losses = [];
   const onStep = (p) => {
+    lastStepAt = performance.now();
     losses.push(p.loss);
     if (loseGpu && gpuDevice && backend.name === 'webgpu') {
       const device = gpuDevice;
@@ -450,7 +472,24 @@ async function train(action) {
       losses = [];
     }
   }
-  if (answer === null) answer = await client.train(action.task, action.weights, onStep);
+  if (answer === null) {
+    // A hop that stops stepping (the server skips it after the stall
+    // timeout) is given up here too: the module is stuck inside it, so a
+    // fresh client on the CPU joins again as this tab (its token).
+    const training = hang.has('hop') ? never() : client.train(action.task, action.weights, onStep);
+    hang.delete('hop');
+    try {
+      answer = await watched(training, task.stall_ms || LIMITS.hop, () => lastStepAt);
+    } catch (e) {
+      if (!(e instanceof HopStalled)) throw e;
+      const reason = `${e.message}; this tab now trains on the CPU`;
+      backend = Backend.cpu();
+      say({ type: 'backend', name: backend.name, adapter: '', reason, fellBack: true });
+      say({ type: 'note', text: `${reason}, and joins again` });
+      if (socket) socket.close();
+      return;
+    }
+  }
   // WebGPU failed mid-hop and the hop was trained again on the CPU: the
   // tab stays there, on this connection and the next.
   const fell = client.take_fallback();
