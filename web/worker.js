@@ -91,13 +91,20 @@ let breakWorker = null;
 // same failure as one that throws.
 const STEP_LIMIT_MS = 4000;
 
+// A helper's failure, as opposed to any other error of a split hop.
+class HelperFailed extends Error {}
+
 function spawnHelper() {
-  const helper = { worker: new Worker('replica.js', { type: 'module' }), inbox: [], wake: null, ready: false };
+  const helper = {
+    worker: new Worker('replica.js', { type: 'module' }), inbox: [], wake: null, ready: false, broken: false,
+  };
   const deliver = (message) => {
     if (message.type === 'ready') {
       helper.ready = true;
       return;
     }
+    // A failure outside any hop (its module did not load): never ready.
+    if (message.type === 'failed' && message.seq === undefined) helper.broken = true;
     helper.inbox.push(message);
     if (helper.wake) helper.wake();
   };
@@ -110,12 +117,12 @@ function spawnHelper() {
 /** The helper's next message of hop `seq`, or a failure after `ms`. */
 function receive(helper, seq, ms) {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => { helper.wake = null; reject(new Error('a training worker did not answer')); }, ms);
+    const timer = setTimeout(() => { helper.wake = null; reject(new HelperFailed('a training worker did not answer')); }, ms);
     const look = () => {
       while (helper.inbox.length) {
         const m = helper.inbox.shift();
         if (m.type === 'failed' && (m.seq === undefined || m.seq === seq)) {
-          clearTimeout(timer); helper.wake = null; reject(new Error(m.error)); return;
+          clearTimeout(timer); helper.wake = null; reject(new HelperFailed(m.error)); return;
         }
         if (m.seq === seq) { clearTimeout(timer); helper.wake = null; resolve(m); return; }
       }
@@ -130,28 +137,38 @@ function dismissHelpers() {
   helpers = [];
 }
 
-/** Whether every helper has loaded, waiting at most `ms` for them. */
-async function helpersReady(ms) {
+/**
+ * Whether every helper of `team` has loaded, waiting at most `ms` for
+ * them; throws if one never will.
+ */
+async function helpersReady(team, ms) {
   const until = performance.now() + ms;
-  while (!helpers.every((h) => h.ready) && performance.now() < until) {
+  for (;;) {
+    if (team.some((h) => h.broken)) throw new HelperFailed('a training worker did not load');
+    if (team.every((h) => h.ready)) return true;
+    if (performance.now() >= until) return false;
     await new Promise((resolve) => { setTimeout(resolve, 25); });
   }
-  return helpers.every((h) => h.ready);
 }
 
-/** Starts or ends helpers so that there are `lent - 1`, loading meanwhile. */
+// A split hop is under way: the helpers it uses are not changed until it ends.
+let splitting = false;
+
+/** Starts or ends helpers so that there are `lent - 1`, loading meanwhile (after a split hop ends). */
 function staffHelpers() {
+  if (splitting) return;
   while (helpers.length < lent - 1) helpers.push(spawnHelper());
   while (helpers.length > lent - 1) helpers.pop().worker.terminate();
 }
 
-/** Trains the hop with `n` workers (this one and n - 1 helpers); the update's actions. */
-async function trainReplicated(action, n, onStep, limitMs) {
-  const model = client.model_json();
-  const data = client.training_data();
+/** Trains the hop with `c` and the helpers of `team`; the update's actions. */
+async function trainReplicated(c, team, action, onStep, limitMs) {
+  const n = team.length + 1;
+  const model = c.model_json();
+  const data = c.training_data();
   const seq = ++hopSeq;
   const started = performance.now();
-  helpers.forEach((helper, i) => {
+  team.forEach((helper, i) => {
     helper.inbox = [];
     helper.worker.postMessage({
       type: 'hop', seq, model, task: action.task, weights: action.weights,
@@ -164,21 +181,21 @@ async function trainReplicated(action, n, onStep, limitMs) {
   try {
     for (;;) {
       const step = own.gradients();
-      const replies = await Promise.all(helpers.map((h) => receive(h, seq, limitMs)));
+      const replies = await Promise.all(team.map((h) => receive(h, seq, limitMs)));
       if (step === null) break;
       const sum = step.grads;
       let loss = step.loss;
       for (const reply of replies) {
-        if (reply.type !== 'grads' || reply.grads.length !== sum.length) throw new Error('a training worker fell out of step');
+        if (reply.type !== 'grads' || reply.grads.length !== sum.length) throw new HelperFailed('a training worker fell out of step');
         const grads = reply.grads;
         for (let k = 0; k < sum.length; k += 1) sum[k] += grads[k];
         loss += reply.loss;
       }
-      for (const helper of helpers) helper.worker.postMessage({ type: 'sum', seq, values: sum });
+      for (const helper of team) helper.worker.postMessage({ type: 'sum', seq, values: sum });
       own.apply(sum);
-      if (breakWorker && helpers.length) {
-        if (breakWorker === 'silent') helpers[0].worker.terminate();
-        else helpers[0].worker.postMessage({ type: 'sum', seq, values: new Float32Array(1) });
+      if (breakWorker && team.length) {
+        if (breakWorker === 'silent') team[0].worker.terminate();
+        else team[0].worker.postMessage({ type: 'sum', seq, values: new Float32Array(1) });
         breakWorker = null;
       }
       lossSum += loss;
@@ -186,7 +203,7 @@ async function trainReplicated(action, n, onStep, limitMs) {
       onStep({ epoch: step.epoch, epochs: step.epochs, batch: step.batch, batches: step.batches, loss, progress: step.progress });
     }
     const weights = own.finish();
-    return client.finish_hop(action.task, weights, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
+    return c.finish_hop(action.task, weights, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
   } finally {
     own.free();
   }
@@ -389,14 +406,17 @@ async function loadShard(action) {
   const cached = bytes !== null;
   if (!cached) {
     say({ type: 'status', text: `fetching a shard of ${action.indices.length} samples` });
+    // A fetch given up is aborted, not left to download.
+    const fetching = new AbortController();
     try {
-      const asked = hang.has('shard') ? never() : fetch(`/api/shard/${client.client_id()}`);
+      const asked = hang.has('shard') ? never() : fetch(`/api/shard/${client.client_id()}`, { signal: fetching.signal });
       hang.delete('shard');
       bytes = await within(asked.then(async (response) => {
         if (!response.ok) throw new Error(`shard: ${response.status} ${await response.text()}`);
         return new Uint8Array(await response.arrayBuffer());
       }), LIMITS.shard, 'fetching the shard');
     } catch (e) {
+      fetching.abort();
       // Without its data the tab cannot report ready, and the server
       // would wait on it: it leaves and joins again as itself (its
       // token), which sends the shard's spec afresh.
@@ -425,11 +445,18 @@ async function train(action) {
   const task = JSON.parse(action.task);
   say({ type: 'task', round: task.round, hop: task.hop, place: task.place || null, epochs: task.epochs });
   const started = performance.now();
+  // The client and socket of this hop: a reconnection meanwhile replaces
+  // the globals, and this hop's update belongs to the client it came to.
+  const c = client;
+  const mySocket = socket;
   let lastPost = 0;
   let lastBeat = 0; // the first step beats at once
   let lastStepAt = started;
+  let abandoned = false;
   let losses = [];
   const onStep = (p) => {
+    // A hop given up as stalled that steps after all says nothing more.
+    if (abandoned) return;
     lastStepAt = performance.now();
     losses.push(p.loss);
     if (loseGpu && gpuDevice && backend.name === 'webgpu') {
@@ -441,9 +468,9 @@ async function train(action) {
     // The heartbeat, from the worker itself (the page's timers are
     // throttled in a hidden tab): at most one a second, well inside the
     // server's task.stall_ms.
-    if (now - lastBeat > 1000 && socket && socket.readyState === WebSocket.OPEN) {
+    if (now - lastBeat > 1000 && mySocket && mySocket.readyState === WebSocket.OPEN) {
       lastBeat = now;
-      socket.send(p.progress);
+      mySocket.send(p.progress);
     }
     const last = p.epoch === p.epochs - 1 && p.batch === p.batches - 1;
     // At most ~8 messages a second: a fast CPU takes hundreds of steps a
@@ -459,40 +486,51 @@ async function train(action) {
   const limitMs = Math.min(STEP_LIMIT_MS, task.stall_ms ? task.stall_ms / 2 : STEP_LIMIT_MS);
   // Split only between helpers that have loaded (they started loading when
   // the cores were lent; a hop waits a little for them, else trains alone).
-  if (workers > 1 && helpers.length === workers - 1 && await helpersReady(limitMs)) {
+  // The helpers of this hop, whatever the volunteer lends meanwhile (it
+  // takes effect once the hop is over).
+  const team = helpers.slice();
+  if (workers > 1 && team.length === workers - 1) {
+    splitting = true;
     try {
-      answer = await trainReplicated(action, workers, onStep, limitMs);
-      say({ type: 'workers', n: workers });
+      if (await helpersReady(team, limitMs)) {
+        answer = await trainReplicated(c, team, action, onStep, limitMs);
+        say({ type: 'workers', n: workers });
+      }
     } catch (e) {
-      // A helper died, threw, or went silent: the cores it lent are given
-      // up, and the hop is trained again here, alone; the hop is never lost.
-      dismissHelpers();
+      if (!(e instanceof HelperFailed)) throw e;
+      // A helper died, threw, went silent or never loaded: the cores it
+      // lent are given up, and the hop is trained again here, alone; the
+      // hop is never lost.
       lent = 1;
       say({ type: 'workers', n: 1, reason: `a training worker failed (${e.message || e}); this tab now trains on one core` });
       losses = [];
+    } finally {
+      splitting = false;
+      staffHelpers();
     }
   }
   if (answer === null) {
     // A hop that stops stepping (the server skips it after the stall
     // timeout) is given up here too: the module is stuck inside it, so a
     // fresh client on the CPU joins again as this tab (its token).
-    const training = hang.has('hop') ? never() : client.train(action.task, action.weights, onStep);
+    const training = hang.has('hop') ? never() : c.train(action.task, action.weights, onStep);
     hang.delete('hop');
     try {
       answer = await watched(training, task.stall_ms || LIMITS.hop, () => lastStepAt);
     } catch (e) {
       if (!(e instanceof HopStalled)) throw e;
+      abandoned = true;
       const reason = `${e.message}; this tab now trains on the CPU`;
       backend = Backend.cpu();
       say({ type: 'backend', name: backend.name, adapter: '', reason, fellBack: true });
       say({ type: 'note', text: `${reason}, and joins again` });
-      if (socket) socket.close();
+      if (mySocket) mySocket.close();
       return;
     }
   }
   // WebGPU failed mid-hop and the hop was trained again on the CPU: the
   // tab stays there, on this connection and the next.
-  const fell = client.take_fallback();
+  const fell = c.take_fallback();
   if (fell) {
     backend = fell;
     say({ type: 'backend', name: fell.name, adapter: fell.adapter, reason: fell.reason, fellBack: true });

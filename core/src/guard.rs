@@ -17,14 +17,17 @@
 //! client can stand out: on long-tailed shards a client whose classes the
 //! model knows least moves it most, and late in a run, when most hops
 //! barely move it, such a hop is ten times the median. So rule 3 refuses
-//! the hop but keeps the client, as the loss rule does (its streak of
-//! refusals benches it for a while: `engine::draw::Standing`), and its
+//! the hop but keeps the client, as the loss rule does (without benching
+//! it: a refusal here costs the chain only the refused hop, judged where
+//! it enters, while the loss rule's costs the next member's too), and its
 //! median is taken over every hop it judged, refused or not, in earlier
 //! rounds ([`crate::settled`]): were refused hops left out, a run whose
 //! honest hops grew past ten times the old median would refuse them for
 //! ever (it did: a long-tailed run turned five of its six clients away
 //! within 1.5 s at round 628, docs/RESULTS.md). An attacking minority
-//! cannot move a median far.
+//! cannot move a median far. A hop that leaves the model where it was
+//! (an echo, a free rider) is no evidence of how far hops move it and
+//! stays out of the window.
 //!
 //! Rule 3 drops a client only for its record ([`OutlierRecord`]): at least
 //! [`MIN_REPEATED`] of its hops and at least a third of those rule 3 judged
@@ -33,8 +36,12 @@
 //! their hops and are dropped after a few; the most outlying honest client
 //! of a long-tailed run stood out in under a tenth of its hops; and when
 //! every client's hops grow at once, the median client's share rises with
-//! theirs and nobody is dropped. The records are the server's since it
-//! started (a restart forgets them, so drops nobody sooner).
+//! theirs and nobody is dropped. The median is over the clients judged in
+//! the last [`RECORD_ROUNDS`] rounds and not dropped (a dropped client that
+//! joins again under a new id does not count twice), and records older
+//! than that are forgotten, so memory stays bounded. The records are the
+//! server's since it started: a restart forgets them, and a client's
+//! evidence starts again.
 //!
 //! The window is saved with every completed round and restored on resume,
 //! so a restart does not open a window without it.
@@ -111,6 +118,14 @@ impl GuardRefusal {
 /// Refusals by rule 3 a client needs before its record can drop it.
 pub const MIN_REPEATED: u32 = 3;
 
+/// Rounds a client's record is kept without a hop judged, and counts in
+/// the median client's share.
+pub const RECORD_ROUNDS: u64 = 100;
+
+/// A move below this share of the model's norm (at least 1) leaves the
+/// model where it was: no evidence for rule 3.
+const STILL: f64 = 1e-7;
+
 /// A client's record with rule 3, kept by the driver across its
 /// reconnections: its hops the rule judged (once a median existed) and
 /// refused.
@@ -120,6 +135,8 @@ pub struct OutlierRecord {
     pub judged: u32,
     /// Of those, refused.
     pub refused: u32,
+    /// The guard's settled-round count when it last judged one.
+    pub last_round: u64,
 }
 
 impl OutlierRecord {
@@ -149,6 +166,8 @@ struct Rule3 {
     window: SettledWindow,
     records: std::collections::HashMap<u64, OutlierRecord>,
     median_share: f64,
+    /// Rounds settled so far.
+    rounds: u64,
 }
 
 /// The three rules, and the distances of recent hops rule 3 judges against.
@@ -170,6 +189,7 @@ impl UpdateGuard {
                 window: SettledWindow::new(window, min_history),
                 records: std::collections::HashMap::new(),
                 median_share: 1.0,
+                rounds: 0,
             }),
             factor,
             max_ratio,
@@ -207,6 +227,18 @@ impl UpdateGuard {
     }
 
     fn judge(&self, sent: &[f32], new: &[f32], client: Option<u64>) -> Result<f64, GuardRefusal> {
+        let verdict = self.rules(sent, new, client);
+        // A dropped client's record no longer counts (it may come back
+        // under a new id, with a record of its own).
+        if let (Err(refusal), Some(client)) = (&verdict, client)
+            && refusal.drops_client()
+        {
+            self.rule3().records.remove(&client);
+        }
+        verdict
+    }
+
+    fn rules(&self, sent: &[f32], new: &[f32], client: Option<u64>) -> Result<f64, GuardRefusal> {
         if let Err(index) = check_weights(new) {
             return Err(GuardRefusal::OutOfBounds {
                 index,
@@ -224,6 +256,9 @@ impl UpdateGuard {
                 max_ratio: self.max_ratio,
             });
         }
+        if norm <= STILL * model_norm.max(1.0) {
+            return Ok(norm);
+        }
         let mut rule3 = self.rule3();
         rule3.window.push(norm);
         let Some(median) = rule3.window.median() else {
@@ -231,11 +266,13 @@ impl UpdateGuard {
         };
         let refused = norm > self.factor * median;
         let median_share = rule3.median_share;
+        let rounds = rule3.rounds;
         let mut record = OutlierRecord::default();
         if let Some(client) = client {
             let kept = rule3.records.entry(client).or_default();
             kept.judged = kept.judged.saturating_add(1);
             kept.refused = kept.refused.saturating_add(u32::from(refused));
+            kept.last_round = rounds;
             record = *kept;
         }
         if !refused {
@@ -261,11 +298,20 @@ impl UpdateGuard {
     pub fn settle(&self) {
         let mut rule3 = self.rule3();
         rule3.window.settle();
+        rule3.rounds += 1;
+        let oldest = rule3.rounds.saturating_sub(RECORD_ROUNDS);
+        rule3.records.retain(|_, r| r.last_round >= oldest);
         let mut shares: Vec<f64> = rule3.records.values().map(OutlierRecord::share).collect();
         if !shares.is_empty() {
             shares.sort_by(f64::total_cmp);
             rule3.median_share = shares[shares.len() / 2];
         }
+    }
+
+    /// Clients whose records rule 3 keeps (at most those judged in the last
+    /// [`RECORD_ROUNDS`] rounds).
+    pub fn records(&self) -> usize {
+        self.rule3().records.len()
     }
 
     /// The settled distances it remembers, oldest first, to be saved.
@@ -507,6 +553,78 @@ mod tests {
         assert!(!outcomes[1].iter().any(dropping));
         assert_eq!(outcomes[1].iter().filter(|o| o.is_err()).count(), 5);
         assert!(outcomes[2..].iter().flatten().all(Result::is_ok));
+    }
+
+    #[test]
+    fn an_attacker_joining_again_under_new_ids_is_dropped_every_time() {
+        // Prepare: six honest clients a round, and one scaled attacker
+        // that joins again under a new id whenever it is dropped (the
+        // bug: the dropped identities' records kept counting, their share
+        // of refusals lifted the median client's past a tenth, and nobody
+        // was dropped again).
+        let (guard, sent) = median_rule(100, 5);
+        let mut attacker = 100u64;
+        let mut drops = 0;
+
+        // Execute
+        for round in 0..80 {
+            for client in 0..6u64 {
+                let honest = 1.0 + 0.05 * ((round + client as usize) % 4) as f64;
+                guard
+                    .check_client(&sent, &by(&sent, honest), client)
+                    .unwrap();
+            }
+            let outcome = guard.check_client(&sent, &by(&sent, 20.0), attacker);
+            if outcome.is_err_and(|r| r.drops_client()) {
+                drops += 1;
+                attacker += 1;
+            }
+            guard.settle();
+        }
+
+        // Assert: after the first round (no median), each identity lasts
+        // three refusals: 79 judged hops, 26 drops.
+        assert_eq!(drops, 26);
+    }
+
+    #[test]
+    fn hops_that_leave_the_model_where_it_was_do_not_pull_the_median_down() {
+        // Prepare: a majority of echoes (distance 0) beside honest hops.
+        let (guard, sent) = median_rule(100, 5);
+        let mut refused = 0;
+
+        // Execute
+        for round in 0..20 {
+            for client in 0..10u64 {
+                let norm = if client < 7 {
+                    0.0
+                } else {
+                    1.0 + 0.1 * (round % 3) as f64
+                };
+                if guard.check_client(&sent, &by(&sent, norm), client).is_err() {
+                    refused += 1;
+                }
+            }
+            guard.settle();
+        }
+
+        // Assert
+        assert_eq!(refused, 0);
+    }
+
+    #[test]
+    fn records_of_clients_gone_for_long_are_forgotten() {
+        let (guard, sent) = median_rule(100, 1);
+        for round in 0..300u64 {
+            // A new client every round, each judged once.
+            guard.check_client(&sent, &by(&sent, 1.0), round).unwrap();
+            guard.settle();
+        }
+        assert!(
+            guard.records() <= RECORD_ROUNDS as usize + 1,
+            "{}",
+            guard.records()
+        );
     }
 
     #[test]

@@ -472,9 +472,9 @@ impl<'a> Replica<'a> {
         device: &'a Device,
         (index, of): (usize, usize),
     ) -> Result<Self, WeightsError> {
+        check_share(index, of)?;
         let mut visit = Visit::new(model_config, weights, data, config, device)?;
-        let of = of.max(1);
-        visit.share = (index.min(of - 1), of);
+        visit.share = (index, of);
         Ok(Self { visit })
     }
 
@@ -492,6 +492,7 @@ impl<'a> Replica<'a> {
         device: Device,
         (index, of): (usize, usize),
     ) -> Result<Replica<'static>, WeightsError> {
+        check_share(index, of)?;
         let mut visit = Visit::from_parts(
             Cow::Owned(model_config),
             weights,
@@ -499,8 +500,7 @@ impl<'a> Replica<'a> {
             Cow::Owned(config),
             Cow::Owned(device),
         )?;
-        let of = of.max(1);
-        visit.share = (index.min(of - 1), of);
+        visit.share = (index, of);
         Ok(Replica { visit })
     }
 
@@ -578,6 +578,16 @@ impl<'a> Replica<'a> {
     }
 }
 
+/// Replica `index` of `of` exists: two replicas computing one slice would
+/// count it twice.
+fn check_share(index: usize, of: usize) -> Result<(), WeightsError> {
+    if index < of && of <= MAX_REPLICAS {
+        Ok(())
+    } else {
+        Err(WeightsError::NoSuchReplica { index, of })
+    }
+}
+
 /// A model's gradients as one flat tensor, in parameter order (zeros for a
 /// parameter without a gradient).
 struct FlatGradients<'g> {
@@ -647,28 +657,38 @@ pub fn train_parallel(
             let (to_driver, from_helper) =
                 channel::<Result<Option<(Vec<f32>, f32)>, WeightsError>>();
             scope.spawn(move || {
-                let device = Device::flex().autodiff();
-                let mut replica = match Replica::new(
-                    model_config,
-                    weights,
-                    data,
-                    config,
-                    &device,
-                    (index, threads),
-                ) {
-                    Ok(replica) => replica,
-                    Err(e) => return drop(to_driver.send(Err(e))),
-                };
-                loop {
-                    let step = replica.gradients().map(|s| s.map(|(g, loss, _)| (g, loss)));
-                    let done = !matches!(step, Ok(Some(_)));
-                    if to_driver.send(step).is_err() || done {
-                        return;
+                // A panic in training is this replica's error, not the
+                // driver's: it hears of it as an error and stops.
+                let crashed = to_driver.clone();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let device = Device::flex().autodiff();
+                    let mut replica = match Replica::new(
+                        model_config,
+                        weights,
+                        data,
+                        config,
+                        &device,
+                        (index, threads),
+                    ) {
+                        Ok(replica) => replica,
+                        Err(e) => return drop(to_driver.send(Err(e))),
+                    };
+                    loop {
+                        let step = replica.gradients().map(|s| s.map(|(g, loss, _)| (g, loss)));
+                        let done = !matches!(step, Ok(Some(_)));
+                        if to_driver.send(step).is_err() || done {
+                            return;
+                        }
+                        let Ok(summed) = steps.recv() else { return };
+                        if replica.apply(&summed).is_err() {
+                            return;
+                        }
                     }
-                    let Ok(summed) = steps.recv() else { return };
-                    if replica.apply(&summed).is_err() {
-                        return;
-                    }
+                }));
+                if outcome.is_err() {
+                    let _ = crashed.send(Err(WeightsError::Readback(
+                        "a training thread panicked".into(),
+                    )));
                 }
             });
             helpers.push((to_helper, from_helper));
@@ -1096,7 +1116,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_refuses_a_sum_of_the_wrong_length() {
+    fn a_replica_refuses_a_sum_of_the_wrong_length_and_a_place_that_does_not_exist() {
         let model = ModelConfig::new(2);
         let initial = Weights::from_model(&model.init(&Device::flex()));
         let (images, labels) = halves(8);
@@ -1106,6 +1126,8 @@ mod tests {
         };
         let config = TrainConfig::default();
         let ad = Device::flex().autodiff();
+        // Two replicas computing one slice would count it twice.
+        assert!(Replica::new(&model, &initial, data, &config, &ad, (2, 2)).is_err());
         let mut replica = Replica::new(&model, &initial, data, &config, &ad, (0, 2)).unwrap();
         let (grads, _, _) = replica.gradients().unwrap().unwrap();
         assert_eq!(grads.len(), initial.values.len());

@@ -38,6 +38,15 @@ pub enum WeightsError {
         /// Its name in the model.
         name: String,
     },
+    /// A replica's place among the replicas of a visit is out of range
+    /// (`train::Replica`).
+    #[error("replica {index} of {of} does not exist")]
+    NoSuchReplica {
+        /// The replica asked for (from 0).
+        index: usize,
+        /// Replicas of the visit.
+        of: usize,
+    },
 }
 
 /// One parameter tensor's place in the flat vector.
