@@ -8,7 +8,11 @@
 //!   reload (shard from IndexedDB);
 //! - training samples per second in the tab on the CPU, on WebGPU (here
 //!   Chromium's software adapter), and in a native client on the same
-//!   model and shard.
+//!   model and shard;
+//! - the same model in TF.js on each of its backends, in the same browser
+//!   (`bench/tfjs/`; its npm packages are installed on first use).
+//!
+//! The tab's figures and TF.js's are measured in one run, side by side.
 
 use std::time::{Duration, Instant};
 
@@ -142,6 +146,86 @@ fn native_rate_here(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
     Ok(3.0 * train.len() as f64 / started.elapsed().as_secs_f64())
 }
 
+/// TF.js's samples per second on each backend (`None`: it could not run,
+/// with why), on the first `samples` MNIST training samples, in a tab of
+/// `driver`'s.
+async fn tfjs_rates(
+    driver: &Chromedriver,
+    samples: usize,
+) -> anyhow::Result<Vec<(String, Result<f64, String>)>> {
+    let root = astraea_e2e::repo_root();
+    let anchor = root.join("bench/tfjs");
+    if !anchor.join("node_modules/@tensorflow/tfjs").exists() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
+            .current_dir(&anchor)
+            .status()?;
+        anyhow::ensure!(status.success(), "npm ci in bench/tfjs failed");
+    }
+    let out = built_page()?.join("tfjs");
+    std::fs::create_dir_all(&out)?;
+    let modules = anchor.join("node_modules/@tensorflow");
+    for (from, name) in [
+        (anchor.join("index.html"), "index.html"),
+        (anchor.join("train.js"), "train.js"),
+        (modules.join("tfjs/dist/tf.min.js"), "tf.min.js"),
+        (
+            modules.join("tfjs-backend-wasm/dist/tf-backend-wasm.min.js"),
+            "tf-backend-wasm.min.js",
+        ),
+        (
+            modules.join("tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm"),
+            "tfjs-backend-wasm.wasm",
+        ),
+        (
+            modules.join("tfjs-backend-wasm/dist/tfjs-backend-wasm-simd.wasm"),
+            "tfjs-backend-wasm-simd.wasm",
+        ),
+        (
+            modules.join("tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm"),
+            "tfjs-backend-wasm-threaded-simd.wasm",
+        ),
+    ] {
+        std::fs::copy(&from, out.join(name))?;
+    }
+    let config = demo_config(1, samples, 1, 1);
+    let (train, _) = astraea_core::data::catalog::load_named(&config.dataset, &config.data_dir)?;
+    let train = train.subset(&(0..samples.min(train.len())).collect::<Vec<_>>());
+    std::fs::write(
+        out.join("data.bin"),
+        astraea_core::data::shard::encode_shard(&train),
+    )?;
+    let (running, url) = serve_on_loopback(config).await?;
+    let tab = driver.open(&["--enable-unsafe-webgpu"]).await?;
+    tab.goto(&format!("{url}tfjs/index.html")).await?;
+    let limit = Instant::now() + Duration::from_secs(900);
+    let results = loop {
+        anyhow::ensure!(Instant::now() < limit, "TF.js did not finish");
+        let results = tab
+            .execute("return window.tfjsResults || null;", vec![])
+            .await?;
+        if !results.is_null() {
+            break results;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tab.close().await?;
+    running.server.abort();
+    Ok(results
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| {
+            let backend = r["backend"].as_str().unwrap_or("?").to_string();
+            let rate = r["samplesPerS"]
+                .as_f64()
+                .ok_or_else(|| r["error"].as_str().unwrap_or("no figure").to_string());
+            (backend, rate)
+        })
+        .collect())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let dir = built_page()?;
@@ -154,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
     let webgpu = page_run(&driver, "backend=webgpu", &["--enable-unsafe-webgpu"], 100).await?;
     let two_workers = page_run(&driver, "backend=cpu&workers=2", &[], 2000).await?;
     let native_two = native_rate_replicated(2000, 2)?;
+    let tfjs = tfjs_rates(&driver, 2000).await?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let native = native_rate(2000, threads)?;
     let native_one = native_rate(2000, 1)?;
@@ -207,6 +292,26 @@ async fn main() -> anyhow::Result<()> {
         "| tab CPU, 2 workers / native, 2 threads split | {:.2}x |",
         two_workers.samples_per_s / native_two
     );
+    for (backend, rate) in &tfjs {
+        match rate {
+            Ok(rate) => println!(
+                "| TF.js {backend}: samples/s (same model, batch 20, Adam) / tab CPU, 1 worker (whole hops) | {rate:.0} / {:.1}x |",
+                cpu.samples_per_s / rate
+            ),
+            Err(why) => println!("| TF.js {backend} | could not run: {why} |"),
+        }
+    }
+    if let Some(best) = tfjs
+        .iter()
+        .filter_map(|(b, r)| r.as_ref().ok().map(|r| (b, *r)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        println!(
+            "| tab CPU, 1 worker / TF.js's best ({}) | {:.1}x |",
+            best.0,
+            cpu.samples_per_s / best.1
+        );
+    }
     println!(
         "| tab CPU (whole hops) / native, {threads} threads / 1 thread | {:.2}x / {:.2}x |",
         cpu.samples_per_s / native,
