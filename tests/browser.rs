@@ -425,7 +425,7 @@ async fn a_hop_split_between_two_web_workers_reaches_the_weights_of_one() -> any
     // The same seed, the same first model, whatever else the test process
     // started meanwhile (core::model::ModelConfig::init_seeded).
     assert_eq!(initial.values, initial_two.values);
-    assert_eq!(figures["workers"], 2, "{figures}");
+    assert!(figures["splitHops"].as_u64() >= Some(1), "{figures}");
     let distance = |a: &[f32], b: &[f32]| astraea_core::guard::delta_norm(a, b);
     let moved = distance(&one.values, &initial.values);
     let apart = distance(&one.values, &two.values);
@@ -549,5 +549,40 @@ async fn a_hop_whose_training_never_answers_is_given_up_and_the_tab_joins_again(
     // Round 2's two hops at least (round 1's second may be trained too,
     // if the tab was back before the server gave it up).
     assert!(figures["hops"].as_u64() >= Some(2), "{figures}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_lent_two_cores_measures_both_and_keeps_the_faster() -> anyhow::Result<()> {
+    // Prepare: one tab lent two cores, two rounds of two hops.
+    built_page()?;
+    let driver = Chromedriver::start()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 600, 2, 1)).await?;
+    let tab = driver.open(&[]).await?;
+
+    // Execute
+    tab.goto(&format!("{url}?join=1&backend=cpu&workers=2"))
+        .await?;
+    wait_until("the run", RUN_LIMIT, || {
+        running.state.status().phase == Phase::Finished
+    })
+    .await?;
+
+    // Assert: a split hop and a hop alone were measured, and the tab kept
+    // the faster (which one depends on the machine: two cores shared
+    // with the server here, where one worker wins).
+    let figures = page_figures(&tab).await?;
+    let chosen = &figures["workersChosen"];
+    let (split, alone) = (chosen["split"].as_f64(), chosen["alone"].as_f64());
+    let (Some(split), Some(alone)) = (split, alone) else {
+        panic!("no choice made: {figures}")
+    };
+    let faster = if split > alone { 2 } else { 1 };
+    assert_eq!(chosen["n"], faster, "{figures}");
+    assert_eq!(figures["workers"], faster, "{figures}");
+    let note = text_of(&tab, "cores-note").await?;
+    assert!(note.contains("samples/s"), "{note}");
+    tab.close().await?;
+    running.server.abort();
     Ok(())
 }

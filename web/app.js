@@ -91,6 +91,9 @@ worker.onmessage = (event) => {
     }
     case 'workers':
       page.workers = m.n;
+      if (m.chosen) page.workersChosen = m.chosen;
+      // A hop split between workers (the message after each, without a reason).
+      if (m.n > 1 && !m.reason) page.splitHops = (page.splitHops || 0) + 1;
       $('cores').value = String(m.n);
       $('cores-note').textContent = `training on ${m.n} core${m.n === 1 ? '' : 's'}` + (m.reason ? ` (${m.reason})` : '');
       break;

@@ -153,6 +153,12 @@ async function helpersReady(team, ms) {
 
 // A split hop is under way: the helpers it uses are not changed until it ends.
 let splitting = false;
+// More workers only where they are faster: whole-hop samples per second,
+// by the number of workers that trained the hop (the latest of each).
+// Once a split hop and a hop alone were both measured, the tab keeps the
+// faster; lending again measures again.
+let rates = {};
+let lentDecided = false;
 
 /** Starts or ends helpers so that there are `lent - 1`, loading meanwhile (after a split hop ends). */
 function staffHelpers() {
@@ -243,6 +249,8 @@ onmessage = (event) => {
     }
   } else if (m.type === 'lend') {
     lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.cores)) || 1));
+    rates = {};
+    lentDecided = false;
     if (backend && backend.name !== 'webgpu') staffHelpers();
   } else if (m.type === 'add-sample') {
     queue = queue.then(() => addSample(m.pixels, m.label))
@@ -441,6 +449,27 @@ async function loadShard(action) {
   say({ type: 'data', counts: Array.from(client.label_counts()), cached, bytes: bytes.length, drawn: drawn.labels.length, labelSpent: client.label_epsilon_spent(), labelReport: keepReport(), cacheProblem });
 }
 
+/**
+ * Notes the whole-hop rate of a hop trained by `n` workers; once a split
+ * hop and a hop alone were both measured, keeps the faster and says so.
+ */
+function chooseWorkers(n, rate) {
+  if (lent === 1 || lentDecided || backend.name === 'webgpu') return;
+  rates[n] = rate;
+  const split = rates[lent];
+  const alone = rates[1];
+  if (split === undefined || alone === undefined) return;
+  lentDecided = true;
+  const measured = `${lent} workers trained ${split.toFixed(0)} samples/s, one ${alone.toFixed(0)}`;
+  if (split > alone) {
+    say({ type: 'workers', n: lent, chosen: { n: lent, split, alone }, reason: `${measured}: this tab keeps ${lent}` });
+  } else {
+    lent = 1;
+    staffHelpers();
+    say({ type: 'workers', n: 1, chosen: { n: 1, split, alone }, reason: `${measured}: this tab keeps one` });
+  }
+}
+
 async function train(action) {
   const task = JSON.parse(action.task);
   say({ type: 'task', round: task.round, hop: task.hop, place: task.place || null, epochs: task.epochs });
@@ -481,7 +510,10 @@ async function train(action) {
       losses = [];
     }
   };
-  const workers = backend.name === 'webgpu' ? 1 : lent;
+  let workers = backend.name === 'webgpu' ? 1 : lent;
+  // A split hop was measured but no hop alone yet: this one trains alone,
+  // for the comparison.
+  if (workers > 1 && !lentDecided && rates[workers] !== undefined && rates[1] === undefined) workers = 1;
   let answer = null;
   const limitMs = Math.min(STEP_LIMIT_MS, task.stall_ms ? task.stall_ms / 2 : STEP_LIMIT_MS);
   // Split only between helpers that have loaded (they started loading when
@@ -536,10 +568,12 @@ async function train(action) {
     say({ type: 'backend', name: fell.name, adapter: fell.adapter, reason: fell.reason, fellBack: true });
   }
   const update = JSON.parse(answer[0].text);
+  const seconds = (performance.now() - started) / 1000;
   say({
     type: 'trained', round: task.round, samples: update.samples * task.epochs, loopSeconds: update.seconds,
-    loss: update.loss, seconds: (performance.now() - started) / 1000,
+    loss: update.loss, seconds,
   });
+  chooseWorkers(workers, (update.samples * task.epochs) / Math.max(seconds, 1e-3));
   await run(answer);
 }
 
