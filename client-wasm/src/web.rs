@@ -667,8 +667,7 @@ impl WasmClient {
         mean_loss: f64,
         seconds: f64,
     ) -> Result<JsValue, JsError> {
-        let task: TaskSpec =
-            serde_json::from_str(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let task: TaskSpec = from_json(&task)?;
         let samples = self
             .data
             .as_ref()
@@ -694,8 +693,7 @@ impl WasmClient {
         weights: Vec<f32>,
         on_step: Function,
     ) -> Result<JsValue, JsError> {
-        let task: TaskSpec =
-            serde_json::from_str(&task).map_err(|e| JsError::new(&e.to_string()))?;
+        let task: TaskSpec = from_json(&task)?;
         let model = self
             .session
             .borrow()
@@ -769,6 +767,11 @@ impl WasmClient {
     }
 }
 
+/// `json` read as a `T`, or the parser's error for JavaScript.
+fn from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, JsError> {
+    serde_json::from_str(json).map_err(|e| JsError::new(&e.to_string()))
+}
+
 /// One replica of a hop trained by several Web Workers at once
 /// (`astraea_core::train::Replica`): the tab's worker holds replica 0 and
 /// each helper worker one other; every step each computes the gradients
@@ -796,10 +799,8 @@ impl WasmReplica {
         index: usize,
         of: usize,
     ) -> Result<WasmReplica, JsError> {
-        let model: astraea_core::protocol::ModelSpec =
-            serde_json::from_str(model).map_err(|e| JsError::new(&e.to_string()))?;
-        let task: TaskSpec =
-            serde_json::from_str(task).map_err(|e| JsError::new(&e.to_string()))?;
+        let model: astraea_core::protocol::ModelSpec = from_json(model)?;
+        let task: TaskSpec = from_json(task)?;
         let (config, weights, train_config) = task_setup(&model, &task, weights);
         let replica = Replica::owned(
             config,

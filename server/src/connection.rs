@@ -811,12 +811,26 @@ impl Connection {
                 .map(drop)
         };
         let answer = match checked {
-            Ok(()) => None,
+            Ok(()) => {
+                entry.hops_done = entry.hops_done.saturating_add(1);
+                let trained = update
+                    .samples
+                    .saturating_mul(self.state.config.epochs as u64);
+                entry.samples_trained = entry.samples_trained.saturating_add(trained);
+                self.state
+                    .train_samples
+                    .fetch_add(trained, Ordering::Relaxed);
+                HopAnswer::Update(HopReply {
+                    weights,
+                    samples: update.samples,
+                    loss: update.loss,
+                })
+            }
             // Far above the median of recent hops: the hop is refused (the
             // chain acknowledges it) and the client kept.
             Err(refusal) if !refusal.drops_client() => {
                 self.state.outlier_refusals.fetch_add(1, Ordering::Relaxed);
-                Some(HopAnswer::Refused(format!("update rejected: {refusal}")))
+                HopAnswer::Refused(format!("update rejected: {refusal}"))
             }
             Err(refusal) => {
                 // Dropping `pending` fails the hop at once; the chain goes
@@ -830,38 +844,10 @@ impl Connection {
                 return Err(refuse(code, reason));
             }
         };
-        if let Some(refused) = answer {
-            let given_up = pending.reply.send(refused).is_err();
-            drop(clients);
-            if given_up {
-                self.state.stale_updates.fetch_add(1, Ordering::Relaxed);
-                self.acknowledge(
-                    &update,
-                    AckOutcome::Stale,
-                    Some("the hop was given up as it arrived".into()),
-                );
-            }
-            return Ok(true);
-        }
-        entry.hops_done = entry.hops_done.saturating_add(1);
-        let trained = update
-            .samples
-            .saturating_mul(self.state.config.epochs as u64);
-        entry.samples_trained = entry.samples_trained.saturating_add(trained);
-        self.state
-            .train_samples
-            .fetch_add(trained, Ordering::Relaxed);
         // The chain acknowledges it once judged (the loss rule comes
         // after these checks); a chain that has just given the hop up
         // makes it stale.
-        let given_up = pending
-            .reply
-            .send(HopAnswer::Update(HopReply {
-                weights,
-                samples: update.samples,
-                loss: update.loss,
-            }))
-            .is_err();
+        let given_up = pending.reply.send(answer).is_err();
         drop(clients);
         if given_up {
             self.state.stale_updates.fetch_add(1, Ordering::Relaxed);
