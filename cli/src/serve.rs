@@ -186,6 +186,16 @@ pub(crate) struct ServeArgs {
     /// clear text are for anyone on the network to read.
     #[arg(long, env = "ASTRAEA_ALLOW_INSECURE")]
     allow_insecure: bool,
+    /// Joins a minute one source may make after its burst (--join-burst):
+    /// a volunteer socket over it is refused with 429 and Retry-After. A
+    /// source is the peer's address (an IPv6 /64), or for a reverse proxy
+    /// on this machine the address it appends to X-Forwarded-For; this
+    /// machine's own clients are not limited. 0 lifts the limit.
+    #[arg(long, env = "ASTRAEA_JOIN_RATE", default_value_t = astraea_server::admission::JoinRate::default().per_minute)]
+    join_rate: u32,
+    /// Joins one source may make at once before --join-rate applies.
+    #[arg(long, env = "ASTRAEA_JOIN_BURST", default_value_t = astraea_server::admission::JoinRate::default().burst)]
+    join_burst: u32,
     /// Secure aggregation of the mediators' results: each chain's last
     /// client sends its result masked (pairwise X25519 masks, Shamir shares
     /// for dropouts), and the server learns only the round's weighted mean
@@ -348,6 +358,12 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         static_dir: args.static_dir,
         allow_insecure: args.allow_insecure,
+        join_rate: astraea_server::admission::JoinRate {
+            per_minute: args.join_rate,
+            burst: args.join_burst,
+        }
+        .validate()
+        .map_err(anyhow::Error::msg)?,
         secure_aggregation: args.secure_aggregation,
         secure_quorum: args.secure_quorum,
         tls: match (args.tls_cert, args.tls_key) {

@@ -67,8 +67,25 @@ pub fn transport_allowed(tls: bool, allow_insecure: bool, peer: std::net::IpAddr
 async fn websocket(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     State(state): State<Arc<AppState>>,
-) -> impl IntoResponse {
+) -> Response {
+    // Before the upgrade: a source over its join rate costs one HTTP
+    // exchange, not a socket (`crate::admission`).
+    let source = crate::admission::Source::of(peer, &headers);
+    if let Err(wait) = state.joins.admit(source) {
+        state.join_refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, ?source, "refused a join: its source joins too often");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, wait.as_secs().to_string())],
+            format!(
+                "too many joins from this address; retry in {} s\n",
+                wait.as_secs()
+            ),
+        )
+            .into_response();
+    }
     let limit = state.config.max_frame_bytes;
     let allowed = transport_allowed(
         state.config.tls.is_some(),
@@ -89,6 +106,7 @@ async fn websocket(
                 refuse_insecure(socket, &state, peer).await;
             }
         })
+        .into_response()
 }
 
 /// Tells a remote client on plain HTTP why it may not join, and closes.
@@ -245,6 +263,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "counter",
         "Hops refused for moving the model over 10x the median of recent hops.",
         state.outlier_refusals.load(Ordering::Relaxed) as f64,
+    );
+    metric(
+        "astraea_join_refusals_total",
+        "counter",
+        "Volunteer sockets refused (429) because their source joined too often.",
+        state.join_refusals.load(Ordering::Relaxed) as f64,
     );
     metric(
         "astraea_dropped_rounds_total",

@@ -157,6 +157,9 @@ pub struct ServeConfig {
     /// The URL volunteers open, when the server cannot know it (behind a
     /// proxy); by default it is made from the bound address.
     pub public_url: Option<String>,
+    /// Joins a source may make (`crate::admission`): a burst, then so many
+    /// a minute; `per_minute` 0 lifts the limit.
+    pub join_rate: crate::admission::JoinRate,
 }
 
 impl Default for ServeConfig {
@@ -211,6 +214,7 @@ impl Default for ServeConfig {
             allow_insecure: false,
             tls: None,
             public_url: None,
+            join_rate: crate::admission::JoinRate::default(),
         }
     }
 }

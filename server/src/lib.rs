@@ -19,6 +19,7 @@
 //!   loopback.
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod app;
 /// The update guard lives in the core, so the simulator judges updates
 /// exactly as the server does.

@@ -357,6 +357,11 @@ pub struct AppState {
     /// Hops refused by the guard's outlier rule (rule 3: far above the
     /// median of recent hops; acknowledged refused, the client stays).
     pub outlier_refusals: AtomicU64,
+    /// WebSocket upgrades refused because their source joined too often
+    /// (`crate::admission`).
+    pub join_refusals: AtomicU64,
+    /// The per-source join limit.
+    pub joins: crate::admission::JoinLimiter,
     /// Asynchronous groups' results refused as too stale for the buffer
     /// (their hops had been acknowledged as taken into their chain).
     pub stale_results: AtomicU64,
@@ -452,6 +457,7 @@ impl AppState {
             hop_deadline_s: config.hop_deadline.as_secs_f64(),
         };
         let guard = config.policy().guard();
+        let joins = crate::admission::JoinLimiter::new(config.join_rate);
         Self {
             config,
             model,
@@ -469,6 +475,8 @@ impl AppState {
             training: Mutex::new(std::time::Duration::ZERO),
             loss_refusals: AtomicU64::new(0),
             outlier_refusals: AtomicU64::new(0),
+            join_refusals: AtomicU64::new(0),
+            joins,
             loss_check: None,
             parked: Mutex::new(std::collections::HashMap::new()),
             dropped_rounds: AtomicU64::new(0),

@@ -12,6 +12,8 @@ use astraea_core::protocol::{
     AckOutcome, ClientMessage, DataSource, ErrorCode, PROTOCOL_VERSION, UpdateSpec, WeightEncoding,
 };
 use astraea_core::strategy::StrategyKind;
+use astraea_server::ServeConfig;
+use astraea_server::admission::JoinRate;
 use futures_util::SinkExt;
 use support::{
     Answer, config, connect, error_code, join, join_declaring, next_error, options, send, start,
@@ -548,4 +550,99 @@ async fn the_admin_token_is_never_stored() {
     assert!(stored.contains("admin_token"), "{stored}");
     assert!(!stored.contains("s3cret"), "{stored}");
     let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// Opens `/ws` as a reverse proxy on this machine would for a volunteer
+/// at `source` (deploy/nginx.conf appends the address to
+/// `X-Forwarded-For`): the socket, or the HTTP status and `Retry-After`
+/// of a refused upgrade.
+async fn connect_via_proxy(
+    address: &str,
+    source: &str,
+) -> Result<support::Socket, (u16, Option<String>)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{address}/ws").into_client_request().unwrap();
+    // What the client wrote first, then what the proxy appended.
+    request.headers_mut().insert(
+        "x-forwarded-for",
+        format!("10.9.9.9, {source}").parse().unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string()),
+        )),
+        Err(other) => panic!("neither a socket nor an HTTP refusal: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_joins_too_often_is_refused_with_429_and_others_still_join() {
+    // The bug: a hundred silent sybils joined from one address at once and
+    // each was drawn into hops, costing the stall timeout every time; no
+    // limit on joins from one source.
+    let (running, address) = start(ServeConfig {
+        join_rate: JoinRate {
+            per_minute: 1,
+            burst: 5,
+        },
+        ..config(StrategyKind::FedAvg, 50, 1)
+    })
+    .await;
+
+    // Act: a hundred sybils from one address, then an honest volunteer
+    // from another, then this machine's own client.
+    let mut sybils = vec![];
+    let mut refusals = vec![];
+    for _ in 0..100 {
+        match connect_via_proxy(&address, "203.0.113.66").await {
+            Ok(socket) => sybils.push(socket),
+            Err(refusal) => refusals.push(refusal),
+        }
+    }
+    let honest = connect_via_proxy(&address, "198.51.100.20").await;
+    let mut local = connect(&address).await;
+    send(
+        &mut local,
+        &ClientMessage::Join {
+            version: PROTOCOL_VERSION,
+            backend: "test".into(),
+            speed: None,
+            data: DataSource::Own {
+                counts: vec![5; 10],
+            },
+            resume: None,
+        },
+    )
+    .await;
+
+    // Assert
+    assert_eq!(sybils.len(), 5, "the burst is admitted, no more");
+    assert_eq!(refusals.len(), 95);
+    for (status, retry_after) in &refusals {
+        assert_eq!(*status, 429);
+        let wait: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    }
+    assert!(honest.is_ok(), "another source is not limited by the first");
+    assert!(
+        matches!(
+            futures_util::StreamExt::next(&mut local).await,
+            Some(Ok(Message::Text(_)))
+        ),
+        "this machine's own client joins"
+    );
+    assert_eq!(running.state.join_refusals.load(Ordering::Relaxed), 95);
+    let metrics = astraea_server::loopback::request(&address, "GET", "/metrics", "", "")
+        .await
+        .unwrap();
+    let metrics = String::from_utf8(metrics.body).unwrap();
+    assert!(
+        metrics.contains("astraea_join_refusals_total 95"),
+        "{metrics}"
+    );
 }
