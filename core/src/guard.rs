@@ -226,6 +226,53 @@ impl UpdateGuard {
         self.judge(sent, new, Some(client))
     }
 
+    /// Rules 1 and 2 on a round's aggregate that no hop check saw: the
+    /// unmasked mean of secure aggregation, whose masked results the
+    /// server could not judge one by one. A masker that adds a constant to
+    /// its masked input moves every weight (by 1 at 4 maskers of weight 1
+    /// adding 4: a move of about 355 in a model of norm 30), far past
+    /// rule 2. Rule 3 is left out: its median is of single hops, not of
+    /// rounds, and the aggregate's distance does not join it. A mean that
+    /// carries noise of its own (distributed DP: the maskers noised it)
+    /// may move `noise_allowance` further (the noise's norm, at most).
+    ///
+    /// # Errors
+    /// [`GuardRefusal::OutOfBounds`] or [`GuardRefusal::TooFar`].
+    pub fn check_aggregate(
+        &self,
+        sent: &[f32],
+        new: &[f32],
+        noise_allowance: f64,
+    ) -> Result<f64, GuardRefusal> {
+        if sent.len() != new.len() {
+            return Err(GuardRefusal::OutOfBounds {
+                index: sent.len().min(new.len()),
+                value: f32::NAN,
+            });
+        }
+        if let Err(index) = check_weights(new) {
+            return Err(GuardRefusal::OutOfBounds {
+                index,
+                value: new[index],
+            });
+        }
+        let norm = delta_norm(new, sent);
+        let model_norm = l2_norm(sent);
+        let allowance = if noise_allowance.is_finite() {
+            noise_allowance.max(0.0)
+        } else {
+            0.0
+        };
+        if norm > self.max_ratio * model_norm.max(1.0) + allowance {
+            return Err(GuardRefusal::TooFar {
+                norm,
+                model_norm,
+                max_ratio: self.max_ratio,
+            });
+        }
+        Ok(norm)
+    }
+
     fn judge(&self, sent: &[f32], new: &[f32], client: Option<u64>) -> Result<f64, GuardRefusal> {
         let verdict = self.rules(sent, new, client);
         // A dropped client's record no longer counts (it may come back

@@ -130,6 +130,37 @@ pub enum SecAggError {
     /// The shares of a secret did not reconstruct it.
     #[error("could not reconstruct the secret of slot {0}")]
     Reconstruct(u32),
+    /// Enough maskers revealed, but too few of them revealed a share of
+    /// this slot's secret: its shares did not decrypt for the others (an
+    /// honest masker reveals every share it could decrypt), or that many
+    /// revealers withheld them.
+    #[error("slot {slot}: {got} of its shares revealed by {revealers} maskers, {threshold} needed")]
+    Unrecoverable {
+        /// The slot whose secret could not be rebuilt.
+        slot: u32,
+        /// Its shares revealed.
+        got: usize,
+        /// Maskers that revealed.
+        revealers: usize,
+        /// Shares needed.
+        threshold: u32,
+    },
+}
+
+impl SecAggError {
+    /// The masker an unmasking failure points at: the slot whose secret
+    /// could not be rebuilt while enough maskers revealed
+    /// ([`SecAggError::Unrecoverable`]), or whose revealed shares rebuild
+    /// nothing it advertised ([`SecAggError::Reconstruct`]). Framing an
+    /// honest masker takes more than `revealers - threshold` hostile
+    /// revealers withholding or corrupting its shares
+    /// (docs/PRIVACY.md). `None` for failures no one masker caused.
+    pub fn suspect(&self) -> Option<u32> {
+        match *self {
+            Self::Unrecoverable { slot, .. } | Self::Reconstruct(slot) => Some(slot),
+            _ => None,
+        }
+    }
 }
 
 /// The parameters of one aggregation, the same at every masker and at the
@@ -907,8 +938,11 @@ impl Unmasker {
     ///
     /// # Errors
     /// [`SecAggError::TooFew`] for fewer survivors or shares than the
-    /// threshold; [`SecAggError::Reconstruct`] when a dropped masker's
-    /// shares do not give back the key it advertised;
+    /// threshold; [`SecAggError::Unrecoverable`] when enough maskers
+    /// revealed but too few shares of one slot's secret came (its shares
+    /// did not decrypt for the others); [`SecAggError::Reconstruct`] when a
+    /// masker's shares do not give back the seed or key it advertised
+    /// (both name the slot: [`SecAggError::suspect`]);
     /// [`SecAggError::Value`] when the survivors' weights sum to zero.
     pub fn finish(
         mut self,
@@ -947,6 +981,11 @@ impl Unmasker {
                 }
             }
         }
+        // Maskers of this round that revealed anything.
+        let revealers = revealed
+            .iter()
+            .filter(|(from, list)| self.weights.contains_key(from) && !list.is_empty())
+            .count();
         let sharks = Sharks(self.params.threshold as u8);
         // Rebuilds a secret from `threshold` of its shares and checks it
         // against what its owner advertised (the seed's commitment, the
@@ -959,8 +998,17 @@ impl Unmasker {
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default();
             if list.len() < threshold {
-                return Err(SecAggError::TooFew {
+                // Too few revealed at all: no one masker is to blame.
+                if revealers < threshold {
+                    return Err(SecAggError::TooFew {
+                        got: revealers,
+                        threshold: self.params.threshold,
+                    });
+                }
+                return Err(SecAggError::Unrecoverable {
+                    slot,
                     got: list.len(),
+                    revealers,
                     threshold: self.params.threshold,
                 });
             }
@@ -1276,6 +1324,64 @@ mod tests {
         assert_eq!(revealed[&1].len(), 3);
         let (mean, _) = server.finish(&revealed).unwrap();
         assert_close(&mean, &weighted_mean(&inputs, &[]));
+    }
+
+    #[test]
+    fn a_masker_whose_shares_decrypt_for_no_one_is_named_by_the_failure() {
+        // The bug: a masker sending every other masker garbage made each
+        // secure round fail, for ever, and was never identified.
+        let n = 5;
+        let params = SecAggParams::new(8, n, 3).unwrap();
+        let (mut maskers, mut server, sent) = shared(params, 4, 16);
+        let mut inboxes = server.route(sent).unwrap();
+        for inbox in inboxes.values_mut() {
+            for share in inbox.iter_mut().filter(|s| s.from == 2) {
+                share.ciphertext[5] ^= 0x5a;
+            }
+        }
+        for m in &mut maskers {
+            m.receive_shares(&inboxes[&m.slot()]).unwrap();
+        }
+        let inputs = inputs(n as usize, 16);
+        let revealed = mask_and_reveal(&mut maskers, &mut server, &inputs);
+
+        let failure = server.finish(&revealed).unwrap_err();
+
+        assert!(
+            matches!(
+                failure,
+                SecAggError::Unrecoverable {
+                    slot: 2,
+                    got: 1,
+                    revealers: 5,
+                    threshold: 3
+                }
+            ),
+            "{failure}"
+        );
+        assert_eq!(failure.suspect(), Some(2));
+    }
+
+    #[test]
+    fn too_few_revealers_blame_no_masker() {
+        let n = 4;
+        let params = SecAggParams::new(9, n, 3).unwrap();
+        let (mut maskers, mut server, sent) = shared(params, 6, 16);
+        let inboxes = server.route(sent).unwrap();
+        for m in &mut maskers {
+            m.receive_shares(&inboxes[&m.slot()]).unwrap();
+        }
+        let inputs = inputs(n as usize, 16);
+        let mut revealed = mask_and_reveal(&mut maskers, &mut server, &inputs);
+        revealed.retain(|&slot, _| slot <= 2);
+
+        let failure = server.finish(&revealed).unwrap_err();
+
+        assert!(
+            matches!(failure, SecAggError::TooFew { got: 2, .. }),
+            "{failure}"
+        );
+        assert_eq!(failure.suspect(), None);
     }
 
     #[test]

@@ -208,6 +208,41 @@ impl LossCheck {
         Ok(())
     }
 
+    /// The rule on a round's aggregate that no hop check saw (the unmasked
+    /// mean of secure aggregation): the loss of `aggregate` against that
+    /// of `global`, the model the round started from, with the tolerance
+    /// and the settled baseline of [`LossCheck::judge`]. The change does
+    /// not join the window (it is a round's, not a hop's).
+    ///
+    /// # Errors
+    /// [`LossIncrease`] as [`LossCheck::judge`]; a `global` or `aggregate`
+    /// that does not fit the model is judged as infinite loss (refused).
+    pub fn judge_aggregate(&self, global: &[f32], aggregate: &[f32]) -> Result<(), LossIncrease> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let before = self.sent_loss(global).unwrap_or(f64::INFINITY);
+        let after = self.loss(aggregate).unwrap_or(f64::INFINITY);
+        let baseline = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .median()
+            .unwrap_or(0.0)
+            .max(0.0);
+        let refused = !after.is_finite()
+            || (before.is_finite() && after - before > baseline + self.max_increase);
+        if refused {
+            return Err(LossIncrease {
+                before,
+                after,
+                max_increase: self.max_increase,
+                baseline,
+            });
+        }
+        Ok(())
+    }
+
     /// Closes a round for the rule: the changes judged since the last call
     /// join the window (in an order of their values, so the same hops
     /// leave the same window whatever order they were judged in), the
@@ -247,6 +282,26 @@ mod tests {
         assert!(check.judge(1.0, f64::NAN).is_err());
         // A sent model that does not evaluate cannot be made worse.
         assert_eq!(check.judge(f64::INFINITY, 3.0), Ok(()));
+    }
+
+    #[test]
+    fn an_aggregate_that_ruins_the_loss_is_refused_and_leaves_the_window_alone() {
+        let (check, weights) = check(8);
+        // Every validation sample is class 0: a large bias for class 3
+        // ruins the loss without moving the model far.
+        let mut ruined = weights.clone();
+        let bias3 = ruined.len() - 10 + 3;
+        ruined[bias3] += 50.0;
+
+        let same = check.judge_aggregate(&weights, &weights);
+        let worse = check.judge_aggregate(&weights, &ruined);
+        let short = check.judge_aggregate(&weights, &weights[1..]);
+
+        assert_eq!(same, Ok(()));
+        assert!(worse.is_err(), "{worse:?}");
+        assert!(short.is_err());
+        check.settle();
+        assert_eq!(check.recent.lock().unwrap().settled(), Vec::<f64>::new());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::{
-    AckOutcome, ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
+    AckOutcome, ChainPlace, ErrorCode, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
 };
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
@@ -264,8 +264,9 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
                     mean_kl,
                     start,
                     None,
-                    Some(Err(
-                        "the secure round could not start; nothing trained".into()
+                    Some((
+                        Err("the secure round could not start; nothing trained".into()),
+                        vec![],
                     )),
                 )
                 .await?;
@@ -306,7 +307,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             Some(secure) => {
                 let outcome = secure.finish(&state).await;
                 *lock(&state.secure) = None;
-                Some(outcome)
+                Some((outcome, secure.masked_clients()))
             }
             None => None,
         };
@@ -340,7 +341,8 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
 /// `start` of the run for its clock) and tells the clients. Under secure
 /// aggregation `secured` holds the unmasked mean of the round and how many
 /// results are in it (or why there is none), which replaces the
-/// strategy's aggregation; under client-level DP too, the server adds the
+/// strategy's aggregation, with the clients whose masked results are in
+/// it (a spoiled mean makes them suspects: `engine::suspects`); under client-level DP too, the server adds the
 /// round's noise to that mean (under distributed DP the maskers did).
 #[allow(clippy::too_many_arguments)]
 async fn close_round(
@@ -353,8 +355,12 @@ async fn close_round(
     mean_kl: f64,
     start: Instant,
     largest: Option<usize>,
-    secured: Option<astraea_core::engine::round::Unmasked>,
+    secured: Option<(astraea_core::engine::round::Unmasked, Vec<u64>)>,
 ) -> anyhow::Result<()> {
+    let (secured, maskers) = match secured {
+        Some((unmasked, maskers)) => (Some(unmasked), maskers),
+        None => (None, vec![]),
+    };
     // Under client-level DP (synchronous rounds) the round is spent
     // whatever becomes of it; its noise comes from the operating system.
     let mut privacy = largest.and_then(|largest| Some((served_privacy(state)?, largest)));
@@ -370,10 +376,25 @@ async fn close_round(
     if let Some((privacy, _)) = privacy {
         *lock(&state.privacy) = Some(privacy);
     }
+    // Group testing of the maskers (`engine::suspects`): a spoiled mean
+    // keeps its maskers under suspicion, an adopted one clears them.
+    if !maskers.is_empty() && matches!(closed, Closed::Adopted(_) | Closed::Spoiled(_)) {
+        let spoiled = matches!(closed, Closed::Spoiled(_));
+        let named = lock(&state.suspects).closed(&maskers, spoiled);
+        if let Some(culprit) = named {
+            state.expel(
+                culprit,
+                ErrorCode::Invalid,
+                "secure aggregation: every round whose sum held your masked result was \
+                 refused for its unmasked mean, and no other"
+                    .into(),
+            );
+        }
+    }
     let adopted = match closed {
         Closed::Adopted(values) => Some(values),
         Closed::Kept => None,
-        Closed::Dropped(reason) => {
+        Closed::Dropped(reason) | Closed::Spoiled(reason) => {
             drop_round(state, round, &reason);
             None
         }
@@ -873,7 +894,8 @@ const PAUSED: &str = "paused: the client said it is being frozen or put to sleep
 
 /// Draws up to `c` of the ready clients not in `busy` for round `round`,
 /// by the engine's rule ([`astraea_core::engine::draw`]): never one that
-/// said it is pausing or that the loss rule benched for the round, and one
+/// said it is pausing, that the loss rule benched for the round or that
+/// sits it out as a suspect of spoiled secure sums, and one
 /// silent since a skipped hop only when no other is free.
 fn pick_participants(
     state: &AppState,
@@ -882,6 +904,7 @@ fn pick_participants(
     busy: &HashSet<u64>,
     round: u32,
 ) -> Vec<Participant> {
+    let sitting_out = lock(&state.suspects).sitting_out();
     let clients = state.clients();
     // An own-data client's counts as the cap bounds them (engine::declared).
     let cap = AppState::declared_cap(&clients);
@@ -909,7 +932,9 @@ fn pick_participants(
                 paused: entry.paused,
                 silent: entry.silent,
                 busy: busy.contains(&id),
-                benched: entry.standing.benched(round),
+                // Under suspicion of spoiling secure sums, half the
+                // suspects sit each round out (`engine::suspects`).
+                benched: entry.standing.benched(round) || sitting_out.contains(&id),
             })
         })
         .collect();

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use astraea_core::protocol::{ServerMessage, masked_values};
+use astraea_core::protocol::{ErrorCode, ServerMessage, masked_values};
 use astraea_core::secagg::{AdvertisedKeys, EncryptedShare, RevealedShare, SecAggParams, Unmasker};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
@@ -211,6 +211,17 @@ impl SecureRound {
         drop(inner);
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// The clients whose masked results the round's sum holds (the
+    /// survivors [`SecureRound::finish`] asked to reveal; none before).
+    pub fn masked_clients(&self) -> Vec<u64> {
+        let inner = lock(&self.inner);
+        inner
+            .survivors
+            .iter()
+            .filter_map(|&slot| self.maskers.get((slot as usize).checked_sub(1)?).copied())
+            .collect()
     }
 
     /// A masker's `secure-shares`.
@@ -428,10 +439,30 @@ impl SecureRound {
         };
         // Unmasking after dropouts recomputes keystreams for seconds at
         // hundreds of maskers: off the async threads.
-        tokio::task::spawn_blocking(move || unmasker.finish(&reveals))
+        let unmasked = tokio::task::spawn_blocking(move || unmasker.finish(&reveals))
             .await
-            .map_err(|e| format!("unmasking panicked: {e}"))?
-            .map(|(mean, _)| (mean, expected))
-            .map_err(|e| e.to_string())
+            .map_err(|e| format!("unmasking panicked: {e}"))?;
+        match unmasked {
+            Ok((mean, _)) => Ok((mean, expected)),
+            Err(failure) => {
+                // One masker's shares sank the round: it is refused, so the
+                // next rounds go on without it (docs/PRIVACY.md).
+                let culprit = failure
+                    .suspect()
+                    .and_then(|slot| self.maskers.get((slot as usize).checked_sub(1)?));
+                if let Some(&client) = culprit {
+                    state.expel(
+                        client,
+                        ErrorCode::Invalid,
+                        format!(
+                            "secure aggregation of round {}: {failure}: the other maskers \
+                             could not rebuild your secret from the shares you sent",
+                            self.params.round
+                        ),
+                    );
+                }
+                Err(failure.to_string())
+            }
+        }
     }
 }

@@ -7,8 +7,8 @@ mod support;
 use std::sync::atomic::Ordering;
 
 use astraea_core::protocol::{
-    ClientMessage, ServerMessage, UpdateSpec, WeightAssembler, WeightEncoding, encode_chunks,
-    masked_bits,
+    ClientMessage, ErrorCode, ServerMessage, UpdateSpec, WeightAssembler, WeightEncoding,
+    encode_chunks, masked_bits,
 };
 use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
@@ -168,98 +168,16 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     let (running, address) = start(cfg).await;
     let params = running.state.model.params;
     let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let mut socket = join(&address).await;
-    let garbler = tokio::spawn(async move {
-        let mut masker: Option<Masker> = None;
-        let mut revealed = false;
-        while let Some(Ok(frame)) = socket.next().await {
-            let Message::Text(text) = frame else { continue };
-            match ServerMessage::from_json(&text).unwrap() {
-                ServerMessage::SecureSetup {
-                    round,
-                    slot,
-                    maskers,
-                    threshold,
-                } => {
-                    let params = SecAggParams::new(round, maskers, threshold).unwrap();
-                    let m = Masker::from_entropy(params, slot).unwrap();
-                    let keys = m.keys();
-                    masker = Some(m);
-                    send(&mut socket, &ClientMessage::SecureKeys { round, keys }).await;
-                }
-                ServerMessage::SecureRoster { round, keys } => {
-                    let mut shares = masker.as_mut().unwrap().share_keys(&keys).unwrap();
-                    shares[0].ciphertext[7] ^= 0xff;
-                    send(&mut socket, &ClientMessage::SecureShares { round, shares }).await;
-                }
-                ServerMessage::SecureInbox { shares, .. } => {
-                    masker.as_mut().unwrap().receive_shares(&shares).unwrap();
-                }
-                ServerMessage::Task(task) => {
-                    let mut assembler = WeightAssembler::new(
-                        task.round,
-                        task.hop,
-                        task.chunks,
-                        params,
-                        task.encoding,
-                        64 * 1024,
-                    );
-                    let weights = loop {
-                        let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
-                            panic!("the task's chunks did not come")
-                        };
-                        if let Some(done) = assembler.push(&chunk).unwrap() {
-                            break done;
-                        }
-                    };
-                    let weight = task.secure_weight.expect("a FedAvg hop is masked");
-                    let masked = masker.as_ref().unwrap().mask(&weights, weight).unwrap();
-                    let frames = encode_chunks(
-                        task.round,
-                        task.hop,
-                        &masked_bits(&masked),
-                        WeightEncoding::Masked,
-                        64 * 1024,
-                    );
-                    let update = ClientMessage::Update(UpdateSpec {
-                        round: task.round,
-                        hop: task.hop,
-                        samples: 50,
-                        loss: 0.1,
-                        seconds: 0.1,
-                        encoding: WeightEncoding::Masked,
-                        chunks: frames.len() as u32,
-                    });
-                    send(&mut socket, &update).await;
-                    for frame in frames {
-                        socket.send(Message::Binary(frame.into())).await.unwrap();
-                    }
-                }
-                ServerMessage::SecureUnmask {
-                    round,
-                    survivors,
-                    dropped,
-                } => {
-                    let shares = masker
-                        .as_mut()
-                        .unwrap()
-                        .reveal(&survivors, &dropped)
-                        .unwrap();
-                    send(&mut socket, &ClientMessage::SecureReveal { round, shares }).await;
-                    revealed = true;
-                }
-                ServerMessage::RoundDone { .. } => break,
-                _ => {}
-            }
-        }
-        // The socket goes back with the verdict: dropped here, it would
-        // race the count of who is still connected.
-        (revealed, socket)
-    });
+    let socket = join(&address).await;
+    let garbler = tokio::spawn(hostile_masker(socket, params, Hostility::GarbleOne));
 
     // Execute
     finishes(running.coordinator).await;
-    let (revealed, _socket) = garbler.await.unwrap();
+    let Played {
+        revealed,
+        socket: _socket,
+        ..
+    } = garbler.await.unwrap();
     let state = &running.state;
     let connected = state.clients().len();
     swarm.abort();
@@ -275,6 +193,281 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     // unmasked wrongly is noise, at chance (0.1) or below.
     let accuracy = state.status().history[0].accuracy;
     assert!(accuracy > 0.2, "accuracy {accuracy}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masker_whose_shares_decrypt_for_no_one_is_refused_and_the_next_round_unmasks() {
+    // The bug: a masker that sent garbage shares made every secure round
+    // fail, for ever, and was never identified.
+    let mut cfg = config(StrategyKind::FedAvg, 4, 2);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    cfg.min_clients = 3;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let socket = join(&address).await;
+    let garbler = tokio::spawn(hostile_masker(socket, params, Hostility::GarbleAll));
+
+    // Execute
+    finishes(running.coordinator).await;
+    let played = garbler.await.unwrap();
+    let state = &running.state;
+    let connected = state.clients().len();
+    let dropped = state.dropped_rounds.load(Ordering::Relaxed);
+    let history = state.status().history.clone();
+    swarm.abort();
+
+    // Assert: the first round is lost, its culprit named and refused; the
+    // second unmasks the three others' sum.
+    assert_eq!(played.refused, Some(ErrorCode::Invalid));
+    assert_eq!(connected, 3);
+    assert_eq!(state.rejections.load(Ordering::Relaxed), 1);
+    assert_eq!(dropped, 1);
+    assert_eq!(history.len(), 2);
+    assert!(
+        history[1].accuracy > 0.2,
+        "accuracy {}",
+        history[1].accuracy
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masker_that_adds_a_constant_loses_the_round_not_the_model() {
+    // The bug: a masker adding a constant to its masked input moved every
+    // weight by it each round, and the rounds were adopted (test loss
+    // 2.5e7, then 2e9).
+    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let before = {
+        let global = astraea_server::state::lock(&running.state.global).clone();
+        global.map(|w| w.values.clone())
+    };
+    let swarm = tokio::spawn(run_swarm(3, options(&address)));
+    let socket = join(&address).await;
+    let adder = tokio::spawn(hostile_masker(
+        socket,
+        params,
+        Hostility::AddConstant {
+            value: 4.0,
+            rounds: 1,
+        },
+    ));
+
+    // Execute
+    finishes(running.coordinator).await;
+    let played = adder.await.unwrap();
+    let state = &running.state;
+    let after = astraea_server::state::lock(&state.global).clone().unwrap();
+    swarm.abort();
+
+    // Assert: the round is dropped, the model is the one it started from
+    // and finite; nobody is refused (a constant in a masked sum names no
+    // masker).
+    assert!(played.revealed);
+    assert_eq!(played.refused, None);
+    assert_eq!(state.dropped_rounds.load(Ordering::Relaxed), 1);
+    assert!(after.values.iter().all(|w| w.is_finite() && w.abs() < 10.0));
+    if let Some(before) = before {
+        assert_eq!(before, after.values);
+    }
+    let loss = state.status().history[0].loss;
+    assert!(loss < 5.0, "test loss {loss}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masker_that_spoils_every_sum_it_is_in_is_narrowed_down_and_refused() {
+    // The bug: a sum spoiled by one of its maskers names none of them, so
+    // a masker adding a constant every round made every secure round fail
+    // for ever. Group testing (half the suspects sit each round out)
+    // narrows it down.
+    let rounds = 8;
+    let mut cfg = config(StrategyKind::FedAvg, 6, rounds);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    cfg.min_clients = 3;
+    let (running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(run_swarm(5, options(&address)));
+    let socket = join(&address).await;
+    let adder = tokio::spawn(hostile_masker(
+        socket,
+        params,
+        Hostility::AddConstant {
+            value: 4.0,
+            rounds: rounds as usize,
+        },
+    ));
+
+    // Execute
+    finishes(running.coordinator).await;
+    let played = adder.await.unwrap();
+    let state = &running.state;
+    let dropped = state.dropped_rounds.load(Ordering::Relaxed);
+    let connected = state.clients().len();
+    let history = state.status().history.clone();
+    swarm.abort();
+
+    // Assert: named within 1 + log2(6) spoiled rounds, then the rounds
+    // are adopted; no honest client refused.
+    assert_eq!(played.refused, Some(ErrorCode::Invalid));
+    assert_eq!(state.rejections.load(Ordering::Relaxed), 1);
+    assert_eq!(connected, 5);
+    assert!((1..=4).contains(&dropped), "{dropped} rounds dropped");
+    assert_eq!(history.len(), rounds as usize);
+    let last = history.last().unwrap();
+    assert!(last.accuracy > 0.2, "accuracy {}", last.accuracy);
+}
+
+/// How a hand-written masker breaks the protocol.
+#[derive(Clone, Copy)]
+enum Hostility {
+    /// One of its shares does not decrypt.
+    GarbleOne,
+    /// None of its shares decrypts.
+    GarbleAll,
+    /// It masks the model it was sent plus `value`, for `rounds` rounds.
+    AddConstant { value: f32, rounds: usize },
+}
+
+/// What became of a hostile masker.
+struct Played {
+    /// It was asked to reveal shares.
+    revealed: bool,
+    /// The error code it was refused with, if it was.
+    refused: Option<ErrorCode>,
+    /// Its socket, kept until the verdicts are read (dropped earlier, it
+    /// would race the count of who is still connected).
+    socket: Socket,
+}
+
+/// A masker written from the protocol, FedAvg's masked hop being the model
+/// it was sent, that misbehaves as `hostility` says and plays the rest
+/// honestly; it stops at the first `round-done` (at its refusal when it
+/// garbles every share).
+async fn hostile_masker(mut socket: Socket, params: usize, hostility: Hostility) -> Played {
+    let mut masker: Option<Masker> = None;
+    let mut revealed = false;
+    let mut refused = None;
+    // The rounds it plays before it stops reading (a masker refused
+    // stops at its `error`).
+    let mut rounds_left = match hostility {
+        Hostility::GarbleOne => 1,
+        Hostility::GarbleAll => usize::MAX,
+        Hostility::AddConstant { rounds, .. } => rounds,
+    };
+    while let Some(Ok(frame)) = socket.next().await {
+        let Message::Text(text) = frame else { continue };
+        match ServerMessage::from_json(&text).unwrap() {
+            ServerMessage::SecureSetup {
+                round,
+                slot,
+                maskers,
+                threshold,
+            } => {
+                let params = SecAggParams::new(round, maskers, threshold).unwrap();
+                let m = Masker::from_entropy(params, slot).unwrap();
+                let keys = m.keys();
+                masker = Some(m);
+                send(&mut socket, &ClientMessage::SecureKeys { round, keys }).await;
+            }
+            ServerMessage::SecureRoster { round, keys } => {
+                let mut shares = masker.as_mut().unwrap().share_keys(&keys).unwrap();
+                let garbled = match hostility {
+                    Hostility::GarbleOne => 1,
+                    Hostility::GarbleAll => shares.len(),
+                    Hostility::AddConstant { .. } => 0,
+                };
+                for share in &mut shares[..garbled] {
+                    share.ciphertext[7] ^= 0xff;
+                }
+                send(&mut socket, &ClientMessage::SecureShares { round, shares }).await;
+            }
+            ServerMessage::SecureInbox { shares, .. } => {
+                masker.as_mut().unwrap().receive_shares(&shares).unwrap();
+            }
+            ServerMessage::Task(task) => {
+                let mut assembler = WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    64 * 1024,
+                );
+                let weights = loop {
+                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                        panic!("the task's chunks did not come")
+                    };
+                    if let Some(done) = assembler.push(&chunk).unwrap() {
+                        break done;
+                    }
+                };
+                let weight = task.secure_weight.expect("a FedAvg hop is masked");
+                let input: Vec<f32> = match hostility {
+                    Hostility::AddConstant { value, .. } => {
+                        weights.iter().map(|w| w + value).collect()
+                    }
+                    _ => weights,
+                };
+                let masked = masker.as_ref().unwrap().mask(&input, weight).unwrap();
+                let frames = encode_chunks(
+                    task.round,
+                    task.hop,
+                    &masked_bits(&masked),
+                    WeightEncoding::Masked,
+                    64 * 1024,
+                );
+                let update = ClientMessage::Update(UpdateSpec {
+                    round: task.round,
+                    hop: task.hop,
+                    samples: 50,
+                    loss: 0.1,
+                    seconds: 0.1,
+                    encoding: WeightEncoding::Masked,
+                    chunks: frames.len() as u32,
+                });
+                send(&mut socket, &update).await;
+                for frame in frames {
+                    socket.send(Message::Binary(frame.into())).await.unwrap();
+                }
+            }
+            ServerMessage::SecureUnmask {
+                round,
+                survivors,
+                dropped,
+            } => {
+                let shares = masker
+                    .as_mut()
+                    .unwrap()
+                    .reveal(&survivors, &dropped)
+                    .unwrap();
+                send(&mut socket, &ClientMessage::SecureReveal { round, shares }).await;
+                revealed = true;
+            }
+            ServerMessage::RoundDone { .. } => {
+                rounds_left = rounds_left.saturating_sub(1);
+                if rounds_left == 0 {
+                    break;
+                }
+            }
+            ServerMessage::Error { code, .. } => {
+                refused = Some(code);
+                break;
+            }
+            _ => {}
+        }
+    }
+    // The socket goes back with the verdict: dropped here, it would
+    // race the count of who is still connected.
+    Played {
+        revealed,
+        refused,
+        socket,
+    }
 }
 
 /// Runs `cfg` (one DP round under secure aggregation) with six native

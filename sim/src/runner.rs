@@ -15,6 +15,7 @@ use astraea_core::engine::chain::{Judgement, Verdict};
 use astraea_core::engine::draw::{Candidate, Standing, draw};
 use astraea_core::engine::round::{close, largest_group, secure_chain, simulated_unmasking};
 use astraea_core::engine::seeds::{self, mix};
+use astraea_core::engine::suspects::MaskerSuspects;
 use astraea_core::engine::{
     Chain, ChainRules, Closed, Effect, HopTally, Next, RoundPrivacy, SecureChain,
 };
@@ -538,6 +539,14 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
                 )
             });
         }
+        if quorum.is_some() && matches!(closed, Closed::Adopted(_) | Closed::Spoiled(_)) {
+            let maskers: Vec<u64> = results
+                .iter()
+                .filter_map(|r| groups.get(r.group)?.members.last().map(|&m| m as u64))
+                .collect();
+            let spoiled = matches!(closed, Closed::Spoiled(_));
+            setup.defence.secure_round_closed(&maskers, spoiled);
+        }
         if let Closed::Adopted(values) = closed {
             state.global.values = values;
         }
@@ -1004,6 +1013,9 @@ pub struct Defence {
     dropped: Mutex<Vec<bool>>,
     /// Each client's standing with the loss rule, as the server keeps it.
     standing: Mutex<Vec<Standing>>,
+    /// Maskers suspected of spoiling secure sums, as the server narrows
+    /// them down (`engine::suspects`).
+    suspects: Mutex<MaskerSuspects>,
 }
 
 impl Defence {
@@ -1032,6 +1044,21 @@ impl Defence {
             loss_check,
             dropped: Mutex::new(vec![false; clients]),
             standing: Mutex::new(vec![Standing::default(); clients]),
+            suspects: Mutex::new(MaskerSuspects::new()),
+        }
+    }
+
+    /// A secure round closed with the results of `maskers` in its sum
+    /// (`spoiled`: its unmasked mean was refused): the suspects narrow as
+    /// on the server, and a masker named is dropped for the run.
+    fn secure_round_closed(&self, maskers: &[u64], spoiled: bool) {
+        let named = self
+            .suspects
+            .lock()
+            .expect("no worker panicked")
+            .closed(maskers, spoiled);
+        if let Some(id) = named {
+            self.drop_client(id as usize);
         }
     }
 
@@ -1047,9 +1074,16 @@ impl Defence {
         }
     }
 
-    /// Whether the loss rule has benched client `id` for round `round`.
+    /// Whether the loss rule has benched client `id` for round `round`, or
+    /// it sits the round out as a suspect of spoiled secure sums.
     fn benched(&self, id: usize, round: u32) -> bool {
         self.standing.lock().expect("no worker panicked")[id].benched(round)
+            || self
+                .suspects
+                .lock()
+                .expect("no worker panicked")
+                .sitting_out()
+                .contains(&(id as u64))
     }
 
     /// Takes a chain's `effects` in round `round` into its members'

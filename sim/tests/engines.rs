@@ -209,3 +209,42 @@ fn scaled_hops_are_refused_and_their_clients_drawn_again() {
         assert_eq!(round.skipped, 0, "{hops:?}");
     }
 }
+
+#[test]
+fn a_masker_that_spoils_secure_sums_is_narrowed_down_and_dropped_as_on_the_server() {
+    // Prepare: FedAvg under secure aggregation, so every client masks its
+    // own hop and no hop check sees it; one client of twelve scales its
+    // update 1000x, which spoils every sum it is in (rule 2 on the
+    // unmasked mean).
+    let (train, test, config) = config();
+    let config = SimConfig {
+        attack: Some("scale:1000".parse().unwrap()),
+        attackers: 1.0 / 12.0,
+        participants: 12,
+        rounds: 8,
+        secure_aggregation: true,
+        ..config
+    };
+    let spec = RunSpec::parse("fedavg", 8).unwrap();
+
+    // Execute
+    let (report, _) =
+        simulate::run_with_model(&config, &spec, &train, &test, &ProgressBar::hidden()).unwrap();
+
+    // Assert: the first round trains all twelve and is dropped; half the
+    // suspects sit each later round out until one is named (within
+    // 1 + log2(12) spoiled rounds), after which eleven train every round
+    // and the model learns.
+    let drawn: Vec<usize> = report
+        .rounds
+        .iter()
+        .map(|r| r.mediators.iter().map(Vec::len).sum())
+        .collect();
+    assert_eq!(drawn[0], 12, "{drawn:?}");
+    assert!(drawn[1] < 12, "suspects sit out: {drawn:?}");
+    assert_eq!(drawn[7], 11, "{drawn:?}");
+    // Seen: 12, 6, 9, 11, ... drawn; accuracy 0.10 until the culprit
+    // went (round 5), 0.51 three rounds later.
+    let accuracy = report.rounds[7].accuracy;
+    assert!(accuracy > 0.3, "accuracy {accuracy}");
+}

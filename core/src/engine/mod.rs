@@ -43,6 +43,7 @@ pub mod hop;
 pub mod policy;
 pub mod round;
 pub mod seeds;
+pub mod suspects;
 
 pub use chain::{
     Chain, ChainRules, Effect, HopOrder, HopTally, Judgement, MaskedHop, Next, SecureChain,

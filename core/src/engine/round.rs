@@ -40,6 +40,11 @@ pub enum Closed {
     Kept,
     /// The round was refused, for this reason: the model stays.
     Dropped(String),
+    /// Under secure aggregation the unmasked mean broke the guard's rules
+    /// 1–2 or the loss rule, for this reason: the round is dropped as by
+    /// [`Closed::Dropped`], and one of its maskers is to blame
+    /// ([`super::suspects::MaskerSuspects`]).
+    Spoiled(String),
 }
 
 /// A run's client-level DP across rounds: the mechanism, its clip (moving
@@ -179,7 +184,11 @@ pub type Unmasked = Result<(Vec<f32>, usize), String>;
 /// `global` — the strategy's rule; under `privacy` (a synchronous DP
 /// round whose groups have at most `largest` clients) DP-FedAvg's step;
 /// under secure aggregation the `unmasked` mean, noised under DP unless
-/// distributed — then the bounds check. `rng` draws DP's noise and the
+/// distributed — then the bounds check. The unmasked mean, which no hop
+/// check saw, is first judged by the `guard`'s rules 1 and 2 and the
+/// `loss_rule` against `global` ([`crate::guard::UpdateGuard::check_aggregate`],
+/// [`crate::validation::LossCheck::judge_aggregate`]); breaking one drops
+/// the round ([`Closed::Dropped`]). `rng` draws DP's noise and the
 /// adaptive clip's count noise. Also returns the update norms before
 /// clipping (DP, not secure; sorted) for the run's log. The update
 /// `guard`'s outlier rule and the `loss_rule`, when on, are settled first
@@ -208,19 +217,51 @@ pub fn close(
         if let Some(unmasked) = unmasked {
             let (mut mean, groups) = match unmasked {
                 Ok(unmasked) => unmasked,
-                Err(reason) => return Err(format!("secure aggregation: {reason}")),
+                Err(reason) => {
+                    return Err(Closed::Dropped(format!("secure aggregation: {reason}")));
+                }
             };
+            // The round is spent whatever becomes of it (its verdict
+            // depends on the data too).
+            let mut noise = None;
+            let mut noised = 0.0;
             if let Some((privacy, largest)) = privacy {
                 let Some((_, noise_std)) = privacy.compose(largest) else {
                     return Ok(None);
                 };
                 // Under distributed DP the maskers added it, in shares,
                 // before masking.
-                if !privacy.distributed
-                    && noise_the_mean(&mut mean, noise_std, groups, rng).is_none()
-                {
-                    return Ok(None);
+                if privacy.distributed {
+                    noised = distributed_noise_norm(noise_std, groups, mean.len());
+                } else {
+                    noise = Some(noise_std);
                 }
+            }
+            // No hop check saw the maskers' results: the mean they make
+            // is judged as a hop would be (rules 1 and 2, the loss rule),
+            // before any noise of the server's. A masker that adds to its
+            // masked input loses the round, not the model. A mean the
+            // maskers noised may move as far as their noise more, and the
+            // loss rule does not judge it (the noise raises the loss of an
+            // honest round as much); what hides in that noise is
+            // docs/PRIVACY.md's.
+            if let Err(refusal) = guard.check_aggregate(global, &mean, noised) {
+                return Err(Closed::Spoiled(format!(
+                    "secure aggregation: the unmasked mean: {refusal}"
+                )));
+            }
+            if let Some(Err(raised)) = loss_rule
+                .filter(|_| noised == 0.0)
+                .map(|check| check.judge_aggregate(global, &mean))
+            {
+                return Err(Closed::Spoiled(format!(
+                    "secure aggregation: the unmasked mean: {raised}"
+                )));
+            }
+            if let Some(noise_std) = noise
+                && noise_the_mean(&mut mean, noise_std, groups, rng).is_none()
+            {
+                return Ok(None);
             }
             return Ok(Some(mean));
         }
@@ -246,7 +287,7 @@ pub fn close(
     norms.sort_by(f64::total_cmp);
     let closed = match outcome {
         Err(_) => Closed::Dropped("aggregation panicked".into()),
-        Ok(Err(reason)) => Closed::Dropped(reason),
+        Ok(Err(closed)) => closed,
         Ok(Ok(None)) => Closed::Kept,
         Ok(Ok(Some(values))) => match check_weights(&values) {
             Ok(()) => Closed::Adopted(values),
@@ -257,6 +298,21 @@ pub fn close(
         },
     };
     (closed, norms)
+}
+
+/// The most the maskers' noise moves a mean of `groups` results of `len`
+/// weights under distributed DP, `noise_std` being the round's deviation
+/// on the sum: each of S maskers adds `noise_std / sqrt(t)` (t the quorum,
+/// at least 1), so each weight of the mean carries at most `noise_std /
+/// sqrt(S)`, and the norm of `len` such values lies within five of its
+/// standard deviations (`1 / sqrt(2 len)` relative) of `sqrt(len)` times
+/// that.
+fn distributed_noise_norm(noise_std: f64, groups: usize, len: usize) -> f64 {
+    if groups == 0 || len == 0 || !noise_std.is_finite() {
+        return 0.0;
+    }
+    let per_weight = noise_std / (groups as f64).sqrt();
+    per_weight * (len as f64).sqrt() * (1.0 + 5.0 / (2.0 * len as f64).sqrt())
 }
 
 /// What secure aggregation would unmask from `results` when every masker
@@ -366,12 +422,55 @@ mod tests {
     }
 
     #[test]
+    fn an_unmasked_mean_moved_far_by_a_masker_is_dropped_and_the_round_still_spent() {
+        // The bug: a masker that added a constant to its masked input moved
+        // every weight by it and the round was adopted (test loss 2.5e7,
+        // then 2e9): no check saw the maskers' results.
+        let global = vec![0.1f32; 400];
+        let results = [GroupResult {
+            group: 0,
+            weights: global.clone(),
+            samples: 1,
+        }];
+        let moved: Vec<f32> = global.iter().map(|v| v + 1.0).collect();
+        let mut privacy = RoundPrivacy::new(dp(), None, true, 1.0);
+
+        let (closed, _) = close(
+            &FedAvg,
+            &global,
+            (&results, &[]),
+            Some((&mut privacy, 1)),
+            Some(Ok((moved, 4))),
+            (&UpdateGuard::default(), None),
+            &mut StdRng::seed_from_u64(1),
+        );
+
+        assert!(
+            matches!(&closed, Closed::Spoiled(r) if r.contains("unmasked mean")),
+            "{closed:?}"
+        );
+        assert!(privacy.epsilon() > 0.0, "the round is spent all the same");
+        // A mean that moves as honest rounds do is adopted.
+        let near: Vec<f32> = global.iter().map(|v| v + 0.01).collect();
+        let (closed, _) = close(
+            &FedAvg,
+            &global,
+            (&results, &[]),
+            None,
+            Some(Ok((near.clone(), 4))),
+            (&UpdateGuard::default(), None),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(closed, Closed::Adopted(near));
+    }
+
+    #[test]
     fn under_distributed_dp_the_server_adds_no_noise_but_spends_the_round() {
         let results = [result(0, 1.0, 1), result(1, 4.0, 3)];
         let mut privacy = RoundPrivacy::new(dp(), None, true, 1.0);
         let (closed, _) = close(
             &FedAvg,
-            &[0.0; 3],
+            &[2.0; 3],
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
@@ -384,7 +483,7 @@ mod tests {
         privacy.distributed = false;
         let (closed, _) = close(
             &FedAvg,
-            &[0.0; 3],
+            &[2.0; 3],
             (&results, &[]),
             Some((&mut privacy, 2)),
             Some(Ok((vec![2.5; 3], 2))),
