@@ -385,7 +385,8 @@ impl Connection {
             let (&id, entry) = clients
                 .iter()
                 .find(|(_, entry)| crate::state::token_matches(&entry.resume_token, token))?;
-            if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() {
+            // Refused (`AppState::expel`) and not yet gone: not itself again.
+            if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() || entry.expelled {
                 return None;
             }
             let entry = clients.remove(&id)?;

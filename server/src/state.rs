@@ -531,6 +531,10 @@ impl AppState {
         };
         let _ = entry.tx.send(Outbound::Expel(error.to_json()));
         drop(clients);
+        // Its token brings nothing back from here on, whether it resumes
+        // before its socket has ended or after (`Connection::join` skips an
+        // expelled entry; the store forgets the token now).
+        self.record(|store, run| store.forget_token(run, id));
         self.rejections.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(client = id, code = ?code, "{message}");
         let detail = format!("client {id}: {code:?}: {message}");
