@@ -116,7 +116,6 @@ pub fn run(
     let device = Device::flex().autodiff();
     let check = LossCheck::new(
         config.clone(),
-        global.shapes.clone(),
         &train.subset(&(0..DEFAULT_VALIDATION_SAMPLES).collect::<Vec<_>>()),
         DEFAULT_MAX_LOSS_INCREASE,
     );

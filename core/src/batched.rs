@@ -540,11 +540,33 @@ fn forward(
     b: usize,
     keep: Option<Tensor<3>>,
 ) -> Forward {
+    let x1 = first_columns(geometry, images, a, b);
+    forward_from(geometry, params, x1, a, b, keep)
+}
+
+/// The first convolution's input columns of `images` (`[sample, b]`) for
+/// `a` stacked models: `[a, c1, p1 * b]`. The same images give the same
+/// columns whatever the weights, so a [`Probe`] keeps them.
+fn first_columns(geometry: &Geometry, images: Tensor<2>, a: usize, b: usize) -> Tensor<3> {
+    let [p1, _, _] = geometry.positions;
+    let [c1, _, _] = geometry.columns;
+    let [g1, _, _] = geometry.gathers(a);
+    images.select(0, g1).reshape([a, c1, p1 * b])
+}
+
+/// [`forward`] from the first convolution's columns `x1`.
+fn forward_from(
+    geometry: &Geometry,
+    params: &[Tensor<3>; 10],
+    x1: Tensor<3>,
+    a: usize,
+    b: usize,
+    keep: Option<Tensor<3>>,
+) -> Forward {
     let [p1, p2, p3] = geometry.positions;
-    let [c1, c2, c3] = geometry.columns;
-    let [g1, g2, g3] = geometry.gathers(a);
+    let [_, c2, c3] = geometry.columns;
+    let [_, g2, g3] = geometry.gathers(a);
     let [w1, b1, w2, b2, w3, b3, w4, b4, w5, b5] = params.clone();
-    let x1 = images.select(0, g1).reshape([a, c1, p1 * b]);
     let h1 = relu(w1.matmul(x1.clone()) + b1);
     let x2 = h1
         .clone()
@@ -694,9 +716,25 @@ impl BatchedModel {
         batch_size: usize,
     ) -> Result<EvalStats, WeightsError> {
         weights.check_fits(&self.shapes)?;
+        self.evaluate_values(&weights.values, data, batch_size)
+    }
+
+    /// [`BatchedModel::evaluate`] of flat `values` laid out as this model's
+    /// parameters (the loss rule judges thousands of hops a round: no copy
+    /// into a [`Weights`] for each).
+    ///
+    /// # Errors
+    /// As [`evaluate`]: values of the wrong length or not finite.
+    pub fn evaluate_values(
+        &self,
+        values: &[f32],
+        data: Samples<'_>,
+        batch_size: usize,
+    ) -> Result<EvalStats, WeightsError> {
+        crate::weights::check_values_fit(values, &self.shapes)?;
         let geometry = &self.geometry;
         let device = &geometry.device;
-        let params = upload(geometry, &[&weights.values]);
+        let params = upload(geometry, &[values]);
         let sample = geometry.sample;
         let mut correct = 0i64;
         let mut loss_sum = 0.0;
@@ -734,6 +772,85 @@ impl BatchedModel {
             loss: loss_sum / n,
             samples: data.len(),
         })
+    }
+}
+
+/// Fixed samples made ready to judge many models on ([`BatchedModel::probe`]):
+/// each batch's first-layer columns and targets, built once. The loss rule
+/// judges every hop of a round on the same 64 samples (2,000 judgements a
+/// round at 1,000 Astraea clients).
+#[derive(Debug)]
+pub struct Probe {
+    batches: Vec<(Tensor<3>, Tensor<2, Int>, usize)>,
+    samples: usize,
+}
+
+impl Probe {
+    /// Samples it holds.
+    pub fn len(&self) -> usize {
+        self.samples
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.samples == 0
+    }
+}
+
+impl BatchedModel {
+    /// `data` made ready for [`BatchedModel::loss_on`], in batches of
+    /// `batch_size`.
+    pub fn probe(&self, data: Samples<'_>, batch_size: usize) -> Probe {
+        let geometry = &self.geometry;
+        let device = &geometry.device;
+        let sample = geometry.sample;
+        let indices: Vec<usize> = (0..data.len()).collect();
+        let batches = indices
+            .chunks(batch_size.max(1))
+            .map(|chunk| {
+                let b = chunk.len();
+                let mut pixels = vec![0.0f32; sample * b];
+                let mut labels = Vec::with_capacity(b);
+                for (s, &i) in chunk.iter().enumerate() {
+                    for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
+                        pixels[f * b + s] = v;
+                    }
+                    labels.push(i64::from(data.labels[i]));
+                }
+                let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
+                let targets = Tensor::from_data(TensorData::new(labels, [b, 1]), device);
+                (first_columns(geometry, images, 1, b), targets, b)
+            })
+            .collect();
+        Probe {
+            batches,
+            samples: data.len(),
+        }
+    }
+
+    /// Mean cross-entropy (nats) of flat `values` on `probe`'s samples:
+    /// [`BatchedModel::evaluate_values`]'s loss (the same operations) without
+    /// its accuracy, from the columns the probe keeps.
+    ///
+    /// # Errors
+    /// Values of the wrong length or not finite.
+    pub fn loss_on(&self, values: &[f32], probe: &Probe) -> Result<f64, WeightsError> {
+        crate::weights::check_values_fit(values, &self.shapes)?;
+        let geometry = &self.geometry;
+        let params = upload(geometry, &[values]);
+        let mut loss_sum = 0.0;
+        for (x1, targets, b) in &probe.batches {
+            let logits = forward_from(geometry, &params, x1.clone(), 1, *b, None)
+                .logits
+                .reshape([geometry.classes, *b])
+                .swap_dims(0, 1);
+            let loss = log_softmax(logits, 1)
+                .gather(1, targets.clone())
+                .sum()
+                .neg();
+            loss_sum += f64::from(loss.into_scalar::<f32>());
+        }
+        Ok(loss_sum / probe.samples.max(1) as f64)
     }
 }
 
@@ -892,6 +1009,31 @@ mod tests {
             (batched.loss - alone.loss).abs() < 1e-5,
             "{batched:?} {alone:?}"
         );
+    }
+
+    #[test]
+    fn a_probes_loss_is_the_evaluations_loss_for_any_weights() {
+        let config = ModelConfig::new(10);
+        let device = Device::flex();
+        let model = BatchedModel::new(&config, &device);
+        let (images, labels) = synthetic(130, 5, &config);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let probe = model.probe(data, 50);
+
+        for seed in [1u64, 2] {
+            let weights = Weights::from_model(&config.init_seeded(&device, seed));
+            let judged = model.loss_on(&weights.values, &probe).unwrap();
+            let evaluated = model.evaluate_values(&weights.values, data, 50).unwrap();
+            assert!(
+                (judged - evaluated.loss).abs() < 1e-9,
+                "{judged} {evaluated:?}"
+            );
+        }
+        assert_eq!(probe.len(), 130);
+        assert!(model.loss_on(&[0.0; 3], &probe).is_err());
     }
 
     #[test]

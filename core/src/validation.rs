@@ -37,7 +37,7 @@ use crate::data::Dataset;
 use crate::model::ModelConfig;
 use crate::settled::SettledWindow;
 use crate::train::Samples;
-use crate::weights::{ParamShape, Weights, WeightsError};
+use crate::weights::WeightsError;
 
 /// Default tolerance: a hop may raise the mean validation cross-entropy by
 /// at most this many nats.
@@ -75,9 +75,8 @@ const MIN_HISTORY: usize = 5;
 /// The server's validation samples and the rule's tolerance.
 #[derive(Debug)]
 pub struct LossCheck {
-    shapes: Vec<ParamShape>,
-    images: Vec<f32>,
-    labels: Vec<u32>,
+    /// The validation samples, made ready once for every judgement.
+    probe: crate::batched::Probe,
     max_increase: f64,
     /// Loss changes of the hops judged, refused or not: the baseline is
     /// their median (at least 0; 0 under [`MIN_HISTORY`] settled).
@@ -90,21 +89,21 @@ pub struct LossCheck {
 }
 
 impl LossCheck {
-    /// Judges hops of the model `model_config` makes (its parameters laid
-    /// out as `shapes`) on every sample of `set` (64 by default,
+    /// Judges hops of the model `model_config` makes (flat weights laid
+    /// out as its parameters) on every sample of `set` (64 by default,
     /// [`DEFAULT_VALIDATION_SAMPLES`]),
     /// with tolerance `max_increase` nats (non-finite or negative is taken
     /// as 0).
-    pub fn new(
-        model_config: ModelConfig,
-        shapes: Vec<ParamShape>,
-        set: &Dataset,
-        max_increase: f64,
-    ) -> Self {
+    pub fn new(model_config: ModelConfig, set: &Dataset, max_increase: f64) -> Self {
+        let evaluator = crate::batched::BatchedModel::new(&model_config, &Device::flex());
         Self {
-            shapes,
-            images: set.images.clone(),
-            labels: set.labels.clone(),
+            probe: evaluator.probe(
+                Samples {
+                    images: &set.images,
+                    labels: &set.labels,
+                },
+                256,
+            ),
             max_increase: if max_increase.is_finite() {
                 max_increase.max(0.0)
             } else {
@@ -112,18 +111,18 @@ impl LossCheck {
             },
             recent: Mutex::new(SettledWindow::new(WINDOW, MIN_HISTORY)),
             last_sent: Mutex::new(None),
-            evaluator: crate::batched::BatchedModel::new(&model_config, &Device::flex()),
+            evaluator,
         }
     }
 
     /// Samples it judges on.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.probe.len()
     }
 
     /// Whether it has no samples (then every hop passes).
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.probe.is_empty()
     }
 
     /// [`LossCheck::loss`] of weights a hop was sent, computed once for
@@ -157,20 +156,12 @@ impl LossCheck {
     /// # Errors
     /// If `values` do not fit the model's shapes.
     pub fn loss(&self, values: &[f32]) -> Result<f64, WeightsError> {
-        let weights = Weights {
-            shapes: self.shapes.clone(),
-            values: values.to_vec(),
-        };
-        let samples = Samples {
-            images: &self.images,
-            labels: &self.labels,
-        };
-        // The batched trainer's forward pass: a third of `train::evaluate`'s
-        // time on the CPU, and what the server and the simulator both judge
-        // with.
-        let stats = self.evaluator.evaluate(&weights, samples, 256)?;
-        Ok(if stats.loss.is_finite() {
-            stats.loss
+        // The batched trainer's forward pass (a third of `train::evaluate`'s
+        // time on the CPU; what the server and the simulator both judge
+        // with), from the samples' first-layer columns made once.
+        let loss = self.evaluator.loss_on(values, &self.probe)?;
+        Ok(if loss.is_finite() {
+            loss
         } else {
             f64::INFINITY
         })
@@ -260,6 +251,7 @@ impl LossCheck {
 mod tests {
     use super::*;
     use crate::data::Dataset;
+    use crate::weights::Weights;
 
     /// A check on `n` blank 28x28 images of class 0, with tolerance 0.5.
     fn check(n: usize) -> (LossCheck, Vec<f32>) {
@@ -268,8 +260,7 @@ mod tests {
         let config = ModelConfig::for_dataset(&set);
         let device = Device::flex();
         let weights = Weights::from_model(&config.init(&device));
-        let shapes = weights.shapes.clone();
-        (LossCheck::new(config, shapes, &set, 0.5), weights.values)
+        (LossCheck::new(config, &set, 0.5), weights.values)
     }
 
     #[test]
@@ -431,7 +422,7 @@ mod tests {
         let set = Dataset::new(vec![0.0; 784], vec![0], 1, 28, 28, classes).unwrap();
         let config = ModelConfig::for_dataset(&set);
         for tolerance in [-1.0, f64::NAN] {
-            let check = LossCheck::new(config.clone(), vec![], &set, tolerance);
+            let check = LossCheck::new(config.clone(), &set, tolerance);
             assert!(check.judge(1.0, 1.001).is_err());
             assert_eq!(check.judge(1.0, 1.0), Ok(()));
         }

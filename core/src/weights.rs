@@ -120,21 +120,12 @@ impl Weights {
 
     /// Checks that these weights fit `shapes` and hold only finite values.
     pub fn check_fits(&self, shapes: &[ParamShape]) -> Result<(), WeightsError> {
-        let expected: usize = shapes.iter().map(ParamShape::numel).sum();
-        if self.values.len() != expected {
-            return Err(WeightsError::WrongLength {
-                got: self.values.len(),
-                expected,
-            });
-        }
+        check_values_fit(&self.values, shapes)?;
         if let Some(index) = self.shapes.iter().zip(shapes).position(|(a, b)| a != b) {
             return Err(WeightsError::ShapeMismatch {
                 index,
                 name: shapes[index].name.clone(),
             });
-        }
-        if let Some(index) = self.values.iter().position(|v| !v.is_finite()) {
-            return Err(WeightsError::NonFinite { index });
         }
         Ok(())
     }
@@ -284,6 +275,28 @@ impl ModuleMapper for Loader<'_> {
             })
             .set_require_grad(true)
     }
+}
+
+/// Whether flat `values` fit parameters of `shapes` (their lengths add up
+/// to `values.len()`) and are all finite: what [`Weights::check_fits`]
+/// checks of the values, for a caller that holds them without shapes
+/// (one branch-free pass; only a bad vector pays for finding the index).
+///
+/// # Errors
+/// [`WeightsError::WrongLength`] or [`WeightsError::NonFinite`].
+pub fn check_values_fit(values: &[f32], shapes: &[ParamShape]) -> Result<(), WeightsError> {
+    let expected: usize = shapes.iter().map(ParamShape::numel).sum();
+    if values.len() != expected {
+        return Err(WeightsError::WrongLength {
+            got: values.len(),
+            expected,
+        });
+    }
+    if !values.iter().fold(true, |all, v| all & v.is_finite()) {
+        let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(WeightsError::NonFinite { index });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -84,7 +84,6 @@ impl ServerData {
             let picked = rand::seq::index::sample(&mut rng, train.len(), count).into_vec();
             Arc::new(LossCheck::new(
                 model_config.clone(),
-                initial.shapes.clone(),
                 &train.subset(&picked),
                 config.guard.max_loss_increase,
             ))

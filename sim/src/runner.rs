@@ -248,7 +248,6 @@ pub fn run_with_model(
         );
         LossCheck::new(
             model_config.clone(),
-            global.shapes.clone(),
             &train.subset(&picked.into_vec()),
             config.guard.max_loss_increase,
         )

@@ -116,7 +116,8 @@ pub struct HopOrder {
 pub struct Judgement {
     /// The hop judged.
     pub ordinal: u32,
-    /// The weights it was sent, and their validation loss when known.
+    /// The weights it was sent; empty when `known` holds their loss (the
+    /// judge needs them only to compute it).
     pub sent: Vec<f32>,
     /// `sent`'s loss, when the chain already knows it.
     pub known: Option<f64>,
@@ -664,9 +665,15 @@ impl Chain {
                 ordinal: out.ordinal,
             }];
         }
+        // The weights sent go with it only when their loss is not known:
+        // the judge needs them for nothing else (a copy of the model less
+        // per hop).
         let judge = self.rules.loss_rule.then(|| Judgement {
             ordinal: out.ordinal,
-            sent: before.clone(),
+            sent: match self.weights_loss {
+                Some(_) => Vec::new(),
+                None => before.clone(),
+            },
             known: self.weights_loss,
             new: self.weights.clone(),
         });
@@ -919,7 +926,9 @@ mod tests {
             [Effect::Accepted { member: 1, .. }, Effect::Judge(j)] => {
                 // The known loss of what it was sent is the accepted hop's.
                 assert_eq!((j.ordinal, j.known), (second.ordinal, Some(0.25)));
-                assert_eq!(j.sent, vec![5.0; 4]);
+                // Its weights sent are not copied: the loss is all the
+                // judge would want of them.
+                assert!(j.sent.is_empty());
             }
             other => panic!("{other:?}"),
         }
