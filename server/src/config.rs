@@ -219,7 +219,30 @@ impl Default for ServeConfig {
     }
 }
 
+/// The smallest frame limit `--max-frame-bytes` takes (a chunk header and
+/// a thousand weights; a `join` of many classes may need more).
+pub const MIN_FRAME_BYTES: usize = 4 * 1024;
+/// The largest frame limit `--max-frame-bytes` takes.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
 impl ServeConfig {
+    /// The run's numbers as the engine bounds them
+    /// ([`astraea_core::engine::RunNumbers::validate`], as simulate's are).
+    pub fn numbers(&self) -> astraea_core::engine::RunNumbers {
+        astraea_core::engine::RunNumbers {
+            rounds: self.rounds,
+            participants: self.participants,
+            min_clients: self.min_clients,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            prox_mu: self.settings.prox_mu,
+            mediator_size: self.settings.rescheduling.gamma,
+            mediator_passes: self.settings.rescheduling.passes,
+            plan_threshold: self.settings.plan_rule.threshold(),
+        }
+    }
+
     /// The run's rules as the round engine takes them (validated by
     /// [`astraea_core::engine::RunPolicy::validate`], as simulate's are).
     /// A served run's participants are drawn in the open (the dashboard

@@ -52,10 +52,6 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let counter = state.clone();
-    // Fired by the writer once it has sent an `Outbound::Expel`: the
-    // reader stops at once, whatever the client still sends or withholds.
-    let expelled = Arc::new(tokio::sync::Notify::new());
-    let expel_signal = expelled.clone();
     let sender = tokio::spawn(async move {
         // A ping now and then: a proxy in front (deploy/nginx.conf) closes
         // a tunnel that carried nothing for its read timeout, and a client
@@ -91,15 +87,6 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
                     let _ = sink.send(Message::Close(None)).await;
                     break;
                 }
-                Outbound::Expel(text) => {
-                    counter
-                        .bytes_down
-                        .fetch_add(text.len() as u64, Ordering::Relaxed);
-                    let _ = sink.send(Message::Text(text.into())).await;
-                    let _ = sink.send(Message::Close(None)).await;
-                    expel_signal.notify_one();
-                    break;
-                }
             };
             if sink.send(message).await.is_err() {
                 break;
@@ -115,16 +102,7 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
     // A connection ends refused, or as a departure: a close frame, a
     // leave, or a socket dropped without closing.
     let mut refused = false;
-    loop {
-        let frame = tokio::select! {
-            frame = stream.next() => frame,
-            // `AppState::expel` counted the rejection and sent the error.
-            () = expelled.notified() => {
-                refused = true;
-                break;
-            }
-        };
-        let Some(frame) = frame else { break };
+    while let Some(frame) = stream.next().await {
         let outcome = match frame {
             Ok(Message::Text(text)) => {
                 state
@@ -172,14 +150,6 @@ pub async fn handle_socket(socket: WebSocket, state: Arc<AppState>) {
             }
         }
     }
-    // Expelled by the coordinator (`AppState::expel`, which counted the
-    // rejection) while the socket was ending anyway: a refusal all the same.
-    refused |= connection.id.is_some_and(|id| {
-        state
-            .clients()
-            .get(&id)
-            .is_some_and(|e| e.expelled && e.tx.same_channel(&connection.tx))
-    });
     if !refused {
         state.departures.fetch_add(1, Ordering::Relaxed);
     }
@@ -385,8 +355,7 @@ impl Connection {
             let (&id, entry) = clients
                 .iter()
                 .find(|(_, entry)| crate::state::token_matches(&entry.resume_token, token))?;
-            // Refused (`AppState::expel`) and not yet gone: not itself again.
-            if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() || entry.expelled {
+            if matches!(data, DataSource::Demo) != entry.shard_counts.is_some() {
                 return None;
             }
             let entry = clients.remove(&id)?;
@@ -484,7 +453,6 @@ impl Connection {
             resume_token: token.clone().unwrap_or_else(new_resume_token),
             silent: false,
             paused: false,
-            expelled: false,
             paused_at: None,
         };
         // The join's speed (validated: finite, within the limits) is the

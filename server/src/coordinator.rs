@@ -21,7 +21,7 @@ use astraea_core::engine::{Chain, ChainRules, Closed, Effect, Next, RoundPrivacy
 use astraea_core::model::ModelConfig;
 use astraea_core::partition::kl_to_uniform;
 use astraea_core::protocol::{
-    AckOutcome, ChainPlace, ErrorCode, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
+    AckOutcome, ChainPlace, ModelSpec, ServerMessage, TaskSpec, encode_chunks,
 };
 use astraea_core::strategy::{Group, GroupFailure, GroupResult, Participant, Strategy};
 use astraea_core::train::{self, Samples};
@@ -376,18 +376,14 @@ async fn close_round(
         *lock(&state.privacy) = Some(privacy);
     }
     // Group testing of the maskers (`engine::suspects`): a spoiled mean
-    // keeps its maskers under suspicion, an adopted one clears them.
+    // keeps its maskers under suspicion, an adopted one clears them; the
+    // one left is named and sits secure rounds out (not refused: the
+    // evidence can be forged).
     if !maskers.is_empty() && matches!(closed, Closed::Adopted(_) | Closed::Spoiled(_)) {
         let spoiled = matches!(closed, Closed::Spoiled(_));
-        let named = lock(&state.suspects).closed(&maskers, spoiled);
-        if let Some(culprit) = named {
-            state.expel(
-                culprit,
-                ErrorCode::Invalid,
-                "secure aggregation: every round whose sum held your masked result was \
-                 refused for its unmasked mean, and no other"
-                    .into(),
-            );
+        let named = lock(&state.suspects).closed(&maskers, spoiled, round);
+        if let Some(client) = named {
+            name_masker(state, client, round, "its unmasked sums were refused");
         }
     }
     let adopted = match closed {
@@ -794,6 +790,14 @@ async fn evaluate(data: &ServerData, weights: &Weights) -> anyhow::Result<train:
     Ok(eval)
 }
 
+/// Tells of masker `client`, named in round `round` for `why`, sitting
+/// out secure rounds (`engine::suspects`).
+pub(crate) fn name_masker(state: &AppState, client: u64, round: u32, why: &str) {
+    tracing::warn!(client, round, "masker named, sits out secure rounds: {why}");
+    let detail = format!("client {client}: {why}");
+    state.record(|store, run| store.event(run, Some(round), "masker-named", &detail));
+}
+
 /// Records that round `round`'s aggregate was refused and the previous
 /// model kept.
 fn drop_round(state: &AppState, round: u32, reason: &str) {
@@ -903,8 +907,13 @@ fn pick_participants(
     busy: &HashSet<u64>,
     round: u32,
 ) -> Vec<Participant> {
-    let sitting_out = lock(&state.suspects).sitting_out();
     let clients = state.clients();
+    let sitting_out = {
+        let mut suspects = lock(&state.suspects);
+        // A suspect that left would hold the others out with it.
+        suspects.keep_only(|id| clients.contains_key(&id));
+        suspects.sitting_out(round)
+    };
     // An own-data client's counts as the cap bounds them (engine::declared).
     let cap = AppState::declared_cap(&clients);
     let candidates: Vec<Candidate> = clients

@@ -124,6 +124,15 @@ async fn open_store(
 /// Loads the data, then serves on `listener` and starts the round loop.
 pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result<Running> {
     config.policy().validate()?;
+    config.numbers().validate()?;
+    if !(config::MIN_FRAME_BYTES..=config::MAX_FRAME_BYTES).contains(&config.max_frame_bytes) {
+        anyhow::bail!(
+            "--max-frame-bytes must be {} to {}, not {}",
+            config::MIN_FRAME_BYTES,
+            config::MAX_FRAME_BYTES,
+            config.max_frame_bytes
+        );
+    }
     use astraea_core::engine::hop::hop_limit;
     hop_limit("the hop deadline", config.hop_deadline.as_secs_f64(), false)
         .map_err(anyhow::Error::msg)?;

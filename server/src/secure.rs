@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use astraea_core::protocol::{ErrorCode, ServerMessage, masked_values};
+use astraea_core::protocol::{ServerMessage, masked_values};
 use astraea_core::secagg::{AdvertisedKeys, EncryptedShare, RevealedShare, SecAggParams, Unmasker};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
@@ -445,21 +445,17 @@ impl SecureRound {
         match unmasked {
             Ok((mean, _)) => Ok((mean, expected)),
             Err(failure) => {
-                // One masker's shares sank the round: it is refused, so the
-                // next rounds go on without it (docs/PRIVACY.md).
+                // One masker's shares sank the round, as far as the shares
+                // say: it sits secure rounds out, so the next ones go on
+                // without it (docs/PRIVACY.md; not refused: colluding
+                // revealers can make an honest masker look so).
                 let culprit = failure
                     .suspect()
                     .and_then(|slot| self.maskers.get((slot as usize).checked_sub(1)?));
                 if let Some(&client) = culprit {
-                    state.expel(
-                        client,
-                        ErrorCode::Invalid,
-                        format!(
-                            "secure aggregation of round {}: {failure}: the other maskers \
-                             could not rebuild your secret from the shares you sent",
-                            self.params.round
-                        ),
-                    );
+                    let round = self.params.round;
+                    lock(&state.suspects).name(client, round);
+                    crate::coordinator::name_masker(state, client, round, &failure.to_string());
                 }
                 Err(failure.to_string())
             }

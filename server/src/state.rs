@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use astraea_core::export::ModelCard;
-use astraea_core::protocol::{ErrorCode, ModelSpec, ServerMessage};
+use astraea_core::protocol::{ModelSpec, ServerMessage};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -32,10 +32,6 @@ pub enum Outbound {
     Binary(Vec<u8>),
     /// Close the socket after what is queued.
     Close,
-    /// Refuse the client from outside its frames ([`AppState::expel`]):
-    /// this `error` text frame, then the close; its connection stops
-    /// reading and ends as a refusal.
-    Expel(String),
 }
 
 /// A client's answer to one hop.
@@ -126,10 +122,6 @@ pub struct ClientEntry {
     /// after it (HTTP and the socket are not ordered), so only a frame
     /// [`PAUSE_GRACE`] later says it runs again.
     pub paused_at: Option<std::time::Instant>,
-    /// Refused by the server outside its own socket's frames (a masker
-    /// whose shares sank a secure round, [`AppState::expel`]): its socket
-    /// ends as a refusal, not a departure, and it cannot resume.
-    pub expelled: bool,
 }
 
 /// How long after a pause a frame from the client is taken as still in
@@ -315,9 +307,8 @@ impl Tunable {
         if let Some(v) = change.hop_deadline_s {
             next.hop_deadline_s = v;
         }
-        if next.participants == 0 || next.min_clients == 0 {
-            return Err("participants and min_clients must be at least 1".into());
-        }
+        astraea_core::engine::RunNumbers::counts(next.rounds, next.participants, next.min_clients)
+            .map_err(|e| e.to_string())?;
         astraea_core::engine::hop::hop_limit("hop_deadline_s", next.hop_deadline_s, false)?;
         *self = next;
         Ok(())
@@ -370,8 +361,8 @@ pub struct AppState {
     pub join_refusals: AtomicU64,
     /// The per-source join limit.
     pub joins: crate::admission::JoinLimiter,
-    /// Maskers suspected of spoiling secure sums (group testing,
-    /// `engine::suspects`).
+    /// Maskers suspected of spoiling secure sums, and those named (group
+    /// testing, `engine::suspects`).
     pub suspects: Mutex<astraea_core::engine::suspects::MaskerSuspects>,
     /// Asynchronous groups' results refused as too stale for the buffer
     /// (their hops had been acknowledged as taken into their chain).
@@ -508,39 +499,6 @@ impl AppState {
             test_samples: 0,
             started: std::time::Instant::now(),
         }
-    }
-
-    /// Refuses client `id` from outside its socket's frames: tells it why
-    /// (`error` with `code`, then the close) and marks it, so its socket
-    /// ends as a refusal (counted, its token forgotten, no resume) whether
-    /// its close or anything else comes first. Its pending hop, if any,
-    /// is skipped. `false` when it is not connected.
-    pub fn expel(&self, id: u64, code: ErrorCode, message: String) -> bool {
-        let mut clients = self.clients();
-        let Some(entry) = clients.get_mut(&id) else {
-            return false;
-        };
-        if entry.expelled {
-            return true;
-        }
-        entry.expelled = true;
-        entry.pending = None;
-        let error = ServerMessage::Error {
-            code,
-            message: message.clone(),
-        };
-        let _ = entry.tx.send(Outbound::Expel(error.to_json()));
-        drop(clients);
-        // Its token brings nothing back from here on, whether it resumes
-        // before its socket has ended or after (`Connection::join` skips an
-        // expelled entry; the store forgets the token now).
-        self.record(|store, run| store.forget_token(run, id));
-        self.rejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(client = id, code = ?code, "{message}");
-        let detail = format!("client {id}: {code:?}: {message}");
-        self.record(|store, run| store.event(run, None, "rejection", &detail));
-        self.changed.notify_waiters();
-        true
     }
 
     /// Epsilon spent on the model so far at the run's delta; `None` when

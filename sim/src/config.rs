@@ -151,6 +151,23 @@ impl RunSpec {
 }
 
 impl SimConfig {
+    /// The run's numbers as the engine bounds them
+    /// ([`astraea_core::engine::RunNumbers::validate`], as serve's are).
+    pub fn numbers(&self) -> astraea_core::engine::RunNumbers {
+        astraea_core::engine::RunNumbers {
+            rounds: self.rounds,
+            participants: self.participants,
+            min_clients: 1,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            prox_mu: self.prox_mu,
+            mediator_size: self.gamma,
+            mediator_passes: self.mediator_passes,
+            plan_threshold: self.plan_rule.threshold(),
+        }
+    }
+
     /// The run's rules as the round engine takes them (validated by
     /// [`astraea_core::engine::RunPolicy::validate`], as serve's are).
     /// The simulator's participants are drawn in secret: its DP rounds are

@@ -178,6 +178,7 @@ pub fn run_with_model(
 ) -> anyhow::Result<(RunHistory, Weights)> {
     let start = Instant::now();
     config.policy().validate()?;
+    config.numbers().validate()?;
     let partition = crate::federation::partition_for(config, spec, train, test)
         .with_context(|| format!("partitioning for {}", spec.label()))?;
     let report = partition.report(&train.labels, train.num_classes());
@@ -544,7 +545,9 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
                 .filter_map(|r| groups.get(r.group)?.members.last().map(|&m| m as u64))
                 .collect();
             let spoiled = matches!(closed, Closed::Spoiled(_));
-            setup.defence.secure_round_closed(&maskers, spoiled);
+            setup
+                .defence
+                .secure_round_closed(&maskers, spoiled, round as u32);
         }
         if let Closed::Adopted(values) = closed {
             state.global.values = values;
@@ -1047,18 +1050,15 @@ impl Defence {
         }
     }
 
-    /// A secure round closed with the results of `maskers` in its sum
-    /// (`spoiled`: its unmasked mean was refused): the suspects narrow as
-    /// on the server, and a masker named is dropped for the run.
-    fn secure_round_closed(&self, maskers: &[u64], spoiled: bool) {
-        let named = self
-            .suspects
-            .lock()
-            .expect("no worker panicked")
-            .closed(maskers, spoiled);
-        if let Some(id) = named {
-            self.drop_client(id as usize);
-        }
+    /// Secure round `round` closed with the results of `maskers` in its
+    /// sum (`spoiled`: its unmasked mean was refused): the suspects narrow
+    /// as on the server.
+    fn secure_round_closed(&self, maskers: &[u64], spoiled: bool, round: u32) {
+        let mut suspects = self.suspects.lock().expect("no worker panicked");
+        suspects.keep_only(|id| !self.is_dropped(id as usize));
+        // The one named sits secure rounds out (`sitting_out`), as on the
+        // server.
+        suspects.closed(maskers, spoiled, round);
     }
 
     /// Client `id`'s hop in round `round` was given up as late.
@@ -1081,7 +1081,7 @@ impl Defence {
                 .suspects
                 .lock()
                 .expect("no worker panicked")
-                .sitting_out()
+                .sitting_out(round)
                 .contains(&(id as u64))
     }
 

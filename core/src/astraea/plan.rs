@@ -22,6 +22,16 @@ pub enum PlanRule {
     },
 }
 
+impl PlanRule {
+    /// The rule's threshold: tau_d or alpha.
+    pub fn threshold(&self) -> f64 {
+        match *self {
+            Self::ZScore { tau_d } => tau_d,
+            Self::Alpha { alpha } => alpha,
+        }
+    }
+}
+
 impl Default for PlanRule {
     fn default() -> Self {
         PlanRule::ZScore { tau_d: 3.5 }

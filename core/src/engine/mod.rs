@@ -48,7 +48,7 @@ pub mod suspects;
 pub use chain::{
     Chain, ChainRules, Effect, HopOrder, HopTally, Judgement, MaskedHop, Next, SecureChain,
 };
-pub use policy::{GuardSettings, PolicyError, RunPolicy, Sampling, Schedule};
+pub use policy::{GuardSettings, PolicyError, RunNumbers, RunPolicy, Sampling, Schedule};
 pub use round::{Closed, RoundPrivacy};
 
 #[cfg(test)]

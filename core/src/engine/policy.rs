@@ -94,6 +94,120 @@ impl Default for Schedule {
     }
 }
 
+/// The most rounds a run may ask for.
+pub const MAX_ROUNDS: u32 = 1_000_000;
+/// The most participants a round may draw (and ready clients a round may
+/// wait for): past what one server holds (`astraea bench idle`: 19,000
+/// sockets on this machine's file limit).
+pub const MAX_PARTICIPANTS: usize = 100_000;
+/// The most local epochs of one hop.
+pub const MAX_EPOCHS: usize = 100;
+/// The largest local batch.
+pub const MAX_BATCH_SIZE: usize = 4_096;
+/// The largest learning rate (Adam's is 1e-3 by default).
+pub const MAX_LEARNING_RATE: f64 = 10.0;
+/// The largest FedProx mu.
+pub const MAX_PROX_MU: f64 = 1_000.0;
+/// The most clients in one mediator (gamma).
+pub const MAX_MEDIATOR_SIZE: usize = 1_000;
+/// The most passes of a mediator's chain (E_m).
+pub const MAX_MEDIATOR_PASSES: usize = 100;
+/// The most validation samples the loss rule judges every hop on.
+pub const MAX_VALIDATION_SAMPLES: usize = 100_000;
+
+/// The run's numbers the operator gives beyond [`RunPolicy`] — from the
+/// command line, a TOML file, the environment or the admin API, in serve
+/// and simulate alike — each bounded ([`RunNumbers::validate`]): a number
+/// past its bound is refused with its name and the bound, before anything
+/// runs, rather than running a model that cannot train or a server that
+/// waits for ever.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunNumbers {
+    /// Rounds (1 to [`MAX_ROUNDS`]).
+    pub rounds: u32,
+    /// Participants a round (1 to [`MAX_PARTICIPANTS`]).
+    pub participants: usize,
+    /// Ready clients a round waits for (1 to [`MAX_PARTICIPANTS`]; the
+    /// simulator passes 1).
+    pub min_clients: usize,
+    /// Local epochs (1 to [`MAX_EPOCHS`]).
+    pub epochs: usize,
+    /// Local batch size (1 to [`MAX_BATCH_SIZE`]).
+    pub batch_size: usize,
+    /// Learning rate (positive, at most [`MAX_LEARNING_RATE`]).
+    pub learning_rate: f64,
+    /// FedProx mu (0 to [`MAX_PROX_MU`]).
+    pub prox_mu: f64,
+    /// Clients a mediator takes (gamma, 1 to [`MAX_MEDIATOR_SIZE`]).
+    pub mediator_size: usize,
+    /// Passes of a mediator's chain (1 to [`MAX_MEDIATOR_PASSES`]).
+    pub mediator_passes: usize,
+    /// The augmentation plan's threshold (z-score tau_d, or alpha): a
+    /// finite number above 0.
+    pub plan_threshold: f64,
+}
+
+impl RunNumbers {
+    /// Checks every number against its bound.
+    ///
+    /// # Errors
+    /// The first number out of bounds, by its flag's name.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        Self::counts(self.rounds, self.participants, self.min_clients)?;
+        within("--epochs", self.epochs, 1, MAX_EPOCHS)?;
+        within("--batch", self.batch_size, 1, MAX_BATCH_SIZE)?;
+        within("--gamma", self.mediator_size, 1, MAX_MEDIATOR_SIZE)?;
+        within(
+            "--mediator-passes",
+            self.mediator_passes,
+            1,
+            MAX_MEDIATOR_PASSES,
+        )?;
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate <= MAX_LEARNING_RATE)
+        {
+            return refuse(format!(
+                "--lr must be a number above 0 and at most {MAX_LEARNING_RATE}, not {}",
+                self.learning_rate
+            ));
+        }
+        if !(self.prox_mu.is_finite() && (0.0..=MAX_PROX_MU).contains(&self.prox_mu)) {
+            return refuse(format!(
+                "--prox-mu must be a number from 0 to {MAX_PROX_MU}, not {}",
+                self.prox_mu
+            ));
+        }
+        if !(self.plan_threshold.is_finite() && self.plan_threshold > 0.0) {
+            return refuse(format!(
+                "the plan's threshold (--tau-d or --alpha) must be a number above 0, not {}",
+                self.plan_threshold
+            ));
+        }
+        Ok(())
+    }
+
+    /// The counts the admin API may change while a run goes on: rounds,
+    /// participants and the ready clients a round waits for.
+    ///
+    /// # Errors
+    /// The first count out of bounds, by name.
+    pub fn counts(rounds: u32, participants: usize, min_clients: usize) -> Result<(), PolicyError> {
+        within("rounds", rounds as usize, 1, MAX_ROUNDS as usize)?;
+        within("participants", participants, 1, MAX_PARTICIPANTS)?;
+        within("min_clients", min_clients, 1, MAX_PARTICIPANTS)
+    }
+}
+
+/// `value` of `name` within `low..=high`, or why not.
+fn within(name: &str, value: usize, low: usize, high: usize) -> Result<(), PolicyError> {
+    if (low..=high).contains(&value) {
+        Ok(())
+    } else {
+        refuse(format!("{name} must be {low} to {high}, not {value}"))
+    }
+}
+
 /// The settings that decide what a round does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunPolicy {
@@ -246,6 +360,15 @@ impl RunPolicy {
                 self.guard.max_update_ratio
             ));
         }
+        within(
+            "--validation-samples",
+            self.guard.validation_samples,
+            0,
+            MAX_VALIDATION_SAMPLES,
+        )?;
+        if let Some(buffer) = self.schedule.buffer {
+            within("--buffer", buffer, 1, MAX_PARTICIPANTS)?;
+        }
         if self.guard.max_loss_increase.is_nan() || self.guard.max_loss_increase < 0.0 {
             return refuse(format!(
                 "the loss rule's tolerance must be a non-negative number, not {}",
@@ -297,6 +420,130 @@ mod tests {
     }
 
     use crate::engine::tests::dp;
+
+    fn numbers() -> RunNumbers {
+        RunNumbers {
+            rounds: 50,
+            participants: 20,
+            min_clients: 2,
+            epochs: 1,
+            batch_size: 20,
+            learning_rate: 1e-3,
+            prox_mu: 0.01,
+            mediator_size: 10,
+            mediator_passes: 2,
+            plan_threshold: 3.5,
+        }
+    }
+
+    #[test]
+    fn every_number_the_operator_gives_is_bounded_and_named_when_refused() {
+        // The bug: `--epochs 100000000`, `--batch 0`, `--lr nan`,
+        // `--participants 0`, `--rounds 0` and more started a server that
+        // could not train or waited for ever.
+        assert_eq!(numbers().validate(), Ok(()));
+        let refused = |n: RunNumbers, flag: &str| {
+            let error = n.validate().unwrap_err().0;
+            assert!(error.contains(flag), "{error}");
+        };
+        refused(
+            RunNumbers {
+                rounds: 0,
+                ..numbers()
+            },
+            "rounds",
+        );
+        refused(
+            RunNumbers {
+                participants: 0,
+                ..numbers()
+            },
+            "participants",
+        );
+        refused(
+            RunNumbers {
+                participants: MAX_PARTICIPANTS + 1,
+                ..numbers()
+            },
+            "participants",
+        );
+        refused(
+            RunNumbers {
+                min_clients: 0,
+                ..numbers()
+            },
+            "min_clients",
+        );
+        refused(
+            RunNumbers {
+                epochs: 0,
+                ..numbers()
+            },
+            "--epochs",
+        );
+        refused(
+            RunNumbers {
+                epochs: 100_000_000,
+                ..numbers()
+            },
+            "--epochs",
+        );
+        refused(
+            RunNumbers {
+                batch_size: 0,
+                ..numbers()
+            },
+            "--batch",
+        );
+        refused(
+            RunNumbers {
+                learning_rate: f64::NAN,
+                ..numbers()
+            },
+            "--lr",
+        );
+        refused(
+            RunNumbers {
+                learning_rate: 0.0,
+                ..numbers()
+            },
+            "--lr",
+        );
+        refused(
+            RunNumbers {
+                prox_mu: -1.0,
+                ..numbers()
+            },
+            "--prox-mu",
+        );
+        refused(
+            RunNumbers {
+                mediator_size: 0,
+                ..numbers()
+            },
+            "--gamma",
+        );
+        refused(
+            RunNumbers {
+                mediator_passes: 1_000_000,
+                ..numbers()
+            },
+            "--mediator-passes",
+        );
+        refused(
+            RunNumbers {
+                plan_threshold: f64::NAN,
+                ..numbers()
+            },
+            "--tau-d",
+        );
+        let mut p = policy();
+        p.guard.validation_samples = MAX_VALIDATION_SAMPLES + 1;
+        assert!(p.validate().unwrap_err().0.contains("--validation-samples"));
+        let mut p = policy();
+        p.schedule.buffer = Some(0);
+        assert!(p.validate().unwrap_err().0.contains("--buffer"));
+    }
 
     #[test]
     fn plain_settings_pass() {

@@ -221,30 +221,32 @@ pub fn close(
                     return Err(Closed::Dropped(format!("secure aggregation: {reason}")));
                 }
             };
-            // The round is spent whatever becomes of it (its verdict
-            // depends on the data too).
-            let mut noise = None;
+            // The round is spent whatever becomes of it, and judged as it
+            // is released: noised first (by the maskers under distributed
+            // DP, by the server here otherwise), so that whether it is
+            // adopted is a function of the noised mean alone.
             let mut noised = 0.0;
             if let Some((privacy, largest)) = privacy {
                 let Some((_, noise_std)) = privacy.compose(largest) else {
                     return Ok(None);
                 };
-                // Under distributed DP the maskers added it, in shares,
-                // before masking.
-                if privacy.distributed {
-                    noised = distributed_noise_norm(noise_std, groups, mean.len());
+                let per_weight = if privacy.distributed {
+                    distributed_noise_std(noise_std, groups)
                 } else {
-                    noise = Some(noise_std);
-                }
+                    if noise_the_mean(&mut mean, noise_std, groups, rng).is_none() {
+                        return Ok(None);
+                    }
+                    noise_std / groups.max(1) as f64
+                };
+                noised = noise_norm(per_weight, mean.len());
             }
             // No hop check saw the maskers' results: the mean they make
-            // is judged as a hop would be (rules 1 and 2, the loss rule),
-            // before any noise of the server's. A masker that adds to its
-            // masked input loses the round, not the model. A mean the
-            // maskers noised may move as far as their noise more, and the
-            // loss rule does not judge it (the noise raises the loss of an
-            // honest round as much); what hides in that noise is
-            // docs/PRIVACY.md's.
+            // is judged as a hop would be (rules 1 and 2, the loss rule).
+            // A masker that adds to its masked input loses the round, not
+            // the model. A noised mean may move as far as its noise more,
+            // and the loss rule does not judge it (the noise raises the
+            // loss of an honest round as much); what hides in that noise
+            // is docs/PRIVACY.md's.
             if let Err(refusal) = guard.check_aggregate(global, &mean, noised) {
                 return Err(Closed::Spoiled(format!(
                     "secure aggregation: the unmasked mean: {refusal}"
@@ -257,11 +259,6 @@ pub fn close(
                 return Err(Closed::Spoiled(format!(
                     "secure aggregation: the unmasked mean: {raised}"
                 )));
-            }
-            if let Some(noise_std) = noise
-                && noise_the_mean(&mut mean, noise_std, groups, rng).is_none()
-            {
-                return Ok(None);
             }
             return Ok(Some(mean));
         }
@@ -300,18 +297,23 @@ pub fn close(
     (closed, norms)
 }
 
-/// The most the maskers' noise moves a mean of `groups` results of `len`
-/// weights under distributed DP, `noise_std` being the round's deviation
-/// on the sum: each of S maskers adds `noise_std / sqrt(t)` (t the quorum,
-/// at least 1), so each weight of the mean carries at most `noise_std /
-/// sqrt(S)`, and the norm of `len` such values lies within five of its
-/// standard deviations (`1 / sqrt(2 len)` relative) of `sqrt(len)` times
-/// that.
-fn distributed_noise_norm(noise_std: f64, groups: usize, len: usize) -> f64 {
-    if groups == 0 || len == 0 || !noise_std.is_finite() {
+/// The most deviation the maskers' noise leaves on each weight of a mean
+/// of `groups` results under distributed DP, `noise_std` being the round's
+/// deviation on the sum: each of S maskers adds `noise_std / sqrt(t)` (t
+/// the quorum, at least 1), so a weight of the mean carries
+/// `noise_std / sqrt(S t)`, at most `noise_std / sqrt(S)`.
+fn distributed_noise_std(noise_std: f64, groups: usize) -> f64 {
+    noise_std / (groups.max(1) as f64).sqrt()
+}
+
+/// The most a Gaussian noise of deviation `per_weight` on each of `len`
+/// weights moves them: its norm lies within five of its standard
+/// deviations (`1 / sqrt(2 len)` relative) of `sqrt(len)` times the
+/// deviation. 0 for no noise.
+fn noise_norm(per_weight: f64, len: usize) -> f64 {
+    if len == 0 || !per_weight.is_finite() || per_weight <= 0.0 {
         return 0.0;
     }
-    let per_weight = noise_std / (groups as f64).sqrt();
     per_weight * (len as f64).sqrt() * (1.0 + 5.0 / (2.0 * len as f64).sqrt())
 }
 
