@@ -16,6 +16,15 @@
 //! `$proxy_add_x_forwarded_for`, deploy/nginx.conf) is the source.
 //! Anything before that entry was written by the client and is ignored;
 //! the header from a peer on another machine is ignored too.
+//!
+//! What it does not do: volunteers behind one NAT (a lecture hall, a
+//! carrier-grade NAT) share one bucket, so one of them joining in a loop
+//! slows the others' joins too; a holder of a whole /48 has 65,536 /64s,
+//! each with its burst; it limits joins, not the sockets a source holds
+//! open at once; and it trusts whatever reaches the server over loopback
+//! — behind a proxy that passes the client's own `X-Forwarded-For` through
+//! unchanged (nginx's `$proxy_add_x_forwarded_for` appends, so is safe)
+//! the header is the client's to choose.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -34,6 +43,8 @@ pub const MAX_JOIN_BURST: u32 = 100_000;
 /// Sources remembered before the idle ones are forgotten (a source whose
 /// bucket is full again is idle: forgetting it changes nothing).
 const FORGET_ABOVE: usize = 10_000;
+/// Joins between two sweeps of the idle sources (past [`FORGET_ABOVE`]).
+const SWEEP_EVERY: u64 = 1_024;
 
 /// How many joins one source may make: `per_minute` sustained after a
 /// burst of `burst`. `per_minute` 0 turns the limit off.
@@ -136,6 +147,8 @@ type SourceBuckets<C> =
 pub struct JoinLimiter<C: Clock = DefaultClock> {
     limiter: Option<SourceBuckets<C>>,
     clock: C,
+    /// Joins counted, for the sweeps.
+    joins: std::sync::atomic::AtomicU64,
 }
 
 impl<C: Clock> std::fmt::Debug for JoinLimiter<C> {
@@ -162,7 +175,11 @@ impl<C: Clock + Clone> JoinLimiter<C> {
             let quota = Quota::per_minute(per_minute).allow_burst(burst);
             RateLimiter::new(quota, HashMapStateStore::default(), clock.clone())
         });
-        Self { limiter, clock }
+        Self {
+            limiter,
+            clock,
+            joins: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     /// Counts a join from `source`: `Err(wait)` when the source has used its
@@ -172,7 +189,13 @@ impl<C: Clock + Clone> JoinLimiter<C> {
         let (Some(limiter), Source::Remote(ip)) = (&self.limiter, source) else {
             return Ok(());
         };
-        if limiter.len() > FORGET_ABOVE {
+        // The idle ones are forgotten in one sweep under the store's lock:
+        // at most once every [`SWEEP_EVERY`] joins, so a flood of sources
+        // does not make every join sweep them all.
+        let joins = self
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if joins.is_multiple_of(SWEEP_EVERY) && limiter.len() > FORGET_ABOVE {
             limiter.retain_recent();
         }
         limiter.check_key(&ip).map_err(|not_until| {
