@@ -361,12 +361,15 @@ async fn a_client_that_reports_progress_but_never_delivers_sits_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_dropped() {
+async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_moved_and_the_refusal_never_reaches_the_model()
+ {
     // The loss rule judges a hop while the next member already trains on
     // it (judging is most of a short hop's time). A refused hop must still
-    // never reach the model: the next member's hop is acknowledged stale
-    // and dropped, and that member is not sent the weights from before the
-    // refused hop (it would learn the refused update exactly).
+    // never reach the model, and that member is not sent the weights from
+    // before the refused hop (it would learn the refused update exactly).
+    // The bug: the next member's honest work was dropped (acknowledged
+    // stale) with it; now its own update is moved onto the weights before
+    // the refused hop and judged.
     // Prepare: one mediator of two scripted clients, two passes (Astraea's
     // rescheduling, no plan to answer): an
     // attacker (the loss-ruining update of the test above) and an echo
@@ -420,9 +423,10 @@ async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_dropped() {
     attack.abort();
     echoing.abort();
 
-    // Assert: every attack refused; the echo client heard "stale" for a
-    // hop that followed one, and its next task was not the refused hop's
-    // input; the model is the initial one (nothing but echoes was taken).
+    // Assert: every attack refused; the echo client's hop that trained on
+    // one was moved (its own update, none) and taken, and its next task
+    // was not the refused hop's input; the model is the initial one
+    // (nothing but echoes was taken).
     let attacker_acks = attacker_acks.lock().unwrap().clone();
     let echo_acks = echo_acks.lock().unwrap().clone();
     let attacks = attacker_log.lock().unwrap().clone();
@@ -437,24 +441,25 @@ async fn a_hop_trained_on_an_update_the_loss_rule_then_refuses_is_dropped() {
         echoed.len(),
         "an ack per task: {echo_acks:?}"
     );
-    let mut redone = 0;
+    let mut followed = 0;
     for (i, ack) in echo_acks.iter().enumerate() {
-        if *ack == AckOutcome::Stale {
-            let (stale_input, _) = &echoed[i];
-            let refused = attacks
-                .iter()
-                .find(|(_, out)| out == stale_input)
-                .expect("a stale hop that did not follow a refused one");
-            // What the refused hop started from would give the echo client
-            // the refused update exactly.
-            if let Some((again, _)) = echoed.get(i + 1) {
-                assert_ne!(again, &refused.0, "the refused hop's input was sent on");
-            }
-            redone += 1;
+        let (input, _) = &echoed[i];
+        let Some(refused) = attacks.iter().find(|(_, out)| out == input) else {
+            continue;
+        };
+        assert_eq!(*ack, AckOutcome::Accepted, "moved and taken: {echo_acks:?}");
+        // What the refused hop started from would give the echo client the
+        // refused update exactly.
+        if let Some((again, _)) = echoed.get(i + 1) {
+            assert_ne!(again, &refused.0, "the refused hop's input was sent on");
         }
+        followed += 1;
     }
-    assert!(redone >= 1, "no hop followed a refused one: {echo_acks:?}");
-    assert!(running.state.stale_updates.load(Ordering::Relaxed) >= redone);
+    assert!(
+        followed >= 1,
+        "no hop followed a refused one: {echo_acks:?}"
+    );
+    assert_eq!(running.state.stale_updates.load(Ordering::Relaxed), 0);
     let global = astraea_server::state::lock(&running.state.global)
         .clone()
         .unwrap();

@@ -24,11 +24,14 @@
 //! - The loss rule may judge a hop while the next member already trains on
 //!   it (the server does: the judgement is most of a short hop's time). If
 //!   the judged hop is refused, that next hop trained on weights the chain
-//!   no longer has: it is discarded (acknowledged stale), and the chain
-//!   goes on with the member after it, not the same member again — sent
-//!   the earlier weights, it would learn the refused client's exact update
-//!   (the difference from what it was sent first). Only a member that
-//!   follows itself (a chain of one) trains again. Both drivers pipeline:
+//!   no longer has: its member's own update (what it returned less what
+//!   it was sent) is moved onto the weights before the refused hop and
+//!   judged as any hop, so an honest member's work is kept; the chain
+//!   goes on after it, and the member is never sent the earlier weights
+//!   (it would learn the refused client's exact update, the difference
+//!   from what it was sent first). A masked hop cannot be moved and is
+//!   discarded (acknowledged stale); a member that follows itself (a
+//!   chain of one) trains again. Both drivers pipeline:
 //!   the simulator gives each verdict once the next hop has gone out, as
 //!   the server's arrives while the next member trains.
 //! - Per-hop noise (`HopPrivacy`) is added to what the next member sees,
@@ -249,8 +252,9 @@ pub enum Effect {
         /// Refused by the loss rule.
         loss_rule: bool,
     },
-    /// The hop trained on an update the loss rule then refused: dropped
-    /// (`ack: stale`), its member kept.
+    /// The hop trained on an update the loss rule then refused and could
+    /// not be moved onto the weights before it (masked, or its member was
+    /// the refused one): dropped (`ack: stale`), its member kept.
     Discarded {
         /// The member.
         member: usize,
@@ -338,8 +342,10 @@ pub struct Chain {
     unjudged: Option<Unjudged>,
     waiting: Option<Waiting>,
     /// A hop still out that trained on an update the loss rule refused
-    /// before its outcome came: discarded when it comes.
-    tainted: Option<u32>,
+    /// before its outcome came, and what moves it onto the weights before
+    /// that update (the weights before less the refused ones), or `None`
+    /// to discard it (masked, or its member was the refused one).
+    tainted: Option<(u32, Option<Vec<f32>>)>,
     masked_ok: bool,
     failed: Option<String>,
     rng: StdRng,
@@ -494,11 +500,19 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
-        if self.tainted.take_if(|&mut t| t == ordinal).is_some() {
-            return vec![Effect::Discarded {
-                member: out.member,
-                ordinal,
-            }];
+        let mut weights = weights;
+        // Trained on weights the loss rule refused meanwhile: moved onto
+        // the weights before them, or discarded (see `on_verdict`).
+        if let Some((_, shift)) = self.tainted.take_if(|(t, _)| *t == ordinal) {
+            match shift {
+                Some(shift) => weights = shifted(weights, &shift),
+                None => {
+                    return vec![Effect::Discarded {
+                        member: out.member,
+                        ordinal,
+                    }];
+                }
+            }
         }
         if self.unjudged.is_some() {
             self.waiting = Some(Waiting::Returned(out, weights, samples));
@@ -518,7 +532,7 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
-        self.tainted.take_if(|&mut t| t == ordinal);
+        self.tainted.take_if(|(t, _)| *t == ordinal);
         if self.unjudged.is_some() {
             self.waiting = Some(Waiting::Skipped(out, reason));
             return Vec::new();
@@ -541,7 +555,7 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
-        self.tainted.take_if(|&mut t| t == ordinal);
+        self.tainted.take_if(|(t, _)| *t == ordinal);
         if self.unjudged.is_some() {
             self.waiting = Some(Waiting::Refused(out, reason));
             return Vec::new();
@@ -597,7 +611,7 @@ impl Chain {
             }
         };
         if let Some(reason) = refusal {
-            self.weights = pending.before;
+            let refused = std::mem::replace(&mut self.weights, pending.before);
             self.samples[pending.position] = pending.previous_samples;
             effects.push(Effect::Refused {
                 member: pending.member,
@@ -605,23 +619,41 @@ impl Chain {
                 reason,
                 loss_rule: true,
             });
-            // The hop that trained on the refused weights meanwhile.
-            if let Some(Waiting::Returned(out, ..)) = &self.waiting {
-                let out = out.clone();
-                self.waiting = None;
-                effects.push(Effect::Discarded {
-                    member: out.member,
-                    ordinal: out.ordinal,
-                });
-                // Its member saw the refused update: the chain goes on
-                // with the member after it, unless it follows itself.
-                if out.member == pending.member {
-                    self.next = out.slot;
+            // What moves a hop trained on the refused weights onto the
+            // weights before them: its member's own update is kept, not
+            // its starting point.
+            let shift: Vec<f32> = self
+                .weights
+                .iter()
+                .zip(&refused)
+                .map(|(g, r)| g - r)
+                .collect();
+            // The hop that trained on the refused weights meanwhile: moved
+            // (and judged next, as any hop), unless it is masked (nothing
+            // can be moved in a masked vector) or its member is the
+            // refused one (it trains again from the weights before).
+            if let Some(Waiting::Returned(out, weights, samples)) = self
+                .waiting
+                .take_if(|waiting| matches!(waiting, Waiting::Returned(..)))
+            {
+                if out.masked || out.member == pending.member {
+                    effects.push(Effect::Discarded {
+                        member: out.member,
+                        ordinal: out.ordinal,
+                    });
+                    if out.member == pending.member {
+                        self.next = out.slot;
+                    }
+                } else {
+                    let moved = shifted(weights, &shift);
+                    self.waiting = Some(Waiting::Returned(out, moved, samples));
                 }
             }
-            // Or that is still out: discarded when it comes back.
+            // Or that is still out: moved (or discarded) when it comes
+            // back.
             if let Some(out) = &self.out {
-                self.tainted = Some(out.ordinal);
+                let moved = !out.masked && out.member != pending.member;
+                self.tainted = Some((out.ordinal, moved.then(|| shift.clone())));
                 if out.member == pending.member {
                     self.next = out.slot;
                 }
@@ -730,6 +762,14 @@ impl Chain {
             samples: self.samples.iter().flatten().sum(),
         })
     }
+}
+
+/// `weights` moved by `shift` (equal lengths: both the model's).
+fn shifted(mut weights: Vec<f32>, shift: &[f32]) -> Vec<f32> {
+    for (w, d) in weights.iter_mut().zip(shift) {
+        *w += d;
+    }
+    weights
 }
 
 #[cfg(test)]
@@ -872,9 +912,10 @@ mod tests {
     }
 
     #[test]
-    fn a_hop_trained_on_a_refused_update_is_discarded_and_its_member_loses_its_turn() {
+    fn a_hop_trained_on_a_refused_update_is_moved_onto_the_weights_before_and_judged() {
         // The server's order: the next member trains while the loss rule
-        // judges; the verdict comes after its update.
+        // judges; the verdict comes after its update. The bug: the honest
+        // next member's work was discarded with the refused hop.
         let mut chain = chain(&[1, 2, 3], 1, judged());
         let first = train(&mut chain);
         let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
@@ -887,17 +928,20 @@ mod tests {
         assert!(chain.returned(second.ordinal, vec![6.0; 4], 10).is_empty());
         assert_eq!(chain.poll(), Next::Verdict);
         let effects = chain.verdict(j, refused());
-        assert!(matches!(
-            &effects[..],
-            [
-                Effect::Refused { member: 1, .. },
-                Effect::Discarded { member: 2, .. }
-            ]
-        ));
-        // Member 2 saw member 1's update: it is not sent the weights
-        // before it; member 3 is.
+        // Member 2's own update (+1 on what it was sent) is moved onto the
+        // weights before member 1's, and judged from their known loss.
+        match &effects[..] {
+            [Effect::Refused { member: 1, .. }, Effect::Judge(moved)] => {
+                assert_eq!(moved.ordinal, second.ordinal);
+                assert_eq!(moved.new, vec![1.0; 4]);
+                assert_eq!(moved.known, Some(1.0));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Member 2 is never sent the weights before member 1's; member 3
+        // gets the moved hop.
         let third = train(&mut chain);
-        assert_eq!((third.member, third.weights), (3, vec![0.0; 4]));
+        assert_eq!((third.member, third.weights), (3, vec![1.0; 4]));
         assert_eq!(third.slot, 2);
     }
 
@@ -1076,7 +1120,7 @@ mod tests {
     }
 
     #[test]
-    fn a_verdict_that_comes_before_the_pipelined_hop_returns_discards_it_when_it_does() {
+    fn a_verdict_that_comes_before_the_pipelined_hop_returns_moves_it_when_it_does() {
         // The other order of the race: the refusal arrives while the
         // next member still trains on the refused update.
         let mut chain = chain(&[1, 2, 3], 1, judged());
@@ -1086,24 +1130,26 @@ mod tests {
         let effects = chain.verdict(j, refused());
         assert!(matches!(&effects[..], [Effect::Refused { member: 1, .. }]));
         let effects = chain.returned(second.ordinal, vec![6.0; 4], 10);
-        assert!(matches!(
-            &effects[..],
-            [Effect::Discarded { member: 2, .. }]
-        ));
-        // Both orders end alike: member 3 gets the weights before member 1.
+        let moved = match &effects[..] {
+            [Effect::Judge(moved)] => moved.clone(),
+            other => panic!("{other:?}"),
+        };
+        // Both orders end alike: member 2's update moved, member 3 gets it.
+        assert_eq!(moved.new, vec![1.0; 4]);
         let third = train(&mut chain);
-        assert_eq!((third.member, third.weights), (3, vec![0.0; 4]));
-        chain.returned(third.ordinal, vec![1.0; 4], 4);
+        assert_eq!((third.member, third.weights), (3, vec![1.0; 4]));
+        chain.verdict(moved.ordinal, accepted(0.5));
+        chain.returned(third.ordinal, vec![2.0; 4], 4);
         let j = match chain.poll() {
             Next::Verdict => third.ordinal,
             other => panic!("{other:?}"),
         };
         chain.verdict(j, accepted(0.1));
-        assert!(matches!(chain.poll(), Next::Done(Ok(r)) if r.samples == 4));
+        assert!(matches!(chain.poll(), Next::Done(Ok(r)) if r.samples == 14));
         let tally = HopTally {
-            accepted: 1,
+            accepted: 2,
             refused: 1,
-            discarded: 1,
+            discarded: 0,
             skipped: 0,
         };
         assert_eq!(chain.tally(), tally);
@@ -1118,9 +1164,11 @@ mod tests {
         // A duplicate outcome changes nothing.
         assert!(chain.returned(first.ordinal, vec![5.0; 4], 10).is_empty());
         chain.verdict(j, refused());
-        chain.returned(second.ordinal, vec![6.0; 4], 10);
+        // Trained on the refused hop: moved, then judged.
+        let moved = judgement(&chain.returned(second.ordinal, vec![6.0; 4], 10));
         let third = train(&mut chain);
         chain.skipped(third.ordinal, "left".into());
+        chain.verdict(moved, accepted(0.2));
         let fourth = train(&mut chain);
         let j = judgement(&chain.returned(fourth.ordinal, vec![1.0; 4], 4));
         chain.verdict(j, accepted(0.1));
@@ -1133,7 +1181,7 @@ mod tests {
                 tally.discarded,
                 tally.skipped
             ),
-            (1, 1, 1, 1)
+            (2, 1, 0, 1)
         );
         assert_eq!(tally.total(), 4);
     }
