@@ -249,7 +249,9 @@ pub enum Effect {
         ordinal: u32,
         /// Why.
         reason: String,
-        /// Refused by the loss rule.
+        /// Refused by the loss rule, and held against its member (not when
+        /// the hop was moved off an update the rule refused before it:
+        /// its member trained on that).
         loss_rule: bool,
     },
     /// The hop trained on an update the loss rule then refused and could
@@ -297,6 +299,9 @@ struct Out {
     member: usize,
     position: usize,
     masked: bool,
+    /// Trained on an update the loss rule refused, and moved onto the
+    /// weights before it: a refusal of it is not held against its member.
+    moved: bool,
 }
 
 /// A hop taken into the chain before the loss rule's verdict on it.
@@ -310,6 +315,8 @@ struct Unjudged {
     before_loss: Option<f64>,
     /// The member's samples before it (an earlier pass's).
     previous_samples: Option<u64>,
+    /// It was moved off a refused update (`Out::moved`).
+    moved: bool,
 }
 
 /// An outcome that came while a verdict was due: handled once it is in.
@@ -482,6 +489,7 @@ impl Chain {
             member: order.member,
             position,
             masked: masked.is_some(),
+            moved: false,
         });
         self.next += 1;
         Next::Train(order)
@@ -500,12 +508,15 @@ impl Chain {
         let Some(out) = self.take_out(ordinal) else {
             return Vec::new();
         };
-        let mut weights = weights;
+        let (mut out, mut weights) = (out, weights);
         // Trained on weights the loss rule refused meanwhile: moved onto
         // the weights before them, or discarded (see `on_verdict`).
         if let Some((_, shift)) = self.tainted.take_if(|(t, _)| *t == ordinal) {
             match shift {
-                Some(shift) => weights = shifted(weights, &shift),
+                Some(shift) => {
+                    weights = shifted(weights, &shift);
+                    out.moved = true;
+                }
                 None => {
                     return vec![Effect::Discarded {
                         member: out.member,
@@ -617,7 +628,9 @@ impl Chain {
                 member: pending.member,
                 ordinal,
                 reason,
-                loss_rule: true,
+                // A moved hop's member trained on a refused update: the
+                // refusal is not held against it (no streak).
+                loss_rule: !pending.moved,
             });
             // What moves a hop trained on the refused weights onto the
             // weights before them: its member's own update is kept, not
@@ -646,6 +659,7 @@ impl Chain {
                     }
                 } else {
                     let moved = shifted(weights, &shift);
+                    let out = Out { moved: true, ..out };
                     self.waiting = Some(Waiting::Returned(out, moved, samples));
                 }
             }
@@ -727,6 +741,7 @@ impl Chain {
                     before,
                     before_loss: self.weights_loss,
                     previous_samples,
+                    moved: out.moved,
                 });
                 vec![Effect::Judge(judgement)]
             }
@@ -1117,6 +1132,36 @@ mod tests {
         train(&mut chain);
         chain.abort("masker 1 left the key exchange".into());
         assert!(matches!(chain.poll(), Next::Done(Err(f)) if f.reason.contains("key exchange")));
+    }
+
+    #[test]
+    fn a_moved_hop_the_rule_refuses_too_is_not_held_against_its_member() {
+        let mut chain = chain(&[1, 2, 3], 1, judged());
+        let first = train(&mut chain);
+        let j = judgement(&chain.returned(first.ordinal, vec![5.0; 4], 10));
+        let second = train(&mut chain);
+        chain.returned(second.ordinal, vec![6.0; 4], 10);
+        let moved = match &chain.verdict(j, refused())[..] {
+            [
+                Effect::Refused {
+                    loss_rule: true, ..
+                },
+                Effect::Judge(moved),
+            ] => moved.ordinal,
+            other => panic!("{other:?}"),
+        };
+        let effects = chain.verdict(moved, refused());
+        assert!(
+            matches!(
+                &effects[..],
+                [Effect::Refused {
+                    member: 2,
+                    loss_rule: false,
+                    ..
+                }]
+            ),
+            "{effects:?}"
+        );
     }
 
     #[test]
