@@ -379,12 +379,9 @@ async fn close_round(
     // keeps its maskers under suspicion, an adopted one clears them; the
     // one left is named and sits secure rounds out (not refused: the
     // evidence can be forged).
-    if !maskers.is_empty() && matches!(closed, Closed::Adopted(_) | Closed::Spoiled(_)) {
-        let spoiled = matches!(closed, Closed::Spoiled(_));
-        let named = lock(&state.suspects).closed(&maskers, spoiled, round);
-        if let Some(client) = named {
-            name_masker(state, client, round, "its unmasked sums were refused");
-        }
+    let named = lock(&state.suspects).closed(&maskers, &closed, round);
+    if let Some(client) = named {
+        name_masker(state, client, round, "its unmasked sums were refused");
     }
     let adopted = match closed {
         Closed::Adopted(values) => Some(values),

@@ -539,15 +539,16 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
                 )
             });
         }
-        if quorum.is_some() && matches!(closed, Closed::Adopted(_) | Closed::Spoiled(_)) {
+        if quorum.is_some() {
+            // The maskers whose results the (simulated) sum holds: each
+            // group's last member, as on the server.
             let maskers: Vec<u64> = results
                 .iter()
                 .filter_map(|r| groups.get(r.group)?.members.last().map(|&m| m as u64))
                 .collect();
-            let spoiled = matches!(closed, Closed::Spoiled(_));
             setup
                 .defence
-                .secure_round_closed(&maskers, spoiled, round as u32);
+                .secure_round_closed(&maskers, &closed, round as u32);
         }
         if let Closed::Adopted(values) = closed {
             state.global.values = values;
@@ -1050,15 +1051,14 @@ impl Defence {
         }
     }
 
-    /// Secure round `round` closed with the results of `maskers` in its
-    /// sum (`spoiled`: its unmasked mean was refused): the suspects narrow
-    /// as on the server.
-    fn secure_round_closed(&self, maskers: &[u64], spoiled: bool, round: u32) {
+    /// Secure round `round` closed as `closed` with the results of
+    /// `maskers` in its sum: the suspects narrow as on the server.
+    fn secure_round_closed(&self, maskers: &[u64], closed: &Closed, round: u32) {
         let mut suspects = self.suspects.lock().expect("no worker panicked");
         suspects.keep_only(|id| !self.is_dropped(id as usize));
         // The one named sits secure rounds out (`sitting_out`), as on the
         // server.
-        suspects.closed(maskers, spoiled, round);
+        suspects.closed(maskers, closed, round);
     }
 
     /// Client `id`'s hop in round `round` was given up as late.

@@ -24,6 +24,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::round::Closed;
+
 /// Rounds a client named `times` times sits out: 4, 8, 16, … up to 1,024.
 pub fn named_rounds(times: u32) -> u32 {
     1 << (times.saturating_add(1)).clamp(2, 10)
@@ -64,12 +66,23 @@ impl MaskerSuspects {
         out
     }
 
-    /// Secure round `round` closed with `maskers` (the clients whose
-    /// masked results were in its sum): `spoiled` when its unmasked mean
-    /// was refused, else adopted. Returns the client named when a spoiled
-    /// round leaves one suspect; it sits out the next
-    /// [`named_rounds`] rounds.
-    pub fn closed(&mut self, maskers: &[u64], spoiled: bool, round: u32) -> Option<u64> {
+    /// Secure round `round` closed as `closed` with `maskers` (the
+    /// clients whose masked results were in its sum): an adopted round
+    /// clears them, a spoiled one ([`Closed::Spoiled`]) narrows the
+    /// suspects to them; a round kept or dropped for another reason says
+    /// nothing of its maskers. Returns the client named when a spoiled
+    /// round leaves one suspect; it sits out the next [`named_rounds`]
+    /// rounds. What both drivers call after `round::close`.
+    pub fn closed(&mut self, maskers: &[u64], closed: &Closed, round: u32) -> Option<u64> {
+        match closed {
+            _ if maskers.is_empty() => None,
+            Closed::Adopted(_) => self.on_round(maskers, false, round),
+            Closed::Spoiled(_) => self.on_round(maskers, true, round),
+            Closed::Kept | Closed::Dropped(_) => None,
+        }
+    }
+
+    fn on_round(&mut self, maskers: &[u64], spoiled: bool, round: u32) -> Option<u64> {
         let masked: BTreeSet<u64> = maskers.iter().copied().collect();
         if !spoiled {
             self.suspects.retain(|id| !masked.contains(id));
@@ -118,7 +131,7 @@ mod tests {
             let out = suspects.sitting_out(round);
             let maskers: Vec<u64> = (1..=clients).filter(|id| !out.contains(id)).collect();
             let spoiled = maskers.contains(&spoiler);
-            if let Some(named) = suspects.closed(&maskers, spoiled, round) {
+            if let Some(named) = suspects.on_round(&maskers, spoiled, round) {
                 return (round, named);
             }
         }
@@ -141,16 +154,33 @@ mod tests {
     fn adopted_rounds_clear_their_maskers_and_spoiled_ones_keep_theirs() {
         let mut suspects = MaskerSuspects::new();
         assert!(suspects.sitting_out(1).is_empty());
-        assert_eq!(suspects.closed(&[1, 2, 3, 4], false, 1), None);
+        assert_eq!(suspects.on_round(&[1, 2, 3, 4], false, 1), None);
         assert!(suspects.suspects().is_empty());
-        assert_eq!(suspects.closed(&[1, 2, 3, 4], true, 2), None);
+        assert_eq!(suspects.on_round(&[1, 2, 3, 4], true, 2), None);
         assert_eq!(suspects.suspects(), vec![1, 2, 3, 4]);
         assert_eq!(suspects.sitting_out(3), BTreeSet::from([3, 4]));
         // 1 and 2 masked and the round was adopted: it is 3 or 4.
-        assert_eq!(suspects.closed(&[1, 2, 5], false, 3), None);
+        assert_eq!(suspects.on_round(&[1, 2, 5], false, 3), None);
         assert_eq!(suspects.suspects(), vec![3, 4]);
-        assert_eq!(suspects.closed(&[3, 5, 6], true, 4), Some(3));
+        assert_eq!(suspects.on_round(&[3, 5, 6], true, 4), Some(3));
         assert!(suspects.suspects().is_empty());
+    }
+
+    #[test]
+    fn only_adopted_and_spoiled_rounds_speak_of_their_maskers() {
+        let mut suspects = MaskerSuspects::new();
+        let spoiled = Closed::Spoiled("moved too far".into());
+        assert_eq!(suspects.closed(&[1, 2], &Closed::Kept, 1), None);
+        assert_eq!(
+            suspects.closed(&[1, 2], &Closed::Dropped("quorum".into()), 1),
+            None
+        );
+        assert_eq!(suspects.closed(&[], &spoiled, 1), None);
+        assert!(suspects.suspects().is_empty());
+        assert_eq!(suspects.closed(&[1, 2], &spoiled, 2), None);
+        assert_eq!(suspects.suspects(), vec![1, 2]);
+        assert_eq!(suspects.closed(&[1], &Closed::Adopted(vec![]), 3), None);
+        assert_eq!(suspects.suspects(), vec![2]);
     }
 
     #[test]
@@ -170,9 +200,9 @@ mod tests {
     #[test]
     fn a_spoiled_round_without_a_suspect_among_its_maskers_starts_again() {
         let mut suspects = MaskerSuspects::new();
-        suspects.closed(&[1, 2, 3, 4], true, 1);
-        suspects.closed(&[1, 2], false, 2);
-        assert_eq!(suspects.closed(&[7, 8, 9], true, 3), None);
+        suspects.on_round(&[1, 2, 3, 4], true, 1);
+        suspects.on_round(&[1, 2], false, 2);
+        assert_eq!(suspects.on_round(&[7, 8, 9], true, 3), None);
         assert_eq!(suspects.suspects(), vec![7, 8, 9]);
         // A suspect that left no longer holds the others out with it.
         suspects.keep_only(|id| id != 8);
