@@ -733,25 +733,13 @@ impl BatchedModel {
     ) -> Result<EvalStats, WeightsError> {
         crate::weights::check_values_fit(values, &self.shapes)?;
         let geometry = &self.geometry;
-        let device = &geometry.device;
         let params = upload(geometry, &[values]);
-        let sample = geometry.sample;
         let mut correct = 0i64;
         let mut loss_sum = 0.0;
         let indices: Vec<usize> = (0..data.len()).collect();
         for chunk in indices.chunks(batch_size.max(1)) {
             let b = chunk.len();
-            let mut pixels = vec![0.0f32; sample * b];
-            let mut labels = Vec::with_capacity(b);
-            for (s, &i) in chunk.iter().enumerate() {
-                for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
-                    pixels[f * b + s] = v;
-                }
-                labels.push(i64::from(data.labels[i]));
-            }
-            let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
-            let targets: Tensor<2, Int> =
-                Tensor::from_data(TensorData::new(labels, [b, 1]), device);
+            let (images, targets) = batch_inputs(geometry, data, chunk);
             let logits = forward(geometry, &params, images, 1, b, None)
                 .logits
                 .reshape([geometry.classes, b])
@@ -773,6 +761,29 @@ impl BatchedModel {
             samples: data.len(),
         })
     }
+}
+
+/// The samples `chunk` of `data` as one batch: the images feature-major
+/// (`[sample, b]`, as [`forward`] takes them) and the targets (`[b, 1]`).
+fn batch_inputs(
+    geometry: &Geometry,
+    data: Samples<'_>,
+    chunk: &[usize],
+) -> (Tensor<2>, Tensor<2, Int>) {
+    let (sample, b) = (geometry.sample, chunk.len());
+    let mut pixels = vec![0.0f32; sample * b];
+    let mut labels = Vec::with_capacity(b);
+    for (s, &i) in chunk.iter().enumerate() {
+        for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
+            pixels[f * b + s] = v;
+        }
+        labels.push(i64::from(data.labels[i]));
+    }
+    let device = &geometry.device;
+    (
+        Tensor::from_data(TensorData::new(pixels, [sample, b]), device),
+        Tensor::from_data(TensorData::new(labels, [b, 1]), device),
+    )
 }
 
 /// Fixed samples made ready to judge many models on ([`BatchedModel::probe`]):
@@ -802,23 +813,12 @@ impl BatchedModel {
     /// `batch_size`.
     pub fn probe(&self, data: Samples<'_>, batch_size: usize) -> Probe {
         let geometry = &self.geometry;
-        let device = &geometry.device;
-        let sample = geometry.sample;
         let indices: Vec<usize> = (0..data.len()).collect();
         let batches = indices
             .chunks(batch_size.max(1))
             .map(|chunk| {
                 let b = chunk.len();
-                let mut pixels = vec![0.0f32; sample * b];
-                let mut labels = Vec::with_capacity(b);
-                for (s, &i) in chunk.iter().enumerate() {
-                    for (f, &v) in data.images[i * sample..(i + 1) * sample].iter().enumerate() {
-                        pixels[f * b + s] = v;
-                    }
-                    labels.push(i64::from(data.labels[i]));
-                }
-                let images = Tensor::from_data(TensorData::new(pixels, [sample, b]), device);
-                let targets = Tensor::from_data(TensorData::new(labels, [b, 1]), device);
+                let (images, targets) = batch_inputs(geometry, data, chunk);
                 (first_columns(geometry, images, 1, b), targets, b)
             })
             .collect();

@@ -184,10 +184,15 @@ impl LossCheck {
         }
         let mut window = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let baseline = window.median().unwrap_or(0.0).max(0.0);
-        let change = after - before;
-        window.push(change);
-        let refused =
-            !after.is_finite() || (before.is_finite() && change > baseline + self.max_increase);
+        window.push(after - before);
+        self.rule(before, after, baseline)
+    }
+
+    /// The rule itself: `after` refused when it is not finite, or exceeds
+    /// a finite `before` by more than `baseline` plus the tolerance.
+    fn rule(&self, before: f64, after: f64, baseline: f64) -> Result<(), LossIncrease> {
+        let refused = !after.is_finite()
+            || (before.is_finite() && after - before > baseline + self.max_increase);
         if refused {
             return Err(LossIncrease {
                 before,
@@ -221,17 +226,7 @@ impl LossCheck {
             .median()
             .unwrap_or(0.0)
             .max(0.0);
-        let refused = !after.is_finite()
-            || (before.is_finite() && after - before > baseline + self.max_increase);
-        if refused {
-            return Err(LossIncrease {
-                before,
-                after,
-                max_increase: self.max_increase,
-                baseline,
-            });
-        }
-        Ok(())
+        self.rule(before, after, baseline)
     }
 
     /// Closes a round for the rule: the changes judged since the last call
