@@ -162,22 +162,17 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
     // the protocol that sends one of the others a share that does not
     // decrypt, then plays the rest honestly (its masked result is the
     // model it was sent).
-    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
-    cfg.secure_aggregation = true;
-    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
-    let (running, address) = start(cfg).await;
-    let params = running.state.model.params;
-    let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let socket = join(&address).await;
-    let garbler = tokio::spawn(hostile_masker(socket, params, Hostility::GarbleOne));
-
     // Execute
-    finishes(running.coordinator).await;
-    let Played {
-        revealed,
-        socket: _socket,
+    let Hostile {
+        running,
+        played: Played {
+            revealed,
+            socket: _socket,
+            ..
+        },
+        swarm,
         ..
-    } = garbler.await.unwrap();
+    } = with_a_hostile_masker(4, 1, 4, Hostility::GarbleOne).await;
     let state = &running.state;
     let connected = state.clients().len();
     swarm.abort();
@@ -199,23 +194,13 @@ async fn a_masker_that_garbles_a_share_pushes_nobody_out_and_the_round_unmasks()
 async fn a_masker_whose_shares_decrypt_for_no_one_is_named_and_the_next_round_goes_on_without_it() {
     // The bug: a masker that sent garbage shares made every secure round
     // fail, for ever, and was never identified.
-    let mut cfg = config(StrategyKind::FedAvg, 4, 2);
-    cfg.secure_aggregation = true;
-    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
-    cfg.min_clients = 3;
-    let (running, address) = start(cfg).await;
-    let params = running.state.model.params;
-    let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let socket = join(&address).await;
-    let garbler = tokio::spawn(hostile_masker(
-        socket,
-        params,
-        Hostility::GarbleAll { rounds: 2 },
-    ));
-
     // Execute
-    finishes(running.coordinator).await;
-    let played = garbler.await.unwrap();
+    let Hostile {
+        running,
+        played,
+        swarm,
+        ..
+    } = with_a_hostile_masker(4, 2, 3, Hostility::GarbleAll { rounds: 2 }).await;
     let state = &running.state;
     let connected = state.clients().len();
     let dropped = state.dropped_rounds.load(Ordering::Relaxed);
@@ -247,29 +232,22 @@ async fn a_masker_that_adds_a_constant_loses_the_round_not_the_model() {
     // The bug: a masker adding a constant to its masked input moved every
     // weight by it each round, and the rounds were adopted (test loss
     // 2.5e7, then 2e9).
-    let mut cfg = config(StrategyKind::FedAvg, 4, 1);
-    cfg.secure_aggregation = true;
-    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
-    let (running, address) = start(cfg).await;
-    let params = running.state.model.params;
-    let before = {
-        let global = astraea_server::state::lock(&running.state.global).clone();
-        global.map(|w| w.values.clone())
-    };
-    let swarm = tokio::spawn(run_swarm(3, options(&address)));
-    let socket = join(&address).await;
-    let adder = tokio::spawn(hostile_masker(
-        socket,
-        params,
+    // Execute
+    let Hostile {
+        running,
+        played,
+        swarm,
+        initial: before,
+    } = with_a_hostile_masker(
+        4,
+        1,
+        4,
         Hostility::AddConstant {
             value: 4.0,
             rounds: 1,
         },
-    ));
-
-    // Execute
-    finishes(running.coordinator).await;
-    let played = adder.await.unwrap();
+    )
+    .await;
     let state = &running.state;
     let after = astraea_server::state::lock(&state.global).clone().unwrap();
     swarm.abort();
@@ -297,26 +275,23 @@ async fn a_masker_that_spoils_every_sum_it_is_in_is_narrowed_down_and_sits_out()
     // Named within 4 rounds, it sits the next 4 out: rounds 5 and 6
     // without it.
     let rounds = 6;
-    let mut cfg = config(StrategyKind::FedAvg, 6, rounds);
-    cfg.secure_aggregation = true;
-    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
-    cfg.min_clients = 3;
-    let (running, address) = start(cfg).await;
-    let params = running.state.model.params;
-    let swarm = tokio::spawn(run_swarm(5, options(&address)));
-    let socket = join(&address).await;
-    let adder = tokio::spawn(hostile_masker(
-        socket,
-        params,
+
+    // Execute
+    let Hostile {
+        running,
+        played,
+        swarm,
+        ..
+    } = with_a_hostile_masker(
+        6,
+        rounds,
+        3,
         Hostility::AddConstant {
             value: 4.0,
             rounds: rounds as usize,
         },
-    ));
-
-    // Execute
-    finishes(running.coordinator).await;
-    let played = adder.await.unwrap();
+    )
+    .await;
     let state = &running.state;
     let dropped = state.dropped_rounds.load(Ordering::Relaxed);
     let connected = state.clients().len();
@@ -337,6 +312,48 @@ async fn a_masker_that_spoils_every_sum_it_is_in_is_narrowed_down_and_sits_out()
     assert_eq!(members.len(), 5, "{members:?}");
     assert!(!members.iter().any(|id| named.contains(id)));
     assert!(last.accuracy > 0.2, "accuracy {}", last.accuracy);
+}
+
+/// A finished FedAvg run under secure aggregation with one hostile masker.
+struct Hostile {
+    running: astraea_server::Running,
+    played: Played,
+    /// The native clients: abort once the run's state is read.
+    swarm: tokio::task::JoinHandle<Vec<anyhow::Result<astraea_native::ClientSummary>>>,
+    /// The model the run started from, when there was one before it began.
+    initial: Option<Vec<f32>>,
+}
+
+/// Runs `rounds` FedAvg rounds under secure aggregation on IID shards,
+/// each waiting for `min_clients`: `clients - 1` native clients and one
+/// masker that breaks the protocol as `hostility` says.
+async fn with_a_hostile_masker(
+    clients: usize,
+    rounds: u32,
+    min_clients: usize,
+    hostility: Hostility,
+) -> Hostile {
+    let mut cfg = config(StrategyKind::FedAvg, clients, rounds);
+    cfg.secure_aggregation = true;
+    cfg.partition = astraea_core::partition::PartitionSpec::Iid;
+    cfg.min_clients = min_clients;
+    let (mut running, address) = start(cfg).await;
+    let params = running.state.model.params;
+    let initial = {
+        let global = astraea_server::state::lock(&running.state.global).clone();
+        global.map(|w| w.values.clone())
+    };
+    let swarm = tokio::spawn(run_swarm(clients - 1, options(&address)));
+    let socket = join(&address).await;
+    let masker = tokio::spawn(hostile_masker(socket, params, hostility));
+    finishes(&mut running.coordinator).await;
+    let played = masker.await.unwrap();
+    Hostile {
+        running,
+        played,
+        swarm,
+        initial,
+    }
 }
 
 /// How a hand-written masker breaks the protocol.

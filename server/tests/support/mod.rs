@@ -63,7 +63,9 @@ pub async fn start(config: ServeConfig) -> (Running, String) {
 
 /// Waits for a run's round loop to end: it must within 5 minutes, and
 /// without an error.
-pub async fn finishes(coordinator: tokio::task::JoinHandle<anyhow::Result<()>>) {
+pub async fn finishes(
+    coordinator: impl std::future::Future<Output = Result<anyhow::Result<()>, tokio::task::JoinError>>,
+) {
     tokio::time::timeout(Duration::from_secs(300), coordinator)
         .await
         .expect("the run finishes within 5 minutes")
