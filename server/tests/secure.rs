@@ -343,8 +343,10 @@ async fn with_a_hostile_masker(
         let global = astraea_server::state::lock(&running.state.global).clone();
         global.map(|w| w.values.clone())
     };
-    let swarm = tokio::spawn(run_swarm(clients - 1, options(&address)));
+    // The masker joins first: with `min_clients` below `clients`, a
+    // first round could otherwise start before it is there.
     let socket = join(&address).await;
+    let swarm = tokio::spawn(run_swarm(clients - 1, options(&address)));
     let masker = tokio::spawn(hostile_masker(socket, params, hostility));
     finishes(&mut running.coordinator).await;
     let played = masker.await.unwrap();
