@@ -2,10 +2,12 @@
 //! (Debian's chromium through chromedriver) running the built volunteer page
 //! (`scripts/build-web`). Screenshots land in `artifacts/`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use astraea_core::data::catalog::load_named;
 use astraea_core::train::{Samples, evaluate};
+use astraea_core::weights::Weights;
 use astraea_e2e::{
     Chromedriver, artifact_dir, built_page, demo_config, page_figures, serve_on_loopback, text_of,
     wait_until,
@@ -386,42 +388,60 @@ async fn the_page_is_served_with_its_types_and_gzipped_to_browsers_that_accept_i
     Ok(())
 }
 
+/// One tab on the CPU opened with `query` (`workers=…&split=…`) trains one
+/// Astraea round of two hops over an IID shard of 600 samples (60 steps
+/// of 20), seed 7: the first model, the trained one, its accuracy on
+/// MNIST's first 2,000 test samples and the page's figures.
+async fn a_round_trained_with(
+    driver: &Chromedriver,
+    query: &str,
+) -> anyhow::Result<(Arc<Weights>, Arc<Weights>, f64, serde_json::Value)> {
+    let mut config = demo_config(1, 600, 1, 1);
+    // Every digit in the shard, so that test accuracy says what was learnt.
+    config.partition = "iid".parse()?;
+    let (running, url) = serve_on_loopback(config).await?;
+    let initial = running.state.global.lock().unwrap().clone();
+    let tab = driver.open(&[]).await?;
+    tab.goto(&format!("{url}?join=1&backend=cpu&{query}"))
+        .await?;
+    wait_until("the round", RUN_LIMIT, || {
+        running.state.status().phase == Phase::Finished
+    })
+    .await?;
+    let figures = page_figures(&tab).await?;
+    let trained = running.state.global.lock().unwrap().clone();
+    let trained = trained.expect("a model");
+    let (_, test) = load_named("mnist", &astraea_e2e::repo_root().join("data"))?;
+    let tested = test.len().min(2000);
+    let accuracy = evaluate(
+        &running.state.model.config(),
+        &trained,
+        Samples {
+            images: &test.images[..tested * test.sample_len()],
+            labels: &test.labels[..tested],
+        },
+        500,
+        &Device::flex(),
+    )?
+    .accuracy;
+    tab.close().await?;
+    running.server.abort();
+    Ok((initial.expect("a model"), trained, accuracy, figures))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hop_split_between_two_web_workers_reaches_the_weights_of_one() -> anyhow::Result<()> {
-    // Prepare: one tab on the CPU, one Astraea round of two hops over a
-    // shard of 600 samples (60 steps of 20), the same seed each time;
-    // once with one worker, once with the hop split between two.
+    // Prepare
     built_page()?;
     let driver = Chromedriver::start()?;
-    let mut runs = Vec::new();
 
-    // Execute
-    for workers in [1, 2] {
-        let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
-        let initial = running.state.global.lock().unwrap().clone();
-        let tab = driver.open(&[]).await?;
-        tab.goto(&format!("{url}?join=1&backend=cpu&workers={workers}"))
-            .await?;
-        wait_until("the round", RUN_LIMIT, || {
-            running.state.status().phase == Phase::Finished
-        })
-        .await?;
-        let figures = page_figures(&tab).await?;
-        let trained = running.state.global.lock().unwrap().clone();
-        runs.push((
-            initial.expect("a model"),
-            trained.expect("a model"),
-            figures,
-        ));
-        tab.close().await?;
-        running.server.abort();
-    }
+    // Execute: the same round with one worker, then with every batch
+    // split between two.
+    let (initial, one, _, _) = a_round_trained_with(&driver, "workers=1").await?;
+    let (initial_two, two, _, figures) = a_round_trained_with(&driver, "workers=2").await?;
 
     // Assert: the two-worker run did split its hops (no fallback to one),
     // and both moved the model to the same weights within float rounding.
-    let [(initial, one, _), (initial_two, two, figures)] = &runs[..] else {
-        unreachable!()
-    };
     // The same seed, the same first model, whatever else the test process
     // started meanwhile (core::model::ModelConfig::init_seeded).
     assert_eq!(initial.values, initial_two.values);
@@ -435,11 +455,54 @@ async fn a_hop_split_between_two_web_workers_reaches_the_weights_of_one() -> any
     Ok(())
 }
 
-/// A tab whose hops are split between two workers, one of which is broken
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_trained_by_local_sgd_on_two_web_workers_learns_and_says_so() -> anyhow::Result<()> {
+    // Prepare
+    built_page()?;
+    let driver = Chromedriver::start()?;
+
+    // Execute: the same round with one worker, then by local SGD on two
+    // (batches dealt, weights averaged every 5 rounds: a different update).
+    let (initial, one, one_accuracy, _) = a_round_trained_with(&driver, "workers=1").await?;
+    let (_, local, accuracy, figures) =
+        a_round_trained_with(&driver, "workers=2&split=local:5").await?;
+
+    // Assert: the hops were split that way, the model moved about as far
+    // as one worker moved it (each worker took half the steps, so a
+    // little less) to somewhere else, and it learnt.
+    assert!(figures["splitHops"].as_u64() >= Some(1), "{figures}");
+    assert_eq!(figures["split"], "local", "{figures}");
+    let distance = |a: &[f32], b: &[f32]| astraea_core::guard::delta_norm(a, b);
+    let (moved_one, moved) = (
+        distance(&one.values, &initial.values),
+        distance(&local.values, &initial.values),
+    );
+    let apart = distance(&one.values, &local.values);
+    eprintln!(
+        "one worker moved {moved_one}, local SGD {moved}, {apart} apart; accuracy {one_accuracy} / {accuracy}"
+    );
+    assert!(local.values.iter().all(|v| v.is_finite()));
+    assert!(
+        moved > 0.3 * moved_one && moved < 1.5 * moved_one,
+        "{moved} against {moved_one}"
+    );
+    assert!(
+        apart > 1e-3 * moved_one,
+        "local SGD is another update: {apart} apart"
+    );
+    // Chance is 0.1; a round of half the sequential steps a worker learns
+    // less than one worker's (docs/RESULTS.md measures how much less).
+    assert!(accuracy > 0.3, "{accuracy} against {one_accuracy}");
+    Ok(())
+}
+
+/// A tab whose hops are split between two workers (`split`: `slices` or
+/// `local:K`), one of which is broken
 /// `how` (`throw`: it throws mid-hop; `silent`: it is ended without a
-/// word) after the first step: the round still finishes and the tab says
+/// word) after the first step (the first average, for local SGD): the
+/// round still finishes and the tab says
 /// it now trains on one core.
-async fn a_broken_worker_costs_the_split_not_the_hop(how: &str) -> anyhow::Result<()> {
+async fn a_broken_worker_costs_the_split_not_the_hop(how: &str, split: &str) -> anyhow::Result<()> {
     // Prepare
     built_page()?;
     let driver = Chromedriver::start()?;
@@ -448,7 +511,7 @@ async fn a_broken_worker_costs_the_split_not_the_hop(how: &str) -> anyhow::Resul
 
     // Execute
     tab.goto(&format!(
-        "{url}?join=1&backend=cpu&workers=2&break-worker={how}"
+        "{url}?join=1&backend=cpu&workers=2&split={split}&break-worker={how}"
     ))
     .await?;
     wait_until("the round", RUN_LIMIT, || {
@@ -470,12 +533,24 @@ async fn a_broken_worker_costs_the_split_not_the_hop(how: &str) -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_throws_mid_hop_costs_the_split_not_the_hop() -> anyhow::Result<()> {
-    a_broken_worker_costs_the_split_not_the_hop("throw").await
+    a_broken_worker_costs_the_split_not_the_hop("throw", "slices").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_goes_silent_mid_hop_costs_the_split_not_the_hop() -> anyhow::Result<()> {
-    a_broken_worker_costs_the_split_not_the_hop("silent").await
+    a_broken_worker_costs_the_split_not_the_hop("silent", "slices").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_throws_mid_local_sgd_hop_costs_the_split_not_the_hop() -> anyhow::Result<()>
+{
+    a_broken_worker_costs_the_split_not_the_hop("throw", "local:1").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_goes_silent_mid_local_sgd_hop_costs_the_split_not_the_hop()
+-> anyhow::Result<()> {
+    a_broken_worker_costs_the_split_not_the_hop("silent", "local:1").await
 }
 
 /// A tab (with Chromium `flags`) whose browser never answers `what`

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use astraea_core::protocol::{ModelSpec, TaskSpec, WeightEncoding};
-use astraea_core::train::{Samples, train_task, train_task_threads};
+use astraea_core::train::{Samples, Split, train_task, train_task_threads};
 use astraea_e2e::{Chromedriver, built_page, demo_config, page_figures, serve_on_loopback};
 use astraea_server::state::Phase;
 
@@ -31,6 +31,10 @@ struct PageRun {
     reload_first_step_ms: f64,
     samples_per_s: f64,
     loop_samples_per_s: f64,
+    /// Where hops were split: the tab's own comparison, samples per second
+    /// of a split hop and of a hop alone (one each, side by side; from
+    /// the helpers being loaded to the update).
+    split_alone: Option<(f64, f64)>,
     trial_cpu: Option<f64>,
     trial_gpu: Option<f64>,
 }
@@ -80,6 +84,9 @@ async fn page_run(
         reload_first_step_ms,
         samples_per_s: number("samples") / number("seconds"),
         loop_samples_per_s: number("samples") / number("loopSeconds"),
+        split_alone: page["workersChosen"]["split"]
+            .as_f64()
+            .zip(page["workersChosen"]["alone"].as_f64()),
         trial_cpu: page["backend"]["cpuRate"].as_f64(),
         trial_gpu: page["backend"]["gpuRate"].as_f64(),
     })
@@ -91,16 +98,16 @@ fn native_rate(max_train: usize, threads: usize) -> anyhow::Result<f64> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?
-        .install(|| native_rate_here(max_train, 1))
+        .install(|| native_rate_here(max_train, (1, Split::Slices)))
 }
 
-/// A native client's training speed with each hop split between
-/// `replicas` threads (`astraea client --threads`).
-fn native_rate_replicated(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
-    native_rate_here(max_train, replicas)
+/// A native client's training speed with each hop shared between
+/// `replicas` threads as `split` (`astraea client --threads --split`).
+fn native_rate_replicated(max_train: usize, replicas: usize, split: Split) -> anyhow::Result<f64> {
+    native_rate_here(max_train, (replicas, split))
 }
 
-fn native_rate_here(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
+fn native_rate_here(max_train: usize, (replicas, split): (usize, Split)) -> anyhow::Result<f64> {
     let config = demo_config(1, max_train, 1, 1);
     let (train, _) = astraea_core::data::catalog::load_named(&config.dataset, &config.data_dir)?;
     let train = train.subset(&(0..max_train.min(train.len())).collect::<Vec<_>>());
@@ -135,7 +142,7 @@ fn native_rate_here(max_train: usize, replicas: usize) -> anyhow::Result<f64> {
         let values = weights.values.clone();
         match replicas {
             1 => train_task(&model, &task, values, samples, &mut |_| {}),
-            n => train_task_threads(&model, &task, values, samples, n, &mut |_| {}),
+            n => train_task_threads(&model, &task, values, samples, (n, split), &mut |_| {}),
         }
     };
     hop()?;
@@ -237,7 +244,9 @@ async fn main() -> anyhow::Result<()> {
     let cpu = page_run(&driver, "backend=auto", &["--enable-unsafe-webgpu"], 2000).await?;
     let webgpu = page_run(&driver, "backend=webgpu", &["--enable-unsafe-webgpu"], 100).await?;
     let two_workers = page_run(&driver, "backend=cpu&workers=2", &[], 2000).await?;
-    let native_two = native_rate_replicated(2000, 2)?;
+    let two_local = page_run(&driver, "backend=cpu&workers=2&split=local", &[], 2000).await?;
+    let native_two = native_rate_replicated(2000, 2, Split::Slices)?;
+    let native_local = native_rate_replicated(2000, 2, Split::Local { sync: 0 })?;
     let tfjs = tfjs_rates(&driver, 2000).await?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let native = native_rate(2000, threads)?;
@@ -281,6 +290,22 @@ async fn main() -> anyhow::Result<()> {
         "| tab CPU, 2 workers / 1 worker (whole hops) | {:.2}x |",
         two_workers.samples_per_s / cpu.samples_per_s
     );
+    for (name, run) in [("batch split", &two_workers), ("local SGD", &two_local)] {
+        if let Some((split, alone)) = run.split_alone {
+            println!(
+                "| tab CPU, {name}: the tab's own comparison, a hop on 2 workers / a hop alone | {split:.0} / {alone:.0} samples/s ({:.2}x) |",
+                split / alone
+            );
+        }
+    }
+    println!(
+        "| tab CPU, hops by local SGD on 2 workers (averaged once a hop; another update): samples/s, whole hops / training loop only | {:.0} / {:.0} |",
+        two_local.samples_per_s, two_local.loop_samples_per_s
+    );
+    println!(
+        "| tab CPU, local SGD on 2 workers / 1 worker (whole hops) | {:.2}x |",
+        two_local.samples_per_s / cpu.samples_per_s
+    );
     println!(
         "| native client (flex), same model and shard, {threads} threads / 1 thread | {native:.0} / {native_one:.0} samples/s |"
     );
@@ -311,7 +336,20 @@ async fn main() -> anyhow::Result<()> {
             best.0,
             cpu.samples_per_s / best.1
         );
+        println!(
+            "| tab CPU, local SGD on 2 workers / TF.js's best ({}) | {:.1}x |",
+            best.0,
+            two_local.samples_per_s / best.1
+        );
     }
+    println!(
+        "| native client, local SGD on 2 threads (--threads 2 --split local) | {native_local:.0} samples/s ({:.2}x one thread) |",
+        native_local / native_one
+    );
+    println!(
+        "| tab CPU, local SGD on 2 workers / native, 1 thread | {:.2}x |",
+        two_local.samples_per_s / native_one
+    );
     println!(
         "| tab CPU (whole hops) / native, {threads} threads / 1 thread | {:.2}x / {:.2}x |",
         cpu.samples_per_s / native,

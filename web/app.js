@@ -91,11 +91,14 @@ worker.onmessage = (event) => {
     }
     case 'workers':
       page.workers = m.n;
+      if (m.split) page.split = m.split;
       if (m.chosen) page.workersChosen = m.chosen;
       // A hop split between workers (the message after each, without a reason).
       if (m.n > 1 && !m.reason) page.splitHops = (page.splitHops || 0) + 1;
       $('cores').value = String(m.n);
-      $('cores-note').textContent = `training on ${m.n} core${m.n === 1 ? '' : 's'}` + (m.reason ? ` (${m.reason})` : '');
+      $('cores-note').textContent = `training on ${m.n} core${m.n === 1 ? '' : 's'}`
+        + (m.n > 1 && m.split === 'local' ? ' by local SGD (weights averaged, not the one-core update)' : '')
+        + (m.reason ? ` (${m.reason})` : '');
       break;
     case 'connected': banner(''); $('status').textContent = 'connected, joining'; break;
     case 'welcome':
@@ -211,6 +214,7 @@ function join() {
     loseGpu: params.get('lose-gpu') === '1', workers: Number($('cores').value) || 1,
     hang: params.get('hang'),
     breakWorker: params.get('break-worker'),
+    split: params.get('split'),
   });
   $('join').disabled = true;
   $('leave').disabled = false;

@@ -1,12 +1,21 @@
 // A helper of the tab's worker (worker.js): it holds one replica of a hop
-// trained by several Web Workers at once (core::train::Replica). For each
-// step it sends back the gradients of its slice of the batch and waits
-// for every replica's sum, then takes the step. Messages carry the hop's
-// sequence number, so a reply to an abandoned hop is recognised.
-import init, { WasmReplica } from './pkg/astraea_client.js';
+// trained by several Web Workers at once, one of two ways.
+// - 'slices' (core::train::Replica, the hop's own update): for each step
+//   it sends back the gradients of its slice of the batch and waits for
+//   every replica's sum, then takes the step.
+// - 'local' (core::train::LocalReplica, local SGD: another update): it
+//   trains its own batches of a stretch, with a 'tick' a step (so the
+//   driver can tell it from a silent one), sends its weights, and goes on
+//   from the average it is sent, until the hop is done.
+// Messages carry the hop's sequence number, so a reply to an abandoned
+// hop is recognised.
+import init, { WasmLocalReplica, WasmReplica, cpu_trial } from './pkg/astraea_client.js';
 
-const ready = init();
+// Loaded, then warmed up: V8 optimises a module's hot functions only after
+// some use, and the tab's worker is warm from its backend trial.
+const ready = init().then(() => cpu_trial());
 let replica = null;
+let local = null;
 let seq = 0;
 // Compiling the module takes a while on a slow device: the tab's worker
 // splits hops only between helpers that said they are ready.
@@ -17,7 +26,16 @@ ready.then(
 
 function drop() {
   if (replica) replica.free();
+  if (local) local.free();
   replica = null;
+  local = null;
+}
+
+/** Trains this replica's batches of the stretch, then sends its weights. */
+function stretch() {
+  for (let step = local.step(); step !== null; step = local.step()) postMessage({ type: 'tick', seq });
+  const mine = local.weights();
+  postMessage({ type: 'stretch', seq, weights: mine.weights, samples: mine.samples }, [mine.weights.buffer]);
 }
 
 function next() {
@@ -34,11 +52,24 @@ onmessage = async (event) => {
   const m = event.data;
   try {
     await ready;
-    if (m.type === 'hop') {
+    if (m.type === 'hop' && m.mode === 'local') {
+      drop();
+      seq = m.seq;
+      local = new WasmLocalReplica(m.model, m.task, m.weights, m.images, m.labels, m.index, m.of, m.sync);
+      stretch();
+    } else if (m.type === 'hop') {
       drop();
       seq = m.seq;
       replica = new WasmReplica(m.model, m.task, m.weights, m.images, m.labels, m.index, m.of);
       next();
+    } else if (m.type === 'average' && m.seq === seq && local) {
+      if (local.load(m.values)) {
+        stretch();
+      } else {
+        const part = local.finish();
+        drop();
+        postMessage({ type: 'done', seq, steps: part.steps, lossSum: part.lossSum });
+      }
     } else if (m.type === 'sum' && m.seq === seq && replica) {
       replica.apply(m.values);
       next();

@@ -1,7 +1,7 @@
 // The tab's federation client, off the page's thread: it owns the socket,
 // the WebAssembly client and the chosen backend, and tells the page what
 // happens. Training blocks this worker, never the page.
-import init, { Backend, WasmClient, WasmReplica, choose_backend } from './pkg/astraea_client.js';
+import init, { Backend, WasmClient, WasmLocalReplica, WasmReplica, choose_backend } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
@@ -77,6 +77,17 @@ const never = () => new Promise(() => {});
 // float sums; core::train::Replica). The page says how many cores the
 // volunteer lends (`lend`); it takes effect at the next hop.
 let lent = 1;
+// How a hop is shared between workers: 'slices' (every batch split, the
+// gradients summed each step: the single hop's update) or 'local' (local
+// SGD: batches dealt, weights averaged every `sync` rounds, 0 once a hop;
+// faster, but another update). The page's `?split=slices|local[:sync]`.
+let splitWay = { mode: 'slices', sync: 0 };
+function splitOf(text) {
+  const [mode, sync] = String(text).split(':');
+  return mode === 'local'
+    ? { mode, sync: Math.max(0, Math.floor(Number(sync)) || 0) }
+    : { mode: 'slices', sync: 0 };
+}
 // Most workers a hop is split between.
 const MAX_WORKERS = 8;
 let helpers = [];
@@ -159,6 +170,7 @@ let splitting = false;
 // faster; lending again measures again.
 let rates = {};
 let lentDecided = false;
+let splitWarm = false;
 
 /** Starts or ends helpers so that there are `lent - 1`, loading meanwhile (after a split hop ends). */
 function staffHelpers() {
@@ -215,6 +227,87 @@ async function trainReplicated(c, team, action, onStep, limitMs) {
   }
 }
 
+/** The helper's next message of hop `seq` other than a tick (a tick, one a step, restarts the wait). */
+async function receiveWork(helper, seq, ms) {
+  for (;;) {
+    const m = await receive(helper, seq, ms);
+    if (m.type !== 'tick') return m;
+  }
+}
+
+/** Lets the worker's own messages in (a timer would be clamped). */
+function yieldNow() {
+  return new Promise((resolve) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = () => { channel.port1.close(); resolve(); };
+    channel.port2.postMessage(null);
+  });
+}
+
+/**
+ * Trains the hop by local SGD (core::train::LocalReplica) with `c` and
+ * the helpers of `team`: the batches dealt between them, weights averaged
+ * (by the samples each trained) every `sync` rounds, 0 once at the end.
+ * Not the single hop's update; docs/RESULTS.md measures what it costs.
+ * The update's actions.
+ */
+async function trainLocal(c, team, action, onStep, limitMs, sync) {
+  const n = team.length + 1;
+  const model = c.model_json();
+  const data = c.training_data();
+  const seq = ++hopSeq;
+  const started = performance.now();
+  team.forEach((helper, i) => {
+    helper.inbox = [];
+    helper.worker.postMessage({
+      type: 'hop', mode: 'local', sync, seq, model, task: action.task, weights: action.weights,
+      images: data.images, labels: data.labels, index: i + 1, of: n,
+    });
+  });
+  const own = new WasmLocalReplica(model, action.task, action.weights, data.images, data.labels, 0, n, sync);
+  try {
+    let averaged = null;
+    for (;;) {
+      let since = performance.now();
+      for (let step = own.step(); step !== null; step = own.step()) {
+        onStep(step);
+        // The helpers' ticks and the socket wait for this worker's turn.
+        if (performance.now() - since > 200) { await yieldNow(); since = performance.now(); }
+      }
+      const parts = [own.weights()];
+      for (const helper of team) {
+        const reply = await receiveWork(helper, seq, limitMs);
+        if (reply.type !== 'stretch' || reply.weights.length !== parts[0].weights.length) throw new HelperFailed('a training worker fell out of step');
+        parts.push(reply);
+      }
+      const total = parts.reduce((sum, p) => sum + p.samples, 0);
+      averaged = new Float32Array(parts[0].weights.length);
+      for (const part of parts) {
+        const w = total > 0 ? part.samples / total : 1 / parts.length;
+        const values = part.weights;
+        for (let k = 0; k < averaged.length; k += 1) averaged[k] += w * values[k];
+      }
+      for (const helper of team) helper.worker.postMessage({ type: 'average', seq, values: averaged });
+      if (breakWorker && team.length) {
+        if (breakWorker === 'silent') team[0].worker.terminate();
+        else team[0].worker.postMessage({ type: 'average', seq, values: new Float32Array(1) });
+        breakWorker = null;
+      }
+      if (!own.load(averaged)) break;
+    }
+    let { steps, lossSum } = own.finish();
+    for (const helper of team) {
+      const reply = await receiveWork(helper, seq, limitMs);
+      if (reply.type !== 'done') throw new HelperFailed('a training worker fell out of step');
+      steps += reply.steps;
+      lossSum += reply.lossSum;
+    }
+    return c.finish_hop(action.task, averaged, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
+  } finally {
+    own.free();
+  }
+}
+
 // The WebGPU device wgpu asked the browser for, kept so that the page's
 // `?lose-gpu=1` can destroy it in the first hop: the way to see (and test)
 // the fallback to the CPU without a GPU that crashes.
@@ -240,6 +333,7 @@ onmessage = (event) => {
     for (const what of String(m.hang || '').split(',').filter(Boolean)) hang.add(what);
     if (m.workers) lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.workers)) || 1));
     breakWorker = m.breakWorker || null;
+    if (m.split) splitWay = splitOf(m.split);
     queue = queue.then(() => join(m.preference)).catch((e) => say({ type: 'error', text: String(e) }));
   } else if (m.type === 'leave') {
     leaving = true;
@@ -251,6 +345,7 @@ onmessage = (event) => {
     lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.cores)) || 1));
     rates = {};
     lentDecided = false;
+    splitWarm = false;
     if (backend && backend.name !== 'webgpu') staffHelpers();
   } else if (m.type === 'add-sample') {
     queue = queue.then(() => addSample(m.pixels, m.label))
@@ -455,6 +550,12 @@ async function loadShard(action) {
  */
 function chooseWorkers(n, rate) {
   if (lent === 1 || lentDecided || backend.name === 'webgpu') return;
+  // The first split hop since cores were lent warms the helpers up (V8
+  // optimises a module's hot code after some use): not counted.
+  if (n > 1 && !splitWarm) {
+    splitWarm = true;
+    return;
+  }
   rates[n] = rate;
   const split = rates[lent];
   const alone = rates[1];
@@ -515,6 +616,7 @@ async function train(action) {
   // for the comparison.
   if (workers > 1 && !lentDecided && rates[workers] !== undefined && rates[1] === undefined) workers = 1;
   let answer = null;
+  let trainingFrom = started;
   const limitMs = Math.min(STEP_LIMIT_MS, task.stall_ms ? task.stall_ms / 2 : STEP_LIMIT_MS);
   // Split only between helpers that have loaded (they started loading when
   // the cores were lent; a hop waits a little for them, else trains alone).
@@ -525,8 +627,13 @@ async function train(action) {
     splitting = true;
     try {
       if (await helpersReady(team, limitMs)) {
-        answer = await trainReplicated(c, team, action, onStep, limitMs);
-        say({ type: 'workers', n: workers });
+        // The hop alone and the split one are compared from here: waiting
+        // for helpers to load happens once, not every hop.
+        trainingFrom = performance.now();
+        answer = splitWay.mode === 'local'
+          ? await trainLocal(c, team, action, onStep, limitMs, splitWay.sync)
+          : await trainReplicated(c, team, action, onStep, limitMs);
+        say({ type: 'workers', n: workers, split: splitWay.mode });
       }
     } catch (e) {
       if (!(e instanceof HelperFailed)) throw e;
@@ -573,7 +680,8 @@ async function train(action) {
     type: 'trained', round: task.round, samples: update.samples * task.epochs, loopSeconds: update.seconds,
     loss: update.loss, seconds,
   });
-  chooseWorkers(workers, (update.samples * task.epochs) / Math.max(seconds, 1e-3));
+  const trainingSeconds = (performance.now() - trainingFrom) / 1000;
+  chooseWorkers(workers, (update.samples * task.epochs) / Math.max(trainingSeconds, 1e-3));
   await run(answer);
 }
 

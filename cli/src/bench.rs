@@ -133,8 +133,10 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
-    /// A native hop trained by several threads at once (every batch split
-    /// between them, the gradients added up) against one thread.
+    /// A native hop trained by several threads at once against one thread:
+    /// every batch split between them, the gradients added up (the single
+    /// visit's update), or local SGD (batches dealt, weights averaged every
+    /// few rounds: another update, so its accuracy is measured too).
     Threads {
         /// Samples in the hop (one epoch), from MNIST's training set.
         #[arg(long, default_value_t = 2000)]
@@ -145,9 +147,21 @@ pub(crate) enum BenchCommand {
         /// Thread counts to compare.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
+        /// Ways to share a hop: `slices` (the batch split), `local` (local
+        /// SGD averaged once a hop) or `local:K` (every K rounds).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "slices,local,local:5,local:1"
+        )]
+        splits: Vec<astraea_core::train::Split>,
         /// Repeats per row (medians are shown).
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// FedAvg rounds of the accuracy table (0: no accuracy table): 10
+        /// clients of 600 IID samples, one epoch of batch 20 a hop.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -516,14 +530,23 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             samples,
             batches,
             threads,
+            splits,
             repeats,
+            rounds,
             data_dir,
         } => {
-            let (train, _) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
-            println!("| batch | threads | hop s | samples/s | vs 1 thread |");
-            println!("|---:|---:|---:|---:|---:|");
+            anyhow::ensure!(!splits.is_empty(), "--splits names no way to share a hop");
+            let (train, test) = astraea_core::data::catalog::load_named("mnist", &data_dir)?;
+            println!("| batch | threads | shared as | hop s | samples/s | vs 1 thread |");
+            println!("|---:|---:|---|---:|---:|---:|");
             for &batch in &batches {
-                let rows = astraea_bench::threads::run(&train, samples, batch, &threads, repeats);
+                let rows = astraea_bench::threads::run(
+                    &train,
+                    samples,
+                    batch,
+                    (&threads, &splits),
+                    repeats,
+                );
                 let one = rows
                     .iter()
                     .find(|r| r.threads <= 1)
@@ -532,9 +555,48 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                     let ratio = one.map_or("–".into(), |one| {
                         format!("{:.2}x", row.samples_per_s / one)
                     });
+                    let split = match row.threads {
+                        0 | 1 => "alone".to_string(),
+                        _ => describe(row.split),
+                    };
                     println!(
-                        "| {} | {} | {:.2} | {:.0} | {ratio} |",
+                        "| {} | {} | {split} | {:.2} | {:.0} | {ratio} |",
                         row.batch, row.threads, row.hop_s, row.samples_per_s
+                    );
+                }
+            }
+            if rounds > 0 {
+                let ways = threads.iter().flat_map(|&n| {
+                    let splits = if n <= 1 { &splits[..1] } else { &splits[..] };
+                    splits.iter().map(move |&split| (n, split))
+                });
+                println!();
+                println!(
+                    "| threads | shared as | test accuracy after round 1 / 3 / 5 / {rounds} |"
+                );
+                println!("|---:|---|---|");
+                for (n, split) in ways {
+                    let acc = astraea_bench::threads::accuracy(
+                        (&train, &test),
+                        (10, 600, 20),
+                        rounds,
+                        (n, split),
+                    );
+                    let at = |r: usize| {
+                        acc.get(r - 1)
+                            .map_or("–".into(), |a| format!("{:.2}", a * 100.0))
+                    };
+                    let split = if n <= 1 {
+                        "alone".to_string()
+                    } else {
+                        split.to_string()
+                    };
+                    println!(
+                        "| {n} | {split} | {} / {} / {} / {} |",
+                        at(1),
+                        at(3),
+                        at(5),
+                        at(rounds)
                     );
                 }
             }
@@ -789,4 +851,14 @@ fn schedulers_command(
     )?;
     println!("{}", astraea_bench::schedulers::table(&runs, target));
     Ok(())
+}
+
+/// A way of sharing a hop, in words for a table.
+fn describe(split: astraea_core::train::Split) -> String {
+    use astraea_core::train::Split;
+    match split {
+        Split::Slices => "batch split, gradients every step".into(),
+        Split::Local { sync: 0 } => "local SGD, averaged once a hop".into(),
+        Split::Local { sync } => format!("local SGD, averaged every {sync} rounds"),
+    }
 }

@@ -27,6 +27,12 @@ pub(crate) struct ClientArgs {
     /// per core.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// How those threads share a hop: `slices` (every batch split, the
+    /// one-thread update) or `local[:K]` (local SGD: batches dealt, the
+    /// weights averaged every K rounds, once a hop without K; faster, but
+    /// another update: docs/RESULTS.md measures its accuracy).
+    #[arg(long, default_value = "slices")]
+    split: astraea_core::train::Split,
 }
 
 /// Joins the server and trains until the run ends.
@@ -36,6 +42,7 @@ pub(crate) async fn client_command(args: ClientArgs) -> anyhow::Result<()> {
         ca_cert,
         data_dir,
         threads,
+        split,
     } = args;
     let threads = match threads {
         0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
@@ -44,6 +51,7 @@ pub(crate) async fn client_command(args: ClientArgs) -> anyhow::Result<()> {
     let options = client::ClientOptions {
         tls: tls_settings(&server, ca_cert.as_deref())?,
         threads,
+        split,
         ..client_options(server, data_dir, None)
     };
     let summary = client::run_client(options, Default::default()).await?;

@@ -22,8 +22,8 @@ use astraea_core::protocol::{
     ClientAction, ClientSession, DataSource, PROTOCOL_VERSION, TaskSpec, progress_message,
 };
 use astraea_core::train::{
-    Replica, Samples, StepProgress, TrainConfig, task_setup, train_async, train_observed,
-    train_task, train_task_async,
+    LocalReplica, Replica, Samples, StepProgress, TrainConfig, task_setup, train_async,
+    train_observed, train_task, train_task_async,
 };
 use astraea_core::weights::Weights;
 use burn::prelude::Device;
@@ -174,6 +174,18 @@ async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
     // stamps[i] is the end of step i: the timed steps are warmup..total.
     let elapsed = (stamps[total - 1] - stamps[warmup - 1]).max(1.0) / 1000.0;
     Ok((timed * BATCH) as f64 / elapsed)
+}
+
+/// Trains the CPU trial's few batches and returns its rate (samples per
+/// second): a helper worker's warm-up on loading, so that its first split
+/// hop runs the module's optimised code, as the tab's worker does after
+/// its backend trial (a cold helper made the first split hop, the one the
+/// tab compares with a hop alone, look slower than it is).
+#[wasm_bindgen]
+pub async fn cpu_trial() -> Result<f64, JsError> {
+    trial_rate(&Device::flex(), BackendKind::Cpu)
+        .await
+        .map_err(|e| JsError::new(&e))
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -831,24 +843,12 @@ impl WasmReplica {
         else {
             return Ok(JsValue::NULL);
         };
-        let object = Object::new();
-        let fields = [
-            ("epoch", step.epoch as f64),
-            ("epochs", step.epochs as f64),
-            ("batch", step.batch as f64),
-            ("batches", step.batches as f64),
-            ("loss", f64::from(loss)),
-        ];
-        for (key, value) in fields {
-            let _ = Reflect::set(&object, &key.into(), &value.into());
-        }
+        let object = step_object(&self.task, &StepProgress { loss, ..step });
         let _ = Reflect::set(
             &object,
             &"grads".into(),
             &Float32Array::from(&grads[..]).into(),
         );
-        let progress = progress_message(&self.task, &StepProgress { loss, ..step }).to_json();
-        let _ = Reflect::set(&object, &"progress".into(), &progress.into());
         Ok(object.into())
     }
 
@@ -870,5 +870,136 @@ impl WasmReplica {
             .ok_or_else(|| JsError::new("the replica has finished"))?;
         let (weights, _) = replica.finish();
         Ok(Float32Array::from(&weights.values[..]))
+    }
+}
+
+/// A replica's step for JavaScript: `{epoch, epochs, batch, batches, loss,
+/// progress}` (`progress`: the heartbeat's text).
+fn step_object(task: &TaskSpec, step: &StepProgress) -> Object {
+    let object = Object::new();
+    let fields = [
+        ("epoch", step.epoch as f64),
+        ("epochs", step.epochs as f64),
+        ("batch", step.batch as f64),
+        ("batches", step.batches as f64),
+        ("loss", f64::from(step.loss)),
+    ];
+    for (key, value) in fields {
+        let _ = Reflect::set(&object, &key.into(), &value.into());
+    }
+    let progress = progress_message(task, step).to_json();
+    let _ = Reflect::set(&object, &"progress".into(), &progress.into());
+    object
+}
+
+/// One replica of a hop trained by local SGD in a Web Worker
+/// ([`LocalReplica`]: the hop's batches dealt between the workers, their
+/// weights averaged every `sync` rounds; not the single hop's update, see
+/// there). The tab's worker drives: `step` until `null`, `weights`, the
+/// average of every replica's, `load`, until `load` says the hop is done.
+/// On the CPU (`flex`) only.
+#[wasm_bindgen]
+pub struct WasmLocalReplica {
+    replica: Option<LocalReplica<'static>>,
+    task: TaskSpec,
+}
+
+#[wasm_bindgen]
+impl WasmLocalReplica {
+    /// Replica `index` of `of` of the hop `task` (JSON) of `model` (JSON,
+    /// [`WasmClient::model_json`]) from `weights`, on `images` and
+    /// `labels` ([`WasmClient::training_data`]), averaged every `sync`
+    /// rounds (0: once, at the end).
+    #[wasm_bindgen(constructor)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &str,
+        task: &str,
+        weights: Vec<f32>,
+        images: Vec<f32>,
+        labels: Vec<u32>,
+        index: usize,
+        of: usize,
+        sync: usize,
+    ) -> Result<WasmLocalReplica, JsError> {
+        let model: astraea_core::protocol::ModelSpec = from_json(model)?;
+        let task: TaskSpec = from_json(task)?;
+        let (config, weights, train_config) = task_setup(&model, &task, weights);
+        let replica = LocalReplica::owned(
+            config,
+            &weights,
+            (images, labels),
+            train_config,
+            Device::flex().autodiff(),
+            (index, of),
+            sync,
+        )
+        .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Self {
+            replica: Some(replica),
+            task,
+        })
+    }
+
+    fn replica(&mut self) -> Result<&mut LocalReplica<'static>, JsError> {
+        self.replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))
+    }
+
+    /// Trains this replica's next batch of the stretch: `{epoch, epochs,
+    /// batch, batches, loss, progress}`, or `null` once the stretch has
+    /// no more of its batches.
+    pub fn step(&mut self) -> Result<JsValue, JsError> {
+        let step = self
+            .replica()?
+            .step()
+            .map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(match step {
+            Some((_, progress)) => step_object(&self.task, &progress).into(),
+            None => JsValue::NULL,
+        })
+    }
+
+    /// The stretch's end: `{weights: Float32Array, samples}`, this
+    /// replica's part of the average.
+    pub fn weights(&mut self) -> Result<JsValue, JsError> {
+        let (values, samples) = self.replica()?.weights();
+        let object = Object::new();
+        let _ = Reflect::set(
+            &object,
+            &"weights".into(),
+            &Float32Array::from(&values[..]).into(),
+        );
+        let _ = Reflect::set(&object, &"samples".into(), &(samples as f64).into());
+        Ok(object.into())
+    }
+
+    /// Goes on from `averaged`; whether another stretch follows (`false`:
+    /// the hop is done, `averaged` its weights).
+    pub fn load(&mut self, averaged: &[f32]) -> Result<bool, JsError> {
+        self.replica()?
+            .load(averaged)
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// This replica's part of the hop, `{steps, samples, lossSum}`; the
+    /// replica is spent.
+    pub fn finish(&mut self) -> Result<JsValue, JsError> {
+        let replica = self
+            .replica
+            .take()
+            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let (_, stats) = replica.finish();
+        let object = Object::new();
+        let fields = [
+            ("steps", stats.steps as f64),
+            ("samples", stats.samples as f64),
+            ("lossSum", stats.mean_loss * stats.steps as f64),
+        ];
+        for (key, value) in fields {
+            let _ = Reflect::set(&object, &key.into(), &value.into());
+        }
+        Ok(object.into())
     }
 }

@@ -385,13 +385,28 @@ impl<'a> Visit<'a> {
             batches,
             loss: 0.0,
         };
+        self.advance();
+        Some((model, grads, reported, progress))
+    }
+
+    /// Moves on to the next batch (the next epoch's first, reshuffled, after
+    /// an epoch's last).
+    fn advance(&mut self) {
         self.batch += 1;
-        if self.batch == batches {
+        if self.batch == self.batches() {
             self.batch = 0;
             self.epoch += 1;
             self.order.shuffle(&mut self.rng);
         }
-        Some((model, grads, reported, progress))
+    }
+
+    /// The next batch's place in the whole visit (`epoch * batches +
+    /// batch`), and the visit's batch count: the place equals the count
+    /// once every epoch is done.
+    fn position(&self) -> (usize, usize) {
+        let batches = self.batches();
+        let total = batches * self.config.epochs;
+        ((self.epoch * batches + self.batch).min(total), total)
     }
 
     /// `loss` plus FedProx's term (`mu / 2` times the squared distance to
@@ -578,6 +593,217 @@ impl<'a> Replica<'a> {
     }
 }
 
+/// One of `of` replicas of a visit trained by local SGD with periodic
+/// averaging (Stich, "Local SGD converges fast and communicates little",
+/// ICLR 2019; Lin et al., "Don't use large mini-batches, use local SGD",
+/// ICLR 2020). The visit's batches, shuffled as one visit shuffles them,
+/// are dealt round-robin: batch `g` of the whole visit (counted across
+/// epochs) is replica `g % of`'s. Each replica takes whole-batch Adam
+/// steps on its own, with its own Adam state and dropout stream; at the
+/// end of every stretch of `sync` rounds of `of` batches (`sync` 0: one
+/// stretch, the whole visit) the driver averages the replicas' weights,
+/// weighted by the samples each trained in the stretch
+/// ([`average_replicas`]), and every replica goes on from the average
+/// ([`LocalReplica::load`]); the last average is the visit's result.
+///
+/// This is **not** the single visit's update: `of` replicas take `1 / of`
+/// of its sequential steps each, so a hop moves less far per epoch (what
+/// that costs in accuracy: docs/RESULTS.md, `astraea bench threads`). In
+/// exchange replicas exchange weights once a stretch instead of gradients
+/// once a step, and each computes whole batches, where a small batch's
+/// per-operation overhead is not divided by splitting it ([`Replica`]
+/// keeps the single visit's update). With `of == 1` it is the single
+/// visit, step for step. On the CPU (`flex`), like [`Replica`].
+pub struct LocalReplica<'a> {
+    visit: Visit<'a>,
+    index: usize,
+    of: usize,
+    /// Batch places a stretch spans: `sync * of` (`usize::MAX` for one
+    /// stretch).
+    span: usize,
+    /// Where the current stretch ends (a batch place, exclusive).
+    stretch_end: usize,
+    /// Samples this replica trained in the current stretch.
+    stretch_samples: usize,
+}
+
+impl<'a> LocalReplica<'a> {
+    /// Replica `index` (from 0) of `of` of the visit of `weights` on
+    /// `data` with `config`, on `device` (an autodiff device), averaged
+    /// every `sync` rounds (0: once, at the end).
+    ///
+    /// # Errors
+    /// If `weights` do not fit `model_config`, or there is no such replica.
+    pub fn new(
+        model_config: &'a ModelConfig,
+        weights: &'a Weights,
+        data: Samples<'a>,
+        config: &'a TrainConfig,
+        device: &'a Device,
+        (index, of): (usize, usize),
+        sync: usize,
+    ) -> Result<Self, WeightsError> {
+        check_share(index, of)?;
+        let visit = Visit::new(model_config, weights, data, config, device)?;
+        Ok(Self::dealt(visit, (index, of), sync))
+    }
+
+    /// [`LocalReplica::new`] owning its inputs (a tab's Web Worker keeps
+    /// one between calls from JavaScript).
+    ///
+    /// # Errors
+    /// As [`LocalReplica::new`].
+    pub fn owned(
+        model_config: ModelConfig,
+        weights: &Weights,
+        (images, labels): (Vec<f32>, Vec<u32>),
+        config: TrainConfig,
+        device: Device,
+        (index, of): (usize, usize),
+        sync: usize,
+    ) -> Result<LocalReplica<'static>, WeightsError> {
+        check_share(index, of)?;
+        let visit = Visit::from_parts(
+            Cow::Owned(model_config),
+            weights,
+            (Cow::Owned(images), Cow::Owned(labels)),
+            Cow::Owned(config),
+            Cow::Owned(device),
+        )?;
+        Ok(LocalReplica::dealt(visit, (index, of), sync))
+    }
+
+    fn dealt(mut visit: Visit<'a>, (index, of): (usize, usize), sync: usize) -> Self {
+        // Replica 0 draws the single visit's masks; the others streams of
+        // their own (they drop out on other batches).
+        if index > 0 {
+            visit.dropout = dropout_rng(crate::engine::seeds::mix(&[
+                visit.config.seed,
+                index as u64,
+            ]));
+        }
+        let span = if sync == 0 {
+            usize::MAX
+        } else {
+            sync.saturating_mul(of)
+        };
+        Self {
+            visit,
+            index,
+            of,
+            span,
+            stretch_end: span,
+            stretch_samples: 0,
+        }
+    }
+
+    /// Trains this replica's next batch of the current stretch: its loss
+    /// (read back) and where it was; `None` once the stretch (or the
+    /// visit) has no more batches of this replica's. Then
+    /// [`LocalReplica::weights`] and [`LocalReplica::load`].
+    ///
+    /// # Errors
+    /// None today; a read back that fails would be one.
+    pub fn step(&mut self) -> Result<Option<(f32, StepProgress)>, WeightsError> {
+        loop {
+            let (place, total) = self.visit.position();
+            if place >= self.stretch_end.min(total) {
+                return Ok(None);
+            }
+            if place % self.of != self.index {
+                self.visit.advance();
+                continue;
+            }
+            let before = self.visit.stats.samples;
+            let Some((loss, progress)) = self.visit.step() else {
+                return Ok(None);
+            };
+            self.stretch_samples += self.visit.stats.samples - before;
+            let loss = loss.into_scalar::<f32>();
+            self.visit.loss_sum += f64::from(loss);
+            return Ok(Some((loss, StepProgress { loss, ..progress })));
+        }
+    }
+
+    /// This replica's weights at the end of a stretch (flat, in parameter
+    /// order) and the samples it trained in the stretch: its part of the
+    /// average.
+    pub fn weights(&self) -> (Vec<f32>, usize) {
+        let model = self
+            .visit
+            .model
+            .as_ref()
+            .expect("a visit holds its model between steps");
+        (Weights::from_model(model).values, self.stretch_samples)
+    }
+
+    /// Goes on from `averaged` (every replica's stretch averaged,
+    /// [`average_replicas`]), keeping this replica's Adam state; whether
+    /// another stretch follows (`false`: the visit is done and `averaged`
+    /// its result).
+    ///
+    /// # Errors
+    /// If `averaged` is not the model's parameter count long or is not
+    /// finite; the replica is unchanged.
+    pub fn load(&mut self, averaged: &[f32]) -> Result<bool, WeightsError> {
+        let model = self
+            .visit
+            .model
+            .take()
+            .expect("a visit holds its model between steps");
+        if let Err(e) = crate::weights::check_values_fit(averaged, &Weights::shapes_of(&model)) {
+            self.visit.model = Some(model);
+            return Err(e);
+        }
+        self.visit.model = Some(Weights::load_values(model, averaged)?);
+        self.stretch_samples = 0;
+        self.stretch_end = self.stretch_end.saturating_add(self.span);
+        let (place, total) = self.visit.position();
+        Ok(place < total)
+    }
+
+    /// The weights (the last average, once the visit is done) and this
+    /// replica's part of what the visit did: its steps, samples and mean
+    /// loss.
+    pub fn finish(self) -> (Weights, TrainStats) {
+        let (model, stats) = self.visit.finish();
+        (Weights::from_model(&model), stats)
+    }
+}
+
+/// The replicas' stretch averaged ([`LocalReplica`]): each replica's
+/// weights (flat, equal lengths) weighted by the samples it trained in
+/// the stretch; a plain mean if none trained (they all hold the last
+/// average then). Sums in `f64`.
+///
+/// # Errors
+/// [`WeightsError::WrongLength`] if the lengths differ; nothing to average
+/// is an empty vector.
+pub fn average_replicas(parts: &[(&[f32], usize)]) -> Result<Vec<f32>, WeightsError> {
+    let Some(((first, _), rest)) = parts.split_first() else {
+        return Ok(Vec::new());
+    };
+    if let Some((other, _)) = rest.iter().find(|(w, _)| w.len() != first.len()) {
+        return Err(WeightsError::WrongLength {
+            expected: first.len(),
+            got: other.len(),
+        });
+    }
+    let samples: usize = parts.iter().map(|(_, n)| n).sum();
+    let weight = |n: usize| match samples {
+        0 => 1.0 / parts.len() as f64,
+        _ => n as f64 / samples as f64,
+    };
+    let mut sum = vec![0.0f64; first.len()];
+    for (values, n) in parts {
+        let w = weight(*n);
+        sum.iter_mut()
+            .zip(values.iter())
+            .for_each(|(s, v)| *s += w * f64::from(*v));
+    }
+    Ok(sum.into_iter().map(|s| s as f32).collect())
+}
+
 /// Replica `index` of `of` exists: two replicas computing one slice would
 /// count it twice.
 fn check_share(index: usize, of: usize) -> Result<(), WeightsError> {
@@ -723,6 +949,133 @@ pub fn train_parallel(
     })
 }
 
+/// [`train_observed`] by local SGD with `threads` replicas, one a thread,
+/// averaged every `sync` rounds (0: once, at the end): [`LocalReplica`],
+/// which says what it is (not the single visit's update). `observe` hears
+/// replica 0's steps. The stats are the whole visit's: every replica's
+/// samples and steps, the mean loss over all their steps. Natively only.
+/// `threads` 0 or 1 is [`train_observed`].
+///
+/// # Errors
+/// As [`train_observed`]; or a replica's thread failed.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn train_local(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    (threads, sync): (usize, usize),
+    observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Weights, TrainStats), WeightsError> {
+    use std::sync::Arc;
+    use std::sync::mpsc::channel;
+    let device = Device::flex().autodiff();
+    let threads = threads.min(MAX_REPLICAS);
+    if threads <= 1 {
+        return train_observed(model_config, weights, data, config, &device, observe);
+    }
+    let mut first = LocalReplica::new(
+        model_config,
+        weights,
+        data,
+        config,
+        &device,
+        (0, threads),
+        sync,
+    )?;
+    /// A helper's word: a stretch's weights and samples, or its stats at the end.
+    enum Word {
+        Stretch(Vec<f32>, usize),
+        Done(TrainStats),
+    }
+    std::thread::scope(|scope| {
+        let mut helpers = Vec::new();
+        for index in 1..threads {
+            let (to_helper, averages) = channel::<Arc<Vec<f32>>>();
+            let (to_driver, from_helper) = channel::<Result<Word, WeightsError>>();
+            scope.spawn(move || {
+                let crashed = to_driver.clone();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let device = Device::flex().autodiff();
+                    let run = || -> Result<(), WeightsError> {
+                        let mut replica = LocalReplica::new(
+                            model_config,
+                            weights,
+                            data,
+                            config,
+                            &device,
+                            (index, threads),
+                            sync,
+                        )?;
+                        loop {
+                            while replica.step()?.is_some() {}
+                            let (values, samples) = replica.weights();
+                            if to_driver.send(Ok(Word::Stretch(values, samples))).is_err() {
+                                return Ok(());
+                            }
+                            let Ok(averaged) = averages.recv() else {
+                                return Ok(());
+                            };
+                            if !replica.load(&averaged)? {
+                                let _ = to_driver.send(Ok(Word::Done(replica.finish().1)));
+                                return Ok(());
+                            }
+                        }
+                    };
+                    if let Err(e) = run() {
+                        let _ = to_driver.send(Err(e));
+                    }
+                }));
+                if outcome.is_err() {
+                    let _ = crashed.send(Err(WeightsError::Readback(
+                        "a training thread panicked".into(),
+                    )));
+                }
+            });
+            helpers.push((to_helper, from_helper));
+        }
+        let gone = || WeightsError::Readback("a training thread ended early".into());
+        loop {
+            while let Some((_, progress)) = first.step()? {
+                observe(&progress);
+            }
+            let mut parts = vec![first.weights()];
+            for (_, from_helper) in &helpers {
+                match from_helper.recv().map_err(|_| gone())?? {
+                    Word::Stretch(values, samples) => parts.push((values, samples)),
+                    Word::Done(_) => return Err(gone()),
+                }
+            }
+            let views: Vec<(&[f32], usize)> = parts.iter().map(|(v, n)| (&v[..], *n)).collect();
+            let averaged = Arc::new(average_replicas(&views)?);
+            for (to_helper, _) in &helpers {
+                to_helper.send(averaged.clone()).map_err(|_| gone())?;
+            }
+            if !first.load(&averaged)? {
+                break;
+            }
+        }
+        let (trained, mut stats) = first.finish();
+        let mut loss_sum = stats.mean_loss * stats.steps as f64;
+        for (_, from_helper) in &helpers {
+            match from_helper.recv().map_err(|_| gone())?? {
+                Word::Done(part) => {
+                    stats.samples += part.samples;
+                    stats.steps += part.steps;
+                    loss_sum += part.mean_loss * part.steps as f64;
+                }
+                Word::Stretch(..) => return Err(gone()),
+            }
+        }
+        stats.mean_loss = if stats.steps > 0 {
+            loss_sum / stats.steps as f64
+        } else {
+            0.0
+        };
+        Ok((trained, stats))
+    })
+}
+
 /// Sum of squared distances of the model's parameters to an anchor (the
 /// global model), the FedProx term before its `mu / 2` factor.
 struct ProxTerm<'a> {
@@ -822,9 +1175,50 @@ pub fn train_task(
     Ok((trained.values, stats))
 }
 
-/// [`train_task`] with `threads` replicas of the visit, one a thread
-/// ([`train_parallel`]): the same weights within float rounding. Natively
-/// only.
+/// How a hop is shared between replicas (threads or Web Workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Split {
+    /// Every batch sliced between them, the gradients summed every step
+    /// ([`Replica`]): the single visit's update.
+    #[default]
+    Slices,
+    /// Local SGD ([`LocalReplica`]): batches dealt, weights averaged every
+    /// `sync` rounds (0: once, at the end). Another update.
+    Local {
+        /// Rounds of one batch a replica between averages; 0: once.
+        sync: usize,
+    },
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Slices => write!(f, "slices"),
+            Split::Local { sync: 0 } => write!(f, "local"),
+            Split::Local { sync } => write!(f, "local:{sync}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    /// `slices`, `local` (averaged once a hop) or `local:K` (every K rounds).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "slices" => Ok(Split::Slices),
+            None if s == "local" => Ok(Split::Local { sync: 0 }),
+            Some(("local", k)) => k
+                .parse()
+                .map(|sync| Split::Local { sync })
+                .map_err(|_| format!("{s:?}: the rounds between averages are a whole number")),
+            _ => Err(format!("{s:?}: `slices`, `local` or `local:K`")),
+        }
+    }
+}
+
+/// [`train_task`] with `threads` replicas of the visit, one a thread,
+/// shared as `split` ([`train_parallel`]: the same weights within float
+/// rounding; or [`train_local`]: local SGD). Natively only.
 ///
 /// # Errors
 /// As [`train_parallel`].
@@ -834,12 +1228,21 @@ pub fn train_task_threads(
     task: &TaskSpec,
     values: Vec<f32>,
     data: Samples<'_>,
-    threads: usize,
+    (threads, split): (usize, Split),
     observe: &mut dyn FnMut(&StepProgress),
 ) -> Result<(Vec<f32>, TrainStats), WeightsError> {
     let (config, weights, train_config) = task_setup(model, task, values);
-    let (trained, stats) =
-        train_parallel(&config, &weights, data, &train_config, threads, observe)?;
+    let (trained, stats) = match split {
+        Split::Slices => train_parallel(&config, &weights, data, &train_config, threads, observe)?,
+        Split::Local { sync } => train_local(
+            &config,
+            &weights,
+            data,
+            &train_config,
+            (threads, sync),
+            observe,
+        )?,
+    };
     Ok((trained.values, stats))
 }
 
@@ -1133,5 +1536,147 @@ mod tests {
         assert_eq!(grads.len(), initial.values.len());
         assert!(replica.apply(&grads[1..]).is_err());
         assert!(replica.apply(&grads).is_ok());
+    }
+
+    #[test]
+    fn one_local_replica_reloading_its_own_weights_every_round_is_the_single_visit() {
+        // Prepare: 21 steps of batch 10 over an epoch and a bit, FedProx
+        // on: a reload that lost Adam's state (kept by parameter) or the
+        // anchor would move the weights elsewhere.
+        let model = ModelConfig::new(2);
+        let config = TrainConfig {
+            batch_size: 10,
+            prox_mu: 0.1,
+            epochs: 2,
+            seed: 5,
+            ..TrainConfig::default()
+        };
+        let initial = initial();
+        let (images, labels) = halves(105);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let ad = Device::flex().autodiff();
+        let (alone, alone_stats) = train(&model, &initial, data, &config, &ad).unwrap();
+
+        // Execute
+        let mut replica =
+            LocalReplica::new(&model, &initial, data, &config, &ad, (0, 1), 1).unwrap();
+        let mut stretches = 0;
+        loop {
+            while replica.step().unwrap().is_some() {}
+            let (values, samples) = replica.weights();
+            assert!(samples > 0);
+            stretches += 1;
+            if !replica.load(&values).unwrap() {
+                break;
+            }
+        }
+        let (local, stats) = replica.finish();
+
+        // Assert: a stretch a batch, and the very same visit.
+        assert_eq!(stretches, 22);
+        assert_eq!(
+            (stats.steps, stats.samples),
+            (alone_stats.steps, alone_stats.samples)
+        );
+        assert_eq!(local.values, alone.values);
+    }
+
+    #[test]
+    fn local_replicas_deal_every_batch_once_and_the_average_learns() {
+        // Prepare: 203 samples in batches of 10 (21 a epoch, the last of
+        // 3), two epochs: 42 batches dealt between 2 or 3 replicas.
+        let model = ModelConfig::new(2);
+        let config = TrainConfig {
+            batch_size: 10,
+            epochs: 2,
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let initial = initial();
+        let (images, labels) = halves(203);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let device = Device::flex();
+        let before = evaluate(&model, &initial, data, 64, &device).unwrap();
+
+        for (threads, sync) in [(2, 1), (2, 5), (3, 0)] {
+            // Execute
+            let (trained, stats) = train_local(
+                &model,
+                &initial,
+                data,
+                &config,
+                (threads, sync),
+                &mut |_| {},
+            )
+            .unwrap();
+            let again = train_local(
+                &model,
+                &initial,
+                data,
+                &config,
+                (threads, sync),
+                &mut |_| {},
+            )
+            .unwrap();
+
+            // Assert: every sample of both epochs trained once, one step a
+            // batch; the same seed, the same result; the average learnt
+            // the task.
+            assert_eq!(
+                (stats.steps, stats.samples),
+                (42, 406),
+                "{threads} threads, sync {sync}"
+            );
+            assert_eq!(trained.values, again.0.values);
+            let after = evaluate(&model, &trained, data, 64, &device).unwrap();
+            assert!(
+                after.loss < before.loss * 0.5 && after.accuracy > 0.95,
+                "{threads} threads, sync {sync}: {before:?} -> {after:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn replicas_average_by_their_samples_and_refuse_what_does_not_fit() {
+        let a = [0.0f32, 0.0];
+        let b = [3.0f32, 6.0];
+        assert_eq!(
+            average_replicas(&[(&a, 1), (&b, 2)]).unwrap(),
+            vec![2.0, 4.0]
+        );
+        // Nobody trained in the stretch: a plain mean.
+        assert_eq!(
+            average_replicas(&[(&a, 0), (&b, 0)]).unwrap(),
+            vec![1.5, 3.0]
+        );
+        assert!(average_replicas(&[(&a, 1), (&b[..1], 1)]).is_err());
+
+        let model = ModelConfig::new(2);
+        let initial = initial();
+        let (images, labels) = halves(8);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let config = TrainConfig::default();
+        let ad = Device::flex().autodiff();
+        assert!(LocalReplica::new(&model, &initial, data, &config, &ad, (1, 1), 0).is_err());
+        let mut replica =
+            LocalReplica::new(&model, &initial, data, &config, &ad, (0, 2), 0).unwrap();
+        while replica.step().unwrap().is_some() {}
+        let (values, _) = replica.weights();
+        assert!(replica.load(&values[1..]).is_err());
+        let mut poisoned = values.clone();
+        poisoned[3] = f32::NAN;
+        assert!(replica.load(&poisoned).is_err());
+        // Refused loads left the replica as it was.
+        assert!(!replica.load(&values).unwrap());
+        assert_eq!(replica.finish().0.values, values);
     }
 }

@@ -111,6 +111,20 @@ impl Weights {
         Ok(model.map(&mut loader))
     }
 
+    /// `model` with its parameters' values replaced by `values` (flat, in
+    /// parameter order), each parameter keeping its identity: an
+    /// optimiser's state, kept by parameter, carries on (local SGD's
+    /// averaging, `train::LocalReplica`).
+    ///
+    /// # Errors
+    /// [`WeightsError::WrongLength`] or [`WeightsError::NonFinite`].
+    pub fn load_values(model: Cnn, values: &[f32]) -> Result<Cnn, WeightsError> {
+        let shapes = Weights::shapes_of(&model);
+        check_values_fit(values, &shapes)?;
+        let mut loader = Loader { values, offset: 0 };
+        Ok(model.map(&mut loader))
+    }
+
     /// Shapes of a model's parameters. Reads no values: on WebGPU a synchronous read would fail.
     pub fn shapes_of(model: &Cnn) -> Vec<ParamShape> {
         let mut gather = Gather::default();

@@ -65,6 +65,8 @@ pub struct ClientOptions {
     /// (`train::Replica`); 1 trains on one (burn's own pool still takes
     /// the large matrix products).
     pub threads: usize,
+    /// How those threads share a hop (`train::Split`).
+    pub split: train::Split,
 }
 
 impl ClientOptions {
@@ -87,6 +89,7 @@ impl ClientOptions {
             freeze_for: Duration::ZERO,
             speed: None,
             threads: 1,
+            split: train::Split::Slices,
         }
     }
 }
@@ -298,7 +301,7 @@ async fn run_session(
                     let model = session.model().ok_or("a task before the welcome")?.clone();
                     let (images, mut labels) = (data.images.clone(), data.labels.clone());
                     let attack = options.attack;
-                    let threads = options.threads.max(1);
+                    let threads = (options.threads.max(1), options.split);
                     if let Some(attack) = &attack {
                         attack.poison_labels(&mut labels, model.num_classes);
                     }
