@@ -589,7 +589,7 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                     let split = if n <= 1 {
                         "alone".to_string()
                     } else {
-                        split.to_string()
+                        describe(split)
                     };
                     println!(
                         "| {n} | {split} | {} / {} / {} / {} |",
