@@ -1,7 +1,7 @@
 // The tab's federation client, off the page's thread: it owns the socket,
 // the WebAssembly client and the chosen backend, and tells the page what
 // happens. Training blocks this worker, never the page.
-import init, { Backend, WasmClient, WasmLocalReplica, WasmReplica, choose_backend } from './pkg/astraea_client.js';
+import init, { Backend, WasmClient, WasmLocalReplica, WasmReplica, choose_backend, rejoin_delay_ms } from './pkg/astraea_client.js';
 
 let client = null;
 let socket = null;
@@ -11,7 +11,11 @@ let resumeToken = null;
 let labelReport = null;
 let backend = null;
 let leaving = false;
-let backoff = 250;
+// Attempts to join that failed since the tab last held a session, and
+// the window its server last asked returning clients to spread over (pace
+// steering): core's pace::rejoin_delay decides each wait, as natively.
+let failures = 0;
+let rejoinWithin = 0;
 let url = null;
 // Digits the volunteer drew, kept here until the tab has its data.
 const drawn = { images: [], labels: [] };
@@ -417,7 +421,6 @@ function connect() {
   const opening = socket;
   setTimeout(() => { if (opening.readyState === WebSocket.CONNECTING) opening.close(); }, LIMITS.connect);
   socket.onopen = () => {
-    backoff = 250;
     say({ type: 'connected' });
     queue = queue.then(() => run(client.start()));
   };
@@ -427,6 +430,7 @@ function connect() {
         ? client.on_text(frame.data)
         : client.on_binary(new Uint8Array(frame.data));
       if (typeof frame.data === 'string' && frame.data.includes('"welcome"')) {
+        failures = 0;
         resumeToken = client.resume_token() || resumeToken;
         say({ type: 'welcome', clientId: client.client_id(), resume: resumeToken, labelEpsilon: client.label_epsilon() ?? null, secureAggregation: client.secure_aggregation(), modelPrivacy: JSON.parse(client.model_privacy() ?? 'null') });
       }
@@ -438,9 +442,11 @@ function connect() {
       say({ type: 'left' });
       return;
     }
-    say({ type: 'disconnected', retryMs: backoff });
-    setTimeout(connect, backoff);
-    backoff = Math.min(backoff * 2, 5000);
+    rejoinWithin = (client && client.rejoin_within_ms()) ?? rejoinWithin;
+    const wait = rejoin_delay_ms(rejoinWithin, failures, Math.random());
+    failures += 1;
+    say({ type: 'disconnected', retryMs: Math.round(wait) });
+    setTimeout(connect, wait);
   };
 }
 

@@ -196,6 +196,12 @@ pub(crate) struct ServeArgs {
     /// Joins one source may make at once before --join-rate applies.
     #[arg(long, env = "ASTRAEA_JOIN_BURST", default_value_t = astraea_server::admission::JoinRate::default().burst)]
     join_burst: u32,
+    /// Pace steering: joins a second to spread returning volunteers over.
+    /// Clients hear a window of (clients held / this) seconds, at most 120,
+    /// in their welcome and after every round, and spread coming back over
+    /// it when they lose this server, instead of all at once. 0: none.
+    #[arg(long, env = "ASTRAEA_REJOIN_RATE", default_value_t = astraea_server::config::DEFAULT_REJOIN_RATE)]
+    rejoin_rate: f64,
     /// Secure aggregation of the mediators' results: each chain's last
     /// client sends its result masked (pairwise X25519 masks, Shamir shares
     /// for dropouts), and the server learns only the round's weighted mean
@@ -364,6 +370,7 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         }
         .validate()
         .map_err(anyhow::Error::msg)?,
+        rejoin_rate: args.rejoin_rate,
         secure_aggregation: args.secure_aggregation,
         secure_quorum: args.secure_quorum,
         tls: match (args.tls_cert, args.tls_key) {

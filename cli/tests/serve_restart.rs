@@ -18,7 +18,19 @@ impl Drop for Server {
     }
 }
 
+/// The run of 8 rounds of 4 clients.
 fn spawn_server(port: u16, state_dir: &Path) -> Server {
+    spawn_server_with(port, state_dir, ("4", "8"), &[])
+}
+
+/// A run of `rounds` rounds waiting for `clients` clients (as many demo
+/// shards), with `extra` arguments.
+fn spawn_server_with(
+    port: u16,
+    state_dir: &Path,
+    (clients, rounds): (&str, &str),
+    extra: &[&str],
+) -> Server {
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -35,16 +47,8 @@ fn spawn_server(port: u16, state_dir: &Path) -> Server {
             "--partition",
             "long-tail:10",
         ])
-        .args([
-            "--shards",
-            "4",
-            "--participants",
-            "4",
-            "--min-clients",
-            "4",
-            "--rounds",
-            "8",
-        ])
+        .args(["--shards", clients, "--participants", clients])
+        .args(["--min-clients", clients, "--rounds", rounds])
         .args([
             "--strategy",
             "astraea",
@@ -60,6 +64,7 @@ fn spawn_server(port: u16, state_dir: &Path) -> Server {
         .arg(state_dir)
         .arg("--static-dir")
         .arg(state_dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -191,5 +196,74 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
         .unwrap()
         .count();
     assert_eq!(checkpoints, 8);
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_server_come_back_spread_over_the_window_it_asked_for() {
+    // Prepare: 40 clients that answer every task at once (echo), a server
+    // that asks for 10 joins a second: a window of 4 s once it holds them.
+    let state_dir: PathBuf =
+        std::env::temp_dir().join(format!("astraea-pace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let port = free_port();
+    let args = ["--rejoin-rate", "10"];
+    let mut server = spawn_server_with(port, &state_dir, ("40", "1000"), &args);
+    let options = ClientOptions {
+        max_frame_bytes: 1 << 20,
+        echo: true,
+        ..ClientOptions::new(
+            format!("ws://127.0.0.1:{port}/ws"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        )
+    };
+    let swarm = tokio::spawn(run_swarm(40, options));
+    // A round done: every client heard the window in its round-done.
+    wait_for(port, "a round", |s| s["round"].as_u64() >= Some(2)).await;
+
+    // Execute: kill -9 and start again; note when each client is back.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    server = spawn_server_with(port, &state_dir, ("40", "1000"), &args);
+    let mut back: Vec<Duration> = Vec::new();
+    let mut answering: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while back.len() < 40 && Instant::now() < deadline {
+        if let Some(body) = get(port, "/api/status").await
+            && let Ok(status) = serde_json::from_str::<serde_json::Value>(&body)
+        {
+            let since = *answering.get_or_insert_with(Instant::now);
+            let clients = status["clients"].as_u64().unwrap_or(0) as usize;
+            while back.len() < clients.min(40) {
+                back.push(since.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    swarm.abort();
+    drop(server);
+
+    // Assert: all came back, spread over seconds rather than in one
+    // burst (before: every client retried every 250 ms in step, and all
+    // were back within one of those steps of the server answering).
+    let log = std::fs::read_to_string(state_dir.join("server.log")).unwrap_or_default();
+    assert_eq!(back.len(), 40, "came back: {back:?}\n{log}");
+    let middle = back[30] - back[10];
+    let crowd = back
+        .iter()
+        .map(|t| {
+            back.iter()
+                .filter(|u| **u >= *t && **u < *t + Duration::from_millis(500))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "back after {:?} .. {:?}; the middle half over {middle:?}; at most {crowd} in 0.5 s",
+        back[0], back[39]
+    );
+    assert!(middle >= Duration::from_secs(1), "{back:?}");
+    assert!(crowd <= 20, "{crowd} within 0.5 s: {back:?}");
     let _ = std::fs::remove_dir_all(&state_dir);
 }

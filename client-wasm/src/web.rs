@@ -609,6 +609,12 @@ impl WasmClient {
         self.session.borrow().resume_token().map(str::to_string)
     }
 
+    /// The latest window (ms) the server asked its clients to spread
+    /// coming back over (pace steering); `null` until it said one.
+    pub fn rejoin_within_ms(&self) -> Option<f64> {
+        self.session.borrow().rejoin_within_ms().map(|ms| ms as f64)
+    }
+
     /// Applies the server's augmentation plan to the local data (seed as a
     /// decimal string, since JavaScript numbers cannot hold every u64).
     pub fn apply_plan(&mut self, ratios: Vec<f64>, seed: &str) -> Result<JsValue, JsError> {
@@ -1002,4 +1008,19 @@ impl WasmLocalReplica {
         }
         Ok(object.into())
     }
+}
+
+/// Milliseconds to wait before the next attempt to join after `failures`
+/// failed ones since the tab last held a session (0: the first after
+/// losing one), given the server's latest window `window_ms` (0: none)
+/// and `draw`, uniform in `[0, 1)`: `astraea_core::protocol::pace::rejoin_delay`,
+/// the native client's rule.
+#[wasm_bindgen]
+pub fn rejoin_delay_ms(window_ms: f64, failures: u32, draw: f64) -> f64 {
+    let window = if window_ms.is_finite() && window_ms > 0.0 {
+        window_ms as u64
+    } else {
+        0
+    };
+    astraea_core::protocol::pace::rejoin_delay(window, failures, draw).as_secs_f64() * 1000.0
 }

@@ -81,6 +81,7 @@ async fn a_task_trains_on_the_cpu_backend_reports_its_steps_and_answers_with_an_
         shard: None,
         resume: None,
         privacy: None,
+        rejoin_within_ms: None,
     };
     client.on_text(&welcome.to_json()).unwrap();
     let (images, labels) = halves(60);
@@ -299,4 +300,28 @@ async fn a_training_step_runs_on_webgpu_and_agrees_with_the_cpu() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(largest_gap < 5e-3, "weights differ by up to {largest_gap}");
+}
+
+#[wasm_bindgen_test]
+fn a_tab_keeps_its_servers_window_and_waits_as_the_native_client_does() {
+    use astraea_client::web::rejoin_delay_ms;
+    let config = ModelConfig::new(2);
+    let mut client = WasmClient::new(&Backend::cpu(), 1 << 16, false, None);
+    client.start().unwrap();
+    assert_eq!(client.rejoin_within_ms(), None);
+    let welcome = ServerMessage::Welcome {
+        version: PROTOCOL_VERSION,
+        client_id: 4,
+        model: ModelSpec::new(&config, 10),
+        shard: None,
+        resume: None,
+        privacy: None,
+        rejoin_within_ms: Some(4000),
+    };
+    client.on_text(&welcome.to_json()).unwrap();
+    assert_eq!(client.rejoin_within_ms(), Some(4000.0));
+    // core's pace::rejoin_delay: a draw over the window, or the back-off.
+    assert_eq!(rejoin_delay_ms(4000.0, 0, 0.5), 2000.0);
+    assert_eq!(rejoin_delay_ms(0.0, 2, 1.0), 1000.0);
+    assert_eq!(rejoin_delay_ms(f64::NAN, 0, 0.5), 125.0);
 }

@@ -160,6 +160,7 @@ fn welcome(params: usize) -> String {
         shard: None,
         resume: None,
         privacy: None,
+        rejoin_within_ms: None,
     }
     .to_json()
 }
@@ -239,6 +240,7 @@ fn a_closed_session_answers_nothing() {
         accuracy: 0.5,
         loss: 0.1,
         epsilon: None,
+        rejoin_within_ms: None,
     };
 
     // Execute

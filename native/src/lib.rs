@@ -163,13 +163,17 @@ fn chaos_seed(task: &TaskSpec, client_id: Option<u64>, salt: u64) -> u64 {
 }
 
 /// Runs a client until it is refused or runs out of attempts, reconnecting
-/// with exponential back-off (0.25 s doubling to 5 s) when the server goes.
+/// when the server goes after `pace::rejoin_delay`: a draw over the window
+/// the server last asked for (pace steering) or the exponential back-off
+/// (0.25 s doubling to 5 s), whichever is longer, and never before a
+/// refusal's `Retry-After`. The back-off starts again after a session the
+/// server welcomed.
 pub async fn run_client(
     options: ClientOptions,
     cache: Arc<DatasetCache>,
 ) -> anyhow::Result<ClientSummary> {
     let mut summary = ClientSummary::default();
-    let mut backoff = Duration::from_millis(250);
+    let mut failures = 0u32;
     let mut attempt = 0u32;
     // The server's resume token (a reconnect comes back as the same
     // client) and the noisy label report (the same data reports the same
@@ -177,31 +181,76 @@ pub async fn run_client(
     let mut resume = Carried::default();
     loop {
         attempt += 1;
-        match run_session(&options, &cache, &mut summary, &mut resume).await {
-            Ok(Ended::Refused(reason)) => bail!("{reason}"),
-            Ok(Ended::Disconnected(reason)) | Err(ReasonError(reason)) => {
-                if options.max_attempts.is_some_and(|max| attempt >= max) {
-                    tracing::info!("client stops after {attempt} attempts: {reason}");
-                    return Ok(summary);
-                }
-                tracing::info!("disconnected ({reason}); retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+        let ended = run_session(&options, &cache, &mut summary, &mut resume).await;
+        if std::mem::take(&mut resume.welcomed) {
+            failures = 0;
         }
-        if summary.hops > 0 {
-            backoff = Duration::from_millis(250);
+        let (reason, retry_after) = match ended {
+            Ok(Ended::Refused(reason)) => bail!("{reason}"),
+            Ok(Ended::Disconnected(reason)) => (reason, None),
+            Err(ReasonError {
+                reason,
+                retry_after,
+            }) => (reason, retry_after),
+        };
+        if options.max_attempts.is_some_and(|max| attempt >= max) {
+            tracing::info!("client stops after {attempt} attempts: {reason}");
+            return Ok(summary);
+        }
+        wait_to_rejoin(&reason, &resume, &mut failures, retry_after).await;
+    }
+}
+
+/// Sleeps before the next attempt to join ([`run_client`]).
+async fn wait_to_rejoin(
+    reason: &str,
+    resume: &Carried,
+    failures: &mut u32,
+    retry_after: Option<Duration>,
+) {
+    let draw: f64 = rand::random();
+    let mut wait =
+        astraea_core::protocol::pace::rejoin_delay(resume.rejoin_within_ms, *failures, draw);
+    if let Some(after) = retry_after {
+        wait = wait.max(after);
+    }
+    *failures = failures.saturating_add(1);
+    tracing::info!("disconnected ({reason}); retrying in {wait:?}");
+    tokio::time::sleep(wait).await;
+}
+
+/// An error that ends a session but may pass on reconnecting; a refused
+/// handshake (429, 503) may say when to come back (`Retry-After`, whole
+/// seconds).
+struct ReasonError {
+    reason: String,
+    retry_after: Option<Duration>,
+}
+
+impl<E: std::fmt::Display> From<E> for ReasonError {
+    fn from(e: E) -> Self {
+        ReasonError {
+            reason: e.to_string(),
+            retry_after: None,
         }
     }
 }
 
-/// An error that ends a session but may pass on reconnecting.
-struct ReasonError(String);
-
-impl<E: std::fmt::Display> From<E> for ReasonError {
-    fn from(e: E) -> Self {
-        ReasonError(e.to_string())
-    }
+/// A refused handshake's `Retry-After` (whole seconds, at most the
+/// longest rejoin window), if it said one.
+fn retry_after(e: &tokio_tungstenite::tungstenite::Error) -> Option<Duration> {
+    let tokio_tungstenite::tungstenite::Error::Http(response) = e else {
+        return None;
+    };
+    let seconds: u64 = response
+        .headers()
+        .get(tokio_tungstenite::tungstenite::http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(astraea_core::protocol::pace::MAX_REJOIN_WINDOW))
 }
 
 async fn run_session(
@@ -225,7 +274,12 @@ async fn run_session(
         // Not a passing fault: retrying would fail the same way.
         Err(e) => match tls::tls_refusal(&e) {
             Some(why) => return Ok(Ended::Refused(why)),
-            None => return Err(e.into()),
+            None => {
+                return Err(ReasonError {
+                    retry_after: retry_after(&e),
+                    reason: e.to_string(),
+                });
+            }
         },
     };
     let (mut sink, mut stream) = socket.split();
@@ -429,6 +483,10 @@ struct Carried {
     token: Option<String>,
     /// The true counts and the noisy report of the first labelled report.
     label_report: Option<(Vec<usize>, Vec<usize>)>,
+    /// The latest pace-steering window the server asked for, in ms.
+    rejoin_within_ms: u64,
+    /// The session that ended was welcomed (the back-off starts again).
+    welcomed: bool,
 }
 
 /// A session that hands its resume token (and label report) back to the
@@ -459,6 +517,10 @@ impl Drop for Resumable<'_> {
         if let Some(report) = self.session.label_report() {
             self.resume.label_report = Some(report);
         }
+        if let Some(window) = self.session.rejoin_within_ms() {
+            self.resume.rejoin_within_ms = window;
+        }
+        self.resume.welcomed |= self.session.welcomed();
     }
 }
 

@@ -160,6 +160,12 @@ pub struct ServeConfig {
     /// Joins a source may make (`crate::admission`): a burst, then so many
     /// a minute; `per_minute` 0 lifts the limit.
     pub join_rate: crate::admission::JoinRate,
+    /// Pace steering: joins a second this server asks a returning
+    /// population to arrive at. Its clients hear, in `welcome` and every
+    /// `round-done`, a window of (clients held / rate) seconds, at most
+    /// `pace::MAX_REJOIN_WINDOW`, over which to spread coming back after
+    /// losing it (a gateway or leader that died). 0 asks for no window.
+    pub rejoin_rate: f64,
 }
 
 impl Default for ServeConfig {
@@ -215,9 +221,14 @@ impl Default for ServeConfig {
             tls: None,
             public_url: None,
             join_rate: crate::admission::JoinRate::default(),
+            rejoin_rate: DEFAULT_REJOIN_RATE,
         }
     }
 }
+
+/// `--rejoin-rate`'s default, joins a second: 10,000 volunteers come back
+/// over 50 s, the demo's handful at once.
+pub const DEFAULT_REJOIN_RATE: f64 = 200.0;
 
 /// The smallest frame limit `--max-frame-bytes` takes (a chunk header and
 /// a thousand weights; a `join` of many classes may need more).

@@ -496,6 +496,8 @@ impl Connection {
             shard,
             resume: Some(entry.resume_token.clone()),
             privacy: self.state.privacy_spec(),
+            // This client is counted: it is about to be held.
+            rejoin_within_ms: Some(self.state.rejoin_within_ms(1)),
         });
         self.state.clients().insert(id, entry);
         self.id = Some(id);

@@ -473,6 +473,7 @@ async fn close_round(
         accuracy: eval.accuracy,
         loss: eval.loss,
         epsilon: state.model_epsilon().filter(|e| e.is_finite()),
+        rejoin_within_ms: Some(state.rejoin_within_ms(0)),
     };
     for entry in state.clients().values() {
         entry.send(&done);

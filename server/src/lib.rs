@@ -133,6 +133,12 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             config.max_frame_bytes
         );
     }
+    if !(config.rejoin_rate.is_finite() && config.rejoin_rate >= 0.0) {
+        anyhow::bail!(
+            "--rejoin-rate must be a finite number of joins a second, 0 or more, not {}",
+            config.rejoin_rate
+        );
+    }
     use astraea_core::engine::hop::hop_limit;
     hop_limit("the hop deadline", config.hop_deadline.as_secs_f64(), false)
         .map_err(anyhow::Error::msg)?;

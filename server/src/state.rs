@@ -571,6 +571,14 @@ impl AppState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Pace steering's window for this server's clients now and
+    /// `joining` more not yet among them, in milliseconds
+    /// (`ServeConfig::rejoin_rate`, `pace::rejoin_window`).
+    pub fn rejoin_within_ms(&self, joining: usize) -> u64 {
+        let clients = self.clients().len() + joining;
+        astraea_core::protocol::pace::rejoin_window(clients, self.config.rejoin_rate)
+    }
+
     /// What the run does for its volunteers' privacy, as the welcome and
     /// `/api/status` say it; `None` when nothing.
     pub fn privacy_spec(&self) -> Option<astraea_core::protocol::PrivacySpec> {

@@ -1207,6 +1207,7 @@ pub fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMe
             }),
             resume: rng.random_bool(0.2).then(|| any_string(rng)),
             privacy: None,
+            rejoin_within_ms: rng.random_bool(0.5).then(|| any_u64(rng)),
         },
         1 => ServerMessage::Plan {
             ratios: (0..rng.random_range(0..8)).map(|_| any_f64(rng)).collect(),
@@ -1218,6 +1219,7 @@ pub fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMe
             accuracy: any_f64(rng),
             loss: any_f64(rng),
             epsilon: rng.random_bool(0.5).then(|| any_f64(rng)),
+            rejoin_within_ms: rng.random_bool(0.5).then(|| any_u64(rng)),
         },
         4 => ServerMessage::Ack {
             round: any_u32(rng),
@@ -1367,6 +1369,7 @@ pub fn session_case(rng: &mut StdRng) -> SessionCase {
             shard: None,
             resume: rng.random_bool(0.3).then(|| any_string(rng)),
             privacy: None,
+            rejoin_within_ms: None,
         };
         steps.push(SessionStep::Text(welcome.to_json()));
     }

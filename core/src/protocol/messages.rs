@@ -344,6 +344,11 @@ pub enum ServerMessage {
         /// asked of the client (counts are reported exactly).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         privacy: Option<PrivacySpec>,
+        /// Pace steering: milliseconds over which to spread coming back
+        /// after losing this connection (`pace::rejoin_delay`); absent:
+        /// the client's own back-off.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rejoin_within_ms: Option<u64>,
     },
     /// The augmentation plan to apply to local data (R per class), then
     /// answer with `ready`.
@@ -367,6 +372,9 @@ pub enum ServerMessage {
         /// released models have spent so far. Absent: no DP.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epsilon: Option<f64>,
+        /// Pace steering, as in `welcome`, for the server's clients now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rejoin_within_ms: Option<u64>,
     },
     /// What became of an update: sent once its last chunk has been judged.
     Ack {

@@ -19,6 +19,7 @@ pub mod frames;
 pub mod fuzz;
 pub mod limits;
 pub mod messages;
+pub mod pace;
 pub mod session;
 
 pub use frames::{

@@ -103,6 +103,9 @@ pub struct ClientSession {
     /// The weights a masked hop under `task.secure_clip` started from, to
     /// clip its update against.
     hop_input: Option<Vec<f32>>,
+    /// Pace steering: the latest window the server asked returning
+    /// clients to spread over (`pace`), in milliseconds.
+    rejoin_within_ms: Option<u64>,
 }
 
 impl ClientSession {
@@ -152,6 +155,7 @@ impl ClientSession {
             secure_aggregation: false,
             model_privacy: None,
             hop_input: None,
+            rejoin_within_ms: None,
         };
         (session, vec![ClientAction::Send(join)])
     }
@@ -160,6 +164,20 @@ impl ClientSession {
     /// welcome gave (or the one this session was started with).
     pub fn resume_token(&self) -> Option<&str> {
         self.resume.as_deref()
+    }
+
+    /// The latest window (milliseconds) the server asked its clients to
+    /// spread coming back over after losing it (`welcome` or
+    /// `round-done`); `None` until it said one. For
+    /// [`super::pace::rejoin_delay`].
+    pub fn rejoin_within_ms(&self) -> Option<u64> {
+        self.rejoin_within_ms
+    }
+
+    /// Whether the server welcomed this session (it held a session: a
+    /// client's back-off starts again).
+    pub fn welcomed(&self) -> bool {
+        self.client_id.is_some()
     }
 
     /// The id the server gave us, once welcomed.
@@ -227,10 +245,14 @@ impl ClientSession {
                     shard,
                     resume,
                     privacy,
+                    rejoin_within_ms,
                 },
             ) => {
                 if resume.is_some() {
                     self.resume = resume;
+                }
+                if rejoin_within_ms.is_some() {
+                    self.rejoin_within_ms = rejoin_within_ms;
                 }
                 if version != PROTOCOL_VERSION {
                     return self.fail(
@@ -277,9 +299,13 @@ impl ClientSession {
                     round,
                     accuracy,
                     epsilon,
+                    rejoin_within_ms,
                     ..
                 },
             ) => {
+                if rejoin_within_ms.is_some() {
+                    self.rejoin_within_ms = rejoin_within_ms;
+                }
                 vec![ClientAction::RoundDone {
                     round,
                     accuracy,
@@ -794,8 +820,38 @@ mod tests {
             shard,
             resume: None,
             privacy: None,
+            rejoin_within_ms: Some(3000),
         }
         .to_json()
+    }
+
+    #[test]
+    fn a_session_keeps_the_latest_window_its_server_asked_for() {
+        let (mut session, _) = ClientSession::start("flex", None, DataSource::Demo, 1 << 20);
+        assert_eq!(
+            (session.rejoin_within_ms(), session.welcomed()),
+            (None, false)
+        );
+        session.on_text(&welcome(None));
+        assert_eq!(
+            (session.rejoin_within_ms(), session.welcomed()),
+            (Some(3000), true)
+        );
+        let done = |window: Option<u64>| {
+            ServerMessage::RoundDone {
+                round: 1,
+                accuracy: 0.5,
+                loss: 1.0,
+                epsilon: None,
+                rejoin_within_ms: window,
+            }
+            .to_json()
+        };
+        session.on_text(&done(Some(9000)));
+        assert_eq!(session.rejoin_within_ms(), Some(9000));
+        // A server that says nothing leaves the last window in place.
+        session.on_text(&done(None));
+        assert_eq!(session.rejoin_within_ms(), Some(9000));
     }
 
     fn welcome_with_label_epsilon(epsilon: f64) -> String {
