@@ -215,11 +215,25 @@ async fn samples_an_own_data_client_declares_weigh_at_most_twice_the_median() {
         counted >= cap - 10,
         "counted {counted}, declared {declared:?}"
     );
-    // The model moves off its initial 10 % (it stayed there before); by
-    // how much varies with which honest hops the loss rule refuses.
+    // The honest clients' work moves the model (before, the echoing liar
+    // held it where it was). Measured as distance, not test accuracy: on
+    // these long-tailed shards a model that learnt the dominant digit
+    // still scores 10 % on the balanced test set (2 runs in 40 did), and
+    // how far it gets varies with which hops the loss rule refuses.
     let accuracy: Vec<f64> = status.history.iter().map(|r| r.accuracy).collect();
-    let best = accuracy.iter().copied().fold(0.0, f64::max);
-    assert!(best > 0.2, "accuracy by round {accuracy:?}");
+    let model = running.state.model.config();
+    let initial = astraea_core::weights::Weights::from_model(
+        &model.init_seeded(&burn::prelude::Device::flex(), running.state.config.seed),
+    );
+    let global = running
+        .state
+        .global
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a model");
+    let moved = astraea_core::guard::delta_norm(&global.values, &initial.values);
+    assert!(moved > 0.1, "moved {moved}; accuracy by round {accuracy:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
