@@ -401,3 +401,151 @@ async fn a_token_that_comes_back_before_its_old_socket_closes_takes_the_client_o
     assert_eq!(state.clients().len(), 1);
     assert!(state.parked.lock().unwrap().is_empty());
 }
+
+/// The next task a scripted client is given, with its weights (other
+/// messages and stray chunks are passed over).
+async fn next_task(
+    socket: &mut support::Socket,
+    params: usize,
+) -> (astraea_core::protocol::TaskSpec, Vec<f32>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let Some(Ok(frame)) = socket.next().await else {
+            panic!("the socket ended before a task")
+        };
+        let Message::Text(text) = frame else { continue };
+        if let astraea_core::protocol::ServerMessage::Task(task) =
+            astraea_core::protocol::ServerMessage::from_json(&text).unwrap()
+        {
+            let mut assembler = astraea_core::protocol::WeightAssembler::new(
+                task.round,
+                task.hop,
+                task.chunks,
+                params,
+                task.encoding,
+                64 * 1024,
+            );
+            loop {
+                let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                    panic!("the task's chunks did not come")
+                };
+                if let Some(weights) = assembler.push(&chunk).unwrap() {
+                    return (task, weights);
+                }
+            }
+        }
+    }
+}
+
+/// Sends an update for `task`: `values`, claiming `samples`.
+async fn send_update(
+    socket: &mut support::Socket,
+    task: &astraea_core::protocol::TaskSpec,
+    values: &[f32],
+    samples: u64,
+) {
+    use astraea_core::protocol::{ClientMessage, UpdateSpec, WeightEncoding, encode_chunks};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let frames = encode_chunks(task.round, task.hop, values, WeightEncoding::F32, 64 * 1024);
+    let update = ClientMessage::Update(UpdateSpec {
+        round: task.round,
+        hop: task.hop,
+        samples,
+        loss: 0.1,
+        seconds: 0.1,
+        encoding: WeightEncoding::F32,
+        chunks: frames.len() as u32,
+    });
+    socket
+        .send(Message::Text(update.to_json().into()))
+        .await
+        .unwrap();
+    for frame in frames {
+        socket.send(Message::Binary(frame.into())).await.unwrap();
+    }
+}
+
+/// The outcome of the next `ack` for (round, hop).
+async fn ack_of(socket: &mut support::Socket, round: u32, hop: u32) -> AckOutcome {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let Some(Ok(frame)) = socket.next().await else {
+            panic!("the socket ended before the ack")
+        };
+        let Message::Text(text) = frame else { continue };
+        match astraea_core::protocol::ServerMessage::from_json(&text).unwrap() {
+            astraea_core::protocol::ServerMessage::Ack {
+                round: r,
+                hop: h,
+                outcome,
+                ..
+            } if (r, h) == (round, hop) => return outcome,
+            astraea_core::protocol::ServerMessage::Error { .. } => panic!("refused: {text}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
+    // Prepare: the asynchronous mode, three native clients and a scripted
+    // one (own data, 50 samples of each digit).
+    let mut cfg = support::config(astraea_core::strategy::StrategyKind::FedAvg, 4, 1000);
+    cfg.schedule.mode = astraea_core::asynchronous::Mode::Async;
+    let (running, address) = support::start(cfg).await;
+    let params = running.state.model.params;
+    let swarm = tokio::spawn(astraea_native::run_swarm(3, support::options(&address)));
+    let (mut socket, token) = support::join_declaring(&address, vec![50; 10]).await;
+    let id = running
+        .state
+        .clients()
+        .iter()
+        .find(|(_, e)| e.shard_counts.is_none())
+        .map(|(&id, _)| id)
+        .expect("the scripted client");
+    let answered = || running.state.clients().get(&id).map_or(0, |e| e.hops_done);
+
+    // Execute, one order: the update sent, the connection lost before its
+    // ack, the client back by its token sending the same update again.
+    let (first, weights) = next_task(&mut socket, params).await;
+    send_update(&mut socket, &first, &weights, 50).await;
+    drop(socket);
+    let mut socket = support::connect(&address).await;
+    support::send(
+        &mut socket,
+        &astraea_core::protocol::ClientMessage::Join {
+            version: astraea_core::protocol::PROTOCOL_VERSION,
+            backend: "test".into(),
+            speed: None,
+            data: astraea_core::protocol::DataSource::Own {
+                counts: vec![50; 10],
+            },
+            resume: Some(token),
+        },
+    )
+    .await;
+    send_update(&mut socket, &first, &weights, 50).await;
+    let resent = ack_of(&mut socket, first.round, first.hop).await;
+    let after_first = answered();
+
+    // The other order: the update acknowledged, then sent again.
+    let (second, weights) = next_task(&mut socket, params).await;
+    send_update(&mut socket, &second, &weights, 50).await;
+    let taken = ack_of(&mut socket, second.round, second.hop).await;
+    send_update(&mut socket, &second, &weights, 50).await;
+    let again = ack_of(&mut socket, second.round, second.hop).await;
+    let after_second = answered();
+    swarm.abort();
+
+    // Assert: the copy sent again is never taken; the server answered
+    // the first hop at most once (its first copy may or may not have been
+    // read before the close) and the second exactly once.
+    assert_eq!(resent, AckOutcome::Stale);
+    assert_eq!(again, AckOutcome::Stale);
+    assert!(after_first <= 1, "{after_first} answers for one hop");
+    assert_eq!(taken, AckOutcome::Accepted);
+    assert_eq!(after_second, after_first + 1);
+}
