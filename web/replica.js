@@ -4,8 +4,9 @@
 //   it sends back the gradients of its slice of the batch and waits for
 //   every replica's sum, then takes the step.
 // - 'local' (core::train::LocalReplica, local SGD: another update): it
-//   trains its own batches of a stretch, with a 'tick' a step (so the
-//   driver can tell it from a silent one), sends its weights, and goes on
+//   trains its own batches of a stretch, with a 'tick' a step (its
+//   progress: the driver tells it from a silent one, and beats for it),
+//   sends its weights, and goes on
 //   from the average it is sent, until the hop is done.
 // Messages carry the hop's sequence number, so a reply to an abandoned
 // hop is recognised.
@@ -33,7 +34,7 @@ function drop() {
 
 /** Trains this replica's batches of the stretch, then sends its weights. */
 function stretch() {
-  for (let step = local.step(); step !== null; step = local.step()) postMessage({ type: 'tick', seq });
+  for (let step = local.step(); step !== null; step = local.step()) postMessage({ type: 'tick', seq, step });
   const mine = local.weights();
   postMessage({ type: 'stretch', seq, weights: mine.weights, samples: mine.samples }, [mine.weights.buffer]);
 }

@@ -88,9 +88,10 @@ let lent = 1;
 let splitWay = { mode: 'slices', sync: 0 };
 function splitOf(text) {
   const [mode, sync] = String(text).split(':');
-  return mode === 'local'
-    ? { mode, sync: Math.max(0, Math.floor(Number(sync)) || 0) }
-    : { mode: 'slices', sync: 0 };
+  if (mode !== 'local') return { mode: 'slices', sync: 0 };
+  // Rounds between averages: a whole number (0 or none: once a hop).
+  const k = Math.floor(Number(sync));
+  return { mode, sync: Number.isFinite(k) && k > 0 ? Math.min(k, 2 ** 31) : 0 };
 }
 // Most workers a hop is split between.
 const MAX_WORKERS = 8;
@@ -231,11 +232,16 @@ async function trainReplicated(c, team, action, onStep, limitMs) {
   }
 }
 
-/** The helper's next message of hop `seq` other than a tick (a tick, one a step, restarts the wait). */
-async function receiveWork(helper, seq, ms) {
+/**
+ * The helper's next message of hop `seq` other than a tick. A tick, one a
+ * helper's step, restarts the wait and goes to `onTick` (the hop's
+ * progress, so the heartbeats go on while this worker waits).
+ */
+async function receiveWork(helper, seq, ms, onTick) {
   for (;;) {
     const m = await receive(helper, seq, ms);
     if (m.type !== 'tick') return m;
+    if (onTick && m.step) onTick(m.step);
   }
 }
 
@@ -269,6 +275,7 @@ async function trainLocal(c, team, action, onStep, limitMs, sync) {
     });
   });
   const own = new WasmLocalReplica(model, action.task, action.weights, data.images, data.labels, 0, n, sync);
+  let finished = false;
   try {
     let averaged = null;
     for (;;) {
@@ -280,35 +287,47 @@ async function trainLocal(c, team, action, onStep, limitMs, sync) {
       }
       const parts = [own.weights()];
       for (const helper of team) {
-        const reply = await receiveWork(helper, seq, limitMs);
+        const reply = await receiveWork(helper, seq, limitMs, onStep);
         if (reply.type !== 'stretch' || reply.weights.length !== parts[0].weights.length) throw new HelperFailed('a training worker fell out of step');
         parts.push(reply);
       }
+      // Weighted by samples, summed in doubles: core's average_replicas.
       const total = parts.reduce((sum, p) => sum + p.samples, 0);
-      averaged = new Float32Array(parts[0].weights.length);
+      const sum = new Float64Array(parts[0].weights.length);
       for (const part of parts) {
         const w = total > 0 ? part.samples / total : 1 / parts.length;
         const values = part.weights;
-        for (let k = 0; k < averaged.length; k += 1) averaged[k] += w * values[k];
+        for (let k = 0; k < sum.length; k += 1) sum[k] += w * values[k];
       }
+      averaged = Float32Array.from(sum);
       for (const helper of team) helper.worker.postMessage({ type: 'average', seq, values: averaged });
       if (breakWorker && team.length) {
         if (breakWorker === 'silent') team[0].worker.terminate();
         else team[0].worker.postMessage({ type: 'average', seq, values: new Float32Array(1) });
         breakWorker = null;
       }
-      if (!own.load(averaged)) break;
+      let more;
+      try {
+        more = own.load(averaged);
+      } catch (e) {
+        // Only a helper's weights can make the average unfit (not finite).
+        throw new HelperFailed(`a training worker sent weights that do not fit (${e.message || e})`);
+      }
+      if (!more) break;
     }
     let { steps, lossSum } = own.finish();
     for (const helper of team) {
-      const reply = await receiveWork(helper, seq, limitMs);
+      const reply = await receiveWork(helper, seq, limitMs, onStep);
       if (reply.type !== 'done') throw new HelperFailed('a training worker fell out of step');
       steps += reply.steps;
       lossSum += reply.lossSum;
     }
+    finished = true;
     return c.finish_hop(action.task, averaged, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
   } finally {
     own.free();
+    // A hop given up midway leaves no helper training it.
+    if (!finished) for (const helper of team) helper.worker.postMessage({ type: 'stop' });
   }
 }
 
@@ -442,7 +461,8 @@ function connect() {
       say({ type: 'left' });
       return;
     }
-    rejoinWithin = (client && client.rejoin_within_ms()) ?? rejoinWithin;
+    // A welcomed session's server speaks for the window (none: back-off).
+    if (client && client.client_id() != null) rejoinWithin = client.rejoin_within_ms() ?? 0;
     const wait = rejoin_delay_ms(rejoinWithin, failures, Math.random());
     failures += 1;
     say({ type: 'disconnected', retryMs: Math.round(wait) });
@@ -655,6 +675,10 @@ async function train(action) {
     }
   }
   if (answer === null) {
+    // Trained alone after all (no split, or helpers not ready or failed):
+    // compared as a hop alone, timed from here.
+    workers = 1;
+    trainingFrom = performance.now();
     // A hop that stops stepping (the server skips it after the stall
     // timeout) is given up here too: the module is stuck inside it, so a
     // fresh client on the CPU joins again as this tab (its token).

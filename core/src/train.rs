@@ -674,8 +674,9 @@ impl<'a> LocalReplica<'a> {
     }
 
     fn dealt(mut visit: Visit<'a>, (index, of): (usize, usize), sync: usize) -> Self {
-        // Replica 0 draws the single visit's masks; the others streams of
-        // their own (they drop out on other batches).
+        // Replica 0 draws from the single visit's dropout stream (the same
+        // masks only when it is alone: it draws for its own batches only);
+        // the others from streams of their own.
         if index > 0 {
             visit.dropout = dropout_rng(crate::engine::seeds::mix(&[
                 visit.config.seed,
@@ -1035,13 +1036,29 @@ pub fn train_local(
             helpers.push((to_helper, from_helper));
         }
         let gone = || WeightsError::Readback("a training thread ended early".into());
+        let mut last = None;
         loop {
             while let Some((_, progress)) = first.step()? {
                 observe(&progress);
+                last = Some(progress);
             }
             let mut parts = vec![first.weights()];
             for (_, from_helper) in &helpers {
-                match from_helper.recv().map_err(|_| gone())?? {
+                // A slower helper's stretch is awaited with replica 0's
+                // last step told again every second: the observer's
+                // heartbeats must not stop while the hop goes on.
+                let word = loop {
+                    match from_helper.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Ok(word) => break word,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if let Some(progress) = &last {
+                                observe(progress);
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(gone()),
+                    }
+                };
+                match word? {
                     Word::Stretch(values, samples) => parts.push((values, samples)),
                     Word::Done(_) => return Err(gone()),
                 }

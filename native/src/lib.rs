@@ -165,9 +165,9 @@ fn chaos_seed(task: &TaskSpec, client_id: Option<u64>, salt: u64) -> u64 {
 /// Runs a client until it is refused or runs out of attempts, reconnecting
 /// when the server goes after `pace::rejoin_delay`: a draw over the window
 /// the server last asked for (pace steering) or the exponential back-off
-/// (0.25 s doubling to 5 s), whichever is longer, and never before a
-/// refusal's `Retry-After`. The back-off starts again after a session the
-/// server welcomed.
+/// (0.25 s doubling to 5 s), whichever is longer, after a refusal's
+/// `Retry-After` if it gave one. The back-off starts again after a session
+/// the server welcomed.
 pub async fn run_client(
     options: ClientOptions,
     cache: Arc<DatasetCache>,
@@ -211,8 +211,10 @@ async fn wait_to_rejoin(
     let draw: f64 = rand::random();
     let mut wait =
         astraea_core::protocol::pace::rejoin_delay(resume.rejoin_within_ms, *failures, draw);
+    // A refusal's Retry-After is a floor, the draw still spreads above it:
+    // clients refused together must not all come back at that second.
     if let Some(after) = retry_after {
-        wait = wait.max(after);
+        wait += after;
     }
     *failures = failures.saturating_add(1);
     tracing::info!("disconnected ({reason}); retrying in {wait:?}");
@@ -517,10 +519,12 @@ impl Drop for Resumable<'_> {
         if let Some(report) = self.session.label_report() {
             self.resume.label_report = Some(report);
         }
-        if let Some(window) = self.session.rejoin_within_ms() {
-            self.resume.rejoin_within_ms = window;
+        // A welcomed session's server speaks for the window (none said:
+        // the client's own back-off); an unwelcomed one leaves it.
+        if self.session.welcomed() {
+            self.resume.rejoin_within_ms = self.session.rejoin_within_ms().unwrap_or(0);
+            self.resume.welcomed = true;
         }
-        self.resume.welcomed |= self.session.welcomed();
     }
 }
 
