@@ -280,6 +280,21 @@ async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
     let following: serde_json::Value = serde_json::from_str(&direct.text()).unwrap();
     assert_eq!(following["phase"], "following", "{following}");
     assert_eq!(following["leader_term"], 1, "{following}");
+    // A scraper of every server sees the follower up, and who leads.
+    let metrics = |port: u16| async move {
+        let answer = astraea_server::loopback::get(&format!("127.0.0.1:{port}"), "/metrics")
+            .await
+            .unwrap();
+        (answer.status, answer.text())
+    };
+    let (code, text) = metrics(b.port).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("\nastraea_leading 0\n"), "{text}");
+    assert!(text.contains("\nastraea_leader_term 1\n"), "{text}");
+    let (code, text) = metrics(a.port).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("\nastraea_leading 1\n"), "{text}");
+    assert!(text.contains("\nastraea_leader_term 1\n"), "{text}");
     let logs = || {
         format!(
             "--- a\n{}\n--- b\n{}\n--- nginx\n{}",

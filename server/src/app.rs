@@ -182,10 +182,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let best = status.history.iter().map(|r| r.accuracy).reduce(f64::max);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        metric_line(&mut out, (name, kind), help, value);
     };
+    metric(
+        "astraea_leading",
+        "gauge",
+        "Whether this server leads its run (1) or follows it (0).",
+        1.0,
+    );
+    if let Some(lease) = &state.lease {
+        metric(
+            "astraea_leader_term",
+            "gauge",
+            "The term of the run's lease its leader holds (as this server last saw it).",
+            lease.term() as f64,
+        );
+    }
     metric(
         "astraea_round",
         "gauge",
@@ -289,6 +301,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.bytes_down.load(Ordering::Relaxed) as f64,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// One Prometheus metric, `(name, kind)` with its help, appended to `out`.
+pub(crate) fn metric_line(out: &mut String, (name, kind): (&str, &str), help: &str, value: f64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
 }
 
 /// Whether the request carries the admin token; the refusal otherwise.

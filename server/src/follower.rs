@@ -1,6 +1,9 @@
 //! What a server answers while it waits for its run's lease (a follower):
-//! `503 Service Unavailable` with `Retry-After: 1` to every request, and on
-//! every path a small JSON body naming the run and who leads it. A load
+//! `503 Service Unavailable` with `Retry-After: 1` to every request but
+//! `/metrics`, and on every path a small JSON body naming the run and who
+//! leads it. `/metrics` answers `200` with the follower's view
+//! (`astraea_leading 0`, the leader's term and lease as last seen), so a
+//! scraper of every server sees a follower up, not a target down. A load
 //! balancer in front (deploy/nginx.conf) passes a request it answered so
 //! on to the next server, so volunteers reach the leader; a client that
 //! reaches no leader (between two) retries, as after any refusal. Without
@@ -53,24 +56,33 @@ pub struct Answering {
 pub fn answer(listener: TcpListener, run: String) -> Answering {
     let seen: LastSeen = Arc::default();
     let shared = seen.clone();
-    let router = Router::new().fallback(move || {
-        let seen = crate::state::lock(&shared).clone();
-        let body = Following {
-            phase: "following",
-            run: run.clone(),
-            leader: seen.as_ref().map(|h| h.name.clone()),
-            leader_term: seen.as_ref().map(|h| h.term),
-            leader_expires_in_s: seen.as_ref().map(|h| h.expires_in_s),
-        };
-        async move {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "1")],
-                Json(body),
-            )
-                .into_response()
-        }
-    });
+    let for_metrics = seen.clone();
+    let router = Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let seen = crate::state::lock(&for_metrics).clone();
+                async move { metrics(seen.as_ref()) }
+            }),
+        )
+        .fallback(move || {
+            let seen = crate::state::lock(&shared).clone();
+            let body = Following {
+                phase: "following",
+                run: run.clone(),
+                leader: seen.as_ref().map(|h| h.name.clone()),
+                leader_term: seen.as_ref().map(|h| h.term),
+                leader_expires_in_s: seen.as_ref().map(|h| h.expires_in_s),
+            };
+            async move {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response()
+            }
+        });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -85,6 +97,32 @@ pub fn answer(listener: TcpListener, run: String) -> Answering {
         task,
         seen,
     }
+}
+
+/// A follower's `/metrics`: Prometheus text, as the leader's says it.
+fn metrics(seen: Option<&Holder>) -> impl IntoResponse + use<> {
+    let mut out = String::new();
+    crate::app::metric_line(
+        &mut out,
+        ("astraea_leading", "gauge"),
+        "Whether this server leads its run (1) or follows it (0).",
+        0.0,
+    );
+    if let Some(holder) = seen {
+        crate::app::metric_line(
+            &mut out,
+            ("astraea_leader_term", "gauge"),
+            "The term of the run's lease its leader holds (as this server last saw it).",
+            holder.term as f64,
+        );
+        crate::app::metric_line(
+            &mut out,
+            ("astraea_leader_lease_expires_seconds", "gauge"),
+            "Seconds until the leader's lease expires unless renewed, as last seen.",
+            holder.expires_in_s,
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 impl Answering {
