@@ -661,3 +661,43 @@ async fn a_tab_lent_two_cores_measures_both_and_keeps_the_faster() -> anyhow::Re
     running.server.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tab_lends_half_the_cores_of_a_machine_with_four_or_more_and_one_otherwise()
+-> anyhow::Result<()> {
+    // Prepare
+    built_page()?;
+    let driver = Chromedriver::start()?;
+    let (running, url) = serve_on_loopback(demo_config(1, 600, 1, 1)).await?;
+    let mut lent = Vec::new();
+
+    // Execute: the page as browsers reporting 2, 8 and 16 cores see it.
+    for cores in [2, 8, 16] {
+        let tab = driver.open(&[]).await?;
+        astraea_e2e::cdp(
+            &tab,
+            "Emulation.setHardwareConcurrencyOverride",
+            serde_json::json!({ "hardwareConcurrency": cores }),
+        )
+        .await?;
+        tab.goto(&url).await?;
+        let chosen = tab
+            .execute("return document.getElementById('cores').value;", vec![])
+            .await?;
+        lent.push((cores, chosen.as_str().unwrap_or_default().to_string()));
+        tab.close().await?;
+    }
+    running.server.abort();
+
+    // Assert: 2 cores lend one; 8 lend four; 16 at most four (of the 8
+    // offered).
+    assert_eq!(
+        lent,
+        [
+            (2, "1".to_string()),
+            (8, "4".to_string()),
+            (16, "4".to_string())
+        ]
+    );
+    Ok(())
+}

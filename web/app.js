@@ -286,11 +286,15 @@ counts = new Array(10).fill(0);
 drawMix();
 drawCharts();
 window.addEventListener('resize', drawCharts);
-// Cores the volunteer lends: up to what the browser reports, at most 8;
-// one unless the page is opened with ?workers=N or the volunteer picks more.
+// Cores the volunteer lends: up to what the browser reports, at most 8.
+// By default half of them, at most 4, where the browser reports 4 or more
+// (the rest stay with the browser and the volunteer), else one; the tab
+// then measures a split hop against a hop alone and keeps the faster.
+// ?workers=N or the volunteer's pick overrides it.
 {
   const most = Math.max(1, Math.min(8, navigator.hardwareConcurrency || 1));
-  const asked = Math.max(1, Math.min(most, Number(params.get('workers')) || 1));
+  const suggested = most >= 4 ? Math.min(4, Math.floor(most / 2)) : 1;
+  const asked = Math.max(1, Math.min(most, Number(params.get('workers')) || suggested));
   $('cores').innerHTML = Array.from({ length: most }, (_, i) => `<option>${i + 1}</option>`).join('');
   $('cores').value = String(asked);
   $('cores-note').textContent = `of ${most}; a hop on the CPU is split between them`;
