@@ -402,38 +402,85 @@ async fn a_token_that_comes_back_before_its_old_socket_closes_takes_the_client_o
     assert!(state.parked.lock().unwrap().is_empty());
 }
 
-/// The next task a scripted client is given, with its weights (other
-/// messages and stray chunks are passed over).
-async fn next_task(
-    socket: &mut support::Socket,
-    params: usize,
-) -> (astraea_core::protocol::TaskSpec, Vec<f32>) {
+/// What a scripted client hears that matters here.
+enum Heard {
+    /// A task, with its weights.
+    Task(astraea_core::protocol::TaskSpec, Vec<f32>),
+    /// An ack: round, hop, outcome.
+    Ack(u32, u32, AckOutcome),
+}
+
+/// The next task (with its weights) or ack the scripted client hears;
+/// other messages are passed over, an error frame fails the test.
+async fn hear(socket: &mut support::Socket, params: usize) -> Heard {
+    use astraea_core::protocol::ServerMessage;
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     loop {
         let Some(Ok(frame)) = socket.next().await else {
-            panic!("the socket ended before a task")
+            panic!("the socket ended")
         };
         let Message::Text(text) = frame else { continue };
-        if let astraea_core::protocol::ServerMessage::Task(task) =
-            astraea_core::protocol::ServerMessage::from_json(&text).unwrap()
-        {
-            let mut assembler = astraea_core::protocol::WeightAssembler::new(
-                task.round,
-                task.hop,
-                task.chunks,
-                params,
-                task.encoding,
-                64 * 1024,
-            );
-            loop {
-                let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
-                    panic!("the task's chunks did not come")
-                };
-                if let Some(weights) = assembler.push(&chunk).unwrap() {
-                    return (task, weights);
+        match ServerMessage::from_json(&text).unwrap() {
+            ServerMessage::Task(task) => {
+                let mut assembler = astraea_core::protocol::WeightAssembler::new(
+                    task.round,
+                    task.hop,
+                    task.chunks,
+                    params,
+                    task.encoding,
+                    64 * 1024,
+                );
+                loop {
+                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+                        panic!("the task's chunks did not come")
+                    };
+                    if let Some(weights) = assembler.push(&chunk).unwrap() {
+                        return Heard::Task(task, weights);
+                    }
                 }
             }
+            ServerMessage::Ack {
+                round,
+                hop,
+                outcome,
+                ..
+            } => return Heard::Ack(round, hop, outcome),
+            ServerMessage::Error { .. } => panic!("refused: {text}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next task: one heard earlier (`tasks`) or the next one to come.
+async fn next_task(
+    socket: &mut support::Socket,
+    params: usize,
+    tasks: &mut Vec<(astraea_core::protocol::TaskSpec, Vec<f32>)>,
+) -> (astraea_core::protocol::TaskSpec, Vec<f32>) {
+    if !tasks.is_empty() {
+        return tasks.remove(0);
+    }
+    loop {
+        if let Heard::Task(task, weights) = hear(socket, params).await {
+            return (task, weights);
+        }
+    }
+}
+
+/// The outcome of the next ack for (round, hop); a task that comes first
+/// is kept in `tasks` (the server may send the next one before the ack).
+async fn ack_of(
+    socket: &mut support::Socket,
+    params: usize,
+    (round, hop): (u32, u32),
+    tasks: &mut Vec<(astraea_core::protocol::TaskSpec, Vec<f32>)>,
+) -> AckOutcome {
+    loop {
+        match hear(socket, params).await {
+            Heard::Ack(r, h, outcome) if (r, h) == (round, hop) => return outcome,
+            Heard::Ack(..) => {}
+            Heard::Task(task, weights) => tasks.push((task, weights)),
         }
     }
 }
@@ -467,28 +514,6 @@ async fn send_update(
     }
 }
 
-/// The outcome of the next `ack` for (round, hop).
-async fn ack_of(socket: &mut support::Socket, round: u32, hop: u32) -> AckOutcome {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        let Some(Ok(frame)) = socket.next().await else {
-            panic!("the socket ended before the ack")
-        };
-        let Message::Text(text) = frame else { continue };
-        match astraea_core::protocol::ServerMessage::from_json(&text).unwrap() {
-            astraea_core::protocol::ServerMessage::Ack {
-                round: r,
-                hop: h,
-                outcome,
-                ..
-            } if (r, h) == (round, hop) => return outcome,
-            astraea_core::protocol::ServerMessage::Error { .. } => panic!("refused: {text}"),
-            _ => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
     // Prepare: the asynchronous mode, three native clients and a scripted
@@ -510,7 +535,8 @@ async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
 
     // Execute, one order: the update sent, the connection lost before its
     // ack, the client back by its token sending the same update again.
-    let (first, weights) = next_task(&mut socket, params).await;
+    let mut tasks = Vec::new();
+    let (first, weights) = next_task(&mut socket, params, &mut tasks).await;
     send_update(&mut socket, &first, &weights, 50).await;
     drop(socket);
     let mut socket = support::connect(&address).await;
@@ -528,15 +554,15 @@ async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
     )
     .await;
     send_update(&mut socket, &first, &weights, 50).await;
-    let resent = ack_of(&mut socket, first.round, first.hop).await;
+    let resent = ack_of(&mut socket, params, (first.round, first.hop), &mut tasks).await;
     let after_first = answered();
 
     // The other order: the update acknowledged, then sent again.
-    let (second, weights) = next_task(&mut socket, params).await;
+    let (second, weights) = next_task(&mut socket, params, &mut tasks).await;
     send_update(&mut socket, &second, &weights, 50).await;
-    let taken = ack_of(&mut socket, second.round, second.hop).await;
+    let taken = ack_of(&mut socket, params, (second.round, second.hop), &mut tasks).await;
     send_update(&mut socket, &second, &weights, 50).await;
-    let again = ack_of(&mut socket, second.round, second.hop).await;
+    let again = ack_of(&mut socket, params, (second.round, second.hop), &mut tasks).await;
     let after_second = answered();
     swarm.abort();
 
