@@ -184,20 +184,28 @@ function staffHelpers() {
   while (helpers.length > lent - 1) helpers.pop().worker.terminate();
 }
 
-/** Trains the hop with `c` and the helpers of `team`; the update's actions. */
-async function trainReplicated(c, team, action, onStep, limitMs) {
-  const n = team.length + 1;
-  const model = c.model_json();
-  const data = c.training_data();
-  const seq = ++hopSeq;
-  const started = performance.now();
+/**
+ * Sends hop `action` of client `c` to the helpers of `team` (helper i
+ * holds replica i + 1; `how` adds the split's own fields): the hop's
+ * sequence number, replica count, model and data, and when it began.
+ */
+function startTeam(c, team, action, how) {
+  const hop = {
+    n: team.length + 1, model: c.model_json(), data: c.training_data(), seq: ++hopSeq, started: performance.now(),
+  };
   team.forEach((helper, i) => {
     helper.inbox = [];
     helper.worker.postMessage({
-      type: 'hop', seq, model, task: action.task, weights: action.weights,
-      images: data.images, labels: data.labels, index: i + 1, of: n,
+      type: 'hop', ...how, seq: hop.seq, model: hop.model, task: action.task, weights: action.weights,
+      images: hop.data.images, labels: hop.data.labels, index: i + 1, of: hop.n,
     });
   });
+  return hop;
+}
+
+/** Trains the hop with `c` and the helpers of `team`; the update's actions. */
+async function trainReplicated(c, team, action, onStep, limitMs) {
+  const { n, model, data, seq, started } = startTeam(c, team, action, {});
   const own = new WasmReplica(model, action.task, action.weights, data.images, data.labels, 0, n);
   let lossSum = 0;
   let steps = 0;
@@ -262,18 +270,7 @@ function yieldNow() {
  * The update's actions.
  */
 async function trainLocal(c, team, action, onStep, limitMs, sync) {
-  const n = team.length + 1;
-  const model = c.model_json();
-  const data = c.training_data();
-  const seq = ++hopSeq;
-  const started = performance.now();
-  team.forEach((helper, i) => {
-    helper.inbox = [];
-    helper.worker.postMessage({
-      type: 'hop', mode: 'local', sync, seq, model, task: action.task, weights: action.weights,
-      images: data.images, labels: data.labels, index: i + 1, of: n,
-    });
-  });
+  const { n, model, data, seq, started } = startTeam(c, team, action, { mode: 'local', sync });
   const own = new WasmLocalReplica(model, action.task, action.weights, data.images, data.labels, 0, n, sync);
   let finished = false;
   try {

@@ -107,6 +107,25 @@ fn rounds_in_db(state_dir: &Path) -> Vec<(i64, f64)> {
         .unwrap()
 }
 
+/// An empty state directory for one test of this process, `astraea-NAME-PID`.
+fn fresh_state_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("astraea-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Native clients of the server on `port`, reconnecting for ever.
+fn client_options(port: u16) -> ClientOptions {
+    ClientOptions {
+        max_frame_bytes: 1 << 20,
+        ..ClientOptions::new(
+            format!("ws://127.0.0.1:{port}/ws"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
+        )
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -118,20 +137,10 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
     // Prepare: a durable server and four clients that reconnect for ever.
-    let state_dir: PathBuf =
-        std::env::temp_dir().join(format!("astraea-restart-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state_dir);
-    std::fs::create_dir_all(&state_dir).unwrap();
+    let state_dir = fresh_state_dir("restart");
     let port = free_port();
     let mut server = spawn_server(port, &state_dir);
-    let options = ClientOptions {
-        max_frame_bytes: 1 << 20,
-        ..ClientOptions::new(
-            format!("ws://127.0.0.1:{port}/ws"),
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
-        )
-    };
-    let swarm = tokio::spawn(run_swarm(4, options));
+    let swarm = tokio::spawn(run_swarm(4, client_options(port)));
 
     // Execute: kill -9 once two rounds are done, then start it again.
     wait_for(port, "two rounds", |s| s["round"].as_u64() >= Some(3)).await;
@@ -203,20 +212,13 @@ async fn a_server_killed_with_sigkill_resumes_from_its_last_completed_round() {
 async fn clients_of_a_killed_server_come_back_spread_over_the_window_it_asked_for() {
     // Prepare: 40 clients that answer every task at once (echo), a server
     // that asks for 10 joins a second: a window of 4 s once it holds them.
-    let state_dir: PathBuf =
-        std::env::temp_dir().join(format!("astraea-pace-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state_dir);
-    std::fs::create_dir_all(&state_dir).unwrap();
+    let state_dir = fresh_state_dir("pace");
     let port = free_port();
     let args = ["--rejoin-rate", "10"];
     let mut server = spawn_server_with(port, &state_dir, ("40", "1000"), &args);
     let options = ClientOptions {
-        max_frame_bytes: 1 << 20,
         echo: true,
-        ..ClientOptions::new(
-            format!("ws://127.0.0.1:{port}/ws"),
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data"),
-        )
+        ..client_options(port)
     };
     let swarm = tokio::spawn(run_swarm(40, options));
     // A round done: every client heard the window in its round-done.

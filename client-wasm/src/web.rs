@@ -817,9 +817,7 @@ impl WasmReplica {
         index: usize,
         of: usize,
     ) -> Result<WasmReplica, JsError> {
-        let model: astraea_core::protocol::ModelSpec = from_json(model)?;
-        let task: TaskSpec = from_json(task)?;
-        let (config, weights, train_config) = task_setup(&model, &task, weights);
+        let (task, (config, weights, train_config)) = replica_setup(model, task, weights)?;
         let replica = Replica::owned(
             config,
             &weights,
@@ -879,6 +877,19 @@ impl WasmReplica {
     }
 }
 
+/// A replica's hop from JavaScript's arguments: the task (JSON) and what
+/// `task_setup` makes of it with the model (JSON) and `weights`.
+fn replica_setup(
+    model: &str,
+    task: &str,
+    weights: Vec<f32>,
+) -> Result<(TaskSpec, (ModelConfig, Weights, TrainConfig)), JsError> {
+    let model: astraea_core::protocol::ModelSpec = from_json(model)?;
+    let task: TaskSpec = from_json(task)?;
+    let setup = task_setup(&model, &task, weights);
+    Ok((task, setup))
+}
+
 /// A replica's step for JavaScript: `{epoch, epochs, batch, batches, loss,
 /// progress}` (`progress`: the heartbeat's text).
 fn step_object(task: &TaskSpec, step: &StepProgress) -> Object {
@@ -928,9 +939,7 @@ impl WasmLocalReplica {
         of: usize,
         sync: usize,
     ) -> Result<WasmLocalReplica, JsError> {
-        let model: astraea_core::protocol::ModelSpec = from_json(model)?;
-        let task: TaskSpec = from_json(task)?;
-        let (config, weights, train_config) = task_setup(&model, &task, weights);
+        let (task, (config, weights, train_config)) = replica_setup(model, task, weights)?;
         let replica = LocalReplica::owned(
             config,
             &weights,

@@ -279,7 +279,26 @@ impl<'a> Visit<'a> {
         )
     }
 
-    /// A visit of its own inputs, borrowed or owned (`Replica::owned`).
+    /// A visit owning its inputs (a replica a tab's Web Worker keeps
+    /// between calls from JavaScript: `Replica::owned`,
+    /// `LocalReplica::owned`).
+    fn owned(
+        model_config: ModelConfig,
+        anchor: &Weights,
+        (images, labels): (Vec<f32>, Vec<u32>),
+        config: TrainConfig,
+        device: Device,
+    ) -> Result<Visit<'static>, WeightsError> {
+        Visit::from_parts(
+            Cow::Owned(model_config),
+            anchor,
+            (Cow::Owned(images), Cow::Owned(labels)),
+            Cow::Owned(config),
+            Cow::Owned(device),
+        )
+    }
+
+    /// A visit of its own inputs, borrowed or owned (`Visit::owned`).
     fn from_parts(
         model_config: Cow<'a, ModelConfig>,
         anchor: &Weights,
@@ -508,13 +527,7 @@ impl<'a> Replica<'a> {
         (index, of): (usize, usize),
     ) -> Result<Replica<'static>, WeightsError> {
         check_share(index, of)?;
-        let mut visit = Visit::from_parts(
-            Cow::Owned(model_config),
-            weights,
-            (Cow::Owned(images), Cow::Owned(labels)),
-            Cow::Owned(config),
-            Cow::Owned(device),
-        )?;
+        let mut visit = Visit::owned(model_config, weights, (images, labels), config, device)?;
         visit.share = (index, of);
         Ok(Replica { visit })
     }
@@ -663,13 +676,7 @@ impl<'a> LocalReplica<'a> {
         sync: usize,
     ) -> Result<LocalReplica<'static>, WeightsError> {
         check_share(index, of)?;
-        let visit = Visit::from_parts(
-            Cow::Owned(model_config),
-            weights,
-            (Cow::Owned(images), Cow::Owned(labels)),
-            Cow::Owned(config),
-            Cow::Owned(device),
-        )?;
+        let visit = Visit::owned(model_config, weights, (images, labels), config, device)?;
         Ok(LocalReplica::dealt(visit, (index, of), sync))
     }
 

@@ -423,22 +423,8 @@ async fn hear(socket: &mut support::Socket, params: usize) -> Heard {
         let Message::Text(text) = frame else { continue };
         match ServerMessage::from_json(&text).unwrap() {
             ServerMessage::Task(task) => {
-                let mut assembler = astraea_core::protocol::WeightAssembler::new(
-                    task.round,
-                    task.hop,
-                    task.chunks,
-                    params,
-                    task.encoding,
-                    64 * 1024,
-                );
-                loop {
-                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
-                        panic!("the task's chunks did not come")
-                    };
-                    if let Some(weights) = assembler.push(&chunk).unwrap() {
-                        return Heard::Task(task, weights);
-                    }
-                }
+                let weights = support::task_weights(socket, &task, params).await;
+                return Heard::Task(task, weights);
             }
             ServerMessage::Ack {
                 round,

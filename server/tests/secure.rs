@@ -7,8 +7,7 @@ mod support;
 use std::sync::atomic::Ordering;
 
 use astraea_core::protocol::{
-    ClientMessage, ErrorCode, ServerMessage, UpdateSpec, WeightAssembler, WeightEncoding,
-    encode_chunks, masked_bits,
+    ClientMessage, ErrorCode, ServerMessage, UpdateSpec, WeightEncoding, encode_chunks, masked_bits,
 };
 use astraea_core::secagg::{Masker, SecAggParams};
 use astraea_core::strategy::StrategyKind;
@@ -426,22 +425,7 @@ async fn hostile_masker(mut socket: Socket, params: usize, hostility: Hostility)
                 masker.as_mut().unwrap().receive_shares(&shares).unwrap();
             }
             ServerMessage::Task(task) => {
-                let mut assembler = WeightAssembler::new(
-                    task.round,
-                    task.hop,
-                    task.chunks,
-                    params,
-                    task.encoding,
-                    64 * 1024,
-                );
-                let weights = loop {
-                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
-                        panic!("the task's chunks did not come")
-                    };
-                    if let Some(done) = assembler.push(&chunk).unwrap() {
-                        break done;
-                    }
-                };
+                let weights = support::task_weights(&mut socket, &task, params).await;
                 let weight = task.secure_weight.expect("a FedAvg hop is masked");
                 let input: Vec<f32> = match hostility {
                     Hostility::AddConstant { value, .. } => {

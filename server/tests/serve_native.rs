@@ -327,23 +327,7 @@ async fn answer_tasks(
         match ServerMessage::from_json(&text).unwrap() {
             ServerMessage::Task(task) => {
                 seen.task_rounds.push(task.round);
-                let mut values = Vec::with_capacity(params);
-                let mut assembler = astraea_core::protocol::WeightAssembler::new(
-                    task.round,
-                    task.hop,
-                    task.chunks,
-                    params,
-                    task.encoding,
-                    64 * 1024,
-                );
-                while values.is_empty() {
-                    let Some(Ok(Message::Binary(chunk))) = hostile.next().await else {
-                        panic!("chunks")
-                    };
-                    if let Some(done) = assembler.push(&chunk).unwrap() {
-                        values = done;
-                    }
-                }
+                let mut values = support::task_weights(hostile, &task, params).await;
                 tamper(task.round, &mut values);
                 let frames = encode_chunks(
                     task.round,

@@ -183,6 +183,27 @@ pub struct Answer {
     pub heartbeat: bool,
 }
 
+/// The weights of `task` for a model of `params` values: its chunks, the
+/// next binary frames on `socket` (64 KiB frames at most).
+pub async fn task_weights(socket: &mut Socket, task: &TaskSpec, params: usize) -> Vec<f32> {
+    let mut assembler = WeightAssembler::new(
+        task.round,
+        task.hop,
+        task.chunks,
+        params,
+        task.encoding,
+        64 * 1024,
+    );
+    loop {
+        let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
+            panic!("the task's chunks did not come")
+        };
+        if let Some(done) = assembler.push(&chunk).unwrap() {
+            return done;
+        }
+    }
+}
+
 /// Answers tasks with `answer` until the server sends an error frame or
 /// closes; returns the error. The acks it gets go to `acks`, in order, as
 /// they come (the socket may stay open after the run).
@@ -196,22 +217,7 @@ pub async fn play(
         let Message::Text(text) = frame else { continue };
         match ServerMessage::from_json(&text).unwrap() {
             ServerMessage::Task(task) => {
-                let mut assembler = WeightAssembler::new(
-                    task.round,
-                    task.hop,
-                    task.chunks,
-                    params,
-                    task.encoding,
-                    64 * 1024,
-                );
-                let weights = loop {
-                    let Some(Ok(Message::Binary(chunk))) = socket.next().await else {
-                        panic!("the task's chunks did not come")
-                    };
-                    if let Some(done) = assembler.push(&chunk).unwrap() {
-                        break done;
-                    }
-                };
+                let weights = task_weights(socket, &task, params).await;
                 let reply = answer(&task, weights);
                 let waited = std::time::Instant::now();
                 while waited.elapsed() < reply.delay {
