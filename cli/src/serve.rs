@@ -202,6 +202,14 @@ pub(crate) struct ServeArgs {
     /// it when they lose this server, instead of all at once. 0: none.
     #[arg(long, env = "ASTRAEA_REJOIN_RATE", default_value_t = astraea_server::config::DEFAULT_REJOIN_RATE)]
     rejoin_rate: f64,
+    /// Serve as a gateway of the run in --store: never lead; hold
+    /// volunteers and train the mediators the run's leader places here,
+    /// giving back one partial sum a round (hierarchical aggregation).
+    /// Sync rounds of fedavg, fedprox or astraea-sched with the mean, no
+    /// secure aggregation, no DP, --validation-samples 0 (the rest needs
+    /// every result in one place and is refused at start-up).
+    #[arg(long, env = "ASTRAEA_GATEWAY", requires = "store")]
+    gateway: bool,
     /// Secure aggregation of the mediators' results: each chain's last
     /// client sends its result masked (pairwise X25519 masks, Shamir shares
     /// for dropouts), and the server learns only the round's weighted mean
@@ -371,6 +379,7 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(anyhow::Error::msg)?,
         rejoin_rate: args.rejoin_rate,
+        gateway: args.gateway,
         secure_aggregation: args.secure_aggregation,
         secure_quorum: args.secure_quorum,
         tls: match (args.tls_cert, args.tls_key) {

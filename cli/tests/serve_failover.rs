@@ -3,7 +3,9 @@
 //! other takes over and finishes the run from the last completed round,
 //! every round recorded once, and a paused ex-leader that wakes up writes
 //! nothing and stops. Behind a real nginx (the shipped configuration), the
-//! same volunteers reach whichever server leads.
+//! same volunteers reach whichever server leads. With a gateway
+//! (`--gateway`), the leader places a share of every round on it and folds
+//! its partial; a gateway that dies costs the rounds nothing but its share.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,23 +55,37 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The failover tests' run: Astraea over 4 long-tailed shards, 8 rounds.
+const FAILOVER_RUN: &[&str] = &[
+    "--partition",
+    "long-tail:10",
+    "--participants",
+    "4",
+    "--min-clients",
+    "4",
+    "--rounds",
+    "8",
+    "--strategy",
+    "astraea",
+    "--gamma",
+    "2",
+];
+
 fn spawn_server(url: &str, dir: &Path, name: &str) -> Server {
+    spawn_serving(url, dir, name, FAILOVER_RUN)
+}
+
+/// `astraea serve` on a free port of run `shared` in `url`, with `run`'s
+/// flags, logging to `dir/name.log`.
+fn spawn_serving(url: &str, dir: &Path, name: &str, run: &[&str]) -> Server {
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
     let port = free_port();
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_astraea"))
         .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
-        .args(["--dataset", "mnist", "--max-train", "3000"])
-        .args(["--partition", "long-tail:10", "--shards", "4"])
-        .args(["--participants", "4", "--min-clients", "4", "--rounds", "8"])
-        .args([
-            "--strategy",
-            "astraea",
-            "--gamma",
-            "2",
-            "--hop-deadline",
-            "30",
-        ])
+        .args(["--dataset", "mnist", "--max-train", "3000", "--shards", "4"])
+        .args(run)
+        .args(["--hop-deadline", "30"])
         .args(["--run-name", "shared", "--store", url])
         .arg("--data-dir")
         .arg(&data_dir)
@@ -126,6 +142,11 @@ fn swarm_for(server: &Server) -> tokio::task::JoinHandle<()> {
 }
 
 fn swarm_at(port: u16) -> tokio::task::JoinHandle<()> {
+    swarm_of(port, 4)
+}
+
+/// `clients` native clients training with the server on `port`.
+fn swarm_of(port: u16, clients: usize) -> tokio::task::JoinHandle<()> {
     let options = ClientOptions {
         max_frame_bytes: 1 << 20,
         ..ClientOptions::new(
@@ -134,7 +155,7 @@ fn swarm_at(port: u16) -> tokio::task::JoinHandle<()> {
         )
     };
     tokio::spawn(async move {
-        run_swarm(4, options).await;
+        run_swarm(clients, options).await;
     })
 }
 
@@ -347,4 +368,164 @@ async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
     // The four came back to b as themselves, by the tokens a gave them
     // (a new join would be a fifth client).
     assert_eq!(clients(&url), 4, "{}", b.log());
+}
+
+/// A run of fedavg-like rounds that fold across gateways
+/// (`ServeConfig::across_gateways`): Astraea's rescheduling without the
+/// augmentation plan, no loss rule.
+const GATEWAY_RUN: &[&str] = &[
+    "--partition",
+    "long-tail:10",
+    "--participants",
+    "4",
+    "--min-clients",
+    "2",
+    "--rounds",
+    "12",
+    "--strategy",
+    "astraea-sched",
+    "--gamma",
+    "2",
+    "--validation-samples",
+    "0",
+];
+
+/// (round, state, samples) of the gateways' work left in the store.
+fn gateway_work(url: &str) -> Vec<(i64, String, Option<i64>)> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        db.query(
+            "SELECT round, state, samples FROM gateway_work ORDER BY round",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes_on() {
+    // Prepare: a leader and a gateway on one run, two clients each; the
+    // gateway's ready before the leader's, so every round has both.
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_swarm = swarm_of(gateway.port, 2);
+    wait_for(&leader, "the gateway's two ready clients", |s| {
+        s["gateways"][0]["ready"] == 2
+    })
+    .await;
+    let leader_swarm = swarm_of(leader.port, 2);
+    let gateway_log = gateway.log.clone();
+    let logs = || {
+        format!(
+            "--- leader\n{}\n--- gateway\n{}",
+            leader.log(),
+            std::fs::read_to_string(&gateway_log).unwrap_or_default()
+        )
+    };
+
+    // Execute: four rounds with the gateway, then it dies (SIGKILL).
+    wait_for(&leader, "four rounds", |s| s["round"].as_u64() >= Some(5)).await;
+    let folded_while_alive = gateway_work(&url);
+    let gateway_status = status(gateway.port).await.expect("the gateway answers");
+    let mut gateway = gateway;
+    gateway.child.kill().unwrap();
+    gateway.child.wait().unwrap();
+    wait_for(&leader, "the run to finish", |s| s["phase"] == "finished").await;
+    gateway_swarm.abort();
+    leader_swarm.abort();
+
+    // Assert: the gateway took its share (2 of 4) and its partial of the
+    // last round folded, with samples; it says it is a gateway and trained
+    // rounds the leader placed.
+    // (Rows of rounds before the last folded one are deleted.)
+    assert!(
+        folded_while_alive
+            .iter()
+            .any(|(r, state, n)| *r >= 4 && state == "folded" && n.is_some_and(|n| n > 0)),
+        "{folded_while_alive:?}\n{}",
+        logs()
+    );
+    assert!(
+        gateway_status["gateway"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("gateway pid")),
+        "{gateway_status}"
+    );
+    assert!(
+        gateway_status["round"].as_u64() >= Some(4),
+        "{gateway_status}"
+    );
+    assert!(
+        leader.log().contains("round placed on gateways"),
+        "{}",
+        logs()
+    );
+    // The run finished every round once, after the gateway died too, and
+    // learned.
+    let (rounds, _) = recorded(&url);
+    let mut numbers: Vec<i64> = rounds.iter().map(|(r, _)| *r).collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=12).collect::<Vec<_>>(), "{}", logs());
+    let finished = status(leader.port).await.unwrap();
+    assert!(finished["best_accuracy"].as_f64() > Some(0.5), "{finished}");
+    assert!(leader.log().contains("not back in time"), "{}", logs());
+    // Nothing of the dead gateway is waiting in the store.
+    let after = gateway_work(&url);
+    assert!(
+        after
+            .iter()
+            .all(|(_, state, _)| state == "folded" || state == "closed"),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    for (flags, why) in [
+        (
+            &["--strategy", "astraea", "--validation-samples", "0"][..],
+            "augmentation plan",
+        ),
+        (
+            &[
+                "--strategy",
+                "fedavg",
+                "--aggregation",
+                "median",
+                "--validation-samples",
+                "0",
+            ][..],
+            "needs every mediator's result",
+        ),
+        (&["--strategy", "fedavg"][..], "--validation-samples 0"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_astraea"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--gateway"])
+            .args(["--dataset", "mnist", "--max-train", "300"])
+            .args(["--run-name", "shared", "--store", &url])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(flags)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}: {said}");
+        assert!(said.contains(why), "{flags:?}: {said}");
+    }
 }

@@ -166,6 +166,13 @@ pub struct ServeConfig {
     /// `pace::MAX_REJOIN_WINDOW`, over which to spread coming back after
     /// losing it (a gateway or leader that died). 0 asks for no window.
     pub rejoin_rate: f64,
+    /// This server is a gateway of a run kept in PostgreSQL: it never
+    /// leads; it holds volunteers and runs the chains of the mediators
+    /// the run's leader places on it, giving back one partial a round
+    /// (`crate::gateway`, `astraea_core::engine::hierarchy`). Needs
+    /// `postgres` and a run whose rounds fold across gateways
+    /// ([`ServeConfig::across_gateways`]).
+    pub gateway: bool,
 }
 
 impl Default for ServeConfig {
@@ -222,6 +229,7 @@ impl Default for ServeConfig {
             public_url: None,
             join_rate: crate::admission::JoinRate::default(),
             rejoin_rate: DEFAULT_REJOIN_RATE,
+            gateway: false,
         }
     }
 }
@@ -237,6 +245,48 @@ pub const MIN_FRAME_BYTES: usize = 4 * 1024;
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 impl ServeConfig {
+    /// Whether this run's rounds fold across gateways
+    /// (`astraea_core::engine::hierarchy`): only the sample-weighted mean
+    /// does, of mediators planned from the clients of one gateway at a
+    /// time. What needs every result or one place is refused, never
+    /// computed otherwise: a robust rule and the loss rule (every
+    /// result), secure aggregation's unmasking and DP's noise (one
+    /// place), the asynchronous mode (groups fold one by one as they
+    /// end), and the augmentation plan (every client's label counts).
+    ///
+    /// # Errors
+    /// What is refused, and what to run instead.
+    pub fn across_gateways(&self) -> Result<(), String> {
+        let why = if self.settings.aggregation != Default::default() {
+            format!(
+                "--aggregation {} needs every mediator's result in one place",
+                self.settings.aggregation
+            )
+        } else if self.secure_aggregation {
+            "secure aggregation unmasks one sum in one place".into()
+        } else if self.model_privacy.is_some() {
+            "client-level DP noises one mean in one place".into()
+        } else if self.guard.validation_samples > 0 {
+            "the loss rule judges every hop against one window of them; \
+             pass --validation-samples 0"
+                .into()
+        } else if self.schedule.mode == astraea_core::asynchronous::Mode::Async {
+            "the asynchronous mode folds each group as it ends, in one place".into()
+        } else if matches!(
+            self.strategy,
+            StrategyKind::Astraea | StrategyKind::AstraeaAugmentation
+        ) {
+            format!(
+                "--strategy {}'s augmentation plan needs every client's label counts in one \
+                 place; use astraea-sched (rescheduling only), fedavg or fedprox",
+                self.strategy.as_str()
+            )
+        } else {
+            return Ok(());
+        };
+        Err(format!("not across gateways: {why}"))
+    }
+
     /// The run's numbers as the engine bounds them
     /// ([`astraea_core::engine::RunNumbers::validate`], as simulate's are).
     pub fn numbers(&self) -> astraea_core::engine::RunNumbers {

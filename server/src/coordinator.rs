@@ -213,13 +213,15 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         if !prepare(&state, strategy.as_ref(), &mut planned).await {
             break;
         }
-        let participants = pick_participants(
-            &state,
+        // With gateways, this server draws its share of the round's
+        // participants and each gateway its own (`engine::hierarchy`).
+        let gateways = crate::gateway::live(&state).await;
+        let (own_share, shares) = crate::gateway::split(
             state.tunable().participants,
-            &mut rng,
-            &HashSet::new(),
-            round,
+            ready_clients(&state),
+            &gateways,
         );
+        let participants = pick_participants(&state, own_share, &mut rng, &HashSet::new(), round);
         if let Some(privacy) = served_privacy(&state)
             && let Err(detail) = privacy.budget_allows(round)
         {
@@ -276,6 +278,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         } else {
             None
         };
+        let placed = crate::gateway::place(&state, round, &global.values, shares).await?;
         let chains = plan.groups.iter().enumerate().map(|(index, group)| {
             run_chain(
                 state.clone(),
@@ -293,8 +296,15 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         let mut failures = Vec::new();
         let mut training = Training::default();
         training.set(&state, true);
-        let outcomes = join_all(chains).await;
+        let (outcomes, gathered) = tokio::join!(
+            join_all(chains),
+            crate::gateway::gather(&state, placed, plan.groups.len())
+        );
         training.set(&state, false);
+        // The gateways' partials fold in as mediators do.
+        let (partials, lost) = gathered?;
+        results.extend(partials);
+        failures.extend(lost);
         for outcome in outcomes {
             match outcome {
                 Ok(result) => results.push(result),
@@ -829,12 +839,13 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
         if state.control().stopped {
             return false;
         }
-        // A paused client is not drawn, so it does not count.
-        let ready = state
-            .clients()
-            .values()
-            .filter(|c| c.counts.is_some() && !c.paused)
-            .count();
+        // The gateways' ready clients count too (none without gateways).
+        let elsewhere: u64 = crate::gateway::live(state)
+            .await
+            .iter()
+            .map(|g| g.ready)
+            .sum();
+        let ready = ready_clients(state) + elsewhere as usize;
         if ready >= min.max(1) {
             return true;
         }
@@ -845,6 +856,16 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+}
+
+/// This server's ready clients: reported their label counts and not
+/// pausing (a paused client is not drawn, so it does not count).
+pub(crate) fn ready_clients(state: &AppState) -> usize {
+    state
+        .clients()
+        .values()
+        .filter(|c| c.counts.is_some() && !c.paused)
+        .count()
 }
 
 /// Computes the strategy's data plan from the clients' raw counts and sends
@@ -898,7 +919,7 @@ const PAUSED: &str = "paused: the client said it is being frozen or put to sleep
 /// said it is pausing, that the loss rule benched for the round or that
 /// sits it out as a suspect of spoiled secure sums, and one
 /// silent since a skipped hop only when no other is free.
-fn pick_participants(
+pub(crate) fn pick_participants(
     state: &AppState,
     c: usize,
     rng: &mut StdRng,
@@ -948,7 +969,7 @@ fn pick_participants(
 }
 
 /// The dashboard's view of a group about to start.
-fn mediator_status(group: &Group, participants: &[Participant]) -> MediatorStatus {
+pub(crate) fn mediator_status(group: &Group, participants: &[Participant]) -> MediatorStatus {
     let counts = group_counts(group, participants);
     MediatorStatus {
         members: group.members.iter().map(|&m| m as u64).collect(),
@@ -983,7 +1004,7 @@ fn group_counts(group: &Group, participants: &[Participant]) -> Vec<usize> {
 /// (`RunStatus::mediators`), `chain` numbers it among the run's chains for
 /// the hop numbers its tasks carry.
 #[allow(clippy::too_many_arguments)]
-async fn run_chain(
+pub(crate) async fn run_chain(
     state: Arc<AppState>,
     index: usize,
     chain: u64,

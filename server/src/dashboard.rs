@@ -60,6 +60,14 @@ pub struct StatusBody {
     /// stores only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub servers: Option<Vec<crate::store::lease::ServerSeen>>,
+    /// The run's gateways the leader last heard from, with their ready
+    /// clients (leaders of runs with gateways only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<crate::store::gateways::GatewaySeen>,
+    /// This server's name as a gateway of the run (`--gateway`); absent on
+    /// a leader or a server alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     /// `sync` rounds or the `async` mode (then a round is a global version).
     pub mode: String,
     /// What volunteers' reports reveal: the label epsilon per count
@@ -180,6 +188,8 @@ pub fn status_body(state: &AppState) -> StatusBody {
         scheduler: state.config.settings.rescheduling.scheduler.to_string(),
         leader_term: state.lease.as_ref().map(crate::store::Lease::term),
         servers: state.lease.as_ref().map(crate::store::Lease::servers),
+        gateways: status.gateways.clone(),
+        gateway: status.gateway.clone(),
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

@@ -29,6 +29,7 @@ pub mod connection;
 pub mod coordinator;
 pub mod dashboard;
 pub mod follower;
+pub mod gateway;
 pub mod loopback;
 pub mod secure;
 pub mod state;
@@ -58,7 +59,9 @@ pub struct Running {
 /// Opens the run's store, if it is durable: SQLite in the state directory,
 /// or PostgreSQL, where this server first waits until it holds the run's
 /// lease (while another server leads it) and fences its writes by the
-/// lease's term. Answers the store, the run as found, and the lease.
+/// lease's term. Answers the store, the run as found, the lease, and
+/// (when the run's rounds fold across gateways) the leader's link to its
+/// gateways, fenced by the lease too.
 async fn open_store(
     config: &ServeConfig,
     shapes: &[astraea_core::weights::ParamShape],
@@ -68,20 +71,21 @@ async fn open_store(
     Option<store::Store>,
     Option<store::Resumed>,
     Option<store::Lease>,
+    Option<store::PgStore>,
 )> {
     let describe = format!("{config:?}");
     match (&config.state_dir, &config.postgres) {
         (Some(_), Some(_)) => anyhow::bail!(
             "a state directory and a PostgreSQL store are two stores for one run: give one"
         ),
-        (None, None) => Ok((None, None, None)),
+        (None, None) => Ok((None, None, None, None)),
         (Some(dir), None) => {
             let mut store: store::Store = Box::new(
                 store::SqliteStore::open(dir)
                     .with_context(|| format!("opening the store in {}", dir.display()))?,
             );
             let resumed = store.resume_or_create(&config.run_name, &describe, shapes)?;
-            Ok((Some(store), Some(resumed), None))
+            Ok((Some(store), Some(resumed), None, None))
         }
         (None, Some(url)) => {
             let (url, run, settings) = (
@@ -91,6 +95,7 @@ async fn open_store(
             );
             let shapes = shapes.to_vec();
             let holder = format!("pid {} at {bound}", std::process::id());
+            let across_gateways = config.across_gateways();
             tokio::task::spawn_blocking(move || {
                 let mut store =
                     store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
@@ -114,7 +119,18 @@ async fn open_store(
                 store.fence(&lease);
                 let mut store: store::Store = Box::new(store);
                 let resumed = store.resume_or_create(&run, &describe, &shapes)?;
-                Ok((Some(store), Some(resumed), Some(lease)))
+                // Gateways train only runs whose rounds fold across them
+                // (`ServeConfig::across_gateways`, which they check too).
+                let link = match across_gateways {
+                    Ok(()) => {
+                        let mut link = store::PgStore::connect(&url)
+                            .context("opening the link to the run's gateways")?;
+                        link.fence(&lease);
+                        Some(link)
+                    }
+                    Err(_) => None,
+                };
+                Ok((Some(store), Some(resumed), Some(lease), link))
             })
             .await?
         }
@@ -149,6 +165,9 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     )
     .map_err(anyhow::Error::msg)?;
     let bound = listener.local_addr()?;
+    if config.gateway {
+        return start_gateway(listener, config, bound).await;
+    }
     // A server that may have to wait for its run's lease answers 503 on its
     // port from now on (while it loads its data too) until it leads (plain
     // HTTP only: a TLS one stays silent), so a load balancer passes its
@@ -166,7 +185,8 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     let data = coordinator::ServerData::prepare(&config, train, test)?;
     // The run's row exists before any client can join and be recorded.
     let seen = following.as_ref().map(|f| f.seen.clone());
-    let (store, resumed, lease) = open_store(&config, &data.initial.shapes, bound, seen).await?;
+    let (store, resumed, lease, link) =
+        open_store(&config, &data.initial.shapes, bound, seen).await?;
     if let Some(following) = following {
         following.stop().await;
     }
@@ -189,11 +209,42 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     // Held as long as the server runs, finished or not: a follower that
     // took over a finished run would have nothing to lead.
     state.lease = lease;
+    state.hierarchy = link.map(Arc::new);
     state.test_samples = data.test.len();
     state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
     let resume = coordinator::restore(&state, &data.initial, resumed);
-    let router = app::app(state.clone());
+    let server = spawn_server(listener, rustls, app::app(state.clone()))?;
+    let round_loop = coordinator::run(state.clone(), data, resume);
+    let leading = state.clone();
+    let coordinator = tokio::spawn(async move {
+        let Some(lease) = &leading.lease else {
+            return round_loop.await;
+        };
+        // A leader that loses its lease stops leading at once; its writes
+        // were already refused (fenced) from the moment another took it.
+        tokio::select! {
+            result = round_loop => result,
+            () = lease.lost() => anyhow::bail!(
+                "lost the lease of this run (term {}): another server leads it now, or the database could not be reached in time",
+                lease.term()
+            ),
+        }
+    });
+    Ok(Running {
+        state,
+        server,
+        coordinator,
+    })
+}
+
+/// Serves `router` on `listener` (HTTPS under `rustls`) until the process
+/// ends.
+fn spawn_server(
+    listener: TcpListener,
+    rustls: Option<axum_server::tls_rustls::RustlsConfig>,
+    router: axum::Router,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let server = match rustls {
         None => tokio::spawn(async move {
             if let Err(e) = axum::serve(
@@ -218,22 +269,63 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
             })
         }
     };
-    let round_loop = coordinator::run(state.clone(), data, resume);
-    let leading = state.clone();
-    let coordinator = tokio::spawn(async move {
-        let Some(lease) = &leading.lease else {
-            return round_loop.await;
-        };
-        // A leader that loses its lease stops leading at once; its writes
-        // were already refused (fenced) from the moment another took it.
-        tokio::select! {
-            result = round_loop => result,
-            () = lease.lost() => anyhow::bail!(
-                "lost the lease of this run (term {}): another server leads it now, or the database could not be reached in time",
-                lease.term()
-            ),
-        }
-    });
+    Ok(server)
+}
+
+/// Starts a gateway (`ServeConfig::gateway`): loads the data, takes a block
+/// of client ids from the run's store, serves volunteers on `listener` and
+/// trains what the run's leader places on it (`gateway::run`); it never
+/// leads.
+async fn start_gateway(
+    listener: TcpListener,
+    config: ServeConfig,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<Running> {
+    let Some(url) = config.postgres.as_ref().map(|u| u.expose().to_string()) else {
+        anyhow::bail!("--gateway serves a run kept in PostgreSQL: give --store postgres://…");
+    };
+    config.across_gateways().map_err(anyhow::Error::msg)?;
+    let (train, test) = load_named(&config.dataset, &config.data_dir)
+        .with_context(|| format!("loading {}", config.dataset))?;
+    let data = coordinator::ServerData::prepare(&config, train, test)?;
+    let (link, block) = tokio::task::spawn_blocking(move || {
+        let link = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
+        let block = link.client_id_block()?;
+        anyhow::Ok((link, block))
+    })
+    .await??;
+    let name = format!("gateway pid {} at {bound}", std::process::id());
+    let join_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
+    let rustls = match &config.tls {
+        Some(source) => Some(tls::rustls_config(source).await?),
+        None => None,
+    };
+    let mut state = AppState::new(
+        config,
+        data.model.clone(),
+        data.shards.clone(),
+        data.train.clone(),
+        None,
+    );
+    state.join_url = join_url;
+    state.test_samples = data.test.len();
+    // Ids no other server of the run gives (`PgStore::client_id_block`).
+    state
+        .next_id
+        .store((block << 32) | 1, std::sync::atomic::Ordering::Relaxed);
+    state.status().gateway = Some(name.clone());
+    let state = Arc::new(state);
+    let server = spawn_server(listener, rustls, app::app(state.clone()))?;
+    tracing::info!(%name, "serving as a gateway of run {}", state.config.run_name);
+    let coordinator = tokio::spawn(gateway::run(
+        state.clone(),
+        Arc::new(link),
+        name,
+        data.initial.clone(),
+    ));
     Ok(Running {
         state,
         server,

@@ -252,6 +252,11 @@ pub struct RunStatus {
     /// When the current round started, for its progress and the ETA.
     #[serde(skip)]
     pub round_started: Option<std::time::Instant>,
+    /// The run's gateways as this server last saw them: the leader's
+    /// view of who trains its rounds' other shares (`crate::gateway`).
+    pub gateways: Vec<crate::store::gateways::GatewaySeen>,
+    /// The gateway this server is (`--gateway`), by its name in the store.
+    pub gateway: Option<String>,
 }
 
 /// What the admin has asked of the round loop.
@@ -412,6 +417,10 @@ pub struct AppState {
     /// until the server stops; `None` for a server that keeps the run
     /// alone.
     pub lease: Option<crate::store::Lease>,
+    /// The leader's link to its run's gateways (a store of its own, fenced
+    /// by the lease; `crate::store::gateways`): present on a leader whose
+    /// rounds fold across gateways (`ServeConfig::across_gateways`).
+    pub hierarchy: Option<std::sync::Arc<crate::store::PgStore>>,
     /// Samples in the balanced test set the server evaluates on (for the
     /// exported model's card).
     pub test_samples: usize,
@@ -451,6 +460,8 @@ impl AppState {
             round_hops: Default::default(),
             history: vec![],
             round_started: None,
+            gateways: vec![],
+            gateway: None,
         };
         let tunable = Tunable {
             rounds: config.rounds,
@@ -496,6 +507,7 @@ impl AppState {
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
             lease: None,
+            hierarchy: None,
             test_samples: 0,
             started: std::time::Instant::now(),
         }

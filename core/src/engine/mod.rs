@@ -23,6 +23,9 @@
 //! - [`draw`]: who trains: the ready clients drawn for a round or a new
 //!   group, leaving out those pausing and, while others are free, those
 //!   gone silent.
+//! - [`hierarchy`]: a round trained by several gateways — each one's
+//!   share of the participants, and the partial it gives back (its
+//!   mediators' sample-weighted mean, exact for the mean of them all).
 //! - [`hop`]: a hop's deadline from its client's speed, and when a hop
 //!   out is given up (deadline, stall timeout) and its client deemed
 //!   silent.
@@ -39,6 +42,7 @@ pub mod buffered;
 pub mod chain;
 pub mod declared;
 pub mod draw;
+pub mod hierarchy;
 pub mod hop;
 pub mod policy;
 pub mod round;

@@ -13,6 +13,7 @@
 //! two leaves an unreferenced checkpoint and the previous round as the last
 //! completed one, so nothing recorded is ever lost or half-done.
 
+pub mod gateways;
 pub mod lease;
 pub mod postgres;
 pub mod sqlite;

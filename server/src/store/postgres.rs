@@ -41,7 +41,8 @@ use super::{
 };
 
 /// Schema versions, applied in order; `astraea_schema` records which ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE runs (
         id BIGSERIAL PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         config TEXT NOT NULL,
@@ -117,7 +118,35 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE runs (
         term BIGINT,
         seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (run, name)
-    );"];
+    );",
+    // Gateways (`serve --gateway`) and the work the leader places on them
+    // (`super::gateways`).
+    "CREATE TABLE gateways (
+        run TEXT NOT NULL,
+        name TEXT NOT NULL,
+        ready BIGINT NOT NULL,
+        clients BIGINT NOT NULL,
+        seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (run, name)
+    );
+    CREATE TABLE gateway_work (
+        run TEXT NOT NULL,
+        round BIGINT NOT NULL,
+        gateway TEXT NOT NULL,
+        term BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        participants BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        partial TEXT,
+        samples BIGINT,
+        mediators BIGINT,
+        failures BIGINT,
+        detail TEXT,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (run, round, gateway)
+    );
+    CREATE SEQUENCE client_id_blocks;",
+];
 
 /// The advisory lock (transaction-level) under which migrations run; the
 /// leases take keys of their own ([`super::lease`]).
@@ -234,7 +263,7 @@ impl PgStore {
     /// job that finds the connection closed (the database restarted, the
     /// session cut) runs once more on a new one: every write is one
     /// transaction, so a failed one changed nothing.
-    fn call<R: Send + 'static>(
+    pub(super) fn call<R: Send + 'static>(
         &self,
         mut job: impl FnMut(&mut Client) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
@@ -254,7 +283,7 @@ impl PgStore {
     /// Like [`Self::call`], in one transaction that checks the fence last,
     /// just before it commits (so the lease row is held only for the
     /// commit, never while a checkpoint is written).
-    fn fenced<R: Send + 'static>(
+    pub(super) fn fenced<R: Send + 'static>(
         &self,
         mut job: impl FnMut(&mut postgres::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {

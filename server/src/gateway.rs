@@ -1,0 +1,447 @@
+//! A gateway (`astraea serve --store postgres://… --gateway`): a server of a
+//! run that never leads it. It holds volunteers (page, WebSocket, API,
+//! dashboard, as any server) and, each round, trains the share of the
+//! participants the leader placed on it: it draws them from its own ready
+//! clients, forms their mediators with the run's strategy, runs the chains
+//! (the same `coordinator::run_chain` the leader runs, every hop judged by
+//! its own update guard) and gives back one partial
+//! ([`astraea_core::engine::hierarchy::partial`]) through the store
+//! ([`crate::store::gateways`]). When the leader has recorded the round,
+//! the gateway tells its clients (`round-done`).
+//!
+//! A gateway's clients never notice the leader changing: the new leader
+//! places the round again, and the gateway takes it. When a gateway dies,
+//! the leader stops waiting for it once its heartbeat is 3 s old; its
+//! clients come back through the load balancer, spread over the window
+//! they were told (pace steering).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use astraea_core::engine::hierarchy;
+use astraea_core::engine::seeds;
+use astraea_core::protocol::ServerMessage;
+use astraea_core::strategy::{GroupFailure, GroupResult, Strategy};
+use astraea_core::weights::Weights;
+use futures_util::future::join_all;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::state::{AppState, Phase, lock};
+use crate::store::PgStore;
+use crate::store::gateways::{Answer, GatewaySeen, Work};
+
+/// How often a gateway says it is alive (and how many clients it has
+/// ready) and looks for work.
+pub const GATEWAY_TICK: Duration = Duration::from_millis(250);
+
+/// Runs `f` on the store off the async threads.
+async fn blocking<R: Send + 'static>(
+    link: &Arc<PgStore>,
+    f: impl FnOnce(&PgStore) -> Result<R, crate::store::StoreError> + Send + 'static,
+) -> Result<R, crate::store::StoreError> {
+    let link = link.clone();
+    tokio::task::spawn_blocking(move || f(&link))
+        .await
+        .unwrap_or(Err(crate::store::StoreError::Panicked))
+}
+
+/// Ready clients (`coordinator::ready_clients`) and all clients.
+fn ready_and_held(state: &AppState) -> (usize, usize) {
+    let ready = crate::coordinator::ready_clients(state);
+    (ready, state.clients().len())
+}
+
+/// Serves as gateway `name` of the run until the admin stops it:
+/// heartbeats, takes the work the leader places on it, trains it, gives
+/// back the partial, and forwards the leader's round results to its
+/// clients. `initial` is the run's initial model (its shape checks the
+/// leader's).
+pub async fn run(
+    state: Arc<AppState>,
+    link: Arc<PgStore>,
+    name: String,
+    initial: Weights,
+) -> anyhow::Result<()> {
+    let config = &state.config;
+    let strategy: Arc<dyn Strategy> = Arc::from(config.strategy.build(&config.settings));
+    let run = config.run_name.clone();
+    *lock(&state.global) = Some(Arc::new(initial.clone()));
+    state.status().phase = Phase::Waiting;
+    // The heartbeat goes on while chains run: a gateway training a long
+    // round is alive.
+    let heartbeat = {
+        let (state, link, run, name) = (state.clone(), link.clone(), run.clone(), name.clone());
+        tokio::spawn(async move {
+            loop {
+                let (ready, held) = ready_and_held(&state);
+                let (run, name) = (run.clone(), name.clone());
+                if let Err(e) = blocking(&link, move |l| {
+                    l.gateway_heartbeat(&run, &name, ready, held)
+                })
+                .await
+                {
+                    tracing::warn!("gateway heartbeat: {e}");
+                }
+                tokio::time::sleep(GATEWAY_TICK).await;
+            }
+        })
+    };
+    let _stop_heartbeat = AbortOnDrop(heartbeat);
+    // Rounds trained here whose outcome the clients have not heard yet.
+    let mut awaiting: Vec<u32> = Vec::new();
+    while !state.control().stopped {
+        if let Some(&round) = awaiting.first() {
+            let run = run.clone();
+            match blocking(&link, move |l| l.round_outcome(&run, round)).await {
+                Ok((outcome, finished)) => {
+                    if let Some((accuracy, loss)) = outcome {
+                        awaiting.remove(0);
+                        let done = ServerMessage::RoundDone {
+                            round,
+                            accuracy,
+                            loss,
+                            epsilon: None,
+                            rejoin_within_ms: Some(state.rejoin_within_ms(0)),
+                        };
+                        for entry in state.clients().values() {
+                            entry.send(&done);
+                        }
+                    } else if finished {
+                        awaiting.clear();
+                    }
+                    if finished {
+                        state.status().phase = Phase::Finished;
+                    }
+                }
+                Err(e) => tracing::warn!("gateway: reading round {round}: {e}"),
+            }
+        }
+        let (run_, name_) = (run.clone(), name.clone());
+        match blocking(&link, move |l| l.take_work(&run_, &name_)).await {
+            Ok(Some(work)) => {
+                let round = work.round;
+                train(&state, strategy.as_ref(), &link, &name, work, &initial).await;
+                awaiting.retain(|&r| r < round);
+                awaiting.push(round);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("gateway: looking for work: {e}"),
+        }
+        tokio::time::sleep(GATEWAY_TICK).await;
+    }
+    Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a gateway gives back, owned: the partial (mean, samples), the
+/// mediators in it, those that failed, and why there is no partial.
+type Owed = (Option<(Vec<f32>, u64)>, u64, u64, Option<String>);
+
+/// Trains `work` on this gateway's clients and gives back its partial.
+async fn train(
+    state: &Arc<AppState>,
+    strategy: &dyn Strategy,
+    link: &Arc<PgStore>,
+    name: &str,
+    work: Work,
+    initial: &Weights,
+) {
+    let Work {
+        round,
+        term,
+        participants,
+        model,
+    } = work;
+    let give_back = |answer: Owed| {
+        let (link, run, name) = (
+            link.clone(),
+            state.config.run_name.clone(),
+            name.to_string(),
+        );
+        async move {
+            let (partial, mediators, failures, detail) = answer;
+            let given = blocking(&link, move |l| {
+                let answer = Answer {
+                    partial: partial.as_ref().map(|(w, n)| (w.as_slice(), *n)),
+                    mediators,
+                    failures,
+                    detail: detail.as_deref(),
+                };
+                l.give_back_work(&run, &name, (round, term), answer)
+            })
+            .await;
+            match given {
+                Ok(true) => {
+                    tracing::info!(round, mediators, failures, "gateway: partial given back")
+                }
+                Ok(false) => tracing::warn!(
+                    round,
+                    "gateway: the leader no longer waits for this round (closed, or placed again by a new leader); the partial does not count"
+                ),
+                Err(e) => tracing::error!(round, "gateway: giving back the partial: {e}"),
+            }
+        }
+    };
+    if model.len() != initial.values.len() {
+        let detail = format!(
+            "the leader's model has {} weights, this gateway's {}",
+            model.len(),
+            initial.values.len()
+        );
+        tracing::error!("{detail}");
+        give_back((None, 0, 0, Some(detail))).await;
+        return;
+    }
+    *lock(&state.global) = Some(Arc::new(Weights {
+        shapes: initial.shapes.clone(),
+        values: model.clone(),
+    }));
+    // Seeded per round and gateway, as the leader's draw is per round.
+    let gateway_seed = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(name.as_bytes());
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    };
+    let mut rng = StdRng::seed_from_u64(seeds::round_draw(state.config.seed, round) ^ gateway_seed);
+    let drawn = crate::coordinator::pick_participants(
+        state,
+        participants,
+        &mut rng,
+        &HashSet::new(),
+        round,
+    );
+    let plan = strategy.configure_round(&drawn);
+    {
+        let mut status = state.status();
+        status.phase = Phase::Training;
+        status.round = round;
+        status.mediators = plan
+            .groups
+            .iter()
+            .map(|g| crate::coordinator::mediator_status(g, &drawn))
+            .collect();
+        status.round_started = Some(std::time::Instant::now());
+    }
+    let mediators = plan.groups.len() as u32;
+    let chains = plan.groups.iter().enumerate().map(|(index, group)| {
+        crate::coordinator::run_chain(
+            state.clone(),
+            index,
+            index as u64,
+            group.clone(),
+            round,
+            mediators,
+            model.clone(),
+            plan.prox_mu,
+            None,
+        )
+    });
+    let (mut results, mut failures) = (Vec::new(), Vec::new());
+    for outcome in join_all(chains).await {
+        match outcome {
+            Ok(result) => results.push(result),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    // The guard's median moves between rounds, as the leader's does.
+    state.guard.settle();
+    {
+        let mut status = state.status();
+        status.phase = Phase::Waiting;
+        let _ = std::mem::take(&mut status.round_hops);
+    }
+    let partial = hierarchy::partial(&model, &results, 0);
+    let detail = match (&partial, failures.first()) {
+        (Some(_), _) => None,
+        (None, Some(failure)) => Some(format!("no mediator came back: {}", failure.reason)),
+        (None, None) => Some("no client drawn".to_string()),
+    };
+    give_back((
+        partial.map(|p| (p.weights, p.samples)),
+        results.len() as u64,
+        failures.len() as u64,
+        detail,
+    ))
+    .await;
+}
+
+/// The leader's side: the gateways it can place work on this round (none
+/// without a link to them), as the dashboard shows them too.
+pub(crate) async fn live(state: &AppState) -> Vec<GatewaySeen> {
+    let Some(link) = &state.hierarchy else {
+        return Vec::new();
+    };
+    let run = state.config.run_name.clone();
+    let seen = match blocking(link, move |l| l.live_gateways(&run)).await {
+        Ok(seen) => seen,
+        Err(e) => {
+            tracing::warn!("reading the run's gateways: {e}");
+            Vec::new()
+        }
+    };
+    state.status().gateways = seen.clone();
+    seen
+}
+
+/// Work placed on gateways for one round, to gather.
+pub(crate) struct Placed {
+    round: u32,
+    term: i64,
+    /// When the leader stops waiting for a partial.
+    deadline: std::time::Instant,
+}
+
+/// Splits the round's `c` participants between this leader (`own_ready`
+/// ready clients) and `gateways` by [`hierarchy::shares`]: the leader's
+/// share, and each gateway's (gateways with none left out).
+pub(crate) fn split(
+    c: usize,
+    own_ready: usize,
+    gateways: &[GatewaySeen],
+) -> (usize, Vec<(String, usize)>) {
+    if gateways.is_empty() {
+        return (c, Vec::new());
+    }
+    let mut ready = vec![own_ready];
+    ready.extend(gateways.iter().map(|g| g.ready as usize));
+    let shares = hierarchy::shares(c, &ready);
+    let placed = gateways
+        .iter()
+        .zip(&shares[1..])
+        .filter(|(_, share)| **share > 0)
+        .map(|(g, share)| (g.name.clone(), *share))
+        .collect();
+    (shares[0], placed)
+}
+
+/// Places round `round`'s `shares` on the gateways, to train from
+/// `global`; `None` when there is nothing to place.
+///
+/// # Errors
+/// The lease was taken: this server leads no more and must stop.
+pub(crate) async fn place(
+    state: &AppState,
+    round: u32,
+    global: &[f32],
+    shares: Vec<(String, usize)>,
+) -> anyhow::Result<Option<Placed>> {
+    let (Some(link), Some(lease)) = (&state.hierarchy, &state.lease) else {
+        return Ok(None);
+    };
+    if shares.is_empty() {
+        return Ok(None);
+    }
+    let term = lease.term();
+    let tunable = state.tunable();
+    let rescheduling = &state.config.settings.rescheduling;
+    let most = shares.iter().map(|(_, s)| *s).max().unwrap_or(1);
+    // The longest chain a gateway can form, each hop at the deadline.
+    let hops = most.min(rescheduling.gamma.max(1)) * rescheduling.passes.max(1);
+    let deadline = std::time::Instant::now()
+        + tunable.hop_deadline().mul_f64(hops as f64)
+        + Duration::from_secs(10);
+    let (run, model) = (state.config.run_name.clone(), global.to_vec());
+    let placing = shares.clone();
+    match blocking(link, move |l| {
+        l.place_work(&run, (round, term), &model, &placing)
+    })
+    .await
+    {
+        Ok(()) => {
+            tracing::info!(round, gateways = ?shares, "round placed on gateways");
+            Ok(Some(Placed {
+                round,
+                term,
+                deadline,
+            }))
+        }
+        Err(refused @ crate::store::StoreError::Fenced { .. }) => Err(refused.into()),
+        Err(e) => {
+            tracing::error!(
+                round,
+                "placing the round on gateways: {e}; trained here only"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Waits for the gateways' partials of `placed` — until every gateway has
+/// given back, or those that have not are no longer heard from, or the
+/// deadline — then folds them: one result per partial, numbered from
+/// `first_group`, and one failure per gateway without one.
+///
+/// # Errors
+/// The lease was taken: this server leads no more and must stop.
+pub(crate) async fn gather(
+    state: &AppState,
+    placed: Option<Placed>,
+    first_group: usize,
+) -> anyhow::Result<(Vec<GroupResult>, Vec<GroupFailure>)> {
+    let (Some(placed), Some(link)) = (placed, &state.hierarchy) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let key = (placed.round, placed.term);
+    let run = state.config.run_name.clone();
+    loop {
+        let r = run.clone();
+        let outstanding = match blocking(link, move |l| l.work_outstanding(&r, key)).await {
+            Ok(outstanding) => outstanding,
+            Err(e) => {
+                tracing::warn!("reading the gateways' work: {e}");
+                vec![String::new()]
+            }
+        };
+        if outstanding.is_empty() || std::time::Instant::now() >= placed.deadline {
+            break;
+        }
+        let alive = live(state).await;
+        if outstanding
+            .iter()
+            .all(|g| !alive.iter().any(|seen| &seen.name == g))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let folded = match blocking(link, move |l| l.fold_work(&run, key)).await {
+        Ok(folded) => folded,
+        Err(refused @ crate::store::StoreError::Fenced { .. }) => return Err(refused.into()),
+        Err(e) => {
+            tracing::error!(round = placed.round, "folding the gateways' partials: {e}");
+            Vec::new()
+        }
+    };
+    let (mut results, mut failures) = (Vec::new(), Vec::new());
+    for (i, folded) in folded.into_iter().enumerate() {
+        let group = first_group + i;
+        match folded.partial {
+            Some((weights, samples)) => results.push(GroupResult {
+                group,
+                weights,
+                samples,
+            }),
+            None => {
+                let reason = format!(
+                    "gateway {}: {}",
+                    folded.gateway,
+                    folded.detail.unwrap_or_default()
+                );
+                tracing::warn!(round = placed.round, "{reason}");
+                failures.push(GroupFailure { group, reason });
+            }
+        }
+    }
+    Ok((results, failures))
+}

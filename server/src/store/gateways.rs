@@ -1,0 +1,659 @@
+//! Gateways in the run's PostgreSQL store: `astraea serve --gateway`
+//! processes that hold volunteers and run the chains of the mediators the
+//! leader places on them, giving back one partial each
+//! ([`astraea_core::engine::hierarchy`]).
+//!
+//! Two tables (the store's second migration):
+//! - `gateways`: each gateway's heartbeat (ready clients, clients), every
+//!   250 ms; the leader counts a gateway seen in the last 3 s.
+//! - `gateway_work`: one row per round and gateway, with the term of the
+//!   leader that placed it. Its `state` moves only by conditional writes
+//!   (`UPDATE … WHERE state = expected RETURNING`), never a read then a
+//!   write: `placed` → `taken` (the gateway claims it) → `returned` (its
+//!   partial, while the row is still `taken` at the term it took) →
+//!   `folded` (the leader read it, once); whatever is still `placed` or
+//!   `taken` when the leader closes the round becomes `closed`, and a
+//!   partial that comes after that is refused, not counted. A new leader
+//!   places the round again at its term; a partial of the old term is
+//!   refused.
+//!
+//! Models and partials travel as blobs (little-endian f32, content
+//! addressed in `blobs`, never rewritten); the leader deletes a round's
+//! rows and the blobs nothing else refers to once the next round is folded.
+//! The leader's calls go through a store fenced by its lease
+//! ([`super::PgStore::fence`]): an ex-leader places and folds nothing.
+
+use std::time::Duration;
+
+use postgres::GenericClient;
+use serde::Serialize;
+
+use super::StoreError;
+use super::postgres::{PgStore, blob_name};
+
+/// A gateway as the leader saw it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GatewaySeen {
+    /// Its name (`gateway pid … at …`).
+    pub name: String,
+    /// Its ready clients (reported their label counts, not pausing).
+    pub ready: u64,
+    /// Its clients.
+    pub clients: u64,
+    /// Seconds since its last heartbeat.
+    pub seen_s_ago: f64,
+}
+
+/// Work the leader placed on a gateway: train `participants` of its
+/// clients from `model` in round `round`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Work {
+    /// The round.
+    pub round: u32,
+    /// The term of the leader that placed it.
+    pub term: i64,
+    /// How many participants to draw.
+    pub participants: usize,
+    /// The round's global weights.
+    pub model: Vec<f32>,
+}
+
+/// A gateway's part of a round, as the leader folds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folded {
+    /// The gateway.
+    pub gateway: String,
+    /// Its partial (sample-weighted mean, samples), `None` when it gave
+    /// back nothing usable or nothing in time.
+    pub partial: Option<(Vec<f32>, u64)>,
+    /// Why there is no partial (its detail, or `not back in time`).
+    pub detail: Option<String>,
+}
+
+/// A gateway's answer for a round it took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answer<'a> {
+    /// The partial (sample-weighted mean, samples), if any.
+    pub partial: Option<(&'a [f32], u64)>,
+    /// Mediators whose results are in it.
+    pub mediators: u64,
+    /// Mediators that failed.
+    pub failures: u64,
+    /// Why there is no partial.
+    pub detail: Option<&'a str>,
+}
+
+/// How recently a gateway must have been heard from to be given work.
+pub const GATEWAY_SEEN_WITHIN: Duration = Duration::from_secs(3);
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_bytes(bytes: &[u8]) -> Result<Vec<f32>, StoreError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(StoreError::Checkpoint {
+            name: blob_name(bytes),
+            reason: format!("{} bytes is not a whole number of f32s", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Keeps `values` as a blob (if absent) and answers its name.
+fn put_blob(tx: &mut impl GenericClient, values: &[f32]) -> Result<String, StoreError> {
+    let bytes = to_bytes(values);
+    let hash = blob_name(&bytes);
+    tx.execute(
+        "INSERT INTO blobs (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+        &[&hash, &bytes],
+    )?;
+    Ok(hash)
+}
+
+fn get_blob(tx: &mut impl GenericClient, hash: &str) -> Result<Vec<f32>, StoreError> {
+    let row = tx.query_opt("SELECT bytes FROM blobs WHERE hash = $1", &[&hash])?;
+    let Some(row) = row else {
+        return Err(StoreError::Checkpoint {
+            name: hash.to_string(),
+            reason: "missing".into(),
+        });
+    };
+    from_bytes(&row.get::<_, Vec<u8>>(0))
+}
+
+fn owned(run: &str, name: &str) -> (String, String) {
+    (run.to_string(), name.to_string())
+}
+
+impl PgStore {
+    /// A gateway's heartbeat: `name` holds `clients` clients, `ready` of
+    /// them ready, in `run`.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn gateway_heartbeat(
+        &self,
+        run: &str,
+        name: &str,
+        ready: usize,
+        clients: usize,
+    ) -> Result<(), StoreError> {
+        let (run, name) = owned(run, name);
+        let (ready, clients) = (ready as i64, clients as i64);
+        self.call(move |client| {
+            client.execute(
+                "INSERT INTO gateways (run, name, ready, clients, seen_at)
+                 VALUES ($1, $2, $3, $4, now())
+                 ON CONFLICT (run, name) DO UPDATE
+                 SET ready = excluded.ready, clients = excluded.clients, seen_at = now()",
+                &[&run, &name, &ready, &clients],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The gateways of `run` heard from within [`GATEWAY_SEEN_WITHIN`], by
+    /// name.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn live_gateways(&self, run: &str) -> Result<Vec<GatewaySeen>, StoreError> {
+        let run = run.to_string();
+        let within = GATEWAY_SEEN_WITHIN.as_secs_f64();
+        self.call(move |client| {
+            let rows = client.query(
+                "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8
+                 FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
+                 ORDER BY name",
+                &[&run, &within],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|row| GatewaySeen {
+                    name: row.get(0),
+                    ready: row.get::<_, i64>(1).max(0) as u64,
+                    clients: row.get::<_, i64>(2).max(0) as u64,
+                    seen_s_ago: row.get(3),
+                })
+                .collect())
+        })
+    }
+
+    /// A block of client ids of the database's own: a gateway gives ids
+    /// from `block << 32` on, so no two servers give one id.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn client_id_block(&self) -> Result<u64, StoreError> {
+        self.call(|client| {
+            let block: i64 = client
+                .query_one("SELECT nextval('client_id_blocks')", &[])?
+                .get(0);
+            Ok(block as u64)
+        })
+    }
+
+    /// The leader places round `round` (at lease term `term`) on gateways:
+    /// each `(name, participants)` of `shares` trains from `model`. Work
+    /// of this round a past term placed is replaced; work of other rounds
+    /// still out is closed. Fenced: an ex-leader places nothing.
+    ///
+    /// # Errors
+    /// The database failed, or the lease was taken ([`StoreError::Fenced`]).
+    pub fn place_work(
+        &self,
+        run: &str,
+        (round, term): (u32, i64),
+        model: &[f32],
+        shares: &[(String, usize)],
+    ) -> Result<(), StoreError> {
+        let run = run.to_string();
+        let model = model.to_vec();
+        let shares = shares.to_vec();
+        self.fenced(move |tx| {
+            let round = i64::from(round);
+            tx.execute(
+                "UPDATE gateway_work SET state = 'closed', updated_at = now()
+                 WHERE run = $1 AND round <> $2 AND state IN ('placed', 'taken')",
+                &[&run, &round],
+            )?;
+            let hash = put_blob(tx, &model)?;
+            for (gateway, participants) in &shares {
+                tx.execute(
+                    "INSERT INTO gateway_work (run, round, gateway, term, model, participants, state)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'placed')
+                     ON CONFLICT (run, round, gateway) DO UPDATE
+                     SET term = excluded.term, model = excluded.model,
+                         participants = excluded.participants, state = 'placed',
+                         partial = NULL, samples = NULL, mediators = NULL,
+                         failures = NULL, detail = NULL, updated_at = now()
+                     WHERE gateway_work.term < excluded.term",
+                    &[&run, &round, gateway, &term, &hash, &(*participants as i64)],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The gateways that still owe round `round` (placed at `term`) their
+    /// partial, by name.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn work_outstanding(
+        &self,
+        run: &str,
+        (round, term): (u32, i64),
+    ) -> Result<Vec<String>, StoreError> {
+        let run = run.to_string();
+        self.call(move |client| {
+            let rows = client.query(
+                "SELECT gateway FROM gateway_work
+                 WHERE run = $1 AND round = $2 AND term = $3 AND state IN ('placed', 'taken')
+                 ORDER BY gateway",
+                &[&run, &i64::from(round), &term],
+            )?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    /// The leader closes round `round` (placed at `term`): every partial
+    /// returned is read, once (`folded`); every gateway that has not
+    /// returned one is closed out (a later partial is refused). Rows and
+    /// blobs of earlier rounds are deleted. Fenced.
+    ///
+    /// # Errors
+    /// The database failed, a partial's blob is missing, or the lease was
+    /// taken ([`StoreError::Fenced`]).
+    pub fn fold_work(
+        &self,
+        run: &str,
+        (round, term): (u32, i64),
+    ) -> Result<Vec<Folded>, StoreError> {
+        let run = run.to_string();
+        self.fenced(move |tx| {
+            let round = i64::from(round);
+            let rows = tx.query(
+                "UPDATE gateway_work
+                 SET state = CASE WHEN state = 'returned' THEN 'folded' ELSE 'closed' END,
+                     updated_at = now()
+                 WHERE run = $1 AND round = $2 AND term = $3
+                   AND state IN ('placed', 'taken', 'returned')
+                 RETURNING gateway, state, partial, samples, detail",
+                &[&run, &round, &term],
+            )?;
+            let mut folded = Vec::new();
+            for row in rows {
+                let (gateway, state): (String, String) = (row.get(0), row.get(1));
+                let hash: Option<String> = row.get(2);
+                let samples: Option<i64> = row.get(3);
+                let detail: Option<String> = row.get(4);
+                let partial = match (state.as_str(), hash, samples) {
+                    ("folded", Some(hash), Some(samples)) if samples > 0 => {
+                        Some((get_blob(tx, &hash)?, samples as u64))
+                    }
+                    _ => None,
+                };
+                let detail = match state.as_str() {
+                    "closed" => Some("its partial was not back in time".to_string()),
+                    _ if partial.is_none() => {
+                        Some(detail.unwrap_or_else(|| "no partial".to_string()))
+                    }
+                    _ => None,
+                };
+                folded.push(Folded {
+                    gateway,
+                    partial,
+                    detail,
+                });
+            }
+            folded.sort_by(|a, b| a.gateway.cmp(&b.gateway));
+            // Earlier rounds' work, and the blobs nothing refers to now.
+            let gone = tx.query(
+                "DELETE FROM gateway_work WHERE run = $1 AND round < $2 RETURNING model, partial",
+                &[&run, &round],
+            )?;
+            let mut hashes: Vec<String> = Vec::new();
+            for row in gone {
+                hashes.push(row.get(0));
+                hashes.extend(row.get::<_, Option<String>>(1));
+            }
+            hashes.sort();
+            hashes.dedup();
+            if !hashes.is_empty() {
+                tx.execute(
+                    "DELETE FROM blobs b WHERE b.hash = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.checkpoint = b.hash)
+                     AND NOT EXISTS (SELECT 1 FROM gateway_work w
+                                     WHERE w.model = b.hash OR w.partial = b.hash)",
+                    &[&hashes],
+                )?;
+            }
+            Ok(folded)
+        })
+    }
+
+    /// A gateway claims the latest work placed on it in `run`, if any.
+    ///
+    /// # Errors
+    /// The database failed, or the model's blob is missing or misshapen.
+    pub fn take_work(&self, run: &str, gateway: &str) -> Result<Option<Work>, StoreError> {
+        let (run, gateway) = owned(run, gateway);
+        self.call(move |client| {
+            let mut tx = client.transaction()?;
+            let row = tx.query_opt(
+                "UPDATE gateway_work SET state = 'taken', updated_at = now()
+                 WHERE (run, round, gateway) = (
+                     SELECT run, round, gateway FROM gateway_work
+                     WHERE run = $1 AND gateway = $2 AND state = 'placed'
+                     ORDER BY round DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
+                   AND state = 'placed'
+                 RETURNING round, term, participants, model",
+                &[&run, &gateway],
+            )?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let model = get_blob(&mut tx, &row.get::<_, String>(3))?;
+            tx.commit()?;
+            Ok(Some(Work {
+                round: row.get::<_, i64>(0) as u32,
+                term: row.get(1),
+                participants: row.get::<_, i64>(2).max(0) as usize,
+                model,
+            }))
+        })
+    }
+
+    /// A gateway gives back its `answer` for round `round`, taken at
+    /// `term`; `false` when the leader no longer waits for it (it closed
+    /// the round, or a new leader placed it again): then nothing of it
+    /// counts.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn give_back_work(
+        &self,
+        run: &str,
+        gateway: &str,
+        (round, term): (u32, i64),
+        answer: Answer<'_>,
+    ) -> Result<bool, StoreError> {
+        let (run, gateway) = owned(run, gateway);
+        let partial = answer.partial.map(|(w, n)| (w.to_vec(), n as i64));
+        let (mediators, failures) = (answer.mediators as i64, answer.failures as i64);
+        let detail = answer.detail.map(str::to_string);
+        self.call(move |client| {
+            let mut tx = client.transaction()?;
+            let (hash, samples) = match &partial {
+                Some((weights, samples)) => (Some(put_blob(&mut tx, weights)?), Some(*samples)),
+                None => (None, None),
+            };
+            let accepted = tx
+                .query_opt(
+                    "UPDATE gateway_work
+                     SET state = 'returned', partial = $5, samples = $6, mediators = $7,
+                         failures = $8, detail = $9, updated_at = now()
+                     WHERE run = $1 AND round = $2 AND gateway = $3 AND term = $4
+                       AND state = 'taken'
+                     RETURNING 1",
+                    &[
+                        &run,
+                        &i64::from(round),
+                        &gateway,
+                        &term,
+                        &hash,
+                        &samples,
+                        &mediators,
+                        &failures,
+                        &detail,
+                    ],
+                )?
+                .is_some();
+            if accepted {
+                tx.commit()?;
+            }
+            // Refused: the transaction rolls back, the blob with it.
+            Ok(accepted)
+        })
+    }
+
+    /// Round `round` of `run` as its leader recorded it (accuracy, loss),
+    /// once it has; and whether the run has finished.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn round_outcome(
+        &self,
+        run: &str,
+        round: u32,
+    ) -> Result<(Option<(f64, f64)>, bool), StoreError> {
+        let run = run.to_string();
+        self.call(move |client| {
+            let finished = client
+                .query_opt("SELECT finished FROM runs WHERE name = $1", &[&run])?
+                .is_some_and(|row| row.get(0));
+            let outcome = client
+                .query_opt(
+                    "SELECT r.accuracy, r.loss FROM rounds r JOIN runs ON runs.id = r.run_id
+                     WHERE runs.name = $1 AND r.round = $2",
+                    &[&run, &i64::from(round)],
+                )?
+                .map(|row| (row.get(0), row.get(1)));
+            Ok((outcome, finished))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::lease::{Lease, LeaseSettings};
+    use super::*;
+    use crate::testing::PgCluster;
+
+    fn cluster() -> (PgCluster, String) {
+        let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = cluster.create_database("astraea").unwrap();
+        (cluster, url)
+    }
+
+    /// A leader's store fenced by a lease of `run` held for 30 s.
+    fn leader(url: &str) -> (PgStore, Lease) {
+        drop(PgStore::connect(url).unwrap());
+        let slow = LeaseSettings {
+            ttl: Duration::from_secs(30),
+            poll: Duration::from_millis(50),
+        };
+        let lease = Lease::acquire(url, "run", "leader", slow, |_| {}).unwrap();
+        let mut store = PgStore::connect(url).unwrap();
+        store.fence(&lease);
+        (store, lease)
+    }
+
+    fn answer(partial: Option<(&[f32], u64)>) -> Answer<'_> {
+        Answer {
+            partial,
+            mediators: 1,
+            failures: 0,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_partial_counts_once_and_one_after_the_round_closed_not_at_all() {
+        // Prepare: round 4 placed on gateways a (2 participants) and b (1).
+        let (_cluster, url) = cluster();
+        let (leader, lease) = leader(&url);
+        let gateway = PgStore::connect(&url).unwrap();
+        let term = lease.term();
+        let model = [0.5f32, -1.0, 2.0];
+        let shares = [("a".to_string(), 2), ("b".to_string(), 1)];
+        leader
+            .place_work("run", (4, term), &model, &shares)
+            .unwrap();
+
+        // Execute: both take it; a gives back (twice), b only after the
+        // leader folded the round.
+        let taken_a = gateway.take_work("run", "a").unwrap().unwrap();
+        let taken_b = gateway.take_work("run", "b").unwrap().unwrap();
+        let nothing_more = gateway.take_work("run", "a").unwrap();
+        let key = (4, term);
+        let partial = [1.0f32, 1.5, -0.5];
+        let first = gateway
+            .give_back_work("run", "a", key, answer(Some((&partial, 30))))
+            .unwrap();
+        let again = gateway
+            .give_back_work("run", "a", key, answer(Some((&[9.0, 9.0, 9.0], 999))))
+            .unwrap();
+        let owing = leader.work_outstanding("run", key).unwrap();
+        let folded = leader.fold_work("run", key).unwrap();
+        let late = gateway
+            .give_back_work("run", "b", key, answer(Some((&partial, 10))))
+            .unwrap();
+        let folded_again = leader.fold_work("run", key).unwrap();
+
+        // Assert
+        assert_eq!(
+            (
+                taken_a.round,
+                taken_a.participants,
+                taken_a.model.as_slice()
+            ),
+            (4, 2, &model[..])
+        );
+        assert_eq!((taken_b.participants, taken_b.term), (1, term));
+        assert_eq!(nothing_more, None);
+        assert!(first && !again, "a partial is taken once");
+        assert_eq!(owing, vec!["b".to_string()]);
+        assert_eq!(
+            folded,
+            vec![
+                Folded {
+                    gateway: "a".into(),
+                    partial: Some((partial.to_vec(), 30)),
+                    detail: None,
+                },
+                Folded {
+                    gateway: "b".into(),
+                    partial: None,
+                    detail: Some("its partial was not back in time".into()),
+                },
+            ]
+        );
+        assert!(!late, "a partial after the fold is refused");
+        assert!(folded_again.is_empty(), "a round is folded once");
+    }
+
+    #[test]
+    fn a_round_placed_again_by_a_new_leader_refuses_the_old_terms_partial() {
+        // Prepare: round 2 placed at term 1 and taken.
+        let (_cluster, url) = cluster();
+        let (leader, lease) = leader(&url);
+        let gateway = PgStore::connect(&url).unwrap();
+        let old = lease.term();
+        leader
+            .place_work("run", (2, old), &[1.0], &[("a".into(), 1)])
+            .unwrap();
+        gateway.take_work("run", "a").unwrap().unwrap();
+        // A new leader (term + 1) places round 2 again; the old one is
+        // fenced from now on.
+        leader
+            .execute_raw("UPDATE leases SET term = term + 1 WHERE run = 'run'")
+            .unwrap();
+        let new = PgStore::connect(&url).unwrap();
+        new.place_work("run", (2, old + 1), &[2.0], &[("a".into(), 3)])
+            .unwrap();
+
+        // Execute
+        let stale = gateway
+            .give_back_work("run", "a", (2, old), answer(Some((&[5.0], 10))))
+            .unwrap();
+        let retaken = gateway.take_work("run", "a").unwrap().unwrap();
+        let ex_leader_places = leader.place_work("run", (3, old), &[3.0], &[("a".into(), 1)]);
+        let ex_leader_folds = leader.fold_work("run", (2, old));
+        let fresh = gateway
+            .give_back_work("run", "a", (2, old + 1), answer(Some((&[6.0], 10))))
+            .unwrap();
+        let folded = new.fold_work("run", (2, old + 1)).unwrap();
+
+        // Assert
+        assert!(!stale, "the old term's partial does not count");
+        assert_eq!(
+            (retaken.term, retaken.participants, retaken.model),
+            (old + 1, 3, vec![2.0])
+        );
+        assert!(matches!(ex_leader_places, Err(StoreError::Fenced { .. })));
+        assert!(matches!(ex_leader_folds, Err(StoreError::Fenced { .. })));
+        assert!(fresh);
+        assert_eq!(folded.len(), 1);
+        assert_eq!(folded[0].partial, Some((vec![6.0], 10)));
+    }
+
+    #[test]
+    fn folding_a_round_deletes_earlier_rounds_and_their_blobs_only() {
+        let (_cluster, url) = cluster();
+        let (leader, lease) = leader(&url);
+        let gateway = PgStore::connect(&url).unwrap();
+        let term = lease.term();
+        let blobs = || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            leader
+                .call(move |client| {
+                    let n: i64 = client.query_one("SELECT COUNT(*) FROM blobs", &[])?.get(0);
+                    let w: i64 = client
+                        .query_one("SELECT COUNT(*) FROM gateway_work", &[])?
+                        .get(0);
+                    let _ = tx.send((n, w));
+                    Ok(())
+                })
+                .unwrap();
+            rx.recv().unwrap()
+        };
+        for round in 1..=3u32 {
+            let model = [round as f32];
+            leader
+                .place_work("run", (round, term), &model, &[("a".into(), 1)])
+                .unwrap();
+            gateway.take_work("run", "a").unwrap().unwrap();
+            let partial = [round as f32 + 0.5];
+            assert!(
+                gateway
+                    .give_back_work("run", "a", (round, term), answer(Some((&partial, 1))))
+                    .unwrap()
+            );
+            leader.fold_work("run", (round, term)).unwrap();
+        }
+        // Round 3's row and its model and partial remain.
+        assert_eq!(blobs(), (2, 1));
+    }
+
+    #[test]
+    fn gateways_heard_from_lately_are_live_and_ids_come_in_blocks() {
+        let (_cluster, url) = cluster();
+        let store = PgStore::connect(&url).unwrap();
+        store.gateway_heartbeat("run", "a", 3, 5).unwrap();
+        store.gateway_heartbeat("run", "b", 0, 1).unwrap();
+        store.gateway_heartbeat("other", "c", 9, 9).unwrap();
+        store
+            .execute_raw(
+                "UPDATE gateways SET seen_at = now() - interval '10 seconds' WHERE name = 'b'",
+            )
+            .unwrap();
+        let live = store.live_gateways("run").unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            (live[0].name.as_str(), live[0].ready, live[0].clients),
+            ("a", 3, 5)
+        );
+        let (first, second) = (
+            store.client_id_block().unwrap(),
+            PgStore::connect(&url).unwrap().client_id_block().unwrap(),
+        );
+        assert_ne!(first, second);
+        assert!(first >= 1 && second >= 1);
+    }
+}
