@@ -7,6 +7,8 @@
 //! - [`failover`]: several servers sharing one run in PostgreSQL, the
 //!   leader killed or paused while clients train (takeover time, rounds
 //!   lost or counted twice).
+//! - [`gateways`]: one run served by one server and by a leader with
+//!   gateways, same seeds and data (accuracy and time side by side).
 //! - [`fuzz`]: random structured inputs through the protocol decoders;
 //!   crashes found and inputs per second.
 //! - [`hop`]: a hop's fixed cost, stage by stage (encode, decode, build,
@@ -26,6 +28,7 @@ pub mod aggregate;
 pub mod chaos;
 pub mod failover;
 pub mod fuzz;
+pub mod gateways;
 pub mod hop;
 pub mod idle;
 pub mod rounds;

@@ -64,6 +64,27 @@ pub(crate) enum BenchCommand {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// One run served by one server and by a leader with gateways
+    /// (`serve --gateway`), same seeds, same data: accuracy and time
+    /// side by side (a throw-away PostgreSQL cluster).
+    Gateways {
+        /// Gateways besides the leader.
+        #[arg(long, default_value_t = 1)]
+        gateways: usize,
+        /// Native clients on each server (a power of two; the single
+        /// server holds them all).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Rounds of each run.
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        /// Folder holding the datasets.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Clients vanishing mid-chain every round (rounds stalled).
     Vanish {
         /// Rounds to run.
@@ -393,6 +414,52 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 "| {} | {} | {} / {} | {} | {:.0} |",
                 r.kills, r.rounds_lost, r.rounds_done, r.rounds, r.finished, r.seconds
             );
+        }
+        BenchCommand::Gateways {
+            gateways,
+            clients,
+            rounds,
+            seeds,
+            data_dir,
+        } => {
+            let runs =
+                astraea_bench::gateways::run(data_dir, gateways, clients, rounds, &seeds).await?;
+            println!(
+                "| layout | clients | seed | rounds | final accuracy % | best accuracy % | seconds |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            for r in &runs {
+                let layout = match r.gateways {
+                    0 => "one server".to_string(),
+                    g => format!("leader + {g} gateway{}", if g == 1 { "" } else { "s" }),
+                };
+                println!(
+                    "| {layout} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
+                    clients * (gateways + 1),
+                    r.seed,
+                    r.rounds,
+                    100.0 * r.final_accuracy,
+                    100.0 * r.best_accuracy,
+                    r.seconds
+                );
+            }
+            for layout in [0, gateways] {
+                let of: Vec<&_> = runs.iter().filter(|r| r.gateways == layout).collect();
+                let mean = |f: fn(&&astraea_bench::gateways::GatewayRun) -> f64| {
+                    of.iter().map(f).sum::<f64>() / of.len().max(1) as f64
+                };
+                println!(
+                    "| mean, {} | | | | {:.2} | {:.2} | {:.1} |",
+                    if layout == 0 {
+                        "one server"
+                    } else {
+                        "with gateways"
+                    },
+                    100.0 * mean(|r| r.final_accuracy),
+                    100.0 * mean(|r| r.best_accuracy),
+                    mean(|r| r.seconds)
+                );
+            }
         }
         BenchCommand::Vanish {
             rounds,

@@ -440,6 +440,14 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     wait_for(&leader, "four rounds", |s| s["round"].as_u64() >= Some(5)).await;
     let folded_while_alive = gateway_work(&url);
     let gateway_status = status(gateway.port).await.expect("the gateway answers");
+    let metrics = |port: u16| async move {
+        astraea_server::loopback::get(&format!("127.0.0.1:{port}"), "/metrics")
+            .await
+            .unwrap()
+            .text()
+    };
+    let (gateway_metrics, leader_metrics) =
+        (metrics(gateway.port).await, metrics(leader.port).await);
     let mut gateway = gateway;
     gateway.child.kill().unwrap();
     gateway.child.wait().unwrap();
@@ -461,15 +469,35 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     assert!(
         gateway_status["gateway"]
             .as_str()
-            .is_some_and(|g| g.starts_with("gateway pid")),
+            .is_some_and(|g| g.starts_with("gateway ") && g.contains("(pid ")),
         "{gateway_status}"
     );
     assert!(
         gateway_status["round"].as_u64() >= Some(4),
         "{gateway_status}"
     );
+    // Operators see which is which: the gateway does not lead, the
+    // leader counts its gateway and the clients ready there.
+    assert!(
+        gateway_metrics.contains("\nastraea_leading 0\n")
+            && gateway_metrics.contains("\nastraea_gateway 1\n"),
+        "{gateway_metrics}"
+    );
+    assert!(
+        leader_metrics.contains("\nastraea_leading 1\n")
+            && leader_metrics.contains("\nastraea_gateways 1\n")
+            && leader_metrics.contains("\nastraea_gateway_ready_clients 2\n"),
+        "{leader_metrics}"
+    );
     assert!(
         leader.log().contains("round placed on gateways"),
+        "{}",
+        logs()
+    );
+    // Its partials reached the rounds' aggregates (one a round while it
+    // lived).
+    assert!(
+        leader.log().contains("gateways' partials folded: 1 of 1"),
         "{}",
         logs()
     );
@@ -528,4 +556,81 @@ fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
         assert!(!out.status.success(), "{flags:?}: {said}");
         assert!(said.contains(why), "{flags:?}: {said}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_with_other_training_flags_trains_nothing_of_the_run() {
+    // Prepare: a gateway that would train two local epochs where the
+    // leader's run trains one.
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.extend(["--gateway", "--epochs", "2"]);
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_swarm = swarm_of(gateway.port, 2);
+    wait_for(&leader, "the gateway's two ready clients", |s| {
+        s["gateways"][0]["ready"] == 2
+    })
+    .await;
+
+    // Execute
+    let leader_swarm = swarm_of(leader.port, 2);
+    wait_for(&leader, "the run to finish", |s| s["phase"] == "finished").await;
+    gateway_swarm.abort();
+    leader_swarm.abort();
+
+    // Assert: every round placed a share on it, and it gave back none:
+    // the run finished on the leader's clients alone, saying why.
+    let logs = format!(
+        "--- leader\n{}\n--- gateway\n{}",
+        leader.log(),
+        gateway.log()
+    );
+    assert!(
+        leader
+            .log()
+            .contains("training settings differ from the leader's"),
+        "{logs}"
+    );
+    assert!(!leader.log().contains("folded: 1 of 1"), "{logs}");
+    assert!(leader.log().contains("folded: 0 of 1"), "{logs}");
+    assert!(!gateway.log().contains("partial given back"), "{logs}");
+    assert!(gateway.log().contains("gave back no partial"), "{logs}");
+    let (rounds, _) = recorded(&url);
+    assert_eq!(rounds.len(), 12, "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_idle() {
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The leader runs Astraea with its augmentation plan; the gateway was
+    // started for rescheduling only.
+    let mut leader_run = GATEWAY_RUN.to_vec();
+    let strategy = leader_run
+        .iter()
+        .position(|a| *a == "astraea-sched")
+        .unwrap();
+    leader_run[strategy] = "astraea";
+    let leader = spawn_serving(&url, &dir, "leader", &leader_run);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let _gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !leader.log().contains("gateways of this run are left idle") {
+        assert!(Instant::now() < deadline, "{}", leader.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        leader.log().contains("augmentation plan"),
+        "{}",
+        leader.log()
+    );
 }

@@ -184,12 +184,36 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
         metric_line(&mut out, (name, kind), help, value);
     };
+    let (gateway, gateways) = {
+        let status = state.status();
+        (status.gateway.is_some(), status.gateways.clone())
+    };
     metric(
         "astraea_leading",
         "gauge",
         "Whether this server leads its run (1) or follows it (0).",
-        1.0,
+        if gateway { 0.0 } else { 1.0 },
     );
+    metric(
+        "astraea_gateway",
+        "gauge",
+        "Whether this server is a gateway of its run (serve --gateway): it never leads.",
+        if gateway { 1.0 } else { 0.0 },
+    );
+    if state.hierarchy.is_some() {
+        metric(
+            "astraea_gateways",
+            "gauge",
+            "The run's gateways this leader heard from in the last 3 s.",
+            gateways.len() as f64,
+        );
+        metric(
+            "astraea_gateway_ready_clients",
+            "gauge",
+            "Ready clients on the run's gateways, as they last said.",
+            gateways.iter().map(|g| g.ready as f64).sum(),
+        );
+    }
     if let Some(lease) = &state.lease {
         metric(
             "astraea_leader_term",

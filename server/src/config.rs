@@ -287,6 +287,34 @@ impl ServeConfig {
         Err(format!("not across gateways: {why}"))
     }
 
+    /// A fingerprint (SHA-256, hex) of what decides a hop and a chain:
+    /// the data and its shards, the strategy and its knobs, the local
+    /// training, the deadlines, the guard, the privacy of hops and counts,
+    /// the encoding and the seed. The leader sends it with the work it
+    /// places; a gateway whose own differs refuses the work (a gateway
+    /// started with other flags would change the run silently). What
+    /// only the leader decides (rounds, participants, the store) is left
+    /// out.
+    pub fn training_fingerprint(&self) -> String {
+        use sha2::Digest;
+        let decides = format!(
+            "{:?}",
+            (
+                (&self.dataset, self.max_train, &self.partition, self.shards),
+                (self.strategy, &self.settings),
+                (self.epochs, self.batch_size, self.learning_rate.to_bits()),
+                (self.hop_deadline, self.stall_timeout),
+                (
+                    &self.guard,
+                    self.hop_privacy,
+                    self.label_epsilon.map(f64::to_bits)
+                ),
+                (self.encoding, self.max_frame_bytes, self.seed),
+            )
+        );
+        hex::encode(sha2::Sha256::digest(decides.as_bytes()))
+    }
+
     /// The run's numbers as the engine bounds them
     /// ([`astraea_core::engine::RunNumbers::validate`], as simulate's are).
     pub fn numbers(&self) -> astraea_core::engine::RunNumbers {

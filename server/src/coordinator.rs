@@ -215,7 +215,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         }
         // With gateways, this server draws its share of the round's
         // participants and each gateway its own (`engine::hierarchy`).
-        let gateways = crate::gateway::live(&state).await;
+        let gateways = crate::gateway::live(&state, true).await;
         let (own_share, shares) = crate::gateway::split(
             state.tunable().participants,
             ready_clients(&state),
@@ -298,7 +298,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         training.set(&state, true);
         let (outcomes, gathered) = tokio::join!(
             join_all(chains),
-            crate::gateway::gather(&state, placed, plan.groups.len())
+            crate::gateway::gather(&state, placed, (&global.values, plan.groups.len()))
         );
         training.set(&state, false);
         // The gateways' partials fold in as mediators do.
@@ -840,7 +840,7 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
             return false;
         }
         // The gateways' ready clients count too (none without gateways).
-        let elsewhere: u64 = crate::gateway::live(state)
+        let elsewhere: u64 = crate::gateway::live(state, false)
             .await
             .iter()
             .map(|g| g.ready)

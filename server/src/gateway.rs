@@ -60,7 +60,7 @@ fn ready_and_held(state: &AppState) -> (usize, usize) {
 /// leader's).
 pub async fn run(
     state: Arc<AppState>,
-    link: Arc<PgStore>,
+    (link, heartbeat_link): (Arc<PgStore>, Arc<PgStore>),
     name: String,
     initial: Weights,
 ) -> anyhow::Result<()> {
@@ -69,13 +69,19 @@ pub async fn run(
     let run = config.run_name.clone();
     *lock(&state.global) = Some(Arc::new(initial.clone()));
     state.status().phase = Phase::Waiting;
-    // The heartbeat goes on while chains run: a gateway training a long
-    // round is alive.
+    // The heartbeat goes on while chains run, on a connection of its own
+    // (a model's blob on the other must not make it late): a gateway
+    // training a long round is alive. It says no client is ready while
+    // its admin pauses it. (Which round it trains, the store keeps with
+    // its taking and giving back: `busy_round`.)
     let heartbeat = {
-        let (state, link, run, name) = (state.clone(), link.clone(), run.clone(), name.clone());
+        let (state, link, run, name) = (state.clone(), heartbeat_link, run.clone(), name.clone());
         tokio::spawn(async move {
             loop {
-                let (ready, held) = ready_and_held(&state);
+                let (mut ready, held) = ready_and_held(&state);
+                if state.control().paused {
+                    ready = 0;
+                }
                 let (run, name) = (run.clone(), name.clone());
                 if let Err(e) = blocking(&link, move |l| {
                     l.gateway_heartbeat(&run, &name, ready, held)
@@ -162,6 +168,7 @@ async fn train(
         term,
         participants,
         model,
+        config,
     } = work;
     let give_back = |answer: Owed| {
         let (link, run, name) = (
@@ -171,6 +178,7 @@ async fn train(
         );
         async move {
             let (partial, mediators, failures, detail) = answer;
+            let with_partial = partial.is_some();
             let given = blocking(&link, move |l| {
                 let answer = Answer {
                     partial: partial.as_ref().map(|(w, n)| (w.as_slice(), *n)),
@@ -182,9 +190,10 @@ async fn train(
             })
             .await;
             match given {
-                Ok(true) => {
+                Ok(true) if with_partial => {
                     tracing::info!(round, mediators, failures, "gateway: partial given back")
                 }
+                Ok(true) => tracing::warn!(round, "gateway: gave back no partial"),
                 Ok(false) => tracing::warn!(
                     round,
                     "gateway: the leader no longer waits for this round (closed, or placed again by a new leader); the partial does not count"
@@ -193,12 +202,23 @@ async fn train(
             }
         }
     };
-    if model.len() != initial.values.len() {
-        let detail = format!(
+    let ours = state.config.training_fingerprint();
+    let differs = if config != ours {
+        Some(format!(
+            "this gateway's training settings differ from the leader's (fingerprint {} against {}): start it with the leader's flags",
+            &ours[..12.min(ours.len())],
+            &config[..12.min(config.len())]
+        ))
+    } else if model.len() != initial.values.len() {
+        Some(format!(
             "the leader's model has {} weights, this gateway's {}",
             model.len(),
             initial.values.len()
-        );
+        ))
+    } else {
+        None
+    };
+    if let Some(detail) = differs {
         tracing::error!("{detail}");
         give_back((None, 0, 0, Some(detail))).await;
         return;
@@ -278,21 +298,51 @@ async fn train(
 
 /// The leader's side: the gateways it can place work on this round (none
 /// without a link to them), as the dashboard shows them too.
-pub(crate) async fn live(state: &AppState) -> Vec<GatewaySeen> {
+pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
     let Some(link) = &state.hierarchy else {
         return Vec::new();
     };
+    // Unless `fresh` (a round about to be split), read at most every
+    // GATEWAY_TICK (a burst of joins wakes the leader's wait once per
+    // join).
+    if !fresh {
+        let status = state.status();
+        if status
+            .gateways_read
+            .is_some_and(|at| at.elapsed() < GATEWAY_TICK)
+        {
+            return status.gateways.clone();
+        }
+    }
     let run = state.config.run_name.clone();
-    let seen = match blocking(link, move |l| l.live_gateways(&run)).await {
+    let mut seen = match blocking(link, move |l| l.live_gateways(&run)).await {
         Ok(seen) => seen,
         Err(e) => {
             tracing::warn!("reading the run's gateways: {e}");
             Vec::new()
         }
     };
-    state.status().gateways = seen.clone();
+    let mut status = state.status();
+    status.gateways_read = Some(std::time::Instant::now());
+    // A run whose rounds do not fold across gateways places nothing on
+    // them; said once, loudly, rather than silently leaving them idle.
+    if let Err(why) = state.config.across_gateways() {
+        if !seen.is_empty() && !status.gateways_refused {
+            status.gateways_refused = true;
+            tracing::error!(
+                gateways = seen.len(),
+                "gateways of this run are left idle: {why}"
+            );
+        }
+        seen.clear();
+    }
+    status.gateways = seen.clone();
     seen
 }
+
+/// How long a gateway heard from has to take the work placed on it before
+/// the leader stops waiting for it.
+pub const UNTAKEN_WAIT: Duration = Duration::from_secs(2);
 
 /// Work placed on gateways for one round, to gather.
 pub(crate) struct Placed {
@@ -314,7 +364,13 @@ pub(crate) fn split(
         return (c, Vec::new());
     }
     let mut ready = vec![own_ready];
-    ready.extend(gateways.iter().map(|g| g.ready as usize));
+    // What a gateway says is bounded by what it holds, and by a million;
+    // one still training an earlier round (late: its partial will be
+    // refused) is given nothing, rather than more work it cannot start.
+    ready.extend(gateways.iter().map(|g| match g.busy_round {
+        Some(_) => 0,
+        None => g.ready.min(g.clients).min(1 << 20) as usize,
+    }));
     let shares = hierarchy::shares(c, &ready);
     let placed = gateways
         .iter()
@@ -352,9 +408,10 @@ pub(crate) async fn place(
         + tunable.hop_deadline().mul_f64(hops as f64)
         + Duration::from_secs(10);
     let (run, model) = (state.config.run_name.clone(), global.to_vec());
+    let config = state.config.training_fingerprint();
     let placing = shares.clone();
     match blocking(link, move |l| {
-        l.place_work(&run, (round, term), &model, &placing)
+        l.place_work(&run, (round, term), (&model, &config), &placing)
     })
     .await
     {
@@ -387,31 +444,30 @@ pub(crate) async fn place(
 pub(crate) async fn gather(
     state: &AppState,
     placed: Option<Placed>,
-    first_group: usize,
+    (global, first_group): (&[f32], usize),
 ) -> anyhow::Result<(Vec<GroupResult>, Vec<GroupFailure>)> {
     let (Some(placed), Some(link)) = (placed, &state.hierarchy) else {
         return Ok((Vec::new(), Vec::new()));
     };
     let key = (placed.round, placed.term);
     let run = state.config.run_name.clone();
-    loop {
+    while std::time::Instant::now() < placed.deadline {
         let r = run.clone();
-        let outstanding = match blocking(link, move |l| l.work_outstanding(&r, key)).await {
-            Ok(outstanding) => outstanding,
-            Err(e) => {
-                tracing::warn!("reading the gateways' work: {e}");
-                vec![String::new()]
+        match blocking(link, move |l| l.work_outstanding(&r, key)).await {
+            Ok(outstanding) => {
+                let alive = live(state, false).await;
+                // Waited for: a live gateway that took its work, or one
+                // that has had under 2 s to take it (it looks every 250 ms).
+                let awaited = |o: &crate::store::gateways::Outstanding| {
+                    alive.iter().any(|seen| seen.name == o.gateway)
+                        && (o.taken || o.waiting_s < UNTAKEN_WAIT.as_secs_f64())
+                };
+                if !outstanding.iter().any(awaited) {
+                    break;
+                }
             }
-        };
-        if outstanding.is_empty() || std::time::Instant::now() >= placed.deadline {
-            break;
-        }
-        let alive = live(state).await;
-        if outstanding
-            .iter()
-            .all(|g| !alive.iter().any(|seen| &seen.name == g))
-        {
-            break;
+            // The database away: wait on, until the deadline.
+            Err(e) => tracing::warn!("reading the gateways' work: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -426,22 +482,38 @@ pub(crate) async fn gather(
     let (mut results, mut failures) = (Vec::new(), Vec::new());
     for (i, folded) in folded.into_iter().enumerate() {
         let group = first_group + i;
-        match folded.partial {
+        // A partial is judged as a hop would be (the guard's bounds and
+        // its largest move): a gateway's fault costs its share, not the
+        // model.
+        let judged = folded.partial.map(|(weights, samples)| {
+            match state.guard.check_aggregate(global, &weights, 0.0) {
+                Ok(_) => Ok((weights, samples)),
+                Err(refusal) => Err(format!("its partial was refused: {refusal}")),
+            }
+        });
+        let (partial, detail) = match judged {
+            Some(Ok(partial)) => (Some(partial), None),
+            Some(Err(refused)) => (None, Some(refused)),
+            None => (None, folded.detail),
+        };
+        match partial {
             Some((weights, samples)) => results.push(GroupResult {
                 group,
                 weights,
                 samples,
             }),
             None => {
-                let reason = format!(
-                    "gateway {}: {}",
-                    folded.gateway,
-                    folded.detail.unwrap_or_default()
-                );
+                let reason = format!("gateway {}: {}", folded.gateway, detail.unwrap_or_default());
                 tracing::warn!(round = placed.round, "{reason}");
                 failures.push(GroupFailure { group, reason });
             }
         }
     }
+    tracing::info!(
+        round = placed.round,
+        "gateways' partials folded: {} of {}",
+        results.len(),
+        results.len() + failures.len()
+    );
     Ok((results, failures))
 }

@@ -95,7 +95,6 @@ async fn open_store(
             );
             let shapes = shapes.to_vec();
             let holder = format!("pid {} at {bound}", std::process::id());
-            let across_gateways = config.across_gateways();
             tokio::task::spawn_blocking(move || {
                 let mut store =
                     store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
@@ -120,16 +119,13 @@ async fn open_store(
                 let mut store: store::Store = Box::new(store);
                 let resumed = store.resume_or_create(&run, &describe, &shapes)?;
                 // Gateways train only runs whose rounds fold across them
-                // (`ServeConfig::across_gateways`, which they check too).
-                let link = match across_gateways {
-                    Ok(()) => {
-                        let mut link = store::PgStore::connect(&url)
-                            .context("opening the link to the run's gateways")?;
-                        link.fence(&lease);
-                        Some(link)
-                    }
-                    Err(_) => None,
-                };
+                // (`ServeConfig::across_gateways`, which they check too); a
+                // leader of another run still looks, to say it leaves them
+                // idle.
+                let mut link = store::PgStore::connect(&url)
+                    .context("opening the link to the run's gateways")?;
+                link.fence(&lease);
+                let link = Some(link);
                 Ok((Some(store), Some(resumed), Some(lease), link))
             })
             .await?
@@ -288,13 +284,16 @@ async fn start_gateway(
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
-    let (link, block) = tokio::task::spawn_blocking(move || {
+    let (link, heartbeat, block) = tokio::task::spawn_blocking(move || {
         let link = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
+        let heartbeat = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
         let block = link.client_id_block()?;
-        anyhow::Ok((link, block))
+        anyhow::Ok((link, heartbeat, block))
     })
     .await??;
-    let name = format!("gateway pid {} at {bound}", std::process::id());
+    // Named by its block of ids, which no other process of the database
+    // takes: a restarted gateway is a new one, whatever its pid and port.
+    let name = format!("gateway {block} (pid {} at {bound})", std::process::id());
     let join_url = config
         .public_url
         .clone()
@@ -322,7 +321,7 @@ async fn start_gateway(
     tracing::info!(%name, "serving as a gateway of run {}", state.config.run_name);
     let coordinator = tokio::spawn(gateway::run(
         state.clone(),
-        Arc::new(link),
+        (Arc::new(link), Arc::new(heartbeat)),
         name,
         data.initial.clone(),
     ));

@@ -255,6 +255,12 @@ pub struct RunStatus {
     /// The run's gateways as this server last saw them: the leader's
     /// view of who trains its rounds' other shares (`crate::gateway`).
     pub gateways: Vec<crate::store::gateways::GatewaySeen>,
+    /// When `gateways` was read.
+    #[serde(skip)]
+    pub gateways_read: Option<std::time::Instant>,
+    /// Whether this leader said its run leaves gateways idle.
+    #[serde(skip)]
+    pub gateways_refused: bool,
     /// The gateway this server is (`--gateway`), by its name in the store.
     pub gateway: Option<String>,
 }
@@ -461,6 +467,8 @@ impl AppState {
             history: vec![],
             round_started: None,
             gateways: vec![],
+            gateways_read: None,
+            gateways_refused: false,
             gateway: None,
         };
         let tunable = Tunable {

@@ -24,15 +24,20 @@ use crate::strategy::GroupResult;
 /// Shape: one share per entry of `ready`; the shares sum to
 /// `min(c, Σ ready)`.
 pub fn shares(c: usize, ready: &[usize]) -> Vec<usize> {
-    let total: usize = ready.iter().sum();
+    let total: usize = ready.iter().fold(0usize, |a, &r| a.saturating_add(r));
     let c = c.min(total);
     if c == 0 {
         return vec![0; ready.len()];
     }
-    let mut shares: Vec<usize> = ready.iter().map(|&r| c * r / total).collect();
+    // In u128: c·r cannot overflow whatever a gateway says.
+    let (c128, total128) = (c as u128, total as u128);
+    let mut shares: Vec<usize> = ready
+        .iter()
+        .map(|&r| (c128 * r as u128 / total128) as usize)
+        .collect();
     let mut order: Vec<usize> = (0..ready.len()).collect();
     // The remainders' numerators, c·r mod total, rank the fractions.
-    order.sort_by_key(|&i| std::cmp::Reverse((c * ready[i]) % total));
+    order.sort_by_key(|&i| std::cmp::Reverse((c128 * ready[i] as u128) % total128));
     let mut left = c - shares.iter().sum::<usize>();
     for i in order.into_iter().cycle().take(ready.len() * 2) {
         if left == 0 {
@@ -78,6 +83,8 @@ mod tests {
         assert_eq!(shares(10, &[2, 0, 3]), vec![2, 0, 3]); // fewer ready than c
         assert_eq!(shares(0, &[4, 4]), vec![0, 0]);
         assert_eq!(shares(5, &[]), Vec::<usize>::new());
+        // Whatever a gateway says, no overflow.
+        assert_eq!(shares(10, &[usize::MAX, 1]).iter().sum::<usize>(), 10);
         for c in 0..40 {
             for ready in [[0, 1, 7], [3, 3, 3], [1, 20, 2], [0, 0, 0], [9, 0, 1]] {
                 let got = shares(c, &ready);

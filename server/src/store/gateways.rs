@@ -42,6 +42,9 @@ pub struct GatewaySeen {
     pub clients: u64,
     /// Seconds since its last heartbeat.
     pub seen_s_ago: f64,
+    /// The round it is training, from taking its work until giving back
+    /// (`None`: free).
+    pub busy_round: Option<u32>,
 }
 
 /// Work the leader placed on a gateway: train `participants` of its
@@ -56,6 +59,21 @@ pub struct Work {
     pub participants: usize,
     /// The round's global weights.
     pub model: Vec<f32>,
+    /// The fingerprint of the leader's training settings
+    /// (`ServeConfig::training_fingerprint`): a gateway whose own differs
+    /// refuses the work.
+    pub config: String,
+}
+
+/// Work a gateway still owes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outstanding {
+    /// The gateway.
+    pub gateway: String,
+    /// Whether it took the work (else it is still placed).
+    pub taken: bool,
+    /// Seconds since the work was placed or taken.
+    pub waiting_s: f64,
 }
 
 /// A gateway's part of a round, as the leader folds it.
@@ -166,7 +184,8 @@ impl PgStore {
         let within = GATEWAY_SEEN_WITHIN.as_secs_f64();
         self.call(move |client| {
             let rows = client.query(
-                "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8
+                "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8,
+                        busy_round
                  FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
                  ORDER BY name",
                 &[&run, &within],
@@ -178,6 +197,7 @@ impl PgStore {
                     ready: row.get::<_, i64>(1).max(0) as u64,
                     clients: row.get::<_, i64>(2).max(0) as u64,
                     seen_s_ago: row.get(3),
+                    busy_round: row.get::<_, Option<i64>>(4).map(|r| r as u32),
                 })
                 .collect())
         })
@@ -208,31 +228,44 @@ impl PgStore {
         &self,
         run: &str,
         (round, term): (u32, i64),
-        model: &[f32],
+        (model, config): (&[f32], &str),
         shares: &[(String, usize)],
     ) -> Result<(), StoreError> {
         let run = run.to_string();
+        let config = config.to_string();
         let model = model.to_vec();
         let shares = shares.to_vec();
         self.fenced(move |tx| {
             let round = i64::from(round);
+            // Work still out of other rounds, or of this round at an
+            // earlier term (a new leader's shares may leave a gateway out),
+            // is closed: no gateway trains dead work.
             tx.execute(
                 "UPDATE gateway_work SET state = 'closed', updated_at = now()
-                 WHERE run = $1 AND round <> $2 AND state IN ('placed', 'taken')",
-                &[&run, &round],
+                 WHERE run = $1 AND (round <> $2 OR term < $3) AND state IN ('placed', 'taken')",
+                &[&run, &round, &term],
             )?;
             let hash = put_blob(tx, &model)?;
             for (gateway, participants) in &shares {
                 tx.execute(
-                    "INSERT INTO gateway_work (run, round, gateway, term, model, participants, state)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'placed')
+                    "INSERT INTO gateway_work
+                         (run, round, gateway, term, model, participants, state, config)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'placed', $7)
                      ON CONFLICT (run, round, gateway) DO UPDATE
-                     SET term = excluded.term, model = excluded.model,
+                     SET term = excluded.term, model = excluded.model, config = excluded.config,
                          participants = excluded.participants, state = 'placed',
                          partial = NULL, samples = NULL, mediators = NULL,
                          failures = NULL, detail = NULL, updated_at = now()
                      WHERE gateway_work.term < excluded.term",
-                    &[&run, &round, gateway, &term, &hash, &(*participants as i64)],
+                    &[
+                        &run,
+                        &round,
+                        gateway,
+                        &term,
+                        &hash,
+                        &(*participants as i64),
+                        &config,
+                    ],
                 )?;
             }
             Ok(())
@@ -240,7 +273,8 @@ impl PgStore {
     }
 
     /// The gateways that still owe round `round` (placed at `term`) their
-    /// partial, by name.
+    /// partial, by name, with whether each has taken its work and the
+    /// seconds since its row last moved.
     ///
     /// # Errors
     /// The database failed.
@@ -248,16 +282,24 @@ impl PgStore {
         &self,
         run: &str,
         (round, term): (u32, i64),
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Outstanding>, StoreError> {
         let run = run.to_string();
         self.call(move |client| {
             let rows = client.query(
-                "SELECT gateway FROM gateway_work
+                "SELECT gateway, state = 'taken', EXTRACT(EPOCH FROM now() - updated_at)::float8
+                 FROM gateway_work
                  WHERE run = $1 AND round = $2 AND term = $3 AND state IN ('placed', 'taken')
                  ORDER BY gateway",
                 &[&run, &i64::from(round), &term],
             )?;
-            Ok(rows.iter().map(|row| row.get(0)).collect())
+            Ok(rows
+                .iter()
+                .map(|row| Outstanding {
+                    gateway: row.get(0),
+                    taken: row.get(1),
+                    waiting_s: row.get(2),
+                })
+                .collect())
         })
     }
 
@@ -277,13 +319,19 @@ impl PgStore {
         let run = run.to_string();
         self.fenced(move |tx| {
             let round = i64::from(round);
-            let rows = tx.query(
+            tx.execute(
                 "UPDATE gateway_work
                  SET state = CASE WHEN state = 'returned' THEN 'folded' ELSE 'closed' END,
                      updated_at = now()
                  WHERE run = $1 AND round = $2 AND term = $3
-                   AND state IN ('placed', 'taken', 'returned')
-                 RETURNING gateway, state, partial, samples, detail",
+                   AND state IN ('placed', 'taken', 'returned')",
+                &[&run, &round, &term],
+            )?;
+            // Read back as a second statement, so that this call run again
+            // (its first answer lost with a connection) answers the same.
+            let rows = tx.query(
+                "SELECT gateway, state, partial, samples, detail FROM gateway_work
+                 WHERE run = $1 AND round = $2 AND term = $3 AND state IN ('folded', 'closed')",
                 &[&run, &round, &term],
             )?;
             let mut folded = Vec::new();
@@ -324,6 +372,10 @@ impl PgStore {
             }
             hashes.sort();
             hashes.dedup();
+            tx.execute(
+                "DELETE FROM gateways WHERE run = $1 AND seen_at < now() - interval '1 hour'",
+                &[&run],
+            )?;
             if !hashes.is_empty() {
                 tx.execute(
                     "DELETE FROM blobs b WHERE b.hash = ANY($1)
@@ -345,26 +397,38 @@ impl PgStore {
         let (run, gateway) = owned(run, gateway);
         self.call(move |client| {
             let mut tx = client.transaction()?;
+            // Work already `taken` under this name is taken again: names
+            // are one process's own (`client_id_block`), and a process asks
+            // only while it trains nothing, so such a row is one whose first
+            // answer was lost with a connection, or whose partial could not
+            // be written; its partial still counts once.
             let row = tx.query_opt(
                 "UPDATE gateway_work SET state = 'taken', updated_at = now()
                  WHERE (run, round, gateway) = (
                      SELECT run, round, gateway FROM gateway_work
-                     WHERE run = $1 AND gateway = $2 AND state = 'placed'
+                     WHERE run = $1 AND gateway = $2 AND state IN ('placed', 'taken')
                      ORDER BY round DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
-                   AND state = 'placed'
-                 RETURNING round, term, participants, model",
+                   AND state IN ('placed', 'taken')
+                 RETURNING round, term, participants, model, config",
                 &[&run, &gateway],
             )?;
             let Some(row) = row else {
                 return Ok(None);
             };
             let model = get_blob(&mut tx, &row.get::<_, String>(3))?;
+            // Busy from now on, in the same transaction: the leader never
+            // sees this gateway free while it holds work.
+            tx.execute(
+                "UPDATE gateways SET busy_round = $3 WHERE run = $1 AND name = $2",
+                &[&run, &gateway, &row.get::<_, i64>(0)],
+            )?;
             tx.commit()?;
             Ok(Some(Work {
                 round: row.get::<_, i64>(0) as u32,
                 term: row.get(1),
                 participants: row.get::<_, i64>(2).max(0) as usize,
                 model,
+                config: row.get(4),
             }))
         })
     }
@@ -414,10 +478,18 @@ impl PgStore {
                     ],
                 )?
                 .is_some();
-            if accepted {
-                tx.commit()?;
+            if !accepted {
+                // Refused: its blob goes with the rolled-back part.
+                tx.rollback()?;
+                tx = client.transaction()?;
             }
-            // Refused: the transaction rolls back, the blob with it.
+            // Free again, accepted or not, in the transaction that gives
+            // back: the leader never sees it busy after.
+            tx.execute(
+                "UPDATE gateways SET busy_round = NULL WHERE run = $1 AND name = $2",
+                &[&run, &gateway],
+            )?;
+            tx.commit()?;
             Ok(accepted)
         })
     }
@@ -493,14 +565,18 @@ mod tests {
         let model = [0.5f32, -1.0, 2.0];
         let shares = [("a".to_string(), 2), ("b".to_string(), 1)];
         leader
-            .place_work("run", (4, term), &model, &shares)
+            .place_work("run", (4, term), (&model, "c"), &shares)
             .unwrap();
 
         // Execute: both take it; a gives back (twice), b only after the
         // leader folded the round.
+        gateway.gateway_heartbeat("run", "a", 2, 2).unwrap();
         let taken_a = gateway.take_work("run", "a").unwrap().unwrap();
+        let busy = leader.live_gateways("run").unwrap()[0].busy_round;
         let taken_b = gateway.take_work("run", "b").unwrap().unwrap();
-        let nothing_more = gateway.take_work("run", "a").unwrap();
+        // Asked again (as after an answer lost with a connection): the
+        // same work.
+        let again_taken = gateway.take_work("run", "a").unwrap();
         let key = (4, term);
         let partial = [1.0f32, 1.5, -0.5];
         let first = gateway
@@ -509,6 +585,7 @@ mod tests {
         let again = gateway
             .give_back_work("run", "a", key, answer(Some((&[9.0, 9.0, 9.0], 999))))
             .unwrap();
+        let free = leader.live_gateways("run").unwrap()[0].busy_round;
         let owing = leader.work_outstanding("run", key).unwrap();
         let folded = leader.fold_work("run", key).unwrap();
         let late = gateway
@@ -526,9 +603,21 @@ mod tests {
             (4, 2, &model[..])
         );
         assert_eq!((taken_b.participants, taken_b.term), (1, term));
-        assert_eq!(nothing_more, None);
+        assert_eq!(again_taken.as_ref(), Some(&taken_a));
+        assert_eq!(gateway.take_work("run", "c").unwrap(), None);
         assert!(first && !again, "a partial is taken once");
-        assert_eq!(owing, vec!["b".to_string()]);
+        assert_eq!(
+            (busy, free),
+            (Some(4), None),
+            "busy from taking to giving back"
+        );
+        assert_eq!(
+            owing
+                .iter()
+                .map(|o| (o.gateway.as_str(), o.taken))
+                .collect::<Vec<_>>(),
+            vec![("b", true)]
+        );
         assert_eq!(
             folded,
             vec![
@@ -545,7 +634,7 @@ mod tests {
             ]
         );
         assert!(!late, "a partial after the fold is refused");
-        assert!(folded_again.is_empty(), "a round is folded once");
+        assert_eq!(folded_again, folded, "folding again answers the same");
     }
 
     #[test]
@@ -556,7 +645,12 @@ mod tests {
         let gateway = PgStore::connect(&url).unwrap();
         let old = lease.term();
         leader
-            .place_work("run", (2, old), &[1.0], &[("a".into(), 1)])
+            .place_work(
+                "run",
+                (2, old),
+                (&[1.0], "c"),
+                &[("a".into(), 1), ("b".into(), 1)],
+            )
             .unwrap();
         gateway.take_work("run", "a").unwrap().unwrap();
         // A new leader (term + 1) places round 2 again; the old one is
@@ -565,7 +659,7 @@ mod tests {
             .execute_raw("UPDATE leases SET term = term + 1 WHERE run = 'run'")
             .unwrap();
         let new = PgStore::connect(&url).unwrap();
-        new.place_work("run", (2, old + 1), &[2.0], &[("a".into(), 3)])
+        new.place_work("run", (2, old + 1), (&[2.0], "c"), &[("a".into(), 3)])
             .unwrap();
 
         // Execute
@@ -573,7 +667,10 @@ mod tests {
             .give_back_work("run", "a", (2, old), answer(Some((&[5.0], 10))))
             .unwrap();
         let retaken = gateway.take_work("run", "a").unwrap().unwrap();
-        let ex_leader_places = leader.place_work("run", (3, old), &[3.0], &[("a".into(), 1)]);
+        // b, left out of the new leader's shares, has no dead work to train.
+        let left_out = gateway.take_work("run", "b").unwrap();
+        let ex_leader_places =
+            leader.place_work("run", (3, old), (&[3.0], "c"), &[("a".into(), 1)]);
         let ex_leader_folds = leader.fold_work("run", (2, old));
         let fresh = gateway
             .give_back_work("run", "a", (2, old + 1), answer(Some((&[6.0], 10))))
@@ -582,6 +679,7 @@ mod tests {
 
         // Assert
         assert!(!stale, "the old term's partial does not count");
+        assert_eq!(left_out, None);
         assert_eq!(
             (retaken.term, retaken.participants, retaken.model),
             (old + 1, 3, vec![2.0])
@@ -616,7 +714,7 @@ mod tests {
         for round in 1..=3u32 {
             let model = [round as f32];
             leader
-                .place_work("run", (round, term), &model, &[("a".into(), 1)])
+                .place_work("run", (round, term), (&model, "c"), &[("a".into(), 1)])
                 .unwrap();
             gateway.take_work("run", "a").unwrap().unwrap();
             let partial = [round as f32 + 0.5];

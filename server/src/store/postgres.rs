@@ -126,6 +126,7 @@ const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL,
         ready BIGINT NOT NULL,
         clients BIGINT NOT NULL,
+        busy_round BIGINT,
         seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (run, name)
     );
@@ -142,6 +143,7 @@ const MIGRATIONS: &[&str] = &[
         mediators BIGINT,
         failures BIGINT,
         detail TEXT,
+        config TEXT NOT NULL DEFAULT '',
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (run, round, gateway)
     );

@@ -1,0 +1,240 @@
+//! `astraea bench gateways`: one run served by one server, and the same run
+//! by a leader with gateways (`serve --gateway`), on the same seeds and the
+//! same data: does splitting the work change what the model sees?
+//!
+//! Both layouts train `clients × (gateways + 1)` native clients on demo
+//! shards of a power-of-two count, `clients` of them: the single server's
+//! clients take the shards in turn, each shard `gateways + 1` times; each
+//! server of the split layout gives its `clients` clients the shards once
+//! each (a gateway's ids start at a multiple of 2^32, so its n-th client
+//! takes shard n − 1 as the leader's does). Rounds draw every client
+//! (`--participants` is all of them), with Astraea's rescheduling
+//! (`astraea-sched`, mediators of 2, two passes) and no loss rule, which
+//! is what folds across gateways. Both are kept in a throw-away
+//! PostgreSQL.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use astraea_native::{ClientOptions, run_swarm};
+use astraea_server::testing::PgCluster;
+
+use crate::chaos::get_json;
+
+/// One run of one layout.
+#[derive(Debug, Clone)]
+pub struct GatewayRun {
+    /// Gateways besides the leader (0: one server holds every client).
+    pub gateways: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// Test accuracy after the last round.
+    pub final_accuracy: f64,
+    /// Best test accuracy of any round.
+    pub best_accuracy: f64,
+    /// Rounds completed.
+    pub rounds: usize,
+    /// The run's clock at its last round (seconds since the leader began).
+    pub seconds: f64,
+}
+
+/// A server process, killed when dropped.
+struct Serving(Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    port: u16,
+    url: &str,
+    (seed, rounds, shards, total): (u64, u32, usize, usize),
+    gateway: bool,
+    data_dir: &Path,
+    work: &Path,
+    log: &str,
+) -> anyhow::Result<Serving> {
+    let log = std::fs::File::create(work.join(log))?;
+    let (shards, total) = (shards.to_string(), total.to_string());
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .args(["--dataset", "mnist", "--max-train", "6000"])
+        .args(["--partition", "long-tail:10", "--shards", &shards])
+        .args(["--participants", &total, "--min-clients", &total])
+        .args(["--rounds", &rounds.to_string(), "--seed", &seed.to_string()])
+        .args(["--strategy", "astraea-sched", "--gamma", "2"])
+        .args(["--validation-samples", "0", "--hop-deadline", "60"])
+        .args(["--run-name", "gateways", "--store", url])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--static-dir")
+        .arg(work)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
+    if gateway {
+        command.arg("--gateway");
+    }
+    Ok(Serving(command.spawn().context("starting a server")?))
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn swarm(port: u16, clients: usize, data_dir: &Path) -> tokio::task::JoinHandle<()> {
+    let options = ClientOptions::new(format!("ws://127.0.0.1:{port}/ws"), data_dir.to_path_buf());
+    tokio::spawn(async move {
+        run_swarm(clients, options).await;
+    })
+}
+
+/// Runs one layout: `gateways` gateways (0: one server) with `clients`
+/// clients on every server, for `rounds` rounds of seed `seed`, in a new
+/// database of `cluster`.
+async fn one(
+    cluster: &PgCluster,
+    data_dir: &Path,
+    (gateways, clients, rounds, seed): (usize, usize, u32, u64),
+) -> anyhow::Result<GatewayRun> {
+    let database = format!("g{gateways}s{seed}");
+    let url = cluster
+        .create_database(&database)
+        .map_err(anyhow::Error::msg)?;
+    let work = std::env::temp_dir().join(format!(
+        "astraea-gateways-{}-{database}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let total = clients * (gateways + 1);
+    let settings = (seed, rounds, clients, total);
+    let leader_port = free_port()?;
+    let _leader = spawn(
+        leader_port,
+        &url,
+        settings,
+        false,
+        data_dir,
+        &work,
+        "leader.log",
+    )?;
+    wait_until(Duration::from_secs(120), "the leader", || async {
+        get_json(leader_port, "/api/status")
+            .await
+            .is_some_and(|s| s["leader_term"] == 1)
+    })
+    .await?;
+    let mut servers = Vec::new();
+    let mut swarms = Vec::new();
+    for g in 0..gateways {
+        let port = free_port()?;
+        servers.push(spawn(
+            port,
+            &url,
+            settings,
+            true,
+            data_dir,
+            &work,
+            &format!("gateway{g}.log"),
+        )?);
+        swarms.push(swarm(port, clients, data_dir));
+    }
+    // The gateways' clients first, so each server's n-th client is the
+    // n-th to join it whatever the timing.
+    wait_until(
+        Duration::from_secs(120),
+        "the gateways' clients",
+        || async {
+            get_json(leader_port, "/api/status").await.is_some_and(|s| {
+                let ready: u64 = s["gateways"]
+                    .as_array()
+                    .map(|g| g.iter().filter_map(|g| g["ready"].as_u64()).sum())
+                    .unwrap_or(0);
+                ready as usize == clients * gateways
+            })
+        },
+    )
+    .await?;
+    let leader_clients = if gateways == 0 { total } else { clients };
+    swarms.push(swarm(leader_port, leader_clients, data_dir));
+    wait_until(Duration::from_secs(3600), "the run to finish", || async {
+        get_json(leader_port, "/api/status")
+            .await
+            .is_some_and(|s| s["phase"] == "finished")
+    })
+    .await?;
+    for s in swarms {
+        s.abort();
+    }
+    let history = get_json(leader_port, "/api/rounds")
+        .await
+        .context("the leader's rounds")?;
+    let records = history
+        .as_array()
+        .or_else(|| history["history"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let accuracy = |r: &serde_json::Value| r["accuracy"].as_f64().unwrap_or(f64::NAN);
+    let last = records.last().context("no round recorded")?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(GatewayRun {
+        gateways,
+        seed,
+        final_accuracy: accuracy(last),
+        best_accuracy: records.iter().map(accuracy).fold(0.0, f64::max),
+        rounds: records.len(),
+        seconds: last["wall_s"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+/// Both layouts (one server; a leader with `gateways` gateways), `clients`
+/// clients a server (a power of two), `rounds` rounds, for each of
+/// `seeds`, in a throw-away PostgreSQL cluster.
+///
+/// # Errors
+/// `clients` is not a power of two, PostgreSQL cannot start, or a run
+/// does not finish within an hour.
+pub async fn run(
+    data_dir: PathBuf,
+    gateways: usize,
+    clients: usize,
+    rounds: u32,
+    seeds: &[u64],
+) -> anyhow::Result<Vec<GatewayRun>> {
+    if !clients.is_power_of_two() || gateways == 0 {
+        bail!("--clients must be a power of two and --gateways at least 1");
+    }
+    let cluster = PgCluster::start().map_err(anyhow::Error::msg)?;
+    let mut runs = Vec::new();
+    for &seed in seeds {
+        for layout in [0, gateways] {
+            runs.push(one(&cluster, &data_dir, (layout, clients, rounds, seed)).await?);
+        }
+    }
+    Ok(runs)
+}
