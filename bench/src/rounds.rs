@@ -98,3 +98,87 @@ pub async fn run(
         transfers,
     })
 }
+
+/// Like [`run`] with the loss rule off, but the round split over a leader
+/// and `gateways` gateways (`serve --gateway`), in this process, sharing a
+/// throw-away PostgreSQL run: `clients` echo clients spread evenly, FedAvg
+/// (what folds across gateways). The round's time is the leader's, from
+/// placing the gateways' shares to folding their partials.
+///
+/// # Errors
+/// PostgreSQL cannot start, or a server fails.
+pub async fn run_with_gateways(
+    data_dir: PathBuf,
+    clients: usize,
+    rounds: u32,
+    gateways: usize,
+) -> anyhow::Result<RoundsBench> {
+    let cluster = astraea_server::testing::PgCluster::start().map_err(anyhow::Error::msg)?;
+    let url = cluster
+        .create_database("rounds")
+        .map_err(anyhow::Error::msg)?;
+    let mut config =
+        crate::serve_config(data_dir.clone(), clients, rounds + 1, StrategyKind::FedAvg);
+    config.guard.validation_samples = 0;
+    config.postgres = Some(url.into());
+    config.across_gateways().map_err(anyhow::Error::msg)?;
+    let servers = gateways + 1;
+    let mut swarms = Vec::new();
+    let swarm = |address: std::net::SocketAddr, n: usize| {
+        let options = ClientOptions {
+            max_frame_bytes: 1 << 20,
+            max_attempts: Some(1),
+            echo: true,
+            ..ClientOptions::new(format!("ws://{address}/ws"), data_dir.clone())
+        };
+        tokio::spawn(async move {
+            run_swarm(n, options).await;
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let leader = serve::start(listener, config.clone()).await?;
+    let mut running = Vec::new();
+    for _ in 0..gateways {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let gateway = serve::start(
+            listener,
+            serve::ServeConfig {
+                gateway: true,
+                ..config.clone()
+            },
+        )
+        .await?;
+        // Clients spread evenly; the leader takes what is left over.
+        swarms.push(swarm(address, clients / servers));
+        running.push(gateway);
+    }
+    swarms.push(swarm(address, clients - gateways * (clients / servers)));
+    leader.coordinator.await??;
+    for s in swarms {
+        s.abort();
+    }
+    // Every server and its sockets go before the next layout starts (one
+    // process's descriptors hold them all).
+    for gateway in running {
+        gateway.coordinator.abort();
+        gateway.server.abort();
+    }
+    leader.server.abort();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let history = leader.state.status().history.clone();
+    let timed = &history[1..];
+    let round_s =
+        (timed.last().map_or(0.0, |r| r.wall_s) - history[0].wall_s) / timed.len().max(1) as f64;
+    Ok(RoundsBench {
+        strategy: StrategyKind::FedAvg,
+        validation_samples: 0,
+        clients,
+        rounds: timed.len(),
+        round_s,
+        // The leader evaluates as a server alone does ([`run`] times it).
+        eval_s: f64::NAN,
+        transfers: 2 * clients,
+    })
+}

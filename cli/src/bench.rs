@@ -277,6 +277,11 @@ pub(crate) enum BenchCommand {
         /// Strategy.
         #[arg(long, default_value = "fedavg")]
         strategy: StrategyKind,
+        /// Also split each round over a leader and these numbers of
+        /// gateways (in this process, on a throw-away PostgreSQL; FedAvg,
+        /// the loss rule off), e.g. `--gateways 1,4`.
+        #[arg(long, value_delimiter = ',')]
+        gateways: Vec<usize>,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -782,7 +787,32 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             clients,
             rounds,
             strategy,
+            gateways,
             data_dir,
+        } if !gateways.is_empty() => {
+            println!("| servers | clients | rounds | s/round |");
+            println!("|---|---:|---:|---:|");
+            for g in gateways {
+                let b =
+                    astraea_bench::rounds::run_with_gateways(data_dir.clone(), clients, rounds, g)
+                        .await?;
+                let layout = match g {
+                    0 => "1 (leader alone)".to_string(),
+                    g => format!("leader + {g} gateway{}", if g == 1 { "" } else { "s" }),
+                };
+                println!(
+                    "| {layout} | {} | {} | {:.2} |",
+                    b.clients, b.rounds, b.round_s
+                );
+            }
+            let _ = strategy;
+        }
+        BenchCommand::Rounds {
+            clients,
+            rounds,
+            strategy,
+            data_dir,
+            ..
         } => {
             // The loss rule on (the server's default samples) and off:
             // the difference is what judging every update costs.

@@ -33,8 +33,14 @@ use crate::store::PgStore;
 use crate::store::gateways::{Answer, GatewaySeen, Work};
 
 /// How often a gateway says it is alive (and how many clients it has
-/// ready) and looks for work.
+/// ready); the leader reads the gateways at most this often while it
+/// waits.
 pub const GATEWAY_TICK: Duration = Duration::from_millis(250);
+
+/// How often an idle gateway looks for work, and the leader for the
+/// partials it waits for: each look is one indexed query, and a round
+/// waits half of it on average at each end.
+pub const WORK_POLL: Duration = Duration::from_millis(40);
 
 /// Runs `f` on the store off the async threads.
 async fn blocking<R: Send + 'static>(
@@ -136,7 +142,7 @@ pub async fn run(
             Ok(None) => {}
             Err(e) => tracing::warn!("gateway: looking for work: {e}"),
         }
-        tokio::time::sleep(GATEWAY_TICK).await;
+        tokio::time::sleep(WORK_POLL).await;
     }
     Ok(())
 }
@@ -469,7 +475,7 @@ pub(crate) async fn gather(
             // The database away: wait on, until the deadline.
             Err(e) => tracing::warn!("reading the gateways' work: {e}"),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(WORK_POLL).await;
     }
     let folded = match blocking(link, move |l| l.fold_work(&run, key)).await {
         Ok(folded) => folded,
