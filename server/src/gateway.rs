@@ -67,7 +67,7 @@ fn ready_and_held(state: &AppState) -> (usize, usize) {
 pub async fn run(
     state: Arc<AppState>,
     (link, heartbeat_link): (Arc<PgStore>, Arc<PgStore>),
-    name: String,
+    (name, block): (String, u64),
     initial: Weights,
 ) -> anyhow::Result<()> {
     let config = &state.config;
@@ -80,17 +80,19 @@ pub async fn run(
     // training a long round is alive. It says no client is ready while
     // its admin pauses it. (Which round it trains, the store keeps with
     // its taking and giving back: `busy_round`.)
+    let fingerprint = config.training_fingerprint();
     let heartbeat = {
         let (state, link, run, name) = (state.clone(), heartbeat_link, run.clone(), name.clone());
+        let fingerprint = fingerprint.clone();
         tokio::spawn(async move {
             loop {
                 let (mut ready, held) = ready_and_held(&state);
                 if state.control().paused {
                     ready = 0;
                 }
-                let (run, name) = (run.clone(), name.clone());
+                let (run, name, fingerprint) = (run.clone(), name.clone(), fingerprint.clone());
                 if let Err(e) = blocking(&link, move |l| {
-                    l.gateway_heartbeat(&run, &name, ready, held)
+                    l.gateway_heartbeat((&run, &name), (ready, held), &fingerprint)
                 })
                 .await
                 {
@@ -134,7 +136,14 @@ pub async fn run(
         match blocking(&link, move |l| l.take_work(&run_, &name_)).await {
             Ok(Some(work)) => {
                 let round = work.round;
-                train(&state, strategy.as_ref(), &link, &name, work, &initial).await;
+                train(
+                    &state,
+                    strategy.as_ref(),
+                    (&link, &name, block),
+                    work,
+                    &initial,
+                )
+                .await;
                 awaiting.retain(|&r| r < round);
                 awaiting.push(round);
                 continue;
@@ -164,8 +173,7 @@ type Owed = (Option<(Vec<f32>, u64)>, u64, u64, Option<String>);
 async fn train(
     state: &Arc<AppState>,
     strategy: &dyn Strategy,
-    link: &Arc<PgStore>,
-    name: &str,
+    (link, name, block): (&Arc<PgStore>, &str, u64),
     work: Work,
     initial: &Weights,
 ) {
@@ -175,7 +183,15 @@ async fn train(
         participants,
         model,
         config,
+        hop_deadline_s,
     } = work;
+    // The leader's hop deadline now (its admin may have moved it), within
+    // the bounds any deadline keeps.
+    if astraea_core::engine::hop::hop_limit("the leader's hop deadline", hop_deadline_s, false)
+        .is_ok()
+    {
+        lock(&state.tunable).hop_deadline_s = hop_deadline_s;
+    }
     let give_back = |answer: Owed| {
         let (link, run, name) = (
             link.clone(),
@@ -185,16 +201,31 @@ async fn train(
         async move {
             let (partial, mediators, failures, detail) = answer;
             let with_partial = partial.is_some();
-            let given = blocking(&link, move |l| {
-                let answer = Answer {
-                    partial: partial.as_ref().map(|(w, n)| (w.as_slice(), *n)),
-                    mediators,
-                    failures,
-                    detail: detail.as_deref(),
-                };
-                l.give_back_work(&run, &name, (round, term), answer)
-            })
-            .await;
+            // Tried three times, a second apart (the store's call also
+            // reconnects once): the same answer again is taken once.
+            let partial = Arc::new(partial);
+            let detail = Arc::new(detail);
+            let mut given = Err(crate::store::StoreError::Closed);
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let (run, name) = (run.clone(), name.clone());
+                let (partial, detail) = (partial.clone(), detail.clone());
+                given = blocking(&link, move |l| {
+                    let answer = Answer {
+                        partial: partial.as_ref().as_ref().map(|(w, n)| (w.as_slice(), *n)),
+                        mediators,
+                        failures,
+                        detail: detail.as_deref(),
+                    };
+                    l.give_back_work(&run, &name, (round, term), answer)
+                })
+                .await;
+                if given.is_ok() {
+                    break;
+                }
+            }
             match given {
                 Ok(true) if with_partial => {
                     tracing::info!(round, mediators, failures, "gateway: partial given back")
@@ -234,12 +265,11 @@ async fn train(
         values: model.clone(),
     }));
     // Seeded per round and gateway, as the leader's draw is per round.
-    let gateway_seed = {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(name.as_bytes());
-        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
-    };
-    let mut rng = StdRng::seed_from_u64(seeds::round_draw(state.config.seed, round) ^ gateway_seed);
+    // Seeded by its block of ids, not its pid or port: a run repeats.
+    let mut rng = StdRng::seed_from_u64(seeds::round_draw(
+        state.config.seed ^ block.rotate_left(32),
+        round,
+    ));
     let drawn = crate::coordinator::pick_participants(
         state,
         participants,
@@ -324,8 +354,10 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
     let mut seen = match blocking(link, move |l| l.live_gateways(&run)).await {
         Ok(seen) => seen,
         Err(e) => {
+            // The store away: the last view stands (a round is not closed
+            // on the gateways for want of a read).
             tracing::warn!("reading the run's gateways: {e}");
-            Vec::new()
+            return state.status().gateways.clone();
         }
     };
     let mut status = state.status();
@@ -342,6 +374,19 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
         }
         seen.clear();
     }
+    // A gateway started with other training flags gets no share (said
+    // once for each); the work it would refuse is not placed.
+    let ours = state.config.training_fingerprint();
+    seen.retain(|g| {
+        let same = g.config == ours;
+        if !same && status.gateways_mismatched.insert(g.name.clone()) {
+            tracing::error!(
+                gateway = %g.name,
+                "this gateway's training settings differ from the leader's: it gets no share; start it with the leader's flags"
+            );
+        }
+        same
+    });
     status.gateways = seen.clone();
     seen
 }
@@ -415,9 +460,15 @@ pub(crate) async fn place(
         + Duration::from_secs(10);
     let (run, model) = (state.config.run_name.clone(), global.to_vec());
     let config = state.config.training_fingerprint();
+    let hop_deadline_s = tunable.hop_deadline_s;
     let placing = shares.clone();
     match blocking(link, move |l| {
-        l.place_work(&run, (round, term), (&model, &config), &placing)
+        let placement = crate::store::gateways::Placement {
+            model: &model,
+            config: &config,
+            hop_deadline_s,
+        };
+        l.place_work(&run, (round, term), placement, &placing)
     })
     .await
     {

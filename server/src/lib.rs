@@ -322,7 +322,7 @@ async fn start_gateway(
     let coordinator = tokio::spawn(gateway::run(
         state.clone(),
         (Arc::new(link), Arc::new(heartbeat)),
-        name,
+        (name, block),
         data.initial.clone(),
     ));
     Ok(Running {

@@ -261,6 +261,9 @@ pub struct RunStatus {
     /// Whether this leader said its run leaves gateways idle.
     #[serde(skip)]
     pub gateways_refused: bool,
+    /// Gateways this leader said train by other settings than its own.
+    #[serde(skip)]
+    pub gateways_mismatched: std::collections::BTreeSet<String>,
     /// The gateway this server is (`--gateway`), by its name in the store.
     pub gateway: Option<String>,
 }
@@ -469,6 +472,7 @@ impl AppState {
             gateways: vec![],
             gateways_read: None,
             gateways_refused: false,
+            gateways_mismatched: Default::default(),
             gateway: None,
         };
         let tunable = Tunable {

@@ -45,6 +45,9 @@ pub struct GatewaySeen {
     /// The round it is training, from taking its work until giving back
     /// (`None`: free).
     pub busy_round: Option<u32>,
+    /// The fingerprint of its training settings.
+    #[serde(skip)]
+    pub config: String,
 }
 
 /// Work the leader placed on a gateway: train `participants` of its
@@ -63,6 +66,9 @@ pub struct Work {
     /// (`ServeConfig::training_fingerprint`): a gateway whose own differs
     /// refuses the work.
     pub config: String,
+    /// The leader's hop deadline now (its admin may have changed it), in
+    /// seconds: the gateway's chains take it.
+    pub hop_deadline_s: f64,
 }
 
 /// Work a gateway still owes.
@@ -86,6 +92,18 @@ pub struct Folded {
     pub partial: Option<(Vec<f32>, u64)>,
     /// Why there is no partial (its detail, or `not back in time`).
     pub detail: Option<String>,
+}
+
+/// What the leader places: the round's model, the fingerprint of its
+/// training settings, and its hop deadline now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement<'a> {
+    /// The round's global weights.
+    pub model: &'a [f32],
+    /// `ServeConfig::training_fingerprint`.
+    pub config: &'a str,
+    /// The leader's hop deadline, seconds.
+    pub hop_deadline_s: f64,
 }
 
 /// A gateway's answer for a round it took.
@@ -149,26 +167,28 @@ fn owned(run: &str, name: &str) -> (String, String) {
 
 impl PgStore {
     /// A gateway's heartbeat: `name` holds `clients` clients, `ready` of
-    /// them ready, in `run`.
+    /// them ready, in `run`, and trains by the settings of fingerprint
+    /// `config` (`ServeConfig::training_fingerprint`).
     ///
     /// # Errors
     /// The database failed.
     pub fn gateway_heartbeat(
         &self,
-        run: &str,
-        name: &str,
-        ready: usize,
-        clients: usize,
+        (run, name): (&str, &str),
+        (ready, clients): (usize, usize),
+        config: &str,
     ) -> Result<(), StoreError> {
         let (run, name) = owned(run, name);
+        let config = config.to_string();
         let (ready, clients) = (ready as i64, clients as i64);
         self.call(move |client| {
             client.execute(
-                "INSERT INTO gateways (run, name, ready, clients, seen_at)
-                 VALUES ($1, $2, $3, $4, now())
+                "INSERT INTO gateways (run, name, ready, clients, config, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, now())
                  ON CONFLICT (run, name) DO UPDATE
-                 SET ready = excluded.ready, clients = excluded.clients, seen_at = now()",
-                &[&run, &name, &ready, &clients],
+                 SET ready = excluded.ready, clients = excluded.clients,
+                     config = excluded.config, seen_at = now()",
+                &[&run, &name, &ready, &clients, &config],
             )?;
             Ok(())
         })
@@ -185,7 +205,7 @@ impl PgStore {
         self.call(move |client| {
             let rows = client.query(
                 "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8,
-                        busy_round
+                        busy_round, config
                  FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
                  ORDER BY name",
                 &[&run, &within],
@@ -198,6 +218,7 @@ impl PgStore {
                     clients: row.get::<_, i64>(2).max(0) as u64,
                     seen_s_ago: row.get(3),
                     busy_round: row.get::<_, Option<i64>>(4).map(|r| r as u32),
+                    config: row.get(5),
                 })
                 .collect())
         })
@@ -228,10 +249,15 @@ impl PgStore {
         &self,
         run: &str,
         (round, term): (u32, i64),
-        (model, config): (&[f32], &str),
+        placement: Placement<'_>,
         shares: &[(String, usize)],
     ) -> Result<(), StoreError> {
         let run = run.to_string();
+        let Placement {
+            model,
+            config,
+            hop_deadline_s,
+        } = placement;
         let config = config.to_string();
         let model = model.to_vec();
         let shares = shares.to_vec();
@@ -249,10 +275,12 @@ impl PgStore {
             for (gateway, participants) in &shares {
                 tx.execute(
                     "INSERT INTO gateway_work
-                         (run, round, gateway, term, model, participants, state, config)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'placed', $7)
+                         (run, round, gateway, term, model, participants, state, config,
+                          hop_deadline_s)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'placed', $7, $8)
                      ON CONFLICT (run, round, gateway) DO UPDATE
                      SET term = excluded.term, model = excluded.model, config = excluded.config,
+                         hop_deadline_s = excluded.hop_deadline_s,
                          participants = excluded.participants, state = 'placed',
                          partial = NULL, samples = NULL, mediators = NULL,
                          failures = NULL, detail = NULL, updated_at = now()
@@ -265,6 +293,7 @@ impl PgStore {
                         &hash,
                         &(*participants as i64),
                         &config,
+                        &hop_deadline_s,
                     ],
                 )?;
             }
@@ -409,10 +438,18 @@ impl PgStore {
                      WHERE run = $1 AND gateway = $2 AND state IN ('placed', 'taken')
                      ORDER BY round DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
                    AND state IN ('placed', 'taken')
-                 RETURNING round, term, participants, model, config",
+                 RETURNING round, term, participants, model, config, hop_deadline_s",
                 &[&run, &gateway],
             )?;
             let Some(row) = row else {
+                // Asking means training nothing: whatever kept this
+                // gateway busy (a give-back that never got through) is over.
+                tx.execute(
+                    "UPDATE gateways SET busy_round = NULL WHERE run = $1 AND name = $2
+                       AND busy_round IS NOT NULL",
+                    &[&run, &gateway],
+                )?;
+                tx.commit()?;
                 return Ok(None);
             };
             let model = get_blob(&mut tx, &row.get::<_, String>(3))?;
@@ -429,6 +466,7 @@ impl PgStore {
                 participants: row.get::<_, i64>(2).max(0) as usize,
                 model,
                 config: row.get(4),
+                hop_deadline_s: row.get(5),
             }))
         })
     }
@@ -451,13 +489,13 @@ impl PgStore {
         let partial = answer.partial.map(|(w, n)| (w.to_vec(), n as i64));
         let (mediators, failures) = (answer.mediators as i64, answer.failures as i64);
         let detail = answer.detail.map(str::to_string);
+        let (hash, samples) = match &partial {
+            Some((weights, samples)) => (Some(blob_name(&to_bytes(weights))), Some(*samples)),
+            None => (None, None),
+        };
         self.call(move |client| {
             let mut tx = client.transaction()?;
-            let (hash, samples) = match &partial {
-                Some((weights, samples)) => (Some(put_blob(&mut tx, weights)?), Some(*samples)),
-                None => (None, None),
-            };
-            let accepted = tx
+            let mut accepted = tx
                 .query_opt(
                     "UPDATE gateway_work
                      SET state = 'returned', partial = $5, samples = $6, mediators = $7,
@@ -478,10 +516,23 @@ impl PgStore {
                     ],
                 )?
                 .is_some();
-            if !accepted {
-                // Refused: its blob goes with the rolled-back part.
-                tx.rollback()?;
-                tx = client.transaction()?;
+            if accepted {
+                if let Some((weights, _)) = &partial {
+                    put_blob(&mut tx, weights)?;
+                }
+            } else {
+                // Given back already (this call run again after its answer
+                // was lost with a connection): the same answer.
+                accepted = tx
+                    .query_opt(
+                        "SELECT 1 FROM gateway_work
+                         WHERE run = $1 AND round = $2 AND gateway = $3 AND term = $4
+                           AND state IN ('returned', 'folded')
+                           AND partial IS NOT DISTINCT FROM $5
+                           AND samples IS NOT DISTINCT FROM $6",
+                        &[&run, &i64::from(round), &gateway, &term, &hash, &samples],
+                    )?
+                    .is_some();
             }
             // Free again, accepted or not, in the transaction that gives
             // back: the leader never sees it busy after.
@@ -546,6 +597,14 @@ mod tests {
         (store, lease)
     }
 
+    fn placement(model: &[f32]) -> Placement<'_> {
+        Placement {
+            model,
+            config: "c",
+            hop_deadline_s: 30.0,
+        }
+    }
+
     fn answer(partial: Option<(&[f32], u64)>) -> Answer<'_> {
         Answer {
             partial,
@@ -565,14 +624,19 @@ mod tests {
         let model = [0.5f32, -1.0, 2.0];
         let shares = [("a".to_string(), 2), ("b".to_string(), 1)];
         leader
-            .place_work("run", (4, term), (&model, "c"), &shares)
+            .place_work("run", (4, term), placement(&model), &shares)
             .unwrap();
 
         // Execute: both take it; a gives back (twice), b only after the
         // leader folded the round.
-        gateway.gateway_heartbeat("run", "a", 2, 2).unwrap();
+        gateway
+            .gateway_heartbeat(("run", "a"), (2, 2), "c")
+            .unwrap();
         let taken_a = gateway.take_work("run", "a").unwrap().unwrap();
         let busy = leader.live_gateways("run").unwrap()[0].busy_round;
+        gateway
+            .gateway_heartbeat(("run", "b"), (1, 1), "c")
+            .unwrap();
         let taken_b = gateway.take_work("run", "b").unwrap().unwrap();
         // Asked again (as after an answer lost with a connection): the
         // same work.
@@ -588,6 +652,20 @@ mod tests {
         let free = leader.live_gateways("run").unwrap()[0].busy_round;
         let owing = leader.work_outstanding("run", key).unwrap();
         let folded = leader.fold_work("run", key).unwrap();
+        // b's give-back never got through; asking for work again (it is
+        // idle) frees it.
+        let b_busy = |store: &PgStore| {
+            store
+                .live_gateways("run")
+                .unwrap()
+                .into_iter()
+                .find(|g| g.name == "b")
+                .unwrap()
+                .busy_round
+        };
+        let b_busy_before = b_busy(&leader);
+        assert_eq!(gateway.take_work("run", "b").unwrap(), None);
+        let b_busy_after = b_busy(&leader);
         let late = gateway
             .give_back_work("run", "b", key, answer(Some((&partial, 10))))
             .unwrap();
@@ -606,6 +684,12 @@ mod tests {
         assert_eq!(again_taken.as_ref(), Some(&taken_a));
         assert_eq!(gateway.take_work("run", "c").unwrap(), None);
         assert!(first && !again, "a partial is taken once");
+        assert!(
+            gateway
+                .give_back_work("run", "a", key, answer(Some((&partial, 30))))
+                .unwrap(),
+            "the same partial again (a retried call) gets the same answer"
+        );
         assert_eq!(
             (busy, free),
             (Some(4), None),
@@ -634,6 +718,7 @@ mod tests {
             ]
         );
         assert!(!late, "a partial after the fold is refused");
+        assert_eq!((b_busy_before, b_busy_after), (Some(4), None));
         assert_eq!(folded_again, folded, "folding again answers the same");
     }
 
@@ -648,7 +733,7 @@ mod tests {
             .place_work(
                 "run",
                 (2, old),
-                (&[1.0], "c"),
+                placement(&[1.0]),
                 &[("a".into(), 1), ("b".into(), 1)],
             )
             .unwrap();
@@ -659,7 +744,7 @@ mod tests {
             .execute_raw("UPDATE leases SET term = term + 1 WHERE run = 'run'")
             .unwrap();
         let new = PgStore::connect(&url).unwrap();
-        new.place_work("run", (2, old + 1), (&[2.0], "c"), &[("a".into(), 3)])
+        new.place_work("run", (2, old + 1), placement(&[2.0]), &[("a".into(), 3)])
             .unwrap();
 
         // Execute
@@ -670,7 +755,7 @@ mod tests {
         // b, left out of the new leader's shares, has no dead work to train.
         let left_out = gateway.take_work("run", "b").unwrap();
         let ex_leader_places =
-            leader.place_work("run", (3, old), (&[3.0], "c"), &[("a".into(), 1)]);
+            leader.place_work("run", (3, old), placement(&[3.0]), &[("a".into(), 1)]);
         let ex_leader_folds = leader.fold_work("run", (2, old));
         let fresh = gateway
             .give_back_work("run", "a", (2, old + 1), answer(Some((&[6.0], 10))))
@@ -714,7 +799,7 @@ mod tests {
         for round in 1..=3u32 {
             let model = [round as f32];
             leader
-                .place_work("run", (round, term), (&model, "c"), &[("a".into(), 1)])
+                .place_work("run", (round, term), placement(&model), &[("a".into(), 1)])
                 .unwrap();
             gateway.take_work("run", "a").unwrap().unwrap();
             let partial = [round as f32 + 0.5];
@@ -733,9 +818,11 @@ mod tests {
     fn gateways_heard_from_lately_are_live_and_ids_come_in_blocks() {
         let (_cluster, url) = cluster();
         let store = PgStore::connect(&url).unwrap();
-        store.gateway_heartbeat("run", "a", 3, 5).unwrap();
-        store.gateway_heartbeat("run", "b", 0, 1).unwrap();
-        store.gateway_heartbeat("other", "c", 9, 9).unwrap();
+        store.gateway_heartbeat(("run", "a"), (3, 5), "c").unwrap();
+        store.gateway_heartbeat(("run", "b"), (0, 1), "c").unwrap();
+        store
+            .gateway_heartbeat(("other", "c"), (9, 9), "c")
+            .unwrap();
         store
             .execute_raw(
                 "UPDATE gateways SET seen_at = now() - interval '10 seconds' WHERE name = 'b'",

@@ -127,6 +127,7 @@ const MIGRATIONS: &[&str] = &[
         ready BIGINT NOT NULL,
         clients BIGINT NOT NULL,
         busy_round BIGINT,
+        config TEXT NOT NULL DEFAULT '',
         seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (run, name)
     );
@@ -144,6 +145,7 @@ const MIGRATIONS: &[&str] = &[
         failures BIGINT,
         detail TEXT,
         config TEXT NOT NULL DEFAULT '',
+        hop_deadline_s DOUBLE PRECISION NOT NULL DEFAULT 60,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (run, round, gateway)
     );
