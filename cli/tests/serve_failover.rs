@@ -390,6 +390,32 @@ const GATEWAY_RUN: &[&str] = &[
     "0",
 ];
 
+/// A throw-away database with a leader of [`GATEWAY_RUN`] and a gateway of
+/// it started with `extra` flags too, two clients training with the
+/// gateway. Dropped in reverse order: the servers go before the cluster.
+async fn leader_and_gateway(
+    extra: &[&str],
+) -> (
+    PgCluster,
+    String,
+    Server,
+    Server,
+    tokio::task::JoinHandle<()>,
+) {
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    gateway_run.extend(extra);
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_swarm = swarm_of(gateway.port, 2);
+    (cluster, url, leader, gateway, gateway_swarm)
+}
+
 /// (round, state, samples) of the gateways' work left in the store.
 fn gateway_work(url: &str) -> Vec<(i64, String, Option<i64>)> {
     let url = url.to_string();
@@ -412,16 +438,7 @@ fn gateway_work(url: &str) -> Vec<(i64, String, Option<i64>)> {
 async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes_on() {
     // Prepare: a leader and a gateway on one run, two clients each; the
     // gateway's ready before the leader's, so every round has both.
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
-    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
-    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
-    let mut gateway_run = GATEWAY_RUN.to_vec();
-    gateway_run.push("--gateway");
-    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
-    let gateway_swarm = swarm_of(gateway.port, 2);
+    let (_cluster, url, leader, gateway, gateway_swarm) = leader_and_gateway(&[]).await;
     wait_for(&leader, "the gateway's two ready clients", |s| {
         s["gateways"][0]["ready"] == 2
     })
@@ -562,16 +579,8 @@ fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
 async fn a_gateway_started_with_other_training_flags_trains_nothing_of_the_run() {
     // Prepare: a gateway that would train two local epochs where the
     // leader's run trains one.
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
-    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
-    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
-    let mut gateway_run = GATEWAY_RUN.to_vec();
-    gateway_run.extend(["--gateway", "--epochs", "2"]);
-    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
-    let gateway_swarm = swarm_of(gateway.port, 2);
+    let (_cluster, url, leader, gateway, gateway_swarm) =
+        leader_and_gateway(&["--epochs", "2"]).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !leader.log().contains("it gets no share") {
         assert!(Instant::now() < deadline, "{}", leader.log());

@@ -186,27 +186,11 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     if let Some(following) = following {
         following.stop().await;
     }
-    let join_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
-    let rustls = match &config.tls {
-        Some(source) => Some(tls::rustls_config(source).await?),
-        None => None,
-    };
-    let mut state = AppState::new(
-        config,
-        data.model.clone(),
-        data.shards.clone(),
-        data.train.clone(),
-        store,
-    );
-    state.join_url = join_url;
+    let (mut state, rustls) = served_state(config, &data, store, bound).await?;
     // Held as long as the server runs, finished or not: a follower that
     // took over a finished run would have nothing to lead.
     state.lease = lease;
     state.hierarchy = link.map(Arc::new);
-    state.test_samples = data.test.len();
     state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
     let resume = coordinator::restore(&state, &data.initial, resumed);
@@ -294,23 +278,7 @@ async fn start_gateway(
     // Named by its block of ids, which no other process of the database
     // takes: a restarted gateway is a new one, whatever its pid and port.
     let name = format!("gateway {block} (pid {} at {bound})", std::process::id());
-    let join_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
-    let rustls = match &config.tls {
-        Some(source) => Some(tls::rustls_config(source).await?),
-        None => None,
-    };
-    let mut state = AppState::new(
-        config,
-        data.model.clone(),
-        data.shards.clone(),
-        data.train.clone(),
-        None,
-    );
-    state.join_url = join_url;
-    state.test_samples = data.test.len();
+    let (state, rustls) = served_state(config, &data, None, bound).await?;
     // Ids no other server of the run gives (`PgStore::client_id_block`).
     state
         .next_id
@@ -330,4 +298,33 @@ async fn start_gateway(
         server,
         coordinator,
     })
+}
+
+/// A server's state for `config` and its `data` (with `store`, if any), its
+/// join URL made from `bound` unless the config names one, and its TLS
+/// configuration, if it serves HTTPS.
+async fn served_state(
+    config: ServeConfig,
+    data: &coordinator::ServerData,
+    store: Option<store::Store>,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<(AppState, Option<axum_server::tls_rustls::RustlsConfig>)> {
+    let join_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| tls::join_url(config.tls.is_some(), bound));
+    let rustls = match &config.tls {
+        Some(source) => Some(tls::rustls_config(source).await?),
+        None => None,
+    };
+    let mut state = AppState::new(
+        config,
+        data.model.clone(),
+        data.shards.clone(),
+        data.train.clone(),
+        store,
+    );
+    state.join_url = join_url;
+    state.test_samples = data.test.len();
+    Ok((state, rustls))
 }

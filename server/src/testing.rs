@@ -155,6 +155,17 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// A cluster started for one test with one database, `astraea`, and
+    /// that database's URL; panics with the cluster's error (how to install
+    /// PostgreSQL, say) when it cannot start.
+    pub fn with_database() -> (Self, String) {
+        let cluster = Self::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = cluster
+            .create_database("astraea")
+            .unwrap_or_else(|e| panic!("{e}"));
+        (cluster, url)
+    }
+
     /// Creates database `name` and answers its URL.
     ///
     /// # Errors

@@ -579,9 +579,7 @@ mod tests {
     use crate::testing::PgCluster;
 
     fn cluster() -> (PgCluster, String) {
-        let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-        let url = cluster.create_database("astraea").unwrap();
-        (cluster, url)
+        PgCluster::with_database()
     }
 
     /// A leader's store fenced by a lease of `run` held for 30 s.

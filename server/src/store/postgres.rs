@@ -657,9 +657,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn cluster() -> (PgCluster, String) {
-        let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-        let url = cluster.create_database("astraea").unwrap();
-        (cluster, url)
+        PgCluster::with_database()
     }
 
     #[test]
