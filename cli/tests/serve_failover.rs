@@ -456,6 +456,13 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     // Execute: four rounds with the gateway, then it dies (SIGKILL).
     wait_for(&leader, "four rounds", |s| s["round"].as_u64() >= Some(5)).await;
     let folded_while_alive = gateway_work(&url);
+    wait_on(
+        gateway.port,
+        &logs,
+        "the gateway's view of the leader",
+        |s| s["leader_round"].as_u64() >= Some(3),
+    )
+    .await;
     let gateway_status = status(gateway.port).await.expect("the gateway answers");
     let metrics = |port: u16| async move {
         astraea_server::loopback::get(&format!("127.0.0.1:{port}"), "/metrics")
@@ -491,6 +498,17 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     );
     assert!(
         gateway_status["round"].as_u64() >= Some(4),
+        "{gateway_status}"
+    );
+    // From the gateway's own page, one federation: every gateway, and the
+    // leader's last round.
+    assert!(
+        gateway_status["leader_round"].as_u64() >= Some(3)
+            && gateway_status["leader_accuracy"].as_f64() > Some(0.0),
+        "{gateway_status}"
+    );
+    assert_eq!(
+        gateway_status["gateways"][0]["ready"], 2,
         "{gateway_status}"
     );
     // Operators see which is which: the gateway does not lead, the

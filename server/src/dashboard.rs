@@ -68,6 +68,14 @@ pub struct StatusBody {
     /// a leader or a server alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// On a gateway: the last round the run's leader recorded, and its
+    /// accuracy (the federation's, where this server's own `round` is the
+    /// last it trained a share of).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_round: Option<u32>,
+    /// On a gateway: the accuracy of `leader_round`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_accuracy: Option<f64>,
     /// `sync` rounds or the `async` mode (then a round is a global version).
     pub mode: String,
     /// What volunteers' reports reveal: the label epsilon per count
@@ -190,6 +198,8 @@ pub fn status_body(state: &AppState) -> StatusBody {
         servers: state.lease.as_ref().map(crate::store::Lease::servers),
         gateways: status.gateways.clone(),
         gateway: status.gateway.clone(),
+        leader_round: status.leader_round.map(|(round, _)| round),
+        leader_accuracy: status.leader_round.map(|(_, accuracy)| accuracy),
         mode: state.config.schedule.mode.to_string(),
         privacy,
         model_epsilon: state.model_epsilon(),

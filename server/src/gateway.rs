@@ -105,7 +105,23 @@ pub async fn run(
     let _stop_heartbeat = AbortOnDrop(heartbeat);
     // Rounds trained here whose outcome the clients have not heard yet.
     let mut awaiting: Vec<u32> = Vec::new();
+    let mut looked = std::time::Instant::now() - Duration::from_secs(60);
     while !state.control().stopped {
+        // Every second: the federation as the store has it (every
+        // gateway, the leader's last round), for this gateway's pages.
+        if looked.elapsed() >= Duration::from_secs(1) {
+            looked = std::time::Instant::now();
+            let run = run.clone();
+            if let Ok((gateways, last)) = blocking(&link, move |l| {
+                Ok((l.live_gateways(&run)?, l.last_round(&run)?))
+            })
+            .await
+            {
+                let mut status = state.status();
+                status.gateways = gateways;
+                status.leader_round = last;
+            }
+        }
         if let Some(&round) = awaiting.first() {
             let run = run.clone();
             match blocking(&link, move |l| l.round_outcome(&run, round)).await {

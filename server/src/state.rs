@@ -266,6 +266,9 @@ pub struct RunStatus {
     pub gateways_mismatched: std::collections::BTreeSet<String>,
     /// The gateway this server is (`--gateway`), by its name in the store.
     pub gateway: Option<String>,
+    /// On a gateway: the last round the run's leader recorded (round,
+    /// accuracy), as the gateway last read it.
+    pub leader_round: Option<(u32, f64)>,
 }
 
 /// What the admin has asked of the round loop.
@@ -474,6 +477,7 @@ impl AppState {
             gateways_refused: false,
             gateways_mismatched: Default::default(),
             gateway: None,
+            leader_round: None,
         };
         let tunable = Tunable {
             rounds: config.rounds,

@@ -545,6 +545,24 @@ impl PgStore {
         })
     }
 
+    /// The last round of `run` its leader recorded (round, accuracy), if
+    /// any.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn last_round(&self, run: &str) -> Result<Option<(u32, f64)>, StoreError> {
+        let run = run.to_string();
+        self.call(move |client| {
+            Ok(client
+                .query_opt(
+                    "SELECT r.round, r.accuracy FROM rounds r JOIN runs ON runs.id = r.run_id
+                     WHERE runs.name = $1 ORDER BY r.round DESC LIMIT 1",
+                    &[&run],
+                )?
+                .map(|row| (row.get::<_, i64>(0) as u32, row.get(1))))
+        })
+    }
+
     /// Round `round` of `run` as its leader recorded it (accuracy, loss),
     /// once it has; and whether the run has finished.
     ///
