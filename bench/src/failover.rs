@@ -353,7 +353,7 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
 }
 
 /// Polls `done` every 50 ms for at most `within`.
-async fn wait_until<F: std::future::Future<Output = bool>>(
+pub(crate) async fn wait_until<F: std::future::Future<Output = bool>>(
     within: Duration,
     done: impl Fn() -> F,
 ) -> anyhow::Result<()> {

@@ -14,14 +14,15 @@
 //! PostgreSQL.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use astraea_native::{ClientOptions, run_swarm};
 use astraea_server::testing::PgCluster;
 
-use crate::chaos::get_json;
+use crate::chaos::{Server, get_json};
+use crate::failover::wait_until;
 
 /// One run of one layout.
 #[derive(Debug, Clone)]
@@ -40,16 +41,6 @@ pub struct GatewayRun {
     pub seconds: f64,
 }
 
-/// A server process, killed when dropped.
-struct Serving(Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -65,7 +56,7 @@ fn spawn(
     data_dir: &Path,
     work: &Path,
     log: &str,
-) -> anyhow::Result<Serving> {
+) -> anyhow::Result<Server> {
     let log = std::fs::File::create(work.join(log))?;
     let (shards, total) = (shards.to_string(), total.to_string());
     let mut command = Command::new(std::env::current_exe()?);
@@ -88,22 +79,7 @@ fn spawn(
     if gateway {
         command.arg("--gateway");
     }
-    Ok(Serving(command.spawn().context("starting a server")?))
-}
-
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    within: Duration,
-    what: &str,
-    mut done: impl FnMut() -> F,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while !done().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    Ok(Server(command.spawn().context("starting a server")?))
 }
 
 fn swarm(port: u16, clients: usize, data_dir: &Path) -> tokio::task::JoinHandle<()> {
@@ -143,12 +119,13 @@ async fn one(
         &work,
         "leader.log",
     )?;
-    wait_until(Duration::from_secs(120), "the leader", || async {
+    wait_until(Duration::from_secs(120), || async {
         get_json(leader_port, "/api/status")
             .await
             .is_some_and(|s| s["leader_term"] == 1)
     })
-    .await?;
+    .await
+    .context("the leader")?;
     let mut servers = Vec::new();
     let mut swarms = Vec::new();
     for g in 0..gateways {
@@ -166,28 +143,26 @@ async fn one(
     }
     // The gateways' clients first, so each server's n-th client is the
     // n-th to join it whatever the timing.
-    wait_until(
-        Duration::from_secs(120),
-        "the gateways' clients",
-        || async {
-            get_json(leader_port, "/api/status").await.is_some_and(|s| {
-                let ready: u64 = s["gateways"]
-                    .as_array()
-                    .map(|g| g.iter().filter_map(|g| g["ready"].as_u64()).sum())
-                    .unwrap_or(0);
-                ready as usize == clients * gateways
-            })
-        },
-    )
-    .await?;
+    wait_until(Duration::from_secs(120), || async {
+        get_json(leader_port, "/api/status").await.is_some_and(|s| {
+            let ready: u64 = s["gateways"]
+                .as_array()
+                .map(|g| g.iter().filter_map(|g| g["ready"].as_u64()).sum())
+                .unwrap_or(0);
+            ready as usize == clients * gateways
+        })
+    })
+    .await
+    .context("the gateways' clients")?;
     let leader_clients = if gateways == 0 { total } else { clients };
     swarms.push(swarm(leader_port, leader_clients, data_dir));
-    wait_until(Duration::from_secs(3600), "the run to finish", || async {
+    wait_until(Duration::from_secs(3600), || async {
         get_json(leader_port, "/api/status")
             .await
             .is_some_and(|s| s["phase"] == "finished")
     })
-    .await?;
+    .await
+    .context("the run to finish")?;
     for s in swarms {
         s.abort();
     }
