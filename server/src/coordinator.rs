@@ -840,12 +840,12 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
             return false;
         }
         // The gateways' ready clients count too (none without gateways).
-        let elsewhere: u64 = crate::gateway::live(state, false)
+        let elsewhere: usize = crate::gateway::live(state, false)
             .await
             .iter()
-            .map(|g| g.ready)
+            .map(crate::gateway::drawable)
             .sum();
-        let ready = ready_clients(state) + elsewhere as usize;
+        let ready = ready_clients(state) + elsewhere;
         if ready >= min.max(1) {
             return true;
         }

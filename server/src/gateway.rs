@@ -419,6 +419,18 @@ pub(crate) struct Placed {
     deadline: std::time::Instant,
 }
 
+/// The clients the leader may draw on gateway `g` this round: what it
+/// says is ready, bounded by what it holds and by a million; none while it
+/// still trains an earlier round (late: its partial will be refused),
+/// rather than more work it cannot start. The one count both the wait for
+/// enough clients and the split go by.
+pub(crate) fn drawable(g: &GatewaySeen) -> usize {
+    match g.busy_round {
+        Some(_) => 0,
+        None => g.ready.min(g.clients).min(1 << 20) as usize,
+    }
+}
+
 /// Splits the round's `c` participants between this leader (`own_ready`
 /// ready clients) and `gateways` by [`hierarchy::shares`]: the leader's
 /// share, and each gateway's (gateways with none left out).
@@ -431,13 +443,7 @@ pub(crate) fn split(
         return (c, Vec::new());
     }
     let mut ready = vec![own_ready];
-    // What a gateway says is bounded by what it holds, and by a million;
-    // one still training an earlier round (late: its partial will be
-    // refused) is given nothing, rather than more work it cannot start.
-    ready.extend(gateways.iter().map(|g| match g.busy_round {
-        Some(_) => 0,
-        None => g.ready.min(g.clients).min(1 << 20) as usize,
-    }));
+    ready.extend(gateways.iter().map(drawable));
     let shares = hierarchy::shares(c, &ready);
     let placed = gateways
         .iter()
