@@ -78,8 +78,12 @@ fn spawn_server(url: &str, dir: &Path, name: &str) -> Server {
 /// `astraea serve` on a free port of run `shared` in `url`, with `run`'s
 /// flags, logging to `dir/name.log`.
 fn spawn_serving(url: &str, dir: &Path, name: &str, run: &[&str]) -> Server {
+    spawn_serving_on(free_port(), url, dir, name, run)
+}
+
+/// [`spawn_serving`] on `port`.
+fn spawn_serving_on(port: u16, url: &str, dir: &Path, name: &str, run: &[&str]) -> Server {
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
-    let port = free_port();
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_astraea"))
         .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
@@ -553,6 +557,72 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
             .all(|(_, state, _)| state == "folded" || state == "closed"),
         "{after:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_themselves() {
+    // Prepare: a leader with no clients of its own, gateway a, and nginx
+    // in front of a and of b's port, where nothing listens yet: the four
+    // volunteers joining through nginx all reach a.
+    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let url = cluster.create_database("astraea").unwrap();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let a = spawn_serving(&url, &dir, "a", &gateway_run);
+    let b_port = free_port();
+    let nginx = Nginx::start(&[a.port, b_port]).unwrap_or_else(|e| panic!("{e}"));
+    let (a_log, b_log) = (a.log.clone(), dir.join("b.log"));
+    let logs = || {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        format!(
+            "--- leader\n{}\n--- a\n{}\n--- b\n{}\n--- nginx\n{}",
+            leader.log(),
+            read(&a_log),
+            read(&b_log),
+            nginx.log()
+        )
+    };
+    let swarm = swarm_of(nginx.port(), 4);
+    wait_on(leader.port, &logs, "two rounds trained on a", |s| {
+        s["round"].as_u64() >= Some(3) && s["gateways"][0]["clients"] == 4
+    })
+    .await;
+    let b = spawn_serving_on(b_port, &url, &dir, "b", &gateway_run);
+    wait_for(&leader, "b heard from", |s| {
+        s["gateways"].as_array().is_some_and(|g| g.len() == 2)
+    })
+    .await;
+
+    // Execute: a dies (SIGKILL) mid-run.
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+
+    // Assert: the four come back through nginx to b, as themselves (the
+    // run knows four clients: a new join would be a fifth), and b trains
+    // the rest of the run: it finishes, every round once.
+    wait_on(leader.port, &logs, "the run to finish", |s| {
+        s["phase"] == "finished"
+    })
+    .await;
+    swarm.abort();
+    assert!(
+        b.log().contains("resumed by a token of the run's store"),
+        "{}",
+        logs()
+    );
+    assert_eq!(clients(&url), 4, "{}", logs());
+    let (rounds, _) = recorded(&url);
+    let mut numbers: Vec<i64> = rounds.iter().map(|(r, _)| *r).collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=12).collect::<Vec<_>>(), "{}", logs());
+    // b's partials reached the rounds after a died.
+    let given_back = b.log().matches("gateway: partial given back").count();
+    assert!(given_back > 0, "{}", logs());
 }
 
 #[test]

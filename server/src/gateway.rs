@@ -112,11 +112,20 @@ pub async fn run(
         if looked.elapsed() >= Duration::from_secs(1) {
             looked = std::time::Instant::now();
             let run = run.clone();
-            if let Ok((gateways, last)) = blocking(&link, move |l| {
-                Ok((l.live_gateways(&run)?, l.last_round(&run)?))
+            let known = state.run_id.load(std::sync::atomic::Ordering::Relaxed) != 0;
+            if let Ok((gateways, last, id)) = blocking(&link, move |l| {
+                let id = if known { None } else { l.run_id(&run)? };
+                Ok((l.live_gateways(&run)?, l.last_round(&run)?, id))
             })
             .await
             {
+                // The run's id, once a leader created it: this gateway's
+                // clients are recorded under it from then on.
+                if let Some(id) = id {
+                    state
+                        .run_id
+                        .store(id as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 let mut status = state.status();
                 status.gateways = gateways;
                 status.leader_round = last;

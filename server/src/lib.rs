@@ -268,17 +268,31 @@ async fn start_gateway(
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
-    let (link, heartbeat, block) = tokio::task::spawn_blocking(move || {
+    let run = config.run_name.clone();
+    let (link, heartbeat, records, block, run_id) = tokio::task::spawn_blocking(move || {
         let link = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
         let heartbeat = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
+        let records = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
         let block = link.client_id_block()?;
-        anyhow::Ok((link, heartbeat, block))
+        let run_id = link.run_id(&run)?;
+        anyhow::Ok((link, heartbeat, records, block, run_id))
     })
     .await??;
     // Named by its block of ids, which no other process of the database
     // takes: a restarted gateway is a new one, whatever its pid and port.
     let name = format!("gateway {block} (pid {} at {bound})", std::process::id());
-    let (state, rustls) = served_state(config, &data, None, bound).await?;
+    // The run's store, unfenced: a gateway writes only its own clients'
+    // rows and events (their joins with their tokens' hashes, forgotten
+    // tokens, rejections), so a volunteer resumes as itself on whichever
+    // server of the run it reaches next; never a round's.
+    let records: store::Store = Box::new(records);
+    let (state, rustls) = served_state(config, &data, Some(records), bound).await?;
+    // Until a leader created the run, `gateway::run` looks again.
+    if let Some(id) = run_id {
+        state
+            .run_id
+            .store(id as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     // Ids no other server of the run gives (`PgStore::client_id_block`).
     state
         .next_id

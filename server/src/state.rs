@@ -661,8 +661,12 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut crate::store::Store, i64) -> Result<(), crate::store::StoreError>,
     ) -> Result<(), crate::store::StoreError> {
-        if let Some(store) = &self.store {
-            let run_id = self.run_id.load(Ordering::Relaxed) as i64;
+        // No run yet (a gateway before its leader created it; a server
+        // before its round loop began): nothing to record it under.
+        let run_id = self.run_id.load(Ordering::Relaxed) as i64;
+        if let Some(store) = &self.store
+            && run_id != 0
+        {
             let mut store = lock(store);
             match f(&mut store, run_id) {
                 Err(refused @ crate::store::StoreError::Fenced { .. }) => return Err(refused),

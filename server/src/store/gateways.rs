@@ -194,6 +194,21 @@ impl PgStore {
         })
     }
 
+    /// The id of the run called `run`, once a leader created it (a
+    /// gateway records its clients under it, so their tokens resume on
+    /// every server of the run).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn run_id(&self, run: &str) -> Result<Option<i64>, StoreError> {
+        let run = run.to_string();
+        self.call(move |client| {
+            Ok(client
+                .query_opt("SELECT id FROM runs WHERE name = $1", &[&run])?
+                .map(|row| row.get(0)))
+        })
+    }
+
     /// The gateways of `run` heard from within [`GATEWAY_SEEN_WITHIN`], by
     /// name.
     ///
