@@ -72,7 +72,13 @@ fn spawn_server(
 ) -> anyhow::Result<Server> {
     spawn_server_keeping(
         port,
-        (rounds, CLIENTS, "long-tail:10"),
+        RunSettings {
+            rounds,
+            min_clients: CLIENTS,
+            participants: CLIENTS,
+            partition: "long-tail:10",
+            part: Part::Server,
+        },
         data_dir,
         state_dir,
         Keep::Dir(state_dir),
@@ -80,12 +86,40 @@ fn spawn_server(
     )
 }
 
-/// A chaos run's server on `port` for `rounds` rounds that wait for
-/// `min_clients`, its shards cut by `partition`, logging to `work_dir/log`,
-/// its run kept as `keep` says.
+/// The part a chaos run's server plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// A server of a run without gateways: Astraea (augmentation and
+    /// rescheduling, mediators of 3), the loss rule on.
+    Server,
+    /// A leader-capable server of a run with gateways: what folds across
+    /// them (`ServeConfig::across_gateways`): Astraea's rescheduling,
+    /// mediators of 3, no loss rule.
+    Leader,
+    /// A gateway (`serve --gateway`) of such a run: never leads.
+    Gateway,
+}
+
+/// A chaos run's settings, as every server of it is started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunSettings<'a> {
+    /// Rounds of the run.
+    pub(crate) rounds: u32,
+    /// Ready clients a round waits for.
+    pub(crate) min_clients: usize,
+    /// Participants a round draws (`--participants`).
+    pub(crate) participants: usize,
+    /// How the shards are cut (`--partition`).
+    pub(crate) partition: &'a str,
+    /// The part this server plays.
+    pub(crate) part: Part,
+}
+
+/// A chaos run's server on `port`, started as `run` says, logging to
+/// `work_dir/log`, its run kept as `keep` says.
 pub(crate) fn spawn_server_keeping(
     port: u16,
-    (rounds, min_clients, partition): (u32, usize, &str),
+    run: RunSettings<'_>,
     data_dir: &Path,
     work_dir: &Path,
     keep: Keep<'_>,
@@ -100,13 +134,31 @@ pub(crate) fn spawn_server_keeping(
         Keep::Postgres(url) => ["--store".as_ref(), url.as_ref()],
     };
     let shards = CLIENTS.to_string();
-    let (rounds, min_clients) = (rounds.to_string(), min_clients.to_string());
+    let (rounds, min_clients) = (run.rounds.to_string(), run.min_clients.to_string());
+    let participants = run.participants.to_string();
+    let strategy: &[&str] = match run.part {
+        Part::Server => &["--strategy", "astraea"],
+        Part::Leader => &["--strategy", "astraea-sched", "--validation-samples", "0"],
+        Part::Gateway => &[
+            "--strategy",
+            "astraea-sched",
+            "--validation-samples",
+            "0",
+            "--gateway",
+        ],
+    };
     let child = Command::new(std::env::current_exe()?)
         .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
         .args(["--dataset", "mnist", "--max-train", "3000"])
-        .args(["--partition", partition, "--shards", &shards])
-        .args(["--participants", &shards, "--min-clients", &min_clients])
-        .args(["--rounds", &rounds, "--strategy", "astraea", "--gamma", "3"])
+        .args(["--partition", run.partition, "--shards", &shards])
+        .args([
+            "--participants",
+            &participants,
+            "--min-clients",
+            &min_clients,
+        ])
+        .args(["--rounds", &rounds, "--gamma", "3"])
+        .args(strategy)
         .args(["--hop-deadline", "30", "--run-name", "chaos"])
         .arg("--data-dir")
         .arg(data_dir)

@@ -5,10 +5,16 @@
 //! another leads (it must notice it lost the lease and exit); whatever went
 //! is started again as a follower on its port.
 //!
+//! With `--gateways G`, G gateways (`serve --gateway`, each with clients
+//! of its own) train their shares of every round beside the servers, the
+//! run set to what folds across gateways (Astraea's rescheduling, no loss
+//! rule), and an outage that misses the leader hits a follower or a
+//! gateway; a killed gateway comes back as a new gateway on its port.
+//!
 //! Measured: how long after the leader went another led (the takeover
 //! time), completed rounds missing afterwards (rounds lost), rounds
-//! recorded again under a later term (counted twice), and whether the run
-//! finished.
+//! recorded again under a later term (counted twice), gateways' partials
+//! folded of those placed, and whether the run finished.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +27,7 @@ use astraea_server::testing::PgCluster;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::chaos::{CLIENTS, Keep, Server, get_json, spawn_server_keeping};
+use crate::chaos::{CLIENTS, Keep, Part, RunSettings, Server, get_json, spawn_server_keeping};
 
 /// How a server is taken out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +44,18 @@ pub enum Outage {
 pub struct FailoverReport {
     /// Servers sharing the run.
     pub servers: usize,
+    /// Gateways beside them.
+    pub gateways: usize,
     /// Outages delivered.
     pub outages: usize,
     /// Of which hit the leader.
     pub leader_outages: usize,
+    /// Of which hit a gateway.
+    pub gateway_outages: usize,
+    /// Gateways' partials the leaders folded, and those they placed, summed
+    /// over rounds (from their logs: a killed gateway's share is one
+    /// placed and not folded).
+    pub partials: (usize, usize),
     /// Takeover times (seconds from the leader's outage until another
     /// server answered as leader at the next term), one per leader outage.
     pub takeovers_s: Vec<f64>,
@@ -161,6 +175,8 @@ async fn announced(port: u16) -> Vec<i64> {
 pub struct Failover {
     /// Servers sharing the run (at least 2).
     pub servers: usize,
+    /// Gateways beside them (0: none).
+    pub gateways: usize,
     /// Outages to deliver.
     pub outages: usize,
     /// Rounds of the run.
@@ -175,14 +191,15 @@ pub struct Failover {
     pub partition: String,
 }
 
-/// Runs `servers` servers on one throw-away PostgreSQL cluster (or `url`)
-/// and takes one out `outages` times at random moments (0.3 to 3 s apart,
-/// seeded), then lets the run of `rounds` rounds finish. Each server has
-/// [`CLIENTS`] native clients of its own (a waiting server's answer 503
-/// and they retry).
+/// Runs `servers` servers and `gateways` gateways on one throw-away
+/// PostgreSQL cluster (or `url`) and takes one out `outages` times at
+/// random moments (0.3 to 3 s apart, seeded), then lets the run of
+/// `rounds` rounds finish. Each server and gateway has [`CLIENTS`] native
+/// clients of its own (a waiting server's answer 503 and they retry).
 pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<FailoverReport> {
     let Failover {
         servers,
+        gateways,
         outages,
         rounds,
         outage,
@@ -207,24 +224,46 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
     let work = std::env::temp_dir().join(format!("astraea-failover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let ports: Vec<u16> = (0..servers)
+    let processes = servers + gateways;
+    let ports: Vec<u16> = (0..processes)
         .map(|_| {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port())
         })
         .collect::<anyhow::Result<_>>()?;
+    // Processes 0..servers may lead; the rest are gateways.
+    let log = |index: usize| {
+        if index < servers {
+            format!("server{index}.log")
+        } else {
+            format!("gateway{index}.log")
+        }
+    };
     let spawn = |index: usize| {
+        let part = match (index < servers, gateways) {
+            (true, 0) => Part::Server,
+            (true, _) => Part::Leader,
+            (false, _) => Part::Gateway,
+        };
         // Rounds go on with two of the six: the update guard may turn an
         // honest client away for good, and the run would stall for want
-        // of clients, which is not what this measures.
+        // of clients, which is not what this measures. Every client ready
+        // (the leader's and the gateways') is drawn.
+        let run = RunSettings {
+            rounds,
+            min_clients: 2,
+            participants: CLIENTS * (1 + gateways),
+            partition: &partition,
+            part,
+        };
         spawn_server_keeping(
             ports[index],
-            (rounds, 2, &partition),
+            run,
             &data_dir,
             &work,
             Keep::Postgres(&url),
-            &format!("server{index}.log"),
+            &log(index),
         )
     };
     // The first leads; the others start once it does, and wait.
@@ -236,7 +275,7 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
     .context("the first server never led")?;
     // The schema exists once the first server leads.
     audit_round_writes(&url)?;
-    for index in 1..servers {
+    for index in 1..processes {
         running.push(spawn(index)?);
     }
     let swarms: Vec<_> = ports
@@ -249,8 +288,11 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
     let mut rng = StdRng::seed_from_u64(seed);
     let mut report = FailoverReport {
         servers,
+        gateways,
         outages: 0,
         leader_outages: 0,
+        gateway_outages: 0,
+        partials: (0, 0),
         takeovers_s: Vec::new(),
         rounds_lost: 0,
         counted_twice: 0,
@@ -262,7 +304,7 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
     };
     while report.outages < outages {
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..3000))).await;
-        let Some((leading, term)) = leader(&ports).await else {
+        let Some((leading, term)) = leader(&ports[..servers]).await else {
             continue; // Between leaders: the next outage waits for one.
         };
         // What the leader announced as done: none of it may go missing.
@@ -270,11 +312,12 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
         if before.len() as u32 >= rounds {
             break; // A finished run is not taken out: a restart begins anew.
         }
-        // Half the outages hit the leader, the rest a follower at random.
+        // Half the outages hit the leader, the rest a follower or a
+        // gateway at random.
         let victim = if rng.random_bool(0.5) {
             leading
         } else {
-            (leading + rng.random_range(1..servers)) % servers
+            (leading + rng.random_range(1..processes)) % processes
         };
         let pid = running[victim].0.id().to_string();
         let signal = match outage {
@@ -284,6 +327,9 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
         Command::new("kill").args([signal, &pid]).status()?;
         let out_at = Instant::now();
         report.outages += 1;
+        if victim >= servers {
+            report.gateway_outages += 1;
+        }
         if victim == leading {
             report.leader_outages += 1;
             let others: Vec<u16> = (0..servers)
@@ -347,9 +393,34 @@ pub async fn failover(data_dir: PathBuf, settings: Failover) -> anyhow::Result<F
         swarm.abort();
     }
     drop(running);
+    for index in 0..servers {
+        let text = std::fs::read_to_string(work.join(log(index))).unwrap_or_default();
+        let (folded, placed) = partials_in(&text);
+        report.partials.0 += folded;
+        report.partials.1 += placed;
+    }
     let _ = std::fs::remove_dir_all(&work);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Gateways' partials folded and placed, summed over a leader's log lines
+/// "gateways' partials folded: X of Y".
+fn partials_in(log: &str) -> (usize, usize) {
+    const SAID: &str = "gateways' partials folded: ";
+    log.lines()
+        .filter_map(|line| {
+            let rest = &line[line.find(SAID)? + SAID.len()..];
+            let mut words = rest.split_whitespace();
+            let folded = words.next()?.parse::<usize>().ok()?;
+            // Only its leading digits: colour codes or fields may follow.
+            let placed = words.nth(1)?;
+            let digits = placed
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(placed.len());
+            Some((folded, placed[..digits].parse::<usize>().ok()?))
+        })
+        .fold((0, 0), |(f, p), (folded, placed)| (f + folded, p + placed))
 }
 
 /// Polls `done` every 50 ms for at most `within`.
@@ -365,4 +436,19 @@ pub(crate) async fn wait_until<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partials_in;
+
+    #[test]
+    fn partials_are_summed_from_the_leaders_lines_with_or_without_colour() {
+        let log = "2026-12-07T01:00:00Z  INFO astraea_server::gateway: gateways' partials folded: 2 of 3 round=4\n\
+                   some other line: folded: 9 of 9\n\
+                   \x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m gateways' partials folded: 1 of 1\x1b[3mround\x1b[0m=5\n\
+                   INFO gateways' partials folded: 0 of 2 round=6";
+        assert_eq!(partials_in(log), (3, 6));
+        assert_eq!(partials_in(""), (0, 0));
+    }
 }

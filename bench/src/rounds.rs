@@ -99,83 +99,133 @@ pub async fn run(
     })
 }
 
-/// Like [`run`] with the loss rule off, but the round split over a leader
-/// and `gateways` gateways (`serve --gateway`), in this process, sharing a
-/// throw-away PostgreSQL run: `clients` echo clients spread evenly, FedAvg
-/// (what folds across gateways). The round's time is the leader's, from
-/// placing the gateways' shares to folding their partials.
+/// Like [`run`] with the loss rule off, but every server a process of its
+/// own sharing a throw-away PostgreSQL run (FedAvg, what folds across
+/// gateways): a leader and `gateways` gateways (`serve --gateway`; 0: the
+/// leader alone), `clients` echo clients (in this process) spread evenly.
+/// Separate processes, so that no process holds more than 10,000 client
+/// and server sockets together at 10,000 clients (one process may open
+/// 20,000 files here). The round's time is the leader's (`/api/rounds`),
+/// from placing the gateways' shares to folding their partials.
 ///
 /// # Errors
-/// PostgreSQL cannot start, or a server fails.
+/// PostgreSQL cannot start, a server fails to start, or the run does not
+/// finish within an hour.
 pub async fn run_with_gateways(
     data_dir: PathBuf,
     clients: usize,
     rounds: u32,
     gateways: usize,
 ) -> anyhow::Result<RoundsBench> {
+    use crate::chaos::{Server, get_json};
+    use crate::failover::wait_until;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
     let cluster = astraea_server::testing::PgCluster::start().map_err(anyhow::Error::msg)?;
     let url = cluster
         .create_database("rounds")
         .map_err(anyhow::Error::msg)?;
-    let mut config =
-        crate::serve_config(data_dir.clone(), clients, rounds + 1, StrategyKind::FedAvg);
-    config.guard.validation_samples = 0;
-    config.postgres = Some(url.into());
-    config.across_gateways().map_err(anyhow::Error::msg)?;
-    let servers = gateways + 1;
-    let mut swarms = Vec::new();
-    let swarm = |address: std::net::SocketAddr, n: usize| {
+    let exe = std::env::current_exe()?;
+    let work = std::env::temp_dir().join(format!("astraea-rounds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    // `serve_config`'s run, as flags.
+    let (n, samples) = (clients.to_string(), (20 * clients).to_string());
+    let spawn = |port: u16, gateway: bool, log: &str| -> anyhow::Result<Server> {
+        let mut command = Command::new(&exe);
+        command
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .args(["--dataset", "mnist", "--max-train", &samples])
+            .args(["--partition", "iid", "--shards", &n])
+            .args(["--participants", &n, "--min-clients", &n])
+            .args(["--rounds", &(rounds + 1).to_string()])
+            .args(["--strategy", "fedavg", "--prox-mu", "0"])
+            .args(["--validation-samples", "0", "--hop-deadline", "120"])
+            .args(["--max-frame-bytes", &(1 << 20).to_string()])
+            .args(["--run-name", "bench", "--store", &url])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--static-dir")
+            .arg(&work)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join(log))?);
+        if gateway {
+            command.arg("--gateway");
+        }
+        Ok(Server(command.spawn().context("starting a server")?))
+    };
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let swarm = |port: u16, n: usize| {
         let options = ClientOptions {
             max_frame_bytes: 1 << 20,
             max_attempts: Some(1),
             echo: true,
-            ..ClientOptions::new(format!("ws://{address}/ws"), data_dir.clone())
+            ..ClientOptions::new(format!("ws://127.0.0.1:{port}/ws"), data_dir.clone())
         };
         tokio::spawn(async move {
             run_swarm(n, options).await;
         })
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let leader = serve::start(listener, config.clone()).await?;
+    let leader_port = free_port()?;
+    let _leader = spawn(leader_port, false, "leader.log")?;
+    wait_until(Duration::from_secs(120), || async {
+        get_json(leader_port, "/api/status")
+            .await
+            .is_some_and(|s| s["leader_term"] == 1)
+    })
+    .await
+    .context("the leader")?;
+    let servers = gateways + 1;
     let mut running = Vec::new();
-    for _ in 0..gateways {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let gateway = serve::start(
-            listener,
-            serve::ServeConfig {
-                gateway: true,
-                ..config.clone()
-            },
-        )
-        .await?;
+    let mut swarms = Vec::new();
+    for g in 0..gateways {
+        let port = free_port()?;
+        running.push(spawn(port, true, &format!("gateway{g}.log"))?);
+        wait_until(Duration::from_secs(120), || async {
+            get_json(port, "/api/status").await.is_some()
+        })
+        .await
+        .context("a gateway")?;
         // Clients spread evenly; the leader takes what is left over.
-        swarms.push(swarm(address, clients / servers));
-        running.push(gateway);
+        swarms.push(swarm(port, clients / servers));
     }
-    swarms.push(swarm(address, clients - gateways * (clients / servers)));
-    leader.coordinator.await??;
+    swarms.push(swarm(leader_port, clients - gateways * (clients / servers)));
+    wait_until(Duration::from_secs(3600), || async {
+        get_json(leader_port, "/api/status")
+            .await
+            .is_some_and(|s| s["phase"] == "finished")
+    })
+    .await
+    .context("the run to finish")?;
+    let history = get_json(leader_port, "/api/rounds")
+        .await
+        .context("the leader's rounds")?;
     for s in swarms {
         s.abort();
     }
-    // Every server and its sockets go before the next layout starts (one
-    // process's descriptors hold them all).
-    for gateway in running {
-        gateway.coordinator.abort();
-        gateway.server.abort();
-    }
-    leader.server.abort();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let history = leader.state.status().history.clone();
-    let timed = &history[1..];
-    let round_s =
-        (timed.last().map_or(0.0, |r| r.wall_s) - history[0].wall_s) / timed.len().max(1) as f64;
+    drop(running);
+    let _ = std::fs::remove_dir_all(&work);
+    let wall: Vec<f64> = history
+        .as_array()
+        .context("rounds as a list")?
+        .iter()
+        .filter_map(|r| r["wall_s"].as_f64())
+        .collect();
+    // The first round, which waits for joins, is left out.
+    let timed = wall.len().saturating_sub(1);
+    let round_s = (wall.last().copied().unwrap_or(0.0) - wall.first().copied().unwrap_or(0.0))
+        / timed.max(1) as f64;
     Ok(RoundsBench {
         strategy: StrategyKind::FedAvg,
         validation_samples: 0,
         clients,
-        rounds: timed.len(),
+        rounds: timed,
         round_s,
         // The leader evaluates as a server alone does ([`run`] times it).
         eval_s: f64::NAN,

@@ -26,9 +26,29 @@ pub(crate) enum BenchCommand {
         /// Clients joining at once.
         #[arg(long, default_value_t = 200)]
         concurrency: usize,
+        /// Spread the clients over a leader and this many gateways
+        /// (processes of their own sharing a run in a throw-away
+        /// PostgreSQL), held by client processes of their own.
+        #[arg(long)]
+        gateways: Option<usize>,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
+    },
+    /// Holds idle clients for `bench idle --gateways` (one process's file
+    /// limit caps how many): joins them, prints `held N`, keeps them until
+    /// standard input closes.
+    #[command(hide = true)]
+    IdleHold {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// Clients to join.
+        #[arg(long)]
+        clients: usize,
+        /// Clients joining at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
     },
     /// Crash resilience: the server killed with SIGKILL at random moments
     /// while clients train (rounds lost after each restart); with
@@ -43,6 +63,11 @@ pub(crate) enum BenchCommand {
         /// cluster unless --store names one).
         #[arg(long, default_value_t = 1)]
         servers: usize,
+        /// Gateways (`serve --gateway`, with clients of their own) beside
+        /// the servers (--servers only); the run is then one that folds
+        /// across gateways (Astraea's rescheduling, no loss rule).
+        #[arg(long, default_value_t = 0)]
+        gateways: usize,
         /// Pause with SIGSTOP instead of SIGKILL (--servers only): a paused
         /// leader keeps its session and is replaced when its lease expires.
         #[arg(long)]
@@ -277,9 +302,10 @@ pub(crate) enum BenchCommand {
         /// Strategy.
         #[arg(long, default_value = "fedavg")]
         strategy: StrategyKind,
-        /// Also split each round over a leader and these numbers of
-        /// gateways (in this process, on a throw-away PostgreSQL; FedAvg,
-        /// the loss rule off), e.g. `--gateways 1,4`.
+        /// Instead, split each round over a leader and these numbers of
+        /// gateways (each server a process of its own, on a throw-away
+        /// PostgreSQL; FedAvg, the loss rule off; 0: the leader alone),
+        /// e.g. `--gateways 0,1,4`.
         #[arg(long, value_delimiter = ',')]
         gateways: Vec<usize>,
         /// Folder holding the datasets.
@@ -332,10 +358,56 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                 b.state_bytes as f64 / 1e6
             );
         }
+        BenchCommand::IdleHold {
+            url,
+            clients,
+            concurrency,
+        } => astraea_bench::idle::hold(&url, clients, concurrency).await?,
+        BenchCommand::Idle {
+            clients,
+            concurrency,
+            gateways: Some(gateways),
+            data_dir,
+        } => {
+            let b = astraea_bench::idle::over_gateways(&data_dir, clients, concurrency, gateways)
+                .await?;
+            let mb = |bytes: u64| bytes as f64 / 1e6;
+            let grown: u64 = b
+                .rss
+                .iter()
+                .map(|(before, after)| after.saturating_sub(*before))
+                .sum();
+            let connected: usize = b.connected.iter().sum();
+            println!(
+                "| servers | clients asked | held | connected (each server) | leader's view | join s | server RSS after (each) | per client |"
+            );
+            println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| {} | {} | {} | {} ({}) | {} | {:.1} | {} MB | {:.1} KB |",
+                b.gateways + 1,
+                b.requested,
+                b.held,
+                connected,
+                b.connected
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                b.federation,
+                b.join_s,
+                b.rss
+                    .iter()
+                    .map(|(_, after)| format!("{:.0}", mb(*after)))
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                grown as f64 / connected.max(1) as f64 / 1e3
+            );
+        }
         BenchCommand::Idle {
             clients,
             concurrency,
             data_dir,
+            ..
         } => {
             let b = astraea_bench::idle::run(&data_dir, clients, concurrency).await?;
             let per_client =
@@ -357,6 +429,7 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Kills {
             kills,
             servers,
+            gateways,
             pause,
             store,
             partition,
@@ -368,6 +441,7 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             let outage = if pause { Outage::Pause } else { Outage::Kill };
             let settings = Failover {
                 servers,
+                gateways,
                 outages: kills,
                 rounds,
                 outage,
@@ -385,19 +459,23 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
                     .unwrap_or(f64::NAN)
             };
             println!(
-                "| servers | outage | outages (of the leader) | takeover median / max s | rounds lost | counted twice | ex-leaders still running | rounds done / planned | finished | seconds |"
+                "| servers | gateways | outage | outages (of the leader / a gateway) | takeover median / max s | rounds lost | counted twice | partials folded / placed | ex-leaders still running | rounds done / planned | finished | seconds |"
             );
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|");
+            println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|");
             println!(
-                "| {} | {} | {} ({}) | {:.2} / {:.2} | {} | {} | {} | {} / {} | {} | {:.0} |",
+                "| {} | {} | {} | {} ({} / {}) | {:.2} / {:.2} | {} | {} | {} / {} | {} | {} / {} | {} | {:.0} |",
                 r.servers,
+                r.gateways,
                 if pause { "SIGSTOP" } else { "SIGKILL" },
                 r.outages,
                 r.leader_outages,
+                r.gateway_outages,
                 at(0.5),
                 at(1.0),
                 r.rounds_lost,
                 r.counted_twice,
+                r.partials.0,
+                r.partials.1,
                 r.stale_leaders,
                 r.rounds_done,
                 r.rounds,
@@ -407,11 +485,15 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Kills {
             kills,
+            gateways,
             rounds,
             seed,
             data_dir,
             ..
         } => {
+            if gateways > 0 {
+                anyhow::bail!("--gateways needs --servers 2 or more (one of them leads)");
+            }
             let r = astraea_bench::chaos::kills(data_dir, kills, rounds, seed).await?;
             println!("| SIGKILLs | rounds lost | rounds done / planned | finished | seconds |");
             println!("|---:|---:|---:|---|---:|");
