@@ -701,3 +701,73 @@ async fn a_tab_lends_half_the_cores_of_a_machine_with_four_or_more_and_one_other
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_of_a_leader_and_its_gateway_show_one_federation() -> anyhow::Result<()> {
+    // Prepare: a leader and a gateway of one run in a throw-away
+    // PostgreSQL (a run that folds across gateways), no volunteers yet:
+    // the leader waits for them.
+    let (_cluster, store) = astraea_server::testing::PgCluster::with_database();
+    let mut config = demo_config(2, 1000, 5, 2);
+    config.strategy = astraea_core::strategy::StrategyKind::AstraeaRescheduling;
+    config.guard.validation_samples = 0;
+    config.postgres = Some(store.into());
+    let (leader, leader_url) = serve_on_loopback(config.clone()).await?;
+    wait_until("the leader to lead", RUN_LIMIT, || {
+        leader.state.lease.is_some()
+    })
+    .await?;
+    let (gateway, gateway_url) = serve_on_loopback(astraea_server::ServeConfig {
+        gateway: true,
+        ..config
+    })
+    .await?;
+    let name = gateway
+        .state
+        .status()
+        .gateway
+        .clone()
+        .expect("a gateway's name");
+    let driver = Chromedriver::start()?;
+    let tab = driver.open(&[]).await?;
+
+    // Execute: open each server's dashboard.
+    tab.goto(&format!("{gateway_url}dashboard")).await?;
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    let mut gateway_says = String::new();
+    while !gateway_says.contains("(this one)") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gateway_says = format!(
+            "{} | {}",
+            text_of(&tab, "federation").await?,
+            text_of(&tab, "gateway-list").await?
+        );
+    }
+    tab.goto(&format!("{leader_url}dashboard")).await?;
+    let mut leader_says = String::new();
+    while !leader_says.contains(&name) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        leader_says = format!(
+            "{} | {}",
+            text_of(&tab, "federation").await?,
+            text_of(&tab, "gateway-list").await?
+        );
+    }
+
+    // Assert: the gateway's page says what it is, lists itself among the
+    // run's gateways and says the leader has no round yet; the leader's
+    // lists the gateway by name, with its clients.
+    assert!(
+        gateway_says.contains(&format!("This is {name}, a gateway of the run"))
+            && gateway_says.contains("The leader has recorded no round yet")
+            && gateway_says.contains("(this one)"),
+        "{gateway_says}"
+    );
+    assert!(
+        leader_says.contains("This server leads the run; 1 gateway holds 0 more clients, 0 ready")
+            && leader_says.contains(&name),
+        "{leader_says}"
+    );
+    tab.close().await?;
+    Ok(())
+}

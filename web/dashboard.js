@@ -31,6 +31,29 @@ function mix(counts) {
     counts.map((c) => `<i style="height:${Math.max(2, (c / max) * 100)}%"></i>`).join('')}</div>`;
 }
 
+// Several servers on one run: the leader lists its gateways; a gateway
+// says so, with the leader's last round (its own figures are its share).
+function federation(status) {
+  const gateways = status.gateways || [];
+  $('federation-card').hidden = !status.gateway && gateways.length === 0;
+  if ($('federation-card').hidden) return;
+  const held = gateways.reduce((n, g) => n + g.clients, 0);
+  const ready = gateways.reduce((n, g) => n + g.ready, 0);
+  text('federation', status.gateway
+    ? `This is ${status.gateway}, a gateway of the run: it trains the share of each round the leader places on it. `
+      + (status.leader_round == null ? 'The leader has recorded no round yet.'
+        : `The leader's last round: ${status.leader_round}, accuracy ${percent(status.leader_accuracy)}.`)
+    : `This server leads the run; ${gateways.length} gateway${gateways.length === 1 ? ' holds' : 's hold'} ${held} more clients, ${ready} ready.`);
+  $('gateway-list').innerHTML = gateways.length
+    ? gateways.map((g) => `<tr><td>${escape(g.name)}${g.name === status.gateway ? ' (this one)' : ''}</td><td>${g.clients}</td><td>${g.ready}</td>`
+      + `<td>${g.seen_s_ago.toFixed(1)} s ago</td><td>${g.busy_round == null ? '' : `round ${g.busy_round}`}</td></tr>`).join('')
+    : '<tr><td colspan="5">no gateway heard from</td></tr>';
+}
+
+function escape(s) {
+  return String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
 function render({ status, history }) {
   const phase = $('phase');
   phase.textContent = status.phase;
@@ -83,6 +106,8 @@ function render({ status, history }) {
     ? status.client_list.map((c) => `<tr><td>${c.id}</td><td>${c.backend === 'flex' ? 'CPU' : c.backend}</td><td>${c.samples ?? '–'}</td><td>${c.hops}</td><td>${c.samples_trained}</td><td>${c.training ? '<span class="training-now">training</span>' : c.paused ? 'paused' : ''}</td></tr>`).join('')
       + (status.clients > status.client_list.length ? `<tr><td colspan="6">… and ${status.clients - status.client_list.length} more</td></tr>` : '')
     : '<tr><td colspan="6">nobody yet</td></tr>';
+
+  federation(status);
 
   lineChart($('accuracy-chart'), [{ label: 'accuracy', color: '#d62728', points: history.map((r) => [r.round, r.accuracy * 100]) }],
     { yMin: 0, yMax: 100, xLabel: 'round', yFormat: (v) => `${v.toFixed(0)} %`, empty: 'waiting for the first round' });
