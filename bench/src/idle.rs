@@ -18,6 +18,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::chaos::Server;
 
+/// `--min-clients` of the idle servers: the most `serve` accepts, more
+/// than a bench joins, so no round ever begins.
+const NEVER_ENOUGH: &str = "100000";
+
 /// What the idle benchmark measured.
 #[derive(Debug, Clone)]
 pub struct IdleBench {
@@ -75,7 +79,7 @@ pub async fn run(data_dir: &Path, clients: usize, concurrency: usize) -> anyhow:
         ])
         .args([
             "--min-clients",
-            "100000000",
+            NEVER_ENOUGH,
             "--rounds",
             "1",
             "--strategy",
@@ -240,7 +244,7 @@ pub async fn over_gateways(
         command
             .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .args(["--dataset", "mnist", "--max-train", "1000"])
-            .args(["--shards", "10", "--min-clients", "100000000"])
+            .args(["--shards", "10", "--min-clients", NEVER_ENOUGH])
             .args(["--rounds", "1", "--strategy", "fedavg"])
             .args(["--validation-samples", "0", "--run-name", "idle"])
             .args(["--store", &store])
