@@ -175,6 +175,17 @@ pub(crate) struct ServeArgs {
     /// Name of the run in the database.
     #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
     run_name: String,
+    /// Seconds the leader's lease lasts unrenewed (--store; renewed every
+    /// third of it), 1 to 600: a paused leader is replaced after this, and
+    /// a leader that cannot renew within it (an overloaded machine, a slow
+    /// database) stops leading. Every server of a run should use one value.
+    #[arg(
+        long,
+        env = "ASTRAEA_LEASE_TTL",
+        default_value_t = 3.0,
+        requires = "store"
+    )]
+    lease_ttl: f64,
     /// Serve HTTPS, so tabs on other machines get WebGPU (browsers give it
     /// only to secure contexts): with --tls-cert/--tls-key, or a self-signed
     /// certificate kept in the state dir (or ./tls).
@@ -395,7 +406,10 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         admin_token: args.admin_token.map(Into::into),
         state_dir: args.state_dir,
         postgres: args.store.map(Into::into),
-        lease: serve::store::LeaseSettings::default(),
+        lease: serve::store::LeaseSettings {
+            ttl: lease_ttl(args.lease_ttl)?,
+            ..serve::store::LeaseSettings::default()
+        },
         run_name: args.run_name,
         public_url: args.public_url,
     };
@@ -437,6 +451,14 @@ pub(crate) async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => println!("stopping"),
     }
     Ok(())
+}
+
+/// `--lease-ttl`, checked: finite, 1 to 600 seconds.
+fn lease_ttl(seconds: f64) -> anyhow::Result<std::time::Duration> {
+    if !(1.0..=600.0).contains(&seconds) {
+        anyhow::bail!("--lease-ttl must be 1 to 600 seconds, not {seconds}");
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]
