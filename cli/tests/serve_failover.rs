@@ -548,6 +548,24 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     assert_eq!(numbers, (1..=12).collect::<Vec<_>>(), "{}", logs());
     let finished = status(leader.port).await.unwrap();
     assert!(finished["best_accuracy"].as_f64() > Some(0.5), "{finished}");
+    // The records count the gateway's training too: more samples than the
+    // leader's own clients trained.
+    let own: u64 = finished["client_list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["samples_trained"].as_u64())
+        .sum();
+    let history =
+        astraea_server::loopback::get(&format!("127.0.0.1:{}", leader.port), "/api/rounds")
+            .await
+            .unwrap()
+            .text();
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let recorded = history.as_array().and_then(|r| r.last()).unwrap()["train_samples"]
+        .as_u64()
+        .unwrap();
+    assert!(recorded > own, "{recorded} against the leader's own {own}");
     assert!(leader.log().contains("not back in time"), "{}", logs());
     // Nothing of the dead gateway is waiting in the store.
     let after = gateway_work(&url);
@@ -568,9 +586,13 @@ async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_th
     let url = cluster.create_database("astraea").unwrap();
     let dir = cluster.dir().join("servers");
     std::fs::create_dir_all(&dir).unwrap();
-    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
+    // Rounds enough that b starts and a dies well before the last.
+    let mut run = GATEWAY_RUN.to_vec();
+    let rounds = run.iter().position(|f| *f == "--rounds").unwrap() + 1;
+    run[rounds] = "30";
+    let leader = spawn_serving(&url, &dir, "leader", &run);
     wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
-    let mut gateway_run = GATEWAY_RUN.to_vec();
+    let mut gateway_run = run.clone();
     gateway_run.push("--gateway");
     let a = spawn_serving(&url, &dir, "a", &gateway_run);
     let b_port = free_port();
@@ -605,6 +627,8 @@ async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_th
     // Assert: the four come back through nginx to b, as themselves (the
     // run knows four clients: a new join would be a fifth), and b trains
     // the rest of the run: it finishes, every round once.
+    wait_on(b.port, &logs, "the four on b", |s| s["clients"] == 4).await;
+    let back_at = status(leader.port).await.unwrap()["round"].as_u64();
     wait_on(leader.port, &logs, "the run to finish", |s| {
         s["phase"] == "finished"
     })
@@ -619,7 +643,11 @@ async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_th
     let (rounds, _) = recorded(&url);
     let mut numbers: Vec<i64> = rounds.iter().map(|(r, _)| *r).collect();
     numbers.sort();
-    assert_eq!(numbers, (1..=12).collect::<Vec<_>>(), "{}", logs());
+    assert_eq!(numbers, (1..=30).collect::<Vec<_>>(), "{}", logs());
+    assert!(
+        back_at < Some(29),
+        "{back_at:?}: back too late to train a round on b"
+    );
     // b's partials reached the rounds after a died.
     let given_back = b.log().matches("gateway: partial given back").count();
     assert!(given_back > 0, "{}", logs());

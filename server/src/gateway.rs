@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 
 use crate::state::{AppState, Phase, lock};
 use crate::store::PgStore;
-use crate::store::gateways::{Answer, GatewaySeen, Work};
+use crate::store::gateways::{Answer, GatewaySeen, Traffic, Work};
 
 /// How often a gateway says it is alive (and how many clients it has
 /// ready); the leader reads the gateways at most this often while it
@@ -194,6 +194,17 @@ impl Drop for AbortOnDrop {
 /// mediators in it, those that failed, and why there is no partial.
 type Owed = (Option<(Vec<f32>, u64)>, u64, u64, Option<String>);
 
+/// This server's running totals: samples trained, bytes received, bytes
+/// sent.
+fn totals(state: &AppState) -> Traffic {
+    use std::sync::atomic::Ordering::Relaxed;
+    Traffic {
+        trained: state.train_samples.load(Relaxed),
+        bytes_up: state.bytes_up.load(Relaxed),
+        bytes_down: state.bytes_down.load(Relaxed),
+    }
+}
+
 /// Trains `work` on this gateway's clients and gives back its partial.
 async fn train(
     state: &Arc<AppState>,
@@ -217,12 +228,21 @@ async fn train(
     {
         lock(&state.tunable).hop_deadline_s = hop_deadline_s;
     }
+    // What this share costs: the totals' growth from taking the work to
+    // giving it back.
+    let before = totals(state);
     let give_back = |answer: Owed| {
         let (link, run, name) = (
             link.clone(),
             state.config.run_name.clone(),
             name.to_string(),
         );
+        let now = totals(state);
+        let traffic = Traffic {
+            trained: now.trained.saturating_sub(before.trained),
+            bytes_up: now.bytes_up.saturating_sub(before.bytes_up),
+            bytes_down: now.bytes_down.saturating_sub(before.bytes_down),
+        };
         async move {
             let (partial, mediators, failures, detail) = answer;
             let with_partial = partial.is_some();
@@ -243,6 +263,7 @@ async fn train(
                         mediators,
                         failures,
                         detail: detail.as_deref(),
+                        traffic,
                     };
                     l.give_back_work(&run, &name, (round, term), answer)
                 })
@@ -570,6 +591,19 @@ pub(crate) async fn gather(
     let (mut results, mut failures) = (Vec::new(), Vec::new());
     for (i, folded) in folded.into_iter().enumerate() {
         let group = first_group + i;
+        // What the gateway's share cost joins this server's totals, so
+        // the round's record counts the whole federation's training and
+        // traffic.
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            state
+                .train_samples
+                .fetch_add(folded.traffic.trained, Relaxed);
+            state.bytes_up.fetch_add(folded.traffic.bytes_up, Relaxed);
+            state
+                .bytes_down
+                .fetch_add(folded.traffic.bytes_down, Relaxed);
+        }
         // A partial is judged as a hop would be (the guard's bounds and
         // its largest move): a gateway's fault costs its share, not the
         // model.

@@ -294,9 +294,10 @@ async fn start_gateway(
             .store(id as u64, std::sync::atomic::Ordering::Relaxed);
     }
     // Ids no other server of the run gives (`PgStore::client_id_block`).
-    state
-        .next_id
-        .store((block << 32) | 1, std::sync::atomic::Ordering::Relaxed);
+    state.next_id.store(
+        (block << store::gateways::BLOCK_BITS) | 1,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     state.status().gateway = Some(name.clone());
     let state = Arc::new(state);
     let server = spawn_server(listener, rustls, app::app(state.clone()))?;

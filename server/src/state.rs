@@ -661,12 +661,13 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut crate::store::Store, i64) -> Result<(), crate::store::StoreError>,
     ) -> Result<(), crate::store::StoreError> {
-        // No run yet (a gateway before its leader created it; a server
-        // before its round loop began): nothing to record it under.
+        // A gateway before its leader created the run: nothing to record
+        // it under (a leader knows its run before it serves).
         let run_id = self.run_id.load(Ordering::Relaxed) as i64;
-        if let Some(store) = &self.store
-            && run_id != 0
-        {
+        if self.config.gateway && run_id == 0 {
+            return Ok(());
+        }
+        if let Some(store) = &self.store {
             let mut store = lock(store);
             match f(&mut store, run_id) {
                 Err(refused @ crate::store::StoreError::Fenced { .. }) => return Err(refused),

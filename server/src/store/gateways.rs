@@ -92,6 +92,23 @@ pub struct Folded {
     pub partial: Option<(Vec<f32>, u64)>,
     /// Why there is no partial (its detail, or `not back in time`).
     pub detail: Option<String>,
+    /// What its share cost, as it said when it gave back in time (zero
+    /// for work not back in time).
+    pub traffic: Traffic,
+}
+
+/// What a gateway's share of a round cost, so that the leader's round
+/// records count the whole federation: samples its clients trained (each
+/// epoch counts, as `train_samples` does) and bytes received from and
+/// sent to its clients while it held the work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Samples trained.
+    pub trained: u64,
+    /// Bytes received from its clients.
+    pub bytes_up: u64,
+    /// Bytes sent to its clients.
+    pub bytes_down: u64,
 }
 
 /// What the leader places: the round's model, the fingerprint of its
@@ -117,7 +134,14 @@ pub struct Answer<'a> {
     pub failures: u64,
     /// Why there is no partial.
     pub detail: Option<&'a str>,
+    /// What the share cost.
+    pub traffic: Traffic,
 }
+
+/// A gateway's client ids are `block << BLOCK_BITS | n` (its block from
+/// [`PgStore::client_id_block`], from 1): every id at or above
+/// `1 << BLOCK_BITS` is a gateway's, every id below it a leader's.
+pub const BLOCK_BITS: u32 = 32;
 
 /// How recently a gateway must have been heard from to be given work.
 pub const GATEWAY_SEEN_WITHIN: Duration = Duration::from_secs(3);
@@ -374,7 +398,8 @@ impl PgStore {
             // Read back as a second statement, so that this call run again
             // (its first answer lost with a connection) answers the same.
             let rows = tx.query(
-                "SELECT gateway, state, partial, samples, detail FROM gateway_work
+                "SELECT gateway, state, partial, samples, detail, trained, bytes_up, bytes_down
+                 FROM gateway_work
                  WHERE run = $1 AND round = $2 AND term = $3 AND state IN ('folded', 'closed')",
                 &[&run, &round, &term],
             )?;
@@ -384,6 +409,15 @@ impl PgStore {
                 let hash: Option<String> = row.get(2);
                 let samples: Option<i64> = row.get(3);
                 let detail: Option<String> = row.get(4);
+                let count = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+                let traffic = match state.as_str() {
+                    "folded" => Traffic {
+                        trained: count(5),
+                        bytes_up: count(6),
+                        bytes_down: count(7),
+                    },
+                    _ => Traffic::default(),
+                };
                 let partial = match (state.as_str(), hash, samples) {
                     ("folded", Some(hash), Some(samples)) if samples > 0 => {
                         Some((get_blob(tx, &hash)?, samples as u64))
@@ -401,6 +435,7 @@ impl PgStore {
                     gateway,
                     partial,
                     detail,
+                    traffic,
                 });
             }
             folded.sort_by(|a, b| a.gateway.cmp(&b.gateway));
@@ -504,6 +539,12 @@ impl PgStore {
         let partial = answer.partial.map(|(w, n)| (w.to_vec(), n as i64));
         let (mediators, failures) = (answer.mediators as i64, answer.failures as i64);
         let detail = answer.detail.map(str::to_string);
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let traffic = [
+            clamp(answer.traffic.trained),
+            clamp(answer.traffic.bytes_up),
+            clamp(answer.traffic.bytes_down),
+        ];
         let (hash, samples) = match &partial {
             Some((weights, samples)) => (Some(blob_name(&to_bytes(weights))), Some(*samples)),
             None => (None, None),
@@ -514,7 +555,8 @@ impl PgStore {
                 .query_opt(
                     "UPDATE gateway_work
                      SET state = 'returned', partial = $5, samples = $6, mediators = $7,
-                         failures = $8, detail = $9, updated_at = now()
+                         failures = $8, detail = $9, trained = $10, bytes_up = $11,
+                         bytes_down = $12, updated_at = now()
                      WHERE run = $1 AND round = $2 AND gateway = $3 AND term = $4
                        AND state = 'taken'
                      RETURNING 1",
@@ -528,6 +570,9 @@ impl PgStore {
                         &mediators,
                         &failures,
                         &detail,
+                        &traffic[0],
+                        &traffic[1],
+                        &traffic[2],
                     ],
                 )?
                 .is_some();
@@ -636,12 +681,20 @@ mod tests {
         }
     }
 
+    /// What a test's gateway says its share cost.
+    const TRAFFIC: Traffic = Traffic {
+        trained: 60,
+        bytes_up: 2_000,
+        bytes_down: 3_000,
+    };
+
     fn answer(partial: Option<(&[f32], u64)>) -> Answer<'_> {
         Answer {
             partial,
             mediators: 1,
             failures: 0,
             detail: None,
+            traffic: TRAFFIC,
         }
     }
 
@@ -740,11 +793,13 @@ mod tests {
                     gateway: "a".into(),
                     partial: Some((partial.to_vec(), 30)),
                     detail: None,
+                    traffic: TRAFFIC,
                 },
                 Folded {
                     gateway: "b".into(),
                     partial: None,
                     detail: Some("its partial was not back in time".into()),
+                    traffic: Traffic::default(),
                 },
             ]
         );

@@ -150,6 +150,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run, round, gateway)
     );
     CREATE SEQUENCE client_id_blocks;",
+    // What a gateway's share cost (samples trained, bytes to and from its
+    // clients), folded into the leader's round records.
+    "ALTER TABLE gateway_work
+        ADD COLUMN trained BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN bytes_up BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN bytes_down BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
@@ -441,10 +447,14 @@ impl RunStore for PgStore {
                         .push(ids);
                 }
             }
+            // The leaders' ids only: gateways record their clients too, in
+            // blocks of their own, which a leader must never give again.
+            let leaders_below = 1i64 << super::gateways::BLOCK_BITS;
             let last_client_id: i64 = client
                 .query_one(
-                    "SELECT COALESCE(MAX(client_id), 0)::BIGINT FROM clients WHERE run_id = $1",
-                    &[&run_id],
+                    "SELECT COALESCE(MAX(client_id), 0)::BIGINT FROM clients
+                     WHERE run_id = $1 AND client_id < $2",
+                    &[&run_id, &leaders_below],
                 )?
                 .get(0);
             Ok((rounds, mediators, last_client_id.max(0) as u64))
@@ -672,6 +682,40 @@ mod tests {
     fn a_client_is_found_by_its_token() {
         let (_cluster, url) = cluster();
         contract::a_client_is_found_by_its_token(&|| Box::new(PgStore::connect(&url).unwrap()));
+    }
+
+    #[test]
+    fn a_new_leader_gives_ids_after_the_leaders_not_in_a_gateways_block() {
+        // The bug: a leader resumed its ids after the largest recorded,
+        // a gateway's (`block << 32 | n`), and gave that gateway's next
+        // ids to other volunteers.
+        let (_cluster, url) = cluster();
+        let weights = weights();
+        let mut store = PgStore::connect(&url).unwrap();
+        let run = store
+            .resume_or_create("ids", "{}", &weights.shapes)
+            .unwrap();
+        let gateways_first = 1u64 << super::super::gateways::BLOCK_BITS;
+        for (id, token) in [(3, "a".repeat(32)), (gateways_first | 5, "b".repeat(32))] {
+            let joined = Joined {
+                id,
+                backend: "flex",
+                demo: true,
+                token: &token,
+            };
+            store.client_joined(run.run_id, &joined).unwrap();
+        }
+
+        let resumed = store
+            .resume_or_create("ids", "{}", &weights.shapes)
+            .unwrap();
+
+        assert_eq!(resumed.last_client_id, 3);
+        // The gateway's client still resumes by its token.
+        assert_eq!(
+            store.client_by_token(run.run_id, &"b".repeat(32)).unwrap(),
+            Some((gateways_first | 5, true))
+        );
     }
 
     #[test]
