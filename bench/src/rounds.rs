@@ -177,7 +177,7 @@ pub async fn run_with_gateways(
         })
     };
     let leader_port = free_port()?;
-    let _leader = spawn(leader_port, false, "leader.log")?;
+    let mut leader = spawn(leader_port, false, "leader.log")?;
     wait_until(Duration::from_secs(120), || async {
         get_json(leader_port, "/api/status")
             .await
@@ -200,13 +200,25 @@ pub async fn run_with_gateways(
         swarms.push(swarm(port, clients / servers));
     }
     swarms.push(swarm(leader_port, clients - gateways * (clients / servers)));
-    wait_until(Duration::from_secs(3600), || async {
-        get_json(leader_port, "/api/status")
-            .await
-            .is_some_and(|s| s["phase"] == "finished")
-    })
-    .await
-    .context("the run to finish")?;
+    // Until the run finishes, or its leader stops (its log says why).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+    while !get_json(leader_port, "/api/status")
+        .await
+        .is_some_and(|s| s["phase"] == "finished")
+    {
+        if let Some(exit) = leader.0.try_wait()? {
+            let log = std::fs::read_to_string(work.join("leader.log")).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(20).collect();
+            anyhow::bail!(
+                "the leader stopped ({exit}); the last of its log:\n{}",
+                last.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the run did not finish within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let history = get_json(leader_port, "/api/rounds")
         .await
         .context("the leader's rounds")?;
