@@ -420,6 +420,65 @@ async fn leader_and_gateway(
     (cluster, url, leader, gateway, gateway_swarm)
 }
 
+/// The (round, accuracy) of every `round-done` a [`listener`] heard.
+type Heard = std::sync::Arc<std::sync::Mutex<Vec<(u64, f64)>>>;
+
+/// A volunteer of the server on `port` that joins, says it is pausing
+/// (`POST /api/lifecycle`: it is never drawn) and collects the `round-done`
+/// messages it is sent, as (round, accuracy), until aborted.
+fn listener(port: u16) -> (tokio::task::JoinHandle<()>, Heard) {
+    use futures_util::{SinkExt, StreamExt};
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = heard.clone();
+    let task = tokio::spawn(async move {
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+            .await
+            .unwrap();
+        let join = astraea_core::protocol::ClientMessage::Join {
+            version: astraea_core::protocol::PROTOCOL_VERSION,
+            backend: "listener".into(),
+            speed: None,
+            data: astraea_core::protocol::DataSource::Own {
+                counts: vec![1; 10],
+            },
+            resume: None,
+        }
+        .to_json();
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::Text(join.into()))
+            .await
+            .unwrap();
+        while let Some(Ok(frame)) = socket.next().await {
+            let Ok(message) =
+                serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
+            else {
+                continue;
+            };
+            match message["type"].as_str() {
+                Some("welcome") => {
+                    let pause = serde_json::json!({"resume": message["resume"], "state": "paused"});
+                    let answer = astraea_server::loopback::request(
+                        &format!("127.0.0.1:{port}"),
+                        "POST",
+                        "/api/lifecycle",
+                        "Content-Type: application/json\r\n",
+                        &pause.to_string(),
+                    )
+                    .await
+                    .unwrap();
+                    assert!(answer.status < 300, "{}", answer.text());
+                }
+                Some("round-done") => sink.lock().unwrap().push((
+                    message["round"].as_u64().unwrap(),
+                    message["accuracy"].as_f64().unwrap(),
+                )),
+                _ => {}
+            }
+        }
+    });
+    (task, heard)
+}
+
 /// (round, state, samples) of the gateways' work left in the store.
 fn gateway_work(url: &str) -> Vec<(i64, String, Option<i64>)> {
     let url = url.to_string();
@@ -448,6 +507,7 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     })
     .await;
     let leader_swarm = swarm_of(leader.port, 2);
+    let (listening, heard) = listener(gateway.port);
     let gateway_log = gateway.log.clone();
     let logs = || {
         format!(
@@ -476,6 +536,8 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
     };
     let (gateway_metrics, leader_metrics) =
         (metrics(gateway.port).await, metrics(leader.port).await);
+    let heard = heard.lock().unwrap().clone();
+    listening.abort();
     let mut gateway = gateway;
     gateway.child.kill().unwrap();
     gateway.child.wait().unwrap();
@@ -566,6 +628,22 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
         .as_u64()
         .unwrap();
     assert!(recorded > own, "{recorded} against the leader's own {own}");
+    // The gateway passed the leader's round results on to its volunteers
+    // (one that trains nothing hears them too), each as recorded.
+    assert!(!heard.is_empty(), "{}", logs());
+    for (round, accuracy) in &heard {
+        let record = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["round"].as_u64() == Some(*round))
+            .unwrap_or_else(|| panic!("round {round} is not recorded"));
+        assert_eq!(
+            record["accuracy"].as_f64(),
+            Some(*accuracy),
+            "round {round}"
+        );
+    }
     assert!(leader.log().contains("not back in time"), "{}", logs());
     // Nothing of the dead gateway is waiting in the store.
     let after = gateway_work(&url);
