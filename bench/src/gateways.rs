@@ -41,10 +41,23 @@ pub struct GatewayRun {
     pub seconds: f64,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A port nothing listens on now.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Waits (at most 2 minutes) until the server on `port` leads its run, at
+/// its first term.
+pub(crate) async fn first_leader(port: u16) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(120), || async {
+        get_json(port, "/api/status")
+            .await
+            .is_some_and(|s| s["leader_term"] == 1)
+    })
+    .await
+    .context("the leader")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -119,13 +132,7 @@ async fn one(
         &work,
         "leader.log",
     )?;
-    wait_until(Duration::from_secs(120), || async {
-        get_json(leader_port, "/api/status")
-            .await
-            .is_some_and(|s| s["leader_term"] == 1)
-    })
-    .await
-    .context("the leader")?;
+    first_leader(leader_port).await?;
     let mut servers = Vec::new();
     let mut swarms = Vec::new();
     for g in 0..gateways {

@@ -119,6 +119,7 @@ pub async fn run_with_gateways(
 ) -> anyhow::Result<RoundsBench> {
     use crate::chaos::{Server, get_json};
     use crate::failover::wait_until;
+    use crate::gateways::{first_leader, free_port};
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
@@ -160,11 +161,6 @@ pub async fn run_with_gateways(
         }
         Ok(Server(command.spawn().context("starting a server")?))
     };
-    let free_port = || -> anyhow::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
     let swarm = |port: u16, n: usize| {
         let options = ClientOptions {
             max_frame_bytes: 1 << 20,
@@ -178,13 +174,7 @@ pub async fn run_with_gateways(
     };
     let leader_port = free_port()?;
     let mut leader = spawn(leader_port, false, "leader.log")?;
-    wait_until(Duration::from_secs(120), || async {
-        get_json(leader_port, "/api/status")
-            .await
-            .is_some_and(|s| s["leader_term"] == 1)
-    })
-    .await
-    .context("the leader")?;
+    first_leader(leader_port).await?;
     let servers = gateways + 1;
     let mut running = Vec::new();
     let mut swarms = Vec::new();
