@@ -208,8 +208,7 @@ fn recorded_now(url: &str) -> (Vec<(i64, i64)>, i64) {
 /// 1), `b` waiting to take over. Dropped in reverse order: the servers go
 /// before the cluster.
 async fn leader_and_follower() -> (PgCluster, String, Server, Server) {
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
+    let (cluster, url) = PgCluster::with_database();
     let dir = cluster.dir().join("servers");
     std::fs::create_dir_all(&dir).unwrap();
     let a = spawn_server(&url, &dir, "a");
@@ -394,6 +393,26 @@ const GATEWAY_RUN: &[&str] = &[
     "0",
 ];
 
+/// A throw-away database with a leader of `run` leading it (term 1), and
+/// the folder the servers log to. Dropped in reverse order: the servers
+/// go before the cluster.
+async fn a_leader_of(run: &[&str]) -> (PgCluster, String, PathBuf, Server) {
+    let (cluster, url) = PgCluster::with_database();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let leader = spawn_serving(&url, &dir, "leader", run);
+    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    (cluster, url, dir, leader)
+}
+
+/// `run` with the value after `flag` replaced by `value`.
+fn with_flag<'a>(run: &[&'a str], flag: &str, value: &'a str) -> Vec<&'a str> {
+    let mut run = run.to_vec();
+    let at = run.iter().position(|f| *f == flag).unwrap() + 1;
+    run[at] = value;
+    run
+}
+
 /// A throw-away database with a leader of [`GATEWAY_RUN`] and a gateway of
 /// it started with `extra` flags too, two clients training with the
 /// gateway. Dropped in reverse order: the servers go before the cluster.
@@ -406,12 +425,7 @@ async fn leader_and_gateway(
     Server,
     tokio::task::JoinHandle<()>,
 ) {
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
-    let leader = spawn_serving(&url, &dir, "leader", GATEWAY_RUN);
-    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let (cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
     let mut gateway_run = GATEWAY_RUN.to_vec();
     gateway_run.push("--gateway");
     gateway_run.extend(extra);
@@ -660,16 +674,9 @@ async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_th
     // Prepare: a leader with no clients of its own, gateway a, and nginx
     // in front of a and of b's port, where nothing listens yet: the four
     // volunteers joining through nginx all reach a.
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
     // Rounds enough that b starts and a dies well before the last.
-    let mut run = GATEWAY_RUN.to_vec();
-    let rounds = run.iter().position(|f| *f == "--rounds").unwrap() + 1;
-    run[rounds] = "30";
-    let leader = spawn_serving(&url, &dir, "leader", &run);
-    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let run = with_flag(GATEWAY_RUN, "--rounds", "30");
+    let (_cluster, url, dir, leader) = a_leader_of(&run).await;
     let mut gateway_run = run.clone();
     gateway_run.push("--gateway");
     let a = spawn_serving(&url, &dir, "a", &gateway_run);
@@ -733,8 +740,7 @@ async fn behind_nginx_a_dead_gateways_volunteers_resume_on_another_gateway_as_th
 
 #[test]
 fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
+    let (_cluster, url) = PgCluster::with_database();
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
     for (flags, why) in [
         (
@@ -809,20 +815,10 @@ async fn a_gateway_started_with_other_training_flags_trains_nothing_of_the_run()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_idle() {
-    let cluster = PgCluster::start().unwrap_or_else(|e| panic!("{e}"));
-    let url = cluster.create_database("astraea").unwrap();
-    let dir = cluster.dir().join("servers");
-    std::fs::create_dir_all(&dir).unwrap();
     // The leader runs Astraea with its augmentation plan; the gateway was
     // started for rescheduling only.
-    let mut leader_run = GATEWAY_RUN.to_vec();
-    let strategy = leader_run
-        .iter()
-        .position(|a| *a == "astraea-sched")
-        .unwrap();
-    leader_run[strategy] = "astraea";
-    let leader = spawn_serving(&url, &dir, "leader", &leader_run);
-    wait_for(&leader, "the leader", |s| s["leader_term"] == 1).await;
+    let leader_run = with_flag(GATEWAY_RUN, "--strategy", "astraea");
+    let (_cluster, url, dir, leader) = a_leader_of(&leader_run).await;
     let mut gateway_run = GATEWAY_RUN.to_vec();
     gateway_run.push("--gateway");
     let _gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
