@@ -283,8 +283,9 @@ async fn start_gateway(
     let name = format!("gateway {block} (pid {} at {bound})", std::process::id());
     // The run's store, unfenced: a gateway writes only its own clients'
     // rows and events (their joins with their tokens' hashes, forgotten
-    // tokens, rejections), so a volunteer resumes as itself on whichever
-    // server of the run it reaches next; never a round's.
+    // tokens, rejections, its chains' skips and refusals), so a volunteer
+    // resumes as itself on whichever server of the run it reaches next;
+    // never a round's.
     let records: store::Store = Box::new(records);
     let (state, rustls) = served_state(config, &data, Some(records), bound).await?;
     // Until a leader created the run, `gateway::run` looks again.

@@ -322,7 +322,8 @@ impl PgStore {
                          hop_deadline_s = excluded.hop_deadline_s,
                          participants = excluded.participants, state = 'placed',
                          partial = NULL, samples = NULL, mediators = NULL,
-                         failures = NULL, detail = NULL, updated_at = now()
+                         failures = NULL, detail = NULL, trained = 0, bytes_up = 0,
+                         bytes_down = 0, updated_at = now()
                      WHERE gateway_work.term < excluded.term",
                     &[
                         &run,
