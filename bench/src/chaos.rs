@@ -115,6 +115,28 @@ pub(crate) struct RunSettings<'a> {
     pub(crate) part: Part,
 }
 
+/// `astraea serve` (this binary) on 127.0.0.1:`port`, its datasets in
+/// `data_dir`, serving `static_dir`, its standard output discarded: how
+/// every bench starts a server process, before the flags of its run.
+///
+/// # Errors
+/// This binary's path cannot be read.
+pub(crate) fn serve_command(
+    port: u16,
+    data_dir: &Path,
+    static_dir: &Path,
+) -> anyhow::Result<Command> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--static-dir")
+        .arg(static_dir)
+        .stdout(Stdio::null());
+    Ok(command)
+}
+
 /// A chaos run's server on `port`, started as `run` says, logging to
 /// `work_dir/log`, its run kept as `keep` says.
 pub(crate) fn spawn_server_keeping(
@@ -147,8 +169,7 @@ pub(crate) fn spawn_server_keeping(
             "--gateway",
         ],
     };
-    let child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+    let child = serve_command(port, data_dir, work_dir)?
         .args(["--dataset", "mnist", "--max-train", "3000"])
         .args(["--partition", run.partition, "--shards", &shards])
         .args([
@@ -160,13 +181,8 @@ pub(crate) fn spawn_server_keeping(
         .args(["--rounds", &rounds, "--gamma", "3"])
         .args(strategy)
         .args(["--hop-deadline", "30", "--run-name", "chaos"])
-        .arg("--data-dir")
-        .arg(data_dir)
         .args(keep)
-        .arg("--static-dir")
-        .arg(work_dir)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .context("starting the server")?;

@@ -14,14 +14,13 @@
 //! PostgreSQL.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use astraea_native::{ClientOptions, run_swarm};
 use astraea_server::testing::PgCluster;
 
-use crate::chaos::{Server, get_json};
+use crate::chaos::{Server, get_json, serve_command};
 use crate::failover::wait_until;
 
 /// One run of one layout.
@@ -72,9 +71,8 @@ fn spawn(
 ) -> anyhow::Result<Server> {
     let log = std::fs::File::create(work.join(log))?;
     let (shards, total) = (shards.to_string(), total.to_string());
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = serve_command(port, data_dir, work)?;
     command
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
         .args(["--dataset", "mnist", "--max-train", "6000"])
         .args(["--partition", "long-tail:10", "--shards", &shards])
         .args(["--participants", &total, "--min-clients", &total])
@@ -82,12 +80,7 @@ fn spawn(
         .args(["--strategy", "astraea-sched", "--gamma", "2"])
         .args(["--validation-samples", "0", "--hop-deadline", "60"])
         .args(["--run-name", "gateways", "--store", url])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--static-dir")
-        .arg(work)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
         .stderr(log);
     if gateway {
         command.arg("--gateway");

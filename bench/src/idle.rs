@@ -11,12 +11,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use astraea_core::protocol::{ClientMessage, DataSource, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt, stream};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::chaos::Server;
+use crate::chaos::{Server, serve_command};
+use crate::failover::wait_until;
+use crate::gateways::free_port;
+
+/// Waits (at most `within`) until the server on `port` answers.
+async fn listening(port: u16, within: Duration) -> anyhow::Result<()> {
+    wait_until(within, || async move {
+        get(port, "/api/status").await.is_some()
+    })
+    .await
+}
 
 /// `--min-clients` of the idle servers: the most `serve` accepts, more
 /// than a bench joins, so no round ever begins.
@@ -63,12 +73,8 @@ async fn get(port: u16, path: &str) -> Option<String> {
 /// Starts a server that never begins a round, joins `clients` idle clients
 /// (`concurrency` joining at once) and measures the server.
 pub async fn run(data_dir: &Path, clients: usize, concurrency: usize) -> anyhow::Result<IdleBench> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let exe: PathBuf = std::env::current_exe()?;
-    let child = Command::new(exe)
-        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+    let port = free_port()?;
+    let child = serve_command(port, data_dir, &std::env::temp_dir())?
         .args([
             "--dataset",
             "mnist",
@@ -85,22 +91,13 @@ pub async fn run(data_dir: &Path, clients: usize, concurrency: usize) -> anyhow:
             "--strategy",
             "fedavg",
         ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--static-dir")
-        .arg(std::env::temp_dir())
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .spawn()
         .context("starting the server")?;
     let server = Server(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(port, "/api/status").await.is_none() {
-        if Instant::now() > deadline {
-            bail!("the server did not start listening");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    listening(port, Duration::from_secs(60))
+        .await
+        .context("the server did not start listening")?;
     let pid = server.0.id();
     let rss_before = rss_bytes(pid)?;
     let url = format!("ws://127.0.0.1:{port}/ws");
@@ -237,36 +234,24 @@ pub async fn over_gateways(
     let mut ports = Vec::new();
     let mut running = Vec::new();
     for index in 0..servers {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut command = Command::new(&exe);
+        let port = free_port()?;
+        let mut command = serve_command(port, data_dir, &std::env::temp_dir())?;
         command
-            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .args(["--dataset", "mnist", "--max-train", "1000"])
             .args(["--shards", "10", "--min-clients", NEVER_ENOUGH])
             .args(["--rounds", "1", "--strategy", "fedavg"])
             .args(["--validation-samples", "0", "--run-name", "idle"])
             .args(["--store", &store])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--static-dir")
-            .arg(std::env::temp_dir())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null());
+            .env("RUST_LOG", "warn");
         if index > 0 {
             command.arg("--gateway");
         }
         running.push(Server(command.spawn().context("starting a server")?));
         ports.push(port);
         // The leader creates the run the gateways join.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while get(port, "/api/status").await.is_none() {
-            if Instant::now() > deadline {
-                bail!("server {index} did not start listening");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        listening(port, Duration::from_secs(120))
+            .await
+            .with_context(|| format!("server {index} did not start listening"))?;
     }
     let rss_before: Vec<u64> = running
         .iter()

@@ -117,26 +117,23 @@ pub async fn run_with_gateways(
     rounds: u32,
     gateways: usize,
 ) -> anyhow::Result<RoundsBench> {
-    use crate::chaos::{Server, get_json};
+    use crate::chaos::{Server, get_json, serve_command};
     use crate::failover::wait_until;
     use crate::gateways::{first_leader, free_port};
-    use std::process::{Command, Stdio};
     use std::time::Duration;
 
     let cluster = astraea_server::testing::PgCluster::start().map_err(anyhow::Error::msg)?;
     let url = cluster
         .create_database("rounds")
         .map_err(anyhow::Error::msg)?;
-    let exe = std::env::current_exe()?;
     let work = std::env::temp_dir().join(format!("astraea-rounds-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     // `serve_config`'s run, as flags.
     let (n, samples) = (clients.to_string(), (20 * clients).to_string());
     let spawn = |port: u16, gateway: bool, log: &str| -> anyhow::Result<Server> {
-        let mut command = Command::new(&exe);
+        let mut command = serve_command(port, &data_dir, &work)?;
         command
-            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .args(["--dataset", "mnist", "--max-train", &samples])
             .args(["--partition", "iid", "--shards", &n])
             .args(["--participants", &n, "--min-clients", &n])
@@ -149,12 +146,7 @@ pub async fn run_with_gateways(
             // renewal of its 3 s (the leader then stops): this measures
             // coordination, not takeover.
             .args(["--lease-ttl", "60"])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--static-dir")
-            .arg(&work)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
             .stderr(std::fs::File::create(work.join(log))?);
         if gateway {
             command.arg("--gateway");
