@@ -37,10 +37,11 @@ use crate::store::gateways::{Answer, GatewaySeen, Traffic, Work};
 /// waits.
 pub const GATEWAY_TICK: Duration = Duration::from_millis(250);
 
-/// How often an idle gateway looks for work, and the leader for the
-/// partials it waits for: each look is one indexed query, and a round
-/// waits half of it on average at each end.
-pub const WORK_POLL: Duration = Duration::from_millis(40);
+/// How long an idle gateway, or the leader waiting for partials, waits
+/// for the listener's wake-up ([`crate::store::listen`]: the work placed,
+/// a partial given back, a round recorded) before it reads the work again
+/// anyway: a wake-up lost with a connection costs at most this.
+pub const WORK_FALLBACK: Duration = Duration::from_millis(500);
 
 /// Runs `f` on the store off the async threads.
 async fn blocking<R: Send + 'static>(
@@ -103,6 +104,9 @@ pub async fn run(
         })
     };
     let _stop_heartbeat = AbortOnDrop(heartbeat);
+    // Woken when the run's work moves; made before the first read, so
+    // nothing that moves after it is missed.
+    let mut waker = state.wakes.as_ref().map(|w| w.waker());
     // Rounds trained here whose outcome the clients have not heard yet.
     let mut awaiting: Vec<u32> = Vec::new();
     let mut looked = std::time::Instant::now() - Duration::from_secs(60);
@@ -176,9 +180,20 @@ pub async fn run(
             Ok(None) => {}
             Err(e) => tracing::warn!("gateway: looking for work: {e}"),
         }
-        tokio::time::sleep(WORK_POLL).await;
+        until_moved(&mut waker).await;
     }
     Ok(())
+}
+
+/// Waits until the run's work moves (the listener's wake-up) or
+/// [`WORK_FALLBACK`] passes; the caller reads the work again either way.
+async fn until_moved(waker: &mut Option<crate::store::listen::Waker>) {
+    match waker {
+        Some(waker) => {
+            waker.wait(WORK_FALLBACK).await;
+        }
+        None => tokio::time::sleep(WORK_FALLBACK).await,
+    }
 }
 
 /// Aborts a task when dropped.
@@ -560,6 +575,7 @@ pub(crate) async fn gather(
     };
     let key = (placed.round, placed.term);
     let run = state.config.run_name.clone();
+    let mut waker = state.wakes.as_ref().map(|w| w.waker());
     while std::time::Instant::now() < placed.deadline {
         let r = run.clone();
         match blocking(link, move |l| l.work_outstanding(&r, key)).await {
@@ -578,7 +594,7 @@ pub(crate) async fn gather(
             // The database away: wait on, until the deadline.
             Err(e) => tracing::warn!("reading the gateways' work: {e}"),
         }
-        tokio::time::sleep(WORK_POLL).await;
+        until_moved(&mut waker).await;
     }
     let folded = match blocking(link, move |l| l.fold_work(&run, key)).await {
         Ok(folded) => folded,

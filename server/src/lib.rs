@@ -190,6 +190,14 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     // Held as long as the server runs, finished or not: a follower that
     // took over a finished run would have nothing to lead.
     state.lease = lease;
+    if link.is_some()
+        && let Some(url) = &state.config.postgres
+    {
+        state.wakes = Some(Arc::new(store::listen::Wakes::start(
+            url.expose(),
+            &state.config.run_name,
+        )?));
+    }
     state.hierarchy = link.map(Arc::new);
     state.loss_check = data.loss_check.clone();
     let state = Arc::new(state);
@@ -268,7 +276,7 @@ async fn start_gateway(
     let (train, test) = load_named(&config.dataset, &config.data_dir)
         .with_context(|| format!("loading {}", config.dataset))?;
     let data = coordinator::ServerData::prepare(&config, train, test)?;
-    let run = config.run_name.clone();
+    let (run, listen_url) = (config.run_name.clone(), url.clone());
     let (link, heartbeat, records, block, run_id) = tokio::task::spawn_blocking(move || {
         let link = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
         let heartbeat = store::PgStore::connect(&url).context("opening the PostgreSQL store")?;
@@ -287,7 +295,7 @@ async fn start_gateway(
     // resumes as itself on whichever server of the run it reaches next;
     // never a round's.
     let records: store::Store = Box::new(records);
-    let (state, rustls) = served_state(config, &data, Some(records), bound).await?;
+    let (mut state, rustls) = served_state(config, &data, Some(records), bound).await?;
     // Until a leader created the run, `gateway::run` looks again.
     if let Some(id) = run_id {
         state
@@ -300,6 +308,10 @@ async fn start_gateway(
         std::sync::atomic::Ordering::Relaxed,
     );
     state.status().gateway = Some(name.clone());
+    state.wakes = Some(Arc::new(store::listen::Wakes::start(
+        &listen_url,
+        &state.config.run_name,
+    )?));
     let state = Arc::new(state);
     let server = spawn_server(listener, rustls, app::app(state.clone()))?;
     tracing::info!(%name, "serving as a gateway of run {}", state.config.run_name);

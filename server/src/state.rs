@@ -433,6 +433,9 @@ pub struct AppState {
     /// by the lease; `crate::store::gateways`): present on a leader whose
     /// rounds fold across gateways (`ServeConfig::across_gateways`).
     pub hierarchy: Option<std::sync::Arc<crate::store::PgStore>>,
+    /// Wake-ups when the run's work moves (LISTEN on a connection of its
+    /// own), for a gateway and for a leader with a link to its gateways.
+    pub wakes: Option<std::sync::Arc<crate::store::listen::Wakes>>,
     /// Samples in the balanced test set the server evaluates on (for the
     /// exported model's card).
     pub test_samples: usize,
@@ -524,6 +527,7 @@ impl AppState {
             join_url: String::new(),
             lease: None,
             hierarchy: None,
+            wakes: None,
             test_samples: 0,
             started: std::time::Instant::now(),
         }

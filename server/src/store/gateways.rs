@@ -337,6 +337,8 @@ impl PgStore {
                     ],
                 )?;
             }
+            // The gateways, idle, take it now.
+            super::listen::notify(tx, &run)?;
             Ok(())
         })
     }
@@ -581,6 +583,8 @@ impl PgStore {
                 if let Some((weights, _)) = &partial {
                     put_blob(&mut tx, weights)?;
                 }
+                // The leader, waiting for the partials, reads them now.
+                super::listen::notify(&mut tx, &run)?;
             } else {
                 // Given back already (this call run again after its answer
                 // was lost with a connection): the same answer.
@@ -927,5 +931,116 @@ mod tests {
         );
         assert_ne!(first, second);
         assert!(first >= 1 && second >= 1);
+    }
+
+    /// Waits on `waker` for at most `at_most`, on a runtime of the test's.
+    fn wait(
+        waker: &mut super::super::listen::Waker,
+        at_most: Duration,
+    ) -> super::super::listen::Wake {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(waker.wait(at_most))
+    }
+
+    #[test]
+    fn the_listener_wakes_for_the_runs_work_and_makes_good_what_it_missed_while_cut() {
+        use super::super::listen::{CHANNEL, Wake, Wakes};
+        // Prepare: a leader, a gateway's store, a listener of the run that
+        // is listening, and an administrator's connection.
+        let (cluster, url) = cluster();
+        let (leader, lease) = leader(&url);
+        let gateway = PgStore::connect(&url).unwrap();
+        let term = lease.term();
+        let model = [0.5f32, -1.0];
+        let shares = [("a".to_string(), 1)];
+        let wakes = Wakes::start(&url, "run").unwrap();
+        let mut waker = wakes.waker();
+        let long = Duration::from_secs(10);
+        assert_eq!(wait(&mut waker, long), Wake::Reconnected, "listening");
+        let database: String = gateway
+            .call(|client| Ok(client.query_one("SELECT current_database()", &[])?.get(0)))
+            .unwrap();
+        // Connected elsewhere: a database's connections cannot be barred
+        // from within it.
+        let mut admin =
+            postgres::Client::connect(&cluster.url("postgres"), postgres::NoTls).unwrap();
+        let cut = |admin: &mut postgres::Client| {
+            let cut = admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = 'astraea-listen'",
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(cut, 1, "one listener's session");
+        };
+        let connections = |admin: &mut postgres::Client, allowed: bool| {
+            let sql = format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {allowed}");
+            admin.batch_execute(&sql).unwrap();
+        };
+
+        // Execute and assert: another run's notification wakes no one;
+        // placing the run's work wakes the gateway, giving back wakes the
+        // leader.
+        gateway
+            .execute_raw(&format!("SELECT pg_notify('{CHANNEL}', 'another run')"))
+            .unwrap();
+        assert_eq!(wait(&mut waker, Duration::from_millis(400)), Wake::TimedOut);
+        leader
+            .place_work("run", (1, term), placement(&model), &shares)
+            .unwrap();
+        assert_eq!(wait(&mut waker, long), Wake::Notified);
+        assert_eq!(gateway.take_work("run", "a").unwrap().unwrap().round, 1);
+        gateway
+            .give_back_work("run", "a", (1, term), answer(Some((&model, 3))))
+            .unwrap();
+        assert_eq!(wait(&mut waker, long), Wake::Notified);
+        assert_eq!(leader.fold_work("run", (1, term)).unwrap().len(), 1);
+
+        // Cut, then placed: the work is placed while the listener's session
+        // is gone and it cannot connect again, so its notification is
+        // lost; listening again wakes the gateway, which re-reads and
+        // finds the work.
+        connections(&mut admin, false);
+        cut(&mut admin);
+        leader
+            .place_work("run", (2, term), placement(&model), &shares)
+            .unwrap();
+        assert_eq!(
+            wait(&mut waker, Duration::from_secs(1)),
+            Wake::TimedOut,
+            "nothing is heard while the listener cannot listen"
+        );
+        connections(&mut admin, true);
+        assert_eq!(wait(&mut waker, long), Wake::Reconnected);
+        assert_eq!(gateway.take_work("run", "a").unwrap().unwrap().round, 2);
+
+        // Placed, then cut: heard before the cut; the cut wakes again (a
+        // re-read that finds the same work, counted once).
+        leader
+            .place_work("run", (3, term), placement(&model), &shares)
+            .unwrap();
+        assert_eq!(wait(&mut waker, long), Wake::Notified);
+        cut(&mut admin);
+        assert_eq!(wait(&mut waker, long), Wake::Reconnected);
+        let work = gateway.take_work("run", "a").unwrap().unwrap();
+        assert_eq!(work.round, 3);
+        let again = gateway.take_work("run", "a").unwrap().unwrap();
+        assert_eq!(again, work, "re-read, the same work");
+        gateway
+            .give_back_work("run", "a", (3, term), answer(Some((&model, 3))))
+            .unwrap();
+        assert!(
+            gateway
+                .give_back_work("run", "a", (3, term), answer(Some((&model, 3))))
+                .unwrap(),
+            "a give-back sent again answers the same"
+        );
+        let folded = leader.fold_work("run", (3, term)).unwrap();
+        assert_eq!(folded.len(), 1);
+        assert_eq!(folded[0].partial.as_ref().map(|(_, n)| *n), Some(3));
     }
 }

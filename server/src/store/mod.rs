@@ -15,6 +15,7 @@
 
 pub mod gateways;
 pub mod lease;
+pub mod listen;
 pub mod postgres;
 pub mod sqlite;
 

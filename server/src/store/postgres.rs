@@ -558,6 +558,8 @@ impl RunStore for PgStore {
                     &[&run_id, &round, &(index as i64), members, kl],
                 )?;
             }
+            // The gateways that trained it tell their clients.
+            super::listen::notify_run_id(tx, run_id)?;
             Ok(())
         })
     }
@@ -565,6 +567,7 @@ impl RunStore for PgStore {
     fn finish(&mut self, run_id: i64) -> Result<(), StoreError> {
         self.fenced(move |tx| {
             tx.execute("UPDATE runs SET finished = true WHERE id = $1", &[&run_id])?;
+            super::listen::notify_run_id(tx, run_id)?;
             Ok(())
         })
     }
