@@ -15,6 +15,19 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::ServeConfig;
 use astraea_core::metrics::RoundRecord;
 
+/// Runs `f`, which waits on the run's store (its mutex, its database), so
+/// that a slow store never holds one of the runtime's worker threads: on a
+/// multi-threaded runtime the worker hands its other tasks on first
+/// (`tokio::task::block_in_place`), so sockets, pages and heartbeats go on
+/// while joins and records wait. Elsewhere (a current-thread runtime, a
+/// plain thread) it runs `f` as it is.
+pub fn off_the_workers<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Locks `mutex`, going on past a poisoned lock: a panic in one connection
 /// or round must not take every later lock, and so the process, down with
 /// it. Every critical section here leaves its data consistent before any
@@ -672,8 +685,8 @@ impl AppState {
             return Ok(());
         }
         if let Some(store) = &self.store {
-            let mut store = lock(store);
-            match f(&mut store, run_id) {
+            let result = off_the_workers(|| f(&mut lock(store), run_id));
+            match result {
                 Err(refused @ crate::store::StoreError::Fenced { .. }) => return Err(refused),
                 Err(e) => tracing::error!("store: {e}"),
                 Ok(()) => {}
@@ -689,7 +702,7 @@ impl AppState {
     pub fn stored_client(&self, token: &str) -> Option<(u64, bool)> {
         let store = self.store.as_ref()?;
         let run_id = self.run_id.load(Ordering::Relaxed) as i64;
-        match lock(store).client_by_token(run_id, token) {
+        match off_the_workers(|| lock(store).client_by_token(run_id, token)) {
             Ok(found) => found,
             Err(e) => {
                 tracing::error!("store: {e}");

@@ -561,3 +561,90 @@ async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
     assert_eq!(taken, AckOutcome::Accepted);
     assert_eq!(after_second, after_first + 1);
 }
+
+/// GETs `path` over plain HTTP/1.0; answers the response's status code.
+async fn get(address: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
+    // The bug: a join records its client in the run's store on the
+    // connection's task; with PostgreSQL slow (a lock, a failover) every
+    // join in flight held a worker thread of the runtime, and with as
+    // many joins as workers the server answered nothing else — no page,
+    // no heartbeat, no status — until the store came back.
+    // Prepare: a leader over PostgreSQL, waiting for more clients than
+    // will come, and the store's clients table locked by another session.
+    let (_cluster, url) = astraea_server::testing::PgCluster::with_database();
+    let mut config = support::config(astraea_core::strategy::StrategyKind::FedAvg, 20, 1);
+    config.postgres = Some(url.clone().into());
+    let (running, address) = support::start(config).await;
+    let (locked, lock_taken) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = admin.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE clients IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        tx.rollback().unwrap();
+    });
+    lock_taken.recv().unwrap();
+
+    // Execute: four volunteers join (each join's record waits on the
+    // lock), then the status page is asked for.
+    let joins: Vec<_> = (0..4)
+        .map(|_| {
+            let address = address.clone();
+            tokio::spawn(async move { support::join(&address).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = std::time::Instant::now();
+    let answered = get(&address, "/api/status").await;
+    // On the std clock: a frozen runtime fires no timer of its own.
+    let waited = asked.elapsed();
+    release.send(()).unwrap();
+    holder.join().unwrap();
+
+    // Assert: the server answered while the store was stalled, and every
+    // join went through once it was back.
+    assert_eq!(answered, 200);
+    assert!(
+        waited < Duration::from_secs(10),
+        "the server answered nothing for {waited:?} while joins waited on the store"
+    );
+    let mut sockets = Vec::new();
+    for join in joins {
+        let socket = tokio::time::timeout(Duration::from_secs(20), join)
+            .await
+            .expect("the join completes once the store is back")
+            .unwrap();
+        sockets.push(socket);
+    }
+    eventually_clients(&running, 4).await;
+}
+
+/// Waits (at most 20 s) until the server holds `n` clients.
+async fn eventually_clients(running: &astraea_server::Running, n: usize) {
+    for _ in 0..200 {
+        if running.state.clients().len() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} clients, not {n}", running.state.clients().len());
+}
