@@ -35,6 +35,7 @@ pub mod rounds;
 pub mod schedulers;
 pub mod secagg;
 pub mod simulate;
+pub mod surrogate;
 pub mod threads;
 
 use std::path::PathBuf;

@@ -275,6 +275,34 @@ pub(crate) enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "uniform,spread,freeze")]
         settings: Vec<String>,
     },
+    /// Does the learned scheduler's reward rank schedules as the full
+    /// simulator does? Full Astraea runs (the `simulate` flags; --seeds
+    /// are held out) are stopped at each of --probe-rounds and the round
+    /// is played again with every scheduler; the reward's shaping weight
+    /// is fitted on the --fit-seeds' rounds and judged by Spearman's rank
+    /// correlation with the accuracy gained per simulated second.
+    Surrogate {
+        /// The federation: the `simulate` flags; its --seeds are the
+        /// held-out runs.
+        #[command(flatten)]
+        sim: Box<crate::simulate::SimulateArgs>,
+        /// Schedulers whose schedules are ranked, separated by ';'.
+        #[arg(
+            long,
+            value_delimiter = ';',
+            default_value = "random;greedy;speed-aware:0.5;speed-aware:2;speed-aware:8;oort"
+        )]
+        schedulers: Vec<String>,
+        /// Rounds probed in each run.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+        probe_rounds: Vec<u32>,
+        /// Seeds whose probed rounds fit the shaping weight.
+        #[arg(long, value_delimiter = ',', default_value = "101,102")]
+        fit_seeds: Vec<u64>,
+        /// Shaping weights tried.
+        #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2,4,8,16")]
+        shapings: Vec<f64>,
+    },
     /// Milliseconds each mediator scheduler takes to form one round.
     ScheduleTime {
         /// Schedulers, separated by ';' (as --scheduler names them).
@@ -849,6 +877,13 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             schedulers,
             settings,
         } => schedulers_command(&sim, &schedulers, &settings)?,
+        BenchCommand::Surrogate {
+            sim,
+            schedulers,
+            probe_rounds,
+            fit_seeds,
+            shapings,
+        } => surrogate_command(&sim, &schedulers, &probe_rounds, &fit_seeds, &shapings)?,
         BenchCommand::ScheduleTime {
             schedulers,
             participants,
@@ -952,6 +987,55 @@ fn named_schedulers(
             Ok((s.clone(), scheduler))
         })
         .collect()
+}
+
+/// `bench surrogate`: probes the fitting and the held-out runs, then the
+/// tables.
+fn surrogate_command(
+    sim: &crate::simulate::SimulateArgs,
+    schedulers: &[String],
+    rounds: &[u32],
+    fit_seeds: &[u64],
+    shapings: &[f64],
+) -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let config = crate::simulate::sim_config(sim, threads)?;
+    let (train, test) = crate::simulate::load_data(&config, sim.max_train())?;
+    let schedulers = named_schedulers(schedulers)?;
+    let held_seeds = sim.seeds();
+    anyhow::ensure!(
+        !fit_seeds.is_empty() && !held_seeds.is_empty(),
+        "give seeds to fit on (--fit-seeds) and to hold out (--seeds)"
+    );
+    anyhow::ensure!(
+        !fit_seeds.iter().any(|s| held_seeds.contains(s)),
+        "a held-out seed (--seeds) is also a fitting seed (--fit-seeds)"
+    );
+    let mut log = |seed: u64, probed: &[astraea_sim::ProbedSchedule]| {
+        for p in probed {
+            eprintln!(
+                "seed {seed} round {} {}: {:.2} -> {:.2} %, {:.1} s ({:.2}x balanced), KL {:.3}",
+                p.round,
+                p.scheduler,
+                p.accuracy_before * 100.0,
+                p.accuracy * 100.0,
+                p.seconds,
+                p.seconds / p.balanced.max(1e-9),
+                p.kl
+            );
+        }
+    };
+    let data = (&train, &test);
+    let fit =
+        astraea_bench::surrogate::probe(&config, data, &schedulers, rounds, fit_seeds, &mut log)?;
+    let held =
+        astraea_bench::surrogate::probe(&config, data, &schedulers, rounds, &held_seeds, &mut log)?;
+    let (judged, best) = astraea_bench::surrogate::judge(&fit, &held, shapings);
+    println!("{}", astraea_bench::surrogate::table(&judged, best));
+    let mut all = fit;
+    all.extend(held);
+    println!("{}", astraea_bench::surrogate::schedules_table(&all));
+    Ok(())
 }
 
 /// `bench schedulers`: every scheduler, seed and setting as a full

@@ -31,5 +31,5 @@ pub mod trainer;
 
 pub use config::{RunSpec, SimConfig};
 pub use federation::Federation;
-pub use runner::{run, run_with_model};
+pub use runner::{Probe, ProbedSchedule, probe_schedules, run, run_with_model};
 pub use trainer::{DeviceKind, Engine, TrainerSettings};

@@ -176,6 +176,110 @@ pub fn run_with_model(
     test: &Dataset,
     progress: &ProgressBar,
 ) -> anyhow::Result<(RunHistory, Weights)> {
+    run_probed(config, spec, train, test, progress, None)
+}
+
+/// Which rounds of a run are played again with other schedulers, and
+/// which ([`probe_schedules`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    /// The schedulers, each with its name for a table.
+    pub schedulers: &'a [(String, astraea_core::astraea::Scheduler)],
+    /// The rounds (1-based) probed.
+    pub rounds: &'a [u32],
+}
+
+/// One probed round played with one scheduler: what the round would have
+/// come to had that scheduler formed its mediators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbedSchedule {
+    /// The round.
+    pub round: u32,
+    /// The scheduler's name.
+    pub scheduler: String,
+    /// Test accuracy of the global model the round starts from, 0..1.
+    pub accuracy_before: f64,
+    /// Test accuracy after the round with this scheduler's mediators.
+    pub accuracy: f64,
+    /// Test loss before and after.
+    pub loss_before: f64,
+    /// Test loss after the round.
+    pub loss: f64,
+    /// The round's time on the federation's clock (its slowest chain,
+    /// freezes included), seconds.
+    pub seconds: f64,
+    /// The time the participants' expected hop times would take split
+    /// evenly over the mediators, seconds.
+    pub balanced: f64,
+    /// The mediators' sample-weighted KL to uniform of their reported
+    /// label mixes, nats.
+    pub kl: f64,
+}
+
+impl ProbedSchedule {
+    /// What the round gained per second of the federation's clock: test
+    /// accuracy points (0..1) per second.
+    pub fn gain_per_second(&self) -> f64 {
+        (self.accuracy - self.accuracy_before) / self.seconds.max(1e-9)
+    }
+
+    /// What the round took off the test loss per second of the
+    /// federation's clock (nats per second).
+    pub fn loss_drop_per_second(&self) -> f64 {
+        (self.loss_before - self.loss) / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs `spec`'s federation as [`run`] does and, in each round of
+/// `probe.rounds`, before the round is played as the run's own scheduler
+/// plays it, plays it from the same global model with the same
+/// participants, chain seeds and freezes once with each of
+/// `probe.schedulers` (trained, aggregated, evaluated, then thrown away),
+/// so schedules can be ranked by what they gain on the full simulator
+/// (the learned scheduler's surrogate reward is checked against these).
+/// The probes' hops are judged by the run's guard, as the round's own
+/// are, and count towards its medians; nothing else of them stays.
+///
+/// # Errors
+/// As [`run`]; also a run with secure aggregation or client-level DP
+/// (a probe would spend the privacy budget), or the asynchronous mode
+/// (no rounds to play again).
+pub fn probe_schedules(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    test: &Dataset,
+    probe: Probe<'_>,
+) -> anyhow::Result<Vec<ProbedSchedule>> {
+    anyhow::ensure!(
+        !config.secure_aggregation && config.model_privacy.is_none(),
+        "probing schedules replays rounds: not with secure aggregation or DP"
+    );
+    anyhow::ensure!(
+        config.schedule.mode == Mode::Sync,
+        "probing schedules replays rounds: the synchronous mode only"
+    );
+    let probed = Mutex::new(Vec::new());
+    run_probed(
+        config,
+        spec,
+        train,
+        test,
+        &ProgressBar::hidden(),
+        Some((probe, &probed)),
+    )?;
+    Ok(probed.into_inner().expect("no probe panicked"))
+}
+
+/// [`run_with_model`], probing schedules where asked.
+fn run_probed(
+    config: &SimConfig,
+    spec: &RunSpec,
+    train: &Dataset,
+    test: &Dataset,
+    progress: &ProgressBar,
+    probe: Option<(Probe<'_>, &Mutex<Vec<ProbedSchedule>>)>,
+) -> anyhow::Result<(RunHistory, Weights)> {
     let start = Instant::now();
     config.policy().validate()?;
     config.numbers().validate()?;
@@ -268,6 +372,7 @@ pub fn run_with_model(
         defence,
         start,
         progress,
+        probe,
     };
     let mut state = RunState {
         global,
@@ -310,6 +415,9 @@ struct Setup<'a> {
     defence: Defence,
     start: Instant,
     progress: &'a ProgressBar,
+    /// Rounds to play again with other schedulers, and where their
+    /// outcomes go ([`probe_schedules`]).
+    probe: Option<(Probe<'a>, &'a Mutex<Vec<ProbedSchedule>>)>,
 }
 
 /// What a run's rounds change.
@@ -467,6 +575,12 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
                 .suspend(|| eprintln!("{}: {detail}", spec.label()));
             break;
         }
+        if let Some((probe, probed)) = setup.probe
+            && probe.rounds.contains(&(round as u32))
+        {
+            let found = probe_round(setup, state, &participants, round as u32, probe)?;
+            probed.lock().expect("no probe panicked").extend(found);
+        }
         let round_plan = strategy.configure_round(&participants);
         let mean_kl = mean_group_kl(&round_plan.groups, &federation.clients);
         for group in &round_plan.groups {
@@ -559,6 +673,96 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         setup.record(state, round, (mean_kl, &round_plan.groups), clock_s)?;
     }
     Ok(())
+}
+
+/// Plays round `round` from the run's global model with `participants`
+/// once with each of `probe`'s schedulers ([`probe_schedules`]).
+fn probe_round(
+    setup: &Setup<'_>,
+    state: &RunState,
+    participants: &[Participant],
+    round: u32,
+    probe: Probe<'_>,
+) -> anyhow::Result<Vec<ProbedSchedule>> {
+    let config = setup.config;
+    let evaluate = |weights: &Weights| {
+        evaluate_parallel(
+            &setup.model_config,
+            weights,
+            &setup.test,
+            config.threads,
+            config.trainer.engine,
+        )
+    };
+    let before = evaluate(&state.global)?;
+    let expected: f64 = participants.iter().filter_map(|p| p.hop_seconds).sum();
+    let mut found = Vec::with_capacity(probe.schedulers.len());
+    for (name, scheduler) in probe.schedulers {
+        let mut config = config.clone();
+        config.scheduler = scheduler.clone();
+        let strategy = setup.spec.strategy(&config);
+        let plan = strategy.configure_round(participants);
+        let train_config = TrainConfig {
+            prox_mu: plan.prox_mu,
+            ..setup.train_config.clone()
+        };
+        let trainer = Trainer::new(config.trainer, &setup.model_config);
+        let context = setup.context(&state.global, &train_config, &trainer);
+        let starts = vec![&state.global; plan.groups.len()];
+        let seeds: Vec<ChainSeed> = (0..plan.groups.len())
+            .map(|index| ChainSeed {
+                run: setup.spec.seed,
+                round,
+                chain: index as u64,
+            })
+            .collect();
+        let (results, failures, _, seconds) = run_chains(
+            &plan.groups,
+            &starts,
+            &seeds,
+            &context,
+            config.threads,
+            &mut HopTally::default(),
+        );
+        let after = match strategy.aggregate(&state.global.values, &results, &failures) {
+            Some(values) => Weights {
+                values,
+                ..state.global.clone()
+            },
+            None => state.global.clone(),
+        };
+        let eval = evaluate(&after)?;
+        // The mediators' label mixes as the server knows them.
+        let (mut weighted, mut samples) = (0.0, 0.0);
+        for group in &plan.groups {
+            let mut mix = vec![0usize; setup.reported.first().map_or(0, Vec::len)];
+            for &member in &group.members {
+                for (m, n) in mix.iter_mut().zip(&setup.reported[member]) {
+                    *m += n;
+                }
+            }
+            let n = mix.iter().sum::<usize>() as f64;
+            weighted += n * kl_to_uniform(&mix);
+            samples += n;
+        }
+        let passes = plan.groups.first().map_or(1, |g| g.passes.max(1));
+        found.push(ProbedSchedule {
+            round,
+            scheduler: name.clone(),
+            accuracy_before: before.accuracy,
+            accuracy: eval.accuracy,
+            loss_before: before.loss,
+            loss: eval.loss,
+            seconds,
+            balanced: expected * passes as f64 / plan.groups.len().max(1) as f64,
+            kl: if samples > 0.0 {
+                weighted / samples
+            } else {
+                0.0
+            },
+        });
+    }
+    Ok(found)
 }
 
 /// Under secure aggregation, the fewest of the round's maskers (one per

@@ -617,9 +617,121 @@ pub fn judge(
     stats
 }
 
+impl From<&crate::runner::ProbedSchedule> for Outcome {
+    fn from(probed: &crate::runner::ProbedSchedule) -> Self {
+        Self {
+            seconds: probed.seconds,
+            balanced: probed.balanced,
+            kl: probed.kl,
+        }
+    }
+}
+
+/// Spearman's rank correlation of `a` and `b` (equal lengths): Pearson's
+/// correlation of their ranks, tied values taking the mean of their ranks
+/// (Spearman 1904; the tie rule as in SciPy's `spearmanr`). `None` for
+/// fewer than two pairs or when either side is constant.
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        cov += (x - ma) * (y - mb);
+        va += (x - ma) * (x - ma);
+        vb += (y - mb) * (y - mb);
+    }
+    (va > 0.0 && vb > 0.0).then(|| cov / (va * vb).sqrt())
+}
+
+/// Ranks (1-based) of `values`, ties sharing their mean rank.
+fn ranks(values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&i, &j| values[i].total_cmp(&values[j]));
+    let mut ranks = vec![0.0; values.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && values[order[end]] == values[order[start]] {
+            end += 1;
+        }
+        // Ranks start+1 ..= end share their mean.
+        let mean = (start + 1 + end) as f64 / 2.0;
+        for &i in &order[start..end] {
+            ranks[i] = mean;
+        }
+        start = end;
+    }
+    ranks
+}
+
+/// How well a surrogate ranks schedules as the full simulator does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankCheck {
+    /// The mean over probed rounds of each round's Spearman correlation
+    /// between the surrogate and the truth (rounds where either side is
+    /// constant are left out).
+    pub per_round: f64,
+    /// The rounds that counted.
+    pub rounds: usize,
+    /// Spearman's correlation over every probed schedule of every round
+    /// at once.
+    pub pooled: f64,
+}
+
+/// Checks `surrogate` (a score per probed schedule) against `truth` (what
+/// the full simulator says the schedule was worth, e.g.
+/// [`ProbedSchedule::gain_per_second`](crate::runner::ProbedSchedule::gain_per_second)),
+/// each inner slice of `rounds` being one probed round's schedules.
+pub fn rank_check(
+    rounds: &[Vec<crate::runner::ProbedSchedule>],
+    surrogate: impl Fn(&crate::runner::ProbedSchedule) -> f64,
+    truth: impl Fn(&crate::runner::ProbedSchedule) -> f64,
+) -> RankCheck {
+    let (mut sum, mut counted) = (0.0, 0);
+    let (mut all_s, mut all_g) = (Vec::new(), Vec::new());
+    for round in rounds {
+        let s: Vec<f64> = round.iter().map(&surrogate).collect();
+        let g: Vec<f64> = round.iter().map(&truth).collect();
+        if let Some(rho) = spearman(&s, &g) {
+            sum += rho;
+            counted += 1;
+        }
+        all_s.extend(s);
+        all_g.extend(g);
+    }
+    RankCheck {
+        per_round: if counted > 0 {
+            sum / counted as f64
+        } else {
+            f64::NAN
+        },
+        rounds: counted,
+        pooled: spearman(&all_s, &all_g).unwrap_or(f64::NAN),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spearman_ranks_with_ties_as_scipy_does() {
+        // scipy.stats.spearmanr([1, 2, 2, 5], [10, 20, 30, 40]) = 0.9486833
+        let rho = spearman(&[1.0, 2.0, 2.0, 5.0], &[10.0, 20.0, 30.0, 40.0]).unwrap();
+        assert!((rho - 0.948_683_3).abs() < 1e-6, "{rho}");
+        // Monotone, either way; constant: none.
+        let x = [0.3, -1.0, 7.0, 2.0];
+        let cubed: Vec<f64> = x.iter().map(|v: &f64| v.powi(3)).collect();
+        assert_eq!(spearman(&x, &cubed), Some(1.0));
+        let negated: Vec<f64> = x.iter().map(|v| -v).collect();
+        assert_eq!(spearman(&x, &negated), Some(-1.0));
+        assert_eq!(spearman(&x, &[1.0; 4]), None);
+        assert_eq!(spearman(&[1.0], &[2.0]), None);
+    }
 
     #[test]
     fn the_actor_exports_to_the_policy_the_server_runs() {

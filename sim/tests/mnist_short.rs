@@ -165,3 +165,57 @@ fn the_asynchronous_mode_learns_and_does_not_wait_for_the_slowest_chain() {
         .fold(0.0, f64::max);
     assert!(best > 0.6, "async astraea best accuracy {best}");
 }
+
+#[test]
+fn a_round_probed_with_the_runs_own_scheduler_gains_what_the_round_gained() {
+    // Prepare: Astraea's run on the slice, one thread (chains in order),
+    // speeds spread so schedules differ in time too.
+    let (train, test, mut config) = slice();
+    config.rounds = 2;
+    config.threads = 1;
+    config.population.speeds = "lognormal:200:100".parse().unwrap();
+    let spec = RunSpec::parse("astraea", 7).unwrap();
+    let history = simulate::run(&config, &spec, &train, &test, &ProgressBar::hidden()).unwrap();
+    let schedulers = [
+        ("own".to_string(), config.scheduler.clone()),
+        (
+            "random".to_string(),
+            astraea_core::astraea::Scheduler::Random,
+        ),
+    ];
+
+    // Execute: round 2 played again with the run's own scheduler and
+    // with random groups.
+    let probed = simulate::probe_schedules(
+        &config,
+        &spec,
+        &train,
+        &test,
+        simulate::Probe {
+            schedulers: &schedulers,
+            rounds: &[2],
+        },
+    )
+    .unwrap();
+
+    // Assert: both start from round 1's model; the run's own scheduler
+    // replays round 2 as the run played it; random groups make another
+    // round; every probe took time on the federation's clock.
+    assert_eq!(probed.len(), 2);
+    let (own, random) = (&probed[0], &probed[1]);
+    for p in &probed {
+        assert_eq!(p.round, 2);
+        assert!((p.accuracy_before - history.rounds[0].accuracy).abs() < 1e-12);
+        assert!(p.seconds > 0.0 && p.balanced > 0.0, "{p:?}");
+    }
+    assert!(
+        (own.accuracy - history.rounds[1].accuracy).abs() < 1e-12,
+        "the replay {} against the round {}",
+        own.accuracy,
+        history.rounds[1].accuracy
+    );
+    assert!(
+        (random.kl - own.kl).abs() > 1e-9 && random.accuracy != own.accuracy,
+        "random groups replayed the same round: {random:?}"
+    );
+}
