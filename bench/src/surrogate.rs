@@ -48,7 +48,7 @@ pub fn probe(
         // The run needs no more rounds than the last one probed.
         let mut config = config.clone();
         config.rounds = rounds.iter().copied().max().unwrap_or(1);
-        let found = astraea_sim::probe_schedules(
+        let (_, found) = astraea_sim::probe_schedules(
             &config,
             &spec,
             train,
@@ -92,9 +92,23 @@ fn judged(
     }
 }
 
+/// The probed rounds in which every schedule gained accuracy. Per second
+/// is a rate of progress only for a gain: of two schedules that lost a
+/// point, the slower one would rank above the quicker one (its loss
+/// spread over more seconds), so rounds with a loss are left out of the
+/// ranking (and counted apart).
+pub fn gaining(probed: &Probed) -> Probed {
+    probed
+        .iter()
+        .filter(|round| round.iter().all(|p| p.accuracy > p.accuracy_before))
+        .cloned()
+        .collect()
+}
+
 /// Judges the reward with each weight of `shapings`, and the KL alone, on
 /// `fit` and `held_out`; answers them, and the index of the shaping that
-/// ranks the fitting rounds best (per round).
+/// ranks the fitting rounds best (per round; a shaping no round could
+/// judge is never the best).
 pub fn judge(fit: &Probed, held_out: &Probed, shapings: &[f64]) -> (Vec<Judged>, usize) {
     let mut judged: Vec<Judged> = shapings
         .iter()
@@ -105,6 +119,7 @@ pub fn judge(fit: &Probed, held_out: &Probed, shapings: &[f64]) -> (Vec<Judged>,
         })
         .collect();
     let best = (0..judged.len())
+        .filter(|&i| judged[i].fit.per_round.is_finite())
         .max_by(|&a, &b| judged[a].fit.per_round.total_cmp(&judged[b].fit.per_round))
         .unwrap_or(0);
     judged.push(self::judged("KL alone".into(), (fit, held_out), |p| -p.kl));

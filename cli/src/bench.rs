@@ -1025,12 +1025,33 @@ fn surrogate_command(
             );
         }
     };
+    let mut rounds = rounds.to_vec();
+    rounds.sort_unstable();
+    rounds.dedup();
     let data = (&train, &test);
     let fit =
-        astraea_bench::surrogate::probe(&config, data, &schedulers, rounds, fit_seeds, &mut log)?;
-    let held =
-        astraea_bench::surrogate::probe(&config, data, &schedulers, rounds, &held_seeds, &mut log)?;
-    let (judged, best) = astraea_bench::surrogate::judge(&fit, &held, shapings);
+        astraea_bench::surrogate::probe(&config, data, &schedulers, &rounds, fit_seeds, &mut log)?;
+    let held = astraea_bench::surrogate::probe(
+        &config,
+        data,
+        &schedulers,
+        &rounds,
+        &held_seeds,
+        &mut log,
+    )?;
+    let (fit_gaining, held_gaining) = (
+        astraea_bench::surrogate::gaining(&fit),
+        astraea_bench::surrogate::gaining(&held),
+    );
+    println!(
+        "rounds in which every schedule gained accuracy: {} of {} fitting, {} of {} held out \
+         (the others are left out of the ranking)\n",
+        fit_gaining.len(),
+        fit.len(),
+        held_gaining.len(),
+        held.len()
+    );
+    let (judged, best) = astraea_bench::surrogate::judge(&fit_gaining, &held_gaining, shapings);
     println!("{}", astraea_bench::surrogate::table(&judged, best));
     let mut all = fit;
     all.extend(held);

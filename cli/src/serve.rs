@@ -172,8 +172,9 @@ pub(crate) struct ServeArgs {
     /// leads, the others wait and take over within seconds when it goes.
     #[arg(long, env = "ASTRAEA_STORE", conflicts_with = "state_dir", value_parser = postgres_url)]
     store: Option<String>,
-    /// Name of the run in the database.
-    #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default")]
+    /// Name of the run in the database (1 to 200 bytes: it is the payload
+    /// of the run's notifications, which PostgreSQL caps at 8,000).
+    #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default", value_parser = run_name)]
     run_name: String,
     /// Seconds the leader's lease lasts unrenewed (--store; renewed every
     /// third of it), 1 to 600: a paused leader is replaced after this, and
@@ -254,6 +255,14 @@ pub(crate) struct ServeArgs {
 /// neither given as a flag nor set in the environment, so the precedence is
 /// flags, then ASTRAEA_* variables, then the file, then the defaults.
 /// `--store`: a PostgreSQL URL (the embedded SQLite store is --state-dir).
+fn run_name(text: &str) -> Result<String, String> {
+    if (1..=200).contains(&text.len()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("1 to 200 bytes, not {}", text.len()))
+    }
+}
+
 fn postgres_url(text: &str) -> Result<String, String> {
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         Ok(text.to_string())
@@ -482,6 +491,20 @@ mod tests {
         assert!(path.contains("--state-dir"), "{path}");
         let both = parse(&["--store", "postgres://u@db/a", "--state-dir", "s"]).unwrap_err();
         assert!(both.contains("cannot be used with"), "{both}");
+    }
+
+    #[test]
+    fn a_run_name_longer_than_a_notification_may_carry_is_refused() {
+        let parse = |name: &str| {
+            Cli::try_parse_from(["astraea", "serve", "--run-name", name])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse("course-2026").is_ok());
+        assert!(parse(&"r".repeat(200)).is_ok());
+        let long = parse(&"r".repeat(9000)).unwrap_err();
+        assert!(long.contains("1 to 200 bytes"), "{long}");
+        assert!(parse("").is_err());
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl OutlierRecord {
 /// Rule 3's state: the window of distances, each client's record, and the
 /// median client's share refused as of the last settled round (1 before
 /// any: nobody stands out yet).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Rule3 {
     window: SettledWindow,
     records: std::collections::HashMap<u64, OutlierRecord>,
@@ -169,6 +169,10 @@ struct Rule3 {
     /// Rounds settled so far.
     rounds: u64,
 }
+
+/// What an [`UpdateGuard`] remembers, taken by [`UpdateGuard::memory`].
+#[derive(Debug, Clone)]
+pub struct GuardMemory(Rule3);
 
 /// The three rules, and the distances of recent hops rule 3 judges against.
 /// Shared by the threads judging a round's hops (`&self`).
@@ -198,6 +202,18 @@ impl UpdateGuard {
 
     fn rule3(&self) -> std::sync::MutexGuard<'_, Rule3> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the guard remembers (rule 3's window, records and medians),
+    /// to put back with [`UpdateGuard::put_back`]: a simulator that plays
+    /// a round again with other schedules leaves the guard as it was.
+    pub fn memory(&self) -> GuardMemory {
+        GuardMemory(self.rule3().clone())
+    }
+
+    /// Puts back what [`UpdateGuard::memory`] took.
+    pub fn put_back(&self, memory: GuardMemory) {
+        *self.rule3() = memory.0;
     }
 
     /// Judges the update `new` to the weights `sent` (equal lengths: the

@@ -88,7 +88,36 @@ pub struct LossCheck {
     evaluator: crate::batched::BatchedModel,
 }
 
+/// Locks `mutex`, going on past a poisoned lock.
+fn relock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a [`LossCheck`] remembers (its window of loss changes and the
+/// last sent weights' loss), taken by [`LossCheck::memory`].
+#[derive(Debug, Clone)]
+pub struct LossMemory {
+    recent: SettledWindow,
+    last_sent: Option<(Vec<f32>, f64)>,
+}
+
 impl LossCheck {
+    /// What the rule remembers, to put back with [`LossCheck::put_back`].
+    pub fn memory(&self) -> LossMemory {
+        LossMemory {
+            recent: relock(&self.recent).clone(),
+            last_sent: relock(&self.last_sent).clone(),
+        }
+    }
+
+    /// Puts back what [`LossCheck::memory`] took.
+    pub fn put_back(&self, memory: LossMemory) {
+        *relock(&self.recent) = memory.recent;
+        *relock(&self.last_sent) = memory.last_sent;
+    }
+
     /// Judges hops of the model `model_config` makes (flat weights laid
     /// out as its parameters) on every sample of `set` (64 by default,
     /// [`DEFAULT_VALIDATION_SAMPLES`]),

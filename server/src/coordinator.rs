@@ -872,7 +872,7 @@ pub(crate) fn ready_clients(state: &AppState) -> usize {
 /// it to them; returns whether a plan was sent. Clients joining later get it
 /// on their first `ready`.
 fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
-    let mut clients = state.clients();
+    let clients = state.clients();
     // An own-data client's first report counts within the cap of what the
     // clients declared before any plan (`engine::declared`), so no single
     // report moves the plan far.
@@ -896,7 +896,12 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
         return false;
     };
     state.status().plan = Some(plan.ratios.clone());
+    // Never wait on the store holding the clients' lock (every socket's
+    // task takes it); whoever reports meanwhile gets the plan on their
+    // first `ready`, or below.
+    drop(clients);
     state.record(|store, run| store.save_plan(run, &plan.ratios));
+    let mut clients = state.clients();
     for (&id, entry) in clients.iter_mut() {
         if entry.raw_counts.is_some() && !entry.plan_sent {
             entry.plan_sent = true;

@@ -180,19 +180,21 @@ pub async fn run(
             Ok(None) => {}
             Err(e) => tracing::warn!("gateway: looking for work: {e}"),
         }
-        until_moved(&mut waker).await;
+        until_moved(&mut waker, WORK_FALLBACK).await;
     }
     Ok(())
 }
 
-/// Waits until the run's work moves (the listener's wake-up) or
-/// [`WORK_FALLBACK`] passes; the caller reads the work again either way.
-async fn until_moved(waker: &mut Option<crate::store::listen::Waker>) {
+/// Waits until the run's work moves (the listener's wake-up), or
+/// [`WORK_FALLBACK`] or `at_most` passes; the caller reads the work again
+/// either way.
+async fn until_moved(waker: &mut Option<crate::store::listen::Waker>, at_most: Duration) {
+    let at_most = at_most.min(WORK_FALLBACK);
     match waker {
         Some(waker) => {
-            waker.wait(WORK_FALLBACK).await;
+            waker.wait(at_most).await;
         }
-        None => tokio::time::sleep(WORK_FALLBACK).await,
+        None => tokio::time::sleep(at_most).await,
     }
 }
 
@@ -582,7 +584,8 @@ pub(crate) async fn gather(
             Ok(outstanding) => {
                 let alive = live(state, false).await;
                 // Waited for: a live gateway that took its work, or one
-                // that has had under 2 s to take it (it looks every 250 ms).
+                // that has had under 2 s to take it (it is woken when the
+                // work is placed, and looks at least every 500 ms).
                 let awaited = |o: &crate::store::gateways::Outstanding| {
                     alive.iter().any(|seen| seen.name == o.gateway)
                         && (o.taken || o.waiting_s < UNTAKEN_WAIT.as_secs_f64())
@@ -594,7 +597,12 @@ pub(crate) async fn gather(
             // The database away: wait on, until the deadline.
             Err(e) => tracing::warn!("reading the gateways' work: {e}"),
         }
-        until_moved(&mut waker).await;
+        // Never past the deadline, nor past a gateway's 3 s of silence by
+        // more than the fallback.
+        let left = placed
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        until_moved(&mut waker, left).await;
     }
     let folded = match blocking(link, move |l| l.fold_work(&run, key)).await {
         Ok(folded) => folded,

@@ -591,9 +591,24 @@ async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
     let mut config = support::config(astraea_core::strategy::StrategyKind::FedAvg, 20, 1);
     config.postgres = Some(url.clone().into());
     let (running, address) = support::start(config).await;
+    // A count from the database, asked on a plain thread (the blocking
+    // client runs a runtime of its own).
+    let count = |sql: &'static str| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                client.query_one(sql, &[]).unwrap().get::<_, i64>(0)
+            })
+            .await
+            .unwrap()
+        }
+    };
     let (locked, lock_taken) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder_url = url.clone();
     let holder = std::thread::spawn(move || {
+        let url = holder_url;
         let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let mut tx = admin.transaction().unwrap();
         tx.batch_execute("LOCK TABLE clients IN ACCESS EXCLUSIVE MODE")
@@ -612,10 +627,21 @@ async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
             tokio::spawn(async move { support::join(&address).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The store's session waits on the lock: the joins are stalled. (On
+    // the std clock from here: a frozen runtime fires no timer of its own.)
     let asked = std::time::Instant::now();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND application_name = 'astraea-store'";
+    let mut stalled = false;
+    for _ in 0..100 {
+        if count(waiting).await > 0 {
+            stalled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stalled, "no join reached the store");
     let answered = get(&address, "/api/status").await;
-    // On the std clock: a frozen runtime fires no timer of its own.
     let waited = asked.elapsed();
     release.send(()).unwrap();
     holder.join().unwrap();
@@ -636,6 +662,13 @@ async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
         sockets.push(socket);
     }
     eventually_clients(&running, 4).await;
+    for _ in 0..100 {
+        if count("SELECT count(*) FROM clients").await == 4 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the joins were not recorded once the store was back");
 }
 
 /// Waits (at most 20 s) until the server holds `n` clients.

@@ -237,8 +237,10 @@ impl ProbedSchedule {
 /// `probe.schedulers` (trained, aggregated, evaluated, then thrown away),
 /// so schedules can be ranked by what they gain on the full simulator
 /// (the learned scheduler's surrogate reward is checked against these).
-/// The probes' hops are judged by the run's guard, as the round's own
-/// are, and count towards its medians; nothing else of them stays.
+/// The probes' hops are judged by the run's defence as the round's own
+/// are, each replay starting from the defence as the round found it, and
+/// the defence is put back after each (its windows, standings, dropped
+/// clients): the run's own rounds, also answered, are the unprobed run's.
 ///
 /// # Errors
 /// As [`run`]; also a run with secure aggregation or client-level DP
@@ -250,7 +252,7 @@ pub fn probe_schedules(
     train: &Dataset,
     test: &Dataset,
     probe: Probe<'_>,
-) -> anyhow::Result<Vec<ProbedSchedule>> {
+) -> anyhow::Result<(RunHistory, Vec<ProbedSchedule>)> {
     anyhow::ensure!(
         !config.secure_aggregation && config.model_privacy.is_none(),
         "probing schedules replays rounds: not with secure aggregation or DP"
@@ -260,7 +262,7 @@ pub fn probe_schedules(
         "probing schedules replays rounds: the synchronous mode only"
     );
     let probed = Mutex::new(Vec::new());
-    run_probed(
+    let (history, _) = run_probed(
         config,
         spec,
         train,
@@ -268,7 +270,7 @@ pub fn probe_schedules(
         &ProgressBar::hidden(),
         Some((probe, &probed)),
     )?;
-    Ok(probed.into_inner().expect("no probe panicked"))
+    Ok((history, probed.into_inner().expect("no probe panicked")))
 }
 
 /// [`run_with_model`], probing schedules where asked.
@@ -698,39 +700,12 @@ fn probe_round(
     let expected: f64 = participants.iter().filter_map(|p| p.hop_seconds).sum();
     let mut found = Vec::with_capacity(probe.schedulers.len());
     for (name, scheduler) in probe.schedulers {
-        let mut config = config.clone();
-        config.scheduler = scheduler.clone();
-        let strategy = setup.spec.strategy(&config);
-        let plan = strategy.configure_round(participants);
-        let train_config = TrainConfig {
-            prox_mu: plan.prox_mu,
-            ..setup.train_config.clone()
-        };
-        let trainer = Trainer::new(config.trainer, &setup.model_config);
-        let context = setup.context(&state.global, &train_config, &trainer);
-        let starts = vec![&state.global; plan.groups.len()];
-        let seeds: Vec<ChainSeed> = (0..plan.groups.len())
-            .map(|index| ChainSeed {
-                run: setup.spec.seed,
-                round,
-                chain: index as u64,
-            })
-            .collect();
-        let (results, failures, _, seconds) = run_chains(
-            &plan.groups,
-            &starts,
-            &seeds,
-            &context,
-            config.threads,
-            &mut HopTally::default(),
-        );
-        let after = match strategy.aggregate(&state.global.values, &results, &failures) {
-            Some(values) => Weights {
-                values,
-                ..state.global.clone()
-            },
-            None => state.global.clone(),
-        };
+        // Every replay starts from the defence as the round finds it, and
+        // leaves it so: the run goes on as if never probed.
+        let memory = setup.defence.snapshot();
+        let replayed = replay(setup, state, participants, round, scheduler);
+        setup.defence.restore(memory);
+        let (plan, seconds, after) = replayed;
         let eval = evaluate(&after)?;
         // The mediators' label mixes as the server knows them.
         let (mut weighted, mut samples) = (0.0, 0.0);
@@ -763,6 +738,54 @@ fn probe_round(
         });
     }
     Ok(found)
+}
+
+/// Round `round` played from the run's global model with `participants`
+/// and `scheduler`'s mediators (the run's chain seeds and freezes): the
+/// round's plan, its time on the federation's clock and the model it
+/// makes (the global model again if the aggregate is not finite or there
+/// is none, as a round that is not adopted).
+fn replay(
+    setup: &Setup<'_>,
+    state: &RunState,
+    participants: &[Participant],
+    round: u32,
+    scheduler: &astraea_core::astraea::Scheduler,
+) -> (astraea_core::strategy::RoundPlan, f64, Weights) {
+    let mut config = setup.config.clone();
+    config.scheduler = scheduler.clone();
+    let strategy = setup.spec.strategy(&config);
+    let plan = strategy.configure_round(participants);
+    let train_config = TrainConfig {
+        prox_mu: plan.prox_mu,
+        ..setup.train_config.clone()
+    };
+    let trainer = Trainer::new(config.trainer, &setup.model_config);
+    let context = setup.context(&state.global, &train_config, &trainer);
+    let starts = vec![&state.global; plan.groups.len()];
+    let seeds: Vec<ChainSeed> = (0..plan.groups.len())
+        .map(|index| ChainSeed {
+            run: setup.spec.seed,
+            round,
+            chain: index as u64,
+        })
+        .collect();
+    let (results, failures, _, seconds) = run_chains(
+        &plan.groups,
+        &starts,
+        &seeds,
+        &context,
+        config.threads,
+        &mut HopTally::default(),
+    );
+    let after = match strategy.aggregate(&state.global.values, &results, &failures) {
+        Some(values) if values.iter().all(|v| v.is_finite()) => Weights {
+            values,
+            ..state.global.clone()
+        },
+        _ => state.global.clone(),
+    };
+    (plan, seconds, after)
 }
 
 /// Under secure aggregation, the fewest of the round's maskers (one per
@@ -1207,6 +1230,15 @@ fn next_judgement(effects: Vec<Effect>) -> Option<Judgement> {
     })
 }
 
+/// What a [`Defence`] remembers ([`Defence::snapshot`]).
+struct DefenceMemory {
+    dropped: Vec<bool>,
+    standing: Vec<Standing>,
+    suspects: MaskerSuspects,
+    guard: astraea_core::guard::GuardMemory,
+    loss: Option<astraea_core::validation::LossMemory>,
+}
+
 /// What the simulated server knows of its clients' hostility: which clients
 /// attack (chosen once, seeded) and how, the update guard every hop passes
 /// (with its loss rule when there is a validation set), and the clients
@@ -1266,6 +1298,30 @@ impl Defence {
     }
 
     /// Client `id`'s hop in round `round` was given up as late.
+    /// Everything the defence remembers of the run's hops (dropped
+    /// clients, standings, suspects, the guard's and the loss rule's
+    /// windows), to put back with [`Defence::restore`].
+    fn snapshot(&self) -> DefenceMemory {
+        DefenceMemory {
+            dropped: self.dropped.lock().expect("no judge panicked").clone(),
+            standing: self.standing.lock().expect("no judge panicked").clone(),
+            suspects: self.suspects.lock().expect("no judge panicked").clone(),
+            guard: self.guard.memory(),
+            loss: self.loss_check.as_ref().map(LossCheck::memory),
+        }
+    }
+
+    /// Puts back what [`Defence::snapshot`] took.
+    fn restore(&self, memory: DefenceMemory) {
+        *self.dropped.lock().expect("no judge panicked") = memory.dropped;
+        *self.standing.lock().expect("no judge panicked") = memory.standing;
+        *self.suspects.lock().expect("no judge panicked") = memory.suspects;
+        self.guard.put_back(memory.guard);
+        if let (Some(check), Some(loss)) = (&self.loss_check, memory.loss) {
+            check.put_back(loss);
+        }
+    }
+
     fn late(&self, id: usize, round: u32) {
         if let Some(standing) = self
             .standing

@@ -171,9 +171,13 @@ fn a_round_probed_with_the_runs_own_scheduler_gains_what_the_round_gained() {
     // Prepare: Astraea's run on the slice, one thread (chains in order),
     // speeds spread so schedules differ in time too.
     let (train, test, mut config) = slice();
-    config.rounds = 2;
+    config.rounds = 3;
     config.threads = 1;
     config.population.speeds = "lognormal:200:100".parse().unwrap();
+    // A deadline the slowest clients miss: each miss is a strike in the
+    // client's standing, which benches it from later draws — a replay
+    // must not add strikes of its own.
+    config.population.hop_deadline_s = 8.0;
     let spec = RunSpec::parse("astraea", 7).unwrap();
     let history = simulate::run(&config, &spec, &train, &test, &ProgressBar::hidden()).unwrap();
     let schedulers = [
@@ -184,26 +188,32 @@ fn a_round_probed_with_the_runs_own_scheduler_gains_what_the_round_gained() {
         ),
     ];
 
-    // Execute: round 2 played again with the run's own scheduler and
-    // with random groups.
-    let probed = simulate::probe_schedules(
+    // Execute: rounds 1 and 2 played again with the run's own scheduler
+    // and with random groups.
+    let (probed_history, probed) = simulate::probe_schedules(
         &config,
         &spec,
         &train,
         &test,
         simulate::Probe {
             schedulers: &schedulers,
-            rounds: &[2],
+            rounds: &[1, 2],
         },
     )
     .unwrap();
 
-    // Assert: both start from round 1's model; the run's own scheduler
-    // replays round 2 as the run played it; random groups make another
-    // round; every probe took time on the federation's clock.
-    assert_eq!(probed.len(), 2);
-    let (own, random) = (&probed[0], &probed[1]);
-    for p in &probed {
+    // Assert: the probed run is the unprobed run, round for round (the
+    // replays left its defence as they found it); round 2's probes start
+    // from round 1's model; the run's own scheduler replays round 2 as the
+    // run played it; random groups make another round; every probe took
+    // time on the federation's clock.
+    let accuracies = |h: &astraea_core::metrics::RunHistory| -> Vec<f64> {
+        h.rounds.iter().map(|r| r.accuracy).collect()
+    };
+    assert_eq!(accuracies(&probed_history), accuracies(&history));
+    assert_eq!(probed.len(), 4);
+    let (own, random) = (&probed[2], &probed[3]);
+    for p in &probed[2..] {
         assert_eq!(p.round, 2);
         assert!((p.accuracy_before - history.rounds[0].accuracy).abs() < 1e-12);
         assert!(p.seconds > 0.0 && p.balanced > 0.0, "{p:?}");
