@@ -562,22 +562,6 @@ async fn in_the_asynchronous_mode_an_update_sent_again_is_counted_once() {
     assert_eq!(after_second, after_first + 1);
 }
 
-/// GETs `path` over plain HTTP/1.0; answers the response's status code.
-async fn get(address: &str, path: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8_lossy(&response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
     // The bug: a join records its client in the run's store on the
@@ -641,7 +625,7 @@ async fn joins_waiting_on_a_stalled_store_leave_the_server_answering() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(stalled, "no join reached the store");
-    let answered = get(&address, "/api/status").await;
+    let answered = support::get(&address, "/api/status").await;
     let waited = asked.elapsed();
     release.send(()).unwrap();
     holder.join().unwrap();

@@ -136,13 +136,28 @@ pub async fn join_declaring(address: &str, counts: Vec<usize>) -> (Socket, Strin
 /// POSTs `body` to `path` over plain HTTP/1.1, as `navigator.sendBeacon`
 /// would (a text body); returns the response's status code.
 pub async fn post(address: &str, path: &str, body: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: text/plain;charset=UTF-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    status_of(address, &request).await
+}
+
+/// GETs `path` over plain HTTP/1.0; returns the response's status code.
+pub async fn get(address: &str, path: &str) -> u16 {
+    status_of(
+        address,
+        &format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends `request` to `address` and reads the response to its end;
+/// returns its status code.
+async fn status_of(address: &str, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
