@@ -190,7 +190,10 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     // Held as long as the server runs, finished or not: a follower that
     // took over a finished run would have nothing to lead.
     state.lease = lease;
+    // Woken when its gateways' partials come back: only a leader whose
+    // rounds fold across gateways places work on them.
     if link.is_some()
+        && state.config.across_gateways().is_ok()
         && let Some(url) = &state.config.postgres
     {
         state.wakes = Some(Arc::new(store::listen::Wakes::start(

@@ -52,6 +52,17 @@ struct ChainSeed {
 }
 
 impl ChainSeed {
+    /// The seeds of a synchronous round's `chains` chains, by index.
+    fn of_round(run: u64, round: u32, chains: usize) -> Vec<Self> {
+        (0..chains)
+            .map(|index| Self {
+                run,
+                round,
+                chain: index as u64,
+            })
+            .collect()
+    }
+
     /// The seed of the hop of the client at index `member` on pass `pass`:
     /// its training, and here its simulated time and freezing too.
     fn hop(self, member: usize, pass: usize) -> u64 {
@@ -596,13 +607,7 @@ fn sync_rounds(setup: &Setup<'_>, state: &mut RunState, rng: &mut StdRng) -> any
         };
         let training = Instant::now();
         let starts = vec![&state.global; round_plan.groups.len()];
-        let seeds: Vec<ChainSeed> = (0..round_plan.groups.len())
-            .map(|index| ChainSeed {
-                run: spec.seed,
-                round: round as u32,
-                chain: index as u64,
-            })
-            .collect();
+        let seeds = ChainSeed::of_round(spec.seed, round as u32, round_plan.groups.len());
         let quorum = secure_quorum(config, &round_plan.groups, round)?;
         let largest = largest_group(&round_plan.groups);
         // As on the server, a secure round whose chains' settings cannot
@@ -707,20 +712,12 @@ fn probe_round(
         setup.defence.restore(memory);
         let (plan, seconds, after) = replayed;
         let eval = evaluate(&after)?;
-        // The mediators' label mixes as the server knows them.
-        let (mut weighted, mut samples) = (0.0, 0.0);
-        for group in &plan.groups {
-            let mut mix = vec![0usize; setup.reported.first().map_or(0, Vec::len)];
-            for &member in &group.members {
-                for (m, n) in mix.iter_mut().zip(&setup.reported[member]) {
-                    *m += n;
-                }
-            }
-            let n = mix.iter().sum::<usize>() as f64;
-            weighted += n * kl_to_uniform(&mix);
-            samples += n;
-        }
+        // The mediators as the policy's reward sees them: their label
+        // mixes as the server knows them, their expected times.
+        let members: Vec<&[usize]> = plan.groups.iter().map(|g| g.members.as_slice()).collect();
         let passes = plan.groups.first().map_or(1, |g| g.passes.max(1));
+        let outcome =
+            crate::scheduling::Outcome::of(seconds, (expected, passes), &setup.reported, &members);
         found.push(ProbedSchedule {
             round,
             scheduler: name.clone(),
@@ -729,12 +726,8 @@ fn probe_round(
             loss_before: before.loss,
             loss: eval.loss,
             seconds,
-            balanced: expected * passes as f64 / plan.groups.len().max(1) as f64,
-            kl: if samples > 0.0 {
-                weighted / samples
-            } else {
-                0.0
-            },
+            balanced: outcome.balanced,
+            kl: outcome.kl,
         });
     }
     Ok(found)
@@ -743,8 +736,9 @@ fn probe_round(
 /// Round `round` played from the run's global model with `participants`
 /// and `scheduler`'s mediators (the run's chain seeds and freezes): the
 /// round's plan, its time on the federation's clock and the model it
-/// makes (the global model again if the aggregate is not finite or there
-/// is none, as a round that is not adopted).
+/// makes (the global model again if there is no aggregate or it breaks
+/// the bounds `engine::round::close` drops a round for, as a round that is
+/// not adopted).
 fn replay(
     setup: &Setup<'_>,
     state: &RunState,
@@ -763,13 +757,7 @@ fn replay(
     let trainer = Trainer::new(config.trainer, &setup.model_config);
     let context = setup.context(&state.global, &train_config, &trainer);
     let starts = vec![&state.global; plan.groups.len()];
-    let seeds: Vec<ChainSeed> = (0..plan.groups.len())
-        .map(|index| ChainSeed {
-            run: setup.spec.seed,
-            round,
-            chain: index as u64,
-        })
-        .collect();
+    let seeds = ChainSeed::of_round(setup.spec.seed, round, plan.groups.len());
     let (results, failures, _, seconds) = run_chains(
         &plan.groups,
         &starts,
@@ -779,7 +767,7 @@ fn replay(
         &mut HopTally::default(),
     );
     let after = match strategy.aggregate(&state.global.values, &results, &failures) {
-        Some(values) if values.iter().all(|v| v.is_finite()) => Weights {
+        Some(values) if astraea_core::protocol::limits::check_weights(&values).is_ok() => Weights {
             values,
             ..state.global.clone()
         },
@@ -1297,7 +1285,6 @@ impl Defence {
         suspects.closed(maskers, closed, round);
     }
 
-    /// Client `id`'s hop in round `round` was given up as late.
     /// Everything the defence remembers of the run's hops (dropped
     /// clients, standings, suspects, the guard's and the loss rule's
     /// windows), to put back with [`Defence::restore`].
@@ -1322,6 +1309,7 @@ impl Defence {
         }
     }
 
+    /// Client `id`'s hop in round `round` was given up as late.
     fn late(&self, id: usize, round: u32) {
         if let Some(standing) = self
             .standing

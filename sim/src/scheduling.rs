@@ -114,14 +114,19 @@ pub struct Round {
 impl Round {
     /// The combined reported counts of a group of participants.
     pub fn mix(&self, group: &[usize]) -> Vec<usize> {
-        let mut mix = vec![0usize; self.counts.first().map_or(0, Vec::len)];
-        for &i in group {
-            for (m, n) in mix.iter_mut().zip(&self.counts[i]) {
-                *m += n;
-            }
-        }
-        mix
+        mix_of(&self.counts, group)
     }
+}
+
+/// The combined counts of `group` (indices into `counts`).
+fn mix_of(counts: &[Vec<usize>], group: &[usize]) -> Vec<usize> {
+    let mut mix = vec![0usize; counts.first().map_or(0, Vec::len)];
+    for &i in group {
+        for (m, n) in mix.iter_mut().zip(&counts[i]) {
+            *m += n;
+        }
+    }
+    mix
 }
 
 /// What a schedule of one round came to.
@@ -136,6 +141,35 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The outcome of a round that took `seconds` with `groups` (lists of
+    /// indices into `counts`, the participants' reported label counts):
+    /// the balanced time is the participants' `expected` hop seconds
+    /// summed, times the `passes`, over the number of groups; the KL is
+    /// the groups' mixes' KL to uniform weighted by their samples.
+    pub fn of(
+        seconds: f64,
+        (expected, passes): (f64, usize),
+        counts: &[Vec<usize>],
+        groups: &[&[usize]],
+    ) -> Self {
+        let (mut weighted, mut samples) = (0.0, 0.0);
+        for group in groups {
+            let mix = mix_of(counts, group);
+            let n = mix.iter().sum::<usize>() as f64;
+            weighted += n * kl_to_uniform(&mix);
+            samples += n;
+        }
+        Self {
+            seconds,
+            balanced: expected * passes as f64 / groups.len().max(1) as f64,
+            kl: if samples > 0.0 {
+                weighted / samples
+            } else {
+                0.0
+            },
+        }
+    }
+
     /// The shared reward: `-ln(seconds / balanced) - shaping * kl`.
     pub fn reward(&self, shaping: f64) -> f64 {
         -(self.seconds.max(1e-9) / self.balanced.max(1e-9)).ln() - shaping * self.kl
@@ -247,25 +281,9 @@ impl Environment {
         let chain =
             |g: &Vec<usize>| -> f64 { g.iter().map(|&i| round.truth[i].iter().sum::<f64>()).sum() };
         let seconds = groups.iter().map(chain).fold(0.0, f64::max);
-        let total: f64 = round.expected.iter().flatten().sum::<f64>() * self.passes as f64;
-        let balanced = total / groups.len().max(1) as f64;
-        let mut weighted = 0.0;
-        let mut samples = 0.0;
-        for g in groups {
-            let mix = round.mix(g);
-            let n = mix.iter().sum::<usize>() as f64;
-            weighted += n * kl_to_uniform(&mix);
-            samples += n;
-        }
-        Outcome {
-            seconds,
-            balanced,
-            kl: if samples > 0.0 {
-                weighted / samples
-            } else {
-                0.0
-            },
-        }
+        let expected: f64 = round.expected.iter().flatten().sum();
+        let groups: Vec<&[usize]> = groups.iter().map(Vec::as_slice).collect();
+        Outcome::of(seconds, (expected, self.passes), &round.counts, &groups)
     }
 
     /// The critic's view of a board: 0 progress, 1 the longest expected
