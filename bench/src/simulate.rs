@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use astraea_core::batched::{Job, train_batched};
+use astraea_core::batched::{BatchedModel, Job};
 use astraea_core::data::Dataset;
 use astraea_core::model::ModelConfig;
 use astraea_core::train::{self, Samples, TrainConfig};
@@ -114,9 +114,11 @@ pub fn run_astraea(
             config: config(i),
         })
         .collect();
-    // As `simulate --engine batched --stack N` trains a round: stacks of
-    // `stack` clients, each worker training one stack after another.
+    // As `simulate --engine batched --stack N` trains a round: one model
+    // set up for the round, stacks of `stack` clients, each worker training
+    // one stack after another.
     let batched = |stack: usize| -> anyhow::Result<()> {
+        let model = BatchedModel::new(&model_config, device);
         let next = std::sync::atomic::AtomicUsize::new(0);
         let stacks: Vec<&[Job<'_>]> = jobs.chunks(stack.max(1)).collect();
         std::thread::scope(|scope| {
@@ -128,7 +130,7 @@ pub fn run_astraea(
                             let Some(stack) = stacks.get(i) else {
                                 return Ok(());
                             };
-                            for trained in train_batched(&model_config, stack, device) {
+                            for trained in model.train(stack) {
                                 trained?;
                             }
                         }

@@ -113,6 +113,8 @@ struct Geometry {
     /// The gathers for the widest stack yet (each client's rows offset),
     /// and that width.
     gathers: std::sync::Mutex<Option<(usize, [Tensor<1, Int>; 3])>>,
+    /// Whether Adam's moments live on the host ([`Adam`]): on the CPU.
+    host_optimiser: bool,
 }
 
 impl Geometry {
@@ -131,6 +133,7 @@ impl Geometry {
             columns: [0, 1, 2].map(|l| CONV_KERNEL[l] * CONV_KERNEL[l] * channels[l]),
             index: [index(0), index(1), index(2)],
             gathers: std::sync::Mutex::new(None),
+            host_optimiser: *device == Device::flex(),
         }
     }
 
@@ -295,13 +298,10 @@ impl<'a> Lane<'a> {
 /// The state every stacked client carries from step to step.
 struct Stack {
     params: [Tensor<3>; 10],
-    moment_1: [Tensor<3>; 10],
-    moment_2: [Tensor<3>; 10],
+    adam: Adam,
     /// The starting weights, for the FedProx term (`None` when no client
     /// has one).
     anchor: Option<[Tensor<3>; 10]>,
-    /// `[A, 1, 1]`.
-    learning_rate: Tensor<3>,
     /// `[A, 1, 1]`.
     prox_mu: Tensor<3>,
     /// Summed training loss per client, `[A]`.
@@ -314,13 +314,176 @@ impl Stack {
         let keep = |t: Tensor<3>| t.narrow(0, 0, active);
         Self {
             params: self.params.map(keep),
-            moment_1: self.moment_1.map(keep),
-            moment_2: self.moment_2.map(keep),
+            adam: self.adam.narrow(active),
             anchor: self.anchor.map(|a| a.map(keep)),
-            learning_rate: keep(self.learning_rate),
             prox_mu: keep(self.prox_mu),
             loss: self.loss.narrow(0, 0, active),
         }
+    }
+}
+
+/// Adam's state for the stacked clients (burn's `AdamConfig` defaults, as
+/// the per-client path trains), kept where its update is cheapest.
+///
+/// The update is elementwise, so on the device it is a dozen tensor
+/// operations a parameter, 130 a step, most of them on a few dozen values
+/// (the biases), where an operation's cost is its overhead; on the CPU
+/// (`flex`) one pass over the host's values does the same arithmetic in
+/// about half the time, the gradients read and the parameters written once
+/// each (`astraea bench simulate`; docs/RESULTS.md). A GPU keeps the
+/// moments on the device, where reading gradients back every step would
+/// cost more than it saves. Both give the same update, in the same order of
+/// operations (`host_and_device_adam_agree`).
+// One a stack, moved once a step beside its parameters: the size of a
+// tensor (256 bytes) is not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Adam {
+    /// The moments as stacked tensors `[A, rows, cols]`; the learning rates
+    /// `[A, 1, 1]`.
+    Device {
+        moment_1: [Tensor<3>; 10],
+        moment_2: [Tensor<3>; 10],
+        learning_rate: Tensor<3>,
+    },
+    /// The moments as the same tensors' values (client-major); the
+    /// learning rates one a client.
+    Host {
+        moment_1: [Vec<f32>; 10],
+        moment_2: [Vec<f32>; 10],
+        learning_rate: Vec<f32>,
+    },
+}
+
+impl Adam {
+    /// Zero moments for `params`, each client with its learning rate; on
+    /// the host where `host`.
+    fn new(params: &[Tensor<3>; 10], learning_rate: Vec<f32>, host: bool) -> Self {
+        if host {
+            Self::Host {
+                moment_1: params
+                    .each_ref()
+                    .map(|p| vec![0.0; p.shape().num_elements()]),
+                moment_2: params
+                    .each_ref()
+                    .map(|p| vec![0.0; p.shape().num_elements()]),
+                learning_rate,
+            }
+        } else {
+            let a = learning_rate.len();
+            let device = params[0].device();
+            let zeros = params.each_ref().map(|p| p.zeros_like());
+            Self::Device {
+                moment_1: zeros.clone(),
+                moment_2: zeros,
+                learning_rate: Tensor::from_data(
+                    TensorData::new(learning_rate, [a, 1, 1]),
+                    &device,
+                ),
+            }
+        }
+    }
+
+    /// Keeps only the first `active` clients.
+    fn narrow(self, active: usize) -> Self {
+        match self {
+            Self::Device {
+                moment_1,
+                moment_2,
+                learning_rate,
+            } => {
+                let keep = |t: Tensor<3>| t.narrow(0, 0, active);
+                Self::Device {
+                    moment_1: moment_1.map(keep),
+                    moment_2: moment_2.map(keep),
+                    learning_rate: keep(learning_rate),
+                }
+            }
+            Self::Host {
+                mut moment_1,
+                mut moment_2,
+                mut learning_rate,
+            } => {
+                // Client-major: the first clients' values are a prefix.
+                let a = learning_rate.len().max(1);
+                for m in moment_1.iter_mut().chain(moment_2.iter_mut()) {
+                    m.truncate(m.len() / a * active);
+                }
+                learning_rate.truncate(active);
+                Self::Host {
+                    moment_1,
+                    moment_2,
+                    learning_rate,
+                }
+            }
+        }
+    }
+
+    /// One update of every client's `params` by its `grads` (the same
+    /// shapes), its `time`-th (from 1). Bias corrections as burn's Adam
+    /// applies them: folded into one factor and into epsilon.
+    ///
+    /// # Errors
+    /// [`WeightsError::Readback`] if the host cannot read a tensor.
+    fn step(
+        &mut self,
+        params: [Tensor<3>; 10],
+        grads: [Tensor<3>; 10],
+        time: usize,
+    ) -> Result<[Tensor<3>; 10], WeightsError> {
+        let t = time as i32;
+        let correction_2 = (1.0 - BETA_2.powi(t)).sqrt();
+        let factor = correction_2 / (1.0 - BETA_1.powi(t));
+        let epsilon = EPSILON * correction_2;
+        let mut params = params.map(Some);
+        let mut updated = Vec::with_capacity(10);
+        for (j, grad) in grads.into_iter().enumerate() {
+            let param = params[j].take().expect("each parameter once");
+            updated.push(match self {
+                Self::Device {
+                    moment_1,
+                    moment_2,
+                    learning_rate,
+                } => {
+                    let m = moment_1[j].clone().mul_scalar(BETA_1)
+                        + grad.clone().mul_scalar(1.0 - BETA_1);
+                    let v = moment_2[j].clone().mul_scalar(BETA_2)
+                        + grad.square().mul_scalar(1.0 - BETA_2);
+                    let update = m
+                        .clone()
+                        .mul_scalar(factor)
+                        .div(v.clone().sqrt().add_scalar(epsilon));
+                    moment_1[j] = m;
+                    moment_2[j] = v;
+                    param - update * learning_rate.clone()
+                }
+                Self::Host {
+                    moment_1,
+                    moment_2,
+                    learning_rate,
+                } => {
+                    let shape = param.shape();
+                    let device = param.device();
+                    let g = f32_values(grad.into_data())?;
+                    let mut p = f32_values(param.into_data())?;
+                    let per = p.len() / learning_rate.len().max(1);
+                    let clients = p
+                        .chunks_mut(per)
+                        .zip(g.chunks(per))
+                        .zip(moment_1[j].chunks_mut(per))
+                        .zip(moment_2[j].chunks_mut(per))
+                        .zip(learning_rate.iter());
+                    for ((((p, g), m), v), &rate) in clients {
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                            *m = *m * BETA_1 + g * (1.0 - BETA_1);
+                            *v = *v * BETA_2 + g * g * (1.0 - BETA_2);
+                            *p -= *m * factor / (v.sqrt() + epsilon) * rate;
+                        }
+                    }
+                    Tensor::from_data(TensorData::new(p, shape), &device)
+                }
+            });
+        }
+        Ok(updated.try_into().expect("ten parameters"))
     }
 }
 
@@ -347,30 +510,33 @@ fn train_stack(
         return Ok(results.into_iter().map(Option::unwrap).collect());
     }
 
-    let per_client = |f: &dyn Fn(&TrainConfig) -> f64| -> Tensor<3> {
-        let values: Vec<f32> = lanes[..active]
+    let values = |f: &dyn Fn(&TrainConfig) -> f64| -> Vec<f32> {
+        lanes[..active]
             .iter()
             .map(|lane| f(&jobs[lane.job].config) as f32)
-            .collect();
-        Tensor::from_data(TensorData::new(values, [active, 1, 1]), device)
+            .collect()
     };
     let models: Vec<&[f32]> = lanes[..active]
         .iter()
         .map(|lane| &jobs[lane.job].weights.values[..])
         .collect();
     let params = upload(geometry, &models);
-    let zeros = params.clone().map(|p| p.zeros_like());
     let proximal = lanes[..active]
         .iter()
         .any(|lane| jobs[lane.job].config.prox_mu > 0.0);
     let mut stack = Stack {
         anchor: proximal.then(|| params.clone()),
+        adam: Adam::new(
+            &params,
+            values(&|c| c.learning_rate),
+            geometry.host_optimiser,
+        ),
         params,
-        moment_1: zeros.clone(),
-        moment_2: zeros,
-        learning_rate: per_client(&|c| c.learning_rate),
         // `train::train` adds the term only for a positive mu.
-        prox_mu: per_client(&|c| c.prox_mu.max(0.0)),
+        prox_mu: Tensor::from_data(
+            TensorData::new(values(&|c| c.prox_mu.max(0.0)), [active, 1, 1]),
+            device,
+        ),
         loss: Tensor::zeros([active], device),
     };
 
@@ -394,7 +560,7 @@ fn train_stack(
         }
         step += 1;
         let batch = Batch::gather(geometry, &mut lanes[..active], batch_size);
-        stack = train_step(geometry, stack, batch, step);
+        stack = train_step(geometry, stack, batch, step)?;
     }
     Ok(results
         .into_iter()
@@ -510,6 +676,21 @@ fn relu_back<const D: usize>(dy: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
 /// took `x` (`[A, in, n]`) and gave `dy` (`[A, out, n]`).
 fn weight_grad(dy: Tensor<3>, x: Tensor<3>) -> Tensor<3> {
     dy.matmul(x.swap_dims(1, 2))
+}
+
+/// [`weight_grad`] of a convolution, whose columns `x` (`[A, K, P * B]`)
+/// outnumber its output channels (25, 108 and 72 columns against 12, 18
+/// and 24 channels): computed as `(x dy^T)^T`, so that the operand the
+/// product reads transposed is the smaller one. The CPU's matrix products
+/// pack a transposed right-hand operand value by value, and packing the
+/// columns cost more than the product itself (conv1's gradient 119 µs
+/// against 85 µs, conv2's 96 against 60, conv3's 45 against 29). The
+/// result is a transposed view of a gradient of a few thousand values,
+/// which the optimiser reads as it is. Not for the dense layers: there the
+/// gradient is the large operand (fc1's 57,600 values), and the optimiser
+/// would read it strided.
+fn conv_weight_grad(dy: Tensor<3>, x: Tensor<3>) -> Tensor<3> {
+    x.matmul(dy.swap_dims(1, 2)).swap_dims(1, 2)
 }
 
 /// A forward pass's activations, kept for the backward pass: the columns
@@ -855,7 +1036,15 @@ impl BatchedModel {
 }
 
 /// One step of every stacked client: forward, backward, Adam.
-fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> Stack {
+///
+/// # Errors
+/// [`WeightsError::Readback`] if the optimiser cannot read the host's copy.
+fn train_step(
+    geometry: &Geometry,
+    mut stack: Stack,
+    batch: Batch,
+    time: usize,
+) -> Result<Stack, WeightsError> {
     let [a, _, b] = batch.targets.dims();
     let [p1, p2, p3] = geometry.positions;
     let [c1, c2, c3] = geometry.columns;
@@ -902,7 +1091,7 @@ fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> S
             .reshape([a, CONV_OUT[2], p3 * b]),
         h3,
     );
-    let gw3 = weight_grad(dz3.clone(), x3);
+    let gw3 = conv_weight_grad(dz3.clone(), x3);
     let gb3 = dz3.clone().sum_dim(2);
     let dx3 = w3.swap_dims(1, 2).matmul(dz3).reshape([a * c3 * p3, b]);
     let dh2 = Tensor::<2>::zeros([a * CONV_OUT[1] * p2, b], &geometry.device)
@@ -910,14 +1099,14 @@ fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> S
         .reshape([a, CONV_OUT[1], p2 * b]);
     // h2 = relu(z2) * keep: zero where either the ReLU or dropout was.
     let dz2 = relu_back(dh2 * batch.keep, h2);
-    let gw2 = weight_grad(dz2.clone(), x2);
+    let gw2 = conv_weight_grad(dz2.clone(), x2);
     let gb2 = dz2.clone().sum_dim(2);
     let dx2 = w2.swap_dims(1, 2).matmul(dz2).reshape([a * c2 * p2, b]);
     let dh1 = Tensor::<2>::zeros([a * CONV_OUT[0] * p1, b], &geometry.device)
         .select_assign(0, g2, dx2, IndexingUpdateOp::Add)
         .reshape([a, CONV_OUT[0], p1 * b]);
     let dz1 = relu_back(dh1, h1);
-    let gw1 = weight_grad(dz1.clone(), x1);
+    let gw1 = conv_weight_grad(dz1.clone(), x1);
     let gb1 = dz1.sum_dim(2);
     debug_assert_eq!(gw1.dims(), [a, CONV_OUT[0], c1]);
     let grads = [gw1, gb1, gw2, gb2, gw3, gb3, gw4, gb4, gw5, gb5];
@@ -935,34 +1124,14 @@ fn train_step(geometry: &Geometry, stack: Stack, batch: Batch, time: usize) -> S
         None => grads,
     };
 
-    // Adam, as burn's (bias corrections folded into one factor and into
-    // epsilon); every client has taken `time` steps.
-    let t = time as i32;
-    let correction_2 = (1.0 - BETA_2.powi(t)).sqrt();
-    let factor = correction_2 / (1.0 - BETA_1.powi(t));
-    let mut params = stack.params;
-    let mut moment_1 = stack.moment_1;
-    let mut moment_2 = stack.moment_2;
-    for (j, grad) in grads.into_iter().enumerate() {
-        let m = moment_1[j].clone().mul_scalar(BETA_1) + grad.clone().mul_scalar(1.0 - BETA_1);
-        let v = moment_2[j].clone().mul_scalar(BETA_2) + grad.square().mul_scalar(1.0 - BETA_2);
-        let update = m
-            .clone()
-            .mul_scalar(factor)
-            .div(v.clone().sqrt().add_scalar(EPSILON * correction_2));
-        params[j] = params[j].clone() - update * stack.learning_rate.clone();
-        moment_1[j] = m;
-        moment_2[j] = v;
-    }
-    Stack {
+    let params = stack.adam.step(stack.params, grads, time)?;
+    Ok(Stack {
         params,
-        moment_1,
-        moment_2,
+        adam: stack.adam,
         anchor: stack.anchor,
-        learning_rate: stack.learning_rate,
         prox_mu: stack.prox_mu,
         loss: stack.loss + loss,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -1051,18 +1220,18 @@ mod tests {
         assert_eq!(back, values);
     }
 
-    #[test]
-    fn a_batched_visit_equals_separate_visits() {
-        // Three clients of 45, 7 and 20 samples (3, 1 and 1 batches: a
-        // partly filled batch, and clients leaving the stack at different
-        // steps), two epochs, different learning rates and one FedProx.
-        let config = ModelConfig::new(10);
-        let device = Device::flex();
-        let start = Weights::from_model(&config.init(&device));
-        let data: Vec<(Vec<f32>, Vec<u32>)> = [45, 7, 20]
+    /// A client's images and labels.
+    type Shard = (Vec<f32>, Vec<u32>);
+
+    /// Three clients of 45, 7 and 20 samples (3, 1 and 1 batches: a
+    /// partly filled batch, and clients leaving the stack at different
+    /// steps): their data and settings (two epochs, different learning
+    /// rates and one FedProx).
+    fn three_clients(config: &ModelConfig) -> (Vec<Shard>, [TrainConfig; 3]) {
+        let data = [45, 7, 20]
             .iter()
             .enumerate()
-            .map(|(i, &n)| synthetic(n, i as u64, &config))
+            .map(|(i, &n)| synthetic(n, i as u64, config))
             .collect();
         let configs = [
             TrainConfig {
@@ -1083,6 +1252,15 @@ mod tests {
                 ..TrainConfig::default()
             },
         ];
+        (data, configs)
+    }
+
+    #[test]
+    fn a_batched_visit_equals_separate_visits() {
+        let config = ModelConfig::new(10);
+        let device = Device::flex();
+        let start = Weights::from_model(&config.init(&device));
+        let (data, configs) = three_clients(&config);
         let jobs: Vec<Job<'_>> = data
             .iter()
             .zip(&configs)
@@ -1112,6 +1290,44 @@ mod tests {
                 off < 1e-4,
                 "batched is off by {off} (training moved {moved})"
             );
+        }
+    }
+
+    #[test]
+    fn host_and_device_adam_agree() {
+        // The CPU keeps Adam on the host; the same visits with the moments
+        // as tensors (a GPU's placement, here on the CPU) give the same
+        // weights and losses.
+        let config = ModelConfig::new(10);
+        let device = Device::flex();
+        let start = Weights::from_model(&config.init(&device));
+        let (data, configs) = three_clients(&config);
+        let jobs: Vec<Job<'_>> = data
+            .iter()
+            .zip(&configs)
+            .map(|((images, labels), c)| Job {
+                weights: &start,
+                data: Samples { images, labels },
+                config: c.clone(),
+            })
+            .collect();
+        let host = BatchedModel::new(&config, &device);
+        assert!(host.geometry.host_optimiser, "the CPU updates on the host");
+        let mut on_device = BatchedModel::new(&config, &device);
+        on_device.geometry.host_optimiser = false;
+        let trained = |model: &BatchedModel| -> Vec<(Weights, TrainStats)> {
+            model
+                .train(&jobs)
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        for ((h, hs), (d, ds)) in trained(&host).iter().zip(&trained(&on_device)) {
+            let moved = max_diff(&h.values, &start.values);
+            let off = max_diff(&h.values, &d.values);
+            assert!(moved > 1e-3, "the visit trained ({moved})");
+            assert!(off < 1e-6, "host and device Adam differ by {off}");
+            assert!((hs.mean_loss - ds.mean_loss).abs() < 1e-6);
         }
     }
 }
