@@ -833,3 +833,102 @@ async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_id
         leader.log()
     );
 }
+
+/// A demo volunteer joining the server on `port` (with `resume`, a token
+/// of the run, if any): its welcome's shard indices and resume token, and
+/// its socket, kept open so that it stays joined.
+async fn demo_join(
+    port: u16,
+    resume: Option<String>,
+) -> (
+    Vec<u64>,
+    String,
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    let join = astraea_core::protocol::ClientMessage::Join {
+        version: astraea_core::protocol::PROTOCOL_VERSION,
+        backend: "demo-join".into(),
+        speed: None,
+        data: astraea_core::protocol::DataSource::Demo,
+        resume,
+    }
+    .to_json();
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Text(join.into()))
+        .await
+        .unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(frame)) = socket.next().await {
+            let Ok(message) =
+                serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
+            else {
+                continue;
+            };
+            if message["type"] == "welcome" {
+                return message;
+            }
+        }
+        panic!("the socket closed before a welcome");
+    })
+    .await
+    .expect("a welcome within 30 s");
+    let indices = welcome["shard"]["indices"]
+        .as_array()
+        .expect("a demo shard")
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    let token = welcome["resume"].as_str().unwrap().to_string();
+    (indices, token, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_volunteers_take_the_shards_in_turn_across_the_runs_servers() {
+    // The bug: each server numbered its demo shards by its own ids
+    // ((id - 1) mod K), and a gateway's ids are `block << 32 | n`: with K
+    // a power of two (4 here) a gateway's n-th volunteer took the shard
+    // of the leader's n-th, and half the shards went untrained.
+    // Prepare: a leader and a gateway of one run, both answering.
+    let (_cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_log = gateway.log.clone();
+    let logs = || {
+        format!(
+            "--- leader\n{}\n--- gateway\n{}",
+            leader.log(),
+            std::fs::read_to_string(&gateway_log).unwrap_or_default()
+        )
+    };
+    wait_on(gateway.port, &logs, "the gateway", |s| {
+        s["gateway"].is_string()
+    })
+    .await;
+
+    // Execute: four demo volunteers, in turn on the leader and the
+    // gateway; then the gateway's first leaves and comes back with its
+    // token through the leader.
+    let mut joined = Vec::new();
+    for port in [leader.port, gateway.port, leader.port, gateway.port] {
+        joined.push(demo_join(port, None).await);
+    }
+    let shards: Vec<Vec<u64>> = joined.iter().map(|(s, _, _)| s.clone()).collect();
+    let (first_on_gateway, token, socket) = joined.remove(1);
+    drop(socket);
+    let (resumed, _, _kept) = demo_join(leader.port, Some(token)).await;
+
+    // Verify: the run's K = 4 shards, one each, and the same shard for
+    // the volunteer wherever it resumes.
+    for (i, a) in shards.iter().enumerate() {
+        assert!(!a.is_empty());
+        for b in &shards[i + 1..] {
+            assert_ne!(a, b, "two volunteers share a shard\n{}", logs());
+        }
+    }
+    assert_eq!(resumed, first_on_gateway, "{}", logs());
+}

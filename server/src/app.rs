@@ -460,20 +460,20 @@ async fn admin(
 
 /// A demo shard's samples in the compact binary of
 /// `astraea_core::data::shard`, for a tab that cannot read the dataset files.
-/// Client n gets shard (n - 1) mod K, as its `welcome` said; only while it
-/// is connected.
+/// A client gets the shard of its demo slot (`AppState::demo_shard`), as
+/// its `welcome` said; only while it is connected.
 async fn shard(State(state): State<Arc<AppState>>, Path(client): Path<u64>) -> Response {
     // Only a connected client that was assigned a demo shard may fetch
     // it: ids never issued, or of clients gone or on their own data, are
     // refused.
-    let assigned = state
+    let slot = state
         .clients()
         .get(&client)
-        .is_some_and(|entry| entry.shard_counts.is_some());
-    if !assigned || state.shards.is_empty() {
+        .and_then(|entry| entry.demo_slot);
+    let Some(slot) = slot.filter(|_| !state.shards.is_empty()) else {
         return (StatusCode::NOT_FOUND, "no such shard").into_response();
-    }
-    let indices = &state.shards[(client as usize - 1) % state.shards.len()];
+    };
+    let indices = state.demo_shard(slot);
     let bytes = astraea_core::data::shard::encode_shard(&state.train.subset(indices));
     ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
 }

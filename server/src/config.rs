@@ -71,7 +71,8 @@ pub struct ServeConfig {
     pub max_train: Option<usize>,
     /// How the training set is cut into demo shards.
     pub partition: PartitionSpec,
-    /// K: demo shards; the n-th client to join gets shard n mod K.
+    /// K: demo shards; the run's n-th demo client gets shard (n - 1) mod K
+    /// (`AppState::demo_shard`).
     pub shards: usize,
     /// c: participants per round.
     pub participants: usize,

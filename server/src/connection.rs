@@ -388,9 +388,9 @@ impl Connection {
             entry.counts = None;
             entry.samples = 0;
             entry.plan_sent = false;
-            let shard = entry.shard_counts.as_ref().map(|_| ShardSpec {
+            let shard = entry.demo_slot.map(|slot| ShardSpec {
                 dataset: self.state.config.dataset.clone(),
-                indices: self.state.shards[(id as usize - 1) % self.state.shards.len()].clone(),
+                indices: self.state.demo_shard(slot).clone(),
             });
             self.admit(id, entry, shard, data)?;
             tracing::info!(client = id, "resumed");
@@ -398,26 +398,26 @@ impl Connection {
         }
         // A token this server did not give: one the run gave before a
         // restart, or on the server that led it before this one. The
-        // client comes back as itself (its id, so its demo shard), with
-        // its standing and speed to learn again.
+        // client comes back as itself (its id, and its demo slot so its
+        // shard), with its standing and speed to learn again.
         let stored = resume.as_ref().and_then(|token| {
-            let (id, demo) = self.state.stored_client(token)?;
-            (demo == matches!(data, DataSource::Demo)).then(|| (id, token.clone()))
+            let (id, slot) = self.state.stored_client(token)?;
+            (slot.is_some() == matches!(data, DataSource::Demo)).then(|| (id, slot, token.clone()))
         });
-        let (id, token) = match stored {
-            Some((id, token)) => {
+        let (id, stored_slot, token) = match stored {
+            Some((id, slot, token)) => {
                 // Two joins with one token: the later wins, as above.
                 if let Some(old) = self.state.clients().remove(&id) {
                     let _ = old.tx.send(Outbound::Close);
                 }
-                (id, Some(token))
+                (id, slot, Some(token))
             }
-            None => (self.state.next_client_id(), None),
+            None => (self.state.next_client_id(), None, None),
         };
-        let (shard, shard_counts) = match data {
+        let (shard, shard_counts, demo_slot) = match data {
             DataSource::Demo if !self.state.shards.is_empty() => {
-                let indices =
-                    self.state.shards[(id as usize - 1) % self.state.shards.len()].clone();
+                let slot = stored_slot.unwrap_or_else(|| self.state.take_demo_slot(id));
+                let indices = self.state.demo_shard(slot).clone();
                 // The server knows what a demo shard holds: its reports are
                 // checked against this.
                 let mut counts = vec![0; self.state.model.num_classes];
@@ -430,18 +430,19 @@ impl Connection {
                     dataset: self.state.config.dataset.clone(),
                     indices,
                 };
-                (Some(spec), Some(counts))
+                (Some(spec), Some(counts), Some(slot))
             }
             DataSource::Demo => {
                 return Err(refuse(ErrorCode::Data, "this server has no demo shards"));
             }
-            DataSource::Own { .. } => (None, None),
+            DataSource::Own { .. } => (None, None, None),
         };
         let mut entry = ClientEntry {
             backend: backend.clone(),
             tx: self.tx.clone(),
             raw_counts: None,
             shard_counts,
+            demo_slot,
             counts: None,
             samples: 0,
             plan_sent: false,
@@ -460,7 +461,7 @@ impl Connection {
         if let Some(speed) = speed {
             entry.observe_speed(speed);
         }
-        let (demo, new_token) = (entry.shard_counts.is_some(), entry.resume_token.clone());
+        let (demo, new_token) = (entry.demo_slot, entry.resume_token.clone());
         self.admit(id, entry, shard, data)?;
         if token.is_some() {
             tracing::info!(client = id, "resumed by a token of the run's store");

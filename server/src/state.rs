@@ -101,6 +101,8 @@ pub struct ClientEntry {
     /// The demo shard's true label counts, when it has one: its reports
     /// are checked against them.
     pub shard_counts: Option<Vec<usize>>,
+    /// Its demo slot, when it has a demo shard ([`AppState::demo_shard`]).
+    pub demo_slot: Option<u64>,
     /// Label counts usable for scheduling: post-plan when a plan exists.
     pub counts: Option<Vec<usize>>,
     /// Samples in `counts`, summed: the most an update may claim.
@@ -695,11 +697,40 @@ impl AppState {
         Ok(())
     }
 
+    /// A demo slot for client `id`, joining now: the run's next across
+    /// its servers where they share a store
+    /// ([`crate::store::RunStore::take_demo_slot`]), else `id` (this
+    /// server's clients numbered in turn). A store that cannot answer
+    /// costs the slot, never the join: `id`, logged.
+    pub fn take_demo_slot(&self, id: u64) -> u64 {
+        let Some(store) = self.store.as_ref() else {
+            return id;
+        };
+        let run = &self.config.run_name;
+        match off_the_workers(|| lock(store).take_demo_slot(run)) {
+            Ok(slot) => slot.unwrap_or(id),
+            Err(e) => {
+                tracing::error!("store: {e}");
+                id
+            }
+        }
+    }
+
+    /// The demo shard of demo slot `slot` (from 1): shard (slot - 1) mod
+    /// K, so the run's first K demo clients hold K different shards.
+    ///
+    /// # Panics
+    /// When the server has no demo shards (callers check first).
+    pub fn demo_shard(&self, slot: u64) -> &Vec<usize> {
+        let k = self.shards.len() as u64;
+        &self.shards[(slot.saturating_sub(1) % k) as usize]
+    }
+
     /// The client the run's store knows by resume token `token` (given
     /// before a restart, or by the server that led the run before): its
     /// id and whether it trains a demo shard. `None` without a store, for
     /// an unknown token, or when the store fails (logged).
-    pub fn stored_client(&self, token: &str) -> Option<(u64, bool)> {
+    pub fn stored_client(&self, token: &str) -> Option<(u64, Option<u64>)> {
         let store = self.store.as_ref()?;
         let run_id = self.run_id.load(Ordering::Relaxed) as i64;
         match off_the_workers(|| lock(store).client_by_token(run_id, token)) {

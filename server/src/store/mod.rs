@@ -139,9 +139,10 @@ pub struct Joined<'a> {
     pub id: u64,
     /// Its training backend, as it said.
     pub backend: &'a str,
-    /// Whether it trains a demo shard the server gave it (which follows
-    /// from its id) rather than data of its own.
-    pub demo: bool,
+    /// Its demo slot, when it trains a demo shard the server gave it
+    /// rather than data of its own: it was the run's n-th demo client
+    /// (from 1), and its shard is (n - 1) mod K ([`RunStore::take_demo_slot`]).
+    pub demo: Option<u64>,
     /// Its resume token; the store keeps only its SHA-256
     /// ([`token_hash`]), never the token.
     pub token: &'a str,
@@ -227,13 +228,26 @@ pub trait RunStore: Send + std::fmt::Debug {
     fn forget_token(&mut self, run_id: i64, client_id: u64) -> Result<(), StoreError>;
 
     /// The client of run `run_id` whose resume token is `token`: its id
-    /// and whether it trains a demo shard; `None` for a token the run
-    /// never gave.
+    /// and, when it trains a demo shard, its demo slot ([`Joined::demo`]);
+    /// `None` for a token the run never gave.
     fn client_by_token(
         &mut self,
         run_id: i64,
         token: &str,
-    ) -> Result<Option<(u64, bool)>, StoreError>;
+    ) -> Result<Option<(u64, Option<u64>)>, StoreError>;
+
+    /// The next demo slot of run `run_name` (from 1), counted across every
+    /// server that shares this store, so that the run's demo clients take
+    /// the demo shards in turn wherever they join (a gateway's n-th client
+    /// and the leader's n-th do not share a shard); `None` where the store
+    /// is one server's alone, whose client ids number its demo clients.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be written.
+    fn take_demo_slot(&mut self, run_name: &str) -> Result<Option<u64>, StoreError> {
+        let _ = run_name;
+        Ok(None)
+    }
 
     /// Counts rows of `rounds`, `mediators`, `clients` or `events` for a
     /// run (for tests and the dashboard).
@@ -478,7 +492,8 @@ pub(crate) mod contract {
     }
 
     /// A client recorded with its token is found by that token (its id
-    /// and kind), in its run only; the run remembers the largest id given.
+    /// and demo slot), in its run only; the run remembers the largest id
+    /// given.
     pub fn a_client_is_found_by_its_token(open: &dyn Fn() -> Store) {
         let weights = weights();
         let mut store = open();
@@ -488,7 +503,7 @@ pub(crate) mod contract {
         let other = store
             .resume_or_create("other", "{}", &weights.shapes)
             .unwrap();
-        for (id, demo, token) in [(1, true, "a".repeat(32)), (7, false, "b".repeat(32))] {
+        for (id, demo, token) in [(1, Some(1), "a".repeat(32)), (7, None, "b".repeat(32))] {
             let joined = Joined {
                 id,
                 backend: "flex",
@@ -509,8 +524,8 @@ pub(crate) mod contract {
             .resume_or_create("tokens", "{}", &weights.shapes)
             .unwrap();
 
-        assert_eq!(found, Some((1, true)));
-        assert_eq!(own, Some((7, false)));
+        assert_eq!(found, Some((1, Some(1))));
+        assert_eq!(own, Some((7, None)));
         assert_eq!((unknown, elsewhere), (None, None));
         assert_eq!(resumed.last_client_id, 7);
     }

@@ -156,6 +156,13 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN trained BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN bytes_up BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN bytes_down BIGINT NOT NULL DEFAULT 0;",
+    // The run's demo slots, counted across its servers
+    // (`RunStore::take_demo_slot`), and each demo client's.
+    "CREATE TABLE demo_slots (
+        run TEXT PRIMARY KEY,
+        taken BIGINT NOT NULL
+    );
+    ALTER TABLE clients ADD COLUMN demo_slot BIGINT;",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
@@ -591,12 +598,14 @@ impl RunStore for PgStore {
     }
 
     fn client_joined(&mut self, run_id: i64, client: &Joined<'_>) -> Result<(), StoreError> {
-        let (id, backend, demo) = (to_i64(client.id), client.backend.to_string(), client.demo);
+        let (id, backend) = (to_i64(client.id), client.backend.to_string());
+        let (demo, slot) = (client.demo.is_some(), client.demo.map(to_i64));
         let hash = token_hash(client.token);
         self.fenced(move |tx| {
             tx.execute(
-                "INSERT INTO clients (run_id, client_id, backend, token_hash, demo) VALUES ($1, $2, $3, $4, $5)",
-                &[&run_id, &id, &backend, &hash, &demo],
+                "INSERT INTO clients (run_id, client_id, backend, token_hash, demo, demo_slot)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&run_id, &id, &backend, &hash, &demo, &slot],
             )?;
             Ok(())
         })
@@ -617,16 +626,39 @@ impl RunStore for PgStore {
         &mut self,
         run_id: i64,
         token: &str,
-    ) -> Result<Option<(u64, bool)>, StoreError> {
+    ) -> Result<Option<(u64, Option<u64>)>, StoreError> {
         let hash = token_hash(token);
         self.call(move |client| {
             Ok(client
                 .query_opt(
-                    "SELECT client_id, demo FROM clients WHERE run_id = $1 AND token_hash = $2
+                    "SELECT client_id, demo, demo_slot FROM clients
+                     WHERE run_id = $1 AND token_hash = $2
                      ORDER BY joined_at DESC LIMIT 1",
                     &[&run_id, &hash],
                 )?
-                .map(|row| (row.get::<_, i64>(0).max(0) as u64, row.get(1))))
+                .map(|row| {
+                    let id = row.get::<_, i64>(0).max(0) as u64;
+                    // A row from before the slots were counted: its id.
+                    let slot = row.get::<_, Option<i64>>(2).map_or(id, |s| s.max(1) as u64);
+                    (id, row.get::<_, bool>(1).then_some(slot))
+                }))
+        })
+    }
+
+    fn take_demo_slot(&mut self, run_name: &str) -> Result<Option<u64>, StoreError> {
+        // One statement, a conditional write: two servers taking slots at
+        // once each get their own (never a read, then a write).
+        let run = run_name.to_string();
+        self.call(move |client| {
+            let taken: i64 = client
+                .query_one(
+                    "INSERT INTO demo_slots (run, taken) VALUES ($1, 1)
+                     ON CONFLICT (run) DO UPDATE SET taken = demo_slots.taken + 1
+                     RETURNING taken",
+                    &[&run],
+                )?
+                .get(0);
+            Ok(Some(taken.max(1) as u64))
         })
     }
 
@@ -703,7 +735,7 @@ mod tests {
             let joined = Joined {
                 id,
                 backend: "flex",
-                demo: true,
+                demo: Some(id),
                 token: &token,
             };
             store.client_joined(run.run_id, &joined).unwrap();
@@ -717,7 +749,50 @@ mod tests {
         // The gateway's client still resumes by its token.
         assert_eq!(
             store.client_by_token(run.run_id, &"b".repeat(32)).unwrap(),
-            Some((gateways_first | 5, true))
+            Some((gateways_first | 5, Some(gateways_first | 5)))
+        );
+    }
+
+    #[test]
+    fn demo_slots_are_taken_in_turn_by_every_server_of_a_run() {
+        // Two servers' stores taking slots at once: each slot once, none
+        // skipped; another run counts its own; a client's recorded slot is
+        // what its token finds, on the other server too.
+        let (_cluster, url) = cluster();
+        let weights = weights();
+        let mut a = PgStore::connect(&url).unwrap();
+        let mut b = PgStore::connect(&url).unwrap();
+        let run = a.resume_or_create("slots", "{}", &weights.shapes).unwrap();
+
+        let mut taken: Vec<u64> = std::thread::scope(|scope| {
+            let takers: Vec<_> = [&mut a, &mut b]
+                .map(|store| {
+                    scope.spawn(move || {
+                        (0..50)
+                            .map(|_| store.take_demo_slot("slots").unwrap().unwrap())
+                            .collect::<Vec<u64>>()
+                    })
+                })
+                .into_iter()
+                .collect();
+            takers.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        taken.sort_unstable();
+        let other = a.take_demo_slot("other").unwrap();
+        let gateways_first = 1u64 << super::super::gateways::BLOCK_BITS;
+        let joined = Joined {
+            id: gateways_first | 1,
+            backend: "flex",
+            demo: Some(2),
+            token: &"d".repeat(32),
+        };
+        a.client_joined(run.run_id, &joined).unwrap();
+
+        assert_eq!(taken, (1..=100).collect::<Vec<u64>>());
+        assert_eq!(other, Some(1));
+        assert_eq!(
+            b.client_by_token(run.run_id, &"d".repeat(32)).unwrap(),
+            Some((gateways_first | 1, Some(2)))
         );
     }
 

@@ -324,7 +324,7 @@ impl RunStore for SqliteStore {
                 client.id as i64,
                 client.backend,
                 token_hash(client.token),
-                client.demo
+                client.demo.is_some()
             ],
         )?;
         Ok(())
@@ -342,14 +342,20 @@ impl RunStore for SqliteStore {
         &mut self,
         run_id: i64,
         token: &str,
-    ) -> Result<Option<(u64, bool)>, StoreError> {
+    ) -> Result<Option<(u64, Option<u64>)>, StoreError> {
+        // One server's store: its ids number its demo clients
+        // (`RunStore::take_demo_slot` gives none), so a demo client's slot
+        // is its id.
         Ok(self
             .db
             .query_row(
                 "SELECT client_id, demo FROM clients WHERE run_id = ?1 AND token_hash = ?2
                  ORDER BY rowid DESC LIMIT 1",
                 params![run_id, token_hash(token)],
-                |row| Ok((row.get::<_, i64>(0)?.max(0) as u64, row.get::<_, bool>(1)?)),
+                |row| {
+                    let id = row.get::<_, i64>(0)?.max(0) as u64;
+                    Ok((id, row.get::<_, bool>(1)?.then_some(id)))
+                },
             )
             .optional()?)
     }
