@@ -932,3 +932,94 @@ async fn demo_volunteers_take_the_shards_in_turn_across_the_runs_servers() {
     }
     assert_eq!(resumed, first_on_gateway, "{}", logs());
 }
+
+/// Whether the server closes `socket` within `within`.
+async fn closed_within(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    within: Duration,
+) -> bool {
+    use futures_util::StreamExt;
+    tokio::time::timeout(within, async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volunteer_resumed_on_another_server_is_let_go_by_the_one_it_left_half_open() {
+    // The race: a volunteer's socket on one server is half-open (the
+    // server does not know it left) when it comes back on another server
+    // of the run with its token. Before, both held it (counted it, could
+    // draw it) until the old socket timed out. Both ways round: gateway
+    // to leader, then back to the gateway.
+    // Prepare: a leader and a gateway of one run; a demo volunteer on the
+    // gateway.
+    let (_cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_log = gateway.log.clone();
+    let logs = || {
+        format!(
+            "--- leader\n{}\n--- gateway\n{}",
+            leader.log(),
+            std::fs::read_to_string(&gateway_log).unwrap_or_default()
+        )
+    };
+    wait_on(gateway.port, &logs, "the gateway", |s| {
+        s["gateway"].is_string()
+    })
+    .await;
+    let (shard, token, mut on_gateway) = demo_join(gateway.port, None).await;
+    wait_on(gateway.port, &logs, "the volunteer on the gateway", |s| {
+        s["clients"] == 1
+    })
+    .await;
+
+    // Execute: it resumes on the leader, its socket on the gateway left
+    // open.
+    let (on_leader_shard, _, mut on_leader) = demo_join(leader.port, Some(token.clone())).await;
+
+    // Verify: the gateway closes the old socket and holds it no more; the
+    // leader holds it, with its shard.
+    assert!(
+        closed_within(&mut on_gateway, Duration::from_secs(15)).await,
+        "the gateway kept the socket of a volunteer that resumed on the leader\n{}",
+        logs()
+    );
+    wait_on(gateway.port, &logs, "the gateway letting it go", |s| {
+        s["clients"] == 0
+    })
+    .await;
+    wait_on(leader.port, &logs, "the leader holding it", |s| {
+        s["clients"] == 1
+    })
+    .await;
+    assert_eq!(on_leader_shard, shard);
+
+    // And back: it resumes on the gateway, its socket on the leader left
+    // open; the leader lets it go.
+    let (_, _, _back) = demo_join(gateway.port, Some(token)).await;
+    assert!(
+        closed_within(&mut on_leader, Duration::from_secs(15)).await,
+        "the leader kept the socket of a volunteer that resumed on the gateway\n{}",
+        logs()
+    );
+    wait_on(leader.port, &logs, "the leader letting it go", |s| {
+        s["clients"] == 0
+    })
+    .await;
+    wait_on(gateway.port, &logs, "the gateway holding it again", |s| {
+        s["clients"] == 1
+    })
+    .await;
+}

@@ -388,6 +388,8 @@ impl Connection {
             entry.counts = None;
             entry.samples = 0;
             entry.plan_sent = false;
+            // Any other server of the run still holding it lets it go.
+            entry.moved = self.state.client_moved(id);
             let shard = entry.demo_slot.map(|slot| ShardSpec {
                 dataset: self.state.config.dataset.clone(),
                 indices: self.state.demo_shard(slot).clone(),
@@ -443,6 +445,13 @@ impl Connection {
             raw_counts: None,
             shard_counts,
             demo_slot,
+            // Resumed by a token of the run's store: any other server of
+            // the run still holding it lets it go.
+            moved: if token.is_some() {
+                self.state.client_moved(id)
+            } else {
+                0
+            },
             counts: None,
             samples: 0,
             plan_sent: false,
@@ -462,11 +471,13 @@ impl Connection {
             entry.observe_speed(speed);
         }
         let (demo, new_token) = (entry.demo_slot, entry.resume_token.clone());
-        self.admit(id, entry, shard, data)?;
         if token.is_some() {
+            self.admit(id, entry, shard, data)?;
             tracing::info!(client = id, "resumed by a token of the run's store");
             return Ok(());
         }
+        // Recorded before its welcome hands the token out: a volunteer that
+        // takes it straight to another server of the run is found there.
         self.state.record(|store, run| {
             let joined = crate::store::Joined {
                 id,
@@ -476,6 +487,7 @@ impl Connection {
             };
             store.client_joined(run, &joined)
         });
+        self.admit(id, entry, shard, data)?;
         tracing::info!(client = id, "joined");
         Ok(())
     }

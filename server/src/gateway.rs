@@ -104,6 +104,8 @@ pub async fn run(
         })
     };
     let _stop_heartbeat = AbortOnDrop(heartbeat);
+    // Its clients that resume on another server of the run are let go.
+    let _stop_watching = AbortOnDrop(tokio::spawn(crate::state::watch_moves(state.clone())));
     // Woken when the run's work moves; made before the first read, so
     // nothing that moves after it is missed.
     let mut waker = state.wakes.as_ref().map(|w| w.waker());
@@ -199,7 +201,7 @@ async fn until_moved(waker: &mut Option<crate::store::listen::Waker>, at_most: D
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

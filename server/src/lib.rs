@@ -212,6 +212,10 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
         let Some(lease) = &leading.lease else {
             return round_loop.await;
         };
+        // Its clients that resume on another server of the run (a gateway)
+        // are let go, as long as it leads.
+        let _stop_watching =
+            gateway::AbortOnDrop(tokio::spawn(state::watch_moves(leading.clone())));
         // A leader that loses its lease stops leading at once; its writes
         // were already refused (fenced) from the moment another took it.
         tokio::select! {
@@ -357,5 +361,6 @@ async fn served_state(
     );
     state.join_url = join_url;
     state.test_samples = data.test.len();
+    state.server_name = format!("pid {} at {bound}", std::process::id());
     Ok((state, rustls))
 }

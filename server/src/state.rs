@@ -103,6 +103,10 @@ pub struct ClientEntry {
     pub shard_counts: Option<Vec<usize>>,
     /// Its demo slot, when it has a demo shard ([`AppState::demo_shard`]).
     pub demo_slot: Option<u64>,
+    /// The number of its latest move to this server in the run's feed of
+    /// moves ([`AppState::client_moved`]); 0 for a client that joined here
+    /// and never moved. A later move elsewhere lets it go.
+    pub moved: u64,
     /// Label counts usable for scheduling: post-plan when a plan exists.
     pub counts: Option<Vec<usize>>,
     /// Samples in `counts`, summed: the most an update may claim.
@@ -440,6 +444,9 @@ pub struct AppState {
     pub bytes_down: AtomicU64,
     /// The URL volunteers open (shown on the dashboard and as its QR code).
     pub join_url: String,
+    /// This server among the run's, in the feed of moves: its pid and
+    /// address.
+    pub server_name: String,
     /// The run's lease this server leads by (PostgreSQL stores), held
     /// until the server stops; `None` for a server that keeps the run
     /// alone.
@@ -540,6 +547,7 @@ impl AppState {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
+            server_name: format!("pid {}", std::process::id()),
             lease: None,
             hierarchy: None,
             wakes: None,
@@ -697,6 +705,55 @@ impl AppState {
         Ok(())
     }
 
+    /// Records that client `id` resumed here ([`crate::store::RunStore::client_moved`]),
+    /// so that another server of the run still holding it (a half-open
+    /// socket) lets it go ([`watch_moves`]): the move's number, or 0
+    /// where the store is this server's alone or cannot answer (logged).
+    pub fn client_moved(&self, id: u64) -> u64 {
+        let Some(store) = self.store.as_ref() else {
+            return 0;
+        };
+        let (run, me) = (&self.config.run_name, &self.server_name);
+        match off_the_workers(|| lock(store).client_moved(run, id, me)) {
+            Ok(seq) => seq.unwrap_or(0),
+            Err(e) => {
+                tracing::error!("store: {e}");
+                0
+            }
+        }
+    }
+
+    /// Lets go of every client of `moves` that resumed on another server
+    /// after it last came here: closes its socket, skips its hop (the
+    /// pending reply dropped, as a departure does) and forgets it, parked
+    /// or held. Answers how many it let go.
+    pub fn let_go_of_moved(&self, moves: &[crate::store::Move]) -> usize {
+        let mut gone = 0;
+        for m in moves.iter().filter(|m| m.server != self.server_name) {
+            let held = {
+                let mut clients = self.clients();
+                match clients.get(&m.client_id) {
+                    Some(entry) if entry.moved < m.seq => clients.remove(&m.client_id),
+                    _ => None,
+                }
+            };
+            if let Some(entry) = held {
+                let _ = entry.tx.send(Outbound::Close);
+                gone += 1;
+                tracing::info!(
+                    client = m.client_id,
+                    server = %m.server,
+                    "resumed on another server of the run: let go"
+                );
+            }
+            lock(&self.parked).retain(|_, p| !(p.id == m.client_id && p.entry.moved < m.seq));
+        }
+        if gone > 0 {
+            self.changed.notify_waiters();
+        }
+        gone
+    }
+
     /// A demo slot for client `id`, joining now: the run's next across
     /// its servers where they share a store
     /// ([`crate::store::RunStore::take_demo_slot`]), else `id` (this
@@ -759,5 +816,42 @@ impl AppState {
     /// Locks the run status.
     pub fn status(&self) -> std::sync::MutexGuard<'_, RunStatus> {
         lock(&self.status)
+    }
+}
+
+/// How often a server of a shared store reads the run's feed of moves.
+pub const MOVES_EVERY: Duration = Duration::from_secs(1);
+
+/// Reads the run's feed of moves every [`MOVES_EVERY`] and lets go of the
+/// clients that resumed on another server of the run
+/// ([`AppState::let_go_of_moved`]): so a volunteer whose socket here is
+/// half-open, and who came back elsewhere with its token, is held (and
+/// counted, and drawn) by one server, not two, within a second or two
+/// instead of when the old socket times out. Runs until the server stops;
+/// a store that cannot answer is tried again next time (logged).
+pub async fn watch_moves(state: std::sync::Arc<AppState>) {
+    let mut after: Option<u64> = None;
+    loop {
+        let read = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || {
+                let store = state.store.as_ref()?;
+                Some(lock(store).moves_since(&state.config.run_name, after, 1_000))
+            })
+            .await
+        };
+        match read {
+            Ok(Some(Ok((moves, last)))) => {
+                state.let_go_of_moved(&moves);
+                after = Some(last);
+                if moves.len() == 1_000 {
+                    continue;
+                }
+            }
+            Ok(Some(Err(e))) => tracing::warn!("reading the run's moves: {e}"),
+            Ok(None) => return,
+            Err(e) => tracing::warn!("reading the run's moves: {e}"),
+        }
+        tokio::time::sleep(MOVES_EVERY).await;
     }
 }

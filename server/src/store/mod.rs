@@ -148,6 +148,18 @@ pub struct Joined<'a> {
     pub token: &'a str,
 }
 
+/// A client resuming on a server of the run, as the run's feed of moves
+/// keeps it ([`RunStore::client_moved`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// Its number in the feed: later moves have larger numbers.
+    pub seq: u64,
+    /// The client.
+    pub client_id: u64,
+    /// The server it resumed on.
+    pub server: String,
+}
+
 /// What the store keeps of a resume token: its SHA-256, in hex. A token
 /// is 128 random bits, so its hash can be looked up by equality without
 /// leaking anything a timing could tell.
@@ -247,6 +259,40 @@ pub trait RunStore: Send + std::fmt::Debug {
     fn take_demo_slot(&mut self, run_name: &str) -> Result<Option<u64>, StoreError> {
         let _ = run_name;
         Ok(None)
+    }
+
+    /// Records that client `client_id` of run `run_name` resumed on
+    /// server `server` (its token, on a new socket): the move's number in
+    /// the run's feed of moves, which every server of the run reads
+    /// ([`RunStore::moves_since`]) to let go of a client that is now held
+    /// elsewhere; `None` where the store is one server's alone.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be written.
+    fn client_moved(
+        &mut self,
+        run_name: &str,
+        client_id: u64,
+        server: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = (run_name, client_id, server);
+        Ok(None)
+    }
+
+    /// The moves of run `run_name` after move `after` ([`Move`]), oldest
+    /// first, at most `limit`; with `after` `None`, none, only where the
+    /// feed stands (the number to read after next time).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be read.
+    fn moves_since(
+        &mut self,
+        run_name: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Move>, u64), StoreError> {
+        let _ = (run_name, limit);
+        Ok((Vec::new(), after.unwrap_or(0)))
     }
 
     /// Counts rows of `rounds`, `mediators`, `clients` or `events` for a

@@ -37,7 +37,8 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 use super::{
-    COUNTED, Joined, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble, token_hash,
+    COUNTED, Joined, Move, Resumed, RoundState, RunStore, StoreError, StoredRound, assemble,
+    token_hash,
 };
 
 /// Schema versions, applied in order; `astraea_schema` records which ran.
@@ -163,6 +164,16 @@ const MIGRATIONS: &[&str] = &[
         taken BIGINT NOT NULL
     );
     ALTER TABLE clients ADD COLUMN demo_slot BIGINT;",
+    // The run's feed of clients resuming on its servers
+    // (`RunStore::client_moved`), read by every server of the run.
+    "CREATE TABLE client_moves (
+        seq BIGSERIAL PRIMARY KEY,
+        run TEXT NOT NULL,
+        client_id BIGINT NOT NULL,
+        server TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE INDEX client_moves_by_run ON client_moves (run, seq);",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
@@ -645,6 +656,60 @@ impl RunStore for PgStore {
         })
     }
 
+    fn client_moved(
+        &mut self,
+        run_name: &str,
+        client_id: u64,
+        server: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let (run, id, server) = (run_name.to_string(), to_i64(client_id), server.to_string());
+        self.call(move |client| {
+            let seq: i64 = client
+                .query_one(
+                    "INSERT INTO client_moves (run, client_id, server) VALUES ($1, $2, $3)
+                     RETURNING seq",
+                    &[&run, &id, &server],
+                )?
+                .get(0);
+            Ok(Some(seq.max(0) as u64))
+        })
+    }
+
+    fn moves_since(
+        &mut self,
+        run_name: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Move>, u64), StoreError> {
+        let run = run_name.to_string();
+        self.call(move |client| {
+            let Some(after) = after else {
+                let last: i64 = client
+                    .query_one(
+                        "SELECT COALESCE(MAX(seq), 0) FROM client_moves WHERE run = $1",
+                        &[&run],
+                    )?
+                    .get(0);
+                return Ok((Vec::new(), last.max(0) as u64));
+            };
+            let moves: Vec<Move> = client
+                .query(
+                    "SELECT seq, client_id, server FROM client_moves
+                     WHERE run = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&run, &to_i64(after), &(limit.min(i64::MAX as usize) as i64)],
+                )?
+                .iter()
+                .map(|row| Move {
+                    seq: row.get::<_, i64>(0).max(0) as u64,
+                    client_id: row.get::<_, i64>(1).max(0) as u64,
+                    server: row.get(2),
+                })
+                .collect();
+            let last = moves.last().map_or(after, |m| m.seq);
+            Ok((moves, last))
+        })
+    }
+
     fn take_demo_slot(&mut self, run_name: &str) -> Result<Option<u64>, StoreError> {
         // One statement, a conditional write: two servers taking slots at
         // once each get their own (never a read, then a write).
@@ -794,6 +859,38 @@ mod tests {
             b.client_by_token(run.run_id, &"d".repeat(32)).unwrap(),
             Some((gateways_first | 1, Some(2)))
         );
+    }
+
+    #[test]
+    fn every_server_of_a_run_reads_its_moves_in_order_from_where_it_stood() {
+        // A server starts reading where the feed stands (nothing from
+        // before it), then gets each later move once, in order, from any
+        // server, and only its run's, in pages of `limit`.
+        let (_cluster, url) = cluster();
+        let mut a = PgStore::connect(&url).unwrap();
+        let mut b = PgStore::connect(&url).unwrap();
+        a.client_moved("run", 1, "a").unwrap();
+        let (before, stood) = b.moves_since("run", None, 10).unwrap();
+        let seqs: Vec<u64> = [(2, "a"), (3, "b"), (2, "b")]
+            .iter()
+            .map(|&(id, server)| a.client_moved("run", id, server).unwrap().unwrap())
+            .collect();
+        a.client_moved("another run", 2, "a").unwrap();
+        let (first, next) = b.moves_since("run", Some(stood), 2).unwrap();
+        let (rest, last) = b.moves_since("run", Some(next), 2).unwrap();
+        let (none, same) = b.moves_since("run", Some(last), 2).unwrap();
+
+        assert!(before.is_empty());
+        let read: Vec<(u64, u64, &str)> = first
+            .iter()
+            .chain(&rest)
+            .map(|m| (m.seq, m.client_id, m.server.as_str()))
+            .collect();
+        assert_eq!(
+            read,
+            vec![(seqs[0], 2, "a"), (seqs[1], 3, "b"), (seqs[2], 2, "b")]
+        );
+        assert_eq!((none.len(), same), (0, last));
     }
 
     #[test]
