@@ -361,6 +361,12 @@ async fn served_state(
     );
     state.join_url = join_url;
     state.test_samples = data.test.len();
-    state.server_name = format!("pid {} at {bound}", std::process::id());
+    // Unique whatever the host: two containers may both be pid 1 on
+    // 0.0.0.0:8080. The pid and address are for the logs only.
+    state.server_name = format!(
+        "{} (pid {} at {bound})",
+        state::new_resume_token(),
+        std::process::id()
+    );
     Ok((state, rustls))
 }

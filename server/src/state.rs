@@ -444,9 +444,13 @@ pub struct AppState {
     pub bytes_down: AtomicU64,
     /// The URL volunteers open (shown on the dashboard and as its QR code).
     pub join_url: String,
-    /// This server among the run's, in the feed of moves: its pid and
-    /// address.
+    /// This server among the run's, in the feed of moves: 128 random bits
+    /// (then its pid and address, for the logs).
     pub server_name: String,
+    /// The largest move number this server has read from the run's feed
+    /// ([`watch_moves`]): a client that resumes here is newer than every
+    /// move read so far, even when its own move could not be recorded.
+    pub moves_read: AtomicU64,
     /// The run's lease this server leads by (PostgreSQL stores), held
     /// until the server stops; `None` for a server that keeps the run
     /// alone.
@@ -547,7 +551,8 @@ impl AppState {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             join_url: String::new(),
-            server_name: format!("pid {}", std::process::id()),
+            server_name: new_resume_token(),
+            moves_read: AtomicU64::new(0),
             lease: None,
             hierarchy: None,
             wakes: None,
@@ -707,20 +712,24 @@ impl AppState {
 
     /// Records that client `id` resumed here ([`crate::store::RunStore::client_moved`]),
     /// so that another server of the run still holding it (a half-open
-    /// socket) lets it go ([`watch_moves`]): the move's number, or 0
-    /// where the store is this server's alone or cannot answer (logged).
+    /// socket) lets it go ([`watch_moves`]). Answers the number this
+    /// resume stands at in the feed: its move's, and at least the largest
+    /// read so far (so a move it could not record, the store down, is
+    /// still newer than every move this server has read; logged); 0
+    /// where the store is this server's alone.
     pub fn client_moved(&self, id: u64) -> u64 {
         let Some(store) = self.store.as_ref() else {
             return 0;
         };
         let (run, me) = (&self.config.run_name, &self.server_name);
-        match off_the_workers(|| lock(store).client_moved(run, id, me)) {
+        let recorded = match off_the_workers(|| lock(store).client_moved(run, id, me)) {
             Ok(seq) => seq.unwrap_or(0),
             Err(e) => {
                 tracing::error!("store: {e}");
                 0
             }
-        }
+        };
+        recorded.max(self.moves_read.load(Ordering::Relaxed))
     }
 
     /// Lets go of every client of `moves` that resumed on another server
@@ -728,30 +737,39 @@ impl AppState {
     /// pending reply dropped, as a departure does) and forgets it, parked
     /// or held. Answers how many it let go.
     pub fn let_go_of_moved(&self, moves: &[crate::store::Move]) -> usize {
-        let mut gone = 0;
+        // Each client's latest move elsewhere.
+        let mut elsewhere: std::collections::HashMap<u64, u64> = Default::default();
         for m in moves.iter().filter(|m| m.server != self.server_name) {
-            let held = {
-                let mut clients = self.clients();
-                match clients.get(&m.client_id) {
-                    Some(entry) if entry.moved < m.seq => clients.remove(&m.client_id),
-                    _ => None,
-                }
-            };
-            if let Some(entry) = held {
-                let _ = entry.tx.send(Outbound::Close);
-                gone += 1;
-                tracing::info!(
-                    client = m.client_id,
-                    server = %m.server,
-                    "resumed on another server of the run: let go"
-                );
-            }
-            lock(&self.parked).retain(|_, p| !(p.id == m.client_id && p.entry.moved < m.seq));
+            let seq = elsewhere.entry(m.client_id).or_default();
+            *seq = (*seq).max(m.seq);
         }
-        if gone > 0 {
+        if let Some(last) = moves.iter().map(|m| m.seq).max() {
+            self.moves_read.fetch_max(last, Ordering::Relaxed);
+        }
+        if elsewhere.is_empty() {
+            return 0;
+        }
+        let held: Vec<(u64, ClientEntry)> = {
+            let mut clients = self.clients();
+            let gone: Vec<u64> = elsewhere
+                .iter()
+                .filter(|(id, seq)| clients.get(id).is_some_and(|e| e.moved < **seq))
+                .map(|(id, _)| *id)
+                .collect();
+            gone.into_iter()
+                .filter_map(|id| clients.remove(&id).map(|entry| (id, entry)))
+                .collect()
+        };
+        lock(&self.parked)
+            .retain(|_, p| elsewhere.get(&p.id).is_none_or(|&seq| p.entry.moved >= seq));
+        for (id, entry) in &held {
+            let _ = entry.tx.send(Outbound::Close);
+            tracing::info!(client = id, "resumed on another server of the run: let go");
+        }
+        if !held.is_empty() {
             self.changed.notify_waiters();
         }
-        gone
+        held.len()
     }
 
     /// A demo slot for client `id`, joining now: the run's next across
@@ -827,8 +845,13 @@ pub const MOVES_EVERY: Duration = Duration::from_secs(1);
 /// ([`AppState::let_go_of_moved`]): so a volunteer whose socket here is
 /// half-open, and who came back elsewhere with its token, is held (and
 /// counted, and drawn) by one server, not two, within a second or two
-/// instead of when the old socket times out. Runs until the server stops;
-/// a store that cannot answer is tried again next time (logged).
+/// instead of when the old socket times out. Each read takes the moves
+/// after the last one read and again those of the last
+/// [`crate::store::MOVES_OVERLAP`]: a move whose number was given before
+/// another's but committed after it, or one that found its client between
+/// this server's maps (being resumed here), is seen again. Runs until the
+/// server stops; a store that cannot answer is tried again next time
+/// (logged).
 pub async fn watch_moves(state: std::sync::Arc<AppState>) {
     let mut after: Option<u64> = None;
     loop {
@@ -843,8 +866,11 @@ pub async fn watch_moves(state: std::sync::Arc<AppState>) {
         match read {
             Ok(Some(Ok((moves, last)))) => {
                 state.let_go_of_moved(&moves);
+                // A full page of new moves: the next at once.
+                let new = moves.iter().filter(|m| after.is_none_or(|a| m.seq > a));
+                let full = after.is_some() && new.count() == 1_000;
                 after = Some(last);
-                if moves.len() == 1_000 {
+                if full {
                     continue;
                 }
             }

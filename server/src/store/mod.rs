@@ -148,6 +148,11 @@ pub struct Joined<'a> {
     pub token: &'a str,
 }
 
+/// How far back every read of the feed of moves looks again
+/// ([`RunStore::moves_since`]): move numbers are given when a row is
+/// written, not when it commits, so a later number can be read first.
+pub const MOVES_OVERLAP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A client resuming on a server of the run, as the run's feed of moves
 /// keeps it ([`RunStore::client_moved`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,9 +284,11 @@ pub trait RunStore: Send + std::fmt::Debug {
         Ok(None)
     }
 
-    /// The moves of run `run_name` after move `after` ([`Move`]), oldest
-    /// first, at most `limit`; with `after` `None`, none, only where the
-    /// feed stands (the number to read after next time).
+    /// The moves of run `run_name` after move `after` (at most `limit`),
+    /// after those at or before it written in the last [`MOVES_OVERLAP`]
+    /// (at most `limit`, the latest), each part oldest first ([`Move`]),
+    /// and the number to read after next time; with `after` `None`, no
+    /// moves, only where the feed stands.
     ///
     /// # Errors
     /// [`StoreError`] if the store cannot be read.

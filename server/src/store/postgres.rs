@@ -173,7 +173,8 @@ const MIGRATIONS: &[&str] = &[
         server TEXT NOT NULL,
         at TIMESTAMPTZ NOT NULL DEFAULT now()
     );
-    CREATE INDEX client_moves_by_run ON client_moves (run, seq);",
+    CREATE INDEX client_moves_by_run ON client_moves (run, seq);
+    CREATE INDEX client_moves_by_time ON client_moves (run, at);",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
@@ -692,21 +693,39 @@ impl RunStore for PgStore {
                     .get(0);
                 return Ok((Vec::new(), last.max(0) as u64));
             };
-            let moves: Vec<Move> = client
+            let (after, limit) = (to_i64(after), limit.min(i64::MAX as usize) as i64);
+            let overlap = super::MOVES_OVERLAP.as_secs_f64();
+            let as_move = |row: &postgres::Row| Move {
+                seq: row.get::<_, i64>(0).max(0) as u64,
+                client_id: row.get::<_, i64>(1).max(0) as u64,
+                server: row.get(2),
+            };
+            // The new moves, a page of them; then the late ones: numbered
+            // at or before `after` but written in the overlap (the latest
+            // page of them).
+            let new: Vec<Move> = client
                 .query(
                     "SELECT seq, client_id, server FROM client_moves
                      WHERE run = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                    &[&run, &to_i64(after), &(limit.min(i64::MAX as usize) as i64)],
+                    &[&run, &after, &limit],
                 )?
                 .iter()
-                .map(|row| Move {
-                    seq: row.get::<_, i64>(0).max(0) as u64,
-                    client_id: row.get::<_, i64>(1).max(0) as u64,
-                    server: row.get(2),
-                })
+                .map(as_move)
                 .collect();
-            let last = moves.last().map_or(after, |m| m.seq);
-            Ok((moves, last))
+            let mut late: Vec<Move> = client
+                .query(
+                    "SELECT seq, client_id, server FROM client_moves
+                     WHERE run = $1 AND seq <= $2 AND at > now() - make_interval(secs => $4)
+                     ORDER BY seq DESC LIMIT $3",
+                    &[&run, &after, &limit, &overlap],
+                )?
+                .iter()
+                .map(as_move)
+                .collect();
+            late.reverse();
+            let last = new.last().map_or(after.max(0) as u64, |m| m.seq);
+            late.extend(new);
+            Ok((late, last))
         })
     }
 
@@ -861,36 +880,93 @@ mod tests {
         );
     }
 
+    /// The new moves of a read of the feed (numbered after `after`).
+    fn new_of(read: &(Vec<Move>, u64), after: u64) -> Vec<(u64, u64, String)> {
+        read.0
+            .iter()
+            .filter(|m| m.seq > after)
+            .map(|m| (m.seq, m.client_id, m.server.clone()))
+            .collect()
+    }
+
     #[test]
     fn every_server_of_a_run_reads_its_moves_in_order_from_where_it_stood() {
-        // A server starts reading where the feed stands (nothing from
-        // before it), then gets each later move once, in order, from any
-        // server, and only its run's, in pages of `limit`.
+        // A server starts reading where the feed stands, then gets each
+        // later move as new once, in order, from any server, only its
+        // run's, in pages of `limit`; the moves of the overlap come again
+        // as late ones (numbered at or before where it stood).
         let (_cluster, url) = cluster();
         let mut a = PgStore::connect(&url).unwrap();
         let mut b = PgStore::connect(&url).unwrap();
-        a.client_moved("run", 1, "a").unwrap();
-        let (before, stood) = b.moves_since("run", None, 10).unwrap();
+        let before = a.client_moved("run", 1, "a").unwrap().unwrap();
+        let (nothing, stood) = b.moves_since("run", None, 10).unwrap();
         let seqs: Vec<u64> = [(2, "a"), (3, "b"), (2, "b")]
             .iter()
             .map(|&(id, server)| a.client_moved("run", id, server).unwrap().unwrap())
             .collect();
         a.client_moved("another run", 2, "a").unwrap();
-        let (first, next) = b.moves_since("run", Some(stood), 2).unwrap();
-        let (rest, last) = b.moves_since("run", Some(next), 2).unwrap();
-        let (none, same) = b.moves_since("run", Some(last), 2).unwrap();
+        let first = b.moves_since("run", Some(stood), 2).unwrap();
+        let rest = b.moves_since("run", Some(first.1), 2).unwrap();
+        let after_all = b.moves_since("run", Some(rest.1), 2).unwrap();
 
-        assert!(before.is_empty());
-        let read: Vec<(u64, u64, &str)> = first
+        assert!(nothing.is_empty());
+        assert_eq!(stood, before);
+        let mut new = new_of(&first, stood);
+        new.extend(new_of(&rest, first.1));
+        let expected = [(2, "a"), (3, "b"), (2, "b")]
             .iter()
-            .chain(&rest)
-            .map(|m| (m.seq, m.client_id, m.server.as_str()))
-            .collect();
-        assert_eq!(
-            read,
-            vec![(seqs[0], 2, "a"), (seqs[1], 3, "b"), (seqs[2], 2, "b")]
+            .zip(&seqs)
+            .map(|(&(id, server), &seq)| (seq, id, server.to_string()))
+            .collect::<Vec<_>>();
+        assert_eq!(new, expected);
+        assert_eq!((first.1, rest.1, after_all.1), (seqs[1], seqs[2], seqs[2]));
+        assert!(new_of(&after_all, rest.1).is_empty());
+        // Late: the move from before it stood, within the overlap.
+        assert!(first.0.iter().any(|m| m.seq == before && m.client_id == 1));
+        for read in [&first, &rest, &after_all] {
+            assert!(read.0.iter().all(|m| m.server == "a" || m.server == "b"));
+            assert!(
+                read.0
+                    .iter()
+                    .all(|m| m.client_id != 2 || m.server != "a" || m.seq == seqs[0])
+            );
+        }
+    }
+
+    #[test]
+    fn a_move_committed_after_a_later_one_is_still_read() {
+        // The race: move numbers are given when a row is written, not when
+        // it commits. A move held in an open transaction takes a number,
+        // a later move commits and is read, then the first commits: the
+        // next read still brings it (as a late one), not never.
+        let (_cluster, url) = cluster();
+        let mut reader = PgStore::connect(&url).unwrap();
+        let mut writer = PgStore::connect(&url).unwrap();
+        let (_, stood) = reader.moves_since("run", None, 10).unwrap();
+        let mut slow = postgres::Client::connect(&url, NoTls).unwrap();
+        let mut held = slow.transaction().unwrap();
+        let early: i64 = held
+            .query_one(
+                "INSERT INTO client_moves (run, client_id, server) VALUES ('run', 7, 'slow')
+                 RETURNING seq",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let later = writer.client_moved("run", 8, "fast").unwrap().unwrap();
+        let seen = reader.moves_since("run", Some(stood), 10).unwrap();
+        held.commit().unwrap();
+        let next = reader.moves_since("run", Some(seen.1), 10).unwrap();
+
+        assert!(later > early as u64);
+        assert_eq!(seen.1, later);
+        assert!(seen.0.iter().all(|m| m.client_id != 7), "not committed yet");
+        assert!(
+            next.0
+                .iter()
+                .any(|m| m.client_id == 7 && m.seq == early as u64),
+            "the early move, committed late, was never read: {next:?}"
         );
-        assert_eq!((none.len(), same), (0, last));
     }
 
     #[test]
