@@ -886,6 +886,32 @@ async fn demo_join(
     (indices, token, socket)
 }
 
+/// A throw-away database with a leader of [`GATEWAY_RUN`] and a gateway
+/// of it, the gateway answering, no clients. Dropped in reverse order.
+async fn leader_and_answering_gateway() -> (PgCluster, Server, Server) {
+    let (cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
+    let mut gateway_run = GATEWAY_RUN.to_vec();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    wait_on(
+        gateway.port,
+        &|| logs_of(&leader, &gateway),
+        "the gateway",
+        |s| s["gateway"].is_string(),
+    )
+    .await;
+    (cluster, leader, gateway)
+}
+
+/// The logs of a leader and its gateway, for a failure's message.
+fn logs_of(leader: &Server, gateway: &Server) -> String {
+    format!(
+        "--- leader\n{}\n--- gateway\n{}",
+        leader.log(),
+        gateway.log()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_volunteers_take_the_shards_in_turn_across_the_runs_servers() {
     // The bug: each server numbered its demo shards by its own ids
@@ -893,22 +919,8 @@ async fn demo_volunteers_take_the_shards_in_turn_across_the_runs_servers() {
     // a power of two (4 here) a gateway's n-th volunteer took the shard
     // of the leader's n-th, and half the shards went untrained.
     // Prepare: a leader and a gateway of one run, both answering.
-    let (_cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
-    let mut gateway_run = GATEWAY_RUN.to_vec();
-    gateway_run.push("--gateway");
-    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
-    let gateway_log = gateway.log.clone();
-    let logs = || {
-        format!(
-            "--- leader\n{}\n--- gateway\n{}",
-            leader.log(),
-            std::fs::read_to_string(&gateway_log).unwrap_or_default()
-        )
-    };
-    wait_on(gateway.port, &logs, "the gateway", |s| {
-        s["gateway"].is_string()
-    })
-    .await;
+    let (_cluster, leader, gateway) = leader_and_answering_gateway().await;
+    let logs = || logs_of(&leader, &gateway);
 
     // Execute: four demo volunteers, in turn on the leader and the
     // gateway; then the gateway's first leaves and comes back with its
@@ -963,22 +975,8 @@ async fn a_volunteer_resumed_on_another_server_is_let_go_by_the_one_it_left_half
     // to leader, then back to the gateway.
     // Prepare: a leader and a gateway of one run; a demo volunteer on the
     // gateway.
-    let (_cluster, url, dir, leader) = a_leader_of(GATEWAY_RUN).await;
-    let mut gateway_run = GATEWAY_RUN.to_vec();
-    gateway_run.push("--gateway");
-    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
-    let gateway_log = gateway.log.clone();
-    let logs = || {
-        format!(
-            "--- leader\n{}\n--- gateway\n{}",
-            leader.log(),
-            std::fs::read_to_string(&gateway_log).unwrap_or_default()
-        )
-    };
-    wait_on(gateway.port, &logs, "the gateway", |s| {
-        s["gateway"].is_string()
-    })
-    .await;
+    let (_cluster, leader, gateway) = leader_and_answering_gateway().await;
+    let logs = || logs_of(&leader, &gateway);
     let (shard, token, mut on_gateway) = demo_join(gateway.port, None).await;
     wait_on(gateway.port, &logs, "the volunteer on the gateway", |s| {
         s["clients"] == 1

@@ -1263,21 +1263,25 @@ mod tests {
         (data, configs)
     }
 
+    /// Visits of `start` on each client's data with its settings.
+    fn jobs_of<'a>(data: &'a [Shard], configs: &[TrainConfig], start: &'a Weights) -> Vec<Job<'a>> {
+        data.iter()
+            .zip(configs)
+            .map(|((images, labels), c)| Job {
+                weights: start,
+                data: Samples { images, labels },
+                config: c.clone(),
+            })
+            .collect()
+    }
+
     #[test]
     fn a_batched_visit_equals_separate_visits() {
         let config = ModelConfig::new(10);
         let device = Device::flex();
         let start = Weights::from_model(&config.init(&device));
         let (data, configs) = three_clients(&config);
-        let jobs: Vec<Job<'_>> = data
-            .iter()
-            .zip(&configs)
-            .map(|((images, labels), c)| Job {
-                weights: &start,
-                data: Samples { images, labels },
-                config: c.clone(),
-            })
-            .collect();
+        let jobs = jobs_of(&data, &configs, &start);
 
         let batched: Vec<(Weights, TrainStats)> = train_batched(&config, &jobs, &device)
             .into_iter()
@@ -1310,15 +1314,7 @@ mod tests {
         let device = Device::flex();
         let start = Weights::from_model(&config.init(&device));
         let (data, configs) = three_clients(&config);
-        let jobs: Vec<Job<'_>> = data
-            .iter()
-            .zip(&configs)
-            .map(|((images, labels), c)| Job {
-                weights: &start,
-                data: Samples { images, labels },
-                config: c.clone(),
-            })
-            .collect();
+        let jobs = jobs_of(&data, &configs, &start);
         let host = BatchedModel::new(&config, &device);
         assert!(host.geometry.host_optimiser, "the CPU updates on the host");
         let mut on_device = BatchedModel::new(&config, &device);
