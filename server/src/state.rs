@@ -854,7 +854,22 @@ pub const MOVES_EVERY: Duration = Duration::from_secs(1);
 /// (logged).
 pub async fn watch_moves(state: std::sync::Arc<AppState>) {
     let mut after: Option<u64> = None;
+    // The feed is pruned by its readers, about once a minute each.
+    let mut pruned = std::time::Instant::now();
     loop {
+        if pruned.elapsed() >= Duration::from_secs(60) {
+            pruned = std::time::Instant::now();
+            let state = state.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let store = state.store.as_ref()?;
+                let kept = crate::store::MOVES_KEPT;
+                Some(lock(store).prune_moves(&state.config.run_name, kept))
+            })
+            .await;
+            if let Ok(Some(Err(e))) = done {
+                tracing::warn!("pruning the run's moves: {e}");
+            }
+        }
         let read = {
             let state = state.clone();
             tokio::task::spawn_blocking(move || {

@@ -153,6 +153,11 @@ pub struct Joined<'a> {
 /// written, not when it commits, so a later number can be read first.
 pub const MOVES_OVERLAP: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the feed of moves keeps a move ([`RunStore::prune_moves`]): a
+/// server cut from the database for longer may miss a move, and then holds
+/// that client until its old socket times out, as without the feed.
+pub const MOVES_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A client resuming on a server of the run, as the run's feed of moves
 /// keeps it ([`RunStore::client_moved`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,6 +287,21 @@ pub trait RunStore: Send + std::fmt::Debug {
     ) -> Result<Option<u64>, StoreError> {
         let _ = (run_name, client_id, server);
         Ok(None)
+    }
+
+    /// Deletes the moves of run `run_name` written more than `kept` ago
+    /// (the feed only has to reach back to where its slowest reader
+    /// stands); how many. Nothing where the store is one server's alone.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the store cannot be written.
+    fn prune_moves(
+        &mut self,
+        run_name: &str,
+        kept: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let _ = (run_name, kept);
+        Ok(0)
     }
 
     /// The moves of run `run_name` after move `after` (at most `limit`),

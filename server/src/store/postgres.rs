@@ -729,6 +729,20 @@ impl RunStore for PgStore {
         })
     }
 
+    fn prune_moves(
+        &mut self,
+        run_name: &str,
+        kept: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let (run, kept) = (run_name.to_string(), kept.as_secs_f64());
+        self.call(move |client| {
+            Ok(client.execute(
+                "DELETE FROM client_moves WHERE run = $1 AND at < now() - make_interval(secs => $2)",
+                &[&run, &kept],
+            )?)
+        })
+    }
+
     fn take_demo_slot(&mut self, run_name: &str) -> Result<Option<u64>, StoreError> {
         // One statement, a conditional write: two servers taking slots at
         // once each get their own (never a read, then a write).
@@ -931,6 +945,33 @@ mod tests {
                     .all(|m| m.client_id != 2 || m.server != "a" || m.seq == seqs[0])
             );
         }
+    }
+
+    #[test]
+    fn the_feed_of_moves_forgets_only_what_is_older_than_it_keeps() {
+        let (_cluster, url) = cluster();
+        let mut store = PgStore::connect(&url).unwrap();
+        let old = store.client_moved("run", 1, "a").unwrap().unwrap();
+        let other_run = store.client_moved("another run", 1, "a").unwrap().unwrap();
+        let recent = store.client_moved("run", 2, "a").unwrap().unwrap();
+        let mut admin = postgres::Client::connect(&url, NoTls).unwrap();
+        admin
+            .execute(
+                "UPDATE client_moves SET at = now() - interval '1 hour' WHERE seq = ANY($1)",
+                &[&vec![old as i64, other_run as i64]],
+            )
+            .unwrap();
+
+        let pruned = store.prune_moves("run", super::super::MOVES_KEPT).unwrap();
+        let left: Vec<i64> = admin
+            .query("SELECT seq FROM client_moves ORDER BY seq", &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+
+        assert_eq!(pruned, 1);
+        assert_eq!(left, vec![other_run as i64, recent as i64]);
     }
 
     #[test]
