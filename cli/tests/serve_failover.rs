@@ -441,27 +441,14 @@ type Heard = std::sync::Arc<std::sync::Mutex<Vec<(u64, f64)>>>;
 /// (`POST /api/lifecycle`: it is never drawn) and collects the `round-done`
 /// messages it is sent, as (round, accuracy), until aborted.
 fn listener(port: u16) -> (tokio::task::JoinHandle<()>, Heard) {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = heard.clone();
     let task = tokio::spawn(async move {
-        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
-            .await
-            .unwrap();
-        let join = astraea_core::protocol::ClientMessage::Join {
-            version: astraea_core::protocol::PROTOCOL_VERSION,
-            backend: "listener".into(),
-            speed: None,
-            data: astraea_core::protocol::DataSource::Own {
-                counts: vec![1; 10],
-            },
-            resume: None,
-        }
-        .to_json();
-        socket
-            .send(tokio_tungstenite::tungstenite::Message::Text(join.into()))
-            .await
-            .unwrap();
+        let own = astraea_core::protocol::DataSource::Own {
+            counts: vec![1; 10],
+        };
+        let mut socket = joining(port, "listener", own, None).await;
         while let Some(Ok(frame)) = socket.next().await {
             let Ok(message) =
                 serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
@@ -834,26 +821,27 @@ async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_id
     );
 }
 
-/// A demo volunteer joining the server on `port` (with `resume`, a token
-/// of the run, if any): its welcome's shard indices and resume token, and
-/// its socket, kept open so that it stays joined.
-async fn demo_join(
+/// A client's socket to the server on `port`.
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A socket to the server on `port` that has sent its `join` (as
+/// `backend`, with `data`, and `resume` if any).
+async fn joining(
     port: u16,
+    backend: &str,
+    data: astraea_core::protocol::DataSource,
     resume: Option<String>,
-) -> (
-    Vec<u64>,
-    String,
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-) {
-    use futures_util::{SinkExt, StreamExt};
+) -> Socket {
+    use futures_util::SinkExt;
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
         .await
         .unwrap();
     let join = astraea_core::protocol::ClientMessage::Join {
         version: astraea_core::protocol::PROTOCOL_VERSION,
-        backend: "demo-join".into(),
+        backend: backend.into(),
         speed: None,
-        data: astraea_core::protocol::DataSource::Demo,
+        data,
         resume,
     }
     .to_json();
@@ -861,6 +849,16 @@ async fn demo_join(
         .send(tokio_tungstenite::tungstenite::Message::Text(join.into()))
         .await
         .unwrap();
+    socket
+}
+
+/// A demo volunteer joining the server on `port` (with `resume`, a token
+/// of the run, if any): its welcome's shard indices and resume token, and
+/// its socket, kept open so that it stays joined.
+async fn demo_join(port: u16, resume: Option<String>) -> (Vec<u64>, String, Socket) {
+    use futures_util::StreamExt;
+    let demo = astraea_core::protocol::DataSource::Demo;
+    let mut socket = joining(port, "demo-join", demo, resume).await;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(Ok(frame)) = socket.next().await {
             let Ok(message) =
@@ -946,12 +944,7 @@ async fn demo_volunteers_take_the_shards_in_turn_across_the_runs_servers() {
 }
 
 /// Whether the server closes `socket` within `within`.
-async fn closed_within(
-    socket: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    within: Duration,
-) -> bool {
+async fn closed_within(socket: &mut Socket, within: Duration) -> bool {
     use futures_util::StreamExt;
     tokio::time::timeout(within, async {
         loop {

@@ -434,10 +434,8 @@ impl Adam {
         let correction_2 = (1.0 - BETA_2.powi(t)).sqrt();
         let factor = correction_2 / (1.0 - BETA_1.powi(t));
         let epsilon = EPSILON * correction_2;
-        let mut params = params.map(Some);
         let mut updated = Vec::with_capacity(10);
-        for (j, grad) in grads.into_iter().enumerate() {
-            let param = params[j].take().expect("each parameter once");
+        for (j, (param, grad)) in params.into_iter().zip(grads).enumerate() {
             updated.push(match self {
                 Self::Device {
                     moment_1,

@@ -718,18 +718,12 @@ impl AppState {
     /// still newer than every move this server has read; logged); 0
     /// where the store is this server's alone.
     pub fn client_moved(&self, id: u64) -> u64 {
-        let Some(store) = self.store.as_ref() else {
-            return 0;
-        };
         let (run, me) = (&self.config.run_name, &self.server_name);
-        let recorded = match off_the_workers(|| lock(store).client_moved(run, id, me)) {
-            Ok(seq) => seq.unwrap_or(0),
-            Err(e) => {
-                tracing::error!("store: {e}");
-                0
-            }
-        };
-        recorded.max(self.moves_read.load(Ordering::Relaxed))
+        let recorded = self.ask_store(|store| store.client_moved(run, id, me));
+        recorded
+            .flatten()
+            .unwrap_or(0)
+            .max(self.moves_read.load(Ordering::Relaxed))
     }
 
     /// Lets go of every client of `moves` that resumed on another server
@@ -778,17 +772,9 @@ impl AppState {
     /// server's clients numbered in turn). A store that cannot answer
     /// costs the slot, never the join: `id`, logged.
     pub fn take_demo_slot(&self, id: u64) -> u64 {
-        let Some(store) = self.store.as_ref() else {
-            return id;
-        };
         let run = &self.config.run_name;
-        match off_the_workers(|| lock(store).take_demo_slot(run)) {
-            Ok(slot) => slot.unwrap_or(id),
-            Err(e) => {
-                tracing::error!("store: {e}");
-                id
-            }
-        }
+        let slot = self.ask_store(|store| store.take_demo_slot(run));
+        slot.flatten().unwrap_or(id)
     }
 
     /// The demo shard of demo slot `slot` (from 1): shard (slot - 1) mod
@@ -806,10 +792,22 @@ impl AppState {
     /// id and whether it trains a demo shard. `None` without a store, for
     /// an unknown token, or when the store fails (logged).
     pub fn stored_client(&self, token: &str) -> Option<(u64, Option<u64>)> {
-        let store = self.store.as_ref()?;
         let run_id = self.run_id.load(Ordering::Relaxed) as i64;
-        match off_the_workers(|| lock(store).client_by_token(run_id, token)) {
-            Ok(found) => found,
+        self.ask_store(|store| store.client_by_token(run_id, token))
+            .flatten()
+    }
+
+    /// What `ask` reads or writes in the run's store, off the runtime's
+    /// workers ([`off_the_workers`]) on a join's path; `None` without a
+    /// store, or when the store fails (logged: a join goes on without
+    /// it).
+    fn ask_store<R>(
+        &self,
+        ask: impl FnOnce(&mut crate::store::Store) -> Result<R, crate::store::StoreError>,
+    ) -> Option<R> {
+        let store = self.store.as_ref()?;
+        match off_the_workers(|| ask(&mut lock(store))) {
+            Ok(answer) => Some(answer),
             Err(e) => {
                 tracing::error!("store: {e}");
                 None
@@ -882,8 +880,8 @@ pub async fn watch_moves(state: std::sync::Arc<AppState>) {
             Ok(Some(Ok((moves, last)))) => {
                 state.let_go_of_moved(&moves);
                 // A full page of new moves: the next at once.
-                let new = moves.iter().filter(|m| after.is_none_or(|a| m.seq > a));
-                let full = after.is_some() && new.count() == 1_000;
+                let full =
+                    after.is_some_and(|a| moves.iter().filter(|m| m.seq > a).count() == 1_000);
                 after = Some(last);
                 if full {
                     continue;
