@@ -373,9 +373,9 @@ async fn behind_nginx_the_same_volunteers_reach_whichever_server_leads() {
     assert_eq!(clients(&url), 4, "{}", b.log());
 }
 
-/// A run of fedavg-like rounds that fold across gateways
-/// (`ServeConfig::across_gateways`): Astraea's rescheduling without the
-/// augmentation plan, no loss rule.
+/// A run whose rounds fold across gateways
+/// (`ServeConfig::across_gateways`): Astraea, its augmentation plan made
+/// from the clients of every server, no loss rule.
 const GATEWAY_RUN: &[&str] = &[
     "--partition",
     "long-tail:10",
@@ -386,7 +386,7 @@ const GATEWAY_RUN: &[&str] = &[
     "--rounds",
     "12",
     "--strategy",
-    "astraea-sched",
+    "astraea",
     "--gamma",
     "2",
     "--validation-samples",
@@ -596,6 +596,18 @@ async fn a_gateway_trains_its_share_of_every_round_and_when_it_dies_the_run_goes
         "{}",
         logs()
     );
+    // The gateway's clients trained with the run's augmentation plan:
+    // the gateway took it from the store and sent it to them.
+    assert!(
+        gateway_status["plan"]
+            .as_array()
+            .is_some_and(|p| p.len() == 10)
+            && std::fs::read_to_string(&gateway_log)
+                .unwrap()
+                .contains("gateway: data plan received"),
+        "{gateway_status}\n{}",
+        logs()
+    );
     // Its partials reached the rounds' aggregates (one a round while it
     // lived).
     assert!(
@@ -731,8 +743,8 @@ fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
     for (flags, why) in [
         (
-            &["--strategy", "astraea", "--validation-samples", "0"][..],
-            "augmentation plan",
+            &["--mode", "async", "--validation-samples", "0"][..],
+            "the asynchronous mode",
         ),
         (
             &[
@@ -802,9 +814,10 @@ async fn a_gateway_started_with_other_training_flags_trains_nothing_of_the_run()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_idle() {
-    // The leader runs Astraea with its augmentation plan; the gateway was
-    // started for rescheduling only.
-    let leader_run = with_flag(GATEWAY_RUN, "--strategy", "astraea");
+    // The leader combines the mediators by their median; the gateway was
+    // started for the mean (its own start-up refuses the median).
+    let mut leader_run = GATEWAY_RUN.to_vec();
+    leader_run.extend(["--aggregation", "median"]);
     let (_cluster, url, dir, leader) = a_leader_of(&leader_run).await;
     let mut gateway_run = GATEWAY_RUN.to_vec();
     gateway_run.push("--gateway");
@@ -815,10 +828,110 @@ async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_id
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        leader.log().contains("augmentation plan"),
+        leader.log().contains("needs every mediator's result"),
         "{}",
         leader.log()
     );
+}
+
+/// The first `plan` message the server sends `socket`: its ratios.
+async fn plan_heard(socket: &mut Socket, logs: &dyn Fn() -> String) -> Vec<f64> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(frame)) = socket.next().await {
+            let Ok(message) =
+                serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
+            else {
+                continue;
+            };
+            if message["type"] == "plan" {
+                return message["ratios"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_f64().unwrap())
+                    .collect();
+            }
+        }
+        panic!("the socket closed before a plan\n{}", logs());
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no plan within 60 s\n{}", logs()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_augmentation_plan_is_made_from_the_clients_of_every_server_of_the_run() {
+    // Before, a gateway refused Astraea's augmentation plan (the leader
+    // saw only its own clients' label counts). Prepare: a leader and a
+    // gateway of one Astraea run that waits for four clients; two
+    // own-data clients on the gateway short of class 9, then two on the
+    // leader short of class 8.
+    let mut run = with_flag(GATEWAY_RUN, "--min-clients", "4");
+    run.extend(["--tau-d", "3.5"]);
+    let (_cluster, url, dir, leader) = a_leader_of(&run).await;
+    let mut gateway_run = run.clone();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let logs = || logs_of(&leader, &gateway);
+    wait_on(gateway.port, &logs, "the gateway", |s| {
+        s["gateway"].is_string()
+    })
+    .await;
+    let short_of = |class: usize| {
+        let mut counts = vec![100usize; 10];
+        counts[class] = 5;
+        counts
+    };
+    let own = |class| astraea_core::protocol::DataSource::Own {
+        counts: short_of(class),
+    };
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        sockets.push(joining(gateway.port, "plan", own(9), None).await);
+    }
+    wait_on(leader.port, &logs, "the gateway's two ready clients", |s| {
+        s["gateways"][0]["ready"] == 2
+    })
+    .await;
+
+    // Execute
+    for _ in 0..2 {
+        sockets.push(joining(leader.port, "plan", own(8), None).await);
+    }
+    let mut heard = Vec::new();
+    for socket in &mut sockets {
+        heard.push(plan_heard(socket, &logs).await);
+    }
+
+    // Verify: every client, on either server, was sent the plan made from
+    // all four clients' counts, not the one the leader's alone make.
+    use astraea_core::astraea::stats::GlobalStats;
+    use astraea_core::astraea::{AugmentationPlan, PlanRule};
+    let plan_of = |counts: &[Vec<usize>]| {
+        AugmentationPlan::compute(
+            &GlobalStats::from_client_counts(counts),
+            PlanRule::ZScore { tau_d: 3.5 },
+        )
+        .ratios
+    };
+    let every = plan_of(&[short_of(9), short_of(9), short_of(8), short_of(8)]);
+    let leaders_alone = plan_of(&[short_of(8), short_of(8)]);
+    assert_ne!(every, leaders_alone);
+    for ratios in &heard {
+        assert_eq!(ratios.len(), 10);
+        for (got, want) in ratios.iter().zip(&every) {
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{ratios:?} against {every:?}\n{}",
+                logs()
+            );
+        }
+    }
+    // Both servers show it.
+    for port in [leader.port, gateway.port] {
+        let shown = status(port).await.unwrap();
+        assert_eq!(shown["plan"].as_array().map(Vec::len), Some(10), "{shown}");
+    }
 }
 
 /// A client's socket to the server on `port`.

@@ -252,8 +252,10 @@ impl ServeConfig {
     /// time. What needs every result or one place is refused, never
     /// computed otherwise: a robust rule and the loss rule (every
     /// result), secure aggregation's unmasking and DP's noise (one
-    /// place), the asynchronous mode (groups fold one by one as they
-    /// end), and the augmentation plan (every client's label counts).
+    /// place), and the asynchronous mode (groups fold one by one as they
+    /// end). The augmentation plan folds: the leader plans from its
+    /// clients' counts and each gateway's summed counts
+    /// (`coordinator::send_plan`).
     ///
     /// # Errors
     /// What is refused, and what to run instead.
@@ -273,19 +275,19 @@ impl ServeConfig {
                 .into()
         } else if self.schedule.mode == astraea_core::asynchronous::Mode::Async {
             "the asynchronous mode folds each group as it ends, in one place".into()
-        } else if matches!(
-            self.strategy,
-            StrategyKind::Astraea | StrategyKind::AstraeaAugmentation
-        ) {
-            format!(
-                "--strategy {}'s augmentation plan needs every client's label counts in one \
-                 place; use astraea-sched (rescheduling only), fedavg or fedprox",
-                self.strategy.as_str()
-            )
         } else {
             return Ok(());
         };
         Err(format!("not across gateways: {why}"))
+    }
+
+    /// Whether the run's strategy plans augmentation from the clients'
+    /// label counts (Astraea and its augmentation ablation).
+    pub fn plans_augmentation(&self) -> bool {
+        matches!(
+            self.strategy,
+            StrategyKind::Astraea | StrategyKind::AstraeaAugmentation
+        )
     }
 
     /// A fingerprint (SHA-256, hex) of what decides a hop and a chain:

@@ -545,8 +545,11 @@ impl Connection {
         }
         let samples = limits::checked_total(&counts)
             .map_err(|e| refuse(ErrorCode::Invalid, format!("ready refused: {e}")))?;
-        let plan = self.state.status().plan.clone();
         let mut clients = self.state.clients();
+        // Read under the clients' lock (clients before status, as
+        // `coordinator::adopt_plan` takes them): a plan adopted after this
+        // report is sent to it there.
+        let plan = self.state.status().plan.clone();
         let Some(entry) = clients.get_mut(&id) else {
             return Ok(());
         };

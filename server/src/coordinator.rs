@@ -3,7 +3,7 @@
 //! to a client, comes back, goes to the next — with the groups in parallel,
 //! then aggregates, evaluates on the test set and records the round.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -36,8 +36,9 @@ use tokio::sync::oneshot;
 use crate::config::ServeConfig;
 use crate::secure::SecureRound;
 use crate::state::{
-    AppState, HopAnswer, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
+    AppState, ClientEntry, HopAnswer, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
 };
+use crate::store::gateways::GatewaySeen;
 use astraea_core::metrics::RoundRecord;
 
 /// What the server holds of the data: the shards' indices and the test set.
@@ -500,7 +501,11 @@ async fn prepare(state: &AppState, strategy: &dyn Strategy, planned: &mut bool) 
     }
     if !*planned {
         *planned = true;
-        if send_plan(state, strategy) && !wait_for_ready(state, state.tunable().min_clients).await {
+        // The gateways' clients count as this server's do.
+        let gateways = crate::gateway::live(state, true).await;
+        if send_plan(state, strategy, &gateways)
+            && !wait_for_ready(state, state.tunable().min_clients).await
+        {
             return false;
         }
     }
@@ -861,28 +866,30 @@ async fn wait_for_ready(state: &AppState, min: usize) -> bool {
 /// This server's ready clients: reported their label counts and not
 /// pausing (a paused client is not drawn, so it does not count).
 pub(crate) fn ready_clients(state: &AppState) -> usize {
-    state
-        .clients()
+    ready_among(&state.clients())
+}
+
+/// Of `clients`, the ready ones (see [`ready_clients`]).
+pub(crate) fn ready_among(clients: &BTreeMap<u64, ClientEntry>) -> usize {
+    clients
         .values()
         .filter(|c| c.counts.is_some() && !c.paused)
         .count()
 }
 
-/// Computes the strategy's data plan from the clients' raw counts and sends
-/// it to them; returns whether a plan was sent. Clients joining later get it
-/// on their first `ready`.
-fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
-    let clients = state.clients();
-    // An own-data client's first report counts within the cap of what the
-    // clients declared before any plan (`engine::declared`), so no single
-    // report moves the plan far.
+/// The label counts an augmentation plan is computed from: each client's
+/// first report (before any plan). An own-data client's counts within
+/// the cap of what these clients declared (`engine::declared`), so no
+/// single report moves the plan far. Shape: one vector of the model's
+/// classes per client that reported.
+pub(crate) fn counts_for_plan(clients: &BTreeMap<u64, ClientEntry>) -> Vec<Vec<usize>> {
     let totals: Vec<u64> = clients
         .values()
         .filter_map(|c| c.raw_counts.as_ref())
         .map(|counts| counts.iter().map(|&n| n as u64).sum())
         .collect();
     let cap = astraea_core::engine::declared::declared_cap(&totals);
-    let raw: Vec<Vec<usize>> = clients
+    clients
         .values()
         .filter_map(|c| {
             let counts = c.raw_counts.as_ref()?;
@@ -891,27 +898,63 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy) -> bool {
                 None => astraea_core::engine::declared::bounded(counts, cap),
             })
         })
-        .collect();
-    let Some(plan) = strategy.data_plan(&raw) else {
-        return false;
-    };
-    state.status().plan = Some(plan.ratios.clone());
-    // Never wait on the store holding the clients' lock (every socket's
-    // task takes it); whoever reports meanwhile gets the plan on their
-    // first `ready`, or below.
-    drop(clients);
-    state.record(|store, run| store.save_plan(run, &plan.ratios));
+        .collect()
+}
+
+/// Takes `ratios` as the run's augmentation plan on this server: shown
+/// on its dashboard, and sent to each of its clients that reported its
+/// counts and has not had it (they report again, augmented, before they
+/// are drawn). Set under the clients' lock, so a report either sees the
+/// plan or is here to be sent it (`Connection::ready`).
+pub(crate) fn adopt_plan(state: &AppState, ratios: &[f64]) {
     let mut clients = state.clients();
+    state.status().plan = Some(ratios.to_vec());
     for (&id, entry) in clients.iter_mut() {
         if entry.raw_counts.is_some() && !entry.plan_sent {
             entry.plan_sent = true;
             entry.counts = None;
             entry.send(&ServerMessage::Plan {
-                ratios: plan.ratios.clone(),
+                ratios: ratios.to_vec(),
                 seed: seeds::plan(state.config.seed, id),
             });
         }
     }
+}
+
+/// Computes the strategy's data plan from the label counts of this
+/// server's clients and of the run's `gateways` (each gateway's summed,
+/// [`GatewaySeen::label_counts`]; the plan reads only the sum), keeps it
+/// in the store and sends it to this server's clients (the gateways read
+/// it from the store and send it to theirs, `gateway::run`); returns
+/// whether a plan was made. Clients joining later get it on their first
+/// `ready`.
+fn send_plan(state: &AppState, strategy: &dyn Strategy, gateways: &[GatewaySeen]) -> bool {
+    let mut raw = counts_for_plan(&state.clients());
+    let classes = state.model.num_classes;
+    for gateway in gateways {
+        match &gateway.label_counts {
+            Some(counts) if counts.len() == classes => raw.push(
+                counts
+                    .iter()
+                    .map(|&n| usize::try_from(n).unwrap_or(usize::MAX))
+                    .collect(),
+            ),
+            Some(counts) => tracing::warn!(
+                gateway = %gateway.name,
+                "the gateway's label counts have {} classes, the model {classes}: left out of the plan",
+                counts.len()
+            ),
+            None => {}
+        }
+    }
+    let Some(plan) = strategy.data_plan(&raw) else {
+        return false;
+    };
+    // Kept before it is sent: a gateway, or a leader after this one,
+    // finds the plan its clients were sent. Never waiting on the store
+    // holding the clients' lock (every socket's task takes it).
+    state.record(|store, run| store.save_plan(run, &plan.ratios));
+    adopt_plan(state, &plan.ratios);
     tracing::info!(ratios = ?plan.ratios, "data plan sent");
     true
 }

@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 
 use crate::state::{AppState, Phase, lock};
 use crate::store::PgStore;
-use crate::store::gateways::{Answer, GatewaySeen, Traffic, Work};
+use crate::store::gateways::{Answer, GatewaySeen, Heartbeat, Traffic, Work};
 
 /// How often a gateway says it is alive (and how many clients it has
 /// ready); the leader reads the gateways at most this often while it
@@ -54,10 +54,47 @@ async fn blocking<R: Send + 'static>(
         .unwrap_or(Err(crate::store::StoreError::Panicked))
 }
 
-/// Ready clients (`coordinator::ready_clients`) and all clients.
-fn ready_and_held(state: &AppState) -> (usize, usize) {
-    let ready = crate::coordinator::ready_clients(state);
-    (ready, state.clients().len())
+/// What this gateway's heartbeat says, read in one go under the
+/// clients' lock (a plan adopted and its clients' counts cleared are
+/// seen together, `coordinator::adopt_plan`): ready clients (none while
+/// its admin pauses it), all clients, whether it holds the run's plan,
+/// and, while a run that plans has none, its clients' label counts
+/// summed ([`crate::coordinator::counts_for_plan`]).
+fn heartbeat_of(state: &AppState) -> (usize, usize, bool, Option<Vec<u64>>) {
+    let clients = state.clients();
+    let ready = crate::coordinator::ready_among(&clients);
+    let planned = state.status().plan.is_some();
+    let counts = (!planned && state.config.plans_augmentation()).then(|| {
+        let mut sum = vec![0u64; state.model.num_classes];
+        for counts in crate::coordinator::counts_for_plan(&clients) {
+            for (total, n) in sum.iter_mut().zip(counts) {
+                *total = total.saturating_add(n as u64);
+            }
+        }
+        sum
+    });
+    let ready = if state.control().paused { 0 } else { ready };
+    (ready, clients.len(), planned, counts)
+}
+
+/// Adopts the run's augmentation plan once its leader made one
+/// (`coordinator::send_plan` keeps it in the store): this gateway's
+/// clients are sent it, and report again before they are drawn. A plan
+/// that does not fit the model is left (logged).
+fn take_plan(state: &AppState, ratios: Option<Vec<f64>>) {
+    let Some(ratios) = ratios else {
+        return;
+    };
+    let classes = state.model.num_classes;
+    if ratios.len() != classes || ratios.iter().any(|r| !r.is_finite() || *r < 0.0) {
+        tracing::error!(
+            ?ratios,
+            "gateway: the run's augmentation plan does not fit the model ({classes} classes)"
+        );
+        return;
+    }
+    crate::coordinator::adopt_plan(state, &ratios);
+    tracing::info!(?ratios, "gateway: data plan received");
 }
 
 /// Serves as gateway `name` of the run until the admin stops it:
@@ -87,13 +124,17 @@ pub async fn run(
         let fingerprint = fingerprint.clone();
         tokio::spawn(async move {
             loop {
-                let (mut ready, held) = ready_and_held(&state);
-                if state.control().paused {
-                    ready = 0;
-                }
+                let (ready, clients, planned, counts) = heartbeat_of(&state);
                 let (run, name, fingerprint) = (run.clone(), name.clone(), fingerprint.clone());
                 if let Err(e) = blocking(&link, move |l| {
-                    l.gateway_heartbeat((&run, &name), (ready, held), &fingerprint)
+                    let beat = Heartbeat {
+                        ready,
+                        clients,
+                        config: &fingerprint,
+                        label_counts: counts.as_deref(),
+                        planned,
+                    };
+                    l.gateway_heartbeat((&run, &name), beat)
                 })
                 .await
                 {
@@ -119,12 +160,15 @@ pub async fn run(
             looked = std::time::Instant::now();
             let run = run.clone();
             let known = state.run_id.load(std::sync::atomic::Ordering::Relaxed) != 0;
-            if let Ok((gateways, last, id)) = blocking(&link, move |l| {
+            let plan_wanted = state.config.plans_augmentation() && state.status().plan.is_none();
+            if let Ok((gateways, last, id, plan)) = blocking(&link, move |l| {
                 let id = if known { None } else { l.run_id(&run)? };
-                Ok((l.live_gateways(&run)?, l.last_round(&run)?, id))
+                let plan = if plan_wanted { l.run_plan(&run)? } else { None };
+                Ok((l.live_gateways(&run)?, l.last_round(&run)?, id, plan))
             })
             .await
             {
+                take_plan(&state, plan);
                 // The run's id, once a leader created it: this gateway's
                 // clients are recorded under it from then on.
                 if let Some(id) = id {
@@ -452,6 +496,14 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
         }
         same
     });
+    // Once this run has an augmentation plan, a gateway that does not
+    // hold it yet has no client to draw: its clients have not been sent
+    // the plan (they would train without it).
+    if status.plan.is_some() {
+        for gateway in seen.iter_mut().filter(|g| !g.planned) {
+            gateway.ready = 0;
+        }
+    }
     status.gateways = seen.clone();
     seen
 }

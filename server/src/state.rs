@@ -661,7 +661,8 @@ impl AppState {
         (spec != Default::default()).then_some(spec)
     }
 
-    /// The clients, locked.
+    /// The clients, locked. Taken before [`AppState::status`] where both
+    /// are held.
     pub fn clients(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientEntry>> {
         lock(&self.clients)
     }

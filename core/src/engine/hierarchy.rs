@@ -14,7 +14,10 @@
 //! (up to f32 rounding). A rule that needs every result (a robust rule,
 //! the loss rule) or one place (secure aggregation's unmasking, DP's
 //! noise) is not so folded; the server refuses it across gateways at
-//! start-up rather than compute something else.
+//! start-up rather than compute something else. Astraea's augmentation
+//! plan reads only the clients' label counts summed
+//! (`astraea::GlobalStats::from_client_counts`), so each gateway's sum
+//! stands for its clients.
 
 use crate::strategy::GroupResult;
 

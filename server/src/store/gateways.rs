@@ -48,6 +48,32 @@ pub struct GatewaySeen {
     /// The fingerprint of its training settings.
     #[serde(skip)]
     pub config: String,
+    /// Its clients' label counts before any augmentation plan, summed
+    /// over them (each own-data client's bounded as the gateway's plan
+    /// would bound it, `engine::declared`); `None` once it holds the plan
+    /// or when it said none.
+    #[serde(skip)]
+    pub label_counts: Option<Vec<u64>>,
+    /// Whether it holds the run's augmentation plan (sent it to its
+    /// clients): until it does, a run with a plan draws none of its
+    /// clients.
+    pub planned: bool,
+}
+
+/// What a gateway says in each heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heartbeat<'a> {
+    /// Its ready clients (reported their label counts, not pausing).
+    pub ready: usize,
+    /// Its clients.
+    pub clients: usize,
+    /// The fingerprint of its training settings
+    /// (`ServeConfig::training_fingerprint`).
+    pub config: &'a str,
+    /// Its clients' label counts summed (see [`GatewaySeen::label_counts`]).
+    pub label_counts: Option<&'a [u64]>,
+    /// Whether it holds the run's augmentation plan.
+    pub planned: bool,
 }
 
 /// Work the leader placed on a gateway: train `participants` of its
@@ -190,31 +216,51 @@ fn owned(run: &str, name: &str) -> (String, String) {
 }
 
 impl PgStore {
-    /// A gateway's heartbeat: `name` holds `clients` clients, `ready` of
-    /// them ready, in `run`, and trains by the settings of fingerprint
-    /// `config` (`ServeConfig::training_fingerprint`).
+    /// A gateway's heartbeat: `name`, a gateway of `run`, says what
+    /// [`Heartbeat`] holds.
     ///
     /// # Errors
     /// The database failed.
     pub fn gateway_heartbeat(
         &self,
         (run, name): (&str, &str),
-        (ready, clients): (usize, usize),
-        config: &str,
+        beat: Heartbeat<'_>,
     ) -> Result<(), StoreError> {
         let (run, name) = owned(run, name);
-        let config = config.to_string();
-        let (ready, clients) = (ready as i64, clients as i64);
+        let config = beat.config.to_string();
+        let (ready, clients) = (beat.ready as i64, beat.clients as i64);
+        let counts = beat
+            .label_counts
+            .map(|c| serde_json::to_string(c).expect("numbers serialise"));
+        let planned = beat.planned;
         self.call(move |client| {
             client.execute(
-                "INSERT INTO gateways (run, name, ready, clients, config, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, now())
+                "INSERT INTO gateways (run, name, ready, clients, config, label_counts, planned, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now())
                  ON CONFLICT (run, name) DO UPDATE
                  SET ready = excluded.ready, clients = excluded.clients,
-                     config = excluded.config, seen_at = now()",
-                &[&run, &name, &ready, &clients, &config],
+                     config = excluded.config, label_counts = excluded.label_counts,
+                     planned = excluded.planned, seen_at = now()",
+                &[&run, &name, &ready, &clients, &config, &counts, &planned],
             )?;
             Ok(())
+        })
+    }
+
+    /// The augmentation plan of the run called `run` (the ratios its
+    /// leader saved), `None` while it has none; a plan that does not read
+    /// back as numbers is none, as a resuming leader takes it
+    /// (`store::assemble`).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn run_plan(&self, run: &str) -> Result<Option<Vec<f64>>, StoreError> {
+        let run = run.to_string();
+        self.call(move |client| {
+            let plan: Option<String> = client
+                .query_opt("SELECT plan FROM runs WHERE name = $1", &[&run])?
+                .and_then(|row| row.get(0));
+            Ok(plan.and_then(|p| serde_json::from_str(&p).ok()))
         })
     }
 
@@ -244,7 +290,7 @@ impl PgStore {
         self.call(move |client| {
             let rows = client.query(
                 "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8,
-                        busy_round, config
+                        busy_round, config, label_counts, planned
                  FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
                  ORDER BY name",
                 &[&run, &within],
@@ -258,6 +304,12 @@ impl PgStore {
                     seen_s_ago: row.get(3),
                     busy_round: row.get::<_, Option<i64>>(4).map(|r| r as u32),
                     config: row.get(5),
+                    // A gateway is the operator's own server; counts it
+                    // wrote that do not parse are left out, not trusted.
+                    label_counts: row
+                        .get::<_, Option<String>>(6)
+                        .and_then(|c| serde_json::from_str(&c).ok()),
+                    planned: row.get(7),
                 })
                 .collect())
         })
@@ -718,14 +770,10 @@ mod tests {
 
         // Execute: both take it; a gives back (twice), b only after the
         // leader folded the round.
-        gateway
-            .gateway_heartbeat(("run", "a"), (2, 2), "c")
-            .unwrap();
+        gateway.gateway_heartbeat(("run", "a"), beat(2, 2)).unwrap();
         let taken_a = gateway.take_work("run", "a").unwrap().unwrap();
         let busy = leader.live_gateways("run").unwrap()[0].busy_round;
-        gateway
-            .gateway_heartbeat(("run", "b"), (1, 1), "c")
-            .unwrap();
+        gateway.gateway_heartbeat(("run", "b"), beat(1, 1)).unwrap();
         let taken_b = gateway.take_work("run", "b").unwrap().unwrap();
         // Asked again (as after an answer lost with a connection): the
         // same work.
@@ -905,15 +953,66 @@ mod tests {
         assert_eq!(blobs(), (2, 1));
     }
 
+    /// A heartbeat of `ready` ready clients of `clients`, settings "c",
+    /// no label counts, no plan.
+    fn beat(ready: usize, clients: usize) -> Heartbeat<'static> {
+        Heartbeat {
+            ready,
+            clients,
+            config: "c",
+            label_counts: None,
+            planned: false,
+        }
+    }
+
+    #[test]
+    fn a_gateways_label_counts_and_its_plan_go_through_the_store() {
+        // Prepare: a run whose leader saved no plan yet, and a gateway
+        // that says its clients' summed counts.
+        let (_cluster, url) = cluster();
+        let store = PgStore::connect(&url).unwrap();
+        store
+            .execute_raw("INSERT INTO runs (name, config) VALUES ('run', '')")
+            .unwrap();
+        let counts = [30u64, 0, u64::from(u32::MAX) + 7];
+        let unplanned = Heartbeat {
+            label_counts: Some(&counts),
+            ..beat(2, 2)
+        };
+        store.gateway_heartbeat(("run", "a"), unplanned).unwrap();
+        let seen = store.live_gateways("run").unwrap();
+        assert_eq!(seen[0].label_counts.as_deref(), Some(&counts[..]));
+        assert!(!seen[0].planned);
+        assert_eq!(store.run_plan("run").unwrap(), None);
+        assert_eq!(store.run_plan("no such run").unwrap(), None);
+
+        // Execute: the leader keeps a plan; the gateway says it holds it
+        // and sends no counts.
+        store
+            .execute_raw("UPDATE runs SET plan = '[0.0, 1.5, 0.25]' WHERE name = 'run'")
+            .unwrap();
+        let plan = store.run_plan("run").unwrap();
+        let planned = Heartbeat {
+            planned: true,
+            ..beat(1, 2)
+        };
+        store.gateway_heartbeat(("run", "a"), planned).unwrap();
+
+        // Verify
+        assert_eq!(plan, Some(vec![0.0, 1.5, 0.25]));
+        let seen = store.live_gateways("run").unwrap();
+        assert_eq!(seen[0].label_counts, None);
+        assert!(seen[0].planned);
+        assert_eq!(seen[0].ready, 1);
+    }
+
     #[test]
     fn gateways_heard_from_lately_are_live_and_ids_come_in_blocks() {
         let (_cluster, url) = cluster();
         let store = PgStore::connect(&url).unwrap();
-        store.gateway_heartbeat(("run", "a"), (3, 5), "c").unwrap();
-        store.gateway_heartbeat(("run", "b"), (0, 1), "c").unwrap();
-        store
-            .gateway_heartbeat(("other", "c"), (9, 9), "c")
-            .unwrap();
+        store.gateway_heartbeat(("run", "a"), beat(3, 5)).unwrap();
+        store.gateway_heartbeat(("run", "b"), beat(0, 1)).unwrap();
+        store.gateway_heartbeat(("other", "c"), beat(9, 9)).unwrap();
         store
             .execute_raw(
                 "UPDATE gateways SET seen_at = now() - interval '10 seconds' WHERE name = 'b'",

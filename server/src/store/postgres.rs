@@ -175,6 +175,12 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX client_moves_by_run ON client_moves (run, seq);
     CREATE INDEX client_moves_by_time ON client_moves (run, at);",
+    // A gateway's clients' label counts (summed) while the run has no
+    // augmentation plan, and whether it holds the plan: the leader plans
+    // from every server's clients (`gateways::Heartbeat`).
+    "ALTER TABLE gateways
+        ADD COLUMN label_counts TEXT,
+        ADD COLUMN planned BOOLEAN NOT NULL DEFAULT false;",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
