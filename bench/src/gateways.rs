@@ -3,15 +3,14 @@
 //! same data: does splitting the work change what the model sees?
 //!
 //! Both layouts train `clients × (gateways + 1)` native clients on demo
-//! shards of a power-of-two count, `clients` of them: the single server's
-//! clients take the shards in turn, each shard `gateways + 1` times; each
-//! server of the split layout gives its `clients` clients the shards once
-//! each (a gateway's ids start at a multiple of 2^32, so its n-th client
-//! takes shard n − 1 as the leader's does). Rounds draw every client
-//! (`--participants` is all of them), with Astraea's rescheduling
-//! (`astraea-sched`, mediators of 2, two passes) and no loss rule, which
-//! is what folds across gateways. Both are kept in a throw-away
-//! PostgreSQL.
+//! shards of a power-of-two count, `clients` of them: the run's demo
+//! clients take the shards in turn, whichever server they join, so each
+//! shard is trained `gateways + 1` times in both. Rounds draw every client
+//! (`--participants` is all of them), mediators of 2 and two passes, no
+//! loss rule; the strategy (Astraea's rescheduling by default, or full
+//! Astraea with its augmentation plan) and the aggregation rule (the mean
+//! folds gateways' partials; a robust rule takes every mediator's result)
+//! are the caller's. Both are kept in a throw-away PostgreSQL.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,12 +58,21 @@ pub(crate) async fn first_leader(port: u16) -> anyhow::Result<()> {
     .context("the leader")
 }
 
+/// The run's strategy and aggregation rule, as `serve` names them.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// `--strategy`.
+    pub strategy: &'a str,
+    /// `--aggregation`.
+    pub aggregation: &'a str,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     port: u16,
     url: &str,
     (seed, rounds, shards, total): (u64, u32, usize, usize),
-    gateway: bool,
+    (gateway, rules): (bool, Rules<'_>),
     data_dir: &Path,
     work: &Path,
     log: &str,
@@ -77,7 +85,8 @@ fn spawn(
         .args(["--partition", "long-tail:10", "--shards", &shards])
         .args(["--participants", &total, "--min-clients", &total])
         .args(["--rounds", &rounds.to_string(), "--seed", &seed.to_string()])
-        .args(["--strategy", "astraea-sched", "--gamma", "2"])
+        .args(["--strategy", rules.strategy, "--gamma", "2"])
+        .args(["--aggregation", rules.aggregation])
         .args(["--validation-samples", "0", "--hop-deadline", "60"])
         .args(["--run-name", "gateways", "--store", url])
         .env("RUST_LOG", "info")
@@ -102,6 +111,7 @@ async fn one(
     cluster: &PgCluster,
     data_dir: &Path,
     (gateways, clients, rounds, seed): (usize, usize, u32, u64),
+    rules: Rules<'_>,
 ) -> anyhow::Result<GatewayRun> {
     let database = format!("g{gateways}s{seed}");
     let url = cluster
@@ -120,7 +130,7 @@ async fn one(
         leader_port,
         &url,
         settings,
-        false,
+        (false, rules),
         data_dir,
         &work,
         "leader.log",
@@ -134,7 +144,7 @@ async fn one(
             port,
             &url,
             settings,
-            true,
+            (true, rules),
             data_dir,
             &work,
             &format!("gateway{g}.log"),
@@ -189,7 +199,7 @@ async fn one(
 
 /// Both layouts (one server; a leader with `gateways` gateways), `clients`
 /// clients a server (a power of two), `rounds` rounds, for each of
-/// `seeds`, in a throw-away PostgreSQL cluster.
+/// `seeds`, under `rules`, in a throw-away PostgreSQL cluster.
 ///
 /// # Errors
 /// `clients` is not a power of two, PostgreSQL cannot start, or a run
@@ -200,6 +210,7 @@ pub async fn run(
     clients: usize,
     rounds: u32,
     seeds: &[u64],
+    rules: Rules<'_>,
 ) -> anyhow::Result<Vec<GatewayRun>> {
     if !clients.is_power_of_two() || gateways == 0 {
         bail!("--clients must be a power of two and --gateways at least 1");
@@ -208,7 +219,7 @@ pub async fn run(
     let mut runs = Vec::new();
     for &seed in seeds {
         for layout in [0, gateways] {
-            runs.push(one(&cluster, &data_dir, (layout, clients, rounds, seed)).await?);
+            runs.push(one(&cluster, &data_dir, (layout, clients, rounds, seed), rules).await?);
         }
     }
     Ok(runs)

@@ -106,6 +106,14 @@ pub(crate) enum BenchCommand {
         /// Seeds, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         seeds: Vec<u64>,
+        /// The run's strategy (`serve --strategy`).
+        #[arg(long, default_value = "astraea-sched")]
+        strategy: String,
+        /// The run's aggregation rule (`serve --aggregation`): the mean
+        /// folds each gateway's partial, a robust rule takes every
+        /// mediator's result.
+        #[arg(long, default_value = "mean")]
+        aggregation: String,
         /// Folder holding the datasets.
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
@@ -535,10 +543,17 @@ pub(crate) async fn bench_command(bench: BenchCommand) -> anyhow::Result<()> {
             clients,
             rounds,
             seeds,
+            strategy,
+            aggregation,
             data_dir,
         } => {
+            let rules = astraea_bench::gateways::Rules {
+                strategy: &strategy,
+                aggregation: &aggregation,
+            };
             let runs =
-                astraea_bench::gateways::run(data_dir, gateways, clients, rounds, &seeds).await?;
+                astraea_bench::gateways::run(data_dir, gateways, clients, rounds, &seeds, rules)
+                    .await?;
             println!(
                 "| layout | clients | seed | rounds | final accuracy % | best accuracy % | seconds |"
             );

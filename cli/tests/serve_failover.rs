@@ -747,15 +747,8 @@ fn a_gateway_refuses_a_run_whose_rounds_do_not_fold_across_gateways() {
             "the asynchronous mode",
         ),
         (
-            &[
-                "--strategy",
-                "fedavg",
-                "--aggregation",
-                "median",
-                "--validation-samples",
-                "0",
-            ][..],
-            "needs every mediator's result",
+            &["--secure-aggregation", "--validation-samples", "0"][..],
+            "secure aggregation unmasks",
         ),
         (&["--strategy", "fedavg"][..], "--validation-samples 0"),
     ] {
@@ -814,10 +807,10 @@ async fn a_gateway_started_with_other_training_flags_trains_nothing_of_the_run()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_idle() {
-    // The leader combines the mediators by their median; the gateway was
-    // started for the mean (its own start-up refuses the median).
+    // The leader runs secure aggregation; the gateway was started without
+    // (its own start-up refuses it).
     let mut leader_run = GATEWAY_RUN.to_vec();
-    leader_run.extend(["--aggregation", "median"]);
+    leader_run.push("--secure-aggregation");
     let (_cluster, url, dir, leader) = a_leader_of(&leader_run).await;
     let mut gateway_run = GATEWAY_RUN.to_vec();
     gateway_run.push("--gateway");
@@ -828,9 +821,83 @@ async fn a_leader_whose_run_does_not_fold_across_gateways_says_it_leaves_them_id
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        leader.log().contains("needs every mediator's result"),
+        leader.log().contains("secure aggregation unmasks"),
         "{}",
         leader.log()
+    );
+}
+
+/// A leader and a gateway of a run of [`GATEWAY_RUN`] with `extra` flags
+/// and mediators of one client, two native clients on each, trained to
+/// the end; the leader's and the gateway's logs, and the round records'
+/// epsilon spent.
+async fn trained_across_gateways(extra: &[&str]) -> (String, Vec<Option<f64>>) {
+    let mut run = with_flag(GATEWAY_RUN, "--gamma", "1");
+    run = with_flag(&run, "--rounds", "6");
+    run.extend(extra);
+    let (_cluster, url, dir, leader) = a_leader_of(&run).await;
+    let mut gateway_run = run.clone();
+    gateway_run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &gateway_run);
+    let gateway_swarm = swarm_of(gateway.port, 2);
+    wait_on(
+        leader.port,
+        &|| logs_of(&leader, &gateway),
+        "the gateway's two ready clients",
+        |s| s["gateways"][0]["ready"] == 2,
+    )
+    .await;
+    let leader_swarm = swarm_of(leader.port, 2);
+    wait_for(&leader, "the run to finish", |s| s["phase"] == "finished").await;
+    gateway_swarm.abort();
+    leader_swarm.abort();
+    let history =
+        astraea_server::loopback::get(&format!("127.0.0.1:{}", leader.port), "/api/rounds")
+            .await
+            .unwrap()
+            .text();
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let spent = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["epsilon"].as_f64())
+        .collect();
+    (logs_of(&leader, &gateway), spent)
+}
+
+/// Whether the leader folded a round with the gateway's `results`
+/// results (the gateway's two clients, one mediator each), given back
+/// one by one rather than as one partial.
+fn folded_every_result(logs: &str, results: usize) -> bool {
+    logs.lines().any(|line| {
+        line.contains(&format!(
+            "gateways' partials folded: 1 of 1 ({results} results)"
+        ))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_robust_rule_takes_every_mediators_result_from_the_gateways() {
+    // Before, a gateway refused a robust rule (its partial, one mean of
+    // its mediators, is not what the median of them all would take).
+    let (logs, _) = trained_across_gateways(&["--aggregation", "median"]).await;
+    assert!(folded_every_result(&logs, 2), "{logs}");
+    assert!(logs.contains("gateway: partial given back"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_level_dp_clips_every_mediators_result_from_the_gateways_in_one_place() {
+    // Before, a gateway refused client-level DP. Now each gateway gives
+    // back its mediators' results, and the leader clips each and noises
+    // their sum once, as one server would.
+    let dp = ["--dp-noise", "0.5", "--dp-budget", "1000", "--dp-clip", "5"];
+    let (logs, spent) = trained_across_gateways(&dp).await;
+    assert!(folded_every_result(&logs, 2), "{logs}");
+    assert_eq!(spent.len(), 6, "{logs}");
+    assert!(
+        spent.windows(2).all(|w| w[0] < w[1]) && spent[0] > Some(0.0),
+        "every round spends: {spent:?}"
     );
 }
 
@@ -1126,4 +1193,66 @@ async fn a_volunteer_resumed_on_another_server_is_let_go_by_the_one_it_left_half
         s["clients"] == 1
     })
     .await;
+}
+
+/// Runs `sql` on the cluster's `postgres` database (on a thread of its
+/// own: the blocking client runs a runtime).
+fn as_admin(cluster: &PgCluster, sql: &str) {
+    let (url, sql) = (cluster.url("postgres"), sql.to_string());
+    std::thread::spawn(move || {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        db.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_said_once_when_it_starts_and_once_when_it_ends() {
+    // Before, every failed call of a gateway's loops said so: four
+    // heartbeats a second, two looks for work, one read of the moves.
+    // Prepare: a gateway of a run (no leader: nothing else to lose).
+    let (cluster, url) = PgCluster::with_database();
+    let dir = cluster.dir().join("servers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut run = GATEWAY_RUN.to_vec();
+    run.push("--gateway");
+    let gateway = spawn_serving(&url, &dir, "gateway", &run);
+    wait_on(gateway.port, &|| gateway.log(), "the gateway", |s| {
+        s["gateway"].is_string()
+    })
+    .await;
+
+    // Execute: its database refuses every connection for 4 s (its
+    // sessions cut), then takes them again.
+    as_admin(
+        &cluster,
+        "ALTER DATABASE astraea ALLOW_CONNECTIONS false;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = 'astraea' AND pid <> pg_backend_pid();",
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    as_admin(&cluster, "ALTER DATABASE astraea ALLOW_CONNECTIONS true;");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gateway
+        .log()
+        .contains("gateway heartbeat: the store answers again")
+    {
+        assert!(Instant::now() < deadline, "{}", gateway.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Verify: about 16 heartbeats failed, and the log says so twice.
+    let log = gateway.log();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("gateway heartbeat: "))
+        .count();
+    assert_eq!(said, 2, "{log}");
+    for what in ["gateway: looking for work: ", "reading the run's moves: "] {
+        assert!(
+            log.lines().filter(|l| l.contains(what)).count() <= 2,
+            "{what}\n{log}"
+        );
+    }
 }

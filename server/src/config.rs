@@ -246,29 +246,28 @@ pub const MIN_FRAME_BYTES: usize = 4 * 1024;
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 impl ServeConfig {
-    /// Whether this run's rounds fold across gateways
-    /// (`astraea_core::engine::hierarchy`): only the sample-weighted mean
-    /// does, of mediators planned from the clients of one gateway at a
-    /// time. What needs every result or one place is refused, never
-    /// computed otherwise: a robust rule and the loss rule (every
-    /// result), secure aggregation's unmasking and DP's noise (one
-    /// place), and the asynchronous mode (groups fold one by one as they
-    /// end). The augmentation plan folds: the leader plans from its
-    /// clients' counts and each gateway's summed counts
-    /// (`coordinator::send_plan`).
+    /// Whether this run's rounds can be trained across gateways
+    /// (`astraea_core::engine::hierarchy`), mediators planned from the
+    /// clients of one gateway at a time: the sample-weighted mean folds
+    /// (each gateway gives back its partial); a robust rule and
+    /// client-level DP take every mediator's result in one place (each
+    /// gateway gives back each result,
+    /// [`ServeConfig::gateways_give_back_every_result`]); the augmentation
+    /// plan reads the counts summed (the leader plans from its clients'
+    /// and each gateway's sum, `coordinator::send_plan`). What needs the
+    /// clients themselves in one place is refused, never computed
+    /// otherwise: secure aggregation (and distributed DP on it) unmasks
+    /// one sum of every client's masked result, the loss rule judges
+    /// every hop against one history, the asynchronous mode folds groups
+    /// one by one as they end.
     ///
     /// # Errors
     /// What is refused, and what to run instead.
     pub fn across_gateways(&self) -> Result<(), String> {
-        let why = if self.settings.aggregation != Default::default() {
-            format!(
-                "--aggregation {} needs every mediator's result in one place",
-                self.settings.aggregation
-            )
-        } else if self.secure_aggregation {
-            "secure aggregation unmasks one sum in one place".into()
-        } else if self.model_privacy.is_some() {
-            "client-level DP noises one mean in one place".into()
+        let why: String = if self.secure_aggregation {
+            "secure aggregation unmasks one sum of the clients' masked results in one place".into()
+        } else if self.model_privacy.is_some_and(|dp| dp.distributed) {
+            "distributed DP rides on secure aggregation".into()
         } else if self.guard.validation_samples > 0 {
             "the loss rule judges every hop against one window of them; \
              pass --validation-samples 0"
@@ -279,6 +278,17 @@ impl ServeConfig {
             return Ok(());
         };
         Err(format!("not across gateways: {why}"))
+    }
+
+    /// Whether a gateway of this run gives back each of its mediators'
+    /// results rather than their partial (their sample-weighted mean):
+    /// where the leader's rule needs every result — a robust rule
+    /// (`--aggregation`), client-level DP (each result clipped, one noise
+    /// on the sum: DP-FedAvg). The leader then takes the round as one
+    /// server would, at the cost of a model's weights per mediator through
+    /// the store.
+    pub fn gateways_give_back_every_result(&self) -> bool {
+        self.settings.aggregation != Default::default() || self.model_privacy.is_some()
     }
 
     /// Whether the run's strategy plans augmentation from the clients'
@@ -292,8 +302,8 @@ impl ServeConfig {
 
     /// A fingerprint (SHA-256, hex) of what decides a hop and a chain:
     /// the data and its shards, the strategy and its knobs, the local
-    /// training, the deadlines, the guard, the privacy of hops and counts,
-    /// the encoding and the seed. The leader sends it with the work it
+    /// training, the deadlines, the guard, the privacy of hops, counts and
+    /// the model, the encoding and the seed. The leader sends it with the work it
     /// places; a gateway whose own differs refuses the work (a gateway
     /// started with other flags would change the run silently). What
     /// only the leader decides (rounds, participants, the store) is left
@@ -312,6 +322,10 @@ impl ServeConfig {
                     self.hop_privacy,
                     self.label_epsilon.map(f64::to_bits)
                 ),
+                // Under client-level DP a gateway gives back every result
+                // for the leader to clip: a gateway without it would
+                // fold them unclipped.
+                self.model_privacy,
                 (self.encoding, self.max_frame_bytes, self.seed),
             )
         );

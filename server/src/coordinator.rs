@@ -303,16 +303,18 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         );
         training.set(&state, false);
         // The gateways' partials fold in as mediators do.
-        let (partials, lost) = gathered?;
-        results.extend(partials);
-        failures.extend(lost);
+        let gathered = gathered?;
+        results.extend(gathered.results);
+        failures.extend(gathered.failures);
         for outcome in outcomes {
             match outcome {
                 Ok(result) => results.push(result),
                 Err(failure) => failures.push(failure),
             }
         }
-        let largest = largest_group(&plan.groups);
+        // DP's sensitivity: the round's largest mediator, here or on a
+        // gateway.
+        let largest = largest_group(&plan.groups).max(gathered.largest);
         let secured = match &secure {
             Some(secure) => {
                 let outcome = secure.finish(&state).await;

@@ -31,6 +31,7 @@ use rand::rngs::StdRng;
 use crate::state::{AppState, Phase, lock};
 use crate::store::PgStore;
 use crate::store::gateways::{Answer, GatewaySeen, Heartbeat, Traffic, Work};
+use crate::store::outage::Outage;
 
 /// How often a gateway says it is alive (and how many clients it has
 /// ready); the leader reads the gateways at most this often while it
@@ -123,10 +124,11 @@ pub async fn run(
         let (state, link, run, name) = (state.clone(), heartbeat_link, run.clone(), name.clone());
         let fingerprint = fingerprint.clone();
         tokio::spawn(async move {
+            let mut outage = Outage::new("gateway heartbeat");
             loop {
                 let (ready, clients, planned, counts) = heartbeat_of(&state);
                 let (run, name, fingerprint) = (run.clone(), name.clone(), fingerprint.clone());
-                if let Err(e) = blocking(&link, move |l| {
+                let beat = blocking(&link, move |l| {
                     let beat = Heartbeat {
                         ready,
                         clients,
@@ -136,10 +138,8 @@ pub async fn run(
                     };
                     l.gateway_heartbeat((&run, &name), beat)
                 })
-                .await
-                {
-                    tracing::warn!("gateway heartbeat: {e}");
-                }
+                .await;
+                outage.note(beat);
                 tokio::time::sleep(GATEWAY_TICK).await;
             }
         })
@@ -153,6 +153,9 @@ pub async fn run(
     // Rounds trained here whose outcome the clients have not heard yet.
     let mut awaiting: Vec<u32> = Vec::new();
     let mut looked = std::time::Instant::now() - Duration::from_secs(60);
+    let mut run_read = Outage::new("gateway: reading the run");
+    let mut outcome_read = Outage::new("gateway: reading the leader's round");
+    let mut work_read = Outage::new("gateway: looking for work");
     while !state.control().stopped {
         // Every second: the federation as the store has it (every
         // gateway, the leader's last round), for this gateway's pages.
@@ -161,13 +164,13 @@ pub async fn run(
             let run = run.clone();
             let known = state.run_id.load(std::sync::atomic::Ordering::Relaxed) != 0;
             let plan_wanted = state.config.plans_augmentation() && state.status().plan.is_none();
-            if let Ok((gateways, last, id, plan)) = blocking(&link, move |l| {
+            let read = blocking(&link, move |l| {
                 let id = if known { None } else { l.run_id(&run)? };
                 let plan = if plan_wanted { l.run_plan(&run)? } else { None };
                 Ok((l.live_gateways(&run)?, l.last_round(&run)?, id, plan))
             })
-            .await
-            {
+            .await;
+            if let Some((gateways, last, id, plan)) = run_read.note(read) {
                 take_plan(&state, plan);
                 // The run's id, once a leader created it: this gateway's
                 // clients are recorded under it from then on.
@@ -183,48 +186,43 @@ pub async fn run(
         }
         if let Some(&round) = awaiting.first() {
             let run = run.clone();
-            match blocking(&link, move |l| l.round_outcome(&run, round)).await {
-                Ok((outcome, finished)) => {
-                    if let Some((accuracy, loss)) = outcome {
-                        awaiting.remove(0);
-                        let done = ServerMessage::RoundDone {
-                            round,
-                            accuracy,
-                            loss,
-                            epsilon: None,
-                            rejoin_within_ms: Some(state.rejoin_within_ms(0)),
-                        };
-                        for entry in state.clients().values() {
-                            entry.send(&done);
-                        }
-                    } else if finished {
-                        awaiting.clear();
+            let read = blocking(&link, move |l| l.round_outcome(&run, round)).await;
+            if let Some((outcome, finished)) = outcome_read.note(read) {
+                if let Some((accuracy, loss, epsilon)) = outcome {
+                    awaiting.remove(0);
+                    let done = ServerMessage::RoundDone {
+                        round,
+                        accuracy,
+                        loss,
+                        epsilon: epsilon.filter(|e| e.is_finite()),
+                        rejoin_within_ms: Some(state.rejoin_within_ms(0)),
+                    };
+                    for entry in state.clients().values() {
+                        entry.send(&done);
                     }
-                    if finished {
-                        state.status().phase = Phase::Finished;
-                    }
+                } else if finished {
+                    awaiting.clear();
                 }
-                Err(e) => tracing::warn!("gateway: reading round {round}: {e}"),
+                if finished {
+                    state.status().phase = Phase::Finished;
+                }
             }
         }
         let (run_, name_) = (run.clone(), name.clone());
-        match blocking(&link, move |l| l.take_work(&run_, &name_)).await {
-            Ok(Some(work)) => {
-                let round = work.round;
-                train(
-                    &state,
-                    strategy.as_ref(),
-                    (&link, &name, block),
-                    work,
-                    &initial,
-                )
-                .await;
-                awaiting.retain(|&r| r < round);
-                awaiting.push(round);
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("gateway: looking for work: {e}"),
+        let taken = blocking(&link, move |l| l.take_work(&run_, &name_)).await;
+        if let Some(Some(work)) = work_read.note(taken) {
+            let round = work.round;
+            train(
+                &state,
+                strategy.as_ref(),
+                (&link, &name, block),
+                work,
+                &initial,
+            )
+            .await;
+            awaiting.retain(|&r| r < round);
+            awaiting.push(round);
+            continue;
         }
         until_moved(&mut waker, WORK_FALLBACK).await;
     }
@@ -253,9 +251,68 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What a gateway gives back, owned: the partial (mean, samples), the
-/// mediators in it, those that failed, and why there is no partial.
-type Owed = (Option<(Vec<f32>, u64)>, u64, u64, Option<String>);
+/// What a gateway gives back, owned (see [`Answer`]).
+#[derive(Debug, Default)]
+struct Owed {
+    partial: Option<(Vec<f32>, u64)>,
+    each: Vec<u64>,
+    largest: u64,
+    mediators: u64,
+    failures: u64,
+    detail: Option<String>,
+}
+
+impl Owed {
+    /// Nothing given back, for `detail`.
+    fn nothing(detail: String) -> Self {
+        Self {
+            detail: Some(detail),
+            ..Self::default()
+        }
+    }
+}
+
+/// What this gateway gives back of its mediators' `results` (and
+/// `failures`) from `model`: their partial where the run's rounds fold
+/// ([`hierarchy::partial`]), or, where the run's rule needs every result
+/// in one place (a robust rule, client-level DP:
+/// `ServeConfig::gateways_give_back_every_result`), each usable result
+/// ([`hierarchy::usable`]) laid end to end with its samples. `largest`:
+/// its largest mediator.
+fn owed(
+    every: bool,
+    model: &[f32],
+    (results, failures): (&[GroupResult], &[GroupFailure]),
+    largest: usize,
+) -> Owed {
+    let (partial, each) = if every {
+        let usable = hierarchy::usable(model, results);
+        let each: Vec<u64> = usable.iter().map(|r| r.samples).collect();
+        let laid: Vec<f32> = usable
+            .iter()
+            .flat_map(|r| r.weights.iter().copied())
+            .collect();
+        let partial = (!usable.is_empty()).then(|| (laid, each.iter().sum()));
+        (partial, each)
+    } else {
+        let partial = hierarchy::partial(model, results, 0).map(|p| (p.weights, p.samples));
+        (partial, Vec::new())
+    };
+    let detail = match (&partial, failures.first()) {
+        (Some(_), _) => None,
+        (None, Some(failure)) => Some(format!("no mediator came back: {}", failure.reason)),
+        (None, None) if results.is_empty() => Some("no client drawn".to_string()),
+        (None, None) => Some("no mediator's result fits the model".to_string()),
+    };
+    Owed {
+        partial,
+        each,
+        largest: largest as u64,
+        mediators: results.len() as u64,
+        failures: failures.len() as u64,
+        detail,
+    }
+}
 
 /// This server's running totals: samples trained, bytes received, bytes
 /// sent.
@@ -307,25 +364,26 @@ async fn train(
             bytes_down: now.bytes_down.saturating_sub(before.bytes_down),
         };
         async move {
-            let (partial, mediators, failures, detail) = answer;
-            let with_partial = partial.is_some();
+            let with_partial = answer.partial.is_some();
+            let (mediators, failures) = (answer.mediators, answer.failures);
             // Tried three times, a second apart (the store's call also
             // reconnects once): the same answer again is taken once.
-            let partial = Arc::new(partial);
-            let detail = Arc::new(detail);
+            let answer = Arc::new(answer);
             let mut given = Err(crate::store::StoreError::Closed);
             for attempt in 0..3 {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 let (run, name) = (run.clone(), name.clone());
-                let (partial, detail) = (partial.clone(), detail.clone());
+                let owed = answer.clone();
                 given = blocking(&link, move |l| {
                     let answer = Answer {
-                        partial: partial.as_ref().as_ref().map(|(w, n)| (w.as_slice(), *n)),
-                        mediators,
-                        failures,
-                        detail: detail.as_deref(),
+                        partial: owed.partial.as_ref().map(|(w, n)| (w.as_slice(), *n)),
+                        each: &owed.each,
+                        largest: owed.largest,
+                        mediators: owed.mediators,
+                        failures: owed.failures,
+                        detail: owed.detail.as_deref(),
                         traffic,
                     };
                     l.give_back_work(&run, &name, (round, term), answer)
@@ -366,7 +424,7 @@ async fn train(
     };
     if let Some(detail) = differs {
         tracing::error!("{detail}");
-        give_back((None, 0, 0, Some(detail))).await;
+        give_back(Owed::nothing(detail)).await;
         return;
     }
     *lock(&state.global) = Some(Arc::new(Weights {
@@ -426,19 +484,9 @@ async fn train(
         status.phase = Phase::Waiting;
         let _ = std::mem::take(&mut status.round_hops);
     }
-    let partial = hierarchy::partial(&model, &results, 0);
-    let detail = match (&partial, failures.first()) {
-        (Some(_), _) => None,
-        (None, Some(failure)) => Some(format!("no mediator came back: {}", failure.reason)),
-        (None, None) => Some("no client drawn".to_string()),
-    };
-    give_back((
-        partial.map(|p| (p.weights, p.samples)),
-        results.len() as u64,
-        failures.len() as u64,
-        detail,
-    ))
-    .await;
+    let every = state.config.gateways_give_back_every_result();
+    let largest = astraea_core::engine::round::largest_group(&plan.groups);
+    give_back(owed(every, &model, (&results, &failures), largest)).await;
 }
 
 /// The leader's side: the gateways it can place work on this round (none
@@ -460,14 +508,11 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
         }
     }
     let run = state.config.run_name.clone();
-    let mut seen = match blocking(link, move |l| l.live_gateways(&run)).await {
-        Ok(seen) => seen,
-        Err(e) => {
-            // The store away: the last view stands (a round is not closed
-            // on the gateways for want of a read).
-            tracing::warn!("reading the run's gateways: {e}");
-            return state.status().gateways.clone();
-        }
+    let read = blocking(link, move |l| l.live_gateways(&run)).await;
+    let Some(mut seen) = lock(&state.gateways_read).note(read) else {
+        // The store away: the last view stands (a round is not closed on
+        // the gateways for want of a read).
+        return state.status().gateways.clone();
     };
     let mut status = state.status();
     status.gateways_read = Some(std::time::Instant::now());
@@ -614,10 +659,23 @@ pub(crate) async fn place(
     }
 }
 
+/// The gateways' part of a round, as [`gather`] folds it.
+#[derive(Debug, Default)]
+pub(crate) struct Gathered {
+    /// Their results: one partial each, or each of their mediators'
+    /// results where the run's rule needs every result.
+    pub results: Vec<GroupResult>,
+    /// One failure per gateway that gave back nothing usable.
+    pub failures: Vec<GroupFailure>,
+    /// The most clients in one of their mediators (0: none).
+    pub largest: usize,
+}
+
 /// Waits for the gateways' partials of `placed` — until every gateway has
 /// given back, or those that have not are no longer heard from, or the
-/// deadline — then folds them: one result per partial, numbered from
-/// `first_group`, and one failure per gateway without one.
+/// deadline — then folds them: their results numbered from `first_group`
+/// (one per partial, or each mediator's where the run's rule needs every
+/// result), and one failure per gateway without one.
 ///
 /// # Errors
 /// The lease was taken: this server leads no more and must stop.
@@ -625,31 +683,30 @@ pub(crate) async fn gather(
     state: &AppState,
     placed: Option<Placed>,
     (global, first_group): (&[f32], usize),
-) -> anyhow::Result<(Vec<GroupResult>, Vec<GroupFailure>)> {
+) -> anyhow::Result<Gathered> {
     let (Some(placed), Some(link)) = (placed, &state.hierarchy) else {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Gathered::default());
     };
     let key = (placed.round, placed.term);
     let run = state.config.run_name.clone();
     let mut waker = state.wakes.as_ref().map(|w| w.waker());
+    // The database away: wait on, until the deadline.
+    let mut outage = Outage::new("reading the gateways' work");
     while std::time::Instant::now() < placed.deadline {
         let r = run.clone();
-        match blocking(link, move |l| l.work_outstanding(&r, key)).await {
-            Ok(outstanding) => {
-                let alive = live(state, false).await;
-                // Waited for: a live gateway that took its work, or one
-                // that has had under 2 s to take it (it is woken when the
-                // work is placed, and looks at least every 500 ms).
-                let awaited = |o: &crate::store::gateways::Outstanding| {
-                    alive.iter().any(|seen| seen.name == o.gateway)
-                        && (o.taken || o.waiting_s < UNTAKEN_WAIT.as_secs_f64())
-                };
-                if !outstanding.iter().any(awaited) {
-                    break;
-                }
+        let read = blocking(link, move |l| l.work_outstanding(&r, key)).await;
+        if let Some(outstanding) = outage.note(read) {
+            let alive = live(state, false).await;
+            // Waited for: a live gateway that took its work, or one
+            // that has had under 2 s to take it (it is woken when the
+            // work is placed, and looks at least every 500 ms).
+            let awaited = |o: &crate::store::gateways::Outstanding| {
+                alive.iter().any(|seen| seen.name == o.gateway)
+                    && (o.taken || o.waiting_s < UNTAKEN_WAIT.as_secs_f64())
+            };
+            if !outstanding.iter().any(awaited) {
+                break;
             }
-            // The database away: wait on, until the deadline.
-            Err(e) => tracing::warn!("reading the gateways' work: {e}"),
         }
         // Never past the deadline, nor past a gateway's 3 s of silence by
         // more than the fallback.
@@ -667,8 +724,10 @@ pub(crate) async fn gather(
         }
     };
     let (mut results, mut failures) = (Vec::new(), Vec::new());
-    for (i, folded) in folded.into_iter().enumerate() {
-        let group = first_group + i;
+    let (mut largest, mut answered) = (0usize, 0usize);
+    let mut group = first_group;
+    let placed_on = folded.len();
+    for folded in folded {
         // What the gateway's share cost joins this server's totals, so
         // the round's record counts the whole federation's training and
         // traffic.
@@ -682,38 +741,57 @@ pub(crate) async fn gather(
                 .bytes_down
                 .fetch_add(folded.traffic.bytes_down, Relaxed);
         }
-        // A partial is judged as a hop would be (the guard's bounds and
-        // its largest move): a gateway's fault costs its share, not the
-        // model.
-        let judged = folded.partial.map(|(weights, samples)| {
-            match state.guard.check_aggregate(global, &weights, 0.0) {
-                Ok(_) => Ok((weights, samples)),
-                Err(refusal) => Err(format!("its partial was refused: {refusal}")),
-            }
-        });
-        let (partial, detail) = match judged {
-            Some(Ok(partial)) => (Some(partial), None),
-            Some(Err(refused)) => (None, Some(refused)),
-            None => (None, folded.detail),
-        };
-        match partial {
-            Some((weights, samples)) => results.push(GroupResult {
+        // One partial, or every result of the gateway's mediators laid
+        // end to end (a run whose rule needs them all).
+        let given: Result<Vec<GroupResult>, String> = match folded.partial {
+            None => Err(folded.detail.unwrap_or_default()),
+            Some((weights, samples)) if folded.each.is_empty() => Ok(vec![GroupResult {
                 group,
                 weights,
                 samples,
-            }),
-            None => {
-                let reason = format!("gateway {}: {}", folded.gateway, detail.unwrap_or_default());
+            }]),
+            Some((weights, _)) => hierarchy::split_laid(weights, &folded.each, global.len(), group)
+                .ok_or_else(|| {
+                    format!(
+                        "its {} results do not fit the model's {} weights",
+                        folded.each.len(),
+                        global.len()
+                    )
+                }),
+        };
+        // Each is judged as a hop would be (the guard's bounds and its
+        // largest move): a gateway's fault costs its share, not the model.
+        let judged = given.and_then(|given| {
+            for result in &given {
+                if let Err(refusal) = state.guard.check_aggregate(global, &result.weights, 0.0) {
+                    return Err(format!("its partial was refused: {refusal}"));
+                }
+            }
+            Ok(given)
+        });
+        match judged {
+            Ok(given) => {
+                answered += 1;
+                group += given.len();
+                largest = largest.max(usize::try_from(folded.largest).unwrap_or(usize::MAX));
+                results.extend(given);
+            }
+            Err(detail) => {
+                let reason = format!("gateway {}: {detail}", folded.gateway);
                 tracing::warn!(round = placed.round, "{reason}");
                 failures.push(GroupFailure { group, reason });
+                group += 1;
             }
         }
     }
     tracing::info!(
         round = placed.round,
-        "gateways' partials folded: {} of {}",
-        results.len(),
-        results.len() + failures.len()
+        "gateways' partials folded: {answered} of {placed_on} ({} results)",
+        results.len()
     );
-    Ok((results, failures))
+    Ok(Gathered {
+        results,
+        failures,
+        largest,
+    })
 }

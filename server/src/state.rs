@@ -462,6 +462,9 @@ pub struct AppState {
     /// Wake-ups when the run's work moves (LISTEN on a connection of its
     /// own), for a gateway and for a leader with a link to its gateways.
     pub wakes: Option<std::sync::Arc<crate::store::listen::Wakes>>,
+    /// The leader's reads of its gateways while the store is away
+    /// (`gateway::live`), said once, not at every read.
+    pub gateways_read: Mutex<crate::store::outage::Outage>,
     /// Samples in the balanced test set the server evaluates on (for the
     /// exported model's card).
     pub test_samples: usize,
@@ -556,6 +559,9 @@ impl AppState {
             lease: None,
             hierarchy: None,
             wakes: None,
+            gateways_read: Mutex::new(crate::store::outage::Outage::new(
+                "reading the run's gateways",
+            )),
             test_samples: 0,
             started: std::time::Instant::now(),
         }
@@ -853,6 +859,7 @@ pub const MOVES_EVERY: Duration = Duration::from_secs(1);
 /// (logged).
 pub async fn watch_moves(state: std::sync::Arc<AppState>) {
     let mut after: Option<u64> = None;
+    let mut outage = crate::store::outage::Outage::new("reading the run's moves");
     // The feed is pruned by its readers, about once a minute each.
     let mut pruned = std::time::Instant::now();
     loop {
@@ -877,20 +884,20 @@ pub async fn watch_moves(state: std::sync::Arc<AppState>) {
             })
             .await
         };
-        match read {
-            Ok(Some(Ok((moves, last)))) => {
-                state.let_go_of_moved(&moves);
-                // A full page of new moves: the next at once.
-                let full =
-                    after.is_some_and(|a| moves.iter().filter(|m| m.seq > a).count() == 1_000);
-                after = Some(last);
-                if full {
-                    continue;
-                }
-            }
-            Ok(Some(Err(e))) => tracing::warn!("reading the run's moves: {e}"),
+        let read = match read {
+            Ok(Some(read)) => read,
             Ok(None) => return,
-            Err(e) => tracing::warn!("reading the run's moves: {e}"),
+            // Its task panicked: counted as the store failing.
+            Err(_) => Err(crate::store::StoreError::Panicked),
+        };
+        if let Some((moves, last)) = outage.note(read) {
+            state.let_go_of_moved(&moves);
+            // A full page of new moves: the next at once.
+            let full = after.is_some_and(|a| moves.iter().filter(|m| m.seq > a).count() == 1_000);
+            after = Some(last);
+            if full {
+                continue;
+            }
         }
         tokio::time::sleep(MOVES_EVERY).await;
     }

@@ -73,6 +73,50 @@ pub fn partial(global: &[f32], results: &[GroupResult], group: usize) -> Option<
     })
 }
 
+/// Of a gateway's mediators' `results`, those the leader's rule can take,
+/// in order: trained on some samples, of the model's length (`global`),
+/// every weight finite — the ones [`partial`] would fold. Given back
+/// whole where the run's rule needs every result in one place (a robust
+/// rule, client-level DP's clipping), rather than folded.
+pub fn usable(global: &[f32], results: &[GroupResult]) -> Vec<GroupResult> {
+    results
+        .iter()
+        .filter(|r| {
+            r.samples > 0
+                && r.weights.len() == global.len()
+                && r.weights.iter().all(|w| w.is_finite())
+        })
+        .cloned()
+        .collect()
+}
+
+/// `weights` laid end to end by a gateway ([`usable`] results, `each`
+/// their samples in order) split back into results numbered from
+/// `first_group`, each of `len` weights; `None` when they do not make
+/// `each.len()` results of `len` weights.
+pub fn split_laid(
+    weights: Vec<f32>,
+    each: &[u64],
+    len: usize,
+    first_group: usize,
+) -> Option<Vec<GroupResult>> {
+    if len == 0 || each.is_empty() || weights.len() != len.checked_mul(each.len())? {
+        return None;
+    }
+    Some(
+        weights
+            .chunks_exact(len)
+            .zip(each)
+            .enumerate()
+            .map(|(i, (chunk, &samples))| GroupResult {
+                group: first_group + i,
+                weights: chunk.to_vec(),
+                samples,
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,10 +200,61 @@ mod tests {
             weights: vec![7.0, 7.0, 7.0],
             samples: 0,
         };
-        let got = partial(&global, &[good.clone(), short, poisoned, empty], 5).unwrap();
+        let all = [good.clone(), short, poisoned, empty];
+        let got = partial(&global, &all, 5).unwrap();
         assert_eq!(got.group, 5);
         assert_eq!(got.samples, 10);
         assert_eq!(got.weights, good.weights);
         assert!(partial(&global, &[], 0).is_none());
+        // Given back whole, the same ones are left out.
+        assert_eq!(usable(&global, &all), vec![good]);
+    }
+
+    #[test]
+    fn every_result_laid_end_to_end_comes_back_as_it_went_and_a_robust_rule_sees_them_all() {
+        // Three results of a gateway, laid end to end as it gives them
+        // back, and the leader's own two.
+        let global = vec![0.0f32; 4];
+        let result = |group: usize, v: f32, samples: u64| GroupResult {
+            group,
+            weights: vec![v, -v, 2.0 * v, 0.5],
+            samples,
+        };
+        let gateways = [result(0, 1.0, 5), result(1, 2.0, 6), result(2, 90.0, 7)];
+        let laid: Vec<f32> = gateways.iter().flat_map(|r| r.weights.clone()).collect();
+        let each: Vec<u64> = gateways.iter().map(|r| r.samples).collect();
+
+        let back = split_laid(laid.clone(), &each, global.len(), 2).unwrap();
+
+        for (i, (got, sent)) in back.iter().zip(&gateways).enumerate() {
+            assert_eq!(
+                (got.group, &got.weights, got.samples),
+                (2 + i, &sent.weights, sent.samples)
+            );
+        }
+        // The median over all five is the one a single server takes; over
+        // the leader's two and one partial of the gateway's it is not.
+        let own = [result(0, 0.0, 5), result(1, 50.0, 5)];
+        let pairs = |r: &[GroupResult]| -> Vec<(Vec<f32>, u64)> {
+            r.iter().map(|r| (r.weights.clone(), r.samples)).collect()
+        };
+        let median = |r: &[GroupResult]| {
+            let owned = pairs(r);
+            let updates: Vec<(&[f32], u64)> =
+                owned.iter().map(|(w, n)| (w.as_slice(), *n)).collect();
+            aggregate_with(AggregationRule::Median, &global, &updates).unwrap()
+        };
+        let mut every = own.to_vec();
+        every.extend(back);
+        let mut one_server = own.to_vec();
+        one_server.extend(gateways.iter().cloned());
+        assert_eq!(median(&every), median(&one_server));
+        let mut folded = own.to_vec();
+        folded.push(partial(&global, &gateways, 2).unwrap());
+        assert_ne!(median(&folded), median(&one_server));
+        // What does not split into whole results is refused.
+        assert!(split_laid(laid.clone(), &each[..2], global.len(), 0).is_none());
+        assert!(split_laid(laid[1..].to_vec(), &each, global.len(), 0).is_none());
+        assert!(split_laid(laid, &[], global.len(), 0).is_none());
     }
 }

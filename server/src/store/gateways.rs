@@ -113,15 +113,24 @@ pub struct Outstanding {
 pub struct Folded {
     /// The gateway.
     pub gateway: String,
-    /// Its partial (sample-weighted mean, samples), `None` when it gave
-    /// back nothing usable or nothing in time.
+    /// What it gave back (weights, samples), `None` when it gave back
+    /// nothing usable or nothing in time: its partial, or, where `each`
+    /// is not empty, its mediators' results laid end to end.
     pub partial: Option<(Vec<f32>, u64)>,
+    /// See [`Answer::each`].
+    pub each: Vec<u64>,
+    /// See [`Answer::largest`] (0 for work not back in time).
+    pub largest: u64,
     /// Why there is no partial (its detail, or `not back in time`).
     pub detail: Option<String>,
     /// What its share cost, as it said when it gave back in time (zero
     /// for work not back in time).
     pub traffic: Traffic,
 }
+
+/// A round as its leader recorded it: accuracy, loss, and under
+/// client-level DP the epsilon spent.
+pub type RoundOutcome = (f64, f64, Option<f64>);
 
 /// What a gateway's share of a round cost, so that the leader's round
 /// records count the whole federation: samples its clients trained (each
@@ -152,8 +161,17 @@ pub struct Placement<'a> {
 /// A gateway's answer for a round it took.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Answer<'a> {
-    /// The partial (sample-weighted mean, samples), if any.
+    /// What it gives back (weights, samples), if anything: one partial
+    /// (its mediators' sample-weighted mean), or, in a run whose rule
+    /// needs every result (`ServeConfig::gateways_give_back_every_result`),
+    /// its mediators' results laid end to end, with their samples summed.
     pub partial: Option<(&'a [f32], u64)>,
+    /// Empty for a partial; else the samples of each result laid end to
+    /// end in `partial`, in order.
+    pub each: &'a [u64],
+    /// The most clients in one of its mediators (client-level DP's
+    /// sensitivity is taken over the round's largest).
+    pub largest: u64,
     /// Mediators whose results are in it.
     pub mediators: u64,
     /// Mediators that failed.
@@ -375,7 +393,7 @@ impl PgStore {
                          participants = excluded.participants, state = 'placed',
                          partial = NULL, samples = NULL, mediators = NULL,
                          failures = NULL, detail = NULL, trained = 0, bytes_up = 0,
-                         bytes_down = 0, updated_at = now()
+                         bytes_down = 0, each = NULL, largest = NULL, updated_at = now()
                      WHERE gateway_work.term < excluded.term",
                     &[
                         &run,
@@ -453,7 +471,8 @@ impl PgStore {
             // Read back as a second statement, so that this call run again
             // (its first answer lost with a connection) answers the same.
             let rows = tx.query(
-                "SELECT gateway, state, partial, samples, detail, trained, bytes_up, bytes_down
+                "SELECT gateway, state, partial, samples, detail, trained, bytes_up, bytes_down,
+                        each, largest
                  FROM gateway_work
                  WHERE run = $1 AND round = $2 AND term = $3 AND state IN ('folded', 'closed')",
                 &[&run, &round, &term],
@@ -479,6 +498,15 @@ impl PgStore {
                     }
                     _ => None,
                 };
+                let (each, largest) = match state.as_str() {
+                    "folded" => (
+                        row.get::<_, Option<String>>(8)
+                            .and_then(|e| serde_json::from_str(&e).ok())
+                            .unwrap_or_default(),
+                        row.get::<_, Option<i64>>(9).unwrap_or(0).max(0) as u64,
+                    ),
+                    _ => (Vec::new(), 0),
+                };
                 let detail = match state.as_str() {
                     "closed" => Some("its partial was not back in time".to_string()),
                     _ if partial.is_none() => {
@@ -489,6 +517,8 @@ impl PgStore {
                 folded.push(Folded {
                     gateway,
                     partial,
+                    each,
+                    largest,
                     detail,
                     traffic,
                 });
@@ -593,6 +623,9 @@ impl PgStore {
         let (run, gateway) = owned(run, gateway);
         let partial = answer.partial.map(|(w, n)| (w.to_vec(), n as i64));
         let (mediators, failures) = (answer.mediators as i64, answer.failures as i64);
+        let each = (!answer.each.is_empty())
+            .then(|| serde_json::to_string(answer.each).expect("numbers serialise"));
+        let largest = i64::try_from(answer.largest).unwrap_or(i64::MAX);
         let detail = answer.detail.map(str::to_string);
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let traffic = [
@@ -611,7 +644,7 @@ impl PgStore {
                     "UPDATE gateway_work
                      SET state = 'returned', partial = $5, samples = $6, mediators = $7,
                          failures = $8, detail = $9, trained = $10, bytes_up = $11,
-                         bytes_down = $12, updated_at = now()
+                         bytes_down = $12, each = $13, largest = $14, updated_at = now()
                      WHERE run = $1 AND round = $2 AND gateway = $3 AND term = $4
                        AND state = 'taken'
                      RETURNING 1",
@@ -628,6 +661,8 @@ impl PgStore {
                         &traffic[0],
                         &traffic[1],
                         &traffic[2],
+                        &each,
+                        &largest,
                     ],
                 )?
                 .is_some();
@@ -680,8 +715,9 @@ impl PgStore {
         })
     }
 
-    /// Round `round` of `run` as its leader recorded it (accuracy, loss),
-    /// once it has; and whether the run has finished.
+    /// Round `round` of `run` as its leader recorded it (accuracy, loss,
+    /// and under client-level DP the epsilon spent), once it has; and
+    /// whether the run has finished.
     ///
     /// # Errors
     /// The database failed.
@@ -689,7 +725,7 @@ impl PgStore {
         &self,
         run: &str,
         round: u32,
-    ) -> Result<(Option<(f64, f64)>, bool), StoreError> {
+    ) -> Result<(Option<RoundOutcome>, bool), StoreError> {
         let run = run.to_string();
         self.call(move |client| {
             let finished = client
@@ -697,11 +733,11 @@ impl PgStore {
                 .is_some_and(|row| row.get(0));
             let outcome = client
                 .query_opt(
-                    "SELECT r.accuracy, r.loss FROM rounds r JOIN runs ON runs.id = r.run_id
+                    "SELECT r.accuracy, r.loss, r.epsilon FROM rounds r JOIN runs ON runs.id = r.run_id
                      WHERE runs.name = $1 AND r.round = $2",
                     &[&run, &i64::from(round)],
                 )?
-                .map(|row| (row.get(0), row.get(1)));
+                .map(|row| (row.get(0), row.get(1), row.get(2)));
             Ok((outcome, finished))
         })
     }
@@ -748,6 +784,8 @@ mod tests {
     fn answer(partial: Option<(&[f32], u64)>) -> Answer<'_> {
         Answer {
             partial,
+            each: &[],
+            largest: 1,
             mediators: 1,
             failures: 0,
             detail: None,
@@ -845,12 +883,16 @@ mod tests {
                 Folded {
                     gateway: "a".into(),
                     partial: Some((partial.to_vec(), 30)),
+                    each: vec![],
+                    largest: 1,
                     detail: None,
                     traffic: TRAFFIC,
                 },
                 Folded {
                     gateway: "b".into(),
                     partial: None,
+                    each: vec![],
+                    largest: 0,
                     detail: Some("its partial was not back in time".into()),
                     traffic: Traffic::default(),
                 },
@@ -859,6 +901,44 @@ mod tests {
         assert!(!late, "a partial after the fold is refused");
         assert_eq!((b_busy_before, b_busy_after), (Some(4), None));
         assert_eq!(folded_again, folded, "folding again answers the same");
+    }
+
+    #[test]
+    fn every_result_given_back_is_folded_with_its_own_samples() {
+        // Prepare: round 1 placed on gateway a and taken.
+        let (_cluster, url) = cluster();
+        let (leader, lease) = leader(&url);
+        let gateway = PgStore::connect(&url).unwrap();
+        let term = lease.term();
+        let model = [0.0f32, 0.0];
+        leader
+            .place_work("run", (1, term), placement(&model), &[("a".into(), 3)])
+            .unwrap();
+        gateway.take_work("run", "a").unwrap().unwrap();
+
+        // Execute: it gives back its three mediators' results, end to end.
+        let laid = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let every = Answer {
+            partial: Some((&laid, 60)),
+            each: &[10, 20, 30],
+            largest: 4,
+            ..answer(None)
+        };
+        let given = gateway
+            .give_back_work("run", "a", (1, term), every)
+            .unwrap();
+        let again = gateway
+            .give_back_work("run", "a", (1, term), every)
+            .unwrap();
+        let folded = leader.fold_work("run", (1, term)).unwrap();
+
+        // Verify
+        assert!(given && again);
+        assert_eq!(folded[0].partial, Some((laid.to_vec(), 60)));
+        assert_eq!(
+            (folded[0].each.as_slice(), folded[0].largest),
+            (&[10, 20, 30][..], 4)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod gateways;
 pub mod lease;
 pub mod listen;
+pub mod outage;
 pub mod postgres;
 pub mod sqlite;
 

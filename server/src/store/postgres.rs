@@ -177,10 +177,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX client_moves_by_time ON client_moves (run, at);",
     // A gateway's clients' label counts (summed) while the run has no
     // augmentation plan, and whether it holds the plan: the leader plans
-    // from every server's clients (`gateways::Heartbeat`).
+    // from every server's clients (`gateways::Heartbeat`). A gateway's
+    // answer in a run that needs every result: each result's samples, and
+    // its largest mediator (`gateways::Answer`).
     "ALTER TABLE gateways
         ADD COLUMN label_counts TEXT,
-        ADD COLUMN planned BOOLEAN NOT NULL DEFAULT false;",
+        ADD COLUMN planned BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE gateway_work
+        ADD COLUMN each TEXT,
+        ADD COLUMN largest BIGINT;",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
