@@ -302,8 +302,8 @@ impl ServeConfig {
 
     /// A fingerprint (SHA-256, hex) of what decides a hop and a chain:
     /// the data and its shards, the strategy and its knobs, the local
-    /// training, the deadlines, the guard, the privacy of hops, counts and
-    /// the model, the encoding and the seed. The leader sends it with the work it
+    /// training, the deadlines, the guard, the privacy of hops and counts,
+    /// whether the model is trained under DP, the encoding and the seed. The leader sends it with the work it
     /// places; a gateway whose own differs refuses the work (a gateway
     /// started with other flags would change the run silently). What
     /// only the leader decides (rounds, participants, the store) is left
@@ -323,9 +323,10 @@ impl ServeConfig {
                     self.label_epsilon.map(f64::to_bits)
                 ),
                 // Under client-level DP a gateway gives back every result
-                // for the leader to clip: a gateway without it would
-                // fold them unclipped.
-                self.model_privacy,
+                // for the leader to clip: a gateway without it would fold
+                // them unclipped. (The mechanism and budget are the
+                // leader's alone.)
+                self.model_privacy.is_some(),
                 (self.encoding, self.max_frame_bytes, self.seed),
             )
         );

@@ -39,6 +39,7 @@ use crate::state::{
     AppState, ClientEntry, HopAnswer, MediatorStatus, Outbound, Pending, Phase, hop_deadline, lock,
 };
 use crate::store::gateways::GatewaySeen;
+use astraea_core::engine::declared::Declared;
 use astraea_core::metrics::RoundRecord;
 
 /// What the server holds of the data: the shards' indices and the test set.
@@ -217,6 +218,14 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         // With gateways, this server draws its share of the round's
         // participants and each gateway its own (`engine::hierarchy`).
         let gateways = crate::gateway::live(&state, true).await;
+        // A gateway still without the plan (a new one, or the plan's save
+        // failed): kept again, so that it finds it.
+        let plan = state.status().plan.clone();
+        if let Some(plan) = plan
+            && gateways.iter().any(|g| !g.planned)
+        {
+            state.record(|store, run| store.save_plan(run, &plan));
+        }
         let (own_share, shares) = crate::gateway::split(
             state.tunable().participants,
             ready_clients(&state),
@@ -879,28 +888,17 @@ pub(crate) fn ready_among(clients: &BTreeMap<u64, ClientEntry>) -> usize {
         .count()
 }
 
-/// The label counts an augmentation plan is computed from: each client's
-/// first report (before any plan). An own-data client's counts within
-/// the cap of what these clients declared (`engine::declared`), so no
-/// single report moves the plan far. Shape: one vector of the model's
-/// classes per client that reported.
-pub(crate) fn counts_for_plan(clients: &BTreeMap<u64, ClientEntry>) -> Vec<Vec<usize>> {
-    let totals: Vec<u64> = clients
-        .values()
-        .filter_map(|c| c.raw_counts.as_ref())
-        .map(|counts| counts.iter().map(|&n| n as u64).sum())
-        .collect();
-    let cap = astraea_core::engine::declared::declared_cap(&totals);
-    clients
-        .values()
-        .filter_map(|c| {
-            let counts = c.raw_counts.as_ref()?;
-            Some(match c.shard_counts {
-                Some(_) => counts.clone(),
-                None => astraea_core::engine::declared::bounded(counts, cap),
-            })
-        })
-        .collect()
+/// This server's clients' first label-count reports (before any plan),
+/// as the augmentation plan reads them ([`Declared`]: a demo shard's
+/// proven, an own-data client's not).
+pub(crate) fn declared_of(clients: &BTreeMap<u64, ClientEntry>) -> Declared {
+    let mut declared = Declared::default();
+    for client in clients.values() {
+        if let Some(counts) = &client.raw_counts {
+            declared.add(counts, client.shard_counts.is_some());
+        }
+    }
+    declared
 }
 
 /// Takes `ratios` as the run's augmentation plan on this server: shown
@@ -924,32 +922,26 @@ pub(crate) fn adopt_plan(state: &AppState, ratios: &[f64]) {
 }
 
 /// Computes the strategy's data plan from the label counts of this
-/// server's clients and of the run's `gateways` (each gateway's summed,
-/// [`GatewaySeen::label_counts`]; the plan reads only the sum), keeps it
+/// server's clients and of the run's `gateways`' ([`GatewaySeen::declared`],
+/// added up: the cap on an own-data client's word is the run's), keeps it
 /// in the store and sends it to this server's clients (the gateways read
 /// it from the store and send it to theirs, `gateway::run`); returns
 /// whether a plan was made. Clients joining later get it on their first
 /// `ready`.
 fn send_plan(state: &AppState, strategy: &dyn Strategy, gateways: &[GatewaySeen]) -> bool {
-    let mut raw = counts_for_plan(&state.clients());
+    let mut declared = declared_of(&state.clients());
     let classes = state.model.num_classes;
     for gateway in gateways {
-        match &gateway.label_counts {
-            Some(counts) if counts.len() == classes => raw.push(
-                counts
-                    .iter()
-                    .map(|&n| usize::try_from(n).unwrap_or(usize::MAX))
-                    .collect(),
-            ),
-            Some(counts) => tracing::warn!(
+        match &gateway.declared {
+            Some(theirs) if theirs.fits(classes) => declared.merge(theirs),
+            Some(_) => tracing::warn!(
                 gateway = %gateway.name,
-                "the gateway's label counts have {} classes, the model {classes}: left out of the plan",
-                counts.len()
+                "the gateway's label counts do not have the model's {classes} classes: left out of the plan"
             ),
             None => {}
         }
     }
-    let Some(plan) = strategy.data_plan(&raw) else {
+    let Some(plan) = strategy.data_plan(&declared.plan_input()) else {
         return false;
     };
     // Kept before it is sent: a gateway, or a leader after this one,
@@ -957,6 +949,9 @@ fn send_plan(state: &AppState, strategy: &dyn Strategy, gateways: &[GatewaySeen]
     // holding the clients' lock (every socket's task takes it).
     state.record(|store, run| store.save_plan(run, &plan.ratios));
     adopt_plan(state, &plan.ratios);
+    // The gateways' view read before the plan counted their clients
+    // ready; the next wait reads them again.
+    state.status().gateways_read = None;
     tracing::info!(ratios = ?plan.ratios, "data plan sent");
     true
 }

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use astraea_core::engine::declared::Declared;
 use astraea_core::engine::hierarchy;
 use astraea_core::engine::seeds;
 use astraea_core::protocol::ServerMessage;
@@ -59,23 +60,16 @@ async fn blocking<R: Send + 'static>(
 /// clients' lock (a plan adopted and its clients' counts cleared are
 /// seen together, `coordinator::adopt_plan`): ready clients (none while
 /// its admin pauses it), all clients, whether it holds the run's plan,
-/// and, while a run that plans has none, its clients' label counts
-/// summed ([`crate::coordinator::counts_for_plan`]).
-fn heartbeat_of(state: &AppState) -> (usize, usize, bool, Option<Vec<u64>>) {
+/// and, while a run that plans has none, its clients' first reports
+/// ([`crate::coordinator::declared_of`]).
+fn heartbeat_of(state: &AppState) -> (usize, usize, bool, Option<Declared>) {
     let clients = state.clients();
     let ready = crate::coordinator::ready_among(&clients);
     let planned = state.status().plan.is_some();
-    let counts = (!planned && state.config.plans_augmentation()).then(|| {
-        let mut sum = vec![0u64; state.model.num_classes];
-        for counts in crate::coordinator::counts_for_plan(&clients) {
-            for (total, n) in sum.iter_mut().zip(counts) {
-                *total = total.saturating_add(n as u64);
-            }
-        }
-        sum
-    });
+    let declared = (!planned && state.config.plans_augmentation())
+        .then(|| crate::coordinator::declared_of(&clients));
     let ready = if state.control().paused { 0 } else { ready };
-    (ready, clients.len(), planned, counts)
+    (ready, clients.len(), planned, declared)
 }
 
 /// Adopts the run's augmentation plan once its leader made one
@@ -88,10 +82,14 @@ fn take_plan(state: &AppState, ratios: Option<Vec<f64>>) {
     };
     let classes = state.model.num_classes;
     if ratios.len() != classes || ratios.iter().any(|r| !r.is_finite() || *r < 0.0) {
-        tracing::error!(
-            ?ratios,
-            "gateway: the run's augmentation plan does not fit the model ({classes} classes)"
-        );
+        // Said once: read again every second, it would say it again.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::error!(
+                ?ratios,
+                "gateway: the run's augmentation plan does not fit the model ({classes} classes); its clients are not drawn until it does"
+            )
+        });
         return;
     }
     crate::coordinator::adopt_plan(state, &ratios);
@@ -126,14 +124,14 @@ pub async fn run(
         tokio::spawn(async move {
             let mut outage = Outage::new("gateway heartbeat");
             loop {
-                let (ready, clients, planned, counts) = heartbeat_of(&state);
+                let (ready, clients, planned, declared) = heartbeat_of(&state);
                 let (run, name, fingerprint) = (run.clone(), name.clone(), fingerprint.clone());
                 let beat = blocking(&link, move |l| {
                     let beat = Heartbeat {
                         ready,
                         clients,
                         config: &fingerprint,
-                        label_counts: counts.as_deref(),
+                        declared: declared.as_ref(),
                         planned,
                     };
                     l.gateway_heartbeat((&run, &name), beat)
@@ -504,7 +502,7 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
             .gateways_read
             .is_some_and(|at| at.elapsed() < GATEWAY_TICK)
         {
-            return status.gateways.clone();
+            return without_unplanned(&status, status.gateways.clone());
         }
     }
     let run = state.config.run_name.clone();
@@ -512,7 +510,8 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
     let Some(mut seen) = lock(&state.gateways_read).note(read) else {
         // The store away: the last view stands (a round is not closed on
         // the gateways for want of a read).
-        return state.status().gateways.clone();
+        let status = state.status();
+        return without_unplanned(&status, status.gateways.clone());
     };
     let mut status = state.status();
     status.gateways_read = Some(std::time::Instant::now());
@@ -541,15 +540,24 @@ pub(crate) async fn live(state: &AppState, fresh: bool) -> Vec<GatewaySeen> {
         }
         same
     });
-    // Once this run has an augmentation plan, a gateway that does not
-    // hold it yet has no client to draw: its clients have not been sent
-    // the plan (they would train without it).
+    let seen = without_unplanned(&status, seen);
+    status.gateways = seen.clone();
+    seen
+}
+
+/// `seen` with no ready client on a gateway that does not hold the run's
+/// augmentation plan yet, once this leader made one: its clients have
+/// not been sent the plan (they would train without it). Applied to every
+/// view the leader counts by, fresh or kept.
+fn without_unplanned(
+    status: &crate::state::RunStatus,
+    mut seen: Vec<GatewaySeen>,
+) -> Vec<GatewaySeen> {
     if status.plan.is_some() {
         for gateway in seen.iter_mut().filter(|g| !g.planned) {
             gateway.ready = 0;
         }
     }
-    status.gateways = seen.clone();
     seen
 }
 
@@ -659,6 +667,33 @@ pub(crate) async fn place(
     }
 }
 
+/// A gateway's results (`given`, from `global`), each judged on its own
+/// as a hop would be (the guard's bounds and its largest move): one
+/// result's fault costs that result, not the gateway's others (under DP,
+/// one client moves the noised sum by its own clipped result only) nor
+/// the model. The kept ones, and one failure for each refused one.
+fn judged(
+    guard: &astraea_core::guard::UpdateGuard,
+    global: &[f32],
+    gateway: &str,
+    given: Vec<GroupResult>,
+) -> (Vec<GroupResult>, Vec<GroupFailure>) {
+    let (mut kept, mut refused) = (Vec::new(), Vec::new());
+    for result in given {
+        match guard.check_aggregate(global, &result.weights, 0.0) {
+            Ok(_) => kept.push(result),
+            Err(refusal) => refused.push(GroupFailure {
+                group: result.group,
+                reason: format!(
+                    "gateway {gateway}: its result {} was refused: {refusal}",
+                    result.group
+                ),
+            }),
+        }
+    }
+    (kept, refused)
+}
+
 /// The gateways' part of a round, as [`gather`] folds it.
 #[derive(Debug, Default)]
 pub(crate) struct Gathered {
@@ -742,9 +777,14 @@ pub(crate) async fn gather(
                 .fetch_add(folded.traffic.bytes_down, Relaxed);
         }
         // One partial, or every result of the gateway's mediators laid
-        // end to end (a run whose rule needs them all).
+        // end to end (a run whose rule needs them all: a bare partial is
+        // not what it asked for).
+        let every = state.config.gateways_give_back_every_result();
         let given: Result<Vec<GroupResult>, String> = match folded.partial {
             None => Err(folded.detail.unwrap_or_default()),
+            Some(_) if every && folded.each.is_empty() => {
+                Err("it gave back one partial where the run's rule needs every result".into())
+            }
             Some((weights, samples)) if folded.each.is_empty() => Ok(vec![GroupResult {
                 group,
                 weights,
@@ -759,30 +799,26 @@ pub(crate) async fn gather(
                     )
                 }),
         };
-        // Each is judged as a hop would be (the guard's bounds and its
-        // largest move): a gateway's fault costs its share, not the model.
-        let judged = given.and_then(|given| {
-            for result in &given {
-                if let Err(refusal) = state.guard.check_aggregate(global, &result.weights, 0.0) {
-                    return Err(format!("its partial was refused: {refusal}"));
-                }
-            }
-            Ok(given)
-        });
-        match judged {
-            Ok(given) => {
-                answered += 1;
-                group += given.len();
-                largest = largest.max(usize::try_from(folded.largest).unwrap_or(usize::MAX));
-                results.extend(given);
-            }
+        let given = match given {
+            Ok(given) => given,
             Err(detail) => {
                 let reason = format!("gateway {}: {detail}", folded.gateway);
                 tracing::warn!(round = placed.round, "{reason}");
                 failures.push(GroupFailure { group, reason });
-                group += 1;
+                group = first_group + results.len() + failures.len();
+                continue;
             }
+        };
+        answered += 1;
+        largest = largest.max(usize::try_from(folded.largest).unwrap_or(usize::MAX));
+        let (kept, refused) = judged(&state.guard, global, &folded.gateway, given);
+        for failure in &refused {
+            tracing::warn!(round = placed.round, "{}", failure.reason);
         }
+        results.extend(kept);
+        failures.extend(refused);
+        // Each result and each failure holds one number.
+        group = first_group + results.len() + failures.len();
     }
     tracing::info!(
         round = placed.round,
@@ -794,4 +830,35 @@ pub(crate) async fn gather(
         failures,
         largest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_result_of_a_gateway_costs_itself_not_the_gateways_others() {
+        // The bug: one result past the guard's bounds dropped every result
+        // the gateway gave back (under DP, one client then moved the sum
+        // by its whole gateway's share).
+        let guard = astraea_core::guard::UpdateGuard::new(2.0, 3.0, 10, 3);
+        let global = vec![1.0f32; 4];
+        let result = |group: usize, v: f32| GroupResult {
+            group,
+            weights: vec![v; 4],
+            samples: 10,
+        };
+        let given = vec![result(7, 1.1), result(8, 1.0e9), result(9, 0.9)];
+
+        let (kept, refused) = judged(&guard, &global, "g", given);
+
+        assert_eq!(kept.iter().map(|r| r.group).collect::<Vec<_>>(), vec![7, 9]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].group, 8);
+        assert!(
+            refused[0].reason.starts_with("gateway g: its result 8"),
+            "{}",
+            refused[0].reason
+        );
+    }
 }

@@ -28,6 +28,8 @@ use std::time::Duration;
 use postgres::GenericClient;
 use serde::Serialize;
 
+use astraea_core::engine::declared::Declared;
+
 use super::StoreError;
 use super::postgres::{PgStore, blob_name};
 
@@ -48,12 +50,12 @@ pub struct GatewaySeen {
     /// The fingerprint of its training settings.
     #[serde(skip)]
     pub config: String,
-    /// Its clients' label counts before any augmentation plan, summed
-    /// over them (each own-data client's bounded as the gateway's plan
-    /// would bound it, `engine::declared`); `None` once it holds the plan
-    /// or when it said none.
+    /// Its clients' label counts before any augmentation plan, as the
+    /// plan reads them (`engine::declared::Declared`); `None` once it
+    /// holds the plan, when it said none, or when what it said does not
+    /// read back.
     #[serde(skip)]
-    pub label_counts: Option<Vec<u64>>,
+    pub declared: Option<Declared>,
     /// Whether it holds the run's augmentation plan (sent it to its
     /// clients): until it does, a run with a plan draws none of its
     /// clients.
@@ -70,8 +72,8 @@ pub struct Heartbeat<'a> {
     /// The fingerprint of its training settings
     /// (`ServeConfig::training_fingerprint`).
     pub config: &'a str,
-    /// Its clients' label counts summed (see [`GatewaySeen::label_counts`]).
-    pub label_counts: Option<&'a [u64]>,
+    /// Its clients' label counts (see [`GatewaySeen::declared`]).
+    pub declared: Option<&'a Declared>,
     /// Whether it holds the run's augmentation plan.
     pub planned: bool,
 }
@@ -248,16 +250,16 @@ impl PgStore {
         let config = beat.config.to_string();
         let (ready, clients) = (beat.ready as i64, beat.clients as i64);
         let counts = beat
-            .label_counts
+            .declared
             .map(|c| serde_json::to_string(c).expect("numbers serialise"));
         let planned = beat.planned;
         self.call(move |client| {
             client.execute(
-                "INSERT INTO gateways (run, name, ready, clients, config, label_counts, planned, seen_at)
+                "INSERT INTO gateways (run, name, ready, clients, config, declared, planned, seen_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, now())
                  ON CONFLICT (run, name) DO UPDATE
                  SET ready = excluded.ready, clients = excluded.clients,
-                     config = excluded.config, label_counts = excluded.label_counts,
+                     config = excluded.config, declared = excluded.declared,
                      planned = excluded.planned, seen_at = now()",
                 &[&run, &name, &ready, &clients, &config, &counts, &planned],
             )?;
@@ -278,7 +280,13 @@ impl PgStore {
             let plan: Option<String> = client
                 .query_opt("SELECT plan FROM runs WHERE name = $1", &[&run])?
                 .and_then(|row| row.get(0));
-            Ok(plan.and_then(|p| serde_json::from_str(&p).ok()))
+            Ok(plan.and_then(|p| {
+                serde_json::from_str(&p)
+                    .inspect_err(|e| {
+                        tracing::error!("the run's plan does not read back ({e}): {p}")
+                    })
+                    .ok()
+            }))
         })
     }
 
@@ -308,7 +316,7 @@ impl PgStore {
         self.call(move |client| {
             let rows = client.query(
                 "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8,
-                        busy_round, config, label_counts, planned
+                        busy_round, config, declared, planned
                  FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
                  ORDER BY name",
                 &[&run, &within],
@@ -324,7 +332,7 @@ impl PgStore {
                     config: row.get(5),
                     // A gateway is the operator's own server; counts it
                     // wrote that do not parse are left out, not trusted.
-                    label_counts: row
+                    declared: row
                         .get::<_, Option<String>>(6)
                         .and_then(|c| serde_json::from_str(&c).ok()),
                     planned: row.get(7),
@@ -1040,7 +1048,7 @@ mod tests {
             ready,
             clients,
             config: "c",
-            label_counts: None,
+            declared: None,
             planned: false,
         }
     }
@@ -1048,20 +1056,22 @@ mod tests {
     #[test]
     fn a_gateways_label_counts_and_its_plan_go_through_the_store() {
         // Prepare: a run whose leader saved no plan yet, and a gateway
-        // that says its clients' summed counts.
+        // that says its clients' counts.
         let (_cluster, url) = cluster();
         let store = PgStore::connect(&url).unwrap();
         store
             .execute_raw("INSERT INTO runs (name, config) VALUES ('run', '')")
             .unwrap();
-        let counts = [30u64, 0, u64::from(u32::MAX) + 7];
+        let mut counts = Declared::default();
+        counts.add(&[30, 0, u32::MAX as usize + 7], true);
+        counts.add(&[1, 2, 3], false);
         let unplanned = Heartbeat {
-            label_counts: Some(&counts),
+            declared: Some(&counts),
             ..beat(2, 2)
         };
         store.gateway_heartbeat(("run", "a"), unplanned).unwrap();
         let seen = store.live_gateways("run").unwrap();
-        assert_eq!(seen[0].label_counts.as_deref(), Some(&counts[..]));
+        assert_eq!(seen[0].declared.as_ref(), Some(&counts));
         assert!(!seen[0].planned);
         assert_eq!(store.run_plan("run").unwrap(), None);
         assert_eq!(store.run_plan("no such run").unwrap(), None);
@@ -1081,7 +1091,7 @@ mod tests {
         // Verify
         assert_eq!(plan, Some(vec![0.0, 1.5, 0.25]));
         let seen = store.live_gateways("run").unwrap();
-        assert_eq!(seen[0].label_counts, None);
+        assert_eq!(seen[0].declared, None);
         assert!(seen[0].planned);
         assert_eq!(seen[0].ready, 1);
     }

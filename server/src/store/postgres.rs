@@ -181,7 +181,7 @@ const MIGRATIONS: &[&str] = &[
     // answer in a run that needs every result: each result's samples, and
     // its largest mediator (`gateways::Answer`).
     "ALTER TABLE gateways
-        ADD COLUMN label_counts TEXT,
+        ADD COLUMN declared TEXT,
         ADD COLUMN planned BOOLEAN NOT NULL DEFAULT false;
     ALTER TABLE gateway_work
         ADD COLUMN each TEXT,
