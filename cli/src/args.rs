@@ -10,7 +10,8 @@ pub(crate) struct GuardArgs {
     #[arg(long, env = "ASTRAEA_MAX_UPDATE_RATIO", default_value_t = astraea_core::guard::DEFAULT_MAX_UPDATE_RATIO)]
     pub(crate) max_update_ratio: f64,
     /// The guard's loss rule: samples of the training set a hop is judged
-    /// on (seeded; 0 turns the rule off).
+    /// on (seeded; 0 turns the rule off, which a run with --gateway servers
+    /// needs).
     #[arg(long, env = "ASTRAEA_VALIDATION_SAMPLES", default_value_t = astraea_core::validation::DEFAULT_VALIDATION_SAMPLES)]
     pub(crate) validation_samples: usize,
     /// The loss rule's tolerance: a hop may raise the validation loss by at
@@ -28,7 +29,7 @@ pub(crate) struct ScheduleArgs {
     /// free and is folded in when it finishes, with a staleness weight
     /// (FedBuff-style; every B ended groups make a version, and --rounds
     /// counts versions: B groups of work where a round is m, for m groups
-    /// running and buffer B).
+    /// running and buffer B). async: not across --gateway servers.
     #[arg(long, env = "ASTRAEA_MODE", default_value = "sync")]
     pub(crate) mode: astraea_core::asynchronous::Mode,
     /// Async mode: finished groups per new global model (default: half

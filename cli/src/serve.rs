@@ -80,6 +80,9 @@ pub(crate) struct ServeArgs {
     /// Astraea over mediators): Gaussian noise of this multiplier (its
     /// standard deviation over the sum's sensitivity) on every round's
     /// mean of clipped group updates; sync mode only. Needs --dp-budget.
+    /// Across --gateway servers each gives back every mediator's result
+    /// and the leader clips and noises them (docs/PRIVACY.md); give the
+    /// gateways --dp-noise and --dp-budget too (no ASTRAEA_* variable).
     #[arg(long, requires = "dp_budget")]
     dp_noise: Option<f64>,
     /// DP: the epsilon (at --dp-delta) the run may spend; it stops before a
@@ -128,7 +131,8 @@ pub(crate) struct ServeArgs {
     prox_mu: f64,
     /// How strategies combine results: mean (FedAvg's weighted mean),
     /// median, trimmed-mean[:TRIM], krum[:F], multi-krum[:F[:M]],
-    /// centered-clipping[:RADIUS[:ITERATIONS]].
+    /// centered-clipping[:RADIUS[:ITERATIONS]]. Robust rules work across
+    /// --gateway servers (each gives back every mediator's result).
     #[arg(long, env = "ASTRAEA_AGGREGATION", default_value = "mean")]
     aggregation: AggregationRule,
     /// Most seconds a client has for one hop before it is skipped; a client
@@ -169,11 +173,14 @@ pub(crate) struct ServeArgs {
     /// Keep the run in PostgreSQL instead of a state dir
     /// (postgres://user:password@host:port/database), so several `astraea
     /// serve` processes can share it: the one holding the run's lease
-    /// leads, the others wait and take over within seconds when it goes.
+    /// leads, the others wait and take over within seconds when it goes
+    /// (or, with --gateway, serve beside the leader without ever leading).
     #[arg(long, env = "ASTRAEA_STORE", conflicts_with = "state_dir", value_parser = postgres_url)]
     store: Option<String>,
     /// Name of the run in the database (1 to 200 bytes: it is the payload
-    /// of the run's notifications, which PostgreSQL caps at 8,000).
+    /// of the run's notifications, which PostgreSQL caps at 8,000). Every
+    /// server of a run, gateways included, gives the same name; a
+    /// finished run keeps it.
     #[arg(long, env = "ASTRAEA_RUN_NAME", default_value = "default", value_parser = run_name)]
     run_name: String,
     /// Seconds the leader's lease lasts unrenewed (--store; renewed every
@@ -214,12 +221,13 @@ pub(crate) struct ServeArgs {
     /// it when they lose this server, instead of all at once. 0: none.
     #[arg(long, env = "ASTRAEA_REJOIN_RATE", default_value_t = astraea_server::config::DEFAULT_REJOIN_RATE)]
     rejoin_rate: f64,
-    /// Serve as a gateway of the run in --store: never lead; hold
-    /// volunteers and train the mediators the run's leader places here,
-    /// giving back one partial sum a round (hierarchical aggregation).
-    /// Sync rounds of fedavg, fedprox or astraea-sched with the mean, no
-    /// secure aggregation, no DP, --validation-samples 0 (the rest needs
-    /// every result in one place and is refused at start-up).
+    /// Serve as a gateway of the run in --store and --run-name: never
+    /// lead; hold volunteers and train the mediators the run's leader
+    /// places here, giving back their sample-weighted mean a round (each
+    /// mediator's result under a robust --aggregation or --dp-noise).
+    /// Start it with the leader's training flags, or it gets no share.
+    /// Refused at start-up: --secure-aggregation, --mode async and the
+    /// loss rule (pass --validation-samples 0; the default is on).
     #[arg(long, env = "ASTRAEA_GATEWAY", requires = "store")]
     gateway: bool,
     /// Secure aggregation of the mediators' results: each chain's last
@@ -228,7 +236,8 @@ pub(crate) struct ServeArgs {
     /// of them. Sync mode, mean aggregation; with --dp-noise (fixed clip
     /// only) the maskers clip their own hop and the server noises the mean.
     /// It still relays, and so sees, the chains' earlier hops
-    /// (docs/PRIVACY.md).
+    /// (docs/PRIVACY.md). Not across --gateway servers: a gateway refuses
+    /// to start, and a leader leaves its gateways idle.
     #[arg(long)]
     secure_aggregation: bool,
     /// Secure aggregation's quorum: the share of a round's maskers that
@@ -251,10 +260,7 @@ pub(crate) struct ServeArgs {
     public_url: Option<String>,
 }
 
-/// Adds `--key=value` for each setting of a `serve --config FILE` that is
-/// neither given as a flag nor set in the environment, so the precedence is
-/// flags, then ASTRAEA_* variables, then the file, then the defaults.
-/// `--store`: a PostgreSQL URL (the embedded SQLite store is --state-dir).
+/// `--run-name`: 1 to 200 bytes.
 fn run_name(text: &str) -> Result<String, String> {
     if (1..=200).contains(&text.len()) {
         Ok(text.to_string())
@@ -263,6 +269,7 @@ fn run_name(text: &str) -> Result<String, String> {
     }
 }
 
+/// `--store`: a PostgreSQL URL (the embedded SQLite store is --state-dir).
 fn postgres_url(text: &str) -> Result<String, String> {
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         Ok(text.to_string())
@@ -271,6 +278,9 @@ fn postgres_url(text: &str) -> Result<String, String> {
     }
 }
 
+/// Adds `--key=value` for each setting of a `serve --config FILE` that is
+/// neither given as a flag nor set in the environment, so the precedence is
+/// flags, then ASTRAEA_* variables, then the file, then the defaults.
 pub(crate) fn args_with_config_file(mut args: Vec<String>) -> anyhow::Result<Vec<String>> {
     if args.get(1).map(String::as_str) != Some("serve") {
         return Ok(args);
