@@ -226,6 +226,17 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         {
             state.record(|store, run| store.save_plan(run, &plan));
         }
+        // The cap on an own-data client's word is the run's: taken over
+        // this server's clients and every gateway's, and placed with the
+        // work (a liar alone on a gateway would set its own).
+        let run_cap = if gateways.is_empty() {
+            u64::MAX
+        } else {
+            let mut totals = AppState::counted_totals(&state.clients());
+            totals.extend(gateways.iter().flat_map(|g| g.totals.iter().copied()));
+            astraea_core::engine::declared::declared_cap_of(&totals)
+        };
+        state.run_cap.store(run_cap, Ordering::Relaxed);
         let (own_share, shares) = crate::gateway::split(
             state.tunable().participants,
             ready_clients(&state),
@@ -979,7 +990,7 @@ pub(crate) fn pick_participants(
         suspects.sitting_out(round)
     };
     // An own-data client's counts as the cap bounds them (engine::declared).
-    let cap = AppState::declared_cap(&clients);
+    let cap = state.cap_among(&clients);
     let candidates: Vec<Candidate> = clients
         .iter()
         .filter_map(|(&id, entry)| {

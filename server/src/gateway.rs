@@ -62,14 +62,29 @@ async fn blocking<R: Send + 'static>(
 /// its admin pauses it), all clients, whether it holds the run's plan,
 /// and, while a run that plans has none, its clients' first reports
 /// ([`crate::coordinator::declared_of`]).
-fn heartbeat_of(state: &AppState) -> (usize, usize, bool, Option<Declared>) {
+/// A gateway's heartbeat, as [`heartbeat_of`] reads it.
+struct Beat {
+    ready: usize,
+    clients: usize,
+    planned: bool,
+    declared: Option<Declared>,
+    /// Its ready clients' totals, counted (`AppState::counted_totals`).
+    totals: Vec<(u64, u64)>,
+}
+
+fn heartbeat_of(state: &AppState) -> Beat {
     let clients = state.clients();
     let ready = crate::coordinator::ready_among(&clients);
     let planned = state.status().plan.is_some();
     let declared = (!planned && state.config.plans_augmentation())
         .then(|| crate::coordinator::declared_of(&clients));
-    let ready = if state.control().paused { 0 } else { ready };
-    (ready, clients.len(), planned, declared)
+    Beat {
+        ready: if state.control().paused { 0 } else { ready },
+        clients: clients.len(),
+        planned,
+        declared,
+        totals: AppState::counted_totals(&clients),
+    }
 }
 
 /// Adopts the run's augmentation plan once its leader made one
@@ -123,21 +138,36 @@ pub async fn run(
         let fingerprint = fingerprint.clone();
         tokio::spawn(async move {
             let mut outage = Outage::new("gateway heartbeat");
+            // The totals last written: sent again only when they change
+            // (the row keeps them).
+            let mut sent: Option<Vec<(u64, u64)>> = None;
+            let mut sent_declared: Option<Option<Declared>> = None;
             loop {
-                let (ready, clients, planned, declared) = heartbeat_of(&state);
+                let beat = heartbeat_of(&state);
                 let (run, name, fingerprint) = (run.clone(), name.clone(), fingerprint.clone());
-                let beat = blocking(&link, move |l| {
-                    let beat = Heartbeat {
-                        ready,
-                        clients,
+                let changed = (sent.as_ref() != Some(&beat.totals)).then(|| beat.totals.clone());
+                let written = changed.clone();
+                let declared_changed = sent_declared.as_ref() != Some(&beat.declared);
+                let declared_now = beat.declared.clone();
+                let result = blocking(&link, move |l| {
+                    let heartbeat = Heartbeat {
+                        ready: beat.ready,
+                        clients: beat.clients,
                         config: &fingerprint,
-                        declared: declared.as_ref(),
-                        planned,
+                        declared: beat.declared.as_ref(),
+                        declared_changed,
+                        planned: beat.planned,
+                        totals: written.as_deref(),
                     };
-                    l.gateway_heartbeat((&run, &name), beat)
+                    l.gateway_heartbeat((&run, &name), heartbeat)
                 })
                 .await;
-                outage.note(beat);
+                if outage.note(result).is_some() {
+                    if changed.is_some() {
+                        sent = changed;
+                    }
+                    sent_declared = Some(declared_now);
+                }
                 tokio::time::sleep(GATEWAY_TICK).await;
             }
         })
@@ -338,7 +368,16 @@ async fn train(
         model,
         config,
         hop_deadline_s,
+        cap,
     } = work;
+    // The run's cap on an own-data client's word, as the leader took it
+    // over every server's clients: this gateway's draw and weights take
+    // it instead of its own clients' (None from a leader that places
+    // none: its own).
+    state.run_cap.store(
+        cap.unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // The leader's hop deadline now (its admin may have moved it), within
     // the bounds any deadline keeps.
     if astraea_core::engine::hop::hop_limit("the leader's hop deadline", hop_deadline_s, false)
@@ -637,12 +676,17 @@ pub(crate) async fn place(
     let (run, model) = (state.config.run_name.clone(), global.to_vec());
     let config = state.config.training_fingerprint();
     let hop_deadline_s = tunable.hop_deadline_s;
+    let cap = match state.run_cap.load(std::sync::atomic::Ordering::Relaxed) {
+        u64::MAX => None,
+        cap => Some(cap),
+    };
     let placing = shares.clone();
     match blocking(link, move |l| {
         let placement = crate::store::gateways::Placement {
             model: &model,
             config: &config,
             hop_deadline_s,
+            cap,
         };
         l.place_work(&run, (round, term), placement, &placing)
     })
@@ -700,7 +744,8 @@ pub(crate) struct Gathered {
     /// Their results: one partial each, or each of their mediators'
     /// results where the run's rule needs every result.
     pub results: Vec<GroupResult>,
-    /// One failure per gateway that gave back nothing usable.
+    /// One failure per gateway that gave back nothing usable, and one
+    /// per result refused.
     pub failures: Vec<GroupFailure>,
     /// The most clients in one of their mediators (0: none).
     pub largest: usize,
@@ -710,7 +755,8 @@ pub(crate) struct Gathered {
 /// given back, or those that have not are no longer heard from, or the
 /// deadline — then folds them: their results numbered from `first_group`
 /// (one per partial, or each mediator's where the run's rule needs every
-/// result), and one failure per gateway without one.
+/// result), one failure per gateway without one and one per result
+/// refused ([`judged`]).
 ///
 /// # Errors
 /// The lease was taken: this server leads no more and must stop.

@@ -451,6 +451,11 @@ pub struct AppState {
     /// ([`watch_moves`]): a client that resumes here is newer than every
     /// move read so far, even when its own move could not be recorded.
     pub moves_read: AtomicU64,
+    /// The run's cap on an own-data client's word, in samples, where it
+    /// has several servers (`u64::MAX`: none, this server's own clients
+    /// decide): the leader takes it over every server's clients each
+    /// round, a gateway from the work it takes ([`AppState::cap_among`]).
+    pub run_cap: AtomicU64,
     /// The run's lease this server leads by (PostgreSQL stores), held
     /// until the server stops; `None` for a server that keeps the run
     /// alone.
@@ -556,6 +561,7 @@ impl AppState {
             join_url: String::new(),
             server_name: new_resume_token(),
             moves_read: AtomicU64::new(0),
+            run_cap: AtomicU64::new(u64::MAX),
             lease: None,
             hierarchy: None,
             wakes: None,
@@ -588,8 +594,29 @@ impl AppState {
         astraea_core::engine::declared::declared_cap(&totals)
     }
 
+    /// This server's ready clients' totals (samples), counted: how many
+    /// declared each (what a gateway tells the leader, and the leader adds
+    /// up, for the run's cap).
+    pub fn counted_totals(clients: &BTreeMap<u64, ClientEntry>) -> Vec<(u64, u64)> {
+        let mut counted = BTreeMap::<u64, u64>::new();
+        for entry in clients.values().filter(|e| e.counts.is_some()) {
+            *counted.entry(entry.samples).or_insert(0) += 1;
+        }
+        counted.into_iter().collect()
+    }
+
+    /// The cap on an own-data client's word among `clients`: the run's
+    /// ([`AppState::run_cap`]) where it has several servers, else
+    /// [`AppState::declared_cap`] of this server's clients.
+    pub fn cap_among(&self, clients: &BTreeMap<u64, ClientEntry>) -> u64 {
+        match self.run_cap.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => Self::declared_cap(clients),
+            run => run,
+        }
+    }
+
     /// What client `id`'s updates may weigh: its samples, within
-    /// [`AppState::declared_cap`] unless its counts are a demo shard's.
+    /// [`AppState::cap_among`] unless its counts are a demo shard's.
     pub fn weighable_samples(&self, id: u64) -> u64 {
         let clients = self.clients();
         let Some(entry) = clients.get(&id) else {
@@ -598,7 +625,7 @@ impl AppState {
         if entry.shard_counts.is_some() {
             entry.samples
         } else {
-            entry.samples.min(Self::declared_cap(&clients))
+            entry.samples.min(self.cap_among(&clients))
         }
     }
 

@@ -29,8 +29,9 @@ pub fn declared_cap(totals: &[u64]) -> u64 {
 
 /// [`declared_cap`] of totals given as `(total, how many clients declared
 /// it)`: the lower median of the multiset, never expanded (a count may be
-/// large).
-fn declared_cap_of(totals: &[(u64, u64)]) -> u64 {
+/// large). Several servers of one run add their clients' counted totals
+/// up, so the cap is the run's, not a server's.
+pub fn declared_cap_of(totals: &[(u64, u64)]) -> u64 {
     let mut sorted: Vec<(u64, u64)> = totals.iter().copied().filter(|&(_, n)| n > 0).collect();
     let clients: u128 = sorted.iter().map(|&(_, n)| u128::from(n)).sum();
     if clients == 0 {
@@ -103,10 +104,14 @@ impl Declared {
     }
 
     /// Whether every vector has `classes` entries (the proven sum may be
-    /// empty: no proven client).
+    /// empty only when no proven client reported).
     pub fn fits(&self, classes: usize) -> bool {
-        (self.proven.is_empty() || self.proven.len() == classes)
-            && self.unproven.iter().all(|c| c.len() == classes)
+        let proven = if self.proven_totals.is_empty() {
+            self.proven.is_empty() || self.proven.len() == classes
+        } else {
+            self.proven.len() == classes
+        };
+        proven && self.unproven.iter().all(|c| c.len() == classes)
     }
 
     /// The augmentation plan's input (`Strategy::data_plan`): the proven
@@ -222,6 +227,9 @@ mod tests {
         assert_eq!(cap, 300);
         assert_eq!(summed(&liar_alone.plan_input()), vec![9_000_000, 0, 0]);
         assert!(leader.fits(3) && !leader.fits(4));
+        let mut misshapen = Declared::default();
+        misshapen.proven_totals.insert(10, 1);
+        assert!(!misshapen.fits(3), "proven totals without their counts");
         assert!(Declared::default().plan_input().is_empty());
     }
 

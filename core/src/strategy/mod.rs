@@ -74,7 +74,10 @@ pub trait Strategy: Send + Sync {
     fn name(&self) -> String;
 
     /// The data plan every client applies once before training, computed
-    /// from all known clients' label counts; `None` leaves data as it is.
+    /// from all known clients' label counts (one vector per client, or
+    /// several clients' summed into one: a plan reads only their sum,
+    /// `engine::declared::Declared::plan_input`); `None` leaves data as it
+    /// is.
     fn data_plan(&self, client_counts: &[Vec<usize>]) -> Option<AugmentationPlan>;
 
     /// Splits the round's participants into training groups.

@@ -60,6 +60,11 @@ pub struct GatewaySeen {
     /// clients): until it does, a run with a plan draws none of its
     /// clients.
     pub planned: bool,
+    /// Its ready clients' totals (samples), counted: how many clients
+    /// declared each (the run's cap on an own-data client's word is taken
+    /// over every server's, `engine::declared::declared_cap_of`).
+    #[serde(skip)]
+    pub totals: Vec<(u64, u64)>,
 }
 
 /// What a gateway says in each heartbeat.
@@ -72,10 +77,18 @@ pub struct Heartbeat<'a> {
     /// The fingerprint of its training settings
     /// (`ServeConfig::training_fingerprint`).
     pub config: &'a str,
-    /// Its clients' label counts (see [`GatewaySeen::declared`]).
+    /// Its clients' label counts (see [`GatewaySeen::declared`]), written
+    /// only where `declared_changed` (the row keeps the last written:
+    /// before the plan they may be one vector per own-data client).
     pub declared: Option<&'a Declared>,
+    /// Whether `declared` differs from what the row holds.
+    pub declared_changed: bool,
     /// Whether it holds the run's augmentation plan.
     pub planned: bool,
+    /// Its ready clients' totals, counted ([`GatewaySeen::totals`]);
+    /// `None` when unchanged since its last heartbeat (the row keeps
+    /// them).
+    pub totals: Option<&'a [(u64, u64)]>,
 }
 
 /// Work the leader placed on a gateway: train `participants` of its
@@ -97,6 +110,10 @@ pub struct Work {
     /// The leader's hop deadline now (its admin may have changed it), in
     /// seconds: the gateway's chains take it.
     pub hop_deadline_s: f64,
+    /// The run's cap on an own-data client's word, in samples
+    /// (`engine::declared`), as the leader took it over every server's
+    /// clients: the gateway's draw and weights take it instead of its own.
+    pub cap: Option<u64>,
 }
 
 /// Work a gateway still owes.
@@ -158,6 +175,8 @@ pub struct Placement<'a> {
     pub config: &'a str,
     /// The leader's hop deadline, seconds.
     pub hop_deadline_s: f64,
+    /// The run's cap on an own-data client's word ([`Work::cap`]).
+    pub cap: Option<u64>,
 }
 
 /// A gateway's answer for a round it took.
@@ -252,16 +271,21 @@ impl PgStore {
         let counts = beat
             .declared
             .map(|c| serde_json::to_string(c).expect("numbers serialise"));
-        let planned = beat.planned;
+        let (planned, declared_changed) = (beat.planned, beat.declared_changed);
+        let totals = beat
+            .totals
+            .map(|t| serde_json::to_string(t).expect("numbers serialise"));
         self.call(move |client| {
             client.execute(
-                "INSERT INTO gateways (run, name, ready, clients, config, declared, planned, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                "INSERT INTO gateways (run, name, ready, clients, config, declared, planned, totals, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
                  ON CONFLICT (run, name) DO UPDATE
                  SET ready = excluded.ready, clients = excluded.clients,
-                     config = excluded.config, declared = excluded.declared,
-                     planned = excluded.planned, seen_at = now()",
-                &[&run, &name, &ready, &clients, &config, &counts, &planned],
+                     config = excluded.config,
+                     declared = CASE WHEN $9 THEN excluded.declared ELSE gateways.declared END,
+                     planned = excluded.planned,
+                     totals = COALESCE(excluded.totals, gateways.totals), seen_at = now()",
+                &[&run, &name, &ready, &clients, &config, &counts, &planned, &totals, &declared_changed],
             )?;
             Ok(())
         })
@@ -283,7 +307,11 @@ impl PgStore {
             Ok(plan.and_then(|p| {
                 serde_json::from_str(&p)
                     .inspect_err(|e| {
-                        tracing::error!("the run's plan does not read back ({e}): {p}")
+                        // Read again every second: said once.
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| {
+                            tracing::error!("the run's plan does not read back ({e}): {p}")
+                        });
                     })
                     .ok()
             }))
@@ -316,7 +344,7 @@ impl PgStore {
         self.call(move |client| {
             let rows = client.query(
                 "SELECT name, ready, clients, EXTRACT(EPOCH FROM now() - seen_at)::float8,
-                        busy_round, config, declared, planned
+                        busy_round, config, declared, planned, totals
                  FROM gateways WHERE run = $1 AND seen_at > now() - make_interval(secs => $2)
                  ORDER BY name",
                 &[&run, &within],
@@ -336,6 +364,10 @@ impl PgStore {
                         .get::<_, Option<String>>(6)
                         .and_then(|c| serde_json::from_str(&c).ok()),
                     planned: row.get(7),
+                    totals: row
+                        .get::<_, Option<String>>(8)
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or_default(),
                 })
                 .collect())
         })
@@ -374,7 +406,9 @@ impl PgStore {
             model,
             config,
             hop_deadline_s,
+            cap,
         } = placement;
+        let cap = cap.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
         let config = config.to_string();
         let model = model.to_vec();
         let shares = shares.to_vec();
@@ -393,11 +427,11 @@ impl PgStore {
                 tx.execute(
                     "INSERT INTO gateway_work
                          (run, round, gateway, term, model, participants, state, config,
-                          hop_deadline_s)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'placed', $7, $8)
+                          hop_deadline_s, cap)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'placed', $7, $8, $9)
                      ON CONFLICT (run, round, gateway) DO UPDATE
                      SET term = excluded.term, model = excluded.model, config = excluded.config,
-                         hop_deadline_s = excluded.hop_deadline_s,
+                         hop_deadline_s = excluded.hop_deadline_s, cap = excluded.cap,
                          participants = excluded.participants, state = 'placed',
                          partial = NULL, samples = NULL, mediators = NULL,
                          failures = NULL, detail = NULL, trained = 0, bytes_up = 0,
@@ -412,6 +446,7 @@ impl PgStore {
                         &(*participants as i64),
                         &config,
                         &hop_deadline_s,
+                        &cap,
                     ],
                 )?;
             }
@@ -581,7 +616,7 @@ impl PgStore {
                      WHERE run = $1 AND gateway = $2 AND state IN ('placed', 'taken')
                      ORDER BY round DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
                    AND state IN ('placed', 'taken')
-                 RETURNING round, term, participants, model, config, hop_deadline_s",
+                 RETURNING round, term, participants, model, config, hop_deadline_s, cap",
                 &[&run, &gateway],
             )?;
             let Some(row) = row else {
@@ -610,6 +645,7 @@ impl PgStore {
                 model,
                 config: row.get(4),
                 hop_deadline_s: row.get(5),
+                cap: row.get::<_, Option<i64>>(6).map(|c| c.max(1) as u64),
             }))
         })
     }
@@ -779,6 +815,7 @@ mod tests {
             model,
             config: "c",
             hop_deadline_s: 30.0,
+            cap: Some(300),
         }
     }
 
@@ -866,6 +903,11 @@ mod tests {
         assert_eq!((taken_b.participants, taken_b.term), (1, term));
         assert_eq!(again_taken.as_ref(), Some(&taken_a));
         assert_eq!(gateway.take_work("run", "c").unwrap(), None);
+        assert_eq!(
+            taken_a.cap,
+            Some(300),
+            "the run's cap travels with the work"
+        );
         assert!(first && !again, "a partial is taken once");
         assert!(
             gateway
@@ -1049,7 +1091,9 @@ mod tests {
             clients,
             config: "c",
             declared: None,
+            declared_changed: true,
             planned: false,
+            totals: None,
         }
     }
 
@@ -1088,7 +1132,18 @@ mod tests {
         };
         store.gateway_heartbeat(("run", "a"), planned).unwrap();
 
+        // Its clients' totals: kept while a heartbeat says nothing new.
+        let totals = [(120u64, 3u64), (9_000_000, 1)];
+        let with_totals = Heartbeat {
+            totals: Some(&totals),
+            ..beat(4, 4)
+        };
+        store.gateway_heartbeat(("run", "a"), with_totals).unwrap();
+        store.gateway_heartbeat(("run", "a"), planned).unwrap();
+        let kept = store.live_gateways("run").unwrap()[0].totals.clone();
+
         // Verify
+        assert_eq!(kept, totals.to_vec());
         assert_eq!(plan, Some(vec![0.0, 1.5, 0.25]));
         let seen = store.live_gateways("run").unwrap();
         assert_eq!(seen[0].declared, None);

@@ -186,6 +186,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE gateway_work
         ADD COLUMN each TEXT,
         ADD COLUMN largest BIGINT;",
+    // The run's cap on an own-data client's word (`engine::declared`):
+    // each gateway's clients' totals, counted, and the cap the leader
+    // places with the work, so a liar alone on a gateway is held to the
+    // run's median, not its own.
+    "ALTER TABLE gateways ADD COLUMN totals TEXT;
+    ALTER TABLE gateway_work ADD COLUMN cap BIGINT;",
 ];
 
 /// The advisory lock (transaction-level) under which migrations run; the
