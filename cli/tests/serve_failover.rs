@@ -1150,49 +1150,63 @@ async fn a_volunteer_resumed_on_another_server_is_let_go_by_the_one_it_left_half
     // gateway.
     let (_cluster, leader, gateway) = leader_and_answering_gateway().await;
     let logs = || logs_of(&leader, &gateway);
-    let (shard, token, mut on_gateway) = demo_join(gateway.port, None).await;
+    let (shard, token, on_gateway) = demo_join(gateway.port, None).await;
     wait_on(gateway.port, &logs, "the volunteer on the gateway", |s| {
         s["clients"] == 1
     })
     .await;
 
-    // Execute: it resumes on the leader, its socket on the gateway left
-    // open.
-    let (on_leader_shard, _, mut on_leader) = demo_join(leader.port, Some(token.clone())).await;
-
-    // Verify: the gateway closes the old socket and holds it no more; the
-    // leader holds it, with its shard.
-    assert!(
-        closed_within(&mut on_gateway, Duration::from_secs(15)).await,
-        "the gateway kept the socket of a volunteer that resumed on the leader\n{}",
-        logs()
-    );
-    wait_on(gateway.port, &logs, "the gateway letting it go", |s| {
-        s["clients"] == 0
-    })
-    .await;
-    wait_on(leader.port, &logs, "the leader holding it", |s| {
-        s["clients"] == 1
-    })
+    // Execute and verify: it resumes on the leader, its socket on the
+    // gateway left open; the gateway closes that socket and holds it no
+    // more, the leader holds it, with its shard. And back again.
+    let (on_leader_shard, on_leader) = resumes_elsewhere(
+        (&gateway, "gateway"),
+        on_gateway,
+        (&leader, "leader"),
+        &token,
+        &logs,
+    )
     .await;
     assert_eq!(on_leader_shard, shard);
+    let _back = resumes_elsewhere(
+        (&leader, "leader"),
+        on_leader,
+        (&gateway, "gateway"),
+        &token,
+        &logs,
+    )
+    .await;
+}
 
-    // And back: it resumes on the gateway, its socket on the leader left
-    // open; the leader lets it go.
-    let (_, _, _back) = demo_join(gateway.port, Some(token)).await;
+/// A demo volunteer held by `from` on `old` resumes on `to` with `token`,
+/// leaving `old` open: asserts that `from` closes it within 15 s and
+/// lets the volunteer go, and that `to` holds it. Its shard there, and its
+/// new socket.
+async fn resumes_elsewhere(
+    (from, from_name): (&Server, &str),
+    mut old: Socket,
+    (to, to_name): (&Server, &str),
+    token: &str,
+    logs: &dyn Fn() -> String,
+) -> (Vec<u64>, Socket) {
+    let (shard, _, socket) = demo_join(to.port, Some(token.to_string())).await;
     assert!(
-        closed_within(&mut on_leader, Duration::from_secs(15)).await,
-        "the leader kept the socket of a volunteer that resumed on the gateway\n{}",
+        closed_within(&mut old, Duration::from_secs(15)).await,
+        "the {from_name} kept the socket of a volunteer that resumed on the {to_name}\n{}",
         logs()
     );
-    wait_on(leader.port, &logs, "the leader letting it go", |s| {
-        s["clients"] == 0
-    })
+    wait_on(
+        from.port,
+        logs,
+        &format!("the {from_name} letting it go"),
+        |s| s["clients"] == 0,
+    )
     .await;
-    wait_on(gateway.port, &logs, "the gateway holding it again", |s| {
+    wait_on(to.port, logs, &format!("the {to_name} holding it"), |s| {
         s["clients"] == 1
     })
     .await;
+    (shard, socket)
 }
 
 /// Runs `sql` on the cluster's `postgres` database (on a thread of its

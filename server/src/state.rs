@@ -586,12 +586,7 @@ impl AppState {
     /// median total the clients declared. The current cap (`u64::MAX` with
     /// no client's counts known).
     pub fn declared_cap(clients: &BTreeMap<u64, ClientEntry>) -> u64 {
-        let totals: Vec<u64> = clients
-            .values()
-            .filter(|entry| entry.counts.is_some())
-            .map(|entry| entry.samples)
-            .collect();
-        astraea_core::engine::declared::declared_cap(&totals)
+        astraea_core::engine::declared::declared_cap_of(&Self::counted_totals(clients))
     }
 
     /// This server's ready clients' totals (samples), counted: how many
