@@ -502,7 +502,7 @@ impl Connection {
         shard: Option<ShardSpec>,
         data: DataSource,
     ) -> Result<(), Refusal> {
-        entry.send(&ServerMessage::Welcome {
+        let welcome = ServerMessage::Welcome {
             version: PROTOCOL_VERSION,
             client_id: id,
             model: self.state.model.clone(),
@@ -511,8 +511,16 @@ impl Connection {
             privacy: self.state.privacy_spec(),
             // This client is counted: it is about to be held.
             rejoin_within_ms: Some(self.state.rejoin_within_ms(1)),
-        });
-        self.state.clients().insert(id, entry);
+        };
+        // Sent under the clients' lock, with the client held before the
+        // lock is let go: whatever the client does with its welcome (a
+        // `POST /api/lifecycle` with its token, straight away) finds it
+        // held, and nothing else is sent to it before its welcome.
+        {
+            let mut clients = self.state.clients();
+            entry.send(&welcome);
+            clients.insert(id, entry);
+        }
         self.id = Some(id);
         // Under label privacy, counts sent before the welcome (which asks
         // for noise) are exact: they are dropped unused, and the client's

@@ -665,3 +665,45 @@ async fn eventually_clients(running: &astraea_server::Running, n: usize) {
     }
     panic!("{} clients, not {n}", running.state.clients().len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_says_it_is_pausing_the_moment_it_is_welcomed_is_found() {
+    // The bug: the welcome was sent before the client was held, so a
+    // client that answered it at once (`POST /api/lifecycle` with the
+    // welcome's token) could be told that no connected client holds its
+    // token: seen in CI, a test's listener on a loaded machine (the
+    // server's thread descheduled between the two). Now the welcome is
+    // sent under the clients' lock with the client held. Many clients at
+    // once, each answering its welcome straight away.
+    use astraea_core::protocol::{LifecycleReport, LifecycleState};
+    use astraea_core::strategy::StrategyKind;
+    let (running, address) = support::start(support::config(StrategyKind::FedAvg, 64, 1)).await;
+    let joins: Vec<_> = (0..48)
+        .map(|_| {
+            let address = address.clone();
+            tokio::spawn(async move {
+                let (socket, token) = support::join_with_token(&address).await;
+                let report = LifecycleReport {
+                    resume: token,
+                    state: LifecycleState::Paused,
+                }
+                .to_json();
+                let code = support::post(&address, "/api/lifecycle", &report).await;
+                (socket, code)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for join in joins {
+        answers.push(join.await.unwrap());
+    }
+    let codes: Vec<u16> = answers.iter().map(|(_, code)| *code).collect();
+    assert!(codes.iter().all(|&c| c == 204), "{codes:?}");
+    let paused = running
+        .state
+        .clients()
+        .values()
+        .filter(|e| e.paused)
+        .count();
+    assert_eq!(paused, 48);
+}
