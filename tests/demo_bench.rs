@@ -1,7 +1,9 @@
-//! `cargo run -p astraea-e2e --bin demo-bench [-- TABS LIMIT_S [SERVE FLAGS...]]`:
+//! `cargo run -p astraea-e2e --bin demo-bench [-- TABS LIMIT_S [--page QUERY] [SERVE FLAGS...]]`:
 //! the demo as its volunteers get it. It starts the real `astraea serve`
 //! with `scripts/demo.toml` (the settings `scripts/demo` runs) on loopback,
-//! opens TABS headless Chromium tabs (default 4) that join, and prints the
+//! opens TABS headless Chromium tabs (default 4) that join (each at
+//! `/?join=1&QUERY` with `--page QUERY`, e.g. `--page workers=2`: every tab
+//! lending two cores), and prints the
 //! test accuracy after each round against the seconds since the tabs were
 //! opened, then the seconds to 90 % and 95 %. It stops at 95 % or after
 //! LIMIT_S seconds (default 300). Needs the built page (`scripts/build-web`),
@@ -11,7 +13,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use astraea_e2e::{Chromedriver, built_page, repo_root};
+use astraea_e2e::{Chromedriver, built_page, page_figures, repo_root};
 
 /// The server process, killed when dropped.
 struct Server(Child);
@@ -53,7 +55,17 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let tabs: usize = args.next().map_or(Ok(4), |a| a.parse())?;
     let limit = Duration::from_secs(args.next().map_or(Ok(300), |a| a.parse())?);
-    let extra: Vec<String> = args.collect();
+    let mut extra: Vec<String> = args.collect();
+    // The page's own parameters, for every tab.
+    let query = match extra.iter().position(|a| a == "--page") {
+        Some(at) if at + 1 < extra.len() => {
+            let query = extra.remove(at + 1);
+            extra.remove(at);
+            format!("&{query}")
+        }
+        Some(_) => anyhow::bail!("--page takes the page's query, e.g. --page workers=2"),
+        None => String::new(),
+    };
     let root = repo_root();
     let static_dir = built_page()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -87,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
     let mut open = Vec::new();
     for _ in 0..tabs {
         let tab = driver.open(&[]).await?;
-        tab.goto(&format!("http://{address}/?join=1")).await?;
+        tab.goto(&format!("http://{address}/?join=1{query}"))
+            .await?;
         open.push(tab);
     }
     let opened = Instant::now();
@@ -114,6 +127,20 @@ async fn main() -> anyhow::Result<()> {
     println!("| tabs | to 90 % | to 95 % | rounds |");
     println!("|---:|---:|---:|---:|");
     println!("| {tabs} | {} | {} | {seen} |", show(to_90), show(to_95));
+    // What each tab chose to lend (its page says it), when it was asked to.
+    if !query.is_empty() {
+        for (i, tab) in open.iter().enumerate() {
+            let page = page_figures(tab).await.unwrap_or_default();
+            println!(
+                "tab {}: training on {} worker(s), split {}, chosen from {}, {} split hops",
+                i + 1,
+                page["workers"],
+                page["split"],
+                page["workersChosen"],
+                page["splitHops"]
+            );
+        }
+    }
     for tab in open {
         let _ = tab.close().await;
     }

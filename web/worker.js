@@ -203,21 +203,65 @@ function startTeam(c, team, action, how) {
   return hop;
 }
 
-/** Trains the hop with `c` and the helpers of `team`; the update's actions. */
-async function trainReplicated(c, team, action, onStep, limitMs) {
+// A split hop weighs itself against the same hop alone (before a split
+// and a hop alone were both measured): after SPLIT_WARM shared steps,
+// SPLIT_TRIAL shared steps are timed, then this worker's replica goes on
+// alone (core's Replica::alone: the same update) and SPLIT_TRIAL steps
+// alone are timed; the faster way is kept from the next hop on. Side by
+// side in one hop, on the same batches, with whatever else shares the
+// machine at that moment (the demo's tabs on one laptop): the trial costs
+// a few dozen steps, not whole hops. Hops too short for it are compared
+// whole (chooseWorkers).
+const SPLIT_WARM = 8;
+const SPLIT_TRIAL = 16;
+
+/**
+ * Trains the hop with `c` and the helpers of `team` (every batch split,
+ * their gradients added up: the one-worker update); the update's actions.
+ * A helper that fails mid-hop costs its cores, never the hop: this
+ * worker's replica goes on alone from the step in flight (taken again on
+ * the whole batch), the update unchanged. With `weigh`, the split is
+ * weighed against itself alone (SPLIT_TRIAL) and the tab keeps the faster.
+ */
+async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
   const { n, model, data, seq, started } = startTeam(c, team, action, {});
   const own = new WasmReplica(model, action.task, action.weights, data.images, data.labels, 0, n);
   let lossSum = 0;
   let steps = 0;
+  let shared = true;
+  // The trial's clock: when the timed shared steps began, and their time.
+  let trialFrom = null;
+  let sharedMs = null;
+  const step1 = (step) => { lossSum += step.loss; steps += 1; onStep(step); };
+  const goAlone = () => {
+    shared = false;
+    for (const helper of team) helper.worker.postMessage({ type: 'stop' });
+    return own.alone();
+  };
   try {
-    for (;;) {
+    while (shared) {
       const step = own.gradients();
-      const replies = await Promise.all(team.map((h) => receive(h, seq, limitMs)));
+      let replies;
+      try {
+        replies = await Promise.all(team.map((h) => receive(h, seq, limitMs)));
+        for (const reply of replies) {
+          if (reply.type !== (step === null ? 'done' : 'grads') || (step !== null && reply.grads.length !== step.grads.length)) {
+            throw new HelperFailed('a training worker fell out of step');
+          }
+        }
+      } catch (e) {
+        if (!(e instanceof HelperFailed)) throw e;
+        // The cores it lent are given up, from this step on.
+        lent = 1;
+        say({ type: 'workers', n: 1, reason: `a training worker failed (${e.message || e}); this tab now trains on one core` });
+        const loss = goAlone();
+        if (step !== null) step1({ ...step, grads: undefined, loss });
+        break;
+      }
       if (step === null) break;
       const sum = step.grads;
       let loss = step.loss;
       for (const reply of replies) {
-        if (reply.type !== 'grads' || reply.grads.length !== sum.length) throw new HelperFailed('a training worker fell out of step');
         const grads = reply.grads;
         for (let k = 0; k < sum.length; k += 1) sum[k] += grads[k];
         loss += reply.loss;
@@ -229,9 +273,29 @@ async function trainReplicated(c, team, action, onStep, limitMs) {
         else team[0].worker.postMessage({ type: 'sum', seq, values: new Float32Array(1) });
         breakWorker = null;
       }
-      lossSum += loss;
-      steps += 1;
-      onStep({ epoch: step.epoch, epochs: step.epochs, batch: step.batch, batches: step.batches, loss, progress: step.progress });
+      step1({ epoch: step.epoch, epochs: step.epochs, batch: step.batch, batches: step.batches, loss, progress: step.progress });
+      if (weigh && steps === 1 && step.epochs * step.batches < SPLIT_WARM + 2 * SPLIT_TRIAL + 1) weigh = false;
+      if (weigh && steps === SPLIT_WARM) trialFrom = performance.now();
+      if (weigh && steps === SPLIT_WARM + SPLIT_TRIAL) {
+        sharedMs = performance.now() - trialFrom;
+        goAlone();
+      }
+    }
+    // Alone: the rest of the hop (a helper failed, or the trial goes on).
+    const aloneFrom = performance.now();
+    let aloneSteps = 0;
+    let since = aloneFrom;
+    for (let step = shared ? null : own.step(); step !== null; step = own.step()) {
+      step1(step);
+      aloneSteps += 1;
+      if (sharedMs !== null && aloneSteps === SPLIT_TRIAL) {
+        const batch = JSON.parse(action.task).batch_size;
+        const rate = (ms) => (SPLIT_TRIAL * batch) / Math.max(ms / 1000, 1e-6);
+        keepFaster(rate(sharedMs), rate(performance.now() - aloneFrom));
+        sharedMs = null;
+      }
+      // The socket and the page's messages wait for this worker's turn.
+      if (performance.now() - since > 200) { await yieldNow(); since = performance.now(); }
     }
     const weights = own.finish();
     return c.finish_hop(action.task, weights, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
@@ -583,6 +647,14 @@ function chooseWorkers(n, rate) {
   const split = rates[lent];
   const alone = rates[1];
   if (split === undefined || alone === undefined) return;
+  keepFaster(split, alone);
+}
+
+/**
+ * Keeps the lent workers if `split` (samples/s with them) beats `alone`
+ * (one worker), else one; says both rates.
+ */
+function keepFaster(split, alone) {
   lentDecided = true;
   const measured = `${lent} workers trained ${split.toFixed(0)} samples/s, one ${alone.toFixed(0)}`;
   if (split > alone) {
@@ -655,14 +727,17 @@ async function train(action) {
         trainingFrom = performance.now();
         answer = splitWay.mode === 'local'
           ? await trainLocal(c, team, action, onStep, limitMs, splitWay.sync)
-          : await trainReplicated(c, team, action, onStep, limitMs);
-        say({ type: 'workers', n: workers, split: splitWay.mode });
+          : await trainReplicated(c, team, action, onStep, limitMs, !lentDecided);
+        // (Not when it went on alone: a helper failed, or the trial
+        // kept one, and said so.)
+        if (lent > 1) say({ type: 'workers', n: workers, split: splitWay.mode });
       }
     } catch (e) {
       if (!(e instanceof HelperFailed)) throw e;
-      // A helper died, threw, went silent or never loaded: the cores it
-      // lent are given up, and the hop is trained again here, alone; the
-      // hop is never lost.
+      // A helper died, threw, went silent or never loaded, in a hop by
+      // local SGD or before the split began (a split of every batch goes
+      // on alone by itself): the cores it lent are given up, and the hop
+      // is trained again here, alone; the hop is never lost.
       lent = 1;
       say({ type: 'workers', n: 1, reason: `a training worker failed (${e.message || e}); this tab now trains on one core` });
       losses = [];

@@ -866,6 +866,32 @@ impl WasmReplica {
             .map_err(|e| JsError::new(&e.to_string()))
     }
 
+    /// Goes on alone ([`Replica::alone`]): the helpers are gone or slower
+    /// together. A step begun and not applied is taken again on the whole
+    /// batch; its loss, or `undefined` when none was in flight. Then
+    /// [`WasmReplica::step`] takes the rest of the hop.
+    pub fn alone(&mut self) -> Result<Option<f32>, JsError> {
+        self.replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))?
+            .alone()
+            .map_err(|e| JsError::new(&e.to_string()))
+    }
+
+    /// The next whole step of a replica gone alone: `{loss, epoch, epochs,
+    /// batch, batches, progress}` as [`WasmReplica::gradients`] without
+    /// `grads`, or `null` once the hop is done.
+    pub fn step(&mut self) -> Result<JsValue, JsError> {
+        let replica = self
+            .replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let Some(step) = replica.step().map_err(|e| JsError::new(&e.to_string()))? else {
+            return Ok(JsValue::NULL);
+        };
+        Ok(step_object(&self.task, &step).into())
+    }
+
     /// The weights after the hop (a `Float32Array`); the replica is spent.
     pub fn finish(&mut self) -> Result<Float32Array, JsError> {
         let replica = self

@@ -260,6 +260,9 @@ struct Visit<'a> {
     /// A replica's step between [`Replica::gradients`] and
     /// [`Replica::apply`]: its model and its own gradients.
     stepping: Option<(Cnn, GradientsParams)>,
+    /// A shared visit's last batch, for [`Replica::alone`] to take its
+    /// step again whole: the batch's samples and its whole dropout mask.
+    last_batch: Option<(Vec<usize>, Vec<f32>)>,
 }
 
 impl<'a> Visit<'a> {
@@ -328,6 +331,7 @@ impl<'a> Visit<'a> {
             loss_sum: 0.0,
             share: (0, 1),
             stepping: None,
+            last_batch: None,
         })
     }
 
@@ -366,35 +370,14 @@ impl<'a> Visit<'a> {
             chunk.len() * per_sample,
             self.model_config.dropout,
         );
-        let (index, of) = self.share;
-        let (lo, hi) = (chunk.len() * index / of, chunk.len() * (index + 1) / of);
         let model = self
             .model
             .take()
             .expect("a visit holds its model between steps");
-        let (model, grads, reported) = if lo == hi {
-            (model, GradientsParams::new(), None)
-        } else {
-            let part = &chunk[lo..hi];
-            let data = Samples {
-                images: &self.images,
-                labels: &self.labels,
-            };
-            let (images, targets) = batch_tensors(&self.model_config, data, part, &self.device);
-            let keep = TensorData::new(
-                keep[lo * per_sample..hi * per_sample].to_vec(),
-                [part.len(), 18, h, w],
-            );
-            let keep = Tensor::from_data(keep, &*self.device);
-            let mut loss = cross_entropy(model.forward_masked(images, keep), targets);
-            if of > 1 {
-                loss = loss.mul_scalar(part.len() as f64 / chunk.len() as f64);
-            }
-            let reported = loss.clone().detach();
-            let objective = self.with_prox(&model, loss);
-            let grads = GradientsParams::from_grads(objective.backward(), &model);
-            (model, grads, Some(reported))
-        };
+        let (model, grads, reported) = self.share_gradients(model, chunk, &keep, [h, w]);
+        if self.share.1 > 1 {
+            self.last_batch = Some((chunk.to_vec(), keep));
+        }
         self.stats.steps += 1;
         self.stats.samples += chunk.len();
         let progress = StepProgress {
@@ -406,6 +389,45 @@ impl<'a> Visit<'a> {
         };
         self.advance();
         Some((model, grads, reported, progress))
+    }
+
+    /// `model`'s gradients on this visit's share of the batch `chunk`
+    /// (samples' places) with the batch's whole dropout mask `keep`
+    /// (`[h, w]`: the masked feature maps), weighted by the share's part
+    /// of the batch; the share's weighted loss, detached (`None` for an
+    /// empty share).
+    fn share_gradients(
+        &self,
+        model: Cnn,
+        chunk: &[usize],
+        keep: &[f32],
+        [h, w]: [usize; 2],
+    ) -> (Cnn, GradientsParams, Option<Tensor<1>>) {
+        let per_sample = self.model_config.dropout_len();
+        let (index, of) = self.share;
+        let (lo, hi) = (chunk.len() * index / of, chunk.len() * (index + 1) / of);
+        if lo == hi {
+            return (model, GradientsParams::new(), None);
+        }
+        let part = &chunk[lo..hi];
+        let data = Samples {
+            images: &self.images,
+            labels: &self.labels,
+        };
+        let (images, targets) = batch_tensors(&self.model_config, data, part, &self.device);
+        let keep = TensorData::new(
+            keep[lo * per_sample..hi * per_sample].to_vec(),
+            [part.len(), 18, h, w],
+        );
+        let keep = Tensor::from_data(keep, &*self.device);
+        let mut loss = cross_entropy(model.forward_masked(images, keep), targets);
+        if of > 1 {
+            loss = loss.mul_scalar(part.len() as f64 / chunk.len() as f64);
+        }
+        let reported = loss.clone().detach();
+        let objective = self.with_prox(&model, loss);
+        let grads = GradientsParams::from_grads(objective.backward(), &model);
+        (model, grads, Some(reported))
     }
 
     /// Moves on to the next batch (the next epoch's first, reshuffled, after
@@ -596,6 +618,59 @@ impl<'a> Replica<'a> {
             grads,
         ));
         Ok(())
+    }
+
+    /// Goes on alone: from the next step this replica computes whole
+    /// batches (the replicas it shared the visit with are gone, or were
+    /// slower together), and the visit ends with the update one replica
+    /// alone would have made (within float rounding). A step begun by
+    /// [`Replica::gradients`] and not applied is taken again here on the
+    /// whole batch (the same samples and dropout mask), so a peer lost
+    /// mid-step costs nothing; its whole-batch loss is returned (`None`
+    /// when no step was in flight). Then [`Replica::step`] takes the rest.
+    ///
+    /// # Errors
+    /// If the step's gradients cannot be computed again (its batch was not
+    /// kept: a replica that was never shared).
+    pub fn alone(&mut self) -> Result<Option<f32>, WeightsError> {
+        self.visit.share = (0, 1);
+        let Some((model, _)) = self.visit.stepping.take() else {
+            self.visit.last_batch = None;
+            return Ok(None);
+        };
+        let Some((chunk, keep)) = self.visit.last_batch.take() else {
+            return Err(WeightsError::OutOfTurn(
+                "a step in flight without its batch",
+            ));
+        };
+        let maps = self.visit.model_config.feature_maps()[1];
+        let (model, grads, loss) = self.visit.share_gradients(model, &chunk, &keep, maps);
+        self.visit.model = Some(self.visit.optimizer.step(
+            self.visit.config.learning_rate,
+            model,
+            grads,
+        ));
+        Ok(loss.map(|l| l.into_scalar::<f32>()))
+    }
+
+    /// The next whole step of a replica gone [`Replica::alone`] (as one
+    /// visit steps: no gradients read out): its loss and where it was,
+    /// `None` once every epoch is done.
+    ///
+    /// # Errors
+    /// If the replica still shares the visit (call `alone` first).
+    pub fn step(&mut self) -> Result<Option<StepProgress>, WeightsError> {
+        if self.visit.share != (0, 1) || self.visit.stepping.is_some() {
+            return Err(WeightsError::OutOfTurn(
+                "a replica steps alone only after Replica::alone",
+            ));
+        }
+        let Some((loss, progress)) = self.visit.step() else {
+            return Ok(None);
+        };
+        let loss = loss.into_scalar::<f32>();
+        self.visit.loss_sum += f64::from(loss);
+        Ok(Some(StepProgress { loss, ..progress }))
     }
 
     /// The trained weights and what the visit did (its loss: this
@@ -1540,6 +1615,70 @@ mod tests {
 
         // Assert
         assert_same_weights(&alone, &five, &initial);
+    }
+
+    #[test]
+    fn a_replica_whose_peer_is_lost_goes_on_alone_to_the_weights_of_one_visit() {
+        // Prepare: 21 steps of batch 10 over an epoch and a bit (the
+        // reshuffle between), FedProx on (its term is in the last share
+        // only: the replica going on alone must take it up); two replicas
+        // share the first 7 steps, and the peer is lost after the 8th
+        // step's gradients (in flight) or at the boundary after the 7th.
+        let model = ModelConfig::new(2);
+        let initial = initial();
+        let (images, labels) = halves(130);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let config = TrainConfig {
+            batch_size: 10,
+            epochs: 2,
+            prox_mu: 0.5,
+            seed: 5,
+            ..TrainConfig::default()
+        };
+        let ad = Device::flex().autodiff();
+        let (one, _) = train(&model, &initial, data, &config, &ad).unwrap();
+        let shared_then_alone = |in_flight: bool| {
+            let mut replicas: Vec<Replica> = (0..2)
+                .map(|i| Replica::new(&model, &initial, data, &config, &ad, (i, 2)).unwrap())
+                .collect();
+            for _ in 0..7 {
+                let parts: Vec<Vec<f32>> = replicas
+                    .iter_mut()
+                    .map(|r| r.gradients().unwrap().unwrap().0)
+                    .collect();
+                let sum: Vec<f32> = (0..parts[0].len())
+                    .map(|k| parts[0][k] + parts[1][k])
+                    .collect();
+                for r in &mut replicas {
+                    r.apply(&sum).unwrap();
+                }
+            }
+            let mut own = replicas.swap_remove(0);
+            // Still shared: stepping alone is refused.
+            assert!(own.step().is_err());
+            if in_flight {
+                own.gradients().unwrap().unwrap();
+            }
+            let redone = own.alone().unwrap();
+            assert_eq!(redone.is_some(), in_flight);
+            let mut steps = 7 + usize::from(in_flight);
+            while own.step().unwrap().is_some() {
+                steps += 1;
+            }
+            assert_eq!(steps, 26);
+            own.finish().0
+        };
+
+        // Execute
+        let lost_mid_step = shared_then_alone(true);
+        let lost_between_steps = shared_then_alone(false);
+
+        // Assert
+        assert_same_weights(&one, &lost_mid_step, &initial);
+        assert_same_weights(&one, &lost_between_steps, &initial);
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub enum WeightsError {
         /// Replicas of the visit.
         of: usize,
     },
+    /// A replica was asked for a step out of its turn (`train::Replica`:
+    /// stepping alone while still shared).
+    #[error("replica asked out of turn: {0}")]
+    OutOfTurn(&'static str),
 }
 
 /// One parameter tensor's place in the flat vector.
