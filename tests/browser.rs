@@ -491,6 +491,15 @@ async fn a_split_hop_weighs_itself_against_itself_alone_and_goes_on_with_the_sam
         "{figures}"
     );
     assert_eq!(figures["workers"], chosen["n"], "{figures}");
+    assert_eq!(figures["hops"], 2, "{figures}");
+    // The weighed hop went on alone midway: not a split hop; the second
+    // is one where two were kept.
+    let kept_two = chosen["n"] == 2;
+    assert_eq!(
+        figures["splitHops"].as_u64().unwrap_or(0),
+        u64::from(kept_two),
+        "{figures}"
+    );
     let distance = |a: &[f32], b: &[f32]| astraea_core::guard::delta_norm(a, b);
     let moved = distance(&one.values, &initial.values);
     let apart = distance(&one.values, &two.values);
@@ -515,9 +524,17 @@ async fn a_worker_lost_mid_hop_leaves_the_hop_to_go_on_alone_with_the_same_updat
     let (_, broken, _, figures) =
         a_round_trained_with(&driver, "workers=2&break-worker=throw").await?;
 
-    // Assert
+    // Assert: the two hops' steps (batches of 20), each once (trained
+    // again from its start, the first hop would count its first step
+    // twice).
     assert_eq!(figures["workers"], 1, "{figures}");
     assert_eq!(figures["hops"], 2, "{figures}");
+    let per_hop = figures["samples"].as_u64().unwrap_or(0) / 2;
+    assert_eq!(
+        figures["steps"].as_u64(),
+        Some(2 * per_hop.div_ceil(20)),
+        "{figures}"
+    );
     let distance = |a: &[f32], b: &[f32]| astraea_core::guard::delta_norm(a, b);
     let moved = distance(&one.values, &initial.values);
     let apart = distance(&one.values, &broken.values);

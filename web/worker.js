@@ -175,6 +175,12 @@ let splitting = false;
 // faster; lending again measures again.
 let rates = {};
 let lentDecided = false;
+// Counts the volunteer's lends: a hop's trial that began before one is
+// not the new count's to decide.
+let lendSeq = 0;
+// Whether the last split hop went on alone midway (a helper failed, or it
+// was weighed): not counted as a split hop.
+let wentAlone = false;
 let splitWarm = false;
 
 /** Starts or ends helpers so that there are `lent - 1`, loading meanwhile (after a split hop ends). */
@@ -226,15 +232,18 @@ const SPLIT_TRIAL = 16;
 async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
   const { n, model, data, seq, started } = startTeam(c, team, action, {});
   const own = new WasmReplica(model, action.task, action.weights, data.images, data.labels, 0, n);
+  const lends = lendSeq;
   let lossSum = 0;
   let steps = 0;
   let shared = true;
+  wentAlone = false;
   // The trial's clock: when the timed shared steps began, and their time.
   let trialFrom = null;
   let sharedMs = null;
   const step1 = (step) => { lossSum += step.loss; steps += 1; onStep(step); };
   const goAlone = () => {
     shared = false;
+    wentAlone = true;
     for (const helper of team) helper.worker.postMessage({ type: 'stop' });
     return own.alone();
   };
@@ -266,7 +275,13 @@ async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
         for (let k = 0; k < sum.length; k += 1) sum[k] += grads[k];
         loss += reply.loss;
       }
-      for (const helper of team) helper.worker.postMessage({ type: 'sum', seq, values: sum });
+      if (weigh && steps === 0 && step.epochs * step.batches < SPLIT_WARM + 2 * SPLIT_TRIAL + 1) weigh = false;
+      // The trial's last shared step: the helpers are stopped rather than
+      // sent the sum (they would compute the next step meanwhile, on the
+      // same cores as the steps alone being timed).
+      const last = weigh && steps + 1 === SPLIT_WARM + SPLIT_TRIAL;
+      if (last) sharedMs = performance.now() - trialFrom;
+      else for (const helper of team) helper.worker.postMessage({ type: 'sum', seq, values: sum });
       own.apply(sum);
       if (breakWorker && team.length) {
         if (breakWorker === 'silent') team[0].worker.terminate();
@@ -274,12 +289,8 @@ async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
         breakWorker = null;
       }
       step1({ epoch: step.epoch, epochs: step.epochs, batch: step.batch, batches: step.batches, loss, progress: step.progress });
-      if (weigh && steps === 1 && step.epochs * step.batches < SPLIT_WARM + 2 * SPLIT_TRIAL + 1) weigh = false;
       if (weigh && steps === SPLIT_WARM) trialFrom = performance.now();
-      if (weigh && steps === SPLIT_WARM + SPLIT_TRIAL) {
-        sharedMs = performance.now() - trialFrom;
-        goAlone();
-      }
+      if (last) goAlone();
     }
     // Alone: the rest of the hop (a helper failed, or the trial goes on).
     const aloneFrom = performance.now();
@@ -291,7 +302,9 @@ async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
       if (sharedMs !== null && aloneSteps === SPLIT_TRIAL) {
         const batch = JSON.parse(action.task).batch_size;
         const rate = (ms) => (SPLIT_TRIAL * batch) / Math.max(ms / 1000, 1e-6);
-        keepFaster(rate(sharedMs), rate(performance.now() - aloneFrom));
+        // Not if the volunteer lent anew meanwhile: that count is measured
+        // afresh.
+        if (lends === lendSeq && !lentDecided) keepFaster(rate(sharedMs), rate(performance.now() - aloneFrom), n);
         sharedMs = null;
       }
       // The socket and the page's messages wait for this worker's turn.
@@ -301,6 +314,8 @@ async function trainReplicated(c, team, action, onStep, limitMs, weigh) {
     return c.finish_hop(action.task, weights, steps ? lossSum / steps : 0, (performance.now() - started) / 1000);
   } finally {
     own.free();
+    // A hop given up midway (any error) leaves no helper training it.
+    if (shared) for (const helper of team) helper.worker.postMessage({ type: 'stop' });
   }
 }
 
@@ -426,6 +441,7 @@ onmessage = (event) => {
       socket.close();
     }
   } else if (m.type === 'lend') {
+    lendSeq += 1;
     lent = Math.max(1, Math.min(MAX_WORKERS, Math.floor(Number(m.cores)) || 1));
     rates = {};
     lentDecided = false;
@@ -647,18 +663,18 @@ function chooseWorkers(n, rate) {
   const split = rates[lent];
   const alone = rates[1];
   if (split === undefined || alone === undefined) return;
-  keepFaster(split, alone);
+  keepFaster(split, alone, lent);
 }
 
 /**
- * Keeps the lent workers if `split` (samples/s with them) beats `alone`
- * (one worker), else one; says both rates.
+ * Keeps the lent `n` workers if `split` (samples/s with them) beats
+ * `alone` (one worker), else one; says both rates.
  */
-function keepFaster(split, alone) {
+function keepFaster(split, alone, n) {
   lentDecided = true;
-  const measured = `${lent} workers trained ${split.toFixed(0)} samples/s, one ${alone.toFixed(0)}`;
+  const measured = `${n} workers trained ${split.toFixed(0)} samples/s, one ${alone.toFixed(0)}`;
   if (split > alone) {
-    say({ type: 'workers', n: lent, chosen: { n: lent, split, alone }, reason: `${measured}: this tab keeps ${lent}` });
+    say({ type: 'workers', n, chosen: { n, split, alone }, reason: `${measured}: this tab keeps ${n}` });
   } else {
     lent = 1;
     staffHelpers();
@@ -730,7 +746,7 @@ async function train(action) {
           : await trainReplicated(c, team, action, onStep, limitMs, !lentDecided);
         // (Not when it went on alone: a helper failed, or the trial
         // kept one, and said so.)
-        if (lent > 1) say({ type: 'workers', n: workers, split: splitWay.mode });
+        if (lent > 1 && !(splitWay.mode !== 'local' && wentAlone)) say({ type: 'workers', n: workers, split: splitWay.mode });
       }
     } catch (e) {
       if (!(e instanceof HelperFailed)) throw e;

@@ -512,6 +512,10 @@ pub const MAX_REPLICAS: usize = 16;
 /// replica trains on the CPU (`flex`). At most [`MAX_REPLICAS`].
 pub struct Replica<'a> {
     visit: Visit<'a>,
+    /// The share's loss of the step [`Replica::gradients`] began (counted
+    /// in the visit's loss; [`Replica::alone`] counts the whole batch's
+    /// instead).
+    in_flight_loss: f32,
 }
 
 impl<'a> Replica<'a> {
@@ -531,7 +535,10 @@ impl<'a> Replica<'a> {
         check_share(index, of)?;
         let mut visit = Visit::new(model_config, weights, data, config, device)?;
         visit.share = (index, of);
-        Ok(Self { visit })
+        Ok(Self {
+            visit,
+            in_flight_loss: 0.0,
+        })
     }
 
     /// [`Replica::new`] owning its inputs (a tab's Web Worker keeps one
@@ -551,7 +558,10 @@ impl<'a> Replica<'a> {
         check_share(index, of)?;
         let mut visit = Visit::owned(model_config, weights, (images, labels), config, device)?;
         visit.share = (index, of);
-        Ok(Replica { visit })
+        Ok(Replica {
+            visit,
+            in_flight_loss: 0.0,
+        })
     }
 
     /// The next step's gradients of this replica's slice, flat, with its
@@ -580,6 +590,7 @@ impl<'a> Replica<'a> {
             None => 0.0,
         };
         self.visit.loss_sum += f64::from(loss);
+        self.in_flight_loss = loss;
         self.visit.stepping = Some((model, grads));
         Ok(Some((values, loss, progress)))
     }
@@ -633,15 +644,17 @@ impl<'a> Replica<'a> {
     /// If the step's gradients cannot be computed again (its batch was not
     /// kept: a replica that was never shared).
     pub fn alone(&mut self) -> Result<Option<f32>, WeightsError> {
-        self.visit.share = (0, 1);
-        let Some((model, _)) = self.visit.stepping.take() else {
-            self.visit.last_batch = None;
-            return Ok(None);
-        };
-        let Some((chunk, keep)) = self.visit.last_batch.take() else {
+        if self.visit.stepping.is_some() && self.visit.last_batch.is_none() {
+            // Nothing changed: the replica can still apply its step.
             return Err(WeightsError::OutOfTurn(
                 "a step in flight without its batch",
             ));
+        }
+        self.visit.share = (0, 1);
+        let last_batch = self.visit.last_batch.take();
+        let (Some((model, _)), Some((chunk, keep))) = (self.visit.stepping.take(), last_batch)
+        else {
+            return Ok(None);
         };
         let maps = self.visit.model_config.feature_maps()[1];
         let (model, grads, loss) = self.visit.share_gradients(model, &chunk, &keep, maps);
@@ -650,7 +663,10 @@ impl<'a> Replica<'a> {
             model,
             grads,
         ));
-        Ok(loss.map(|l| l.into_scalar::<f32>()))
+        let loss = loss.map(|l| l.into_scalar::<f32>());
+        // The step's loss is the whole batch's now, not this share's.
+        self.visit.loss_sum += f64::from(loss.unwrap_or(0.0) - self.in_flight_loss);
+        Ok(loss)
     }
 
     /// The next whole step of a replica gone [`Replica::alone`] (as one
@@ -674,7 +690,8 @@ impl<'a> Replica<'a> {
     }
 
     /// The trained weights and what the visit did (its loss: this
-    /// replica's part; the driver adds the parts up).
+    /// replica's part of each shared step, the driver adds the parts up,
+    /// and the whole batch's of each step after [`Replica::alone`]).
     pub fn finish(self) -> (Weights, TrainStats) {
         let (model, stats) = self.visit.finish();
         (Weights::from_model(&model), stats)
@@ -1619,11 +1636,12 @@ mod tests {
 
     #[test]
     fn a_replica_whose_peer_is_lost_goes_on_alone_to_the_weights_of_one_visit() {
-        // Prepare: 21 steps of batch 10 over an epoch and a bit (the
-        // reshuffle between), FedProx on (its term is in the last share
-        // only: the replica going on alone must take it up); two replicas
-        // share the first 7 steps, and the peer is lost after the 8th
-        // step's gradients (in flight) or at the boundary after the 7th.
+        // Prepare: 26 steps of batch 10 over two epochs of 13 (reshuffled
+        // between), FedProx on (its term is in the last share only: the
+        // replica going on alone must take it up); two replicas share the
+        // first steps, and the peer is lost after a step's gradients (in
+        // flight: the 8th, and the 13th, an epoch's last, whose batch must
+        // be the one before the reshuffle) or between steps.
         let model = ModelConfig::new(2);
         let initial = initial();
         let (images, labels) = halves(130);
@@ -1640,11 +1658,11 @@ mod tests {
         };
         let ad = Device::flex().autodiff();
         let (one, _) = train(&model, &initial, data, &config, &ad).unwrap();
-        let shared_then_alone = |in_flight: bool| {
+        let shared_then_alone = |shared: usize, in_flight: bool| {
             let mut replicas: Vec<Replica> = (0..2)
                 .map(|i| Replica::new(&model, &initial, data, &config, &ad, (i, 2)).unwrap())
                 .collect();
-            for _ in 0..7 {
+            for _ in 0..shared {
                 let parts: Vec<Vec<f32>> = replicas
                     .iter_mut()
                     .map(|r| r.gradients().unwrap().unwrap().0)
@@ -1664,7 +1682,8 @@ mod tests {
             }
             let redone = own.alone().unwrap();
             assert_eq!(redone.is_some(), in_flight);
-            let mut steps = 7 + usize::from(in_flight);
+            assert!(redone.is_none_or(|l| l.is_finite() && l > 0.0));
+            let mut steps = shared + usize::from(in_flight);
             while own.step().unwrap().is_some() {
                 steps += 1;
             }
@@ -1673,11 +1692,13 @@ mod tests {
         };
 
         // Execute
-        let lost_mid_step = shared_then_alone(true);
-        let lost_between_steps = shared_then_alone(false);
+        let lost_mid_step = shared_then_alone(7, true);
+        let lost_on_an_epochs_last_step = shared_then_alone(12, true);
+        let lost_between_steps = shared_then_alone(7, false);
 
         // Assert
         assert_same_weights(&one, &lost_mid_step, &initial);
+        assert_same_weights(&one, &lost_on_an_epochs_last_step, &initial);
         assert_same_weights(&one, &lost_between_steps, &initial);
     }
 
