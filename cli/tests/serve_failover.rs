@@ -901,29 +901,41 @@ async fn client_level_dp_clips_every_mediators_result_from_the_gateways_in_one_p
     );
 }
 
-/// The first `plan` message the server sends `socket`: its ratios.
-async fn plan_heard(socket: &mut Socket, logs: &dyn Fn() -> String) -> Vec<f64> {
+/// The first message of type `kind` the server sends `socket` within
+/// `limit`; panics (with `logs()`) when the socket closes first or the
+/// time runs out.
+async fn first_of_kind(
+    socket: &mut Socket,
+    kind: &str,
+    limit: Duration,
+    logs: &dyn Fn() -> String,
+) -> serde_json::Value {
     use futures_util::StreamExt;
-    tokio::time::timeout(Duration::from_secs(60), async {
+    tokio::time::timeout(limit, async {
         while let Some(Ok(frame)) = socket.next().await {
             let Ok(message) =
                 serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
             else {
                 continue;
             };
-            if message["type"] == "plan" {
-                return message["ratios"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.as_f64().unwrap())
-                    .collect();
+            if message["type"] == kind {
+                return message;
             }
         }
-        panic!("the socket closed before a plan\n{}", logs());
+        panic!("the socket closed before a {kind}\n{}", logs());
     })
     .await
-    .unwrap_or_else(|_| panic!("no plan within 60 s\n{}", logs()))
+    .unwrap_or_else(|_| panic!("no {kind} within {limit:?}\n{}", logs()))
+}
+
+/// The first `plan` message the server sends `socket`: its ratios.
+async fn plan_heard(socket: &mut Socket, logs: &dyn Fn() -> String) -> Vec<f64> {
+    first_of_kind(socket, "plan", Duration::from_secs(60), logs).await["ratios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_f64().unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1036,24 +1048,15 @@ async fn joining(
 /// of the run, if any): its welcome's shard indices and resume token, and
 /// its socket, kept open so that it stays joined.
 async fn demo_join(port: u16, resume: Option<String>) -> (Vec<u64>, String, Socket) {
-    use futures_util::StreamExt;
     let demo = astraea_core::protocol::DataSource::Demo;
     let mut socket = joining(port, "demo-join", demo, resume).await;
-    let welcome = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(Ok(frame)) = socket.next().await {
-            let Ok(message) =
-                serde_json::from_str::<serde_json::Value>(frame.to_text().unwrap_or(""))
-            else {
-                continue;
-            };
-            if message["type"] == "welcome" {
-                return message;
-            }
-        }
-        panic!("the socket closed before a welcome");
-    })
-    .await
-    .expect("a welcome within 30 s");
+    let welcome = first_of_kind(
+        &mut socket,
+        "welcome",
+        Duration::from_secs(30),
+        &String::new,
+    )
+    .await;
     let indices = welcome["shard"]["indices"]
         .as_array()
         .expect("a demo shard")

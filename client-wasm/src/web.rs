@@ -833,14 +833,17 @@ impl WasmReplica {
         })
     }
 
+    fn replica(&mut self) -> Result<&mut Replica<'static>, JsError> {
+        self.replica
+            .as_mut()
+            .ok_or_else(|| JsError::new("the replica has finished"))
+    }
+
     /// The next step: `{grads: Float32Array, loss, epoch, epochs, batch,
     /// batches, progress}` (`loss`: this slice's part of the batch's mean;
     /// `progress`: the heartbeat's text), or `null` once the hop is done.
     pub fn gradients(&mut self) -> Result<JsValue, JsError> {
-        let replica = self
-            .replica
-            .as_mut()
-            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let replica = self.replica()?;
         let Some((grads, loss, step)) = replica
             .gradients()
             .map_err(|e| JsError::new(&e.to_string()))?
@@ -859,9 +862,7 @@ impl WasmReplica {
     /// Takes the step begun with `summed`, every replica's gradients of
     /// it added up.
     pub fn apply(&mut self, summed: &[f32]) -> Result<(), JsError> {
-        self.replica
-            .as_mut()
-            .ok_or_else(|| JsError::new("the replica has finished"))?
+        self.replica()?
             .apply(summed)
             .map_err(|e| JsError::new(&e.to_string()))
     }
@@ -871,9 +872,7 @@ impl WasmReplica {
     /// batch; its loss, or `undefined` when none was in flight. Then
     /// [`WasmReplica::step`] takes the rest of the hop.
     pub fn alone(&mut self) -> Result<Option<f32>, JsError> {
-        self.replica
-            .as_mut()
-            .ok_or_else(|| JsError::new("the replica has finished"))?
+        self.replica()?
             .alone()
             .map_err(|e| JsError::new(&e.to_string()))
     }
@@ -882,10 +881,7 @@ impl WasmReplica {
     /// batch, batches, progress}` as [`WasmReplica::gradients`] without
     /// `grads`, or `null` once the hop is done.
     pub fn step(&mut self) -> Result<JsValue, JsError> {
-        let replica = self
-            .replica
-            .as_mut()
-            .ok_or_else(|| JsError::new("the replica has finished"))?;
+        let replica = self.replica()?;
         let Some(step) = replica.step().map_err(|e| JsError::new(&e.to_string()))? else {
             return Ok(JsValue::NULL);
         };
