@@ -597,6 +597,7 @@ fn finish(
             samples: lane.samples,
             steps: lane.steps,
             mean_loss: f64::from(losses[k]) / lane.steps as f64,
+            replicas_lost: 0,
         };
         results[lane.job] = Some((weights, stats));
     }

@@ -85,6 +85,9 @@ pub struct TrainStats {
     pub steps: usize,
     /// Mean training loss over the steps (cross-entropy, without the proximal term).
     pub mean_loss: f64,
+    /// Replicas of a visit split between threads ([`train_parallel`])
+    /// that failed midway, the visit going on without them; 0 otherwise.
+    pub replicas_lost: usize,
 }
 
 /// Accuracy and loss on a labelled set.
@@ -958,8 +961,14 @@ impl ModuleVisitor for ReplaceGradients<'_> {
 /// batch computed in parallel. Natively only (a tab's replicas are Web
 /// Workers). `threads` 0 or 1 is [`train_observed`].
 ///
+/// A thread that fails (an error, a panic, or it ends) costs the visit
+/// nothing but its speed: the calling thread's replica goes on alone from
+/// the step in flight ([`Replica::alone`], the same update), the other
+/// threads are stopped (the batches' shares are fixed), and
+/// [`TrainStats::replicas_lost`] says how many replicas the visit lost.
+///
 /// # Errors
-/// As [`train_observed`]; or a replica's thread failed.
+/// As [`train_observed`] (the calling thread's own replica).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn train_parallel(
     model_config: &ModelConfig,
@@ -968,6 +977,30 @@ pub fn train_parallel(
     config: &TrainConfig,
     threads: usize,
     observe: &mut dyn FnMut(&StepProgress),
+) -> Result<(Weights, TrainStats), WeightsError> {
+    train_parallel_losing(
+        model_config,
+        weights,
+        data,
+        config,
+        threads,
+        observe,
+        &|_, _| false,
+    )
+}
+
+/// [`train_parallel`], where replica `index` (from 1) ends before its
+/// step `step` (from 0) when `lose(index, step)` (a panic in `lose` is a
+/// panic in training): how the tests lose a thread.
+#[cfg(not(target_arch = "wasm32"))]
+fn train_parallel_losing(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    threads: usize,
+    observe: &mut dyn FnMut(&StepProgress),
+    lose: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Result<(Weights, TrainStats), WeightsError> {
     use std::sync::mpsc::channel;
     let device = Device::flex().autodiff();
@@ -999,7 +1032,10 @@ pub fn train_parallel(
                         Ok(replica) => replica,
                         Err(e) => return drop(to_driver.send(Err(e))),
                     };
-                    loop {
+                    for taken in 0.. {
+                        if lose(index, taken) {
+                            return;
+                        }
                         let step = replica.gradients().map(|s| s.map(|(g, loss, _)| (g, loss)));
                         let done = !matches!(step, Ok(Some(_)));
                         if to_driver.send(step).is_err() || done {
@@ -1019,32 +1055,55 @@ pub fn train_parallel(
             });
             helpers.push((to_helper, from_helper));
         }
-        let gone = || WeightsError::Readback("a training thread ended early".into());
         let mut loss_sum = 0.0;
+        let mut lost = 0;
         while let Some((mut summed, mut loss, progress)) = first.gradients()? {
-            for (_, from_helper) in &helpers {
-                let (grads, part) = from_helper.recv().map_err(|_| gone())??.ok_or_else(gone)?;
+            // Every helper's share of this step, or none: a helper that
+            // failed (an error, a panic, gone, or gradients that do not
+            // fit) leaves this replica to take the step alone.
+            let whole = helpers.iter().all(|(_, from_helper)| {
+                let Ok(Ok(Some((grads, part)))) = from_helper.recv() else {
+                    return false;
+                };
                 if grads.len() != summed.len() {
-                    return Err(WeightsError::WrongLength {
-                        expected: summed.len(),
-                        got: grads.len(),
-                    });
+                    return false;
                 }
                 summed.iter_mut().zip(&grads).for_each(|(s, g)| *s += g);
                 loss += part;
+                true
+            });
+            if !whole {
+                // The others stop at their next wait (their channels close).
+                lost = helpers.len();
+                helpers.clear();
+                let redone = first.alone()?.unwrap_or(0.0);
+                observe(&StepProgress {
+                    loss: redone,
+                    ..progress
+                });
+                loss_sum += f64::from(redone);
+                break;
             }
             let summed = std::sync::Arc::new(summed);
             for (to_helper, _) in &helpers {
-                to_helper.send(summed.clone()).map_err(|_| gone())?;
+                // A helper gone since its gradients is found at the next step.
+                let _ = to_helper.send(summed.clone());
             }
             first.apply(&summed)?;
             observe(&StepProgress { loss, ..progress });
             loss_sum += f64::from(loss);
         }
+        if lost > 0 {
+            while let Some(step) = first.step()? {
+                observe(&step);
+                loss_sum += f64::from(step.loss);
+            }
+        }
         let (trained, mut stats) = first.finish();
         if stats.steps > 0 {
             stats.mean_loss = loss_sum / stats.steps as f64;
         }
+        stats.replicas_lost = lost;
         Ok((trained, stats))
     })
 }
@@ -1632,6 +1691,60 @@ mod tests {
 
         // Assert
         assert_same_weights(&alone, &five, &initial);
+    }
+
+    #[test]
+    fn a_thread_lost_mid_visit_leaves_the_visit_to_go_on_alone_to_the_same_weights() {
+        // Prepare: 21 steps of batch 10 split between three threads; one
+        // thread ends before its 6th step, or panics before its 10th, or
+        // ends before its first.
+        let model = ModelConfig::new(2);
+        let initial = initial();
+        let (images, labels) = halves(203);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let config = TrainConfig {
+            batch_size: 10,
+            seed: 7,
+            ..TrainConfig::default()
+        };
+        let ad = Device::flex().autodiff();
+        let (one, one_stats) = train(&model, &initial, data, &config, &ad).unwrap();
+        let losing = |lose: &(dyn Fn(usize, usize) -> bool + Sync)| {
+            let mut observed = 0;
+            let (weights, stats) = train_parallel_losing(
+                &model,
+                &initial,
+                data,
+                &config,
+                3,
+                &mut |_| observed += 1,
+                lose,
+            )
+            .unwrap();
+            assert_eq!((observed, stats.steps, stats.samples), (21, 21, 203));
+            assert!((stats.mean_loss - one_stats.mean_loss).abs() < 1e-3);
+            (weights, stats.replicas_lost)
+        };
+
+        // Execute
+        let ended = losing(&|index, step| index == 2 && step == 5);
+        let panicked = losing(&|index, step| {
+            assert!(!(index == 1 && step == 9), "a training thread's fault");
+            false
+        });
+        let never_began = losing(&|index, _| index == 1);
+        let whole = losing(&|_, _| false);
+
+        // Assert: the stopped thread counts as lost with the failed one.
+        for (weights, lost) in [&ended, &panicked, &never_began] {
+            assert_eq!(*lost, 2);
+            assert_same_weights(&one, weights, &initial);
+        }
+        assert_eq!(whole.1, 0);
+        assert_same_weights(&one, &whole.0, &initial);
     }
 
     #[test]

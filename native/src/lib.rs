@@ -406,6 +406,14 @@ async fn run_session(
                             }
                         }
                     };
+                    if stats.replicas_lost > 0 {
+                        tracing::warn!(
+                            round = task.round,
+                            hop = task.hop,
+                            lost = stats.replicas_lost,
+                            "a training thread failed; the hop went on on one thread"
+                        );
+                    }
                     // An injected speed: wait out the rest of the time a
                     // machine of that speed would have taken, alive.
                     if let Some(speed) = options.speed.filter(|s| *s > 0.0 && s.is_finite()) {
