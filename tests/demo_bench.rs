@@ -132,12 +132,13 @@ async fn main() -> anyhow::Result<()> {
         for (i, tab) in open.iter().enumerate() {
             let page = page_figures(tab).await.unwrap_or_default();
             println!(
-                "tab {}: training on {} worker(s), split {}, chosen from {}, {} split hops",
+                "tab {}: training on {} worker(s), split {}, chosen from {}, {} split hops, helpers ready after {} ms",
                 i + 1,
                 page["workers"],
                 page["split"],
                 page["workersChosen"],
-                page["splitHops"]
+                page["splitHops"],
+                page["helperReadyMs"]
             );
         }
     }

@@ -89,6 +89,10 @@ worker.onmessage = (event) => {
       }
       break;
     }
+    case 'helper':
+      // A helper worker loaded: ms from its start to ready.
+      (page.helperReadyMs = page.helperReadyMs || []).push(Math.round(m.ms));
+      break;
     case 'workers':
       page.workers = m.n;
       if (m.split) page.split = m.split;

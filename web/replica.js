@@ -10,20 +10,27 @@
 //   from the average it is sent, until the hop is done.
 // Messages carry the hop's sequence number, so a reply to an abandoned
 // hop is recognised.
-import init, { WasmLocalReplica, WasmReplica, cpu_trial } from './pkg/astraea_client.js';
+import init, { WasmLocalReplica, WasmReplica } from './pkg/astraea_client.js';
 
-// Loaded, then warmed up: V8 optimises a module's hot functions only after
-// some use, and the tab's worker is warm from its backend trial.
-const ready = init().then(() => cpu_trial());
+// Instantiated from the module the tab's worker compiled (its first
+// message, 'load'): nothing to compile, and the code V8 optimised while
+// the tab's worker ran its backend trial is this helper's too (measured:
+// ready in 50-190 ms, against 0.5-1.6 s compiling the module itself and
+// warming it up with the trial's steps, and split hops as fast).
+let ready = null;
 let replica = null;
 let local = null;
 let seq = 0;
-// Compiling the module takes a while on a slow device: the tab's worker
-// splits hops only between helpers that said they are ready.
-ready.then(
-  () => postMessage({ type: 'ready' }),
-  (e) => postMessage({ type: 'failed', error: `the module did not load: ${e}` }),
-);
+
+/** Instantiates `module`; says when it is ready (ms since this worker began). */
+function load(module) {
+  ready = init({ module_or_path: module });
+  // The tab's worker splits hops only between helpers that said they are ready.
+  ready.then(
+    () => postMessage({ type: 'ready', ms: performance.now() }),
+    (e) => postMessage({ type: 'failed', error: `the module did not load: ${e}` }),
+  );
+}
 
 function drop() {
   if (replica) replica.free();
@@ -51,7 +58,12 @@ function next() {
 
 onmessage = async (event) => {
   const m = event.data;
+  if (m.type === 'load') {
+    if (!ready) load(m.module);
+    return;
+  }
   try {
+    if (!ready) throw new Error('a message before the module');
     await ready;
     if (m.type === 'hop' && m.mode === 'local') {
       drop();

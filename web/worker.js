@@ -97,6 +97,8 @@ function splitOf(text) {
 const MAX_WORKERS = 8;
 let helpers = [];
 let hopSeq = 0;
+// The compiled training module (loadModule), sent to every helper.
+let wasmModule = null;
 // The page's `?break-worker=throw|silent`: a helper is made to throw, or
 // is ended without a word, after the first step of the next split hop
 // (the way to see, and test, that the hop survives it).
@@ -117,6 +119,7 @@ function spawnHelper() {
   const deliver = (message) => {
     if (message.type === 'ready') {
       helper.ready = true;
+      say({ type: 'helper', ms: message.ms });
       return;
     }
     // A failure outside any hop (its module did not load): never ready.
@@ -127,6 +130,7 @@ function spawnHelper() {
   helper.worker.onmessage = (e) => deliver(e.data);
   helper.worker.onerror = (e) => { e.preventDefault(); deliver({ type: 'failed', error: e.message || 'the worker failed' }); };
   helper.worker.onmessageerror = () => deliver({ type: 'failed', error: 'a message could not be read' });
+  helper.worker.postMessage({ type: 'load', module: wasmModule });
   return helper;
 }
 
@@ -453,11 +457,30 @@ onmessage = (event) => {
   }
 };
 
+/**
+ * Compiles the training module once and instantiates it here; helpers are
+ * sent the compiled module (a WebAssembly.Module is shared between
+ * workers, not copied: no helper compiles 14 MB again, and each runs the
+ * code V8 has optimised for this worker).
+ */
+async function loadModule() {
+  const url = new URL('./pkg/astraea_client_bg.wasm', import.meta.url);
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`the training module could not be fetched (${response.status})`);
+  try {
+    wasmModule = await WebAssembly.compileStreaming(response.clone());
+  } catch (e) {
+    // A server that does not say application/wasm: compiled from the bytes.
+    wasmModule = await WebAssembly.compile(await response.arrayBuffer());
+  }
+  await init({ module_or_path: wasmModule });
+}
+
 async function join(preference) {
   if (!backend) {
     const started = performance.now();
     try {
-      await within(init(), LIMITS.module, 'loading the training module');
+      await within(loadModule(), LIMITS.module, 'loading the training module');
     } catch (e) {
       say({ type: 'note', text: `${e.message || e}; reload the page to try again` });
       throw e;

@@ -176,18 +176,6 @@ async fn trial_rate(device: &Device, kind: BackendKind) -> Result<f64, String> {
     Ok((timed * BATCH) as f64 / elapsed)
 }
 
-/// Trains the CPU trial's few batches and returns its rate (samples per
-/// second): a helper worker's warm-up on loading, so that its first split
-/// hop runs the module's optimised code, as the tab's worker does after
-/// its backend trial (a cold helper made the first split hop, the one the
-/// tab compares with a hop alone, look slower than it is).
-#[wasm_bindgen]
-pub async fn cpu_trial() -> Result<f64, JsError> {
-    trial_rate(&Device::flex(), BackendKind::Cpu)
-        .await
-        .map_err(|e| JsError::new(&e))
-}
-
 #[cfg(target_arch = "wasm32")]
 thread_local! {
     static WEBGPU: RefCell<Option<Result<Device, String>>> = const { RefCell::new(None) };
