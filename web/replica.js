@@ -13,10 +13,11 @@
 import init, { WasmLocalReplica, WasmReplica } from './pkg/astraea_client.js';
 
 // Instantiated from the module the tab's worker compiled (its first
-// message, 'load'): nothing to compile, and the code V8 optimised while
-// the tab's worker ran its backend trial is this helper's too (measured:
-// ready in 50-190 ms, against 0.5-1.6 s compiling the module itself and
-// warming it up with the trial's steps, and split hops as fast).
+// message, 'load'): nothing to compile, and V8 shares a module's code
+// between workers, so what it optimised while the tab's worker ran its
+// backend trial runs here too (measured: ready in 50-190 ms, against
+// 0.5-1.6 s compiling the module and warming it up with the trial's steps
+// here, and the split hops as fast).
 let ready = null;
 let replica = null;
 let local = null;
@@ -55,6 +56,11 @@ function next() {
   }
   postMessage({ type: 'grads', seq, grads: step.grads, loss: step.loss }, [step.grads.buffer]);
 }
+
+// A message that cannot be read here (the module, or a hop's data) is a
+// failure the tab's worker hears at once, not a helper silent until its
+// time limit.
+onmessageerror = () => postMessage({ type: 'failed', error: 'a message could not be read by a training worker' });
 
 onmessage = async (event) => {
   const m = event.data;

@@ -460,20 +460,21 @@ onmessage = (event) => {
 /**
  * Compiles the training module once and instantiates it here; helpers are
  * sent the compiled module (a WebAssembly.Module is shared between
- * workers, not copied: no helper compiles 14 MB again, and each runs the
- * code V8 has optimised for this worker).
+ * workers, not copied: no helper compiles 14 MB again, and the code V8
+ * optimises in one worker runs in all).
  */
 async function loadModule() {
   const url = new URL('./pkg/astraea_client_bg.wasm', import.meta.url);
   const response = await fetch(url);
   if (!response.ok) throw new Error(`the training module could not be fetched (${response.status})`);
-  try {
-    wasmModule = await WebAssembly.compileStreaming(response.clone());
-  } catch (e) {
-    // A server that does not say application/wasm: compiled from the bytes.
-    wasmModule = await WebAssembly.compile(await response.arrayBuffer());
-  }
-  await init({ module_or_path: wasmModule });
+  // Compiled as it arrives where the server says application/wasm (as
+  // ours does), else from the whole bytes (streaming refuses other types).
+  const streams = (response.headers.get('Content-Type') || '').split(';')[0].trim() === 'application/wasm';
+  const module = streams
+    ? await WebAssembly.compileStreaming(response)
+    : await WebAssembly.compile(await response.arrayBuffer());
+  await init({ module_or_path: module });
+  wasmModule = module;
 }
 
 async function join(preference) {

@@ -43,7 +43,10 @@ fn hop(
             train_local(model, initial, data, config, (threads, sync), &mut |_| {})
         }
     };
-    trained.expect("the hop trains").0
+    let (weights, stats) = trained.expect("the hop trains");
+    // A row for N threads measures N threads, not one gone on alone.
+    assert_eq!(stats.replicas_lost, 0, "a training thread failed");
+    weights
 }
 
 /// One row: a hop of `samples` in batches of `batch` on `threads`.

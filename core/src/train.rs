@@ -966,6 +966,8 @@ impl ModuleVisitor for ReplaceGradients<'_> {
 /// the step in flight ([`Replica::alone`], the same update), the other
 /// threads are stopped (the batches' shares are fixed), and
 /// [`TrainStats::replicas_lost`] says how many replicas the visit lost.
+/// A thread that is alive but never answers is waited for (the threads
+/// share this process: there is no freezing peer to time out).
 ///
 /// # Errors
 /// As [`train_observed`] (the calling thread's own replica).
@@ -1631,6 +1633,8 @@ mod tests {
             parallel_losses.push(p.loss)
         })
         .unwrap();
+        // Shared to the end: not one replica gone on alone.
+        assert_eq!(replicated.1.replicas_lost, 0);
         assert_eq!(losses.len(), parallel_losses.len());
         for (a, b) in losses.iter().zip(&parallel_losses) {
             assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "{a} against {b}");
@@ -1696,8 +1700,8 @@ mod tests {
     #[test]
     fn a_thread_lost_mid_visit_leaves_the_visit_to_go_on_alone_to_the_same_weights() {
         // Prepare: 21 steps of batch 10 split between three threads; one
-        // thread ends before its 6th step, or panics before its 10th, or
-        // ends before its first.
+        // thread ends before its 6th step, or before its last, or panics
+        // before its 10th, or ends before its first.
         let model = ModelConfig::new(2);
         let initial = initial();
         let (images, labels) = halves(203);
@@ -1731,6 +1735,7 @@ mod tests {
 
         // Execute
         let ended = losing(&|index, step| index == 2 && step == 5);
+        let ended_last = losing(&|index, step| index == 2 && step == 20);
         let panicked = losing(&|index, step| {
             assert!(!(index == 1 && step == 9), "a training thread's fault");
             false
@@ -1739,7 +1744,7 @@ mod tests {
         let whole = losing(&|_, _| false);
 
         // Assert: the stopped thread counts as lost with the failed one.
-        for (weights, lost) in [&ended, &panicked, &never_began] {
+        for (weights, lost) in [&ended, &ended_last, &panicked, &never_began] {
             assert_eq!(*lost, 2);
             assert_same_weights(&one, weights, &initial);
         }

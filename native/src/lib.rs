@@ -357,7 +357,12 @@ async fn run_session(
                     let model = session.model().ok_or("a task before the welcome")?.clone();
                     let (images, mut labels) = (data.images.clone(), data.labels.clone());
                     let attack = options.attack;
-                    let threads = (options.threads.max(1), options.split);
+                    let lent = if session.resume.one_thread {
+                        1
+                    } else {
+                        options.threads.max(1)
+                    };
+                    let threads = (lent, options.split);
                     if let Some(attack) = &attack {
                         attack.poison_labels(&mut labels, model.num_classes);
                     }
@@ -407,11 +412,13 @@ async fn run_session(
                         }
                     };
                     if stats.replicas_lost > 0 {
+                        // As the tab gives up the cores of a worker that failed.
+                        session.resume.one_thread = true;
                         tracing::warn!(
                             round = task.round,
                             hop = task.hop,
                             lost = stats.replicas_lost,
-                            "a training thread failed; the hop went on on one thread"
+                            "a training thread failed; the hop went on on one thread, and so will the next"
                         );
                     }
                     // An injected speed: wait out the rest of the time a
@@ -497,6 +504,8 @@ struct Carried {
     rejoin_within_ms: u64,
     /// The session that ended was welcomed (the back-off starts again).
     welcomed: bool,
+    /// A training thread failed: hops train on one thread from then on.
+    one_thread: bool,
 }
 
 /// A session that hands its resume token (and label report) back to the
