@@ -1117,8 +1117,14 @@ fn train_parallel_losing(
 /// samples and steps, the mean loss over all their steps. Natively only.
 /// `threads` 0 or 1 is [`train_observed`].
 ///
+/// A thread that fails (an error, a panic, it ends, or weights that do
+/// not fit) costs the time, not the visit: the visit is trained again
+/// alone from its start ([`train_observed`], `observe` hearing its steps
+/// from the first again), as a tab's worker does, and
+/// [`TrainStats::replicas_lost`] is `threads - 1`.
+///
 /// # Errors
-/// As [`train_observed`]; or a replica's thread failed.
+/// As [`train_observed`].
 #[cfg(not(target_arch = "wasm32"))]
 pub fn train_local(
     model_config: &ModelConfig,
@@ -1128,129 +1134,219 @@ pub fn train_local(
     (threads, sync): (usize, usize),
     observe: &mut dyn FnMut(&StepProgress),
 ) -> Result<(Weights, TrainStats), WeightsError> {
-    use std::sync::Arc;
-    use std::sync::mpsc::channel;
+    train_local_losing(
+        model_config,
+        weights,
+        data,
+        config,
+        (threads, sync),
+        observe,
+        &|_, _| false,
+    )
+}
+
+/// [`train_local`], where replica `index` (from 1) ends before its step
+/// `step` (from 0, counted over the visit) when `lose(index, step)`: how
+/// the tests lose a thread.
+#[cfg(not(target_arch = "wasm32"))]
+fn train_local_losing(
+    model_config: &ModelConfig,
+    weights: &Weights,
+    data: Samples<'_>,
+    config: &TrainConfig,
+    (threads, sync): (usize, usize),
+    observe: &mut dyn FnMut(&StepProgress),
+    lose: &(dyn Fn(usize, usize) -> bool + Sync),
+) -> Result<(Weights, TrainStats), WeightsError> {
     let device = Device::flex().autodiff();
     let threads = threads.min(MAX_REPLICAS);
     if threads <= 1 {
         return train_observed(model_config, weights, data, config, &device, observe);
     }
-    let mut first = LocalReplica::new(
+    let shared = LocalThreads {
         model_config,
         weights,
         data,
         config,
-        &device,
-        (0, threads),
+        device: &device,
+        threads,
         sync,
-    )?;
-    /// A helper's word: a stretch's weights and samples, or its stats at the end.
-    enum Word {
-        Stretch(Vec<f32>, usize),
-        Done(TrainStats),
+        lose,
+    };
+    match shared.train(observe) {
+        Ok(trained) => Ok(trained),
+        // Whatever failed, alone from the start (the replicas' stretches
+        // cannot be taken up by one): if this replica's own training was
+        // what failed, it fails again here and says why.
+        Err(_) => {
+            let (trained, mut stats) =
+                train_observed(model_config, weights, data, config, &device, observe)?;
+            stats.replicas_lost = threads - 1;
+            Ok((trained, stats))
+        }
     }
-    std::thread::scope(|scope| {
-        let mut helpers = Vec::new();
-        for index in 1..threads {
-            let (to_helper, averages) = channel::<Arc<Vec<f32>>>();
-            let (to_driver, from_helper) = channel::<Result<Word, WeightsError>>();
-            scope.spawn(move || {
-                let crashed = to_driver.clone();
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    let device = Device::flex().autodiff();
-                    let run = || -> Result<(), WeightsError> {
-                        let mut replica = LocalReplica::new(
-                            model_config,
-                            weights,
-                            data,
-                            config,
-                            &device,
-                            (index, threads),
-                            sync,
-                        )?;
-                        loop {
-                            while replica.step()?.is_some() {}
-                            let (values, samples) = replica.weights();
-                            if to_driver.send(Ok(Word::Stretch(values, samples))).is_err() {
-                                return Ok(());
-                            }
-                            let Ok(averaged) = averages.recv() else {
-                                return Ok(());
+}
+
+/// A local-SGD visit on threads ([`train_local`]), before any fallback.
+#[cfg(not(target_arch = "wasm32"))]
+struct LocalThreads<'a, 'd> {
+    model_config: &'a ModelConfig,
+    weights: &'a Weights,
+    data: Samples<'d>,
+    config: &'a TrainConfig,
+    device: &'a Device,
+    threads: usize,
+    sync: usize,
+    lose: &'a (dyn Fn(usize, usize) -> bool + Sync),
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl LocalThreads<'_, '_> {
+    fn train(
+        &self,
+        observe: &mut dyn FnMut(&StepProgress),
+    ) -> Result<(Weights, TrainStats), WeightsError> {
+        use std::sync::Arc;
+        use std::sync::mpsc::channel;
+        let Self {
+            model_config,
+            weights,
+            data,
+            config,
+            device,
+            threads,
+            sync,
+            lose,
+        } = *self;
+        let mut first = LocalReplica::new(
+            model_config,
+            weights,
+            data,
+            config,
+            device,
+            (0, threads),
+            sync,
+        )?;
+        /// A helper's word: a stretch's weights and samples, or its stats at the end.
+        enum Word {
+            Stretch(Vec<f32>, usize),
+            Done(TrainStats),
+        }
+        std::thread::scope(|scope| {
+            let mut helpers = Vec::new();
+            for index in 1..threads {
+                let (to_helper, averages) = channel::<Arc<Vec<f32>>>();
+                let (to_driver, from_helper) = channel::<Result<Word, WeightsError>>();
+                scope.spawn(move || {
+                    let crashed = to_driver.clone();
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                            let device = Device::flex().autodiff();
+                            let run = || -> Result<(), WeightsError> {
+                                let mut replica = LocalReplica::new(
+                                    model_config,
+                                    weights,
+                                    data,
+                                    config,
+                                    &device,
+                                    (index, threads),
+                                    sync,
+                                )?;
+                                let mut taken = 0;
+                                loop {
+                                    loop {
+                                        if lose(index, taken) {
+                                            return Ok(());
+                                        }
+                                        if replica.step()?.is_none() {
+                                            break;
+                                        }
+                                        taken += 1;
+                                    }
+                                    let (values, samples) = replica.weights();
+                                    if to_driver.send(Ok(Word::Stretch(values, samples))).is_err() {
+                                        return Ok(());
+                                    }
+                                    let Ok(averaged) = averages.recv() else {
+                                        return Ok(());
+                                    };
+                                    if !replica.load(&averaged)? {
+                                        let _ = to_driver.send(Ok(Word::Done(replica.finish().1)));
+                                        return Ok(());
+                                    }
+                                }
                             };
-                            if !replica.load(&averaged)? {
-                                let _ = to_driver.send(Ok(Word::Done(replica.finish().1)));
-                                return Ok(());
+                            if let Err(e) = run() {
+                                let _ = to_driver.send(Err(e));
+                            }
+                        }));
+                    if outcome.is_err() {
+                        let _ = crashed.send(Err(WeightsError::Readback(
+                            "a training thread panicked".into(),
+                        )));
+                    }
+                });
+                helpers.push((to_helper, from_helper));
+            }
+            let gone = || WeightsError::Readback("a training thread ended early".into());
+            let mut last = None;
+            loop {
+                while let Some((_, progress)) = first.step()? {
+                    observe(&progress);
+                    last = Some(progress);
+                }
+                let mut parts = vec![first.weights()];
+                for (_, from_helper) in &helpers {
+                    // A slower helper's stretch is awaited with replica 0's
+                    // last step told again every second: the observer's
+                    // heartbeats must not stop while the hop goes on.
+                    let word = loop {
+                        match from_helper.recv_timeout(std::time::Duration::from_secs(1)) {
+                            Ok(word) => break word,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                if let Some(progress) = &last {
+                                    observe(progress);
+                                }
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                return Err(gone());
                             }
                         }
                     };
-                    if let Err(e) = run() {
-                        let _ = to_driver.send(Err(e));
+                    match word? {
+                        Word::Stretch(values, samples) => parts.push((values, samples)),
+                        Word::Done(_) => return Err(gone()),
                     }
-                }));
-                if outcome.is_err() {
-                    let _ = crashed.send(Err(WeightsError::Readback(
-                        "a training thread panicked".into(),
-                    )));
                 }
-            });
-            helpers.push((to_helper, from_helper));
-        }
-        let gone = || WeightsError::Readback("a training thread ended early".into());
-        let mut last = None;
-        loop {
-            while let Some((_, progress)) = first.step()? {
-                observe(&progress);
-                last = Some(progress);
+                let views: Vec<(&[f32], usize)> = parts.iter().map(|(v, n)| (&v[..], *n)).collect();
+                let averaged = Arc::new(average_replicas(&views)?);
+                for (to_helper, _) in &helpers {
+                    to_helper.send(averaged.clone()).map_err(|_| gone())?;
+                }
+                if !first.load(&averaged)? {
+                    break;
+                }
             }
-            let mut parts = vec![first.weights()];
+            let (trained, mut stats) = first.finish();
+            let mut loss_sum = stats.mean_loss * stats.steps as f64;
             for (_, from_helper) in &helpers {
-                // A slower helper's stretch is awaited with replica 0's
-                // last step told again every second: the observer's
-                // heartbeats must not stop while the hop goes on.
-                let word = loop {
-                    match from_helper.recv_timeout(std::time::Duration::from_secs(1)) {
-                        Ok(word) => break word,
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            if let Some(progress) = &last {
-                                observe(progress);
-                            }
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(gone()),
+                match from_helper.recv().map_err(|_| gone())?? {
+                    Word::Done(part) => {
+                        stats.samples += part.samples;
+                        stats.steps += part.steps;
+                        loss_sum += part.mean_loss * part.steps as f64;
                     }
-                };
-                match word? {
-                    Word::Stretch(values, samples) => parts.push((values, samples)),
-                    Word::Done(_) => return Err(gone()),
+                    Word::Stretch(..) => return Err(gone()),
                 }
             }
-            let views: Vec<(&[f32], usize)> = parts.iter().map(|(v, n)| (&v[..], *n)).collect();
-            let averaged = Arc::new(average_replicas(&views)?);
-            for (to_helper, _) in &helpers {
-                to_helper.send(averaged.clone()).map_err(|_| gone())?;
-            }
-            if !first.load(&averaged)? {
-                break;
-            }
-        }
-        let (trained, mut stats) = first.finish();
-        let mut loss_sum = stats.mean_loss * stats.steps as f64;
-        for (_, from_helper) in &helpers {
-            match from_helper.recv().map_err(|_| gone())?? {
-                Word::Done(part) => {
-                    stats.samples += part.samples;
-                    stats.steps += part.steps;
-                    loss_sum += part.mean_loss * part.steps as f64;
-                }
-                Word::Stretch(..) => return Err(gone()),
-            }
-        }
-        stats.mean_loss = if stats.steps > 0 {
-            loss_sum / stats.steps as f64
-        } else {
-            0.0
-        };
-        Ok((trained, stats))
-    })
+            stats.mean_loss = if stats.steps > 0 {
+                loss_sum / stats.steps as f64
+            } else {
+                0.0
+            };
+            Ok((trained, stats))
+        })
+    }
 }
 
 /// Sum of squared distances of the model's parameters to an anchor (the
@@ -1933,8 +2029,8 @@ mod tests {
             // batch; the same seed, the same result; the average learnt
             // the task.
             assert_eq!(
-                (stats.steps, stats.samples),
-                (42, 406),
+                (stats.steps, stats.samples, stats.replicas_lost),
+                (42, 406, 0),
                 "{threads} threads, sync {sync}"
             );
             assert_eq!(trained.values, again.0.values);
@@ -1944,6 +2040,61 @@ mod tests {
                 "{threads} threads, sync {sync}: {before:?} -> {after:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_thread_lost_in_a_local_sgd_visit_leaves_it_to_be_trained_again_alone() {
+        // Prepare: 42 batches dealt between 3 threads, averaged every
+        // round; one thread ends before its 5th step, or panics before its
+        // first.
+        let model = ModelConfig::new(2);
+        let config = TrainConfig {
+            batch_size: 10,
+            epochs: 2,
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let initial = Weights::from_model(&model.init_seeded(&Device::flex(), 3));
+        let (images, labels) = halves(203);
+        let data = Samples {
+            images: &images,
+            labels: &labels,
+        };
+        let ad = Device::flex().autodiff();
+        let (one, _) = train(&model, &initial, data, &config, &ad).unwrap();
+        let losing = |lose: &(dyn Fn(usize, usize) -> bool + Sync)| {
+            let mut observed = 0;
+            let (weights, stats) = train_local_losing(
+                &model,
+                &initial,
+                data,
+                &config,
+                (3, 1),
+                &mut |_| observed += 1,
+                lose,
+            )
+            .unwrap();
+            assert_eq!((stats.steps, stats.samples), (42, 406));
+            (weights, stats.replicas_lost, observed)
+        };
+
+        // Execute
+        let ended = losing(&|index, step| index == 2 && step == 4);
+        let panicked = losing(&|index, step| {
+            assert!(!(index == 1 && step == 0), "a training thread's fault");
+            false
+        });
+        let whole = losing(&|_, _| false);
+
+        // Assert: trained again alone, the one visit's update, every one
+        // of its steps heard (after the shared ones before the loss).
+        for (weights, lost, observed) in [&ended, &panicked] {
+            assert_eq!(*lost, 2);
+            assert!(*observed >= 42, "{observed} steps heard");
+            assert_same_weights(&one, weights, &initial);
+        }
+        assert_eq!(whole.1, 0);
+        assert!(crate::guard::delta_norm(&whole.0.values, &one.values) > 1e-3);
     }
 
     #[test]
