@@ -138,12 +138,15 @@ fn native_rate_here(max_train: usize, (replicas, split): (usize, Split)) -> anyh
         labels: &train.labels,
     };
     // One warm-up hop, then three timed.
-    let hop = || {
+    let hop = || -> anyhow::Result<()> {
         let values = weights.values.clone();
-        match replicas {
+        let (_, stats) = match replicas {
             1 => train_task(&model, &task, values, samples, &mut |_| {}),
             n => train_task_threads(&model, &task, values, samples, (n, split), &mut |_| {}),
-        }
+        }?;
+        // A row for N threads measures N threads, not one gone on alone.
+        anyhow::ensure!(stats.replicas_lost == 0, "a training thread failed");
+        Ok(())
     };
     hop()?;
     let started = Instant::now();
