@@ -85,9 +85,11 @@ pub fn answer(listener: TcpListener, run: String) -> Answering {
         });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        });
+        let serving = axum::serve(crate::without_nagle(listener), router).with_graceful_shutdown(
+            async move {
+                let _ = stopped.await;
+            },
+        );
         if let Err(e) = serving.await {
             tracing::error!("the follower's answers stopped: {e}");
         }

@@ -233,6 +233,18 @@ pub async fn start(listener: TcpListener, config: ServeConfig) -> anyhow::Result
     })
 }
 
+/// `listener` with TCP_NODELAY set on every connection it accepts (see
+/// `spawn_server`: small messages go out as they are written).
+pub(crate) fn without_nagle(
+    listener: TcpListener,
+) -> axum::serve::TapIo<TcpListener, impl FnMut(&mut tokio::net::TcpStream) + Send + 'static> {
+    axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+    })
+}
+
 /// Serves `router` on `listener` (HTTPS under `rustls`) until the process
 /// ends.
 fn spawn_server(
@@ -240,10 +252,16 @@ fn spawn_server(
     rustls: Option<axum_server::tls_rustls::RustlsConfig>,
     router: axum::Router,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    // TCP_NODELAY on every connection: a refusal's error frame and the
+    // close after it are two small writes, and Nagle's algorithm held the
+    // close back for the first's delayed ACK, long enough for the reset of
+    // a socket closed with the client's unread bytes to lose it (and the
+    // same wait slowed every small message that followed another: acks,
+    // round-done, plans).
     let server = match rustls {
         None => tokio::spawn(async move {
             if let Err(e) = axum::serve(
-                listener,
+                without_nagle(listener),
                 router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
             )
             .await
@@ -254,7 +272,10 @@ fn spawn_server(
         Some(rustls) => {
             let listener = listener.into_std()?;
             tokio::spawn(async move {
-                let server = axum_server::from_tcp_rustls(listener, rustls);
+                let server = axum_server::from_tcp(listener).acceptor(
+                    axum_server::tls_rustls::RustlsAcceptor::new(rustls)
+                        .acceptor(axum_server::accept::NoDelayAcceptor::new()),
+                );
                 if let Err(e) = server
                     .serve(router.into_make_service_with_connect_info::<std::net::SocketAddr>())
                     .await

@@ -584,7 +584,7 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frame_above_the_limit_is_refused() {
+async fn a_frame_above_the_limit_is_refused_with_an_error_and_a_close() {
     // Prepare: the test server's limit is 64 KiB.
     let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;
     let mut socket = join(&address).await;
@@ -594,8 +594,12 @@ async fn a_frame_above_the_limit_is_refused() {
         .send(Message::Binary(vec![0u8; 200 * 1024].into()))
         .await;
     let error = next_error(&mut socket).await;
+    let after = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
 
-    // Assert
+    // Assert: the error, then the close frame the protocol promises
+    // (PROTOCOL.md, "Closing and departures"). The bug: the close was
+    // held back by Nagle's algorithm behind the error frame and lost to
+    // the reset of a socket closed with the frame's rest unread.
     let ServerMessage::Error { code, message } = error else {
         unreachable!()
     };
@@ -603,6 +607,10 @@ async fn a_frame_above_the_limit_is_refused() {
         code,
         astraea_core::protocol::ErrorCode::TooLarge,
         "{message}"
+    );
+    assert!(
+        matches!(after, Ok(Some(Ok(Message::Close(_))))),
+        "after the error: {after:?}"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(running.state.clients().len(), 0);
