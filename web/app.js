@@ -184,6 +184,10 @@ worker.onmessage = (event) => {
       if (m.epsilon != null) $('model-privacy').textContent = modelPrivacyText(m.epsilon);
       page.accuracies.push([m.round, m.accuracy]);
       $('accuracy').textContent = `${(m.accuracy * 100).toFixed(2)} % after round ${m.round}`;
+      if (m.last) {
+        page.runOver = true;
+        banner(`The run is over after round ${m.round}: thank you for lending this tab. You can close it.`, 'note');
+      }
       scheduleCharts();
       break;
     case 'drawn':

@@ -356,10 +356,12 @@ fn actions_to_js(actions: Vec<ClientAction>) -> Result<JsValue, JsError> {
                 round,
                 accuracy,
                 epsilon,
+                last,
             } => {
                 set(&object, "kind", &"round-done".into())?;
                 set(&object, "round", &round.into())?;
                 set(&object, "accuracy", &accuracy.into())?;
+                set(&object, "last", &last.into())?;
                 if let Some(epsilon) = epsilon {
                     set(&object, "epsilon", &epsilon.into())?;
                 }

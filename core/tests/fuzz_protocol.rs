@@ -241,6 +241,7 @@ fn a_closed_session_answers_nothing() {
         loss: 0.1,
         epsilon: None,
         rejoin_within_ms: None,
+        last: false,
     };
 
     // Execute

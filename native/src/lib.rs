@@ -140,6 +140,8 @@ enum Ended {
     /// Reconnecting would not help: the server refused us, or we refused
     /// its certificate. The reason says which.
     Refused(String),
+    /// The run did its last round (`round-done.last`): the client left.
+    RunOver,
 }
 
 /// The client's local data: the shard as loaded, and the data it trains on
@@ -187,6 +189,10 @@ pub async fn run_client(
         }
         let (reason, retry_after) = match ended {
             Ok(Ended::Refused(reason)) => bail!("{reason}"),
+            Ok(Ended::RunOver) => {
+                tracing::info!("the run is over; the client leaves");
+                return Ok(summary);
+            }
             Ok(Ended::Disconnected(reason)) => (reason, None),
             Err(ReasonError {
                 reason,
@@ -455,7 +461,16 @@ async fn run_session(
                         started.elapsed().as_secs_f64(),
                     ));
                 }
-                ClientAction::RoundDone { accuracy, .. } => summary.last_accuracy = Some(accuracy),
+                ClientAction::RoundDone { accuracy, last, .. } => {
+                    summary.last_accuracy = Some(accuracy);
+                    if last {
+                        // The run is over: leave, as a volunteer closing the tab.
+                        let leave = ClientMessage::Leave.to_json();
+                        let _ = sink.send(Message::Text(leave.into())).await;
+                        let _ = sink.close().await;
+                        return Ok(Ended::RunOver);
+                    }
+                }
                 ClientAction::Acknowledged {
                     round,
                     hop,

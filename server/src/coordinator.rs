@@ -507,6 +507,8 @@ async fn close_round(
         loss: eval.loss,
         epsilon: state.model_epsilon().filter(|e| e.is_finite()),
         rejoin_within_ms: Some(state.rejoin_within_ms(0)),
+        // The loops (synchronous and asynchronous) end after this round.
+        last: round >= state.tunable().rounds,
     };
     for entry in state.clients().values() {
         entry.send(&done);

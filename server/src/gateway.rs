@@ -224,6 +224,8 @@ pub async fn run(
                         loss,
                         epsilon: epsilon.filter(|e| e.is_finite()),
                         rejoin_within_ms: Some(state.rejoin_within_ms(0)),
+                        // The run finished, and no later round is awaited.
+                        last: finished && awaiting.is_empty(),
                     };
                     for entry in state.clients().values() {
                         entry.send(&done);

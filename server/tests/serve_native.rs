@@ -584,6 +584,52 @@ async fn admin_actions_need_the_token_and_model_and_metrics_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_round_done_says_the_run_is_over_and_native_clients_leave() {
+    // Prepare: a run of two rounds, two native clients, and a listener
+    // that joins and never says it is ready (never drawn; it hears what
+    // every connected client hears).
+    let (_running, address) = start(config(StrategyKind::FedAvg, 2, 2)).await;
+    let mut listener = connect(&address).await;
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Demo,
+        resume: None,
+    };
+    send(&mut listener, &join).await;
+    let swarm = tokio::spawn(run_swarm(2, options(&address)));
+
+    // Execute: the listener hears every round-done; the swarm ends by itself.
+    let mut lasts = Vec::new();
+    let heard = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(frame)) = listener.next().await {
+            if let Message::Text(text) = frame
+                && let Ok(ServerMessage::RoundDone { round, last, .. }) =
+                    ServerMessage::from_json(&text)
+            {
+                lasts.push((round, last));
+                if last {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    let summaries = tokio::time::timeout(Duration::from_secs(30), swarm).await;
+
+    // Assert: only round 2's says `last`, and the native clients left once
+    // they heard it (the bug: nothing said the run was over, and they
+    // stayed connected for ever).
+    assert!(heard.is_ok(), "the run ends: {lasts:?}");
+    assert_eq!(lasts, vec![(1, false), (2, true)]);
+    let summaries = summaries.expect("the native clients leave once the run is over");
+    for summary in summaries.unwrap() {
+        assert!(summary.unwrap().last_accuracy.is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_above_the_limit_is_refused_with_an_error_and_a_close() {
     // Prepare: the test server's limit is 64 KiB.
     let (running, address) = start(config(StrategyKind::FedAvg, 50, 1)).await;

@@ -1220,6 +1220,7 @@ pub fn server_message(rng: &mut StdRng, fit: Option<(usize, usize)>) -> ServerMe
             loss: any_f64(rng),
             epsilon: rng.random_bool(0.5).then(|| any_f64(rng)),
             rejoin_within_ms: rng.random_bool(0.5).then(|| any_u64(rng)),
+            last: rng.random_bool(0.5),
         },
         4 => ServerMessage::Ack {
             round: any_u32(rng),

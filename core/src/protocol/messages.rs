@@ -375,6 +375,10 @@ pub enum ServerMessage {
         /// Pace steering, as in `welcome`, for the server's clients now.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rejoin_within_ms: Option<u64>,
+        /// The run's last round: it is over, no task will follow. Absent
+        /// (false) otherwise.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        last: bool,
     },
     /// What became of an update: sent once its last chunk has been judged.
     Ack {

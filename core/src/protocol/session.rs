@@ -42,6 +42,8 @@ pub enum ClientAction {
         accuracy: f64,
         /// Under client-level DP, the model's epsilon spent so far.
         epsilon: Option<f64>,
+        /// The run's last round: the run is over (the client may leave).
+        last: bool,
     },
     /// The server said what became of an update (for display and logs).
     Acknowledged {
@@ -300,6 +302,7 @@ impl ClientSession {
                     accuracy,
                     epsilon,
                     rejoin_within_ms,
+                    last,
                     ..
                 },
             ) => {
@@ -310,6 +313,7 @@ impl ClientSession {
                     round,
                     accuracy,
                     epsilon,
+                    last,
                 }]
             }
             // Secure aggregation runs beside the chain: its messages may
@@ -844,6 +848,7 @@ mod tests {
                 loss: 1.0,
                 epsilon: None,
                 rejoin_within_ms: window,
+                last: false,
             }
             .to_json()
         };
