@@ -187,6 +187,7 @@ worker.onmessage = (event) => {
       if (m.last) {
         page.runOver = true;
         banner(`The run is over after round ${m.round}: thank you for lending this tab. You can close it.`, 'note');
+        $('status').textContent = 'the run is over';
       }
       scheduleCharts();
       break;

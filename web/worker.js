@@ -849,12 +849,6 @@ async function run(actions) {
         break;
       case 'round-done':
         say({ type: 'round', round: action.round, accuracy: action.accuracy, epsilon: action.epsilon ?? null, last: Boolean(action.last) });
-        if (action.last) {
-          // The run is over: the tab leaves (and does not come back).
-          leaving = true;
-          socket.send(JSON.stringify({ type: 'leave' }));
-          socket.close();
-        }
         break;
       case 'ack':
         // What the server did with this tab's last update (accepted, stale, refused).

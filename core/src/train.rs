@@ -1232,6 +1232,8 @@ impl LocalThreads<'_, '_> {
             Stretch(Vec<f32>, usize),
             Done(TrainStats),
         }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stop = &stop;
         std::thread::scope(|scope| {
             let mut helpers = Vec::new();
             for index in 1..threads {
@@ -1255,7 +1257,9 @@ impl LocalThreads<'_, '_> {
                                 let mut taken = 0;
                                 loop {
                                     loop {
-                                        if lose(index, taken) {
+                                        if lose(index, taken)
+                                            || stop.load(std::sync::atomic::Ordering::Relaxed)
+                                        {
                                             return Ok(());
                                         }
                                         if replica.step()?.is_none() {
@@ -1288,63 +1292,74 @@ impl LocalThreads<'_, '_> {
                 });
                 helpers.push((to_helper, from_helper));
             }
-            let gone = || WeightsError::Readback("a training thread ended early".into());
-            let mut last = None;
-            loop {
-                while let Some((_, progress)) = first.step()? {
-                    observe(&progress);
-                    last = Some(progress);
-                }
-                let mut parts = vec![first.weights()];
-                for (_, from_helper) in &helpers {
-                    // A slower helper's stretch is awaited with replica 0's
-                    // last step told again every second: the observer's
-                    // heartbeats must not stop while the hop goes on.
-                    let word = loop {
-                        match from_helper.recv_timeout(std::time::Duration::from_secs(1)) {
-                            Ok(word) => break word,
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                if let Some(progress) = &last {
-                                    observe(progress);
+            // Whatever ends the visit early stops the helpers at their next
+            // step, not at the end of their stretch (the fallback alone
+            // then starts at once, and beats meanwhile).
+            let drive = || -> Result<(Weights, TrainStats), WeightsError> {
+                let gone = || WeightsError::Readback("a training thread ended early".into());
+                let mut last = None;
+                loop {
+                    while let Some((_, progress)) = first.step()? {
+                        observe(&progress);
+                        last = Some(progress);
+                    }
+                    let mut parts = vec![first.weights()];
+                    for (_, from_helper) in &helpers {
+                        // A slower helper's stretch is awaited with replica 0's
+                        // last step told again every second: the observer's
+                        // heartbeats must not stop while the hop goes on.
+                        let word = loop {
+                            match from_helper.recv_timeout(std::time::Duration::from_secs(1)) {
+                                Ok(word) => break word,
+                                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                    if let Some(progress) = &last {
+                                        observe(progress);
+                                    }
+                                }
+                                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                    return Err(gone());
                                 }
                             }
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                                return Err(gone());
-                            }
+                        };
+                        match word? {
+                            Word::Stretch(values, samples) => parts.push((values, samples)),
+                            Word::Done(_) => return Err(gone()),
                         }
-                    };
-                    match word? {
-                        Word::Stretch(values, samples) => parts.push((values, samples)),
-                        Word::Done(_) => return Err(gone()),
+                    }
+                    let views: Vec<(&[f32], usize)> =
+                        parts.iter().map(|(v, n)| (&v[..], *n)).collect();
+                    let averaged = Arc::new(average_replicas(&views)?);
+                    for (to_helper, _) in &helpers {
+                        to_helper.send(averaged.clone()).map_err(|_| gone())?;
+                    }
+                    if !first.load(&averaged)? {
+                        break;
                     }
                 }
-                let views: Vec<(&[f32], usize)> = parts.iter().map(|(v, n)| (&v[..], *n)).collect();
-                let averaged = Arc::new(average_replicas(&views)?);
-                for (to_helper, _) in &helpers {
-                    to_helper.send(averaged.clone()).map_err(|_| gone())?;
-                }
-                if !first.load(&averaged)? {
-                    break;
-                }
-            }
-            let (trained, mut stats) = first.finish();
-            let mut loss_sum = stats.mean_loss * stats.steps as f64;
-            for (_, from_helper) in &helpers {
-                match from_helper.recv().map_err(|_| gone())?? {
-                    Word::Done(part) => {
-                        stats.samples += part.samples;
-                        stats.steps += part.steps;
-                        loss_sum += part.mean_loss * part.steps as f64;
+                let (trained, mut stats) = first.finish();
+                let mut loss_sum = stats.mean_loss * stats.steps as f64;
+                for (_, from_helper) in &helpers {
+                    match from_helper.recv().map_err(|_| gone())?? {
+                        Word::Done(part) => {
+                            stats.samples += part.samples;
+                            stats.steps += part.steps;
+                            loss_sum += part.mean_loss * part.steps as f64;
+                        }
+                        Word::Stretch(..) => return Err(gone()),
                     }
-                    Word::Stretch(..) => return Err(gone()),
                 }
-            }
-            stats.mean_loss = if stats.steps > 0 {
-                loss_sum / stats.steps as f64
-            } else {
-                0.0
+                stats.mean_loss = if stats.steps > 0 {
+                    loss_sum / stats.steps as f64
+                } else {
+                    0.0
+                };
+                Ok((trained, stats))
             };
-            Ok((trained, stats))
+            let outcome = drive();
+            if outcome.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            outcome
         })
     }
 }

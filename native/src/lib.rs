@@ -140,8 +140,6 @@ enum Ended {
     /// Reconnecting would not help: the server refused us, or we refused
     /// its certificate. The reason says which.
     Refused(String),
-    /// The run did its last round (`round-done.last`): the client left.
-    RunOver,
 }
 
 /// The client's local data: the shard as loaded, and the data it trains on
@@ -189,10 +187,6 @@ pub async fn run_client(
         }
         let (reason, retry_after) = match ended {
             Ok(Ended::Refused(reason)) => bail!("{reason}"),
-            Ok(Ended::RunOver) => {
-                tracing::info!("the run is over; the client leaves");
-                return Ok(summary);
-            }
             Ok(Ended::Disconnected(reason)) => (reason, None),
             Err(ReasonError {
                 reason,
@@ -461,14 +455,15 @@ async fn run_session(
                         started.elapsed().as_secs_f64(),
                     ));
                 }
-                ClientAction::RoundDone { accuracy, last, .. } => {
+                ClientAction::RoundDone {
+                    round,
+                    accuracy,
+                    last,
+                    ..
+                } => {
                     summary.last_accuracy = Some(accuracy);
                     if last {
-                        // The run is over: leave, as a volunteer closing the tab.
-                        let leave = ClientMessage::Leave.to_json();
-                        let _ = sink.send(Message::Text(leave.into())).await;
-                        let _ = sink.close().await;
-                        return Ok(Ended::RunOver);
+                        tracing::info!(round, accuracy, "the run is over: that was its last round");
                     }
                 }
                 ClientAction::Acknowledged {

@@ -507,8 +507,10 @@ async fn close_round(
         loss: eval.loss,
         epsilon: state.model_epsilon().filter(|e| e.is_finite()),
         rejoin_within_ms: Some(state.rejoin_within_ms(0)),
-        // The loops (synchronous and asynchronous) end after this round.
-        last: round >= state.tunable().rounds,
+        // The loops (synchronous and asynchronous) end after this round:
+        // its rounds are done, or the privacy budget allows no more.
+        last: round >= state.tunable().rounds
+            || served_privacy(state).is_some_and(|p| p.budget_allows(round + 1).is_err()),
     };
     for entry in state.clients().values() {
         entry.send(&done);
