@@ -1997,10 +1997,12 @@ mod tests {
         assert_eq!(local.values, alone.values);
     }
 
-    #[test]
-    fn local_replicas_deal_every_batch_once_and_the_average_learns() {
-        // Prepare: 203 samples in batches of 10 (21 a epoch, the last of
-        // 3), two epochs: 42 batches dealt between 2 or 3 replicas.
+    /// The local-SGD tests' visit: 203 samples in batches of 10 (21 an
+    /// epoch, the last of 3), two epochs: 42 batches; a seeded first model
+    /// (from an unseeded one, three replicas averaged once fell short of
+    /// halving the loss in 1 run of 6). The model, its configuration, the
+    /// first weights and the samples (images, labels).
+    fn local_visit() -> (ModelConfig, TrainConfig, Weights, (Vec<f32>, Vec<u32>)) {
         let model = ModelConfig::new(2);
         let config = TrainConfig {
             batch_size: 10,
@@ -2008,10 +2010,14 @@ mod tests {
             seed: 9,
             ..TrainConfig::default()
         };
-        // A seeded first model: from an unseeded one, the three replicas
-        // averaged once fell short of halving the loss in 1 run of 6.
         let initial = Weights::from_model(&model.init_seeded(&Device::flex(), 3));
-        let (images, labels) = halves(203);
+        (model, config, initial, halves(203))
+    }
+
+    #[test]
+    fn local_replicas_deal_every_batch_once_and_the_average_learns() {
+        // Prepare: the 42 batches dealt between 2 or 3 replicas.
+        let (model, config, initial, (images, labels)) = local_visit();
         let data = Samples {
             images: &images,
             labels: &labels,
@@ -2059,18 +2065,10 @@ mod tests {
 
     #[test]
     fn a_thread_lost_in_a_local_sgd_visit_leaves_it_to_be_trained_again_alone() {
-        // Prepare: 42 batches dealt between 3 threads, averaged every
+        // Prepare: the 42 batches dealt between 3 threads, averaged every
         // round; one thread ends before its 5th step, or panics before its
         // first.
-        let model = ModelConfig::new(2);
-        let config = TrainConfig {
-            batch_size: 10,
-            epochs: 2,
-            seed: 9,
-            ..TrainConfig::default()
-        };
-        let initial = Weights::from_model(&model.init_seeded(&Device::flex(), 3));
-        let (images, labels) = halves(203);
+        let (model, config, initial, (images, labels)) = local_visit();
         let data = Samples {
             images: &images,
             labels: &labels,

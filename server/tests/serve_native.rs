@@ -589,7 +589,24 @@ async fn the_last_round_done_says_the_run_is_over() {
     // that joins and never says it is ready (never drawn; it hears what
     // every connected client hears).
     let (_running, address) = start(config(StrategyKind::FedAvg, 2, 2)).await;
-    let mut listener = connect(&address).await;
+    let heard = round_dones_heard(&address).await;
+    let swarm = tokio::spawn(run_swarm(2, options(&address)));
+
+    // Execute: the listener hears every round-done.
+    let lasts = tokio::time::timeout(Duration::from_secs(60), heard).await;
+    swarm.abort();
+
+    // Assert: only round 2's says `last` (the bug: nothing said the run
+    // was over; a third-party client needed its own count of rounds).
+    let lasts = lasts.expect("the last round-done came").unwrap();
+    assert_eq!(lasts, vec![(1, false), (2, true)]);
+}
+
+/// A listener that joins `address` for a demo shard and never says it is
+/// ready (never drawn; it hears what every connected client hears): each
+/// `round-done`'s round and `last`, up to the one that says `last`.
+async fn round_dones_heard(address: &str) -> tokio::task::JoinHandle<Vec<(u32, bool)>> {
+    let mut listener = connect(address).await;
     let join = ClientMessage::Join {
         version: PROTOCOL_VERSION,
         backend: "test".into(),
@@ -598,11 +615,8 @@ async fn the_last_round_done_says_the_run_is_over() {
         resume: None,
     };
     send(&mut listener, &join).await;
-    let swarm = tokio::spawn(run_swarm(2, options(&address)));
-
-    // Execute: the listener hears every round-done.
-    let mut lasts = Vec::new();
-    let heard = tokio::time::timeout(Duration::from_secs(60), async {
+    tokio::spawn(async move {
+        let mut lasts = Vec::new();
         while let Some(Ok(frame)) = listener.next().await {
             if let Message::Text(text) = frame
                 && let Ok(ServerMessage::RoundDone { round, last, .. }) =
@@ -614,14 +628,8 @@ async fn the_last_round_done_says_the_run_is_over() {
                 }
             }
         }
+        lasts
     })
-    .await;
-    swarm.abort();
-
-    // Assert: only round 2's says `last` (the bug: nothing said the run
-    // was over; a third-party client needed its own count of rounds).
-    assert!(heard.is_ok(), "the run ends: {lasts:?}");
-    assert_eq!(lasts, vec![(1, false), (2, true)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,31 +754,7 @@ async fn a_private_run_reports_its_spend_every_round_and_stops_at_its_budget() {
     let mut cfg = config(StrategyKind::FedAvg, 4, 5);
     privately(&mut cfg, 0.5, 2.0, (spent(2) + spent(3)) / 2.0, None);
     let (running, address) = start(cfg).await;
-    // A listener never ready (never drawn) hears the rounds' round-done.
-    let mut listener = connect(&address).await;
-    let join = ClientMessage::Join {
-        version: PROTOCOL_VERSION,
-        backend: "test".into(),
-        speed: None,
-        data: DataSource::Demo,
-        resume: None,
-    };
-    send(&mut listener, &join).await;
-    let heard = tokio::spawn(async move {
-        let mut lasts = Vec::new();
-        while let Some(Ok(frame)) = listener.next().await {
-            if let Message::Text(text) = frame
-                && let Ok(ServerMessage::RoundDone { round, last, .. }) =
-                    ServerMessage::from_json(&text)
-            {
-                lasts.push((round, last));
-                if last {
-                    break;
-                }
-            }
-        }
-        lasts
-    });
+    let heard = round_dones_heard(&address).await;
     let swarm = tokio::spawn(run_swarm(4, options(&address)));
 
     // Execute
