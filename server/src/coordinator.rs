@@ -343,7 +343,7 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
             }
             None => None,
         };
-        close_round(
+        let last = close_round(
             &state,
             &data,
             strategy.as_ref(),
@@ -357,6 +357,9 @@ pub async fn run(state: Arc<AppState>, data: ServerData, resume: Resume) -> anyh
         )
         .await?;
         round += 1;
+        if last {
+            break;
+        }
     }
     state.status().phase = Phase::Finished;
     if !state.control().stopped {
@@ -388,7 +391,7 @@ async fn close_round(
     start: Instant,
     largest: Option<usize>,
     secured: Option<(astraea_core::engine::round::Unmasked, Vec<u64>)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let (secured, maskers) = match secured {
         Some((unmasked, maskers)) => (Some(unmasked), maskers),
         None => (None, vec![]),
@@ -487,6 +490,11 @@ async fn close_round(
         .as_ref()
         .map(|p| (p.accountant.clone(), p.clip))
         .unzip();
+    // The run's last round: its rounds are done, or the privacy budget
+    // allows no more. Decided once, here: the round loops end on it, the
+    // store marks the run finished with the round, the clients hear it.
+    let last = round >= state.tunable().rounds
+        || served_privacy(state).is_some_and(|p| p.budget_allows(round + 1).is_err());
     // A round another server's lease refused is not this server's to
     // announce: it stops here (and the round loop with it).
     state.record_or_refused(|store, run| {
@@ -497,6 +505,7 @@ async fn close_round(
             guard: &guard,
             accountant: accountant.as_ref(),
             model_clip,
+            last,
         };
         store.save_round(run, &record, &kept)
     })?;
@@ -507,15 +516,12 @@ async fn close_round(
         loss: eval.loss,
         epsilon: state.model_epsilon().filter(|e| e.is_finite()),
         rejoin_within_ms: Some(state.rejoin_within_ms(0)),
-        // The loops (synchronous and asynchronous) end after this round:
-        // its rounds are done, or the privacy budget allows no more.
-        last: round >= state.tunable().rounds
-            || served_privacy(state).is_some_and(|p| p.budget_allows(round + 1).is_err()),
+        last,
     };
     for entry in state.clients().values() {
         entry.send(&done);
     }
-    Ok(())
+    Ok(last)
 }
 
 /// Waits for enough ready clients and, the first time, sends the data plan
@@ -694,7 +700,7 @@ async fn run_async(
         }
         if versions.due() {
             let made = versions.take();
-            close_round(
+            let last = close_round(
                 &state,
                 &data,
                 strategy.as_ref(),
@@ -709,6 +715,9 @@ async fn run_async(
             .await?;
             versions.advance();
             state.status().round_started = Some(Instant::now());
+            if last {
+                break;
+            }
         }
     }
     // Chains still out when the run ends are given up.

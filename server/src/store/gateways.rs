@@ -772,9 +772,9 @@ impl PgStore {
     ) -> Result<(Option<RoundOutcome>, bool), StoreError> {
         let run = run.to_string();
         self.call(move |client| {
-            let finished = client
-                .query_opt("SELECT finished FROM runs WHERE name = $1", &[&run])?
-                .is_some_and(|row| row.get(0));
+            // The outcome first: a run finished with its last round is
+            // marked so in the round's own transaction, so a round read
+            // here comes with the `finished` it was saved with.
             let outcome = client
                 .query_opt(
                     "SELECT r.accuracy, r.loss, r.epsilon FROM rounds r JOIN runs ON runs.id = r.run_id
@@ -782,6 +782,9 @@ impl PgStore {
                     &[&run, &i64::from(round)],
                 )?
                 .map(|row| (row.get(0), row.get(1), row.get(2)));
+            let finished = client
+                .query_opt("SELECT finished FROM runs WHERE name = $1", &[&run])?
+                .is_some_and(|row| row.get(0));
             Ok((outcome, finished))
         })
     }

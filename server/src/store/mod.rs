@@ -104,6 +104,10 @@ pub struct RoundState<'a> {
     /// The clip the next round uses (client-level DP runs; under adaptive
     /// clipping, where it has moved to).
     pub model_clip: Option<f64>,
+    /// The run's last round: the run is marked finished with it, in the
+    /// same transaction (a gateway reading the round's outcome sees that
+    /// the run finished with it, and tells its clients `last`).
+    pub last: bool,
 }
 
 /// A run as found in (or created in) the database.
@@ -460,6 +464,7 @@ pub(crate) mod contract {
             guard: &[],
             accountant: None,
             model_clip,
+            last: false,
         }
     }
 
@@ -495,6 +500,7 @@ pub(crate) mod contract {
                         guard: &[0.5],
                         accountant: None,
                         model_clip: None,
+                        last: false,
                     },
                 )
                 .unwrap();
@@ -509,6 +515,7 @@ pub(crate) mod contract {
                         guard: &[0.5, 0.75],
                         accountant: None,
                         model_clip: None,
+                        last: false,
                     },
                 )
                 .unwrap();
@@ -532,37 +539,47 @@ pub(crate) mod contract {
     }
 
     /// A finished run of the same name starts again, empty (a store one
-    /// server keeps).
+    /// server keeps): finished by `finish`, or by saving its last round
+    /// (`RoundState::last`, without `finish`: a server that dies between
+    /// the two has finished the run all the same).
     pub fn a_finished_run_is_not_resumed(open: &dyn Fn() -> Store) {
         let weights = Weights::from_model(&ModelConfig::new(10).init(&Device::flex()));
-        {
+        for by_last_round in [true, false] {
+            {
+                let mut store = open();
+                let run = store
+                    .resume_or_create("demo", "{}", &weights.shapes)
+                    .unwrap();
+                store
+                    .save_round(
+                        run.run_id,
+                        &record(1, 0.3),
+                        &RoundState {
+                            skipped_hops: 0,
+                            mediators: &[],
+                            checkpoint: &weights.to_safetensors(),
+                            guard: &[],
+                            accountant: None,
+                            model_clip: None,
+                            last: by_last_round,
+                        },
+                    )
+                    .unwrap();
+                if !by_last_round {
+                    store.finish(run.run_id).unwrap();
+                }
+            }
+
             let mut store = open();
-            let run = store
+            let fresh = store
                 .resume_or_create("demo", "{}", &weights.shapes)
                 .unwrap();
-            store
-                .save_round(
-                    run.run_id,
-                    &record(1, 0.3),
-                    &RoundState {
-                        skipped_hops: 0,
-                        mediators: &[],
-                        checkpoint: &weights.to_safetensors(),
-                        guard: &[],
-                        accountant: None,
-                        model_clip: None,
-                    },
-                )
-                .unwrap();
-            store.finish(run.run_id).unwrap();
+
+            assert!(
+                fresh.history.is_empty() && fresh.weights.is_none(),
+                "finished by its last round: {by_last_round}"
+            );
         }
-
-        let mut store = open();
-        let fresh = store
-            .resume_or_create("demo", "{}", &weights.shapes)
-            .unwrap();
-
-        assert!(fresh.history.is_empty() && fresh.weights.is_none());
     }
 
     /// A client recorded with its token is found by that token (its id

@@ -560,6 +560,7 @@ impl RunStore for PgStore {
             })
             .collect();
         let term = self.fence.as_ref().map(|(_, term, _)| *term);
+        let last = kept.last;
         self.fenced(move |tx| {
             tx.execute(
                 "INSERT INTO blobs (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
@@ -593,6 +594,9 @@ impl RunStore for PgStore {
                     "INSERT INTO mediators (run_id, round, mediator, members, kl) VALUES ($1, $2, $3, $4, $5)",
                     &[&run_id, &round, &(index as i64), members, kl],
                 )?;
+            }
+            if last {
+                tx.execute("UPDATE runs SET finished = true WHERE id = $1", &[&run_id])?;
             }
             // The gateways that trained it tell their clients.
             super::listen::notify_run_id(tx, run_id)?;
@@ -1055,6 +1059,26 @@ mod tests {
             .resume_or_create("next", "{}", &weights.shapes)
             .unwrap();
         assert!(other.history.is_empty() && other.run_id != run.run_id);
+
+        // Finished by saving its last round, without `finish`: the run is
+        // marked finished in the round's own transaction (a leader that
+        // dies between the two has finished it all the same, and a
+        // gateway reading the round reads that it was the last).
+        let ended = store
+            .resume_or_create("ended", "{}", &weights.shapes)
+            .unwrap();
+        let last = RoundState {
+            last: true,
+            ..bare(&checkpoint, None)
+        };
+        store
+            .save_round(ended.run_id, &record(1, 0.3), &last)
+            .unwrap();
+        let again = store.resume_or_create("ended", "{}", &weights.shapes);
+        assert!(
+            matches!(&again, Err(StoreError::Finished { name }) if name == "ended"),
+            "{again:?}"
+        );
     }
 
     #[test]

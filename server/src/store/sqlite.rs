@@ -241,6 +241,7 @@ impl RunStore for SqliteStore {
             guard,
             accountant,
             model_clip,
+            last,
         } = *kept;
         let file = format!("run{run_id}-round{:06}.safetensors", record.round);
         let path = self.checkpoints.join(&file);
@@ -288,6 +289,12 @@ impl RunStore for SqliteStore {
                     serde_json::to_string(&mediator.members).expect("ids serialise"),
                     mediator.kl
                 ],
+            )?;
+        }
+        if last {
+            tx.execute(
+                "UPDATE runs SET finished = 1 WHERE id = ?1",
+                params![run_id],
             )?;
         }
         tx.commit()?;
@@ -476,6 +483,7 @@ mod tests {
                 guard: &[],
                 accountant: None,
                 model_clip: Some(clip),
+                last: false,
             };
             store
                 .save_round(run.run_id, &record(round, 0.3), &kept)
@@ -514,6 +522,7 @@ mod tests {
                 guard: &[],
                 accountant: Some(&spent),
                 model_clip: Some(0.5),
+                last: false,
             };
             store
                 .save_round(run.run_id, &record(1, 0.3), &kept)
