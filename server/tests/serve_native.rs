@@ -6,14 +6,15 @@ mod support;
 use std::time::Duration;
 
 use astraea_core::protocol::{
-    ClientMessage, DataSource, PROTOCOL_VERSION, ServerMessage, UpdateSpec, WeightEncoding,
-    encode_chunks,
+    ClientMessage, DataSource, ServerMessage, UpdateSpec, WeightEncoding, encode_chunks,
 };
 use astraea_core::strategy::{Rescheduling, StrategyKind};
 use astraea_native::run_swarm;
 use astraea_server::state::Phase;
 use futures_util::{SinkExt, StreamExt};
-use support::{config, connect, finishes, join, next_error, options, privately, send, start};
+use support::{
+    config, connect, connect_as_demo, finishes, join, next_error, options, privately, send, start,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A plain HTTP/1.1 request over loopback; returns the status and body.
@@ -606,15 +607,7 @@ async fn the_last_round_done_says_the_run_is_over() {
 /// ready (never drawn; it hears what every connected client hears): each
 /// `round-done`'s round and `last`, up to the one that says `last`.
 async fn round_dones_heard(address: &str) -> tokio::task::JoinHandle<Vec<(u32, bool)>> {
-    let mut listener = connect(address).await;
-    let join = ClientMessage::Join {
-        version: PROTOCOL_VERSION,
-        backend: "test".into(),
-        speed: None,
-        data: DataSource::Demo,
-        resume: None,
-    };
-    send(&mut listener, &join).await;
+    let mut listener = connect_as_demo(address).await;
     tokio::spawn(async move {
         let mut lasts = Vec::new();
         while let Some(Ok(frame)) = listener.next().await {
@@ -675,15 +668,7 @@ async fn a_frame_above_the_limit_is_refused_with_an_error_and_a_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tab_can_fetch_its_demo_shard_as_compact_binary() {
     let (running, address) = start(config(StrategyKind::FedAvg, 5, 1)).await;
-    let mut socket = connect(&address).await;
-    let join = ClientMessage::Join {
-        version: PROTOCOL_VERSION,
-        backend: "test".into(),
-        speed: None,
-        data: DataSource::Demo,
-        resume: None,
-    };
-    send(&mut socket, &join).await;
+    let mut socket = connect_as_demo(&address).await;
     let Some(Ok(Message::Text(welcome))) = socket.next().await else {
         panic!("no welcome")
     };

@@ -89,6 +89,21 @@ pub async fn connect(address: &str) -> Socket {
         .0
 }
 
+/// Opens a WebSocket to the server's `/ws` and sends a plain demo `join`
+/// (this protocol version); the welcome is left to the caller to read.
+pub async fn connect_as_demo(address: &str) -> Socket {
+    let mut socket = connect(address).await;
+    let join = ClientMessage::Join {
+        version: PROTOCOL_VERSION,
+        backend: "test".into(),
+        speed: None,
+        data: DataSource::Demo,
+        resume: None,
+    };
+    send(&mut socket, &join).await;
+    socket
+}
+
 /// Sends one client message as a text frame.
 pub async fn send(socket: &mut Socket, message: &ClientMessage) {
     socket
